@@ -1,0 +1,87 @@
+//! Run-time choice of the instruction set kernels use.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust loops: the reference every other variant is tested against.
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL (+ BF16 where the CPU has it).
+    Avx512,
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        })
+    }
+}
+
+impl Isa {
+    pub fn parse(s: &str) -> Option<Isa> {
+        match s.to_ascii_lowercase().as_str() {
+            "scalar" => Some(Isa::Scalar),
+            "avx2" => Some(Isa::Avx2),
+            "avx512" => Some(Isa::Avx512),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU can run kernels of this ISA.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The best ISA this CPU supports.
+    pub fn best() -> Isa {
+        [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported()).unwrap_or(Isa::Scalar)
+    }
+
+    /// All ISAs this CPU supports, scalar first.
+    pub fn all_supported() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.supported()).collect()
+    }
+
+    /// The ISA to use: `QWICK_ISA` if set (an error if unknown or unsupported), else the best.
+    pub fn from_env() -> Result<Isa, String> {
+        match std::env::var("QWICK_ISA") {
+            Ok(v) if !v.is_empty() => {
+                let isa = Isa::parse(&v).ok_or_else(|| format!("QWICK_ISA={v}: expected scalar, avx2 or avx512"))?;
+                if !isa.supported() {
+                    return Err(format!("QWICK_ISA={v}: this CPU does not support {isa}"));
+                }
+                Ok(isa)
+            }
+            _ => Ok(Isa::best()),
+        }
+    }
+
+    /// `from_env` computed once per process; an invalid variable falls back to the best ISA
+    /// (callers that want to report it call `from_env` themselves).
+    pub fn default_for_process() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| Isa::from_env().unwrap_or_else(|_| Isa::best()))
+    }
+}

@@ -1,0 +1,587 @@
+//! `y = x · Wᵀ` for f32 activations `x` [m, k] and a stored weight `W` [n, k] (the layout of a
+//! PyTorch `Linear` weight) in f32, bf16 or f16. Weights are read in their stored type and
+//! widened to f32 in registers; accumulation is in f32.
+//!
+//! Two paths: a GEMV for few rows of `x` (decode), which streams each weight row once for all
+//! rows of `x`, and a tiled GEMM for many (prefill), which converts a panel of `W` to f32 once
+//! and reuses it from L1 across all rows. Work is split over threads by output columns.
+
+use crate::dtype::DType;
+use crate::pool::SendPtr;
+use crate::{Ctx, Isa};
+
+/// A borrowed 2-D weight, `rows` output features by `cols` input features, row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightView<'a> {
+    pub dtype: DType,
+    pub data: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl<'a> WeightView<'a> {
+    pub fn new(dtype: DType, data: &'a [u8], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols * dtype.size(), "weight buffer size does not match its shape");
+        WeightView { dtype, data, rows, cols }
+    }
+
+    pub fn from_f32(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) };
+        WeightView::new(DType::F32, bytes, rows, cols)
+    }
+
+    /// Rows `r` of this weight (e.g. one expert of a stacked tensor).
+    pub fn rows_slice(&self, r: std::ops::Range<usize>) -> WeightView<'a> {
+        let rb = self.cols * self.dtype.size();
+        WeightView { dtype: self.dtype, data: &self.data[r.start * rb..r.end * rb], rows: r.len(), cols: self.cols }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Rows of `x` at or above which the tiled GEMM path is used.
+pub const GEMM_MIN_ROWS: usize = 8;
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ`, in parallel over the pool.
+pub fn matmul(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert!(x.len() >= m * k && y.len() >= m * n, "matmul operand sizes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let yp = SendPtr::new(y);
+    let work = m * n * k;
+    if work < 1 << 16 || ctx.pool.threads() == 1 {
+        unsafe { matmul_cols(ctx.isa, x, m, w, yp.0, n, 0..n) };
+        return;
+    }
+    ctx.pool.for_chunks(n, 32, &|r| unsafe { matmul_cols(ctx.isa, x, m, w, yp.ptr(), n, r) });
+}
+
+/// Single-threaded: computes columns `cols` of `y` (row stride `ldy`).
+///
+/// # Safety
+/// `y` must be valid for `m` rows of `ldy` floats and no other thread may write these columns.
+pub unsafe fn matmul_cols(isa: Isa, x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+    if cols.is_empty() || m == 0 {
+        return;
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => match w.dtype {
+            DType::F32 => x86::avx512::matmul::<0>(x, m, w, y, ldy, cols),
+            DType::BF16 => x86::avx512::matmul::<1>(x, m, w, y, ldy, cols),
+            DType::F16 => x86::avx512::matmul::<2>(x, m, w, y, ldy, cols),
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => match w.dtype {
+            DType::F32 => x86::avx2::matmul::<0>(x, m, w, y, ldy, cols),
+            DType::BF16 => x86::avx2::matmul::<1>(x, m, w, y, ldy, cols),
+            DType::F16 => x86::avx2::matmul::<2>(x, m, w, y, ldy, cols),
+        },
+        _ => scalar(x, m, w, y, ldy, cols),
+    }
+}
+
+/// The reference: one f32 dot product per output, summed in order.
+unsafe fn scalar(x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+    let k = w.cols;
+    let mut row = vec![0f32; k];
+    for n in cols {
+        let rb = &w.data[n * k * w.dtype.size()..(n + 1) * k * w.dtype.size()];
+        for (kk, r) in row.iter_mut().enumerate() {
+            *r = w.dtype.get(rb, kk);
+        }
+        for i in 0..m {
+            let xr = &x[i * k..(i + 1) * k];
+            let mut s = 0f32;
+            for kk in 0..k {
+                s += xr[kk] * row[kk];
+            }
+            *y.add(i * ldy + n) = s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    /// Element types by number: 0 = f32, 1 = bf16, 2 = f16.
+    pub const F32: u8 = 0;
+    pub const BF16: u8 = 1;
+
+    pub mod avx512 {
+        use super::*;
+        use crate::matmul::{WeightView, GEMM_MIN_ROWS};
+        use std::arch::x86_64::*;
+
+        const NR: usize = 32;
+        const MR: usize = 12;
+        const KC: usize = 256;
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+        unsafe fn load16<const D: u8>(p: *const u8) -> __m512 {
+            match D {
+                F32 => _mm512_loadu_ps(p as *const f32),
+                BF16 => _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)), 16)),
+                _ => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+        unsafe fn load16_mask<const D: u8>(p: *const u8, mask: __mmask16) -> __m512 {
+            match D {
+                F32 => _mm512_maskz_loadu_ps(mask, p as *const f32),
+                BF16 => _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
+                    16,
+                )),
+                _ => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+        pub unsafe fn matmul<const D: u8>(x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+            if m >= GEMM_MIN_ROWS {
+                gemm::<D>(x.as_ptr(), m, w, y, ldy, cols)
+            } else {
+                gemv::<D>(x.as_ptr(), m, w, y, ldy, cols)
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+        unsafe fn gemv<const D: u8>(x: *const f32, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+            let k = w.cols;
+            let rb = k * w.dtype.size();
+            let wp = w.data.as_ptr();
+            let mut n = cols.start;
+            while n < cols.end {
+                let nr = if cols.end - n >= 4 { 4 } else { 1 };
+                let mut i = 0;
+                while i < m {
+                    let mr = (m - i).min(4);
+                    let (xp, yp, wpn) = (x.add(i * k), y.add(i * ldy + n), wp.add(n * rb));
+                    match (nr, mr) {
+                        (4, 1) => gemv_block::<D, 4, 1>(xp, k, wpn, rb, yp, ldy),
+                        (4, 2) => gemv_block::<D, 4, 2>(xp, k, wpn, rb, yp, ldy),
+                        (4, 3) => gemv_block::<D, 4, 3>(xp, k, wpn, rb, yp, ldy),
+                        (4, _) => gemv_block::<D, 4, 4>(xp, k, wpn, rb, yp, ldy),
+                        (_, 1) => gemv_block::<D, 1, 1>(xp, k, wpn, rb, yp, ldy),
+                        (_, 2) => gemv_block::<D, 1, 2>(xp, k, wpn, rb, yp, ldy),
+                        (_, 3) => gemv_block::<D, 1, 3>(xp, k, wpn, rb, yp, ldy),
+                        (_, _) => gemv_block::<D, 1, 4>(xp, k, wpn, rb, yp, ldy),
+                    }
+                    i += mr;
+                }
+                n += nr;
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+        unsafe fn gemv_block<const D: u8, const R: usize, const M: usize>(
+            x: *const f32,
+            k: usize,
+            w: *const u8,
+            rb: usize,
+            y: *mut f32,
+            ldy: usize,
+        ) {
+            let es = if D == F32 { 4 } else { 2 };
+            let mut acc = [[_mm512_setzero_ps(); R]; M];
+            let mut kk = 0;
+            while kk + 16 <= k {
+                let mut wv = [_mm512_setzero_ps(); R];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = load16::<D>(w.add(j * rb + kk * es));
+                }
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_loadu_ps(x.add(i * k + kk));
+                    for j in 0..R {
+                        a[j] = _mm512_fmadd_ps(xv, wv[j], a[j]);
+                    }
+                }
+                kk += 16;
+            }
+            if kk < k {
+                let mask: __mmask16 = ((1u32 << (k - kk)) - 1) as __mmask16;
+                let mut wv = [_mm512_setzero_ps(); R];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = load16_mask::<D>(w.add(j * rb + kk * es), mask);
+                }
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_maskz_loadu_ps(mask, x.add(i * k + kk));
+                    for j in 0..R {
+                        a[j] = _mm512_fmadd_ps(xv, wv[j], a[j]);
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                for (j, v) in a.iter().enumerate() {
+                    *y.add(i * ldy + j) = _mm512_reduce_add_ps(*v);
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+        unsafe fn gemm<const D: u8>(x: *const f32, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+            let k = w.cols;
+            let es = w.dtype.size();
+            let rb = k * es;
+            let wp = w.data.as_ptr();
+            let mut panel = vec![0f32; KC * NR];
+            let mut np = cols.start;
+            while np < cols.end {
+                let nr = (cols.end - np).min(NR);
+                let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
+                let m1: __mmask16 = if nr >= 32 { 0xffff } else if nr > 16 { ((1u32 << (nr - 16)) - 1) as __mmask16 } else { 0 };
+                let mut kc = 0;
+                while kc < k {
+                    let kb = (k - kc).min(KC);
+                    // Pack W[np..np+nr, kc..kc+kb] transposed to f32: panel[kk * NR + j].
+                    for j in 0..NR {
+                        if j < nr {
+                            let row = wp.add((np + j) * rb + kc * es);
+                            let mut kk = 0;
+                            while kk + 16 <= kb {
+                                let v = load16::<D>(row.add(kk * es));
+                                let mut tmp = [0f32; 16];
+                                _mm512_storeu_ps(tmp.as_mut_ptr(), v);
+                                for (t, &val) in tmp.iter().enumerate() {
+                                    *panel.get_unchecked_mut((kk + t) * NR + j) = val;
+                                }
+                                kk += 16;
+                            }
+                            if kk < kb {
+                                let mask = ((1u32 << (kb - kk)) - 1) as __mmask16;
+                                let v = load16_mask::<D>(row.add(kk * es), mask);
+                                let mut tmp = [0f32; 16];
+                                _mm512_storeu_ps(tmp.as_mut_ptr(), v);
+                                for (t, &val) in tmp.iter().enumerate().take(kb - kk) {
+                                    *panel.get_unchecked_mut((kk + t) * NR + j) = val;
+                                }
+                            }
+                        } else {
+                            for kk in 0..kb {
+                                *panel.get_unchecked_mut(kk * NR + j) = 0.0;
+                            }
+                        }
+                    }
+                    let first = kc == 0;
+                    let mut i = 0;
+                    while i < m {
+                        let mr = (m - i).min(MR);
+                        let a = x.add(i * k + kc);
+                        let c = y.add(i * ldy + np);
+                        let p = panel.as_ptr();
+                        match mr {
+                            12 => micro::<12>(a, k, p, kb, c, ldy, first, m0, m1),
+                            11 => micro::<11>(a, k, p, kb, c, ldy, first, m0, m1),
+                            10 => micro::<10>(a, k, p, kb, c, ldy, first, m0, m1),
+                            9 => micro::<9>(a, k, p, kb, c, ldy, first, m0, m1),
+                            8 => micro::<8>(a, k, p, kb, c, ldy, first, m0, m1),
+                            7 => micro::<7>(a, k, p, kb, c, ldy, first, m0, m1),
+                            6 => micro::<6>(a, k, p, kb, c, ldy, first, m0, m1),
+                            5 => micro::<5>(a, k, p, kb, c, ldy, first, m0, m1),
+                            4 => micro::<4>(a, k, p, kb, c, ldy, first, m0, m1),
+                            3 => micro::<3>(a, k, p, kb, c, ldy, first, m0, m1),
+                            2 => micro::<2>(a, k, p, kb, c, ldy, first, m0, m1),
+                            _ => micro::<1>(a, k, p, kb, c, ldy, first, m0, m1),
+                        }
+                        i += mr;
+                    }
+                    kc += kb;
+                }
+                np += nr;
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn micro<const M: usize>(
+            a: *const f32,
+            lda: usize,
+            panel: *const f32,
+            kb: usize,
+            c: *mut f32,
+            ldc: usize,
+            first: bool,
+            m0: __mmask16,
+            m1: __mmask16,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; M];
+            if !first {
+                for (i, r) in acc.iter_mut().enumerate() {
+                    r[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
+                    r[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
+                }
+            }
+            for kk in 0..kb {
+                let b0 = _mm512_loadu_ps(panel.add(kk * NR));
+                let b1 = _mm512_loadu_ps(panel.add(kk * NR + 16));
+                for (i, r) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(i * lda + kk));
+                    r[0] = _mm512_fmadd_ps(av, b0, r[0]);
+                    r[1] = _mm512_fmadd_ps(av, b1, r[1]);
+                }
+            }
+            for (i, r) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(c.add(i * ldc), m0, r[0]);
+                _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, r[1]);
+            }
+        }
+    }
+
+    pub mod avx2 {
+        use super::*;
+        use crate::matmul::{WeightView, GEMM_MIN_ROWS};
+        use std::arch::x86_64::*;
+
+        const NR: usize = 16;
+        const MR: usize = 6;
+        const KC: usize = 256;
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load8<const D: u8>(p: *const u8) -> __m256 {
+            match D {
+                F32 => _mm256_loadu_ps(p as *const f32),
+                BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16)),
+                _ => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            }
+        }
+
+        #[inline]
+        unsafe fn get<const D: u8>(p: *const u8, i: usize) -> f32 {
+            match D {
+                F32 => *(p as *const f32).add(i),
+                BF16 => f32::from_bits((*(p as *const u16).add(i) as u32) << 16),
+                _ => half::f16::from_bits(*(p as *const u16).add(i)).to_f32(),
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn hsum(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn matmul<const D: u8>(x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+            if m >= GEMM_MIN_ROWS {
+                gemm::<D>(x.as_ptr(), m, w, y, ldy, cols)
+            } else {
+                gemv::<D>(x.as_ptr(), m, w, y, ldy, cols)
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn gemv<const D: u8>(x: *const f32, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+            let k = w.cols;
+            let rb = k * w.dtype.size();
+            let wp = w.data.as_ptr();
+            let mut n = cols.start;
+            while n < cols.end {
+                let nr = if cols.end - n >= 4 { 4 } else { 1 };
+                let mut i = 0;
+                while i < m {
+                    let mr = (m - i).min(2);
+                    let (xp, yp, wpn) = (x.add(i * k), y.add(i * ldy + n), wp.add(n * rb));
+                    match (nr, mr) {
+                        (4, 1) => gemv_block::<D, 4, 1>(xp, k, wpn, rb, yp, ldy),
+                        (4, _) => gemv_block::<D, 4, 2>(xp, k, wpn, rb, yp, ldy),
+                        (_, 1) => gemv_block::<D, 1, 1>(xp, k, wpn, rb, yp, ldy),
+                        (_, _) => gemv_block::<D, 1, 2>(xp, k, wpn, rb, yp, ldy),
+                    }
+                    i += mr;
+                }
+                n += nr;
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn gemv_block<const D: u8, const R: usize, const M: usize>(
+            x: *const f32,
+            k: usize,
+            w: *const u8,
+            rb: usize,
+            y: *mut f32,
+            ldy: usize,
+        ) {
+            let es = if D == F32 { 4 } else { 2 };
+            let mut acc = [[_mm256_setzero_ps(); R]; M];
+            let mut kk = 0;
+            while kk + 8 <= k {
+                let mut wv = [_mm256_setzero_ps(); R];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = load8::<D>(w.add(j * rb + kk * es));
+                }
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.add(i * k + kk));
+                    for j in 0..R {
+                        a[j] = _mm256_fmadd_ps(xv, wv[j], a[j]);
+                    }
+                }
+                kk += 8;
+            }
+            for (i, a) in acc.iter().enumerate() {
+                for (j, v) in a.iter().enumerate() {
+                    let mut s = hsum(*v);
+                    for t in kk..k {
+                        s += *x.add(i * k + t) * get::<D>(w.add(j * rb), t);
+                    }
+                    *y.add(i * ldy + j) = s;
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn gemm<const D: u8>(x: *const f32, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+            let k = w.cols;
+            let es = w.dtype.size();
+            let rb = k * es;
+            let wp = w.data.as_ptr();
+            let mut panel = vec![0f32; KC * NR];
+            let mut tile = [0f32; MR * NR];
+            let mut np = cols.start;
+            while np < cols.end {
+                let nr = (cols.end - np).min(NR);
+                let mut kc = 0;
+                while kc < k {
+                    let kb = (k - kc).min(KC);
+                    for j in 0..NR {
+                        if j < nr {
+                            let row = wp.add((np + j) * rb + kc * es);
+                            for kk in 0..kb {
+                                *panel.get_unchecked_mut(kk * NR + j) = get::<D>(row, kk);
+                            }
+                        } else {
+                            for kk in 0..kb {
+                                *panel.get_unchecked_mut(kk * NR + j) = 0.0;
+                            }
+                        }
+                    }
+                    let first = kc == 0;
+                    let mut i = 0;
+                    while i < m {
+                        let mr = (m - i).min(MR);
+                        let a = x.add(i * k + kc);
+                        // Full-width tiles write straight into y; a ragged right edge goes through `tile`.
+                        let (c, ldc) = if nr == NR { (y.add(i * ldy + np), ldy) } else { (tile.as_mut_ptr(), NR) };
+                        if nr != NR && !first {
+                            for r in 0..mr {
+                                for j in 0..nr {
+                                    tile[r * NR + j] = *y.add((i + r) * ldy + np + j);
+                                }
+                            }
+                        }
+                        let p = panel.as_ptr();
+                        match mr {
+                            6 => micro::<6>(a, k, p, kb, c, ldc, first),
+                            5 => micro::<5>(a, k, p, kb, c, ldc, first),
+                            4 => micro::<4>(a, k, p, kb, c, ldc, first),
+                            3 => micro::<3>(a, k, p, kb, c, ldc, first),
+                            2 => micro::<2>(a, k, p, kb, c, ldc, first),
+                            _ => micro::<1>(a, k, p, kb, c, ldc, first),
+                        }
+                        if nr != NR {
+                            for r in 0..mr {
+                                for j in 0..nr {
+                                    *y.add((i + r) * ldy + np + j) = tile[r * NR + j];
+                                }
+                            }
+                        }
+                        i += mr;
+                    }
+                    kc += kb;
+                }
+                np += nr;
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn micro<const M: usize>(a: *const f32, lda: usize, panel: *const f32, kb: usize, c: *mut f32, ldc: usize, first: bool) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
+            if !first {
+                for (i, r) in acc.iter_mut().enumerate() {
+                    r[0] = _mm256_loadu_ps(c.add(i * ldc));
+                    r[1] = _mm256_loadu_ps(c.add(i * ldc + 8));
+                }
+            }
+            for kk in 0..kb {
+                let b0 = _mm256_loadu_ps(panel.add(kk * NR));
+                let b1 = _mm256_loadu_ps(panel.add(kk * NR + 8));
+                for (i, r) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*a.add(i * lda + kk));
+                    r[0] = _mm256_fmadd_ps(av, b0, r[0]);
+                    r[1] = _mm256_fmadd_ps(av, b1, r[1]);
+                }
+            }
+            for (i, r) in acc.iter().enumerate() {
+                _mm256_storeu_ps(c.add(i * ldc), r[0]);
+                _mm256_storeu_ps(c.add(i * ldc + 8), r[1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::ThreadPool;
+
+    pub(crate) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn encode(v: &[f32], dt: DType) -> Vec<u8> {
+        let mut out = Vec::with_capacity(v.len() * dt.size());
+        for &x in v {
+            match dt {
+                DType::F32 => out.extend_from_slice(&x.to_le_bytes()),
+                DType::BF16 => out.extend_from_slice(&crate::dtype::f32_to_bf16(x).to_le_bytes()),
+                DType::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_isa_matches_scalar() {
+        let pool = ThreadPool::new(2);
+        let shapes = [(1, 1, 1), (1, 17, 33), (3, 40, 31), (5, 64, 16), (8, 33, 100), (13, 70, 300), (29, 129, 257), (64, 96, 64)];
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            for &(m, n, k) in &shapes {
+                let x = rand_vec(m * k, 1 + m as u64);
+                let wb = encode(&rand_vec(n * k, 7 + n as u64), dt);
+                let w = WeightView::new(dt, &wb, n, k);
+                let mut want = vec![0f32; m * n];
+                matmul(Ctx { isa: Isa::Scalar, pool: &pool }, &x, m, &w, &mut want);
+                for isa in Isa::all_supported() {
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul(Ctx { isa, pool: &pool }, &x, m, &w, &mut got);
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(), "{isa} {dt} m{m} n{n} k{k} at {i}: {g} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+}

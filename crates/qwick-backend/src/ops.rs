@@ -1,0 +1,250 @@
+//! Element-wise and row-wise ops: RMSNorm, RoPE, SwiGLU, softmax, residual add.
+//!
+//! Each op is written once as plain Rust over slices and compiled three times: as the scalar
+//! reference (with `f32::exp`), and inside `#[target_feature]` wrappers for AVX2 and AVX-512
+//! where LLVM vectorises the loops and the polynomial `exp` below. Tests compare the variants.
+
+use crate::Isa;
+
+/// Instantiates `$body` as a scalar reference and AVX2 / AVX-512 variants and dispatches on
+/// `isa`. The body sees `const FAST: bool` (true in the SIMD variants) to pick `exp_poly`.
+macro_rules! multiversion {
+    ($isa:expr, fn $name:ident($($arg:ident : $ty:ty),*) $body:block) => {{
+        #[inline(always)]
+        fn $name<const FAST: bool>($($arg: $ty),*) $body
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")]
+        unsafe fn v512($($arg: $ty),*) { $name::<true>($($arg),*) }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn v256($($arg: $ty),*) { $name::<true>($($arg),*) }
+        match $isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { v512($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { v256($($arg),*) },
+            _ => $name::<false>($($arg),*),
+        }
+    }};
+}
+pub(crate) use multiversion;
+
+/// e^x by range reduction and a degree-6 polynomial (Cephes' expf coefficients); within about
+/// 2 ulp of `f32::exp` over [-87, 88], 0 below, +inf above. Branch-free so loops vectorise.
+#[inline(always)]
+pub fn exp_poly(x: f32) -> f32 {
+    let x = x.clamp(-87.5, 88.5);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    p = p * r * r + r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+#[inline(always)]
+pub(crate) fn exp_sel<const FAST: bool>(x: f32) -> f32 {
+    if FAST {
+        exp_poly(x)
+    } else {
+        x.exp()
+    }
+}
+
+/// Sum of products with 16 independent lanes so LLVM vectorises it (used by attention).
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 16];
+    let chunks = n / 16;
+    for c in 0..chunks {
+        for l in 0..16 {
+            acc[l] += a[c * 16 + l] * b[c * 16 + l];
+        }
+    }
+    let mut s = 0f32;
+    for i in chunks * 16..n {
+        s += a[i] * b[i];
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+/// RMSNorm of each `w.len()`-wide row of `x` into `out`: `x / sqrt(mean(x²) + eps) * w`,
+/// statistics in f32 as transformers computes them.
+pub fn rms_norm(isa: Isa, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    multiversion!(isa, fn k(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let d = w.len();
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let mut acc = [0f32; 16];
+            let chunks = d / 16;
+            for c in 0..chunks {
+                for l in 0..16 {
+                    acc[l] += xr[c * 16 + l] * xr[c * 16 + l];
+                }
+            }
+            let mut ss: f32 = acc.iter().sum();
+            for v in &xr[chunks * 16..] {
+                ss += v * v;
+            }
+            let inv = 1.0 / (ss / d as f32 + eps).sqrt();
+            for i in 0..d {
+                or[i] = w[i] * (xr[i] * inv);
+            }
+            let _ = FAST;
+        }
+    })
+}
+
+/// In-place RMSNorm of each `w.len()`-wide row (per-head q_norm / k_norm).
+pub fn rms_norm_inplace(isa: Isa, x: &mut [f32], w: &[f32], eps: f32) {
+    multiversion!(isa, fn k(x: &mut [f32], w: &[f32], eps: f32) {
+        let d = w.len();
+        for xr in x.chunks_exact_mut(d) {
+            let mut acc = [0f32; 16];
+            let chunks = d / 16;
+            for c in 0..chunks {
+                for l in 0..16 {
+                    acc[l] += xr[c * 16 + l] * xr[c * 16 + l];
+                }
+            }
+            let mut ss: f32 = acc.iter().sum();
+            for v in &xr[chunks * 16..] {
+                ss += v * v;
+            }
+            let inv = 1.0 / (ss / d as f32 + eps).sqrt();
+            for i in 0..d {
+                xr[i] = w[i] * (xr[i] * inv);
+            }
+            let _ = FAST;
+        }
+    })
+}
+
+/// Rotary embedding in place on each `2 * cos.len()`-wide head of `x`, rotate-half layout:
+/// `(x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin)` with `x1`, `x2` the two halves of a head.
+pub fn rope_inplace(isa: Isa, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    multiversion!(isa, fn k(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let h = cos.len();
+        for head in x.chunks_exact_mut(2 * h) {
+            let (a, b) = head.split_at_mut(h);
+            for i in 0..h {
+                let (x1, x2) = (a[i], b[i]);
+                a[i] = x1 * cos[i] - x2 * sin[i];
+                b[i] = x2 * cos[i] + x1 * sin[i];
+            }
+            let _ = FAST;
+        }
+    })
+}
+
+/// SwiGLU: `out[i] = silu(gate[i]) · up[i]` with `silu(g) = g · sigmoid(g)`.
+pub fn silu_mul(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    multiversion!(isa, fn k(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + exp_sel::<FAST>(-g)) * u;
+        }
+    })
+}
+
+/// `x += y`.
+pub fn add_inplace(isa: Isa, x: &mut [f32], y: &[f32]) {
+    multiversion!(isa, fn k(x: &mut [f32], y: &[f32]) {
+        for (a, &b) in x.iter_mut().zip(y) {
+            *a += b;
+        }
+        let _ = FAST;
+    })
+}
+
+/// Softmax of `x` in place (max-subtracted, f32).
+pub fn softmax_inplace(isa: Isa, x: &mut [f32]) {
+    multiversion!(isa, fn k(x: &mut [f32]) {
+        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut s = 0f32;
+        for v in x.iter_mut() {
+            *v = exp_sel::<FAST>(*v - m);
+            s += *v;
+        }
+        let inv = 1.0 / s;
+        for v in x.iter_mut() {
+            *v *= inv;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matmul::tests::rand_vec;
+
+    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn exp_poly_is_accurate() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (a, b) = (exp_poly(x), x.exp());
+            assert!(((a - b) / b).abs() < 3e-7, "exp({x}) = {a} vs {b}");
+            x += 0.0137;
+        }
+        assert_eq!(exp_poly(-200.0), 0.0f32.max(exp_poly(-200.0)));
+        assert!(exp_poly(-200.0) < 1e-37);
+    }
+
+    #[test]
+    fn variants_match_scalar() {
+        for d in [1usize, 7, 16, 24, 33, 128] {
+            let rows = 3;
+            let x = rand_vec(rows * d, d as u64);
+            let w = rand_vec(d, 99 + d as u64);
+            let mut want = vec![0f32; rows * d];
+            rms_norm(Isa::Scalar, &x, &w, 1e-6, &mut want);
+            for isa in Isa::all_supported() {
+                let mut got = vec![0f32; rows * d];
+                rms_norm(isa, &x, &w, 1e-6, &mut got);
+                close(&got, &want, 1e-5, "rms_norm");
+                let mut ip = x.clone();
+                rms_norm_inplace(isa, &mut ip, &w, 1e-6);
+                close(&ip, &want, 1e-5, "rms_norm_inplace");
+
+                let mut g1 = vec![0f32; rows * d];
+                let mut g0 = vec![0f32; rows * d];
+                silu_mul(Isa::Scalar, &x, &w.repeat(rows), &mut g0);
+                silu_mul(isa, &x, &w.repeat(rows), &mut g1);
+                close(&g1, &g0, 1e-6, "silu_mul");
+
+                let mut s0: Vec<f32> = x.iter().map(|v| v * 30.0).collect();
+                let mut s1 = s0.clone();
+                softmax_inplace(Isa::Scalar, &mut s0);
+                softmax_inplace(isa, &mut s1);
+                close(&s1, &s0, 1e-6, "softmax");
+            }
+            if d % 2 == 0 {
+                let h = d / 2;
+                let cos = rand_vec(h, 5);
+                let sin = rand_vec(h, 6);
+                let mut r0 = x.clone();
+                rope_inplace(Isa::Scalar, &mut r0, &cos, &sin);
+                // Direct formula for one element of each half.
+                let (x1, x2) = (x[0], x[h]);
+                assert!((r0[0] - (x1 * cos[0] - x2 * sin[0])).abs() < 1e-6);
+                assert!((r0[h] - (x2 * cos[0] + x1 * sin[0])).abs() < 1e-6);
+                for isa in Isa::all_supported() {
+                    let mut r1 = x.clone();
+                    rope_inplace(isa, &mut r1, &cos, &sin);
+                    close(&r1, &r0, 1e-6, "rope");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! A persistent thread pool for data-parallel kernels.
+//!
+//! `run(f)` calls `f(t)` once on each of the pool's `n` threads (`t` in `0..n`; the caller is
+//! thread 0) and returns when all have finished. Workers spin briefly between jobs (a forward
+//! pass issues hundreds of short parallel regions per token) and then sleep on a condvar.
+
+use std::cell::UnsafeCell;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+type Job = dyn Fn(usize) + Sync;
+
+struct Shared {
+    /// The current job, valid while a `run` call is in flight.
+    job: UnsafeCell<Option<*const Job>>,
+    generation: AtomicUsize,
+    remaining: AtomicUsize,
+    sleepers: AtomicUsize,
+    shutdown: AtomicBool,
+    panicked: AtomicBool,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+// The raw job pointer is only dereferenced while `run` keeps the closure alive.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    run_lock: Mutex<()>,
+}
+
+const SPIN: Duration = Duration::from_millis(2);
+
+impl ThreadPool {
+    /// A pool of `n` threads in all (the calling thread counts as one).
+    pub fn new(n: usize) -> ThreadPool {
+        let n = n.max(1);
+        let shared = Arc::new(Shared {
+            job: UnsafeCell::new(None),
+            generation: AtomicUsize::new(0),
+            remaining: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let workers = (1..n)
+            .map(|t| {
+                let s = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("qwick-worker-{t}"))
+                    .spawn(move || worker(s, t))
+                    .expect("spawning a worker thread")
+            })
+            .collect();
+        ThreadPool { shared, workers, run_lock: Mutex::new(()) }
+    }
+
+    /// The number of threads available: `QWICK_THREADS` or the machine's parallelism.
+    pub fn default_threads() -> usize {
+        std::env::var("QWICK_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    }
+
+    pub fn threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Calls `f(t)` for every thread index `t` in `0..threads()`, in parallel.
+    pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
+        if self.workers.is_empty() {
+            f(0);
+            return;
+        }
+        let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &*self.shared;
+        // Erase the closure's lifetime: it outlives every use because we wait below.
+        let ptr: *const Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f) };
+        unsafe { *s.job.get() = Some(ptr) };
+        s.remaining.store(self.workers.len(), Ordering::SeqCst);
+        s.generation.fetch_add(1, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0)));
+        while s.remaining.load(Ordering::Acquire) != 0 {
+            std::hint::spin_loop();
+        }
+        unsafe { *s.job.get() = None };
+        if let Err(p) = mine {
+            std::panic::resume_unwind(p);
+        }
+        if s.panicked.swap(false, Ordering::SeqCst) {
+            panic!("a qwick worker thread panicked");
+        }
+    }
+
+    /// Splits `0..n` into `threads()` contiguous chunks whose boundaries are multiples of
+    /// `align` and calls `f(range)` for each non-empty one in parallel.
+    pub fn for_chunks(&self, n: usize, align: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
+        let t = self.threads();
+        if t == 1 || n <= align {
+            if n > 0 {
+                f(0..n);
+            }
+            return;
+        }
+        self.run(&|i| {
+            let r = chunk(n, align, t, i);
+            if !r.is_empty() {
+                f(r);
+            }
+        });
+    }
+}
+
+/// Chunk `i` of `t` when splitting `0..n` in units of `align`.
+pub fn chunk(n: usize, align: usize, t: usize, i: usize) -> Range<usize> {
+    let units = n.div_ceil(align);
+    let per = units / t;
+    let extra = units % t;
+    let start = i * per + i.min(extra);
+    let end = start + per + usize::from(i < extra);
+    (start * align).min(n)..(end * align).min(n)
+}
+
+fn worker(s: Arc<Shared>, t: usize) {
+    let mut seen = 0usize;
+    loop {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let g = s.generation.load(Ordering::Acquire);
+            if g != seen {
+                seen = g;
+                break;
+            }
+            if s.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            spins += 1;
+            if spins % 64 == 0 && start.elapsed() > SPIN {
+                let mut l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+                s.sleepers.fetch_add(1, Ordering::SeqCst);
+                while s.generation.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::SeqCst) {
+                    l = s.wake.wait(l).unwrap_or_else(|e| e.into_inner());
+                }
+                s.sleepers.fetch_sub(1, Ordering::SeqCst);
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        if s.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        let job = unsafe { (*s.job.get()).expect("job set before generation bump") };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*job)(t) }));
+        if r.is_err() {
+            s.panicked.store(true, Ordering::SeqCst);
+        }
+        s.remaining.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        {
+            let _l = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A raw pointer that may be shared with pool threads writing disjoint parts of a buffer.
+#[derive(Clone, Copy)]
+pub struct SendPtr<T>(pub *mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    pub fn new(s: &mut [T]) -> Self {
+        SendPtr(s.as_mut_ptr())
+    }
+    pub fn ptr(&self) -> *mut T {
+        self.0
+    }
+    /// # Safety
+    /// The caller guarantees `off..off+len` is in bounds and no other thread touches it.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, off: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(off), len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn every_thread_runs_once_per_job() {
+        let pool = ThreadPool::new(3);
+        for _ in 0..1000 {
+            let sum = AtomicU64::new(0);
+            pool.run(&|t| {
+                sum.fetch_add(1 << (8 * t), Ordering::SeqCst);
+            });
+            assert_eq!(sum.load(Ordering::SeqCst), 0x010101);
+        }
+        std::thread::sleep(Duration::from_millis(10)); // let workers fall asleep
+        let sum = AtomicU64::new(0);
+        pool.run(&|_| {
+            sum.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(sum.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn chunks_cover_range_aligned() {
+        for n in [0, 1, 15, 16, 17, 100, 1000] {
+            for t in 1..5 {
+                let mut next = 0;
+                for i in 0..t {
+                    let r = chunk(n, 16, t, i);
+                    assert_eq!(r.start, next.min(n));
+                    assert!(r.start % 16 == 0 || r.start == n);
+                    next = r.end;
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
+}
