@@ -6,6 +6,7 @@
 //! supports with the scalar one.
 
 pub mod attention;
+pub mod bandwidth;
 pub mod dtype;
 pub mod isa;
 pub mod matmul;
@@ -14,7 +15,7 @@ pub mod pool;
 
 pub use dtype::DType;
 pub use isa::Isa;
-pub use matmul::WeightView;
+pub use matmul::{matmul, matmul_batch, MatmulJob, WeightView};
 pub use pool::ThreadPool;
 
 /// What a kernel call needs besides its operands: the instruction set to use and the

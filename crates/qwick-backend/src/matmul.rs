@@ -46,18 +46,72 @@ pub const GEMM_MIN_ROWS: usize = 8;
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, in parallel over the pool.
 pub fn matmul(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: &mut [f32]) {
-    let (n, k) = (w.rows, w.cols);
-    assert!(x.len() >= m * k && y.len() >= m * n, "matmul operand sizes");
-    if m == 0 || n == 0 {
+    matmul_batch(ctx, &mut [MatmulJob::new(x, m, *w, y)]);
+}
+
+/// One product of a [`matmul_batch`]: `y[m, n] = x[m, k] · w[n, k]ᵀ`.
+pub struct MatmulJob<'a> {
+    x: &'a [f32],
+    m: usize,
+    w: WeightView<'a>,
+    y: SendPtr<f32>,
+    _y: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> MatmulJob<'a> {
+    pub fn new(x: &'a [f32], m: usize, w: WeightView<'a>, y: &'a mut [f32]) -> Self {
+        assert!(x.len() >= m * w.cols && y.len() >= m * w.rows, "matmul operand sizes");
+        MatmulJob { x, m, w, y: SendPtr::new(y), _y: std::marker::PhantomData }
+    }
+}
+
+/// Runs several independent products in one parallel region (q/k/v projections, gate and up,
+/// the chosen experts of a MoE layer). Columns of all jobs are dealt to threads in slices of
+/// 32, balanced by multiply-adds.
+pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
+    const UNIT: usize = 32;
+    let cost = |j: &MatmulJob| j.m * j.w.cols;
+    let total: usize = jobs.iter().map(|j| cost(j) * j.w.rows).sum();
+    let threads = ctx.pool.threads();
+    if total == 0 {
         return;
     }
-    let yp = SendPtr::new(y);
-    let work = m * n * k;
-    if work < 1 << 16 || ctx.pool.threads() == 1 {
-        unsafe { matmul_cols(ctx.isa, x, m, w, yp.0, n, 0..n) };
+    let run_range = |j: &MatmulJob, cols: std::ops::Range<usize>| unsafe { matmul_cols(ctx.isa, j.x, j.m, &j.w, j.y.ptr(), j.w.rows, cols) };
+    if threads == 1 || total < 1 << 16 {
+        for j in jobs.iter() {
+            run_range(j, 0..j.w.rows);
+        }
         return;
     }
-    ctx.pool.for_chunks(n, 32, &|r| unsafe { matmul_cols(ctx.isa, x, m, w, yp.ptr(), n, r) });
+    // Thread t takes the units whose cumulative cost midpoint falls in its share.
+    let jobs = &*jobs;
+    ctx.pool.run(&|t| {
+        let (lo, hi) = (total * t / threads, total * (t + 1) / threads);
+        let mut acc = 0usize;
+        for j in jobs {
+            let c = cost(j);
+            let mut start = None;
+            let mut n0 = 0;
+            while n0 < j.w.rows {
+                let n1 = (n0 + UNIT).min(j.w.rows);
+                let mid = acc + c * (n1 - n0) / 2;
+                let mine = mid >= lo && mid < hi;
+                match (mine, start) {
+                    (true, None) => start = Some(n0),
+                    (false, Some(s)) => {
+                        run_range(j, s..n0);
+                        start = None;
+                    }
+                    _ => {}
+                }
+                acc += c * (n1 - n0);
+                n0 = n1;
+            }
+            if let Some(s) = start {
+                run_range(j, s..j.w.rows);
+            }
+        }
+    });
 }
 
 /// Single-threaded: computes columns `cols` of `y` (row stride `ldy`).
@@ -574,6 +628,11 @@ pub(crate) mod tests {
                 let w = WeightView::new(dt, &wb, n, k);
                 let mut want = vec![0f32; m * n];
                 matmul(Ctx { isa: Isa::Scalar, pool: &pool }, &x, m, &w, &mut want);
+                // A batch of two products splits columns across threads the same way.
+                let (mut y1, mut y2) = (vec![0f32; m * n], vec![0f32; m * n]);
+                matmul_batch(Ctx { isa: Isa::Scalar, pool: &pool }, &mut [MatmulJob::new(&x, m, w, &mut y1), MatmulJob::new(&x, m, w, &mut y2)]);
+                assert_eq!(y1, want);
+                assert_eq!(y2, want);
                 for isa in Isa::all_supported() {
                     let mut got = vec![f32::NAN; m * n];
                     matmul(Ctx { isa, pool: &pool }, &x, m, &w, &mut got);

@@ -9,15 +9,15 @@ use crate::Isa;
 /// Instantiates `$body` as a scalar reference and AVX2 / AVX-512 variants and dispatches on
 /// `isa`. The body sees `const FAST: bool` (true in the SIMD variants) to pick `exp_poly`.
 macro_rules! multiversion {
-    ($isa:expr, fn $name:ident($($arg:ident : $ty:ty),*) $body:block) => {{
+    ($isa:expr, fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {{
         #[inline(always)]
-        fn $name<const FAST: bool>($($arg: $ty),*) $body
+        fn $name<const FAST: bool>($($arg: $ty),*) $(-> $ret)? $body
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")]
-        unsafe fn v512($($arg: $ty),*) { $name::<true>($($arg),*) }
+        unsafe fn v512($($arg: $ty),*) $(-> $ret)? { $name::<true>($($arg),*) }
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn v256($($arg: $ty),*) { $name::<true>($($arg),*) }
+        unsafe fn v256($($arg: $ty),*) $(-> $ret)? { $name::<true>($($arg),*) }
         match $isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { v512($($arg),*) },
@@ -142,11 +142,11 @@ pub fn rope_inplace(isa: Isa, x: &mut [f32], cos: &[f32], sin: &[f32]) {
     })
 }
 
-/// SwiGLU: `out[i] = silu(gate[i]) · up[i]` with `silu(g) = g · sigmoid(g)`.
-pub fn silu_mul(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
-    multiversion!(isa, fn k(gate: &[f32], up: &[f32], out: &mut [f32]) {
-        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + exp_sel::<FAST>(-g)) * u;
+/// SwiGLU in place: `gate[i] = silu(gate[i]) · up[i]` with `silu(g) = g · sigmoid(g)`.
+pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
+    multiversion!(isa, fn k(gate: &mut [f32], up: &[f32]) {
+        for (g, &u) in gate.iter_mut().zip(up) {
+            *g = *g / (1.0 + exp_sel::<FAST>(-*g)) * u;
         }
     })
 }
@@ -217,10 +217,10 @@ mod tests {
                 rms_norm_inplace(isa, &mut ip, &w, 1e-6);
                 close(&ip, &want, 1e-5, "rms_norm_inplace");
 
-                let mut g1 = vec![0f32; rows * d];
-                let mut g0 = vec![0f32; rows * d];
-                silu_mul(Isa::Scalar, &x, &w.repeat(rows), &mut g0);
-                silu_mul(isa, &x, &w.repeat(rows), &mut g1);
+                let mut g0 = x.clone();
+                let mut g1 = x.clone();
+                silu_mul(Isa::Scalar, &mut g0, &w.repeat(rows));
+                silu_mul(isa, &mut g1, &w.repeat(rows));
                 close(&g1, &g0, 1e-6, "silu_mul");
 
                 let mut s0: Vec<f32> = x.iter().map(|v| v * 30.0).collect();

@@ -1,0 +1,142 @@
+//! `qwick bench`: prefill and decode speed on a model, beside the decode bound set by memory
+//! bandwidth (weight bytes read per decode step ÷ the read bandwidth measured here).
+
+use crate::common::{self, RunArgs};
+use anyhow::{bail, Result};
+use qwick_backend::bandwidth::read_bandwidth;
+use qwick_backend::{Ctx, ThreadPool};
+use qwick_engine::{argmax, Logits, Span};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Generated tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    gen_len: usize,
+    /// Sequences decoded together (decode tok/s is then the aggregate).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.prompt_len == 0 || a.gen_len == 0 || a.batch == 0 {
+        bail!("--prompt-len, --gen-len and --batch must be positive");
+    }
+    let threads = a.run.threads();
+    let isa = a.run.isa()?;
+    // Bandwidth first, before the weights occupy memory.
+    let bw = {
+        let pool = ThreadPool::new(threads);
+        read_bandwidth(Ctx { isa, pool: &pool }, 512 << 20, 5)
+    };
+    let t_load = Instant::now();
+    let model = common::load_model(&a.model)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let cfg = model.config.clone();
+    let ctx_len = a.prompt_len + a.gen_len;
+    if ctx_len > cfg.max_position_embeddings {
+        eprintln!("note: {ctx_len} tokens exceed max_position_embeddings ({})", cfg.max_position_embeddings);
+    }
+    let bytes_per_step = model.bytes_read_per_token();
+    let weight_bytes = model.weight_bytes();
+    let mut runner = a.run.runner(model, a.batch * (ctx_len + 16))?;
+
+    // Deterministic pseudo-random prompts.
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % cfg.vocab_size as u64) as u32
+    };
+    let seqs: Vec<_> = (0..a.batch)
+        .map(|_| {
+            let p: Vec<u32> = (0..a.prompt_len).map(|_| next()).collect();
+            runner.add_sequence(&p)
+        })
+        .collect();
+
+    // Prefill: every prompt in one step.
+    let t0 = Instant::now();
+    let spans: Vec<Span> = seqs.iter().map(|&s| Span { seq: s, len: a.prompt_len, logits: Logits::Last }).collect();
+    let logits = runner.step(&spans)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    for (&s, l) in seqs.iter().zip(&logits) {
+        runner.append_token(s, argmax(l))?;
+    }
+
+    // Decode: one token per sequence per step.
+    let t1 = Instant::now();
+    for _ in 1..a.gen_len {
+        let spans: Vec<Span> = seqs.iter().map(|&s| Span { seq: s, len: 1, logits: Logits::Last }).collect();
+        let logits = runner.step(&spans)?;
+        for (&s, l) in seqs.iter().zip(&logits) {
+            runner.append_token(s, argmax(l))?;
+        }
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    let steps = (a.gen_len - 1).max(1) as f64;
+    let decode_tok_s = if a.gen_len > 1 { a.batch as f64 * steps / decode_s } else { 0.0 };
+    let prefill_tok_s = (a.batch * a.prompt_len) as f64 / prefill_s;
+    let bound_tok_s = a.batch as f64 * bw / bytes_per_step as f64;
+    let rss = peak_rss_bytes();
+    let report = serde_json::json!({
+        "model": a.model.display().to_string(),
+        "threads": threads,
+        "isa": isa.to_string(),
+        "batch": a.batch,
+        "prompt_len": a.prompt_len,
+        "gen_len": a.gen_len,
+        "load_s": load_s,
+        "prefill_tok_s": prefill_tok_s,
+        "ttft_s": prefill_s,
+        "decode_tok_s": decode_tok_s,
+        "bandwidth_gb_s": bw / 1e9,
+        "bytes_per_token": bytes_per_step,
+        "bound_tok_s": bound_tok_s,
+        "decode_pct_of_bound": 100.0 * decode_tok_s / bound_tok_s,
+        "effective_gb_s": decode_tok_s / a.batch as f64 * bytes_per_step as f64 / 1e9,
+        "weights_bytes": weight_bytes,
+        "kv_cache_bytes": runner.kv_bytes(),
+        "peak_rss_bytes": rss,
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        let gb = |b: usize| b as f64 / 1e9;
+        println!("model            {}", a.model.display());
+        println!("threads / isa    {threads} / {isa}");
+        println!("batch            {}  (prompt {} + gen {} tokens each)", a.batch, a.prompt_len, a.gen_len);
+        println!("prefill          {prefill_tok_s:.1} tok/s   (time to first token {:.3} s)", prefill_s);
+        println!("decode           {decode_tok_s:.2} tok/s{}", if a.batch > 1 { "  (aggregate)" } else { "" });
+        println!(
+            "bandwidth bound  {bound_tok_s:.2} tok/s   ({:.2} GB read per step at {:.1} GB/s measured); decode at {:.0}% of it",
+            gb(bytes_per_step),
+            bw / 1e9,
+            100.0 * decode_tok_s / bound_tok_s
+        );
+        println!("memory           peak RSS {:.2} GB  (weights {:.2} GB, KV cache {:.2} GB)", gb(rss), gb(weight_bytes), gb(runner.kv_bytes()));
+    }
+    Ok(())
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok()))
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}

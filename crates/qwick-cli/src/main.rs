@@ -1,0 +1,107 @@
+//! `qwick`: run, score, benchmark and serve Qwen3 models.
+
+mod bench;
+mod common;
+mod npy;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "qwick", version, about = "A fast, exact runtime for the Qwen3 model family")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the float32 logits of every position of a token sequence as a NumPy .npy file [T, vocab].
+    Logits {
+        /// Model folder (config.json + safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids, e.g. 1,2,3.
+        #[arg(long)]
+        tokens: String,
+        /// Output .npy file.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        run: common::RunArgs,
+    },
+    /// Measure prefill and decode speed, memory, and decode against the memory-bandwidth bound.
+    Bench(bench::BenchArgs),
+    /// Write a random-weight checkpoint for a config (for benchmarks at real shapes).
+    MakeRandom {
+        /// A config.json of a Qwen3 model.
+        #[arg(long)]
+        config: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Stored dtype: bf16, f16 or f32.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Largest shard file in GB (bigger checkpoints are sharded with an index).
+        #[arg(long, default_value_t = 4.0)]
+        shard_gb: f64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Logits { model, tokens, out, run } => {
+            let tokens = parse_tokens(&tokens)?;
+            let model = common::load_model(&model)?;
+            let vocab = model.config.vocab_size;
+            let mut runner = run.runner(model, tokens.len())?;
+            let logits = runner.score(&tokens, 2048)?;
+            npy::write_f32(&out, &[tokens.len(), vocab], &logits)
+        }
+        Command::Bench(args) => bench::run(args),
+        Command::MakeRandom { config, out, dtype, seed, shard_gb } => {
+            let dtype = match dtype.to_ascii_lowercase().as_str() {
+                "bf16" | "bfloat16" => qwick_backend::DType::BF16,
+                "f16" | "float16" => qwick_backend::DType::F16,
+                "f32" | "float32" => qwick_backend::DType::F32,
+                other => bail!("--dtype {other}: expected bf16, f16 or f32"),
+            };
+            let bar = common::progress_bar("writing");
+            qwick_model::random::make_random(&config, &out, dtype, seed, (shard_gb * 1e9) as usize, &|d, t| common::tick(&bar, d, t))?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn parse_tokens(s: &str) -> Result<Vec<u32>> {
+    let toks: Vec<u32> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<u32>().with_context(|| format!("--tokens: {t:?} is not a token id")))
+        .collect::<Result<_>>()?;
+    if toks.is_empty() {
+        bail!("--tokens is empty: give at least one token id, e.g. --tokens 1,2,3");
+    }
+    Ok(toks)
+}

@@ -1,0 +1,9 @@
+//! How sequences share the machine: a paged KV cache managed in blocks, sequences with block
+//! tables, and steps that run a mixed batch of prefill chunks and decode tokens in one
+//! forward call.
+
+pub mod blocks;
+pub mod runner;
+
+pub use blocks::BlockAllocator;
+pub use runner::{argmax, Logits, Runner, RunnerConfig, SeqId, Span};

@@ -1,0 +1,221 @@
+//! The model runner: owns the model, the KV cache and its block allocator, and the thread
+//! pool; keeps each sequence's tokens and block table; turns a list of spans into one batch.
+
+use crate::blocks::BlockAllocator;
+use anyhow::{anyhow, bail, Result};
+use qwick_backend::{Ctx, Isa, ThreadPool};
+use qwick_model::{Batch, KvCache, Qwen3};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub type SeqId = u64;
+
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Blocks in the cache.
+    pub num_blocks: usize,
+    pub threads: usize,
+    pub isa: Isa,
+}
+
+impl RunnerConfig {
+    /// A cache of `kv_bytes` for `model` (at least one block).
+    pub fn with_kv_bytes(model: &Qwen3, kv_bytes: usize, threads: usize, isa: Isa) -> RunnerConfig {
+        let c = &model.config;
+        let block_size = 16;
+        let per_block = KvCache::bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim) * block_size;
+        RunnerConfig { block_size, num_blocks: (kv_bytes / per_block).max(1), threads, isa }
+    }
+
+    /// A cache holding exactly `tokens` tokens.
+    pub fn with_tokens(tokens: usize, threads: usize, isa: Isa) -> RunnerConfig {
+        let block_size = 16;
+        RunnerConfig { block_size, num_blocks: tokens.div_ceil(block_size).max(1), threads, isa }
+    }
+}
+
+struct Sequence {
+    tokens: Vec<u32>,
+    /// Tokens whose K/V is in the cache.
+    cached: usize,
+    blocks: Vec<u32>,
+}
+
+/// Which logits a span asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+/// Part of one step: the next `len` uncached tokens of sequence `seq`.
+#[derive(Clone, Copy, Debug)]
+pub struct Span {
+    pub seq: SeqId,
+    pub len: usize,
+    pub logits: Logits,
+}
+
+pub struct Runner {
+    pub model: Arc<Qwen3>,
+    kv: KvCache,
+    blocks: BlockAllocator,
+    pool: ThreadPool,
+    isa: Isa,
+    seqs: HashMap<SeqId, Sequence>,
+    next_id: SeqId,
+}
+
+impl Runner {
+    pub fn new(model: Arc<Qwen3>, cfg: &RunnerConfig) -> Runner {
+        let kv = model.new_kv_cache(cfg.num_blocks, cfg.block_size);
+        Runner {
+            model,
+            kv,
+            blocks: BlockAllocator::new(cfg.num_blocks),
+            pool: ThreadPool::new(cfg.threads),
+            isa: cfg.isa,
+            seqs: HashMap::new(),
+            next_id: 0,
+        }
+    }
+
+    pub fn ctx(&self) -> Ctx<'_> {
+        Ctx { isa: self.isa, pool: &self.pool }
+    }
+
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.bytes()
+    }
+
+    pub fn blocks(&self) -> &BlockAllocator {
+        &self.blocks
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.kv.block_size
+    }
+
+    /// Registers a sequence with its prompt; nothing is computed yet.
+    pub fn add_sequence(&mut self, tokens: &[u32]) -> SeqId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seqs.insert(id, Sequence { tokens: tokens.to_vec(), cached: 0, blocks: vec![] });
+        id
+    }
+
+    /// Appends a generated token; it is computed by the next step that includes it.
+    pub fn append_token(&mut self, seq: SeqId, token: u32) -> Result<()> {
+        self.seq_mut(seq)?.tokens.push(token);
+        Ok(())
+    }
+
+    /// Tokens of the sequence not yet in the cache.
+    pub fn pending(&self, seq: SeqId) -> Result<usize> {
+        let s = self.seqs.get(&seq).ok_or_else(|| anyhow!("unknown sequence {seq}"))?;
+        Ok(s.tokens.len() - s.cached)
+    }
+
+    pub fn tokens(&self, seq: SeqId) -> Option<&[u32]> {
+        self.seqs.get(&seq).map(|s| s.tokens.as_slice())
+    }
+
+    /// Frees the sequence and its blocks.
+    pub fn free_sequence(&mut self, seq: SeqId) {
+        if let Some(s) = self.seqs.remove(&seq) {
+            for b in s.blocks {
+                self.blocks.release(b);
+            }
+        }
+    }
+
+    fn seq_mut(&mut self, seq: SeqId) -> Result<&mut Sequence> {
+        self.seqs.get_mut(&seq).ok_or_else(|| anyhow!("unknown sequence {seq}"))
+    }
+
+    /// Runs one forward call over `spans` (one per sequence) and returns each span's logits,
+    /// `[rows, vocab]` row-major (1 row for `Last`, `len` rows for `All`, none for `None`).
+    /// Fails without side effects if the cache lacks blocks for the new tokens.
+    pub fn step(&mut self, spans: &[Span]) -> Result<Vec<Vec<f32>>> {
+        let bs = self.kv.block_size;
+        // Check sizes and blocks first, then allocate.
+        let mut need = 0;
+        for (i, sp) in spans.iter().enumerate() {
+            if spans[..i].iter().any(|o| o.seq == sp.seq) {
+                bail!("sequence {} appears twice in one step", sp.seq);
+            }
+            let s = self.seqs.get(&sp.seq).ok_or_else(|| anyhow!("unknown sequence {}", sp.seq))?;
+            if sp.len == 0 || s.cached + sp.len > s.tokens.len() {
+                bail!("sequence {}: span of {} tokens, {} pending", sp.seq, sp.len, s.tokens.len() - s.cached);
+            }
+            need += (s.cached + sp.len).div_ceil(bs).saturating_sub(s.blocks.len());
+        }
+        if need > self.blocks.num_free() {
+            bail!("KV cache full: step needs {need} blocks, {} free of {}", self.blocks.num_free(), self.blocks.num_blocks());
+        }
+        let mut batch = Batch::default();
+        for sp in spans {
+            let s = self.seqs.get_mut(&sp.seq).unwrap();
+            while s.blocks.len() * bs < s.cached + sp.len {
+                s.blocks.push(self.blocks.allocate().expect("checked above"));
+            }
+            let toks = &s.tokens[s.cached..s.cached + sp.len];
+            let rows = batch.push_span(toks, s.cached, &s.blocks, bs, sp.logits == Logits::All);
+            if sp.logits == Logits::None {
+                batch.logits_rows.retain(|&r| r as usize != rows.end - 1);
+            }
+        }
+        let ctx = Ctx { isa: self.isa, pool: &self.pool };
+        let logits = self.model.forward(ctx, &batch, &mut self.kv)?;
+        let vocab = self.model.config.vocab_size;
+        let mut out = Vec::with_capacity(spans.len());
+        let mut row = 0;
+        for sp in spans {
+            self.seqs.get_mut(&sp.seq).unwrap().cached += sp.len;
+            let rows = match sp.logits {
+                Logits::None => 0,
+                Logits::Last => 1,
+                Logits::All => sp.len,
+            };
+            out.push(logits[row * vocab..(row + rows) * vocab].to_vec());
+            row += rows;
+        }
+        Ok(out)
+    }
+
+    /// Logits of every position of `tokens`, run as one sequence in chunks of at most
+    /// `chunk` tokens; the sequence is freed afterwards.
+    pub fn score(&mut self, tokens: &[u32], chunk: usize) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            bail!("no tokens given");
+        }
+        let id = self.add_sequence(tokens);
+        let mut all = Vec::with_capacity(tokens.len() * self.model.config.vocab_size);
+        let r = (|| {
+            let mut done = 0;
+            while done < tokens.len() {
+                let len = chunk.max(1).min(tokens.len() - done);
+                let mut l = self.step(&[Span { seq: id, len, logits: Logits::All }])?;
+                all.append(&mut l[0]);
+                done += len;
+            }
+            Ok(())
+        })();
+        self.free_sequence(id);
+        r.map(|_| all)
+    }
+}
+
+/// Index of the largest value (the lowest index among ties).
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

@@ -1,0 +1,14 @@
+//! What Qwen3 is: its configuration, its weights as checkpoints store them, and the forward
+//! pass over a flat batch of token spans reading and writing a paged KV cache.
+
+pub mod batch;
+pub mod config;
+pub mod kv;
+pub mod qwen3;
+pub mod random;
+pub mod safetensors;
+
+pub use batch::Batch;
+pub use config::{Architecture, Config};
+pub use kv::KvCache;
+pub use qwen3::Qwen3;
