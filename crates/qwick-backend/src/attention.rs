@@ -41,7 +41,10 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
     let threads = ctx.pool.threads();
     let op = SendPtr::new(out);
     let work = |t: usize| {
-        let max_ctx = (0..n_tok).map(|i| a.positions[i] as usize + 1).max().unwrap_or(0);
+        let max_ctx = (0..n_tok)
+            .map(|i| a.positions[i] as usize + 1)
+            .max()
+            .unwrap_or(0);
         let group = a.n_heads / kv.kv_heads;
         let mut scores = vec![0f32; group * max_ctx];
         // Interleaved items balance the causal triangle across threads.
@@ -50,9 +53,20 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
             let (tok, kvh) = (item / kv.kv_heads, item % kv.kv_heads);
             let ctx_len = a.positions[tok] as usize + 1;
             let table = a.block_tables[a.seq_of_token[tok] as usize];
-            let qrow = &q[(tok * a.n_heads + kvh * group) * hd..(tok * a.n_heads + (kvh + 1) * group) * hd];
+            let qrow = &q
+                [(tok * a.n_heads + kvh * group) * hd..(tok * a.n_heads + (kvh + 1) * group) * hd];
             let orow = unsafe { op.slice((tok * a.n_heads + kvh * group) * hd, group * hd) };
-            attend_one(ctx.isa, qrow, kv, table, kvh, ctx_len, a.scale, &mut scores[..group * ctx_len], orow);
+            attend_one(
+                ctx.isa,
+                qrow,
+                kv,
+                table,
+                kvh,
+                ctx_len,
+                a.scale,
+                &mut scores[..group * ctx_len],
+                orow,
+            );
             item += threads;
         }
     };
@@ -65,42 +79,185 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
 
 /// Attention of the `group` query heads in `q` (all sharing KV head `kvh`) over `ctx_len` keys.
 #[allow(clippy::too_many_arguments)]
-fn attend_one(isa: Isa, q: &[f32], kv: PagedKv, table: &[u32], kvh: usize, ctx_len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
-    multiversion!(isa, fn k(q: &[f32], kv: PagedKv, table: &[u32], kvh: usize, ctx_len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+fn attend_one(
+    isa: Isa,
+    q: &[f32],
+    kv: PagedKv,
+    table: &[u32],
+    kvh: usize,
+    ctx_len: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => match kv.head_dim.div_ceil(16) {
+            1 => unsafe { x86::attend_avx512::<1>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+            2 => unsafe { x86::attend_avx512::<2>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+            3 => unsafe { x86::attend_avx512::<3>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+            4 => unsafe { x86::attend_avx512::<4>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+            5 => unsafe { x86::attend_avx512::<5>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+            6 => unsafe { x86::attend_avx512::<6>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+            7 => unsafe { x86::attend_avx512::<7>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+            8 => unsafe { x86::attend_avx512::<8>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+            _ => attend_generic(Isa::Avx512, q, kv, table, kvh, ctx_len, scale, scores, out),
+        },
+        _ => attend_generic(isa, q, kv, table, kvh, ctx_len, scale, scores, out),
+    }
+}
+
+/// Calls `f(j, row)` for each of the first `ctx_len` keys: `j` its position, `row` the offset
+/// of its `head_dim` values (for KV head `kvh`) in the layer's K or V buffer.
+#[inline(always)]
+fn for_each_key(
+    kv: &PagedKv,
+    table: &[u32],
+    kvh: usize,
+    ctx_len: usize,
+    mut f: impl FnMut(usize, usize),
+) {
+    let (bs, stride) = (kv.block_size, kv.kv_heads * kv.head_dim);
+    for (b, &phys) in table.iter().enumerate().take(ctx_len.div_ceil(bs)) {
+        let base = phys as usize * bs * stride + kvh * kv.head_dim;
+        for off in 0..bs.min(ctx_len - b * bs) {
+            f(b * bs + off, base + off * stride);
+        }
+    }
+}
+
+/// Softmax of each of the `group` score rows in place.
+#[inline(always)]
+fn softmax_rows<const FAST: bool>(scores: &mut [f32], ctx_len: usize) {
+    for s in scores.chunks_exact_mut(ctx_len) {
+        let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for v in s.iter_mut() {
+            *v = exp_sel::<FAST>(*v - m);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        for v in s.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+/// Plain-Rust attention (the reference; compiled for AVX2 too).
+#[allow(clippy::too_many_arguments)]
+fn attend_generic(
+    isa: Isa,
+    q: &[f32],
+    kv: PagedKv,
+    table: &[u32],
+    kvh: usize,
+    ctx_len: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    multiversion!(
+        isa,
+        fn k(
+            q: &[f32],
+            kv: PagedKv,
+            table: &[u32],
+            kvh: usize,
+            ctx_len: usize,
+            scale: f32,
+            scores: &mut [f32],
+            out: &mut [f32],
+        ) {
+            let hd = kv.head_dim;
+            let group = q.len() / hd;
+            for_each_key(&kv, table, kvh, ctx_len, |j, row| {
+                let key = &kv.k[row..row + hd];
+                for g in 0..group {
+                    scores[g * ctx_len + j] = dot(&q[g * hd..(g + 1) * hd], key) * scale;
+                }
+            });
+            softmax_rows::<FAST>(scores, ctx_len);
+            out.fill(0.0);
+            for_each_key(&kv, table, kvh, ctx_len, |j, row| {
+                let val = &kv.v[row..row + hd];
+                for g in 0..group {
+                    let p = scores[g * ctx_len + j];
+                    for (o, &v) in out[g * hd..(g + 1) * hd].iter_mut().zip(val) {
+                        *o = p.mul_add(v, *o);
+                    }
+                }
+            });
+        }
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// AVX-512 attention for head_dim ≤ 16·N: each query head and each output row lives in N
+    /// registers; the last chunk is masked when head_dim is not a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn attend_avx512<const N: usize>(
+        q: &[f32],
+        kv: PagedKv,
+        table: &[u32],
+        kvh: usize,
+        ctx_len: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
         let hd = kv.head_dim;
         let group = q.len() / hd;
-        let row = |j: usize| ((table[j / kv.block_size] as usize * kv.block_size + j % kv.block_size) * kv.kv_heads + kvh) * hd;
-        for j in 0..ctx_len {
-            let key = &kv.k[row(j)..row(j) + hd];
-            for g in 0..group {
-                scores[g * ctx_len + j] = dot(&q[g * hd..(g + 1) * hd], key) * scale;
-            }
-        }
+        let tail = hd - (N - 1) * 16;
+        let last: __mmask16 = if tail == 16 {
+            0xffff
+        } else {
+            ((1u32 << tail) - 1) as __mmask16
+        };
+        let mask = |c: usize| if c == N - 1 { last } else { 0xffff };
+        let (kp, vp, sp) = (kv.k.as_ptr(), kv.v.as_ptr(), scores.as_mut_ptr());
         for g in 0..group {
-            let s = &mut scores[g * ctx_len..(g + 1) * ctx_len];
-            let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for v in s.iter_mut() {
-                *v = exp_sel::<FAST>(*v - m);
-                sum += *v;
+            let mut qv = [_mm512_setzero_ps(); N];
+            for (c, r) in qv.iter_mut().enumerate() {
+                *r = _mm512_mul_ps(
+                    _mm512_maskz_loadu_ps(mask(c), q.as_ptr().add(g * hd + c * 16)),
+                    _mm512_set1_ps(scale),
+                );
             }
-            let inv = 1.0 / sum;
-            for v in s.iter_mut() {
-                *v *= inv;
-            }
-        }
-        out.fill(0.0);
-        for j in 0..ctx_len {
-            let val = &kv.v[row(j)..row(j) + hd];
-            for g in 0..group {
-                let p = scores[g * ctx_len + j];
-                let o = &mut out[g * hd..(g + 1) * hd];
-                for (o, &v) in o.iter_mut().zip(val) {
-                    *o += p * v;
+            for_each_key(&kv, table, kvh, ctx_len, |j, row| {
+                let mut acc = _mm512_setzero_ps();
+                for (c, r) in qv.iter().enumerate() {
+                    acc = _mm512_fmadd_ps(
+                        *r,
+                        _mm512_maskz_loadu_ps(mask(c), kp.add(row + c * 16)),
+                        acc,
+                    );
                 }
+                *sp.add(g * ctx_len + j) = _mm512_reduce_add_ps(acc);
+            });
+        }
+        softmax_rows::<true>(scores, ctx_len);
+        for g in 0..group {
+            let mut acc = [_mm512_setzero_ps(); N];
+            for_each_key(&kv, table, kvh, ctx_len, |j, row| {
+                let p = _mm512_set1_ps(*sp.add(g * ctx_len + j));
+                for (c, r) in acc.iter_mut().enumerate() {
+                    *r = _mm512_fmadd_ps(
+                        p,
+                        _mm512_maskz_loadu_ps(mask(c), vp.add(row + c * 16)),
+                        *r,
+                    );
+                }
+            });
+            for (c, r) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(g * hd + c * 16), mask(c), *r);
             }
         }
-    })
+    }
 }
 
 #[cfg(test)]
@@ -110,13 +267,30 @@ mod tests {
     use crate::ThreadPool;
 
     /// Dense causal attention over contiguous K/V, written directly from the definition.
-    fn dense(q: &[f32], k: &[f32], v: &[f32], t: usize, nh: usize, kvh: usize, hd: usize, scale: f32) -> Vec<f32> {
+    fn dense(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        nh: usize,
+        kvh: usize,
+        hd: usize,
+        scale: f32,
+    ) -> Vec<f32> {
         let mut out = vec![0f32; t * nh * hd];
         for i in 0..t {
             for h in 0..nh {
                 let g = h / (nh / kvh);
                 let qv = &q[(i * nh + h) * hd..][..hd];
-                let s: Vec<f32> = (0..=i).map(|j| qv.iter().zip(&k[(j * kvh + g) * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+                let s: Vec<f32> = (0..=i)
+                    .map(|j| {
+                        qv.iter()
+                            .zip(&k[(j * kvh + g) * hd..][..hd])
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>()
+                            * scale
+                    })
+                    .collect();
                 let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f32 = e.iter().sum();
@@ -133,7 +307,12 @@ mod tests {
     #[test]
     fn paged_matches_dense_on_every_isa() {
         let pool = ThreadPool::new(2);
-        for &(t, nh, kvh, hd, bs) in &[(1, 2, 1, 8, 4), (37, 8, 2, 24, 16), (20, 4, 4, 16, 3), (50, 8, 1, 33, 16)] {
+        for &(t, nh, kvh, hd, bs) in &[
+            (1, 2, 1, 8, 4),
+            (37, 8, 2, 24, 16),
+            (20, 4, 4, 16, 3),
+            (50, 8, 1, 33, 16),
+        ] {
             let q = rand_vec(t * nh * hd, 1);
             let k = rand_vec(t * kvh * hd, 2);
             let v = rand_vec(t * kvh * hd, 3);
@@ -152,13 +331,28 @@ mod tests {
             let positions: Vec<u32> = (0..t as u32).collect();
             let seq = vec![0u32; t];
             let tables = [&table[..]];
-            let args = AttnArgs { n_heads: nh, scale, positions: &positions, seq_of_token: &seq, block_tables: &tables };
+            let args = AttnArgs {
+                n_heads: nh,
+                scale,
+                positions: &positions,
+                seq_of_token: &seq,
+                block_tables: &tables,
+            };
             for isa in Isa::all_supported() {
                 let mut out = vec![0f32; t * nh * hd];
-                let kv = PagedKv { k: &kc, v: &vc, block_size: bs, kv_heads: kvh, head_dim: hd };
+                let kv = PagedKv {
+                    k: &kc,
+                    v: &vc,
+                    block_size: bs,
+                    kv_heads: kvh,
+                    head_dim: hd,
+                };
                 paged_attention(Ctx { isa, pool: &pool }, &q, kv, &args, &mut out);
                 for (i, (g, e)) in out.iter().zip(&want).enumerate() {
-                    assert!((g - e).abs() < 1e-5, "{isa} t{t} nh{nh} kvh{kvh} hd{hd} [{i}]: {g} vs {e}");
+                    assert!(
+                        (g - e).abs() < 1e-5,
+                        "{isa} t{t} nh{nh} kvh{kvh} hd{hd} [{i}]: {g} vs {e}"
+                    );
                 }
             }
         }

@@ -28,15 +28,18 @@ pub fn read_bandwidth(ctx: Ctx, bytes: usize, passes: usize) -> f64 {
 }
 
 fn sum(isa: Isa, x: &[u64]) -> u64 {
-    multiversion!(isa, fn k(x: &[u64]) -> u64 {
-        let mut acc = [0u64; 16];
-        let chunks = x.len() / 16;
-        for c in 0..chunks {
-            for l in 0..16 {
-                acc[l] = acc[l].wrapping_add(x[c * 16 + l]);
+    multiversion!(
+        isa,
+        fn k(x: &[u64]) -> u64 {
+            let mut acc = [0u64; 16];
+            let chunks = x.len() / 16;
+            for c in 0..chunks {
+                for l in 0..16 {
+                    acc[l] = acc[l].wrapping_add(x[c * 16 + l]);
+                }
             }
+            let _ = FAST;
+            acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
         }
-        let _ = FAST;
-        acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
-    })
+    )
 }

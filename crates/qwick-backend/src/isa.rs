@@ -39,7 +39,9 @@ impl Isa {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
@@ -56,19 +58,26 @@ impl Isa {
 
     /// The best ISA this CPU supports.
     pub fn best() -> Isa {
-        [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported()).unwrap_or(Isa::Scalar)
+        [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .find(|i| i.supported())
+            .unwrap_or(Isa::Scalar)
     }
 
     /// All ISAs this CPU supports, scalar first.
     pub fn all_supported() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.supported()).collect()
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect()
     }
 
     /// The ISA to use: `QWICK_ISA` if set (an error if unknown or unsupported), else the best.
     pub fn from_env() -> Result<Isa, String> {
         match std::env::var("QWICK_ISA") {
             Ok(v) if !v.is_empty() => {
-                let isa = Isa::parse(&v).ok_or_else(|| format!("QWICK_ISA={v}: expected scalar, avx2 or avx512"))?;
+                let isa = Isa::parse(&v)
+                    .ok_or_else(|| format!("QWICK_ISA={v}: expected scalar, avx2 or avx512"))?;
                 if !isa.supported() {
                     return Err(format!("QWICK_ISA={v}: this CPU does not support {isa}"));
                 }

@@ -21,19 +21,35 @@ pub struct WeightView<'a> {
 
 impl<'a> WeightView<'a> {
     pub fn new(dtype: DType, data: &'a [u8], rows: usize, cols: usize) -> Self {
-        assert_eq!(data.len(), rows * cols * dtype.size(), "weight buffer size does not match its shape");
-        WeightView { dtype, data, rows, cols }
+        assert_eq!(
+            data.len(),
+            rows * cols * dtype.size(),
+            "weight buffer size does not match its shape"
+        );
+        WeightView {
+            dtype,
+            data,
+            rows,
+            cols,
+        }
     }
 
     pub fn from_f32(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) };
+        let bytes = unsafe {
+            std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data))
+        };
         WeightView::new(DType::F32, bytes, rows, cols)
     }
 
     /// Rows `r` of this weight (e.g. one expert of a stacked tensor).
     pub fn rows_slice(&self, r: std::ops::Range<usize>) -> WeightView<'a> {
         let rb = self.cols * self.dtype.size();
-        WeightView { dtype: self.dtype, data: &self.data[r.start * rb..r.end * rb], rows: r.len(), cols: self.cols }
+        WeightView {
+            dtype: self.dtype,
+            data: &self.data[r.start * rb..r.end * rb],
+            rows: r.len(),
+            cols: self.cols,
+        }
     }
 
     pub fn bytes(&self) -> usize {
@@ -42,7 +58,7 @@ impl<'a> WeightView<'a> {
 }
 
 /// Rows of `x` at or above which the tiled GEMM path is used.
-pub const GEMM_MIN_ROWS: usize = 8;
+pub const GEMM_MIN_ROWS: usize = 16;
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, in parallel over the pool.
 pub fn matmul(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: &mut [f32]) {
@@ -60,8 +76,17 @@ pub struct MatmulJob<'a> {
 
 impl<'a> MatmulJob<'a> {
     pub fn new(x: &'a [f32], m: usize, w: WeightView<'a>, y: &'a mut [f32]) -> Self {
-        assert!(x.len() >= m * w.cols && y.len() >= m * w.rows, "matmul operand sizes");
-        MatmulJob { x, m, w, y: SendPtr::new(y), _y: std::marker::PhantomData }
+        assert!(
+            x.len() >= m * w.cols && y.len() >= m * w.rows,
+            "matmul operand sizes"
+        );
+        MatmulJob {
+            x,
+            m,
+            w,
+            y: SendPtr::new(y),
+            _y: std::marker::PhantomData,
+        }
     }
 }
 
@@ -76,7 +101,9 @@ pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
     if total == 0 {
         return;
     }
-    let run_range = |j: &MatmulJob, cols: std::ops::Range<usize>| unsafe { matmul_cols(ctx.isa, j.x, j.m, &j.w, j.y.ptr(), j.w.rows, cols) };
+    let run_range = |j: &MatmulJob, cols: std::ops::Range<usize>| unsafe {
+        matmul_cols(ctx.isa, j.x, j.m, &j.w, j.y.ptr(), j.w.rows, cols)
+    };
     if threads == 1 || total < 1 << 16 {
         for j in jobs.iter() {
             run_range(j, 0..j.w.rows);
@@ -118,7 +145,15 @@ pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
 ///
 /// # Safety
 /// `y` must be valid for `m` rows of `ldy` floats and no other thread may write these columns.
-pub unsafe fn matmul_cols(isa: Isa, x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+pub unsafe fn matmul_cols(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &WeightView,
+    y: *mut f32,
+    ldy: usize,
+    cols: std::ops::Range<usize>,
+) {
     if cols.is_empty() || m == 0 {
         return;
     }
@@ -140,7 +175,14 @@ pub unsafe fn matmul_cols(isa: Isa, x: &[f32], m: usize, w: &WeightView, y: *mut
 }
 
 /// The reference: one f32 dot product per output, summed in order.
-unsafe fn scalar(x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+unsafe fn scalar(
+    x: &[f32],
+    m: usize,
+    w: &WeightView,
+    y: *mut f32,
+    ldy: usize,
+    cols: std::ops::Range<usize>,
+) {
     let k = w.cols;
     let mut row = vec![0f32; k];
     for n in cols {
@@ -179,7 +221,10 @@ mod x86 {
         unsafe fn load16<const D: u8>(p: *const u8) -> __m512 {
             match D {
                 F32 => _mm512_loadu_ps(p as *const f32),
-                BF16 => _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)), 16)),
+                BF16 => _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)),
+                    16,
+                )),
                 _ => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
             }
         }
@@ -198,7 +243,14 @@ mod x86 {
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-        pub unsafe fn matmul<const D: u8>(x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+        pub unsafe fn matmul<const D: u8>(
+            x: &[f32],
+            m: usize,
+            w: &WeightView,
+            y: *mut f32,
+            ldy: usize,
+            cols: std::ops::Range<usize>,
+        ) {
             if m >= GEMM_MIN_ROWS {
                 gemm::<D>(x.as_ptr(), m, w, y, ldy, cols)
             } else {
@@ -207,7 +259,14 @@ mod x86 {
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-        unsafe fn gemv<const D: u8>(x: *const f32, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+        unsafe fn gemv<const D: u8>(
+            x: *const f32,
+            m: usize,
+            w: &WeightView,
+            y: *mut f32,
+            ldy: usize,
+            cols: std::ops::Range<usize>,
+        ) {
             let k = w.cols;
             let rb = k * w.dtype.size();
             let wp = w.data.as_ptr();
@@ -281,7 +340,14 @@ mod x86 {
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-        unsafe fn gemm<const D: u8>(x: *const f32, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+        unsafe fn gemm<const D: u8>(
+            x: *const f32,
+            m: usize,
+            w: &WeightView,
+            y: *mut f32,
+            ldy: usize,
+            cols: std::ops::Range<usize>,
+        ) {
             let k = w.cols;
             let es = w.dtype.size();
             let rb = k * es;
@@ -290,8 +356,18 @@ mod x86 {
             let mut np = cols.start;
             while np < cols.end {
                 let nr = (cols.end - np).min(NR);
-                let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
-                let m1: __mmask16 = if nr >= 32 { 0xffff } else if nr > 16 { ((1u32 << (nr - 16)) - 1) as __mmask16 } else { 0 };
+                let m0: __mmask16 = if nr >= 16 {
+                    0xffff
+                } else {
+                    ((1u32 << nr) - 1) as __mmask16
+                };
+                let m1: __mmask16 = if nr >= 32 {
+                    0xffff
+                } else if nr > 16 {
+                    ((1u32 << (nr - 16)) - 1) as __mmask16
+                } else {
+                    0
+                };
                 let mut kc = 0;
                 while kc < k {
                     let kb = (k - kc).min(KC);
@@ -404,7 +480,10 @@ mod x86 {
         unsafe fn load8<const D: u8>(p: *const u8) -> __m256 {
             match D {
                 F32 => _mm256_loadu_ps(p as *const f32),
-                BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16)),
+                BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                    16,
+                )),
                 _ => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
             }
         }
@@ -428,7 +507,14 @@ mod x86 {
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn matmul<const D: u8>(x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+        pub unsafe fn matmul<const D: u8>(
+            x: &[f32],
+            m: usize,
+            w: &WeightView,
+            y: *mut f32,
+            ldy: usize,
+            cols: std::ops::Range<usize>,
+        ) {
             if m >= GEMM_MIN_ROWS {
                 gemm::<D>(x.as_ptr(), m, w, y, ldy, cols)
             } else {
@@ -437,7 +523,14 @@ mod x86 {
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn gemv<const D: u8>(x: *const f32, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+        unsafe fn gemv<const D: u8>(
+            x: *const f32,
+            m: usize,
+            w: &WeightView,
+            y: *mut f32,
+            ldy: usize,
+            cols: std::ops::Range<usize>,
+        ) {
             let k = w.cols;
             let rb = k * w.dtype.size();
             let wp = w.data.as_ptr();
@@ -498,7 +591,14 @@ mod x86 {
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn gemm<const D: u8>(x: *const f32, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+        unsafe fn gemm<const D: u8>(
+            x: *const f32,
+            m: usize,
+            w: &WeightView,
+            y: *mut f32,
+            ldy: usize,
+            cols: std::ops::Range<usize>,
+        ) {
             let k = w.cols;
             let es = w.dtype.size();
             let rb = k * es;
@@ -529,7 +629,11 @@ mod x86 {
                         let mr = (m - i).min(MR);
                         let a = x.add(i * k + kc);
                         // Full-width tiles write straight into y; a ragged right edge goes through `tile`.
-                        let (c, ldc) = if nr == NR { (y.add(i * ldy + np), ldy) } else { (tile.as_mut_ptr(), NR) };
+                        let (c, ldc) = if nr == NR {
+                            (y.add(i * ldy + np), ldy)
+                        } else {
+                            (tile.as_mut_ptr(), NR)
+                        };
                         if nr != NR && !first {
                             for r in 0..mr {
                                 for j in 0..nr {
@@ -563,7 +667,15 @@ mod x86 {
 
         #[inline]
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn micro<const M: usize>(a: *const f32, lda: usize, panel: *const f32, kb: usize, c: *mut f32, ldc: usize, first: bool) {
+        unsafe fn micro<const M: usize>(
+            a: *const f32,
+            lda: usize,
+            panel: *const f32,
+            kb: usize,
+            c: *mut f32,
+            ldc: usize,
+            first: bool,
+        ) {
             let mut acc = [[_mm256_setzero_ps(); 2]; M];
             if !first {
                 for (i, r) in acc.iter_mut().enumerate() {
@@ -611,7 +723,9 @@ pub(crate) mod tests {
             match dt {
                 DType::F32 => out.extend_from_slice(&x.to_le_bytes()),
                 DType::BF16 => out.extend_from_slice(&crate::dtype::f32_to_bf16(x).to_le_bytes()),
-                DType::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
+                DType::F16 => {
+                    out.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes())
+                }
             }
         }
         out
@@ -620,24 +734,54 @@ pub(crate) mod tests {
     #[test]
     fn every_isa_matches_scalar() {
         let pool = ThreadPool::new(2);
-        let shapes = [(1, 1, 1), (1, 17, 33), (3, 40, 31), (5, 64, 16), (8, 33, 100), (13, 70, 300), (29, 129, 257), (64, 96, 64)];
+        let shapes = [
+            (1, 1, 1),
+            (1, 17, 33),
+            (3, 40, 31),
+            (5, 64, 16),
+            (8, 33, 100),
+            (13, 70, 300),
+            (29, 129, 257),
+            (64, 96, 64),
+        ];
         for dt in [DType::F32, DType::BF16, DType::F16] {
             for &(m, n, k) in &shapes {
                 let x = rand_vec(m * k, 1 + m as u64);
                 let wb = encode(&rand_vec(n * k, 7 + n as u64), dt);
                 let w = WeightView::new(dt, &wb, n, k);
                 let mut want = vec![0f32; m * n];
-                matmul(Ctx { isa: Isa::Scalar, pool: &pool }, &x, m, &w, &mut want);
+                matmul(
+                    Ctx {
+                        isa: Isa::Scalar,
+                        pool: &pool,
+                    },
+                    &x,
+                    m,
+                    &w,
+                    &mut want,
+                );
                 // A batch of two products splits columns across threads the same way.
                 let (mut y1, mut y2) = (vec![0f32; m * n], vec![0f32; m * n]);
-                matmul_batch(Ctx { isa: Isa::Scalar, pool: &pool }, &mut [MatmulJob::new(&x, m, w, &mut y1), MatmulJob::new(&x, m, w, &mut y2)]);
+                matmul_batch(
+                    Ctx {
+                        isa: Isa::Scalar,
+                        pool: &pool,
+                    },
+                    &mut [
+                        MatmulJob::new(&x, m, w, &mut y1),
+                        MatmulJob::new(&x, m, w, &mut y2),
+                    ],
+                );
                 assert_eq!(y1, want);
                 assert_eq!(y2, want);
                 for isa in Isa::all_supported() {
                     let mut got = vec![f32::NAN; m * n];
                     matmul(Ctx { isa, pool: &pool }, &x, m, &w, &mut got);
                     for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(), "{isa} {dt} m{m} n{n} k{k} at {i}: {g} vs {e}");
+                        assert!(
+                            (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
+                            "{isa} {dt} m{m} n{n} k{k} at {i}: {g} vs {e}"
+                        );
                     }
                 }
             }

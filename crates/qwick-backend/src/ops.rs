@@ -77,104 +77,122 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// RMSNorm of each `w.len()`-wide row of `x` into `out`: `x / sqrt(mean(x²) + eps) * w`,
 /// statistics in f32 as transformers computes them.
 pub fn rms_norm(isa: Isa, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    multiversion!(isa, fn k(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-        let d = w.len();
-        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            let mut acc = [0f32; 16];
-            let chunks = d / 16;
-            for c in 0..chunks {
-                for l in 0..16 {
-                    acc[l] += xr[c * 16 + l] * xr[c * 16 + l];
+    multiversion!(
+        isa,
+        fn k(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+            let d = w.len();
+            for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+                let mut acc = [0f32; 16];
+                let chunks = d / 16;
+                for c in 0..chunks {
+                    for l in 0..16 {
+                        acc[l] += xr[c * 16 + l] * xr[c * 16 + l];
+                    }
                 }
+                let mut ss: f32 = acc.iter().sum();
+                for v in &xr[chunks * 16..] {
+                    ss += v * v;
+                }
+                let inv = 1.0 / (ss / d as f32 + eps).sqrt();
+                for i in 0..d {
+                    or[i] = w[i] * (xr[i] * inv);
+                }
+                let _ = FAST;
             }
-            let mut ss: f32 = acc.iter().sum();
-            for v in &xr[chunks * 16..] {
-                ss += v * v;
-            }
-            let inv = 1.0 / (ss / d as f32 + eps).sqrt();
-            for i in 0..d {
-                or[i] = w[i] * (xr[i] * inv);
-            }
-            let _ = FAST;
         }
-    })
+    )
 }
 
 /// In-place RMSNorm of each `w.len()`-wide row (per-head q_norm / k_norm).
 pub fn rms_norm_inplace(isa: Isa, x: &mut [f32], w: &[f32], eps: f32) {
-    multiversion!(isa, fn k(x: &mut [f32], w: &[f32], eps: f32) {
-        let d = w.len();
-        for xr in x.chunks_exact_mut(d) {
-            let mut acc = [0f32; 16];
-            let chunks = d / 16;
-            for c in 0..chunks {
-                for l in 0..16 {
-                    acc[l] += xr[c * 16 + l] * xr[c * 16 + l];
+    multiversion!(
+        isa,
+        fn k(x: &mut [f32], w: &[f32], eps: f32) {
+            let d = w.len();
+            for xr in x.chunks_exact_mut(d) {
+                let mut acc = [0f32; 16];
+                let chunks = d / 16;
+                for c in 0..chunks {
+                    for l in 0..16 {
+                        acc[l] += xr[c * 16 + l] * xr[c * 16 + l];
+                    }
                 }
+                let mut ss: f32 = acc.iter().sum();
+                for v in &xr[chunks * 16..] {
+                    ss += v * v;
+                }
+                let inv = 1.0 / (ss / d as f32 + eps).sqrt();
+                for i in 0..d {
+                    xr[i] = w[i] * (xr[i] * inv);
+                }
+                let _ = FAST;
             }
-            let mut ss: f32 = acc.iter().sum();
-            for v in &xr[chunks * 16..] {
-                ss += v * v;
-            }
-            let inv = 1.0 / (ss / d as f32 + eps).sqrt();
-            for i in 0..d {
-                xr[i] = w[i] * (xr[i] * inv);
-            }
-            let _ = FAST;
         }
-    })
+    )
 }
 
 /// Rotary embedding in place on each `2 * cos.len()`-wide head of `x`, rotate-half layout:
 /// `(x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin)` with `x1`, `x2` the two halves of a head.
 pub fn rope_inplace(isa: Isa, x: &mut [f32], cos: &[f32], sin: &[f32]) {
-    multiversion!(isa, fn k(x: &mut [f32], cos: &[f32], sin: &[f32]) {
-        let h = cos.len();
-        for head in x.chunks_exact_mut(2 * h) {
-            let (a, b) = head.split_at_mut(h);
-            for i in 0..h {
-                let (x1, x2) = (a[i], b[i]);
-                a[i] = x1 * cos[i] - x2 * sin[i];
-                b[i] = x2 * cos[i] + x1 * sin[i];
+    multiversion!(
+        isa,
+        fn k(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+            let h = cos.len();
+            for head in x.chunks_exact_mut(2 * h) {
+                let (a, b) = head.split_at_mut(h);
+                for i in 0..h {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * cos[i] - x2 * sin[i];
+                    b[i] = x2 * cos[i] + x1 * sin[i];
+                }
+                let _ = FAST;
             }
-            let _ = FAST;
         }
-    })
+    )
 }
 
 /// SwiGLU in place: `gate[i] = silu(gate[i]) · up[i]` with `silu(g) = g · sigmoid(g)`.
 pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
-    multiversion!(isa, fn k(gate: &mut [f32], up: &[f32]) {
-        for (g, &u) in gate.iter_mut().zip(up) {
-            *g = *g / (1.0 + exp_sel::<FAST>(-*g)) * u;
+    multiversion!(
+        isa,
+        fn k(gate: &mut [f32], up: &[f32]) {
+            for (g, &u) in gate.iter_mut().zip(up) {
+                *g = *g / (1.0 + exp_sel::<FAST>(-*g)) * u;
+            }
         }
-    })
+    )
 }
 
 /// `x += y`.
 pub fn add_inplace(isa: Isa, x: &mut [f32], y: &[f32]) {
-    multiversion!(isa, fn k(x: &mut [f32], y: &[f32]) {
-        for (a, &b) in x.iter_mut().zip(y) {
-            *a += b;
+    multiversion!(
+        isa,
+        fn k(x: &mut [f32], y: &[f32]) {
+            for (a, &b) in x.iter_mut().zip(y) {
+                *a += b;
+            }
+            let _ = FAST;
         }
-        let _ = FAST;
-    })
+    )
 }
 
 /// Softmax of `x` in place (max-subtracted, f32).
 pub fn softmax_inplace(isa: Isa, x: &mut [f32]) {
-    multiversion!(isa, fn k(x: &mut [f32]) {
-        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut s = 0f32;
-        for v in x.iter_mut() {
-            *v = exp_sel::<FAST>(*v - m);
-            s += *v;
+    multiversion!(
+        isa,
+        fn k(x: &mut [f32]) {
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut s = 0f32;
+            for v in x.iter_mut() {
+                *v = exp_sel::<FAST>(*v - m);
+                s += *v;
+            }
+            let inv = 1.0 / s;
+            for v in x.iter_mut() {
+                *v *= inv;
+            }
         }
-        let inv = 1.0 / s;
-        for v in x.iter_mut() {
-            *v *= inv;
-        }
-    })
+    )
 }
 
 #[cfg(test)]
@@ -185,7 +203,10 @@ mod tests {
     fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "{what}[{i}]: {x} vs {y}"
+            );
         }
     }
 

@@ -33,6 +33,7 @@ pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     run_lock: Mutex<()>,
+    pinned: bool,
 }
 
 const SPIN: Duration = Duration::from_millis(2);
@@ -51,16 +52,36 @@ impl ThreadPool {
             lock: Mutex::new(()),
             wake: Condvar::new(),
         });
+        // Pin thread t to the t-th CPU this process may use, so spinning threads never share a
+        // CPU (on a 2-core machine an unpinned pair can sit on one core for a scheduler tick).
+        let cpus = allowed_cpus();
+        let pin = n <= cpus.len() && std::env::var("QWICK_PIN").map_or(true, |v| v != "0");
+        if pin {
+            pin_to(cpus[0]);
+        } else {
+            set_affinity(cpus);
+        }
         let workers = (1..n)
             .map(|t| {
                 let s = shared.clone();
+                let cpu = if pin { Some(cpus[t]) } else { None };
                 std::thread::Builder::new()
                     .name(format!("qwick-worker-{t}"))
-                    .spawn(move || worker(s, t))
+                    .spawn(move || {
+                        if let Some(c) = cpu {
+                            pin_to(c);
+                        }
+                        worker(s, t)
+                    })
                     .expect("spawning a worker thread")
             })
             .collect();
-        ThreadPool { shared, workers, run_lock: Mutex::new(()) }
+        ThreadPool {
+            shared,
+            workers,
+            run_lock: Mutex::new(()),
+            pinned: pin,
+        }
     }
 
     /// The number of threads available: `QWICK_THREADS` or the machine's parallelism.
@@ -69,7 +90,11 @@ impl ThreadPool {
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|&n: &usize| n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
     }
 
     pub fn threads(&self) -> usize {
@@ -85,7 +110,8 @@ impl ThreadPool {
         let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
         // Erase the closure's lifetime: it outlives every use because we wait below.
-        let ptr: *const Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f) };
+        let ptr: *const Job =
+            unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f) };
         unsafe { *s.job.get() = Some(ptr) };
         s.remaining.store(self.workers.len(), Ordering::SeqCst);
         s.generation.fetch_add(1, Ordering::SeqCst);
@@ -125,6 +151,44 @@ impl ThreadPool {
     }
 }
 
+/// The CPUs this process may run on, read once before any thread is pinned.
+fn allowed_cpus() -> &'static [usize] {
+    static CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    CPUS.get_or_init(|| {
+        #[cfg(target_os = "linux")]
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+                return (0..libc::CPU_SETSIZE as usize)
+                    .filter(|&c| libc::CPU_ISSET(c, &set))
+                    .collect();
+            }
+        }
+        (0..std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1))
+            .collect()
+    })
+}
+
+/// Binds the calling thread to `cpus` (best effort).
+fn set_affinity(cpus: &[usize]) {
+    #[cfg(target_os = "linux")]
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cpus;
+}
+
+fn pin_to(cpu: usize) {
+    set_affinity(&[cpu]);
+}
+
 /// Chunk `i` of `t` when splitting `0..n` in units of `align`.
 pub fn chunk(n: usize, align: usize, t: usize, i: usize) -> Range<usize> {
     let units = n.div_ceil(align);
@@ -153,7 +217,9 @@ fn worker(s: Arc<Shared>, t: usize) {
             if spins % 64 == 0 && start.elapsed() > SPIN {
                 let mut l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
-                while s.generation.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::SeqCst) {
+                while s.generation.load(Ordering::SeqCst) == seen
+                    && !s.shutdown.load(Ordering::SeqCst)
+                {
                     l = s.wake.wait(l).unwrap_or_else(|e| e.into_inner());
                 }
                 s.sleepers.fetch_sub(1, Ordering::SeqCst);
@@ -182,6 +248,10 @@ impl Drop for ThreadPool {
         }
         for w in self.workers.drain(..) {
             let _ = w.join();
+        }
+        if self.pinned {
+            // Give the calling thread its CPUs back.
+            set_affinity(allowed_cpus());
         }
     }
 }

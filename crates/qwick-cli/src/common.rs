@@ -21,13 +21,16 @@ pub struct RunArgs {
 
 impl RunArgs {
     pub fn threads(&self) -> usize {
-        self.threads.filter(|&t| t > 0).unwrap_or_else(ThreadPool::default_threads)
+        self.threads
+            .filter(|&t| t > 0)
+            .unwrap_or_else(ThreadPool::default_threads)
     }
 
     pub fn isa(&self) -> Result<Isa> {
         match &self.isa {
             Some(s) => {
-                let isa = Isa::parse(s).with_context(|| format!("--isa {s}: expected scalar, avx2 or avx512"))?;
+                let isa = Isa::parse(s)
+                    .with_context(|| format!("--isa {s}: expected scalar, avx2 or avx512"))?;
                 if !isa.supported() {
                     anyhow::bail!("--isa {s}: this CPU does not support it");
                 }
@@ -39,7 +42,10 @@ impl RunArgs {
 
     /// A runner whose cache holds `tokens` tokens.
     pub fn runner(&self, model: Arc<Qwen3>, tokens: usize) -> Result<Runner> {
-        Ok(Runner::new(model, &RunnerConfig::with_tokens(tokens, self.threads(), self.isa()?)))
+        Ok(Runner::new(
+            model,
+            &RunnerConfig::with_tokens(tokens, self.threads(), self.isa()?),
+        ))
     }
 }
 
@@ -50,9 +56,11 @@ pub fn progress_bar(what: &str) -> Option<ProgressBar> {
     }
     let b = ProgressBar::new(0);
     b.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
-            .unwrap()
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        )
+        .unwrap()
+        .progress_chars("=> "),
     );
     b.set_message(what.to_string());
     Some(b)
@@ -101,7 +109,9 @@ fn prefetch(model: &Qwen3, progress: &dyn Fn(usize, usize)) {
                     touch(w.0.bytes());
                 }
             }
-            qwick_model::qwen3::Mlp::Moe { router, experts, .. } => {
+            qwick_model::qwen3::Mlp::Moe {
+                router, experts, ..
+            } => {
                 touch(router.0.bytes());
                 for s in experts {
                     for w in [&s.gate_proj, &s.up_proj, &s.down_proj] {

@@ -1,0 +1,337 @@
+//! Where models come from: a local folder, or a Hugging Face Hub id (`owner/name`, optionally
+//! `owner/name@revision`) looked up in the standard Hugging Face cache and, unless offline,
+//! downloaded into it.
+//!
+//! The cache is `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`, laid out as
+//! `models--owner--name/refs/<revision>` (holding a commit hash) and
+//! `models--owner--name/snapshots/<hash>/<files>`, so models fetched with `huggingface-cli download`
+//! or transformers are found, and what qwick downloads is seen by them.
+
+use crate::error::{ChatError, Result};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// Files a model folder must hold besides its weights.
+pub const REQUIRED_FILES: [&str; 2] = ["config.json", "tokenizer.json"];
+/// Files downloaded when the Hub has them.
+pub const OPTIONAL_FILES: [&str; 2] = ["tokenizer_config.json", "generation_config.json"];
+/// Single-file weights.
+pub const WEIGHTS: &str = "model.safetensors";
+/// Index of sharded weights.
+pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+
+/// A parsed Hub model id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubId {
+    /// `owner/name`.
+    pub repo: String,
+    /// Branch, tag or commit; `main` unless given after `@`.
+    pub revision: String,
+}
+
+impl HubId {
+    /// Parses `owner/name` or `owner/name@revision`; `None` if `spec` is not of that form.
+    pub fn parse(spec: &str) -> Option<Self> {
+        let (repo, revision) = match spec.split_once('@') {
+            Some((r, rev)) => (r, rev),
+            None => (spec, "main"),
+        };
+        let (owner, name) = repo.split_once('/')?;
+        let ok = |s: &str| {
+            !s.is_empty()
+                && !s.starts_with('.')
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        let rev_ok = !revision.is_empty()
+            && !revision.contains("..")
+            && revision
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+        (ok(owner) && ok(name) && rev_ok).then(|| Self {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+        })
+    }
+
+    /// The repository's folder in the cache: `models--owner--name`.
+    pub fn cache_folder(&self) -> String {
+        format!("models--{}", self.repo.replace('/', "--"))
+    }
+}
+
+/// The Hugging Face hub cache folder chosen by environment variables read through `env`:
+/// `HF_HUB_CACHE`, else `HUGGINGFACE_HUB_CACHE`, else `HF_HOME/hub`, else
+/// `$HOME/.cache/huggingface/hub` (`None` when none of them is set).
+pub fn cache_dir_from(env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let set = |k: &str| env(k).filter(|v| !v.is_empty());
+    set("HF_HUB_CACHE")
+        .or_else(|| set("HUGGINGFACE_HUB_CACHE"))
+        .map(PathBuf::from)
+        .or_else(|| set("HF_HOME").map(|h| Path::new(&h).join("hub")))
+        .or_else(|| {
+            set("HOME")
+                .or_else(|| set("USERPROFILE"))
+                .map(|h| Path::new(&h).join(".cache/huggingface/hub"))
+        })
+}
+
+/// The Hugging Face hub cache folder of this process's environment (see [`cache_dir_from`]).
+pub fn cache_dir() -> Result<PathBuf> {
+    cache_dir_from(|k| std::env::var(k).ok()).ok_or_else(|| {
+        ChatError::Model(
+            "cannot locate the Hugging Face cache: set HF_HUB_CACHE, HF_HOME or HOME".into(),
+        )
+    })
+}
+
+/// Whether `HF_HUB_OFFLINE` is set to a true value (`1`, `true`, `yes`, `on`), as read through `env`.
+pub fn offline_from(env: impl Fn(&str) -> Option<String>) -> bool {
+    env("HF_HUB_OFFLINE").is_some_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
+}
+
+/// How models are found and fetched: the cache folder, whether to stay offline, and the Hub to
+/// download from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hub {
+    /// The Hugging Face hub cache folder.
+    pub cache_dir: PathBuf,
+    /// Never download (`HF_HUB_OFFLINE`).
+    pub offline: bool,
+    /// Address of the Hub; `None` for `https://huggingface.co` (`HF_ENDPOINT`).
+    pub endpoint: Option<String>,
+    /// Access token for gated models; `None` reads the token file next to the cache
+    /// (`$HF_HOME/token`, written by `huggingface-cli login`).
+    pub token: Option<String>,
+    /// Show a progress bar per file while downloading.
+    pub progress: bool,
+}
+
+impl Hub {
+    /// Online access to the Hugging Face Hub with the given cache folder.
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            offline: false,
+            endpoint: None,
+            token: None,
+            progress: true,
+        }
+    }
+
+    /// Settings from the environment: the cache folder (see [`cache_dir_from`]),
+    /// `HF_HUB_OFFLINE`, `HF_ENDPOINT` and `HF_TOKEN`.
+    pub fn from_env() -> Result<Self> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Ok(Self {
+            offline: offline_from(env),
+            endpoint: env("HF_ENDPOINT"),
+            token: env("HF_TOKEN"),
+            ..Self::new(cache_dir()?)
+        })
+    }
+
+    /// Resolves `spec` to a model folder: a local folder is returned as is; a Hub id is looked
+    /// up in the cache, and when it is missing or incomplete it is downloaded there (unless
+    /// offline, or built without the `download` feature: then the error says how to get it).
+    pub fn resolve(&self, spec: &str) -> Result<PathBuf> {
+        if let Some(dir) = local_folder(spec)? {
+            return Ok(dir);
+        }
+        let id =
+            HubId::parse(spec).ok_or_else(|| ChatError::Model(format!("bad model id {spec:?}")))?;
+        let missing = match cached_snapshot(&self.cache_dir, &id) {
+            Some(snapshot) => match missing_files(&snapshot)? {
+                missing if missing.is_empty() => return Ok(snapshot),
+                missing => missing,
+            },
+            None => vec!["the whole model".to_string()],
+        };
+        if self.offline || !cfg!(feature = "download") {
+            let why = if self.offline {
+                "HF_HUB_OFFLINE is set"
+            } else {
+                "this build cannot download (feature \"download\" is off)"
+            };
+            let revision = if id.revision == "main" {
+                String::new()
+            } else {
+                format!(" --revision {}", id.revision)
+            };
+            return Err(ChatError::Model(format!(
+                "model {} is not in the Hugging Face cache at {} (missing: {}) and {why}. \
+                 Download it first, e.g. `huggingface-cli download {}{revision}` (or `hf download`), \
+                 or copy the model folder (config.json, tokenizer.json, tokenizer_config.json, \
+                 generation_config.json, *.safetensors) to this machine and pass its path",
+                id.repo,
+                self.cache_dir.display(),
+                missing.join(", "),
+                id.repo,
+            )));
+        }
+        download(self, &id)
+    }
+}
+
+/// Resolves a model given on the command line or in an API request to a local folder: a folder
+/// is itself; a Hub id goes through [`Hub::from_env`] and [`Hub::resolve`].
+pub fn resolve_model(spec: &str) -> Result<PathBuf> {
+    if let Some(dir) = local_folder(spec)? {
+        return Ok(dir);
+    }
+    Hub::from_env()?.resolve(spec)
+}
+
+/// Returns `Some(folder)` when `spec` names an existing local folder, an error when it looks like a
+/// path but is not a folder, and `None` when it should be a Hub id.
+fn local_folder(spec: &str) -> Result<Option<PathBuf>> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(Some(path.to_path_buf()));
+    }
+    if path.exists() {
+        return Err(ChatError::Model(format!(
+            "{spec} is a file, not a model folder (a folder with config.json, tokenizer.json and *.safetensors)"
+        )));
+    }
+    if HubId::parse(spec).is_none() {
+        return Err(ChatError::Model(format!(
+            "{spec:?} is neither a model folder nor a Hugging Face model id like Qwen/Qwen3-0.6B"
+        )));
+    }
+    Ok(None)
+}
+
+/// The snapshot folder of `id` in the cache, if its revision is there: `refs/<revision>` names the
+/// commit, or the revision is itself a commit with a snapshot folder.
+pub fn cached_snapshot(cache_dir: &Path, id: &HubId) -> Option<PathBuf> {
+    let repo = cache_dir.join(id.cache_folder());
+    let commit = std::fs::read_to_string(repo.join("refs").join(&id.revision))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| id.revision.clone());
+    let snapshot = repo.join("snapshots").join(commit);
+    snapshot.is_dir().then_some(snapshot)
+}
+
+/// Files a model folder lacks: required files, and the weights (the single file, or the index and
+/// every shard it lists).
+pub fn missing_files(dir: &Path) -> Result<Vec<String>> {
+    let mut missing: Vec<String> = REQUIRED_FILES
+        .iter()
+        .filter(|f| !dir.join(f).is_file())
+        .map(|f| f.to_string())
+        .collect();
+    let index = dir.join(WEIGHTS_INDEX);
+    if index.is_file() {
+        missing.extend(
+            shards(&index)?
+                .into_iter()
+                .filter(|s| !dir.join(s).is_file()),
+        );
+    } else if !dir.join(WEIGHTS).is_file() {
+        missing.push(format!("{WEIGHTS} (or {WEIGHTS_INDEX} and its shards)"));
+    }
+    Ok(missing)
+}
+
+/// The shard files named in a `model.safetensors.index.json`.
+fn shards(index: &Path) -> Result<BTreeSet<String>> {
+    let json = crate::error::read_json(index)?;
+    let map = json
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| ChatError::config(index, "no \"weight_map\" object"))?;
+    map.values()
+        .map(|v| {
+            v.as_str()
+                .filter(|s| !s.contains("..") && !s.starts_with('/'))
+                .map(str::to_string)
+                .ok_or_else(|| ChatError::config(index, format!("bad shard name {v}")))
+        })
+        .collect()
+}
+
+#[cfg(feature = "download")]
+fn download(hub: &Hub, id: &HubId) -> Result<PathBuf> {
+    use hf_hub::api::sync::{ApiBuilder, ApiError};
+    use hf_hub::{Cache, Repo, RepoType};
+
+    let fail = |file: &str, e: ApiError| {
+        ChatError::Model(format!(
+            "downloading {file} of {} ({}) into {} failed: {e}. Check the id and the network, or \
+             download the model with `huggingface-cli download {}` and set HF_HUB_OFFLINE=1",
+            id.repo,
+            id.revision,
+            hub.cache_dir.display(),
+            id.repo
+        ))
+    };
+    let not_found = |e: &ApiError| matches!(e, ApiError::RequestError(r) if matches!(**r, ureq::Error::Status(404, _)));
+    let cache = Cache::new(hub.cache_dir.clone());
+    let token = hub.token.clone().or_else(|| cache.token());
+    let mut builder = ApiBuilder::from_cache(cache)
+        .with_progress(hub.progress)
+        .with_token(token);
+    if let Some(endpoint) = &hub.endpoint {
+        builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
+    }
+    let api = builder.build().map_err(|e| fail("(setup)", e))?;
+    let repo = api.repo(Repo::with_revision(
+        id.repo.clone(),
+        RepoType::Model,
+        id.revision.clone(),
+    ));
+    let config = repo
+        .get("config.json")
+        .map_err(|e| fail("config.json", e))?;
+    let snapshot = config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| ChatError::Model("downloaded file has no folder".into()))?;
+    repo.get("tokenizer.json")
+        .map_err(|e| fail("tokenizer.json", e))?;
+    for file in OPTIONAL_FILES {
+        match repo.get(file) {
+            Err(e) if not_found(&e) => {}
+            other => {
+                other.map_err(|e| fail(file, e))?;
+            }
+        }
+    }
+    match repo.get(WEIGHTS_INDEX) {
+        Ok(index) => {
+            for shard in shards(&index)? {
+                repo.get(&shard).map_err(|e| fail(&shard, e))?;
+            }
+        }
+        Err(e) if not_found(&e) => {
+            repo.get(WEIGHTS).map_err(|e| fail(WEIGHTS, e))?;
+        }
+        Err(e) => return Err(fail(WEIGHTS_INDEX, e)),
+    }
+    let missing = missing_files(&snapshot)?;
+    if !missing.is_empty() {
+        return Err(ChatError::Model(format!(
+            "downloaded {} into {} but it still lacks {}",
+            id.repo,
+            snapshot.display(),
+            missing.join(", ")
+        )));
+    }
+    Ok(snapshot)
+}
+
+#[cfg(not(feature = "download"))]
+fn download(_hub: &Hub, id: &HubId) -> Result<PathBuf> {
+    Err(ChatError::Model(format!(
+        "cannot download {}: built without the \"download\" feature",
+        id.repo
+    )))
+}

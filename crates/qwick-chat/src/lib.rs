@@ -1,0 +1,30 @@
+#![warn(missing_docs)]
+//! Everything between the user and the model's token ids, for the Qwen3 family:
+//!
+//! - [`Tokenizer`]: the model's `tokenizer.json` (byte-level BPE, special and added tokens as
+//!   `tokenizer_config.json` declares them) and an [`IncrementalDecoder`] for streaming.
+//! - [`ChatTemplate`]: the model's own Jinja chat template rendered like transformers'
+//!   `apply_chat_template`, byte for byte, from [`ChatMessage`]s.
+//! - [`ReasoningParser`] / [`split_reasoning`] and [`ThinkingBudget`]: `<think>` handling.
+//! - [`parse_tool_calls`] / [`ToolCallStream`]: `<tool_call>` blocks in the output.
+//! - [`GenerationConfig`]: `generation_config.json` and Qwen's recommended sampling presets.
+//! - [`hub`]: where a model folder comes from (a path, or the Hugging Face cache / Hub).
+
+mod error;
+mod generation;
+pub mod hub;
+pub mod pyjson;
+mod reasoning;
+mod template;
+mod tokenizer;
+mod tools;
+
+pub use error::{ChatError, Result};
+pub use generation::GenerationConfig;
+pub use qwick_sampler::SamplingParams;
+pub use reasoning::{
+    split_reasoning, ReasoningDelta, ReasoningParser, ThinkingBudget, THINKING_BUDGET_STOP,
+};
+pub use template::{ChatMessage, ChatTemplate, FunctionCall, RenderOptions, ToolCall};
+pub use tokenizer::{IncrementalDecoder, Tokenizer};
+pub use tools::{parse_tool_calls, ParsedToolCall, ToolCallDelta, ToolCallStream, ToolCalls};
