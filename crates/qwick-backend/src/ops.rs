@@ -9,7 +9,7 @@ use crate::Isa;
 /// Instantiates `$body` as a scalar reference and AVX2 / AVX-512 variants and dispatches on
 /// `isa`. The body sees `const FAST: bool` (true in the SIMD variants) to pick `exp_poly`.
 macro_rules! multiversion {
-    ($isa:expr, fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {{
+    ($isa:expr, fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {{
         #[inline(always)]
         fn $name<const FAST: bool>($($arg: $ty),*) $(-> $ret)? $body
         #[cfg(target_arch = "x86_64")]

@@ -2,7 +2,6 @@
 
 mod bench;
 mod common;
-mod npy;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -81,7 +80,7 @@ fn run(cli: Cli) -> Result<()> {
             let vocab = model.config.vocab_size;
             let mut runner = run.runner(model, tokens.len())?;
             let logits = runner.score(&tokens, 2048)?;
-            npy::write_f32(&out, &[tokens.len(), vocab], &logits)
+            qwick_model::npy::write_f32(&out, &[tokens.len(), vocab], &logits)
         }
         Command::Bench(args) => bench::run(args),
         Command::MakeRandom {

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod config;
 pub mod kv;
+pub mod npy;
 pub mod qwen3;
 pub mod random;
 pub mod safetensors;

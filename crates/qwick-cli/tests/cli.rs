@@ -1,0 +1,162 @@
+//! The `qwick` command as users and external checks run it: `logits` output, `make-random`,
+//! `bench --json`, and one clear error line (never a panic, never a partial file) for bad input.
+
+use qwick_model::npy::read_f32;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn qwick(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qwick")).args(args).output().expect("qwick runs")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+/// A fresh scratch folder for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qwick-cli-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+fn tokens_of(dir: &Path) -> String {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json")).unwrap()).unwrap();
+    v["tokens"].as_array().unwrap().iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Runs `logits` expecting failure: non-zero exit, one `error:` line containing `needle`,
+/// no panic, and no output file.
+fn expect_error(model: &Path, tokens: &str, needle: &str) {
+    let out_dir = scratch("err-out");
+    let out = out_dir.join("x.npy");
+    let o = qwick(&["logits", "--model", model.to_str().unwrap(), "--tokens", tokens, "--out", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure for {needle}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one error line, got: {err}");
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{needle:?} not in: {err}");
+    assert!(!out.exists(), "no partial output file");
+    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0, "no temp files left");
+}
+
+#[test]
+fn logits_writes_transformers_logits_as_npy() {
+    let dir = fixture("moe_nonorm_mlponly");
+    let out = scratch("logits").join("l.npy");
+    let o = qwick(&["logits", "--model", dir.to_str().unwrap(), "--tokens", &tokens_of(&dir), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (shape, got) = read_f32(&out).unwrap();
+    let (wshape, want) = read_f32(&dir.join("logits.npy")).unwrap();
+    assert_eq!(shape, wshape);
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+    }
+}
+
+#[test]
+fn bad_input_gets_one_clear_error() {
+    let good = fixture("dense_tied_gqa4");
+    let toks = tokens_of(&good);
+    let tmp = scratch("bad");
+
+    expect_error(&tmp.join("nope"), "1,2", "does not exist");
+    expect_error(&good, "", "--tokens is empty");
+    expect_error(&good, "1,x,3", "\"x\" is not a token id");
+    expect_error(&good, "1,512,3", "token id 512 at index 1 is out of range");
+
+    let no_config = tmp.join("no_config");
+    copy_dir(&good, &no_config);
+    std::fs::remove_file(no_config.join("config.json")).unwrap();
+    expect_error(&no_config, &toks, "config.json");
+
+    let edit_config = |name: &str, f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let d = tmp.join(name);
+        copy_dir(&good, &d);
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+        f(v.as_object_mut().unwrap());
+        std::fs::write(d.join("config.json"), v.to_string()).unwrap();
+        d
+    };
+    expect_error(&edit_config("missing_key", &|o| drop(o.remove("hidden_size"))), &toks, "missing required key \"hidden_size\"");
+    expect_error(
+        &edit_config("arch", &|o| drop(o.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"])))),
+        &toks,
+        "unsupported architecture \"LlamaForCausalLM\"",
+    );
+    expect_error(
+        &edit_config("shape", &|o| drop(o.insert("intermediate_size".into(), 100.into()))),
+        &toks,
+        "model.safetensors: tensor model.layers.0.mlp.gate_proj.weight has shape [96, 64], expected [100, 64]",
+    );
+
+    let truncated = tmp.join("truncated");
+    copy_dir(&good, &truncated);
+    let st = truncated.join("model.safetensors");
+    let len = std::fs::metadata(&st).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&st).unwrap().set_len(len - 1000).unwrap();
+    expect_error(&truncated, &toks, "truncated: tensor");
+
+    // A tensor stored as I32 where a float is needed.
+    let wrong_dtype = tmp.join("dtype");
+    copy_dir(&good, &wrong_dtype);
+    let st = wrong_dtype.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    let hlen = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + hlen]).unwrap();
+    let mut h: serde_json::Value = serde_json::from_str(header).unwrap();
+    h["model.norm.weight"]["dtype"] = "I32".into();
+    h["model.norm.weight"]["shape"] = serde_json::json!([32]);
+    let mut hs = serde_json::to_vec(&h).unwrap();
+    while hs.len() < hlen {
+        hs.push(b' ');
+    }
+    assert_eq!(hs.len(), hlen, "header must keep its length");
+    let mut patched = (hlen as u64).to_le_bytes().to_vec();
+    patched.extend_from_slice(&hs);
+    patched.extend_from_slice(&bytes[8 + hlen..]);
+    std::fs::write(&st, patched).unwrap();
+    expect_error(&wrong_dtype, &toks, "tensor model.norm.weight has dtype I32");
+}
+
+#[test]
+fn make_random_sharded_checkpoint_loads_and_benches() {
+    let tmp = scratch("random");
+    let cfg = tmp.join("config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 300, "hidden_size": 64,
+            "intermediate_size": 128, "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": true,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "mlp_only_layers": [1],
+            "rope_theta": 1000000, "max_position_embeddings": 512, "tie_word_embeddings": false, "rms_norm_eps": 1e-6})
+        .to_string(),
+    )
+    .unwrap();
+    let model = tmp.join("model");
+    let o = qwick(&["make-random", "--config", cfg.to_str().unwrap(), "--out", model.to_str().unwrap(), "--shard-gb", "0.0001"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(model.join("model.safetensors.index.json").exists(), "sharded");
+    let out = tmp.join("l.npy");
+    let o = qwick(&["logits", "--model", model.to_str().unwrap(), "--tokens", "1,2,3,299", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (shape, l) = read_f32(&out).unwrap();
+    assert_eq!(shape, vec![4, 300]);
+    assert!(l.iter().all(|x| x.is_finite()) && l.iter().any(|&x| x != 0.0));
+
+    let o = qwick(&["bench", "--model", model.to_str().unwrap(), "--prompt-len", "8", "--gen-len", "4", "--batch", "2", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    for k in ["prefill_tok_s", "decode_tok_s", "bound_tok_s", "peak_rss_bytes", "ttft_s", "bandwidth_gb_s"] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
+    }
+}

@@ -1,0 +1,102 @@
+//! Running sequences together gives the same logits as running each alone: prefill chunks and
+//! decode tokens of many sequences mixed in one step, sequences joining at different steps,
+//! at several batch sizes and prompt lengths, over dense and MoE fixtures.
+
+use qwick_backend::Isa;
+use qwick_engine::{argmax, Logits, Runner, RunnerConfig, SeqId, Span};
+use qwick_model::Qwen3;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const GEN: usize = 6;
+
+fn model(name: &str) -> Arc<Qwen3> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name);
+    Arc::new(Qwen3::load(&dir).unwrap())
+}
+
+fn prompt(i: usize, len: usize, vocab: usize) -> Vec<u32> {
+    (0..len).map(|j| ((i * 7919 + j * 104_729 + 13) % vocab) as u32).collect()
+}
+
+/// Logits after the prompt and after each of GEN greedy tokens, sequence run alone.
+fn alone(model: &Arc<Qwen3>, p: &[u32]) -> Vec<Vec<f32>> {
+    let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(p.len() + GEN + 1, 2, Isa::best()));
+    let s = r.add_sequence(p);
+    let mut out = vec![];
+    let mut len = p.len();
+    for _ in 0..=GEN {
+        let l = r.step(&[Span { seq: s, len, logits: Logits::Last }]).unwrap().remove(0);
+        r.append_token(s, argmax(&l)).unwrap();
+        out.push(l);
+        len = 1;
+    }
+    out
+}
+
+fn together(model: &Arc<Qwen3>, prompts: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
+    let total: usize = prompts.iter().map(|p| p.len() + GEN + 16).sum();
+    let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(total, 2, Isa::best()));
+    let mut ids: Vec<Option<SeqId>> = vec![None; prompts.len()];
+    let mut out: Vec<Vec<Vec<f32>>> = vec![vec![]; prompts.len()];
+    let mut step = 0;
+    while out.iter().any(|o| o.len() <= GEN) {
+        let mut spans = vec![];
+        for (i, p) in prompts.iter().enumerate() {
+            if i > step || out[i].len() > GEN {
+                continue; // sequence i joins at step i; finished ones leave
+            }
+            let id = *ids[i].get_or_insert_with(|| r.add_sequence(p));
+            let pending = r.pending(id).unwrap();
+            // Prefill in uneven chunks, so chunks and decode tokens mix.
+            let len = pending.min(3 + (i + step) % 5);
+            let logits = if len == pending { Logits::Last } else { Logits::None };
+            spans.push((i, Span { seq: id, len, logits }));
+        }
+        let res = r.step(&spans.iter().map(|s| s.1).collect::<Vec<_>>()).unwrap();
+        for ((i, sp), l) in spans.into_iter().zip(res) {
+            if sp.logits == Logits::Last {
+                r.append_token(sp.seq, argmax(&l)).unwrap();
+                out[i].push(l);
+                if out[i].len() > GEN {
+                    r.free_sequence(sp.seq);
+                }
+            }
+        }
+        step += 1;
+    }
+    assert_eq!(r.blocks().num_used(), 0, "all blocks freed");
+    out
+}
+
+#[test]
+fn batch_equals_alone() {
+    for name in ["dense_untied_gqa2", "moe_norm_topk", "dense_gqa8_yarn"] {
+        let m = model(name);
+        for n in [1usize, 3, 8] {
+            let prompts: Vec<Vec<u32>> = (0..n).map(|i| prompt(i, [1, 5, 17, 33, 2, 16, 40, 9][i % 8], m.config.vocab_size)).collect();
+            let batched = together(&m, &prompts);
+            for (i, p) in prompts.iter().enumerate() {
+                let solo = alone(&m, p);
+                assert_eq!(solo.len(), batched[i].len());
+                for (t, (a, b)) in solo.iter().zip(&batched[i]).enumerate() {
+                    assert_eq!(argmax(a), argmax(b), "{name} n={n} seq {i} step {t}: greedy token differs");
+                    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + x.abs())).fold(0f32, f32::max);
+                    assert!(worst < 1e-5, "{name} n={n} seq {i} step {t}: logits differ by {worst}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn full_cache_is_an_error_not_a_panic() {
+    let m = model("dense_untied_gqa2");
+    let mut r = Runner::new(m, &RunnerConfig::with_tokens(32, 1, Isa::best()));
+    let s = r.add_sequence(&[1; 40]);
+    let e = r.step(&[Span { seq: s, len: 40, logits: Logits::Last }]).unwrap_err();
+    assert!(format!("{e}").contains("KV cache full"), "{e}");
+    // Nothing was allocated by the failed step; a smaller one still runs.
+    assert_eq!(r.blocks().num_used(), 0);
+    r.step(&[Span { seq: s, len: 32, logits: Logits::Last }]).unwrap();
+}
