@@ -4,10 +4,7 @@ use qwick_backend::{matmul, Ctx, DType, Isa, ThreadPool, WeightView};
 use std::time::Instant;
 
 fn main() {
-    let threads: usize = std::env::var("T")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+    let threads: usize = std::env::var("T").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let pool = ThreadPool::new(threads);
     for isa in Isa::all_supported() {
         let ctx = Ctx { isa, pool: &pool };
@@ -16,8 +13,7 @@ fn main() {
         for &(n, k) in &[(3072usize, 1024usize), (1024, 3072), (151936, 1024)] {
             let w: Vec<u8> = (0..n * k)
                 .flat_map(|i| {
-                    qwick_backend::dtype::f32_to_bf16(((i * 7919 % 1000) as f32 - 500.0) / 1000.0)
-                        .to_le_bytes()
+                    qwick_backend::dtype::f32_to_bf16(((i * 7919 % 1000) as f32 - 500.0) / 1000.0).to_le_bytes()
                 })
                 .collect();
             let wv = WeightView::new(DType::BF16, &w, n, k);

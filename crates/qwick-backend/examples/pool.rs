@@ -7,10 +7,7 @@ fn main() {
         for _ in 0..10000 {
             pool.run(&|_| {});
         }
-        println!(
-            "empty run: {:.2} us",
-            t.elapsed().as_secs_f64() * 1e6 / 10000.0
-        );
+        println!("empty run: {:.2} us", t.elapsed().as_secs_f64() * 1e6 / 10000.0);
     }
     std::thread::sleep(std::time::Duration::from_millis(20));
     let t = Instant::now();

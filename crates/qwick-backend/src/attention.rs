@@ -40,34 +40,24 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
     let items = n_tok * kv.kv_heads;
     let threads = ctx.pool.threads();
     let op = SendPtr::new(out);
-    let work = |t: usize| {
-        let max_ctx = (0..n_tok)
-            .map(|i| a.positions[i] as usize + 1)
-            .max()
-            .unwrap_or(0);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = |_t: usize| {
+        let max_ctx = (0..n_tok).map(|i| a.positions[i] as usize + 1).max().unwrap_or(0);
         let group = a.n_heads / kv.kv_heads;
         let mut scores = vec![0f32; group * max_ctx];
-        // Interleaved items balance the causal triangle across threads.
-        let mut item = t;
-        while item < items {
+        // Threads take items from a shared counter, last tokens (longest contexts) first.
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= items {
+                break;
+            }
+            let item = items - 1 - i;
             let (tok, kvh) = (item / kv.kv_heads, item % kv.kv_heads);
             let ctx_len = a.positions[tok] as usize + 1;
             let table = a.block_tables[a.seq_of_token[tok] as usize];
-            let qrow = &q
-                [(tok * a.n_heads + kvh * group) * hd..(tok * a.n_heads + (kvh + 1) * group) * hd];
+            let qrow = &q[(tok * a.n_heads + kvh * group) * hd..(tok * a.n_heads + (kvh + 1) * group) * hd];
             let orow = unsafe { op.slice((tok * a.n_heads + kvh * group) * hd, group * hd) };
-            attend_one(
-                ctx.isa,
-                qrow,
-                kv,
-                table,
-                kvh,
-                ctx_len,
-                a.scale,
-                &mut scores[..group * ctx_len],
-                orow,
-            );
-            item += threads;
+            attend_one(ctx.isa, qrow, kv, table, kvh, ctx_len, a.scale, &mut scores[..group * ctx_len], orow);
         }
     };
     if items < 2 || threads == 1 {
@@ -92,7 +82,7 @@ fn attend_one(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => match kv.head_dim.div_ceil(16) {
+        Isa::Avx512 | Isa::Avx512Bf16 => match kv.head_dim.div_ceil(16) {
             1 => unsafe { x86::attend_avx512::<1>(q, kv, table, kvh, ctx_len, scale, scores, out) },
             2 => unsafe { x86::attend_avx512::<2>(q, kv, table, kvh, ctx_len, scale, scores, out) },
             3 => unsafe { x86::attend_avx512::<3>(q, kv, table, kvh, ctx_len, scale, scores, out) },
@@ -110,13 +100,7 @@ fn attend_one(
 /// Calls `f(j, row)` for each of the first `ctx_len` keys: `j` its position, `row` the offset
 /// of its `head_dim` values (for KV head `kvh`) in the layer's K or V buffer.
 #[inline(always)]
-fn for_each_key(
-    kv: &PagedKv,
-    table: &[u32],
-    kvh: usize,
-    ctx_len: usize,
-    mut f: impl FnMut(usize, usize),
-) {
+fn for_each_key(kv: &PagedKv, table: &[u32], kvh: usize, ctx_len: usize, mut f: impl FnMut(usize, usize)) {
     let (bs, stride) = (kv.block_size, kv.kv_heads * kv.head_dim);
     for (b, &phys) in table.iter().enumerate().take(ctx_len.div_ceil(bs)) {
         let base = phys as usize * bs * stride + kvh * kv.head_dim;
@@ -213,11 +197,7 @@ mod x86 {
         let hd = kv.head_dim;
         let group = q.len() / hd;
         let tail = hd - (N - 1) * 16;
-        let last: __mmask16 = if tail == 16 {
-            0xffff
-        } else {
-            ((1u32 << tail) - 1) as __mmask16
-        };
+        let last: __mmask16 = if tail == 16 { 0xffff } else { ((1u32 << tail) - 1) as __mmask16 };
         let mask = |c: usize| if c == N - 1 { last } else { 0xffff };
         let (kp, vp, sp) = (kv.k.as_ptr(), kv.v.as_ptr(), scores.as_mut_ptr());
         for g in 0..group {
@@ -231,11 +211,7 @@ mod x86 {
             for_each_key(&kv, table, kvh, ctx_len, |j, row| {
                 let mut acc = _mm512_setzero_ps();
                 for (c, r) in qv.iter().enumerate() {
-                    acc = _mm512_fmadd_ps(
-                        *r,
-                        _mm512_maskz_loadu_ps(mask(c), kp.add(row + c * 16)),
-                        acc,
-                    );
+                    acc = _mm512_fmadd_ps(*r, _mm512_maskz_loadu_ps(mask(c), kp.add(row + c * 16)), acc);
                 }
                 *sp.add(g * ctx_len + j) = _mm512_reduce_add_ps(acc);
             });
@@ -246,11 +222,7 @@ mod x86 {
             for_each_key(&kv, table, kvh, ctx_len, |j, row| {
                 let p = _mm512_set1_ps(*sp.add(g * ctx_len + j));
                 for (c, r) in acc.iter_mut().enumerate() {
-                    *r = _mm512_fmadd_ps(
-                        p,
-                        _mm512_maskz_loadu_ps(mask(c), vp.add(row + c * 16)),
-                        *r,
-                    );
+                    *r = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(mask(c), vp.add(row + c * 16)), *r);
                 }
             });
             for (c, r) in acc.iter().enumerate() {
@@ -267,29 +239,14 @@ mod tests {
     use crate::ThreadPool;
 
     /// Dense causal attention over contiguous K/V, written directly from the definition.
-    fn dense(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        t: usize,
-        nh: usize,
-        kvh: usize,
-        hd: usize,
-        scale: f32,
-    ) -> Vec<f32> {
+    fn dense(q: &[f32], k: &[f32], v: &[f32], t: usize, nh: usize, kvh: usize, hd: usize, scale: f32) -> Vec<f32> {
         let mut out = vec![0f32; t * nh * hd];
         for i in 0..t {
             for h in 0..nh {
                 let g = h / (nh / kvh);
                 let qv = &q[(i * nh + h) * hd..][..hd];
                 let s: Vec<f32> = (0..=i)
-                    .map(|j| {
-                        qv.iter()
-                            .zip(&k[(j * kvh + g) * hd..][..hd])
-                            .map(|(a, b)| a * b)
-                            .sum::<f32>()
-                            * scale
-                    })
+                    .map(|j| qv.iter().zip(&k[(j * kvh + g) * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() * scale)
                     .collect();
                 let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
@@ -307,12 +264,7 @@ mod tests {
     #[test]
     fn paged_matches_dense_on_every_isa() {
         let pool = ThreadPool::new(2);
-        for &(t, nh, kvh, hd, bs) in &[
-            (1, 2, 1, 8, 4),
-            (37, 8, 2, 24, 16),
-            (20, 4, 4, 16, 3),
-            (50, 8, 1, 33, 16),
-        ] {
+        for &(t, nh, kvh, hd, bs) in &[(1, 2, 1, 8, 4), (37, 8, 2, 24, 16), (20, 4, 4, 16, 3), (50, 8, 1, 33, 16)] {
             let q = rand_vec(t * nh * hd, 1);
             let k = rand_vec(t * kvh * hd, 2);
             let v = rand_vec(t * kvh * hd, 3);
@@ -331,28 +283,14 @@ mod tests {
             let positions: Vec<u32> = (0..t as u32).collect();
             let seq = vec![0u32; t];
             let tables = [&table[..]];
-            let args = AttnArgs {
-                n_heads: nh,
-                scale,
-                positions: &positions,
-                seq_of_token: &seq,
-                block_tables: &tables,
-            };
+            let args =
+                AttnArgs { n_heads: nh, scale, positions: &positions, seq_of_token: &seq, block_tables: &tables };
             for isa in Isa::all_supported() {
                 let mut out = vec![0f32; t * nh * hd];
-                let kv = PagedKv {
-                    k: &kc,
-                    v: &vc,
-                    block_size: bs,
-                    kv_heads: kvh,
-                    head_dim: hd,
-                };
+                let kv = PagedKv { k: &kc, v: &vc, block_size: bs, kv_heads: kvh, head_dim: hd };
                 paged_attention(Ctx { isa, pool: &pool }, &q, kv, &args, &mut out);
                 for (i, (g, e)) in out.iter().zip(&want).enumerate() {
-                    assert!(
-                        (g - e).abs() < 1e-5,
-                        "{isa} t{t} nh{nh} kvh{kvh} hd{hd} [{i}]: {g} vs {e}"
-                    );
+                    assert!((g - e).abs() < 1e-5, "{isa} t{t} nh{nh} kvh{kvh} hd{hd} [{i}]: {g} vs {e}");
                 }
             }
         }

@@ -42,17 +42,13 @@ impl DType {
         match self {
             DType::F32 => f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()),
             DType::BF16 => bf16_to_f32(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])),
-            DType::F16 => {
-                half::f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
-            }
+            DType::F16 => half::f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
         }
     }
 
     /// Converts a whole buffer of this type to f32.
     pub fn to_f32_vec(self, bytes: &[u8]) -> Vec<f32> {
-        (0..bytes.len() / self.size())
-            .map(|i| self.get(bytes, i))
-            .collect()
+        (0..bytes.len() / self.size()).map(|i| self.get(bytes, i)).collect()
     }
 }
 

@@ -9,8 +9,12 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C.
     Avx2,
-    /// AVX-512 F/BW/VL (+ BF16 where the CPU has it).
+    /// AVX-512 F/BW/VL, exact: bf16 weights are widened to f32 in registers.
     Avx512,
+    /// AVX-512 with AVX512-BF16 dot products: for bf16 weights, activations are rounded to
+    /// bf16 before each matmul (as bf16 inference does) and multiplied with `vdpbf16ps`,
+    /// twice the multiply-adds per instruction. Everything else as `Avx512`.
+    Avx512Bf16,
 }
 
 impl fmt::Display for Isa {
@@ -19,6 +23,7 @@ impl fmt::Display for Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
         })
     }
 }
@@ -29,6 +34,7 @@ impl Isa {
             "scalar" => Some(Isa::Scalar),
             "avx2" => Some(Isa::Avx2),
             "avx512" => Some(Isa::Avx512),
+            "avx512bf16" => Some(Isa::Avx512Bf16),
             _ => None,
         }
     }
@@ -39,9 +45,7 @@ impl Isa {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
-                is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
@@ -51,25 +55,34 @@ impl Isa {
                     && is_x86_feature_detected!("fma")
                     && is_x86_feature_detected!("f16c")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => Isa::Avx512.supported() && is_x86_feature_detected!("avx512bf16"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
     }
 
-    /// The best ISA this CPU supports.
+    /// The fastest ISA this CPU supports.
     pub fn best() -> Isa {
-        [Isa::Avx512, Isa::Avx2]
-            .into_iter()
-            .find(|i| i.supported())
-            .unwrap_or(Isa::Scalar)
+        [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported()).unwrap_or(Isa::Scalar)
+    }
+
+    /// The fastest ISA whose results match the f32 reference (no bf16 rounding of activations).
+    pub fn best_exact() -> Isa {
+        match Isa::best() {
+            Isa::Avx512Bf16 => Isa::Avx512,
+            i => i,
+        }
+    }
+
+    /// Whether matmuls with bf16 weights round activations to bf16.
+    pub fn rounds_activations(self) -> bool {
+        self == Isa::Avx512Bf16
     }
 
     /// All ISAs this CPU supports, scalar first.
     pub fn all_supported() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter(|i| i.supported())
-            .collect()
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16].into_iter().filter(|i| i.supported()).collect()
     }
 
     /// The ISA to use: `QWICK_ISA` if set (an error if unknown or unsupported), else the best.
@@ -77,7 +90,7 @@ impl Isa {
         match std::env::var("QWICK_ISA") {
             Ok(v) if !v.is_empty() => {
                 let isa = Isa::parse(&v)
-                    .ok_or_else(|| format!("QWICK_ISA={v}: expected scalar, avx2 or avx512"))?;
+                    .ok_or_else(|| format!("QWICK_ISA={v}: expected scalar, avx2, avx512 or avx512bf16"))?;
                 if !isa.supported() {
                     return Err(format!("QWICK_ISA={v}: this CPU does not support {isa}"));
                 }

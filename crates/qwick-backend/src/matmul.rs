@@ -21,35 +21,19 @@ pub struct WeightView<'a> {
 
 impl<'a> WeightView<'a> {
     pub fn new(dtype: DType, data: &'a [u8], rows: usize, cols: usize) -> Self {
-        assert_eq!(
-            data.len(),
-            rows * cols * dtype.size(),
-            "weight buffer size does not match its shape"
-        );
-        WeightView {
-            dtype,
-            data,
-            rows,
-            cols,
-        }
+        assert_eq!(data.len(), rows * cols * dtype.size(), "weight buffer size does not match its shape");
+        WeightView { dtype, data, rows, cols }
     }
 
     pub fn from_f32(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        let bytes = unsafe {
-            std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data))
-        };
+        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) };
         WeightView::new(DType::F32, bytes, rows, cols)
     }
 
     /// Rows `r` of this weight (e.g. one expert of a stacked tensor).
     pub fn rows_slice(&self, r: std::ops::Range<usize>) -> WeightView<'a> {
         let rb = self.cols * self.dtype.size();
-        WeightView {
-            dtype: self.dtype,
-            data: &self.data[r.start * rb..r.end * rb],
-            rows: r.len(),
-            cols: self.cols,
-        }
+        WeightView { dtype: self.dtype, data: &self.data[r.start * rb..r.end * rb], rows: r.len(), cols: self.cols }
     }
 
     pub fn bytes(&self) -> usize {
@@ -68,6 +52,8 @@ pub fn matmul(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: &mut [f32]) {
 /// One product of a [`matmul_batch`]: `y[m, n] = x[m, k] · w[n, k]ᵀ`.
 pub struct MatmulJob<'a> {
     x: &'a [f32],
+    /// `x` rounded to bf16, rows padded to an even length (for `Isa::Avx512Bf16`).
+    xb: Vec<u16>,
     m: usize,
     w: WeightView<'a>,
     y: SendPtr<f32>,
@@ -76,33 +62,28 @@ pub struct MatmulJob<'a> {
 
 impl<'a> MatmulJob<'a> {
     pub fn new(x: &'a [f32], m: usize, w: WeightView<'a>, y: &'a mut [f32]) -> Self {
-        assert!(
-            x.len() >= m * w.cols && y.len() >= m * w.rows,
-            "matmul operand sizes"
-        );
-        MatmulJob {
-            x,
-            m,
-            w,
-            y: SendPtr::new(y),
-            _y: std::marker::PhantomData,
-        }
+        assert!(x.len() >= m * w.cols && y.len() >= m * w.rows, "matmul operand sizes");
+        MatmulJob { x, xb: Vec::new(), m, w, y: SendPtr::new(y), _y: std::marker::PhantomData }
     }
 }
 
 /// Runs several independent products in one parallel region (q/k/v projections, gate and up,
-/// the chosen experts of a MoE layer). Columns of all jobs are dealt to threads in slices of
-/// 32, balanced by multiply-adds.
+/// the chosen experts of a MoE layer). Columns of all jobs are cut into slices (multiples of
+/// 32, about eight per thread) that threads take from a shared counter, so a thread slowed by
+/// the machine does not hold the others back.
 pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
-    const UNIT: usize = 32;
-    let cost = |j: &MatmulJob| j.m * j.w.cols;
-    let total: usize = jobs.iter().map(|j| cost(j) * j.w.rows).sum();
     let threads = ctx.pool.threads();
+    let total: usize = jobs.iter().map(|j| j.m * j.w.cols * j.w.rows).sum();
     if total == 0 {
         return;
     }
+    if ctx.isa.rounds_activations() {
+        for j in jobs.iter_mut().filter(|j| j.w.dtype == DType::BF16) {
+            j.xb = round_rows_to_bf16(&j.x[..j.m * j.w.cols], j.w.cols);
+        }
+    }
     let run_range = |j: &MatmulJob, cols: std::ops::Range<usize>| unsafe {
-        matmul_cols(ctx.isa, j.x, j.m, &j.w, j.y.ptr(), j.w.rows, cols)
+        matmul_cols_impl(ctx.isa, j.x, &j.xb, j.m, &j.w, j.y.ptr(), j.w.rows, cols)
     };
     if threads == 1 || total < 1 << 16 {
         for j in jobs.iter() {
@@ -110,35 +91,36 @@ pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
         }
         return;
     }
-    // Thread t takes the units whose cumulative cost midpoint falls in its share.
-    let jobs = &*jobs;
-    ctx.pool.run(&|t| {
-        let (lo, hi) = (total * t / threads, total * (t + 1) / threads);
-        let mut acc = 0usize;
-        for j in jobs {
-            let c = cost(j);
-            let mut start = None;
-            let mut n0 = 0;
-            while n0 < j.w.rows {
-                let n1 = (n0 + UNIT).min(j.w.rows);
-                let mid = acc + c * (n1 - n0) / 2;
-                let mine = mid >= lo && mid < hi;
-                match (mine, start) {
-                    (true, None) => start = Some(n0),
-                    (false, Some(s)) => {
-                        run_range(j, s..n0);
-                        start = None;
-                    }
-                    _ => {}
-                }
-                acc += c * (n1 - n0);
-                n0 = n1;
-            }
-            if let Some(s) = start {
-                run_range(j, s..j.w.rows);
-            }
+    let mut units: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        let share = j.m * j.w.cols * j.w.rows * 8 * threads / total;
+        let unit = j.w.rows.div_ceil(share.max(1)).next_multiple_of(32);
+        let mut n0 = 0;
+        while n0 < j.w.rows {
+            let n1 = (n0 + unit).min(j.w.rows);
+            units.push((i, n0, n1));
+            n0 = n1;
         }
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let jobs = &*jobs;
+    ctx.pool.run(&|_| loop {
+        let u = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(&(j, n0, n1)) = units.get(u) else { break };
+        run_range(&jobs[j], n0..n1);
     });
+}
+
+/// `x` [m, k] rounded to bf16 (nearest even), each row padded with a zero to an even length.
+pub fn round_rows_to_bf16(x: &[f32], k: usize) -> Vec<u16> {
+    let kp = k.next_multiple_of(2);
+    let mut out = vec![0u16; x.len() / k.max(1) * kp];
+    for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(kp)) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = crate::dtype::f32_to_bf16(v);
+        }
+    }
+    out
 }
 
 /// Single-threaded: computes columns `cols` of `y` (row stride `ldy`).
@@ -154,12 +136,33 @@ pub unsafe fn matmul_cols(
     ldy: usize,
     cols: std::ops::Range<usize>,
 ) {
+    let xb = if isa.rounds_activations() && w.dtype == DType::BF16 {
+        round_rows_to_bf16(&x[..m * w.cols], w.cols)
+    } else {
+        Vec::new()
+    };
+    matmul_cols_impl(isa, x, &xb, m, w, y, ldy, cols)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_cols_impl(
+    isa: Isa,
+    x: &[f32],
+    xb: &[u16],
+    m: usize,
+    w: &WeightView,
+    y: *mut f32,
+    ldy: usize,
+    cols: std::ops::Range<usize>,
+) {
     if cols.is_empty() || m == 0 {
         return;
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => match w.dtype {
+        Isa::Avx512Bf16 if w.dtype == DType::BF16 && !xb.is_empty() => x86::avx512bf16::matmul(xb, m, w, y, ldy, cols),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Bf16 => match w.dtype {
             DType::F32 => x86::avx512::matmul::<0>(x, m, w, y, ldy, cols),
             DType::BF16 => x86::avx512::matmul::<1>(x, m, w, y, ldy, cols),
             DType::F16 => x86::avx512::matmul::<2>(x, m, w, y, ldy, cols),
@@ -175,14 +178,7 @@ pub unsafe fn matmul_cols(
 }
 
 /// The reference: one f32 dot product per output, summed in order.
-unsafe fn scalar(
-    x: &[f32],
-    m: usize,
-    w: &WeightView,
-    y: *mut f32,
-    ldy: usize,
-    cols: std::ops::Range<usize>,
-) {
+unsafe fn scalar(x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
     let k = w.cols;
     let mut row = vec![0f32; k];
     for n in cols {
@@ -270,22 +266,43 @@ mod x86 {
             let k = w.cols;
             let rb = k * w.dtype.size();
             let wp = w.data.as_ptr();
+            // Up to 4 rows of x: 4 weight rows at a time. More: 2 weight rows against up to 8
+            // rows of x, so each weight vector is widened once for 8 FMAs.
+            let wide = m > 4;
             let mut n = cols.start;
             while n < cols.end {
-                let nr = if cols.end - n >= 4 { 4 } else { 1 };
+                let nr = if wide {
+                    (cols.end - n).min(2)
+                } else if cols.end - n >= 4 {
+                    4
+                } else {
+                    1
+                };
                 let mut i = 0;
                 while i < m {
-                    let mr = (m - i).min(4);
+                    let mr = (m - i).min(if wide { 8 } else { 4 });
                     let (xp, yp, wpn) = (x.add(i * k), y.add(i * ldy + n), wp.add(n * rb));
                     match (nr, mr) {
                         (4, 1) => gemv_block::<D, 4, 1>(xp, k, wpn, rb, yp, ldy),
                         (4, 2) => gemv_block::<D, 4, 2>(xp, k, wpn, rb, yp, ldy),
                         (4, 3) => gemv_block::<D, 4, 3>(xp, k, wpn, rb, yp, ldy),
                         (4, _) => gemv_block::<D, 4, 4>(xp, k, wpn, rb, yp, ldy),
+                        (2, 1) => gemv_block::<D, 2, 1>(xp, k, wpn, rb, yp, ldy),
+                        (2, 2) => gemv_block::<D, 2, 2>(xp, k, wpn, rb, yp, ldy),
+                        (2, 3) => gemv_block::<D, 2, 3>(xp, k, wpn, rb, yp, ldy),
+                        (2, 4) => gemv_block::<D, 2, 4>(xp, k, wpn, rb, yp, ldy),
+                        (2, 5) => gemv_block::<D, 2, 5>(xp, k, wpn, rb, yp, ldy),
+                        (2, 6) => gemv_block::<D, 2, 6>(xp, k, wpn, rb, yp, ldy),
+                        (2, 7) => gemv_block::<D, 2, 7>(xp, k, wpn, rb, yp, ldy),
+                        (2, _) => gemv_block::<D, 2, 8>(xp, k, wpn, rb, yp, ldy),
                         (_, 1) => gemv_block::<D, 1, 1>(xp, k, wpn, rb, yp, ldy),
                         (_, 2) => gemv_block::<D, 1, 2>(xp, k, wpn, rb, yp, ldy),
                         (_, 3) => gemv_block::<D, 1, 3>(xp, k, wpn, rb, yp, ldy),
-                        (_, _) => gemv_block::<D, 1, 4>(xp, k, wpn, rb, yp, ldy),
+                        (_, 4) => gemv_block::<D, 1, 4>(xp, k, wpn, rb, yp, ldy),
+                        (_, 5) => gemv_block::<D, 1, 5>(xp, k, wpn, rb, yp, ldy),
+                        (_, 6) => gemv_block::<D, 1, 6>(xp, k, wpn, rb, yp, ldy),
+                        (_, 7) => gemv_block::<D, 1, 7>(xp, k, wpn, rb, yp, ldy),
+                        (_, _) => gemv_block::<D, 1, 8>(xp, k, wpn, rb, yp, ldy),
                     }
                     i += mr;
                 }
@@ -356,11 +373,7 @@ mod x86 {
             let mut np = cols.start;
             while np < cols.end {
                 let nr = (cols.end - np).min(NR);
-                let m0: __mmask16 = if nr >= 16 {
-                    0xffff
-                } else {
-                    ((1u32 << nr) - 1) as __mmask16
-                };
+                let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
                 let m1: __mmask16 = if nr >= 32 {
                     0xffff
                 } else if nr > 16 {
@@ -457,6 +470,230 @@ mod x86 {
                     let av = _mm512_set1_ps(*a.add(i * lda + kk));
                     r[0] = _mm512_fmadd_ps(av, b0, r[0]);
                     r[1] = _mm512_fmadd_ps(av, b1, r[1]);
+                }
+            }
+            for (i, r) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(c.add(i * ldc), m0, r[0]);
+                _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, r[1]);
+            }
+        }
+    }
+
+    /// AVX512-BF16: bf16 activations × bf16 weights with `vdpbf16ps` (pairs of products
+    /// accumulated into f32 lanes). Same two paths as the exact kernels.
+    pub mod avx512bf16 {
+        use crate::matmul::{WeightView, GEMM_MIN_ROWS};
+        use std::arch::x86_64::*;
+
+        const NR: usize = 32;
+        const MR: usize = 12;
+        /// k-pairs per packed panel.
+        const KC2: usize = 256;
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+        unsafe fn load32(p: *const u16, mask: __mmask32) -> __m512bh {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, p as *const i16))
+        }
+
+        /// # Safety
+        /// `xb` holds `m` rows of `k` rounded up to even bf16 values; see `matmul_cols`.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+        pub unsafe fn matmul(
+            xb: &[u16],
+            m: usize,
+            w: &WeightView,
+            y: *mut f32,
+            ldy: usize,
+            cols: std::ops::Range<usize>,
+        ) {
+            if m >= GEMM_MIN_ROWS {
+                gemm(xb.as_ptr(), m, w, y, ldy, cols)
+            } else {
+                gemv(xb.as_ptr(), m, w, y, ldy, cols)
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+        unsafe fn gemv(x: *const u16, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+            let k = w.cols;
+            let kp = k.next_multiple_of(2);
+            let wp = w.data.as_ptr() as *const u16;
+            let wide = m > 4;
+            let mut n = cols.start;
+            while n < cols.end {
+                let nr = if wide {
+                    (cols.end - n).min(2)
+                } else if cols.end - n >= 4 {
+                    4
+                } else {
+                    1
+                };
+                let mut i = 0;
+                while i < m {
+                    let mr = (m - i).min(if wide { 8 } else { 4 });
+                    let (xp, yp, wpn) = (x.add(i * kp), y.add(i * ldy + n), wp.add(n * k));
+                    match (nr, mr) {
+                        (4, 1) => block::<4, 1>(xp, kp, k, wpn, yp, ldy),
+                        (4, 2) => block::<4, 2>(xp, kp, k, wpn, yp, ldy),
+                        (4, 3) => block::<4, 3>(xp, kp, k, wpn, yp, ldy),
+                        (4, _) => block::<4, 4>(xp, kp, k, wpn, yp, ldy),
+                        (2, 1) => block::<2, 1>(xp, kp, k, wpn, yp, ldy),
+                        (2, 2) => block::<2, 2>(xp, kp, k, wpn, yp, ldy),
+                        (2, 3) => block::<2, 3>(xp, kp, k, wpn, yp, ldy),
+                        (2, 4) => block::<2, 4>(xp, kp, k, wpn, yp, ldy),
+                        (2, 5) => block::<2, 5>(xp, kp, k, wpn, yp, ldy),
+                        (2, 6) => block::<2, 6>(xp, kp, k, wpn, yp, ldy),
+                        (2, 7) => block::<2, 7>(xp, kp, k, wpn, yp, ldy),
+                        (2, _) => block::<2, 8>(xp, kp, k, wpn, yp, ldy),
+                        (_, 1) => block::<1, 1>(xp, kp, k, wpn, yp, ldy),
+                        (_, 2) => block::<1, 2>(xp, kp, k, wpn, yp, ldy),
+                        (_, 3) => block::<1, 3>(xp, kp, k, wpn, yp, ldy),
+                        (_, 4) => block::<1, 4>(xp, kp, k, wpn, yp, ldy),
+                        (_, 5) => block::<1, 5>(xp, kp, k, wpn, yp, ldy),
+                        (_, 6) => block::<1, 6>(xp, kp, k, wpn, yp, ldy),
+                        (_, 7) => block::<1, 7>(xp, kp, k, wpn, yp, ldy),
+                        (_, _) => block::<1, 8>(xp, kp, k, wpn, yp, ldy),
+                    }
+                    i += mr;
+                }
+                n += nr;
+            }
+        }
+
+        /// `R` weight rows (stride `k`) against `M` activation rows (stride `kp`).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+        unsafe fn block<const R: usize, const M: usize>(
+            x: *const u16,
+            kp: usize,
+            k: usize,
+            w: *const u16,
+            y: *mut f32,
+            ldy: usize,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); R]; M];
+            let mut kk = 0;
+            while kk < k {
+                let mask: __mmask32 = if k - kk >= 32 { u32::MAX } else { (1u32 << (k - kk)) - 1 };
+                let mut wv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); R];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = load32(w.add(j * k + kk), mask);
+                }
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = load32(x.add(i * kp + kk), mask);
+                    for j in 0..R {
+                        a[j] = _mm512_dpbf16_ps(a[j], xv, wv[j]);
+                    }
+                }
+                kk += 32;
+            }
+            for (i, a) in acc.iter().enumerate() {
+                for (j, v) in a.iter().enumerate() {
+                    *y.add(i * ldy + j) = _mm512_reduce_add_ps(*v);
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+        unsafe fn gemm(x: *const u16, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+            let k = w.cols;
+            let kp = k.next_multiple_of(2);
+            let wp = w.data.as_ptr() as *const u16;
+            // panel[p * NR + j] = weights (2p, 2p+1) of column j, as one u32.
+            let mut panel = vec![0u32; KC2 * NR];
+            let mut np = cols.start;
+            while np < cols.end {
+                let nr = (cols.end - np).min(NR);
+                let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
+                let m1: __mmask16 = if nr >= 32 {
+                    0xffff
+                } else if nr > 16 {
+                    ((1u32 << (nr - 16)) - 1) as __mmask16
+                } else {
+                    0
+                };
+                let mut kc = 0;
+                while kc < k {
+                    let kb = (k - kc).min(2 * KC2);
+                    let kb2 = kb.div_ceil(2);
+                    for j in 0..NR {
+                        if j < nr {
+                            let row = wp.add((np + j) * k + kc);
+                            for p in 0..kb / 2 {
+                                *panel.get_unchecked_mut(p * NR + j) = (row.add(2 * p) as *const u32).read_unaligned();
+                            }
+                            if kb % 2 == 1 {
+                                *panel.get_unchecked_mut((kb2 - 1) * NR + j) = *row.add(kb - 1) as u32;
+                            }
+                        } else {
+                            for p in 0..kb2 {
+                                *panel.get_unchecked_mut(p * NR + j) = 0;
+                            }
+                        }
+                    }
+                    let first = kc == 0;
+                    let mut i = 0;
+                    while i < m {
+                        let mr = (m - i).min(MR);
+                        let a = x.add(i * kp + kc) as *const u32;
+                        let c = y.add(i * ldy + np);
+                        let p = panel.as_ptr();
+                        let lda = kp / 2;
+                        match mr {
+                            12 => micro::<12>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                            11 => micro::<11>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                            10 => micro::<10>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                            9 => micro::<9>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                            8 => micro::<8>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                            7 => micro::<7>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                            6 => micro::<6>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                            5 => micro::<5>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                            4 => micro::<4>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                            3 => micro::<3>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                            2 => micro::<2>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                            _ => micro::<1>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                        }
+                        i += mr;
+                    }
+                    kc += kb;
+                }
+                np += nr;
+            }
+        }
+
+        /// `a`: activation pairs (u32 = two bf16), row stride `lda` pairs.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn micro<const M: usize>(
+            a: *const u32,
+            lda: usize,
+            panel: *const u32,
+            kb2: usize,
+            c: *mut f32,
+            ldc: usize,
+            first: bool,
+            m0: __mmask16,
+            m1: __mmask16,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; M];
+            if !first {
+                for (i, r) in acc.iter_mut().enumerate() {
+                    r[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
+                    r[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
+                }
+            }
+            for p in 0..kb2 {
+                let b0 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(panel.add(p * NR) as *const _));
+                let b1 =
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(panel.add(p * NR + 16) as *const _));
+                for (i, r) in acc.iter_mut().enumerate() {
+                    let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                        a.add(i * lda + p).read_unaligned() as i32,
+                    ));
+                    r[0] = _mm512_dpbf16_ps(r[0], av, b0);
+                    r[1] = _mm512_dpbf16_ps(r[1], av, b1);
                 }
             }
             for (i, r) in acc.iter().enumerate() {
@@ -629,11 +866,7 @@ mod x86 {
                         let mr = (m - i).min(MR);
                         let a = x.add(i * k + kc);
                         // Full-width tiles write straight into y; a ragged right edge goes through `tile`.
-                        let (c, ldc) = if nr == NR {
-                            (y.add(i * ldy + np), ldy)
-                        } else {
-                            (tile.as_mut_ptr(), NR)
-                        };
+                        let (c, ldc) = if nr == NR { (y.add(i * ldy + np), ldy) } else { (tile.as_mut_ptr(), NR) };
                         if nr != NR && !first {
                             for r in 0..mr {
                                 for j in 0..nr {
@@ -723,9 +956,7 @@ pub(crate) mod tests {
             match dt {
                 DType::F32 => out.extend_from_slice(&x.to_le_bytes()),
                 DType::BF16 => out.extend_from_slice(&crate::dtype::f32_to_bf16(x).to_le_bytes()),
-                DType::F16 => {
-                    out.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes())
-                }
+                DType::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
             }
         }
         out
@@ -750,34 +981,24 @@ pub(crate) mod tests {
                 let wb = encode(&rand_vec(n * k, 7 + n as u64), dt);
                 let w = WeightView::new(dt, &wb, n, k);
                 let mut want = vec![0f32; m * n];
-                matmul(
-                    Ctx {
-                        isa: Isa::Scalar,
-                        pool: &pool,
-                    },
-                    &x,
-                    m,
-                    &w,
-                    &mut want,
-                );
+                matmul(Ctx { isa: Isa::Scalar, pool: &pool }, &x, m, &w, &mut want);
                 // A batch of two products splits columns across threads the same way.
                 let (mut y1, mut y2) = (vec![0f32; m * n], vec![0f32; m * n]);
                 matmul_batch(
-                    Ctx {
-                        isa: Isa::Scalar,
-                        pool: &pool,
-                    },
-                    &mut [
-                        MatmulJob::new(&x, m, w, &mut y1),
-                        MatmulJob::new(&x, m, w, &mut y2),
-                    ],
+                    Ctx { isa: Isa::Scalar, pool: &pool },
+                    &mut [MatmulJob::new(&x, m, w, &mut y1), MatmulJob::new(&x, m, w, &mut y2)],
                 );
                 assert_eq!(y1, want);
                 assert_eq!(y2, want);
+                // The bf16-dot path equals the reference on bf16-rounded activations.
+                let xr: Vec<f32> = x.iter().map(|&v| crate::dtype::bf16_to_f32(crate::dtype::f32_to_bf16(v))).collect();
+                let mut want_r = vec![0f32; m * n];
+                matmul(Ctx { isa: Isa::Scalar, pool: &pool }, &xr, m, &w, &mut want_r);
                 for isa in Isa::all_supported() {
                     let mut got = vec![f32::NAN; m * n];
                     matmul(Ctx { isa, pool: &pool }, &x, m, &w, &mut got);
-                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    let want = if isa.rounds_activations() && dt == DType::BF16 { &want_r } else { &want };
+                    for (i, (g, e)) in got.iter().zip(want).enumerate() {
                         assert!(
                             (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
                             "{isa} {dt} m{m} n{n} k{k} at {i}: {g} vs {e}"

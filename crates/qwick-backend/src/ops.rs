@@ -20,7 +20,7 @@ macro_rules! multiversion {
         unsafe fn v256($($arg: $ty),*) $(-> $ret)? { $name::<true>($($arg),*) }
         match $isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { v512($($arg),*) },
+            Isa::Avx512 | Isa::Avx512Bf16 => unsafe { v512($($arg),*) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { v256($($arg),*) },
             _ => $name::<false>($($arg),*),
@@ -203,10 +203,7 @@ mod tests {
     fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= tol * (1.0 + y.abs()),
-                "{what}[{i}]: {x} vs {y}"
-            );
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
         }
     }
 

@@ -76,12 +76,7 @@ impl ThreadPool {
                     .expect("spawning a worker thread")
             })
             .collect();
-        ThreadPool {
-            shared,
-            workers,
-            run_lock: Mutex::new(()),
-            pinned: pin,
-        }
+        ThreadPool { shared, workers, run_lock: Mutex::new(()), pinned: pin }
     }
 
     /// The number of threads available: `QWICK_THREADS` or the machine's parallelism.
@@ -90,11 +85,7 @@ impl ThreadPool {
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|&n: &usize| n > 0)
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            })
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
     }
 
     pub fn threads(&self) -> usize {
@@ -110,8 +101,7 @@ impl ThreadPool {
         let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
         // Erase the closure's lifetime: it outlives every use because we wait below.
-        let ptr: *const Job =
-            unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f) };
+        let ptr: *const Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f) };
         unsafe { *s.job.get() = Some(ptr) };
         s.remaining.store(self.workers.len(), Ordering::SeqCst);
         s.generation.fetch_add(1, Ordering::SeqCst);
@@ -159,15 +149,10 @@ fn allowed_cpus() -> &'static [usize] {
         unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
             if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
-                return (0..libc::CPU_SETSIZE as usize)
-                    .filter(|&c| libc::CPU_ISSET(c, &set))
-                    .collect();
+                return (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect();
             }
         }
-        (0..std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1))
-            .collect()
+        (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect()
     })
 }
 
@@ -217,9 +202,7 @@ fn worker(s: Arc<Shared>, t: usize) {
             if spins % 64 == 0 && start.elapsed() > SPIN {
                 let mut l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
-                while s.generation.load(Ordering::SeqCst) == seen
-                    && !s.shutdown.load(Ordering::SeqCst)
-                {
+                while s.generation.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::SeqCst) {
                     l = s.wake.wait(l).unwrap_or_else(|e| e.into_inner());
                 }
                 s.sleepers.fetch_sub(1, Ordering::SeqCst);

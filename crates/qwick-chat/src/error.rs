@@ -38,17 +38,11 @@ pub enum ChatError {
 
 impl ChatError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.into(),
-            source,
-        }
+        Self::Io { path: path.into(), source }
     }
 
     pub(crate) fn config(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
-        Self::Config {
-            path: path.into(),
-            message: message.to_string(),
-        }
+        Self::Config { path: path.into(), message: message.to_string() }
     }
 }
 

@@ -41,18 +41,12 @@ impl HubId {
         let ok = |s: &str| {
             !s.is_empty()
                 && !s.starts_with('.')
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         };
         let rev_ok = !revision.is_empty()
             && !revision.contains("..")
-            && revision
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
-        (ok(owner) && ok(name) && rev_ok).then(|| Self {
-            repo: repo.to_string(),
-            revision: revision.to_string(),
-        })
+            && revision.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+        (ok(owner) && ok(name) && rev_ok).then(|| Self { repo: repo.to_string(), revision: revision.to_string() })
     }
 
     /// The repository's folder in the cache: `models--owner--name`.
@@ -70,30 +64,19 @@ pub fn cache_dir_from(env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
         .or_else(|| set("HUGGINGFACE_HUB_CACHE"))
         .map(PathBuf::from)
         .or_else(|| set("HF_HOME").map(|h| Path::new(&h).join("hub")))
-        .or_else(|| {
-            set("HOME")
-                .or_else(|| set("USERPROFILE"))
-                .map(|h| Path::new(&h).join(".cache/huggingface/hub"))
-        })
+        .or_else(|| set("HOME").or_else(|| set("USERPROFILE")).map(|h| Path::new(&h).join(".cache/huggingface/hub")))
 }
 
 /// The Hugging Face hub cache folder of this process's environment (see [`cache_dir_from`]).
 pub fn cache_dir() -> Result<PathBuf> {
     cache_dir_from(|k| std::env::var(k).ok()).ok_or_else(|| {
-        ChatError::Model(
-            "cannot locate the Hugging Face cache: set HF_HUB_CACHE, HF_HOME or HOME".into(),
-        )
+        ChatError::Model("cannot locate the Hugging Face cache: set HF_HUB_CACHE, HF_HOME or HOME".into())
     })
 }
 
 /// Whether `HF_HUB_OFFLINE` is set to a true value (`1`, `true`, `yes`, `on`), as read through `env`.
 pub fn offline_from(env: impl Fn(&str) -> Option<String>) -> bool {
-    env("HF_HUB_OFFLINE").is_some_and(|v| {
-        matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "1" | "true" | "yes" | "on"
-        )
-    })
+    env("HF_HUB_OFFLINE").is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
 /// How models are found and fetched: the cache folder, whether to stay offline, and the Hub to
@@ -116,13 +99,7 @@ pub struct Hub {
 impl Hub {
     /// Online access to the Hugging Face Hub with the given cache folder.
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            cache_dir: cache_dir.into(),
-            offline: false,
-            endpoint: None,
-            token: None,
-            progress: true,
-        }
+        Self { cache_dir: cache_dir.into(), offline: false, endpoint: None, token: None, progress: true }
     }
 
     /// Settings from the environment: the cache folder (see [`cache_dir_from`]),
@@ -144,8 +121,7 @@ impl Hub {
         if let Some(dir) = local_folder(spec)? {
             return Ok(dir);
         }
-        let id =
-            HubId::parse(spec).ok_or_else(|| ChatError::Model(format!("bad model id {spec:?}")))?;
+        let id = HubId::parse(spec).ok_or_else(|| ChatError::Model(format!("bad model id {spec:?}")))?;
         let missing = match cached_snapshot(&self.cache_dir, &id) {
             Some(snapshot) => match missing_files(&snapshot)? {
                 missing if missing.is_empty() => return Ok(snapshot),
@@ -159,11 +135,7 @@ impl Hub {
             } else {
                 "this build cannot download (feature \"download\" is off)"
             };
-            let revision = if id.revision == "main" {
-                String::new()
-            } else {
-                format!(" --revision {}", id.revision)
-            };
+            let revision = if id.revision == "main" { String::new() } else { format!(" --revision {}", id.revision) };
             return Err(ChatError::Model(format!(
                 "model {} is not in the Hugging Face cache at {} (missing: {}) and {why}. \
                  Download it first, e.g. `huggingface-cli download {}{revision}` (or `hf download`), \
@@ -223,18 +195,11 @@ pub fn cached_snapshot(cache_dir: &Path, id: &HubId) -> Option<PathBuf> {
 /// Files a model folder lacks: required files, and the weights (the single file, or the index and
 /// every shard it lists).
 pub fn missing_files(dir: &Path) -> Result<Vec<String>> {
-    let mut missing: Vec<String> = REQUIRED_FILES
-        .iter()
-        .filter(|f| !dir.join(f).is_file())
-        .map(|f| f.to_string())
-        .collect();
+    let mut missing: Vec<String> =
+        REQUIRED_FILES.iter().filter(|f| !dir.join(f).is_file()).map(|f| f.to_string()).collect();
     let index = dir.join(WEIGHTS_INDEX);
     if index.is_file() {
-        missing.extend(
-            shards(&index)?
-                .into_iter()
-                .filter(|s| !dir.join(s).is_file()),
-        );
+        missing.extend(shards(&index)?.into_iter().filter(|s| !dir.join(s).is_file()));
     } else if !dir.join(WEIGHTS).is_file() {
         missing.push(format!("{WEIGHTS} (or {WEIGHTS_INDEX} and its shards)"));
     }
@@ -276,27 +241,18 @@ fn download(hub: &Hub, id: &HubId) -> Result<PathBuf> {
     let not_found = |e: &ApiError| matches!(e, ApiError::RequestError(r) if matches!(**r, ureq::Error::Status(404, _)));
     let cache = Cache::new(hub.cache_dir.clone());
     let token = hub.token.clone().or_else(|| cache.token());
-    let mut builder = ApiBuilder::from_cache(cache)
-        .with_progress(hub.progress)
-        .with_token(token);
+    let mut builder = ApiBuilder::from_cache(cache).with_progress(hub.progress).with_token(token);
     if let Some(endpoint) = &hub.endpoint {
         builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
     }
     let api = builder.build().map_err(|e| fail("(setup)", e))?;
-    let repo = api.repo(Repo::with_revision(
-        id.repo.clone(),
-        RepoType::Model,
-        id.revision.clone(),
-    ));
-    let config = repo
-        .get("config.json")
-        .map_err(|e| fail("config.json", e))?;
+    let repo = api.repo(Repo::with_revision(id.repo.clone(), RepoType::Model, id.revision.clone()));
+    let config = repo.get("config.json").map_err(|e| fail("config.json", e))?;
     let snapshot = config
         .parent()
         .map(Path::to_path_buf)
         .ok_or_else(|| ChatError::Model("downloaded file has no folder".into()))?;
-    repo.get("tokenizer.json")
-        .map_err(|e| fail("tokenizer.json", e))?;
+    repo.get("tokenizer.json").map_err(|e| fail("tokenizer.json", e))?;
     for file in OPTIONAL_FILES {
         match repo.get(file) {
             Err(e) if not_found(&e) => {}
@@ -330,8 +286,5 @@ fn download(hub: &Hub, id: &HubId) -> Result<PathBuf> {
 
 #[cfg(not(feature = "download"))]
 fn download(_hub: &Hub, id: &HubId) -> Result<PathBuf> {
-    Err(ChatError::Model(format!(
-        "cannot download {}: built without the \"download\" feature",
-        id.repo
-    )))
+    Err(ChatError::Model(format!("cannot download {}: built without the \"download\" feature", id.repo)))
 }

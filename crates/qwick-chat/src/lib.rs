@@ -22,9 +22,7 @@ mod tools;
 pub use error::{ChatError, Result};
 pub use generation::GenerationConfig;
 pub use qwick_sampler::SamplingParams;
-pub use reasoning::{
-    split_reasoning, ReasoningDelta, ReasoningParser, ThinkingBudget, THINKING_BUDGET_STOP,
-};
+pub use reasoning::{split_reasoning, ReasoningDelta, ReasoningParser, ThinkingBudget, THINKING_BUDGET_STOP};
 pub use template::{ChatMessage, ChatTemplate, FunctionCall, RenderOptions, ToolCall};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 pub use tools::{parse_tool_calls, ParsedToolCall, ToolCallDelta, ToolCallStream, ToolCalls};

@@ -219,16 +219,9 @@ mod tests {
     #[test]
     fn dumps_like_python() {
         let v = json!({"b": [1, 2.0, null], "a": {"x": "é\u{1}\"\n"}, "e": [], "o": {}});
-        assert_eq!(
-            dumps(&v),
-            r#"{"b": [1, 2.0, null], "a": {"x": "é\u0001\"\n"}, "e": [], "o": {}}"#
-        );
-        let opts = DumpOptions {
-            ensure_ascii: true,
-            sort_keys: true,
-            ..DumpOptions::default()
-        }
-        .with_indent(Some("  ".into()));
+        assert_eq!(dumps(&v), r#"{"b": [1, 2.0, null], "a": {"x": "é\u0001\"\n"}, "e": [], "o": {}}"#);
+        let opts = DumpOptions { ensure_ascii: true, sort_keys: true, ..DumpOptions::default() }
+            .with_indent(Some("  ".into()));
         assert_eq!(
             dumps_with(&json!({"b": "😀", "a": [1]}), &opts),
             "{\n  \"a\": [\n    1\n  ],\n  \"b\": \"\\ud83d\\ude00\"\n}"

@@ -59,14 +59,7 @@ pub struct ReasoningParser {
 impl ReasoningParser {
     /// A parser for one generation.
     pub fn new(starts_in_reasoning: bool) -> Self {
-        Self {
-            state: if starts_in_reasoning {
-                State::ReasoningStart
-            } else {
-                State::Start
-            },
-            buf: String::new(),
-        }
+        Self { state: if starts_in_reasoning { State::ReasoningStart } else { State::Start }, buf: String::new() }
     }
 
     /// Whether the text so far is reasoning (for counting reasoning tokens against a budget).
@@ -114,9 +107,7 @@ impl ReasoningParser {
                     }
                     // Hold back a possible partial `</think>` and the newlines before it.
                     let partial = partial_match_len(&self.buf, THINK_END);
-                    let emit = self.buf[..self.buf.len() - partial]
-                        .trim_end_matches('\n')
-                        .len();
+                    let emit = self.buf[..self.buf.len() - partial].trim_end_matches('\n').len();
                     out.reasoning.push_str(&self.buf[..emit]);
                     self.buf.drain(..emit);
                     return out;
@@ -143,14 +134,8 @@ impl ReasoningParser {
     pub fn finish(&mut self) -> ReasoningDelta {
         let rest = std::mem::take(&mut self.buf);
         match self.state {
-            State::Start | State::Answer => ReasoningDelta {
-                content: rest,
-                ..ReasoningDelta::default()
-            },
-            State::ReasoningStart | State::Reasoning => ReasoningDelta {
-                reasoning: rest,
-                ..ReasoningDelta::default()
-            },
+            State::Start | State::Answer => ReasoningDelta { content: rest, ..ReasoningDelta::default() },
+            State::ReasoningStart | State::Reasoning => ReasoningDelta { reasoning: rest, ..ReasoningDelta::default() },
             State::AnswerStart => ReasoningDelta::default(),
         }
     }
@@ -195,11 +180,7 @@ impl ThinkingBudget {
         if reasoning_tokens < self.max_tokens {
             return None;
         }
-        let newline = if reasoning_so_far.is_empty() || reasoning_so_far.ends_with('\n') {
-            ""
-        } else {
-            "\n"
-        };
+        let newline = if reasoning_so_far.is_empty() || reasoning_so_far.ends_with('\n') { "" } else { "\n" };
         Some(format!("{newline}{THINKING_BUDGET_STOP}"))
     }
 }

@@ -31,11 +31,7 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with the given role and content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: Some(content.into()),
-            ..Self::default()
-        }
+        Self { role: role.into(), content: Some(content.into()), ..Self::default() }
     }
 
     /// A system message.
@@ -92,10 +88,7 @@ impl ToolCall {
         Self {
             id: None,
             kind: function_type(),
-            function: FunctionCall {
-                name: name.into(),
-                arguments: arguments.into(),
-            },
+            function: FunctionCall { name: name.into(), arguments: arguments.into() },
         }
     }
 }
@@ -130,10 +123,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("has_tool_use", &self.has_tool_use)
-            .field("vars", &self.vars)
-            .finish()
+        f.debug_struct("ChatTemplate").field("has_tool_use", &self.has_tool_use).field("vars", &self.vars).finish()
     }
 }
 
@@ -168,28 +158,20 @@ impl ChatTemplate {
             }
         });
         env.add_filter("tojson", tojson);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<Value, JinjaError> {
-                Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> Result<Value, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+        });
         env.add_function("strftime_now", strftime_now);
         let compile = |env: &mut Environment<'static>, name: &'static str, src: String| {
-            env.add_template_owned(name, src).map_err(|e| {
-                ChatError::Template(format!("{name} template does not compile: {e:#}"))
-            })
+            env.add_template_owned(name, src)
+                .map_err(|e| ChatError::Template(format!("{name} template does not compile: {e:#}")))
         };
         compile(&mut env, "default", default)?;
         let has_tool_use = tool_use.is_some();
         if let Some(src) = tool_use {
             compile(&mut env, "tool_use", src)?;
         }
-        Ok(Self {
-            env,
-            has_tool_use,
-            vars: Map::new(),
-        })
+        Ok(Self { env, has_tool_use, vars: Map::new() })
     }
 
     /// Loads a template file (a `.jinja` file, or a JSON file with a `chat_template` key).
@@ -211,24 +193,17 @@ impl ChatTemplate {
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let config_path = dir.join("tokenizer_config.json");
-        let config = if config_path.is_file() {
-            Some(read_json(&config_path)?)
-        } else {
-            None
-        };
+        let config = if config_path.is_file() { Some(read_json(&config_path)?) } else { None };
         let from_config = match &config {
-            Some(c) => Self::from_config_value(c.get("chat_template"))
-                .map_err(|e| ChatError::config(&config_path, e))?,
+            Some(c) => {
+                Self::from_config_value(c.get("chat_template")).map_err(|e| ChatError::config(&config_path, e))?
+            }
             None => None,
         };
         let template = match from_config {
             Some(t) => t,
-            None if dir.join("chat_template.jinja").is_file() => {
-                Self::from_file(dir.join("chat_template.jinja"))?
-            }
-            None if dir.join("chat_template.json").is_file() => {
-                Self::from_file(dir.join("chat_template.json"))?
-            }
+            None if dir.join("chat_template.jinja").is_file() => Self::from_file(dir.join("chat_template.jinja"))?,
+            None if dir.join("chat_template.json").is_file() => Self::from_file(dir.join("chat_template.json"))?,
             None => {
                 return Err(ChatError::Template(format!(
                     "the model folder {} has no chat template (no \"chat_template\" in \
@@ -256,14 +231,13 @@ impl ChatTemplate {
                         .and_then(|t| t.get("template").and_then(Json::as_str))
                         .map(str::to_string)
                 };
-                let default = named("default").ok_or_else(|| {
-                    ChatError::Template("the list of chat templates has no \"default\"".into())
-                })?;
+                let default = named("default")
+                    .ok_or_else(|| ChatError::Template("the list of chat templates has no \"default\"".into()))?;
                 Self::build(default, named("tool_use")).map(Some)
             }
-            Some(other) => Err(ChatError::Template(format!(
-                "\"chat_template\" must be a string or a list, not {other}"
-            ))),
+            Some(other) => {
+                Err(ChatError::Template(format!("\"chat_template\" must be a string or a list, not {other}")))
+            }
         }
     }
 
@@ -294,42 +268,21 @@ impl ChatTemplate {
     /// needs content, reasoning or tool calls (missing content then renders as empty).
     pub fn render(&self, messages: &[ChatMessage], opts: &RenderOptions) -> Result<String> {
         if messages.is_empty() {
-            return Err(ChatError::Message(
-                "the conversation has no messages".into(),
-            ));
+            return Err(ChatError::Message("the conversation has no messages".into()));
         }
-        let messages = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| message_json(i, m))
-            .collect::<Result<Vec<_>>>()?;
+        let messages = messages.iter().enumerate().map(|(i, m)| message_json(i, m)).collect::<Result<Vec<_>>>()?;
         let mut ctx = self.vars.clone();
         ctx.extend(opts.extra.clone());
         if let Some(on) = opts.enable_thinking {
             ctx.insert("enable_thinking".into(), Json::Bool(on));
         }
         ctx.insert("messages".into(), Json::Array(messages));
-        ctx.insert(
-            "tools".into(),
-            opts.tools.clone().map_or(Json::Null, Json::Array),
-        );
+        ctx.insert("tools".into(), opts.tools.clone().map_or(Json::Null, Json::Array));
         ctx.insert("documents".into(), Json::Null);
-        ctx.insert(
-            "add_generation_prompt".into(),
-            Json::Bool(opts.add_generation_prompt),
-        );
-        let name = if self.has_tool_use && opts.tools.is_some() {
-            "tool_use"
-        } else {
-            "default"
-        };
-        let template = self
-            .env
-            .get_template(name)
-            .map_err(|e| ChatError::Template(e.to_string()))?;
-        template
-            .render(Value::from(minijinja::value::Serde(&ctx)))
-            .map_err(|e| ChatError::Template(format!("{e:#}")))
+        ctx.insert("add_generation_prompt".into(), Json::Bool(opts.add_generation_prompt));
+        let name = if self.has_tool_use && opts.tools.is_some() { "tool_use" } else { "default" };
+        let template = self.env.get_template(name).map_err(|e| ChatError::Template(e.to_string()))?;
+        template.render(Value::from(minijinja::value::Serde(&ctx))).map_err(|e| ChatError::Template(format!("{e:#}")))
     }
 }
 
@@ -349,27 +302,18 @@ fn message_json(index: usize, m: &ChatMessage) -> Result<Json> {
         }
         other => {
             let expected = "expected system, user, assistant or tool";
-            return Err(ChatError::Message(format!(
-                "message {index} has unknown role {other:?} ({expected})"
-            )));
+            return Err(ChatError::Message(format!("message {index} has unknown role {other:?} ({expected})")));
         }
     };
     if needs_content && m.content.is_none() {
-        return Err(ChatError::Message(format!(
-            "{} message {index} has no content",
-            m.role
-        )));
+        return Err(ChatError::Message(format!("{} message {index} has no content", m.role)));
     }
     if let Some(calls) = &m.tool_calls {
         if m.role != "assistant" && !calls.is_empty() {
-            return Err(ChatError::Message(format!(
-                "message {index}: only assistant messages can have tool_calls"
-            )));
+            return Err(ChatError::Message(format!("message {index}: only assistant messages can have tool_calls")));
         }
         if let Some(i) = calls.iter().position(|c| c.function.name.is_empty()) {
-            return Err(ChatError::Message(format!(
-                "message {index}: tool call {i} has an empty function name"
-            )));
+            return Err(ChatError::Message(format!("message {index}: tool call {i} has an empty function name")));
         }
     }
     let mut json = serde_json::to_value(m).map_err(|e| ChatError::Message(e.to_string()))?;
@@ -405,13 +349,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<String, JinjaError> {
             Some(" ".repeat(n.max(0) as usize))
         }
         Some(v) => Some(
-            v.as_str()
-                .ok_or_else(|| {
-                    bad(format!(
-                        "tojson: indent must be a number or string, not {v}"
-                    ))
-                })?
-                .to_string(),
+            v.as_str().ok_or_else(|| bad(format!("tojson: indent must be a number or string, not {v}")))?.to_string(),
         ),
     };
     opts = opts.with_indent(indent);
@@ -425,17 +363,14 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<String, JinjaError> {
         opts.item_separator = parts[0].clone();
         opts.key_separator = parts[1].clone();
     }
-    let json: Json = serde_json::to_value(&value)
-        .map_err(|e| bad(format!("tojson: cannot serialise {value}: {e}")))?;
+    let json: Json = serde_json::to_value(&value).map_err(|e| bad(format!("tojson: cannot serialise {value}: {e}")))?;
     Ok(dumps_with(&json, &opts))
 }
 
 /// `strftime_now(format)`: the current UTC time with the common `strftime` codes.
 fn strftime_now(format: String) -> Result<String, JinjaError> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     strftime(&format, secs)
 }
 
@@ -455,15 +390,7 @@ fn strftime(format: &str, unix: i64) -> Result<String, JinjaError> {
         "November",
         "December",
     ];
-    const DAYS: [&str; 7] = [
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-    ];
+    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
     let days = unix.div_euclid(86_400);
     let secs = unix.rem_euclid(86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -509,10 +436,7 @@ fn strftime(format: &str, unix: i64) -> Result<String, JinjaError> {
             other => {
                 return Err(JinjaError::new(
                     ErrorKind::InvalidOperation,
-                    format!(
-                        "strftime_now: unsupported format code %{}",
-                        other.unwrap_or(' ')
-                    ),
+                    format!("strftime_now: unsupported format code %{}", other.unwrap_or(' ')),
                 ))
             }
         };

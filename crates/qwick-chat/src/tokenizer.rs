@@ -15,9 +15,7 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer")
-            .field("vocab_size", &self.vocab_size())
-            .finish()
+        f.debug_struct("Tokenizer").field("vocab_size", &self.vocab_size()).finish()
     }
 }
 
@@ -31,17 +29,13 @@ impl Tokenizer {
         let dir = dir.as_ref();
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            return Err(ChatError::Tokenizer(format!(
-                "no tokenizer.json in {}",
-                dir.display()
-            )));
+            return Err(ChatError::Tokenizer(format!("no tokenizer.json in {}", dir.display())));
         }
         let mut tok = Self::from_file(&path)?;
         let config_path = dir.join("tokenizer_config.json");
         if config_path.is_file() {
             let config = read_json(&config_path)?;
-            tok.apply_config(&config)
-                .map_err(|e| ChatError::config(&config_path, e))?;
+            tok.apply_config(&config).map_err(|e| ChatError::config(&config_path, e))?;
         }
         Ok(tok)
     }
@@ -56,29 +50,24 @@ impl Tokenizer {
     /// Loads a tokenizer from the bytes of a `tokenizer.json`.
     pub fn from_bytes(json: &[u8]) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(json).map_err(tok_err)?;
-        Ok(Self {
-            inner: Arc::new(inner),
-        })
+        Ok(Self { inner: Arc::new(inner) })
     }
 
     /// Applies a parsed `tokenizer_config.json`: every token in its `added_tokens_decoder` must
     /// exist with the declared id; tokens missing from `tokenizer.json` are added (special or not,
     /// as declared) when their id is the next free one.
     pub fn apply_config(&mut self, config: &Value) -> Result<()> {
-        let Some(decl) = config
-            .get("added_tokens_decoder")
-            .and_then(Value::as_object)
-        else {
+        let Some(decl) = config.get("added_tokens_decoder").and_then(Value::as_object) else {
             return Ok(());
         };
         let mut declared: Vec<(u32, &str, bool)> = Vec::with_capacity(decl.len());
         for (id, tok) in decl {
-            let id: u32 = id.parse().map_err(|_| {
-                ChatError::Tokenizer(format!("added token id {id:?} is not a number"))
-            })?;
-            let content = tok.get("content").and_then(Value::as_str).ok_or_else(|| {
-                ChatError::Tokenizer(format!("added token {id} has no \"content\""))
-            })?;
+            let id: u32 =
+                id.parse().map_err(|_| ChatError::Tokenizer(format!("added token id {id:?} is not a number")))?;
+            let content = tok
+                .get("content")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ChatError::Tokenizer(format!("added token {id} has no \"content\"")))?;
             let special = tok.get("special").and_then(Value::as_bool).unwrap_or(false);
             declared.push((id, content, special));
         }
@@ -136,10 +125,7 @@ impl Tokenizer {
 
     /// Whether `id` is a special token (skipped by `decode(.., true)`).
     pub fn is_special(&self, id: u32) -> bool {
-        self.inner
-            .get_added_tokens_decoder()
-            .get(&id)
-            .is_some_and(|t| t.special)
+        self.inner.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special)
     }
 
     /// Number of tokens including added tokens (151,669 for Qwen3; the model's embedding is larger).
@@ -177,33 +163,20 @@ pub struct IncrementalDecoder {
 
 /// Length of the longest common prefix of `a` and `b`, on a character boundary.
 fn common_prefix(a: &str, b: &str) -> usize {
-    a.char_indices()
-        .zip(b.chars())
-        .find(|((_, x), y)| x != y)
-        .map_or(a.len().min(b.len()), |((i, _), _)| i)
+    a.char_indices().zip(b.chars()).find(|((_, x), y)| x != y).map_or(a.len().min(b.len()), |((i, _), _)| i)
 }
 
 impl IncrementalDecoder {
     /// A decoder that starts with no tokens.
     pub fn new(tokenizer: Tokenizer, skip_special: bool) -> Self {
-        Self {
-            tokenizer,
-            skip_special,
-            ids: Vec::new(),
-            prefix: 0,
-            read: 0,
-        }
+        Self { tokenizer, skip_special, ids: Vec::new(), prefix: 0, read: 0 }
     }
 
     /// Adds one token; returns the text it completes (often empty while a character is partial).
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let before = self
-            .tokenizer
-            .decode(&self.ids[self.prefix..self.read], self.skip_special)?;
-        let now = self
-            .tokenizer
-            .decode(&self.ids[self.prefix..], self.skip_special)?;
+        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read], self.skip_special)?;
+        let now = self.tokenizer.decode(&self.ids[self.prefix..], self.skip_special)?;
         if now.len() <= before.len() || now.ends_with('\u{FFFD}') || !now.starts_with(&before) {
             return Ok(String::new());
         }
@@ -225,12 +198,8 @@ impl IncrementalDecoder {
 
     /// Flushes text held back at the end of the stream and resets the decoder.
     pub fn finish(&mut self) -> Result<String> {
-        let before = self
-            .tokenizer
-            .decode(&self.ids[self.prefix..self.read], self.skip_special)?;
-        let now = self
-            .tokenizer
-            .decode(&self.ids[self.prefix..], self.skip_special)?;
+        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read], self.skip_special)?;
+        let now = self.tokenizer.decode(&self.ids[self.prefix..], self.skip_special)?;
         self.ids.clear();
         self.prefix = 0;
         self.read = 0;

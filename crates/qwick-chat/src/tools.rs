@@ -57,9 +57,7 @@ pub fn parse_tool_calls(text: &str) -> ToolCalls {
         out.content.push_str(&rest[..start]);
         match parse_call(&after[..end]) {
             Some(call) => out.tool_calls.push(call),
-            None => out
-                .content
-                .push_str(&rest[start..start + CALL_START.len() + end + CALL_END.len()]),
+            None => out.content.push_str(&rest[start..start + CALL_START.len() + end + CALL_END.len()]),
         }
         rest = &after[end + CALL_END.len()..];
     }

@@ -8,10 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// Cache access that never downloads.
 fn offline(cache: &Path) -> Hub {
-    Hub {
-        offline: true,
-        ..Hub::new(cache)
-    }
+    Hub { offline: true, ..Hub::new(cache) }
 }
 
 fn touch(path: &Path, text: &str) {
@@ -31,11 +28,7 @@ fn lay_out(cache: &Path, repo: &str, rev: &str, hash: &str, files: &[(&str, &str
     snap
 }
 
-const COMPLETE: [(&str, &str); 3] = [
-    ("config.json", "{}"),
-    ("tokenizer.json", "{}"),
-    ("model.safetensors", ""),
-];
+const COMPLETE: [(&str, &str); 3] = [("config.json", "{}"), ("tokenizer.json", "{}"), ("model.safetensors", "")];
 
 #[test]
 fn resolves_hub_ids_through_the_cache() {
@@ -44,14 +37,8 @@ fn resolves_hub_ids_through_the_cache() {
     assert_eq!(offline(&cache).resolve("Qwen/Qwen3-0.6B").unwrap(), snap);
     // A named revision, and a commit hash given directly.
     let snap2 = lay_out(&cache, "Qwen/Qwen3-0.6B", "v2", "def456", &COMPLETE);
-    assert_eq!(
-        offline(&cache).resolve("Qwen/Qwen3-0.6B@v2").unwrap(),
-        snap2
-    );
-    assert_eq!(
-        offline(&cache).resolve("Qwen/Qwen3-0.6B@def456").unwrap(),
-        snap2
-    );
+    assert_eq!(offline(&cache).resolve("Qwen/Qwen3-0.6B@v2").unwrap(), snap2);
+    assert_eq!(offline(&cache).resolve("Qwen/Qwen3-0.6B@def456").unwrap(), snap2);
     // Sharded weights: complete only when every shard listed in the index is there.
     let index = r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#;
     let snap3 = lay_out(
@@ -66,14 +53,8 @@ fn resolves_hub_ids_through_the_cache() {
             ("model-00001-of-00002.safetensors", ""),
         ],
     );
-    let e = offline(&cache)
-        .resolve("Qwen/Qwen3-8B")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("model-00002-of-00002.safetensors") && e.contains("HF_HUB_OFFLINE"),
-        "{e}"
-    );
+    let e = offline(&cache).resolve("Qwen/Qwen3-8B").unwrap_err().to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("HF_HUB_OFFLINE"), "{e}");
     touch(&snap3.join("model-00002-of-00002.safetensors"), "");
     assert_eq!(offline(&cache).resolve("Qwen/Qwen3-8B").unwrap(), snap3);
     std::fs::remove_dir_all(&cache).ok();
@@ -82,10 +63,7 @@ fn resolves_hub_ids_through_the_cache() {
 #[test]
 fn offline_without_a_copy_says_what_to_do() {
     let cache = temp_dir("hf-empty");
-    let e = offline(&cache)
-        .resolve("Qwen/Qwen3-0.6B")
-        .unwrap_err()
-        .to_string();
+    let e = offline(&cache).resolve("Qwen/Qwen3-0.6B").unwrap_err().to_string();
     for part in [
         "Qwen/Qwen3-0.6B",
         "not in the Hugging Face cache",
@@ -95,18 +73,12 @@ fn offline_without_a_copy_says_what_to_do() {
     ] {
         assert!(e.contains(part), "missing {part:?} in: {e}");
     }
-    let e = offline(&cache)
-        .resolve("Qwen/Qwen3-0.6B@v9")
-        .unwrap_err()
-        .to_string();
+    let e = offline(&cache).resolve("Qwen/Qwen3-0.6B@v9").unwrap_err().to_string();
     assert!(e.contains("--revision v9"), "{e}");
     // An incomplete snapshot names the missing files.
     lay_out(&cache, "a/b", "main", "h", &[("config.json", "{}")]);
     let e = offline(&cache).resolve("a/b").unwrap_err().to_string();
-    assert!(
-        e.contains("tokenizer.json") && e.contains("model.safetensors"),
-        "{e}"
-    );
+    assert!(e.contains("tokenizer.json") && e.contains("model.safetensors"), "{e}");
     std::fs::remove_dir_all(&cache).ok();
 }
 
@@ -114,24 +86,12 @@ fn offline_without_a_copy_says_what_to_do() {
 fn local_folders_and_bad_specs() {
     let cache = temp_dir("hf-local");
     let model = temp_dir("local-model");
-    assert_eq!(
-        offline(&cache).resolve(model.to_str().unwrap()).unwrap(),
-        model
-    );
+    assert_eq!(offline(&cache).resolve(model.to_str().unwrap()).unwrap(), model);
     let file = model.join("config.json");
     touch(&file, "{}");
     let e = offline(&cache).resolve(file.to_str().unwrap()).unwrap_err();
     assert!(e.to_string().contains("is a file"), "{e}");
-    for bad in [
-        "./no/such/dir",
-        "/no/such",
-        "a/b/c",
-        "justname",
-        "a/",
-        "/b",
-        "a/b@",
-        "",
-    ] {
+    for bad in ["./no/such/dir", "/no/such", "a/b/c", "justname", "a/", "/b", "a/b@", ""] {
         let e = offline(&cache).resolve(bad).unwrap_err().to_string();
         assert!(e.contains("neither a model folder nor"), "{bad}: {e}");
     }
@@ -149,34 +109,15 @@ fn hub_ids_and_environment() {
     assert!(HubId::parse("../n").is_none());
 
     let env = |pairs: &[(&str, &str)]| {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k: &str| map.get(k).cloned()
     };
-    let all = [
-        ("HF_HUB_CACHE", "/c"),
-        ("HF_HOME", "/h"),
-        ("HOME", "/home/u"),
-    ];
+    let all = [("HF_HUB_CACHE", "/c"), ("HF_HOME", "/h"), ("HOME", "/home/u")];
     assert_eq!(cache_dir_from(env(&all)), Some(PathBuf::from("/c")));
-    assert_eq!(
-        cache_dir_from(env(&all[1..])),
-        Some(PathBuf::from("/h/hub"))
-    );
-    assert_eq!(
-        cache_dir_from(env(&all[2..])),
-        Some(PathBuf::from("/home/u/.cache/huggingface/hub"))
-    );
+    assert_eq!(cache_dir_from(env(&all[1..])), Some(PathBuf::from("/h/hub")));
+    assert_eq!(cache_dir_from(env(&all[2..])), Some(PathBuf::from("/home/u/.cache/huggingface/hub")));
     assert_eq!(cache_dir_from(env(&[])), None);
-    for (v, want) in [
-        ("1", true),
-        ("TRUE", true),
-        ("on", true),
-        ("0", false),
-        ("", false),
-    ] {
+    for (v, want) in [("1", true), ("TRUE", true), ("on", true), ("0", false), ("", false)] {
         assert_eq!(offline_from(env(&[("HF_HUB_OFFLINE", v)])), want, "{v}");
     }
     assert!(!offline_from(env(&[])));
@@ -204,14 +145,8 @@ fn generation_config_and_presets() {
     on.validate().unwrap();
 
     let dir = temp_dir("gen-config");
-    assert_eq!(
-        GenerationConfig::from_dir(&dir).unwrap(),
-        GenerationConfig::default()
-    );
-    assert_eq!(
-        GenerationConfig::default().sampling_params(true),
-        SamplingParams::qwen3_thinking()
-    );
+    assert_eq!(GenerationConfig::from_dir(&dir).unwrap(), GenerationConfig::default());
+    assert_eq!(GenerationConfig::default().sampling_params(true), SamplingParams::qwen3_thinking());
     touch(
         &dir.join("generation_config.json"),
         r#"{"eos_token_id": 7, "do_sample": false, "repetition_penalty": 1.1, "temperature": 0.3}"#,
@@ -221,10 +156,7 @@ fn generation_config_and_presets() {
     let p = g.sampling_params(true);
     assert!(p.is_greedy());
     assert_eq!(p.repetition_penalty, 1.1);
-    touch(
-        &dir.join("generation_config.json"),
-        r#"{"eos_token_id": "x"}"#,
-    );
+    touch(&dir.join("generation_config.json"), r#"{"eos_token_id": "x"}"#);
     let e = GenerationConfig::from_dir(&dir).unwrap_err().to_string();
     assert!(e.contains("generation_config.json"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
@@ -255,12 +187,9 @@ fn serve(files: HashMap<String, Vec<u8>>) -> String {
                     range = (a.parse().unwrap(), b.parse().unwrap_or(usize::MAX));
                 }
             }
-            let file = path
-                .split_once("/resolve/main/")
-                .map(|(_, f)| f.to_string());
+            let file = path.split_once("/resolve/main/").map(|(_, f)| f.to_string());
             let response = match file.and_then(|f| files.get(&f).map(|b| (f, b))) {
-                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_vec(),
+                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
                 Some((name, body)) => {
                     let end = range.1.min(body.len() - 1);
                     let part = &body[range.0..=end];
@@ -294,25 +223,15 @@ fn downloads_missing_models_into_the_cache() {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
     .collect();
-    let online = |cache: &Path, endpoint: &str| Hub {
-        endpoint: Some(endpoint.to_string()),
-        progress: false,
-        ..Hub::new(cache)
-    };
+    let online =
+        |cache: &Path, endpoint: &str| Hub { endpoint: Some(endpoint.to_string()), progress: false, ..Hub::new(cache) };
 
     // Single-file weights; generation_config.json and the index are absent (404) and skipped.
     let cache = temp_dir("hf-download");
     let endpoint = serve(files.clone());
     let snap = online(&cache, &endpoint).resolve("Qwen/Tiny").unwrap();
-    assert!(
-        snap.ends_with("models--Qwen--Tiny/snapshots/c0ffee"),
-        "{}",
-        snap.display()
-    );
-    assert_eq!(
-        std::fs::read_to_string(snap.join("model.safetensors")).unwrap(),
-        "weights"
-    );
+    assert!(snap.ends_with("models--Qwen--Tiny/snapshots/c0ffee"), "{}", snap.display());
+    assert_eq!(std::fs::read_to_string(snap.join("model.safetensors")).unwrap(), "weights");
     assert!(snap.join("tokenizer_config.json").is_file());
     assert!(!snap.join("generation_config.json").exists());
     // Now it is cached: found offline, the way huggingface_hub lays it out.
@@ -322,27 +241,19 @@ fn downloads_missing_models_into_the_cache() {
     files.remove("model.safetensors");
     files.insert(
         "model.safetensors.index.json".into(),
-        br#"{"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors", "c": "model-1.safetensors"}}"#.to_vec(),
+        br#"{"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors", "c": "model-1.safetensors"}}"#
+            .to_vec(),
     );
     files.insert("model-1.safetensors".into(), b"one".to_vec());
     files.insert("model-2.safetensors".into(), b"two".to_vec());
     let endpoint = serve(files.clone());
     let snap = online(&cache, &endpoint).resolve("Qwen/Sharded").unwrap();
-    assert_eq!(
-        std::fs::read_to_string(snap.join("model-2.safetensors")).unwrap(),
-        "two"
-    );
+    assert_eq!(std::fs::read_to_string(snap.join("model-2.safetensors")).unwrap(), "two");
     assert!(missing_files(&snap).unwrap().is_empty());
 
     // A model the Hub does not have: a clear error naming the file and the way out.
     let endpoint = serve(HashMap::new());
-    let e = online(&cache, &endpoint)
-        .resolve("nobody/nothing")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("config.json") && e.contains("huggingface-cli download nobody/nothing"),
-        "{e}"
-    );
+    let e = online(&cache, &endpoint).resolve("nobody/nothing").unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("huggingface-cli download nobody/nothing"), "{e}");
     std::fs::remove_dir_all(&cache).ok();
 }

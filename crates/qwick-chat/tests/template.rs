@@ -6,17 +6,9 @@ use serde_json::{json, Map, Value};
 
 fn options(case: &Value) -> RenderOptions {
     let mut kwargs: Map<String, Value> = case["kwargs"].as_object().cloned().unwrap_or_default();
-    let add_generation_prompt = kwargs
-        .remove("add_generation_prompt")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
+    let add_generation_prompt = kwargs.remove("add_generation_prompt").and_then(|v| v.as_bool()).unwrap_or(false);
     let enable_thinking = kwargs.remove("enable_thinking").and_then(|v| v.as_bool());
-    RenderOptions {
-        tools: case["tools"].as_array().cloned(),
-        add_generation_prompt,
-        enable_thinking,
-        extra: kwargs,
-    }
+    RenderOptions { tools: case["tools"].as_array().cloned(), add_generation_prompt, enable_thinking, extra: kwargs }
 }
 
 fn messages(case: &Value) -> Vec<ChatMessage> {
@@ -41,12 +33,7 @@ fn rendered_prompts_tokenize_like_python() {
     let tok = tokenizer();
     for case in cases("templates.json") {
         let rendered = case["rendered"].as_str().unwrap();
-        assert_eq!(
-            tok.encode(rendered, false).unwrap(),
-            ids(&case["ids"]),
-            "case {}",
-            case["name"]
-        );
+        assert_eq!(tok.encode(rendered, false).unwrap(), ids(&case["ids"]), "case {}", case["name"]);
     }
 }
 
@@ -71,10 +58,7 @@ fn builder_api_matches_deserialized_messages() {
         ChatMessage::system("You are a weather bot."),
         ChatMessage::user("Weather in Paris?"),
         ChatMessage {
-            tool_calls: Some(vec![ToolCall::function(
-                "get_weather",
-                json!({"city": "Paris", "unit": "celsius"}),
-            )]),
+            tool_calls: Some(vec![ToolCall::function("get_weather", json!({"city": "Paris", "unit": "celsius"}))]),
             ..ChatMessage::assistant("")
         },
         ChatMessage::tool("{\"temperature\": 21}"),
@@ -82,11 +66,7 @@ fn builder_api_matches_deserialized_messages() {
     let got = template
         .render(
             &convo,
-            &RenderOptions {
-                add_generation_prompt: true,
-                enable_thinking: Some(false),
-                ..RenderOptions::default()
-            },
+            &RenderOptions { add_generation_prompt: true, enable_thinking: Some(false), ..RenderOptions::default() },
         )
         .unwrap();
     let want = "<|im_start|>system\nYou are a weather bot.<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n\
@@ -118,23 +98,12 @@ fn invalid_messages_are_clear_errors() {
     assert!(err(vec![]).contains("no messages"));
     let m = err(vec![ChatMessage::new("robot", "x")]);
     assert!(m.contains("unknown role \"robot\""), "{m}");
-    let m = err(vec![ChatMessage {
-        role: "user".into(),
-        ..ChatMessage::default()
-    }]);
+    let m = err(vec![ChatMessage { role: "user".into(), ..ChatMessage::default() }]);
     assert!(m.contains("user message 0 has no content"), "{m}");
-    let m = err(vec![
-        ChatMessage::user("x"),
-        ChatMessage {
-            role: "assistant".into(),
-            ..ChatMessage::default()
-        },
-    ]);
+    let m = err(vec![ChatMessage::user("x"), ChatMessage { role: "assistant".into(), ..ChatMessage::default() }]);
     assert!(m.contains("assistant message 1"), "{m}");
-    let m = err(vec![ChatMessage {
-        tool_calls: Some(vec![ToolCall::function("", "{}")]),
-        ..ChatMessage::assistant("")
-    }]);
+    let m =
+        err(vec![ChatMessage { tool_calls: Some(vec![ToolCall::function("", "{}")]), ..ChatMessage::assistant("") }]);
     assert!(m.contains("empty function name"), "{m}");
     // Unknown fields in JSON are rejected by nobody, but a wrong type is a serde error, not a panic.
     assert!(serde_json::from_value::<ChatMessage>(json!({"role": 3})).is_err());
@@ -143,44 +112,21 @@ fn invalid_messages_are_clear_errors() {
 #[test]
 fn template_errors_are_results() {
     let dir = temp_dir("no-template");
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        "{\"eos_token\": \"</s>\"}",
-    )
-    .unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), "{\"eos_token\": \"</s>\"}").unwrap();
     let e = ChatTemplate::from_dir(&dir).unwrap_err().to_string();
-    assert!(
-        e.contains("has no chat template") && e.contains("from_file"),
-        "{e}"
-    );
+    assert!(e.contains("has no chat template") && e.contains("from_file"), "{e}");
 
     // A template from a file works for such a folder, and sees the variables we give it.
     let file = dir.join("chat.jinja");
-    std::fs::write(
-        &file,
-        "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{{ eos_token }}\n",
-    )
-    .unwrap();
-    let t = ChatTemplate::from_file(&file)
-        .unwrap()
-        .with_var("eos_token", "</s>");
-    let out = t
-        .render(&[ChatMessage::user("hi")], &RenderOptions::default())
-        .unwrap();
+    std::fs::write(&file, "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{{ eos_token }}\n").unwrap();
+    let t = ChatTemplate::from_file(&file).unwrap().with_var("eos_token", "</s>");
+    let out = t.render(&[ChatMessage::user("hi")], &RenderOptions::default()).unwrap();
     assert_eq!(out, "[user]hi</s>");
 
     // chat_template.jinja next to a config without a template, and list-form templates.
-    std::fs::write(
-        dir.join("chat_template.jinja"),
-        "J:{{ messages[0].content }}",
-    )
-    .unwrap();
+    std::fs::write(dir.join("chat_template.jinja"), "J:{{ messages[0].content }}").unwrap();
     let t = ChatTemplate::from_dir(&dir).unwrap();
-    assert_eq!(
-        t.render(&[ChatMessage::user("a")], &RenderOptions::default())
-            .unwrap(),
-        "J:a"
-    );
+    assert_eq!(t.render(&[ChatMessage::user("a")], &RenderOptions::default()).unwrap(), "J:a");
     let list = json!({"chat_template": [
         {"name": "default", "template": "D{{ tools is none }}"},
         {"name": "tool_use", "template": "T{{ tools | length }}"}
@@ -189,27 +135,15 @@ fn template_errors_are_results() {
     let t = ChatTemplate::from_dir(&dir).unwrap();
     let msgs = [ChatMessage::user("a")];
     assert_eq!(t.render(&msgs, &RenderOptions::default()).unwrap(), "DTrue");
-    let with_tools = RenderOptions {
-        tools: Some(vec![json!({"type": "function"})]),
-        ..RenderOptions::default()
-    };
+    let with_tools = RenderOptions { tools: Some(vec![json!({"type": "function"})]), ..RenderOptions::default() };
     assert_eq!(t.render(&msgs, &with_tools).unwrap(), "T1");
 
     // Syntax errors, raise_exception and unknown filters are errors, not panics.
-    assert!(matches!(
-        ChatTemplate::new("{% if %}"),
-        Err(ChatError::Template(_))
-    ));
+    assert!(matches!(ChatTemplate::new("{% if %}"), Err(ChatError::Template(_))));
     let t = ChatTemplate::new("{{ raise_exception('Only user and assistant roles!') }}").unwrap();
     let e = t.render(&msgs, &RenderOptions::default()).unwrap_err();
-    assert!(
-        e.to_string().contains("Only user and assistant roles!"),
-        "{e}"
-    );
-    for source in [
-        "{{ x | no_such_filter }}",
-        "{{ undefined_thing.attr.more }}",
-    ] {
+    assert!(e.to_string().contains("Only user and assistant roles!"), "{e}");
+    for source in ["{{ x | no_such_filter }}", "{{ undefined_thing.attr.more }}"] {
         let t = ChatTemplate::new(source).unwrap();
         let e = t.render(&msgs, &RenderOptions::default()).unwrap_err();
         assert!(matches!(e, ChatError::Template(_)), "{source}: {e}");
@@ -222,8 +156,6 @@ fn template_errors_are_results() {
 #[test]
 fn strftime_now_is_available() {
     let t = ChatTemplate::new("{{ strftime_now('%Y') | length }}").unwrap();
-    let out = t
-        .render(&[ChatMessage::user("a")], &RenderOptions::default())
-        .unwrap();
+    let out = t.render(&[ChatMessage::user("a")], &RenderOptions::default()).unwrap();
     assert_eq!(out, "4");
 }

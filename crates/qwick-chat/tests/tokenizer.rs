@@ -16,11 +16,7 @@ fn ids_match_python_tokenizers_on_multilingual_text() {
         assert_eq!(tok.encode(text, false).unwrap(), want, "encode {name}");
         // Qwen3 adds no BOS/EOS.
         assert_eq!(tok.encode(text, true).unwrap(), want, "add_special {name}");
-        assert_eq!(
-            tok.decode(&want, false).unwrap(),
-            case["decoded"].as_str().unwrap(),
-            "decode {name}"
-        );
+        assert_eq!(tok.decode(&want, false).unwrap(), case["decoded"].as_str().unwrap(), "decode {name}");
         assert_eq!(
             tok.decode(&want, true).unwrap(),
             case["decoded_skip_special"].as_str().unwrap(),
@@ -37,10 +33,7 @@ fn check_incremental(tok: &Tokenizer, ids: &[u32], skip_special: bool, name: &st
     for &id in ids {
         let delta = dec.push(id).unwrap();
         out.push_str(&delta);
-        assert!(
-            full.starts_with(&out),
-            "{name}: streamed {out:?} is not a prefix of {full:?}"
-        );
+        assert!(full.starts_with(&out), "{name}: streamed {out:?} is not a prefix of {full:?}");
     }
     out.push_str(&dec.finish().unwrap());
     assert_eq!(out, full, "{name}");
@@ -78,20 +71,15 @@ fn byte_token(b: u8) -> String {
 #[test]
 fn characters_split_across_tokens_are_never_broken() {
     let tok = tokenizer();
-    let byte_ids = |s: &[u8]| -> Vec<u32> {
-        s.iter()
-            .map(|&b| tok.token_id(&byte_token(b)).expect("byte token"))
-            .collect()
-    };
+    let byte_ids =
+        |s: &[u8]| -> Vec<u32> { s.iter().map(|&b| tok.token_id(&byte_token(b)).expect("byte token")).collect() };
     // A ZWJ family emoji, one byte per token: nothing comes out until each character completes.
     let family = "👨‍👩‍👧";
     let ids = byte_ids(family.as_bytes());
     let mut dec = tok.incremental_decoder(false);
     let deltas: Vec<String> = ids.iter().map(|&i| dec.push(i).unwrap()).collect();
     assert_eq!(deltas.concat(), family);
-    assert!(deltas
-        .iter()
-        .all(|d| d.is_empty() || d.chars().count() == 1));
+    assert!(deltas.iter().all(|d| d.is_empty() || d.chars().count() == 1));
     assert_eq!(deltas.iter().filter(|d| !d.is_empty()).count(), 5);
     assert_eq!(dec.finish().unwrap(), "");
 
@@ -116,10 +104,7 @@ fn characters_split_across_tokens_are_never_broken() {
     check_incremental(tok, &ids, true, "skip");
     check_incremental(tok, &ids, false, "keep");
     let mut dec = tok.incremental_decoder(true);
-    assert_eq!(
-        dec.extend(&ids).unwrap() + &dec.finish().unwrap(),
-        "héllo 世界"
-    );
+    assert_eq!(dec.extend(&ids).unwrap() + &dec.finish().unwrap(), "héllo 世界");
 }
 
 #[test]
@@ -149,17 +134,10 @@ fn special_and_added_tokens() {
 fn loads_a_model_folder() {
     let dir = temp_dir("model");
     std::fs::write(dir.join("tokenizer.json"), tokenizer_json()).unwrap();
-    std::fs::copy(
-        refs_dir().join("tokenizer_config.json"),
-        dir.join("tokenizer_config.json"),
-    )
-    .unwrap();
+    std::fs::copy(refs_dir().join("tokenizer_config.json"), dir.join("tokenizer_config.json")).unwrap();
     let tok = Tokenizer::from_dir(&dir).unwrap();
     let text = "<|im_start|>user\nПривет, 世界! 👋<|im_end|>";
-    assert_eq!(
-        tok.encode(text, false).unwrap(),
-        tokenizer().encode(text, false).unwrap()
-    );
+    assert_eq!(tok.encode(text, false).unwrap(), tokenizer().encode(text, false).unwrap());
     assert_eq!(tok.vocab_size(), 151_669);
     let from_file = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     assert_eq!(from_file.token_id("<think>"), Some(151_667));
@@ -180,13 +158,9 @@ fn config_added_tokens_are_checked_and_added() {
     // The clone it came from is untouched (copy on write).
     assert_eq!(tokenizer().token_id("<|new_token|>"), None);
     // Conflicting ids are errors.
-    let e = tok
-        .apply_config(&json!({"added_tokens_decoder": {"5": {"content": "<|im_end|>"}}}))
-        .unwrap_err();
+    let e = tok.apply_config(&json!({"added_tokens_decoder": {"5": {"content": "<|im_end|>"}}})).unwrap_err();
     assert!(e.to_string().contains("declared with id 5"), "{e}");
-    let e = tok
-        .apply_config(&json!({"added_tokens_decoder": {"999999": {"content": "<|far|>"}}}))
-        .unwrap_err();
+    let e = tok.apply_config(&json!({"added_tokens_decoder": {"999999": {"content": "<|far|>"}}})).unwrap_err();
     assert!(e.to_string().contains("does not follow"), "{e}");
 }
 

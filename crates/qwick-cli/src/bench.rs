@@ -47,14 +47,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let cfg = model.config.clone();
     let ctx_len = a.prompt_len + a.gen_len;
     if ctx_len > cfg.max_position_embeddings {
-        eprintln!(
-            "note: {ctx_len} tokens exceed max_position_embeddings ({})",
-            cfg.max_position_embeddings
-        );
+        eprintln!("note: {ctx_len} tokens exceed max_position_embeddings ({})", cfg.max_position_embeddings);
     }
     let bytes_per_step = model.bytes_read_per_token();
     let weight_bytes = model.weight_bytes();
-    let mut runner = a.run.runner(model, a.batch * (ctx_len + 16))?;
+    let mut runner = a.run.runner(model, a.batch * (ctx_len + 16), isa)?;
 
     // Deterministic pseudo-random prompts.
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
@@ -73,14 +70,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     // Prefill: every prompt in one step.
     let t0 = Instant::now();
-    let spans: Vec<Span> = seqs
-        .iter()
-        .map(|&s| Span {
-            seq: s,
-            len: a.prompt_len,
-            logits: Logits::Last,
-        })
-        .collect();
+    let spans: Vec<Span> = seqs.iter().map(|&s| Span { seq: s, len: a.prompt_len, logits: Logits::Last }).collect();
     let logits = runner.step(&spans)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     for (&s, l) in seqs.iter().zip(&logits) {
@@ -90,14 +80,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // Decode: one token per sequence per step.
     let t1 = Instant::now();
     for _ in 1..a.gen_len {
-        let spans: Vec<Span> = seqs
-            .iter()
-            .map(|&s| Span {
-                seq: s,
-                len: 1,
-                logits: Logits::Last,
-            })
-            .collect();
+        let spans: Vec<Span> = seqs.iter().map(|&s| Span { seq: s, len: 1, logits: Logits::Last }).collect();
         let logits = runner.step(&spans)?;
         for (&s, l) in seqs.iter().zip(&logits) {
             runner.append_token(s, argmax(l))?;
@@ -105,11 +88,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let decode_s = t1.elapsed().as_secs_f64();
     let steps = (a.gen_len - 1).max(1) as f64;
-    let decode_tok_s = if a.gen_len > 1 {
-        a.batch as f64 * steps / decode_s
-    } else {
-        0.0
-    };
+    let decode_tok_s = if a.gen_len > 1 { a.batch as f64 * steps / decode_s } else { 0.0 };
     let prefill_tok_s = (a.batch * a.prompt_len) as f64 / prefill_s;
     let bound_tok_s = a.batch as f64 * bw / bytes_per_step as f64;
     let rss = peak_rss_bytes();
@@ -139,18 +118,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let gb = |b: usize| b as f64 / 1e9;
         println!("model            {}", a.model.display());
         println!("threads / isa    {threads} / {isa}");
-        println!(
-            "batch            {}  (prompt {} + gen {} tokens each)",
-            a.batch, a.prompt_len, a.gen_len
-        );
-        println!(
-            "prefill          {prefill_tok_s:.1} tok/s   (time to first token {:.3} s)",
-            prefill_s
-        );
-        println!(
-            "decode           {decode_tok_s:.2} tok/s{}",
-            if a.batch > 1 { "  (aggregate)" } else { "" }
-        );
+        println!("batch            {}  (prompt {} + gen {} tokens each)", a.batch, a.prompt_len, a.gen_len);
+        println!("prefill          {prefill_tok_s:.1} tok/s   (time to first token {:.3} s)", prefill_s);
+        println!("decode           {decode_tok_s:.2} tok/s{}", if a.batch > 1 { "  (aggregate)" } else { "" });
         println!(
             "bandwidth bound  {bound_tok_s:.2} tok/s   ({:.2} GB read per step at {:.1} GB/s measured); decode at {:.0}% of it",
             gb(bytes_per_step),
@@ -172,9 +142,7 @@ pub fn peak_rss_bytes() -> usize {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)

@@ -14,38 +14,43 @@ pub struct RunArgs {
     /// Worker threads (default: QWICK_THREADS or all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Kernel instruction set: scalar, avx2 or avx512 (default: QWICK_ISA or the best available).
+    /// Kernel instruction set: scalar, avx2, avx512 or avx512bf16 (default: QWICK_ISA, else the
+    /// fastest available; `logits` defaults to the fastest exact one).
     #[arg(long)]
     pub isa: Option<String>,
 }
 
 impl RunArgs {
     pub fn threads(&self) -> usize {
-        self.threads
-            .filter(|&t| t > 0)
-            .unwrap_or_else(ThreadPool::default_threads)
+        self.threads.filter(|&t| t > 0).unwrap_or_else(ThreadPool::default_threads)
     }
 
+    /// The ISA asked for, else the fastest one.
     pub fn isa(&self) -> Result<Isa> {
+        self.isa_or(Isa::best())
+    }
+
+    /// The ISA asked for (flag, then `QWICK_ISA`), else `default`.
+    pub fn isa_or(&self, default: Isa) -> Result<Isa> {
         match &self.isa {
             Some(s) => {
-                let isa = Isa::parse(s)
-                    .with_context(|| format!("--isa {s}: expected scalar, avx2 or avx512"))?;
+                let isa =
+                    Isa::parse(s).with_context(|| format!("--isa {s}: expected scalar, avx2, avx512 or avx512bf16"))?;
                 if !isa.supported() {
                     anyhow::bail!("--isa {s}: this CPU does not support it");
                 }
                 Ok(isa)
             }
-            None => Isa::from_env().map_err(anyhow::Error::msg),
+            None if std::env::var("QWICK_ISA").is_ok_and(|v| !v.is_empty()) => {
+                Isa::from_env().map_err(anyhow::Error::msg)
+            }
+            None => Ok(default),
         }
     }
 
-    /// A runner whose cache holds `tokens` tokens.
-    pub fn runner(&self, model: Arc<Qwen3>, tokens: usize) -> Result<Runner> {
-        Ok(Runner::new(
-            model,
-            &RunnerConfig::with_tokens(tokens, self.threads(), self.isa()?),
-        ))
+    /// A runner on `isa` whose cache holds `tokens` tokens.
+    pub fn runner(&self, model: Arc<Qwen3>, tokens: usize, isa: Isa) -> Result<Runner> {
+        Ok(Runner::new(model, &RunnerConfig::with_tokens(tokens, self.threads(), isa)))
     }
 }
 
@@ -56,11 +61,9 @@ pub fn progress_bar(what: &str) -> Option<ProgressBar> {
     }
     let b = ProgressBar::new(0);
     b.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-        )
-        .unwrap()
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
+            .unwrap()
+            .progress_chars("=> "),
     );
     b.set_message(what.to_string());
     Some(b)
@@ -109,9 +112,7 @@ fn prefetch(model: &Qwen3, progress: &dyn Fn(usize, usize)) {
                     touch(w.0.bytes());
                 }
             }
-            qwick_model::qwen3::Mlp::Moe {
-                router, experts, ..
-            } => {
+            qwick_model::qwen3::Mlp::Moe { router, experts, .. } => {
                 touch(router.0.bytes());
                 for s in experts {
                     for w in [&s.gate_proj, &s.up_proj, &s.down_proj] {

@@ -9,11 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "qwick",
-    version,
-    about = "A fast, exact runtime for the Qwen3 model family"
-)]
+#[command(name = "qwick", version, about = "A fast, exact runtime for the Qwen3 model family")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,27 +65,18 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Logits {
-            model,
-            tokens,
-            out,
-            run,
-        } => {
+        Command::Logits { model, tokens, out, run } => {
             let tokens = parse_tokens(&tokens)?;
             let model = common::load_model(&model)?;
             let vocab = model.config.vocab_size;
-            let mut runner = run.runner(model, tokens.len())?;
+            // Scoring is exact by default: no bf16 rounding of activations.
+            let isa = run.isa_or(qwick_backend::Isa::best_exact())?;
+            let mut runner = run.runner(model, tokens.len(), isa)?;
             let logits = runner.score(&tokens, 2048)?;
             qwick_model::npy::write_f32(&out, &[tokens.len(), vocab], &logits)
         }
         Command::Bench(args) => bench::run(args),
-        Command::MakeRandom {
-            config,
-            out,
-            dtype,
-            seed,
-            shard_gb,
-        } => {
+        Command::MakeRandom { config, out, dtype, seed, shard_gb } => {
             let dtype = match dtype.to_ascii_lowercase().as_str() {
                 "bf16" | "bfloat16" => qwick_backend::DType::BF16,
                 "f16" | "float16" => qwick_backend::DType::F16,
@@ -97,14 +84,9 @@ fn run(cli: Cli) -> Result<()> {
                 other => bail!("--dtype {other}: expected bf16, f16 or f32"),
             };
             let bar = common::progress_bar("writing");
-            qwick_model::random::make_random(
-                &config,
-                &out,
-                dtype,
-                seed,
-                (shard_gb * 1e9) as usize,
-                &|d, t| common::tick(&bar, d, t),
-            )?;
+            qwick_model::random::make_random(&config, &out, dtype, seed, (shard_gb * 1e9) as usize, &|d, t| {
+                common::tick(&bar, d, t)
+            })?;
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
@@ -119,10 +101,7 @@ fn parse_tokens(s: &str) -> Result<Vec<u32>> {
         .split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .map(|t| {
-            t.parse::<u32>()
-                .with_context(|| format!("--tokens: {t:?} is not a token id"))
-        })
+        .map(|t| t.parse::<u32>().with_context(|| format!("--tokens: {t:?} is not a token id")))
         .collect::<Result<_>>()?;
     if toks.is_empty() {
         bail!("--tokens is empty: give at least one token id, e.g. --tokens 1,2,3");

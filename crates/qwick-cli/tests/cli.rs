@@ -30,7 +30,8 @@ fn copy_dir(src: &Path, dst: &Path) {
 }
 
 fn tokens_of(dir: &Path) -> String {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json")).unwrap()).unwrap();
     v["tokens"].as_array().unwrap().iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")
 }
 
@@ -54,7 +55,15 @@ fn expect_error(model: &Path, tokens: &str, needle: &str) {
 fn logits_writes_transformers_logits_as_npy() {
     let dir = fixture("moe_nonorm_mlponly");
     let out = scratch("logits").join("l.npy");
-    let o = qwick(&["logits", "--model", dir.to_str().unwrap(), "--tokens", &tokens_of(&dir), "--out", out.to_str().unwrap()]);
+    let o = qwick(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &tokens_of(&dir),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (shape, got) = read_f32(&out).unwrap();
     let (wshape, want) = read_f32(&dir.join("logits.npy")).unwrap();
@@ -83,12 +92,17 @@ fn bad_input_gets_one_clear_error() {
     let edit_config = |name: &str, f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
         let d = tmp.join(name);
         copy_dir(&good, &d);
-        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
         f(v.as_object_mut().unwrap());
         std::fs::write(d.join("config.json"), v.to_string()).unwrap();
         d
     };
-    expect_error(&edit_config("missing_key", &|o| drop(o.remove("hidden_size"))), &toks, "missing required key \"hidden_size\"");
+    expect_error(
+        &edit_config("missing_key", &|o| drop(o.remove("hidden_size"))),
+        &toks,
+        "missing required key \"hidden_size\"",
+    );
     expect_error(
         &edit_config("arch", &|o| drop(o.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"])))),
         &toks,
@@ -143,17 +157,37 @@ fn make_random_sharded_checkpoint_loads_and_benches() {
     )
     .unwrap();
     let model = tmp.join("model");
-    let o = qwick(&["make-random", "--config", cfg.to_str().unwrap(), "--out", model.to_str().unwrap(), "--shard-gb", "0.0001"]);
+    let o = qwick(&[
+        "make-random",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--shard-gb",
+        "0.0001",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(model.join("model.safetensors.index.json").exists(), "sharded");
     let out = tmp.join("l.npy");
-    let o = qwick(&["logits", "--model", model.to_str().unwrap(), "--tokens", "1,2,3,299", "--out", out.to_str().unwrap()]);
+    let o =
+        qwick(&["logits", "--model", model.to_str().unwrap(), "--tokens", "1,2,3,299", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (shape, l) = read_f32(&out).unwrap();
     assert_eq!(shape, vec![4, 300]);
     assert!(l.iter().all(|x| x.is_finite()) && l.iter().any(|&x| x != 0.0));
 
-    let o = qwick(&["bench", "--model", model.to_str().unwrap(), "--prompt-len", "8", "--gen-len", "4", "--batch", "2", "--json"]);
+    let o = qwick(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        "--batch",
+        "2",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
     for k in ["prefill_tok_s", "decode_tok_s", "bound_tok_s", "peak_rss_bytes", "ttft_s", "bandwidth_gb_s"] {

@@ -10,10 +10,7 @@ pub struct BlockAllocator {
 impl BlockAllocator {
     pub fn new(num_blocks: usize) -> BlockAllocator {
         // Pop from the end: hand out low block ids first.
-        BlockAllocator {
-            free: (0..num_blocks as u32).rev().collect(),
-            refs: vec![0; num_blocks],
-        }
+        BlockAllocator { free: (0..num_blocks as u32).rev().collect(), refs: vec![0; num_blocks] }
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -63,11 +60,7 @@ mod tests {
     #[test]
     fn allocate_release_and_share() {
         let mut a = BlockAllocator::new(3);
-        let (x, y, z) = (
-            a.allocate().unwrap(),
-            a.allocate().unwrap(),
-            a.allocate().unwrap(),
-        );
+        let (x, y, z) = (a.allocate().unwrap(), a.allocate().unwrap(), a.allocate().unwrap());
         assert_eq!((x, y, z), (0, 1, 2));
         assert!(a.allocate().is_none());
         a.retain(y);

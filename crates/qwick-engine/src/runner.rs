@@ -25,26 +25,14 @@ impl RunnerConfig {
     pub fn with_kv_bytes(model: &Qwen3, kv_bytes: usize, threads: usize, isa: Isa) -> RunnerConfig {
         let c = &model.config;
         let block_size = 16;
-        let per_block =
-            KvCache::bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
-                * block_size;
-        RunnerConfig {
-            block_size,
-            num_blocks: (kv_bytes / per_block).max(1),
-            threads,
-            isa,
-        }
+        let per_block = KvCache::bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim) * block_size;
+        RunnerConfig { block_size, num_blocks: (kv_bytes / per_block).max(1), threads, isa }
     }
 
     /// A cache holding exactly `tokens` tokens.
     pub fn with_tokens(tokens: usize, threads: usize, isa: Isa) -> RunnerConfig {
         let block_size = 16;
-        RunnerConfig {
-            block_size,
-            num_blocks: tokens.div_ceil(block_size).max(1),
-            threads,
-            isa,
-        }
+        RunnerConfig { block_size, num_blocks: tokens.div_ceil(block_size).max(1), threads, isa }
     }
 }
 
@@ -96,10 +84,7 @@ impl Runner {
     }
 
     pub fn ctx(&self) -> Ctx<'_> {
-        Ctx {
-            isa: self.isa,
-            pool: &self.pool,
-        }
+        Ctx { isa: self.isa, pool: &self.pool }
     }
 
     pub fn kv_bytes(&self) -> usize {
@@ -118,14 +103,7 @@ impl Runner {
     pub fn add_sequence(&mut self, tokens: &[u32]) -> SeqId {
         let id = self.next_id;
         self.next_id += 1;
-        self.seqs.insert(
-            id,
-            Sequence {
-                tokens: tokens.to_vec(),
-                cached: 0,
-                blocks: vec![],
-            },
-        );
+        self.seqs.insert(id, Sequence { tokens: tokens.to_vec(), cached: 0, blocks: vec![] });
         id
     }
 
@@ -137,10 +115,7 @@ impl Runner {
 
     /// Tokens of the sequence not yet in the cache.
     pub fn pending(&self, seq: SeqId) -> Result<usize> {
-        let s = self
-            .seqs
-            .get(&seq)
-            .ok_or_else(|| anyhow!("unknown sequence {seq}"))?;
+        let s = self.seqs.get(&seq).ok_or_else(|| anyhow!("unknown sequence {seq}"))?;
         Ok(s.tokens.len() - s.cached)
     }
 
@@ -158,9 +133,7 @@ impl Runner {
     }
 
     fn seq_mut(&mut self, seq: SeqId) -> Result<&mut Sequence> {
-        self.seqs
-            .get_mut(&seq)
-            .ok_or_else(|| anyhow!("unknown sequence {seq}"))
+        self.seqs.get_mut(&seq).ok_or_else(|| anyhow!("unknown sequence {seq}"))
     }
 
     /// Runs one forward call over `spans` (one per sequence) and returns each span's logits,
@@ -174,21 +147,11 @@ impl Runner {
             if spans[..i].iter().any(|o| o.seq == sp.seq) {
                 bail!("sequence {} appears twice in one step", sp.seq);
             }
-            let s = self
-                .seqs
-                .get(&sp.seq)
-                .ok_or_else(|| anyhow!("unknown sequence {}", sp.seq))?;
+            let s = self.seqs.get(&sp.seq).ok_or_else(|| anyhow!("unknown sequence {}", sp.seq))?;
             if sp.len == 0 || s.cached + sp.len > s.tokens.len() {
-                bail!(
-                    "sequence {}: span of {} tokens, {} pending",
-                    sp.seq,
-                    sp.len,
-                    s.tokens.len() - s.cached
-                );
+                bail!("sequence {}: span of {} tokens, {} pending", sp.seq, sp.len, s.tokens.len() - s.cached);
             }
-            need += (s.cached + sp.len)
-                .div_ceil(bs)
-                .saturating_sub(s.blocks.len());
+            need += (s.cached + sp.len).div_ceil(bs).saturating_sub(s.blocks.len());
         }
         if need > self.blocks.num_free() {
             bail!(
@@ -201,8 +164,7 @@ impl Runner {
         for sp in spans {
             let s = self.seqs.get_mut(&sp.seq).unwrap();
             while s.blocks.len() * bs < s.cached + sp.len {
-                s.blocks
-                    .push(self.blocks.allocate().expect("checked above"));
+                s.blocks.push(self.blocks.allocate().expect("checked above"));
             }
             let toks = &s.tokens[s.cached..s.cached + sp.len];
             let rows = batch.push_span(toks, s.cached, &s.blocks, bs, sp.logits == Logits::All);
@@ -210,10 +172,7 @@ impl Runner {
                 batch.logits_rows.retain(|&r| r as usize != rows.end - 1);
             }
         }
-        let ctx = Ctx {
-            isa: self.isa,
-            pool: &self.pool,
-        };
+        let ctx = Ctx { isa: self.isa, pool: &self.pool };
         let logits = self.model.forward(ctx, &batch, &mut self.kv)?;
         let vocab = self.model.config.vocab_size;
         let mut out = Vec::with_capacity(spans.len());
@@ -243,11 +202,7 @@ impl Runner {
             let mut done = 0;
             while done < tokens.len() {
                 let len = chunk.max(1).min(tokens.len() - done);
-                let mut l = self.step(&[Span {
-                    seq: id,
-                    len,
-                    logits: Logits::All,
-                }])?;
+                let mut l = self.step(&[Span { seq: id, len, logits: Logits::All }])?;
                 all.append(&mut l[0]);
                 done += len;
             }

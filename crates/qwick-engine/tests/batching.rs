@@ -1,6 +1,11 @@
 //! Running sequences together gives the same logits as running each alone: prefill chunks and
 //! decode tokens of many sequences mixed in one step, sequences joining at different steps,
 //! at several batch sizes and prompt lengths, over dense and MoE fixtures.
+//!
+//! On exact ISAs the logits agree to 1e-5 (only summation order differs between the GEMV and
+//! GEMM paths). With `avx512bf16` activations are rounded to bf16, so a last-bit difference can
+//! move a rounding by 2⁻⁹; there logits agree to 5% of their spread, and a greedy token may
+//! differ only at a near-tie.
 
 use qwick_backend::Isa;
 use qwick_engine::{argmax, Logits, Runner, RunnerConfig, SeqId, Span};
@@ -20,8 +25,8 @@ fn prompt(i: usize, len: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// Logits after the prompt and after each of GEN greedy tokens, sequence run alone.
-fn alone(model: &Arc<Qwen3>, p: &[u32]) -> Vec<Vec<f32>> {
-    let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(p.len() + GEN + 1, 2, Isa::best()));
+fn alone(model: &Arc<Qwen3>, p: &[u32], isa: Isa) -> Vec<Vec<f32>> {
+    let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(p.len() + GEN + 1, 2, isa));
     let s = r.add_sequence(p);
     let mut out = vec![];
     let mut len = p.len();
@@ -34,9 +39,9 @@ fn alone(model: &Arc<Qwen3>, p: &[u32]) -> Vec<Vec<f32>> {
     out
 }
 
-fn together(model: &Arc<Qwen3>, prompts: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
+fn together(model: &Arc<Qwen3>, prompts: &[Vec<u32>], isa: Isa) -> Vec<Vec<Vec<f32>>> {
     let total: usize = prompts.iter().map(|p| p.len() + GEN + 16).sum();
-    let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(total, 2, Isa::best()));
+    let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(total, 2, isa));
     let mut ids: Vec<Option<SeqId>> = vec![None; prompts.len()];
     let mut out: Vec<Vec<Vec<f32>>> = vec![vec![]; prompts.len()];
     let mut step = 0;
@@ -71,18 +76,39 @@ fn together(model: &Arc<Qwen3>, prompts: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
 
 #[test]
 fn batch_equals_alone() {
-    for name in ["dense_untied_gqa2", "moe_norm_topk", "dense_gqa8_yarn"] {
-        let m = model(name);
-        for n in [1usize, 3, 8] {
-            let prompts: Vec<Vec<u32>> = (0..n).map(|i| prompt(i, [1, 5, 17, 33, 2, 16, 40, 9][i % 8], m.config.vocab_size)).collect();
-            let batched = together(&m, &prompts);
-            for (i, p) in prompts.iter().enumerate() {
-                let solo = alone(&m, p);
-                assert_eq!(solo.len(), batched[i].len());
-                for (t, (a, b)) in solo.iter().zip(&batched[i]).enumerate() {
-                    assert_eq!(argmax(a), argmax(b), "{name} n={n} seq {i} step {t}: greedy token differs");
-                    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + x.abs())).fold(0f32, f32::max);
-                    assert!(worst < 1e-5, "{name} n={n} seq {i} step {t}: logits differ by {worst}");
+    let mut isas = vec![Isa::best_exact()];
+    if Isa::best() != Isa::best_exact() {
+        isas.push(Isa::best());
+    }
+    for isa in isas {
+        for name in ["dense_untied_gqa2", "moe_norm_topk", "dense_gqa8_yarn"] {
+            let m = model(name);
+            for n in [1usize, 3, 8] {
+                let prompts: Vec<Vec<u32>> =
+                    (0..n).map(|i| prompt(i, [1, 5, 17, 33, 2, 16, 40, 9][i % 8], m.config.vocab_size)).collect();
+                let batched = together(&m, &prompts, isa);
+                for (i, p) in prompts.iter().enumerate() {
+                    let solo = alone(&m, p, isa);
+                    assert_eq!(solo.len(), batched[i].len());
+                    for (t, (a, b)) in solo.iter().zip(&batched[i]).enumerate() {
+                        let what = format!("{isa} {name} n={n} seq {i} step {t}");
+                        if !isa.rounds_activations() {
+                            assert_eq!(argmax(a), argmax(b), "{what}: greedy token differs");
+                            let worst =
+                                a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + x.abs())).fold(0f32, f32::max);
+                            assert!(worst < 1e-5, "{what}: logits differ by {worst}");
+                            continue;
+                        }
+                        let mean = a.iter().sum::<f32>() / a.len() as f32;
+                        let std = (a.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / a.len() as f32).sqrt();
+                        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                        assert!(worst <= 0.05 * std, "{what}: logits differ by {worst} (std {std})");
+                        if argmax(a) != argmax(b) {
+                            let gap = a[argmax(a) as usize] - a[argmax(b) as usize];
+                            assert!(gap <= 2.0 * worst, "{what}: greedy token differs outside a near-tie");
+                            break; // the sequences have diverged; later steps are not comparable
+                        }
+                    }
                 }
             }
         }

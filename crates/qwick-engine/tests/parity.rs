@@ -2,10 +2,14 @@
 //! Qwen3 / Qwen3-MoE checkpoints made by `python/make_fixtures.py`, with transformers' float32
 //! logits), on every kernel ISA this CPU supports, whole and in chunks.
 //!
-//! Tolerance: |ours − theirs| ≤ 1e-4 · (1 + |theirs|). Both sides compute in f32 from the same
-//! stored weights (widened exactly), so differences come only from summation order and the
-//! exp/cos implementations: observed ≤ 3e-5 on logits up to 60. A real mistake (RoPE layout,
-//! norm placement, YaRN factors, routing) moves logits by 0.1 or more.
+//! Tolerance, exact ISAs: |ours − theirs| ≤ 1e-4 · (1 + |theirs|). Both sides compute in f32
+//! from the same stored weights (widened exactly), so differences come only from summation
+//! order and the exp/cos implementations: observed ≤ 3e-5 on logits up to 60. A real mistake
+//! (RoPE layout, norm placement, YaRN factors, routing) moves logits by 0.1 or more.
+//!
+//! `avx512bf16` rounds activations to bf16 (relative error ≤ 2⁻⁹) before each matmul with
+//! bf16 weights, as bf16 inference does; there the bound is 0.05 × the standard deviation of
+//! the reference logits (observed ≤ 0.025).
 
 use qwick_backend::Isa;
 use qwick_engine::{Runner, RunnerConfig};
@@ -26,12 +30,20 @@ fn fixtures() -> Vec<PathBuf> {
 }
 
 fn tokens(dir: &std::path::Path) -> Vec<u32> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json")).unwrap()).unwrap();
     v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
 }
 
-fn assert_close(got: &[f32], want: &[f32], what: &str) {
+fn assert_close(got: &[f32], want: &[f32], what: &str, isa: Isa) {
     assert_eq!(got.len(), want.len(), "{what}: length");
+    if isa.rounds_activations() {
+        let mean = want.iter().sum::<f32>() / want.len() as f32;
+        let std = (want.iter().map(|w| (w - mean).powi(2)).sum::<f32>() / want.len() as f32).sqrt();
+        let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+        assert!(worst <= 0.05 * std, "{what}: max error {worst} with logit std {std}");
+        return;
+    }
     let mut worst = (0f32, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs() / (1.0 + w.abs());
@@ -39,7 +51,14 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
             worst = (err, i);
         }
     }
-    assert!(worst.0 <= 1e-4, "{what}: relative error {} at {} ({} vs {})", worst.0, worst.1, got[worst.1], want[worst.1]);
+    assert!(
+        worst.0 <= 1e-4,
+        "{what}: relative error {} at {} ({} vs {})",
+        worst.0,
+        worst.1,
+        got[worst.1],
+        want[worst.1]
+    );
 }
 
 #[test]
@@ -53,10 +72,10 @@ fn logits_match_transformers_on_every_isa() {
         for isa in Isa::all_supported() {
             let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(toks.len(), 2, isa));
             let got = r.score(&toks, 4096).unwrap();
-            assert_close(&got, &want, &format!("{name} {isa}"));
+            assert_close(&got, &want, &format!("{name} {isa}"), isa);
             // The same logits when the prompt is fed in chunks through the cache.
             let got = r.score(&toks, 7).unwrap();
-            assert_close(&got, &want, &format!("{name} {isa} chunked"));
+            assert_close(&got, &want, &format!("{name} {isa} chunked"), isa);
             assert_eq!(r.blocks().num_used(), 0, "{name}: blocks freed");
         }
     }

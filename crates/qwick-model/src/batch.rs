@@ -39,14 +39,8 @@ impl Batch {
             self.tokens.push(t);
             self.positions.push(pos as u32);
             self.seq_of_token.push(seq);
-            let blk = block_table
-                .get(pos / block_size)
-                .copied()
-                .unwrap_or(u32::MAX);
-            self.slot_mapping.push(
-                blk.saturating_mul(block_size as u32)
-                    .saturating_add((pos % block_size) as u32),
-            );
+            let blk = block_table.get(pos / block_size).copied().unwrap_or(u32::MAX);
+            self.slot_mapping.push(blk.saturating_mul(block_size as u32).saturating_add((pos % block_size) as u32));
         }
         let rows = first..self.tokens.len();
         if all_logits {
@@ -71,17 +65,14 @@ impl Batch {
         if n == 0 {
             bail!("empty batch: no tokens to run");
         }
-        if self.positions.len() != n || self.seq_of_token.len() != n || self.slot_mapping.len() != n
-        {
+        if self.positions.len() != n || self.seq_of_token.len() != n || self.slot_mapping.len() != n {
             bail!("batch arrays disagree in length");
         }
-        if let Some((i, t)) = self
-            .tokens
-            .iter()
-            .enumerate()
-            .find(|(_, &t)| t as usize >= vocab)
-        {
-            bail!("token id {t} at index {i} is out of range: the vocabulary has {vocab} tokens (ids 0..{})", vocab - 1);
+        if let Some((i, t)) = self.tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+            bail!(
+                "token id {t} at index {i} is out of range: the vocabulary has {vocab} tokens (ids 0..{})",
+                vocab - 1
+            );
         }
         for i in 0..n {
             let s = self.seq_of_token[i] as usize;
@@ -91,19 +82,13 @@ impl Batch {
             let pos = self.positions[i] as usize;
             let need = pos / block_size;
             if need >= table.len() {
-                bail!(
-                    "sequence {s}: position {pos} is beyond its block table ({} blocks)",
-                    table.len()
-                );
+                bail!("sequence {s}: position {pos} is beyond its block table ({} blocks)", table.len());
             }
             if let Some(b) = table[..=need].iter().find(|&&b| b as usize >= num_blocks) {
                 bail!("sequence {s}: block {b} is outside the cache ({num_blocks} blocks)");
             }
             if self.slot_mapping[i] as usize >= num_blocks * block_size {
-                bail!(
-                    "token {i}: cache slot {} is outside the cache",
-                    self.slot_mapping[i]
-                );
+                bail!("token {i}: cache slot {} is outside the cache", self.slot_mapping[i]);
             }
         }
         if let Some(r) = self.logits_rows.iter().find(|&&r| r as usize >= n) {

@@ -68,17 +68,13 @@ pub struct MoeConfig {
 impl Config {
     /// Reads and validates `config.json` (or any file in that format).
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let v: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
         Config::from_json(&v).with_context(|| format!("{}", path.display()))
     }
 
     pub fn from_json(v: &Value) -> Result<Config> {
-        let o = v
-            .as_object()
-            .ok_or_else(|| anyhow!("config is not a JSON object"))?;
+        let o = v.as_object().ok_or_else(|| anyhow!("config is not a JSON object"))?;
         let arch_names: Vec<&str> = match o.get("architectures") {
             Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str()).collect(),
             _ => vec![],
@@ -87,7 +83,9 @@ impl Config {
         let architecture = match (arch_names.first().copied(), model_type) {
             (Some("Qwen3ForCausalLM"), _) | (None, "qwen3") => Architecture::Qwen3,
             (Some("Qwen3MoeForCausalLM"), _) | (None, "qwen3_moe") => Architecture::Qwen3Moe,
-            (Some(other), _) => bail!("unsupported architecture {other:?}: qwick runs Qwen3ForCausalLM and Qwen3MoeForCausalLM"),
+            (Some(other), _) => {
+                bail!("unsupported architecture {other:?}: qwick runs Qwen3ForCausalLM and Qwen3MoeForCausalLM")
+            }
             (None, "") => bail!("config names no architecture (\"architectures\" or \"model_type\")"),
             (None, other) => bail!("unsupported model_type {other:?}: qwick runs qwen3 and qwen3_moe"),
         };
@@ -95,26 +93,23 @@ impl Config {
         let num_attention_heads = req_usize(o, "num_attention_heads")?;
         let num_hidden_layers = req_usize(o, "num_hidden_layers")?;
         let vocab_size = req_usize(o, "vocab_size")?;
-        let num_key_value_heads =
-            opt_usize(o, "num_key_value_heads")?.unwrap_or(num_attention_heads);
-        let head_dim =
-            opt_usize(o, "head_dim")?.unwrap_or(hidden_size / num_attention_heads.max(1));
+        let num_key_value_heads = opt_usize(o, "num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let head_dim = opt_usize(o, "head_dim")?.unwrap_or(hidden_size / num_attention_heads.max(1));
         let max_position_embeddings = opt_usize(o, "max_position_embeddings")?.unwrap_or(32768);
         let moe = if architecture == Architecture::Qwen3Moe {
             let num_experts = match opt_usize(o, "num_experts")? {
                 Some(n) => n,
-                None => opt_usize(o, "num_local_experts")?.ok_or_else(|| {
-                    anyhow!("missing required key \"num_experts\" (or \"num_local_experts\")")
-                })?,
+                None => opt_usize(o, "num_local_experts")?
+                    .ok_or_else(|| anyhow!("missing required key \"num_experts\" (or \"num_local_experts\")"))?,
             };
             let mlp_only_layers = match o.get("mlp_only_layers") {
                 None | Some(Value::Null) => vec![],
                 Some(Value::Array(a)) => a
                     .iter()
                     .map(|x| {
-                        x.as_u64().map(|n| n as usize).ok_or_else(|| {
-                            anyhow!("\"mlp_only_layers\" must be a list of layer indices")
-                        })
+                        x.as_u64()
+                            .map(|n| n as usize)
+                            .ok_or_else(|| anyhow!("\"mlp_only_layers\" must be a list of layer indices"))
                     })
                     .collect::<Result<_>>()?,
                 Some(_) => bail!("\"mlp_only_layers\" must be a list of layer indices"),
@@ -138,11 +133,7 @@ impl Config {
         let rope = parse_rope(o, max_position_embeddings)?;
         let eos_token_ids = match o.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_u64())
-                .map(|x| x as u32)
-                .collect(),
+            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
             _ => vec![],
         };
         let cfg = Config {
@@ -159,11 +150,7 @@ impl Config {
             tie_word_embeddings: opt_bool(o, "tie_word_embeddings")?.unwrap_or(false),
             rope,
             moe,
-            dtype: o
-                .get("torch_dtype")
-                .or_else(|| o.get("dtype"))
-                .and_then(|x| x.as_str())
-                .map(str::to_string),
+            dtype: o.get("torch_dtype").or_else(|| o.get("dtype")).and_then(|x| x.as_str()).map(str::to_string),
             eos_token_ids,
         };
         cfg.validate()?;
@@ -192,30 +179,20 @@ impl Config {
             );
         }
         if self.head_dim % 2 != 0 {
-            bail!(
-                "head_dim ({}) must be even for rotary embeddings",
-                self.head_dim
-            );
+            bail!("head_dim ({}) must be even for rotary embeddings", self.head_dim);
         }
         if let Some(m) = &self.moe {
-            if m.num_experts == 0
-                || m.num_experts_per_tok == 0
-                || m.num_experts_per_tok > m.num_experts
-            {
+            if m.num_experts == 0 || m.num_experts_per_tok == 0 || m.num_experts_per_tok > m.num_experts {
                 bail!(
                     "num_experts_per_tok ({}) must be between 1 and num_experts ({})",
                     m.num_experts_per_tok,
                     m.num_experts
                 );
             }
-            if m.decoder_sparse_step == 0
-                && (0..self.num_hidden_layers).any(|l| !m.mlp_only_layers.contains(&l))
-            {
+            if m.decoder_sparse_step == 0 && (0..self.num_hidden_layers).any(|l| !m.mlp_only_layers.contains(&l)) {
                 bail!("decoder_sparse_step must be positive");
             }
-            if (0..self.num_hidden_layers).any(|l| !self.is_sparse(l))
-                && self.intermediate_size == 0
-            {
+            if (0..self.num_hidden_layers).any(|l| !self.is_sparse(l)) && self.intermediate_size == 0 {
                 bail!("missing required key \"intermediate_size\" (needed by dense layers in mlp_only_layers)");
             }
         }
@@ -250,9 +227,7 @@ impl Config {
         let base = self.rope.theta as f32;
         let half = dim / 2;
         // base ** (arange(0, dim, 2) / dim), in f32.
-        let pos_freqs: Vec<f32> = (0..half)
-            .map(|i| base.powf((2 * i) as f32 / dim as f32))
-            .collect();
+        let pos_freqs: Vec<f32> = (0..half).map(|i| base.powf((2 * i) as f32 / dim as f32)).collect();
         let Some(y) = &self.rope.yarn else {
             return (pos_freqs.iter().map(|p| 1.0 / p).collect(), 1.0);
         };
@@ -270,15 +245,11 @@ impl Config {
         };
         let attention_factor = match (y.attention_factor, y.mscale, y.mscale_all_dim) {
             (Some(a), _, _) => a,
-            (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
-                get_mscale(factor, m) / get_mscale(factor, ma)
-            }
+            (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => get_mscale(factor, m) / get_mscale(factor, ma),
             _ => get_mscale(factor, 1.0),
         };
         let corr_dim = |rot: f64| {
-            (dim as f64
-                * (y.original_max_position_embeddings as f64 / (rot * 2.0 * std::f64::consts::PI))
-                    .ln())
+            (dim as f64 * (y.original_max_position_embeddings as f64 / (rot * 2.0 * std::f64::consts::PI)).ln())
                 / (2.0 * (self.rope.theta).ln())
         };
         let (mut low, mut high) = (corr_dim(y.beta_fast), corr_dim(y.beta_slow));
@@ -311,9 +282,7 @@ fn parse_rope(o: &Map<String, Value>, max_pos: usize) -> Result<Rope> {
         _ => None,
     };
     let theta = match params.and_then(|p| p.get("rope_theta")) {
-        Some(v) => v
-            .as_f64()
-            .ok_or_else(|| anyhow!("\"rope_parameters.rope_theta\" must be a number"))?,
+        Some(v) => v.as_f64().ok_or_else(|| anyhow!("\"rope_parameters.rope_theta\" must be a number"))?,
         None => opt_f64(o, "rope_theta")?.unwrap_or(10000.0),
     };
     let scaling = match o.get("rope_scaling") {
@@ -323,25 +292,17 @@ fn parse_rope(o: &Map<String, Value>, max_pos: usize) -> Result<Rope> {
     let Some(s) = scaling else {
         return Ok(Rope { theta, yarn: None });
     };
-    let kind = s
-        .get("rope_type")
-        .or_else(|| s.get("type"))
-        .and_then(|x| x.as_str())
-        .unwrap_or("default");
+    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|x| x.as_str()).unwrap_or("default");
     match kind {
         "default" => Ok(Rope { theta, yarn: None }),
         "yarn" => {
             let f = |k: &str| -> Result<Option<f64>> {
                 match s.get(k) {
                     None | Some(Value::Null) => Ok(None),
-                    Some(v) => v
-                        .as_f64()
-                        .map(Some)
-                        .ok_or_else(|| anyhow!("rope scaling \"{k}\" must be a number")),
+                    Some(v) => v.as_f64().map(Some).ok_or_else(|| anyhow!("rope scaling \"{k}\" must be a number")),
                 }
             };
-            let factor =
-                f("factor")?.ok_or_else(|| anyhow!("YaRN rope scaling needs \"factor\""))?;
+            let factor = f("factor")?.ok_or_else(|| anyhow!("YaRN rope scaling needs \"factor\""))?;
             let orig = f("original_max_position_embeddings")?;
             Ok(Rope {
                 theta,
@@ -379,20 +340,14 @@ fn opt_usize(o: &Map<String, Value>, k: &str) -> Result<Option<usize>> {
 fn opt_f64(o: &Map<String, Value>, k: &str) -> Result<Option<f64>> {
     match o.get(k) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| anyhow!("\"{k}\" must be a number, found {v}")),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| anyhow!("\"{k}\" must be a number, found {v}")),
     }
 }
 
 fn opt_bool(o: &Map<String, Value>, k: &str) -> Result<Option<bool>> {
     match o.get(k) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_bool()
-            .map(Some)
-            .ok_or_else(|| anyhow!("\"{k}\" must be true or false, found {v}")),
+        Some(v) => v.as_bool().map(Some).ok_or_else(|| anyhow!("\"{k}\" must be true or false, found {v}")),
     }
 }
 
@@ -401,9 +356,7 @@ mod tests {
     use super::*;
 
     fn shared(name: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/configs")
-            .join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/configs").join(name)
     }
 
     #[test]
@@ -420,21 +373,13 @@ mod tests {
         ] {
             let c = Config::from_file(&shared(name)).unwrap();
             assert_eq!(
-                (
-                    c.num_attention_heads,
-                    c.num_key_value_heads,
-                    c.head_dim,
-                    c.moe.is_some()
-                ),
+                (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.moe.is_some()),
                 (heads, kv, 128, moe),
                 "{name}"
             );
             assert_eq!(c.rope.theta, 1_000_000.0);
             if let Some(m) = &c.moe {
-                assert_eq!(
-                    (m.num_experts, m.num_experts_per_tok, m.norm_topk_prob),
-                    (128, 8, true)
-                );
+                assert_eq!((m.num_experts, m.num_experts_per_tok, m.norm_topk_prob), (128, 8, true));
                 assert!((0..c.num_hidden_layers).all(|l| c.is_sparse(l)));
             }
         }
@@ -443,10 +388,7 @@ mod tests {
     #[test]
     fn bad_configs_get_clear_errors() {
         let err = |v: Value| format!("{:#}", Config::from_json(&v).unwrap_err());
-        assert!(
-            err(serde_json::json!({"architectures": ["LlamaForCausalLM"]}))
-                .contains("LlamaForCausalLM")
-        );
+        assert!(err(serde_json::json!({"architectures": ["LlamaForCausalLM"]})).contains("LlamaForCausalLM"));
         let e = err(serde_json::json!({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64}));
         assert!(e.contains("missing required key"), "{e}");
         let e = err(serde_json::json!({"architectures": ["Qwen3ForCausalLM"], "hidden_size": "x"}));
@@ -464,21 +406,12 @@ mod tests {
         let v5 = serde_json::json!({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "head_dim": 16,
             "num_hidden_layers": 1, "vocab_size": 10, "intermediate_size": 8, "max_position_embeddings": 128,
             "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}});
-        let (a, b) = (
-            Config::from_json(&hub).unwrap(),
-            Config::from_json(&v5).unwrap(),
-        );
+        let (a, b) = (Config::from_json(&hub).unwrap(), Config::from_json(&v5).unwrap());
         assert_eq!(a.rope, b.rope);
         let (inv, att) = a.rope_inv_freq();
         assert!((att - (0.1 * 4f32.ln() + 1.0)).abs() < 1e-6);
         assert_eq!(inv.len(), 8);
-        assert!(
-            (inv[0] - 1.0).abs() < 1e-6,
-            "highest frequency is extrapolated"
-        );
-        assert!(
-            (inv[7] - 1.0 / (4.0 * 10000f32.powf(14.0 / 16.0))).abs() < 1e-9,
-            "lowest is interpolated"
-        );
+        assert!((inv[0] - 1.0).abs() < 1e-6, "highest frequency is extrapolated");
+        assert!((inv[7] - 1.0 / (4.0 * 10000f32.powf(14.0 / 16.0))).abs() < 1e-9, "lowest is interpolated");
     }
 }

@@ -13,22 +13,14 @@ pub struct KvCache {
 
 impl KvCache {
     /// Allocates a cache; pages are touched only as blocks are used.
-    pub fn new(
-        layers: usize,
-        num_blocks: usize,
-        block_size: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    ) -> KvCache {
+    pub fn new(layers: usize, num_blocks: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> KvCache {
         let per = num_blocks * block_size * kv_heads * head_dim;
         KvCache {
             block_size,
             num_blocks,
             kv_heads,
             head_dim,
-            layers: (0..layers)
-                .map(|_| (vec![0f32; per], vec![0f32; per]))
-                .collect(),
+            layers: (0..layers).map(|_| (vec![0f32; per], vec![0f32; per])).collect(),
         }
     }
 
@@ -38,24 +30,12 @@ impl KvCache {
     }
 
     pub fn bytes(&self) -> usize {
-        self.layers.len()
-            * 2
-            * self.num_blocks
-            * self.block_size
-            * self.kv_heads
-            * self.head_dim
-            * 4
+        self.layers.len() * 2 * self.num_blocks * self.block_size * self.kv_heads * self.head_dim * 4
     }
 
     pub fn layer(&self, l: usize) -> PagedKv<'_> {
         let (k, v) = &self.layers[l];
-        PagedKv {
-            k,
-            v,
-            block_size: self.block_size,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-        }
+        PagedKv { k, v, block_size: self.block_size, kv_heads: self.kv_heads, head_dim: self.head_dim }
     }
 
     pub fn layer_mut(&mut self, l: usize) -> (&mut [f32], &mut [f32]) {

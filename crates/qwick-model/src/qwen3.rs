@@ -17,12 +17,7 @@ pub struct Linear(pub Tensor);
 
 impl Linear {
     pub fn view(&self) -> WeightView<'_> {
-        WeightView::new(
-            self.0.dtype,
-            self.0.bytes(),
-            self.0.shape[0],
-            self.0.shape[1],
-        )
+        WeightView::new(self.0.dtype, self.0.bytes(), self.0.shape[0], self.0.shape[1])
     }
 }
 
@@ -86,9 +81,7 @@ impl Qwen3 {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let norm = |name: &str, n: usize| -> Result<Vec<f32>> { Ok(ck.get(name, &[n])?.to_f32()) };
-        let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear(ck.get(name, &[out, inp])?))
-        };
+        let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> { Ok(Linear(ck.get(name, &[out, inp])?)) };
         let swiglu = |p: &str, inter: usize| -> Result<SwiGlu> {
             Ok(SwiGlu {
                 gate_proj: lin(&format!("{p}.gate_proj.weight"), inter, h)?,
@@ -127,11 +120,7 @@ impl Qwen3 {
             });
         }
         let tied = c.tie_word_embeddings || !ck.contains("lm_head.weight");
-        let lm_head = if tied {
-            Linear(embed_tokens.clone())
-        } else {
-            lin("lm_head.weight", c.vocab_size, h)?
-        };
+        let lm_head = if tied { Linear(embed_tokens.clone()) } else { lin("lm_head.weight", c.vocab_size, h)? };
         let (inv_freq, rope_scale) = c.rope_inv_freq();
         Ok(Qwen3 {
             norm: norm("model.norm.weight", h)?,
@@ -150,19 +139,13 @@ impl Qwen3 {
     pub fn bytes_read_per_token(&self) -> usize {
         let lin = |l: &Linear| l.0.bytes().len();
         let sw = |s: &SwiGlu| lin(&s.gate_proj) + lin(&s.up_proj) + lin(&s.down_proj);
-        let mut total =
-            lin(&self.lm_head) + self.embed_tokens.bytes().len() / self.config.vocab_size;
+        let mut total = lin(&self.lm_head) + self.embed_tokens.bytes().len() / self.config.vocab_size;
         for l in &self.layers {
             let a = &l.attn;
             total += lin(&a.q_proj) + lin(&a.k_proj) + lin(&a.v_proj) + lin(&a.o_proj);
             total += match &l.mlp {
                 Mlp::Dense(s) => sw(s),
-                Mlp::Moe {
-                    router,
-                    experts,
-                    top_k,
-                    ..
-                } => lin(router) + top_k * experts.first().map(sw).unwrap_or(0),
+                Mlp::Moe { router, experts, top_k, .. } => lin(router) + top_k * experts.first().map(sw).unwrap_or(0),
             };
         }
         total
@@ -172,16 +155,13 @@ impl Qwen3 {
     pub fn weight_bytes(&self) -> usize {
         let lin = |l: &Linear| l.0.bytes().len();
         let sw = |s: &SwiGlu| lin(&s.gate_proj) + lin(&s.up_proj) + lin(&s.down_proj);
-        let mut total =
-            self.embed_tokens.bytes().len() + if self.tied { 0 } else { lin(&self.lm_head) };
+        let mut total = self.embed_tokens.bytes().len() + if self.tied { 0 } else { lin(&self.lm_head) };
         for l in &self.layers {
             let a = &l.attn;
             total += lin(&a.q_proj) + lin(&a.k_proj) + lin(&a.v_proj) + lin(&a.o_proj);
             total += match &l.mlp {
                 Mlp::Dense(s) => sw(s),
-                Mlp::Moe {
-                    router, experts, ..
-                } => lin(router) + experts.iter().map(sw).sum::<usize>(),
+                Mlp::Moe { router, experts, .. } => lin(router) + experts.iter().map(sw).sum::<usize>(),
             };
         }
         total
@@ -190,22 +170,14 @@ impl Qwen3 {
     /// A KV cache shaped for this model.
     pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> KvCache {
         let c = &self.config;
-        KvCache::new(
-            c.num_hidden_layers,
-            num_blocks,
-            block_size,
-            c.num_key_value_heads,
-            c.head_dim,
-        )
+        KvCache::new(c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
     }
 
     /// Runs one step: writes the batch's K/V into `kv` and returns the logits of
     /// `batch.logits_rows`, row-major `[logits_rows.len(), vocab]`.
     pub fn forward(&self, ctx: Ctx, batch: &Batch, kv: &mut KvCache) -> Result<Vec<f32>> {
         let c = &self.config;
-        batch
-            .validate(c.vocab_size, kv.num_blocks, kv.block_size)
-            .context("invalid batch")?;
+        batch.validate(c.vocab_size, kv.num_blocks, kv.block_size).context("invalid batch")?;
         let n = batch.len();
         let (h, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
         let isa = ctx.isa;
@@ -252,13 +224,7 @@ impl Qwen3 {
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
             par_rows(ctx, n, &mut hn, h, |r, out| {
-                ops::rms_norm(
-                    isa,
-                    &x[r.start * h..r.end * h],
-                    &layer.input_layernorm,
-                    eps,
-                    out,
-                )
+                ops::rms_norm(isa, &x[r.start * h..r.end * h], &layer.input_layernorm, eps, out)
             });
             let a = &layer.attn;
             matmul_batch(
@@ -271,12 +237,8 @@ impl Qwen3 {
             );
             {
                 let (kc, vc) = kv.layer_mut(l);
-                let (kp, vp, qp, kkp) = (
-                    SendPtr::new(kc),
-                    SendPtr::new(vc),
-                    SendPtr::new(&mut q),
-                    SendPtr::new(&mut k),
-                );
+                let (kp, vp, qp, kkp) =
+                    (SendPtr::new(kc), SendPtr::new(vc), SendPtr::new(&mut q), SendPtr::new(&mut k));
                 let (v, slots) = (&v, &batch.slot_mapping);
                 let (cos, sin) = (&cos, &sin);
                 ctx.pool.for_chunks(n, if n >= 8 { 1 } else { n }, &|r| {
@@ -285,71 +247,39 @@ impl Qwen3 {
                         let ki = unsafe { kkp.slice(i * kvd, kvd) };
                         ops::rms_norm_inplace(isa, qi, &a.q_norm, eps);
                         ops::rms_norm_inplace(isa, ki, &a.k_norm, eps);
-                        let (cs, sn) = (
-                            &cos[i * half..(i + 1) * half],
-                            &sin[i * half..(i + 1) * half],
-                        );
+                        let (cs, sn) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
                         ops::rope_inplace(isa, qi, cs, sn);
                         ops::rope_inplace(isa, ki, cs, sn);
                         let slot = slots[i] as usize;
                         unsafe {
                             kp.slice(slot * kvd, kvd).copy_from_slice(ki);
-                            vp.slice(slot * kvd, kvd)
-                                .copy_from_slice(&v[i * kvd..(i + 1) * kvd]);
+                            vp.slice(slot * kvd, kvd).copy_from_slice(&v[i * kvd..(i + 1) * kvd]);
                         }
                     }
                 });
             }
             paged_attention(ctx, &q, kv.layer(l), &args, &mut att);
             matmul(ctx, &att, n, &a.o_proj.view(), &mut tmp);
-            par_rows(ctx, n, &mut x, h, |r, xo| {
-                ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h])
-            });
+            par_rows(ctx, n, &mut x, h, |r, xo| ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h]));
 
             // MLP block.
             par_rows(ctx, n, &mut hn, h, |r, out| {
-                ops::rms_norm(
-                    isa,
-                    &x[r.start * h..r.end * h],
-                    &layer.post_attention_layernorm,
-                    eps,
-                    out,
-                )
+                ops::rms_norm(isa, &x[r.start * h..r.end * h], &layer.post_attention_layernorm, eps, out)
             });
             match &layer.mlp {
                 Mlp::Dense(s) => swiglu(ctx, s, &hn, n, &mut tmp),
-                Mlp::Moe {
-                    router,
-                    experts,
-                    top_k,
-                    norm_topk_prob,
-                } => moe(
-                    ctx,
-                    router,
-                    experts,
-                    *top_k,
-                    *norm_topk_prob,
-                    &hn,
-                    n,
-                    &mut tmp,
-                ),
+                Mlp::Moe { router, experts, top_k, norm_topk_prob } => {
+                    moe(ctx, router, experts, *top_k, *norm_topk_prob, &hn, n, &mut tmp)
+                }
             }
-            par_rows(ctx, n, &mut x, h, |r, xo| {
-                ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h])
-            });
+            par_rows(ctx, n, &mut x, h, |r, xo| ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h]));
         }
 
         // Final norm and head, only for the rows that want logits.
         let rows = &batch.logits_rows;
         let mut sel = vec![0f32; rows.len() * h];
         for (o, &r) in rows.iter().enumerate() {
-            ops::rms_norm(
-                isa,
-                &x[r as usize * h..(r as usize + 1) * h],
-                &self.norm,
-                eps,
-                &mut sel[o * h..(o + 1) * h],
-            );
+            ops::rms_norm(isa, &x[r as usize * h..(r as usize + 1) * h], &self.norm, eps, &mut sel[o * h..(o + 1) * h]);
         }
         let mut logits = vec![0f32; rows.len() * c.vocab_size];
         matmul(ctx, &sel, rows.len(), &self.lm_head.view(), &mut logits);
@@ -359,13 +289,7 @@ impl Qwen3 {
 
 /// Calls `f(rows, out_rows)` over row chunks of `out` (`width` floats a row), in parallel when
 /// there are enough rows to be worth it.
-fn par_rows(
-    ctx: Ctx,
-    n: usize,
-    out: &mut [f32],
-    width: usize,
-    f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
-) {
+fn par_rows(ctx: Ctx, n: usize, out: &mut [f32], width: usize, f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
     // Each chunk owns its rows of `out`.
     let op = SendPtr::new(out);
     let run = |r: std::ops::Range<usize>| {
@@ -386,14 +310,9 @@ fn swiglu(ctx: Ctx, s: &SwiGlu, x: &[f32], n: usize, out: &mut [f32]) {
     let mut u = vec![0f32; n * inter];
     matmul_batch(
         ctx,
-        &mut [
-            MatmulJob::new(x, n, s.gate_proj.view(), &mut g),
-            MatmulJob::new(x, n, s.up_proj.view(), &mut u),
-        ],
+        &mut [MatmulJob::new(x, n, s.gate_proj.view(), &mut g), MatmulJob::new(x, n, s.up_proj.view(), &mut u)],
     );
-    par_rows(ctx, n, &mut g, inter, |r, gr| {
-        ops::silu_mul(ctx.isa, gr, &u[r.start * inter..r.end * inter])
-    });
+    par_rows(ctx, n, &mut g, inter, |r, gr| ops::silu_mul(ctx.isa, gr, &u[r.start * inter..r.end * inter]));
     matmul(ctx, &g, n, &s.down_proj.view(), out);
 }
 
@@ -436,17 +355,9 @@ fn moe(
     // Gather each active expert's rows.
     let xs: Vec<Vec<f32>> = active
         .iter()
-        .map(|&e| {
-            routed[e]
-                .iter()
-                .flat_map(|&(t, _)| x[t * h..(t + 1) * h].iter().copied())
-                .collect()
-        })
+        .map(|&e| routed[e].iter().flat_map(|&(t, _)| x[t * h..(t + 1) * h].iter().copied()).collect())
         .collect();
-    let mut gs: Vec<Vec<f32>> = active
-        .iter()
-        .map(|&e| vec![0f32; routed[e].len() * inter])
-        .collect();
+    let mut gs: Vec<Vec<f32>> = active.iter().map(|&e| vec![0f32; routed[e].len() * inter]).collect();
     let mut us: Vec<Vec<f32>> = gs.clone();
     {
         let mut jobs = Vec::with_capacity(2 * active.len());
@@ -460,29 +371,18 @@ fn moe(
     for (g, u) in gs.iter_mut().zip(&us) {
         ops::silu_mul(ctx.isa, g, u);
     }
-    let mut ys: Vec<Vec<f32>> = active
-        .iter()
-        .map(|&e| vec![0f32; routed[e].len() * h])
-        .collect();
+    let mut ys: Vec<Vec<f32>> = active.iter().map(|&e| vec![0f32; routed[e].len() * h]).collect();
     {
         let mut jobs = Vec::with_capacity(active.len());
         for ((&e, g), y) in active.iter().zip(&gs).zip(ys.iter_mut()) {
-            jobs.push(MatmulJob::new(
-                g,
-                routed[e].len(),
-                experts[e].down_proj.view(),
-                y,
-            ));
+            jobs.push(MatmulJob::new(g, routed[e].len(), experts[e].down_proj.view(), y));
         }
         matmul_batch(ctx, &mut jobs);
     }
     out[..n * h].fill(0.0);
     for (&e, y) in active.iter().zip(&ys) {
         for (r, &(t, w)) in routed[e].iter().enumerate() {
-            for (o, &v) in out[t * h..(t + 1) * h]
-                .iter_mut()
-                .zip(&y[r * h..(r + 1) * h])
-            {
+            for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[r * h..(r + 1) * h]) {
                 *o += w * v;
             }
         }

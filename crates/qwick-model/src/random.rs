@@ -13,68 +13,28 @@ use std::path::Path;
 fn tensor_specs(c: &Config) -> Vec<(String, Vec<usize>, Option<f32>)> {
     let h = c.hidden_size;
     let inv = |n: usize| Some(1.0 / (n as f32).sqrt());
-    let mut t = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![c.vocab_size, h],
-        inv(h),
-    )];
+    let mut t = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], inv(h))];
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         t.push((format!("{p}.input_layernorm.weight"), vec![h], None));
-        t.push((
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![c.q_dim(), h],
-            inv(h),
-        ));
-        t.push((
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![c.kv_dim(), h],
-            inv(h),
-        ));
-        t.push((
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![c.kv_dim(), h],
-            inv(h),
-        ));
-        t.push((
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![h, c.q_dim()],
-            inv(c.q_dim()),
-        ));
-        t.push((
-            format!("{p}.self_attn.q_norm.weight"),
-            vec![c.head_dim],
-            None,
-        ));
-        t.push((
-            format!("{p}.self_attn.k_norm.weight"),
-            vec![c.head_dim],
-            None,
-        ));
-        t.push((
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            None,
-        ));
+        t.push((format!("{p}.self_attn.q_proj.weight"), vec![c.q_dim(), h], inv(h)));
+        t.push((format!("{p}.self_attn.k_proj.weight"), vec![c.kv_dim(), h], inv(h)));
+        t.push((format!("{p}.self_attn.v_proj.weight"), vec![c.kv_dim(), h], inv(h)));
+        t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, c.q_dim()], inv(c.q_dim())));
+        t.push((format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim], None));
+        t.push((format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim], None));
+        t.push((format!("{p}.post_attention_layernorm.weight"), vec![h], None));
         let mut mlp = |prefix: String, inter: usize| {
             t.push((format!("{prefix}.gate_proj.weight"), vec![inter, h], inv(h)));
             t.push((format!("{prefix}.up_proj.weight"), vec![inter, h], inv(h)));
-            t.push((
-                format!("{prefix}.down_proj.weight"),
-                vec![h, inter],
-                inv(inter),
-            ));
+            t.push((format!("{prefix}.down_proj.weight"), vec![h, inter], inv(inter)));
         };
         match &c.moe {
             Some(m) if c.is_sparse(l) => {
                 for e in 0..m.num_experts {
                     mlp(format!("{p}.mlp.experts.{e}"), m.moe_intermediate_size);
                 }
-                t.push((
-                    format!("{p}.mlp.gate.weight"),
-                    vec![m.num_experts, h],
-                    inv(h),
-                ));
+                t.push((format!("{p}.mlp.gate.weight"), vec![m.num_experts, h], inv(h)));
             }
             _ => mlp(format!("{p}.mlp"), c.intermediate_size),
         }
@@ -98,14 +58,9 @@ pub fn make_random(
 ) -> Result<()> {
     let config = Config::from_file(config_path)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut cfg_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(config_path)?)?;
+    let mut cfg_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(config_path)?)?;
     if let Some(o) = cfg_json.as_object_mut() {
-        let key = if o.contains_key("dtype") {
-            "dtype"
-        } else {
-            "torch_dtype"
-        };
+        let key = if o.contains_key("dtype") { "dtype" } else { "torch_dtype" };
         let name = match dtype {
             DType::BF16 => "bfloat16",
             DType::F16 => "float16",
@@ -113,10 +68,7 @@ pub fn make_random(
         };
         o.insert(key.into(), name.into());
     }
-    std::fs::write(
-        out.join("config.json"),
-        serde_json::to_string_pretty(&cfg_json)?,
-    )?;
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&cfg_json)?)?;
 
     let specs = tensor_specs(&config);
     // Group tensors into shards.
@@ -131,10 +83,7 @@ pub fn make_random(
         shards.last_mut().unwrap().push(i);
         size += b;
     }
-    let total: usize = specs
-        .iter()
-        .map(|s| s.1.iter().product::<usize>() * dtype.size())
-        .sum();
+    let total: usize = specs.iter().map(|s| s.1.iter().product::<usize>() * dtype.size()).sum();
     let n_shards = shards.len();
     let mut weight_map = serde_json::Map::new();
     let mut done = 0;
@@ -149,7 +98,10 @@ pub fn make_random(
         for &i in shard {
             let (name, shape, _) = &specs[i];
             let b = shape.iter().product::<usize>() * dtype.size();
-            header.insert(name.clone(), serde_json::json!({"dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [off, off + b]}));
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [off, off + b]}),
+            );
             weight_map.insert(name.clone(), fname.clone().into());
             off += b;
         }
@@ -160,8 +112,7 @@ pub fn make_random(
         let path = out.join(&fname);
         let mut f = std::io::BufWriter::with_capacity(
             1 << 22,
-            std::fs::File::create(&path)
-                .with_context(|| format!("cannot create {}", path.display()))?,
+            std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
         );
         f.write_all(&(h.len() as u64).to_le_bytes())?;
         f.write_all(&h)?;
@@ -180,16 +131,11 @@ pub fn make_random(
                 progress(done, total);
             }
         }
-        f.flush()
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        f.flush().with_context(|| format!("cannot write {}", path.display()))?;
     }
     if n_shards > 1 {
-        let index =
-            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        std::fs::write(
-            out.join("model.safetensors.index.json"),
-            serde_json::to_string_pretty(&index)?,
-        )?;
+        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        std::fs::write(out.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
     }
     Ok(())
 }
@@ -212,9 +158,7 @@ fn fill(buf: &mut [u8], dtype: DType, std: Option<f32>, rng: &mut u64) {
         };
         match dtype {
             DType::F32 => chunk.copy_from_slice(&v.to_le_bytes()),
-            DType::BF16 => {
-                chunk.copy_from_slice(&qwick_backend::dtype::f32_to_bf16(v).to_le_bytes())
-            }
+            DType::BF16 => chunk.copy_from_slice(&qwick_backend::dtype::f32_to_bf16(v).to_le_bytes()),
             DType::F16 => chunk.copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
         }
     }

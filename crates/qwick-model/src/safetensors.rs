@@ -43,12 +43,7 @@ impl Tensor {
 
     pub fn from_f32(name: &str, shape: Vec<usize>, data: &[f32]) -> Tensor {
         let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        Tensor {
-            name: name.into(),
-            dtype: DType::F32,
-            shape,
-            storage: Storage::Owned(Arc::new(bytes)),
-        }
+        Tensor { name: name.into(), dtype: DType::F32, shape, storage: Storage::Owned(Arc::new(bytes)) }
     }
 }
 
@@ -71,18 +66,14 @@ impl Checkpoint {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index)
-                .with_context(|| format!("cannot read {}", index.display()))?;
-            let v: Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not valid JSON", index.display()))?;
+            let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+            let v: Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| anyhow!("{}: no \"weight_map\" object", index.display()))?;
-            let mut names: Vec<String> = map
-                .values()
-                .filter_map(|f| f.as_str().map(str::to_string))
-                .collect();
+            let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
             names.sort();
             names.dedup();
             if names.is_empty() {
@@ -99,17 +90,11 @@ impl Checkpoint {
                 .collect();
             found.sort();
             if found.is_empty() {
-                bail!(
-                    "{}: no model.safetensors, model.safetensors.index.json or *.safetensors file",
-                    dir.display()
-                );
+                bail!("{}: no model.safetensors, model.safetensors.index.json or *.safetensors file", dir.display());
             }
             found
         };
-        let mut ck = Checkpoint {
-            files: vec![],
-            entries: HashMap::new(),
-        };
+        let mut ck = Checkpoint { files: vec![], entries: HashMap::new() };
         for path in files {
             ck.add_file(&path)?;
         }
@@ -117,34 +102,21 @@ impl Checkpoint {
     }
 
     fn add_file(&mut self, path: &Path) -> Result<()> {
-        let f =
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let len = f
-            .metadata()
-            .with_context(|| format!("cannot stat {}", path.display()))?
-            .len() as usize;
+        let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let len = f.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len() as usize;
         if len < 8 {
-            bail!(
-                "{}: truncated safetensors file ({len} bytes, no header)",
-                path.display()
-            );
+            bail!("{}: truncated safetensors file ({len} bytes, no header)", path.display());
         }
         // Safety: the file is opened read-only; qwick does not modify checkpoints while running.
-        let map = Arc::new(
-            unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?,
-        );
+        let map = Arc::new(unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?);
         let hlen = u64::from_le_bytes(map[..8].try_into().unwrap()) as usize;
         if hlen > len - 8 {
-            bail!(
-                "{}: truncated safetensors file (header of {hlen} bytes, file of {len})",
-                path.display()
-            );
+            bail!("{}: truncated safetensors file (header of {hlen} bytes, file of {len})", path.display());
         }
         let header: Value = serde_json::from_slice(&map[8..8 + hlen])
             .with_context(|| format!("{}: safetensors header is not valid JSON", path.display()))?;
-        let obj = header
-            .as_object()
-            .ok_or_else(|| anyhow!("{}: safetensors header is not an object", path.display()))?;
+        let obj =
+            header.as_object().ok_or_else(|| anyhow!("{}: safetensors header is not an object", path.display()))?;
         let data_start = 8 + hlen;
         let file = self.files.len();
         for (name, info) in obj {
@@ -152,30 +124,17 @@ impl Checkpoint {
                 continue;
             }
             let bad = |what: &str| anyhow!("{}: tensor {name}: {what}", path.display());
-            let dt = info
-                .get("dtype")
-                .and_then(|d| d.as_str())
-                .ok_or_else(|| bad("no dtype"))?;
+            let dt = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("no dtype"))?;
             let dtype = DType::from_safetensors(dt).ok_or_else(|| format!("{dt}"));
             let shape: Vec<usize> = info
                 .get("shape")
                 .and_then(|s| s.as_array())
                 .ok_or_else(|| bad("no shape"))?
                 .iter()
-                .map(|d| {
-                    d.as_u64()
-                        .map(|x| x as usize)
-                        .ok_or_else(|| bad("shape is not a list of integers"))
-                })
+                .map(|d| d.as_u64().map(|x| x as usize).ok_or_else(|| bad("shape is not a list of integers")))
                 .collect::<Result<_>>()?;
-            let offs = info
-                .get("data_offsets")
-                .and_then(|s| s.as_array())
-                .ok_or_else(|| bad("no data_offsets"))?;
-            let (b, e) = match (
-                offs.first().and_then(|x| x.as_u64()),
-                offs.get(1).and_then(|x| x.as_u64()),
-            ) {
+            let offs = info.get("data_offsets").and_then(|s| s.as_array()).ok_or_else(|| bad("no data_offsets"))?;
+            let (b, e) = match (offs.first().and_then(|x| x.as_u64()), offs.get(1).and_then(|x| x.as_u64())) {
                 (Some(b), Some(e)) if b <= e => (b as usize, e as usize),
                 _ => return Err(bad("invalid data_offsets")),
             };
@@ -189,21 +148,10 @@ impl Checkpoint {
             if let Ok(d) = dtype {
                 let want = shape.iter().product::<usize>() * d.size();
                 if e - b != want {
-                    return Err(bad(&format!(
-                        "{} bytes of data for shape {shape:?} of {d} (expected {want})",
-                        e - b
-                    )));
+                    return Err(bad(&format!("{} bytes of data for shape {shape:?} of {d} (expected {want})", e - b)));
                 }
             }
-            self.entries.insert(
-                name.clone(),
-                Entry {
-                    file,
-                    dtype,
-                    shape,
-                    range: data_start + b..data_start + e,
-                },
-            );
+            self.entries.insert(name.clone(), Entry { file, dtype, shape, range: data_start + b..data_start + e });
         }
         self.files.push((path.to_path_buf(), map));
         Ok(())
@@ -222,32 +170,17 @@ impl Checkpoint {
     /// Takes tensor `name`, checking its shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let e = self.entries.get(name).ok_or_else(|| {
-            let files: Vec<String> = self
-                .files
-                .iter()
-                .map(|f| {
-                    f.0.file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned()
-                })
-                .collect();
+            let files: Vec<String> =
+                self.files.iter().map(|f| f.0.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
             anyhow!("tensor {name} not found in {}", files.join(", "))
         })?;
         let path = &self.files[e.file].0;
-        let dtype = e.dtype.clone().map_err(|d| {
-            anyhow!(
-                "{}: tensor {name} has dtype {d}; qwick reads BF16, F16 and F32",
-                path.display()
-            )
-        })?;
+        let dtype = e
+            .dtype
+            .clone()
+            .map_err(|d| anyhow!("{}: tensor {name} has dtype {d}; qwick reads BF16, F16 and F32", path.display()))?;
         if e.shape != shape {
-            bail!(
-                "{}: tensor {name} has shape {:?}, expected {:?}",
-                path.display(),
-                e.shape,
-                shape
-            );
+            bail!("{}: tensor {name} has shape {:?}, expected {:?}", path.display(), e.shape, shape);
         }
         Ok(Tensor {
             name: name.into(),
@@ -286,10 +219,7 @@ impl Checkpoint {
 }
 
 /// Writes tensors as one safetensors file (used by `make-random` and tests).
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, DType, Vec<usize>, Vec<u8>)],
-) -> Result<()> {
+pub fn write_safetensors(path: &Path, tensors: &[(String, DType, Vec<usize>, Vec<u8>)]) -> Result<()> {
     use std::io::Write;
     let mut header = serde_json::Map::new();
     let mut off = 0usize;

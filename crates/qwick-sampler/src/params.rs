@@ -26,10 +26,7 @@ impl fmt::Display for SamplingError {
             Self::EmptyLogits => write!(f, "cannot sample from an empty logits vector"),
             Self::NoFiniteLogits => write!(f, "cannot sample: every logit is NaN or -inf"),
             Self::TokenOutOfRange { token, vocab } => {
-                write!(
-                    f,
-                    "token id {token} is outside the vocabulary of {vocab} logits"
-                )
+                write!(f, "token id {token} is outside the vocabulary of {vocab} logits")
             }
         }
     }
@@ -92,30 +89,17 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding: always the most likely token.
     pub fn greedy() -> Self {
-        Self {
-            temperature: 0.0,
-            ..Self::default()
-        }
+        Self { temperature: 0.0, ..Self::default() }
     }
 
     /// Qwen3's recommended settings with thinking on: temperature 0.6, top-p 0.95, top-k 20.
     pub fn qwen3_thinking() -> Self {
-        Self {
-            temperature: 0.6,
-            top_p: 0.95,
-            top_k: 20,
-            ..Self::default()
-        }
+        Self { temperature: 0.6, top_p: 0.95, top_k: 20, ..Self::default() }
     }
 
     /// Qwen3's recommended settings with thinking off: temperature 0.7, top-p 0.8, top-k 20.
     pub fn qwen3_non_thinking() -> Self {
-        Self {
-            temperature: 0.7,
-            top_p: 0.8,
-            top_k: 20,
-            ..Self::default()
-        }
+        Self { temperature: 0.7, top_p: 0.8, top_k: 20, ..Self::default() }
     }
 
     /// Whether these parameters select greedy decoding (temperature below `1e-5`).
@@ -127,16 +111,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<(), SamplingError> {
         let bad = |msg: String| Err(SamplingError::InvalidParameter(msg));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!(
-                "temperature must be a finite number >= 0, got {}",
-                self.temperature
-            ));
+            return bad(format!("temperature must be a finite number >= 0, got {}", self.temperature));
         }
         if self.top_k < -1 {
-            return bad(format!(
-                "top_k must be >= 1, or 0 or -1 to disable it, got {}",
-                self.top_k
-            ));
+            return bad(format!("top_k must be >= 1, or 0 or -1 to disable it, got {}", self.top_k));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -144,10 +122,9 @@ impl SamplingParams {
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
-        for (name, value) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
+        for (name, value) in
+            [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)]
+        {
             if !(-2.0..=2.0).contains(&value) {
                 return bad(format!("{name} must be in [-2, 2], got {value}"));
             }

@@ -21,19 +21,14 @@ impl Rng {
     /// A generator whose whole sequence is determined by `seed`.
     pub fn seed_from_u64(seed: u64) -> Self {
         let mut state = seed;
-        Self {
-            s: std::array::from_fn(|_| splitmix64(&mut state)),
-        }
+        Self { s: std::array::from_fn(|_| splitmix64(&mut state)) }
     }
 
     /// A generator seeded from the clock and a process-wide counter, so that two generators
     /// made at the same instant still differ.
     pub fn from_entropy() -> Self {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
         let count = COUNTER.fetch_add(1, Ordering::Relaxed);
         let local = 0u8;
         let addr = &local as *const u8 as u64;

@@ -131,11 +131,7 @@ fn penalize(
         let logit = &mut logits[t];
         // vLLM's order: repetition penalty on prompt ∪ output, then frequency and presence on the output.
         if rep != 1.0 {
-            *logit = if *logit > 0.0 {
-                *logit / rep
-            } else {
-                *logit * rep
-            };
+            *logit = if *logit > 0.0 { *logit / rep } else { *logit * rep };
         }
         if n > 0 {
             *logit -= freq * n as f32 + pres;
@@ -146,19 +142,8 @@ fn penalize(
 /// Applies the repetition penalty (to tokens in `prompt_tokens` or `output_tokens`) and the frequency
 /// and presence penalties (to tokens in `output_tokens`) to `logits` in place, as vLLM does.
 /// Token ids outside `logits` are ignored.
-pub fn apply_penalties(
-    logits: &mut [f32],
-    prompt_tokens: &[u32],
-    output_tokens: &[u32],
-    params: &SamplingParams,
-) {
-    penalize(
-        logits,
-        prompt_tokens,
-        output_tokens,
-        params,
-        &mut Vec::new(),
-    );
+pub fn apply_penalties(logits: &mut [f32], prompt_tokens: &[u32], output_tokens: &[u32], params: &SamplingParams) {
+    penalize(logits, prompt_tokens, output_tokens, params, &mut Vec::new());
 }
 
 /// Log-probability of `token` and of the `top_n` most likely tokens under `softmax(logits)`.
@@ -178,28 +163,15 @@ pub fn logprobs(logits: &[f32], token: u32, top_n: usize) -> Result<TokenLogprob
     let lp = |x: f32| (key(x) as f64 - lse) as f32;
     let mut ids = Vec::with_capacity(top_n.min(vocab));
     top_ids_into(logits, top_n, &mut ids);
-    Ok(TokenLogprobs {
-        token,
-        logprob: lp(chosen),
-        top: ids.iter().map(|&i| (i, lp(logits[i as usize]))).collect(),
-    })
+    Ok(TokenLogprobs { token, logprob: lp(chosen), top: ids.iter().map(|&i| (i, lp(logits[i as usize]))).collect() })
 }
 
 impl Sampler {
     /// A sampler for `params` after validating them; seeded from `params.seed` or the clock.
     pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
         params.validate()?;
-        let rng = params
-            .seed
-            .map_or_else(Rng::from_entropy, Rng::seed_from_u64);
-        Ok(Self {
-            params,
-            rng,
-            counts: Vec::new(),
-            ids: Vec::new(),
-            weights: Vec::new(),
-            raw: Vec::new(),
-        })
+        let rng = params.seed.map_or_else(Rng::from_entropy, Rng::seed_from_u64);
+        Ok(Self { params, rng, counts: Vec::new(), ids: Vec::new(), weights: Vec::new(), raw: Vec::new() })
     }
 
     /// The parameters this sampler uses.
@@ -221,13 +193,7 @@ impl Sampler {
         if logits.is_empty() {
             return Err(SamplingError::EmptyLogits);
         }
-        penalize(
-            logits,
-            prompt_tokens,
-            output_tokens,
-            &self.params,
-            &mut self.counts,
-        );
+        penalize(logits, prompt_tokens, output_tokens, &self.params, &mut self.counts);
         let best = argmax(logits)?;
         if self.params.is_greedy() {
             return Ok(best);
@@ -238,9 +204,7 @@ impl Sampler {
         let inv_t = 1.0 / p.temperature as f64;
         // Weights relative to the most likely token, which has weight 1.
         let weight = |x: f32| ((key(x) as f64 - max) * inv_t).exp();
-        let top_k = usize::try_from(p.top_k)
-            .ok()
-            .filter(|&k| k > 0 && k < vocab);
+        let top_k = usize::try_from(p.top_k).ok().filter(|&k| k > 0 && k < vocab);
         let min_w = p.min_p as f64;
 
         if top_k.is_none() && p.top_p >= 1.0 {
@@ -266,17 +230,12 @@ impl Sampler {
         }
 
         // Sorted candidates: the top-k, or (top-p alone) a growing prefix until it holds top_p of the mass.
-        let total_all = if top_k.is_none() {
-            logits.iter().map(|&x| weight(x)).sum::<f64>()
-        } else {
-            0.0
-        };
+        let total_all = if top_k.is_none() { logits.iter().map(|&x| weight(x)).sum::<f64>() } else { 0.0 };
         let mut n = top_k.unwrap_or(64.min(vocab));
         let target = loop {
             top_ids_into(logits, n, &mut self.ids);
             self.weights.clear();
-            self.weights
-                .extend(self.ids.iter().map(|&i| weight(logits[i as usize])));
+            self.weights.extend(self.ids.iter().map(|&i| weight(logits[i as usize])));
             let mass: f64 = self.weights.iter().sum();
             if top_k.is_some() {
                 break mass * p.top_p as f64;

@@ -7,8 +7,7 @@ pub fn partial_match_len(text: &str, pattern: &str) -> usize {
         .rev()
         .find(|&n| {
             let start = text.len() - n;
-            text.is_char_boundary(start)
-                && pattern.as_bytes().starts_with(&text.as_bytes()[start..])
+            text.is_char_boundary(start) && pattern.as_bytes().starts_with(&text.as_bytes()[start..])
         })
         .unwrap_or(0)
 }
@@ -41,14 +40,7 @@ impl StopMatcher {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        Self {
-            stops: stops
-                .into_iter()
-                .map(Into::into)
-                .filter(|s| !s.is_empty())
-                .collect(),
-            ..Self::default()
-        }
+        Self { stops: stops.into_iter().map(Into::into).filter(|s| !s.is_empty()).collect(), ..Self::default() }
     }
 
     /// The stop strings this matcher looks for.
@@ -72,31 +64,16 @@ impl StopMatcher {
             return StopMatch::default();
         }
         self.held.push_str(delta);
-        let found = self
-            .stops
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| self.held.find(s.as_str()).map(|pos| (pos, i)))
-            .min();
+        let found =
+            self.stops.iter().enumerate().filter_map(|(i, s)| self.held.find(s.as_str()).map(|pos| (pos, i))).min();
         if let Some((pos, i)) = found {
             self.held.truncate(pos);
             self.stopped = Some(i);
-            return StopMatch {
-                text: std::mem::take(&mut self.held),
-                stop: Some(i),
-            };
+            return StopMatch { text: std::mem::take(&mut self.held), stop: Some(i) };
         }
-        let keep = self
-            .stops
-            .iter()
-            .map(|s| partial_match_len(&self.held, s))
-            .max()
-            .unwrap_or(0);
+        let keep = self.stops.iter().map(|s| partial_match_len(&self.held, s)).max().unwrap_or(0);
         let rest = self.held.split_off(self.held.len() - keep);
-        StopMatch {
-            text: std::mem::replace(&mut self.held, rest),
-            stop: None,
-        }
+        StopMatch { text: std::mem::replace(&mut self.held, rest), stop: None }
     }
 
     /// Ends the stream: returns the held-back text (empty after a stop).

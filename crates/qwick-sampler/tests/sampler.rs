@@ -1,14 +1,10 @@
 use qwick_sampler::{
-    apply_penalties, logprobs, partial_match_len, Rng, Sampler, SamplingError, SamplingParams,
-    StopMatcher,
+    apply_penalties, logprobs, partial_match_len, Rng, Sampler, SamplingError, SamplingParams, StopMatcher,
 };
 use std::collections::{BTreeSet, HashMap};
 
 fn params() -> SamplingParams {
-    SamplingParams {
-        seed: Some(7),
-        ..SamplingParams::default()
-    }
+    SamplingParams { seed: Some(7), ..SamplingParams::default() }
 }
 
 fn sampler(p: SamplingParams) -> Sampler {
@@ -18,9 +14,7 @@ fn sampler(p: SamplingParams) -> Sampler {
 /// Pseudo-random logits in [-8, 8), all distinct.
 fn random_logits(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = Rng::seed_from_u64(seed);
-    (0..n)
-        .map(|i| (rng.next_f64() * 16.0 - 8.0) as f32 + i as f32 * 1e-7)
-        .collect()
+    (0..n).map(|i| (rng.next_f64() * 16.0 - 8.0) as f32 + i as f32 * 1e-7).collect()
 }
 
 fn top_set(logits: &[f32], k: usize) -> BTreeSet<u32> {
@@ -46,54 +40,18 @@ fn logits_of(probs: &[f64]) -> Vec<f32> {
 #[test]
 fn validate_rejects_out_of_range_values() {
     let bad = [
-        SamplingParams {
-            temperature: -0.1,
-            ..params()
-        },
-        SamplingParams {
-            temperature: f32::NAN,
-            ..params()
-        },
-        SamplingParams {
-            top_p: 0.0,
-            ..params()
-        },
-        SamplingParams {
-            top_p: 1.01,
-            ..params()
-        },
-        SamplingParams {
-            min_p: -0.01,
-            ..params()
-        },
-        SamplingParams {
-            min_p: 1.5,
-            ..params()
-        },
-        SamplingParams {
-            top_k: -2,
-            ..params()
-        },
-        SamplingParams {
-            repetition_penalty: 0.0,
-            ..params()
-        },
-        SamplingParams {
-            repetition_penalty: -1.0,
-            ..params()
-        },
-        SamplingParams {
-            presence_penalty: 2.5,
-            ..params()
-        },
-        SamplingParams {
-            max_tokens: Some(0),
-            ..params()
-        },
-        SamplingParams {
-            stop: vec![String::new()],
-            ..params()
-        },
+        SamplingParams { temperature: -0.1, ..params() },
+        SamplingParams { temperature: f32::NAN, ..params() },
+        SamplingParams { top_p: 0.0, ..params() },
+        SamplingParams { top_p: 1.01, ..params() },
+        SamplingParams { min_p: -0.01, ..params() },
+        SamplingParams { min_p: 1.5, ..params() },
+        SamplingParams { top_k: -2, ..params() },
+        SamplingParams { repetition_penalty: 0.0, ..params() },
+        SamplingParams { repetition_penalty: -1.0, ..params() },
+        SamplingParams { presence_penalty: 2.5, ..params() },
+        SamplingParams { max_tokens: Some(0), ..params() },
+        SamplingParams { stop: vec![String::new()], ..params() },
     ];
     for p in bad {
         let err = p.validate().expect_err("should be rejected");
@@ -106,13 +64,7 @@ fn validate_rejects_out_of_range_values() {
     SamplingParams::qwen3_thinking().validate().unwrap();
     SamplingParams::qwen3_non_thinking().validate().unwrap();
     SamplingParams::greedy().validate().unwrap();
-    let msg = SamplingParams {
-        top_p: 2.0,
-        ..params()
-    }
-    .validate()
-    .unwrap_err()
-    .to_string();
+    let msg = SamplingParams { top_p: 2.0, ..params() }.validate().unwrap_err().to_string();
     assert!(msg.contains("top_p") && msg.contains("(0, 1]"), "{msg}");
 }
 
@@ -121,8 +73,7 @@ fn params_deserialize_with_defaults() {
     let p: SamplingParams = serde_json::from_str("{}").unwrap();
     assert_eq!(p, SamplingParams::default());
     let p: SamplingParams =
-        serde_json::from_str(r#"{"temperature": 0.5, "top_k": 20, "stop": ["\n\n"], "seed": 3}"#)
-            .unwrap();
+        serde_json::from_str(r#"{"temperature": 0.5, "top_k": 20, "stop": ["\n\n"], "seed": 3}"#).unwrap();
     assert_eq!(p.temperature, 0.5);
     assert_eq!(p.top_k, 20);
     assert_eq!(p.stop, vec!["\n\n".to_string()]);
@@ -140,15 +91,8 @@ fn greedy_is_argmax_with_lowest_id_on_ties() {
     let logits = random_logits(151_936, 3);
     let best = top_set(&logits, 1).into_iter().next().unwrap();
     assert_eq!(s.sample(&mut logits.clone(), &[], &[]).unwrap(), best);
-    assert_eq!(
-        s.sample(&mut [], &[], &[]).unwrap_err(),
-        SamplingError::EmptyLogits
-    );
-    assert_eq!(
-        s.sample(&mut [f32::NAN, f32::NEG_INFINITY], &[], &[])
-            .unwrap_err(),
-        SamplingError::NoFiniteLogits
-    );
+    assert_eq!(s.sample(&mut [], &[], &[]).unwrap_err(), SamplingError::EmptyLogits);
+    assert_eq!(s.sample(&mut [f32::NAN, f32::NEG_INFINITY], &[], &[]).unwrap_err(), SamplingError::NoFiniteLogits);
 }
 
 #[test]
@@ -156,11 +100,7 @@ fn top_k_never_leaves_the_k_best() {
     for (vocab, k, draws) in [(1000, 5, 3000), (151_936, 20, 400), (300, 100, 3000)] {
         let logits = random_logits(vocab, vocab as u64);
         let best = top_set(&logits, k);
-        let p = SamplingParams {
-            temperature: 5.0,
-            top_k: k as i32,
-            ..params()
-        };
+        let p = SamplingParams { temperature: 5.0, top_k: k as i32, ..params() };
         let seen = draw_set(p, &logits, draws);
         assert!(seen.keys().all(|t| best.contains(t)), "left the top {k}");
         // With a high temperature most of the k candidates show up.
@@ -171,29 +111,16 @@ fn top_k_never_leaves_the_k_best() {
 #[test]
 fn top_p_keeps_the_smallest_set() {
     let logits = logits_of(&[0.5, 0.3, 0.15, 0.05]);
-    for (top_p, expect) in [
-        (0.4, vec![0]),
-        (0.75, vec![0, 1]),
-        (0.85, vec![0, 1, 2]),
-        (0.99, vec![0, 1, 2, 3]),
-    ] {
+    for (top_p, expect) in [(0.4, vec![0]), (0.75, vec![0, 1]), (0.85, vec![0, 1, 2]), (0.99, vec![0, 1, 2, 3])] {
         let p = SamplingParams { top_p, ..params() };
         let seen: BTreeSet<u32> = draw_set(p, &logits, 4000).into_keys().collect();
         assert_eq!(seen, expect.into_iter().collect(), "top_p {top_p}");
     }
     // Top-p after top-k renormalises within the k kept tokens (as vLLM does): 0.5/(0.5+0.3) = 0.625.
-    let p = SamplingParams {
-        top_k: 2,
-        top_p: 0.6,
-        ..params()
-    };
+    let p = SamplingParams { top_k: 2, top_p: 0.6, ..params() };
     let seen: BTreeSet<u32> = draw_set(p, &logits, 2000).into_keys().collect();
     assert_eq!(seen, [0].into_iter().collect());
-    let p = SamplingParams {
-        top_k: 2,
-        top_p: 0.7,
-        ..params()
-    };
+    let p = SamplingParams { top_k: 2, top_p: 0.7, ..params() };
     let seen: BTreeSet<u32> = draw_set(p, &logits, 2000).into_keys().collect();
     assert_eq!(seen, [0, 1].into_iter().collect());
 }
@@ -202,10 +129,7 @@ fn top_p_keeps_the_smallest_set() {
 fn top_p_alone_on_a_flat_large_vocabulary() {
     // 10,000 equal logits: top_p 0.5 keeps exactly 5,000 tokens, the lowest ids (ties rank by id).
     let logits = vec![1.0f32; 10_000];
-    let p = SamplingParams {
-        top_p: 0.5,
-        ..params()
-    };
+    let p = SamplingParams { top_p: 0.5, ..params() };
     let seen = draw_set(p, &logits, 1500);
     assert!(seen.keys().all(|&t| t < 5000));
     assert!(seen.len() > 1000);
@@ -214,18 +138,10 @@ fn top_p_alone_on_a_flat_large_vocabulary() {
 #[test]
 fn min_p_drops_unlikely_tokens() {
     let logits = logits_of(&[0.6, 0.3, 0.06, 0.04]);
-    let p = SamplingParams {
-        min_p: 0.2,
-        ..params()
-    };
+    let p = SamplingParams { min_p: 0.2, ..params() };
     let seen: BTreeSet<u32> = draw_set(p, &logits, 4000).into_keys().collect();
     assert_eq!(seen, [0, 1].into_iter().collect());
-    let p = SamplingParams {
-        min_p: 0.2,
-        top_k: 3,
-        top_p: 0.99,
-        ..params()
-    };
+    let p = SamplingParams { min_p: 0.2, top_k: 3, top_p: 0.99, ..params() };
     let seen: BTreeSet<u32> = draw_set(p, &logits, 4000).into_keys().collect();
     assert_eq!(seen, [0, 1].into_iter().collect());
 }
@@ -242,37 +158,21 @@ fn sampling_follows_the_distribution_and_temperature() {
     }
     // Temperature 0.5 squares the probabilities before renormalising.
     let sq: f64 = probs.iter().map(|p| p * p).sum();
-    let seen = draw_set(
-        SamplingParams {
-            temperature: 0.5,
-            ..params()
-        },
-        &logits,
-        n,
-    );
+    let seen = draw_set(SamplingParams { temperature: 0.5, ..params() }, &logits, n);
     let f = seen[&0] as f64 / n as f64;
     assert!((f - 0.49 / sq).abs() < 0.015, "{f}");
 }
 
 #[test]
 fn penalties_change_exactly_what_they_should() {
-    let p = SamplingParams {
-        repetition_penalty: 2.0,
-        frequency_penalty: 0.5,
-        presence_penalty: 0.25,
-        ..params()
-    };
+    let p = SamplingParams { repetition_penalty: 2.0, frequency_penalty: 0.5, presence_penalty: 0.25, ..params() };
     let mut l = vec![2.0, -2.0, 1.0, 0.5, 3.0, -1.0];
     // Prompt tokens 0 and 1 (0 twice), output 2, 2, 3; 99 is out of range and ignored.
     apply_penalties(&mut l, &[0, 1, 0, 99], &[2, 2, 3, 99], &p);
     assert_eq!(l, vec![1.0, -4.0, -0.75, -0.5, 3.0, -1.0]);
 
     // Only presence/frequency: prompt tokens are untouched.
-    let p = SamplingParams {
-        frequency_penalty: 1.0,
-        presence_penalty: -0.5,
-        ..params()
-    };
+    let p = SamplingParams { frequency_penalty: 1.0, presence_penalty: -0.5, ..params() };
     let mut l = vec![1.0; 4];
     apply_penalties(&mut l, &[0, 1], &[1, 3, 3, 3], &p);
     assert_eq!(l, vec![1.0, 0.5, 1.0, -1.5]);
@@ -285,10 +185,7 @@ fn penalties_change_exactly_what_they_should() {
 
 #[test]
 fn sampler_penalties_reuse_scratch_correctly() {
-    let p = SamplingParams {
-        repetition_penalty: 10.0,
-        ..SamplingParams::greedy()
-    };
+    let p = SamplingParams { repetition_penalty: 10.0, ..SamplingParams::greedy() };
     let mut s = sampler(p);
     let base = vec![5.0, 4.9, 1.0];
     // Token 0 was generated: it is penalised to 0.5 and token 1 wins; the scratch must be clean after.
@@ -304,27 +201,17 @@ fn sampler_penalties_reuse_scratch_correctly() {
 fn same_seed_gives_the_same_sequence() {
     let logits = random_logits(5000, 11);
     let run = |seed: u64| {
-        let mut s = sampler(SamplingParams {
-            seed: Some(seed),
-            temperature: 1.5,
-            top_p: 0.9,
-            ..SamplingParams::default()
-        });
-        (0..200)
-            .map(|_| s.sample(&mut logits.clone(), &[], &[]).unwrap())
-            .collect::<Vec<_>>()
+        let mut s =
+            sampler(SamplingParams { seed: Some(seed), temperature: 1.5, top_p: 0.9, ..SamplingParams::default() });
+        (0..200).map(|_| s.sample(&mut logits.clone(), &[], &[]).unwrap()).collect::<Vec<_>>()
     };
     assert_eq!(run(42), run(42));
     assert_ne!(run(42), run(43));
     // Unseeded samplers still work and differ from one another.
     let mut a = sampler(SamplingParams::default());
     let mut b = sampler(SamplingParams::default());
-    let xs: Vec<u32> = (0..50)
-        .map(|_| a.sample(&mut logits.clone(), &[], &[]).unwrap())
-        .collect();
-    let ys: Vec<u32> = (0..50)
-        .map(|_| b.sample(&mut logits.clone(), &[], &[]).unwrap())
-        .collect();
+    let xs: Vec<u32> = (0..50).map(|_| a.sample(&mut logits.clone(), &[], &[]).unwrap()).collect();
+    let ys: Vec<u32> = (0..50).map(|_| b.sample(&mut logits.clone(), &[], &[]).unwrap()).collect();
     assert_ne!(xs, ys);
 }
 
@@ -343,10 +230,7 @@ fn rng_matches_reference_values() {
         *s = z ^ (z >> 31);
     }
     assert_eq!(state[0], 0xE220_A839_7B1D_CDAF);
-    assert_eq!(
-        first,
-        state[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9)
-    );
+    assert_eq!(first, state[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9));
     let x = r.next_f64();
     assert!((0.0..1.0).contains(&x));
 }
@@ -357,16 +241,10 @@ fn logprobs_are_log_softmax_of_raw_logits() {
     let lse = logits.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
     let lp = logprobs(&logits, 2, 3).unwrap();
     assert!((lp.logprob as f64 - (-2.0 - lse)).abs() < 1e-6);
-    assert_eq!(
-        lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
-        vec![1, 3, 0]
-    );
+    assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 0]);
     assert!((lp.top[0].1 as f64 - (3.0 - lse)).abs() < 1e-6);
     assert_eq!(logprobs(&logits, 4, 0).unwrap().logprob, f32::NEG_INFINITY);
-    assert!(matches!(
-        logprobs(&logits, 9, 1),
-        Err(SamplingError::TokenOutOfRange { token: 9, vocab: 5 })
-    ));
+    assert!(matches!(logprobs(&logits, 9, 1), Err(SamplingError::TokenOutOfRange { token: 9, vocab: 5 })));
     // Large vocabulary: probabilities sum to one and the top list is sorted.
     let logits = random_logits(151_936, 5);
     let lp = logprobs(&logits, 0, 100).unwrap();
@@ -380,10 +258,7 @@ fn logprobs_are_log_softmax_of_raw_logits() {
 
 #[test]
 fn sample_with_logprobs_uses_raw_logits() {
-    let p = SamplingParams {
-        repetition_penalty: 100.0,
-        ..SamplingParams::greedy()
-    };
+    let p = SamplingParams { repetition_penalty: 100.0, ..SamplingParams::greedy() };
     let mut s = sampler(p);
     let mut l = vec![5.0, 4.0, 0.0];
     let (tok, lp) = s.sample_with_logprobs(&mut l, &[0], &[], 2).unwrap();
@@ -455,20 +330,11 @@ fn stop_holds_back_only_possible_prefixes() {
     let mut m = StopMatcher::new(Vec::<String>::new());
     assert_eq!(m.push("x").text, "x");
     // Earliest match wins; ties go to the first listed.
-    assert_eq!(
-        run_stop(&["cd", "bc"], &["ab", "cde"]),
-        ("a".into(), Some(1))
-    );
+    assert_eq!(run_stop(&["cd", "bc"], &["ab", "cde"]), ("a".into(), Some(1)));
     assert_eq!(run_stop(&["abc", "ab"], &["xabc"]), ("x".into(), Some(0)));
     // A stop string that is complete ends generation at once, even if a longer one might follow.
-    assert_eq!(
-        run_stop(&["abc", "ab"], &["xab", "c"]),
-        ("x".into(), Some(1))
-    );
-    assert_eq!(
-        run_stop(&["aab"], &["a", "a", "a", "b"]),
-        ("a".into(), Some(0))
-    );
+    assert_eq!(run_stop(&["abc", "ab"], &["xab", "c"]), ("x".into(), Some(1)));
+    assert_eq!(run_stop(&["aab"], &["a", "a", "a", "b"]), ("a".into(), Some(0)));
     // After a stop nothing more comes out.
     let mut m = StopMatcher::new(["x"]);
     assert_eq!(m.push("1x2").text, "1");

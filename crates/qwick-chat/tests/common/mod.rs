@@ -32,9 +32,7 @@ pub fn temp_dir(name: &str) -> PathBuf {
 pub fn tokenizer_json() -> Vec<u8> {
     let gz = std::fs::File::open(refs_dir().join("tokenizer.json.gz")).unwrap();
     let mut json = Vec::new();
-    flate2::read::GzDecoder::new(gz)
-        .read_to_end(&mut json)
-        .unwrap();
+    flate2::read::GzDecoder::new(gz).read_to_end(&mut json).unwrap();
     json
 }
 
@@ -44,16 +42,11 @@ pub fn tokenizer() -> &'static Tokenizer {
     TOK.get_or_init(|| {
         let mut tok = Tokenizer::from_bytes(&tokenizer_json()).expect("load tokenizer");
         let config = std::fs::read_to_string(refs_dir().join("tokenizer_config.json")).unwrap();
-        tok.apply_config(&serde_json::from_str(&config).unwrap())
-            .expect("apply tokenizer_config.json");
+        tok.apply_config(&serde_json::from_str(&config).unwrap()).expect("apply tokenizer_config.json");
         tok
     })
 }
 
 pub fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
