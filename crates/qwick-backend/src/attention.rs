@@ -31,30 +31,72 @@ pub struct AttnArgs<'a> {
     pub block_tables: &'a [&'a [u32]],
 }
 
+/// Query tokens per tile of the tiled (prefill) kernel.
+const TILE: usize = 8;
+
 /// `out[t, h*hd..]` = softmax(q[t,h]·Kᵀ·scale) · V over the token's causal context.
 pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut [f32]) {
     let n_tok = a.positions.len();
     let hd = kv.head_dim;
     assert!(q.len() >= n_tok * a.n_heads * hd && out.len() >= n_tok * a.n_heads * hd);
     assert!(a.n_heads % kv.kv_heads == 0);
-    let items = n_tok * kv.kv_heads;
+    let group = a.n_heads / kv.kv_heads;
+    // Work units: runs of up to TILE consecutive tokens of one sequence (a prefill chunk) go
+    // to the tiled kernel where there is one; other tokens one at a time.
+    let tiled = matches!(ctx.isa, Isa::Avx512 | Isa::Avx512Bf16) && hd <= 128;
+    let mut units: Vec<(usize, usize)> = Vec::new();
+    let mut t = 0;
+    while t < n_tok {
+        let mut len = 1;
+        while tiled
+            && len < TILE
+            && t + len < n_tok
+            && a.seq_of_token[t + len] == a.seq_of_token[t]
+            && a.positions[t + len] == a.positions[t] + len as u32
+        {
+            len += 1;
+        }
+        units.push((t, len));
+        t += len;
+    }
+    // Longest contexts first, so the last units to finish are short.
+    units.sort_by_key(|&(t, len)| std::cmp::Reverse(a.positions[t + len - 1]));
+    let items = units.len() * kv.kv_heads;
     let threads = ctx.pool.threads();
     let op = SendPtr::new(out);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let work = |_t: usize| {
         let max_ctx = (0..n_tok).map(|i| a.positions[i] as usize + 1).max().unwrap_or(0);
-        let group = a.n_heads / kv.kv_heads;
         let mut scores = vec![0f32; group * max_ctx];
-        // Threads take items from a shared counter, last tokens (longest contexts) first.
+        let mut scratch = Vec::new();
         loop {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if i >= items {
                 break;
             }
-            let item = items - 1 - i;
-            let (tok, kvh) = (item / kv.kv_heads, item % kv.kv_heads);
-            let ctx_len = a.positions[tok] as usize + 1;
+            let ((tok, len), kvh) = (units[i / kv.kv_heads], i % kv.kv_heads);
             let table = a.block_tables[a.seq_of_token[tok] as usize];
+            if len > 1 {
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    let pos0 = a.positions[tok] as usize;
+                    let o = op.ptr();
+                    let n = hd.div_ceil(16);
+                    let args = (q, tok, len, a.n_heads, group, kvh, kv, table, pos0, a.scale, o, &mut scratch);
+                    match n {
+                        1 => x86::attend_tile::<1>(args),
+                        2 => x86::attend_tile::<2>(args),
+                        3 => x86::attend_tile::<3>(args),
+                        4 => x86::attend_tile::<4>(args),
+                        5 => x86::attend_tile::<5>(args),
+                        6 => x86::attend_tile::<6>(args),
+                        7 => x86::attend_tile::<7>(args),
+                        _ => x86::attend_tile::<8>(args),
+                    }
+                }
+                continue;
+            }
+            let ctx_len = a.positions[tok] as usize + 1;
             let qrow = &q[(tok * a.n_heads + kvh * group) * hd..(tok * a.n_heads + (kvh + 1) * group) * hd];
             let orow = unsafe { op.slice((tok * a.n_heads + kvh * group) * hd, group * hd) };
             attend_one(ctx.isa, qrow, kv, table, kvh, ctx_len, a.scale, &mut scores[..group * ctx_len], orow);
@@ -230,6 +272,145 @@ mod x86 {
             }
         }
     }
+
+    /// e^x for 16 lanes (the polynomial of `ops::exp_poly`); -inf gives 0.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    unsafe fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.5)), _mm512_set1_ps(-87.5));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// Flash-style attention of `len` consecutive tokens of one sequence (positions
+    /// `pos0..pos0+len`) × the `group` query heads of KV head `kvh`: keys are taken 16 at a time,
+    /// transposed once and shared by all rows; softmax is computed online (running max and sum).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    #[allow(clippy::type_complexity)]
+    pub unsafe fn attend_tile<const N: usize>(
+        (q, tok0, len, n_heads, group, kvh, kv, table, pos0, scale, out, scratch): (
+            &[f32],
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            PagedKv,
+            &[u32],
+            usize,
+            f32,
+            *mut f32,
+            &mut Vec<f32>,
+        ),
+    ) {
+        let hd = kv.head_dim;
+        let rows = len * group;
+        let (bs, stride) = (kv.block_size, kv.kv_heads * hd);
+        // scratch: scaled queries [rows][hd], outputs [rows][N*16], K block transposed [hd][16].
+        let w = N * 16;
+        scratch.resize(rows * hd + rows * w + hd * 16 + 16, 0.0);
+        let (qs, rest) = scratch.split_at_mut(rows * hd);
+        let (o, kt) = rest.split_at_mut(rows * w);
+        for t in 0..len {
+            for g in 0..group {
+                let src = &q[((tok0 + t) * n_heads + kvh * group + g) * hd..][..hd];
+                for (d, v) in qs[(t * group + g) * hd..][..hd].iter_mut().zip(src) {
+                    *d = v * scale;
+                }
+            }
+        }
+        o[..rows * w].fill(0.0);
+        let mut m = vec![f32::NEG_INFINITY; rows];
+        let mut l = vec![0f32; rows];
+        let ctx = pos0 + len;
+        let mut offs = [0usize; 16];
+        let mut kb = 0;
+        while kb < ctx {
+            let nk = (ctx - kb).min(16);
+            for (jj, off) in offs.iter_mut().enumerate().take(nk) {
+                let j = kb + jj;
+                *off = (table[j / bs] as usize * bs + j % bs) * stride + kvh * hd;
+            }
+            for d in 0..hd {
+                for jj in 0..16 {
+                    *kt.get_unchecked_mut(d * 16 + jj) = if jj < nk { *kv.k.get_unchecked(offs[jj] + d) } else { 0.0 };
+                }
+            }
+            for t in 0..len {
+                let p = pos0 + t;
+                if kb > p {
+                    continue; // the whole block is in this token's future
+                }
+                let valid = (p - kb + 1).min(nk);
+                let mask: __mmask16 = if valid >= 16 { 0xffff } else { ((1u32 << valid) - 1) as __mmask16 };
+                for g in 0..group {
+                    let r = t * group + g;
+                    let qr = qs.as_ptr().add(r * hd);
+                    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                    let mut d = 0;
+                    while d + 1 < hd {
+                        s0 = _mm512_fmadd_ps(_mm512_set1_ps(*qr.add(d)), _mm512_loadu_ps(kt.as_ptr().add(d * 16)), s0);
+                        s1 = _mm512_fmadd_ps(
+                            _mm512_set1_ps(*qr.add(d + 1)),
+                            _mm512_loadu_ps(kt.as_ptr().add(d * 16 + 16)),
+                            s1,
+                        );
+                        d += 2;
+                    }
+                    if d < hd {
+                        s0 = _mm512_fmadd_ps(_mm512_set1_ps(*qr.add(d)), _mm512_loadu_ps(kt.as_ptr().add(d * 16)), s0);
+                    }
+                    let s = _mm512_mask_blend_ps(mask, _mm512_set1_ps(f32::NEG_INFINITY), _mm512_add_ps(s0, s1));
+                    let m_new = m[r].max(_mm512_reduce_max_ps(s));
+                    let corr = (m[r] - m_new).exp();
+                    let pv = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
+                    l[r] = l[r] * corr + _mm512_reduce_add_ps(pv);
+                    m[r] = m_new;
+                    let mut pa = [0f32; 16];
+                    _mm512_storeu_ps(pa.as_mut_ptr(), pv);
+                    let or = o.as_mut_ptr().add(r * w);
+                    let mut acc = [_mm512_setzero_ps(); N];
+                    let cv = _mm512_set1_ps(corr);
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_mul_ps(_mm512_loadu_ps(or.add(c * 16)), cv);
+                    }
+                    let last: __mmask16 = if hd % 16 == 0 { 0xffff } else { ((1u32 << (hd % 16)) - 1) as __mmask16 };
+                    for jj in 0..valid {
+                        let pj = _mm512_set1_ps(pa[jj]);
+                        let vrow = kv.v.as_ptr().add(offs[jj]);
+                        for (c, a) in acc.iter_mut().enumerate() {
+                            let mk = if c == N - 1 { last } else { 0xffff };
+                            *a = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(mk, vrow.add(c * 16)), *a);
+                        }
+                    }
+                    for (c, a) in acc.iter().enumerate() {
+                        _mm512_storeu_ps(or.add(c * 16), *a);
+                    }
+                }
+            }
+            kb += 16;
+        }
+        for t in 0..len {
+            for g in 0..group {
+                let r = t * group + g;
+                let inv = 1.0 / l[r];
+                let dst = out.add(((tok0 + t) * n_heads + kvh * group + g) * hd);
+                for d in 0..hd {
+                    *dst.add(d) = o[r * w + d] * inv;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -264,7 +445,14 @@ mod tests {
     #[test]
     fn paged_matches_dense_on_every_isa() {
         let pool = ThreadPool::new(2);
-        for &(t, nh, kvh, hd, bs) in &[(1, 2, 1, 8, 4), (37, 8, 2, 24, 16), (20, 4, 4, 16, 3), (50, 8, 1, 33, 16)] {
+        for &(t, nh, kvh, hd, bs) in &[
+            (1, 2, 1, 8, 4),
+            (37, 8, 2, 24, 16),
+            (20, 4, 4, 16, 3),
+            (50, 8, 1, 33, 16),
+            (24, 32, 2, 128, 16),
+            (19, 4, 2, 128, 4),
+        ] {
             let q = rand_vec(t * nh * hd, 1);
             let k = rand_vec(t * kvh * hd, 2);
             let v = rand_vec(t * kvh * hd, 3);
