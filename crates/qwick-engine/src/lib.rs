@@ -3,7 +3,12 @@
 //! forward call.
 
 pub mod blocks;
+pub mod generate;
 pub mod runner;
 
 pub use blocks::BlockAllocator;
+pub use generate::{
+    generate, Decision, FinishReason, GenParams, GenToken, Generation, SeqGen, ThinkingBudget, TokenEvent,
+};
+pub use qwick_sampler::SamplingParams;
 pub use runner::{argmax, Logits, Runner, RunnerConfig, SeqId, Span};

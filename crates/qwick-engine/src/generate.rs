@@ -1,0 +1,531 @@
+//! Token-level generation: sampling, stop token ids, token and context limits, and a thinking
+//! budget counted in tokens.
+//!
+//! [`SeqGen`] is the per-sequence state: it is given each step's logits and says which tokens to
+//! append and whether the sequence is finished. It knows nothing of the runner, so a scheduler
+//! can drive many of them in one batched step. [`generate`] is the loop for one sequence alone,
+//! streaming each token to a callback that can stop it (stop strings, Ctrl-C).
+//!
+//! Text-level matters (detokenizing, stop strings, splitting reasoning from the answer) belong to
+//! the caller.
+//!
+//! ## Thinking budget
+//!
+//! With a [`ThinkingBudget`], the tokens generated while the model thinks are counted, and when
+//! the count reaches the budget the budget's stop tokens (the tokens of Qwen's "Considering the
+//! limited time by the user, … </think>.\n\n") are appended to the sequence: they become part of
+//! the context and of the output, and the model goes on with its answer.
+//!
+//! What counts as thinking: if the budget says the output starts in thinking
+//! ([`ThinkingBudget::starts_in_thinking`], for a prompt rendered with thinking on), every
+//! generated token is reasoning until the `</think>` token; otherwise reasoning starts after a
+//! generated `<think>` token. A `<think>` token itself is not counted, nor is `</think>`. Once
+//! `</think>` is generated or injected, nothing more is counted. A budget of 0 injects the stop
+//! tokens before the first sampled token.
+
+use crate::runner::{Logits, Runner, SeqId, Span};
+use anyhow::{anyhow, bail, Result};
+use qwick_sampler::{Sampler, SamplingParams};
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token (an end-of-sequence id or one of the stop token ids) was generated; it is the
+    /// last output token.
+    Stop,
+    /// The token limit or the end of the context was reached.
+    Length,
+    /// The caller stopped it (the callback returned `Break`, e.g. a stop string or Ctrl-C).
+    Aborted,
+}
+
+impl FinishReason {
+    /// `"stop"`, `"length"` or `"aborted"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Aborted => "aborted",
+        }
+    }
+}
+
+/// A limit on reasoning tokens (see the module docs for what is counted).
+#[derive(Clone, Debug)]
+pub struct ThinkingBudget {
+    /// Most reasoning tokens before the stop tokens are injected.
+    pub max_tokens: usize,
+    /// Whether the output starts inside reasoning (the prompt was rendered with thinking on);
+    /// otherwise reasoning starts at a generated `think_start` token.
+    pub starts_in_thinking: bool,
+    /// The `<think>` token id (151667 for Qwen3), if the vocabulary has one.
+    pub think_start: Option<u32>,
+    /// The `</think>` token id (151668 for Qwen3): reasoning ends when it is generated.
+    pub think_end: u32,
+    /// Tokens injected when the reasoning so far is empty or its last token ends a line.
+    pub stop_tokens: Vec<u32>,
+    /// Tokens injected otherwise (the same text after a newline).
+    pub stop_tokens_after_text: Vec<u32>,
+    /// Token ids whose text ends with a newline.
+    pub newline_tokens: Arc<HashSet<u32>>,
+}
+
+/// What to generate, besides the prompt.
+#[derive(Clone, Debug)]
+pub struct GenParams {
+    /// Sampling; `max_tokens` caps the sampled tokens (`None`: until the context is full) and
+    /// `stop_token_ids` end generation like `eos_token_ids`. `stop` strings are the caller's
+    /// business (text level).
+    pub sampling: SamplingParams,
+    /// End-of-sequence ids (from generation_config.json and config.json).
+    pub eos_token_ids: Vec<u32>,
+    /// Most tokens (prompt + output) the sequence may hold: the model's context length, or less.
+    pub max_context: usize,
+    /// An optional limit on reasoning tokens.
+    pub thinking: Option<ThinkingBudget>,
+}
+
+/// One output token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenToken {
+    pub id: u32,
+    /// Appended by the thinking budget rather than sampled.
+    pub injected: bool,
+    /// Counted as reasoning (see the module docs).
+    pub reasoning: bool,
+}
+
+/// What [`SeqGen::on_logits`] decided.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// New output tokens, in order. Unless finished, they must be appended to the sequence and
+    /// computed by the next step (whose last logits go to the next `on_logits`).
+    pub tokens: Vec<GenToken>,
+    /// Set when the sequence is finished (the tokens above are its last).
+    pub finish: Option<FinishReason>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Thinking {
+    /// Waiting for a `<think>` token.
+    Before,
+    /// Reasoning, with this many tokens counted.
+    In(usize),
+    /// Reasoning ended (or never budgeted).
+    Done,
+}
+
+/// The generation state of one sequence: its sampler, output, limits and thinking budget.
+pub struct SeqGen {
+    sampler: Sampler,
+    prompt: Vec<u32>,
+    output: Vec<u32>,
+    stop_ids: Vec<u32>,
+    max_sampled: usize,
+    max_context: usize,
+    sampled: usize,
+    budget: Option<ThinkingBudget>,
+    thinking: Thinking,
+    last_reasoning: Option<u32>,
+    reasoning_tokens: usize,
+    finish: Option<FinishReason>,
+}
+
+impl SeqGen {
+    /// Checks the parameters and that the prompt leaves room in the context.
+    pub fn new(prompt: &[u32], params: GenParams) -> Result<SeqGen> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        if params.max_context == 0 {
+            bail!("the context length is 0");
+        }
+        if prompt.len() >= params.max_context {
+            bail!(
+                "the prompt has {} tokens, which leaves no room in the context of {} tokens",
+                prompt.len(),
+                params.max_context
+            );
+        }
+        let max_sampled = params.sampling.max_tokens.unwrap_or(usize::MAX);
+        let mut stop_ids = params.eos_token_ids.clone();
+        stop_ids.extend(&params.sampling.stop_token_ids);
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        let sampler = Sampler::new(params.sampling).map_err(|e| anyhow!("{e}"))?;
+        let thinking = match &params.thinking {
+            None => Thinking::Done,
+            Some(b) if b.starts_in_thinking => Thinking::In(0),
+            Some(_) => Thinking::Before,
+        };
+        Ok(SeqGen {
+            sampler,
+            prompt: prompt.to_vec(),
+            output: Vec::new(),
+            stop_ids,
+            max_sampled,
+            max_context: params.max_context,
+            sampled: 0,
+            budget: params.thinking,
+            thinking,
+            last_reasoning: None,
+            reasoning_tokens: 0,
+            finish: None,
+        })
+    }
+
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
+    /// Every output token so far (sampled and injected).
+    pub fn output(&self) -> &[u32] {
+        &self.output
+    }
+
+    /// Tokens chosen by the sampler so far.
+    pub fn sampled(&self) -> usize {
+        self.sampled
+    }
+
+    /// Reasoning tokens counted so far against the budget.
+    pub fn reasoning_tokens(&self) -> usize {
+        self.reasoning_tokens
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Whether reasoning is going on (counted against a budget).
+    pub fn in_thinking(&self) -> bool {
+        matches!(self.thinking, Thinking::In(_))
+    }
+
+    /// Ends the sequence at the caller's request, keeping the first `keep` output tokens (those
+    /// the caller has taken).
+    pub fn abort(&mut self, keep: usize) {
+        self.output.truncate(keep);
+        self.finish = Some(FinishReason::Aborted);
+    }
+
+    fn room(&self) -> usize {
+        self.max_context - self.prompt.len() - self.output.len()
+    }
+
+    /// The budget's stop tokens, if reasoning has reached the budget now.
+    fn budget_injection(&self) -> Option<Vec<u32>> {
+        let b = self.budget.as_ref()?;
+        match self.thinking {
+            Thinking::In(n) if n >= b.max_tokens => {
+                let after_line = self.last_reasoning.is_none_or(|t| b.newline_tokens.contains(&t));
+                Some(if after_line { b.stop_tokens.clone() } else { b.stop_tokens_after_text.clone() })
+            }
+            _ => None,
+        }
+    }
+
+    /// Appends injected tokens (as many as the context allows); returns whether they all fit.
+    fn inject(&mut self, tokens: &[u32], out: &mut Vec<GenToken>) -> bool {
+        let fit = tokens.len().min(self.room());
+        for &t in &tokens[..fit] {
+            self.output.push(t);
+            out.push(GenToken { id: t, injected: true, reasoning: false });
+        }
+        self.thinking = Thinking::Done;
+        fit == tokens.len()
+    }
+
+    fn done(&mut self, tokens: Vec<GenToken>, finish: FinishReason) -> Decision {
+        self.finish = Some(finish);
+        Decision { tokens, finish: Some(finish) }
+    }
+
+    /// Takes the logits of the sequence's last token (`[vocab]`; penalties are applied to them in
+    /// place) and decides the next tokens.
+    pub fn on_logits(&mut self, logits: &mut [f32]) -> Result<Decision> {
+        if let Some(f) = self.finish {
+            return Ok(Decision { tokens: vec![], finish: Some(f) });
+        }
+        let mut tokens = Vec::new();
+        // A budget of 0: stop thinking before sampling anything.
+        if let Some(inject) = self.budget_injection() {
+            if !self.inject(&inject, &mut tokens) || self.room() == 0 {
+                return Ok(self.done(tokens, FinishReason::Length));
+            }
+            return Ok(Decision { tokens, finish: None });
+        }
+        let id = self.sampler.sample(logits, &self.prompt, &self.output).map_err(|e| anyhow!("{e}"))?;
+        self.sampled += 1;
+        self.output.push(id);
+        let mut reasoning = false;
+        if let Some(b) = &self.budget {
+            match self.thinking {
+                Thinking::Before if Some(id) == b.think_start => self.thinking = Thinking::In(0),
+                Thinking::In(_) if id == b.think_end => self.thinking = Thinking::Done,
+                Thinking::In(_) if Some(id) == b.think_start => {}
+                Thinking::In(n) => {
+                    self.thinking = Thinking::In(n + 1);
+                    self.reasoning_tokens += 1;
+                    self.last_reasoning = Some(id);
+                    reasoning = true;
+                }
+                _ => {}
+            }
+        }
+        tokens.push(GenToken { id, injected: false, reasoning });
+        if self.stop_ids.binary_search(&id).is_ok() {
+            return Ok(self.done(tokens, FinishReason::Stop));
+        }
+        if self.sampled >= self.max_sampled || self.room() == 0 {
+            return Ok(self.done(tokens, FinishReason::Length));
+        }
+        if let Some(inject) = self.budget_injection() {
+            if !self.inject(&inject, &mut tokens) || self.room() == 0 {
+                return Ok(self.done(tokens, FinishReason::Length));
+            }
+        }
+        Ok(Decision { tokens, finish: None })
+    }
+}
+
+/// A token as the [`generate`] callback sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenEvent {
+    pub token: GenToken,
+    /// Position in the output (0 for the first generated token).
+    pub index: usize,
+}
+
+/// The result of [`generate`].
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// Output tokens (sampled and injected; a final stop token included), as passed to the callback.
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    /// Tokens chosen by the sampler (the rest were injected by the thinking budget).
+    pub sampled_tokens: usize,
+    /// Reasoning tokens counted against the thinking budget (0 without one).
+    pub reasoning_tokens: usize,
+    /// Seconds to compute the prompt and choose the first token.
+    pub prefill_s: f64,
+    /// Seconds after that, to the end.
+    pub decode_s: f64,
+    /// Forward steps after the prefill.
+    pub decode_steps: usize,
+}
+
+impl Generation {
+    /// Decode speed: output tokens after the first, per second of decode time.
+    pub fn decode_tok_s(&self) -> f64 {
+        if self.decode_s > 0.0 && self.tokens.len() > 1 {
+            (self.tokens.len() - 1) as f64 / self.decode_s
+        } else {
+            0.0
+        }
+    }
+
+    /// Prefill speed: prompt tokens per second.
+    pub fn prefill_tok_s(&self) -> f64 {
+        if self.prefill_s > 0.0 {
+            self.prompt_tokens as f64 / self.prefill_s
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Longest prompt chunk computed in one step.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// Generates from `prompt` as one sequence on `runner` (freed at the end), calling `on_token`
+/// for every output token as soon as it is chosen; `Break` stops generation (finish `Aborted`,
+/// the token that broke included in the output).
+pub fn generate(
+    runner: &mut Runner,
+    prompt: &[u32],
+    params: GenParams,
+    mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let mut gen = SeqGen::new(prompt, params)?;
+    let start = Instant::now();
+    let seq = runner.add_sequence(prompt);
+    let result = drive(runner, seq, &mut gen, &mut on_token, start);
+    runner.free_sequence(seq);
+    let (prefill_s, decode_steps) = result?;
+    Ok(Generation {
+        tokens: gen.output().to_vec(),
+        finish: gen.finish_reason().unwrap_or(FinishReason::Aborted),
+        prompt_tokens: prompt.len(),
+        sampled_tokens: gen.sampled(),
+        reasoning_tokens: gen.reasoning_tokens(),
+        prefill_s,
+        decode_s: start.elapsed().as_secs_f64() - prefill_s,
+        decode_steps,
+    })
+}
+
+fn drive(
+    runner: &mut Runner,
+    seq: SeqId,
+    gen: &mut SeqGen,
+    on_token: &mut impl FnMut(&TokenEvent) -> ControlFlow<()>,
+    start: Instant,
+) -> Result<(f64, usize)> {
+    // Prefill in chunks; only the last asks for logits.
+    let mut logits = loop {
+        let pending = runner.pending(seq)?;
+        let len = pending.min(PREFILL_CHUNK);
+        let want = if len == pending { Logits::Last } else { Logits::None };
+        let mut out = runner.step(&[Span { seq, len, logits: want }])?;
+        if want == Logits::Last {
+            break out.pop().expect("one span");
+        }
+    };
+    let mut prefill_s = None;
+    let mut steps = 0;
+    loop {
+        let decision = gen.on_logits(&mut logits)?;
+        let prefill = *prefill_s.get_or_insert_with(|| start.elapsed().as_secs_f64());
+        for (i, &token) in decision.tokens.iter().enumerate() {
+            let index = gen.output().len() - decision.tokens.len() + i;
+            if on_token(&TokenEvent { token, index }).is_break() {
+                gen.abort(index + 1);
+                return Ok((prefill, steps));
+            }
+        }
+        if decision.finish.is_some() {
+            return Ok((prefill, steps));
+        }
+        for t in &decision.tokens {
+            runner.append_token(seq, t.id)?;
+        }
+        let len = runner.pending(seq)?;
+        logits = runner.step(&[Span { seq, len, logits: Logits::Last }])?.pop().expect("one span");
+        steps += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(max_tokens: Option<usize>, max_context: usize) -> GenParams {
+        GenParams {
+            sampling: SamplingParams { max_tokens, ..SamplingParams::greedy() },
+            eos_token_ids: vec![9],
+            max_context,
+            thinking: None,
+        }
+    }
+
+    /// Logits that make `id` the greedy choice.
+    fn pick(id: u32) -> Vec<f32> {
+        let mut l = vec![0.0; 16];
+        l[id as usize] = 1.0;
+        l
+    }
+
+    fn ids(d: &Decision) -> Vec<u32> {
+        d.tokens.iter().map(|t| t.id).collect()
+    }
+
+    #[test]
+    fn stops_on_eos_max_tokens_and_context() {
+        let mut g = SeqGen::new(&[1, 2], params(None, 100)).unwrap();
+        assert_eq!(g.on_logits(&mut pick(3)).unwrap().finish, None);
+        let d = g.on_logits(&mut pick(9)).unwrap();
+        assert_eq!((ids(&d), d.finish), (vec![9], Some(FinishReason::Stop)));
+        assert_eq!(g.output(), &[3, 9]);
+
+        let mut g = SeqGen::new(&[1, 2], params(Some(2), 100)).unwrap();
+        assert_eq!(g.on_logits(&mut pick(3)).unwrap().finish, None);
+        assert_eq!(g.on_logits(&mut pick(4)).unwrap().finish, Some(FinishReason::Length));
+
+        let mut g = SeqGen::new(&[1, 2], params(None, 4)).unwrap();
+        assert_eq!(g.on_logits(&mut pick(3)).unwrap().finish, None);
+        assert_eq!(g.on_logits(&mut pick(4)).unwrap().finish, Some(FinishReason::Length));
+
+        // An eos at the limit is a stop.
+        let mut g = SeqGen::new(&[1, 2], params(Some(1), 100)).unwrap();
+        assert_eq!(g.on_logits(&mut pick(9)).unwrap().finish, Some(FinishReason::Stop));
+        // The prompt must leave room.
+        assert!(SeqGen::new(&[1, 2, 3, 4], params(None, 4)).is_err());
+        assert!(SeqGen::new(&[], params(None, 4)).is_err());
+    }
+
+    fn budget(max_tokens: usize, starts_in_thinking: bool) -> ThinkingBudget {
+        ThinkingBudget {
+            max_tokens,
+            starts_in_thinking,
+            think_start: Some(14),
+            think_end: 15,
+            stop_tokens: vec![12, 15],
+            stop_tokens_after_text: vec![11, 12, 15],
+            newline_tokens: Arc::new([11].into_iter().collect()),
+        }
+    }
+
+    #[test]
+    fn thinking_budget_injects_stop_tokens() {
+        let mut p = params(None, 100);
+        p.thinking = Some(budget(2, true));
+        let mut g = SeqGen::new(&[1], p.clone()).unwrap();
+        let d = g.on_logits(&mut pick(3)).unwrap();
+        assert_eq!(ids(&d), vec![3]);
+        assert!(d.tokens[0].reasoning && g.in_thinking());
+        let d = g.on_logits(&mut pick(4)).unwrap();
+        assert_eq!(ids(&d), vec![4, 11, 12, 15]);
+        assert!(d.tokens[1..].iter().all(|t| t.injected && !t.reasoning));
+        assert!(!g.in_thinking());
+        assert_eq!(ids(&g.on_logits(&mut pick(5)).unwrap()), vec![5]);
+        assert_eq!(g.reasoning_tokens(), 2);
+
+        // After a newline token, no newline is added; a `<think>` token is not counted.
+        let mut g = SeqGen::new(&[1], p.clone()).unwrap();
+        g.on_logits(&mut pick(14)).unwrap();
+        g.on_logits(&mut pick(3)).unwrap();
+        assert_eq!(ids(&g.on_logits(&mut pick(11)).unwrap()), vec![11, 12, 15]);
+
+        // The model closing its thinking in time: nothing injected.
+        let mut g = SeqGen::new(&[1], p.clone()).unwrap();
+        g.on_logits(&mut pick(3)).unwrap();
+        assert_eq!(ids(&g.on_logits(&mut pick(15)).unwrap()), vec![15]);
+        assert_eq!(ids(&g.on_logits(&mut pick(4)).unwrap()), vec![4]);
+
+        // Not starting in thinking: counting begins at `<think>`.
+        p.thinking = Some(budget(1, false));
+        let mut g = SeqGen::new(&[1], p.clone()).unwrap();
+        assert_eq!(ids(&g.on_logits(&mut pick(3)).unwrap()), vec![3]);
+        assert_eq!(ids(&g.on_logits(&mut pick(14)).unwrap()), vec![14]);
+        assert_eq!(ids(&g.on_logits(&mut pick(3)).unwrap()), vec![3, 11, 12, 15]);
+
+        // A budget of 0 injects before sampling.
+        p.thinking = Some(budget(0, true));
+        let mut g = SeqGen::new(&[1], p.clone()).unwrap();
+        let d = g.on_logits(&mut pick(3)).unwrap();
+        assert_eq!((ids(&d), d.finish), (vec![12, 15], None));
+        assert_eq!(g.sampled(), 0);
+        assert_eq!(ids(&g.on_logits(&mut pick(3)).unwrap()), vec![3]);
+
+        // Injection cut by the context.
+        p.thinking = Some(budget(1, true));
+        p.max_context = 4;
+        let mut g = SeqGen::new(&[1], p).unwrap();
+        let d = g.on_logits(&mut pick(3)).unwrap();
+        assert_eq!((ids(&d), d.finish), (vec![3, 11, 12], Some(FinishReason::Length)));
+    }
+
+    #[test]
+    fn invalid_sampling_is_an_error() {
+        let mut p = params(None, 100);
+        p.sampling.top_p = 1.5;
+        let e = SeqGen::new(&[1], p).err().unwrap().to_string();
+        assert!(e.contains("top_p"), "{e}");
+    }
+}
