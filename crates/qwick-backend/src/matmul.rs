@@ -69,7 +69,7 @@ impl<'a> MatmulJob<'a> {
 
 /// Runs several independent products in one parallel region (q/k/v projections, gate and up,
 /// the chosen experts of a MoE layer). Columns of all jobs are cut into slices (multiples of
-/// 32, about eight per thread) that threads take from a shared counter, so a thread slowed by
+/// 32, about sixteen per thread) that threads take from a shared counter, so a thread slowed by
 /// the machine does not hold the others back.
 pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
     let threads = ctx.pool.threads();
@@ -93,7 +93,7 @@ pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
     }
     let mut units: Vec<(usize, usize, usize)> = Vec::new();
     for (i, j) in jobs.iter().enumerate() {
-        let share = j.m * j.w.cols * j.w.rows * 8 * threads / total;
+        let share = j.m * j.w.cols * j.w.rows * 16 * threads / total;
         let unit = j.w.rows.div_ceil(share.max(1)).next_multiple_of(32);
         let mut n0 = 0;
         while n0 < j.w.rows {
@@ -326,6 +326,10 @@ mod x86 {
             while kk + 16 <= k {
                 let mut wv = [_mm512_setzero_ps(); R];
                 for (j, v) in wv.iter_mut().enumerate() {
+                    // Prefetch the same line of the next block of rows (harmless past the end).
+                    if (kk * es) % 64 == 0 {
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((j + 2 * R) * rb + kk * es) as *const i8);
+                    }
                     *v = load16::<D>(w.add(j * rb + kk * es));
                 }
                 for (i, a) in acc.iter_mut().enumerate() {
