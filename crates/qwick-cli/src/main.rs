@@ -1,7 +1,9 @@
 //! `qwick`: run, score, benchmark and serve Qwen3 models.
 
 mod bench;
+mod chat;
 mod common;
+mod run;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -17,6 +19,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// One chat turn: render the prompt with the model's chat template and generate the answer
+    /// (streamed on a terminal; exactly the generated text when piped; --json for details).
+    Run(run::RunCmdArgs),
+    /// An interactive conversation (/think, /no_think, /clear, /exit; Ctrl-C stops an answer).
+    Chat(chat::ChatArgs),
     /// Write the float32 logits of every position of a token sequence as a NumPy .npy file [T, vocab].
     Logits {
         /// Model folder (config.json + safetensors).
@@ -57,7 +64,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line, even when a cause (a template error, say) spans several.
+            let msg = format!("{e:#}");
+            let msg: Vec<&str> = msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            eprintln!("error: {}", msg.join(" "));
             ExitCode::FAILURE
         }
     }
@@ -65,6 +75,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::Logits { model, tokens, out, run } => {
             let tokens = parse_tokens(&tokens)?;
             let model = common::load_model(&model)?;

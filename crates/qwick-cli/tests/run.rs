@@ -1,0 +1,363 @@
+//! `qwick run` and `qwick chat` on `tests/greedy/model`, a tiny random Qwen3 with the full Qwen3
+//! vocabulary, tokenizer and chat template (made by `python/make_greedy_refs.py`):
+//! greedy token ids equal transformers' `generate`, seeds reproduce, the thinking budget cuts
+//! reasoning, stop strings, bad input gets one error line, and a piped `chat` session.
+//!
+//! The model folder is assembled in a temporary folder: the committed files plus tokenizer.json
+//! unpacked from tests/chat_refs/tokenizer.json.gz, so it is laid out like a Hugging Face folder.
+
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+const BUDGET_TEXT: &str = "Considering the limited time by the user, I have to give the solution based on the thinking directly now.\n</think>.\n\n";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qwick-run-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The model folder (made once per test binary).
+fn model() -> &'static str {
+    static DIR: OnceLock<String> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = scratch("model");
+        for e in std::fs::read_dir(root().join("tests/greedy/model")).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+        }
+        let gz = std::fs::File::open(root().join("tests/chat_refs/tokenizer.json.gz")).unwrap();
+        let mut json = Vec::new();
+        flate2::read::GzDecoder::new(gz).read_to_end(&mut json).unwrap();
+        std::fs::write(d.join("tokenizer.json"), json).unwrap();
+        d.to_str().unwrap().to_string()
+    })
+}
+
+fn refs() -> &'static Value {
+    static REFS: OnceLock<Value> = OnceLock::new();
+    REFS.get_or_init(|| {
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/greedy/refs.json")).unwrap()).unwrap()
+    })
+}
+
+fn case(name: &str) -> &'static Value {
+    refs()["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect()
+}
+
+fn qwick_with_stdin(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qwick"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qwick runs");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `qwick run --model M --threads 1 ARGS` with an empty stdin.
+fn run(args: &[&str]) -> Output {
+    let mut all = vec!["run", "--model", model(), "--threads", "1"];
+    all.extend_from_slice(args);
+    qwick_with_stdin(&all, "")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "qwick failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn run_json(args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = ok(&run(&all));
+    assert_eq!(out.lines().count(), 1, "one JSON line: {out}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The flags of a reference case.
+fn case_args(c: &'static Value) -> Vec<&'static str> {
+    let mut a = vec!["--prompt", c["prompt"].as_str().unwrap()];
+    if let Some(s) = c["system"].as_str() {
+        a.extend(["--system", s]);
+    }
+    if c["enable_thinking"] == false {
+        a.push("--no-think");
+    }
+    a
+}
+
+#[test]
+fn greedy_tokens_equal_transformers() {
+    let n = refs()["max_new_tokens"].as_u64().unwrap().to_string();
+    for c in refs()["cases"].as_array().unwrap() {
+        let dir = scratch(&format!("msgs-{}", c["name"].as_str().unwrap()));
+        let file = dir.join("messages.json");
+        let mut args = vec!["--temperature", "0", "--max-tokens", &n];
+        let file_arg = file.to_str().unwrap().to_string();
+        if c["cli"] == true {
+            args.extend(case_args(c));
+        } else {
+            std::fs::write(&file, c["messages"].to_string()).unwrap();
+            args.extend(["--messages", &file_arg]);
+        }
+        let v = run_json(&args);
+        assert_eq!(ids(&v["token_ids"]), ids(&c["generated_ids"]), "{}", c["name"]);
+        assert_eq!(v["finish_reason"], "length");
+        assert_eq!(v["timings"]["prompt_tokens"], c["prompt_ids"].as_array().unwrap().len());
+        assert_eq!(v["timings"]["generated_tokens"], c["generated_ids"].as_array().unwrap().len());
+        assert_eq!(v["text"], c["generated_text"], "{}", c["name"]);
+        for k in ["prefill_s", "decode_s", "tok_s"] {
+            assert!(v["timings"][k].as_f64().unwrap() > 0.0, "{k}");
+        }
+        // With thinking on, the model's output (no </think>) is all reasoning; off, all answer.
+        if c["enable_thinking"] == true {
+            assert_eq!((&v["reasoning"], v["content"].as_str()), (&c["generated_text"], Some("")));
+        } else {
+            assert_eq!((&v["reasoning"], &v["content"]), (&Value::Null, &c["generated_text"]));
+        }
+    }
+}
+
+#[test]
+fn piped_output_is_exactly_the_generated_text() {
+    let c = case("hello_think");
+    let mut args = vec!["--temperature", "0", "--max-tokens", "20"];
+    args.extend(case_args(c));
+    let o = run(&args);
+    assert_eq!(ok(&o), c["generated_text"].as_str().unwrap());
+    assert!(o.stderr.is_empty(), "stderr: {}", String::from_utf8_lossy(&o.stderr));
+    // The same prompt from stdin (its final newline dropped).
+    let all =
+        ["run", "--model", model(), "--threads", "1", "--temperature", "0", "--max-tokens", "20", "--prompt", "-"];
+    let o = qwick_with_stdin(&all, &format!("{}\n", c["prompt"].as_str().unwrap()));
+    assert_eq!(ok(&o), c["generated_text"].as_str().unwrap());
+}
+
+#[test]
+fn stop_strings_end_generation_and_are_not_printed() {
+    let c = case("hello_think");
+    let text = c["generated_text"].as_str().unwrap();
+    let stop = "Fallout";
+    let cut = text.find(stop).expect("the reference text has the stop string");
+    let mut args = vec!["--temperature", "0", "--max-tokens", "20", "--stop", "never-there", stop];
+    args.extend(case_args(c));
+    assert_eq!(ok(&run(&args)), &text[..cut]);
+    let v = run_json(&args);
+    assert_eq!((v["text"].as_str().unwrap(), &v["finish_reason"]), (&text[..cut], &json!("stop")));
+    assert!(v["token_ids"].as_array().unwrap().len() < 20);
+}
+
+#[test]
+fn seeds_reproduce_and_differ() {
+    let base = ["--prompt", "Tell me a story.", "--temperature", "1.0", "--top-k", "0", "--max-tokens", "12"];
+    let with_seed = |s: &'static str| {
+        let mut a = base.to_vec();
+        a.extend(["--seed", s]);
+        ids(&run_json(&a)["token_ids"])
+    };
+    let (a, b, c) = (with_seed("7"), with_seed("7"), with_seed("8"));
+    assert_eq!(a.len(), 12);
+    assert_eq!(a, b, "same seed, same tokens");
+    assert_ne!(a, c, "different seeds differ");
+    // The default presets (from generation_config.json) also reproduce with a seed.
+    let mut p = vec!["--prompt", "Tell me a story.", "--max-tokens", "12", "--seed", "3"];
+    let x = ok(&run(&p));
+    assert_eq!(x, ok(&run(&p)));
+    p.push("--no-think");
+    assert_eq!(ok(&run(&p)), ok(&run(&p)));
+}
+
+#[test]
+fn thinking_budget_inserts_the_stop_text() {
+    let c = case("hello_think");
+    let want = ids(&c["generated_ids"]);
+    let mut args = vec!["--temperature", "0", "--max-tokens", "30", "--max-thinking-tokens", "3"];
+    args.extend(case_args(c));
+    let v = run_json(&args);
+    let got = ids(&v["token_ids"]);
+    let text = v["text"].as_str().unwrap();
+    // Thinking with the prompt rendered for thinking: everything is reasoning until </think>, so
+    // the stop text comes after exactly 3 generated tokens.
+    assert_eq!(got[..3], want[..3]);
+    assert_eq!(v["timings"]["reasoning_tokens"], 3);
+    let at = text.find(BUDGET_TEXT.trim_end()).expect("the budget text is in the output");
+    let before = &text[..at];
+    assert!(before.trim_end_matches('\n').chars().count() > 0);
+    assert!(before.ends_with('\n'), "the stop text starts on its own line: {text:?}");
+    assert!(got.contains(&151668), "</think> is in the output tokens");
+    // The reasoning ends with the budget's sentence; the model answers after it.
+    assert!(v["reasoning"].as_str().unwrap().ends_with("thinking directly now."), "{v}");
+    assert!(!v["content"].as_str().unwrap().trim_start_matches(".\n\n").is_empty(), "{v}");
+    assert_eq!(v["finish_reason"], "length");
+    assert!(got.len() > 30, "--max-tokens counts sampled tokens, not the injected ones");
+    // Plain output has the same text.
+    let mut plain = vec!["--temperature", "0", "--max-tokens", "30", "--max-thinking-tokens", "3"];
+    plain.extend(case_args(c));
+    assert_eq!(ok(&run(&plain)), text);
+
+    // A budget of 0 is thinking off: the same as --no-think.
+    let p = c["prompt"].as_str().unwrap();
+    let off = run_json(&["--prompt", p, "--temperature", "0", "--max-tokens", "8", "--max-thinking-tokens", "0"]);
+    let no = run_json(&["--prompt", p, "--temperature", "0", "--max-tokens", "8", "--no-think"]);
+    assert_eq!(off["token_ids"], no["token_ids"]);
+    assert_ne!(ids(&off["token_ids"])[..], want[..8], "thinking off renders another prompt");
+}
+
+/// Runs qwick expecting failure: non-zero exit, one `error:` line containing `needle`, no panic.
+fn expect_error<S: AsRef<str>>(args: &[S], stdin: &str, needle: &str) {
+    let args: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
+    let o = qwick_with_stdin(&args, stdin);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure for {args:?}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one error line for {args:?}, got: {err}");
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{needle:?} not in: {err}");
+    assert!(o.stdout.is_empty(), "nothing on stdout: {}", String::from_utf8_lossy(&o.stdout));
+}
+
+#[test]
+fn bad_input_gets_one_clear_error() {
+    let m = model();
+    let tmp = scratch("bad");
+    let r = |extra: &[&str]| -> Vec<String> {
+        ["run", "--model", m, "--prompt", "hi"].iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    expect_error(&r(&["--temperature", "-1"]), "", "temperature must be a finite number >= 0");
+    expect_error(&r(&["--top-p", "1.5"]), "", "top_p must be in (0, 1]");
+    expect_error(&r(&["--top-p", "0"]), "", "top_p must be in (0, 1]");
+    expect_error(&r(&["--min-p", "2"]), "", "min_p");
+    expect_error(&r(&["--repetition-penalty", "0"]), "", "repetition_penalty");
+    expect_error(&r(&["--max-tokens", "0"]), "", "max_tokens must be at least 1");
+    expect_error(&r(&["--stop", ""]), "", "stop strings must not be empty");
+    expect_error(&r(&["--think", "--max-thinking-tokens", "0"]), "", "--think contradicts");
+    expect_error(&r(&["--no-think", "--max-thinking-tokens", "5"]), "", "--no-think contradicts");
+    expect_error(&["chat", "--model", m, "--top-p", "7"], "hello\n", "top_p must be in (0, 1]");
+
+    // A prompt longer than the context (512 tokens).
+    let long = "hello ".repeat(600);
+    expect_error(&["run", "--model", m, "--prompt", &long], "", "leaves no room in the model's context of 512");
+    expect_error(&["run", "--model", m, "--prompt", "-"], &long, "leaves no room");
+
+    // Malformed messages.
+    let msgs = |name: &str, text: &str| {
+        let p = tmp.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let f = msgs("role.json", r#"[{"role": "robot", "content": "beep"}]"#);
+    expect_error(&["run", "--model", m, "--messages", &f], "", "unknown role \"robot\"");
+    let f = msgs("nocontent.json", r#"[{"role": "user"}]"#);
+    expect_error(&["run", "--model", m, "--messages", &f], "", "user message 0 has no content");
+    let f = msgs("broken.json", r#"[{"role": "user", "content": "#);
+    expect_error(&["run", "--model", m, "--messages", &f], "", "not a JSON list of chat messages");
+    let f = msgs("empty.json", "[]");
+    expect_error(&["run", "--model", m, "--messages", &f], "", "no messages");
+    expect_error(&["run", "--model", m, "--messages", "-"], "{}", "not a JSON list");
+
+    // Template errors: one that raises, one that does not compile.
+    let f = msgs("raise.jinja", "{{ raise_exception('only user messages, please') }}");
+    expect_error(&r(&["--chat-template", &f]), "", "only user messages, please");
+    let f = msgs("syntax.jinja", "{% if %}\n{{ x }\n");
+    expect_error(&r(&["--chat-template", &f]), "", "chat template");
+    expect_error(&r(&["--chat-template", "/nonexistent/t.jinja"]), "", "--chat-template /nonexistent/t.jinja");
+
+    // A model folder without a template.
+    let bare = tmp.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    for e in std::fs::read_dir(m).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, bare.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut tc: Value =
+        serde_json::from_str(&std::fs::read_to_string(bare.join("tokenizer_config.json")).unwrap()).unwrap();
+    tc.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(bare.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    let b = bare.to_str().unwrap();
+    expect_error(&["run", "--model", b, "--prompt", "hi"], "", "no chat template");
+    expect_error(&["run", "--model", b, "--prompt", "hi"], "", "--chat-template FILE");
+    // ... which works with one given.
+    let f = msgs("simple.jinja", "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n");
+    let o = qwick_with_stdin(
+        &["run", "--model", b, "--prompt", "hi", "--max-tokens", "3", "--chat-template", &f, "--json"],
+        "",
+    );
+    let v: Value = serde_json::from_str(&ok(&o)).unwrap();
+    // Jinja drops the template's final newline: `<|im_start|>assistant` ends the prompt.
+    assert_eq!(v["timings"]["prompt_tokens"], 8);
+
+    // Not a model.
+    expect_error(&["run", "--model", "./no/such/model", "--prompt", "hi"], "", "neither a model folder");
+}
+
+#[test]
+fn chat_session_through_a_pipe() {
+    let m = model();
+    let (p1, p2, p3) = ("Hello! Who are you?", "Write a haiku about Rust.", "And times 3?");
+    let flags = ["--temperature", "0", "--max-tokens", "8"];
+    let mut args = vec!["chat", "--model", m, "--threads", "1"];
+    args.extend(flags);
+    let input = format!("{p1}\n/no_think\n\n{p2}\n/clear\n{p3}\n/exit\nnever read\n");
+    let o = qwick_with_stdin(&args, &input);
+    let out = ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("thinking off") && err.contains("conversation cleared"), "{err}");
+
+    // The same turns through `qwick run`.
+    fn one<'a>(flags: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        flags.iter().chain(extra).copied().collect()
+    }
+    let j1 = run_json(&one(&flags, &["--prompt", p1]));
+    let a1 = j1["text"].as_str().unwrap();
+    // Turn 2 sees turn 1 with its reasoning apart (and thinking now off).
+    let mut reply = json!({"role": "assistant", "content": j1["content"]});
+    if j1["reasoning"].as_str().is_some_and(|r| !r.is_empty()) {
+        reply["reasoning_content"] = j1["reasoning"].clone();
+    }
+    let history = json!([{"role": "user", "content": p1}, reply, {"role": "user", "content": p2}]);
+    let file = scratch("chat").join("history.json");
+    std::fs::write(&file, history.to_string()).unwrap();
+    let j2 = run_json(&one(&flags, &["--messages", file.to_str().unwrap(), "--no-think"]));
+    let a2 = j2["text"].as_str().unwrap();
+    // After /clear only the new question, still without thinking.
+    let j3 = run_json(&one(&flags, &["--prompt", p3, "--no-think"]));
+    let a3 = j3["text"].as_str().unwrap();
+    // Sanity: turn 2 depends on the history.
+    let alone = run_json(&one(&flags, &["--prompt", p2, "--no-think"]));
+    assert_ne!(alone["token_ids"], j2["token_ids"], "the history changes turn 2");
+    assert_eq!(out, format!("{a1}\n{a2}\n{a3}\n"));
+
+    // /think turns thinking back on; end of input ends the session.
+    let o = qwick_with_stdin(&args, &format!("/no_think\n/think\n{p1}\n"));
+    assert_eq!(ok(&o), format!("{a1}\n"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("thinking on"), "{err}");
+}
+
+#[test]
+fn chat_reports_turn_errors_and_goes_on() {
+    let m = model();
+    let long = "hello ".repeat(600);
+    let args = ["chat", "--model", m, "--temperature", "0", "--max-tokens", "4", "--threads", "1"];
+    let o = qwick_with_stdin(&args, &format!("{long}\n/bogus\nHello! Who are you?\n"));
+    let out = ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("error: the conversation has") && err.contains("unknown command /bogus"), "{err}");
+    let v = run_json(&["--prompt", "Hello! Who are you?", "--temperature", "0", "--max-tokens", "4"]);
+    assert_eq!(out, format!("{}\n", v["text"].as_str().unwrap()), "the failed turn is not in the history");
+}
