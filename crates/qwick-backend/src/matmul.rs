@@ -197,6 +197,41 @@ unsafe fn scalar(x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, c
     }
 }
 
+/// Calls a GEMV block kernel monomorphised for `nr` weight rows (4, 2 or 1) and `mr`
+/// activation rows (1..=8).
+#[cfg(target_arch = "x86_64")]
+macro_rules! gemv_dispatch {
+    ($nr:expr, $mr:expr, |$r:ident, $m:ident| $call:expr) => {
+        match ($nr, $mr) {
+            (4, 1) => gemv_dispatch!(@ 4, 1, $r, $m, $call),
+            (4, 2) => gemv_dispatch!(@ 4, 2, $r, $m, $call),
+            (4, 3) => gemv_dispatch!(@ 4, 3, $r, $m, $call),
+            (4, _) => gemv_dispatch!(@ 4, 4, $r, $m, $call),
+            (2, 1) => gemv_dispatch!(@ 2, 1, $r, $m, $call),
+            (2, 2) => gemv_dispatch!(@ 2, 2, $r, $m, $call),
+            (2, 3) => gemv_dispatch!(@ 2, 3, $r, $m, $call),
+            (2, 4) => gemv_dispatch!(@ 2, 4, $r, $m, $call),
+            (2, 5) => gemv_dispatch!(@ 2, 5, $r, $m, $call),
+            (2, 6) => gemv_dispatch!(@ 2, 6, $r, $m, $call),
+            (2, 7) => gemv_dispatch!(@ 2, 7, $r, $m, $call),
+            (2, _) => gemv_dispatch!(@ 2, 8, $r, $m, $call),
+            (_, 1) => gemv_dispatch!(@ 1, 1, $r, $m, $call),
+            (_, 2) => gemv_dispatch!(@ 1, 2, $r, $m, $call),
+            (_, 3) => gemv_dispatch!(@ 1, 3, $r, $m, $call),
+            (_, 4) => gemv_dispatch!(@ 1, 4, $r, $m, $call),
+            (_, 5) => gemv_dispatch!(@ 1, 5, $r, $m, $call),
+            (_, 6) => gemv_dispatch!(@ 1, 6, $r, $m, $call),
+            (_, 7) => gemv_dispatch!(@ 1, 7, $r, $m, $call),
+            (_, _) => gemv_dispatch!(@ 1, 8, $r, $m, $call),
+        }
+    };
+    (@ $nv:literal, $mv:literal, $r:ident, $m:ident, $call:expr) => {{
+        const $r: usize = $nv;
+        const $m: usize = $mv;
+        $call
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     /// Element types by number: 0 = f32, 1 = bf16, 2 = f16.
@@ -282,28 +317,7 @@ mod x86 {
                 while i < m {
                     let mr = (m - i).min(if wide { 8 } else { 4 });
                     let (xp, yp, wpn) = (x.add(i * k), y.add(i * ldy + n), wp.add(n * rb));
-                    match (nr, mr) {
-                        (4, 1) => gemv_block::<D, 4, 1>(xp, k, wpn, rb, yp, ldy),
-                        (4, 2) => gemv_block::<D, 4, 2>(xp, k, wpn, rb, yp, ldy),
-                        (4, 3) => gemv_block::<D, 4, 3>(xp, k, wpn, rb, yp, ldy),
-                        (4, _) => gemv_block::<D, 4, 4>(xp, k, wpn, rb, yp, ldy),
-                        (2, 1) => gemv_block::<D, 2, 1>(xp, k, wpn, rb, yp, ldy),
-                        (2, 2) => gemv_block::<D, 2, 2>(xp, k, wpn, rb, yp, ldy),
-                        (2, 3) => gemv_block::<D, 2, 3>(xp, k, wpn, rb, yp, ldy),
-                        (2, 4) => gemv_block::<D, 2, 4>(xp, k, wpn, rb, yp, ldy),
-                        (2, 5) => gemv_block::<D, 2, 5>(xp, k, wpn, rb, yp, ldy),
-                        (2, 6) => gemv_block::<D, 2, 6>(xp, k, wpn, rb, yp, ldy),
-                        (2, 7) => gemv_block::<D, 2, 7>(xp, k, wpn, rb, yp, ldy),
-                        (2, _) => gemv_block::<D, 2, 8>(xp, k, wpn, rb, yp, ldy),
-                        (_, 1) => gemv_block::<D, 1, 1>(xp, k, wpn, rb, yp, ldy),
-                        (_, 2) => gemv_block::<D, 1, 2>(xp, k, wpn, rb, yp, ldy),
-                        (_, 3) => gemv_block::<D, 1, 3>(xp, k, wpn, rb, yp, ldy),
-                        (_, 4) => gemv_block::<D, 1, 4>(xp, k, wpn, rb, yp, ldy),
-                        (_, 5) => gemv_block::<D, 1, 5>(xp, k, wpn, rb, yp, ldy),
-                        (_, 6) => gemv_block::<D, 1, 6>(xp, k, wpn, rb, yp, ldy),
-                        (_, 7) => gemv_block::<D, 1, 7>(xp, k, wpn, rb, yp, ldy),
-                        (_, _) => gemv_block::<D, 1, 8>(xp, k, wpn, rb, yp, ldy),
-                    }
+                    gemv_dispatch!(nr, mr, |R, M| gemv_block::<D, R, M>(xp, k, wpn, rb, yp, ldy));
                     i += mr;
                 }
                 n += nr;
@@ -537,28 +551,7 @@ mod x86 {
                 while i < m {
                     let mr = (m - i).min(if wide { 8 } else { 4 });
                     let (xp, yp, wpn) = (x.add(i * kp), y.add(i * ldy + n), wp.add(n * k));
-                    match (nr, mr) {
-                        (4, 1) => block::<4, 1>(xp, kp, k, wpn, yp, ldy),
-                        (4, 2) => block::<4, 2>(xp, kp, k, wpn, yp, ldy),
-                        (4, 3) => block::<4, 3>(xp, kp, k, wpn, yp, ldy),
-                        (4, _) => block::<4, 4>(xp, kp, k, wpn, yp, ldy),
-                        (2, 1) => block::<2, 1>(xp, kp, k, wpn, yp, ldy),
-                        (2, 2) => block::<2, 2>(xp, kp, k, wpn, yp, ldy),
-                        (2, 3) => block::<2, 3>(xp, kp, k, wpn, yp, ldy),
-                        (2, 4) => block::<2, 4>(xp, kp, k, wpn, yp, ldy),
-                        (2, 5) => block::<2, 5>(xp, kp, k, wpn, yp, ldy),
-                        (2, 6) => block::<2, 6>(xp, kp, k, wpn, yp, ldy),
-                        (2, 7) => block::<2, 7>(xp, kp, k, wpn, yp, ldy),
-                        (2, _) => block::<2, 8>(xp, kp, k, wpn, yp, ldy),
-                        (_, 1) => block::<1, 1>(xp, kp, k, wpn, yp, ldy),
-                        (_, 2) => block::<1, 2>(xp, kp, k, wpn, yp, ldy),
-                        (_, 3) => block::<1, 3>(xp, kp, k, wpn, yp, ldy),
-                        (_, 4) => block::<1, 4>(xp, kp, k, wpn, yp, ldy),
-                        (_, 5) => block::<1, 5>(xp, kp, k, wpn, yp, ldy),
-                        (_, 6) => block::<1, 6>(xp, kp, k, wpn, yp, ldy),
-                        (_, 7) => block::<1, 7>(xp, kp, k, wpn, yp, ldy),
-                        (_, _) => block::<1, 8>(xp, kp, k, wpn, yp, ldy),
-                    }
+                    gemv_dispatch!(nr, mr, |R, M| block::<R, M>(xp, kp, k, wpn, yp, ldy));
                     i += mr;
                 }
                 n += nr;

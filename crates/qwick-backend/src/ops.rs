@@ -74,6 +74,24 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + s
 }
 
+/// `1 / sqrt(mean(x²) + eps)`, the sum of squares in 16 independent lanes.
+#[inline(always)]
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let d = x.len();
+    let mut acc = [0f32; 16];
+    let chunks = d / 16;
+    for c in 0..chunks {
+        for l in 0..16 {
+            acc[l] += x[c * 16 + l] * x[c * 16 + l];
+        }
+    }
+    let mut ss: f32 = acc.iter().sum();
+    for v in &x[chunks * 16..] {
+        ss += v * v;
+    }
+    1.0 / (ss / d as f32 + eps).sqrt()
+}
+
 /// RMSNorm of each `w.len()`-wide row of `x` into `out`: `x / sqrt(mean(x²) + eps) * w`,
 /// statistics in f32 as transformers computes them.
 pub fn rms_norm(isa: Isa, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -82,18 +100,7 @@ pub fn rms_norm(isa: Isa, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         fn k(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
             let d = w.len();
             for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-                let mut acc = [0f32; 16];
-                let chunks = d / 16;
-                for c in 0..chunks {
-                    for l in 0..16 {
-                        acc[l] += xr[c * 16 + l] * xr[c * 16 + l];
-                    }
-                }
-                let mut ss: f32 = acc.iter().sum();
-                for v in &xr[chunks * 16..] {
-                    ss += v * v;
-                }
-                let inv = 1.0 / (ss / d as f32 + eps).sqrt();
+                let inv = inv_rms(xr, eps);
                 for i in 0..d {
                     or[i] = w[i] * (xr[i] * inv);
                 }
@@ -110,18 +117,7 @@ pub fn rms_norm_inplace(isa: Isa, x: &mut [f32], w: &[f32], eps: f32) {
         fn k(x: &mut [f32], w: &[f32], eps: f32) {
             let d = w.len();
             for xr in x.chunks_exact_mut(d) {
-                let mut acc = [0f32; 16];
-                let chunks = d / 16;
-                for c in 0..chunks {
-                    for l in 0..16 {
-                        acc[l] += xr[c * 16 + l] * xr[c * 16 + l];
-                    }
-                }
-                let mut ss: f32 = acc.iter().sum();
-                for v in &xr[chunks * 16..] {
-                    ss += v * v;
-                }
-                let inv = 1.0 / (ss / d as f32 + eps).sqrt();
+                let inv = inv_rms(xr, eps);
                 for i in 0..d {
                     xr[i] = w[i] * (xr[i] * inv);
                 }
