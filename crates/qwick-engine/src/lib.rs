@@ -5,6 +5,7 @@
 pub mod blocks;
 pub mod generate;
 pub mod runner;
+pub mod scheduler;
 
 pub use blocks::BlockAllocator;
 pub use generate::{
@@ -12,3 +13,6 @@ pub use generate::{
 };
 pub use qwick_sampler::SamplingParams;
 pub use runner::{argmax, Logits, Runner, RunnerConfig, SeqId, Span};
+pub use scheduler::{
+    Engine, Event, EventSink, OutToken, Request, Scheduler, SchedulerConfig, SchedulerStats, SubmitError,
+};

@@ -107,6 +107,55 @@ impl Runner {
         id
     }
 
+    /// Registers a sequence whose first `prefix_blocks.len() * block_size` tokens are already in
+    /// the cache, in `prefix_blocks` (full blocks shared through the prefix cache; each gains a
+    /// reference). At least one token must be left to compute, so that the shared blocks are
+    /// never written.
+    pub fn add_sequence_with_prefix(&mut self, tokens: &[u32], prefix_blocks: &[u32]) -> Result<SeqId> {
+        let cached = prefix_blocks.len() * self.kv.block_size;
+        if cached >= tokens.len() {
+            bail!("a prefix of {cached} cached tokens leaves none of the {} tokens to compute", tokens.len());
+        }
+        if let Some(&b) =
+            prefix_blocks.iter().find(|&&b| b as usize >= self.blocks.num_blocks() || self.blocks.ref_count(b) == 0)
+        {
+            bail!("prefix block {b} is not in use");
+        }
+        for &b in prefix_blocks {
+            self.blocks.retain(b);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seqs.insert(id, Sequence { tokens: tokens.to_vec(), cached, blocks: prefix_blocks.to_vec() });
+        Ok(id)
+    }
+
+    /// Tokens of the sequence whose K/V is in the cache.
+    pub fn cached(&self, seq: SeqId) -> Option<usize> {
+        self.seqs.get(&seq).map(|s| s.cached)
+    }
+
+    /// The sequence's block table (physical block of each logical block).
+    pub fn block_table(&self, seq: SeqId) -> Option<&[u32]> {
+        self.seqs.get(&seq).map(|s| s.blocks.as_slice())
+    }
+
+    /// New blocks a span of the next `len` tokens of `seq` would allocate.
+    pub fn blocks_needed(&self, seq: SeqId, len: usize) -> Result<usize> {
+        let s = self.seqs.get(&seq).ok_or_else(|| anyhow!("unknown sequence {seq}"))?;
+        Ok((s.cached + len).div_ceil(self.kv.block_size).saturating_sub(s.blocks.len()))
+    }
+
+    /// Adds a reference to a block in use (the prefix cache holds one on each block it keeps).
+    pub fn retain_block(&mut self, b: u32) {
+        self.blocks.retain(b);
+    }
+
+    /// Drops a reference taken with [`Runner::retain_block`].
+    pub fn release_block(&mut self, b: u32) {
+        self.blocks.release(b);
+    }
+
     /// Appends a generated token; it is computed by the next step that includes it.
     pub fn append_token(&mut self, seq: SeqId, token: u32) -> Result<()> {
         self.seq_mut(seq)?.tokens.push(token);

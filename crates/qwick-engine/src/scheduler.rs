@@ -1,0 +1,689 @@
+//! Continuous batching: many requests share the runner, one mixed batch per step.
+//!
+//! Each [`Scheduler::step`] builds one batch under a token budget (`max_num_batched_tokens`):
+//! running sequences go first, oldest first (a decode token each, or the next chunk of a prompt
+//! being computed), then waiting sequences are admitted (up to `max_num_seqs` running) and
+//! prefill as much of their prompt as the budget leaves, so a long prompt is computed in chunks
+//! over several steps and never stalls the others. KV blocks are allocated on demand by the
+//! runner and freed when a sequence finishes, fails or its receiver goes away. When the cache
+//! runs out of blocks, unreferenced prefix-cache blocks are evicted first (least recently used),
+//! then the newest running sequences are preempted: their blocks are freed and they go back to
+//! the front of the queue, to be recomputed later from their prompt and output so far (their
+//! sampler state is kept, so the output is the same as if they had not been preempted).
+//!
+//! ## Prefix caching
+//!
+//! Every full block a sequence computes is registered under the hash of its whole token prefix
+//! (a chain: the block's tokens and its parent's hash; the tokens are kept and compared, so a hash
+//! collision cannot share a wrong block). A new sequence looks up its prompt block by block and
+//! starts from the longest cached prefix (always leaving at least one token to compute, so shared
+//! blocks are never written). The cache holds one reference on each block it keeps; a block only
+//! the cache references is free to evict.
+//!
+//! [`Engine`] runs a scheduler on its own thread: requests come in through [`Engine::submit`],
+//! and each request's [`Event`]s go out through its [`EventSink`].
+
+use crate::generate::{FinishReason, GenToken, SeqGen};
+use crate::runner::{Logits, Runner, SeqId, Span};
+use anyhow::{anyhow, Result};
+use qwick_sampler::TokenLogprobs;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// Limits of the scheduler.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Most tokens (prefill and decode) in one step.
+    pub max_num_batched_tokens: usize,
+    /// Most sequences running at once.
+    pub max_num_seqs: usize,
+    /// Most requests waiting to start; [`Engine::submit`] refuses more.
+    pub max_waiting: usize,
+    /// Reuse cached KV blocks of identical prompt prefixes.
+    pub prefix_caching: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { max_num_batched_tokens: 2048, max_num_seqs: 256, max_waiting: 1024, prefix_caching: true }
+    }
+}
+
+/// A generation request: its prompt and parameters live in the [`SeqGen`].
+pub struct Request {
+    pub gen: SeqGen,
+    /// Return the log-probability of each sampled token (before penalties and temperature) with
+    /// this many most likely alternatives; `None` for none.
+    pub logprobs: Option<usize>,
+}
+
+/// An output token and, if asked for, its logprobs (none for injected tokens).
+#[derive(Clone, Debug)]
+pub struct OutToken {
+    pub token: GenToken,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// What a request's sink receives, in this order: `Started` once, `Tokens` any number of times,
+/// then `Finished` or `Error` (nothing after them).
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// The request was admitted for the first time.
+    Started {
+        prompt_tokens: usize,
+        /// Prompt tokens found in the prefix cache (not computed).
+        cached_tokens: usize,
+    },
+    /// New output tokens, in order.
+    Tokens(Vec<OutToken>),
+    /// Generation ended (`Stop` or `Length`).
+    Finished(FinishReason),
+    /// Generation failed; the message says why.
+    Error(String),
+}
+
+/// Where a request's events go (a channel to an HTTP handler).
+pub trait EventSink: Send {
+    /// Delivers an event; `false` when the receiver is gone (the request is then dropped).
+    fn send(&mut self, event: Event) -> bool;
+    /// Whether the receiver is gone (checked before every step).
+    fn is_closed(&self) -> bool;
+}
+
+/// What the scheduler is doing, for metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SchedulerStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_blocks_total: usize,
+    /// Blocks referenced by sequences (not counting blocks only the prefix cache keeps).
+    pub kv_blocks_used: usize,
+    /// Blocks kept by the prefix cache (in use or not).
+    pub kv_blocks_cached: usize,
+    pub block_size: usize,
+    /// Prompt tokens looked up in the prefix cache, and how many were found.
+    pub prefix_query_tokens: u64,
+    pub prefix_hit_tokens: u64,
+    pub preemptions: u64,
+    pub steps: u64,
+    /// Tokens computed by all steps.
+    pub batched_tokens: u64,
+}
+
+struct CachedBlock {
+    block: u32,
+    parent: u64,
+    tokens: Vec<u32>,
+    stamp: u64,
+}
+
+/// Full KV blocks keyed by the hash of their token prefix, with LRU eviction.
+#[derive(Default)]
+struct PrefixCache {
+    map: HashMap<u64, CachedBlock>,
+    /// (stamp, hash) of every entry, oldest first.
+    lru: BTreeSet<(u64, u64)>,
+    clock: u64,
+}
+
+const ROOT_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
+
+fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
+    let mut h = DefaultHasher::new();
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+impl PrefixCache {
+    fn touch(&mut self, hash: u64) {
+        self.clock += 1;
+        if let Some(e) = self.map.get_mut(&hash) {
+            self.lru.remove(&(e.stamp, hash));
+            e.stamp = self.clock;
+            self.lru.insert((e.stamp, hash));
+        }
+    }
+
+    /// Cached blocks of the longest prefix of `tokens` made of whole blocks, at most `max_blocks`;
+    /// and the hash of that prefix.
+    fn lookup(&mut self, tokens: &[u32], bs: usize, max_blocks: usize) -> (Vec<u32>, u64) {
+        let mut blocks = vec![];
+        let mut parent = ROOT_HASH;
+        for chunk in tokens.chunks_exact(bs).take(max_blocks) {
+            let h = chain_hash(parent, chunk);
+            match self.map.get(&h) {
+                Some(e) if e.parent == parent && e.tokens == chunk => blocks.push(e.block),
+                _ => break,
+            }
+            self.touch(h);
+            parent = h;
+        }
+        (blocks, parent)
+    }
+
+    /// Registers `block` holding `tokens` after the prefix `parent`; returns its hash and whether
+    /// the cache took it (false when that prefix is cached already, in another block).
+    fn insert(&mut self, parent: u64, tokens: &[u32], block: u32) -> (u64, bool) {
+        let h = chain_hash(parent, tokens);
+        if self.map.contains_key(&h) {
+            return (h, false);
+        }
+        self.clock += 1;
+        self.map.insert(h, CachedBlock { block, parent, tokens: tokens.to_vec(), stamp: self.clock });
+        self.lru.insert((self.clock, h));
+        (h, true)
+    }
+
+    /// Removes the least recently used entry whose block nobody else references; returns its block.
+    fn evict(&mut self, runner: &Runner) -> Option<u32> {
+        let (stamp, h) = *self.lru.iter().find(|(_, h)| runner.blocks().ref_count(self.map[h].block) == 1)?;
+        self.lru.remove(&(stamp, h));
+        self.map.remove(&h).map(|e| e.block)
+    }
+
+    fn evictable(&self, runner: &Runner) -> usize {
+        self.map.values().filter(|e| runner.blocks().ref_count(e.block) == 1).count()
+    }
+}
+
+struct Entry {
+    gen: SeqGen,
+    sink: Box<dyn EventSink>,
+    logprobs: Option<usize>,
+    /// The runner's sequence while running.
+    seq: Option<SeqId>,
+    started: bool,
+    /// Leading blocks of the sequence already offered to the prefix cache, and the hash of that prefix.
+    registered: usize,
+    last_hash: u64,
+}
+
+impl Entry {
+    fn all_tokens(&self) -> Vec<u32> {
+        let mut t = self.gen.prompt().to_vec();
+        t.extend_from_slice(self.gen.output());
+        t
+    }
+}
+
+/// The scheduler: waiting and running requests over one runner.
+pub struct Scheduler {
+    runner: Runner,
+    cfg: SchedulerConfig,
+    waiting: VecDeque<Entry>,
+    /// Oldest first.
+    running: Vec<Entry>,
+    prefix: PrefixCache,
+    stats: SchedulerStats,
+}
+
+impl Scheduler {
+    pub fn new(runner: Runner, cfg: SchedulerConfig) -> Scheduler {
+        let mut cfg = cfg;
+        cfg.max_num_batched_tokens = cfg.max_num_batched_tokens.max(1);
+        cfg.max_num_seqs = cfg.max_num_seqs.max(1);
+        let stats = SchedulerStats {
+            kv_blocks_total: runner.blocks().num_blocks(),
+            block_size: runner.block_size(),
+            ..SchedulerStats::default()
+        };
+        Scheduler { runner, cfg, waiting: VecDeque::new(), running: vec![], prefix: PrefixCache::default(), stats }
+    }
+
+    pub fn runner(&self) -> &Runner {
+        &self.runner
+    }
+
+    /// Tokens the KV cache holds in all.
+    pub fn capacity_tokens(&self) -> usize {
+        self.runner.blocks().num_blocks() * self.runner.block_size()
+    }
+
+    /// Queues a request.
+    pub fn add(&mut self, req: Request, sink: Box<dyn EventSink>) {
+        self.waiting.push_back(Entry {
+            gen: req.gen,
+            sink,
+            logprobs: req.logprobs,
+            seq: None,
+            started: false,
+            registered: 0,
+            last_hash: ROOT_HASH,
+        });
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        let mut s = self.stats.clone();
+        s.running = self.running.len();
+        s.waiting = self.waiting.len();
+        let b = self.runner.blocks();
+        s.kv_blocks_cached = self.prefix.map.len();
+        s.kv_blocks_used = b.num_used() - self.prefix.evictable(&self.runner);
+        s
+    }
+
+    /// Ends every request with an error (at shutdown).
+    pub fn abort_all(&mut self, message: &str) {
+        for mut e in self.running.drain(..).chain(self.waiting.drain(..)) {
+            if let Some(seq) = e.seq.take() {
+                self.runner.free_sequence(seq);
+            }
+            e.sink.send(Event::Error(message.to_string()));
+        }
+    }
+
+    fn free(&mut self, e: &mut Entry) {
+        if let Some(seq) = e.seq.take() {
+            self.runner.free_sequence(seq);
+        }
+    }
+
+    /// Drops requests whose receivers are gone.
+    fn reap_closed(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].sink.is_closed() {
+                let mut e = self.running.remove(i);
+                self.free(&mut e);
+            } else {
+                i += 1;
+            }
+        }
+        self.waiting.retain(|e| !e.sink.is_closed());
+    }
+
+    /// Frees the blocks of running sequence `i` and puts it back at the front of the queue.
+    fn preempt(&mut self, i: usize) {
+        let mut e = self.running.remove(i);
+        self.free(&mut e);
+        e.registered = 0;
+        e.last_hash = ROOT_HASH;
+        self.stats.preemptions += 1;
+        self.waiting.push_front(e);
+    }
+
+    /// Makes `need` blocks free beyond `reserved` ones by evicting unreferenced cached blocks.
+    fn make_room(&mut self, reserved: usize, need: usize) -> bool {
+        while self.runner.blocks().num_free() < reserved + need {
+            match self.prefix.evict(&self.runner) {
+                Some(b) => self.runner.release_block(b),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Runs one step; returns the number of tokens computed (0 when there was nothing to do).
+    pub fn step(&mut self) -> usize {
+        self.reap_closed();
+        let bs = self.runner.block_size();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut reserved = 0;
+        // (index into running, span)
+        let mut spans: Vec<(usize, Span)> = vec![];
+
+        // Running sequences, oldest first.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let seq = self.running[i].seq.expect("running sequences have a runner sequence");
+            let pending = self.runner.pending(seq).unwrap_or(0);
+            if pending == 0 {
+                i += 1;
+                continue;
+            }
+            let len = pending.min(budget);
+            let need = self.runner.blocks_needed(seq, len).unwrap_or(0);
+            if !self.make_room(reserved, need) {
+                // Out of blocks: preempt the newest sequence (this one, if it is the newest).
+                let newest = self.running.len() - 1;
+                if newest > i {
+                    self.preempt(newest);
+                    continue;
+                }
+                if i > 0 {
+                    self.preempt(i);
+                    break;
+                }
+                // Alone and still too big: the cache cannot hold it at all.
+                let mut e = self.running.remove(i);
+                self.free(&mut e);
+                let msg = format!("the KV cache ({} tokens) cannot hold this sequence", self.capacity_tokens());
+                e.sink.send(Event::Error(msg));
+                continue;
+            }
+            reserved += need;
+            budget -= len;
+            let logits = if len == pending { Logits::Last } else { Logits::None };
+            spans.push((i, Span { seq, len, logits }));
+            i += 1;
+        }
+
+        // Waiting sequences, first come first served.
+        while budget > 0 && self.running.len() < self.cfg.max_num_seqs && !self.waiting.is_empty() {
+            let tokens = self.waiting[0].all_tokens();
+            let (prefix_blocks, prefix_hash) = if self.cfg.prefix_caching {
+                self.prefix.lookup(&tokens, bs, (tokens.len() - 1) / bs)
+            } else {
+                (vec![], ROOT_HASH)
+            };
+            let seq = match self.runner.add_sequence_with_prefix(&tokens, &prefix_blocks) {
+                Ok(s) => s,
+                Err(e) => {
+                    let mut e2 = self.waiting.pop_front().unwrap();
+                    e2.sink.send(Event::Error(format!("{e:#}")));
+                    continue;
+                }
+            };
+            let cached = prefix_blocks.len() * bs;
+            let pending = tokens.len() - cached;
+            let len = pending.min(budget);
+            let need = self.runner.blocks_needed(seq, len).unwrap_or(0);
+            if !self.make_room(reserved, need) {
+                self.runner.free_sequence(seq);
+                if self.running.is_empty() && spans.is_empty() {
+                    // Nothing else holds blocks: it can never fit.
+                    let mut e = self.waiting.pop_front().unwrap();
+                    let msg = format!("the KV cache ({} tokens) cannot hold this sequence", self.capacity_tokens());
+                    e.sink.send(Event::Error(msg));
+                    continue;
+                }
+                break;
+            }
+            let mut e = self.waiting.pop_front().unwrap();
+            if !e.started {
+                e.started = true;
+                self.stats.prefix_query_tokens += tokens.len() as u64;
+                self.stats.prefix_hit_tokens += cached as u64;
+                if !e.sink.send(Event::Started { prompt_tokens: tokens.len(), cached_tokens: cached }) {
+                    self.runner.free_sequence(seq);
+                    continue;
+                }
+            }
+            e.seq = Some(seq);
+            e.registered = prefix_blocks.len();
+            e.last_hash = prefix_hash;
+            reserved += need;
+            budget -= len;
+            let logits = if len == pending { Logits::Last } else { Logits::None };
+            self.running.push(e);
+            spans.push((self.running.len() - 1, Span { seq, len, logits }));
+        }
+
+        if spans.is_empty() {
+            return 0;
+        }
+        let batch: Vec<Span> = spans.iter().map(|s| s.1).collect();
+        let computed: usize = batch.iter().map(|s| s.len).sum();
+        let result = self.runner.step(&batch);
+        self.stats.steps += 1;
+        let logits = match result {
+            Ok(l) => l,
+            Err(err) => {
+                // Fail the sequences of this step, newest first so indices stay valid.
+                let msg = format!("{err:#}");
+                let mut idx: Vec<usize> = spans.iter().map(|s| s.0).collect();
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    let mut e = self.running.remove(i);
+                    self.free(&mut e);
+                    e.sink.send(Event::Error(msg.clone()));
+                }
+                return computed;
+            }
+        };
+        self.stats.batched_tokens += computed as u64;
+
+        let mut done: Vec<usize> = vec![];
+        for ((i, span), mut l) in spans.iter().zip(logits) {
+            if self.cfg.prefix_caching {
+                self.register_blocks(*i);
+            }
+            if span.logits != Logits::Last {
+                continue;
+            }
+            let e = &mut self.running[*i];
+            let raw = e.logprobs.map(|_| l.clone());
+            let decision = match e.gen.on_logits(&mut l) {
+                Ok(d) => d,
+                Err(err) => {
+                    e.sink.send(Event::Error(format!("{err:#}")));
+                    done.push(*i);
+                    continue;
+                }
+            };
+            let out: Vec<OutToken> = decision
+                .tokens
+                .iter()
+                .map(|t| OutToken {
+                    token: *t,
+                    logprobs: match (&raw, e.logprobs) {
+                        (Some(raw), Some(n)) if !t.injected => qwick_sampler::logprobs(raw, t.id, n).ok(),
+                        _ => None,
+                    },
+                })
+                .collect();
+            let mut alive = out.is_empty() || e.sink.send(Event::Tokens(out));
+            if let Some(f) = decision.finish {
+                if alive {
+                    e.sink.send(Event::Finished(f));
+                }
+                alive = false;
+            }
+            if !alive {
+                done.push(*i);
+                continue;
+            }
+            for t in &decision.tokens {
+                if self.runner.append_token(span.seq, t.id).is_err() {
+                    done.push(*i);
+                    break;
+                }
+            }
+        }
+        done.sort_unstable_by(|a, b| b.cmp(a));
+        done.dedup();
+        for i in done {
+            let mut e = self.running.remove(i);
+            self.free(&mut e);
+        }
+        computed
+    }
+
+    /// Offers the newly completed full blocks of running sequence `i` to the prefix cache.
+    fn register_blocks(&mut self, i: usize) {
+        let bs = self.runner.block_size();
+        let e = &mut self.running[i];
+        let Some(seq) = e.seq else { return };
+        let cached = self.runner.cached(seq).unwrap_or(0);
+        let full = cached / bs;
+        if full <= e.registered {
+            return;
+        }
+        let tokens = self.runner.tokens(seq).unwrap_or(&[]).to_vec();
+        let table = self.runner.block_table(seq).unwrap_or(&[]).to_vec();
+        for k in e.registered..full {
+            let (h, taken) = self.prefix.insert(e.last_hash, &tokens[k * bs..(k + 1) * bs], table[k]);
+            if taken {
+                self.runner.retain_block(table[k]);
+            }
+            e.last_hash = h;
+        }
+        e.registered = full;
+    }
+}
+
+/// Why [`Engine::submit`] refused a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// Too many requests are waiting.
+    QueueFull,
+    /// The engine has stopped.
+    Stopped,
+}
+
+impl std::fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubmitError::QueueFull => write!(f, "too many requests are waiting; try again later"),
+            SubmitError::Stopped => write!(f, "the engine has stopped"),
+        }
+    }
+}
+
+impl std::error::Error for SubmitError {}
+
+#[derive(Default)]
+struct Inbox {
+    new: Vec<(Request, Box<dyn EventSink>)>,
+    stop: bool,
+    abort: bool,
+    stats: SchedulerStats,
+}
+
+struct Shared {
+    inbox: Mutex<Inbox>,
+    wake: Condvar,
+    max_waiting: usize,
+}
+
+/// A scheduler on its own thread.
+pub struct Engine {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    capacity_tokens: usize,
+    block_size: usize,
+}
+
+impl Engine {
+    /// Starts the engine thread; `make_runner` runs on it (so the model's thread pool belongs to it).
+    pub fn start(
+        make_runner: impl FnOnce() -> Result<Runner> + Send + 'static,
+        cfg: SchedulerConfig,
+    ) -> Result<Engine> {
+        let shared = Arc::new(Shared {
+            inbox: Mutex::new(Inbox::default()),
+            wake: Condvar::new(),
+            max_waiting: cfg.max_waiting,
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(usize, usize)>>();
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new().name("qwick-engine".into()).spawn(move || {
+            let runner = match make_runner() {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut sched = Scheduler::new(runner, cfg);
+            let _ = ready_tx.send(Ok((sched.capacity_tokens(), sched.runner().block_size())));
+            engine_loop(&sh, &mut sched);
+        })?;
+        let (capacity_tokens, block_size) =
+            ready_rx.recv().map_err(|_| anyhow!("the engine thread ended while starting"))??;
+        let engine = Engine { shared, thread: Mutex::new(Some(thread)), capacity_tokens, block_size };
+        engine.shared.inbox.lock().unwrap().stats =
+            SchedulerStats { kv_blocks_total: capacity_tokens / block_size, block_size, ..SchedulerStats::default() };
+        Ok(engine)
+    }
+
+    /// Tokens the KV cache holds.
+    pub fn capacity_tokens(&self) -> usize {
+        self.capacity_tokens
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Queues a request; its events go to `sink`.
+    pub fn submit(&self, req: Request, sink: Box<dyn EventSink>) -> Result<(), SubmitError> {
+        let mut inbox = self.shared.inbox.lock().unwrap();
+        if inbox.stop {
+            return Err(SubmitError::Stopped);
+        }
+        if inbox.new.len() + inbox.stats.waiting >= self.shared.max_waiting {
+            return Err(SubmitError::QueueFull);
+        }
+        inbox.new.push((req, sink));
+        drop(inbox);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// The scheduler's state after its last step.
+    pub fn stats(&self) -> SchedulerStats {
+        let inbox = self.shared.inbox.lock().unwrap();
+        let mut s = inbox.stats.clone();
+        s.waiting += inbox.new.len();
+        s
+    }
+
+    /// Ends every request in flight with an error, and refuses new ones.
+    pub fn abort_all(&self) {
+        let mut inbox = self.shared.inbox.lock().unwrap();
+        inbox.abort = true;
+        inbox.stop = true;
+        drop(inbox);
+        self.shared.wake.notify_one();
+    }
+
+    /// Stops the engine thread (requests in flight end with an error) and waits for it.
+    pub fn stop(&self) {
+        self.abort_all();
+        if let Some(t) = self.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn engine_loop(shared: &Shared, sched: &mut Scheduler) {
+    loop {
+        let (new, abort) = {
+            let mut inbox = shared.inbox.lock().unwrap();
+            inbox.stats = sched.stats();
+            while inbox.new.is_empty() && !inbox.abort && !sched.has_work() {
+                inbox = shared.wake.wait(inbox).unwrap();
+            }
+            (std::mem::take(&mut inbox.new), inbox.abort)
+        };
+        for (req, sink) in new {
+            sched.add(req, sink);
+        }
+        if abort {
+            sched.abort_all("the server is shutting down");
+            let mut inbox = shared.inbox.lock().unwrap();
+            inbox.stats = sched.stats();
+            for (_, mut sink) in inbox.new.drain(..) {
+                sink.send(Event::Error("the server is shutting down".into()));
+            }
+            return;
+        }
+        if sched.step() == 0 && sched.has_work() {
+            // Nothing could run (every waiting request blocked); wait a little for a change.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
