@@ -5,6 +5,7 @@
 //! forced with `QWICK_ISA=scalar|avx2|avx512`. Tests compare every variant the machine
 //! supports with the scalar one.
 
+pub mod alloc;
 pub mod attention;
 pub mod bandwidth;
 pub mod dtype;

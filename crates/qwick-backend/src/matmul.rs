@@ -197,7 +197,7 @@ unsafe fn scalar(x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, c
     }
 }
 
-/// Calls a GEMV block kernel monomorphised for `nr` weight rows (4, 2 or 1) and `mr`
+/// Calls a GEMV block kernel monomorphised for `nr` weight rows (4, 3, 2 or 1) and `mr`
 /// activation rows (1..=8).
 #[cfg(target_arch = "x86_64")]
 macro_rules! gemv_dispatch {
@@ -207,6 +207,14 @@ macro_rules! gemv_dispatch {
             (4, 2) => gemv_dispatch!(@ 4, 2, $r, $m, $call),
             (4, 3) => gemv_dispatch!(@ 4, 3, $r, $m, $call),
             (4, _) => gemv_dispatch!(@ 4, 4, $r, $m, $call),
+            (3, 1) => gemv_dispatch!(@ 3, 1, $r, $m, $call),
+            (3, 2) => gemv_dispatch!(@ 3, 2, $r, $m, $call),
+            (3, 3) => gemv_dispatch!(@ 3, 3, $r, $m, $call),
+            (3, 4) => gemv_dispatch!(@ 3, 4, $r, $m, $call),
+            (3, 5) => gemv_dispatch!(@ 3, 5, $r, $m, $call),
+            (3, 6) => gemv_dispatch!(@ 3, 6, $r, $m, $call),
+            (3, 7) => gemv_dispatch!(@ 3, 7, $r, $m, $call),
+            (3, _) => gemv_dispatch!(@ 3, 8, $r, $m, $call),
             (2, 1) => gemv_dispatch!(@ 2, 1, $r, $m, $call),
             (2, 2) => gemv_dispatch!(@ 2, 2, $r, $m, $call),
             (2, 3) => gemv_dispatch!(@ 2, 3, $r, $m, $call),
@@ -304,10 +312,23 @@ mod x86 {
             // Up to 4 rows of x: 4 weight rows at a time. More: 2 weight rows against up to 8
             // rows of x, so each weight vector is widened once for 8 FMAs.
             let wide = m > 4;
+            // Rows of x a multiple of 4 KiB apart share L1 sets; give them a padded stride.
+            let padded: Vec<f32>;
+            let (x, ldx) = if wide && k % 256 == 0 {
+                let ldx = k + 16;
+                let mut p = vec![0f32; m * ldx];
+                for i in 0..m {
+                    std::ptr::copy_nonoverlapping(x.add(i * k), p.as_mut_ptr().add(i * ldx), k);
+                }
+                padded = p;
+                (padded.as_ptr(), ldx)
+            } else {
+                (x, k)
+            };
             let mut n = cols.start;
             while n < cols.end {
                 let nr = if wide {
-                    (cols.end - n).min(2)
+                    (cols.end - n).min(3)
                 } else if cols.end - n >= 4 {
                     4
                 } else {
@@ -316,8 +337,8 @@ mod x86 {
                 let mut i = 0;
                 while i < m {
                     let mr = (m - i).min(if wide { 8 } else { 4 });
-                    let (xp, yp, wpn) = (x.add(i * k), y.add(i * ldy + n), wp.add(n * rb));
-                    gemv_dispatch!(nr, mr, |R, M| gemv_block::<D, R, M>(xp, k, wpn, rb, yp, ldy));
+                    let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
+                    gemv_dispatch!(nr, mr, |R, M| gemv_block::<D, R, M>(xp, ldx, k, wpn, rb, yp, ldy));
                     i += mr;
                 }
                 n += nr;
@@ -328,6 +349,7 @@ mod x86 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
         unsafe fn gemv_block<const D: u8, const R: usize, const M: usize>(
             x: *const f32,
+            ldx: usize,
             k: usize,
             w: *const u8,
             rb: usize,
@@ -347,7 +369,7 @@ mod x86 {
                     *v = load16::<D>(w.add(j * rb + kk * es));
                 }
                 for (i, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_loadu_ps(x.add(i * k + kk));
+                    let xv = _mm512_loadu_ps(x.add(i * ldx + kk));
                     for j in 0..R {
                         a[j] = _mm512_fmadd_ps(xv, wv[j], a[j]);
                     }
@@ -361,7 +383,7 @@ mod x86 {
                     *v = load16_mask::<D>(w.add(j * rb + kk * es), mask);
                 }
                 for (i, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_maskz_loadu_ps(mask, x.add(i * k + kk));
+                    let xv = _mm512_maskz_loadu_ps(mask, x.add(i * ldx + kk));
                     for j in 0..R {
                         a[j] = _mm512_fmadd_ps(xv, wv[j], a[j]);
                     }

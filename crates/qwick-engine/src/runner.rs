@@ -71,6 +71,7 @@ pub struct Runner {
 
 impl Runner {
     pub fn new(model: Arc<Qwen3>, cfg: &RunnerConfig) -> Runner {
+        qwick_backend::alloc::tune_allocator();
         let kv = model.new_kv_cache(cfg.num_blocks, cfg.block_size);
         Runner {
             model,
