@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod common;
 mod run;
+mod serve;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -38,6 +39,12 @@ enum Command {
         #[command(flatten)]
         run: common::RunArgs,
     },
+    /// Serve the model over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions, ...),
+    /// the Ollama API (/api/chat, /api/generate, ...), /health and /metrics.
+    Serve(serve::ServeArgs),
+    /// Load a running server with concurrent streamed requests: throughput, time to first token,
+    /// inter-token latency.
+    BenchServe(serve::BenchServeArgs),
     /// Measure prefill and decode speed, memory, and decode against the memory-bandwidth bound.
     Bench(bench::BenchArgs),
     /// Write a random-weight checkpoint for a config (for benchmarks at real shapes).
@@ -88,6 +95,8 @@ fn run(cli: Cli) -> Result<()> {
             qwick_model::npy::write_f32(&out, &[tokens.len(), vocab], &logits)
         }
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::serve(args),
+        Command::BenchServe(args) => serve::bench_serve(args),
         Command::MakeRandom { config, out, dtype, seed, shard_gb } => {
             let dtype = match dtype.to_ascii_lowercase().as_str() {
                 "bf16" | "bfloat16" => qwick_backend::DType::BF16,

@@ -1,0 +1,176 @@
+//! `qwick serve`: the OpenAI- and Ollama-compatible HTTP server; `qwick bench-serve`: load
+//! against a running server.
+
+use crate::common::{self, RunArgs};
+use anyhow::{bail, Context, Result};
+use qwick_engine::{Runner, RunnerConfig, SchedulerConfig};
+use qwick_server::{ModelInfo, ServeOptions};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Model: a local folder, or a Hugging Face Hub id (owner/name[@revision]) found in the
+    /// Hugging Face cache or downloaded into it.
+    #[arg(long)]
+    model: String,
+    /// The name clients use for the model (default: the folder's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Address to listen on (default: loopback only).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0 picks a free one; the address is printed on stderr).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health (default: QWICK_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Most tokens (prefill and decode) in one engine step.
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    /// Most sequences running at once.
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    /// Most tokens (prompt + output) per request (default and cap: the model's context length
+    /// and the KV cache's size).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Most requests waiting to start; more get 429.
+    #[arg(long, default_value_t = 1024)]
+    max_queue: usize,
+    /// KV cache size in GB (default: a quarter of the available memory, at most 4 GB, and no
+    /// more than max-num-seqs full contexts).
+    #[arg(long)]
+    kv_cache_gb: Option<f64>,
+    /// KV cache size in tokens (instead of --kv-cache-gb).
+    #[arg(long, conflicts_with = "kv_cache_gb")]
+    kv_cache_tokens: Option<usize>,
+    /// Turn automatic prefix caching off.
+    #[arg(long)]
+    no_prefix_caching: bool,
+    /// Largest request body, in MB.
+    #[arg(long, default_value_t = 8.0)]
+    max_body_mb: f64,
+    /// Chat template file (.jinja, or a JSON file with a "chat_template" key).
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let dir = qwick_chat::hub::resolve_model(&a.model)?;
+    let info = ModelInfo::load(&dir, a.chat_template.as_deref(), a.served_model_name.clone())?;
+    if a.max_num_batched_tokens == 0 || a.max_num_seqs == 0 || a.max_queue == 0 {
+        bail!("--max-num-batched-tokens, --max-num-seqs and --max-queue must be at least 1");
+    }
+    if a.max_model_len.is_some_and(|l| l < 2) {
+        bail!("--max-model-len must be at least 2");
+    }
+    if !(a.max_body_mb > 0.0) {
+        bail!("--max-body-mb must be positive");
+    }
+    let isa = a.run.isa()?;
+    let threads = a.run.threads();
+    let model = common::load_model(&dir)?;
+    let context =
+        a.max_model_len.unwrap_or(info.config.max_position_embeddings).min(info.config.max_position_embeddings);
+    let kv_tokens = match (a.kv_cache_tokens, a.kv_cache_gb) {
+        (Some(t), _) => t,
+        (None, Some(gb)) => {
+            if !(gb > 0.0) {
+                bail!("--kv-cache-gb must be positive");
+            }
+            qwick_server::kv_tokens_for_bytes(&model, (gb * 1e9) as usize)
+        }
+        (None, None) => {
+            let budget = available_memory().map_or(4e9, |m| (m as f64 / 4.0).min(4e9));
+            qwick_server::kv_tokens_for_bytes(&model, budget as usize).min(a.max_num_seqs.saturating_mul(context))
+        }
+    };
+    if kv_tokens < 16 {
+        bail!("the KV cache must hold at least 16 tokens");
+    }
+    let api_key = a.api_key.clone().or_else(|| std::env::var("QWICK_API_KEY").ok()).filter(|k| !k.is_empty());
+    let opts = ServeOptions {
+        host: a.host.clone(),
+        port: a.port,
+        api_key,
+        max_model_len: a.max_model_len,
+        scheduler: SchedulerConfig {
+            max_num_batched_tokens: a.max_num_batched_tokens,
+            max_num_seqs: a.max_num_seqs,
+            max_waiting: a.max_queue,
+            prefix_caching: !a.no_prefix_caching,
+        },
+        body_limit: (a.max_body_mb * 1e6) as usize,
+        handle_signals: true,
+        shutdown_grace: Duration::from_secs(10),
+    };
+    let name = info.name.clone();
+    let server = qwick_server::start(opts, info, move || {
+        Ok(Runner::new(model, &RunnerConfig::with_tokens(kv_tokens, threads, isa)))
+    })?;
+    eprintln!("qwick: serving {name} on http://{} (KV cache: {kv_tokens} tokens)", server.addr);
+    server.join()?;
+    eprintln!("qwick: stopped");
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct BenchServeArgs {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Model name to send (default: the server's first model).
+    #[arg(long)]
+    model: Option<String>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Requests in all.
+    #[arg(long, default_value_t = 32)]
+    requests: usize,
+    /// Prompt tokens per request.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Tokens generated per request (end-of-sequence ignored).
+    #[arg(long, default_value_t = 64)]
+    gen_len: usize,
+    /// API key (default: QWICK_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn bench_serve(a: BenchServeArgs) -> Result<()> {
+    if a.concurrency == 0 || a.requests == 0 || a.prompt_len == 0 || a.gen_len == 0 {
+        bail!("--concurrency, --requests, --prompt-len and --gen-len must be at least 1");
+    }
+    let cfg = qwick_server::bench::BenchConfig {
+        url: a.url.trim_end_matches('/').to_string(),
+        model: a.model.clone(),
+        concurrency: a.concurrency,
+        requests: a.requests,
+        prompt_len: a.prompt_len,
+        gen_len: a.gen_len,
+        api_key: a.api_key.clone().or_else(|| std::env::var("QWICK_API_KEY").ok()).filter(|k| !k.is_empty()),
+    };
+    let report = qwick_server::bench::run(&cfg).context("bench-serve")?;
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}

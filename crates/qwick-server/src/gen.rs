@@ -1,0 +1,405 @@
+//! From a request to text: sampling parameters and limits, submission to the engine, and the
+//! per-choice text pipeline (tokens → text → stop strings → reasoning/answer → tool calls).
+
+use crate::error::ApiError;
+use crate::AppState;
+use qwick_chat::{IncrementalDecoder, ParsedToolCall, ReasoningParser, ToolCallStream};
+use qwick_engine::{Event, EventSink, FinishReason, GenParams, OutToken, Request, SamplingParams, SeqGen, SubmitError};
+use qwick_sampler::StopMatcher;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// Most choices one request may ask for.
+pub const MAX_N: u64 = 64;
+/// Most logprobs alternatives per token.
+pub const MAX_LOGPROBS: u64 = 20;
+
+/// `stop`: one string or a list.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+/// Sampling fields as clients send them (OpenAI and vLLM names).
+#[derive(Default, Debug, Clone)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+}
+
+/// Request fields over the generation defaults; checked (400 naming the parameter).
+pub fn sampling(base: SamplingParams, f: &SamplingFields) -> Result<SamplingParams, ApiError> {
+    let mut p = base;
+    let set = |dst: &mut f32, v: Option<f32>| {
+        if let Some(v) = v {
+            *dst = v
+        }
+    };
+    set(&mut p.temperature, f.temperature);
+    set(&mut p.top_p, f.top_p);
+    set(&mut p.min_p, f.min_p);
+    set(&mut p.presence_penalty, f.presence_penalty);
+    set(&mut p.frequency_penalty, f.frequency_penalty);
+    set(&mut p.repetition_penalty, f.repetition_penalty);
+    if let Some(k) = f.top_k {
+        p.top_k = k;
+    }
+    p.seed = f.seed.map(|s| s as u64);
+    p.stop = f.stop.clone();
+    p.stop_token_ids = f.stop_token_ids.clone();
+    p.max_tokens = None;
+    p.validate().map_err(|e| {
+        let msg = e.to_string();
+        let msg = msg.strip_prefix("invalid sampling parameter: ").unwrap_or(&msg).to_string();
+        let param = msg.split_whitespace().next().unwrap_or("").to_string();
+        let param = if param == "stop" { "stop".to_string() } else { param };
+        ApiError::bad_request(msg).with_param(param)
+    })?;
+    Ok(p)
+}
+
+/// Checks that the prompt and `max_tokens` fit the context; returns the output limit.
+pub fn fit_context(
+    max_model_len: usize,
+    prompt_len: usize,
+    max_tokens: Option<u64>,
+    param: &str,
+) -> Result<usize, ApiError> {
+    if prompt_len == 0 {
+        return Err(ApiError::bad_request("the prompt is empty").with_param("prompt"));
+    }
+    if prompt_len >= max_model_len {
+        return Err(ApiError::bad_request(format!(
+            "This model's maximum context length is {max_model_len} tokens. However, your request has \
+             {prompt_len} input tokens, which leaves no room for output. Please reduce the length of the input."
+        ))
+        .with_param("messages")
+        .with_code("context_length_exceeded"));
+    }
+    match max_tokens {
+        Some(0) => Err(ApiError::bad_request(format!("{param} must be at least 1, got 0")).with_param(param)),
+        Some(m) if prompt_len as u64 + m > max_model_len as u64 => Err(ApiError::bad_request(format!(
+            "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens \
+             ({prompt_len} in the input, {m} in the completion). Please reduce the length of the input or of the \
+             completion ({param}).",
+            prompt_len as u64 + m
+        ))
+        .with_param(param)
+        .with_code("context_length_exceeded")),
+        Some(m) => Ok(m as usize),
+        None => Ok(max_model_len - prompt_len),
+    }
+}
+
+/// Sends engine events to a tokio channel.
+pub struct ChanSink(pub UnboundedSender<Event>);
+
+impl EventSink for ChanSink {
+    fn send(&mut self, event: Event) -> bool {
+        self.0.send(event).is_ok()
+    }
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// One sequence to generate.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub params: GenParams,
+    pub logprobs: Option<usize>,
+}
+
+/// Submits a job; its events arrive on the returned channel.
+pub fn submit(state: &AppState, job: Job) -> Result<UnboundedReceiver<Event>, ApiError> {
+    let gen = SeqGen::new(&job.prompt, job.params).map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    let (tx, rx) = unbounded_channel();
+    state.engine.submit(Request { gen, logprobs: job.logprobs }, Box::new(ChanSink(tx))).map_err(|e| match e {
+        SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
+        SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),
+    })?;
+    Ok(rx)
+}
+
+/// Submits several jobs, all or none.
+pub fn submit_all(state: &AppState, jobs: Vec<Job>) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    // Check every job first so that a bad one submits nothing.
+    let mut gens = vec![];
+    for job in jobs {
+        let gen = SeqGen::new(&job.prompt, job.params).map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+        gens.push((gen, job.logprobs));
+    }
+    let mut out = vec![];
+    for (gen, logprobs) in gens {
+        let (tx, rx) = unbounded_channel();
+        state.engine.submit(Request { gen, logprobs }, Box::new(ChanSink(tx))).map_err(|e| match e {
+            SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
+            SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),
+        })?;
+        out.push(rx);
+    }
+    Ok(out)
+}
+
+/// A piece of output text.
+#[derive(Default, Debug, Clone)]
+pub struct Delta {
+    pub reasoning: String,
+    pub content: String,
+    pub tool_calls: Vec<ParsedToolCall>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.reasoning.is_empty() && self.content.is_empty() && self.tool_calls.is_empty()
+    }
+
+    fn append(&mut self, o: Delta) {
+        self.reasoning.push_str(&o.reasoning);
+        self.content.push_str(&o.content);
+        self.tool_calls.extend(o.tool_calls);
+    }
+}
+
+/// Tokens → text (special tokens skipped) → stop strings → reasoning and answer → tool calls.
+pub struct TextPipe {
+    decoder: IncrementalDecoder,
+    stops: StopMatcher,
+    reasoning: Option<ReasoningParser>,
+    tools: Option<ToolCallStream>,
+    /// A stop string was found.
+    pub stopped: bool,
+    /// Tool calls were found.
+    pub had_tool_calls: bool,
+}
+
+impl TextPipe {
+    /// `reasoning`: split reasoning off (`Some(starts_in_thinking)`); `tools`: parse tool calls.
+    pub fn new(tokenizer: &qwick_chat::Tokenizer, stops: &[String], reasoning: Option<bool>, tools: bool) -> TextPipe {
+        TextPipe {
+            decoder: tokenizer.incremental_decoder(true),
+            stops: StopMatcher::new(stops.iter().cloned()),
+            reasoning: reasoning.map(ReasoningParser::new),
+            tools: tools.then(ToolCallStream::new),
+            stopped: false,
+            had_tool_calls: false,
+        }
+    }
+
+    fn text(&mut self, text: &str) -> Delta {
+        if text.is_empty() {
+            return Delta::default();
+        }
+        let (reasoning, content) = match &mut self.reasoning {
+            Some(p) => {
+                let d = p.push(text);
+                (d.reasoning, d.content)
+            }
+            None => (String::new(), text.to_string()),
+        };
+        self.answer(reasoning, &content)
+    }
+
+    fn answer(&mut self, reasoning: String, content: &str) -> Delta {
+        match &mut self.tools {
+            Some(t) if !content.is_empty() => {
+                let d = t.push(content);
+                self.had_tool_calls |= !d.tool_calls.is_empty();
+                Delta { reasoning, content: d.content, tool_calls: d.tool_calls }
+            }
+            _ => Delta { reasoning, content: content.to_string(), tool_calls: vec![] },
+        }
+    }
+
+    fn raw(&mut self, delta: &str) -> Delta {
+        if self.stopped || delta.is_empty() {
+            return Delta::default();
+        }
+        let m = self.stops.push(delta);
+        self.stopped = m.stop.is_some();
+        self.text(&m.text)
+    }
+
+    /// Adds a token.
+    pub fn push(&mut self, id: u32) -> Delta {
+        let delta = self.decoder.push(id).unwrap_or_default();
+        self.raw(&delta)
+    }
+
+    /// Ends the stream: flushes held-back text.
+    pub fn finish(&mut self) -> Delta {
+        let rest = self.decoder.finish().unwrap_or_default();
+        let mut out = self.raw(&rest);
+        let held = self.stops.finish();
+        out.append(self.text(&held));
+        if let Some(p) = &mut self.reasoning {
+            let d = p.finish();
+            out.reasoning.push_str(&d.reasoning);
+            let a = self.answer(String::new(), &d.content);
+            out.append(a);
+        }
+        if let Some(t) = &mut self.tools {
+            let d = t.finish();
+            self.had_tool_calls |= !d.tool_calls.is_empty();
+            out.content.push_str(&d.content);
+            out.tool_calls.extend(d.tool_calls);
+        }
+        out
+    }
+}
+
+/// What one step of a choice produced.
+#[derive(Default, Debug)]
+pub struct Piece {
+    pub delta: Delta,
+    /// The output tokens behind it (with logprobs when asked for).
+    pub tokens: Vec<OutToken>,
+    /// The choice is finished (see [`ChoiceRun::finish`] / [`ChoiceRun::error`]).
+    pub done: bool,
+}
+
+/// One choice being generated: reads the engine's events and runs them through a [`TextPipe`].
+pub struct ChoiceRun {
+    rx: UnboundedReceiver<Event>,
+    pub pipe: TextPipe,
+    state: Arc<AppState>,
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
+    /// Output tokens taken (up to a stop string).
+    pub tokens: Vec<u32>,
+    pub finish: Option<&'static str>,
+    pub error: Option<String>,
+    arrival: Instant,
+    pub first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    done: bool,
+}
+
+impl ChoiceRun {
+    pub fn new(state: Arc<AppState>, rx: UnboundedReceiver<Event>, pipe: TextPipe, arrival: Instant) -> ChoiceRun {
+        ChoiceRun {
+            rx,
+            pipe,
+            state,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            tokens: vec![],
+            finish: None,
+            error: None,
+            arrival,
+            first_token: None,
+            last_token: None,
+            done: false,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn end(&mut self, finish: Option<&'static str>, error: Option<String>, piece: &mut Piece) {
+        piece.delta.append(self.pipe.finish());
+        let finish = match finish {
+            Some("stop") if self.pipe.had_tool_calls => Some("tool_calls"),
+            f => f,
+        };
+        self.finish = finish;
+        self.error = error;
+        self.done = true;
+        piece.done = true;
+        // Closing the channel tells the engine to drop the sequence (after a stop string).
+        self.rx.close();
+        let m = &self.state.metrics;
+        m.generation_tokens.fetch_add(self.tokens.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        m.finished(finish.unwrap_or("error"));
+        m.e2e.observe(self.arrival.elapsed().as_secs_f64());
+    }
+
+    /// The next piece of output; `None` once finished.
+    pub async fn next(&mut self) -> Option<Piece> {
+        if self.done {
+            return None;
+        }
+        let mut piece = Piece::default();
+        loop {
+            let Some(event) = self.rx.recv().await else {
+                self.end(None, Some("the engine stopped".into()), &mut piece);
+                return Some(piece);
+            };
+            match event {
+                Event::Started { prompt_tokens, cached_tokens } => {
+                    self.prompt_tokens = prompt_tokens;
+                    self.cached_tokens = cached_tokens;
+                    let m = &self.state.metrics;
+                    m.prompt_tokens.fetch_add(prompt_tokens as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Event::Tokens(toks) => {
+                    let now = Instant::now();
+                    match self.last_token {
+                        None => {
+                            self.first_token = Some(now);
+                            self.state.metrics.ttft.observe((now - self.arrival).as_secs_f64());
+                        }
+                        Some(t) => self.state.metrics.itl.observe((now - t).as_secs_f64()),
+                    }
+                    self.last_token = Some(now);
+                    for t in toks {
+                        self.tokens.push(t.token.id);
+                        let d = self.pipe.push(t.token.id);
+                        piece.delta.append(d);
+                        piece.tokens.push(t);
+                        if self.pipe.stopped {
+                            self.end(Some("stop"), None, &mut piece);
+                            return Some(piece);
+                        }
+                    }
+                    return Some(piece);
+                }
+                Event::Finished(f) => {
+                    let reason = match f {
+                        FinishReason::Stop | FinishReason::Aborted => "stop",
+                        FinishReason::Length => "length",
+                    };
+                    self.end(Some(reason), None, &mut piece);
+                    return Some(piece);
+                }
+                Event::Error(e) => {
+                    self.end(None, Some(e), &mut piece);
+                    return Some(piece);
+                }
+            }
+        }
+    }
+
+    /// Runs to the end, collecting everything.
+    pub async fn collect(&mut self) -> (Delta, Vec<OutToken>) {
+        let mut all = Delta::default();
+        let mut toks = vec![];
+        while let Some(p) = self.next().await {
+            all.append(p.delta);
+            toks.extend(p.tokens);
+        }
+        (all, toks)
+    }
+}

@@ -1,0 +1,325 @@
+//! qwick's HTTP server: the OpenAI API (chat completions with reasoning and tool calls,
+//! completions, models, tokenize), the Ollama API, health and Prometheus metrics, over the
+//! engine's continuous-batching scheduler running on its own thread.
+//!
+//! Handlers turn requests into token ids and sampling parameters, submit them to the
+//! [`qwick_engine::Engine`] and read each sequence's events from a tokio channel; a client that
+//! goes away closes its channel and the engine frees the sequence at its next step.
+
+pub mod bench;
+mod error;
+mod gen;
+mod metrics;
+mod model;
+mod ollama;
+mod openai;
+
+pub use error::ApiError;
+pub use gen::{Delta, TextPipe};
+pub use metrics::Metrics;
+pub use model::{ModelInfo, Prompt};
+
+use anyhow::{Context, Result};
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use qwick_engine::{Engine, Runner, SchedulerConfig};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::Sender;
+
+/// How to serve.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub host: String,
+    /// 0 picks a free port.
+    pub port: u16,
+    /// Required as `Authorization: Bearer KEY` on every route but `/health`.
+    pub api_key: Option<String>,
+    /// Most tokens (prompt + output) of a sequence; capped by the model and the KV cache.
+    pub max_model_len: Option<usize>,
+    pub scheduler: SchedulerConfig,
+    /// Largest request body in bytes.
+    pub body_limit: usize,
+    /// Stop on SIGINT / SIGTERM.
+    pub handle_signals: bool,
+    /// After a shutdown signal, how long requests in flight may go on before they are ended.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            api_key: None,
+            max_model_len: None,
+            scheduler: SchedulerConfig::default(),
+            body_limit: 8 << 20,
+            handle_signals: false,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What handlers share.
+pub struct AppState {
+    pub engine: Engine,
+    pub model: Arc<ModelInfo>,
+    pub metrics: Metrics,
+    pub max_model_len: usize,
+    pub api_key: Option<String>,
+    pub body_limit: usize,
+    pub started: Instant,
+}
+
+fn not_found_route() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn fallback(req: Request) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn metrics_route(State(state): State<Arc<AppState>>) -> Response {
+    let text = state.metrics.render(&state.engine.stats(), &state.model.name);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+/// Checks the API key, limits the body, and counts responses by status.
+async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let resp = guarded(&state, req, next).await;
+    state.metrics.request(resp.status().as_u16());
+    resp
+}
+
+fn key_ok(expected: &str, header: Option<&HeaderValue>) -> bool {
+    let Some(got) = header.and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    // Compare in time independent of where the strings differ.
+    let (a, b) = (expected.as_bytes(), got.trim().as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn guarded(state: &AppState, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        if req.uri().path() != "/health" && !key_ok(key, req.headers().get(header::AUTHORIZATION)) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    // Read the whole body here, under the limit, so handlers see plain bytes.
+    let (parts, body) = req.into_parts();
+    let too_big = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the request body is larger than {} bytes", state.body_limit),
+        )
+        .with_code("request_too_large")
+    };
+    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+        if len > state.body_limit as u64 {
+            return too_big().into_response();
+        }
+    }
+    let bytes = match axum::body::to_bytes(body, state.body_limit).await {
+        Ok(b) => b,
+        Err(_) => return too_big().into_response(),
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
+}
+
+/// The routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_route))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{*model}", get(openai::model))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/tokenize", post(openai::tokenize))
+        .route("/detokenize", post(openai::detokenize))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/show", post(ollama::show))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/version", get(ollama::version))
+        .fallback(fallback)
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method not allowed on this route")
+        })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// A streamed response whose body `produce` writes through a channel; when the client goes
+/// away, sends fail and `produce` should return.
+pub(crate) fn streamed<F, Fut>(content_type: &'static str, produce: F) -> Response
+where
+    F: FnOnce(Sender<Bytes>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(produce(tx));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| not_found_route().into_response())
+}
+
+pub(crate) fn sse_response<F, Fut>(produce: F) -> Response
+where
+    F: FnOnce(Sender<Bytes>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    streamed("text/event-stream", produce)
+}
+
+/// The KV cache size in tokens for a budget of `kv_bytes`.
+pub fn kv_tokens_for_bytes(model: &qwick_model::Qwen3, kv_bytes: usize) -> usize {
+    let c = &model.config;
+    let per_token = qwick_model::KvCache::bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim);
+    (kv_bytes / per_token.max(1)).max(16)
+}
+
+/// A server running on its own thread.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    stop_tx: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl RunningServer {
+    /// Stops the server (as a signal would) and waits for it.
+    pub fn stop(mut self) -> Result<()> {
+        if let Some(tx) = self.stop_tx.take() {
+            let _ = tx.send(());
+        }
+        self.join()
+    }
+
+    /// Waits until the server stops (after a signal, with `handle_signals`).
+    pub fn join(mut self) -> Result<()> {
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| anyhow::anyhow!("the server thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop_tx.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn shutdown_signal(stop_rx: tokio::sync::oneshot::Receiver<()>, signals: bool) {
+    let stop = async {
+        let _ = stop_rx.await;
+    };
+    if !signals {
+        return stop.await;
+    }
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return stop.await,
+        };
+        tokio::select! {
+            _ = stop => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::select! {
+        _ = stop => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Starts the engine (with a runner made by `make_runner` on the engine thread) and the HTTP
+/// server; returns once it listens.
+pub fn start(
+    opts: ServeOptions,
+    info: ModelInfo,
+    make_runner: impl FnOnce() -> Result<Runner> + Send + 'static,
+) -> Result<RunningServer> {
+    let engine = Engine::start(make_runner, opts.scheduler.clone())?;
+    let model_ctx = info.config.max_position_embeddings;
+    let mut max_model_len = opts.max_model_len.unwrap_or(model_ctx).min(model_ctx).min(engine.capacity_tokens());
+    if max_model_len < 2 {
+        max_model_len = 2;
+    }
+    let state = Arc::new(AppState {
+        engine,
+        model: Arc::new(info),
+        metrics: Metrics::default(),
+        max_model_len,
+        api_key: opts.api_key.clone().filter(|k| !k.is_empty()),
+        body_limit: opts.body_limit,
+        started: Instant::now(),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("qwick-http")
+        .build()
+        .context("starting the async runtime")?;
+    let addr_s = format!("{}:{}", opts.host, opts.port);
+    let listener =
+        rt.block_on(tokio::net::TcpListener::bind(&addr_s)).with_context(|| format!("cannot listen on {addr_s}"))?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let signals = opts.handle_signals;
+    let grace = opts.shutdown_grace;
+    let thread = std::thread::Builder::new().name("qwick-server".into()).spawn(move || -> Result<()> {
+        rt.block_on(async move {
+            let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
+            let st = state.clone();
+            // After the signal: stop accepting; requests in flight get `grace` to finish, then end.
+            tokio::spawn(async move {
+                shutdown_signal(stop_rx, signals).await;
+                let _ = sig_tx.send(true);
+                tokio::time::sleep(grace).await;
+                st.engine.abort_all();
+            });
+            let mut sig = sig_rx.clone();
+            let app = router(state.clone());
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = sig.wait_for(|&s| s).await;
+                })
+                .await;
+            state.engine.stop();
+            served.context("serving")
+        })?;
+        rt.shutdown_timeout(Duration::from_secs(1));
+        Ok(())
+    })?;
+    Ok(RunningServer { addr, stop_tx: Some(stop_tx), thread: Some(thread) })
+}

@@ -1,0 +1,195 @@
+//! The served model's text side: tokenizer, chat template, generation defaults, stop ids and
+//! what the thinking budget injects.
+
+use anyhow::{bail, Context, Result};
+use qwick_chat::{ChatMessage, ChatTemplate, GenerationConfig, RenderOptions, Tokenizer, THINKING_BUDGET_STOP};
+use qwick_engine::ThinkingBudget;
+use qwick_model::Config;
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+/// Everything the server needs to turn requests into token ids and back.
+pub struct ModelInfo {
+    /// The name clients use (`model` in requests).
+    pub name: String,
+    pub dir: PathBuf,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub gen_config: GenerationConfig,
+    pub config: Config,
+    /// End-of-sequence ids.
+    pub eos: Vec<u32>,
+    /// Bytes of the weights on disk (reported by `/api/tags`).
+    pub weight_bytes: u64,
+    /// Unix time the server loaded the model.
+    pub created: u64,
+    newline_tokens: OnceLock<Arc<HashSet<u32>>>,
+}
+
+/// A rendered chat prompt.
+pub struct Prompt {
+    pub text: String,
+    pub ids: Vec<u32>,
+    /// The output starts inside reasoning (everything up to `</think>` is reasoning).
+    pub starts_in_thinking: bool,
+    /// Thinking is on for this turn.
+    pub thinking: bool,
+}
+
+fn has_template(dir: &Path) -> bool {
+    let in_config = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .is_some_and(|c| c.get("chat_template").is_some_and(|t| !t.is_null()));
+    in_config || dir.join("chat_template.jinja").is_file() || dir.join("chat_template.json").is_file()
+}
+
+impl ModelInfo {
+    /// Loads the text side of a model folder. `name`: the served name (default: the folder's name).
+    pub fn load(dir: &Path, chat_template: Option<&Path>, name: Option<String>) -> Result<ModelInfo> {
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let template = match chat_template {
+            Some(file) => {
+                let t = ChatTemplate::from_file(file).with_context(|| format!("--chat-template {}", file.display()))?;
+                match std::fs::read_to_string(dir.join("tokenizer_config.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                {
+                    Some(c) => t.with_special_tokens_from(&c),
+                    None => t,
+                }
+            }
+            None if !has_template(dir) => bail!(
+                "the model folder {} has no chat template (no \"chat_template\" in tokenizer_config.json, no \
+                 chat_template.jinja); give one with --chat-template FILE",
+                dir.display()
+            ),
+            None => ChatTemplate::from_dir(dir)?,
+        };
+        let gen_config = GenerationConfig::from_dir(dir)?;
+        let mut eos = gen_config.eos_token_ids.clone();
+        eos.extend(&config.eos_token_ids);
+        if eos.is_empty() {
+            eos.extend(["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| tokenizer.token_id(t)));
+        }
+        eos.sort_unstable();
+        eos.dedup();
+        let name = name.unwrap_or_else(|| {
+            dir.canonicalize()
+                .ok()
+                .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "qwen3".into())
+        });
+        let weight_bytes = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        let created =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        Ok(ModelInfo {
+            name,
+            dir: dir.to_path_buf(),
+            tokenizer,
+            template,
+            gen_config,
+            config,
+            eos,
+            weight_bytes,
+            created,
+            newline_tokens: OnceLock::new(),
+        })
+    }
+
+    /// Whether `model` (from a request) names this model: its served name, with or without an
+    /// Ollama-style `:tag`, or the folder it was loaded from.
+    pub fn matches(&self, model: &str) -> bool {
+        let m = model.trim();
+        m == self.name
+            || m.strip_suffix(":latest").is_some_and(|b| b == self.name)
+            || Path::new(m) == self.dir
+            || (!m.is_empty() && Path::new(m).canonicalize().ok() == self.dir.canonicalize().ok())
+    }
+
+    /// Renders `messages` for a new assistant turn and tokenizes them. `thinking`: the
+    /// `enable_thinking` switch if the client set it; `extra`: other template variables.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<Vec<Value>>,
+        thinking: Option<bool>,
+        extra: Map<String, Value>,
+    ) -> qwick_chat::Result<Prompt> {
+        let render = |on: Option<bool>| {
+            self.template.render(
+                messages,
+                &RenderOptions {
+                    tools: tools.clone(),
+                    add_generation_prompt: true,
+                    enable_thinking: on,
+                    extra: extra.clone(),
+                },
+            )
+        };
+        let text = render(thinking)?;
+        let asked = thinking.unwrap_or(true);
+        // A template that honours enable_thinking renders the two modes differently.
+        let hybrid = render(Some(!asked))? != text;
+        let ends_in_think = text.trim_end().ends_with("<think>");
+        let starts_in_thinking = if hybrid { asked } else { ends_in_think };
+        let ids = self.tokenizer.encode(&text, false)?;
+        Ok(Prompt { text, ids, starts_in_thinking, thinking: (hybrid && asked) || ends_in_think })
+    }
+
+    /// The engine's thinking budget of `max_tokens` reasoning tokens, or `None` if the tokenizer
+    /// has no `</think>`.
+    pub fn budget(&self, max_tokens: usize, starts_in_thinking: bool) -> Option<ThinkingBudget> {
+        let t = &self.tokenizer;
+        let think_end = t.token_id("</think>")?;
+        let newline_tokens = self
+            .newline_tokens
+            .get_or_init(|| {
+                Arc::new(
+                    (0..t.vocab_size() as u32)
+                        .filter(|&id| t.id_to_token(id).is_some_and(|s| s.ends_with('\u{10A}') || s.ends_with('\n')))
+                        .collect(),
+                )
+            })
+            .clone();
+        Some(ThinkingBudget {
+            max_tokens,
+            starts_in_thinking,
+            think_start: t.token_id("<think>"),
+            think_end,
+            stop_tokens: t.encode(THINKING_BUDGET_STOP, false).ok()?,
+            stop_tokens_after_text: t.encode(&format!("\n{THINKING_BUDGET_STOP}"), false).ok()?,
+            newline_tokens,
+        })
+    }
+
+    /// Whether the template knows tools (for Ollama's capabilities).
+    pub fn supports_tools(&self) -> bool {
+        self.template
+            .render(
+                &[ChatMessage::user("x")],
+                &RenderOptions {
+                    tools: Some(vec![serde_json::json!({"type": "function", "function": {"name": "probe_tool"}})]),
+                    add_generation_prompt: true,
+                    ..RenderOptions::default()
+                },
+            )
+            .is_ok_and(|t| t.contains("probe_tool"))
+    }
+
+    /// Text of one token (special tokens included), for logprobs.
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+}

@@ -1,0 +1,871 @@
+//! The OpenAI API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, and vLLM's
+//! `/tokenize` and `/detokenize`.
+
+use crate::error::{parse_json, ApiError};
+use crate::gen::{self, ChoiceRun, Delta, Job, SamplingFields, Stop, TextPipe, MAX_LOGPROBS, MAX_N};
+use crate::{sse_response, AppState};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, StreamExt};
+use qwick_chat::{ChatMessage, ToolCall};
+use qwick_engine::{GenParams, OutToken};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::Sender;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A random-looking id (`prefix` + 24 hex digits).
+pub fn new_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mut r = qwick_sampler::Rng::seed_from_u64((t as u64) ^ n.rotate_left(40));
+    format!("{prefix}{:016x}{:08x}", r.next_u64(), r.next_u64() as u32)
+}
+
+/// `content`: a string or a list of parts (`{"type": "text", "text": ...}`).
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize, Debug)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+impl Content {
+    pub fn into_text(self, index: usize) -> Result<String, ApiError> {
+        match self {
+            Content::Text(s) => Ok(s),
+            Content::Parts(parts) => {
+                let mut s = String::new();
+                for (j, p) in parts.into_iter().enumerate() {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => s.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::bad_request(format!(
+                                "messages[{index}].content[{j}]: only text parts are supported, not {kind:?}"
+                            ))
+                            .with_param(format!("messages[{index}].content")))
+                        }
+                    }
+                }
+                Ok(s)
+            }
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+pub struct InMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
+    #[serde(default)]
+    pub reasoning: Option<String>,
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// Checks roles and turns API messages into template messages.
+pub fn to_chat_messages(msgs: Vec<InMessage>) -> Result<Vec<ChatMessage>, ApiError> {
+    if msgs.is_empty() {
+        return Err(ApiError::bad_request("messages must not be empty").with_param("messages"));
+    }
+    let mut out = vec![];
+    for (i, m) in msgs.into_iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "user" | "assistant" | "tool" => m.role.clone(),
+            "developer" => "system".into(),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "messages[{i}].role: unknown role {other:?} (expected system, developer, user, assistant or tool)"
+                ))
+                .with_param(format!("messages[{i}].role")))
+            }
+        };
+        let content = m.content.map(|c| c.into_text(i)).transpose()?;
+        let has_calls = m.tool_calls.as_ref().is_some_and(|c| !c.is_empty());
+        let reasoning = m.reasoning_content.or(m.reasoning);
+        if role != "assistant" && content.is_none() {
+            return Err(ApiError::bad_request(format!("messages[{i}]: a {role} message needs content"))
+                .with_param(format!("messages[{i}].content")));
+        }
+        if role == "assistant" && content.is_none() && !has_calls && reasoning.is_none() {
+            return Err(ApiError::bad_request(format!(
+                "messages[{i}]: an assistant message needs content, reasoning_content or tool_calls"
+            ))
+            .with_param(format!("messages[{i}].content")));
+        }
+        if has_calls && role != "assistant" {
+            return Err(ApiError::bad_request(format!("messages[{i}]: only assistant messages can have tool_calls"))
+                .with_param(format!("messages[{i}].tool_calls")));
+        }
+        out.push(ChatMessage {
+            role,
+            content,
+            reasoning_content: reasoning,
+            tool_calls: m.tool_calls.filter(|c| !c.is_empty()),
+            tool_call_id: m.tool_call_id,
+            name: m.name,
+        });
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize, Debug, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct ChatRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<InMessage>,
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<i32>,
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub stop_token_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    pub n: Option<u64>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<u64>,
+    #[serde(default)]
+    pub chat_template_kwargs: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub max_thinking_tokens: Option<u64>,
+}
+
+/// Checks `model` against the served model (absent means the served one).
+pub fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if !m.is_empty() && !state.model.matches(m) => Err(ApiError::model_not_found(m)),
+        _ => Ok(()),
+    }
+}
+
+/// Checks tool definitions and applies `tool_choice`: the tools to render (None: no tools) and
+/// whether to parse tool calls.
+fn tools_for(tools: Option<Vec<Value>>, choice: Option<&Value>) -> Result<(Option<Vec<Value>>, bool), ApiError> {
+    let Some(tools) = tools.filter(|t| !t.is_empty()) else {
+        return match choice {
+            Some(Value::String(s)) if s == "none" || s == "auto" => Ok((None, false)),
+            None | Some(Value::Null) => Ok((None, false)),
+            Some(_) => Err(ApiError::bad_request("tool_choice needs tools").with_param("tool_choice")),
+        };
+    };
+    for (i, t) in tools.iter().enumerate() {
+        let ok = t.get("type").and_then(Value::as_str).is_none_or(|k| k == "function")
+            && t.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).is_some_and(|n| !n.is_empty());
+        if !ok {
+            return Err(ApiError::bad_request(format!(
+                "tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., \"parameters\": ...}}}}"
+            ))
+            .with_param(format!("tools[{i}]")));
+        }
+    }
+    let name_of = |t: &Value| t["function"]["name"].as_str().unwrap_or("").to_string();
+    match choice {
+        None | Some(Value::Null) => Ok((Some(tools), true)),
+        Some(Value::String(s)) if s == "auto" || s == "required" => Ok((Some(tools), true)),
+        Some(Value::String(s)) if s == "none" => Ok((None, false)),
+        Some(v @ Value::Object(_)) => {
+            let name = v.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).ok_or_else(|| {
+                ApiError::bad_request("tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}")
+                    .with_param("tool_choice")
+            })?;
+            let chosen: Vec<Value> = tools.into_iter().filter(|t| name_of(t) == name).collect();
+            if chosen.is_empty() {
+                return Err(ApiError::bad_request(format!("tool_choice names {name:?}, which is not among the tools"))
+                    .with_param("tool_choice"));
+            }
+            Ok((Some(chosen), true))
+        }
+        Some(_) => Err(ApiError::bad_request(
+            "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+        )
+        .with_param("tool_choice")),
+    }
+}
+
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+/// OpenAI chat logprobs entries for tokens.
+fn chat_logprobs(state: &AppState, toks: &[OutToken]) -> Vec<Value> {
+    toks.iter()
+        .filter_map(|t| {
+            let lp = t.logprobs.as_ref()?;
+            let text = state.model.token_text(t.token.id);
+            let top: Vec<Value> = lp
+                .top
+                .iter()
+                .map(|&(id, l)| {
+                    let s = state.model.token_text(id);
+                    json!({"token": s, "logprob": l, "bytes": s.as_bytes()})
+                })
+                .collect();
+            Some(json!({"token": text, "logprob": lp.logprob, "bytes": text.as_bytes(), "top_logprobs": top}))
+        })
+        .collect()
+}
+
+fn tool_calls_json(calls: &[qwick_chat::ParsedToolCall], first_index: usize, stream: bool) -> Vec<Value> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let mut v = json!({
+                "id": new_id("call_"),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            });
+            if stream {
+                v["index"] = json!(first_index + k);
+            }
+            v
+        })
+        .collect()
+}
+
+pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let arrival = Instant::now();
+    let req: ChatRequest = parse_json(&body)?;
+    check_model(&state, req.model.as_deref())?;
+    let n = req.n.unwrap_or(1);
+    if n == 0 || n > MAX_N {
+        return Err(ApiError::bad_request(format!("n must be in [1, {MAX_N}], got {n}")).with_param("n"));
+    }
+    let top_logprobs = req.top_logprobs.unwrap_or(0);
+    if top_logprobs > MAX_LOGPROBS {
+        return Err(ApiError::bad_request(format!("top_logprobs must be in [0, {MAX_LOGPROBS}], got {top_logprobs}"))
+            .with_param("top_logprobs"));
+    }
+    if req.top_logprobs.is_some() && req.logprobs != Some(true) {
+        return Err(ApiError::bad_request("top_logprobs needs logprobs: true").with_param("top_logprobs"));
+    }
+    let logprobs = (req.logprobs == Some(true)).then_some(top_logprobs as usize);
+    let messages = to_chat_messages(req.messages)?;
+    let (tools, parse_tools) = tools_for(req.tools, req.tool_choice.as_ref())?;
+    let mut kwargs = req.chat_template_kwargs.unwrap_or_default();
+    let thinking = match kwargs.remove("enable_thinking") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(b),
+        Some(_) => {
+            return Err(ApiError::bad_request("chat_template_kwargs.enable_thinking must be true or false")
+                .with_param("chat_template_kwargs.enable_thinking"))
+        }
+    };
+    let thinking = if req.max_thinking_tokens == Some(0) { Some(false) } else { thinking };
+    let model = state.model.clone();
+    let prompt = model.render(&messages, tools, thinking, kwargs).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let max_param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+    let max_tokens = fit_limit(&state, prompt.ids.len(), req.max_completion_tokens.or(req.max_tokens), max_param)?;
+    let fields = SamplingFields {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        min_p: req.min_p,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        repetition_penalty: req.repetition_penalty,
+        seed: req.seed,
+        stop: req.stop.map(Stop::into_vec).unwrap_or_default(),
+        stop_token_ids: req.stop_token_ids.unwrap_or_default(),
+    };
+    let mut sp = gen::sampling(model.gen_config.sampling_params(prompt.thinking), &fields)?;
+    sp.max_tokens = Some(max_tokens);
+    let budget = match req.max_thinking_tokens {
+        Some(t) if t > 0 => Some(model.budget(t as usize, prompt.starts_in_thinking).ok_or_else(|| {
+            ApiError::bad_request("max_thinking_tokens: the tokenizer has no </think> token")
+                .with_param("max_thinking_tokens")
+        })?),
+        _ => None,
+    };
+    let stops = sp.stop.clone();
+    let jobs: Vec<Job> = (0..n)
+        .map(|i| {
+            let mut s = sp.clone();
+            s.seed = sp.seed.map(|x| x.wrapping_add(i));
+            Job {
+                prompt: prompt.ids.clone(),
+                params: GenParams {
+                    sampling: s,
+                    eos_token_ids: model.eos.clone(),
+                    max_context: state.max_model_len,
+                    thinking: budget.clone(),
+                },
+                logprobs,
+            }
+        })
+        .collect();
+    let rxs = gen::submit_all(&state, jobs)?;
+    let runs: Vec<ChoiceRun> = rxs
+        .into_iter()
+        .map(|rx| {
+            let pipe = TextPipe::new(&model.tokenizer, &stops, Some(prompt.starts_in_thinking), parse_tools);
+            ChoiceRun::new(state.clone(), rx, pipe, arrival)
+        })
+        .collect();
+    let id = new_id("chatcmpl-");
+    let created = unix_now();
+    if req.stream == Some(true) {
+        let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+        let st = state.clone();
+        return Ok(sse_response(move |tx| chat_stream(st, runs, id, created, include_usage, logprobs.is_some(), tx)));
+    }
+    // Not streamed: run every choice to the end.
+    let results = futures_util::future::join_all(runs.into_iter().map(|mut r| async move {
+        let (d, toks) = r.collect().await;
+        (r, d, toks)
+    }))
+    .await;
+    let mut choices = vec![];
+    let (mut completion, mut prompt_tokens, mut cached) = (0, prompt.ids.len(), 0);
+    for (i, (r, d, toks)) in results.iter().enumerate() {
+        if let Some(e) = &r.error {
+            return Err(ApiError::internal(format!("generation failed: {e}")));
+        }
+        completion += r.tokens.len();
+        if i == 0 {
+            prompt_tokens = r.prompt_tokens.max(prompt.ids.len());
+            cached = r.cached_tokens;
+        }
+        let mut msg = json!({"role": "assistant", "content": d.content});
+        if !d.tool_calls.is_empty() {
+            msg["tool_calls"] = json!(tool_calls_json(&d.tool_calls, 0, false));
+            if d.content.is_empty() {
+                msg["content"] = Value::Null;
+            }
+        }
+        if prompt.thinking || !d.reasoning.is_empty() {
+            msg["reasoning_content"] = json!(d.reasoning);
+            msg["reasoning"] = json!(d.reasoning);
+        }
+        let lp = if logprobs.is_some() { json!({"content": chat_logprobs(&state, toks)}) } else { Value::Null };
+        choices.push(json!({"index": i, "message": msg, "logprobs": lp, "finish_reason": r.finish}));
+    }
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": state.model.name,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion, cached),
+    }))
+    .into_response())
+}
+
+fn fit_limit(state: &AppState, prompt_len: usize, max_tokens: Option<u64>, param: &str) -> Result<usize, ApiError> {
+    gen::fit_context(state.max_model_len, prompt_len, max_tokens, param)
+}
+
+async fn send_sse(tx: &Sender<Bytes>, v: &Value) -> bool {
+    tx.send(Bytes::from(format!("data: {v}\n\n"))).await.is_ok()
+}
+
+/// Streams choices as they come, interleaved.
+async fn chat_stream(
+    state: Arc<AppState>,
+    runs: Vec<ChoiceRun>,
+    id: String,
+    created: u64,
+    include_usage: bool,
+    want_logprobs: bool,
+    tx: Sender<Bytes>,
+) {
+    let model = state.model.name.clone();
+    let chunk = |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
+    let n = runs.len();
+    for i in 0..n {
+        let c = json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+        if !send_sse(&tx, &chunk(c)).await {
+            return;
+        }
+    }
+    let mut tool_index = vec![0usize; n];
+    let mut totals = (0usize, 0usize, 0usize); // prompt, completion, cached
+    let streams = runs.into_iter().enumerate().map(|(i, run)| {
+        Box::pin(stream::unfold(Some(run), move |run| async move {
+            let mut run = run?;
+            match run.next().await {
+                Some(p) => Some(((i, p, run.is_done().then(|| summary(&run))), Some(run))),
+                None => None,
+            }
+        }))
+    });
+    let mut all = stream::select_all(streams);
+    loop {
+        let item = tokio::select! {
+            item = all.next() => item,
+            _ = tx.closed() => return,
+        };
+        let Some((i, piece, finished)) = item else { break };
+        let mut delta = Map::new();
+        add_delta(&mut delta, &piece.delta, &mut tool_index[i]);
+        let lp = if want_logprobs && piece.tokens.iter().any(|t| t.logprobs.is_some()) {
+            json!({"content": chat_logprobs(&state, &piece.tokens)})
+        } else {
+            Value::Null
+        };
+        if let Some(s) = &finished {
+            if let Some(e) = &s.error {
+                let err = ApiError::internal(format!("generation failed: {e}")).body();
+                let _ = send_sse(&tx, &err).await;
+                let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                return;
+            }
+        }
+        if !delta.is_empty() || !lp.is_null() {
+            let c = json!([{"index": i, "delta": Value::Object(delta), "logprobs": lp, "finish_reason": null}]);
+            if !send_sse(&tx, &chunk(c)).await {
+                return;
+            }
+        }
+        if let Some(s) = finished {
+            totals.0 = totals.0.max(s.prompt_tokens);
+            totals.1 += s.completion_tokens;
+            totals.2 = totals.2.max(s.cached_tokens);
+            let c = json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": s.finish}]);
+            if !send_sse(&tx, &chunk(c)).await {
+                return;
+            }
+        }
+    }
+    if include_usage {
+        let mut c = chunk(json!([]));
+        c["usage"] = usage(totals.0, totals.1, totals.2);
+        if !send_sse(&tx, &c).await {
+            return;
+        }
+    }
+    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+}
+
+pub struct Summary {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+    pub finish: Option<&'static str>,
+    pub error: Option<String>,
+}
+
+pub fn summary(r: &ChoiceRun) -> Summary {
+    Summary {
+        prompt_tokens: r.prompt_tokens,
+        completion_tokens: r.tokens.len(),
+        cached_tokens: r.cached_tokens,
+        finish: r.finish,
+        error: r.error.clone(),
+    }
+}
+
+fn add_delta(delta: &mut Map<String, Value>, d: &Delta, tool_index: &mut usize) {
+    if !d.reasoning.is_empty() {
+        delta.insert("reasoning_content".into(), json!(d.reasoning));
+        delta.insert("reasoning".into(), json!(d.reasoning));
+    }
+    if !d.content.is_empty() {
+        delta.insert("content".into(), json!(d.content));
+    }
+    if !d.tool_calls.is_empty() {
+        delta.insert("tool_calls".into(), json!(tool_calls_json(&d.tool_calls, *tool_index, true)));
+        *tool_index += d.tool_calls.len();
+    }
+}
+
+/// `prompt` of `/v1/completions`: text, texts, token ids, or lists of token ids.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+#[derive(Deserialize, Debug)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: PromptInput,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<i32>,
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub stop_token_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    pub n: Option<u64>,
+    #[serde(default)]
+    pub logprobs: Option<u64>,
+    #[serde(default)]
+    pub echo: Option<bool>,
+    /// Generate past end-of-sequence tokens (for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
+}
+
+/// Default `max_tokens` of `/v1/completions`, as in OpenAI's API.
+const COMPLETIONS_DEFAULT_MAX_TOKENS: u64 = 16;
+
+fn completion_logprobs(state: &AppState, toks: &[OutToken], offset0: usize) -> Value {
+    let mut tokens = vec![];
+    let mut token_logprobs = vec![];
+    let mut top = vec![];
+    let mut offsets = vec![];
+    let mut off = offset0;
+    for t in toks {
+        let Some(lp) = &t.logprobs else { continue };
+        let s = state.model.token_text(t.token.id);
+        offsets.push(off);
+        off += s.len();
+        tokens.push(json!(s));
+        token_logprobs.push(json!(lp.logprob));
+        let mut m = Map::new();
+        for &(id, l) in &lp.top {
+            m.insert(state.model.token_text(id), json!(l));
+        }
+        top.push(Value::Object(m));
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+}
+
+pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let arrival = Instant::now();
+    let req: CompletionRequest = parse_json(&body)?;
+    check_model(&state, req.model.as_deref())?;
+    if req.echo == Some(true) {
+        return Err(ApiError::bad_request("echo is not supported").with_param("echo"));
+    }
+    let n = req.n.unwrap_or(1);
+    if n == 0 || n > MAX_N {
+        return Err(ApiError::bad_request(format!("n must be in [1, {MAX_N}], got {n}")).with_param("n"));
+    }
+    if let Some(l) = req.logprobs.filter(|&l| l > MAX_LOGPROBS) {
+        return Err(
+            ApiError::bad_request(format!("logprobs must be in [0, {MAX_LOGPROBS}], got {l}")).with_param("logprobs")
+        );
+    }
+    let logprobs = req.logprobs.map(|l| l as usize);
+    let model = state.model.clone();
+    let vocab = model.config.vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = match req.prompt {
+        PromptInput::Text(s) => {
+            vec![model.tokenizer.encode(&s, false).map_err(|e| ApiError::bad_request(e.to_string()))?]
+        }
+        PromptInput::Texts(v) => v
+            .iter()
+            .map(|s| model.tokenizer.encode(s, false).map_err(|e| ApiError::bad_request(e.to_string())))
+            .collect::<Result<_, _>>()?,
+        PromptInput::Ids(ids) => vec![ids],
+        PromptInput::IdLists(l) => l,
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::bad_request("prompt must not be empty").with_param("prompt"));
+    }
+    for p in &prompts {
+        if let Some(&bad) = p.iter().find(|&&t| t >= vocab) {
+            return Err(ApiError::bad_request(format!("prompt: token id {bad} is outside the vocabulary of {vocab}"))
+                .with_param("prompt"));
+        }
+    }
+    let fields = SamplingFields {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        min_p: req.min_p,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        repetition_penalty: req.repetition_penalty,
+        seed: req.seed,
+        stop: req.stop.map(Stop::into_vec).unwrap_or_default(),
+        stop_token_ids: req.stop_token_ids.unwrap_or_default(),
+    };
+    let base = gen::sampling(model.gen_config.sampling_params(false), &fields)?;
+    let max_tokens = req.max_tokens.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS);
+    let mut jobs = vec![];
+    for p in &prompts {
+        let limit = fit_limit(&state, p.len(), Some(max_tokens), "max_tokens")?;
+        for i in 0..n {
+            let mut s = base.clone();
+            s.max_tokens = Some(limit);
+            s.seed = base.seed.map(|x| x.wrapping_add(i));
+            jobs.push(Job {
+                prompt: p.clone(),
+                params: GenParams {
+                    sampling: s,
+                    eos_token_ids: model.eos.clone(),
+                    max_context: state.max_model_len,
+                    thinking: None,
+                },
+                logprobs,
+            });
+        }
+    }
+    if req.ignore_eos == Some(true) {
+        for j in &mut jobs {
+            j.params.eos_token_ids.clear();
+        }
+    }
+    let stops = base.stop.clone();
+    let rxs = gen::submit_all(&state, jobs)?;
+    let runs: Vec<ChoiceRun> = rxs
+        .into_iter()
+        .map(|rx| ChoiceRun::new(state.clone(), rx, TextPipe::new(&model.tokenizer, &stops, None, false), arrival))
+        .collect();
+    let id = new_id("cmpl-");
+    let created = unix_now();
+    let prompt_total: usize = prompts.iter().map(|p| p.len()).sum::<usize>() * n as usize;
+    if req.stream == Some(true) {
+        let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+        let st = state.clone();
+        return Ok(sse_response(move |tx| {
+            completion_stream(st, runs, id, created, include_usage, logprobs.is_some(), prompt_total, tx)
+        }));
+    }
+    let results = futures_util::future::join_all(runs.into_iter().map(|mut r| async move {
+        let (d, toks) = r.collect().await;
+        (r, d, toks)
+    }))
+    .await;
+    let mut choices = vec![];
+    let (mut completion, mut cached) = (0, 0);
+    for (i, (r, d, toks)) in results.iter().enumerate() {
+        if let Some(e) = &r.error {
+            return Err(ApiError::internal(format!("generation failed: {e}")));
+        }
+        completion += r.tokens.len();
+        cached += r.cached_tokens;
+        let lp = if logprobs.is_some() { completion_logprobs(&state, toks, 0) } else { Value::Null };
+        choices.push(json!({"index": i, "text": d.content, "logprobs": lp, "finish_reason": r.finish}));
+    }
+    Ok(Json(json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": state.model.name,
+        "choices": choices,
+        "usage": usage(prompt_total, completion, cached),
+    }))
+    .into_response())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn completion_stream(
+    state: Arc<AppState>,
+    runs: Vec<ChoiceRun>,
+    id: String,
+    created: u64,
+    include_usage: bool,
+    want_logprobs: bool,
+    prompt_total: usize,
+    tx: Sender<Bytes>,
+) {
+    let model = state.model.name.clone();
+    let chunk = |choices: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices});
+    let n = runs.len();
+    let mut offsets = vec![0usize; n];
+    let mut totals = (0usize, 0usize);
+    let streams = runs.into_iter().enumerate().map(|(i, run)| {
+        Box::pin(stream::unfold(Some(run), move |run| async move {
+            let mut run = run?;
+            match run.next().await {
+                Some(p) => Some(((i, p, run.is_done().then(|| summary(&run))), Some(run))),
+                None => None,
+            }
+        }))
+    });
+    let mut all = stream::select_all(streams);
+    loop {
+        let item = tokio::select! {
+            item = all.next() => item,
+            _ = tx.closed() => return,
+        };
+        let Some((i, piece, finished)) = item else { break };
+        if let Some(Some(e)) = finished.as_ref().map(|s| &s.error) {
+            let err = ApiError::internal(format!("generation failed: {e}")).body();
+            let _ = send_sse(&tx, &err).await;
+            let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            return;
+        }
+        let lp = if want_logprobs { completion_logprobs(&state, &piece.tokens, offsets[i]) } else { Value::Null };
+        offsets[i] += piece.delta.content.len();
+        let finish = finished.as_ref().and_then(|s| s.finish);
+        if !piece.delta.content.is_empty() || finish.is_some() {
+            let c = json!([{"index": i, "text": piece.delta.content, "logprobs": lp, "finish_reason": finish}]);
+            if !send_sse(&tx, &chunk(c)).await {
+                return;
+            }
+        }
+        if let Some(s) = finished {
+            totals.0 += s.completion_tokens;
+            totals.1 += s.cached_tokens;
+        }
+    }
+    if include_usage {
+        let mut c = chunk(json!([]));
+        c["usage"] = usage(prompt_total, totals.0, totals.1);
+        if !send_sse(&tx, &c).await {
+            return;
+        }
+    }
+    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+}
+
+fn model_card(state: &AppState) -> Value {
+    json!({
+        "id": state.model.name,
+        "object": "model",
+        "created": state.model.created,
+        "owned_by": "qwick",
+        "root": state.model.name,
+        "max_model_len": state.max_model_len,
+    })
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_card(&state)]}))
+}
+
+pub async fn model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    if !state.model.matches(&name) {
+        return Err(ApiError::model_not_found(&name));
+    }
+    Ok(Json(model_card(&state)))
+}
+
+#[derive(Deserialize)]
+struct TokenizeRequest {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    messages: Option<Vec<InMessage>>,
+    #[serde(default)]
+    add_special_tokens: Option<bool>,
+    #[serde(default)]
+    chat_template_kwargs: Option<Map<String, Value>>,
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+}
+
+pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let req: TokenizeRequest = parse_json(&body)?;
+    check_model(&state, req.model.as_deref())?;
+    let ids = match (req.prompt, req.messages) {
+        (Some(p), None) => state
+            .model
+            .tokenizer
+            .encode(&p, req.add_special_tokens.unwrap_or(false))
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        (None, Some(m)) => {
+            let msgs = to_chat_messages(m)?;
+            let (tools, _) = tools_for(req.tools, None)?;
+            let mut kw = req.chat_template_kwargs.unwrap_or_default();
+            let thinking = kw.remove("enable_thinking").and_then(|v| v.as_bool());
+            state.model.render(&msgs, tools, thinking, kw).map_err(|e| ApiError::bad_request(e.to_string()))?.ids
+        }
+        _ => return Err(ApiError::bad_request("give either prompt or messages").with_param("prompt")),
+    };
+    Ok(Json(json!({"count": ids.len(), "max_model_len": state.max_model_len, "tokens": ids})))
+}
+
+#[derive(Deserialize)]
+struct DetokenizeRequest {
+    #[serde(default)]
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+pub async fn detokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let req: DetokenizeRequest = parse_json(&body)?;
+    check_model(&state, req.model.as_deref())?;
+    let vocab = state.model.config.vocab_size as u32;
+    if let Some(&bad) = req.tokens.iter().find(|&&t| t >= vocab) {
+        return Err(
+            ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {vocab}")).with_param("tokens")
+        );
+    }
+    let text = state.model.tokenizer.decode(&req.tokens, false).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Json(json!({"prompt": text})))
+}
