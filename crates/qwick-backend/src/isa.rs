@@ -9,7 +9,7 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C.
     Avx2,
-    /// AVX-512 F/BW/VL, exact: bf16 weights are widened to f32 in registers.
+    /// AVX-512 F/BW/VL/DQ, exact: bf16 weights are widened to f32 in registers.
     Avx512,
     /// AVX-512 with AVX512-BF16 dot products: for bf16 weights, activations are rounded to
     /// bf16 before each matmul (as bf16 inference does) and multiplied with `vdpbf16ps`,
@@ -52,6 +52,7 @@ impl Isa {
                 is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512dq")
                     && is_x86_feature_detected!("fma")
                     && is_x86_feature_detected!("f16c")
             }
