@@ -661,17 +661,21 @@ impl Drop for Engine {
 
 fn engine_loop(shared: &Shared, sched: &mut Scheduler) {
     loop {
-        let (new, abort) = {
+        let abort = {
             let mut inbox = shared.inbox.lock().unwrap();
             inbox.stats = sched.stats();
             while inbox.new.is_empty() && !inbox.abort && !sched.has_work() {
                 inbox = shared.wake.wait(inbox).unwrap();
             }
-            (std::mem::take(&mut inbox.new), inbox.abort)
+            if !inbox.abort && !inbox.new.is_empty() {
+                for (req, sink) in std::mem::take(&mut inbox.new) {
+                    sched.add(req, sink);
+                }
+                // Counted as waiting at once, for the queue limit.
+                inbox.stats = sched.stats();
+            }
+            inbox.abort
         };
-        for (req, sink) in new {
-            sched.add(req, sink);
-        }
         if abort {
             sched.abort_all("the server is shutting down");
             let mut inbox = shared.inbox.lock().unwrap();

@@ -82,8 +82,13 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     match serde_path_to_error::deserialize(de) {
         Ok(v) => Ok(v),
         Err(e) => {
-            let path = e.path().to_string();
+            let mut path = e.path().to_string();
             let inner = e.into_inner();
+            // A missing field is named in the message, not in the path.
+            let text = inner.to_string();
+            if let Some(field) = text.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
+                path = if path == "." || path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
+            }
             let what = if inner.is_syntax() || inner.is_eof() { "malformed JSON" } else { "invalid request" };
             let mut err = ApiError::bad_request(if path == "." || path.is_empty() {
                 format!("{what}: {inner}")

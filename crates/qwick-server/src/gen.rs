@@ -331,7 +331,6 @@ impl ChoiceRun {
         // Closing the channel tells the engine to drop the sequence (after a stop string).
         self.rx.close();
         let m = &self.state.metrics;
-        m.generation_tokens.fetch_add(self.tokens.len() as u64, std::sync::atomic::Ordering::Relaxed);
         m.finished(finish.unwrap_or("error"));
         m.e2e.observe(self.arrival.elapsed().as_secs_f64());
     }
@@ -364,6 +363,8 @@ impl ChoiceRun {
                         Some(t) => self.state.metrics.itl.observe((now - t).as_secs_f64()),
                     }
                     self.last_token = Some(now);
+                    let m = &self.state.metrics;
+                    m.generation_tokens.fetch_add(toks.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     for t in toks {
                         self.tokens.push(t.token.id);
                         let d = self.pipe.push(t.token.id);

@@ -1,0 +1,638 @@
+//! `qwick serve` driven over loopback by real clients: plain HTTP (ureq) and, when the `openai`
+//! Python package is installed, the official OpenAI client (python/test_openai_client.py).
+//!
+//! The model is `tests/greedy/model` (a tiny random Qwen3 with the full vocabulary, tokenizer and
+//! chat template) with transformers' greedy generations in `tests/greedy/refs.json`: requests
+//! sent together, under a small token budget so prefill chunks and decode tokens mix, produce
+//! exactly transformers' tokens (and what each produces alone); afterwards no KV block is in
+//! use. Also: streaming, a client that disconnects mid-stream, the prefix cache, bad input,
+//! the API key, the queue limit, the Ollama API, and SIGTERM.
+//!
+//! Every server listens on a free loopback port and is killed when its test ends; every request
+//! has a timeout.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The model folder: the committed files plus tokenizer.json (made once per test binary).
+fn model() -> &'static str {
+    static DIR: OnceLock<String> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("qwick-serve-test-{}", std::process::id())).join("greedy");
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        for e in std::fs::read_dir(root().join("tests/greedy/model")).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+        }
+        let gz = std::fs::File::open(root().join("tests/chat_refs/tokenizer.json.gz")).unwrap();
+        let mut json = Vec::new();
+        flate2::read::GzDecoder::new(gz).read_to_end(&mut json).unwrap();
+        std::fs::write(d.join("tokenizer.json"), json).unwrap();
+        d.to_str().unwrap().to_string()
+    })
+}
+
+fn refs() -> &'static Value {
+    static REFS: OnceLock<Value> = OnceLock::new();
+    REFS.get_or_init(|| {
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/greedy/refs.json")).unwrap()).unwrap()
+    })
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+}
+
+/// A running `qwick serve`, killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        Self::start_env(extra, &[])
+    }
+
+    fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwick"));
+        cmd.args(["serve", "--model", model(), "--port", "0", "--threads", "1", "--kv-cache-tokens", "8192"])
+            .args(extra)
+            .env_remove("QWICK_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("qwick runs");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                log2.lock().unwrap().push_str(&format!("{line}\n"));
+                if let Some(rest) = line.split(" on http://").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("qwick serve did not start: {}", log.lock().unwrap());
+            }
+        };
+        Server { child, url: format!("http://{addr}"), stderr: log }
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build()
+    }
+
+    /// POSTs JSON; returns (status, body).
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, &body.to_string(), None)
+    }
+
+    fn post_raw(&self, path: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+        let mut req = Self::agent().post(&format!("{}{path}", self.url)).set("Content-Type", "application/json");
+        if let Some(k) = key {
+            req = req.set("Authorization", &format!("Bearer {k}"));
+        }
+        match req.send_string(body) {
+            Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+            Err(e) => panic!("POST {path}: {e}"),
+        }
+    }
+
+    fn get(&self, path: &str, key: Option<&str>) -> (u16, String) {
+        let mut req = Self::agent().get(&format!("{}{path}", self.url));
+        if let Some(k) = key {
+            req = req.set("Authorization", &format!("Bearer {k}"));
+        }
+        match req.call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    }
+
+    /// A Prometheus metric's value (the first series of that name).
+    fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics", None);
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+
+    /// Waits until no sequence runs or waits and no KV block is in use.
+    fn wait_idle(&self) {
+        let t0 = Instant::now();
+        loop {
+            let busy = self.metric("qwick_kv_blocks_used")
+                + self.metric("qwick_num_requests_running")
+                + self.metric("qwick_num_requests_waiting");
+            if busy == 0.0 {
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "the server did not go idle");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Streams a request; returns the parsed `data:` events (without `[DONE]`) and whether
+    /// `[DONE]` came.
+    fn sse(&self, path: &str, body: &Value) -> (Vec<Value>, bool) {
+        let r = Self::agent().post(&format!("{}{path}", self.url)).send_json(body.clone()).expect("stream starts");
+        assert_eq!(r.header("Content-Type"), Some("text/event-stream"));
+        let mut events = vec![];
+        for line in BufReader::new(r.into_reader()).lines() {
+            let line = line.unwrap();
+            if let Some(d) = line.strip_prefix("data: ") {
+                if d == "[DONE]" {
+                    return (events, true);
+                }
+                events.push(serde_json::from_str(d).unwrap());
+            }
+        }
+        (events, false)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn completion_text(s: &Server, prompt: &[u32], max_tokens: usize) -> (String, Value) {
+    let (code, r) = s.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}));
+    assert_eq!(code, 200, "{r}");
+    (r["choices"][0]["text"].as_str().unwrap().to_string(), r)
+}
+
+fn detok(s: &Server, ids: &[u32]) -> String {
+    let (code, r) = s.post("/detokenize", &json!({"tokens": ids}));
+    assert_eq!(code, 200);
+    r["prompt"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn concurrent_greedy_requests_match_transformers_and_free_their_blocks() {
+    // A budget of 8 tokens per step: prompts are prefilled in chunks beside other requests' decode.
+    let s = Server::start(&["--max-num-batched-tokens", "8"]);
+    let cases = refs()["cases"].as_array().unwrap();
+    let lens = [20usize, 13, 17, 9];
+    let expected: Vec<String> =
+        cases.iter().zip(lens).map(|(c, n)| detok(&s, &ids(&c["generated_ids"])[..n])).collect();
+    // Each alone.
+    for ((c, n), want) in cases.iter().zip(lens).zip(&expected) {
+        let (text, r) = completion_text(&s, &ids(&c["prompt_ids"]), n);
+        assert_eq!(&text, want, "{} alone", c["name"]);
+        assert_eq!(r["usage"]["completion_tokens"], n);
+    }
+    s.wait_idle();
+    // All together, three rounds.
+    for round in 0..3 {
+        let texts: Vec<String> = std::thread::scope(|sc| {
+            let hs: Vec<_> = cases
+                .iter()
+                .zip(lens)
+                .map(|(c, n)| {
+                    let s = &s;
+                    sc.spawn(move || completion_text(s, &ids(&c["prompt_ids"]), n).0)
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(texts, expected, "round {round}");
+    }
+    s.wait_idle();
+    assert_eq!(s.metric("qwick_kv_blocks_used"), 0.0);
+
+    // The chat endpoint renders the same prompts: reasoning for thinking turns, content otherwise.
+    for c in cases.iter().filter(|c| c["cli"] == true) {
+        let think = c["enable_thinking"].as_bool().unwrap();
+        let (code, r) = s.post(
+            "/v1/chat/completions",
+            &json!({"messages": c["messages"], "max_tokens": 20, "temperature": 0,
+                    "chat_template_kwargs": {"enable_thinking": think}}),
+        );
+        assert_eq!(code, 200, "{r}");
+        let msg = &r["choices"][0]["message"];
+        let field = if think { "reasoning_content" } else { "content" };
+        assert_eq!(msg[field], c["generated_text"], "{}", c["name"]);
+        assert_eq!(r["usage"]["prompt_tokens"], c["prompt_ids"].as_array().unwrap().len());
+        assert_eq!(r["choices"][0]["finish_reason"], "length");
+    }
+}
+
+#[test]
+fn streaming_chat_matches_the_whole_answer() {
+    let s = Server::start(&[]);
+    let c = &refs()["cases"][1]; // haiku_nothink
+    let body = json!({"messages": c["messages"], "max_tokens": 20, "temperature": 0,
+                      "chat_template_kwargs": {"enable_thinking": false}});
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (events, done) = s.sse("/v1/chat/completions", &streamed);
+    assert!(done, "the stream ends with [DONE]");
+    let content: String =
+        events.iter().filter_map(|e| e["choices"].get(0)?["delta"]["content"].as_str().map(String::from)).collect();
+    assert_eq!(content, c["generated_text"].as_str().unwrap());
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(events.iter().all(|e| e["object"] == "chat.completion.chunk"));
+    let finish: Vec<&Value> = events
+        .iter()
+        .filter_map(|e| e["choices"].get(0))
+        .map(|c| &c["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish, vec!["length"]);
+    let usage = &events.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 20);
+    assert_eq!(events.last().unwrap()["choices"], json!([]));
+
+    // Stop strings cut the answer (and are not returned).
+    let text = c["generated_text"].as_str().unwrap();
+    let word = "cartridge";
+    let cut = &text[..text.find(word).unwrap()];
+    let mut stopped = body.clone();
+    stopped["stop"] = json!([word]);
+    let (code, r) = s.post("/v1/chat/completions", &stopped);
+    assert_eq!(code, 200);
+    assert_eq!(r["choices"][0]["message"]["content"], cut);
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    s.wait_idle();
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_frees_its_blocks() {
+    let s = Server::start(&[]);
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 480, "temperature": 0, "ignore_eos": true,
+                      "stream": true});
+    let r = Server::agent().post(&format!("{}/v1/completions", s.url)).send_json(body).unwrap();
+    let mut lines = BufReader::new(r.into_reader()).lines();
+    let mut got = 0;
+    while got < 3 {
+        let line = lines.next().unwrap().unwrap();
+        if line.starts_with("data: ") {
+            got += 1;
+        }
+    }
+    drop(lines); // closes the connection
+    s.wait_idle();
+    assert!(s.metric("qwick_generation_tokens_total") < 480.0, "generation stopped early");
+    // The server goes on serving.
+    let (text, _) = completion_text(&s, &[9707, 0], 3);
+    assert!(!text.is_empty());
+}
+
+#[test]
+fn a_repeated_long_prefix_is_served_from_the_cache() {
+    let s = Server::start(&[]);
+    let system = "You are a careful assistant. ".repeat(30);
+    let ask = |q: &str| {
+        let (code, r) = s.post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
+                    "max_tokens": 4, "temperature": 0}),
+        );
+        assert_eq!(code, 200, "{r}");
+        r
+    };
+    let a = ask("First question?");
+    let p = a["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(p > 150, "{p}");
+    assert_eq!(a["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let b = ask("Second question?");
+    let cached = b["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached >= 144 && cached % 16 == 0 && cached < p, "cached {cached} of {p}");
+    assert!(s.metric("qwick_prefix_cache_hit_rate") > 0.0);
+    // The same request again gives the same answer from the cache.
+    let c = ask("First question?");
+    assert_eq!(c["choices"][0]["message"], a["choices"][0]["message"]);
+    s.wait_idle();
+}
+
+#[test]
+fn bad_requests_get_json_errors_and_the_server_keeps_serving() {
+    let s = Server::start(&["--max-body-mb", "0.01"]);
+    let ok_chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0});
+    let cases: Vec<(&str, String, u16, Option<&str>)> = vec![
+        ("/v1/chat/completions", "{\"messages\": [".into(), 400, None),
+        ("/v1/chat/completions", "not json".into(), 400, None),
+        ("/v1/chat/completions", "{}".into(), 400, Some("messages")),
+        ("/v1/chat/completions", json!({"messages": "hi"}).to_string(), 400, Some("messages")),
+        ("/v1/chat/completions", json!({"messages": []}).to_string(), 400, Some("messages")),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "wizard", "content": "x"}]}).to_string(),
+            400,
+            Some("messages[0].role"),
+        ),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user"}]}).to_string(), 400, None),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).to_string(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "temperature": -1}).to_string(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "top_p": 0}).to_string(),
+            400,
+            Some("top_p"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": -5}).to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "n": 0}).to_string(),
+            400,
+            Some("n"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 99}).to_string(),
+            400,
+            Some("top_logprobs"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "stop": [""]}).to_string(),
+            400,
+            Some("stop"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}).to_string(),
+            400,
+            Some("tools[0]"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}).to_string(),
+            404,
+            Some("model"),
+        ),
+        ("/v1/completions", json!({"prompt": [1, 2, 999999999]}).to_string(), 400, Some("prompt")),
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": 100000}).to_string(), 400, Some("max_tokens")),
+        ("/v1/completions", json!({"prompt": ""}).to_string(), 400, Some("prompt")),
+        ("/detokenize", json!({"tokens": [-1]}).to_string(), 400, Some("tokens[0]")),
+        ("/v1/nothing", "{}".into(), 404, None),
+        (
+            "/v1/chat/completions",
+            format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}", "x".repeat(20_000)),
+            413,
+            None,
+        ),
+    ];
+    for (path, body, status, param) in &cases {
+        let (code, r) = s.post_raw(path, body, None);
+        assert_eq!(code, *status, "{path} {body:.80}: {r}");
+        let e = &r["error"];
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{path} {body:.80}: {r}");
+        assert!(e["type"].is_string() && e.get("param").is_some() && e.get("code").is_some(), "{r}");
+        if let Some(p) = param {
+            assert_eq!(e["param"], *p, "{path} {body:.80}: {r}");
+        }
+        // Still serving.
+        let (code, _) = s.post("/v1/chat/completions", &ok_chat);
+        assert_eq!(code, 200);
+    }
+    // The context limit names the numbers.
+    let (code, r) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 600}),
+    );
+    assert_eq!(code, 400);
+    let m = r["error"]["message"].as_str().unwrap();
+    assert!(m.contains("512") && m.contains("600") && m.contains("maximum context length"), "{m}");
+    assert_eq!(r["error"]["code"], "context_length_exceeded");
+    let (code, _) = s.get("/v1/chat/completions", None);
+    assert_eq!(code, 405);
+    let (code, body) = s.get("/health", None);
+    assert_eq!((code, body.as_str()), (200, ""));
+    assert!(s.metric("qwick_requests_total{status=\"400\"}") >= 20.0);
+    s.wait_idle();
+}
+
+#[test]
+fn api_key_guards_every_route_but_health() {
+    let s = Server::start_env(&[], &[("QWICK_API_KEY", "sekret")]);
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).to_string();
+    let (code, r) = s.post_raw("/v1/chat/completions", &body, None);
+    assert_eq!(code, 401, "{r}");
+    assert_eq!(r["error"]["code"], "invalid_api_key");
+    assert_eq!(s.post_raw("/v1/chat/completions", &body, Some("wrong")).0, 401);
+    assert_eq!(s.post_raw("/v1/chat/completions", &body, Some("sekret")).0, 200);
+    assert_eq!(s.get("/v1/models", None).0, 401);
+    assert_eq!(s.get("/metrics", None).0, 401);
+    assert_eq!(s.get("/api/tags", None).0, 401);
+    assert_eq!(s.get("/v1/models", Some("sekret")).0, 200);
+    assert_eq!(s.get("/health", None).0, 200);
+    drop(s);
+    // --api-key on the command line.
+    let s = Server::start(&["--api-key", "k2"]);
+    assert_eq!(s.get("/v1/models", None).0, 401);
+    assert_eq!(s.get("/v1/models", Some("k2")).0, 200);
+}
+
+#[test]
+fn a_full_queue_answers_429() {
+    let s = Server::start(&["--max-num-seqs", "1", "--max-queue", "1"]);
+    let long = json!({"prompt": "Once", "max_tokens": 490, "temperature": 0, "ignore_eos": true, "stream": true});
+    let post = || Server::agent().post(&format!("{}/v1/completions", s.url)).send_json(long.clone());
+    // One running (its first token read), then one waiting (retried while the first is still
+    // counted as waiting, before its first step).
+    let a = post().unwrap();
+    let mut a_lines = BufReader::new(a.into_reader()).lines();
+    while !a_lines.next().unwrap().unwrap().starts_with("data: ") {}
+    let t0 = Instant::now();
+    let b = loop {
+        match post() {
+            Ok(b) => break b,
+            Err(ureq::Error::Status(429, _)) if t0.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (code, r) = s.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(code, 429, "{r}");
+    assert_eq!(r["error"]["type"], "rate_limit_error");
+    drop((a_lines, b));
+    s.wait_idle();
+    let (code, _) = s.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn ollama_api() {
+    let s = Server::start(&["--served-model-name", "qwen3-tiny"]);
+    let c = &refs()["cases"][0]; // hello_think
+                                 // Streamed chat (the default): NDJSON lines, thinking apart.
+    let body = json!({"model": "qwen3-tiny", "messages": c["messages"], "think": true,
+                      "options": {"temperature": 0, "num_predict": 20}});
+    let r = Server::agent().post(&format!("{}/api/chat", s.url)).send_json(body.clone()).unwrap();
+    assert_eq!(r.header("Content-Type"), Some("application/x-ndjson"));
+    let lines: Vec<Value> =
+        BufReader::new(r.into_reader()).lines().map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect();
+    let last = lines.last().unwrap();
+    assert_eq!(last["done"], true);
+    assert_eq!(last["done_reason"], "length");
+    assert_eq!(last["eval_count"], 20);
+    assert_eq!(last["prompt_eval_count"], c["prompt_ids"].as_array().unwrap().len());
+    assert!(last["total_duration"].as_u64().unwrap() > 0 && last["eval_duration"].is_u64());
+    assert!(lines[..lines.len() - 1].iter().all(|l| l["done"] == false && l["message"]["role"] == "assistant"));
+    let thinking: String = lines.iter().filter_map(|l| l["message"]["thinking"].as_str()).collect();
+    assert_eq!(thinking, c["generated_text"].as_str().unwrap());
+    // Not streamed.
+    let mut whole = body.clone();
+    whole["stream"] = json!(false);
+    let (code, r) = s.post("/api/chat", &whole);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["message"]["thinking"], c["generated_text"]);
+    assert_eq!(r["done"], true);
+    // think: false renders the prompt without thinking: the haiku case's answer.
+    let h = &refs()["cases"][1];
+    let (code, r) = s.post(
+        "/api/chat",
+        &json!({"model": "qwen3-tiny:latest", "messages": h["messages"], "think": false, "stream": false,
+                "options": {"temperature": 0, "num_predict": 20, "seed": 1}}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["message"]["content"], h["generated_text"]);
+    assert!(r["message"].get("thinking").is_none());
+    // Generate, with a stop string.
+    let (code, r) = s.post(
+        "/api/generate",
+        &json!({"model": "qwen3-tiny", "prompt": h["messages"][1]["content"], "system": h["messages"][0]["content"],
+                "think": false, "stream": false, "options": {"temperature": 0, "num_predict": 20, "stop": ["cartridge"]}}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["response"], "library ");
+    assert_eq!(r["done_reason"], "stop");
+    let (code, tags) = s.get("/api/tags", None);
+    assert_eq!(code, 200);
+    let tags: Value = serde_json::from_str(&tags).unwrap();
+    assert_eq!(tags["models"][0]["name"], "qwen3-tiny:latest");
+    let (code, show) = s.post("/api/show", &json!({"model": "qwen3-tiny"}));
+    assert_eq!(code, 200);
+    assert_eq!(show["model_info"]["qwen3.context_length"], 512);
+    assert!(show["capabilities"].as_array().unwrap().contains(&json!("thinking")));
+    assert_eq!(s.get("/api/ps", None).0, 200);
+    assert!(s.get("/api/version", None).1.contains("version"));
+    let (code, r) = s.post("/api/chat", &json!({"model": "llama3", "messages": [{"role": "user", "content": "x"}]}));
+    assert_eq!(code, 404);
+    assert!(r["error"].as_str().unwrap().contains("llama3"));
+    let (code, r) = s.post("/api/chat", &json!({"model": "qwen3-tiny", "messages": "x"}));
+    assert_eq!(code, 400);
+    assert!(r["error"].is_string());
+    s.wait_idle();
+}
+
+#[test]
+fn sigterm_stops_the_server() {
+    let mut s = Server::start(&[]);
+    assert_eq!(s.get("/health", None).0, 200);
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            assert!(st.success(), "exit status {st}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "the server stops");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(s.stderr.lock().unwrap().contains("stopped"));
+}
+
+#[test]
+fn bench_serve_reports_latencies() {
+    let s = Server::start(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_qwick"))
+        .args(["bench-serve", "--url", &s.url, "--concurrency", "3", "--requests", "6"])
+        .args(["--prompt-len", "40", "--gen-len", "8", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["failed"], 0);
+    assert_eq!(r["output_tokens"], 48);
+    assert_eq!(r["prompt_tokens"], 240);
+    assert!(r["ttft_ms"]["p50"].as_f64().unwrap() > 0.0 && r["itl_ms"]["p99"].as_f64().unwrap() > 0.0);
+    s.wait_idle();
+}
+
+/// The official OpenAI Python client, when installed (`pip install -r python/requirements-test.txt`).
+#[test]
+fn openai_python_client() {
+    let has_openai =
+        Command::new("python3").args(["-c", "import openai"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if !has_openai {
+        eprintln!("skipped: the openai Python package is not installed");
+        return;
+    }
+    let s = Server::start(&["--served-model-name", "tiny"]);
+    let mut child = Command::new("python3")
+        .arg(root().join("python/test_openai_client.py"))
+        .args(["--base-url", &format!("{}/v1", s.url), "--model", "tiny"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(180) {
+            let _ = child.kill();
+            panic!("the Python client timed out");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(" passed, 0 failed"), "{text}");
+    s.wait_idle();
+}
