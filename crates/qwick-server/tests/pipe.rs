@@ -1,0 +1,87 @@
+//! The server's text pipeline on Qwen3's real tokenizer, fed one token at a time as the engine
+//! does: reasoning split from the answer, `<tool_call>` blocks turned into calls (malformed ones
+//! left in the content), stop strings cut across tokens. The random test model cannot be made to
+//! write these, so they are checked here on known text.
+
+use qwick_chat::Tokenizer;
+use qwick_server::{Delta, TextPipe};
+use std::io::Read;
+use std::path::PathBuf;
+
+fn tokenizer() -> Tokenizer {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/chat_refs/tokenizer.json.gz");
+    let mut json = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap()).read_to_end(&mut json).unwrap();
+    Tokenizer::from_bytes(&json).unwrap()
+}
+
+/// Runs `text` through a pipe token by token; returns the concatenated output and the pipe.
+fn run(tok: &Tokenizer, text: &str, stops: &[&str], reasoning: Option<bool>, tools: bool) -> (Delta, TextPipe) {
+    let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+    let mut pipe = TextPipe::new(tok, &stops, reasoning, tools);
+    let mut all = Delta::default();
+    let add = |all: &mut Delta, d: Delta| {
+        all.reasoning.push_str(&d.reasoning);
+        all.content.push_str(&d.content);
+        all.tool_calls.extend(d.tool_calls);
+    };
+    for id in tok.encode(text, false).unwrap() {
+        let d = pipe.push(id);
+        add(&mut all, d);
+        if pipe.stopped {
+            break;
+        }
+    }
+    let d = pipe.finish();
+    add(&mut all, d);
+    (all, pipe)
+}
+
+#[test]
+fn reasoning_and_answer() {
+    let tok = tokenizer();
+    let (d, _) = run(&tok, "<think>\nLet me see.\n</think>\n\nThe answer is 4.", &[], Some(false), false);
+    assert_eq!(d.reasoning, "Let me see.");
+    assert_eq!(d.content, "The answer is 4.");
+    // The prompt ended in <think>: everything before </think> is reasoning.
+    let (d, _) = run(&tok, "Hmm, 2+2.\n</think>\n\n4", &[], Some(true), false);
+    assert_eq!((d.reasoning.as_str(), d.content.as_str()), ("Hmm, 2+2.", "4"));
+    // Cut inside reasoning: all reasoning.
+    let (d, _) = run(&tok, "still thinking", &[], Some(true), false);
+    assert_eq!((d.reasoning.as_str(), d.content.as_str()), ("still thinking", ""));
+}
+
+#[test]
+fn tool_calls_are_parsed_and_malformed_ones_stay_content() {
+    let tok = tokenizer();
+    let text = "<think>\nNeed weather.\n</think>\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"°C\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
+    let (d, pipe) = run(&tok, text, &[], Some(false), true);
+    assert_eq!(d.reasoning, "Need weather.");
+    assert_eq!(d.content, "");
+    assert!(pipe.had_tool_calls);
+    let calls: Vec<(&str, &str)> = d.tool_calls.iter().map(|c| (c.name.as_str(), c.arguments.as_str())).collect();
+    assert_eq!(calls, vec![("get_weather", "{\"city\": \"Paris\", \"unit\": \"°C\"}"), ("get_time", "{}")]);
+
+    let bad = "Sure.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": }\n</tool_call>";
+    let (d, pipe) = run(&tok, bad, &[], Some(false), true);
+    assert!(d.tool_calls.is_empty() && !pipe.had_tool_calls);
+    assert_eq!(d.content, bad);
+
+    // Without tools, a tool call is just text.
+    let (d, _) = run(&tok, "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>", &[], Some(false), false);
+    assert!(d.tool_calls.is_empty() && d.content.starts_with("<tool_call>"));
+}
+
+#[test]
+fn stop_strings_cut_across_tokens() {
+    let tok = tokenizer();
+    let (d, pipe) = run(&tok, "One, two, three, four.", &["three"], Some(false), false);
+    assert!(pipe.stopped);
+    assert_eq!(d.content, "One, two, ");
+    let (d, pipe) = run(&tok, "Hello world", &["wor", "zzz"], None, false);
+    assert!(pipe.stopped);
+    assert_eq!(d.content, "Hello ");
+    let (d, pipe) = run(&tok, "Hello world", &["worlds"], None, false);
+    assert!(!pipe.stopped);
+    assert_eq!(d.content, "Hello world");
+}
