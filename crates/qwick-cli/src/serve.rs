@@ -119,7 +119,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let server = qwick_server::start(opts, info, move || {
         Ok(Runner::new(model, &RunnerConfig::with_tokens(kv_tokens, threads, isa)))
     })?;
-    eprintln!("qwick: serving {name} on http://{} (KV cache: {kv_tokens} tokens)", server.addr);
+    eprintln!(
+        "qwick: serving {name} on http://{} (KV cache: {kv_tokens} tokens; max model len: {})",
+        server.addr, server.max_model_len
+    );
     server.join()?;
     eprintln!("qwick: stopped");
     Ok(())

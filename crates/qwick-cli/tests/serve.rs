@@ -636,3 +636,27 @@ fn openai_python_client() {
     assert!(text.contains(" passed, 0 failed"), "{text}");
     s.wait_idle();
 }
+
+#[test]
+fn the_thinking_budget_ends_reasoning_within_max_tokens() {
+    let s = Server::start(&[]);
+    let c = &refs()["cases"][0]; // hello_think: the model never closes its thinking by itself
+    let (code, r) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": c["messages"], "max_tokens": 40, "temperature": 0, "max_thinking_tokens": 5}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let reasoning = r["choices"][0]["message"]["reasoning_content"].as_str().unwrap();
+    assert!(reasoning.ends_with("give the solution based on the thinking directly now."), "{reasoning}");
+    assert!(!r["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
+    assert_eq!(r["usage"]["completion_tokens"], 40, "injected tokens count against max_tokens");
+    // max_thinking_tokens 0 turns thinking off: the answer is content.
+    let (code, r) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": c["messages"], "max_tokens": 5, "temperature": 0, "max_thinking_tokens": 0}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert!(!r["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
+    assert!(r["choices"][0]["message"].get("reasoning_content").is_none());
+    s.wait_idle();
+}

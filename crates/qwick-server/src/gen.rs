@@ -131,8 +131,17 @@ pub struct Job {
     pub logprobs: Option<usize>,
 }
 
+/// `max_tokens` bounds every output token, the thinking budget's injected ones too (the engine
+/// counts sampled tokens only): the sequence's context ends there.
+fn bound_context(job: &mut Job) {
+    if let Some(m) = job.params.sampling.max_tokens {
+        job.params.max_context = job.params.max_context.min(job.prompt.len().saturating_add(m));
+    }
+}
+
 /// Submits a job; its events arrive on the returned channel.
-pub fn submit(state: &AppState, job: Job) -> Result<UnboundedReceiver<Event>, ApiError> {
+pub fn submit(state: &AppState, mut job: Job) -> Result<UnboundedReceiver<Event>, ApiError> {
+    bound_context(&mut job);
     let gen = SeqGen::new(&job.prompt, job.params).map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
     let (tx, rx) = unbounded_channel();
     state.engine.submit(Request { gen, logprobs: job.logprobs }, Box::new(ChanSink(tx))).map_err(|e| match e {
@@ -146,7 +155,8 @@ pub fn submit(state: &AppState, job: Job) -> Result<UnboundedReceiver<Event>, Ap
 pub fn submit_all(state: &AppState, jobs: Vec<Job>) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
     // Check every job first so that a bad one submits nothing.
     let mut gens = vec![];
-    for job in jobs {
+    for mut job in jobs {
+        bound_context(&mut job);
         let gen = SeqGen::new(&job.prompt, job.params).map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
         gens.push((gen, job.logprobs));
     }

@@ -203,6 +203,8 @@ pub fn kv_tokens_for_bytes(model: &qwick_model::Qwen3, kv_bytes: usize) -> usize
 /// A server running on its own thread.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// Most tokens (prompt + output) per request, after the caps.
+    pub max_model_len: usize,
     stop_tx: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
@@ -321,5 +323,5 @@ pub fn start(
         rt.shutdown_timeout(Duration::from_secs(1));
         Ok(())
     })?;
-    Ok(RunningServer { addr, stop_tx: Some(stop_tx), thread: Some(thread) })
+    Ok(RunningServer { addr, max_model_len, stop_tx: Some(stop_tx), thread: Some(thread) })
 }
