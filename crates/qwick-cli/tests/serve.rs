@@ -66,12 +66,11 @@ impl Server {
 
     fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwick"));
-        cmd.args(["serve", "--model", model(), "--port", "0", "--threads", "1", "--kv-cache-tokens", "8192"])
-            .args(extra)
-            .env_remove("QWICK_API_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args(["serve", "--model", model(), "--port", "0", "--threads", "1"]);
+        if !extra.contains(&"--kv-cache-tokens") {
+            cmd.args(["--kv-cache-tokens", "8192"]);
+        }
+        cmd.args(extra).env_remove("QWICK_API_KEY").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -659,4 +658,26 @@ fn the_thinking_budget_ends_reasoning_within_max_tokens() {
     assert!(!r["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
     assert!(r["choices"][0]["message"].get("reasoning_content").is_none());
     s.wait_idle();
+}
+
+#[test]
+fn a_small_kv_cache_preempts_and_recomputes_with_the_same_tokens() {
+    // 6 blocks of 16 tokens; four copies of a 32-token prompt growing to 52 tokens need 16.
+    let s = Server::start(&["--kv-cache-tokens", "96"]);
+    let c = &refs()["cases"][3]; // multi_turn, 32 prompt tokens
+    let want = detok(&s, &ids(&c["generated_ids"]));
+    let (code, r) =
+        s.post("/v1/completions", &json!({"prompt": c["prompt_ids"], "max_tokens": 20, "temperature": 0, "n": 4}));
+    assert_eq!(code, 200, "{r}");
+    for ch in r["choices"].as_array().unwrap() {
+        assert_eq!(ch["text"], want.as_str());
+        assert_eq!(ch["finish_reason"], "length");
+    }
+    assert!(s.metric("qwick_num_preemptions_total") > 0.0);
+    s.wait_idle();
+    assert_eq!(s.metric("qwick_kv_blocks_total"), 6.0);
+    // Over the (capped) context: 400 with the numbers.
+    let (code, r) = s.post("/v1/completions", &json!({"prompt": c["prompt_ids"], "max_tokens": 80}));
+    assert_eq!(code, 400);
+    assert!(r["error"]["message"].as_str().unwrap().contains("96"), "{r}");
 }
