@@ -446,10 +446,8 @@ async fn chat_stream(
     let streams = runs.into_iter().enumerate().map(|(i, run)| {
         Box::pin(stream::unfold(Some(run), move |run| async move {
             let mut run = run?;
-            match run.next().await {
-                Some(p) => Some(((i, p, run.is_done().then(|| summary(&run))), Some(run))),
-                None => None,
-            }
+            let piece = run.next().await;
+            piece.map(|p| ((i, p, run.is_done().then(|| summary(&run))), Some(run)))
         }))
     });
     let mut all = stream::select_all(streams);
@@ -748,10 +746,8 @@ async fn completion_stream(
     let streams = runs.into_iter().enumerate().map(|(i, run)| {
         Box::pin(stream::unfold(Some(run), move |run| async move {
             let mut run = run?;
-            match run.next().await {
-                Some(p) => Some(((i, p, run.is_done().then(|| summary(&run))), Some(run))),
-                None => None,
-            }
+            let piece = run.next().await;
+            piece.map(|p| ((i, p, run.is_done().then(|| summary(&run))), Some(run)))
         }))
     });
     let mut all = stream::select_all(streams);
