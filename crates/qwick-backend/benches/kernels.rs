@@ -20,6 +20,8 @@ fn bench_matmul(c: &mut Criterion) {
         ("gemv_mlp_down", 1, 1024, 3072),
         ("gemv_lm_head", 1, 151936, 1024),
         ("gemv8_mlp_up", 8, 3072, 1024),
+        ("gemv16_mlp_up", 16, 3072, 1024),
+        ("gemv32_mlp_up", 32, 3072, 1024),
         ("gemm128_mlp_up", 128, 3072, 1024),
     ];
     for isa in Isa::all_supported().into_iter().filter(|&i| i != Isa::Scalar) {

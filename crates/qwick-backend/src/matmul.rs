@@ -42,7 +42,7 @@ impl<'a> WeightView<'a> {
 }
 
 /// Rows of `x` at or above which the tiled GEMM path is used.
-pub const GEMM_MIN_ROWS: usize = 16;
+pub const GEMM_MIN_ROWS: usize = 48;
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, in parallel over the pool.
 pub fn matmul(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: &mut [f32]) {
