@@ -39,7 +39,7 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
     let n_tok = a.positions.len();
     let hd = kv.head_dim;
     assert!(q.len() >= n_tok * a.n_heads * hd && out.len() >= n_tok * a.n_heads * hd);
-    assert!(a.n_heads % kv.kv_heads == 0);
+    assert!(a.n_heads.is_multiple_of(kv.kv_heads));
     let group = a.n_heads / kv.kv_heads;
     // Work units: runs of up to TILE consecutive tokens of one sequence (a prefill chunk) go
     // to the tiled kernel where there is one; other tokens one at a time.
@@ -285,7 +285,7 @@ mod x86 {
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
         let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
         let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
         p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0)));

@@ -314,7 +314,7 @@ mod x86 {
             let wide = m > 4;
             // Rows of x a multiple of 4 KiB apart share L1 sets; give them a padded stride.
             let padded: Vec<f32>;
-            let (x, ldx) = if wide && k % 256 == 0 {
+            let (x, ldx) = if wide && k.is_multiple_of(256) {
                 let ldx = k + 16;
                 let mut p = vec![0f32; m * ldx];
                 for i in 0..m {

@@ -171,14 +171,14 @@ impl Config {
                 bail!("\"{k}\" must be positive");
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             bail!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
                 self.num_key_value_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("head_dim ({}) must be even for rotary embeddings", self.head_dim);
         }
         if let Some(m) = &self.moe {
@@ -214,7 +214,7 @@ impl Config {
                 !m.mlp_only_layers.contains(&l)
                     && m.num_experts > 0
                     && m.decoder_sparse_step > 0
-                    && (l + 1) % m.decoder_sparse_step == 0
+                    && (l + 1).is_multiple_of(m.decoder_sparse_step)
             }
             None => false,
         }

@@ -125,7 +125,7 @@ impl Checkpoint {
             }
             let bad = |what: &str| anyhow!("{}: tensor {name}: {what}", path.display());
             let dt = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("no dtype"))?;
-            let dtype = DType::from_safetensors(dt).ok_or_else(|| format!("{dt}"));
+            let dtype = DType::from_safetensors(dt).ok_or_else(|| dt.to_string());
             let shape: Vec<usize> = info
                 .get("shape")
                 .and_then(|s| s.as_array())
