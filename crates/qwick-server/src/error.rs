@@ -89,7 +89,12 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
             if let Some(field) = text.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
                 path = if path == "." || path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
             }
-            let what = if inner.is_syntax() || inner.is_eof() { "malformed JSON" } else { "invalid request" };
+            let malformed = inner.is_syntax() || inner.is_eof();
+            let what = if malformed { "malformed JSON" } else { "invalid request" };
+            // serde_path_to_error writes "?" for a position it cannot name.
+            if malformed || path == "?" {
+                path.clear();
+            }
             let mut err = ApiError::bad_request(if path == "." || path.is_empty() {
                 format!("{what}: {inner}")
             } else {
