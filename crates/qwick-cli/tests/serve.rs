@@ -681,3 +681,120 @@ fn a_small_kv_cache_preempts_and_recomputes_with_the_same_tokens() {
     assert_eq!(code, 400);
     assert!(r["error"]["message"].as_str().unwrap().contains("96"), "{r}");
 }
+
+#[test]
+fn completions_echo_the_prompt() {
+    let s = Server::start(&[]);
+    let text = "The capital of France is";
+    let base = json!({"prompt": text, "max_tokens": 6, "temperature": 0});
+    let (code, plain) = s.post("/v1/completions", &base);
+    assert_eq!(code, 200, "{plain}");
+    let completion = plain["choices"][0]["text"].as_str().unwrap();
+    let mut echo = base.clone();
+    echo["echo"] = json!(true);
+    let (code, r) = s.post("/v1/completions", &echo);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"].as_str().unwrap(), format!("{text}{completion}"));
+    assert_eq!(r["usage"], plain["usage"]);
+    // Streamed: the prompt comes first, then the completion.
+    echo["stream"] = json!(true);
+    let (events, done) = s.sse("/v1/completions", &echo);
+    assert!(done);
+    let streamed: String =
+        events.iter().filter_map(|e| e["choices"].get(0)?["text"].as_str().map(String::from)).collect();
+    assert_eq!(streamed, format!("{text}{completion}"));
+    assert_eq!(events[0]["choices"][0]["text"], text);
+
+    // Token-id prompts echo their detokenized text; with n, every choice of a prompt does.
+    let prompts = [refs()["cases"][0]["prompt_ids"].clone(), refs()["cases"][1]["prompt_ids"].clone()];
+    let prompts: Vec<Vec<u32>> = prompts.iter().map(ids).collect();
+    let (code, r) =
+        s.post("/v1/completions", &json!({"prompt": prompts, "max_tokens": 4, "temperature": 0, "n": 2, "echo": true}));
+    assert_eq!(code, 200, "{r}");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    for (i, c) in choices.iter().enumerate() {
+        let p = &prompts[i / 2];
+        let (alone, _) = completion_text(&s, p, 4);
+        assert_eq!(c["text"].as_str().unwrap(), format!("{}{alone}", detok(&s, p)), "choice {i}");
+    }
+
+    // Prompt logprobs are not computed: echo with logprobs is refused, clearly.
+    let (code, r) = s.post("/v1/completions", &json!({"prompt": text, "max_tokens": 2, "echo": true, "logprobs": 1}));
+    assert_eq!(code, 400, "{r}");
+    assert_eq!(r["error"]["param"], "echo");
+    assert!(r["error"]["message"].as_str().unwrap().contains("logprobs"), "{r}");
+    s.wait_idle();
+}
+
+#[test]
+fn tool_choice_required_and_named_start_the_answer_with_a_call() {
+    let s = Server::start(&[]);
+    let messages = json!([{"role": "user", "content": "What is the weather in Paris, and what time is it?"}]);
+    let tool = |name: &str| {
+        json!({"type": "function", "function": {"name": name, "description": "a tool",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})
+    };
+    let tools = json!([tool("get_weather"), tool("get_time")]);
+    let tokenize = |body: Value| -> Vec<u32> {
+        let (code, r) = s.post("/tokenize", &body);
+        assert_eq!(code, 200, "{r}");
+        ids(&r["tokens"])
+    };
+    let no_think = json!({"enable_thinking": false});
+    let cases = [
+        // (tool_choice, the tools rendered, the prefilled start of the answer)
+        (json!("required"), tools.clone(), "<tool_call>\n".to_string()),
+        (
+            json!({"type": "function", "function": {"name": "get_time"}}),
+            json!([tool("get_time")]),
+            "<tool_call>\n{\"name\": \"get_time\", \"arguments\": ".to_string(),
+        ),
+    ];
+    for (choice, rendered, prefill) in cases {
+        // The prompt: the chat rendered without thinking, then the prefill's tokens.
+        let mut prompt = tokenize(json!({"messages": messages, "tools": rendered, "chat_template_kwargs": no_think}));
+        prompt.extend(tokenize(json!({"prompt": prefill})));
+        let (alone, _) = completion_text(&s, &prompt, 12);
+        // Thinking asked for or not, a forced call is prompted without it.
+        for kwargs in [json!({}), json!({"enable_thinking": true})] {
+            let body = json!({"messages": messages, "tools": tools, "tool_choice": choice, "max_tokens": 12,
+                              "temperature": 0, "chat_template_kwargs": kwargs});
+            let (code, r) = s.post("/v1/chat/completions", &body);
+            assert_eq!(code, 200, "{r}");
+            assert_eq!(r["usage"]["prompt_tokens"], prompt.len(), "{choice}");
+            let c = &r["choices"][0];
+            assert!(c["message"].get("reasoning_content").is_none(), "{r}");
+            match c["message"]["tool_calls"].as_array() {
+                // The random model completed a call: it is the named one, if one was named.
+                Some(calls) => {
+                    assert_eq!(c["finish_reason"], "tool_calls");
+                    if let Some(name) = choice["function"]["name"].as_str() {
+                        assert!(calls.iter().all(|t| t["function"]["name"] == name), "{r}");
+                    }
+                }
+                // It did not: the answer is the prefill and what the model wrote after it.
+                None => {
+                    assert_eq!(c["message"]["content"].as_str().unwrap(), format!("{prefill}{alone}"), "{choice}");
+                    assert!(c["finish_reason"] == "length" || c["finish_reason"] == "stop", "{r}");
+                }
+            }
+        }
+    }
+    // "none": no tools in the prompt and no parsing; "auto" renders them all with no prefill.
+    let plain = tokenize(json!({"messages": messages}));
+    let with_tools = tokenize(json!({"messages": messages, "tools": tools}));
+    for (choice, prompt) in [("none", plain), ("auto", with_tools)] {
+        let body =
+            json!({"messages": messages, "tools": tools, "tool_choice": choice, "max_tokens": 2, "temperature": 0});
+        let (code, r) = s.post("/v1/chat/completions", &body);
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(r["usage"]["prompt_tokens"], prompt.len(), "{choice}");
+    }
+    // A named function that is not among the tools.
+    let body = json!({"messages": messages, "tools": tools, "max_tokens": 2,
+                      "tool_choice": {"type": "function", "function": {"name": "nope"}}});
+    let (code, r) = s.post("/v1/chat/completions", &body);
+    assert_eq!((code, &r["error"]["param"]), (400, &json!("tool_choice")), "{r}");
+    s.wait_idle();
+}

@@ -202,6 +202,8 @@ pub struct TextPipe {
     pub stopped: bool,
     /// Tool calls were found.
     pub had_tool_calls: bool,
+    /// Output of [`TextPipe::prefill`], given out with the next delta.
+    pending: Delta,
 }
 
 impl TextPipe {
@@ -214,7 +216,16 @@ impl TextPipe {
             tools: tools.then(ToolCallStream::new),
             stopped: false,
             had_tool_calls: false,
+            pending: Delta::default(),
         }
+    }
+
+    /// Feeds answer text that the prompt already holds (a forced `<tool_call>` start) to the
+    /// tool-call parser, as if the model had written it: a call it opens is parsed with it.
+    /// It bypasses the stop strings and the reasoning split (the answer starts after thinking).
+    pub fn prefill(&mut self, text: &str) {
+        let d = self.answer(String::new(), text);
+        self.pending.append(d);
     }
 
     fn text(&mut self, text: &str) -> Delta {
@@ -254,13 +265,16 @@ impl TextPipe {
     /// Adds a token.
     pub fn push(&mut self, id: u32) -> Delta {
         let delta = self.decoder.push(id).unwrap_or_default();
-        self.raw(&delta)
+        let mut out = std::mem::take(&mut self.pending);
+        out.append(self.raw(&delta));
+        out
     }
 
     /// Ends the stream: flushes held-back text.
     pub fn finish(&mut self) -> Delta {
         let rest = self.decoder.finish().unwrap_or_default();
-        let mut out = self.raw(&rest);
+        let mut out = std::mem::take(&mut self.pending);
+        out.append(self.raw(&rest));
         let held = self.stops.finish();
         out.append(self.text(&held));
         if let Some(p) = &mut self.reasoning {

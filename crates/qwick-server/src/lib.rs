@@ -18,6 +18,7 @@ pub use error::ApiError;
 pub use gen::{Delta, TextPipe};
 pub use metrics::Metrics;
 pub use model::{ModelInfo, Prompt};
+pub use openai::{tool_prefill, tools_for, ToolPlan};
 
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};

@@ -196,13 +196,40 @@ pub fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError
     }
 }
 
-/// Checks tool definitions and applies `tool_choice`: the tools to render (None: no tools) and
-/// whether to parse tool calls.
-fn tools_for(tools: Option<Vec<Value>>, choice: Option<&Value>) -> Result<(Option<Vec<Value>>, bool), ApiError> {
+/// What `tools` and `tool_choice` make of a chat request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolPlan {
+    /// The tools to render (None: no tools).
+    pub tools: Option<Vec<Value>>,
+    /// Parse tool calls out of the answer.
+    pub parse: bool,
+    /// Text that starts the assistant's answer (appended to the prompt, after the generation
+    /// prompt, and fed to the tool-call parser before the output): `"required"` and a named
+    /// function force a call this way.
+    pub prefill: Option<String>,
+}
+
+/// The start of a forced tool call: `<tool_call>\n`, and for a named function also its name, so
+/// that the model goes on with the arguments.
+pub fn tool_prefill(name: Option<&str>) -> String {
+    match name {
+        None => "<tool_call>\n".to_string(),
+        Some(n) => format!("<tool_call>\n{{\"name\": {}, \"arguments\": ", Value::String(n.to_string())),
+    }
+}
+
+const TOOL_CHOICE_FORMS: &str =
+    "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}";
+
+/// Checks tool definitions and applies `tool_choice`: `"none"` renders no tools and parses no
+/// calls; `"auto"` (the default) renders them and parses calls; `"required"` and a named function
+/// (only that one rendered) also start the answer with a tool call (see [`ToolPlan::prefill`]).
+pub fn tools_for(tools: Option<Vec<Value>>, choice: Option<&Value>) -> Result<ToolPlan, ApiError> {
+    let none = ToolPlan { tools: None, parse: false, prefill: None };
     let Some(tools) = tools.filter(|t| !t.is_empty()) else {
         return match choice {
-            Some(Value::String(s)) if s == "none" || s == "auto" => Ok((None, false)),
-            None | Some(Value::Null) => Ok((None, false)),
+            Some(Value::String(s)) if s == "none" || s == "auto" => Ok(none),
+            None | Some(Value::Null) => Ok(none),
             Some(_) => Err(ApiError::bad_request("tool_choice needs tools").with_param("tool_choice")),
         };
     };
@@ -218,25 +245,28 @@ fn tools_for(tools: Option<Vec<Value>>, choice: Option<&Value>) -> Result<(Optio
     }
     let name_of = |t: &Value| t["function"]["name"].as_str().unwrap_or("").to_string();
     match choice {
-        None | Some(Value::Null) => Ok((Some(tools), true)),
-        Some(Value::String(s)) if s == "auto" || s == "required" => Ok((Some(tools), true)),
-        Some(Value::String(s)) if s == "none" => Ok((None, false)),
+        None | Some(Value::Null) => Ok(ToolPlan { tools: Some(tools), parse: true, prefill: None }),
+        Some(Value::String(s)) if s == "auto" => Ok(ToolPlan { tools: Some(tools), parse: true, prefill: None }),
+        Some(Value::String(s)) if s == "required" => {
+            Ok(ToolPlan { tools: Some(tools), parse: true, prefill: Some(tool_prefill(None)) })
+        }
+        Some(Value::String(s)) if s == "none" => Ok(none),
         Some(v @ Value::Object(_)) => {
-            let name = v.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).ok_or_else(|| {
-                ApiError::bad_request("tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}")
-                    .with_param("tool_choice")
-            })?;
+            let kind_ok = v.get("type").and_then(Value::as_str).is_none_or(|k| k == "function");
+            let name = v
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .filter(|_| kind_ok)
+                .ok_or_else(|| ApiError::bad_request(TOOL_CHOICE_FORMS).with_param("tool_choice"))?;
             let chosen: Vec<Value> = tools.into_iter().filter(|t| name_of(t) == name).collect();
             if chosen.is_empty() {
                 return Err(ApiError::bad_request(format!("tool_choice names {name:?}, which is not among the tools"))
                     .with_param("tool_choice"));
             }
-            Ok((Some(chosen), true))
+            Ok(ToolPlan { tools: Some(chosen), parse: true, prefill: Some(tool_prefill(Some(name))) })
         }
-        Some(_) => Err(ApiError::bad_request(
-            "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
-        )
-        .with_param("tool_choice")),
+        Some(_) => Err(ApiError::bad_request(TOOL_CHOICE_FORMS).with_param("tool_choice")),
     }
 }
 
@@ -304,7 +334,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     }
     let logprobs = (req.logprobs == Some(true)).then_some(top_logprobs as usize);
     let messages = to_chat_messages(req.messages)?;
-    let (tools, parse_tools) = tools_for(req.tools, req.tool_choice.as_ref())?;
+    let plan = tools_for(req.tools, req.tool_choice.as_ref())?;
     let mut kwargs = req.chat_template_kwargs.unwrap_or_default();
     let thinking = match kwargs.remove("enable_thinking") {
         None | Some(Value::Null) => None,
@@ -315,8 +345,16 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
         }
     };
     let thinking = if req.max_thinking_tokens == Some(0) { Some(false) } else { thinking };
+    // A forced tool call starts the answer: no thinking before it.
+    let thinking = if plan.prefill.is_some() { Some(false) } else { thinking };
     let model = state.model.clone();
-    let prompt = model.render(&messages, tools, thinking, kwargs).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mut prompt =
+        model.render(&messages, plan.tools, thinking, kwargs).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(pre) = &plan.prefill {
+        prompt.text.push_str(pre);
+        prompt.ids.extend(model.tokenizer.encode(pre, false).map_err(|e| ApiError::internal(e.to_string()))?);
+        prompt.starts_in_thinking = false;
+    }
     let max_param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     let max_tokens = fit_limit(&state, prompt.ids.len(), req.max_completion_tokens.or(req.max_tokens), max_param)?;
     let fields = SamplingFields {
@@ -334,10 +372,12 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     let mut sp = gen::sampling(model.gen_config.sampling_params(prompt.thinking), &fields)?;
     sp.max_tokens = Some(max_tokens);
     let budget = match req.max_thinking_tokens {
-        Some(t) if t > 0 => Some(model.budget(t as usize, prompt.starts_in_thinking).ok_or_else(|| {
-            ApiError::bad_request("max_thinking_tokens: the tokenizer has no </think> token")
-                .with_param("max_thinking_tokens")
-        })?),
+        Some(t) if t > 0 && plan.prefill.is_none() => {
+            Some(model.budget(t as usize, prompt.starts_in_thinking).ok_or_else(|| {
+                ApiError::bad_request("max_thinking_tokens: the tokenizer has no </think> token")
+                    .with_param("max_thinking_tokens")
+            })?)
+        }
         _ => None,
     };
     let stops = sp.stop.clone();
@@ -361,7 +401,10 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     let runs: Vec<ChoiceRun> = rxs
         .into_iter()
         .map(|rx| {
-            let pipe = TextPipe::new(&model.tokenizer, &stops, Some(prompt.starts_in_thinking), parse_tools);
+            let mut pipe = TextPipe::new(&model.tokenizer, &stops, Some(prompt.starts_in_thinking), plan.parse);
+            if let Some(pre) = &plan.prefill {
+                pipe.prefill(pre);
+            }
             ChoiceRun::new(state.clone(), rx, pipe, arrival)
         })
         .collect();
@@ -611,8 +654,13 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let arrival = Instant::now();
     let req: CompletionRequest = parse_json(&body)?;
     check_model(&state, req.model.as_deref())?;
-    if req.echo == Some(true) {
-        return Err(ApiError::bad_request("echo is not supported").with_param("echo"));
+    let echo = req.echo == Some(true);
+    if echo && req.logprobs.is_some() {
+        // Prompt logprobs need the logits of every prompt position, which the engine does not return.
+        return Err(ApiError::bad_request(
+            "echo with logprobs is not supported: this server does not compute prompt logprobs (use echo without logprobs, or logprobs without echo)",
+        )
+        .with_param("echo"));
     }
     let n = req.n.unwrap_or(1);
     if n == 0 || n > MAX_N {
@@ -626,12 +674,15 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let logprobs = req.logprobs.map(|l| l as usize);
     let model = state.model.clone();
     let vocab = model.config.vocab_size as u32;
+    let texts: Option<Vec<String>> = match &req.prompt {
+        PromptInput::Text(s) => Some(vec![s.clone()]),
+        PromptInput::Texts(v) => Some(v.clone()),
+        _ => None,
+    };
     let prompts: Vec<Vec<u32>> = match req.prompt {
-        PromptInput::Text(s) => {
-            vec![model.tokenizer.encode(&s, false).map_err(|e| ApiError::bad_request(e.to_string()))?]
-        }
-        PromptInput::Texts(v) => v
+        PromptInput::Text(_) | PromptInput::Texts(_) => texts
             .iter()
+            .flatten()
             .map(|s| model.tokenizer.encode(s, false).map_err(|e| ApiError::bad_request(e.to_string())))
             .collect::<Result<_, _>>()?,
         PromptInput::Ids(ids) => vec![ids],
@@ -646,6 +697,18 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
                 .with_param("prompt"));
         }
     }
+    // With echo, each choice's text starts with its prompt's (token ids are detokenized).
+    let echoes: Vec<String> = if echo {
+        match &texts {
+            Some(t) => t.clone(),
+            None => prompts
+                .iter()
+                .map(|p| model.tokenizer.decode(p, false).map_err(|e| ApiError::bad_request(e.to_string())))
+                .collect::<Result<_, _>>()?,
+        }
+    } else {
+        vec![]
+    };
     let fields = SamplingFields {
         temperature: req.temperature,
         top_p: req.top_p,
@@ -696,8 +759,9 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     if req.stream == Some(true) {
         let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
         let st = state.clone();
+        let echoes: Vec<String> = (0..runs.len()).filter_map(|i| echoes.get(i / n as usize).cloned()).collect();
         return Ok(sse_response(move |tx| {
-            completion_stream(st, runs, id, created, include_usage, logprobs.is_some(), prompt_total, tx)
+            completion_stream(st, runs, id, created, include_usage, logprobs.is_some(), prompt_total, echoes, tx)
         }));
     }
     let results = futures_util::future::join_all(runs.into_iter().map(|mut r| async move {
@@ -714,7 +778,11 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
         completion += r.tokens.len();
         cached += r.cached_tokens;
         let lp = if logprobs.is_some() { completion_logprobs(&state, toks, 0) } else { Value::Null };
-        choices.push(json!({"index": i, "text": d.content, "logprobs": lp, "finish_reason": r.finish}));
+        let text = match echoes.get(i / n as usize) {
+            Some(e) => format!("{e}{}", d.content),
+            None => d.content.clone(),
+        };
+        choices.push(json!({"index": i, "text": text, "logprobs": lp, "finish_reason": r.finish}));
     }
     Ok(Json(json!({
         "id": id,
@@ -736,12 +804,21 @@ async fn completion_stream(
     include_usage: bool,
     want_logprobs: bool,
     prompt_total: usize,
+    echoes: Vec<String>,
     tx: Sender<Bytes>,
 ) {
     let model = state.model.name.clone();
     let chunk = |choices: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices});
     let n = runs.len();
     let mut offsets = vec![0usize; n];
+    // With echo, each choice's prompt text comes first.
+    for (i, e) in echoes.iter().enumerate() {
+        offsets[i] = e.len();
+        let c = json!([{"index": i, "text": e, "logprobs": null, "finish_reason": null}]);
+        if !send_sse(&tx, &chunk(c)).await {
+            return;
+        }
+    }
     let mut totals = (0usize, 0usize);
     let streams = runs.into_iter().enumerate().map(|(i, run)| {
         Box::pin(stream::unfold(Some(run), move |run| async move {
@@ -836,10 +913,10 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result
             .map_err(|e| ApiError::bad_request(e.to_string()))?,
         (None, Some(m)) => {
             let msgs = to_chat_messages(m)?;
-            let (tools, _) = tools_for(req.tools, None)?;
+            let plan = tools_for(req.tools, None)?;
             let mut kw = req.chat_template_kwargs.unwrap_or_default();
             let thinking = kw.remove("enable_thinking").and_then(|v| v.as_bool());
-            state.model.render(&msgs, tools, thinking, kw).map_err(|e| ApiError::bad_request(e.to_string()))?.ids
+            state.model.render(&msgs, plan.tools, thinking, kw).map_err(|e| ApiError::bad_request(e.to_string()))?.ids
         }
         _ => return Err(ApiError::bad_request("give either prompt or messages").with_param("prompt")),
     };
@@ -864,4 +941,64 @@ pub async fn detokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Resu
     }
     let text = state.model.tokenizer.decode(&req.tokens, false).map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(Json(json!({"prompt": text})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tool(name: &str) -> Value {
+        json!({"type": "function", "function": {"name": name, "parameters": {"type": "object"}}})
+    }
+
+    #[test]
+    fn tool_choice_plans() {
+        let tools = || Some(vec![tool("a"), tool("b")]);
+        let all = Some(vec![tool("a"), tool("b")]);
+        // auto (also the default): tools rendered, calls parsed, nothing prefilled.
+        for c in [None, Some(json!("auto")), Some(Value::Null)] {
+            assert_eq!(
+                tools_for(tools(), c.as_ref()).unwrap(),
+                ToolPlan { tools: all.clone(), parse: true, prefill: None }
+            );
+        }
+        // none: no tools, no parsing.
+        assert_eq!(
+            tools_for(tools(), Some(&json!("none"))).unwrap(),
+            ToolPlan { tools: None, parse: false, prefill: None }
+        );
+        // required: every tool, and the answer starts a call.
+        assert_eq!(
+            tools_for(tools(), Some(&json!("required"))).unwrap(),
+            ToolPlan { tools: all.clone(), parse: true, prefill: Some("<tool_call>\n".into()) }
+        );
+        // named: only that tool, and the call's name is given.
+        let named = json!({"type": "function", "function": {"name": "b"}});
+        assert_eq!(
+            tools_for(tools(), Some(&named)).unwrap(),
+            ToolPlan {
+                tools: Some(vec![tool("b")]),
+                parse: true,
+                prefill: Some("<tool_call>\n{\"name\": \"b\", \"arguments\": ".into())
+            }
+        );
+        // Names are written as JSON strings.
+        assert_eq!(tool_prefill(Some("q\"x")), "<tool_call>\n{\"name\": \"q\\\"x\", \"arguments\": ");
+        // Errors.
+        for bad in [
+            json!({"type": "function", "function": {"name": "zzz"}}),
+            json!({"type": "other", "function": {"name": "a"}}),
+            json!({"type": "function"}),
+            json!("sometimes"),
+            json!(3),
+        ] {
+            let e = tools_for(tools(), Some(&bad)).unwrap_err();
+            assert_eq!(e.body()["error"]["param"], "tool_choice", "{bad}");
+        }
+        assert!(tools_for(None, Some(&json!("required"))).is_err());
+        assert_eq!(
+            tools_for(None, Some(&json!("none"))).unwrap(),
+            ToolPlan { tools: None, parse: false, prefill: None }
+        );
+    }
 }

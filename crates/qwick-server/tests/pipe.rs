@@ -4,7 +4,7 @@
 //! write these, so they are checked here on known text.
 
 use qwick_chat::Tokenizer;
-use qwick_server::{Delta, TextPipe};
+use qwick_server::{tool_prefill, Delta, TextPipe};
 use std::io::Read;
 use std::path::PathBuf;
 
@@ -17,8 +17,23 @@ fn tokenizer() -> Tokenizer {
 
 /// Runs `text` through a pipe token by token; returns the concatenated output and the pipe.
 fn run(tok: &Tokenizer, text: &str, stops: &[&str], reasoning: Option<bool>, tools: bool) -> (Delta, TextPipe) {
+    run_after(tok, None, text, stops, reasoning, tools)
+}
+
+/// [`run`] with `prefill` (text the prompt already holds) fed to the pipe first.
+fn run_after(
+    tok: &Tokenizer,
+    prefill: Option<&str>,
+    text: &str,
+    stops: &[&str],
+    reasoning: Option<bool>,
+    tools: bool,
+) -> (Delta, TextPipe) {
     let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
     let mut pipe = TextPipe::new(tok, &stops, reasoning, tools);
+    if let Some(p) = prefill {
+        pipe.prefill(p);
+    }
     let mut all = Delta::default();
     let add = |all: &mut Delta, d: Delta| {
         all.reasoning.push_str(&d.reasoning);
@@ -84,4 +99,35 @@ fn stop_strings_cut_across_tokens() {
     let (d, pipe) = run(&tok, "Hello world", &["worlds"], None, false);
     assert!(!pipe.stopped);
     assert_eq!(d.content, "Hello world");
+}
+
+#[test]
+fn a_forced_tool_call_is_parsed_with_its_prefilled_start() {
+    let tok = tokenizer();
+    // tool_choice "required": the prompt ends in "<tool_call>\n"; the model writes the rest.
+    let pre = tool_prefill(None);
+    assert_eq!(pre, "<tool_call>\n");
+    let out = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+    let (d, pipe) = run_after(&tok, Some(&pre), out, &[], Some(false), true);
+    assert!(pipe.had_tool_calls);
+    assert_eq!(d.content, "");
+    let calls: Vec<(&str, &str)> = d.tool_calls.iter().map(|c| (c.name.as_str(), c.arguments.as_str())).collect();
+    assert_eq!(calls, vec![("get_weather", "{\"city\": \"Paris\"}")]);
+
+    // A named function: the prompt holds its name too; the model writes the arguments.
+    let pre = tool_prefill(Some("get_weather"));
+    assert_eq!(pre, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": ");
+    let (d, pipe) = run_after(&tok, Some(&pre), "{\"city\": \"Oslo\"}}\n</tool_call>", &[], Some(false), true);
+    assert!(pipe.had_tool_calls);
+    let calls: Vec<(&str, &str)> = d.tool_calls.iter().map(|c| (c.name.as_str(), c.arguments.as_str())).collect();
+    assert_eq!(calls, vec![("get_weather", "{\"city\": \"Oslo\"}")]);
+
+    // Output that does not complete a call: no calls; the content is the whole answer, prefix included.
+    let (d, pipe) = run_after(&tok, Some(&pre), "nonsense", &[], Some(false), true);
+    assert!(!pipe.had_tool_calls && d.tool_calls.is_empty());
+    assert_eq!(d.content, format!("{pre}nonsense"));
+    // A stop string applies to the model's output only, not to the prefilled start.
+    let (d, pipe) = run_after(&tok, Some(&pre), "{} more", &["name", " more"], Some(false), true);
+    assert!(pipe.stopped && d.tool_calls.is_empty());
+    assert_eq!(d.content, format!("{pre}{{}}"));
 }
