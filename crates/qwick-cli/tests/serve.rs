@@ -227,6 +227,9 @@ fn concurrent_greedy_requests_match_transformers_and_free_their_blocks() {
     }
     s.wait_idle();
     assert_eq!(s.metric("qwick_kv_blocks_used"), 0.0);
+    // Step time splits into the forward pass and the engine's own work around it.
+    let (step, fwd) = (s.metric("qwick_engine_step_seconds_total"), s.metric("qwick_engine_forward_seconds_total"));
+    assert!(fwd > 0.0 && fwd <= step, "forward {fwd} s of {step} s");
 
     // The chat endpoint renders the same prompts: reasoning for thinking turns, content otherwise.
     for c in cases.iter().filter(|c| c["cli"] == true) {

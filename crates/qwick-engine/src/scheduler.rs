@@ -111,6 +111,10 @@ pub struct SchedulerStats {
     pub steps: u64,
     /// Tokens computed by all steps.
     pub batched_tokens: u64,
+    /// Seconds spent in steps, and of those in the model's forward pass; the rest is
+    /// scheduling, sampling and handing tokens to requests.
+    pub step_seconds: f64,
+    pub forward_seconds: f64,
 }
 
 struct CachedBlock {
@@ -331,6 +335,15 @@ impl Scheduler {
 
     /// Runs one step; returns the number of tokens computed (0 when there was nothing to do).
     pub fn step(&mut self) -> usize {
+        let t0 = std::time::Instant::now();
+        let n = self.step_inner();
+        if n > 0 {
+            self.stats.step_seconds += t0.elapsed().as_secs_f64();
+        }
+        n
+    }
+
+    fn step_inner(&mut self) -> usize {
         self.reap_closed();
         let bs = self.runner.block_size();
         let mut budget = self.cfg.max_num_batched_tokens;
@@ -430,7 +443,9 @@ impl Scheduler {
         }
         let batch: Vec<Span> = spans.iter().map(|s| s.1).collect();
         let computed: usize = batch.iter().map(|s| s.len).sum();
+        let tf = std::time::Instant::now();
         let result = self.runner.step(&batch);
+        self.stats.forward_seconds += tf.elapsed().as_secs_f64();
         self.stats.steps += 1;
         let logits = match result {
             Ok(l) => l,

@@ -112,6 +112,16 @@ impl Metrics {
         counter("qwick_prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", s.prefix_hit_tokens);
         counter("qwick_num_preemptions_total", "Sequences preempted (freed and recomputed later).", s.preemptions);
         counter("qwick_engine_steps_total", "Forward steps run by the engine.", s.steps);
+        let _ = writeln!(
+            o,
+            "# HELP qwick_engine_step_seconds_total Time in engine steps.\n# TYPE qwick_engine_step_seconds_total counter\nqwick_engine_step_seconds_total{{{m}}} {}",
+            s.step_seconds
+        );
+        let _ = writeln!(
+            o,
+            "# HELP qwick_engine_forward_seconds_total Time of engine steps spent in the model's forward pass (the rest is scheduling, sampling and streaming).\n# TYPE qwick_engine_forward_seconds_total counter\nqwick_engine_forward_seconds_total{{{m}}} {}",
+            s.forward_seconds
+        );
         let hit_rate =
             if s.prefix_query_tokens > 0 { s.prefix_hit_tokens as f64 / s.prefix_query_tokens as f64 } else { 0.0 };
         let mut gauge = |name: &str, help: &str, v: String| {
