@@ -54,6 +54,9 @@ pub struct MatmulJob<'a> {
     x: &'a [f32],
     /// `x` rounded to bf16, rows padded to an even length (for `Isa::Avx512Bf16`).
     xb: Vec<u16>,
+    /// `x` copied with a padded row stride `ldx` (see `pad_stride`), or empty.
+    xpad: Vec<f32>,
+    ldx: usize,
     m: usize,
     w: WeightView<'a>,
     y: SendPtr<f32>,
@@ -63,7 +66,16 @@ pub struct MatmulJob<'a> {
 impl<'a> MatmulJob<'a> {
     pub fn new(x: &'a [f32], m: usize, w: WeightView<'a>, y: &'a mut [f32]) -> Self {
         assert!(x.len() >= m * w.cols && y.len() >= m * w.rows, "matmul operand sizes");
-        MatmulJob { x, xb: Vec::new(), m, w, y: SendPtr::new(y), _y: std::marker::PhantomData }
+        MatmulJob {
+            x,
+            xb: Vec::new(),
+            xpad: Vec::new(),
+            ldx: w.cols,
+            m,
+            w,
+            y: SendPtr::new(y),
+            _y: std::marker::PhantomData,
+        }
     }
 }
 
@@ -82,8 +94,15 @@ pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
             j.xb = round_rows_to_bf16(&j.x[..j.m * j.w.cols], j.w.cols);
         }
     }
+    for j in jobs.iter_mut() {
+        if let Some(ldx) = pad_stride(ctx.isa, j.m, j.w.cols) {
+            j.xpad = pad_rows(&j.x[..j.m * j.w.cols], j.w.cols, ldx);
+            j.ldx = ldx;
+        }
+    }
     let run_range = |j: &MatmulJob, cols: std::ops::Range<usize>| unsafe {
-        matmul_cols_impl(ctx.isa, j.x, &j.xb, j.m, &j.w, j.y.ptr(), j.w.rows, cols)
+        let x = if j.xpad.is_empty() { j.x } else { &j.xpad };
+        matmul_cols_impl(ctx.isa, x, j.ldx, &j.xb, j.m, &j.w, j.y.ptr(), j.w.rows, cols)
     };
     if threads == 1 || total < 1 << 16 {
         for j in jobs.iter() {
@@ -109,6 +128,22 @@ pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
         let Some(&(j, n0, n1)) = units.get(u) else { break };
         run_range(&jobs[j], n0..n1);
     });
+}
+
+/// The row stride the exact AVX-512 GEMV wants for `m` rows of length `k`, when it differs from
+/// `k`: with more than 4 rows, rows a multiple of 4 KiB apart would share L1 sets.
+fn pad_stride(isa: Isa, m: usize, k: usize) -> Option<usize> {
+    let avx512 = matches!(isa, Isa::Avx512 | Isa::Avx512Bf16);
+    (avx512 && m > 4 && m < GEMM_MIN_ROWS && k.is_multiple_of(256)).then_some(k + 16)
+}
+
+/// `x` [m, k] copied to rows of stride `ldx`.
+fn pad_rows(x: &[f32], k: usize, ldx: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len() / k * ldx];
+    for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(ldx)) {
+        dst[..k].copy_from_slice(src);
+    }
+    out
 }
 
 /// `x` [m, k] rounded to bf16 (nearest even), each row padded with a zero to an even length.
@@ -141,13 +176,19 @@ pub unsafe fn matmul_cols(
     } else {
         Vec::new()
     };
-    matmul_cols_impl(isa, x, &xb, m, w, y, ldy, cols)
+    let padded = pad_stride(isa, m, w.cols).map(|ldx| (pad_rows(&x[..m * w.cols], w.cols, ldx), ldx));
+    let (x, ldx) = match &padded {
+        Some((p, ldx)) => (p.as_slice(), *ldx),
+        None => (x, w.cols),
+    };
+    matmul_cols_impl(isa, x, ldx, &xb, m, w, y, ldy, cols)
 }
 
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul_cols_impl(
     isa: Isa,
     x: &[f32],
+    ldx: usize,
     xb: &[u16],
     m: usize,
     w: &WeightView,
@@ -163,9 +204,9 @@ unsafe fn matmul_cols_impl(
         Isa::Avx512Bf16 if w.dtype == DType::BF16 && !xb.is_empty() => x86::avx512bf16::matmul(xb, m, w, y, ldy, cols),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Bf16 => match w.dtype {
-            DType::F32 => x86::avx512::matmul::<0>(x, m, w, y, ldy, cols),
-            DType::BF16 => x86::avx512::matmul::<1>(x, m, w, y, ldy, cols),
-            DType::F16 => x86::avx512::matmul::<2>(x, m, w, y, ldy, cols),
+            DType::F32 => x86::avx512::matmul::<0>(x, ldx, m, w, y, ldy, cols),
+            DType::BF16 => x86::avx512::matmul::<1>(x, ldx, m, w, y, ldy, cols),
+            DType::F16 => x86::avx512::matmul::<2>(x, ldx, m, w, y, ldy, cols),
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => match w.dtype {
@@ -282,8 +323,10 @@ mod x86 {
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
         pub unsafe fn matmul<const D: u8>(
             x: &[f32],
+            ldx: usize,
             m: usize,
             w: &WeightView,
             y: *mut f32,
@@ -293,13 +336,14 @@ mod x86 {
             if m >= GEMM_MIN_ROWS {
                 gemm::<D>(x.as_ptr(), m, w, y, ldy, cols)
             } else {
-                gemv::<D>(x.as_ptr(), m, w, y, ldy, cols)
+                gemv::<D>(x.as_ptr(), ldx, m, w, y, ldy, cols)
             }
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
         unsafe fn gemv<const D: u8>(
             x: *const f32,
+            ldx: usize,
             m: usize,
             w: &WeightView,
             y: *mut f32,
@@ -312,19 +356,6 @@ mod x86 {
             // Up to 4 rows of x: 4 weight rows at a time. More: 2 weight rows against up to 8
             // rows of x, so each weight vector is widened once for 8 FMAs.
             let wide = m > 4;
-            // Rows of x a multiple of 4 KiB apart share L1 sets; give them a padded stride.
-            let padded: Vec<f32>;
-            let (x, ldx) = if wide && k.is_multiple_of(256) {
-                let ldx = k + 16;
-                let mut p = vec![0f32; m * ldx];
-                for i in 0..m {
-                    std::ptr::copy_nonoverlapping(x.add(i * k), p.as_mut_ptr().add(i * ldx), k);
-                }
-                padded = p;
-                (padded.as_ptr(), ldx)
-            } else {
-                (x, k)
-            };
             let mut n = cols.start;
             while n < cols.end {
                 let nr = if wide {
