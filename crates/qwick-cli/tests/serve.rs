@@ -722,11 +722,91 @@ fn completions_echo_the_prompt() {
         assert_eq!(c["text"].as_str().unwrap(), format!("{}{alone}", detok(&s, p)), "choice {i}");
     }
 
-    // Prompt logprobs are not computed: echo with logprobs is refused, clearly.
-    let (code, r) = s.post("/v1/completions", &json!({"prompt": text, "max_tokens": 2, "echo": true, "logprobs": 1}));
-    assert_eq!(code, 400, "{r}");
-    assert_eq!(r["error"]["param"], "echo");
-    assert!(r["error"]["message"].as_str().unwrap().contains("logprobs"), "{r}");
+    // Echo with logprobs: the prompt tokens come first, the first with null logprobs; each other
+    // prompt token's logprob (and alternatives) is what the prefix before it predicts, as a
+    // one-token completion of that prefix reports it.
+    let p = &prompts[0];
+    let (code, r) = s
+        .post("/v1/completions", &json!({"prompt": p, "max_tokens": 3, "temperature": 0, "echo": true, "logprobs": 5}));
+    assert_eq!(code, 200, "{r}");
+    let lp = &r["choices"][0]["logprobs"];
+    let (tokens, lps, tops, offs) = (
+        lp["tokens"].as_array().unwrap(),
+        lp["token_logprobs"].as_array().unwrap(),
+        lp["top_logprobs"].as_array().unwrap(),
+        lp["text_offset"].as_array().unwrap(),
+    );
+    assert_eq!(tokens.len(), p.len() + 3, "{lp}");
+    assert_eq!((lps.len(), tops.len(), offs.len()), (tokens.len(), tokens.len(), tokens.len()));
+    assert!(lps[0].is_null() && tops[0].is_null(), "{lp}");
+    assert_eq!(offs[0], 0);
+    for i in 1..tokens.len() {
+        let l = lps[i].as_f64().unwrap();
+        assert!(l.is_finite() && l <= 0.0, "token {i}: {l}");
+        assert_eq!(tops[i].as_object().unwrap().len(), 5, "token {i}: {}", tops[i]);
+    }
+    // The generated part is what the same request without echo returns.
+    let (_, plain) = s.post("/v1/completions", &json!({"prompt": p, "max_tokens": 3, "temperature": 0, "logprobs": 5}));
+    let plp = &plain["choices"][0]["logprobs"];
+    assert_eq!(&tokens[p.len()..], plp["tokens"].as_array().unwrap().as_slice());
+    for (a, b) in lps[p.len()..].iter().zip(plp["token_logprobs"].as_array().unwrap()) {
+        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-3, "{a} vs {b}");
+    }
+    let mut compared = 0;
+    for i in 1..p.len() {
+        let (code, q) =
+            s.post("/v1/completions", &json!({"prompt": &p[..i], "max_tokens": 1, "temperature": 0, "logprobs": 5}));
+        assert_eq!(code, 200, "{q}");
+        let top = q["choices"][0]["logprobs"]["top_logprobs"][0].as_object().unwrap().clone();
+        let mine = tops[i].as_object().unwrap();
+        for (k, v) in &top {
+            let m = mine.get(k).unwrap_or_else(|| panic!("position {i}: {k:?} missing from {}", tops[i]));
+            assert!((m.as_f64().unwrap() - v.as_f64().unwrap()).abs() < 1e-3, "position {i} {k:?}: {m} vs {v}");
+        }
+        if let Some(v) = top.get(tokens[i].as_str().unwrap()) {
+            assert!((lps[i].as_f64().unwrap() - v.as_f64().unwrap()).abs() < 1e-3, "position {i}: {} vs {v}", lps[i]);
+            compared += 1;
+        }
+    }
+    // The random model never ranks these prompt tokens in its top 5: compare the logprobs of
+    // tokens it does pick, by echoing the prompt followed by its own greedy output.
+    let gen = ids(&refs()["cases"][0]["generated_ids"]);
+    let q: Vec<u32> = p.iter().chain(&gen[..3]).copied().collect();
+    let (code, r) = s
+        .post("/v1/completions", &json!({"prompt": q, "max_tokens": 1, "temperature": 0, "echo": true, "logprobs": 5}));
+    assert_eq!(code, 200, "{r}");
+    let qlp = &r["choices"][0]["logprobs"];
+    assert_eq!(&qlp["tokens"].as_array().unwrap()[p.len()..p.len() + 3], &tokens[p.len()..]);
+    for (k, b) in plp["token_logprobs"].as_array().unwrap().iter().enumerate() {
+        let a = &qlp["token_logprobs"][p.len() + k];
+        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-3, "generated token {k}: {a} vs {b}");
+        compared += 1;
+    }
+    assert!(compared >= 3);
+    // With n, every choice has the prompt logprobs; streamed, the echo chunk carries them.
+    let (code, r) = s.post(
+        "/v1/completions",
+        &json!({"prompt": text, "max_tokens": 2, "temperature": 0, "echo": true, "logprobs": 1, "n": 2}),
+    );
+    assert_eq!(code, 200, "{r}");
+    for c in r["choices"].as_array().unwrap() {
+        assert!(c["logprobs"]["token_logprobs"][0].is_null(), "{c}");
+        assert_eq!(c["logprobs"], r["choices"][0]["logprobs"]);
+    }
+    let (events, done) = s.sse(
+        "/v1/completions",
+        &json!({"prompt": text, "max_tokens": 2, "temperature": 0, "echo": true, "logprobs": 1, "stream": true}),
+    );
+    assert!(done);
+    assert_eq!(events[0]["choices"][0]["text"], text);
+    let first = &events[0]["choices"][0]["logprobs"];
+    assert!(first["token_logprobs"][0].is_null(), "{first}");
+    let streamed: Vec<Value> = events
+        .iter()
+        .filter_map(|e| e["choices"].get(0)?["logprobs"]["token_logprobs"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(streamed, r["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap().clone());
     s.wait_idle();
 }
 
@@ -800,4 +880,35 @@ fn tool_choice_required_and_named_start_the_answer_with_a_call() {
     let (code, r) = s.post("/v1/chat/completions", &body);
     assert_eq!((code, &r["error"]["param"]), (400, &json!("tool_choice")), "{r}");
     s.wait_idle();
+}
+
+#[test]
+fn prompt_logprobs_do_not_depend_on_chunking_or_the_prefix_cache() {
+    // Prompts prefilled 4 tokens a step: prompt logprobs are gathered over the chunks.
+    let s = Server::start(&["--max-num-batched-tokens", "4"]);
+    let p = ids(&refs()["cases"][1]["prompt_ids"]);
+    let body = json!({"prompt": p, "max_tokens": 2, "temperature": 0, "echo": true, "logprobs": 3});
+    // First with the prompt's prefix already cached by another request: it is computed anyway.
+    let (code, warm) = s.post("/v1/completions", &json!({"prompt": p, "max_tokens": 1, "temperature": 0}));
+    assert_eq!(code, 200, "{warm}");
+    let (code, a) = s.post("/v1/completions", &body);
+    assert_eq!(code, 200, "{a}");
+    assert_eq!(a["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0), 0, "{a}");
+    // (Without prompt logprobs, the same prompt does hit the cache.)
+    let (_, again) = s.post("/v1/completions", &json!({"prompt": p, "max_tokens": 1, "temperature": 0}));
+    assert!(again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0, "{again}");
+    let one = Server::start(&[]);
+    let (code, b) = one.post("/v1/completions", &body);
+    assert_eq!(code, 200, "{b}");
+    let (la, lb) = (&a["choices"][0]["logprobs"], &b["choices"][0]["logprobs"]);
+    assert_eq!(la["tokens"], lb["tokens"]);
+    assert_eq!(la["token_logprobs"].as_array().unwrap().len(), p.len() + 2);
+    for (x, y) in la["token_logprobs"].as_array().unwrap().iter().zip(lb["token_logprobs"].as_array().unwrap()) {
+        match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) => assert!((x - y).abs() < 1e-3, "{x} vs {y}"),
+            _ => assert!(x.is_null() && y.is_null(), "{x} vs {y}"),
+        }
+    }
+    s.wait_idle();
+    one.wait_idle();
 }

@@ -20,6 +20,14 @@
 //! blocks are never written). The cache holds one reference on each block it keeps; a block only
 //! the cache references is free to evict.
 //!
+//! ## Prompt logprobs
+//!
+//! A request submitted with prompt logprobs ([`Engine::submit_with`]) computes its whole prompt
+//! (no prefix-cache lookup: it needs the logits of every position), in chunks of at most
+//! [`PROMPT_LOGPROBS_CHUNK`] tokens that return all their logits; each position's logits give the
+//! logprob of the next prompt token. They go out in one [`Event::PromptLogprobs`] before the first
+//! output token, which is sampled from the last position's logits as usual.
+//!
 //! [`Engine`] runs a scheduler on its own thread: requests come in through [`Engine::submit`],
 //! and each request's [`Event`]s go out through its [`EventSink`].
 
@@ -32,6 +40,10 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+
+/// Most tokens of a prefill chunk that returns the logits of every position (for prompt
+/// logprobs), which bounds the memory of those logits.
+pub const PROMPT_LOGPROBS_CHUNK: usize = 256;
 
 /// Limits of the scheduler.
 #[derive(Clone, Debug)]
@@ -67,7 +79,8 @@ pub struct OutToken {
     pub logprobs: Option<TokenLogprobs>,
 }
 
-/// What a request's sink receives, in this order: `Started` once, `Tokens` any number of times,
+/// What a request's sink receives, in this order: `Started` once, `PromptLogprobs` once if asked
+/// for, `Tokens` any number of times,
 /// then `Finished` or `Error` (nothing after them).
 #[derive(Clone, Debug)]
 pub enum Event {
@@ -77,6 +90,10 @@ pub enum Event {
         /// Prompt tokens found in the prefix cache (not computed).
         cached_tokens: usize,
     },
+    /// The prompt's logprobs, once, before the first `Tokens` (only when asked for): entry `i` is
+    /// prompt token `i`'s logprob given the tokens before it, with the most likely alternatives
+    /// there; the first entry is `None` (nothing predicts it).
+    PromptLogprobs(Vec<Option<TokenLogprobs>>),
     /// New output tokens, in order.
     Tokens(Vec<OutToken>),
     /// Generation ended (`Stop` or `Length`).
@@ -198,6 +215,12 @@ struct Entry {
     gen: SeqGen,
     sink: Box<dyn EventSink>,
     logprobs: Option<usize>,
+    /// Compute the prompt's logprobs with this many alternatives.
+    prompt_logprobs: Option<usize>,
+    /// Prompt logprobs computed so far (while prefilling).
+    prompt_lps: Vec<Option<TokenLogprobs>>,
+    /// Prompt logprobs were sent.
+    prompt_lps_sent: bool,
     /// The runner's sequence while running.
     seq: Option<SeqId>,
     started: bool,
@@ -207,6 +230,11 @@ struct Entry {
 }
 
 impl Entry {
+    /// Still needs the logits of every prompt position.
+    fn wants_prompt_lps(&self) -> bool {
+        self.prompt_logprobs.is_some() && !self.prompt_lps_sent
+    }
+
     fn all_tokens(&self) -> Vec<u32> {
         let mut t = self.gen.prompt().to_vec();
         t.extend_from_slice(self.gen.output());
@@ -249,10 +277,19 @@ impl Scheduler {
 
     /// Queues a request.
     pub fn add(&mut self, req: Request, sink: Box<dyn EventSink>) {
+        self.add_with(req, None, sink);
+    }
+
+    /// Queues a request that also gets its prompt's logprobs with `prompt_logprobs` alternatives
+    /// (see [`Event::PromptLogprobs`]); `None` for none, as [`Scheduler::add`].
+    pub fn add_with(&mut self, req: Request, prompt_logprobs: Option<usize>, sink: Box<dyn EventSink>) {
         self.waiting.push_back(Entry {
             gen: req.gen,
             sink,
             logprobs: req.logprobs,
+            prompt_logprobs,
+            prompt_lps: vec![],
+            prompt_lps_sent: false,
             seq: None,
             started: false,
             registered: 0,
@@ -318,6 +355,7 @@ impl Scheduler {
         self.free(&mut e);
         e.registered = 0;
         e.last_hash = ROOT_HASH;
+        e.prompt_lps.clear();
         self.stats.preemptions += 1;
         self.waiting.push_front(e);
     }
@@ -348,8 +386,8 @@ impl Scheduler {
         let bs = self.runner.block_size();
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut reserved = 0;
-        // (index into running, span)
-        let mut spans: Vec<(usize, Span)> = vec![];
+        // (index into running, span, tokens cached before it, whether it ends the pending tokens)
+        let mut spans: Vec<(usize, Span, usize, bool)> = vec![];
 
         // Running sequences, oldest first.
         let mut i = 0;
@@ -360,7 +398,8 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let len = pending.min(budget);
+            let all = self.running[i].wants_prompt_lps();
+            let len = if all { pending.min(budget).min(PROMPT_LOGPROBS_CHUNK) } else { pending.min(budget) };
             let need = self.runner.blocks_needed(seq, len).unwrap_or(0);
             if !self.make_room(reserved, need) {
                 // Out of blocks: preempt the newest sequence (this one, if it is the newest).
@@ -382,19 +421,20 @@ impl Scheduler {
             }
             reserved += need;
             budget -= len;
-            let logits = if len == pending { Logits::Last } else { Logits::None };
-            spans.push((i, Span { seq, len, logits }));
+            let logits = span_logits(all, len == pending);
+            let start = self.runner.cached(seq).unwrap_or(0);
+            spans.push((i, Span { seq, len, logits }, start, len == pending));
             i += 1;
         }
 
         // Waiting sequences, first come first served.
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs && !self.waiting.is_empty() {
             let tokens = self.waiting[0].all_tokens();
-            let (prefix_blocks, prefix_hash) = if self.cfg.prefix_caching {
-                self.prefix.lookup(&tokens, bs, (tokens.len() - 1) / bs)
-            } else {
-                (vec![], ROOT_HASH)
-            };
+            // Prompt logprobs need every position's logits: no cached prefix for them.
+            let all = self.waiting[0].wants_prompt_lps();
+            let lookup = self.cfg.prefix_caching && !all;
+            let (prefix_blocks, prefix_hash) =
+                if lookup { self.prefix.lookup(&tokens, bs, (tokens.len() - 1) / bs) } else { (vec![], ROOT_HASH) };
             let seq = match self.runner.add_sequence_with_prefix(&tokens, &prefix_blocks) {
                 Ok(s) => s,
                 Err(e) => {
@@ -405,7 +445,7 @@ impl Scheduler {
             };
             let cached = prefix_blocks.len() * bs;
             let pending = tokens.len() - cached;
-            let len = pending.min(budget);
+            let len = if all { pending.min(budget).min(PROMPT_LOGPROBS_CHUNK) } else { pending.min(budget) };
             let need = self.runner.blocks_needed(seq, len).unwrap_or(0);
             if !self.make_room(reserved, need) {
                 self.runner.free_sequence(seq);
@@ -421,8 +461,10 @@ impl Scheduler {
             let mut e = self.waiting.pop_front().unwrap();
             if !e.started {
                 e.started = true;
-                self.stats.prefix_query_tokens += tokens.len() as u64;
-                self.stats.prefix_hit_tokens += cached as u64;
+                if lookup {
+                    self.stats.prefix_query_tokens += tokens.len() as u64;
+                    self.stats.prefix_hit_tokens += cached as u64;
+                }
                 if !e.sink.send(Event::Started { prompt_tokens: tokens.len(), cached_tokens: cached }) {
                     self.runner.free_sequence(seq);
                     continue;
@@ -433,9 +475,9 @@ impl Scheduler {
             e.last_hash = prefix_hash;
             reserved += need;
             budget -= len;
-            let logits = if len == pending { Logits::Last } else { Logits::None };
+            let logits = span_logits(all, len == pending);
             self.running.push(e);
-            spans.push((self.running.len() - 1, Span { seq, len, logits }));
+            spans.push((self.running.len() - 1, Span { seq, len, logits }, cached, len == pending));
         }
 
         if spans.is_empty() {
@@ -465,14 +507,39 @@ impl Scheduler {
         self.stats.batched_tokens += computed as u64;
 
         let mut done: Vec<usize> = vec![];
-        for ((i, span), mut l) in spans.iter().zip(logits) {
+        for ((i, span, start, last), mut l) in spans.iter().zip(logits) {
             if self.cfg.prefix_caching {
                 self.register_blocks(*i);
             }
-            if span.logits != Logits::Last {
+            let e = &mut self.running[*i];
+            if span.logits == Logits::All {
+                // Row k (position start + k) predicts the token at start + k + 1.
+                let n = e.prompt_logprobs.unwrap_or(0);
+                let prompt = e.gen.prompt();
+                let vocab = l.len() / span.len;
+                if *start == 0 {
+                    e.prompt_lps.clear();
+                    e.prompt_lps.push(None);
+                }
+                for (k, row) in l.chunks_exact(vocab).enumerate() {
+                    if let Some(&next) = prompt.get(start + k + 1) {
+                        e.prompt_lps.push(qwick_sampler::logprobs(row, next, n).ok());
+                    }
+                }
+                if !*last {
+                    continue;
+                }
+                e.prompt_lps_sent = true;
+                let lps = std::mem::take(&mut e.prompt_lps);
+                if !e.sink.send(Event::PromptLogprobs(lps)) {
+                    done.push(*i);
+                    continue;
+                }
+                // The last position samples the first output token.
+                l.drain(..(span.len - 1) * vocab);
+            } else if !*last {
                 continue;
             }
-            let e = &mut self.running[*i];
             let raw = e.logprobs.map(|_| l.clone());
             let decision = match e.gen.on_logits(&mut l) {
                 Ok(d) => d,
@@ -543,6 +610,16 @@ impl Scheduler {
     }
 }
 
+/// Which logits a span needs: every position's for prompt logprobs, else the last one's when it
+/// ends the pending tokens.
+fn span_logits(all: bool, last: bool) -> Logits {
+    match (all, last) {
+        (true, _) => Logits::All,
+        (false, true) => Logits::Last,
+        (false, false) => Logits::None,
+    }
+}
+
 /// Why [`Engine::submit`] refused a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SubmitError {
@@ -565,7 +642,7 @@ impl std::error::Error for SubmitError {}
 
 #[derive(Default)]
 struct Inbox {
-    new: Vec<(Request, Box<dyn EventSink>)>,
+    new: Vec<(Request, Option<usize>, Box<dyn EventSink>)>,
     stop: bool,
     abort: bool,
     stats: SchedulerStats,
@@ -629,6 +706,18 @@ impl Engine {
 
     /// Queues a request; its events go to `sink`.
     pub fn submit(&self, req: Request, sink: Box<dyn EventSink>) -> Result<(), SubmitError> {
+        self.submit_with(req, None, sink)
+    }
+
+    /// Queues a request that also gets its prompt's logprobs with `prompt_logprobs` alternatives
+    /// (an [`Event::PromptLogprobs`] before its first tokens; its prompt is then computed in full,
+    /// without the prefix cache). `None`: as [`Engine::submit`].
+    pub fn submit_with(
+        &self,
+        req: Request,
+        prompt_logprobs: Option<usize>,
+        sink: Box<dyn EventSink>,
+    ) -> Result<(), SubmitError> {
         let mut inbox = self.shared.inbox.lock().unwrap();
         if inbox.stop {
             return Err(SubmitError::Stopped);
@@ -636,7 +725,7 @@ impl Engine {
         if inbox.new.len() + inbox.stats.waiting >= self.shared.max_waiting {
             return Err(SubmitError::QueueFull);
         }
-        inbox.new.push((req, sink));
+        inbox.new.push((req, prompt_logprobs, sink));
         drop(inbox);
         self.shared.wake.notify_one();
         Ok(())
@@ -683,8 +772,8 @@ fn engine_loop(shared: &Shared, sched: &mut Scheduler) {
                 inbox = shared.wake.wait(inbox).unwrap();
             }
             if !inbox.abort && !inbox.new.is_empty() {
-                for (req, sink) in std::mem::take(&mut inbox.new) {
-                    sched.add(req, sink);
+                for (req, prompt_logprobs, sink) in std::mem::take(&mut inbox.new) {
+                    sched.add_with(req, prompt_logprobs, sink);
                 }
                 // Counted as waiting at once, for the queue limit.
                 inbox.stats = sched.stats();
@@ -695,7 +784,7 @@ fn engine_loop(shared: &Shared, sched: &mut Scheduler) {
             sched.abort_all("the server is shutting down");
             let mut inbox = shared.inbox.lock().unwrap();
             inbox.stats = sched.stats();
-            for (_, mut sink) in inbox.new.drain(..) {
+            for (_, _, mut sink) in inbox.new.drain(..) {
                 sink.send(Event::Error("the server is shutting down".into()));
             }
             return;

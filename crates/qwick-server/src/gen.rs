@@ -5,7 +5,7 @@ use crate::error::ApiError;
 use crate::AppState;
 use qwick_chat::{IncrementalDecoder, ParsedToolCall, ReasoningParser, ToolCallStream};
 use qwick_engine::{Event, EventSink, FinishReason, GenParams, OutToken, Request, SamplingParams, SeqGen, SubmitError};
-use qwick_sampler::StopMatcher;
+use qwick_sampler::{StopMatcher, TokenLogprobs};
 use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -129,6 +129,8 @@ pub struct Job {
     pub prompt: Vec<u32>,
     pub params: GenParams,
     pub logprobs: Option<usize>,
+    /// Also compute the prompt's logprobs, with this many alternatives.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// `max_tokens` bounds every output token, the thinking budget's injected ones too (the engine
@@ -144,7 +146,8 @@ pub fn submit(state: &AppState, mut job: Job) -> Result<UnboundedReceiver<Event>
     bound_context(&mut job);
     let gen = SeqGen::new(&job.prompt, job.params).map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
     let (tx, rx) = unbounded_channel();
-    state.engine.submit(Request { gen, logprobs: job.logprobs }, Box::new(ChanSink(tx))).map_err(|e| match e {
+    let req = Request { gen, logprobs: job.logprobs };
+    state.engine.submit_with(req, job.prompt_logprobs, Box::new(ChanSink(tx))).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
         SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),
     })?;
@@ -158,12 +161,13 @@ pub fn submit_all(state: &AppState, jobs: Vec<Job>) -> Result<Vec<UnboundedRecei
     for mut job in jobs {
         bound_context(&mut job);
         let gen = SeqGen::new(&job.prompt, job.params).map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
-        gens.push((gen, job.logprobs));
+        gens.push((gen, job.logprobs, job.prompt_logprobs));
     }
     let mut out = vec![];
-    for (gen, logprobs) in gens {
+    for (gen, logprobs, prompt_logprobs) in gens {
         let (tx, rx) = unbounded_channel();
-        state.engine.submit(Request { gen, logprobs }, Box::new(ChanSink(tx))).map_err(|e| match e {
+        let req = Request { gen, logprobs };
+        state.engine.submit_with(req, prompt_logprobs, Box::new(ChanSink(tx))).map_err(|e| match e {
             SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
             SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),
         })?;
@@ -299,6 +303,8 @@ pub struct Piece {
     pub delta: Delta,
     /// The output tokens behind it (with logprobs when asked for).
     pub tokens: Vec<OutToken>,
+    /// The prompt's logprobs, when asked for (a piece of its own, before any output).
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
     /// The choice is finished (see [`ChoiceRun::finish`] / [`ChoiceRun::error`]).
     pub done: bool,
 }
@@ -310,6 +316,8 @@ pub struct ChoiceRun {
     state: Arc<AppState>,
     pub prompt_tokens: usize,
     pub cached_tokens: usize,
+    /// The prompt's logprobs, once received (when asked for).
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
     /// Output tokens taken (up to a stop string).
     pub tokens: Vec<u32>,
     pub finish: Option<&'static str>,
@@ -328,6 +336,7 @@ impl ChoiceRun {
             state,
             prompt_tokens: 0,
             cached_tokens: 0,
+            prompt_logprobs: None,
             tokens: vec![],
             finish: None,
             error: None,
@@ -376,6 +385,11 @@ impl ChoiceRun {
                     self.cached_tokens = cached_tokens;
                     let m = &self.state.metrics;
                     m.prompt_tokens.fetch_add(prompt_tokens as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Event::PromptLogprobs(lps) => {
+                    self.prompt_logprobs = Some(lps.clone());
+                    piece.prompt_logprobs = Some(lps);
+                    return Some(piece);
                 }
                 Event::Tokens(toks) => {
                     let now = Instant::now();

@@ -358,6 +358,7 @@ fn submit_one(
                 thinking: None,
             },
             logprobs: None,
+            prompt_logprobs: None,
         },
     )?;
     let pipe = TextPipe::new(&model.tokenizer, &stops, Some(prompt.starts_in_thinking), parse_tools);

@@ -11,6 +11,7 @@ use axum::Json;
 use futures_util::stream::{self, StreamExt};
 use qwick_chat::{ChatMessage, ToolCall};
 use qwick_engine::{GenParams, OutToken};
+use qwick_sampler::TokenLogprobs;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -394,6 +395,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
                     thinking: budget.clone(),
                 },
                 logprobs,
+                prompt_logprobs: None,
             }
         })
         .collect();
@@ -628,6 +630,47 @@ pub struct CompletionRequest {
 /// Default `max_tokens` of `/v1/completions`, as in OpenAI's API.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: u64 = 16;
 
+/// Logprobs of an echoed prompt, in the arrays of [`completion_logprobs`] (offsets from 0): the
+/// first token's logprob and alternatives are null.
+fn prompt_logprobs(state: &AppState, prompt: &[u32], lps: &[Option<TokenLogprobs>]) -> Value {
+    let mut tokens = vec![];
+    let mut token_logprobs = vec![];
+    let mut top = vec![];
+    let mut offsets = vec![];
+    let mut off = 0;
+    for (i, &id) in prompt.iter().enumerate() {
+        let s = state.model.token_text(id);
+        offsets.push(off);
+        off += s.len();
+        tokens.push(json!(s));
+        match lps.get(i).and_then(Option::as_ref) {
+            Some(lp) => {
+                token_logprobs.push(json!(lp.logprob));
+                let mut m = Map::new();
+                for &(id, l) in &lp.top {
+                    m.insert(state.model.token_text(id), json!(l));
+                }
+                top.push(Value::Object(m));
+            }
+            None => {
+                token_logprobs.push(Value::Null);
+                top.push(Value::Null);
+            }
+        }
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+}
+
+/// `a`'s logprob arrays followed by `b`'s.
+fn concat_logprobs(mut a: Value, b: Value) -> Value {
+    for k in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        if let (Some(x), Some(y)) = (a[k].as_array_mut(), b[k].as_array()) {
+            x.extend(y.iter().cloned());
+        }
+    }
+    a
+}
+
 fn completion_logprobs(state: &AppState, toks: &[OutToken], offset0: usize) -> Value {
     let mut tokens = vec![];
     let mut token_logprobs = vec![];
@@ -655,13 +698,6 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let req: CompletionRequest = parse_json(&body)?;
     check_model(&state, req.model.as_deref())?;
     let echo = req.echo == Some(true);
-    if echo && req.logprobs.is_some() {
-        // Prompt logprobs need the logits of every prompt position, which the engine does not return.
-        return Err(ApiError::bad_request(
-            "echo with logprobs is not supported: this server does not compute prompt logprobs (use echo without logprobs, or logprobs without echo)",
-        )
-        .with_param("echo"));
-    }
     let n = req.n.unwrap_or(1);
     if n == 0 || n > MAX_N {
         return Err(ApiError::bad_request(format!("n must be in [1, {MAX_N}], got {n}")).with_param("n"));
@@ -672,6 +708,8 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
         );
     }
     let logprobs = req.logprobs.map(|l| l as usize);
+    // With echo, logprobs cover the prompt too (the first token's are null), as in OpenAI's API.
+    let prompt_lps = if echo { logprobs } else { None };
     let model = state.model.clone();
     let vocab = model.config.vocab_size as u32;
     let texts: Option<Vec<String>> = match &req.prompt {
@@ -739,6 +777,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
                     thinking: None,
                 },
                 logprobs,
+                prompt_logprobs: prompt_lps,
             });
         }
     }
@@ -759,7 +798,9 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     if req.stream == Some(true) {
         let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
         let st = state.clone();
-        let echoes: Vec<String> = (0..runs.len()).filter_map(|i| echoes.get(i / n as usize).cloned()).collect();
+        let echoes: Vec<(String, Vec<u32>)> = (0..runs.len())
+            .filter_map(|i| Some((echoes.get(i / n as usize)?.clone(), prompts[i / n as usize].clone())))
+            .collect();
         return Ok(sse_response(move |tx| {
             completion_stream(st, runs, id, created, include_usage, logprobs.is_some(), prompt_total, echoes, tx)
         }));
@@ -777,8 +818,17 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
         }
         completion += r.tokens.len();
         cached += r.cached_tokens;
-        let lp = if logprobs.is_some() { completion_logprobs(&state, toks, 0) } else { Value::Null };
-        let text = match echoes.get(i / n as usize) {
+        let echoed = echoes.get(i / n as usize);
+        let lp = match (logprobs, echoed, &r.prompt_logprobs) {
+            (None, _, _) => Value::Null,
+            (Some(_), Some(e), Some(plps)) => concat_logprobs(
+                prompt_logprobs(&state, &prompts[i / n as usize], plps),
+                completion_logprobs(&state, toks, e.len()),
+            ),
+            (Some(_), Some(e), None) => completion_logprobs(&state, toks, e.len()),
+            (Some(_), None, _) => completion_logprobs(&state, toks, 0),
+        };
+        let text = match echoed {
             Some(e) => format!("{e}{}", d.content),
             None => d.content.clone(),
         };
@@ -804,16 +854,20 @@ async fn completion_stream(
     include_usage: bool,
     want_logprobs: bool,
     prompt_total: usize,
-    echoes: Vec<String>,
+    echoes: Vec<(String, Vec<u32>)>,
     tx: Sender<Bytes>,
 ) {
     let model = state.model.name.clone();
     let chunk = |choices: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices});
     let n = runs.len();
     let mut offsets = vec![0usize; n];
-    // With echo, each choice's prompt text comes first.
-    for (i, e) in echoes.iter().enumerate() {
+    // With echo, each choice's prompt text comes first; with logprobs too, once its prompt
+    // logprobs arrive (before its first output).
+    for (i, (e, _)) in echoes.iter().enumerate() {
         offsets[i] = e.len();
+        if want_logprobs {
+            continue;
+        }
         let c = json!([{"index": i, "text": e, "logprobs": null, "finish_reason": null}]);
         if !send_sse(&tx, &chunk(c)).await {
             return;
@@ -834,6 +888,13 @@ async fn completion_stream(
             _ = tx.closed() => return,
         };
         let Some((i, piece, finished)) = item else { break };
+        if let (Some(plps), Some((e, prompt))) = (&piece.prompt_logprobs, echoes.get(i)) {
+            let lp = prompt_logprobs(&state, prompt, plps);
+            let c = json!([{"index": i, "text": e, "logprobs": lp, "finish_reason": null}]);
+            if !send_sse(&tx, &chunk(c)).await {
+                return;
+            }
+        }
         if let Some(Some(e)) = finished.as_ref().map(|s| &s.error) {
             let err = ApiError::internal(format!("generation failed: {e}")).body();
             let _ = send_sse(&tx, &err).await;
