@@ -1,7 +1,6 @@
 //! Run-time choice of the instruction set kernels use.
 
 use std::fmt;
-use std::sync::OnceLock;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -99,12 +98,5 @@ impl Isa {
             }
             _ => Ok(Isa::best()),
         }
-    }
-
-    /// `from_env` computed once per process; an invalid variable falls back to the best ISA
-    /// (callers that want to report it call `from_env` themselves).
-    pub fn default_for_process() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| Isa::from_env().unwrap_or_else(|_| Isa::best()))
     }
 }
