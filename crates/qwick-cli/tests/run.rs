@@ -6,47 +6,25 @@
 //! The model folder is assembled in a temporary folder: the committed files plus tokenizer.json
 //! unpacked from tests/chat_refs/tokenizer.json.gz, so it is laid out like a Hugging Face folder.
 
+mod common;
+
 use serde_json::{json, Value};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 
 const BUDGET_TEXT: &str = "Considering the limited time by the user, I have to give the solution based on the thinking directly now.\n</think>.\n\n";
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qwick-run-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("run", name)
 }
 
-/// The model folder (made once per test binary).
 fn model() -> &'static str {
-    static DIR: OnceLock<String> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = scratch("model");
-        for e in std::fs::read_dir(root().join("tests/greedy/model")).unwrap() {
-            let p = e.unwrap().path();
-            std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
-        }
-        let gz = std::fs::File::open(root().join("tests/chat_refs/tokenizer.json.gz")).unwrap();
-        let mut json = Vec::new();
-        flate2::read::GzDecoder::new(gz).read_to_end(&mut json).unwrap();
-        std::fs::write(d.join("tokenizer.json"), json).unwrap();
-        d.to_str().unwrap().to_string()
-    })
+    common::greedy_model("run")
 }
 
 fn refs() -> &'static Value {
-    static REFS: OnceLock<Value> = OnceLock::new();
-    REFS.get_or_init(|| {
-        serde_json::from_str(&std::fs::read_to_string(root().join("tests/greedy/refs.json")).unwrap()).unwrap()
-    })
+    common::greedy_refs()
 }
 
 fn case(name: &str) -> &'static Value {

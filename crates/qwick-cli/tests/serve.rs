@@ -11,41 +11,21 @@
 //! Every server listens on a free loopback port and is killed when its test ends; every request
 //! has a timeout.
 
+mod common;
+
+use common::root;
+
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The model folder: the committed files plus tokenizer.json (made once per test binary).
 fn model() -> &'static str {
-    static DIR: OnceLock<String> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("qwick-serve-test-{}", std::process::id())).join("greedy");
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        for e in std::fs::read_dir(root().join("tests/greedy/model")).unwrap() {
-            let p = e.unwrap().path();
-            std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
-        }
-        let gz = std::fs::File::open(root().join("tests/chat_refs/tokenizer.json.gz")).unwrap();
-        let mut json = Vec::new();
-        flate2::read::GzDecoder::new(gz).read_to_end(&mut json).unwrap();
-        std::fs::write(d.join("tokenizer.json"), json).unwrap();
-        d.to_str().unwrap().to_string()
-    })
+    common::greedy_model("serve")
 }
 
 fn refs() -> &'static Value {
-    static REFS: OnceLock<Value> = OnceLock::new();
-    REFS.get_or_init(|| {
-        serde_json::from_str(&std::fs::read_to_string(root().join("tests/greedy/refs.json")).unwrap()).unwrap()
-    })
+    common::greedy_refs()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
