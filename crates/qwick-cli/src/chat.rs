@@ -4,12 +4,11 @@
 //! Ctrl-C stops the answer being generated and keeps the session; at the prompt, a second
 //! Ctrl-C exits.
 
-use crate::run::{finish_reason, stats_line, Chat, Display, GenArgs, TextStream};
+use crate::run::{finish_reason, generate_text, stats_line, Chat, Display, GenArgs, TextStream};
 use anyhow::Result;
 use qwick_chat::ChatMessage;
-use qwick_engine::{generate, Runner, RunnerConfig};
+use qwick_engine::{Runner, RunnerConfig};
 use std::io::{BufRead, IsTerminal, Write};
-use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -170,24 +169,8 @@ fn answer(
         _ => None,
     };
     let mut text = TextStream::new(&chat.tokenizer, &sampling.stop, prompt.starts_in_thinking, display);
-    let mut failed = None;
     let params = chat.params(sampling, context, budget);
-    let gen = generate(runner, &prompt.ids, params, |e| {
-        if signals.interrupted.load(Ordering::SeqCst) {
-            return ControlFlow::Break(());
-        }
-        match text.push(e.token.id) {
-            Ok(flow) => flow,
-            Err(err) => {
-                failed = Some(err);
-                ControlFlow::Break(())
-            }
-        }
-    })?;
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    text.finish()?;
+    let gen = generate_text(runner, &prompt.ids, params, &mut text, || signals.interrupted.load(Ordering::SeqCst))?;
     println!();
     if signals.interrupted.load(Ordering::SeqCst) {
         note("(stopped)");

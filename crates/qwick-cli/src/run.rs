@@ -373,6 +373,35 @@ impl TextStream {
 }
 
 /// The finish reason users see: a stop string is a stop.
+/// Generates from `ids`, feeding every token to `text` (which prints and watches stop strings)
+/// until the engine finishes, `text` asks to stop, or `interrupted()` says so; then flushes `text`.
+pub fn generate_text(
+    runner: &mut Runner,
+    ids: &[u32],
+    params: GenParams,
+    text: &mut TextStream,
+    interrupted: impl Fn() -> bool,
+) -> Result<Generation> {
+    let mut failed = None;
+    let g = generate(runner, ids, params, |e| {
+        if interrupted() {
+            return ControlFlow::Break(());
+        }
+        match text.push(e.token.id) {
+            Ok(flow) => flow,
+            Err(err) => {
+                failed = Some(err);
+                ControlFlow::Break(())
+            }
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    text.finish()?;
+    Ok(g)
+}
+
 pub fn finish_reason(g: &Generation, text: &TextStream) -> &'static str {
     match g.finish {
         FinishReason::Aborted if text.stopped => "stop",
@@ -468,18 +497,7 @@ pub fn run(a: RunCmdArgs) -> Result<()> {
     };
     let mut text = TextStream::new(&chat.tokenizer, &stops, prompt.starts_in_thinking, display);
     let params = chat.params(sampling, kv_tokens, budget);
-    let mut failed = None;
-    let g = generate(&mut runner, &prompt.ids, params, |e| match text.push(e.token.id) {
-        Ok(flow) => flow,
-        Err(err) => {
-            failed = Some(err);
-            ControlFlow::Break(())
-        }
-    })?;
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    text.finish()?;
+    let g = generate_text(&mut runner, &prompt.ids, params, &mut text, || false)?;
     let finish = finish_reason(&g, &text);
     if a.json {
         let mut v = json!({
