@@ -18,6 +18,24 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::Sender;
 
+/// The sampling fields shared by chat and completion requests (both use the OpenAI names).
+macro_rules! sampling_fields {
+    ($req:expr) => {
+        SamplingFields {
+            temperature: $req.temperature,
+            top_p: $req.top_p,
+            top_k: $req.top_k,
+            min_p: $req.min_p,
+            presence_penalty: $req.presence_penalty,
+            frequency_penalty: $req.frequency_penalty,
+            repetition_penalty: $req.repetition_penalty,
+            seed: $req.seed,
+            stop: $req.stop.map(Stop::into_vec).unwrap_or_default(),
+            stop_token_ids: $req.stop_token_ids.unwrap_or_default(),
+        }
+    };
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -358,18 +376,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     }
     let max_param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     let max_tokens = fit_limit(&state, prompt.ids.len(), req.max_completion_tokens.or(req.max_tokens), max_param)?;
-    let fields = SamplingFields {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        repetition_penalty: req.repetition_penalty,
-        seed: req.seed,
-        stop: req.stop.map(Stop::into_vec).unwrap_or_default(),
-        stop_token_ids: req.stop_token_ids.unwrap_or_default(),
-    };
+    let fields = sampling_fields!(req);
     let mut sp = gen::sampling(model.gen_config.sampling_params(prompt.thinking), &fields)?;
     sp.max_tokens = Some(max_tokens);
     let budget = match req.max_thinking_tokens {
@@ -747,18 +754,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     } else {
         vec![]
     };
-    let fields = SamplingFields {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        repetition_penalty: req.repetition_penalty,
-        seed: req.seed,
-        stop: req.stop.map(Stop::into_vec).unwrap_or_default(),
-        stop_token_ids: req.stop_token_ids.unwrap_or_default(),
-    };
+    let fields = sampling_fields!(req);
     let base = gen::sampling(model.gen_config.sampling_params(false), &fields)?;
     let max_tokens = req.max_tokens.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS);
     let mut jobs = vec![];
