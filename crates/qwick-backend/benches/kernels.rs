@@ -4,11 +4,11 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qwick_backend::attention::{paged_attention, AttnArgs, PagedKv};
-use qwick_backend::{matmul, Ctx, DType, Isa, ThreadPool, WeightView};
+use qwick_backend::{matmul, Ctx, Format, Isa, ThreadPool, WeightView};
 
 fn weights(n: usize, k: usize) -> Vec<u8> {
     (0..n * k)
-        .flat_map(|i| qwick_backend::dtype::f32_to_bf16(((i * 7919 % 1000) as f32 - 500.0) / 1000.0).to_le_bytes())
+        .flat_map(|i| qwick_backend::format::f32_to_bf16(((i * 7919 % 1000) as f32 - 500.0) / 1000.0).to_le_bytes())
         .collect()
 }
 
@@ -25,12 +25,12 @@ fn bench_matmul(c: &mut Criterion) {
         ("gemm128_mlp_up", 128, 3072, 1024),
     ];
     for isa in Isa::all_supported().into_iter().filter(|&i| i != Isa::Scalar) {
-        let ctx = Ctx { isa, pool: &pool };
+        let ctx = Ctx::new(isa, &pool);
         let mut g = c.benchmark_group(format!("matmul_{isa}"));
         g.sample_size(10);
         for &(name, m, n, k) in &cases {
             let w = weights(n, k);
-            let wv = WeightView::new(DType::BF16, &w, n, k);
+            let wv = WeightView::new(Format::BF16, &w, n, k);
             let x = vec![0.5f32; m * k];
             let mut y = vec![0f32; m * n];
             g.throughput(Throughput::Bytes((n * k * 2) as u64));
@@ -49,7 +49,7 @@ fn bench_attention(c: &mut Criterion) {
     let table: Vec<u32> = (0..blocks as u32).collect();
     let tables = [&table[..]];
     for isa in Isa::all_supported().into_iter().filter(|&i| i != Isa::Scalar) {
-        let ctx = Ctx { isa, pool: &pool };
+        let ctx = Ctx::new(isa, &pool);
         let mut g = c.benchmark_group(format!("attention_{isa}"));
         g.sample_size(10);
         for (name, t) in [("decode_ctx512", 1usize), ("prefill_512", ctx_len)] {

@@ -18,3 +18,19 @@ pub fn tune_allocator() {
         }
     });
 }
+
+/// Drops the resident pages of a read-only file mapping that lie wholly inside `b`: they leave
+/// the process's memory (and its RSS) and are read again from the file if touched later.
+pub fn release_mapped(b: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        let page = 4096;
+        let start = (b.as_ptr() as usize).next_multiple_of(page);
+        let end = (b.as_ptr() as usize + b.len()) / page * page;
+        if end > start {
+            // Safety: the range lies inside `b`, part of a read-only mapping of an unchanging
+            // file; dropped pages read back the same bytes, so `b` keeps its contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+}

@@ -476,7 +476,7 @@ mod tests {
             for isa in Isa::all_supported() {
                 let mut out = vec![0f32; t * nh * hd];
                 let kv = PagedKv { k: &kc, v: &vc, block_size: bs, kv_heads: kvh, head_dim: hd };
-                paged_attention(Ctx { isa, pool: &pool }, &q, kv, &args, &mut out);
+                paged_attention(Ctx::new(isa, &pool), &q, kv, &args, &mut out);
                 for (i, (g, e)) in out.iter().zip(&want).enumerate() {
                     assert!((g - e).abs() < 1e-5, "{isa} t{t} nh{nh} kvh{kvh} hd{hd} [{i}]: {g} vs {e}");
                 }
@@ -487,7 +487,7 @@ mod tests {
                         AttnArgs { n_heads: nh, scale, positions: &pos, seq_of_token: &[0], block_tables: &tables };
                     let mut o1 = vec![0f32; nh * hd];
                     let kv = PagedKv { k: &kc, v: &vc, block_size: bs, kv_heads: kvh, head_dim: hd };
-                    paged_attention(Ctx { isa, pool: &pool }, &q[p * nh * hd..(p + 1) * nh * hd], kv, &one, &mut o1);
+                    paged_attention(Ctx::new(isa, &pool), &q[p * nh * hd..(p + 1) * nh * hd], kv, &one, &mut o1);
                     for (i, (g, e)) in o1.iter().zip(&want[p * nh * hd..]).enumerate() {
                         assert!((g - e).abs() < 1e-5, "{isa} decode t{t} p{p} hd{hd} [{i}]: {g} vs {e}");
                     }

@@ -10,6 +10,9 @@ pub enum Isa {
     Avx2,
     /// AVX-512 F/BW/VL/DQ, exact: bf16 weights are widened to f32 in registers.
     Avx512,
+    /// AVX-512 with VNNI (`vpdpbusd`) for the integer dot products of quantized weights.
+    /// Everything else as `Avx512`.
+    Avx512Vnni,
     /// AVX-512 with AVX512-BF16 dot products: for bf16 weights, activations are rounded to
     /// bf16 before each matmul (as bf16 inference does) and multiplied with `vdpbf16ps`,
     /// twice the multiply-adds per instruction. Everything else as `Avx512`.
@@ -22,6 +25,7 @@ impl fmt::Display for Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Vnni => "avx512vnni",
             Isa::Avx512Bf16 => "avx512bf16",
         })
     }
@@ -33,6 +37,7 @@ impl Isa {
             "scalar" => Some(Isa::Scalar),
             "avx2" => Some(Isa::Avx2),
             "avx512" => Some(Isa::Avx512),
+            "avx512vnni" => Some(Isa::Avx512Vnni),
             "avx512bf16" => Some(Isa::Avx512Bf16),
             _ => None,
         }
@@ -56,7 +61,9 @@ impl Isa {
                     && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 => Isa::Avx512.supported() && is_x86_feature_detected!("avx512bf16"),
+            Isa::Avx512Vnni => Isa::Avx512.supported() && is_x86_feature_detected!("avx512vnni"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => Isa::Avx512Vnni.supported() && is_x86_feature_detected!("avx512bf16"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -64,15 +71,20 @@ impl Isa {
 
     /// The fastest ISA this CPU supports.
     pub fn best() -> Isa {
-        [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported()).unwrap_or(Isa::Scalar)
+        [Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported()).unwrap_or(Isa::Scalar)
     }
 
     /// The fastest ISA whose results match the f32 reference (no bf16 rounding of activations).
     pub fn best_exact() -> Isa {
         match Isa::best() {
-            Isa::Avx512Bf16 => Isa::Avx512,
+            Isa::Avx512Bf16 => Isa::Avx512Vnni,
             i => i,
         }
+    }
+
+    /// Whether this is one of the AVX-512 variants.
+    pub fn is_avx512(self) -> bool {
+        matches!(self, Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16)
     }
 
     /// Whether matmuls with bf16 weights round activations to bf16.
@@ -82,7 +94,10 @@ impl Isa {
 
     /// All ISAs this CPU supports, scalar first.
     pub fn all_supported() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16].into_iter().filter(|i| i.supported()).collect()
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni, Isa::Avx512Bf16]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect()
     }
 
     /// The ISA to use: `QWICK_ISA` if set (an error if unknown or unsupported), else the best.
@@ -90,7 +105,7 @@ impl Isa {
         match std::env::var("QWICK_ISA") {
             Ok(v) if !v.is_empty() => {
                 let isa = Isa::parse(&v)
-                    .ok_or_else(|| format!("QWICK_ISA={v}: expected scalar, avx2, avx512 or avx512bf16"))?;
+                    .ok_or_else(|| format!("QWICK_ISA={v}: expected scalar, avx2, avx512, avx512vnni or avx512bf16"))?;
                 if !isa.supported() {
                     return Err(format!("QWICK_ISA={v}: this CPU does not support {isa}"));
                 }

@@ -6,34 +6,53 @@
 //! rows of `x`, and a tiled GEMM for many (prefill), which converts a panel of `W` to f32 once
 //! and reuses it from L1 across all rows. Work is split over threads by output columns.
 
-use crate::dtype::DType;
+use crate::format::Format;
 use crate::pool::SendPtr;
+use crate::quant::{self, ActQ8};
 use crate::{Ctx, Isa};
 
-/// A borrowed 2-D weight, `rows` output features by `cols` input features, row-major.
+/// How a weight's bytes are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Row after row, each a run of the format's blocks: the layout of checkpoint files.
+    Rows,
+    /// Groups of 16 rows interleaved for the integer kernels (see [`crate::quant::tiles`]).
+    Tiles,
+}
+
+/// A borrowed 2-D weight, `rows` output features by `cols` input features.
 #[derive(Clone, Copy, Debug)]
 pub struct WeightView<'a> {
-    pub dtype: DType,
+    pub format: Format,
+    pub layout: Layout,
     pub data: &'a [u8],
     pub rows: usize,
     pub cols: usize,
 }
 
 impl<'a> WeightView<'a> {
-    pub fn new(dtype: DType, data: &'a [u8], rows: usize, cols: usize) -> Self {
-        assert_eq!(data.len(), rows * cols * dtype.size(), "weight buffer size does not match its shape");
-        WeightView { dtype, data, rows, cols }
+    /// A weight in the file's layout: `rows` rows, each a run of `format` blocks.
+    pub fn new(format: Format, data: &'a [u8], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * format.row_bytes(cols), "weight buffer size does not match its shape");
+        WeightView { format, layout: Layout::Rows, data, rows, cols }
+    }
+
+    /// A weight converted to tiles by [`crate::quant::repack`].
+    pub fn tiles(format: Format, data: &'a [u8], rows: usize, cols: usize) -> Self {
+        let spec = crate::quant::tiles::spec(format).expect("tiles of a format without a tile layout");
+        assert_eq!(data.len(), spec.bytes(rows, cols), "tile buffer size does not match its shape");
+        WeightView { format, layout: Layout::Tiles, data, rows, cols }
     }
 
     pub fn from_f32(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        // Any initialised f32 slice is also a valid byte slice of four times the length.
         let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) };
-        WeightView::new(DType::F32, bytes, rows, cols)
+        WeightView::new(Format::F32, bytes, rows, cols)
     }
 
-    /// Rows `r` of this weight (e.g. one expert of a stacked tensor).
-    pub fn rows_slice(&self, r: std::ops::Range<usize>) -> WeightView<'a> {
-        let rb = self.cols * self.dtype.size();
-        WeightView { dtype: self.dtype, data: &self.data[r.start * rb..r.end * rb], rows: r.len(), cols: self.cols }
+    /// Bytes of one row in the file's layout.
+    pub fn row_bytes(&self) -> usize {
+        self.format.row_bytes(self.cols)
     }
 
     pub fn bytes(&self) -> usize {
@@ -49,14 +68,22 @@ pub fn matmul(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: &mut [f32]) {
     matmul_batch(ctx, &mut [MatmulJob::new(x, m, *w, y)]);
 }
 
+/// How a job's activations are prepared for its weight's kernels.
+enum Prepared {
+    /// `x` as it is.
+    None,
+    /// `x` rounded to bf16, rows padded to an even length (for `Isa::Avx512Bf16`).
+    Bf16(Vec<u16>),
+    /// `x` copied with a padded row stride (see `pad_stride`).
+    Padded(Vec<f32>, usize),
+    /// `x` quantized to 8-bit blocks, for the integer kernels of quantized weights.
+    Q8(ActQ8),
+}
+
 /// One product of a [`matmul_batch`]: `y[m, n] = x[m, k] · w[n, k]ᵀ`.
 pub struct MatmulJob<'a> {
     x: &'a [f32],
-    /// `x` rounded to bf16, rows padded to an even length (for `Isa::Avx512Bf16`).
-    xb: Vec<u16>,
-    /// `x` copied with a padded row stride `ldx` (see `pad_stride`), or empty.
-    xpad: Vec<f32>,
-    ldx: usize,
+    prep: Prepared,
     m: usize,
     w: WeightView<'a>,
     y: SendPtr<f32>,
@@ -66,16 +93,25 @@ pub struct MatmulJob<'a> {
 impl<'a> MatmulJob<'a> {
     pub fn new(x: &'a [f32], m: usize, w: WeightView<'a>, y: &'a mut [f32]) -> Self {
         assert!(x.len() >= m * w.cols && y.len() >= m * w.rows, "matmul operand sizes");
-        MatmulJob {
-            x,
-            xb: Vec::new(),
-            xpad: Vec::new(),
-            ldx: w.cols,
-            m,
-            w,
-            y: SendPtr::new(y),
-            _y: std::marker::PhantomData,
+        MatmulJob { x, prep: Prepared::None, m, w, y: SendPtr::new(y), _y: std::marker::PhantomData }
+    }
+}
+
+/// Prepares `x` [m, k] for a product with `w` on `ctx`.
+fn prepare(ctx: Ctx, x: &[f32], m: usize, w: &WeightView) -> Prepared {
+    let k = w.cols;
+    let x = &x[..m * k];
+    if w.format == Format::BF16 && ctx.isa.rounds_activations() {
+        Prepared::Bf16(round_rows_to_bf16(x, k))
+    } else if w.format.is_float() {
+        match pad_stride(ctx.isa, m, k) {
+            Some(ldx) => Prepared::Padded(pad_rows(x, k, ldx), ldx),
+            None => Prepared::None,
         }
+    } else if !ctx.exact && quant::has_q8_kernel(w.format) {
+        Prepared::Q8(ActQ8::quantize(ctx.isa, x, m, k))
+    } else {
+        Prepared::None
     }
 }
 
@@ -89,20 +125,11 @@ pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
     if total == 0 {
         return;
     }
-    if ctx.isa.rounds_activations() {
-        for j in jobs.iter_mut().filter(|j| j.w.dtype == DType::BF16) {
-            j.xb = round_rows_to_bf16(&j.x[..j.m * j.w.cols], j.w.cols);
-        }
-    }
     for j in jobs.iter_mut() {
-        if let Some(ldx) = pad_stride(ctx.isa, j.m, j.w.cols) {
-            j.xpad = pad_rows(&j.x[..j.m * j.w.cols], j.w.cols, ldx);
-            j.ldx = ldx;
-        }
+        j.prep = prepare(ctx, j.x, j.m, &j.w);
     }
     let run_range = |j: &MatmulJob, cols: std::ops::Range<usize>| unsafe {
-        let x = if j.xpad.is_empty() { j.x } else { &j.xpad };
-        matmul_cols_impl(ctx.isa, x, j.ldx, &j.xb, j.m, &j.w, j.y.ptr(), j.w.rows, cols)
+        matmul_cols_impl(ctx, j.x, &j.prep, j.m, &j.w, j.y.ptr(), j.w.rows, cols)
     };
     if threads == 1 || total < 1 << 16 {
         for j in jobs.iter() {
@@ -133,7 +160,7 @@ pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
 /// The row stride the exact AVX-512 GEMV wants for `m` rows of length `k`, when it differs from
 /// `k`: with more than 4 rows, rows a multiple of 4 KiB apart would share L1 sets.
 fn pad_stride(isa: Isa, m: usize, k: usize) -> Option<usize> {
-    let avx512 = matches!(isa, Isa::Avx512 | Isa::Avx512Bf16);
+    let avx512 = matches!(isa, Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16);
     (avx512 && m > 4 && m < GEMM_MIN_ROWS && k.is_multiple_of(256)).then_some(k + 16)
 }
 
@@ -152,17 +179,41 @@ pub fn round_rows_to_bf16(x: &[f32], k: usize) -> Vec<u16> {
     let mut out = vec![0u16; x.len() / k.max(1) * kp];
     for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(kp)) {
         for (d, &v) in dst.iter_mut().zip(src) {
-            *d = crate::dtype::f32_to_bf16(v);
+            *d = crate::format::f32_to_bf16(v);
         }
     }
     out
 }
 
-/// Single-threaded: computes columns `cols` of `y` (row stride `ldy`).
-///
-/// # Safety
-/// `y` must be valid for `m` rows of `ldy` floats and no other thread may write these columns.
-pub unsafe fn matmul_cols(
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_cols_impl(
+    ctx: Ctx,
+    x: &[f32],
+    prep: &Prepared,
+    m: usize,
+    w: &WeightView,
+    y: *mut f32,
+    ldy: usize,
+    cols: std::ops::Range<usize>,
+) {
+    if cols.is_empty() || m == 0 {
+        return;
+    }
+    match prep {
+        Prepared::Q8(a) => quant::matmul_q8(ctx.isa, a, w, y, ldy, cols),
+        Prepared::Bf16(xb) => float_cols(ctx.isa, x, w.cols, xb, m, w, y, ldy, cols),
+        Prepared::Padded(xp, ldx) => float_cols(ctx.isa, xp, *ldx, &[], m, w, y, ldy, cols),
+        Prepared::None if w.format.is_float() => float_cols(ctx.isa, x, w.cols, &[], m, w, y, ldy, cols),
+        Prepared::None if w.layout == Layout::Rows => dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
+        Prepared::None => tiles_dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
+    }
+}
+
+/// Quantized weights times f32 activations: rows of `w` are dequantized to f32 a few at a time
+/// and multiplied by the f32 kernels (the exact path, and the path of formats without integer
+/// kernels).
+#[allow(clippy::too_many_arguments)]
+unsafe fn dequantized_cols(
     isa: Isa,
     x: &[f32],
     m: usize,
@@ -171,21 +222,55 @@ pub unsafe fn matmul_cols(
     ldy: usize,
     cols: std::ops::Range<usize>,
 ) {
-    let xb = if isa.rounds_activations() && w.dtype == DType::BF16 {
-        round_rows_to_bf16(&x[..m * w.cols], w.cols)
-    } else {
-        Vec::new()
+    let k = w.cols;
+    let rb = w.row_bytes();
+    // 32 rows: one panel of the f32 GEMM; a few rows are enough for the GEMV.
+    let chunk = if m >= GEMM_MIN_ROWS { 32 } else { 8 };
+    let mut buf = vec![0f32; chunk * k];
+    let prep = match pad_stride(isa, m, k) {
+        Some(ldx) => Prepared::Padded(pad_rows(&x[..m * k], k, ldx), ldx),
+        None => Prepared::None,
     };
-    let padded = pad_stride(isa, m, w.cols).map(|ldx| (pad_rows(&x[..m * w.cols], w.cols, ldx), ldx));
-    let (x, ldx) = match &padded {
-        Some((p, ldx)) => (p.as_slice(), *ldx),
-        None => (x, w.cols),
-    };
-    matmul_cols_impl(isa, x, ldx, &xb, m, w, y, ldy, cols)
+    let mut n = cols.start;
+    while n < cols.end {
+        let nr = (cols.end - n).min(chunk);
+        w.format.dequantize(&w.data[n * rb..(n + nr) * rb], &mut buf[..nr * k]);
+        let wf = WeightView::from_f32(&buf[..nr * k], nr, k);
+        match &prep {
+            Prepared::Padded(xp, ldx) => float_cols(isa, xp, *ldx, &[], m, &wf, y.add(n), ldy, 0..nr),
+            _ => float_cols(isa, x, k, &[], m, &wf, y.add(n), ldy, 0..nr),
+        }
+        n += nr;
+    }
 }
 
+/// [`dequantized_cols`] for a weight in tiles: each 16-row group is read back to f32.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul_cols_impl(
+unsafe fn tiles_dequantized_cols(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &WeightView,
+    y: *mut f32,
+    ldy: usize,
+    cols: std::ops::Range<usize>,
+) {
+    let k = w.cols;
+    let mut buf = vec![0f32; quant::tiles::ROWS * k];
+    let mut n = cols.start;
+    while n < cols.end {
+        let nr = (cols.end - n).min(quant::tiles::ROWS);
+        quant::tiles_to_f32(w, n / quant::tiles::ROWS, &mut buf[..nr * k]);
+        let wf = WeightView::from_f32(&buf[..nr * k], nr, k);
+        float_cols(isa, x, k, &[], m, &wf, y.add(n), ldy, 0..nr);
+        n += nr;
+    }
+}
+
+/// Float weights (f32, bf16, f16): `x` with row stride `ldx`; `xb` the bf16-rounded rows when
+/// the bf16 dot-product kernels run.
+#[allow(clippy::too_many_arguments)]
+unsafe fn float_cols(
     isa: Isa,
     x: &[f32],
     ldx: usize,
@@ -196,23 +281,22 @@ unsafe fn matmul_cols_impl(
     ldy: usize,
     cols: std::ops::Range<usize>,
 ) {
-    if cols.is_empty() || m == 0 {
-        return;
-    }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 if w.dtype == DType::BF16 && !xb.is_empty() => x86::avx512bf16::matmul(xb, m, w, y, ldy, cols),
+        Isa::Avx512Bf16 if w.format == Format::BF16 && !xb.is_empty() => {
+            x86::avx512bf16::matmul(xb, m, w, y, ldy, cols)
+        }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => match w.dtype {
-            DType::F32 => x86::avx512::matmul::<0>(x, ldx, m, w, y, ldy, cols),
-            DType::BF16 => x86::avx512::matmul::<1>(x, ldx, m, w, y, ldy, cols),
-            DType::F16 => x86::avx512::matmul::<2>(x, ldx, m, w, y, ldy, cols),
+        Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 => match w.format {
+            Format::F32 => x86::avx512::matmul::<0>(x, ldx, m, w, y, ldy, cols),
+            Format::BF16 => x86::avx512::matmul::<1>(x, ldx, m, w, y, ldy, cols),
+            _ => x86::avx512::matmul::<2>(x, ldx, m, w, y, ldy, cols),
         },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => match w.dtype {
-            DType::F32 => x86::avx2::matmul::<0>(x, m, w, y, ldy, cols),
-            DType::BF16 => x86::avx2::matmul::<1>(x, m, w, y, ldy, cols),
-            DType::F16 => x86::avx2::matmul::<2>(x, m, w, y, ldy, cols),
+        Isa::Avx2 => match w.format {
+            Format::F32 => x86::avx2::matmul::<0>(x, m, w, y, ldy, cols),
+            Format::BF16 => x86::avx2::matmul::<1>(x, m, w, y, ldy, cols),
+            _ => x86::avx2::matmul::<2>(x, m, w, y, ldy, cols),
         },
         _ => scalar(x, m, w, y, ldy, cols),
     }
@@ -221,12 +305,10 @@ unsafe fn matmul_cols_impl(
 /// The reference: one f32 dot product per output, summed in order.
 unsafe fn scalar(x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
     let k = w.cols;
+    let rbytes = w.row_bytes();
     let mut row = vec![0f32; k];
     for n in cols {
-        let rb = &w.data[n * k * w.dtype.size()..(n + 1) * k * w.dtype.size()];
-        for (kk, r) in row.iter_mut().enumerate() {
-            *r = w.dtype.get(rb, kk);
-        }
+        w.format.dequantize(&w.data[n * rbytes..(n + 1) * rbytes], &mut row);
         for i in 0..m {
             let xr = &x[i * k..(i + 1) * k];
             let mut s = 0f32;
@@ -351,7 +433,7 @@ mod x86 {
             cols: std::ops::Range<usize>,
         ) {
             let k = w.cols;
-            let rb = k * w.dtype.size();
+            let rb = k * w.format.row_bytes(1);
             let wp = w.data.as_ptr();
             // Up to 4 rows of x: 4 weight rows at a time. More: 2 weight rows against up to 8
             // rows of x, so each weight vector is widened once for 8 FMAs.
@@ -437,7 +519,7 @@ mod x86 {
             cols: std::ops::Range<usize>,
         ) {
             let k = w.cols;
-            let es = w.dtype.size();
+            let es = w.format.row_bytes(1);
             let rb = k * es;
             let wp = w.data.as_ptr();
             let mut panel = vec![0f32; KC * NR];
@@ -568,7 +650,7 @@ mod x86 {
         }
 
         /// # Safety
-        /// `xb` holds `m` rows of `k` rounded up to even bf16 values; see `matmul_cols`.
+        /// `xb` holds `m` rows of `k` rounded up to even bf16 values (see `prepare`).
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
         pub unsafe fn matmul(
             xb: &[u16],
@@ -819,7 +901,7 @@ mod x86 {
             cols: std::ops::Range<usize>,
         ) {
             let k = w.cols;
-            let rb = k * w.dtype.size();
+            let rb = k * w.format.row_bytes(1);
             let wp = w.data.as_ptr();
             let mut n = cols.start;
             while n < cols.end {
@@ -887,7 +969,7 @@ mod x86 {
             cols: std::ops::Range<usize>,
         ) {
             let k = w.cols;
-            let es = w.dtype.size();
+            let es = w.format.row_bytes(1);
             let rb = k * es;
             let wp = w.data.as_ptr();
             let mut panel = vec![0f32; KC * NR];
@@ -1000,13 +1082,13 @@ pub(crate) mod tests {
             .collect()
     }
 
-    fn encode(v: &[f32], dt: DType) -> Vec<u8> {
-        let mut out = Vec::with_capacity(v.len() * dt.size());
+    fn encode(v: &[f32], dt: Format) -> Vec<u8> {
+        let mut out = Vec::with_capacity(v.len() * dt.row_bytes(1));
         for &x in v {
             match dt {
-                DType::F32 => out.extend_from_slice(&x.to_le_bytes()),
-                DType::BF16 => out.extend_from_slice(&crate::dtype::f32_to_bf16(x).to_le_bytes()),
-                DType::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
+                Format::F32 => out.extend_from_slice(&x.to_le_bytes()),
+                Format::BF16 => out.extend_from_slice(&crate::format::f32_to_bf16(x).to_le_bytes()),
+                _ => out.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
             }
         }
         out
@@ -1025,29 +1107,30 @@ pub(crate) mod tests {
             (29, 129, 257),
             (64, 96, 64),
         ];
-        for dt in [DType::F32, DType::BF16, DType::F16] {
+        for dt in [Format::F32, Format::BF16, Format::F16] {
             for &(m, n, k) in &shapes {
                 let x = rand_vec(m * k, 1 + m as u64);
                 let wb = encode(&rand_vec(n * k, 7 + n as u64), dt);
                 let w = WeightView::new(dt, &wb, n, k);
                 let mut want = vec![0f32; m * n];
-                matmul(Ctx { isa: Isa::Scalar, pool: &pool }, &x, m, &w, &mut want);
+                matmul(Ctx::new(Isa::Scalar, &pool), &x, m, &w, &mut want);
                 // A batch of two products splits columns across threads the same way.
                 let (mut y1, mut y2) = (vec![0f32; m * n], vec![0f32; m * n]);
                 matmul_batch(
-                    Ctx { isa: Isa::Scalar, pool: &pool },
+                    Ctx::new(Isa::Scalar, &pool),
                     &mut [MatmulJob::new(&x, m, w, &mut y1), MatmulJob::new(&x, m, w, &mut y2)],
                 );
                 assert_eq!(y1, want);
                 assert_eq!(y2, want);
                 // The bf16-dot path equals the reference on bf16-rounded activations.
-                let xr: Vec<f32> = x.iter().map(|&v| crate::dtype::bf16_to_f32(crate::dtype::f32_to_bf16(v))).collect();
+                let xr: Vec<f32> =
+                    x.iter().map(|&v| crate::format::bf16_to_f32(crate::format::f32_to_bf16(v))).collect();
                 let mut want_r = vec![0f32; m * n];
-                matmul(Ctx { isa: Isa::Scalar, pool: &pool }, &xr, m, &w, &mut want_r);
+                matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &w, &mut want_r);
                 for isa in Isa::all_supported() {
                     let mut got = vec![f32::NAN; m * n];
-                    matmul(Ctx { isa, pool: &pool }, &x, m, &w, &mut got);
-                    let want = if isa.rounds_activations() && dt == DType::BF16 { &want_r } else { &want };
+                    matmul(Ctx::new(isa, &pool), &x, m, &w, &mut got);
+                    let want = if isa.rounds_activations() && dt == Format::BF16 { &want_r } else { &want };
                     for (i, (g, e)) in got.iter().zip(want).enumerate() {
                         assert!(
                             (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),

@@ -9,10 +9,12 @@
 //! - [`parse_tool_calls`] / [`ToolCallStream`]: `<tool_call>` blocks in the output.
 //! - [`GenerationConfig`]: `generation_config.json` and Qwen's recommended sampling presets.
 //! - [`hub`]: where a model folder comes from (a path, or the Hugging Face cache / Hub).
+//! - [`ModelText`]: all of the above for a model folder or a GGUF file.
 
 mod error;
 mod generation;
 pub mod hub;
+mod model_text;
 pub mod pyjson;
 mod reasoning;
 mod template;
@@ -21,6 +23,7 @@ mod tools;
 
 pub use error::{ChatError, Result};
 pub use generation::GenerationConfig;
+pub use model_text::{ModelText, TextSource};
 pub use qwick_sampler::SamplingParams;
 pub use reasoning::{split_reasoning, ReasoningDelta, ReasoningParser, ThinkingBudget, THINKING_BUDGET_STOP};
 pub use template::{ChatMessage, ChatTemplate, FunctionCall, RenderOptions, ToolCall};

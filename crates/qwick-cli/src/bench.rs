@@ -11,7 +11,7 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Model folder.
+    /// Model folder or GGUF file.
     #[arg(long)]
     model: PathBuf,
     /// Prompt tokens per sequence.
@@ -39,10 +39,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // Bandwidth first, before the weights occupy memory.
     let bw = {
         let pool = ThreadPool::new(threads);
-        read_bandwidth(Ctx { isa, pool: &pool }, 512 << 20, 5)
+        read_bandwidth(Ctx::new(isa, &pool), 512 << 20, 5)
     };
     let t_load = Instant::now();
-    let model = common::load_model(&a.model)?;
+    let model = common::load_model(&a.model, &a.run)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let cfg = model.config.clone();
     let ctx_len = a.prompt_len + a.gen_len;

@@ -7,7 +7,7 @@
 use crate::run::{finish_reason, generate_text, stats_line, Chat, Display, GenArgs, TextStream};
 use anyhow::Result;
 use qwick_chat::ChatMessage;
-use qwick_engine::{Runner, RunnerConfig};
+use qwick_engine::Runner;
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -66,9 +66,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
     g.sampling(&chat.gen_config, true)?;
     g.sampling(&chat.gen_config, false)?;
     let isa = g.run.isa()?;
-    let model = chat.load_weights()?;
+    let model = chat.load_weights(&g.run)?;
     let context = chat.context().min(CHAT_CONTEXT);
-    let mut runner = Runner::new(model, &RunnerConfig::with_tokens(context, g.run.threads(), isa));
+    let mut runner = g.run.runner(model, context, isa)?;
 
     let signals = Arc::new(Signals::default());
     let interactive = std::io::stdin().is_terminal();

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use qwick_backend::{Isa, ThreadPool};
 use qwick_engine::{Runner, RunnerConfig};
-use qwick_model::Qwen3;
+use qwick_model::{LoadOptions, Qwen3};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Arc;
@@ -14,10 +14,18 @@ pub struct RunArgs {
     /// Worker threads (default: QWICK_THREADS or all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Kernel instruction set: scalar, avx2, avx512 or avx512bf16 (default: QWICK_ISA, else the
-    /// fastest available; `logits` defaults to the fastest exact one).
+    /// Kernel instruction set: scalar, avx2, avx512, avx512vnni or avx512bf16 (default:
+    /// QWICK_ISA, else the fastest available; `logits` defaults to the fastest exact one).
     #[arg(long)]
     pub isa: Option<String>,
+    /// Multiply quantized weights exactly: dequantized, with f32 activations, instead of
+    /// integer dot products with activations quantized to 8 bits.
+    #[arg(long)]
+    pub exact: bool,
+    /// Keep quantized weights in the file's layout (memory-mapped, nothing copied) instead of
+    /// converting them at load to the layout the kernels read fastest.
+    #[arg(long)]
+    pub no_repack: bool,
 }
 
 impl RunArgs {
@@ -34,8 +42,8 @@ impl RunArgs {
     pub fn isa_or(&self, default: Isa) -> Result<Isa> {
         match &self.isa {
             Some(s) => {
-                let isa =
-                    Isa::parse(s).with_context(|| format!("--isa {s}: expected scalar, avx2, avx512 or avx512bf16"))?;
+                let isa = Isa::parse(s)
+                    .with_context(|| format!("--isa {s}: expected scalar, avx2, avx512, avx512vnni or avx512bf16"))?;
                 if !isa.supported() {
                     anyhow::bail!("--isa {s}: this CPU does not support it");
                 }
@@ -50,7 +58,14 @@ impl RunArgs {
 
     /// A runner on `isa` whose cache holds `tokens` tokens.
     pub fn runner(&self, model: Arc<Qwen3>, tokens: usize, isa: Isa) -> Result<Runner> {
-        Ok(Runner::new(model, &RunnerConfig::with_tokens(tokens, self.threads(), isa)))
+        let mut cfg = RunnerConfig::with_tokens(tokens, self.threads(), isa);
+        cfg.exact = self.exact;
+        Ok(Runner::new(model, &cfg))
+    }
+
+    /// How to load the model.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions { repack: !self.no_repack, threads: self.threads() }
     }
 }
 
@@ -76,53 +91,14 @@ pub fn tick(bar: &Option<ProgressBar>, done: usize, total: usize) {
     }
 }
 
-/// Loads a model folder and reads its weights into the page cache, with a progress bar.
-pub fn load_model(dir: &Path) -> Result<Arc<Qwen3>> {
-    let model = Qwen3::load(dir)?;
+/// Loads a model (folder or GGUF file) and reads its weights into memory, with a progress bar.
+pub fn load_model(path: &Path, args: &RunArgs) -> Result<Arc<Qwen3>> {
+    let model = Qwen3::load_with(path, &args.load_options())?;
     let bar = progress_bar("loading");
-    let ck_bytes = model.weight_bytes();
-    // Touch the mapped weights once so the first token does not wait on the disk.
-    prefetch(&model, &|d, _| tick(&bar, d, ck_bytes));
+    // Touch the weights once so the first token does not wait on the disk.
+    model.prefetch(&|d, t| tick(&bar, d, t));
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     Ok(Arc::new(model))
-}
-
-fn prefetch(model: &Qwen3, progress: &dyn Fn(usize, usize)) {
-    let mut done = 0;
-    let mut touch = |b: &[u8]| {
-        let mut s = 0u8;
-        for p in (0..b.len()).step_by(4096) {
-            s = s.wrapping_add(b[p]);
-        }
-        std::hint::black_box(s);
-        done += b.len();
-        progress(done, 0);
-    };
-    touch(model.embed_tokens.bytes());
-    for l in &model.layers {
-        let a = &l.attn;
-        for w in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
-            touch(w.0.bytes());
-        }
-        match &l.mlp {
-            qwick_model::qwen3::Mlp::Dense(s) => {
-                for w in [&s.gate_proj, &s.up_proj, &s.down_proj] {
-                    touch(w.0.bytes());
-                }
-            }
-            qwick_model::qwen3::Mlp::Moe { router, experts, .. } => {
-                touch(router.0.bytes());
-                for s in experts {
-                    for w in [&s.gate_proj, &s.up_proj, &s.down_proj] {
-                        touch(w.0.bytes());
-                    }
-                }
-            }
-        }
-    }
-    if !model.tied {
-        touch(model.lm_head.0.bytes());
-    }
 }

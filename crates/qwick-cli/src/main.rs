@@ -27,7 +27,7 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Write the float32 logits of every position of a token sequence as a NumPy .npy file [T, vocab].
     Logits {
-        /// Model folder (config.json + safetensors).
+        /// Model folder (config.json + safetensors) or GGUF file.
         #[arg(long)]
         model: PathBuf,
         /// Comma-separated token ids, e.g. 1,2,3.
@@ -36,6 +36,10 @@ enum Command {
         /// Output .npy file.
         #[arg(long)]
         out: PathBuf,
+        /// Multiply quantized weights as run and serve do (integer dot products with activations
+        /// quantized to 8 bits) instead of exactly.
+        #[arg(long, conflicts_with = "exact")]
+        fast: bool,
         #[command(flatten)]
         run: common::RunArgs,
     },
@@ -84,9 +88,10 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Chat(args) => chat::run(args),
-        Command::Logits { model, tokens, out, run } => {
+        Command::Logits { model, tokens, out, fast, mut run } => {
             let tokens = parse_tokens(&tokens)?;
-            let model = common::load_model(&model)?;
+            run.exact = !fast;
+            let model = common::load_model(&model, &run)?;
             let vocab = model.config.vocab_size;
             // Scoring is exact by default: no bf16 rounding of activations.
             let isa = run.isa_or(qwick_backend::Isa::best_exact())?;
@@ -99,9 +104,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::BenchServe(args) => serve::bench_serve(args),
         Command::MakeRandom { config, out, dtype, seed, shard_gb } => {
             let dtype = match dtype.to_ascii_lowercase().as_str() {
-                "bf16" | "bfloat16" => qwick_backend::DType::BF16,
-                "f16" | "float16" => qwick_backend::DType::F16,
-                "f32" | "float32" => qwick_backend::DType::F32,
+                "bf16" | "bfloat16" => qwick_backend::Format::BF16,
+                "f16" | "float16" => qwick_backend::Format::F16,
+                "f32" | "float32" => qwick_backend::Format::F32,
                 other => bail!("--dtype {other}: expected bf16, f16 or f32"),
             };
             let bar = common::progress_bar("writing");

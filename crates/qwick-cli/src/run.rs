@@ -5,11 +5,12 @@
 use crate::common::{self, RunArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use qwick_chat::{
-    ChatMessage, ChatTemplate, GenerationConfig, IncrementalDecoder, ReasoningParser, RenderOptions, Tokenizer,
-    THINKING_BUDGET_STOP,
+    ChatMessage, ChatTemplate, GenerationConfig, IncrementalDecoder, ModelText, ReasoningParser, RenderOptions,
+    TextSource, Tokenizer, THINKING_BUDGET_STOP,
 };
-use qwick_engine::{generate, FinishReason, GenParams, Generation, Runner, RunnerConfig, ThinkingBudget};
-use qwick_model::{Config, Qwen3};
+use qwick_engine::{generate, FinishReason, GenParams, Generation, Runner, ThinkingBudget};
+use qwick_gguf::GgufFile;
+use qwick_model::{Config, ModelFiles, Qwen3};
 use qwick_sampler::{SamplingParams, StopMatcher};
 use serde_json::json;
 use std::collections::HashSet;
@@ -140,10 +141,10 @@ pub struct RunCmdArgs {
     gen: GenArgs,
 }
 
-/// A model folder ready to chat: tokenizer, template, generation config and the model's limits.
+/// A model (folder or GGUF file) ready to chat: tokenizer, template, generation config and the model's limits.
 /// The weights are loaded separately ([`Chat::load_weights`]) so that bad input fails first.
 pub struct Chat {
-    pub dir: PathBuf,
+    pub files: ModelFiles,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     pub gen_config: GenerationConfig,
@@ -160,47 +161,21 @@ pub struct Prompt {
     pub starts_in_thinking: bool,
 }
 
-fn has_template(dir: &Path) -> bool {
-    let in_config = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|c| c.get("chat_template").is_some_and(|t| !t.is_null()));
-    in_config || dir.join("chat_template.jinja").is_file() || dir.join("chat_template.json").is_file()
-}
-
 impl Chat {
     pub fn open(spec: &str, chat_template: Option<&Path>) -> Result<Chat> {
-        let dir = qwick_chat::hub::resolve_model(spec)?;
-        let config = Config::from_file(&dir.join("config.json"))?;
-        let tokenizer = Tokenizer::from_dir(&dir)?;
-        let template = match chat_template {
-            Some(file) => {
-                let t = ChatTemplate::from_file(file).with_context(|| format!("--chat-template {}", file.display()))?;
-                match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
-                    Ok(text) => match serde_json::from_str(&text) {
-                        Ok(c) => t.with_special_tokens_from(&c),
-                        Err(_) => t,
-                    },
-                    Err(_) => t,
-                }
+        let files = ModelFiles::locate(&qwick_chat::hub::resolve_model(spec)?)?;
+        let (config, text) = match &files {
+            ModelFiles::Folder(dir) => {
+                (Config::from_file(&dir.join("config.json"))?, ModelText::load(TextSource::Folder(dir), chat_template)?)
             }
-            None if !has_template(&dir) => bail!(
-                "the model folder {} has no chat template (no \"chat_template\" in tokenizer_config.json, no \
-                 chat_template.jinja); give one with --chat-template FILE",
-                dir.display()
-            ),
-            None => ChatTemplate::from_dir(&dir)?,
+            ModelFiles::Gguf(file) => {
+                let g = GgufFile::open(file)?;
+                (qwick_model::gguf::config(&g)?, ModelText::load(TextSource::Gguf(&g), chat_template)?)
+            }
         };
-        let gen_config = GenerationConfig::from_dir(&dir)?;
-        let mut eos = gen_config.eos_token_ids.clone();
-        eos.extend(&config.eos_token_ids);
-        if eos.is_empty() {
-            // No config names one: end at the end of the assistant's turn.
-            eos.extend(["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| tokenizer.token_id(t)));
-        }
-        eos.sort_unstable();
-        eos.dedup();
-        Ok(Chat { dir, tokenizer, template, gen_config, config, eos })
+        let eos = text.eos(&config.eos_token_ids);
+        let ModelText { tokenizer, template, gen_config } = text;
+        Ok(Chat { files, tokenizer, template, gen_config, config, eos })
     }
 
     /// Renders `messages` for a new assistant turn and tokenizes them. `thinking`: asked for;
@@ -237,8 +212,8 @@ impl Chat {
         Ok(())
     }
 
-    pub fn load_weights(&self) -> Result<Arc<Qwen3>> {
-        common::load_model(&self.dir)
+    pub fn load_weights(&self, args: &RunArgs) -> Result<Arc<Qwen3>> {
+        common::load_model(self.files.path(), args)
     }
 
     /// The engine's thinking budget of `max_tokens` reasoning tokens for a prompt.
@@ -479,12 +454,12 @@ pub fn run(a: RunCmdArgs) -> Result<()> {
         _ => None,
     };
     let isa = a.gen.run.isa()?;
-    let model = chat.load_weights()?;
+    let model = chat.load_weights(&a.gen.run)?;
 
     let max_tokens = sampling.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
     let inject = budget.as_ref().map_or(0, |b| b.stop_tokens_after_text.len());
     let kv_tokens = chat.context().min(prompt.ids.len() + max_tokens + inject + 1);
-    let mut runner = Runner::new(model, &RunnerConfig::with_tokens(kv_tokens, a.gen.run.threads(), isa));
+    let mut runner = a.gen.run.runner(model, kv_tokens, isa)?;
     let stops = sampling.stop.clone();
 
     let terminal = std::io::stdout().is_terminal();

@@ -80,7 +80,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     }
     let isa = a.run.isa()?;
     let threads = a.run.threads();
-    let model = common::load_model(&dir)?;
+    let model = common::load_model(&dir, &a.run)?;
     let context =
         a.max_model_len.unwrap_or(info.config.max_position_embeddings).min(info.config.max_position_embeddings);
     let kv_tokens = match (a.kv_cache_tokens, a.kv_cache_gb) {
@@ -116,9 +116,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         shutdown_grace: Duration::from_secs(10),
     };
     let name = info.name.clone();
-    let server = qwick_server::start(opts, info, move || {
-        Ok(Runner::new(model, &RunnerConfig::with_tokens(kv_tokens, threads, isa)))
-    })?;
+    let mut runner_config = RunnerConfig::with_tokens(kv_tokens, threads, isa);
+    runner_config.exact = a.run.exact;
+    let server = qwick_server::start(opts, info, move || Ok(Runner::new(model, &runner_config)))?;
     eprintln!(
         "qwick: serving {name} on http://{} (KV cache: {kv_tokens} tokens; max model len: {})",
         server.addr, server.max_model_len

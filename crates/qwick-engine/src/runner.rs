@@ -18,6 +18,8 @@ pub struct RunnerConfig {
     pub num_blocks: usize,
     pub threads: usize,
     pub isa: Isa,
+    /// Products with quantized weights use f32 activations (see [`Ctx::exact`]).
+    pub exact: bool,
 }
 
 impl RunnerConfig {
@@ -26,13 +28,13 @@ impl RunnerConfig {
         let c = &model.config;
         let block_size = 16;
         let per_block = KvCache::bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim) * block_size;
-        RunnerConfig { block_size, num_blocks: (kv_bytes / per_block).max(1), threads, isa }
+        RunnerConfig { block_size, num_blocks: (kv_bytes / per_block).max(1), threads, isa, exact: false }
     }
 
     /// A cache holding exactly `tokens` tokens.
     pub fn with_tokens(tokens: usize, threads: usize, isa: Isa) -> RunnerConfig {
         let block_size = 16;
-        RunnerConfig { block_size, num_blocks: tokens.div_ceil(block_size).max(1), threads, isa }
+        RunnerConfig { block_size, num_blocks: tokens.div_ceil(block_size).max(1), threads, isa, exact: false }
     }
 }
 
@@ -65,6 +67,7 @@ pub struct Runner {
     blocks: BlockAllocator,
     pool: ThreadPool,
     isa: Isa,
+    exact: bool,
     seqs: HashMap<SeqId, Sequence>,
     next_id: SeqId,
 }
@@ -79,13 +82,14 @@ impl Runner {
             blocks: BlockAllocator::new(cfg.num_blocks),
             pool: ThreadPool::new(cfg.threads),
             isa: cfg.isa,
+            exact: cfg.exact,
             seqs: HashMap::new(),
             next_id: 0,
         }
     }
 
     pub fn ctx(&self) -> Ctx<'_> {
-        Ctx { isa: self.isa, pool: &self.pool }
+        Ctx { isa: self.isa, pool: &self.pool, exact: self.exact }
     }
 
     pub fn kv_bytes(&self) -> usize {
@@ -222,7 +226,7 @@ impl Runner {
                 batch.logits_rows.retain(|&r| r as usize != rows.end - 1);
             }
         }
-        let ctx = Ctx { isa: self.isa, pool: &self.pool };
+        let ctx = Ctx { isa: self.isa, pool: &self.pool, exact: self.exact };
         let logits = self.model.forward(ctx, &batch, &mut self.kv)?;
         let vocab = self.model.config.vocab_size;
         let mut out = Vec::with_capacity(spans.len());

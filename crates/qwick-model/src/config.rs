@@ -157,7 +157,7 @@ impl Config {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let nonzero = [
             ("hidden_size", self.hidden_size),
             ("num_attention_heads", self.num_attention_heads),

@@ -3,7 +3,9 @@
 
 pub mod batch;
 pub mod config;
+pub mod gguf;
 pub mod kv;
+pub mod names;
 pub mod npy;
 pub mod qwen3;
 pub mod random;
@@ -12,4 +14,4 @@ pub mod safetensors;
 pub use batch::Batch;
 pub use config::{Architecture, Config};
 pub use kv::KvCache;
-pub use qwen3::Qwen3;
+pub use qwen3::{LoadOptions, ModelFiles, Qwen3};

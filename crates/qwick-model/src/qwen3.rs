@@ -5,19 +5,41 @@
 use crate::batch::Batch;
 use crate::config::Config;
 use crate::kv::KvCache;
+use crate::names::{self, Role};
 use crate::safetensors::{Checkpoint, Tensor};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use qwick_backend::attention::{paged_attention, AttnArgs};
 use qwick_backend::pool::SendPtr;
 use qwick_backend::{matmul, matmul_batch, ops, Ctx, MatmulJob, WeightView};
-use std::path::Path;
+use qwick_gguf::GgufFile;
+use std::path::{Path, PathBuf};
 
-/// A `Linear` weight ([out, in]).
-pub struct Linear(pub Tensor);
+/// A `Linear` weight ([out, in]), as stored, or converted to the layout its kernels read.
+pub struct Linear {
+    pub weight: Tensor,
+    packed: Option<Vec<u8>>,
+}
 
 impl Linear {
+    pub fn new(weight: Tensor) -> Linear {
+        Linear { weight, packed: None }
+    }
+
     pub fn view(&self) -> WeightView<'_> {
-        WeightView::new(self.0.dtype, self.0.bytes(), self.0.shape[0], self.0.shape[1])
+        let (w, rows, cols) = (&self.weight, self.weight.shape[0], self.weight.shape[1]);
+        match &self.packed {
+            Some(p) => WeightView::tiles(w.format, p, rows, cols),
+            None => WeightView::new(w.format, w.bytes(), rows, cols),
+        }
+    }
+
+    /// Converts the weight to the layout its kernels read fastest, if that differs from the
+    /// stored one, and lets the stored pages go.
+    fn pack(&mut self) {
+        if let Some(p) = qwick_backend::quant::repack(&self.view()) {
+            self.packed = Some(p);
+            self.weight.release();
+        }
     }
 }
 
@@ -66,64 +88,192 @@ pub struct Qwen3 {
     rope_scale: f32,
 }
 
-impl Qwen3 {
-    /// Loads `config.json` and the safetensors weights of a model folder.
-    pub fn load(dir: &Path) -> Result<Qwen3> {
-        if !dir.is_dir() {
-            anyhow::bail!("model folder {} does not exist", dir.display());
+/// Where a model's files are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelFiles {
+    /// A Hugging Face folder: `config.json` and safetensors.
+    Folder(PathBuf),
+    /// One GGUF file (weights, configuration, tokenizer and chat template).
+    Gguf(PathBuf),
+}
+
+impl ModelFiles {
+    /// Finds the model at `path`: a GGUF file, a folder holding a `config.json`, or a folder
+    /// holding exactly one `.gguf` file.
+    pub fn locate(path: &Path) -> Result<ModelFiles> {
+        if path.is_file() {
+            let mut magic = [0u8; 4];
+            let is_gguf = std::fs::File::open(path)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                .is_ok_and(|_| u32::from_le_bytes(magic) == qwick_gguf::MAGIC);
+            if is_gguf || path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+                return Ok(ModelFiles::Gguf(path.to_path_buf()));
+            }
+            bail!("{} is neither a GGUF file nor a model folder", path.display());
         }
-        let config = Config::from_file(&dir.join("config.json"))?;
-        let ck = Checkpoint::open(dir)?;
-        Qwen3::from_checkpoint(config, &ck)
+        if !path.is_dir() {
+            bail!("model {} does not exist (expected a folder, a .gguf file or a Hub id)", path.display());
+        }
+        if path.join("config.json").is_file() {
+            return Ok(ModelFiles::Folder(path.to_path_buf()));
+        }
+        let mut ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot read model folder {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))
+            .collect();
+        ggufs.sort();
+        match ggufs.len() {
+            0 => Ok(ModelFiles::Folder(path.to_path_buf())),
+            1 => Ok(ModelFiles::Gguf(ggufs.remove(0))),
+            _ => bail!(
+                "{} holds several GGUF files ({}); give the one to run",
+                path.display(),
+                ggufs.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy()).collect::<Vec<_>>().join(", ")
+            ),
+        }
     }
 
-    pub fn from_checkpoint(config: Config, ck: &Checkpoint) -> Result<Qwen3> {
+    /// The folder or file.
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelFiles::Folder(p) | ModelFiles::Gguf(p) => p,
+        }
+    }
+}
+
+/// How to load a model.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Convert quantized weights to the layout their kernels read fastest (an anonymous copy
+    /// replacing the mapped pages); off keeps every weight in the file's layout, mapped.
+    pub repack: bool,
+    /// Threads for the conversion.
+    pub threads: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { repack: true, threads: 1 }
+    }
+}
+
+/// The tensors of a checkpoint, by role.
+enum Source<'a> {
+    Safetensors(&'a Checkpoint),
+    Gguf(&'a GgufFile),
+}
+
+impl Source<'_> {
+    fn get(&self, role: Role, l: usize, shape: &[usize]) -> Result<Tensor> {
+        match self {
+            Source::Safetensors(ck) => ck.get(&names::hf(role, l, 0), shape),
+            Source::Gguf(g) => crate::gguf::tensor(g, role, l, shape),
+        }
+    }
+
+    fn contains(&self, role: Role, l: usize) -> bool {
+        match self {
+            Source::Safetensors(ck) => ck.contains(&names::hf(role, l, 0)),
+            Source::Gguf(g) => crate::gguf::contains(g, role, l),
+        }
+    }
+
+    /// The `n` experts' weights of `role` in layer `l`, each `[rows, cols]`.
+    fn experts(&self, role: Role, l: usize, n: usize, rows: usize, cols: usize) -> Result<Vec<Tensor>> {
+        match self {
+            Source::Safetensors(ck) => (0..n).map(|e| ck.get(&names::hf(role, l, e), &[rows, cols])).collect(),
+            Source::Gguf(g) => Ok(crate::gguf::tensor(g, role, l, &[n, rows, cols])?.unstack()),
+        }
+    }
+}
+
+impl Qwen3 {
+    /// Loads a model folder (`config.json` + safetensors) or a GGUF file, with default options.
+    pub fn load(path: &Path) -> Result<Qwen3> {
+        Qwen3::load_with(path, &LoadOptions::default())
+    }
+
+    pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Qwen3> {
+        let mut model = match ModelFiles::locate(path)? {
+            ModelFiles::Folder(dir) => {
+                let config = Config::from_file(&dir.join("config.json"))?;
+                let ck = Checkpoint::open(&dir)?;
+                Qwen3::from_source(config, &Source::Safetensors(&ck))?
+            }
+            ModelFiles::Gguf(file) => {
+                let g = GgufFile::open(&file)?;
+                let config = crate::gguf::config(&g)?;
+                Qwen3::from_source(config, &Source::Gguf(&g))?
+            }
+        };
+        if opts.repack {
+            model.pack(opts.threads.max(1));
+        }
+        Ok(model)
+    }
+
+    fn from_source(config: Config, src: &Source) -> Result<Qwen3> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let norm = |name: &str, n: usize| -> Result<Vec<f32>> { Ok(ck.get(name, &[n])?.to_f32()) };
-        let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> { Ok(Linear(ck.get(name, &[out, inp])?)) };
-        let swiglu = |p: &str, inter: usize| -> Result<SwiGlu> {
+        let norm = |role: Role, l: usize, n: usize| -> Result<Vec<f32>> { Ok(src.get(role, l, &[n])?.to_f32()) };
+        let lin = |role: Role, l: usize, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear::new(src.get(role, l, &[out, inp])?))
+        };
+        let swiglu = |l: usize, inter: usize| -> Result<SwiGlu> {
             Ok(SwiGlu {
-                gate_proj: lin(&format!("{p}.gate_proj.weight"), inter, h)?,
-                up_proj: lin(&format!("{p}.up_proj.weight"), inter, h)?,
-                down_proj: lin(&format!("{p}.down_proj.weight"), h, inter)?,
+                gate_proj: lin(Role::Gate, l, inter, h)?,
+                up_proj: lin(Role::Up, l, inter, h)?,
+                down_proj: lin(Role::Down, l, h, inter)?,
             })
         };
-        let embed_tokens = ck.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed_tokens = src.get(Role::Embed, 0, &[c.vocab_size, h])?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{l}");
             let attn = Attention {
-                q_proj: lin(&format!("{p}.self_attn.q_proj.weight"), c.q_dim(), h)?,
-                k_proj: lin(&format!("{p}.self_attn.k_proj.weight"), c.kv_dim(), h)?,
-                v_proj: lin(&format!("{p}.self_attn.v_proj.weight"), c.kv_dim(), h)?,
-                o_proj: lin(&format!("{p}.self_attn.o_proj.weight"), h, c.q_dim())?,
-                q_norm: norm(&format!("{p}.self_attn.q_norm.weight"), hd)?,
-                k_norm: norm(&format!("{p}.self_attn.k_norm.weight"), hd)?,
+                q_proj: lin(Role::Q, l, c.q_dim(), h)?,
+                k_proj: lin(Role::K, l, c.kv_dim(), h)?,
+                v_proj: lin(Role::V, l, c.kv_dim(), h)?,
+                o_proj: lin(Role::O, l, h, c.q_dim())?,
+                q_norm: norm(Role::QNorm, l, hd)?,
+                k_norm: norm(Role::KNorm, l, hd)?,
             };
             let mlp = match &c.moe {
-                Some(m) if c.is_sparse(l) => Mlp::Moe {
-                    router: lin(&format!("{p}.mlp.gate.weight"), m.num_experts, h)?,
-                    experts: (0..m.num_experts)
-                        .map(|e| swiglu(&format!("{p}.mlp.experts.{e}"), m.moe_intermediate_size))
-                        .collect::<Result<_>>()?,
-                    top_k: m.num_experts_per_tok,
-                    norm_topk_prob: m.norm_topk_prob,
-                },
-                _ => Mlp::Dense(swiglu(&format!("{p}.mlp"), c.intermediate_size)?),
+                Some(m) if c.is_sparse(l) => {
+                    let (ne, mi) = (m.num_experts, m.moe_intermediate_size);
+                    let gate = src.experts(Role::ExpertGate, l, ne, mi, h)?;
+                    let up = src.experts(Role::ExpertUp, l, ne, mi, h)?;
+                    let down = src.experts(Role::ExpertDown, l, ne, h, mi)?;
+                    Mlp::Moe {
+                        router: lin(Role::Router, l, ne, h)?,
+                        experts: gate
+                            .into_iter()
+                            .zip(up)
+                            .zip(down)
+                            .map(|((g, u), d)| SwiGlu {
+                                gate_proj: Linear::new(g),
+                                up_proj: Linear::new(u),
+                                down_proj: Linear::new(d),
+                            })
+                            .collect(),
+                        top_k: m.num_experts_per_tok,
+                        norm_topk_prob: m.norm_topk_prob,
+                    }
+                }
+                _ => Mlp::Dense(swiglu(l, c.intermediate_size)?),
             };
             layers.push(Layer {
-                input_layernorm: norm(&format!("{p}.input_layernorm.weight"), h)?,
+                input_layernorm: norm(Role::AttnNorm, l, h)?,
                 attn,
-                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                post_attention_layernorm: norm(Role::MlpNorm, l, h)?,
                 mlp,
             });
         }
-        let tied = c.tie_word_embeddings || !ck.contains("lm_head.weight");
-        let lm_head = if tied { Linear(embed_tokens.clone()) } else { lin("lm_head.weight", c.vocab_size, h)? };
+        let tied = c.tie_word_embeddings || !src.contains(Role::Head, 0);
+        let lm_head = if tied { Linear::new(embed_tokens.clone()) } else { lin(Role::Head, 0, c.vocab_size, h)? };
         let (inv_freq, rope_scale) = c.rope_inv_freq();
         Ok(Qwen3 {
-            norm: norm("model.norm.weight", h)?,
+            norm: norm(Role::FinalNorm, 0, h)?,
             embed_tokens,
             layers,
             lm_head,
@@ -134,10 +284,84 @@ impl Qwen3 {
         })
     }
 
+    /// Every `Linear` of the model (the head too, tied or not).
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v: Vec<&Linear> = Vec::new();
+        for l in &self.layers {
+            let a = &l.attn;
+            v.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]);
+            match &l.mlp {
+                Mlp::Dense(s) => v.extend([&s.gate_proj, &s.up_proj, &s.down_proj]),
+                Mlp::Moe { router, experts, .. } => {
+                    v.push(router);
+                    for s in experts {
+                        v.extend([&s.gate_proj, &s.up_proj, &s.down_proj]);
+                    }
+                }
+            }
+        }
+        v.push(&self.lm_head);
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v: Vec<&mut Linear> = Vec::new();
+        for l in &mut self.layers {
+            let a = &mut l.attn;
+            v.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            match &mut l.mlp {
+                Mlp::Dense(s) => v.extend([&mut s.gate_proj, &mut s.up_proj, &mut s.down_proj]),
+                Mlp::Moe { router, experts, .. } => {
+                    v.push(router);
+                    for s in experts {
+                        v.extend([&mut s.gate_proj, &mut s.up_proj, &mut s.down_proj]);
+                    }
+                }
+            }
+        }
+        v.push(&mut self.lm_head);
+        v
+    }
+
+    /// Converts weights to their kernels' layout, on `threads` threads.
+    fn pack(&mut self, threads: usize) {
+        let linears = std::sync::Mutex::new(self.linears_mut());
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    let Some(l) = linears.lock().unwrap_or_else(|e| e.into_inner()).pop() else { break };
+                    l.pack();
+                });
+            }
+        });
+    }
+
+    /// Reads every weight once so the first token does not wait on the disk, calling
+    /// `progress(done, total)` in bytes.
+    pub fn prefetch(&self, progress: &dyn Fn(usize, usize)) {
+        let total = self.weight_bytes();
+        let mut done = 0;
+        let mut touch = |b: &[u8]| {
+            let mut s = 0u8;
+            for p in (0..b.len()).step_by(4096) {
+                s = s.wrapping_add(b[p]);
+            }
+            std::hint::black_box(s);
+            done += b.len();
+            progress(done.min(total), total);
+        };
+        touch(self.embed_tokens.bytes());
+        for l in self.linears() {
+            if !(self.tied && std::ptr::eq(l, &self.lm_head)) {
+                touch(l.view().data);
+            }
+        }
+    }
+
     /// Bytes of weights one decode step reads per token: everything but the embedding table
     /// (one row of it), counting only `top_k` of each MoE layer's experts.
     pub fn bytes_read_per_token(&self) -> usize {
-        let lin = |l: &Linear| l.0.bytes().len();
+        let lin = |l: &Linear| l.view().bytes();
         let sw = |s: &SwiGlu| lin(&s.gate_proj) + lin(&s.up_proj) + lin(&s.down_proj);
         let mut total = lin(&self.lm_head) + self.embed_tokens.bytes().len() / self.config.vocab_size;
         for l in &self.layers {
@@ -153,18 +377,10 @@ impl Qwen3 {
 
     /// Bytes of all weights (the tied head counted once).
     pub fn weight_bytes(&self) -> usize {
-        let lin = |l: &Linear| l.0.bytes().len();
-        let sw = |s: &SwiGlu| lin(&s.gate_proj) + lin(&s.up_proj) + lin(&s.down_proj);
-        let mut total = self.embed_tokens.bytes().len() + if self.tied { 0 } else { lin(&self.lm_head) };
-        for l in &self.layers {
-            let a = &l.attn;
-            total += lin(&a.q_proj) + lin(&a.k_proj) + lin(&a.v_proj) + lin(&a.o_proj);
-            total += match &l.mlp {
-                Mlp::Dense(s) => sw(s),
-                Mlp::Moe { router, experts, .. } => lin(router) + experts.iter().map(sw).sum::<usize>(),
-            };
-        }
-        total
+        let head = if self.tied { 0 } else { self.lm_head.view().bytes() };
+        self.embed_tokens.bytes().len() + self.linears().iter().map(|l| l.view().bytes()).sum::<usize>()
+            - self.lm_head.view().bytes()
+            + head
     }
 
     /// A KV cache shaped for this model.
@@ -185,12 +401,10 @@ impl Qwen3 {
         // Embedding lookup.
         let mut x = vec![0f32; n * h];
         let emb = &self.embed_tokens;
-        let row_bytes = h * emb.dtype.size();
+        let row_bytes = emb.format.row_bytes(h);
         for (i, &t) in batch.tokens.iter().enumerate() {
             let src = &emb.bytes()[t as usize * row_bytes..(t as usize + 1) * row_bytes];
-            for (j, v) in x[i * h..(i + 1) * h].iter_mut().enumerate() {
-                *v = emb.dtype.get(src, j);
-            }
+            emb.format.dequantize(src, &mut x[i * h..(i + 1) * h]);
         }
 
         // cos/sin of each token's position, f32 as transformers computes them.
@@ -305,7 +519,7 @@ fn par_rows(ctx: Ctx, n: usize, out: &mut [f32], width: usize, f: impl Fn(std::o
 
 /// `out = down(silu(gate(x)) · up(x))`.
 fn swiglu(ctx: Ctx, s: &SwiGlu, x: &[f32], n: usize, out: &mut [f32]) {
-    let inter = s.gate_proj.0.shape[0];
+    let inter = s.gate_proj.weight.shape[0];
     let mut g = vec![0f32; n * inter];
     let mut u = vec![0f32; n * inter];
     matmul_batch(
@@ -331,7 +545,7 @@ fn moe(
     out: &mut [f32],
 ) {
     let ne = experts.len();
-    let h = router.0.shape[1];
+    let h = router.weight.shape[1];
     let mut probs = vec![0f32; n * ne];
     matmul(ctx, x, n, &router.view(), &mut probs);
     // Per expert: (row, weight) of the tokens routed to it.
@@ -351,7 +565,7 @@ fn moe(
         }
     }
     let active: Vec<usize> = (0..ne).filter(|&e| !routed[e].is_empty()).collect();
-    let inter = experts[0].gate_proj.0.shape[0];
+    let inter = experts[0].gate_proj.weight.shape[0];
     // Gather each active expert's rows.
     let xs: Vec<Vec<f32>> = active
         .iter()

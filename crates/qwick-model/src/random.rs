@@ -4,8 +4,9 @@
 //! split into shards with a `model.safetensors.index.json`, as the Hub does.
 
 use crate::config::Config;
+use crate::names::{hf, Role};
 use anyhow::{Context, Result};
-use qwick_backend::DType;
+use qwick_backend::Format;
 use std::io::Write;
 use std::path::Path;
 
@@ -13,35 +14,38 @@ use std::path::Path;
 fn tensor_specs(c: &Config) -> Vec<(String, Vec<usize>, Option<f32>)> {
     let h = c.hidden_size;
     let inv = |n: usize| Some(1.0 / (n as f32).sqrt());
-    let mut t = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], inv(h))];
+    let mut t = vec![(hf(Role::Embed, 0, 0), vec![c.vocab_size, h], inv(h))];
     for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        t.push((format!("{p}.input_layernorm.weight"), vec![h], None));
-        t.push((format!("{p}.self_attn.q_proj.weight"), vec![c.q_dim(), h], inv(h)));
-        t.push((format!("{p}.self_attn.k_proj.weight"), vec![c.kv_dim(), h], inv(h)));
-        t.push((format!("{p}.self_attn.v_proj.weight"), vec![c.kv_dim(), h], inv(h)));
-        t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, c.q_dim()], inv(c.q_dim())));
-        t.push((format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim], None));
-        t.push((format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim], None));
-        t.push((format!("{p}.post_attention_layernorm.weight"), vec![h], None));
-        let mut mlp = |prefix: String, inter: usize| {
-            t.push((format!("{prefix}.gate_proj.weight"), vec![inter, h], inv(h)));
-            t.push((format!("{prefix}.up_proj.weight"), vec![inter, h], inv(h)));
-            t.push((format!("{prefix}.down_proj.weight"), vec![h, inter], inv(inter)));
-        };
+        let name = |r: Role| hf(r, l, 0);
+        t.push((name(Role::AttnNorm), vec![h], None));
+        t.push((name(Role::Q), vec![c.q_dim(), h], inv(h)));
+        t.push((name(Role::K), vec![c.kv_dim(), h], inv(h)));
+        t.push((name(Role::V), vec![c.kv_dim(), h], inv(h)));
+        t.push((name(Role::O), vec![h, c.q_dim()], inv(c.q_dim())));
+        t.push((name(Role::QNorm), vec![c.head_dim], None));
+        t.push((name(Role::KNorm), vec![c.head_dim], None));
+        t.push((name(Role::MlpNorm), vec![h], None));
         match &c.moe {
             Some(m) if c.is_sparse(l) => {
+                let mi = m.moe_intermediate_size;
                 for e in 0..m.num_experts {
-                    mlp(format!("{p}.mlp.experts.{e}"), m.moe_intermediate_size);
+                    t.push((hf(Role::ExpertGate, l, e), vec![mi, h], inv(h)));
+                    t.push((hf(Role::ExpertUp, l, e), vec![mi, h], inv(h)));
+                    t.push((hf(Role::ExpertDown, l, e), vec![h, mi], inv(mi)));
                 }
-                t.push((format!("{p}.mlp.gate.weight"), vec![m.num_experts, h], inv(h)));
+                t.push((name(Role::Router), vec![m.num_experts, h], inv(h)));
             }
-            _ => mlp(format!("{p}.mlp"), c.intermediate_size),
+            _ => {
+                let i = c.intermediate_size;
+                t.push((name(Role::Gate), vec![i, h], inv(h)));
+                t.push((name(Role::Up), vec![i, h], inv(h)));
+                t.push((name(Role::Down), vec![h, i], inv(i)));
+            }
         }
     }
-    t.push(("model.norm.weight".into(), vec![h], None));
+    t.push((hf(Role::FinalNorm, 0, 0), vec![h], None));
     if !c.tie_word_embeddings {
-        t.push(("lm_head.weight".into(), vec![c.vocab_size, h], inv(h)));
+        t.push((hf(Role::Head, 0, 0), vec![c.vocab_size, h], inv(h)));
     }
     t
 }
@@ -51,7 +55,7 @@ fn tensor_specs(c: &Config) -> Vec<(String, Vec<usize>, Option<f32>)> {
 pub fn make_random(
     config_path: &Path,
     out: &Path,
-    dtype: DType,
+    dtype: Format,
     seed: u64,
     shard_bytes: usize,
     progress: &dyn Fn(usize, usize),
@@ -62,9 +66,10 @@ pub fn make_random(
     if let Some(o) = cfg_json.as_object_mut() {
         let key = if o.contains_key("dtype") { "dtype" } else { "torch_dtype" };
         let name = match dtype {
-            DType::BF16 => "bfloat16",
-            DType::F16 => "float16",
-            DType::F32 => "float32",
+            Format::BF16 => "bfloat16",
+            Format::F16 => "float16",
+            Format::F32 => "float32",
+            f => anyhow::bail!("random checkpoints are stored as bf16, f16 or f32, not {f}"),
         };
         o.insert(key.into(), name.into());
     }
@@ -75,7 +80,7 @@ pub fn make_random(
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut size = 0;
     for (i, (_, shape, _)) in specs.iter().enumerate() {
-        let b = shape.iter().product::<usize>() * dtype.size();
+        let b = shape.iter().product::<usize>() * dtype.row_bytes(1);
         if size > 0 && size + b > shard_bytes {
             shards.push(vec![]);
             size = 0;
@@ -83,7 +88,7 @@ pub fn make_random(
         shards.last_mut().unwrap().push(i);
         size += b;
     }
-    let total: usize = specs.iter().map(|s| s.1.iter().product::<usize>() * dtype.size()).sum();
+    let total: usize = specs.iter().map(|s| s.1.iter().product::<usize>() * dtype.row_bytes(1)).sum();
     let n_shards = shards.len();
     let mut weight_map = serde_json::Map::new();
     let mut done = 0;
@@ -97,10 +102,10 @@ pub fn make_random(
         let mut off = 0;
         for &i in shard {
             let (name, shape, _) = &specs[i];
-            let b = shape.iter().product::<usize>() * dtype.size();
+            let b = shape.iter().product::<usize>() * dtype.row_bytes(1);
             header.insert(
                 name.clone(),
-                serde_json::json!({"dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [off, off + b]}),
+                serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [off, off + b]}),
             );
             weight_map.insert(name.clone(), fname.clone().into());
             off += b;
@@ -120,14 +125,14 @@ pub fn make_random(
             let (_, shape, std) = &specs[i];
             let n: usize = shape.iter().product();
             let mut rng = seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let mut buf = vec![0u8; (1 << 20) * dtype.size()];
+            let mut buf = vec![0u8; (1 << 20) * dtype.row_bytes(1)];
             let mut left = n;
             while left > 0 {
                 let m = left.min(1 << 20);
-                fill(&mut buf[..m * dtype.size()], dtype, *std, &mut rng);
-                f.write_all(&buf[..m * dtype.size()])?;
+                fill(&mut buf[..m * dtype.row_bytes(1)], dtype, *std, &mut rng);
+                f.write_all(&buf[..m * dtype.row_bytes(1)])?;
                 left -= m;
-                done += m * dtype.size();
+                done += m * dtype.row_bytes(1);
                 progress(done, total);
             }
         }
@@ -141,8 +146,8 @@ pub fn make_random(
 }
 
 /// Fills `buf` with values uniform in ±std·√3 (or ones when `std` is None).
-fn fill(buf: &mut [u8], dtype: DType, std: Option<f32>, rng: &mut u64) {
-    let es = dtype.size();
+fn fill(buf: &mut [u8], dtype: Format, std: Option<f32>, rng: &mut u64) {
+    let es = dtype.row_bytes(1);
     let a = std.map(|s| s * 3f32.sqrt());
     for chunk in buf.chunks_exact_mut(es) {
         let v = match a {
@@ -157,9 +162,9 @@ fn fill(buf: &mut [u8], dtype: DType, std: Option<f32>, rng: &mut u64) {
             }
         };
         match dtype {
-            DType::F32 => chunk.copy_from_slice(&v.to_le_bytes()),
-            DType::BF16 => chunk.copy_from_slice(&qwick_backend::dtype::f32_to_bf16(v).to_le_bytes()),
-            DType::F16 => chunk.copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
+            Format::F32 => chunk.copy_from_slice(&v.to_le_bytes()),
+            Format::BF16 => chunk.copy_from_slice(&qwick_backend::format::f32_to_bf16(v).to_le_bytes()),
+            _ => chunk.copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
-use qwick_backend::DType;
+use qwick_backend::Format;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,15 +16,44 @@ pub enum Storage {
     Owned(Arc<Vec<u8>>),
 }
 
+/// A named tensor in some weight format, borrowed from a mapped checkpoint or owned.
 #[derive(Clone)]
 pub struct Tensor {
     pub name: String,
-    pub dtype: DType,
+    pub format: Format,
     pub shape: Vec<usize>,
     storage: Storage,
 }
 
 impl Tensor {
+    /// A tensor that is `range` of a mapped file (the range's length must match the shape).
+    pub fn mapped(
+        name: &str,
+        format: Format,
+        shape: Vec<usize>,
+        map: Arc<Mmap>,
+        range: std::ops::Range<usize>,
+    ) -> Tensor {
+        Tensor { name: name.into(), format, shape, storage: Storage::Mapped(map, range) }
+    }
+
+    /// Splits a tensor along its first dimension (a stack of experts) into its slices.
+    pub fn unstack(&self) -> Vec<Tensor> {
+        let n = self.shape[0];
+        let per = self.bytes().len() / n.max(1);
+        (0..n)
+            .map(|i| Tensor {
+                name: format!("{}[{i}]", self.name),
+                format: self.format,
+                shape: self.shape[1..].to_vec(),
+                storage: match &self.storage {
+                    Storage::Mapped(m, r) => Storage::Mapped(m.clone(), r.start + i * per..r.start + (i + 1) * per),
+                    Storage::Owned(v) => Storage::Owned(Arc::new(v[i * per..(i + 1) * per].to_vec())),
+                },
+            })
+            .collect()
+    }
+
     pub fn bytes(&self) -> &[u8] {
         match &self.storage {
             Storage::Mapped(m, r) => &m[r.clone()],
@@ -38,18 +67,21 @@ impl Tensor {
 
     /// The tensor as f32 values (for small tensors such as norm weights).
     pub fn to_f32(&self) -> Vec<f32> {
-        self.dtype.to_f32_vec(self.bytes())
+        self.format.to_f32_vec(self.bytes())
     }
 
-    pub fn from_f32(name: &str, shape: Vec<usize>, data: &[f32]) -> Tensor {
-        let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        Tensor { name: name.into(), dtype: DType::F32, shape, storage: Storage::Owned(Arc::new(bytes)) }
+    /// Asks the kernel to drop this tensor's pages from memory (a mapped tensor is read again
+    /// from the file if used later; an owned one is kept).
+    pub fn release(&self) {
+        if let Storage::Mapped(m, r) = &self.storage {
+            qwick_backend::alloc::release_mapped(&m[r.clone()]);
+        }
     }
 }
 
 struct Entry {
     file: usize,
-    dtype: Result<DType, String>,
+    format: Result<Format, String>,
     shape: Vec<usize>,
     range: std::ops::Range<usize>,
 }
@@ -125,7 +157,7 @@ impl Checkpoint {
             }
             let bad = |what: &str| anyhow!("{}: tensor {name}: {what}", path.display());
             let dt = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("no dtype"))?;
-            let dtype = DType::from_safetensors(dt).ok_or_else(|| dt.to_string());
+            let format = Format::from_safetensors(dt).ok_or_else(|| dt.to_string());
             let shape: Vec<usize> = info
                 .get("shape")
                 .and_then(|s| s.as_array())
@@ -145,13 +177,13 @@ impl Checkpoint {
                     data_start + e
                 );
             }
-            if let Ok(d) = dtype {
-                let want = shape.iter().product::<usize>() * d.size();
+            if let Ok(d) = format {
+                let want = shape.iter().product::<usize>() * d.row_bytes(1);
                 if e - b != want {
                     return Err(bad(&format!("{} bytes of data for shape {shape:?} of {d} (expected {want})", e - b)));
                 }
             }
-            self.entries.insert(name.clone(), Entry { file, dtype, shape, range: data_start + b..data_start + e });
+            self.entries.insert(name.clone(), Entry { file, format, shape, range: data_start + b..data_start + e });
         }
         self.files.push((path.to_path_buf(), map));
         Ok(())
@@ -159,12 +191,6 @@ impl Checkpoint {
 
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
-    }
-
-    /// The file a tensor lives in (or the first file), for messages.
-    pub fn file_of(&self, name: &str) -> &Path {
-        let i = self.entries.get(name).map(|e| e.file).unwrap_or(0);
-        &self.files[i].0
     }
 
     /// Takes tensor `name`, checking its shape.
@@ -175,8 +201,8 @@ impl Checkpoint {
             anyhow!("tensor {name} not found in {}", files.join(", "))
         })?;
         let path = &self.files[e.file].0;
-        let dtype = e
-            .dtype
+        let format = e
+            .format
             .clone()
             .map_err(|d| anyhow!("{}: tensor {name} has dtype {d}; qwick reads BF16, F16 and F32", path.display()))?;
         if e.shape != shape {
@@ -184,49 +210,22 @@ impl Checkpoint {
         }
         Ok(Tensor {
             name: name.into(),
-            dtype,
+            format,
             shape: e.shape.clone(),
             storage: Storage::Mapped(self.files[e.file].1.clone(), e.range.clone()),
         })
     }
-
-    /// Total bytes of all tensor data.
-    pub fn total_bytes(&self) -> usize {
-        self.entries.values().map(|e| e.range.len()).sum()
-    }
-
-    /// Reads every mapped page once so later use does not wait on the disk, calling
-    /// `progress(done, total)` in bytes as it goes.
-    pub fn prefetch(&self, progress: &dyn Fn(usize, usize)) {
-        let total: usize = self.files.iter().map(|f| f.1.len()).sum();
-        let mut done = 0;
-        for (_, m) in &self.files {
-            let _ = m.advise(memmap2::Advice::WillNeed);
-            let mut sum = 0u8;
-            for (i, chunk) in m.chunks(1 << 24).enumerate() {
-                for p in (0..chunk.len()).step_by(4096) {
-                    sum = sum.wrapping_add(chunk[p]);
-                }
-                done += chunk.len();
-                if i % 4 == 0 || done == total {
-                    progress(done, total);
-                }
-            }
-            std::hint::black_box(sum);
-        }
-        progress(total, total);
-    }
 }
 
 /// Writes tensors as one safetensors file (used by `make-random` and tests).
-pub fn write_safetensors(path: &Path, tensors: &[(String, DType, Vec<usize>, Vec<u8>)]) -> Result<()> {
+pub fn write_safetensors(path: &Path, tensors: &[(String, Format, Vec<usize>, Vec<u8>)]) -> Result<()> {
     use std::io::Write;
     let mut header = serde_json::Map::new();
     let mut off = 0usize;
     for (name, dt, shape, data) in tensors {
         header.insert(
             name.clone(),
-            serde_json::json!({"dtype": dt.safetensors_name(), "shape": shape, "data_offsets": [off, off + data.len()]}),
+            serde_json::json!({"dtype": dt.safetensors_name().expect("safetensors stores float formats"), "shape": shape, "data_offsets": [off, off + data.len()]}),
         );
         off += data.len();
     }

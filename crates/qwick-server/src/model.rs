@@ -1,10 +1,13 @@
 //! The served model's text side: tokenizer, chat template, generation defaults, stop ids and
 //! what the thinking budget injects.
 
-use anyhow::{bail, Context, Result};
-use qwick_chat::{ChatMessage, ChatTemplate, GenerationConfig, RenderOptions, Tokenizer, THINKING_BUDGET_STOP};
+use anyhow::Result;
+use qwick_chat::{
+    ChatMessage, ChatTemplate, GenerationConfig, ModelText, RenderOptions, TextSource, Tokenizer, THINKING_BUDGET_STOP,
+};
 use qwick_engine::ThinkingBudget;
-use qwick_model::Config;
+use qwick_gguf::GgufFile;
+use qwick_model::{Config, ModelFiles};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -14,6 +17,7 @@ use std::sync::{Arc, OnceLock};
 pub struct ModelInfo {
     /// The name clients use (`model` in requests).
     pub name: String,
+    /// The model folder or GGUF file.
     pub dir: PathBuf,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
@@ -38,65 +42,47 @@ pub struct Prompt {
     pub thinking: bool,
 }
 
-fn has_template(dir: &Path) -> bool {
-    let in_config = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .is_some_and(|c| c.get("chat_template").is_some_and(|t| !t.is_null()));
-    in_config || dir.join("chat_template.jinja").is_file() || dir.join("chat_template.json").is_file()
-}
-
 impl ModelInfo {
-    /// Loads the text side of a model folder. `name`: the served name (default: the folder's name).
-    pub fn load(dir: &Path, chat_template: Option<&Path>, name: Option<String>) -> Result<ModelInfo> {
-        let config = Config::from_file(&dir.join("config.json"))?;
-        let tokenizer = Tokenizer::from_dir(dir)?;
-        let template = match chat_template {
-            Some(file) => {
-                let t = ChatTemplate::from_file(file).with_context(|| format!("--chat-template {}", file.display()))?;
-                match std::fs::read_to_string(dir.join("tokenizer_config.json"))
-                    .ok()
-                    .and_then(|t| serde_json::from_str(&t).ok())
-                {
-                    Some(c) => t.with_special_tokens_from(&c),
-                    None => t,
-                }
+    /// Loads the text side of a model folder or GGUF file. `name`: the served name (default:
+    /// the folder's name, or the file's without `.gguf`).
+    pub fn load(path: &Path, chat_template: Option<&Path>, name: Option<String>) -> Result<ModelInfo> {
+        let files = ModelFiles::locate(path)?;
+        let (config, text, weight_bytes) = match &files {
+            ModelFiles::Folder(dir) => {
+                let weight_bytes = std::fs::read_dir(dir)
+                    .map(|rd| {
+                        rd.filter_map(|e| e.ok())
+                            .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                            .filter_map(|e| e.metadata().ok())
+                            .map(|m| m.len())
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                let text = ModelText::load(TextSource::Folder(dir), chat_template)?;
+                (Config::from_file(&dir.join("config.json"))?, text, weight_bytes)
             }
-            None if !has_template(dir) => bail!(
-                "the model folder {} has no chat template (no \"chat_template\" in tokenizer_config.json, no \
-                 chat_template.jinja); give one with --chat-template FILE",
-                dir.display()
-            ),
-            None => ChatTemplate::from_dir(dir)?,
+            ModelFiles::Gguf(file) => {
+                let g = GgufFile::open(file)?;
+                let text = ModelText::load(TextSource::Gguf(&g), chat_template)?;
+                (qwick_model::gguf::config(&g)?, text, std::fs::metadata(file).map(|m| m.len()).unwrap_or(0))
+            }
         };
-        let gen_config = GenerationConfig::from_dir(dir)?;
-        let mut eos = gen_config.eos_token_ids.clone();
-        eos.extend(&config.eos_token_ids);
-        if eos.is_empty() {
-            eos.extend(["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| tokenizer.token_id(t)));
-        }
-        eos.sort_unstable();
-        eos.dedup();
+        let eos = text.eos(&config.eos_token_ids);
+        let ModelText { tokenizer, template, gen_config } = text;
+        let dir = files.path().to_path_buf();
         let name = name.unwrap_or_else(|| {
-            dir.canonicalize()
-                .ok()
-                .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .unwrap_or_else(|| "qwen3".into())
+            let canon = dir.canonicalize().ok();
+            let n = match &files {
+                ModelFiles::Folder(_) => canon.as_deref().and_then(Path::file_name),
+                ModelFiles::Gguf(_) => canon.as_deref().and_then(Path::file_stem),
+            };
+            n.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "qwen3".into())
         });
-        let weight_bytes = std::fs::read_dir(dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0);
         let created =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         Ok(ModelInfo {
             name,
-            dir: dir.to_path_buf(),
+            dir,
             tokenizer,
             template,
             gen_config,

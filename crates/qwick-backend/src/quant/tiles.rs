@@ -1,0 +1,540 @@
+//! The tile layout the integer kernels read: weights of 16 rows interleaved, so that one
+//! 64-byte vector holds four consecutive weights of each of the 16 rows and a `vpdpbusd`
+//! against four broadcast activation bytes yields one partial dot product per row.
+//!
+//! Every integer-kernel format is described the same way. Weight `w` of a row is
+//! `s · (u − o) + m`, with `u` an unsigned integer (the bits a format stores, after any
+//! lookup), `o` a per-format integer offset, and a scale `s` and minimum `m` per group of 16 or
+//! 32 weights. A group of 16 rows stores, per super-block of `sb` weights (32 or 256), a header
+//! (the rows' scales, lane by lane) and then, per 32 weights, the quant planes: 4-bit nibbles,
+//! 2-bit fields or single bits (as 64-bit masks, one bit per row and weight), or whole bytes.
+//! The layouts hold the same information as the file's blocks, in the same or a few more bytes.
+//!
+//! [`repack`] converts rows in a file's layout to tiles; [`unpack`] reads one row's block back
+//! (the scalar reference of the kernels, tested to reproduce [`Format::dequantize`] exactly).
+
+use crate::format::Format;
+use half::f16;
+
+/// Rows per tile group.
+pub const ROWS: usize = 16;
+
+/// How bits `shift..` of the unsigned quants are stored for each 32 weights of a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plane {
+    /// Four bits each: 4 × 64 bytes; byte `t·64 + r·4 + b` holds weight `4t + b` of row `r` in
+    /// its low nibble and weight `16 + 4t + b` in its high nibble.
+    Nibbles,
+    /// Two bits each: 2 × 64 bytes; bits `2c, 2c+1` of byte `p·64 + r·4 + b` hold weight
+    /// `4(4p + c) + b` of row `r`.
+    Pairs,
+    /// One bit each: 8 little-endian u64 masks; bit `r·4 + b` of mask `t` is weight `4t + b` of
+    /// row `r`.
+    Bits,
+    /// Whole bytes: 8 × 64 bytes; byte `t·64 + r·4 + b` is weight `4t + b` of row `r`.
+    Bytes,
+}
+
+impl Plane {
+    pub const fn bits(self) -> u32 {
+        match self {
+            Plane::Nibbles => 4,
+            Plane::Pairs => 2,
+            Plane::Bits => 1,
+            Plane::Bytes => 8,
+        }
+    }
+
+    /// Bytes per 32 weights of a 16-row group.
+    pub const fn bytes(self) -> usize {
+        (self.bits() as usize) * 64
+    }
+}
+
+/// The tile description of a format.
+#[derive(Clone, Copy, Debug)]
+pub struct Spec {
+    pub format: Format,
+    /// Weights per super-block (a header is stored once per super-block).
+    pub sb: usize,
+    /// Header bytes per super-block of a group.
+    pub header: usize,
+    /// Planes, lowest bits first.
+    pub planes: &'static [Plane],
+    /// Scale groups of 16 weights (else 32).
+    pub g16: bool,
+    /// The integer offset `o`.
+    pub offset: i32,
+    /// Whether groups have a minimum `m`.
+    pub min: bool,
+}
+
+impl Spec {
+    /// Bytes of the quant planes of 32 weights of a group.
+    pub const fn block_bytes(&self) -> usize {
+        let mut n = 0;
+        let mut i = 0;
+        while i < self.planes.len() {
+            n += self.planes[i].bytes();
+            i += 1;
+        }
+        n
+    }
+
+    /// Bytes of one super-block of a group.
+    pub const fn sb_bytes(&self) -> usize {
+        self.header + self.sb / 32 * self.block_bytes()
+    }
+
+    /// Bytes of a group of 16 rows of `k` weights.
+    pub fn group_bytes(&self, k: usize) -> usize {
+        k / self.sb * self.sb_bytes()
+    }
+
+    /// Bytes of the tiles of a `rows × k` weight (rows padded to a multiple of 16).
+    pub fn bytes(&self, rows: usize, k: usize) -> usize {
+        rows.div_ceil(ROWS) * self.group_bytes(k)
+    }
+
+    /// Scale groups per 32 weights.
+    pub const fn groups(&self) -> usize {
+        if self.g16 {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+use Plane::*;
+
+const Q4_0: Spec =
+    Spec { format: Format::Q4_0, sb: 32, header: 32, planes: &[Nibbles], g16: false, offset: 8, min: false };
+const Q4_1: Spec =
+    Spec { format: Format::Q4_1, sb: 32, header: 64, planes: &[Nibbles], g16: false, offset: 0, min: true };
+const Q5_0: Spec =
+    Spec { format: Format::Q5_0, sb: 32, header: 32, planes: &[Nibbles, Bits], g16: false, offset: 16, min: false };
+const Q5_1: Spec =
+    Spec { format: Format::Q5_1, sb: 32, header: 64, planes: &[Nibbles, Bits], g16: false, offset: 0, min: true };
+const Q8_0: Spec =
+    Spec { format: Format::Q8_0, sb: 32, header: 32, planes: &[Bytes], g16: false, offset: 128, min: false };
+const IQ4_NL: Spec =
+    Spec { format: Format::IQ4_NL, sb: 32, header: 32, planes: &[Nibbles], g16: false, offset: 128, min: false };
+const Q2_K: Spec =
+    Spec { format: Format::Q2_K, sb: 256, header: 320, planes: &[Pairs], g16: true, offset: 0, min: true };
+const Q3_K: Spec =
+    Spec { format: Format::Q3_K, sb: 256, header: 288, planes: &[Pairs, Bits], g16: true, offset: 4, min: false };
+const Q4_K: Spec =
+    Spec { format: Format::Q4_K, sb: 256, header: 320, planes: &[Nibbles], g16: false, offset: 0, min: true };
+const Q5_K: Spec =
+    Spec { format: Format::Q5_K, sb: 256, header: 320, planes: &[Nibbles, Bits], g16: false, offset: 0, min: true };
+const Q6_K: Spec =
+    Spec { format: Format::Q6_K, sb: 256, header: 288, planes: &[Nibbles, Pairs], g16: true, offset: 32, min: false };
+const IQ4_XS: Spec =
+    Spec { format: Format::IQ4_XS, sb: 256, header: 160, planes: &[Nibbles], g16: false, offset: 128, min: false };
+
+/// The tile description of `format`, if it has integer kernels.
+pub fn spec(format: Format) -> Option<&'static Spec> {
+    Some(match format {
+        Format::Q4_0 => &Q4_0,
+        Format::Q4_1 => &Q4_1,
+        Format::Q5_0 => &Q5_0,
+        Format::Q5_1 => &Q5_1,
+        Format::Q8_0 => &Q8_0,
+        Format::IQ4_NL => &IQ4_NL,
+        Format::Q2_K => &Q2_K,
+        Format::Q3_K => &Q3_K,
+        Format::Q4_K => &Q4_K,
+        Format::Q5_K => &Q5_K,
+        Format::Q6_K => &Q6_K,
+        Format::IQ4_XS => &IQ4_XS,
+        _ => return None,
+    })
+}
+
+/// The non-linear 4-bit values of IQ4_NL and IQ4_XS, plus 128 (so they are unsigned). Tiles
+/// of these formats store the 4-bit indices.
+pub const IQ4_U8: [u8; 16] = {
+    let v: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        out[i] = (v[i] as i16 + 128) as u8;
+        i += 1;
+    }
+    out
+};
+
+fn f16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([b[i], b[i + 1]])
+}
+
+/// One row's super-block, decoded from a file block: the unsigned quants (`sb` of them) and
+/// the header bytes of this row (fields in header order, e.g. `d` then `dmin` then scales).
+struct Decoded {
+    u: [u8; 256],
+    /// Header fields of this row: (bytes per lane, values).
+    fields: [(usize, [u8; 16]); 4],
+    nfields: usize,
+}
+
+impl Decoded {
+    fn new() -> Self {
+        Decoded { u: [0; 256], fields: [(0, [0; 16]); 4], nfields: 0 }
+    }
+
+    fn push(&mut self, lane_bytes: usize, bytes: &[u8]) {
+        let mut f = [0u8; 16];
+        f[..bytes.len()].copy_from_slice(bytes);
+        self.fields[self.nfields] = (lane_bytes, f);
+        self.nfields += 1;
+    }
+}
+
+/// The 6-bit scales and mins of Q4_K/Q5_K's 12 scale bytes.
+fn k4_scales(q: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = q[j] & 63;
+            mn[j] = q[j + 4] & 63;
+        } else {
+            sc[j] = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+            mn[j] = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+        }
+    }
+    (sc, mn)
+}
+
+/// The 16 signed 6-bit scales of Q3_K's 12 scale bytes, minus 32.
+fn k3_scales(s: &[u8]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        let low = if i < 8 { s[i] & 0xF } else { s[i - 8] >> 4 };
+        let high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+        *o = ((low | (high << 4)) as i8 - 32) as u8;
+    }
+    out
+}
+
+/// Decodes one super-block of one row from its file block(s).
+fn decode(spec: &Spec, b: &[u8]) -> Decoded {
+    let mut d = Decoded::new();
+    let u = &mut d.u;
+    match spec.format {
+        Format::Q4_0 | Format::Q4_1 | Format::IQ4_NL => {
+            let qs = if spec.format == Format::Q4_1 { &b[4..20] } else { &b[2..18] };
+            for j in 0..16 {
+                u[j] = qs[j] & 0xF;
+                u[j + 16] = qs[j] >> 4;
+            }
+            d.push(2, &b[0..2]);
+            if spec.format == Format::Q4_1 {
+                d.push(2, &b[2..4]);
+            }
+        }
+        Format::Q5_0 | Format::Q5_1 => {
+            let o = if spec.format == Format::Q5_1 { 4 } else { 2 };
+            let qh = u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+            let qs = &b[o + 4..o + 20];
+            for j in 0..16 {
+                u[j] = (qs[j] & 0xF) | ((((qh >> j) & 1) as u8) << 4);
+                u[j + 16] = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+            }
+            d.push(2, &b[0..2]);
+            if spec.format == Format::Q5_1 {
+                d.push(2, &b[2..4]);
+            }
+        }
+        Format::Q8_0 => {
+            for j in 0..32 {
+                u[j] = b[2 + j] ^ 0x80;
+            }
+            d.push(2, &b[0..2]);
+        }
+        Format::Q2_K => {
+            let (scales, qs) = (&b[0..16], &b[16..80]);
+            for (e, v) in u.iter_mut().enumerate() {
+                let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+                *v = (qs[32 * n + l] >> (2 * j)) & 3;
+            }
+            d.push(2, &b[80..82]);
+            d.push(2, &b[82..84]);
+            d.push(1, scales);
+        }
+        Format::Q3_K => {
+            let (hmask, qs, scales) = (&b[0..32], &b[32..96], &b[96..108]);
+            for (e, v) in u.iter_mut().enumerate() {
+                let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+                let q = (qs[32 * n + l] >> (2 * j)) & 3;
+                let h = (hmask[l] >> (4 * n + j)) & 1;
+                *v = q | (h << 2);
+            }
+            d.push(2, &b[108..110]);
+            d.push(1, &k3_scales(scales));
+        }
+        Format::Q4_K | Format::Q5_K => {
+            let (sc, mn) = k4_scales(&b[4..16]);
+            let (qh, qs) =
+                if spec.format == Format::Q5_K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
+            for (e, v) in u.iter_mut().enumerate() {
+                let (c, hi, l) = (e / 64, (e % 64) / 32, e % 32);
+                let byte = qs[32 * c + l];
+                *v = if hi == 1 { byte >> 4 } else { byte & 0xF };
+                if let Some(qh) = qh {
+                    *v |= ((qh[l] >> (e / 32)) & 1) << 4;
+                }
+            }
+            d.push(2, &b[0..2]);
+            d.push(2, &b[2..4]);
+            d.push(1, &sc);
+            d.push(1, &mn);
+        }
+        Format::Q6_K => {
+            let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+            for (e, v) in u.iter_mut().enumerate() {
+                let (n, r) = (e / 128, e % 128);
+                let (qq, l) = (r / 32, r % 32);
+                let lb = ql[64 * n + l + 32 * (qq & 1)];
+                let low = if qq >= 2 { lb >> 4 } else { lb & 0xF };
+                let high = (qh[32 * n + l] >> (2 * qq)) & 3;
+                *v = low | (high << 4);
+            }
+            d.push(2, &b[208..210]);
+            d.push(1, scales);
+        }
+        Format::IQ4_XS => {
+            let scales_h = u16::from_le_bytes([b[2], b[3]]);
+            let (scales_l, qs) = (&b[4..8], &b[8..136]);
+            let mut ls = [0u8; 8];
+            for (ib, l) in ls.iter_mut().enumerate() {
+                let v = ((scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF) | ((((scales_h >> (2 * ib)) & 3) as u8) << 4);
+                *l = (v as i8 - 32) as u8;
+            }
+            for ib in 0..8 {
+                for j in 0..16 {
+                    u[32 * ib + j] = qs[16 * ib + j] & 0xF;
+                    u[32 * ib + j + 16] = qs[16 * ib + j] >> 4;
+                }
+            }
+            d.push(2, &b[0..2]);
+            d.push(1, &ls);
+        }
+        f => unreachable!("{f} has no tile layout"),
+    }
+    d
+}
+
+/// Writes the quant planes of weights `u[..32]` of row `r` into the 32-weight block `out`.
+fn put_planes(spec: &Spec, u: &[u8], r: usize, out: &mut [u8]) {
+    let mut shift = 0;
+    let mut off = 0;
+    for &p in spec.planes {
+        let mask = ((1u16 << p.bits()) - 1) as u8;
+        let v = |i: usize| (u[i] >> shift) & mask;
+        let o = &mut out[off..off + p.bytes()];
+        for t in 0..8 {
+            for b in 0..4 {
+                let val = v(4 * t + b);
+                match p {
+                    Nibbles => {
+                        let at = (t % 4) * 64 + r * 4 + b;
+                        o[at] |= if t < 4 { val } else { val << 4 };
+                    }
+                    Pairs => o[(t / 4) * 64 + r * 4 + b] |= val << (2 * (t % 4)),
+                    Bits => o[t * 8 + (r * 4 + b) / 8] |= val << ((r * 4 + b) % 8),
+                    Bytes => o[t * 64 + r * 4 + b] = val,
+                }
+            }
+        }
+        shift += p.bits();
+        off += p.bytes();
+    }
+}
+
+/// Reads back weights of row `r` from the 32-weight block `blk`.
+fn get_planes(spec: &Spec, blk: &[u8], r: usize) -> [u8; 32] {
+    let mut u = [0u8; 32];
+    let mut shift = 0;
+    let mut off = 0;
+    for &p in spec.planes {
+        let o = &blk[off..off + p.bytes()];
+        for t in 0..8 {
+            for b in 0..4 {
+                let val = match p {
+                    Nibbles => {
+                        let byte = o[(t % 4) * 64 + r * 4 + b];
+                        if t < 4 {
+                            byte & 0xF
+                        } else {
+                            byte >> 4
+                        }
+                    }
+                    Pairs => (o[(t / 4) * 64 + r * 4 + b] >> (2 * (t % 4))) & 3,
+                    Bits => (o[t * 8 + (r * 4 + b) / 8] >> ((r * 4 + b) % 8)) & 1,
+                    Bytes => o[t * 64 + r * 4 + b],
+                };
+                u[4 * t + b] |= val << shift;
+            }
+        }
+        shift += p.bits();
+        off += p.bytes();
+    }
+    u
+}
+
+/// Converts `rows` rows of `k` weights in the file's layout (`src`, rows contiguous) to tiles.
+/// Missing rows of the last group are zero.
+pub fn repack(format: Format, src: &[u8], rows: usize, k: usize) -> Vec<u8> {
+    let spec = spec(format).unwrap_or_else(|| panic!("{format} has no tile layout"));
+    let mut out = vec![0u8; spec.bytes(rows, k)];
+    repack_into(spec, src, rows, k, &mut out);
+    out
+}
+
+/// [`repack`] into a buffer of `spec.bytes(rows, k)` bytes (zeroed).
+pub fn repack_into(spec: &Spec, src: &[u8], rows: usize, k: usize, out: &mut [u8]) {
+    let rb = spec.format.row_bytes(k);
+    let fb = spec.format.bytes_for(spec.sb).unwrap();
+    let gb = spec.group_bytes(k);
+    for (g, grp) in out.chunks_exact_mut(gb).enumerate() {
+        for r in 0..ROWS.min(rows - g * ROWS) {
+            let row = &src[(g * ROWS + r) * rb..(g * ROWS + r + 1) * rb];
+            for (s, sbo) in grp.chunks_exact_mut(spec.sb_bytes()).enumerate() {
+                let dec = decode(spec, &row[s * fb..(s + 1) * fb]);
+                // Header: fields in order, each `n` values of `lane_bytes` for all 16 lanes.
+                let mut off = 0;
+                for &(lb, ref vals) in &dec.fields[..dec.nfields] {
+                    let n = field_len(spec, lb, off);
+                    for e in 0..n {
+                        for c in 0..lb {
+                            sbo[off + (e * ROWS + r) * lb + c] = vals[e * lb + c];
+                        }
+                    }
+                    off += n * ROWS * lb;
+                }
+                debug_assert_eq!(off, spec.header);
+                let (_, blocks) = sbo.split_at_mut(spec.header);
+                for (j, blk) in blocks.chunks_exact_mut(spec.block_bytes()).enumerate() {
+                    put_planes(spec, &dec.u[32 * j..32 * j + 32], r, blk);
+                }
+            }
+        }
+    }
+}
+
+/// Values per row of the header field that starts at byte `off` with `lane_bytes` per value.
+fn field_len(spec: &Spec, lane_bytes: usize, off: usize) -> usize {
+    match (spec.format, lane_bytes, off) {
+        (_, 2, _) => 1,
+        (Format::Q4_K | Format::Q5_K, 1, _) => 8,
+        (Format::IQ4_XS, 1, _) => 8,
+        (Format::Q2_K | Format::Q3_K | Format::Q6_K, 1, _) => 16,
+        (f, lb, o) => unreachable!("{f}: no header field of {lb} bytes at {o}"),
+    }
+}
+
+/// One row's 32-weight block `j` of a super-block, read from tiles: the unsigned quants, and
+/// the scale and minimum of each of its scale groups (one group when the format's groups are 32
+/// weights: then index 1 repeats index 0).
+pub struct Unpacked {
+    pub u: [u8; 32],
+    pub s: [f32; 2],
+    pub m: [f32; 2],
+}
+
+fn lane_f16(h: &[u8], field: usize, r: usize) -> f32 {
+    f16::from_bits(f16_at(h, field * 32 + 2 * r)).to_f32()
+}
+
+/// The scales and minimums of block `j` (0..sb/32) of row `r`, from the super-block header `h`,
+/// computed exactly as [`Format::dequantize`] computes them.
+pub fn scales(spec: &Spec, h: &[u8], j: usize, r: usize) -> ([f32; 2], [f32; 2]) {
+    let byte = |off: usize, e: usize| h[off + e * ROWS + r];
+    let sbyte = |off: usize, e: usize| h[off + e * ROWS + r] as i8 as f32;
+    match spec.format {
+        Format::Q4_0 | Format::Q5_0 | Format::Q8_0 | Format::IQ4_NL => {
+            let d = lane_f16(h, 0, r);
+            ([d; 2], [0.0; 2])
+        }
+        Format::Q4_1 | Format::Q5_1 => {
+            let (d, m) = (lane_f16(h, 0, r), lane_f16(h, 1, r));
+            ([d; 2], [m; 2])
+        }
+        Format::Q4_K | Format::Q5_K => {
+            let (d, dmin) = (lane_f16(h, 0, r), lane_f16(h, 1, r));
+            let s = d * byte(64, j) as f32;
+            let m = -(dmin * byte(64 + 8 * ROWS, j) as f32);
+            ([s; 2], [m; 2])
+        }
+        Format::Q6_K | Format::Q3_K => {
+            let d = lane_f16(h, 0, r);
+            ([d * sbyte(32, 2 * j), d * sbyte(32, 2 * j + 1)], [0.0; 2])
+        }
+        Format::Q2_K => {
+            let (d, dmin) = (lane_f16(h, 0, r), lane_f16(h, 1, r));
+            let (a, b) = (byte(64, 2 * j), byte(64, 2 * j + 1));
+            ([d * (a & 0xF) as f32, d * (b & 0xF) as f32], [-(dmin * (a >> 4) as f32), -(dmin * (b >> 4) as f32)])
+        }
+        Format::IQ4_XS => {
+            let d = lane_f16(h, 0, r);
+            ([d * sbyte(32, j); 2], [0.0; 2])
+        }
+        f => unreachable!("{f} has no tile layout"),
+    }
+}
+
+/// Row `r` of a group's block `j` (counted over the whole row).
+pub fn unpack(spec: &Spec, group: &[u8], j: usize, r: usize) -> Unpacked {
+    let per_sb = spec.sb / 32;
+    let sbo = &group[(j / per_sb) * spec.sb_bytes()..];
+    let (h, blocks) = sbo.split_at(spec.header);
+    let jj = j % per_sb;
+    let mut u = get_planes(spec, &blocks[jj * spec.block_bytes()..], r);
+    if matches!(spec.format, Format::IQ4_NL | Format::IQ4_XS) {
+        // The planes hold indices into the non-linear values.
+        for v in u.iter_mut() {
+            *v = IQ4_U8[*v as usize];
+        }
+    }
+    let (s, m) = scales(spec, h, jj, r);
+    Unpacked { u, s, m }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::dequant::random_blocks;
+
+    /// Tiles read back give the file's dequantized weights exactly (for every format with a
+    /// tile layout, and a row count that leaves the last group partly empty).
+    #[test]
+    fn tiles_reproduce_dequantize() {
+        for &f in Format::ALL {
+            let Some(spec) = spec(f) else { continue };
+            let (rows, k) = (37, 512);
+            let src = random_blocks(f, rows * k / f.block(), 7);
+            let tiles = repack(f, &src, rows, k);
+            assert_eq!(tiles.len(), spec.bytes(rows, k));
+            let rb = f.row_bytes(k);
+            let mut want = vec![0f32; k];
+            for r in 0..rows {
+                f.dequantize(&src[r * rb..(r + 1) * rb], &mut want);
+                let group = &tiles[(r / ROWS) * spec.group_bytes(k)..];
+                for j in 0..k / 32 {
+                    let up = unpack(spec, group, j, r % ROWS);
+                    for i in 0..32 {
+                        let g = if spec.g16 { i / 16 } else { 0 };
+                        let w = up.s[g] * (up.u[i] as i32 - spec.offset) as f32 + up.m[g];
+                        let e = want[32 * j + i];
+                        assert!(
+                            w.to_bits() == e.to_bits() || (w == 0.0 && e == 0.0),
+                            "{f} row {r} weight {}: tiles give {w}, dequantize {e}",
+                            32 * j + i
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
