@@ -43,7 +43,7 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
     let group = a.n_heads / kv.kv_heads;
     // Work units: runs of up to TILE consecutive tokens of one sequence (a prefill chunk) go
     // to the tiled kernel where there is one; other tokens one at a time.
-    let tiled = matches!(ctx.isa, Isa::Avx512 | Isa::Avx512Bf16) && hd <= 128;
+    let tiled = ctx.isa.is_avx512() && hd <= 128;
     let mut units: Vec<(usize, usize)> = Vec::new();
     let mut t = 0;
     while t < n_tok {
@@ -124,7 +124,7 @@ fn attend_one(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => match kv.head_dim.div_ceil(16) {
+        Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 | Isa::Amx => match kv.head_dim.div_ceil(16) {
             1 => unsafe { x86::attend_avx512::<1>(q, kv, table, kvh, ctx_len, scale, scores, out) },
             2 => unsafe { x86::attend_avx512::<2>(q, kv, table, kvh, ctx_len, scale, scores, out) },
             3 => unsafe { x86::attend_avx512::<3>(q, kv, table, kvh, ctx_len, scale, scores, out) },

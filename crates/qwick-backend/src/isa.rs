@@ -17,6 +17,9 @@ pub enum Isa {
     /// bf16 before each matmul (as bf16 inference does) and multiplied with `vdpbf16ps`,
     /// twice the multiply-adds per instruction. Everything else as `Avx512`.
     Avx512Bf16,
+    /// `Avx512Vnni` plus Intel AMX: products of quantized weights with many activation rows
+    /// (prefill) run on AMX tiles in bf16 (weights and activations rounded to bf16, f32 sums).
+    Amx,
 }
 
 impl fmt::Display for Isa {
@@ -27,6 +30,7 @@ impl fmt::Display for Isa {
             Isa::Avx512 => "avx512",
             Isa::Avx512Vnni => "avx512vnni",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Amx => "amx",
         })
     }
 }
@@ -39,6 +43,7 @@ impl Isa {
             "avx512" => Some(Isa::Avx512),
             "avx512vnni" => Some(Isa::Avx512Vnni),
             "avx512bf16" => Some(Isa::Avx512Bf16),
+            "amx" => Some(Isa::Amx),
             _ => None,
         }
     }
@@ -64,6 +69,8 @@ impl Isa {
             Isa::Avx512Vnni => Isa::Avx512.supported() && is_x86_feature_detected!("avx512vnni"),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 => Isa::Avx512Vnni.supported() && is_x86_feature_detected!("avx512bf16"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => crate::quant::amx::usable(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -71,20 +78,20 @@ impl Isa {
 
     /// The fastest ISA this CPU supports.
     pub fn best() -> Isa {
-        [Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported()).unwrap_or(Isa::Scalar)
+        [Isa::Amx, Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported()).unwrap_or(Isa::Scalar)
     }
 
     /// The fastest ISA whose results match the f32 reference (no bf16 rounding of activations).
     pub fn best_exact() -> Isa {
         match Isa::best() {
-            Isa::Avx512Bf16 => Isa::Avx512Vnni,
+            Isa::Avx512Bf16 | Isa::Amx => Isa::Avx512Vnni,
             i => i,
         }
     }
 
     /// Whether this is one of the AVX-512 variants.
     pub fn is_avx512(self) -> bool {
-        matches!(self, Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16)
+        matches!(self, Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 | Isa::Amx)
     }
 
     /// Whether matmuls with bf16 weights round activations to bf16.
@@ -104,8 +111,9 @@ impl Isa {
     pub fn from_env() -> Result<Isa, String> {
         match std::env::var("QWICK_ISA") {
             Ok(v) if !v.is_empty() => {
-                let isa = Isa::parse(&v)
-                    .ok_or_else(|| format!("QWICK_ISA={v}: expected scalar, avx2, avx512, avx512vnni or avx512bf16"))?;
+                let isa = Isa::parse(&v).ok_or_else(|| {
+                    format!("QWICK_ISA={v}: expected scalar, avx2, avx512, avx512vnni, avx512bf16 or amx")
+                })?;
                 if !isa.supported() {
                     return Err(format!("QWICK_ISA={v}: this CPU does not support {isa}"));
                 }

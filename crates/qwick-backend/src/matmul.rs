@@ -63,6 +63,10 @@ impl<'a> WeightView<'a> {
 /// Rows of `x` at or above which the tiled GEMM path is used.
 pub const GEMM_MIN_ROWS: usize = 48;
 
+/// Rows of `x` at or above which products with quantized weights run on AMX tiles
+/// (`Isa::Amx`).
+pub const AMX_MIN_ROWS: usize = 32;
+
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, in parallel over the pool.
 pub fn matmul(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: &mut [f32]) {
     matmul_batch(ctx, &mut [MatmulJob::new(x, m, *w, y)]);
@@ -78,6 +82,9 @@ enum Prepared {
     Padded(Vec<f32>, usize),
     /// `x` quantized to 8-bit blocks, for the integer kernels of quantized weights.
     Q8(ActQ8),
+    /// `x` rounded to bf16 in rows padded to a multiple of 16, for AMX tiles.
+    #[cfg(target_arch = "x86_64")]
+    Amx(quant::amx::ActBf16),
 }
 
 /// One product of a [`matmul_batch`]: `y[m, n] = x[m, k] · w[n, k]ᵀ`.
@@ -109,6 +116,10 @@ fn prepare(ctx: Ctx, x: &[f32], m: usize, w: &WeightView) -> Prepared {
             None => Prepared::None,
         }
     } else if !ctx.exact && quant::has_q8_kernel(w.format) {
+        #[cfg(target_arch = "x86_64")]
+        if ctx.isa == Isa::Amx && m >= AMX_MIN_ROWS && w.layout == Layout::Tiles {
+            return Prepared::Amx(quant::amx::ActBf16::new(x, m, k));
+        }
         Prepared::Q8(ActQ8::quantize(ctx.isa, x, m, k))
     } else {
         Prepared::None
@@ -160,7 +171,7 @@ pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
 /// The row stride the exact AVX-512 GEMV wants for `m` rows of length `k`, when it differs from
 /// `k`: with more than 4 rows, rows a multiple of 4 KiB apart would share L1 sets.
 fn pad_stride(isa: Isa, m: usize, k: usize) -> Option<usize> {
-    let avx512 = matches!(isa, Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16);
+    let avx512 = isa.is_avx512();
     (avx512 && m > 4 && m < GEMM_MIN_ROWS && k.is_multiple_of(256)).then_some(k + 16)
 }
 
@@ -201,6 +212,11 @@ unsafe fn matmul_cols_impl(
     }
     match prep {
         Prepared::Q8(a) => quant::matmul_q8(ctx.isa, a, w, y, ldy, cols),
+        #[cfg(target_arch = "x86_64")]
+        Prepared::Amx(a) => {
+            let spec = quant::tiles::spec(w.format).expect("AMX activations for a format with tiles");
+            quant::amx::matmul(spec, a, w, y, ldy, cols)
+        }
         Prepared::Bf16(xb) => float_cols(ctx.isa, x, w.cols, xb, m, w, y, ldy, cols),
         Prepared::Padded(xp, ldx) => float_cols(ctx.isa, xp, *ldx, &[], m, w, y, ldy, cols),
         Prepared::None if w.format.is_float() => float_cols(ctx.isa, x, w.cols, &[], m, w, y, ldy, cols),
@@ -287,7 +303,7 @@ unsafe fn float_cols(
             x86::avx512bf16::matmul(xb, m, w, y, ldy, cols)
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 => match w.format {
+        Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 | Isa::Amx => match w.format {
             Format::F32 => x86::avx512::matmul::<0>(x, ldx, m, w, y, ldy, cols),
             Format::BF16 => x86::avx512::matmul::<1>(x, ldx, m, w, y, ldy, cols),
             _ => x86::avx512::matmul::<2>(x, ldx, m, w, y, ldy, cols),

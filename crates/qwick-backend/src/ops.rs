@@ -20,7 +20,7 @@ macro_rules! multiversion {
         unsafe fn v256($($arg: $ty),*) $(-> $ret)? { $name::<true>($($arg),*) }
         match $isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Bf16 => unsafe { v512($($arg),*) },
+            Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 | Isa::Amx => unsafe { v512($($arg),*) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { v256($($arg),*) },
             _ => $name::<false>($($arg),*),

@@ -10,6 +10,8 @@
 //! in that order, group after group. The scalar kernel computes exactly this with `mul_add`;
 //! the SIMD kernels compute the same operations lane by lane, so they equal it bit for bit.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod dequant;
 pub mod grids;
 pub mod tiles;
@@ -138,7 +140,7 @@ pub unsafe fn matmul_q8(isa: Isa, a: &ActQ8, w: &WeightView, y: *mut f32, ldy: u
 /// One group of 16 weight rows against every row of `a`: `y[i·ldy + r]` for `r < valid`.
 unsafe fn group_kernel(isa: Isa, spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx512Vnni | Isa::Avx512Bf16) {
+    if matches!(isa, Isa::Avx512Vnni | Isa::Avx512Bf16 | Isa::Amx) {
         return x86::vnni::group(spec, group, a, y, ldy, valid);
     }
     let _ = isa;
@@ -239,6 +241,37 @@ mod tests {
                             "{f} ({i}, {c}): {got} vs {exact} (|·| {norm})"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// The AMX kernel equals the f32 product of the bf16-rounded operands (up to summation
+    /// order), for every format, on shapes with partial tiles in both directions.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn amx_kernel_matches_its_reference() {
+        if !amx::usable() {
+            eprintln!("no AMX here: skipped");
+            return;
+        }
+        for &f in Format::ALL.iter().filter(|f| has_q8_kernel(**f)) {
+            let spec = tiles::spec(f).unwrap();
+            for &(m, n, k) in &[(32, 16, 256), (37, 40, 512), (50, 33, 768)] {
+                let src = random_blocks(f, n * k / f.block(), (m + n * k) as u64);
+                let tiled = repack(&WeightView::new(f, &src, n, k)).unwrap();
+                let w = WeightView::tiles(f, &tiled, n, k);
+                let x = rand_vec(m * k, 11 + m as u64);
+                let a = amx::ActBf16::new(&x, m, k);
+                let mut want = vec![0f32; m * n];
+                amx::reference(spec, &a, &w, &mut want, n);
+                let mut got = vec![f32::NAN; m * n];
+                unsafe { amx::matmul(spec, &a, &w, got.as_mut_ptr(), n, 0..n) };
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()) * (k as f32).sqrt(),
+                        "{f} m{m} n{n} k{k} at {i}: {g} vs {e}"
+                    );
                 }
             }
         }

@@ -35,7 +35,7 @@ pub mod vnni {
 
     /// The 8 vectors of unsigned quants of one 32-weight block: vector `t` holds weights
     /// `4t..4t+4` of each row.
-    type Quads = [__m512i; 8];
+    pub(crate) type Quads = [__m512i; 8];
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
@@ -94,9 +94,15 @@ pub mod vnni {
     /// The unsigned quants of the 32-weight block at `p`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
-    unsafe fn quads(f: Format, p: *const u8) -> Quads {
+    pub(crate) unsafe fn quads(f: Format, p: *const u8) -> Quads {
         match f {
-            Format::Q8_0 => std::array::from_fn(|t| load(p.add(64 * t))),
+            Format::Q8_0 => {
+                let mut q = [_mm512_setzero_si512(); 8];
+                for (t, qt) in q.iter_mut().enumerate() {
+                    *qt = load(p.add(64 * t));
+                }
+                q
+            }
             Format::Q4_0 | Format::Q4_1 | Format::Q4_K => nibbles(p),
             Format::IQ4_NL | Format::IQ4_XS => {
                 let mut q = nibbles(p);
@@ -154,7 +160,7 @@ pub mod vnni {
     /// `tiles::scales` computes them.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
-    unsafe fn scales(f: Format, h: *const u8, j: usize) -> ([__m512; 2], [__m512; 2]) {
+    pub(crate) unsafe fn scales(f: Format, h: *const u8, j: usize) -> ([__m512; 2], [__m512; 2]) {
         let z = _mm512_setzero_ps();
         match f {
             Format::Q4_0 | Format::Q5_0 | Format::Q8_0 | Format::IQ4_NL => {

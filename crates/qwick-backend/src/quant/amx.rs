@@ -1,0 +1,277 @@
+//! Products with many activation rows (prefill) on Intel AMX tiles, in bf16.
+//!
+//! A tile multiply (`tdpbf16ps`) takes 16 rows × 32 bf16 of activations and 32 bf16 × 16
+//! columns of weights and accumulates a 16 × 16 block of f32 sums. Weights of any
+//! integer-kernel format are unpacked from their tiles to bf16 (`s · (u − o) + m`, rounded to
+//! nearest even) once per call, 16 rows at a time; activations are rounded to bf16. This is
+//! bf16 inference: the reference is the f32 product of the bf16-rounded operands.
+//!
+//! AMX state is per thread and must be granted by the kernel (Linux `arch_prctl`); [`usable`]
+//! asks once per process.
+
+use super::tiles::{Spec, ROWS};
+use crate::matmul::WeightView;
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+/// Whether the CPU has AMX-BF16 and the operating system lets this process use it.
+pub fn usable() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        if !crate::Isa::Avx512Bf16.supported() {
+            return false;
+        }
+        // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+        let leaf = __cpuid_count(7, 0);
+        if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
+            return false;
+        }
+        request_permission()
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn request_permission() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // Safety: a plain system call that only changes this process's permitted state components.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_permission() -> bool {
+    false
+}
+
+/// The tile configuration: tmm0–3 accumulators (16 × 16 f32), tmm4–5 activations
+/// (16 × 32 bf16), tmm6–7 weights (16 pairs × 16 columns).
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+const CONFIG: TileConfig = TileConfig {
+    palette: 1,
+    start_row: 0,
+    reserved: [0; 14],
+    colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+    rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+};
+
+/// Activations prepared for the tile kernels: rows rounded to bf16 and padded with zero rows to
+/// a multiple of 16.
+pub struct ActBf16 {
+    pub m: usize,
+    pub k: usize,
+    pub x: Vec<u16>,
+}
+
+impl ActBf16 {
+    pub fn new(x: &[f32], m: usize, k: usize) -> ActBf16 {
+        let mut out = vec![0u16; m.next_multiple_of(ROWS) * k];
+        for (d, &v) in out.iter_mut().zip(&x[..m * k]) {
+            *d = crate::format::f32_to_bf16(v);
+        }
+        ActBf16 { m, k, x: out }
+    }
+}
+
+/// Unpacks group `g` of a tiled weight to bf16 B tiles: for each 32 weights of the row, 16 rows
+/// of 64 bytes, row `p` holding weights `(2p, 2p+1)` of each of the 16 weight rows.
+///
+/// # Safety
+/// The CPU must support AVX-512 BF16; `out` holds `k / 32 × 512` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,f16c,fma")]
+unsafe fn unpack_group(spec: &Spec, group: &[u8], k: usize, out: &mut [u16]) {
+    let per_sb = spec.sb / 32;
+    let gp = group.as_ptr();
+    // Lane l of a quad's 16 widened values belongs to weight row 4·part + l/4.
+    let mut spread = [_mm512_setzero_si512(); 4];
+    for (part, sp) in spread.iter_mut().enumerate() {
+        let p = 4 * part as i32;
+        *sp = _mm512_setr_epi32(
+            p,
+            p,
+            p,
+            p,
+            p + 1,
+            p + 1,
+            p + 1,
+            p + 1,
+            p + 2,
+            p + 2,
+            p + 2,
+            p + 2,
+            p + 3,
+            p + 3,
+            p + 3,
+            p + 3,
+        );
+    }
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let off = _mm512_set1_ps(spec.offset as f32);
+    for j in 0..k / 32 {
+        let h = gp.add((j / per_sb) * spec.sb_bytes());
+        let jj = j % per_sb;
+        let q = super::x86::vnni::quads(spec.format, h.add(spec.header + jj * spec.block_bytes()));
+        let (s, m) = super::x86::vnni::scales(spec.format, h, jj);
+        // w = s·u + (m − s·o), per scale group (quads 0–3 are weights 0–15, quads 4–7 16–31).
+        let bias = [_mm512_fnmadd_ps(s[0], off, m[0]), _mm512_fnmadd_ps(s[1], off, m[1])];
+        let dst = out.as_mut_ptr().add(j * 512);
+        for (t, qt) in q.iter().enumerate() {
+            let g = t / 4;
+            let mut f = [_mm512_setzero_ps(); 4];
+            for (part, fp) in f.iter_mut().enumerate() {
+                let u = _mm512_cvtepu8_epi32(match part {
+                    0 => _mm512_extracti32x4_epi32::<0>(*qt),
+                    1 => _mm512_extracti32x4_epi32::<1>(*qt),
+                    2 => _mm512_extracti32x4_epi32::<2>(*qt),
+                    _ => _mm512_extracti32x4_epi32::<3>(*qt),
+                });
+                let sv = _mm512_permutexvar_ps(spread[part], s[g]);
+                let bv = _mm512_permutexvar_ps(spread[part], bias[g]);
+                *fp = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), sv, bv);
+            }
+            // Rows 0–7 then 8–15, each row's four weights as two bf16 pairs.
+            let lo: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(f[1], f[0]));
+            let hi: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(f[3], f[2]));
+            _mm512_storeu_si512(dst.add(64 * t) as *mut _, _mm512_permutex2var_epi32(lo, even, hi));
+            _mm512_storeu_si512(dst.add(64 * t + 32) as *mut _, _mm512_permutex2var_epi32(lo, odd, hi));
+        }
+    }
+}
+
+/// `y[:, cols] = x · wᵀ` on AMX tiles, `cols.start` a multiple of 16.
+///
+/// # Safety
+/// [`usable`] must have returned true; `w` is in tiles; `y` is valid for `a.m` rows of `ldy`
+/// floats and no other thread writes these columns.
+pub unsafe fn matmul(spec: &Spec, a: &ActBf16, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+    let k = a.k;
+    let gb = spec.group_bytes(k);
+    let ksteps = k / 32;
+    let mut b = vec![0u16; 2 * ksteps * 512];
+    let mut tmp = [0f32; 16 * 16];
+    asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+    let mut n = cols.start;
+    while n < cols.end {
+        let g = n / ROWS;
+        let pair = cols.end - n > ROWS;
+        unpack_group(spec, &w.data[g * gb..(g + 1) * gb], k, &mut b[..ksteps * 512]);
+        if pair {
+            unpack_group(spec, &w.data[(g + 1) * gb..(g + 2) * gb], k, &mut b[ksteps * 512..]);
+        }
+        let (b0, b1) = (b.as_ptr(), b.as_ptr().add(ksteps * 512));
+        let mut i = 0;
+        while i < a.m {
+            let two = a.m - i > ROWS;
+            let a0 = a.x.as_ptr().add(i * k);
+            let a1 = a0.add(ROWS * k);
+            let stride = 2 * k;
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            for ks in 0..ksteps {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {s} * 1]",
+                    "tileloadd tmm6, [{b0} + {bs} * 1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    a0 = in(reg) a0.add(ks * 32),
+                    b0 = in(reg) b0.add(ks * 512),
+                    s = in(reg) stride,
+                    bs = in(reg) 64usize,
+                    options(nostack, readonly)
+                );
+                if pair {
+                    asm!(
+                        "tileloadd tmm7, [{b1} + {bs} * 1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        b1 = in(reg) b1.add(ks * 512),
+                        bs = in(reg) 64usize,
+                        options(nostack, readonly)
+                    );
+                }
+                if two {
+                    asm!(
+                        "tileloadd tmm5, [{a1} + {s} * 1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        a1 = in(reg) a1.add(ks * 32),
+                        s = in(reg) stride,
+                        options(nostack, readonly)
+                    );
+                    if pair {
+                        asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
+                    }
+                }
+            }
+            // Store each accumulator: straight into y when its 16 × 16 block is whole.
+            let mut store = |tile: u8, row0: usize, col0: usize| {
+                let rows = (a.m - row0).min(ROWS);
+                let cw = (cols.end - col0).min(16);
+                let whole = rows == ROWS && cw == 16;
+                let (dst, stride) =
+                    if whole { (y.add(row0 * ldy + col0), ldy * 4) } else { (tmp.as_mut_ptr(), 64usize) };
+                match tile {
+                    0 => {
+                        asm!("tilestored [{d} + {s} * 1], tmm0", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                    }
+                    1 => {
+                        asm!("tilestored [{d} + {s} * 1], tmm1", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                    }
+                    2 => {
+                        asm!("tilestored [{d} + {s} * 1], tmm2", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                    }
+                    _ => {
+                        asm!("tilestored [{d} + {s} * 1], tmm3", d = in(reg) dst, s = in(reg) stride, options(nostack))
+                    }
+                }
+                if !whole {
+                    for r in 0..rows {
+                        std::ptr::copy_nonoverlapping(tmp.as_ptr().add(16 * r), y.add((row0 + r) * ldy + col0), cw);
+                    }
+                }
+            };
+            store(0, i, n);
+            if pair {
+                store(1, i, n + ROWS);
+            }
+            if two {
+                store(2, i + ROWS, n);
+                if pair {
+                    store(3, i + ROWS, n + ROWS);
+                }
+            }
+            i += 2 * ROWS;
+        }
+        n = (n + 2 * ROWS).min(cols.end);
+    }
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+#[cfg(test)]
+/// The reference of [`matmul`]: the f32 product of bf16-rounded weights and activations, in
+/// order.
+pub fn reference(spec: &Spec, a: &ActBf16, w: &WeightView, y: &mut [f32], ldy: usize) {
+    let k = a.k;
+    let gb = spec.group_bytes(k);
+    for c in 0..w.rows {
+        let group = &w.data[(c / ROWS) * gb..(c / ROWS + 1) * gb];
+        let mut row = vec![0f32; k];
+        for (j, blk) in row.chunks_exact_mut(32).enumerate() {
+            let up = super::tiles::unpack(spec, group, j, c % ROWS);
+            for (i, v) in blk.iter_mut().enumerate() {
+                let g = if spec.g16 { i / 16 } else { 0 };
+                let wv = (up.u[i] as f32).mul_add(up.s[g], (-up.s[g]).mul_add(spec.offset as f32, up.m[g]));
+                *v = crate::format::bf16_to_f32(crate::format::f32_to_bf16(wv));
+            }
+        }
+        for i in 0..a.m {
+            let x = &a.x[i * k..(i + 1) * k];
+            y[i * ldy + c] = x.iter().zip(&row).map(|(&xv, &wv)| crate::format::bf16_to_f32(xv) * wv).sum();
+        }
+    }
+}
