@@ -60,6 +60,16 @@ impl<'a> WeightView<'a> {
     }
 }
 
+/// The kernels products with `w` use (outside the exact mode), in words.
+pub fn kernel_path(w: &WeightView) -> &'static str {
+    match w.layout {
+        _ if w.format.is_float() => "float",
+        Layout::Tiles => "integer, repacked",
+        Layout::Rows if quant::has_q8_kernel(w.format) => "integer, file layout",
+        Layout::Rows => "slow: dequantized to f32",
+    }
+}
+
 /// Rows of `x` at or above which the tiled GEMM path is used.
 pub const GEMM_MIN_ROWS: usize = 48;
 

@@ -50,6 +50,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
         eprintln!("note: {ctx_len} tokens exceed max_position_embeddings ({})", cfg.max_position_embeddings);
     }
     let bytes_per_step = model.bytes_read_per_token();
+    // Which kernels the weights take: (format, path) -> (tensors, bytes); and the slow ones.
+    let mut kernels: std::collections::BTreeMap<(String, &str), (usize, usize)> = Default::default();
+    let mut slow: Vec<String> = Vec::new();
+    for l in model.linears() {
+        let v = l.view();
+        let path = qwick_backend::matmul::kernel_path(&v);
+        let e = kernels.entry((v.format.to_string(), path)).or_default();
+        e.0 += 1;
+        e.1 += v.bytes();
+        if path.starts_with("slow") {
+            slow.push(l.weight.name.clone());
+        }
+    }
     let weight_bytes = model.weight_bytes();
     let mut runner = a.run.runner(model, a.batch * (ctx_len + 16), isa)?;
 
@@ -92,6 +105,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let prefill_tok_s = (a.batch * a.prompt_len) as f64 / prefill_s;
     let bound_tok_s = a.batch as f64 * bw / bytes_per_step as f64;
     let rss = peak_rss_bytes();
+    let gb = |b: usize| b as f64 / 1e9;
     let report = serde_json::json!({
         "model": a.model.display().to_string(),
         "threads": threads,
@@ -111,13 +125,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "weights_bytes": weight_bytes,
         "kv_cache_bytes": runner.kv_bytes(),
         "peak_rss_bytes": rss,
+        "exact": a.run.exact,
+        "weights": kernels.iter().map(|((f, p), (n, b))| serde_json::json!({"format": f, "kernels": p, "tensors": n, "bytes": b})).collect::<Vec<_>>(),
+        "slow_tensors": slow,
     });
     if a.json {
         println!("{report}");
     } else {
-        let gb = |b: usize| b as f64 / 1e9;
         println!("model            {}", a.model.display());
-        println!("threads / isa    {threads} / {isa}");
+        println!("threads / isa    {threads} / {isa}{}", if a.run.exact { " (exact)" } else { "" });
+        for ((f, p), (n, b)) in &kernels {
+            println!("weights          {f}: {n} tensors, {:.2} GB, {p}", gb(*b));
+        }
+        if !slow.is_empty() {
+            let shown: Vec<&str> = slow.iter().take(4).map(String::as_str).collect();
+            let more = if slow.len() > 4 { format!(" and {} more", slow.len() - 4) } else { String::new() };
+            println!("slow path        {} tensors have no integer kernel: {}{more}", slow.len(), shown.join(", "));
+        }
         println!("batch            {}  (prompt {} + gen {} tokens each)", a.batch, a.prompt_len, a.gen_len);
         println!("prefill          {prefill_tok_s:.1} tok/s   (time to first token {:.3} s)", prefill_s);
         println!("decode           {decode_tok_s:.2} tok/s{}", if a.batch > 1 { "  (aggregate)" } else { "" });

@@ -188,7 +188,7 @@ impl<'a> Cursor<'a> {
         let n = usize::try_from(n)
             .ok()
             .filter(|&n| n <= self.b.len() - self.pos)
-            .ok_or_else(|| anyhow!("{}: string length {n} runs past the end of the file", what()))?;
+            .ok_or_else(|| anyhow!("{}: string length {n} runs past the end of the file (truncated?)", what()))?;
         let bytes = self.take(n, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| anyhow!("{}: string is not valid UTF-8", what()))
     }
@@ -216,10 +216,9 @@ impl<'a> Cursor<'a> {
                 let ety = self.u32(what)?;
                 let n = self.u64(what)?;
                 // Every element takes at least one byte, so a count beyond the remaining bytes is corrupt.
-                let n = usize::try_from(n)
-                    .ok()
-                    .filter(|&n| n <= self.b.len() - self.pos)
-                    .ok_or_else(|| anyhow!("{}: array of {n} elements runs past the end of the file", what()))?;
+                let n = usize::try_from(n).ok().filter(|&n| n <= self.b.len() - self.pos).ok_or_else(|| {
+                    anyhow!("{}: array of {n} elements runs past the end of the file (truncated?)", what())
+                })?;
                 let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
                     v.push(self.value(ety, depth + 1, what)?);
@@ -484,4 +483,114 @@ pub fn file_type_name(t: u32) -> Option<&'static str> {
         38 => "MXFP4_MOE",
         _ => return None,
     })
+}
+
+/// Builds a GGUF file (version 3): metadata in the order added, then tensors, aligned.
+#[derive(Default)]
+pub struct GgufWriter {
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+}
+
+impl GgufWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(&mut self, key: &str, value: Value) -> &mut Self {
+        self.metadata.push((key.to_string(), value));
+        self
+    }
+
+    /// Adds a tensor: `dims` in GGML order (`dims[0]` the row length), `data` its bytes.
+    pub fn add_tensor(&mut self, name: &str, dims: &[u64], ggml_type: u32, data: Vec<u8>) -> &mut Self {
+        self.tensors.push((name.to_string(), dims.to_vec(), ggml_type, data));
+        self
+    }
+
+    /// The whole file.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        fn string(out: &mut Vec<u8>, s: &str) {
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        fn type_id(v: &Value) -> u32 {
+            match v {
+                Value::U8(_) => 0,
+                Value::I8(_) => 1,
+                Value::U16(_) => 2,
+                Value::I16(_) => 3,
+                Value::U32(_) => 4,
+                Value::I32(_) => 5,
+                Value::F32(_) => 6,
+                Value::Bool(_) => 7,
+                Value::String(_) => 8,
+                Value::Array(_) => 9,
+                Value::U64(_) => 10,
+                Value::I64(_) => 11,
+                Value::F64(_) => 12,
+            }
+        }
+        fn value(out: &mut Vec<u8>, v: &Value) {
+            match v {
+                Value::U8(x) => out.push(*x),
+                Value::I8(x) => out.push(*x as u8),
+                Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::Bool(x) => out.push(*x as u8),
+                Value::String(s) => string(out, s),
+                Value::Array(a) => {
+                    out.extend_from_slice(&a.first().map_or(0, type_id).to_le_bytes());
+                    out.extend_from_slice(&(a.len() as u64).to_le_bytes());
+                    for e in a {
+                        value(out, e);
+                    }
+                }
+                Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+            }
+        }
+        let alignment = match self.metadata.iter().find(|(k, _)| k == "general.alignment") {
+            Some((_, Value::U32(a))) if a.is_power_of_two() => *a as usize,
+            _ => DEFAULT_ALIGNMENT as usize,
+        };
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (k, v) in &self.metadata {
+            string(&mut out, k);
+            out.extend_from_slice(&type_id(v).to_le_bytes());
+            value(&mut out, v);
+        }
+        let mut off = 0usize;
+        for (name, dims, ty, data) in &self.tensors {
+            string(&mut out, name);
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(&(off as u64).to_le_bytes());
+            off = (off + data.len()).next_multiple_of(alignment);
+        }
+        out.resize(out.len().next_multiple_of(alignment), 0);
+        for (_, _, _, data) in &self.tensors {
+            out.extend_from_slice(data);
+            out.resize(out.len().next_multiple_of(alignment), 0);
+        }
+        out
+    }
+
+    /// Writes the file through a temporary file renamed into place when complete.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("gguf.partial");
+        std::fs::write(&tmp, self.to_bytes()).map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, path).map_err(|e| anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display()))
+    }
 }

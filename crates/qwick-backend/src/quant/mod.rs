@@ -17,6 +17,8 @@ pub mod grids;
 pub mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_maddubs;
 
 use crate::format::Format;
 use crate::matmul::{Layout, WeightView};
@@ -142,6 +144,14 @@ unsafe fn group_kernel(isa: Isa, spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx512Vnni | Isa::Avx512Bf16 | Isa::Amx) {
         return x86::vnni::group(spec, group, a, y, ldy, valid);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        return x86_maddubs::avx512::group(spec, group, a, y, ldy, valid);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        return x86_maddubs::avx2::group(spec, group, a, y, ldy, valid);
     }
     let _ = isa;
     group_scalar(spec, group, a, y, ldy, valid)
