@@ -401,7 +401,11 @@ pub fn repack_into(spec: &Spec, src: &[u8], rows: usize, k: usize, out: &mut [u8
         for r in 0..ROWS.min(rows - g * ROWS) {
             let row = &src[(g * ROWS + r) * rb..(g * ROWS + r + 1) * rb];
             for (s, sbo) in grp.chunks_exact_mut(spec.sb_bytes()).enumerate() {
-                let dec = decode(spec, &row[s * fb..(s + 1) * fb]);
+                let b = &row[s * fb..(s + 1) * fb];
+                if repack_fast(spec, b, r, sbo) {
+                    continue;
+                }
+                let dec = decode(spec, b);
                 // Header: fields in order, each `n` values of `lane_bytes` for all 16 lanes.
                 let mut off = 0;
                 for &(lb, ref vals) in &dec.fields[..dec.nfields] {
@@ -420,6 +424,91 @@ pub fn repack_into(spec: &Spec, src: &[u8], rows: usize, k: usize, out: &mut [u8
                 }
             }
         }
+    }
+}
+
+/// Row `r` of one super-block for the common formats whose planes are the file's bytes moved
+/// around (the same result as the general path, faster); false for the others.
+fn repack_fast(spec: &Spec, b: &[u8], r: usize, out: &mut [u8]) -> bool {
+    let put16 = |out: &mut [u8], field: usize, bytes: &[u8]| {
+        out[field * 32 + 2 * r..field * 32 + 2 * r + 2].copy_from_slice(&bytes[..2]);
+    };
+    match spec.format {
+        Format::Q4_0 | Format::IQ4_NL | Format::Q4_1 => {
+            // The nibble plane's byte (t, r, b) is the file's qs[4t + b].
+            let hdr = if spec.format == Format::Q4_1 { 4 } else { 2 };
+            put16(out, 0, &b[0..2]);
+            if hdr == 4 {
+                put16(out, 1, &b[2..4]);
+            }
+            let qs = &b[hdr..hdr + 16];
+            for t in 0..4 {
+                let at = spec.header + t * 64 + r * 4;
+                out[at..at + 4].copy_from_slice(&qs[4 * t..4 * t + 4]);
+            }
+            true
+        }
+        Format::Q8_0 => {
+            put16(out, 0, &b[0..2]);
+            for t in 0..8 {
+                let at = spec.header + t * 64 + r * 4;
+                for i in 0..4 {
+                    out[at + i] = b[2 + 4 * t + i] ^ 0x80;
+                }
+            }
+            true
+        }
+        Format::Q4_K => {
+            put16(out, 0, &b[0..2]);
+            put16(out, 1, &b[2..4]);
+            let (sc, mn) = k4_scales(&b[4..16]);
+            for j in 0..8 {
+                out[64 + j * ROWS + r] = sc[j];
+                out[192 + j * ROWS + r] = mn[j];
+            }
+            let qs = &b[16..144];
+            for c in 0..4 {
+                let (lo_blk, hi_blk) = (spec.header + 2 * c * 256, spec.header + (2 * c + 1) * 256);
+                for t in 0..4 {
+                    for i in 0..4 {
+                        let (x, y) = (qs[32 * c + 4 * t + i], qs[32 * c + 16 + 4 * t + i]);
+                        out[lo_blk + t * 64 + r * 4 + i] = (x & 0xF) | (y << 4);
+                        out[hi_blk + t * 64 + r * 4 + i] = (x >> 4) | (y & 0xF0);
+                    }
+                }
+            }
+            true
+        }
+        Format::Q6_K => {
+            let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+            put16(out, 0, &b[208..210]);
+            for (e, &v) in scales.iter().enumerate() {
+                out[32 + e * ROWS + r] = v;
+            }
+            for j in 0..8 {
+                let (n, qq) = (j / 4, j % 4);
+                let base = 64 * n + 32 * (qq & 1);
+                let nib = |v: u8| if qq >= 2 { v >> 4 } else { v & 0xF };
+                let blk = spec.header + j * spec.block_bytes();
+                for t in 0..4 {
+                    for i in 0..4 {
+                        let (x, y) = (ql[base + 4 * t + i], ql[base + 16 + 4 * t + i]);
+                        out[blk + t * 64 + r * 4 + i] = nib(x) | (nib(y) << 4);
+                    }
+                }
+                for p in 0..2 {
+                    for i in 0..4 {
+                        let mut v = 0u8;
+                        for c in 0..4 {
+                            v |= ((qh[32 * n + 16 * p + 4 * c + i] >> (2 * qq)) & 3) << (2 * c);
+                        }
+                        out[blk + 256 + p * 64 + r * 4 + i] = v;
+                    }
+                }
+            }
+            true
+        }
+        _ => false,
     }
 }
 
