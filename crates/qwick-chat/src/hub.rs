@@ -151,8 +151,9 @@ impl Hub {
     }
 }
 
-/// Resolves a model given on the command line or in an API request to a local folder: a folder
-/// is itself; a Hub id goes through [`Hub::from_env`] and [`Hub::resolve`].
+/// Resolves a model given on the command line or in an API request to a local folder or GGUF
+/// file: a folder or GGUF file is itself; a Hub id goes through [`Hub::from_env`] and
+/// [`Hub::resolve`].
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     if let Some(dir) = local_folder(spec)? {
         return Ok(dir);
@@ -160,16 +161,23 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     Hub::from_env()?.resolve(spec)
 }
 
-/// Returns `Some(folder)` when `spec` names an existing local folder, an error when it looks like a
-/// path but is not a folder, and `None` when it should be a Hub id.
+/// Returns `Some(path)` when `spec` names an existing local folder or GGUF file, an error when it
+/// looks like a path but is neither, and `None` when it should be a Hub id.
 fn local_folder(spec: &str) -> Result<Option<PathBuf>> {
     let path = Path::new(spec);
     if path.is_dir() {
         return Ok(Some(path.to_path_buf()));
     }
     if path.exists() {
+        let mut magic = [0u8; 4];
+        let gguf = std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+            && &magic == b"GGUF";
+        if gguf || path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            return Ok(Some(path.to_path_buf()));
+        }
         return Err(ChatError::Model(format!(
-            "{spec} is a file, not a model folder (a folder with config.json, tokenizer.json and *.safetensors)"
+            "{spec} is a file, not a model folder (a folder with config.json, tokenizer.json and *.safetensors) \
+             or a GGUF file"
         )));
     }
     if HubId::parse(spec).is_none() {

@@ -91,6 +91,9 @@ fn local_folders_and_bad_specs() {
     touch(&file, "{}");
     let e = offline(&cache).resolve(file.to_str().unwrap()).unwrap_err();
     assert!(e.to_string().contains("is a file"), "{e}");
+    let gguf = model.join("model.gguf");
+    touch(&gguf, "GGUF");
+    assert_eq!(offline(&cache).resolve(gguf.to_str().unwrap()).unwrap(), gguf);
     for bad in ["./no/such/dir", "/no/such", "a/b/c", "justname", "a/", "/b", "a/b@", ""] {
         let e = offline(&cache).resolve(bad).unwrap_err().to_string();
         assert!(e.contains("neither a model folder nor"), "{bad}: {e}");

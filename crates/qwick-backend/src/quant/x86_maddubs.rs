@@ -393,7 +393,7 @@ pub mod avx2 {
     use super::*;
 
     /// Activation rows per pass over a half group.
-    const MR: usize = 4;
+    const MR: usize = 8;
     /// Rows per half.
     const HR: usize = ROWS / 2;
 
@@ -635,6 +635,10 @@ pub mod avx2 {
             while i < a.m {
                 let mr = (a.m - i).min(MR);
                 match mr {
+                    8 => rows::<F, 8>(spec, group, a, i, half, y, ldy, nv),
+                    7 => rows::<F, 7>(spec, group, a, i, half, y, ldy, nv),
+                    6 => rows::<F, 6>(spec, group, a, i, half, y, ldy, nv),
+                    5 => rows::<F, 5>(spec, group, a, i, half, y, ldy, nv),
                     4 => rows::<F, 4>(spec, group, a, i, half, y, ldy, nv),
                     3 => rows::<F, 3>(spec, group, a, i, half, y, ldy, nv),
                     2 => rows::<F, 2>(spec, group, a, i, half, y, ldy, nv),
