@@ -342,8 +342,8 @@ mod x86 {
                 *off = (table[j / bs] as usize * bs + j % bs) * stride + kvh * hd;
             }
             for d in 0..hd {
-                for jj in 0..16 {
-                    *kt.get_unchecked_mut(d * 16 + jj) = if jj < nk { *kv.k.get_unchecked(offs[jj] + d) } else { 0.0 };
+                for (jj, &off) in offs.iter().enumerate() {
+                    *kt.get_unchecked_mut(d * 16 + jj) = if jj < nk { *kv.k.get_unchecked(off + d) } else { 0.0 };
                 }
             }
             for t in 0..len {
@@ -420,6 +420,7 @@ mod tests {
     use crate::ThreadPool;
 
     /// Dense causal attention over contiguous K/V, written directly from the definition.
+    #[allow(clippy::too_many_arguments)]
     fn dense(q: &[f32], k: &[f32], v: &[f32], t: usize, nh: usize, kvh: usize, hd: usize, scale: f32) -> Vec<f32> {
         let mut out = vec![0f32; t * nh * hd];
         for i in 0..t {

@@ -79,7 +79,7 @@ pub const AMX_MIN_ROWS: usize = 32;
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, in parallel over the pool.
 pub fn matmul(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: &mut [f32]) {
-    matmul_batch(ctx, &mut [MatmulJob::new(x, m, *w, y)]);
+    matmul_batch(ctx, &[MatmulJob::new(x, m, *w, y)]);
 }
 
 /// How a job's activations are prepared for its weight's kernels.
@@ -100,7 +100,6 @@ enum Prepared {
 /// One product of a [`matmul_batch`]: `y[m, n] = x[m, k] · w[n, k]ᵀ`.
 pub struct MatmulJob<'a> {
     x: &'a [f32],
-    prep: Prepared,
     m: usize,
     w: WeightView<'a>,
     y: SendPtr<f32>,
@@ -110,29 +109,55 @@ pub struct MatmulJob<'a> {
 impl<'a> MatmulJob<'a> {
     pub fn new(x: &'a [f32], m: usize, w: WeightView<'a>, y: &'a mut [f32]) -> Self {
         assert!(x.len() >= m * w.cols && y.len() >= m * w.rows, "matmul operand sizes");
-        MatmulJob { x, prep: Prepared::None, m, w, y: SendPtr::new(y), _y: std::marker::PhantomData }
+        MatmulJob { x, m, w, y: SendPtr::new(y), _y: std::marker::PhantomData }
     }
 }
 
-/// Prepares `x` [m, k] for a product with `w` on `ctx`.
-fn prepare(ctx: Ctx, x: &[f32], m: usize, w: &WeightView) -> Prepared {
-    let k = w.cols;
-    let x = &x[..m * k];
+/// What a product's activations are converted to (see [`Prepared`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    None,
+    Bf16,
+    Padded,
+    Q8,
+    Amx,
+}
+
+fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
     if w.format == Format::BF16 && ctx.isa.rounds_activations() {
-        Prepared::Bf16(round_rows_to_bf16(x, k))
+        Kind::Bf16
     } else if w.format.is_float() {
-        match pad_stride(ctx.isa, m, k) {
-            Some(ldx) => Prepared::Padded(pad_rows(x, k, ldx), ldx),
-            None => Prepared::None,
+        if pad_stride(ctx.isa, m, w.cols).is_some() {
+            Kind::Padded
+        } else {
+            Kind::None
         }
     } else if !ctx.exact && quant::has_q8_kernel(w.format) {
-        #[cfg(target_arch = "x86_64")]
-        if ctx.isa == Isa::Amx && m >= AMX_MIN_ROWS && w.layout == Layout::Tiles {
-            return Prepared::Amx(quant::amx::ActBf16::new(x, m, k));
+        if cfg!(target_arch = "x86_64") && ctx.isa == Isa::Amx && m >= AMX_MIN_ROWS && w.layout == Layout::Tiles {
+            Kind::Amx
+        } else {
+            Kind::Q8
         }
-        Prepared::Q8(ActQ8::quantize(ctx.isa, x, m, k))
     } else {
-        Prepared::None
+        Kind::None
+    }
+}
+
+/// Converts `x` [m, k] to `kind`.
+fn prepare(ctx: Ctx, kind: Kind, x: &[f32], m: usize, k: usize) -> Prepared {
+    let x = &x[..m * k];
+    match kind {
+        Kind::None => Prepared::None,
+        Kind::Bf16 => Prepared::Bf16(round_rows_to_bf16(x, k)),
+        Kind::Padded => {
+            let ldx = pad_stride(ctx.isa, m, k).expect("padded stride");
+            Prepared::Padded(pad_rows(x, k, ldx), ldx)
+        }
+        Kind::Q8 => Prepared::Q8(ActQ8::quantize(ctx.isa, x, m, k)),
+        #[cfg(target_arch = "x86_64")]
+        Kind::Amx => Prepared::Amx(quant::amx::ActBf16::new(x, m, k)),
+        #[cfg(not(target_arch = "x86_64"))]
+        Kind::Amx => unreachable!("AMX on a CPU without it"),
     }
 }
 
@@ -140,21 +165,32 @@ fn prepare(ctx: Ctx, x: &[f32], m: usize, w: &WeightView) -> Prepared {
 /// the chosen experts of a MoE layer). Columns of all jobs are cut into slices (multiples of
 /// 32, about sixteen per thread) that threads take from a shared counter, so a thread slowed by
 /// the machine does not hold the others back.
-pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
+pub fn matmul_batch(ctx: Ctx, jobs: &[MatmulJob]) {
     let threads = ctx.pool.threads();
     let total: usize = jobs.iter().map(|j| j.m * j.w.cols * j.w.rows).sum();
     if total == 0 {
         return;
     }
-    for j in jobs.iter_mut() {
-        j.prep = prepare(ctx, j.x, j.m, &j.w);
+    // Convert each distinct activation matrix once (q/k/v and gate/up share theirs).
+    let mut keys: Vec<(usize, usize, usize, Kind)> = Vec::new();
+    let mut preps: Vec<Prepared> = Vec::new();
+    let mut prep_of = Vec::with_capacity(jobs.len());
+    for j in jobs.iter() {
+        let key = (j.x.as_ptr() as usize, j.m, j.w.cols, kind(ctx, j.m, &j.w));
+        let i = keys.iter().position(|k| *k == key).unwrap_or_else(|| {
+            keys.push(key);
+            preps.push(prepare(ctx, key.3, j.x, j.m, j.w.cols));
+            preps.len() - 1
+        });
+        prep_of.push(i);
     }
-    let run_range = |j: &MatmulJob, cols: std::ops::Range<usize>| unsafe {
-        matmul_cols_impl(ctx, j.x, &j.prep, j.m, &j.w, j.y.ptr(), j.w.rows, cols)
+    let run_range = |i: usize, cols: std::ops::Range<usize>| unsafe {
+        let j = &jobs[i];
+        matmul_cols_impl(ctx, j.x, &preps[prep_of[i]], j.m, &j.w, j.y.ptr(), j.w.rows, cols)
     };
     if threads == 1 || total < 1 << 16 {
-        for j in jobs.iter() {
-            run_range(j, 0..j.w.rows);
+        for (i, j) in jobs.iter().enumerate() {
+            run_range(i, 0..j.w.rows);
         }
         return;
     }
@@ -170,11 +206,10 @@ pub fn matmul_batch(ctx: Ctx, jobs: &mut [MatmulJob]) {
         }
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let jobs = &*jobs;
     ctx.pool.run(&|_| loop {
         let u = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(&(j, n0, n1)) = units.get(u) else { break };
-        run_range(&jobs[j], n0..n1);
+        run_range(j, n0..n1);
     });
 }
 
@@ -1144,7 +1179,7 @@ pub(crate) mod tests {
                 let (mut y1, mut y2) = (vec![0f32; m * n], vec![0f32; m * n]);
                 matmul_batch(
                     Ctx::new(Isa::Scalar, &pool),
-                    &mut [MatmulJob::new(&x, m, w, &mut y1), MatmulJob::new(&x, m, w, &mut y2)],
+                    &[MatmulJob::new(&x, m, w, &mut y1), MatmulJob::new(&x, m, w, &mut y2)],
                 );
                 assert_eq!(y1, want);
                 assert_eq!(y2, want);

@@ -443,7 +443,7 @@ impl Qwen3 {
             let a = &layer.attn;
             matmul_batch(
                 ctx,
-                &mut [
+                &[
                     MatmulJob::new(&hn, n, a.q_proj.view(), &mut q),
                     MatmulJob::new(&hn, n, a.k_proj.view(), &mut k),
                     MatmulJob::new(&hn, n, a.v_proj.view(), &mut v),
@@ -524,7 +524,7 @@ fn swiglu(ctx: Ctx, s: &SwiGlu, x: &[f32], n: usize, out: &mut [f32]) {
     let mut u = vec![0f32; n * inter];
     matmul_batch(
         ctx,
-        &mut [MatmulJob::new(x, n, s.gate_proj.view(), &mut g), MatmulJob::new(x, n, s.up_proj.view(), &mut u)],
+        &[MatmulJob::new(x, n, s.gate_proj.view(), &mut g), MatmulJob::new(x, n, s.up_proj.view(), &mut u)],
     );
     par_rows(ctx, n, &mut g, inter, |r, gr| ops::silu_mul(ctx.isa, gr, &u[r.start * inter..r.end * inter]));
     matmul(ctx, &g, n, &s.down_proj.view(), out);
@@ -580,7 +580,7 @@ fn moe(
             jobs.push(MatmulJob::new(xe, m, experts[e].gate_proj.view(), g));
             jobs.push(MatmulJob::new(xe, m, experts[e].up_proj.view(), u));
         }
-        matmul_batch(ctx, &mut jobs);
+        matmul_batch(ctx, &jobs);
     }
     for (g, u) in gs.iter_mut().zip(&us) {
         ops::silu_mul(ctx.isa, g, u);
@@ -591,7 +591,7 @@ fn moe(
         for ((&e, g), y) in active.iter().zip(&gs).zip(ys.iter_mut()) {
             jobs.push(MatmulJob::new(g, routed[e].len(), experts[e].down_proj.view(), y));
         }
-        matmul_batch(ctx, &mut jobs);
+        matmul_batch(ctx, &jobs);
     }
     out[..n * h].fill(0.0);
     for (&e, y) in active.iter().zip(&ys) {

@@ -273,12 +273,18 @@ pub mod vnni {
                     let dx = _mm512_set1_ps(*a.d.get_unchecked(i * nb + j));
                     let qs0 = *a.s16.get_unchecked(i * 2 * nb + 2 * j) as i32;
                     let qs1 = *a.s16.get_unchecked(i * 2 * nb + 2 * j + 1) as i32;
+                    // With few activation rows, two accumulators halve the dependency chain.
                     let dot = |t0: usize, n: usize| {
-                        let mut v = _mm512_setzero_si512();
+                        let mut v = [_mm512_setzero_si512(); 2];
                         for (t, qt) in q.iter().enumerate().skip(t0).take(n) {
-                            v = _mm512_dpbusd_epi32(v, *qt, _mm512_set1_epi32(xq.add(t).read_unaligned()));
+                            let c = if M < 4 { t % 2 } else { 0 };
+                            v[c] = _mm512_dpbusd_epi32(v[c], *qt, _mm512_set1_epi32(xq.add(t).read_unaligned()));
                         }
-                        v
+                        if M < 4 {
+                            _mm512_add_epi32(v[0], v[1])
+                        } else {
+                            v[0]
+                        }
                     };
                     if g16 {
                         for (g, qs) in [(0, qs0), (1, qs1)] {
