@@ -194,3 +194,25 @@ fn make_random_sharded_checkpoint_loads_and_benches() {
         assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
     }
 }
+
+/// Broken GGUF files: one error line naming the file and what is wrong, no panic, no output.
+#[test]
+fn broken_gguf_files_get_one_clear_error() {
+    let good = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/gguf/dense-Q4_0.gguf")).unwrap();
+    let dir = scratch("bad-gguf");
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let mut magic = good.clone();
+    magic[..4].copy_from_slice(b"GGUX");
+    expect_error(&write("magic.gguf", &magic), "1,2", "magic.gguf: not a GGUF file");
+    let mut version = good.clone();
+    version[4..8].copy_from_slice(&77u32.to_le_bytes());
+    expect_error(&write("version.gguf", &version), "1,2", "unknown GGUF version 77");
+    expect_error(&write("cut.gguf", &good[..good.len() / 2]), "1,2", "runs past the end of the file");
+    expect_error(&write("tiny.gguf", &good[..40]), "1,2", "truncated");
+    // A token id beyond the vocabulary of a valid file.
+    expect_error(&write("ok.gguf", &good), "1,99999", "99999");
+}
