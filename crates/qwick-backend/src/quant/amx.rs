@@ -63,21 +63,39 @@ const CONFIG: TileConfig = TileConfig {
     rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
 };
 
-/// Activations prepared for the tile kernels: rows rounded to bf16 and padded with zero rows to
-/// a multiple of 16.
+/// Activations prepared for the tile kernels: rounded to bf16 and stored tile by tile, each
+/// 16 rows × 32 values contiguous (rows padded with zeros to a multiple of 16), so a tile load
+/// reads one kilobyte in order.
 pub struct ActBf16 {
     pub m: usize,
     pub k: usize,
-    pub x: Vec<u16>,
+    x: Vec<u16>,
 }
 
 impl ActBf16 {
     pub fn new(x: &[f32], m: usize, k: usize) -> ActBf16 {
+        let ksteps = k / 32;
         let mut out = vec![0u16; m.next_multiple_of(ROWS) * k];
-        for (d, &v) in out.iter_mut().zip(&x[..m * k]) {
-            *d = crate::format::f32_to_bf16(v);
+        for (i, row) in x[..m * k].chunks_exact(k).enumerate() {
+            let (rb, r) = (i / ROWS, i % ROWS);
+            for (ks, vals) in row.chunks_exact(32).enumerate() {
+                let dst = &mut out[((rb * ksteps + ks) * ROWS + r) * 32..][..32];
+                for (d, &v) in dst.iter_mut().zip(vals) {
+                    *d = crate::format::f32_to_bf16(v);
+                }
+            }
         }
         ActBf16 { m, k, x: out }
+    }
+
+    /// The tile of rows `16·rb..` and values `32·ks..`.
+    fn tile(&self, rb: usize, ks: usize) -> *const u16 {
+        self.x[(rb * (self.k / 32) + ks) * 512..].as_ptr()
+    }
+
+    #[cfg(test)]
+    fn get(&self, i: usize, kk: usize) -> u16 {
+        self.x[((i / ROWS * (self.k / 32) + kk / 32) * ROWS + i % ROWS) * 32 + kk % 32]
     }
 }
 
@@ -168,43 +186,64 @@ pub unsafe fn matmul(spec: &Spec, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
             unpack_group(spec, &w.data[(g + 1) * gb..(g + 2) * gb], k, &mut b[ksteps * 512..]);
         }
         let (b0, b1) = (b.as_ptr(), b.as_ptr().add(ksteps * 512));
-        let mut i = 0;
-        while i < a.m {
-            let two = a.m - i > ROWS;
-            let a0 = a.x.as_ptr().add(i * k);
-            let a1 = a0.add(ROWS * k);
-            let stride = 2 * k;
+        let mut rb = 0;
+        while rb * ROWS < a.m {
+            let two = a.m - rb * ROWS > ROWS;
             asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-            for ks in 0..ksteps {
+            if two && pair {
+                // The common case: two row blocks × two column groups, the whole depth in one loop.
                 asm!(
+                    "2:",
                     "tileloadd tmm4, [{a0} + {s} * 1]",
-                    "tileloadd tmm6, [{b0} + {bs} * 1]",
+                    "tileloadd tmm6, [{b0} + {s} * 1]",
                     "tdpbf16ps tmm0, tmm4, tmm6",
-                    a0 = in(reg) a0.add(ks * 32),
-                    b0 = in(reg) b0.add(ks * 512),
-                    s = in(reg) stride,
-                    bs = in(reg) 64usize,
+                    "tileloadd tmm7, [{b1} + {s} * 1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {s} * 1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    "add {a0}, 1024",
+                    "add {a1}, 1024",
+                    "add {b0}, 1024",
+                    "add {b1}, 1024",
+                    "dec {n}",
+                    "jnz 2b",
+                    a0 = inout(reg) a.tile(rb, 0) => _,
+                    a1 = inout(reg) a.tile(rb + 1, 0) => _,
+                    b0 = inout(reg) b0 => _,
+                    b1 = inout(reg) b1 => _,
+                    n = inout(reg) ksteps => _,
+                    s = in(reg) 64usize,
                     options(nostack, readonly)
                 );
-                if pair {
+            } else {
+                for ks in 0..ksteps {
                     asm!(
-                        "tileloadd tmm7, [{b1} + {bs} * 1]",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        b1 = in(reg) b1.add(ks * 512),
-                        bs = in(reg) 64usize,
-                        options(nostack, readonly)
-                    );
-                }
-                if two {
-                    asm!(
-                        "tileloadd tmm5, [{a1} + {s} * 1]",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        a1 = in(reg) a1.add(ks * 32),
-                        s = in(reg) stride,
+                        "tileloadd tmm4, [{a0} + {s} * 1]",
+                        "tileloadd tmm6, [{b0} + {s} * 1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        a0 = in(reg) a.tile(rb, ks),
+                        b0 = in(reg) b0.add(ks * 512),
+                        s = in(reg) 64usize,
                         options(nostack, readonly)
                     );
                     if pair {
-                        asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
+                        asm!(
+                            "tileloadd tmm7, [{b1} + {s} * 1]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            b1 = in(reg) b1.add(ks * 512),
+                            s = in(reg) 64usize,
+                            options(nostack, readonly)
+                        );
+                    }
+                    if two {
+                        asm!(
+                            "tileloadd tmm5, [{a1} + {s} * 1]",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            a1 = in(reg) a.tile(rb + 1, ks),
+                            s = in(reg) 64usize,
+                            options(nostack, readonly)
+                        );
                     }
                 }
             }
@@ -235,6 +274,7 @@ pub unsafe fn matmul(spec: &Spec, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                     }
                 }
             };
+            let i = rb * ROWS;
             store(0, i, n);
             if pair {
                 store(1, i, n + ROWS);
@@ -245,7 +285,7 @@ pub unsafe fn matmul(spec: &Spec, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                     store(3, i + ROWS, n + ROWS);
                 }
             }
-            i += 2 * ROWS;
+            rb += 2;
         }
         n = (n + 2 * ROWS).min(cols.end);
     }
@@ -270,8 +310,7 @@ pub fn reference(spec: &Spec, a: &ActBf16, w: &WeightView, y: &mut [f32], ldy: u
             }
         }
         for i in 0..a.m {
-            let x = &a.x[i * k..(i + 1) * k];
-            y[i * ldy + c] = x.iter().zip(&row).map(|(&xv, &wv)| crate::format::bf16_to_f32(xv) * wv).sum();
+            y[i * ldy + c] = row.iter().enumerate().map(|(kk, &wv)| crate::format::bf16_to_f32(a.get(i, kk)) * wv).sum();
         }
     }
 }

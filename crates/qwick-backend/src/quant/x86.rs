@@ -33,6 +33,9 @@ pub mod vnni {
     /// Activation rows per pass over a weight group (each has one f32 accumulator vector).
     const MR: usize = 8;
 
+    /// Bytes ahead of the block being read that are prefetched.
+    const PREFETCH: usize = 4096;
+
     /// The 8 vectors of unsigned quants of one 32-weight block: vector `t` holds weights
     /// `4t..4t+4` of each row.
     pub(crate) type Quads = [__m512i; 8];
@@ -264,7 +267,15 @@ pub mod vnni {
         for sb in 0..k / spec.sb {
             let h = gp.add(sb * sbb);
             for jj in 0..per_sb {
-                let q = quads(f, h.add(hdr + jj * bb));
+                let blk = h.add(hdr + jj * bb);
+                // Weights stream from memory once per product: prefetch ahead of the stream
+                // (past the group's end is the next group; past the weight, a harmless hint).
+                let mut line = 0;
+                while line < bb {
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH + line) as *const i8);
+                    line += 64;
+                }
+                let q = quads(f, blk);
                 let (s, m) = scales(f, h, jj);
                 let j = sb * per_sb + jj;
                 for (r, acc) in acc.iter_mut().enumerate() {
