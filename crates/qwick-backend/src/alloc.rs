@@ -34,3 +34,31 @@ pub fn release_mapped(b: &[u8]) {
         }
     }
 }
+
+/// A zeroed buffer in its own anonymous mapping, asked to be backed by transparent huge pages.
+pub struct HugeBuf {
+    map: memmap2::MmapMut,
+    len: usize,
+}
+
+impl HugeBuf {
+    pub fn zeroed(len: usize) -> HugeBuf {
+        let map = memmap2::MmapMut::map_anon(len.max(1)).expect("anonymous mapping for weights");
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        HugeBuf { map, len }
+    }
+}
+
+impl std::ops::Deref for HugeBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for HugeBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.map[..self.len]
+    }
+}

@@ -198,7 +198,8 @@ fn make_random_sharded_checkpoint_loads_and_benches() {
 /// Broken GGUF files: one error line naming the file and what is wrong, no panic, no output.
 #[test]
 fn broken_gguf_files_get_one_clear_error() {
-    let good = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/gguf/dense-Q4_0.gguf")).unwrap();
+    let good =
+        std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/gguf/dense-Q4_0.gguf")).unwrap();
     let dir = scratch("bad-gguf");
     let write = |name: &str, bytes: &[u8]| {
         let p = dir.join(name);

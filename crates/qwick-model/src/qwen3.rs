@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 /// A `Linear` weight ([out, in]), as stored, or converted to the layout its kernels read.
 pub struct Linear {
     pub weight: Tensor,
-    packed: Option<Vec<u8>>,
+    packed: Option<qwick_backend::alloc::HugeBuf>,
 }
 
 impl Linear {

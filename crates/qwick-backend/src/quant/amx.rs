@@ -310,7 +310,8 @@ pub fn reference(spec: &Spec, a: &ActBf16, w: &WeightView, y: &mut [f32], ldy: u
             }
         }
         for i in 0..a.m {
-            y[i * ldy + c] = row.iter().enumerate().map(|(kk, &wv)| crate::format::bf16_to_f32(a.get(i, kk)) * wv).sum();
+            y[i * ldy + c] =
+                row.iter().enumerate().map(|(kk, &wv)| crate::format::bf16_to_f32(a.get(i, kk)) * wv).sum();
         }
     }
 }

@@ -80,13 +80,17 @@ pub fn has_q8_kernel(format: Format) -> bool {
 }
 
 /// Converts a weight in the file's layout to tiles, if its format has integer kernels and its
-/// rows are whole super-blocks.
-pub fn repack(w: &WeightView) -> Option<Vec<u8>> {
+/// rows are whole super-blocks. The tiles live in their own anonymous mapping backed by huge
+/// pages where the system allows (a weight is streamed from memory once per token, and 2 MiB
+/// pages spare the page walks).
+pub fn repack(w: &WeightView) -> Option<crate::alloc::HugeBuf> {
     let spec = tiles::spec(w.format)?;
     if w.layout != Layout::Rows || !w.cols.is_multiple_of(spec.sb) {
         return None;
     }
-    Some(tiles::repack(w.format, w.data, w.rows, w.cols))
+    let mut out = crate::alloc::HugeBuf::zeroed(spec.bytes(w.rows, w.cols));
+    tiles::repack_into(spec, w.data, w.rows, w.cols, &mut out);
+    Some(out)
 }
 
 /// Rows of tile group `g` of `w` as f32 (`out` holds the group's first `out.len() / k` rows).

@@ -385,6 +385,7 @@ fn get_planes(spec: &Spec, blk: &[u8], r: usize) -> [u8; 32] {
 
 /// Converts `rows` rows of `k` weights in the file's layout (`src`, rows contiguous) to tiles.
 /// Missing rows of the last group are zero.
+#[cfg(test)]
 pub fn repack(format: Format, src: &[u8], rows: usize, k: usize) -> Vec<u8> {
     let spec = spec(format).unwrap_or_else(|| panic!("{format} has no tile layout"));
     let mut out = vec![0u8; spec.bytes(rows, k)];
