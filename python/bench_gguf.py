@@ -30,10 +30,16 @@ def llama_bench(exe, model, threads, reps, extra):
     """(pp512, tg128, tg128 at depth 512) in tok/s from llama-bench's JSON output."""
     base = [exe, "-m", model, "-t", str(threads), "-r", str(reps), "-o", "json"] + extra
     first = json.loads(run(base + ["-p", "512", "-n", "128"]))
-    deep = json.loads(run(base + ["-p", "0", "-n", "128", "-d", "512"]))
     pp = next(r["avg_ts"] for r in first if r["n_prompt"] == 512 and r["n_gen"] == 0)
     tg = next(r["avg_ts"] for r in first if r["n_gen"] == 128 and r["n_prompt"] == 0)
-    tgd = next(r["avg_ts"] for r in deep if r["n_gen"] == 128)
+    help_text = subprocess.run([exe, "--help"], capture_output=True, text=True).stdout
+    if "n-depth" in help_text:
+        deep = json.loads(run(base + ["-p", "0", "-n", "128", "-d", "512"]))
+        tgd = next(r["avg_ts"] for r in deep if r["n_gen"] == 128)
+    else:
+        # Builds without -d (ik_llama.cpp) time generation after a prompt with -gp.
+        deep = json.loads(run(base + ["-p", "0", "-n", "0", "-gp", "512,128"]))
+        tgd = next(r["avg_ts"] for r in deep if r["n_gen"] == 128)
     return pp, tg, tgd
 
 

@@ -8,16 +8,19 @@ use crate::kv::KvCache;
 use crate::names::{self, Role};
 use crate::safetensors::{Checkpoint, Tensor};
 use anyhow::{bail, Context, Result};
+use qwick_backend::alloc::HugeBuf;
 use qwick_backend::attention::{paged_attention, AttnArgs};
 use qwick_backend::pool::SendPtr;
 use qwick_backend::{matmul, matmul_batch, ops, Ctx, MatmulJob, WeightView};
 use qwick_gguf::GgufFile;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A `Linear` weight ([out, in]), as stored, or converted to the layout its kernels read.
 pub struct Linear {
     pub weight: Tensor,
-    packed: Option<qwick_backend::alloc::HugeBuf>,
+    /// The converted weight: a range of the model's arena.
+    packed: Option<(Arc<HugeBuf>, std::ops::Range<usize>)>,
 }
 
 impl Linear {
@@ -28,17 +31,8 @@ impl Linear {
     pub fn view(&self) -> WeightView<'_> {
         let (w, rows, cols) = (&self.weight, self.weight.shape[0], self.weight.shape[1]);
         match &self.packed {
-            Some(p) => WeightView::tiles(w.format, p, rows, cols),
+            Some((arena, r)) => WeightView::tiles(w.format, &arena[r.clone()], rows, cols),
             None => WeightView::new(w.format, w.bytes(), rows, cols),
-        }
-    }
-
-    /// Converts the weight to the layout its kernels read fastest, if that differs from the
-    /// stored one, and lets the stored pages go.
-    fn pack(&mut self) {
-        if let Some(p) = qwick_backend::quant::repack(&self.view()) {
-            self.packed = Some(p);
-            self.weight.release();
         }
     }
 }
@@ -323,17 +317,56 @@ impl Qwen3 {
         v
     }
 
-    /// Converts weights to their kernels' layout, on `threads` threads.
+    /// Converts weights to their kernels' layout, on `threads` threads, into one arena laid out
+    /// in the order a forward pass reads them (so the weight stream of a decode step is one
+    /// sequential read, on huge pages where the system gives them), and lets the file's pages
+    /// of converted weights go.
     fn pack(&mut self, threads: usize) {
-        let linears = std::sync::Mutex::new(self.linears_mut());
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| loop {
-                    let Some(l) = linears.lock().unwrap_or_else(|e| e.into_inner()).pop() else { break };
-                    l.pack();
-                });
+        let mut linears = self.linears_mut();
+        let mut at = Vec::with_capacity(linears.len());
+        let mut total = 0;
+        for l in &linears {
+            at.push(qwick_backend::quant::packed_bytes(&l.view()).map(|n| {
+                let r = total..total + n;
+                total = (total + n).next_multiple_of(64);
+                r
+            }));
+        }
+        if total == 0 {
+            return;
+        }
+        let mut arena = HugeBuf::zeroed(total);
+        {
+            // Disjoint slices of the arena, one per converted weight.
+            let mut rest: &mut [u8] = &mut arena;
+            let mut done = 0;
+            let mut work: Vec<(&Linear, &mut [u8])> = Vec::new();
+            for (l, r) in linears.iter().zip(&at) {
+                if let Some(r) = r {
+                    let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.start - done);
+                    let (mine, tail) = tail.split_at_mut(r.len());
+                    work.push((&**l, mine));
+                    rest = tail;
+                    done = r.end;
+                }
             }
-        });
+            let work = std::sync::Mutex::new(work);
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| loop {
+                        let Some((l, out)) = work.lock().unwrap_or_else(|e| e.into_inner()).pop() else { break };
+                        qwick_backend::quant::repack_into(&l.view(), out);
+                        l.weight.release();
+                    });
+                }
+            });
+        }
+        let arena = Arc::new(arena);
+        for (l, r) in linears.iter_mut().zip(at) {
+            if let Some(r) = r {
+                l.packed = Some((arena.clone(), r));
+            }
+        }
     }
 
     /// Reads every weight once so the first token does not wait on the disk, calling

@@ -79,18 +79,18 @@ pub fn has_q8_kernel(format: Format) -> bool {
     tiles::spec(format).is_some()
 }
 
-/// Converts a weight in the file's layout to tiles, if its format has integer kernels and its
-/// rows are whole super-blocks. The tiles live in their own anonymous mapping backed by huge
-/// pages where the system allows (a weight is streamed from memory once per token, and 2 MiB
-/// pages spare the page walks).
-pub fn repack(w: &WeightView) -> Option<crate::alloc::HugeBuf> {
+/// Bytes `w` takes as tiles, if its format has integer kernels and its rows are whole
+/// super-blocks (and it is not in tiles already).
+pub fn packed_bytes(w: &WeightView) -> Option<usize> {
     let spec = tiles::spec(w.format)?;
-    if w.layout != Layout::Rows || !w.cols.is_multiple_of(spec.sb) {
-        return None;
-    }
-    let mut out = crate::alloc::HugeBuf::zeroed(spec.bytes(w.rows, w.cols));
-    tiles::repack_into(spec, w.data, w.rows, w.cols, &mut out);
-    Some(out)
+    (w.layout == Layout::Rows && w.cols.is_multiple_of(spec.sb)).then(|| spec.bytes(w.rows, w.cols))
+}
+
+/// Converts a weight in the file's layout to tiles into `out` (zeroed, [`packed_bytes`] long).
+pub fn repack_into(w: &WeightView, out: &mut [u8]) {
+    let spec = tiles::spec(w.format).expect("repacking a format without tiles");
+    assert_eq!(Some(out.len()), packed_bytes(w), "tile buffer size");
+    tiles::repack_into(spec, w.data, w.rows, w.cols, out);
 }
 
 /// Rows of tile group `g` of `w` as f32 (`out` holds the group's first `out.len() / k` rows).
@@ -225,7 +225,8 @@ mod tests {
                 let x = rand_vec(m * k, 3 + m as u64);
                 let a = ActQ8::quantize(Isa::Scalar, &x, m, k);
                 let rows = WeightView::new(f, &src, n, k);
-                let tiled = repack(&rows).unwrap();
+                let mut tiled = vec![0u8; packed_bytes(&rows).unwrap()];
+                repack_into(&rows, &mut tiled);
                 let tiles = WeightView::tiles(f, &tiled, n, k);
                 let mut want = vec![0f32; m * n];
                 unsafe { matmul_q8(Isa::Scalar, &a, &tiles, want.as_mut_ptr(), n, 0..n) };
@@ -273,7 +274,9 @@ mod tests {
             let spec = tiles::spec(f).unwrap();
             for &(m, n, k) in &[(32, 16, 256), (37, 40, 512), (50, 33, 768)] {
                 let src = random_blocks(f, n * k / f.block(), (m + n * k) as u64);
-                let tiled = repack(&WeightView::new(f, &src, n, k)).unwrap();
+                let rows = WeightView::new(f, &src, n, k);
+                let mut tiled = vec![0u8; packed_bytes(&rows).unwrap()];
+                repack_into(&rows, &mut tiled);
                 let w = WeightView::tiles(f, &tiled, n, k);
                 let x = rand_vec(m * k, 11 + m as u64);
                 let a = amx::ActBf16::new(&x, m, k);
