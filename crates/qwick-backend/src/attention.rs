@@ -32,7 +32,7 @@ pub struct AttnArgs<'a> {
 }
 
 /// Query tokens per tile of the tiled (prefill) kernel.
-const TILE: usize = 8;
+const TILE: usize = 32;
 
 /// `out[t, h*hd..]` = softmax(q[t,h]·Kᵀ·scale) · V over the token's causal context.
 pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut [f32]) {
