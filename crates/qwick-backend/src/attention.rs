@@ -356,21 +356,31 @@ mod x86 {
                 for g in 0..group {
                     let r = t * group + g;
                     let qr = qs.as_ptr().add(r * hd);
-                    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                    // Eight partial sums over d: the FMA chains overlap instead of waiting on
+                    // each other.
+                    let mut sp = [_mm512_setzero_ps(); 8];
                     let mut d = 0;
-                    while d + 1 < hd {
-                        s0 = _mm512_fmadd_ps(_mm512_set1_ps(*qr.add(d)), _mm512_loadu_ps(kt.as_ptr().add(d * 16)), s0);
-                        s1 = _mm512_fmadd_ps(
-                            _mm512_set1_ps(*qr.add(d + 1)),
-                            _mm512_loadu_ps(kt.as_ptr().add(d * 16 + 16)),
-                            s1,
+                    while d + 8 <= hd {
+                        for (i, acc) in sp.iter_mut().enumerate() {
+                            *acc = _mm512_fmadd_ps(
+                                _mm512_set1_ps(*qr.add(d + i)),
+                                _mm512_loadu_ps(kt.as_ptr().add((d + i) * 16)),
+                                *acc,
+                            );
+                        }
+                        d += 8;
+                    }
+                    while d < hd {
+                        sp[0] = _mm512_fmadd_ps(
+                            _mm512_set1_ps(*qr.add(d)),
+                            _mm512_loadu_ps(kt.as_ptr().add(d * 16)),
+                            sp[0],
                         );
-                        d += 2;
+                        d += 1;
                     }
-                    if d < hd {
-                        s0 = _mm512_fmadd_ps(_mm512_set1_ps(*qr.add(d)), _mm512_loadu_ps(kt.as_ptr().add(d * 16)), s0);
-                    }
-                    let s = _mm512_mask_blend_ps(mask, _mm512_set1_ps(f32::NEG_INFINITY), _mm512_add_ps(s0, s1));
+                    let s01 = _mm512_add_ps(_mm512_add_ps(sp[0], sp[1]), _mm512_add_ps(sp[2], sp[3]));
+                    let s23 = _mm512_add_ps(_mm512_add_ps(sp[4], sp[5]), _mm512_add_ps(sp[6], sp[7]));
+                    let s = _mm512_mask_blend_ps(mask, _mm512_set1_ps(f32::NEG_INFINITY), _mm512_add_ps(s01, s23));
                     let m_new = m[r].max(_mm512_reduce_max_ps(s));
                     let corr = (m[r] - m_new).exp();
                     let pv = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
