@@ -134,7 +134,7 @@ const IQ4_XS: Spec =
     Spec { format: Format::IQ4_XS, sb: 256, header: 160, planes: &[Nibbles], g16: false, offset: 128, min: false };
 
 /// The tile description of `format`, if it has integer kernels.
-pub fn spec(format: Format) -> Option<&'static Spec> {
+pub const fn spec(format: Format) -> Option<&'static Spec> {
     Some(match format {
         Format::Q4_0 => &Q4_0,
         Format::Q4_1 => &Q4_1,

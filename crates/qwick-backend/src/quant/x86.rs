@@ -249,7 +249,7 @@ pub mod vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn rows<const F: u8, const M: usize>(
-        spec: &Spec,
+        spec_arg: &Spec,
         group: &[u8],
         a: &ActQ8,
         i0: usize,
@@ -258,6 +258,14 @@ pub mod vnni {
         valid: usize,
     ) {
         let f = format_of(F);
+        // The format's description as constants, so its branches fold away.
+        let spec: &Spec = const {
+            match crate::quant::tiles::spec(format_of(F)) {
+                Some(s) => s,
+                None => panic!("no tile layout"),
+            }
+        };
+        let _ = spec_arg;
         let (k, nb) = (a.k, a.k / 32);
         let per_sb = spec.sb / 32;
         let (bb, sbb, hdr) = (spec.block_bytes(), spec.sb_bytes(), spec.header);
@@ -278,48 +286,65 @@ pub mod vnni {
                 let q = quads(f, blk);
                 let (s, m) = scales(f, h, jj);
                 let j = sb * per_sb + jj;
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let i = i0 + r;
-                    let xq = a.q.as_ptr().add(i * k + 32 * j) as *const i32;
-                    let dx = _mm512_set1_ps(*a.d.get_unchecked(i * nb + j));
-                    let qs0 = *a.s16.get_unchecked(i * 2 * nb + 2 * j) as i32;
-                    let qs1 = *a.s16.get_unchecked(i * 2 * nb + 2 * j + 1) as i32;
-                    // With few activation rows, two accumulators halve the dependency chain.
-                    let dot = |t0: usize, n: usize| {
-                        let mut v = [_mm512_setzero_si512(); 2];
-                        for (t, qt) in q.iter().enumerate().skip(t0).take(n) {
-                            let c = if M < 4 { t % 2 } else { 0 };
-                            v[c] = _mm512_dpbusd_epi32(v[c], *qt, _mm512_set1_epi32(xq.add(t).read_unaligned()));
-                        }
-                        if M < 4 {
-                            _mm512_add_epi32(v[0], v[1])
-                        } else {
-                            v[0]
+                // Unrolled over the activation rows, so every accumulator stays in a register.
+                macro_rules! row {
+                    ($r:literal) => {
+                        if $r < M {
+                            let r = $r;
+                            let acc = &mut acc[r];
+                            let i = i0 + r;
+                            let xq = a.q.as_ptr().add(i * k + 32 * j) as *const i32;
+                            let dx = _mm512_set1_ps(*a.d.get_unchecked(i * nb + j));
+                            let qs0 = *a.s16.get_unchecked(i * 2 * nb + 2 * j) as i32;
+                            let qs1 = *a.s16.get_unchecked(i * 2 * nb + 2 * j + 1) as i32;
+                            // With few activation rows, two accumulators halve the dependency chain.
+                            let dot = |t0: usize, n: usize| {
+                                let mut v = [_mm512_setzero_si512(); 2];
+                                for (t, qt) in q.iter().enumerate().skip(t0).take(n) {
+                                    let c = if M < 4 { t % 2 } else { 0 };
+                                    v[c] =
+                                        _mm512_dpbusd_epi32(v[c], *qt, _mm512_set1_epi32(xq.add(t).read_unaligned()));
+                                }
+                                if M < 4 {
+                                    _mm512_add_epi32(v[0], v[1])
+                                } else {
+                                    v[0]
+                                }
+                            };
+                            if g16 {
+                                for (g, qs) in [(0, qs0), (1, qs1)] {
+                                    let mut v = dot(4 * g, 4);
+                                    if off != 0 {
+                                        v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * qs));
+                                    }
+                                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(s[g], dx), *acc);
+                                    if min {
+                                        *acc =
+                                            _mm512_fmadd_ps(_mm512_set1_ps(qs as f32), _mm512_mul_ps(m[g], dx), *acc);
+                                    }
+                                }
+                            } else {
+                                let qs = qs0 + qs1;
+                                let mut v = dot(0, 8);
+                                if off != 0 {
+                                    v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * qs));
+                                }
+                                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(s[0], dx), *acc);
+                                if min {
+                                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(qs as f32), _mm512_mul_ps(m[0], dx), *acc);
+                                }
+                            }
                         }
                     };
-                    if g16 {
-                        for (g, qs) in [(0, qs0), (1, qs1)] {
-                            let mut v = dot(4 * g, 4);
-                            if off != 0 {
-                                v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * qs));
-                            }
-                            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(s[g], dx), *acc);
-                            if min {
-                                *acc = _mm512_fmadd_ps(_mm512_set1_ps(qs as f32), _mm512_mul_ps(m[g], dx), *acc);
-                            }
-                        }
-                    } else {
-                        let qs = qs0 + qs1;
-                        let mut v = dot(0, 8);
-                        if off != 0 {
-                            v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * qs));
-                        }
-                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(s[0], dx), *acc);
-                        if min {
-                            *acc = _mm512_fmadd_ps(_mm512_set1_ps(qs as f32), _mm512_mul_ps(m[0], dx), *acc);
-                        }
-                    }
                 }
+                row!(0);
+                row!(1);
+                row!(2);
+                row!(3);
+                row!(4);
+                row!(5);
+                row!(6);
+                row!(7);
             }
         }
         let mask: __mmask16 = if valid >= ROWS { 0xFFFF } else { ((1u32 << valid) - 1) as __mmask16 };
