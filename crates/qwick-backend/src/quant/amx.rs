@@ -165,7 +165,15 @@ unsafe fn unpack_group(spec: &Spec, group: &[u8], k: usize, out: &mut [u16]) {
     }
 }
 
+/// Depth of a pass, in 32-value steps: the activation and weight tiles of a pass (2 × 8 KiB
+/// each) stay in L1 while every row block goes over them.
+const KC: usize = 8;
+
 /// `y[:, cols] = x · wᵀ` on AMX tiles, `cols.start` a multiple of 16.
+///
+/// Columns go two weight groups (32) at a time: both groups are unpacked to bf16, then the sums
+/// of every 32-row block of activations accumulate in a scratch of `rows × 32` f32, pass after
+/// pass of [`KC`] steps, and are copied to `y` at the end.
 ///
 /// # Safety
 /// [`usable`] must have returned true; `w` is in tiles; `y` is valid for `a.m` rows of `ldy`
@@ -174,120 +182,102 @@ pub unsafe fn matmul(spec: &Spec, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
     let k = a.k;
     let gb = spec.group_bytes(k);
     let ksteps = k / 32;
+    let rblocks = a.m.div_ceil(ROWS);
     let mut b = vec![0u16; 2 * ksteps * 512];
-    let mut tmp = [0f32; 16 * 16];
+    // Sums of the current column pair: rows padded to whole blocks, 32 columns (128 bytes) each.
+    let mut c = vec![0f32; rblocks * ROWS * 32];
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
     let mut n = cols.start;
     while n < cols.end {
         let g = n / ROWS;
-        let pair = cols.end - n > ROWS;
+        let width = (cols.end - n).min(2 * ROWS);
         unpack_group(spec, &w.data[g * gb..(g + 1) * gb], k, &mut b[..ksteps * 512]);
-        if pair {
+        if width > ROWS {
             unpack_group(spec, &w.data[(g + 1) * gb..(g + 2) * gb], k, &mut b[ksteps * 512..]);
+        } else {
+            b[ksteps * 512..].fill(0);
         }
-        let (b0, b1) = (b.as_ptr(), b.as_ptr().add(ksteps * 512));
-        let mut rb = 0;
-        while rb * ROWS < a.m {
-            let two = a.m - rb * ROWS > ROWS;
-            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-            if two && pair {
-                // The common case: two row blocks × two column groups, the whole depth in one loop.
-                asm!(
-                    "2:",
-                    "tileloadd tmm4, [{a0} + {s} * 1]",
-                    "tileloadd tmm6, [{b0} + {s} * 1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b1} + {s} * 1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tileloadd tmm5, [{a1} + {s} * 1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    "add {a0}, 1024",
-                    "add {a1}, 1024",
-                    "add {b0}, 1024",
-                    "add {b1}, 1024",
-                    "dec {n}",
-                    "jnz 2b",
-                    a0 = inout(reg) a.tile(rb, 0) => _,
-                    a1 = inout(reg) a.tile(rb + 1, 0) => _,
-                    b0 = inout(reg) b0 => _,
-                    b1 = inout(reg) b1 => _,
-                    n = inout(reg) ksteps => _,
-                    s = in(reg) 64usize,
-                    options(nostack, readonly)
-                );
-            } else {
-                for ks in 0..ksteps {
+        c.fill(0.0);
+        let mut k0 = 0;
+        while k0 < ksteps {
+            let steps = (ksteps - k0).min(KC);
+            let mut rb = 0;
+            while rb < rblocks {
+                let two = rb + 1 < rblocks;
+                let c0 = c.as_mut_ptr().add(rb * ROWS * 32);
+                let (b0, b1) = (b.as_ptr().add(k0 * 512), b.as_ptr().add((ksteps + k0) * 512));
+                if two {
                     asm!(
+                        "tileloadd tmm0, [{c0} + {cs} * 1]",
+                        "tileloadd tmm1, [{c0} + {cs} * 1 + 64]",
+                        "tileloadd tmm2, [{c1} + {cs} * 1]",
+                        "tileloadd tmm3, [{c1} + {cs} * 1 + 64]",
+                        "2:",
                         "tileloadd tmm4, [{a0} + {s} * 1]",
                         "tileloadd tmm6, [{b0} + {s} * 1]",
                         "tdpbf16ps tmm0, tmm4, tmm6",
-                        a0 = in(reg) a.tile(rb, ks),
-                        b0 = in(reg) b0.add(ks * 512),
+                        "tileloadd tmm7, [{b1} + {s} * 1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tileloadd tmm5, [{a1} + {s} * 1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        "add {a0}, 1024",
+                        "add {a1}, 1024",
+                        "add {b0}, 1024",
+                        "add {b1}, 1024",
+                        "dec {n}",
+                        "jnz 2b",
+                        "tilestored [{c0} + {cs} * 1], tmm0",
+                        "tilestored [{c0} + {cs} * 1 + 64], tmm1",
+                        "tilestored [{c1} + {cs} * 1], tmm2",
+                        "tilestored [{c1} + {cs} * 1 + 64], tmm3",
+                        a0 = inout(reg) a.tile(rb, k0) => _,
+                        a1 = inout(reg) a.tile(rb + 1, k0) => _,
+                        b0 = inout(reg) b0 => _,
+                        b1 = inout(reg) b1 => _,
+                        n = inout(reg) steps => _,
+                        c0 = in(reg) c0,
+                        c1 = in(reg) c0.add(ROWS * 32),
                         s = in(reg) 64usize,
-                        options(nostack, readonly)
+                        cs = in(reg) 128usize,
+                        options(nostack)
                     );
-                    if pair {
-                        asm!(
-                            "tileloadd tmm7, [{b1} + {s} * 1]",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            b1 = in(reg) b1.add(ks * 512),
-                            s = in(reg) 64usize,
-                            options(nostack, readonly)
-                        );
-                    }
-                    if two {
-                        asm!(
-                            "tileloadd tmm5, [{a1} + {s} * 1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            a1 = in(reg) a.tile(rb + 1, ks),
-                            s = in(reg) 64usize,
-                            options(nostack, readonly)
-                        );
-                    }
+                    rb += 2;
+                } else {
+                    asm!(
+                        "tileloadd tmm0, [{c0} + {cs} * 1]",
+                        "tileloadd tmm1, [{c0} + {cs} * 1 + 64]",
+                        "2:",
+                        "tileloadd tmm4, [{a0} + {s} * 1]",
+                        "tileloadd tmm6, [{b0} + {s} * 1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm7, [{b1} + {s} * 1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "add {a0}, 1024",
+                        "add {b0}, 1024",
+                        "add {b1}, 1024",
+                        "dec {n}",
+                        "jnz 2b",
+                        "tilestored [{c0} + {cs} * 1], tmm0",
+                        "tilestored [{c0} + {cs} * 1 + 64], tmm1",
+                        a0 = inout(reg) a.tile(rb, k0) => _,
+                        b0 = inout(reg) b0 => _,
+                        b1 = inout(reg) b1 => _,
+                        n = inout(reg) steps => _,
+                        c0 = in(reg) c0,
+                        s = in(reg) 64usize,
+                        cs = in(reg) 128usize,
+                        options(nostack)
+                    );
+                    rb += 1;
                 }
             }
-            // Store each accumulator: straight into y when its 16 × 16 block is whole.
-            let mut store = |tile: u8, row0: usize, col0: usize| {
-                let rows = (a.m - row0).min(ROWS);
-                let cw = (cols.end - col0).min(16);
-                let whole = rows == ROWS && cw == 16;
-                let (dst, stride) =
-                    if whole { (y.add(row0 * ldy + col0), ldy * 4) } else { (tmp.as_mut_ptr(), 64usize) };
-                match tile {
-                    0 => {
-                        asm!("tilestored [{d} + {s} * 1], tmm0", d = in(reg) dst, s = in(reg) stride, options(nostack))
-                    }
-                    1 => {
-                        asm!("tilestored [{d} + {s} * 1], tmm1", d = in(reg) dst, s = in(reg) stride, options(nostack))
-                    }
-                    2 => {
-                        asm!("tilestored [{d} + {s} * 1], tmm2", d = in(reg) dst, s = in(reg) stride, options(nostack))
-                    }
-                    _ => {
-                        asm!("tilestored [{d} + {s} * 1], tmm3", d = in(reg) dst, s = in(reg) stride, options(nostack))
-                    }
-                }
-                if !whole {
-                    for r in 0..rows {
-                        std::ptr::copy_nonoverlapping(tmp.as_ptr().add(16 * r), y.add((row0 + r) * ldy + col0), cw);
-                    }
-                }
-            };
-            let i = rb * ROWS;
-            store(0, i, n);
-            if pair {
-                store(1, i, n + ROWS);
-            }
-            if two {
-                store(2, i + ROWS, n);
-                if pair {
-                    store(3, i + ROWS, n + ROWS);
-                }
-            }
-            rb += 2;
+            k0 += steps;
         }
-        n = (n + 2 * ROWS).min(cols.end);
+        for i in 0..a.m {
+            std::ptr::copy_nonoverlapping(c.as_ptr().add(i * 32), y.add(i * ldy + n), width);
+        }
+        n += width;
     }
     asm!("tilerelease", options(nostack, nomem));
 }
