@@ -327,7 +327,7 @@ pub mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn rows<const F: u8, const M: usize>(
-        spec: &Spec,
+        _spec: &Spec,
         group: &[u8],
         a: &ActQ8,
         i0: usize,
@@ -336,6 +336,13 @@ pub mod avx512 {
         valid: usize,
     ) {
         let f = format_of(F);
+        // The format's description as constants, so its branches fold away.
+        let spec: &Spec = const {
+            match crate::quant::tiles::spec(format_of(F)) {
+                Some(s) => s,
+                None => panic!("no tile layout"),
+            }
+        };
         let (k, nb) = (a.k, a.k / 32);
         let per_sb = spec.sb / 32;
         let (bb, sbb, hdr) = (spec.block_bytes(), spec.sb_bytes(), spec.header);
@@ -655,7 +662,7 @@ pub mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn rows<const F: u8, const M: usize>(
-        spec: &Spec,
+        _spec: &Spec,
         group: &[u8],
         a: &ActQ8,
         i0: usize,
@@ -665,6 +672,13 @@ pub mod avx2 {
         valid: usize,
     ) {
         let f = format_of(F);
+        // The format's description as constants, so its branches fold away.
+        let spec: &Spec = const {
+            match crate::quant::tiles::spec(format_of(F)) {
+                Some(s) => s,
+                None => panic!("no tile layout"),
+            }
+        };
         let (k, nb) = (a.k, a.k / 32);
         let per_sb = spec.sb / 32;
         let (bb, sbb, hdr) = (spec.block_bytes(), spec.sb_bytes(), spec.header);
