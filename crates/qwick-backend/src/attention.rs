@@ -31,9 +31,6 @@ pub struct AttnArgs<'a> {
     pub block_tables: &'a [&'a [u32]],
 }
 
-/// Query tokens per tile of the tiled (prefill) kernel.
-const TILE: usize = 32;
-
 /// `out[t, h*hd..]` = softmax(q[t,h]·Kᵀ·scale) · V over the token's causal context.
 pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut [f32]) {
     let n_tok = a.positions.len();
@@ -43,13 +40,13 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
     let group = a.n_heads / kv.kv_heads;
     // Work units: runs of up to TILE consecutive tokens of one sequence (a prefill chunk) go
     // to the tiled kernel where there is one; other tokens one at a time.
-    let tiled = ctx.isa.is_avx512() && hd <= 128;
+    // Tokens per tile: their query heads of one KV head fill the 16 lanes.
+    let tile = if ctx.isa.is_avx512() && group <= 16 { 16 / group } else { 1 };
     let mut units: Vec<(usize, usize)> = Vec::new();
     let mut t = 0;
     while t < n_tok {
         let mut len = 1;
-        while tiled
-            && len < TILE
+        while len < tile
             && t + len < n_tok
             && a.seq_of_token[t + len] == a.seq_of_token[t]
             && a.positions[t + len] == a.positions[t] + len as u32
@@ -81,18 +78,7 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
                 unsafe {
                     let pos0 = a.positions[tok] as usize;
                     let o = op.ptr();
-                    let n = hd.div_ceil(16);
-                    let args = (q, tok, len, a.n_heads, group, kvh, kv, table, pos0, a.scale, o, &mut scratch);
-                    match n {
-                        1 => x86::attend_tile::<1>(args),
-                        2 => x86::attend_tile::<2>(args),
-                        3 => x86::attend_tile::<3>(args),
-                        4 => x86::attend_tile::<4>(args),
-                        5 => x86::attend_tile::<5>(args),
-                        6 => x86::attend_tile::<6>(args),
-                        7 => x86::attend_tile::<7>(args),
-                        _ => x86::attend_tile::<8>(args),
-                    }
+                    x86::attend_rows((q, tok, len, a.n_heads, group, kvh, kv, table, pos0, a.scale, o, &mut scratch));
                 }
                 continue;
             }
@@ -293,11 +279,14 @@ mod x86 {
     }
 
     /// Flash-style attention of `len` consecutive tokens of one sequence (positions
-    /// `pos0..pos0+len`) × the `group` query heads of KV head `kvh`: keys are taken 16 at a time,
-    /// transposed once and shared by all rows; softmax is computed online (running max and sum).
+    /// `pos0..pos0+len`) × the `group` query heads of KV head `kvh`, at most 16 rows in all:
+    /// one vector lane per row. Keys are taken 16 at a time; the scores of each key are one
+    /// vector over the rows, so the online softmax (running max and sum), the causal mask and
+    /// the output update run for all rows at once. The output is kept transposed (a vector of
+    /// rows per dimension).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
     #[allow(clippy::type_complexity)]
-    pub unsafe fn attend_tile<const N: usize>(
+    pub unsafe fn attend_rows(
         (q, tok0, len, n_heads, group, kvh, kv, table, pos0, scale, out, scratch): (
             &[f32],
             usize,
@@ -315,108 +304,87 @@ mod x86 {
     ) {
         let hd = kv.head_dim;
         let rows = len * group;
+        debug_assert!(rows <= 16);
         let (bs, stride) = (kv.block_size, kv.kv_heads * hd);
-        // scratch: scaled queries [rows][hd], outputs [rows][N*16], K block transposed [hd][16].
-        let w = N * 16;
-        scratch.resize(rows * hd + rows * w + hd * 16 + 16, 0.0);
-        let (qs, rest) = scratch.split_at_mut(rows * hd);
-        let (o, kt) = rest.split_at_mut(rows * w);
+        scratch.clear();
+        scratch.resize(2 * hd * 16, 0.0);
+        let (qt, ot) = scratch.split_at_mut(hd * 16);
         for t in 0..len {
             for g in 0..group {
+                let r = t * group + g;
                 let src = &q[((tok0 + t) * n_heads + kvh * group + g) * hd..][..hd];
-                for (d, v) in qs[(t * group + g) * hd..][..hd].iter_mut().zip(src) {
-                    *d = v * scale;
+                for (d, &v) in src.iter().enumerate() {
+                    qt[d * 16 + r] = v * scale;
                 }
             }
         }
-        o[..rows * w].fill(0.0);
-        let mut m = vec![f32::NEG_INFINITY; rows];
-        let mut l = vec![0f32; rows];
+        // Each lane's position; lanes past the rows see every key (their results are unused).
+        let mut pos = [i32::MAX; 16];
+        for (r, p) in pos.iter_mut().enumerate().take(rows) {
+            *p = (pos0 + r / group) as i32;
+        }
+        let posv = _mm512_loadu_si512(pos.as_ptr() as *const _);
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut l = _mm512_setzero_ps();
         let ctx = pos0 + len;
         let mut offs = [0usize; 16];
         let mut kb = 0;
         while kb < ctx {
             let nk = (ctx - kb).min(16);
-            for (jj, off) in offs.iter_mut().enumerate().take(nk) {
-                let j = kb + jj;
+            for (jj, off) in offs.iter_mut().enumerate() {
+                // Keys past the context repeat the first (masked out below).
+                let j = kb + if jj < nk { jj } else { 0 };
                 *off = (table[j / bs] as usize * bs + j % bs) * stride + kvh * hd;
             }
+            // Scores: s[j] lane r = q_r · k_j.
+            let mut s = [_mm512_setzero_ps(); 16];
+            let kp = kv.k.as_ptr();
             for d in 0..hd {
-                for (jj, &off) in offs.iter().enumerate() {
-                    *kt.get_unchecked_mut(d * 16 + jj) = if jj < nk { *kv.k.get_unchecked(off + d) } else { 0.0 };
+                let qd = _mm512_loadu_ps(qt.as_ptr().add(d * 16));
+                for (j, sj) in s.iter_mut().enumerate() {
+                    *sj = _mm512_fmadd_ps(_mm512_set1_ps(*kp.add(offs[j] + d)), qd, *sj);
                 }
             }
-            for t in 0..len {
-                let p = pos0 + t;
-                if kb > p {
-                    continue; // the whole block is in this token's future
+            // Causal mask, block maximum, rescale of the running sums.
+            let mut valid = [0 as __mmask16; 16];
+            let mut mb = m;
+            for (j, sj) in s.iter_mut().enumerate() {
+                valid[j] = if j < nk {
+                    _mm512_cmp_epi32_mask::<_MM_CMPINT_NLT>(posv, _mm512_set1_epi32((kb + j) as i32))
+                } else {
+                    0
+                };
+                mb = _mm512_mask_max_ps(mb, valid[j], mb, *sj);
+            }
+            // Lanes that have seen no key yet keep a running max of -inf: no rescale there.
+            let seen = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(m, _mm512_set1_ps(f32::NEG_INFINITY));
+            let corr = _mm512_mask_blend_ps(seen, _mm512_set1_ps(1.0), exp16(_mm512_sub_ps(m, mb)));
+            let mut sum = _mm512_setzero_ps();
+            for (j, sj) in s.iter_mut().enumerate() {
+                *sj = _mm512_maskz_mov_ps(valid[j], exp16(_mm512_sub_ps(*sj, mb)));
+                sum = _mm512_add_ps(sum, *sj);
+            }
+            l = _mm512_fmadd_ps(l, corr, sum);
+            m = mb;
+            // Output: o[d] lane r = o[d]·corr + Σ_j p[j]·v_j[d].
+            let vp = kv.v.as_ptr();
+            for d in 0..hd {
+                let mut o = _mm512_mul_ps(_mm512_loadu_ps(ot.as_ptr().add(d * 16)), corr);
+                for (j, pj) in s.iter().enumerate() {
+                    o = _mm512_fmadd_ps(*pj, _mm512_set1_ps(*vp.add(offs[j] + d)), o);
                 }
-                let valid = (p - kb + 1).min(nk);
-                let mask: __mmask16 = if valid >= 16 { 0xffff } else { ((1u32 << valid) - 1) as __mmask16 };
-                for g in 0..group {
-                    let r = t * group + g;
-                    let qr = qs.as_ptr().add(r * hd);
-                    // Eight partial sums over d: the FMA chains overlap instead of waiting on
-                    // each other.
-                    let mut sp = [_mm512_setzero_ps(); 8];
-                    let mut d = 0;
-                    while d + 8 <= hd {
-                        for (i, acc) in sp.iter_mut().enumerate() {
-                            *acc = _mm512_fmadd_ps(
-                                _mm512_set1_ps(*qr.add(d + i)),
-                                _mm512_loadu_ps(kt.as_ptr().add((d + i) * 16)),
-                                *acc,
-                            );
-                        }
-                        d += 8;
-                    }
-                    while d < hd {
-                        sp[0] = _mm512_fmadd_ps(
-                            _mm512_set1_ps(*qr.add(d)),
-                            _mm512_loadu_ps(kt.as_ptr().add(d * 16)),
-                            sp[0],
-                        );
-                        d += 1;
-                    }
-                    let s01 = _mm512_add_ps(_mm512_add_ps(sp[0], sp[1]), _mm512_add_ps(sp[2], sp[3]));
-                    let s23 = _mm512_add_ps(_mm512_add_ps(sp[4], sp[5]), _mm512_add_ps(sp[6], sp[7]));
-                    let s = _mm512_mask_blend_ps(mask, _mm512_set1_ps(f32::NEG_INFINITY), _mm512_add_ps(s01, s23));
-                    let m_new = m[r].max(_mm512_reduce_max_ps(s));
-                    let corr = (m[r] - m_new).exp();
-                    let pv = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
-                    l[r] = l[r] * corr + _mm512_reduce_add_ps(pv);
-                    m[r] = m_new;
-                    let mut pa = [0f32; 16];
-                    _mm512_storeu_ps(pa.as_mut_ptr(), pv);
-                    let or = o.as_mut_ptr().add(r * w);
-                    let mut acc = [_mm512_setzero_ps(); N];
-                    let cv = _mm512_set1_ps(corr);
-                    for (c, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_mul_ps(_mm512_loadu_ps(or.add(c * 16)), cv);
-                    }
-                    let last: __mmask16 = if hd % 16 == 0 { 0xffff } else { ((1u32 << (hd % 16)) - 1) as __mmask16 };
-                    for jj in 0..valid {
-                        let pj = _mm512_set1_ps(pa[jj]);
-                        let vrow = kv.v.as_ptr().add(offs[jj]);
-                        for (c, a) in acc.iter_mut().enumerate() {
-                            let mk = if c == N - 1 { last } else { 0xffff };
-                            *a = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(mk, vrow.add(c * 16)), *a);
-                        }
-                    }
-                    for (c, a) in acc.iter().enumerate() {
-                        _mm512_storeu_ps(or.add(c * 16), *a);
-                    }
-                }
+                _mm512_storeu_ps(ot.as_mut_ptr().add(d * 16), o);
             }
             kb += 16;
         }
+        let mut inv = [0f32; 16];
+        _mm512_storeu_ps(inv.as_mut_ptr(), _mm512_div_ps(_mm512_set1_ps(1.0), l));
         for t in 0..len {
             for g in 0..group {
                 let r = t * group + g;
-                let inv = 1.0 / l[r];
                 let dst = out.add(((tok0 + t) * n_heads + kvh * group + g) * hd);
                 for d in 0..hd {
-                    *dst.add(d) = o[r * w + d] * inv;
+                    *dst.add(d) = ot[d * 16 + r] * inv[r];
                 }
             }
         }
