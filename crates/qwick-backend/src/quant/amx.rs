@@ -172,8 +172,8 @@ const KC: usize = 8;
 /// `y[:, cols] = x · wᵀ` on AMX tiles, `cols.start` a multiple of 16.
 ///
 /// Columns go two weight groups (32) at a time: both groups are unpacked to bf16, then the sums
-/// of every 32-row block of activations accumulate in a scratch of `rows × 32` f32, pass after
-/// pass of [`KC`] steps, and are copied to `y` at the end.
+/// of every 32-row block of activations accumulate in `y` (or, for ragged blocks at the edges,
+/// in a scratch copied to `y` at the end), pass after pass of [`KC`] steps.
 ///
 /// # Safety
 /// [`usable`] must have returned true; `w` is in tiles; `y` is valid for `a.m` rows of `ldy`
@@ -197,21 +197,43 @@ pub unsafe fn matmul(spec: &Spec, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
         } else {
             b[ksteps * 512..].fill(0);
         }
-        c.fill(0.0);
         let mut k0 = 0;
         while k0 < ksteps {
             let steps = (ksteps - k0).min(KC);
             let mut rb = 0;
             while rb < rblocks {
                 let two = rb + 1 < rblocks;
-                let c0 = c.as_mut_ptr().add(rb * ROWS * 32);
+                // Whole 16 × 32 blocks accumulate in y itself; ragged ones in the scratch.
+                let whole = width == 2 * ROWS && (rb + if two { 2 } else { 1 }) * ROWS <= a.m;
+                let (c0, cs) = if whole {
+                    (y.add(rb * ROWS * ldy + n), ldy * 4)
+                } else {
+                    (c.as_mut_ptr().add(rb * ROWS * 32), 128usize)
+                };
+                let c1 = c0.add(if whole { ROWS * ldy } else { ROWS * 32 });
                 let (b0, b1) = (b.as_ptr().add(k0 * 512), b.as_ptr().add((ksteps + k0) * 512));
-                if two {
+                if k0 == 0 {
+                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                } else {
                     asm!(
                         "tileloadd tmm0, [{c0} + {cs} * 1]",
                         "tileloadd tmm1, [{c0} + {cs} * 1 + 64]",
-                        "tileloadd tmm2, [{c1} + {cs} * 1]",
-                        "tileloadd tmm3, [{c1} + {cs} * 1 + 64]",
+                        c0 = in(reg) c0,
+                        cs = in(reg) cs,
+                        options(nostack, readonly)
+                    );
+                    if two {
+                        asm!(
+                            "tileloadd tmm2, [{c1} + {cs} * 1]",
+                            "tileloadd tmm3, [{c1} + {cs} * 1 + 64]",
+                            c1 = in(reg) c1,
+                            cs = in(reg) cs,
+                            options(nostack, readonly)
+                        );
+                    }
+                }
+                if two {
+                    asm!(
                         "2:",
                         "tileloadd tmm4, [{a0} + {s} * 1]",
                         "tileloadd tmm6, [{b0} + {s} * 1]",
@@ -237,16 +259,13 @@ pub unsafe fn matmul(spec: &Spec, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                         b1 = inout(reg) b1 => _,
                         n = inout(reg) steps => _,
                         c0 = in(reg) c0,
-                        c1 = in(reg) c0.add(ROWS * 32),
+                        c1 = in(reg) c1,
                         s = in(reg) 64usize,
-                        cs = in(reg) 128usize,
+                        cs = in(reg) cs,
                         options(nostack)
                     );
-                    rb += 2;
                 } else {
                     asm!(
-                        "tileloadd tmm0, [{c0} + {cs} * 1]",
-                        "tileloadd tmm1, [{c0} + {cs} * 1 + 64]",
                         "2:",
                         "tileloadd tmm4, [{a0} + {s} * 1]",
                         "tileloadd tmm6, [{b0} + {s} * 1]",
@@ -266,16 +285,25 @@ pub unsafe fn matmul(spec: &Spec, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                         n = inout(reg) steps => _,
                         c0 = in(reg) c0,
                         s = in(reg) 64usize,
-                        cs = in(reg) 128usize,
+                        cs = in(reg) cs,
                         options(nostack)
                     );
-                    rb += 1;
                 }
+                rb += if two { 2 } else { 1 };
             }
             k0 += steps;
         }
-        for i in 0..a.m {
-            std::ptr::copy_nonoverlapping(c.as_ptr().add(i * 32), y.add(i * ldy + n), width);
+        // Rows whose sums went to the scratch.
+        let mut rb = 0;
+        while rb < rblocks {
+            let two = rb + 1 < rblocks;
+            let whole = width == 2 * ROWS && (rb + if two { 2 } else { 1 }) * ROWS <= a.m;
+            if !whole {
+                for i in rb * ROWS..((rb + if two { 2 } else { 1 }) * ROWS).min(a.m) {
+                    std::ptr::copy_nonoverlapping(c.as_ptr().add(i * 32), y.add(i * ldy + n), width);
+                }
+            }
+            rb += if two { 2 } else { 1 };
         }
         n += width;
     }
