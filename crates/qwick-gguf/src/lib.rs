@@ -133,10 +133,6 @@ impl TensorInfo {
     pub fn shape(&self) -> Vec<usize> {
         self.dims.iter().rev().map(|&d| d as usize).collect()
     }
-
-    pub fn numel(&self) -> u64 {
-        self.dims.iter().product()
-    }
 }
 
 /// A mapped, validated GGUF file.
@@ -349,11 +345,6 @@ impl GgufFile {
         anyhow!("{}: metadata key {key} should be {want}, found {}", self.path.display(), v.type_name())
     }
 
-    /// A required key.
-    pub fn require(&self, key: &str) -> Result<&Value> {
-        self.get(key).ok_or_else(|| anyhow!("{}: missing metadata key {key}", self.path.display()))
-    }
-
     pub fn get_str(&self, key: &str) -> Result<Option<&str>> {
         match self.get(key) {
             None => Ok(None),
@@ -412,16 +403,6 @@ impl GgufFile {
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.by_name.get(name).map(|&i| &self.tensors[i])
-    }
-
-    /// The bytes of a tensor (empty for a type qwick does not read).
-    pub fn data(&self, t: &TensorInfo) -> &[u8] {
-        &self.map[t.range.clone()]
-    }
-
-    /// Bytes of all tensor data.
-    pub fn data_bytes(&self) -> usize {
-        self.tensors.iter().map(|t| t.range.len()).sum()
     }
 }
 

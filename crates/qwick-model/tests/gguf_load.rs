@@ -83,6 +83,12 @@ fn a_valid_file_loads_and_runs() {
     let logits = forward(&model);
     assert_eq!(logits.len(), VOCAB as usize);
     assert!(logits.iter().all(|v| v.is_finite()));
+    // Version 2 has the same layout: the same model.
+    let mut v2 = std::fs::read(&path).unwrap();
+    v2[4..8].copy_from_slice(&2u32.to_le_bytes());
+    let path2 = temp("valid_v2.gguf");
+    std::fs::write(&path2, v2).unwrap();
+    assert_eq!(forward(&Qwen3::load(&path2).unwrap()), logits);
 }
 
 #[test]
