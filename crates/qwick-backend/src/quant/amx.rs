@@ -137,8 +137,8 @@ unsafe fn unpack_group(spec: &Spec, group: &[u8], k: usize, out: &mut [u16]) {
     for j in 0..k / 32 {
         let h = gp.add((j / per_sb) * spec.sb_bytes());
         let jj = j % per_sb;
-        let q = super::x86::vnni::quads(spec.format, h.add(spec.header + jj * spec.block_bytes()));
-        let (s, m) = super::x86::vnni::scales(spec.format, h, jj);
+        let q = super::x86::avx512::quads(spec.format, h.add(spec.header + jj * spec.block_bytes()));
+        let (s, m) = super::x86::avx512::scales(spec.format, h, jj);
         // w = s·u + (m − s·o), per scale group (quads 0–3 are weights 0–15, quads 4–7 16–31).
         let bias = [_mm512_fnmadd_ps(s[0], off, m[0]), _mm512_fnmadd_ps(s[1], off, m[1])];
         let dst = out.as_mut_ptr().add(j * 512);

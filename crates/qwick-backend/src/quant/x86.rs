@@ -22,33 +22,26 @@ pub unsafe fn quantize_block(x: &[f32], q: &mut [i8], d: &mut f32, s: &mut [i16]
     s[1] = _mm512_reduce_add_epi32(q1) as i16;
 }
 
-/// AVX-512 VNNI: `vpdpbusd` of 64 unsigned weight bytes (four of each of 16 rows) with four
-/// activation bytes broadcast, one 16-lane accumulator per scale group, lanes = weight rows.
-pub mod vnni {
+/// AVX-512 F/BW/VL/DQ pieces every AVX-512 integer kernel shares: the quants of a 32-weight
+/// block of tiles as 8 vectors of unsigned bytes, and its scales, lane per weight row.
+pub(crate) mod avx512 {
     use super::*;
     use crate::format::Format;
-    use crate::quant::tiles::{Spec, IQ4_U8, ROWS};
-    use crate::quant::ActQ8;
-
-    /// Activation rows per pass over a weight group (each has one f32 accumulator vector).
-    const MR: usize = 8;
-
-    /// Bytes ahead of the block being read that are prefetched.
-    const PREFETCH: usize = 4096;
+    use crate::quant::tiles::IQ4_U8;
 
     /// The 8 vectors of unsigned quants of one 32-weight block: vector `t` holds weights
     /// `4t..4t+4` of each row.
     pub(crate) type Quads = [__m512i; 8];
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
-    unsafe fn load(p: *const u8) -> __m512i {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub(crate) unsafe fn load(p: *const u8) -> __m512i {
         _mm512_loadu_si512(p as *const _)
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
-    unsafe fn nibbles(p: *const u8) -> Quads {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub(crate) unsafe fn nibbles(p: *const u8) -> Quads {
         let m = _mm512_set1_epi8(0x0F);
         let mut q = [_mm512_setzero_si512(); 8];
         for t in 0..4 {
@@ -60,8 +53,8 @@ pub mod vnni {
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
-    unsafe fn pairs(p: *const u8) -> Quads {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub(crate) unsafe fn pairs(p: *const u8) -> Quads {
         let m = _mm512_set1_epi8(3);
         let mut q = [_mm512_setzero_si512(); 8];
         for h in 0..2 {
@@ -76,8 +69,8 @@ pub mod vnni {
 
     /// Adds `val` to the weights whose bit is set in the 8 masks at `p`.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
-    unsafe fn add_bits(q: &mut Quads, p: *const u8, val: i8) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub(crate) unsafe fn add_bits(q: &mut Quads, p: *const u8, val: i8) {
         let v = _mm512_set1_epi8(val);
         for (t, qt) in q.iter_mut().enumerate() {
             let k: __mmask64 = (p.add(8 * t) as *const u64).read_unaligned();
@@ -86,7 +79,7 @@ pub mod vnni {
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     unsafe fn lut(q: &mut Quads, table: &[u8; 16]) {
         let t = _mm512_broadcast_i32x4(_mm_loadu_si128(table.as_ptr() as *const __m128i));
         for qt in q.iter_mut() {
@@ -96,7 +89,7 @@ pub mod vnni {
 
     /// The unsigned quants of the 32-weight block at `p`.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     pub(crate) unsafe fn quads(f: Format, p: *const u8) -> Quads {
         match f {
             Format::Q8_0 => {
@@ -136,33 +129,33 @@ pub mod vnni {
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
-    unsafe fn f16s(p: *const u8) -> __m512 {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub(crate) unsafe fn f16s(p: *const u8) -> __m512 {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
-    unsafe fn u8s(p: *const u8) -> __m512 {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub(crate) unsafe fn u8s(p: *const u8) -> __m512 {
         _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)))
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
-    unsafe fn i8s(p: *const u8) -> __m512 {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub(crate) unsafe fn i8s(p: *const u8) -> __m512 {
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
-    unsafe fn neg(v: __m512) -> __m512 {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+    pub(crate) unsafe fn neg(v: __m512) -> __m512 {
         _mm512_xor_ps(v, _mm512_set1_ps(-0.0))
     }
 
     /// Scales and minimums of block `j` of a super-block with header `h`, lane per row: as
     /// `tiles::scales` computes them.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     pub(crate) unsafe fn scales(f: Format, h: *const u8, j: usize) -> ([__m512; 2], [__m512; 2]) {
         let z = _mm512_setzero_ps();
         match f {
@@ -203,6 +196,22 @@ pub mod vnni {
             _ => unreachable!(),
         }
     }
+}
+
+/// AVX-512 VNNI: `vpdpbusd` of 64 unsigned weight bytes (four of each of 16 rows) with four
+/// activation bytes broadcast, one 16-lane accumulator per scale group, lanes = weight rows.
+pub mod vnni {
+    use super::avx512::{quads, scales};
+    use super::*;
+    use crate::format::Format;
+    use crate::quant::tiles::{Spec, ROWS};
+    use crate::quant::ActQ8;
+
+    /// Activation rows per pass over a weight group (each has one f32 accumulator vector).
+    const MR: usize = 8;
+
+    /// Bytes ahead of the block being read that are prefetched.
+    const PREFETCH: usize = 4096;
 
     /// One group of 16 weight rows against every row of `a`.
     ///

@@ -78,6 +78,8 @@ macro_rules! by_format {
 /// AVX-512BW: 64-byte quads (four weights of each of the 16 rows), lanes = weight rows.
 pub mod avx512 {
     use super::*;
+    use crate::quant::x86::avx512 as shared;
+    use crate::quant::x86::avx512::scales;
 
     /// Activation rows per pass over a weight group.
     const MR: usize = 8;
@@ -86,51 +88,6 @@ pub mod avx512 {
     type Quads = [__m512i; 8];
     /// For signed formats, the lanes where `w < 0`, per quad.
     type Negs = [__mmask64; 8];
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    unsafe fn load(p: *const u8) -> __m512i {
-        _mm512_loadu_si512(p as *const _)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    unsafe fn nibbles(p: *const u8) -> Quads {
-        let m = _mm512_set1_epi8(0x0F);
-        let mut q = [_mm512_setzero_si512(); 8];
-        for t in 0..4 {
-            let v = load(p.add(64 * t));
-            q[t] = _mm512_and_si512(v, m);
-            q[t + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m);
-        }
-        q
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    unsafe fn pairs(p: *const u8) -> Quads {
-        let m = _mm512_set1_epi8(3);
-        let mut q = [_mm512_setzero_si512(); 8];
-        for h in 0..2 {
-            let v = load(p.add(64 * h));
-            q[4 * h] = _mm512_and_si512(v, m);
-            q[4 * h + 1] = _mm512_and_si512(_mm512_srli_epi16::<2>(v), m);
-            q[4 * h + 2] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m);
-            q[4 * h + 3] = _mm512_and_si512(_mm512_srli_epi16::<6>(v), m);
-        }
-        q
-    }
-
-    /// Adds `val` to the weights whose bit is set in the 8 masks at `p`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    unsafe fn add_bits(q: &mut Quads, p: *const u8, val: i8) {
-        let v = _mm512_set1_epi8(val);
-        for (t, qt) in q.iter_mut().enumerate() {
-            let k: __mmask64 = (p.add(8 * t) as *const u64).read_unaligned();
-            *qt = _mm512_mask_add_epi8(*qt, k, *qt, v);
-        }
-    }
 
     /// Replaces signed weights by their magnitudes, returning where they were negative.
     #[inline]
@@ -145,51 +102,23 @@ pub mod avx512 {
         neg
     }
 
-    /// The quads of the 32-weight block at `p` (see [`Quads`], [`Negs`]).
+    /// The quads of the 32-weight block at `p` (see [`Quads`], [`Negs`]): the unsigned quants,
+    /// or for the offset-128 formats the signed weights `u ^ 0x80 = u − 128` split into
+    /// magnitudes and signs.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     unsafe fn quads<const F: u8>(p: *const u8) -> (Quads, Negs) {
         let f = format_of(F);
-        let mut q = match f {
-            Format::Q8_0 => {
-                let mut q = [_mm512_setzero_si512(); 8];
-                let flip = _mm512_set1_epi8(-128);
-                for (t, qt) in q.iter_mut().enumerate() {
-                    *qt = _mm512_xor_si512(load(p.add(64 * t)), flip);
-                }
-                q
+        let mut q = shared::quads(f, p);
+        let neg = if signed(f) {
+            let flip = _mm512_set1_epi8(-128);
+            for qt in q.iter_mut() {
+                *qt = _mm512_xor_si512(*qt, flip);
             }
-            Format::Q4_0 | Format::Q4_1 | Format::Q4_K => nibbles(p),
-            Format::IQ4_NL | Format::IQ4_XS => {
-                let mut q = nibbles(p);
-                let t = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_I8.as_ptr() as *const __m128i));
-                for qt in q.iter_mut() {
-                    *qt = _mm512_shuffle_epi8(t, *qt);
-                }
-                q
-            }
-            Format::Q5_0 | Format::Q5_1 | Format::Q5_K => {
-                let mut q = nibbles(p);
-                add_bits(&mut q, p.add(256), 16);
-                q
-            }
-            Format::Q6_K => {
-                let mut q = nibbles(p);
-                let h = pairs(p.add(256));
-                for (a, b) in q.iter_mut().zip(h) {
-                    *a = _mm512_or_si512(*a, _mm512_slli_epi16::<4>(b));
-                }
-                q
-            }
-            Format::Q3_K => {
-                let mut q = pairs(p);
-                add_bits(&mut q, p.add(128), 4);
-                q
-            }
-            Format::Q2_K => pairs(p),
-            _ => unreachable!(),
+            split_signs(&mut q)
+        } else {
+            [0; 8]
         };
-        let neg = if signed(f) { split_signs(&mut q) } else { [0; 8] };
         (q, neg)
     }
 
@@ -217,79 +146,6 @@ pub mod avx512 {
             t += c;
         }
         v
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    unsafe fn f16s(p: *const u8) -> __m512 {
-        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    unsafe fn u8s(p: *const u8) -> __m512 {
-        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    unsafe fn i8s(p: *const u8) -> __m512 {
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    unsafe fn neg(v: __m512) -> __m512 {
-        _mm512_xor_ps(v, _mm512_set1_ps(-0.0))
-    }
-
-    /// Q2_K's scale and minimum of scale group `o` (`d · (b & 15)`, `−(dmin · (b >> 4))`).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    unsafe fn q2k_scale(h: *const u8, d: __m512, dmin: __m512, o: usize) -> (__m512, __m512) {
-        let lo = _mm_set1_epi8(0x0F);
-        let b = _mm_loadu_si128(h.add(64 + 16 * o) as *const __m128i);
-        let s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, lo)));
-        let m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(b), lo)));
-        (_mm512_mul_ps(d, s), neg(_mm512_mul_ps(dmin, m)))
-    }
-
-    /// Scales and minimums of block `j` of a super-block with header `h`, lane per row: as
-    /// `tiles::scales` computes them.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    unsafe fn scales(f: Format, h: *const u8, j: usize) -> ([__m512; 2], [__m512; 2]) {
-        let z = _mm512_setzero_ps();
-        match f {
-            Format::Q4_0 | Format::Q5_0 | Format::Q8_0 | Format::IQ4_NL => {
-                let d = f16s(h);
-                ([d, d], [z, z])
-            }
-            Format::Q4_1 | Format::Q5_1 => {
-                let (d, m) = (f16s(h), f16s(h.add(32)));
-                ([d, d], [m, m])
-            }
-            Format::Q4_K | Format::Q5_K => {
-                let (d, dmin) = (f16s(h), f16s(h.add(32)));
-                let s = _mm512_mul_ps(d, u8s(h.add(64 + 16 * j)));
-                let m = neg(_mm512_mul_ps(dmin, u8s(h.add(64 + 128 + 16 * j))));
-                ([s, s], [m, m])
-            }
-            Format::Q6_K | Format::Q3_K => {
-                let d = f16s(h);
-                ([_mm512_mul_ps(d, i8s(h.add(32 + 32 * j))), _mm512_mul_ps(d, i8s(h.add(32 + 32 * j + 16)))], [z, z])
-            }
-            Format::Q2_K => {
-                let (d, dmin) = (f16s(h), f16s(h.add(32)));
-                let ((s0, m0), (s1, m1)) = (q2k_scale(h, d, dmin, 2 * j), q2k_scale(h, d, dmin, 2 * j + 1));
-                ([s0, s1], [m0, m1])
-            }
-            Format::IQ4_XS => {
-                let s = _mm512_mul_ps(f16s(h), i8s(h.add(32 + 16 * j)));
-                ([s, s], [z, z])
-            }
-            _ => unreachable!(),
-        }
     }
 
     /// One group of 16 weight rows against every row of `a`.
