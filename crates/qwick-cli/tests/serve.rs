@@ -892,3 +892,67 @@ fn prompt_logprobs_do_not_depend_on_chunking_or_the_prefix_cache() {
     s.wait_idle();
     one.wait_idle();
 }
+
+/// A chat request with a few greedy tokens.
+fn short_chat(stream: bool) -> Value {
+    json!({"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 4,
+           "temperature": 0, "stream": stream})
+}
+
+/// A panic inside a step (in the forward pass, or after it while sampling) fails the requests of
+/// that step with a 500 and OpenAI error JSON, frees their KV blocks, and the engine goes on.
+#[test]
+fn engine_survives_a_panic_in_a_step() {
+    for fault in ["step-panic:2", "engine-panic:2"] {
+        let s = Server::start_env(&[], &[("QWICK_FAULT", fault)]);
+        let (code, body) = s.post("/v1/chat/completions", &short_chat(false));
+        assert_eq!(code, 500, "{fault}: {body}");
+        let msg = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("internal error") && msg.contains("injected fault"), "{fault}: {body}");
+        assert_eq!(body["error"]["type"], "server_error", "{fault}: {body}");
+        s.wait_idle();
+        // Later requests are served, streamed or not.
+        let (code, body) = s.post("/v1/chat/completions", &short_chat(false));
+        assert_eq!(code, 200, "{fault}: {body}");
+        assert_eq!(body["usage"]["completion_tokens"], 4, "{fault}: {body}");
+        let (events, done) = s.sse("/v1/chat/completions", &short_chat(true));
+        assert!(done && !events.is_empty(), "{fault}");
+        assert_eq!(s.get("/health", None).0, 200, "{fault}");
+        s.wait_idle();
+    }
+}
+
+/// A streamed request whose step fails ends with an error event.
+#[test]
+fn a_streamed_request_ends_with_an_error_event_when_its_step_fails() {
+    let s = Server::start_env(&[], &[("QWICK_FAULT", "step-panic:3")]);
+    let (events, _) = s.sse("/v1/chat/completions", &short_chat(true));
+    let last = events.last().expect("some events");
+    assert!(last["error"]["message"].as_str().unwrap_or_default().contains("internal error"), "{events:?}");
+    s.wait_idle();
+    assert_eq!(s.get("/health", None).0, 200);
+}
+
+/// An engine that cannot go on: /health turns 503 and requests get 503 at once.
+#[test]
+fn a_failed_engine_answers_503_at_once() {
+    let s = Server::start_env(&[], &[("QWICK_FAULT", "engine-exit:1")]);
+    let (code, body) = s.post("/v1/chat/completions", &short_chat(false));
+    assert!(code == 500 || code == 503, "{code}: {body}");
+    let t0 = Instant::now();
+    while s.get("/health", None).0 != 503 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "/health stays 200 after the engine failed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t0 = Instant::now();
+    let (code, body) = s.post("/v1/chat/completions", &short_chat(false));
+    assert_eq!(code, 503, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("engine failed"), "{body}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "a request to a failed engine waited");
+    let (_, models) = s.get("/v1/models", None);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let name = models["data"][0]["id"].as_str().unwrap();
+    let (code, body) =
+        s.post("/api/chat", &json!({"model": name, "messages": [{"role": "user", "content": "hi"}], "stream": false}));
+    assert_eq!(code, 503, "{body}");
+}

@@ -14,5 +14,5 @@ pub use generate::{
 pub use qwick_sampler::SamplingParams;
 pub use runner::{argmax, Logits, Runner, RunnerConfig, SeqId, Span};
 pub use scheduler::{
-    Engine, Event, EventSink, OutToken, Request, Scheduler, SchedulerConfig, SchedulerStats, SubmitError,
+    Engine, Event, EventSink, Fault, OutToken, Request, Scheduler, SchedulerConfig, SchedulerStats, SubmitError,
 };

@@ -251,6 +251,42 @@ pub struct Scheduler {
     running: Vec<Entry>,
     prefix: PrefixCache,
     stats: SchedulerStats,
+    fault: Option<Fault>,
+}
+
+/// A fault injected on purpose (tests only; set with `QWICK_FAULT`, see [`Fault::from_env`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The forward pass of step `n` (counting from 1) panics.
+    StepPanic(u64),
+    /// Step `n` panics after its forward pass, while handling its results.
+    EnginePanic(u64),
+    /// The engine thread ends at step `n`, as if it could not go on.
+    EngineExit(u64),
+}
+
+impl Fault {
+    /// `QWICK_FAULT=step-panic:N|engine-panic:N|engine-exit:N`: for tests that prove the
+    /// engine survives its own faults. Unset (or anything else) injects nothing.
+    pub fn from_env() -> Option<Fault> {
+        let v = std::env::var("QWICK_FAULT").ok()?;
+        let (kind, n) = v.split_once(':')?;
+        let n: u64 = n.parse().ok()?;
+        match kind {
+            "step-panic" => Some(Fault::StepPanic(n)),
+            "engine-panic" => Some(Fault::EnginePanic(n)),
+            "engine-exit" => Some(Fault::EngineExit(n)),
+            _ => None,
+        }
+    }
+}
+
+/// The message of a caught panic.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 impl Scheduler {
@@ -263,11 +299,38 @@ impl Scheduler {
             block_size: runner.block_size(),
             ..SchedulerStats::default()
         };
-        Scheduler { runner, cfg, waiting: VecDeque::new(), running: vec![], prefix: PrefixCache::default(), stats }
+        Scheduler {
+            runner,
+            cfg,
+            waiting: VecDeque::new(),
+            running: vec![],
+            prefix: PrefixCache::default(),
+            stats,
+            fault: None,
+        }
     }
 
     pub fn runner(&self) -> &Runner {
         &self.runner
+    }
+
+    /// Injects a fault (tests only).
+    pub fn inject(&mut self, fault: Option<Fault>) {
+        self.fault = fault;
+    }
+
+    /// Ends every running request with an error and frees its blocks (after a fault left their
+    /// state unknown); waiting requests stay queued.
+    pub fn fail_running(&mut self, message: &str) {
+        for mut e in std::mem::take(&mut self.running) {
+            self.free(&mut e);
+            e.sink.send(Event::Error(message.to_string()));
+        }
+    }
+
+    /// Whether the injected fault ends the engine at this point.
+    pub fn exit_now(&self) -> bool {
+        self.fault == Some(Fault::EngineExit(self.stats.steps + 1))
     }
 
     /// Tokens the KV cache holds in all.
@@ -486,9 +549,22 @@ impl Scheduler {
         let batch: Vec<Span> = spans.iter().map(|s| s.1).collect();
         let computed: usize = batch.iter().map(|s| s.len).sum();
         let tf = std::time::Instant::now();
-        let result = self.runner.step(&batch);
+        let step_no = self.stats.steps + 1;
+        let inject = self.fault == Some(Fault::StepPanic(step_no));
+        let runner = &mut self.runner;
+        // A panic in the forward pass fails this step's requests, not the engine.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if inject {
+                panic!("injected fault in the forward pass of step {step_no}");
+            }
+            runner.step(&batch)
+        }))
+        .unwrap_or_else(|p| Err(anyhow!("internal error: {}", panic_message(&*p))));
         self.stats.forward_seconds += tf.elapsed().as_secs_f64();
         self.stats.steps += 1;
+        if self.fault == Some(Fault::EnginePanic(step_no)) {
+            panic!("injected fault after the forward pass of step {step_no}");
+        }
         let logits = match result {
             Ok(l) => l,
             Err(err) => {
@@ -627,6 +703,8 @@ pub enum SubmitError {
     QueueFull,
     /// The engine has stopped.
     Stopped,
+    /// The engine thread ended on a fault it could not recover from.
+    Failed,
 }
 
 impl std::fmt::Display for SubmitError {
@@ -634,6 +712,7 @@ impl std::fmt::Display for SubmitError {
         match self {
             SubmitError::QueueFull => write!(f, "too many requests are waiting; try again later"),
             SubmitError::Stopped => write!(f, "the engine has stopped"),
+            SubmitError::Failed => write!(f, "the engine failed and cannot serve requests"),
         }
     }
 }
@@ -652,6 +731,25 @@ struct Shared {
     inbox: Mutex<Inbox>,
     wake: Condvar,
     max_waiting: usize,
+    /// Cleared when the engine thread ends without being asked to.
+    healthy: std::sync::atomic::AtomicBool,
+}
+
+/// Marks the engine unhealthy when its thread ends other than by a stop request (a return
+/// after a fault, or a panic unwinding through the loop), and fails what it held.
+struct ExitGuard<'a>(&'a Shared);
+
+impl Drop for ExitGuard<'_> {
+    fn drop(&mut self) {
+        let mut inbox = self.0.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        if !inbox.stop {
+            self.0.healthy.store(false, std::sync::atomic::Ordering::SeqCst);
+            inbox.stop = true;
+        }
+        for (_, _, mut sink) in inbox.new.drain(..) {
+            sink.send(Event::Error("the engine stopped".into()));
+        }
+    }
 }
 
 /// A scheduler on its own thread.
@@ -672,7 +770,9 @@ impl Engine {
             inbox: Mutex::new(Inbox::default()),
             wake: Condvar::new(),
             max_waiting: cfg.max_waiting,
+            healthy: std::sync::atomic::AtomicBool::new(true),
         });
+        let fault = Fault::from_env();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(usize, usize)>>();
         let sh = shared.clone();
         let thread = std::thread::Builder::new().name("qwick-engine".into()).spawn(move || {
@@ -684,7 +784,9 @@ impl Engine {
                 }
             };
             let mut sched = Scheduler::new(runner, cfg);
+            sched.inject(fault);
             let _ = ready_tx.send(Ok((sched.capacity_tokens(), sched.runner().block_size())));
+            let _guard = ExitGuard(&sh);
             engine_loop(&sh, &mut sched);
         })?;
         let (capacity_tokens, block_size) =
@@ -718,9 +820,12 @@ impl Engine {
         prompt_logprobs: Option<usize>,
         sink: Box<dyn EventSink>,
     ) -> Result<(), SubmitError> {
-        let mut inbox = self.shared.inbox.lock().unwrap();
+        if !self.is_healthy() {
+            return Err(SubmitError::Failed);
+        }
+        let mut inbox = self.shared.inbox.lock().unwrap_or_else(|e| e.into_inner());
         if inbox.stop {
-            return Err(SubmitError::Stopped);
+            return Err(if self.is_healthy() { SubmitError::Stopped } else { SubmitError::Failed });
         }
         if inbox.new.len() + inbox.stats.waiting >= self.shared.max_waiting {
             return Err(SubmitError::QueueFull);
@@ -729,6 +834,11 @@ impl Engine {
         drop(inbox);
         self.shared.wake.notify_one();
         Ok(())
+    }
+
+    /// Whether the engine thread is serving (false once it ended on a fault).
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The scheduler's state after its last step.
@@ -789,9 +899,18 @@ fn engine_loop(shared: &Shared, sched: &mut Scheduler) {
             }
             return;
         }
-        if sched.step() == 0 && sched.has_work() {
-            // Nothing could run (every waiting request blocked); wait a little for a change.
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        if sched.exit_now() {
+            return;
+        }
+        // A panic outside the forward pass leaves the running requests' state unknown: they
+        // fail (their blocks freed) and the engine goes on with the rest.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sched.step())) {
+            Ok(n) if n == 0 && sched.has_work() => {
+                // Nothing could run (every waiting request blocked); wait a little for a change.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(_) => {}
+            Err(p) => sched.fail_running(&format!("internal error: {}", panic_message(&*p))),
         }
     }
 }

@@ -150,6 +150,7 @@ pub fn submit(state: &AppState, mut job: Job) -> Result<UnboundedReceiver<Event>
     state.engine.submit_with(req, job.prompt_logprobs, Box::new(ChanSink(tx))).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
         SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),
+        SubmitError::Failed => ApiError::unavailable(e.to_string()),
     })?;
     Ok(rx)
 }
@@ -170,6 +171,7 @@ pub fn submit_all(state: &AppState, jobs: Vec<Job>) -> Result<Vec<UnboundedRecei
         state.engine.submit_with(req, prompt_logprobs, Box::new(ChanSink(tx))).map_err(|e| match e {
             SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
             SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),
+            SubmitError::Failed => ApiError::unavailable(e.to_string()),
         })?;
         out.push(rx);
     }

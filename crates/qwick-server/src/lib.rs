@@ -88,8 +88,13 @@ async fn fallback(req: Request) -> ApiError {
     ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
 }
 
-async fn health() -> StatusCode {
-    StatusCode::OK
+/// 200 while the engine serves; 503 once it has failed (requests would not be answered).
+async fn health(State(state): State<Arc<AppState>>) -> StatusCode {
+    if state.engine.is_healthy() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 async fn metrics_route(State(state): State<Arc<AppState>>) -> Response {
