@@ -956,3 +956,70 @@ fn a_failed_engine_answers_503_at_once() {
         s.post("/api/chat", &json!({"model": name, "messages": [{"role": "user", "content": "hi"}], "stream": false}));
     assert_eq!(code, 503, "{body}");
 }
+
+/// No request field is dropped silently: unknown fields are refused, the ones accepted and ignored
+/// are listed; logit_bias, num_ctx, reasoning levels take effect; constrained formats are refused
+/// with a message.
+#[test]
+fn every_request_field_is_honoured_or_refused() {
+    let s = Server::start(&[]);
+    // logit_bias steers greedy decoding.
+    let (code, body) = s.post(
+        "/v1/completions",
+        &json!({"prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0, "logit_bias": {"4242": 100}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let (_, want) = s.post("/detokenize", &json!({"tokens": [4242, 4242, 4242]}));
+    assert_eq!(body["choices"][0]["text"], want["prompt"], "{body}");
+    let (code, body) = s.post("/v1/completions", &json!({"prompt": [1], "logit_bias": {"999999999": 1}}));
+    assert_eq!((code, body["error"]["param"].as_str()), (400, Some("logit_bias")), "{body}");
+    let (code, body) = s.post("/v1/completions", &json!({"prompt": [1], "logit_bias": {"5": 101}}));
+    assert_eq!(code, 400, "{body}");
+    // Unknown fields are refused; the listed ones are accepted.
+    let chat = |extra: Value| {
+        let mut b = short_chat(false);
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        s.post("/v1/chat/completions", &b)
+    };
+    let (code, body) = chat(json!({"frobnicate": true}));
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("frobnicate"), "{body}");
+    assert_eq!(chat(json!({"user": "u1", "store": false, "parallel_tool_calls": true})).0, 200);
+    assert_eq!(chat(json!({"response_format": {"type": "text"}})).0, 200);
+    let (code, body) = chat(json!({"response_format": {"type": "json_object"}}));
+    assert_eq!((code, body["error"]["param"].as_str()), (400, Some("response_format")), "{body}");
+    let (code, body) = chat(json!({"reasoning_effort": "extreme"}));
+    assert_eq!((code, body["error"]["param"].as_str()), (400, Some("reasoning_effort")), "{body}");
+    let (code, body) = chat(json!({"reasoning_effort": "none", "max_tokens": 8}));
+    assert_eq!(code, 200, "{body}");
+    assert!(body["choices"][0]["message"]["reasoning_content"].as_str().unwrap_or("").is_empty(), "{body}");
+    let (code, body) = s.post("/v1/completions", &json!({"prompt": [1], "max_tokens": 1, "suffix": "x"}));
+    assert_eq!(code, 400, "{body}");
+    // Ollama: num_ctx bounds the context; format is refused; keep_alive and hardware options are
+    // accepted; other unknown options are refused.
+    let (_, models) = s.get("/v1/models", None);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let name = models["data"][0]["id"].as_str().unwrap().to_string();
+    let ollama = |extra: Value| {
+        let mut b = json!({"model": name, "prompt": "Tell me a long story about the sea.", "stream": false});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        s.post("/api/generate", &b)
+    };
+    let (code, body) = ollama(json!({"options": {"num_ctx": 4}}));
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("context length"), "{body}");
+    let (code, body) = ollama(json!({"options": {"num_ctx": 64, "num_predict": 1000, "temperature": 0}}));
+    assert_eq!(code, 200, "{body}");
+    let used = body["prompt_eval_count"].as_u64().unwrap() + body["eval_count"].as_u64().unwrap();
+    assert!(used <= 64, "num_ctx 64 but {used} tokens: {body}");
+    assert_eq!(ollama(json!({"keep_alive": "5m", "options": {"num_thread": 4, "num_predict": 2}})).0, 200);
+    let (code, body) = ollama(json!({"options": {"mirostat": 2}}));
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("options.mirostat"), "{body}");
+    assert_eq!(ollama(json!({"format": "json"})).0, 400);
+    assert_eq!(ollama(json!({"think": "low", "options": {"num_predict": 2}})).0, 200);
+}

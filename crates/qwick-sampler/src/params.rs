@@ -65,6 +65,9 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Number of most likely tokens whose logprobs to return with each sampled token; `None` for no logprobs.
     pub logprobs: Option<usize>,
+    /// Added to the logits of these tokens before sampling (after the penalties), each in
+    /// `[-100, 100]` as OpenAI's `logit_bias`.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -82,6 +85,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -140,6 +144,9 @@ impl SamplingParams {
         }
         if self.stop.iter().any(String::is_empty) {
             return bad("stop strings must not be empty".into());
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return bad(format!("logit_bias values must be in [-100, 100], got {b} for token {t}"));
         }
         Ok(())
     }

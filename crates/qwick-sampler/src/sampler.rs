@@ -92,8 +92,25 @@ fn argmax(logits: &[f32]) -> Result<u32, SamplingError> {
 
 const PROMPT_BIT: u32 = 1 << 31;
 
-/// Applies the penalties using `counts`, a scratch vector that is all zeros on entry and on return.
+/// Applies the penalties, then the logit bias, using `counts`, a scratch vector that is all zeros
+/// on entry and on return.
 fn penalize(
+    logits: &mut [f32],
+    prompt_tokens: &[u32],
+    output_tokens: &[u32],
+    params: &SamplingParams,
+    counts: &mut Vec<u32>,
+) {
+    penalize_repeats(logits, prompt_tokens, output_tokens, params, counts);
+    // Then the caller's logit bias.
+    for &(t, b) in &params.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += b;
+        }
+    }
+}
+
+fn penalize_repeats(
     logits: &mut [f32],
     prompt_tokens: &[u32],
     output_tokens: &[u32],
@@ -140,8 +157,8 @@ fn penalize(
 }
 
 /// Applies the repetition penalty (to tokens in `prompt_tokens` or `output_tokens`) and the frequency
-/// and presence penalties (to tokens in `output_tokens`) to `logits` in place, as vLLM does.
-/// Token ids outside `logits` are ignored.
+/// and presence penalties (to tokens in `output_tokens`) to `logits` in place, as vLLM does, then
+/// adds the logit bias. Token ids outside `logits` are ignored.
 pub fn apply_penalties(logits: &mut [f32], prompt_tokens: &[u32], output_tokens: &[u32], params: &SamplingParams) {
     penalize(logits, prompt_tokens, output_tokens, params, &mut Vec::new());
 }

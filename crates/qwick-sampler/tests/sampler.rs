@@ -344,3 +344,15 @@ fn stop_holds_back_only_possible_prefixes() {
     // No stop found: held text comes out at the end.
     assert_eq!(run_stop(&["xyz"], &["ab", "xy"]), ("abxy".into(), None));
 }
+
+#[test]
+fn logit_bias_moves_the_greedy_choice_and_is_checked() {
+    let logits = vec![1.0f32, 3.0, 2.0, 0.5];
+    let mut p = SamplingParams::greedy();
+    p.logit_bias = vec![(2, 1.5), (1, -100.0), (99, 5.0)];
+    let mut s = Sampler::new(p.clone()).unwrap();
+    let mut l = logits.clone();
+    assert_eq!(s.sample(&mut l, &[], &[]).unwrap(), 2);
+    p.logit_bias = vec![(0, 100.5)];
+    assert!(p.validate().unwrap_err().to_string().contains("logit_bias"));
+}

@@ -46,10 +46,13 @@ pub struct SamplingFields {
     pub seed: Option<i64>,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
+    /// OpenAI's `logit_bias`: token ids (as strings) to a bias in [-100, 100].
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
 }
 
-/// Request fields over the generation defaults; checked (400 naming the parameter).
-pub fn sampling(base: SamplingParams, f: &SamplingFields) -> Result<SamplingParams, ApiError> {
+/// Request fields over the generation defaults; checked (400 naming the parameter). `vocab`:
+/// the model's vocabulary size (token ids must be below it).
+pub fn sampling(base: SamplingParams, f: &SamplingFields, vocab: usize) -> Result<SamplingParams, ApiError> {
     let mut p = base;
     let set = |dst: &mut f32, v: Option<f32>| {
         if let Some(v) = v {
@@ -69,6 +72,14 @@ pub fn sampling(base: SamplingParams, f: &SamplingFields) -> Result<SamplingPara
     p.stop = f.stop.clone();
     p.stop_token_ids = f.stop_token_ids.clone();
     p.max_tokens = None;
+    p.logit_bias = Vec::new();
+    for (k, &b) in f.logit_bias.iter().flatten() {
+        let t = k.trim().parse::<u32>().ok().filter(|&t| (t as usize) < vocab).ok_or_else(|| {
+            ApiError::bad_request(format!("logit_bias: {k:?} is not a token id below {vocab}")).with_param("logit_bias")
+        })?;
+        p.logit_bias.push((t, b));
+    }
+    p.logit_bias.sort_unstable_by_key(|e| e.0);
     p.validate().map_err(|e| {
         let msg = e.to_string();
         let msg = msg.strip_prefix("invalid sampling parameter: ").unwrap_or(&msg).to_string();
@@ -77,6 +88,38 @@ pub fn sampling(base: SamplingParams, f: &SamplingFields) -> Result<SamplingPara
         ApiError::bad_request(msg).with_param(param)
     })?;
     Ok(p)
+}
+
+/// The thinking budget of an effort level (OpenAI's `reasoning_effort`, Ollama's `think`):
+/// `Some(0)` turns thinking off, `Some(n)` caps it at `n` tokens, `None` leaves it unbounded.
+/// An unknown level is an error naming `param`.
+pub fn effort_budget(level: &str, param: &str) -> Result<Option<usize>, ApiError> {
+    match level {
+        "none" | "minimal" => Ok(Some(0)),
+        "low" => Ok(Some(1024)),
+        "medium" => Ok(Some(4096)),
+        "high" => Ok(None),
+        other => Err(ApiError::bad_request(format!(
+            "{param} must be \"none\", \"minimal\", \"low\", \"medium\" or \"high\", not {other:?}"
+        ))
+        .with_param(param)),
+    }
+}
+
+/// Rejects request fields qwick does not know, but for those it accepts and ignores (`ignored`,
+/// listed in the README): a field is never dropped silently. `prefix` names the object
+/// (`"options."` for Ollama's options).
+pub fn check_fields(
+    extra: &serde_json::Map<String, serde_json::Value>,
+    ignored: &[&str],
+    prefix: &str,
+) -> Result<(), ApiError> {
+    match extra.keys().find(|k| !ignored.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(k) => {
+            Err(ApiError::bad_request(format!("unsupported field {prefix}{k}")).with_param(format!("{prefix}{k}")))
+        }
+    }
 }
 
 /// Checks that the prompt and `max_tokens` fit the context; returns the output limit.

@@ -76,6 +76,40 @@ pub struct Options {
     presence_penalty: Option<f32>,
     #[serde(default)]
     frequency_penalty: Option<f32>,
+    /// Bounds the context (prompt + output) below the server's limit.
+    #[serde(default)]
+    num_ctx: Option<u64>,
+    /// Every other option: accepted only when listed in [`OPTIONS_IGNORED`].
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+/// Ollama options that are about hardware or loading, which qwick decides itself: accepted and
+/// ignored.
+const OPTIONS_IGNORED: &[&str] = &[
+    "num_thread",
+    "num_gpu",
+    "main_gpu",
+    "use_mmap",
+    "use_mlock",
+    "numa",
+    "num_batch",
+    "low_vram",
+    "f16_kv",
+    "vocab_only",
+];
+
+/// Request fields accepted and ignored: `keep_alive` (the model stays loaded while the server
+/// runs).
+const REQUEST_IGNORED: &[&str] = &["keep_alive"];
+
+/// Ollama's `format`: structured output is refused with a message rather than ignored.
+fn check_format(v: &Option<Value>) -> Result<(), ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) if s.is_empty() => Ok(()),
+        Some(f) => Err(ApiError::bad_request(format!("format {f} is not supported")).with_param("format")),
+    }
 }
 
 #[derive(Deserialize, Debug)]
@@ -118,6 +152,10 @@ struct ChatRequest {
     think: Option<Value>,
     #[serde(default)]
     options: Option<Options>,
+    #[serde(default)]
+    format: Option<Value>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -137,6 +175,10 @@ struct GenerateRequest {
     options: Option<Options>,
     #[serde(default)]
     images: Option<Vec<Value>>,
+    #[serde(default)]
+    format: Option<Value>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
 }
 
 fn check(state: &AppState, model: &str) -> Result<(), ApiError> {
@@ -146,12 +188,15 @@ fn check(state: &AppState, model: &str) -> Result<(), ApiError> {
     check_model(state, Some(model)).map_err(|_| ApiError::not_found(format!("model '{model}' not found")))
 }
 
-/// `think`: true, false, or a level ("low", "medium", "high": on).
-fn think_flag(v: Option<Value>) -> Result<Option<bool>, ApiError> {
+/// `think`: true, false, or a level ("low", "medium", "high": on, with the thinking budget of
+/// [`gen::effort_budget`]). Returns the switch and the budget.
+fn think_flag(v: Option<Value>) -> Result<(Option<bool>, Option<usize>), ApiError> {
     match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(b)),
-        Some(Value::String(s)) if matches!(s.as_str(), "low" | "medium" | "high") => Ok(Some(true)),
+        None | Some(Value::Null) => Ok((None, None)),
+        Some(Value::Bool(b)) => Ok((Some(b), None)),
+        Some(Value::String(s)) if matches!(s.as_str(), "low" | "medium" | "high") => {
+            Ok((Some(true), gen::effort_budget(&s, "think")?))
+        }
         Some(other) => Err(ApiError::bad_request(format!(
             "think must be true, false, \"low\", \"medium\" or \"high\", not {other}"
         ))),
@@ -176,17 +221,25 @@ fn params(
         seed: opts.seed,
         stop: opts.stop.unwrap_or_default(),
         stop_token_ids: vec![],
+        logit_bias: None,
     };
-    let mut sp = gen::sampling(state.model.gen_config.sampling_params(thinking), &fields)?;
+    let vocab = state.model.config.vocab_size;
+    gen::check_fields(&opts.extra, OPTIONS_IGNORED, "options.")?;
+    let ctx = match opts.num_ctx {
+        None => state.max_model_len,
+        Some(0) => return Err(ApiError::bad_request("options.num_ctx must be positive").with_param("options.num_ctx")),
+        Some(n) => state.max_model_len.min(usize::try_from(n).unwrap_or(usize::MAX)),
+    };
+    let mut sp = gen::sampling(state.model.gen_config.sampling_params(thinking), &fields, vocab)?;
     // num_predict: -1 (or absent) until the context is full; -2 fills the context.
     let max = match opts.num_predict {
         None | Some(-1) | Some(-2) => None,
         Some(n) if n <= 0 => {
             return Err(ApiError::bad_request(format!("options.num_predict must be positive, -1 or -2, got {n}")))
         }
-        Some(n) => Some((n as u64).min((state.max_model_len - prompt_len.min(state.max_model_len)) as u64)),
+        Some(n) => Some((n as u64).min((ctx - prompt_len.min(ctx)) as u64)),
     };
-    let limit = gen::fit_context(state.max_model_len, prompt_len, max.filter(|&m| m > 0), "options.num_predict")?;
+    let limit = gen::fit_context(ctx, prompt_len, max.filter(|&m| m > 0), "options.num_predict")?;
     sp.max_tokens = Some(limit);
     Ok((sp, limit))
 }
@@ -343,10 +396,19 @@ fn submit_one(
     prompt: &crate::Prompt,
     sp: qwick_engine::SamplingParams,
     parse_tools: bool,
+    budget: Option<usize>,
     arrival: Instant,
 ) -> Result<ChoiceRun, ApiError> {
     let model = &state.model;
     let stops = sp.stop.clone();
+    let thinking = match budget {
+        Some(n) if n > 0 && prompt.thinking => {
+            Some(model.budget(n, prompt.starts_in_thinking).ok_or_else(|| {
+                ApiError::bad_request("think: the tokenizer has no </think> token").with_param("think")
+            })?)
+        }
+        _ => None,
+    };
     let rx = gen::submit(
         state,
         Job {
@@ -355,7 +417,7 @@ fn submit_one(
                 sampling: sp,
                 eos_token_ids: model.eos.clone(),
                 max_context: state.max_model_len,
-                thinking: None,
+                thinking,
             },
             logprobs: None,
             prompt_logprobs: None,
@@ -369,7 +431,9 @@ pub async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> OResult<Re
     let arrival = Instant::now();
     let req: ChatRequest = parse_json(&body)?;
     check(&state, &req.model)?;
-    let think = think_flag(req.think)?;
+    gen::check_fields(&req.extra, REQUEST_IGNORED, "")?;
+    check_format(&req.format)?;
+    let (think, budget) = think_flag(req.think)?;
     if req.messages.is_empty() {
         // Ollama answers an empty chat by loading the model.
         return Ok(Json(json!({
@@ -384,7 +448,7 @@ pub async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> OResult<Re
     let prompt =
         state.model.render(&messages, tools, think, Map::new()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let (sp, _) = params(&state, prompt.thinking, req.options.unwrap_or_default(), prompt.ids.len())?;
-    let run = submit_one(&state, &prompt, sp, parse_tools, arrival)?;
+    let run = submit_one(&state, &prompt, sp, parse_tools, budget, arrival)?;
     Ok(respond(state.clone(), run, req.stream != Some(false), arrival, true, chat_shape, None).await)
 }
 
@@ -392,7 +456,9 @@ pub async fn generate(State(state): State<Arc<AppState>>, body: Bytes) -> OResul
     let arrival = Instant::now();
     let req: GenerateRequest = parse_json(&body)?;
     check(&state, &req.model)?;
-    let think = think_flag(req.think)?;
+    gen::check_fields(&req.extra, REQUEST_IGNORED, "")?;
+    check_format(&req.format)?;
+    let (think, budget) = think_flag(req.think)?;
     if req.images.as_ref().is_some_and(|v| !v.is_empty()) {
         return Err(ApiError::bad_request("images are not supported by this model").into());
     }
@@ -415,7 +481,7 @@ pub async fn generate(State(state): State<Arc<AppState>>, body: Bytes) -> OResul
         state.model.render(&msgs, None, think, Map::new()).map_err(|e| ApiError::bad_request(e.to_string()))?
     };
     let (sp, _) = params(&state, prompt.thinking, req.options.unwrap_or_default(), prompt.ids.len())?;
-    let run = submit_one(&state, &prompt, sp, false, arrival)?;
+    let run = submit_one(&state, &prompt, sp, false, budget, arrival)?;
     let ctx = Some(prompt.ids.clone());
     Ok(respond(state.clone(), run, req.stream != Some(false), arrival, true, generate_shape, ctx).await)
 }
@@ -434,7 +500,7 @@ fn details(state: &AppState) -> Value {
     };
     json!({
         "parent_model": "",
-        "format": "safetensors",
+        "format": if state.model.dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) { "gguf" } else { "safetensors" },
         "family": "qwen3",
         "families": ["qwen3"],
         "parameter_size": size,

@@ -32,6 +32,7 @@ macro_rules! sampling_fields {
             seed: $req.seed,
             stop: $req.stop.map(Stop::into_vec).unwrap_or_default(),
             stop_token_ids: $req.stop_token_ids.unwrap_or_default(),
+            logit_bias: $req.logit_bias,
         }
     };
 }
@@ -196,6 +197,8 @@ pub struct ChatRequest {
     #[serde(default)]
     pub stop_token_ids: Option<Vec<u32>>,
     #[serde(default)]
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    #[serde(default)]
     pub n: Option<u64>,
     #[serde(default)]
     pub logprobs: Option<bool>,
@@ -205,6 +208,34 @@ pub struct ChatRequest {
     pub chat_template_kwargs: Option<Map<String, Value>>,
     #[serde(default)]
     pub max_thinking_tokens: Option<u64>,
+    /// Effort levels as thinking budgets (see [`gen::effort_budget`]).
+    #[serde(default)]
+    pub reasoning_effort: Option<String>,
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    /// Every other field: accepted only when listed in [`CHAT_IGNORED`].
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// Chat request fields accepted and ignored (they change nothing here).
+pub const CHAT_IGNORED: &[&str] = &["user", "store", "metadata", "service_tier", "parallel_tool_calls"];
+
+/// Completion request fields accepted and ignored.
+pub const COMPLETION_IGNORED: &[&str] = &["user"];
+
+/// `response_format`: plain text is what the model writes; constrained formats are refused with
+/// a message rather than ignored.
+fn check_response_format(v: &Option<Value>) -> Result<(), ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(()),
+        Some(f) if f.get("type").and_then(Value::as_str) == Some("text") => Ok(()),
+        Some(f) => {
+            let t = f.get("type").map(|t| t.to_string()).unwrap_or_else(|| f.to_string());
+            Err(ApiError::bad_request(format!("response_format of type {t} is not supported"))
+                .with_param("response_format"))
+        }
+    }
 }
 
 /// Checks `model` against the served model (absent means the served one).
@@ -337,7 +368,20 @@ fn tool_calls_json(calls: &[qwick_chat::ParsedToolCall], first_index: usize, str
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    let req: ChatRequest = parse_json(&body)?;
+    let mut req: ChatRequest = parse_json(&body)?;
+    gen::check_fields(&req.extra, CHAT_IGNORED, "")?;
+    check_response_format(&req.response_format)?;
+    if let Some(level) = req.reasoning_effort.take() {
+        // An explicit max_thinking_tokens wins over the level.
+        match (gen::effort_budget(&level, "reasoning_effort")?, req.max_thinking_tokens) {
+            (_, Some(_)) => {}
+            (Some(n), None) => req.max_thinking_tokens = Some(n as u64),
+            (None, None) => {
+                let kw = req.chat_template_kwargs.get_or_insert_with(Map::new);
+                kw.entry("enable_thinking").or_insert(Value::Bool(true));
+            }
+        }
+    }
     check_model(&state, req.model.as_deref())?;
     let n = req.n.unwrap_or(1);
     if n == 0 || n > MAX_N {
@@ -377,7 +421,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     let max_param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     let max_tokens = fit_limit(&state, prompt.ids.len(), req.max_completion_tokens.or(req.max_tokens), max_param)?;
     let fields = sampling_fields!(req);
-    let mut sp = gen::sampling(model.gen_config.sampling_params(prompt.thinking), &fields)?;
+    let mut sp = gen::sampling(model.gen_config.sampling_params(prompt.thinking), &fields, model.config.vocab_size)?;
     sp.max_tokens = Some(max_tokens);
     let budget = match req.max_thinking_tokens {
         Some(t) if t > 0 && plan.prefill.is_none() => {
@@ -624,6 +668,8 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub stop_token_ids: Option<Vec<u32>>,
     #[serde(default)]
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    #[serde(default)]
     pub n: Option<u64>,
     #[serde(default)]
     pub logprobs: Option<u64>,
@@ -632,6 +678,9 @@ pub struct CompletionRequest {
     /// Generate past end-of-sequence tokens (for benchmarks).
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// Every other field: accepted only when listed in [`COMPLETION_IGNORED`].
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// Default `max_tokens` of `/v1/completions`, as in OpenAI's API.
@@ -703,6 +752,7 @@ fn completion_logprobs(state: &AppState, toks: &[OutToken], offset0: usize) -> V
 pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     let req: CompletionRequest = parse_json(&body)?;
+    gen::check_fields(&req.extra, COMPLETION_IGNORED, "")?;
     check_model(&state, req.model.as_deref())?;
     let echo = req.echo == Some(true);
     let n = req.n.unwrap_or(1);
@@ -755,7 +805,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
         vec![]
     };
     let fields = sampling_fields!(req);
-    let base = gen::sampling(model.gen_config.sampling_params(false), &fields)?;
+    let base = gen::sampling(model.gen_config.sampling_params(false), &fields, model.config.vocab_size)?;
     let max_tokens = req.max_tokens.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS);
     let mut jobs = vec![];
     for p in &prompts {
