@@ -38,7 +38,9 @@ fn tokens_of(dir: &Path) -> String {
 /// Runs `logits` expecting failure: non-zero exit, one `error:` line containing `needle`,
 /// no panic, and no output file.
 fn expect_error(model: &Path, tokens: &str, needle: &str) {
-    let out_dir = scratch("err-out");
+    // A folder of its own: tests run in parallel.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let out_dir = scratch(&format!("err-out-{}", CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     let out = out_dir.join("x.npy");
     let o = qwick(&["logits", "--model", model.to_str().unwrap(), "--tokens", tokens, "--out", out.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
