@@ -10,7 +10,10 @@
 //! - [`GenerationConfig`]: `generation_config.json` and Qwen's recommended sampling presets.
 //! - [`hub`]: where a model folder comes from (a path, or the Hugging Face cache / Hub).
 //! - [`ModelText`]: all of the above for a model folder or a GGUF file.
+//! - [`Grammars`]: structured output (JSON schemas, regexes, choices, Lark grammars) as token
+//!   constraints.
 
+mod constraint;
 mod error;
 mod generation;
 pub mod hub;
@@ -21,6 +24,7 @@ mod template;
 mod tokenizer;
 mod tools;
 
+pub use constraint::{Grammars, OutputFormat};
 pub use error::{ChatError, Result};
 pub use generation::GenerationConfig;
 pub use model_text::{ModelText, TextSource};

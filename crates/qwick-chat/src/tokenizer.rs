@@ -113,6 +113,11 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special).map_err(tok_err)
     }
 
+    /// Ids of the special tokens (`<|im_end|>`, ...; not `<think>`, an added token).
+    pub fn special_ids(&self) -> std::collections::HashSet<u32> {
+        self.inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect()
+    }
+
     /// Id of a token given by its exact text (e.g. `"<|im_end|>"`), if it is in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

@@ -988,7 +988,7 @@ fn every_request_field_is_honoured_or_refused() {
     assert!(body["error"]["message"].as_str().unwrap().contains("frobnicate"), "{body}");
     assert_eq!(chat(json!({"user": "u1", "store": false, "parallel_tool_calls": true})).0, 200);
     assert_eq!(chat(json!({"response_format": {"type": "text"}})).0, 200);
-    let (code, body) = chat(json!({"response_format": {"type": "json_object"}}));
+    let (code, body) = chat(json!({"response_format": {"type": "xml"}}));
     assert_eq!((code, body["error"]["param"].as_str()), (400, Some("response_format")), "{body}");
     let (code, body) = chat(json!({"reasoning_effort": "extreme"}));
     assert_eq!((code, body["error"]["param"].as_str()), (400, Some("reasoning_effort")), "{body}");
@@ -1020,6 +1020,62 @@ fn every_request_field_is_honoured_or_refused() {
     let (code, body) = ollama(json!({"options": {"mirostat": 2}}));
     assert_eq!(code, 400, "{body}");
     assert!(body["error"].as_str().unwrap_or_default().contains("options.mirostat"), "{body}");
-    assert_eq!(ollama(json!({"format": "json"})).0, 400);
+    assert_eq!(ollama(json!({"format": 7})).0, 400);
     assert_eq!(ollama(json!({"think": "low", "options": {"num_predict": 2}})).0, 200);
+}
+
+/// Structured output checked by a JSON-schema validator through the official client (when the
+/// Python packages are installed): a nested schema with thinking off and after thinking, 50
+/// random schemas, a regex, a choice list, Ollama's `format`.
+#[test]
+fn structured_output_validates_against_its_schema() {
+    let ok = Command::new("python3")
+        .args(["-c", "import openai, jsonschema"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("skipped: the openai and jsonschema Python packages are not installed");
+        return;
+    }
+    let s = Server::start(&["--served-model-name", "tiny"]);
+    let out = Command::new("python3")
+        .arg(root().join("python/test_structured_output.py"))
+        .args(["--base-url", &s.url, "--model", "tiny"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains(" passed, 0 failed"), "{text}");
+    s.wait_idle();
+}
+
+/// Output formats the constraint engine cannot honour are a 400 naming what is not supported.
+#[test]
+fn unsupported_output_formats_are_refused_by_name() {
+    let s = Server::start(&[]);
+    let chat = |extra: Value| {
+        let mut b = short_chat(false);
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        s.post("/v1/chat/completions", &b)
+    };
+    let schema = json!({"type": "object", "if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]}});
+    let (code, body) =
+        chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}));
+    assert_eq!(code, 400, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("if") && msg.contains("then"), "{body}");
+    assert_eq!(body["error"]["param"], "response_format");
+    let (code, body) = chat(json!({"response_format": {"type": "json_object"}, "guided_regex": "a+"}));
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = chat(json!({"response_format": {"type": "yaml"}}));
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = chat(json!({"guided_grammar": "start: ("}));
+    assert_eq!((code, body["error"]["param"].as_str()), (400, Some("guided_grammar")), "{body}");
+    // A valid format: greedy output parses.
+    let (code, body) = chat(json!({"response_format": {"type": "json_object"}, "max_tokens": 200,
+                                   "chat_template_kwargs": {"enable_thinking": false},
+                                   "guided_json": null}));
+    assert_eq!(code, 200, "{body}");
 }

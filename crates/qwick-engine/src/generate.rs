@@ -25,7 +25,7 @@
 
 use crate::runner::{Logits, Runner, SeqId, Span};
 use anyhow::{anyhow, bail, Result};
-use qwick_sampler::{Sampler, SamplingParams};
+use qwick_sampler::{mask_logits, Sampler, SamplingParams, TokenConstraint};
 use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -122,6 +122,9 @@ enum Thinking {
 /// The generation state of one sequence: its sampler, output, limits and thinking budget.
 pub struct SeqGen {
     sampler: Sampler,
+    /// A constraint on the output, and the token after which it applies (`None`: from the start).
+    constraint: Option<(Box<dyn TokenConstraint>, Option<u32>)>,
+    constraint_active: bool,
     prompt: Vec<u32>,
     output: Vec<u32>,
     stop_ids: Vec<u32>,
@@ -164,6 +167,8 @@ impl SeqGen {
         };
         Ok(SeqGen {
             sampler,
+            constraint: None,
+            constraint_active: false,
             prompt: prompt.to_vec(),
             output: Vec::new(),
             stop_ids,
@@ -176,6 +181,21 @@ impl SeqGen {
             reasoning_tokens: 0,
             finish: None,
         })
+    }
+
+    /// Constrains the output by `c` from the start, or once token `after` has come (the end of
+    /// the reasoning: the model thinks freely, then answers under the constraint).
+    pub fn constrain(&mut self, c: Box<dyn TokenConstraint>, after: Option<u32>) {
+        self.constraint_active = after.is_none();
+        self.constraint = Some((c, after));
+        // A thinking budget's injected text ends at `</think>`: what follows is the answer's.
+        if let Some(b) = &mut self.budget {
+            for stop in [&mut b.stop_tokens, &mut b.stop_tokens_after_text] {
+                if let Some(end) = stop.iter().position(|&t| t == b.think_end) {
+                    stop.truncate(end + 1);
+                }
+            }
+        }
     }
 
     pub fn prompt(&self) -> &[u32] {
@@ -230,14 +250,29 @@ impl SeqGen {
     }
 
     /// Appends injected tokens (as many as the context allows); returns whether they all fit.
-    fn inject(&mut self, tokens: &[u32], out: &mut Vec<GenToken>) -> bool {
+    fn inject(&mut self, tokens: &[u32], out: &mut Vec<GenToken>) -> Result<bool> {
         let fit = tokens.len().min(self.room());
         for &t in &tokens[..fit] {
             self.output.push(t);
             out.push(GenToken { id: t, injected: true, reasoning: false });
+            self.constraint_step(t)?;
         }
         self.thinking = Thinking::Done;
-        fit == tokens.len()
+        Ok(fit == tokens.len())
+    }
+
+    /// Feeds an output token to the constraint (once it applies), or starts the constraint after
+    /// the token it waits for.
+    fn constraint_step(&mut self, id: u32) -> Result<()> {
+        let Some((c, after)) = &mut self.constraint else { return Ok(()) };
+        if self.constraint_active {
+            if self.stop_ids.binary_search(&id).is_err() {
+                c.consume(id).map_err(|e| anyhow!("output constraint: {e}"))?;
+            }
+        } else if *after == Some(id) {
+            self.constraint_active = true;
+        }
+        Ok(())
     }
 
     fn done(&mut self, tokens: Vec<GenToken>, finish: FinishReason) -> Decision {
@@ -254,14 +289,21 @@ impl SeqGen {
         let mut tokens = Vec::new();
         // A budget of 0: stop thinking before sampling anything.
         if let Some(inject) = self.budget_injection() {
-            if !self.inject(&inject, &mut tokens) || self.room() == 0 {
+            if !self.inject(&inject, &mut tokens)? || self.room() == 0 {
                 return Ok(self.done(tokens, FinishReason::Length));
             }
             return Ok(Decision { tokens, finish: None });
         }
+        if self.constraint_active {
+            if let Some((c, _)) = &mut self.constraint {
+                let allowed = c.allowed().map_err(|e| anyhow!("output constraint: {e}"))?;
+                mask_logits(logits, allowed);
+            }
+        }
         let id = self.sampler.sample(logits, &self.prompt, &self.output).map_err(|e| anyhow!("{e}"))?;
         self.sampled += 1;
         self.output.push(id);
+        self.constraint_step(id)?;
         let mut reasoning = false;
         if let Some(b) = &self.budget {
             match self.thinking {
@@ -285,7 +327,7 @@ impl SeqGen {
             return Ok(self.done(tokens, FinishReason::Length));
         }
         if let Some(inject) = self.budget_injection() {
-            if !self.inject(&inject, &mut tokens) || self.room() == 0 {
+            if !self.inject(&inject, &mut tokens)? || self.room() == 0 {
                 return Ok(self.done(tokens, FinishReason::Length));
             }
         }

@@ -7,11 +7,13 @@
 //! (below `1e-5`, as in vLLM) means greedy decoding: the arg-max after penalties, ties going to the
 //! lowest token id.
 
+mod constraint;
 mod params;
 mod rng;
 mod sampler;
 mod stop;
 
+pub use constraint::{mask_logits, TokenConstraint};
 pub use params::{SamplingError, SamplingParams};
 pub use rng::Rng;
 pub use sampler::{apply_penalties, logprobs, Sampler, TokenLogprobs};

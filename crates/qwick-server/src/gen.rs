@@ -174,6 +174,35 @@ pub struct Job {
     pub logprobs: Option<usize>,
     /// Also compute the prompt's logprobs, with this many alternatives.
     pub prompt_logprobs: Option<usize>,
+    /// A constraint on the output, applied after the given token (the end of the reasoning) or
+    /// from the start.
+    pub constraint: Option<OutputConstraint>,
+}
+
+/// A constraint and the token after which it applies (`None`: from the start).
+pub type OutputConstraint = (Box<dyn qwick_sampler::TokenConstraint>, Option<u32>);
+
+/// The output constraint of a request with `format`: over the whole output, or after
+/// `</think>` when the answer starts with reasoning (the model thinks freely, then answers in
+/// the format). `n` constraints, one per choice.
+pub fn constraints(
+    state: &AppState,
+    format: Option<&qwick_chat::OutputFormat>,
+    thinking: bool,
+    n: usize,
+    param: &str,
+) -> Result<Vec<Option<OutputConstraint>>, ApiError> {
+    let Some(format) = format else { return Ok((0..n).map(|_| None).collect()) };
+    let grammars = state.model.grammars().map_err(|e| ApiError::internal(format!("structured output: {e}")))?;
+    let after = if thinking { state.model.tokenizer.token_id("</think>") } else { None };
+    (0..n)
+        .map(|_| {
+            grammars
+                .constraint(format)
+                .map(|c| Some((c, after)))
+                .map_err(|e| ApiError::bad_request(format!("{param}: {e}")).with_param(param.to_string()))
+        })
+        .collect()
 }
 
 /// `max_tokens` bounds every output token, the thinking budget's injected ones too (the engine
@@ -187,7 +216,10 @@ fn bound_context(job: &mut Job) {
 /// Submits a job; its events arrive on the returned channel.
 pub fn submit(state: &AppState, mut job: Job) -> Result<UnboundedReceiver<Event>, ApiError> {
     bound_context(&mut job);
-    let gen = SeqGen::new(&job.prompt, job.params).map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    let mut gen = SeqGen::new(&job.prompt, job.params).map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    if let Some((c, after)) = job.constraint {
+        gen.constrain(c, after);
+    }
     let (tx, rx) = unbounded_channel();
     let req = Request { gen, logprobs: job.logprobs };
     state.engine.submit_with(req, job.prompt_logprobs, Box::new(ChanSink(tx))).map_err(|e| match e {
@@ -204,7 +236,10 @@ pub fn submit_all(state: &AppState, jobs: Vec<Job>) -> Result<Vec<UnboundedRecei
     let mut gens = vec![];
     for mut job in jobs {
         bound_context(&mut job);
-        let gen = SeqGen::new(&job.prompt, job.params).map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+        let mut gen = SeqGen::new(&job.prompt, job.params).map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+        if let Some((c, after)) = job.constraint {
+            gen.constrain(c, after);
+        }
         gens.push((gen, job.logprobs, job.prompt_logprobs));
     }
     let mut out = vec![];

@@ -3,7 +3,8 @@
 
 use anyhow::Result;
 use qwick_chat::{
-    ChatMessage, ChatTemplate, GenerationConfig, ModelText, RenderOptions, TextSource, Tokenizer, THINKING_BUDGET_STOP,
+    ChatMessage, ChatTemplate, GenerationConfig, Grammars, ModelText, RenderOptions, TextSource, Tokenizer,
+    THINKING_BUDGET_STOP,
 };
 use qwick_engine::ThinkingBudget;
 use qwick_gguf::GgufFile;
@@ -30,6 +31,7 @@ pub struct ModelInfo {
     /// Unix time the server loaded the model.
     pub created: u64,
     newline_tokens: OnceLock<Arc<HashSet<u32>>>,
+    grammars: OnceLock<Result<Arc<Grammars>, String>>,
 }
 
 /// A rendered chat prompt.
@@ -91,6 +93,7 @@ impl ModelInfo {
             weight_bytes,
             created,
             newline_tokens: OnceLock::new(),
+            grammars: OnceLock::new(),
         })
     }
 
@@ -158,6 +161,16 @@ impl ModelInfo {
             stop_tokens_after_text: t.encode(&format!("\n{THINKING_BUDGET_STOP}"), false).ok()?,
             newline_tokens,
         })
+    }
+
+    /// Structured output over this model's tokenizer (built on first use).
+    pub fn grammars(&self) -> Result<Arc<Grammars>, String> {
+        self.grammars
+            .get_or_init(|| {
+                let eos = self.tokenizer.token_id("<|im_end|>").or_else(|| self.eos.first().copied()).unwrap_or(0);
+                Grammars::new(&self.tokenizer, self.config.vocab_size, eos).map(Arc::new).map_err(|e| e.to_string())
+            })
+            .clone()
     }
 
     /// Whether the template knows tools (for Ollama's capabilities).

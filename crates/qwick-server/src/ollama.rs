@@ -103,12 +103,18 @@ const OPTIONS_IGNORED: &[&str] = &[
 /// runs).
 const REQUEST_IGNORED: &[&str] = &["keep_alive"];
 
-/// Ollama's `format`: structured output is refused with a message rather than ignored.
-fn check_format(v: &Option<Value>) -> Result<(), ApiError> {
+/// Ollama's `format`: `"json"` (any JSON value... an object here, as Ollama's models answer)
+/// or a JSON schema.
+fn output_format(v: &Option<Value>) -> Result<Option<qwick_chat::OutputFormat>, ApiError> {
     match v {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(s)) if s.is_empty() => Ok(()),
-        Some(f) => Err(ApiError::bad_request(format!("format {f} is not supported")).with_param("format")),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s == "json" => Ok(Some(qwick_chat::OutputFormat::JsonObject)),
+        Some(Value::Object(_)) => Ok(Some(qwick_chat::OutputFormat::JsonSchema(v.clone().unwrap_or_default()))),
+        Some(f) => {
+            Err(ApiError::bad_request(format!("format must be \"json\" or a JSON schema, not {f}"))
+                .with_param("format"))
+        }
     }
 }
 
@@ -391,14 +397,17 @@ fn to_messages(msgs: Vec<OllamaMessage>) -> Result<Vec<ChatMessage>, ApiError> {
     Ok(out)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn submit_one(
     state: &Arc<AppState>,
     prompt: &crate::Prompt,
     sp: qwick_engine::SamplingParams,
     parse_tools: bool,
     budget: Option<usize>,
+    format: Option<&qwick_chat::OutputFormat>,
     arrival: Instant,
 ) -> Result<ChoiceRun, ApiError> {
+    let constraint = gen::constraints(state, format, prompt.thinking, 1, "format")?.pop().flatten();
     let model = &state.model;
     let stops = sp.stop.clone();
     let thinking = match budget {
@@ -421,6 +430,7 @@ fn submit_one(
             },
             logprobs: None,
             prompt_logprobs: None,
+            constraint,
         },
     )?;
     let pipe = TextPipe::new(&model.tokenizer, &stops, Some(prompt.starts_in_thinking), parse_tools);
@@ -432,7 +442,7 @@ pub async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> OResult<Re
     let req: ChatRequest = parse_json(&body)?;
     check(&state, &req.model)?;
     gen::check_fields(&req.extra, REQUEST_IGNORED, "")?;
-    check_format(&req.format)?;
+    let format = output_format(&req.format)?;
     let (think, budget) = think_flag(req.think)?;
     if req.messages.is_empty() {
         // Ollama answers an empty chat by loading the model.
@@ -448,7 +458,7 @@ pub async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> OResult<Re
     let prompt =
         state.model.render(&messages, tools, think, Map::new()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let (sp, _) = params(&state, prompt.thinking, req.options.unwrap_or_default(), prompt.ids.len())?;
-    let run = submit_one(&state, &prompt, sp, parse_tools, budget, arrival)?;
+    let run = submit_one(&state, &prompt, sp, parse_tools, budget, format.as_ref(), arrival)?;
     Ok(respond(state.clone(), run, req.stream != Some(false), arrival, true, chat_shape, None).await)
 }
 
@@ -457,7 +467,7 @@ pub async fn generate(State(state): State<Arc<AppState>>, body: Bytes) -> OResul
     let req: GenerateRequest = parse_json(&body)?;
     check(&state, &req.model)?;
     gen::check_fields(&req.extra, REQUEST_IGNORED, "")?;
-    check_format(&req.format)?;
+    let format = output_format(&req.format)?;
     let (think, budget) = think_flag(req.think)?;
     if req.images.as_ref().is_some_and(|v| !v.is_empty()) {
         return Err(ApiError::bad_request("images are not supported by this model").into());
@@ -481,7 +491,7 @@ pub async fn generate(State(state): State<Arc<AppState>>, body: Bytes) -> OResul
         state.model.render(&msgs, None, think, Map::new()).map_err(|e| ApiError::bad_request(e.to_string()))?
     };
     let (sp, _) = params(&state, prompt.thinking, req.options.unwrap_or_default(), prompt.ids.len())?;
-    let run = submit_one(&state, &prompt, sp, false, budget, arrival)?;
+    let run = submit_one(&state, &prompt, sp, false, budget, format.as_ref(), arrival)?;
     let ctx = Some(prompt.ids.clone());
     Ok(respond(state.clone(), run, req.stream != Some(false), arrival, true, generate_shape, ctx).await)
 }

@@ -213,6 +213,22 @@ pub struct ChatRequest {
     pub reasoning_effort: Option<String>,
     #[serde(default)]
     pub response_format: Option<Value>,
+    /// Structured output in the spellings of other servers (vLLM, llama.cpp): see
+    /// [`output_format`].
+    #[serde(default)]
+    pub guided_json: Option<Value>,
+    #[serde(default)]
+    pub guided_regex: Option<String>,
+    #[serde(default)]
+    pub guided_choice: Option<Vec<String>>,
+    #[serde(default)]
+    pub guided_grammar: Option<String>,
+    #[serde(default)]
+    pub structured_outputs: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub json_schema: Option<Value>,
+    #[serde(default)]
+    pub grammar: Option<String>,
     /// Every other field: accepted only when listed in [`CHAT_IGNORED`].
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -224,18 +240,90 @@ pub const CHAT_IGNORED: &[&str] = &["user", "store", "metadata", "service_tier",
 /// Completion request fields accepted and ignored.
 pub const COMPLETION_IGNORED: &[&str] = &["user"];
 
-/// `response_format`: plain text is what the model writes; constrained formats are refused with
-/// a message rather than ignored.
-fn check_response_format(v: &Option<Value>) -> Result<(), ApiError> {
-    match v {
-        None | Some(Value::Null) => Ok(()),
-        Some(f) if f.get("type").and_then(Value::as_str) == Some("text") => Ok(()),
-        Some(f) => {
-            let t = f.get("type").map(|t| t.to_string()).unwrap_or_else(|| f.to_string());
-            Err(ApiError::bad_request(format!("response_format of type {t} is not supported"))
-                .with_param("response_format"))
+/// The output format a request asks for, in any of the spellings clients use: OpenAI's
+/// `response_format` (`json_object`, `json_schema`), vLLM's `guided_json|regex|choice|grammar`
+/// and `structured_outputs`, llama.cpp's `json_schema` and `grammar` (Lark). At most one.
+macro_rules! output_format {
+    ($req:expr) => {{
+        let r = &$req;
+        let mut found: Vec<(&str, qwick_chat::OutputFormat)> = vec![];
+        match &r.response_format {
+            None | Some(Value::Null) => {}
+            Some(f) => match f.get("type").and_then(Value::as_str) {
+                Some("text") => {}
+                Some("json_object") => found.push(("response_format", qwick_chat::OutputFormat::JsonObject)),
+                Some("json_schema") => {
+                    let schema = f.get("json_schema").and_then(|j| j.get("schema")).cloned().ok_or_else(|| {
+                        ApiError::bad_request("response_format.json_schema.schema is required")
+                            .with_param("response_format")
+                    })?;
+                    found.push(("response_format", qwick_chat::OutputFormat::JsonSchema(schema)));
+                }
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "response_format.type must be \"text\", \"json_object\" or \"json_schema\", not {}",
+                        f.get("type").unwrap_or(&Value::Null)
+                    ))
+                    .with_param("response_format"))
+                }
+            },
         }
-    }
+        let schema = |v: &Value, param: &'static str| -> Result<qwick_chat::OutputFormat, ApiError> {
+            match v {
+                Value::String(s) => serde_json::from_str(s)
+                    .map(qwick_chat::OutputFormat::JsonSchema)
+                    .map_err(|e| ApiError::bad_request(format!("{param}: not a JSON schema: {e}")).with_param(param)),
+                Value::Object(_) => Ok(qwick_chat::OutputFormat::JsonSchema(v.clone())),
+                _ => Err(ApiError::bad_request(format!("{param} must be a JSON schema")).with_param(param)),
+            }
+        };
+        if let Some(v) = &r.guided_json {
+            found.push(("guided_json", schema(v, "guided_json")?));
+        }
+        if let Some(v) = &r.json_schema {
+            found.push(("json_schema", schema(v, "json_schema")?));
+        }
+        if let Some(v) = &r.guided_regex {
+            found.push(("guided_regex", qwick_chat::OutputFormat::Regex(v.clone())));
+        }
+        if let Some(v) = &r.guided_choice {
+            found.push(("guided_choice", qwick_chat::OutputFormat::Choice(v.clone())));
+        }
+        for (param, g) in [("guided_grammar", &r.guided_grammar), ("grammar", &r.grammar)] {
+            if let Some(g) = g {
+                found.push((param, qwick_chat::OutputFormat::Lark(g.clone())));
+            }
+        }
+        if let Some(so) = &r.structured_outputs {
+            for (k, v) in so {
+                let f = match (k.as_str(), v) {
+                    ("json", v) => schema(v, "structured_outputs.json")?,
+                    ("regex", Value::String(s)) => qwick_chat::OutputFormat::Regex(s.clone()),
+                    ("grammar", Value::String(s)) => qwick_chat::OutputFormat::Lark(s.clone()),
+                    ("choice", Value::Array(a)) => qwick_chat::OutputFormat::Choice(
+                        a.iter().map(|c| c.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(
+                            || {
+                                ApiError::bad_request("structured_outputs.choice must be a list of strings")
+                                    .with_param("structured_outputs.choice")
+                            },
+                        )?,
+                    ),
+                    _ => {
+                        return Err(ApiError::bad_request(format!("unsupported field structured_outputs.{k}"))
+                            .with_param(format!("structured_outputs.{k}")))
+                    }
+                };
+                found.push(("structured_outputs", f));
+            }
+        }
+        if found.len() > 1 {
+            return Err(ApiError::bad_request(format!(
+                "give one output format, not {}",
+                found.iter().map(|f| f.0).collect::<Vec<_>>().join(" and ")
+            )));
+        }
+        found.pop()
+    }};
 }
 
 /// Checks `model` against the served model (absent means the served one).
@@ -370,7 +458,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     let arrival = Instant::now();
     let mut req: ChatRequest = parse_json(&body)?;
     gen::check_fields(&req.extra, CHAT_IGNORED, "")?;
-    check_response_format(&req.response_format)?;
+    let format = output_format!(req);
     if let Some(level) = req.reasoning_effort.take() {
         // An explicit max_thinking_tokens wins over the level.
         match (gen::effort_budget(&level, "reasoning_effort")?, req.max_thinking_tokens) {
@@ -433,6 +521,14 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
         _ => None,
     };
     let stops = sp.stop.clone();
+    let mut constraints = gen::constraints(
+        &state,
+        format.as_ref().map(|f| &f.1),
+        prompt.thinking,
+        n as usize,
+        format.as_ref().map_or("", |f| f.0),
+    )?
+    .into_iter();
     let jobs: Vec<Job> = (0..n)
         .map(|i| {
             let mut s = sp.clone();
@@ -447,6 +543,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
                 },
                 logprobs,
                 prompt_logprobs: None,
+                constraint: constraints.next().flatten(),
             }
         })
         .collect();
@@ -678,6 +775,24 @@ pub struct CompletionRequest {
     /// Generate past end-of-sequence tokens (for benchmarks).
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    /// Structured output in the spellings of other servers (vLLM, llama.cpp): see
+    /// [`output_format`].
+    #[serde(default)]
+    pub guided_json: Option<Value>,
+    #[serde(default)]
+    pub guided_regex: Option<String>,
+    #[serde(default)]
+    pub guided_choice: Option<Vec<String>>,
+    #[serde(default)]
+    pub guided_grammar: Option<String>,
+    #[serde(default)]
+    pub structured_outputs: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub json_schema: Option<Value>,
+    #[serde(default)]
+    pub grammar: Option<String>,
     /// Every other field: accepted only when listed in [`COMPLETION_IGNORED`].
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -753,6 +868,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let arrival = Instant::now();
     let req: CompletionRequest = parse_json(&body)?;
     gen::check_fields(&req.extra, COMPLETION_IGNORED, "")?;
+    let format = output_format!(req);
     check_model(&state, req.model.as_deref())?;
     let echo = req.echo == Some(true);
     let n = req.n.unwrap_or(1);
@@ -808,6 +924,14 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let base = gen::sampling(model.gen_config.sampling_params(false), &fields, model.config.vocab_size)?;
     let max_tokens = req.max_tokens.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS);
     let mut jobs = vec![];
+    let mut constraints = gen::constraints(
+        &state,
+        format.as_ref().map(|f| &f.1),
+        false,
+        prompts.len() * n as usize,
+        format.as_ref().map_or("", |f| f.0),
+    )?
+    .into_iter();
     for p in &prompts {
         let limit = fit_limit(&state, p.len(), Some(max_tokens), "max_tokens")?;
         for i in 0..n {
@@ -824,6 +948,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
                 },
                 logprobs,
                 prompt_logprobs: prompt_lps,
+                constraint: constraints.next().flatten(),
             });
         }
     }
