@@ -49,6 +49,13 @@ pub struct ServeArgs {
     /// Turn automatic prefix caching off.
     #[arg(long)]
     no_prefix_caching: bool,
+    /// Browser origins allowed to call the API from their pages (CORS), comma-separated, or `*`;
+    /// none by default.
+    #[arg(long, value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// Include request bodies (prompts) in the request log on stderr.
+    #[arg(long)]
+    log_prompts: bool,
     /// Largest request body, in MB.
     #[arg(long, default_value_t = 8.0)]
     max_body_mb: f64,
@@ -112,6 +119,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             prefix_caching: !a.no_prefix_caching,
         },
         body_limit: (a.max_body_mb * 1e6) as usize,
+        allowed_origins: a.allowed_origins.iter().map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect(),
+        log_prompts: a.log_prompts,
         handle_signals: true,
         shutdown_grace: Duration::from_secs(10),
     };

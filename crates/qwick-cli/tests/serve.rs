@@ -1079,3 +1079,43 @@ fn unsupported_output_formats_are_refused_by_name() {
                                    "guided_json": null}));
     assert_eq!(code, 200, "{body}");
 }
+
+/// CORS is off unless `--allowed-origins` names the origin; request logs name method, path and
+/// status, and carry prompts only with `--log-prompts`.
+#[test]
+fn cors_and_request_logs() {
+    let acao = |s: &Server, method: &str, origin: &str| -> (u16, Option<String>) {
+        let req = Server::agent().request(method, &format!("{}/v1/models", s.url)).set("Origin", origin);
+        match req.call() {
+            Ok(r) => (r.status(), r.header("Access-Control-Allow-Origin").map(str::to_string)),
+            Err(ureq::Error::Status(c, r)) => (c, r.header("Access-Control-Allow-Origin").map(str::to_string)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let s = Server::start(&[]);
+    assert_eq!(acao(&s, "GET", "http://example.com").1, None);
+    let (code, h) = acao(&s, "OPTIONS", "http://example.com");
+    assert!(code >= 400 && h.is_none(), "{code} {h:?}");
+    let secret = "the-secret-prompt-42";
+    let body = json!({"messages": [{"role": "user", "content": secret}], "max_tokens": 2, "temperature": 0});
+    assert_eq!(s.post("/v1/chat/completions", &body).0, 200);
+    let t0 = Instant::now();
+    while !s.stderr.lock().unwrap().contains("POST /v1/chat/completions 200") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no request log: {}", s.stderr.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!s.stderr.lock().unwrap().contains(secret), "the prompt went into the log");
+    drop(s);
+
+    let s = Server::start(&["--allowed-origins", "http://example.com,http://other.org", "--log-prompts"]);
+    assert_eq!(acao(&s, "GET", "http://example.com"), (200, Some("http://example.com".into())));
+    let (code, h) = acao(&s, "OPTIONS", "http://other.org");
+    assert_eq!((code, h.as_deref()), (204, Some("http://other.org")));
+    assert_eq!(acao(&s, "GET", "http://evil.net").1, None);
+    assert_eq!(s.post("/v1/chat/completions", &body).0, 200);
+    let t0 = Instant::now();
+    while !s.stderr.lock().unwrap().contains(secret) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "--log-prompts logged no prompt");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -48,6 +48,10 @@ pub struct ServeOptions {
     pub scheduler: SchedulerConfig,
     /// Largest request body in bytes.
     pub body_limit: usize,
+    /// Origins whose pages may call the API (CORS); `*` for any; empty: no CORS headers.
+    pub allowed_origins: Vec<String>,
+    /// Request bodies (prompts) go into the request log too.
+    pub log_prompts: bool,
     /// Stop on SIGINT / SIGTERM.
     pub handle_signals: bool,
     /// After a shutdown signal, how long requests in flight may go on before they are ended.
@@ -63,6 +67,8 @@ impl Default for ServeOptions {
             max_model_len: None,
             scheduler: SchedulerConfig::default(),
             body_limit: 8 << 20,
+            allowed_origins: Vec::new(),
+            log_prompts: false,
             handle_signals: false,
             shutdown_grace: Duration::from_secs(10),
         }
@@ -77,6 +83,8 @@ pub struct AppState {
     pub max_model_len: usize,
     pub api_key: Option<String>,
     pub body_limit: usize,
+    pub allowed_origins: Vec<String>,
+    pub log_prompts: bool,
     pub started: Instant,
 }
 
@@ -102,10 +110,31 @@ async fn metrics_route(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
-/// Checks the API key, limits the body, and counts responses by status.
+/// Checks the API key, limits the body, answers CORS, counts responses by status, and logs
+/// each request (method, path, status, time; the body only with `log_prompts`).
 async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let resp = guarded(&state, req, next).await;
+    let t0 = Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let origin = req.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()).map(str::to_string);
+    let allowed = origin
+        .as_deref()
+        .filter(|o| state.allowed_origins.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(o.trim_end_matches('/'))));
+    let mut resp = match (&method, allowed) {
+        // A preflight from an allowed origin: no key needed, nothing run.
+        (&axum::http::Method::OPTIONS, Some(_)) => StatusCode::NO_CONTENT.into_response(),
+        _ => guarded(&state, req, next).await,
+    };
+    if let Some(o) = allowed.and_then(|o| HeaderValue::from_str(o).ok()) {
+        let h = resp.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("Authorization, Content-Type"));
+    }
     state.metrics.request(resp.status().as_u16());
+    if path != "/health" && path != "/metrics" {
+        eprintln!("qwick: {method} {path} {} {:.0} ms", resp.status().as_u16(), t0.elapsed().as_secs_f64() * 1e3);
+    }
     resp
 }
 
@@ -143,6 +172,9 @@ async fn guarded(state: &AppState, req: Request, next: Next) -> Response {
         Ok(b) => b,
         Err(_) => return too_big().into_response(),
     };
+    if state.log_prompts && !bytes.is_empty() {
+        eprintln!("qwick: {} {} body: {}", parts.method, parts.uri.path(), String::from_utf8_lossy(&bytes));
+    }
     next.run(Request::from_parts(parts, Body::from(bytes))).await
 }
 
@@ -290,6 +322,8 @@ pub fn start(
         max_model_len,
         api_key: opts.api_key.clone().filter(|k| !k.is_empty()),
         body_limit: opts.body_limit,
+        allowed_origins: opts.allowed_origins.clone(),
+        log_prompts: opts.log_prompts,
         started: Instant::now(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
