@@ -110,6 +110,9 @@ async fn metrics_route(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
+/// The largest oversized body read before answering 413 (larger ones are refused unread).
+const DRAIN_LIMIT: u64 = 64 << 20;
+
 /// Checks the API key, limits the body, answers CORS, counts responses by status, and logs
 /// each request (method, path, status, time; the body only with `log_prompts`).
 async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -165,6 +168,13 @@ async fn guarded(state: &AppState, req: Request, next: Next) -> Response {
     };
     if let Some(len) = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
         if len > state.body_limit as u64 {
+            // Read (and drop) what the client sends, within reason, so that it gets to read the
+            // answer instead of a broken connection.
+            if len <= DRAIN_LIMIT {
+                use futures_util::StreamExt;
+                let mut stream = body.into_data_stream();
+                while let Some(Ok(_)) = stream.next().await {}
+            }
             return too_big().into_response();
         }
     }
