@@ -437,7 +437,7 @@ fn bad_requests_get_json_errors_and_the_server_keeps_serving() {
 }
 
 #[test]
-fn api_key_guards_every_route_but_health() {
+fn api_key_guards_every_route_but_health_and_the_page() {
     let s = Server::start_env(&[], &[("QWICK_API_KEY", "sekret")]);
     let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).to_string();
     let (code, r) = s.post_raw("/v1/chat/completions", &body, None);
@@ -450,6 +450,7 @@ fn api_key_guards_every_route_but_health() {
     assert_eq!(s.get("/api/tags", None).0, 401);
     assert_eq!(s.get("/v1/models", Some("sekret")).0, 200);
     assert_eq!(s.get("/health", None).0, 200);
+    assert_eq!(s.get("/", None).0, 200);
     drop(s);
     // --api-key on the command line.
     let s = Server::start(&["--api-key", "k2"]);
@@ -1118,4 +1119,29 @@ fn cors_and_request_logs() {
         assert!(t0.elapsed() < Duration::from_secs(10), "--log-prompts logged no prompt");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The chat page at `/`, driven in headless Chromium (python/test_chat_page.py) on a server with
+/// an API key: the page itself loads without the key, its API calls carry the one the user enters.
+#[test]
+fn chat_page_in_headless_chromium() {
+    let browser = ["/usr/bin/chromium", "/usr/bin/chromedriver"].iter().all(|p| std::path::Path::new(p).exists());
+    let selenium =
+        Command::new("python3").args(["-c", "import selenium"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if !browser || !selenium {
+        eprintln!("skipped: chromium, chromium-driver or selenium is not installed (python/install-test-deps.sh)");
+        return;
+    }
+    let s = Server::start(&["--api-key", "page-key"]);
+    let (code, html) = s.get("/", None);
+    assert_eq!(code, 200);
+    assert!(html.contains("<title>qwick</title>"), "{html}");
+    let out = Command::new("timeout")
+        .args(["300", "python3"])
+        .arg(root().join("python/test_chat_page.py"))
+        .args(["--url", &s.url, "--api-key", "page-key"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("chat page: ok"), "{text}");
 }

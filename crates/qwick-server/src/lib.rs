@@ -152,7 +152,8 @@ fn key_ok(expected: &str, header: Option<&HeaderValue>) -> bool {
 
 async fn guarded(state: &AppState, req: Request, next: Next) -> Response {
     if let Some(key) = &state.api_key {
-        if req.uri().path() != "/health" && !key_ok(key, req.headers().get(header::AUTHORIZATION)) {
+        let open = matches!(req.uri().path(), "/health" | "/");
+        if !open && !key_ok(key, req.headers().get(header::AUTHORIZATION)) {
             return ApiError::unauthorized().into_response();
         }
     }
@@ -188,9 +189,16 @@ async fn guarded(state: &AppState, req: Request, next: Next) -> Response {
     next.run(Request::from_parts(parts, Body::from(bytes))).await
 }
 
+/// The chat page, embedded in the binary. It holds no data; its API calls carry the key the
+/// user enters (the same `Authorization` as any client).
+async fn page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("page.html")).into_response()
+}
+
 /// The routes.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(page))
         .route("/health", get(health))
         .route("/metrics", get(metrics_route))
         .route("/v1/models", get(openai::models))
