@@ -25,6 +25,56 @@ pub enum OutputFormat {
     Lark(String),
 }
 
+/// JSON may be laid out freely, but with at most a few whitespace characters between two tokens
+/// of it: a model cannot stall in whitespace forever.
+fn bounded_whitespace(mut schema: Value) -> Value {
+    if let Some(o) = schema.as_object_mut() {
+        o.entry("x-guidance").or_insert_with(
+            || serde_json::json!({"whitespace_flexible": true, "whitespace_pattern": "[ \\t\\n\\r]{0,32}"}),
+        );
+    }
+    schema
+}
+
+impl OutputFormat {
+    /// The rest of a forced tool call in Qwen3's format (`<tool_call>\n{"name": …, "arguments":
+    /// …}\n</tool_call>`), the arguments valid against the tool's `parameters` schema. `name:
+    /// None`: the prompt ends in `<tool_call>\n`, and calls to any of `tools` follow;
+    /// `Some(name)`: the prompt ends in `<tool_call>\n{"name": NAME, "arguments": `, and that
+    /// call is finished. `tools` are OpenAI tool definitions (`{"function": {"name",
+    /// "parameters"}}`). `parallel: false`: one call only.
+    pub fn tool_call(tools: &[Value], name: Option<&str>, parallel: bool) -> OutputFormat {
+        let lit = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let end = lit("}\n</tool_call>");
+        let mut g = String::new();
+        let mut calls = Vec::new();
+        for (i, t) in tools.iter().enumerate() {
+            let f = &t["function"];
+            let Some(n) = f["name"].as_str() else { continue };
+            if name.is_some_and(|want| want != n) {
+                continue;
+            }
+            let params = match &f["parameters"] {
+                Value::Null => serde_json::json!({"type": "object"}),
+                p => p.clone(),
+            };
+            g.push_str(&format!("args_{i}: %json {}\n", bounded_whitespace(params)));
+            let head = format!("{{\"name\": {}, \"arguments\": ", Value::String(n.to_string()));
+            calls.push(if name.is_some() {
+                format!("args_{i} {end}")
+            } else {
+                format!("{} args_{i} {end}", lit(&head))
+            });
+        }
+        let start = if name.is_some() || !parallel {
+            "start: call\n".to_string()
+        } else {
+            format!("start: call ({} call)*\n", lit("\n<tool_call>\n"))
+        };
+        OutputFormat::Lark(format!("{start}call: {}\n{g}", calls.join(" | ")))
+    }
+}
+
 /// Compiles output formats into constraints for one model's tokenizer (built once per model).
 pub struct Grammars {
     factory: Arc<ParserFactory>,
@@ -106,16 +156,7 @@ impl Grammars {
 
     /// A constraint for `format`; an error names what the format uses that is not supported.
     pub fn constraint(&self, format: &OutputFormat) -> std::result::Result<Box<dyn TokenConstraint>, String> {
-        // JSON may be laid out freely, but with at most a few whitespace characters between two
-        // tokens of it: a model cannot stall in whitespace forever.
-        let json = |mut schema: Value| {
-            if let Some(o) = schema.as_object_mut() {
-                o.entry("x-guidance").or_insert_with(
-                    || serde_json::json!({"whitespace_flexible": true, "whitespace_pattern": "[ \\t\\n\\r]{0,32}"}),
-                );
-            }
-            TopLevelGrammar::from_json_schema(schema)
-        };
+        let json = |schema: Value| TopLevelGrammar::from_json_schema(bounded_whitespace(schema));
         let grammar = match format {
             OutputFormat::JsonObject => json(serde_json::json!({"type": "object"})),
             OutputFormat::JsonSchema(s) => json(s.clone()),

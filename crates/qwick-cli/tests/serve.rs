@@ -795,9 +795,11 @@ fn completions_echo_the_prompt() {
 fn tool_choice_required_and_named_start_the_answer_with_a_call() {
     let s = Server::start(&[]);
     let messages = json!([{"role": "user", "content": "What is the weather in Paris, and what time is it?"}]);
+    // Arguments with a closed set of values, so that even random weights finish the call.
     let tool = |name: &str| {
         json!({"type": "function", "function": {"name": name, "description": "a tool",
-               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})
+               "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                              "required": ["city"], "additionalProperties": false}}})
     };
     let tools = json!([tool("get_weather"), tool("get_time")]);
     let tokenize = |body: Value| -> Vec<u32> {
@@ -819,32 +821,51 @@ fn tool_choice_required_and_named_start_the_answer_with_a_call() {
         // The prompt: the chat rendered without thinking, then the prefill's tokens.
         let mut prompt = tokenize(json!({"messages": messages, "tools": rendered, "chat_template_kwargs": no_think}));
         prompt.extend(tokenize(json!({"prompt": prefill})));
-        let (alone, _) = completion_text(&s, &prompt, 12);
-        // Thinking asked for or not, a forced call is prompted without it.
+        // Thinking asked for or not, a forced call is prompted without it; the arguments follow
+        // the tool's schema, so the call completes and parses.
+        let mut answers = vec![];
         for kwargs in [json!({}), json!({"enable_thinking": true})] {
-            let body = json!({"messages": messages, "tools": tools, "tool_choice": choice, "max_tokens": 12,
-                              "temperature": 0, "chat_template_kwargs": kwargs});
+            let body = json!({"messages": messages, "tools": tools, "tool_choice": choice, "max_tokens": 250,
+                              "temperature": 0, "chat_template_kwargs": kwargs, "parallel_tool_calls": false});
             let (code, r) = s.post("/v1/chat/completions", &body);
             assert_eq!(code, 200, "{r}");
             assert_eq!(r["usage"]["prompt_tokens"], prompt.len(), "{choice}");
             let c = &r["choices"][0];
             assert!(c["message"].get("reasoning_content").is_none(), "{r}");
-            match c["message"]["tool_calls"].as_array() {
-                // The random model completed a call: it is the named one, if one was named.
-                Some(calls) => {
-                    assert_eq!(c["finish_reason"], "tool_calls");
-                    if let Some(name) = choice["function"]["name"].as_str() {
-                        assert!(calls.iter().all(|t| t["function"]["name"] == name), "{r}");
-                    }
+            assert_eq!(c["finish_reason"], "tool_calls", "{r}");
+            let calls = c["message"]["tool_calls"].as_array().expect("tool calls");
+            assert_eq!(calls.len(), 1, "{r}");
+            for t in calls {
+                let name = t["function"]["name"].as_str().unwrap();
+                assert!(["get_weather", "get_time"].contains(&name), "{r}");
+                if let Some(want) = choice["function"]["name"].as_str() {
+                    assert_eq!(name, want, "{r}");
                 }
-                // It did not: the answer is the prefill and what the model wrote after it.
-                None => {
-                    assert_eq!(c["message"]["content"].as_str().unwrap(), format!("{prefill}{alone}"), "{choice}");
-                    assert!(c["finish_reason"] == "length" || c["finish_reason"] == "stop", "{r}");
-                }
+                let args: Value = serde_json::from_str(t["function"]["arguments"].as_str().unwrap()).unwrap();
+                let city = args["city"].as_str().unwrap_or_default();
+                assert!(["Paris", "Rome"].contains(&city) && args.as_object().unwrap().len() == 1, "{r}");
             }
+            answers.push(c["message"]["tool_calls"].clone());
         }
+        // Greedy under a constraint is deterministic: the same calls (ids aside) both times.
+        let strip = |v: &Value| v.as_array().unwrap().iter().map(|t| t["function"].clone()).collect::<Vec<_>>();
+        assert_eq!(strip(&answers[0]), strip(&answers[1]), "{choice}");
     }
+    // Parallel calls (the default): every call the model makes follows its schema.
+    let body = json!({"messages": messages, "tools": tools, "tool_choice": "required", "max_tokens": 250,
+                      "temperature": 0});
+    let (code, r) = s.post("/v1/chat/completions", &body);
+    assert_eq!(code, 200, "{r}");
+    let calls = r["choices"][0]["message"]["tool_calls"].as_array().expect("tool calls");
+    for t in calls {
+        let args: Value = serde_json::from_str(t["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(["Paris", "Rome"].contains(&args["city"].as_str().unwrap()), "{r}");
+    }
+    // A forced call and a response format cannot both shape the answer.
+    let body = json!({"messages": messages, "tools": tools, "tool_choice": "required", "max_tokens": 2,
+                      "response_format": {"type": "json_object"}});
+    let (code, r) = s.post("/v1/chat/completions", &body);
+    assert_eq!((code, &r["error"]["param"]), (400, &json!("response_format")), "{r}");
     // "none": no tools in the prompt and no parsing; "auto" renders them all with no prefill.
     let plain = tokenize(json!({"messages": messages}));
     let with_tools = tokenize(json!({"messages": messages, "tools": tools}));
@@ -988,6 +1009,7 @@ fn every_request_field_is_honoured_or_refused() {
     assert_eq!(code, 400, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("frobnicate"), "{body}");
     assert_eq!(chat(json!({"user": "u1", "store": false, "parallel_tool_calls": true})).0, 200);
+    assert_eq!(chat(json!({"parallel_tool_calls": "no"})).0, 400);
     assert_eq!(chat(json!({"response_format": {"type": "text"}})).0, 200);
     let (code, body) = chat(json!({"response_format": {"type": "xml"}}));
     assert_eq!((code, body["error"]["param"].as_str()), (400, Some("response_format")), "{body}");

@@ -286,6 +286,8 @@ pub struct TextPipe {
     pub stopped: bool,
     /// Tool calls were found.
     pub had_tool_calls: bool,
+    /// The answer ends with its first tool call (`parallel_tool_calls: false`).
+    one_call: bool,
     /// Output of [`TextPipe::prefill`], given out with the next delta.
     pending: Delta,
 }
@@ -300,8 +302,14 @@ impl TextPipe {
             tools: tools.then(ToolCallStream::new),
             stopped: false,
             had_tool_calls: false,
+            one_call: false,
             pending: Delta::default(),
         }
+    }
+
+    /// Ends the answer at its first complete tool call, as a stop string would.
+    pub fn one_tool_call(&mut self) {
+        self.one_call = true;
     }
 
     /// Feeds answer text that the prompt already holds (a forced `<tool_call>` start) to the
@@ -329,8 +337,12 @@ impl TextPipe {
     fn answer(&mut self, reasoning: String, content: &str) -> Delta {
         match &mut self.tools {
             Some(t) if !content.is_empty() => {
-                let d = t.push(content);
+                let mut d = t.push(content);
                 self.had_tool_calls |= !d.tool_calls.is_empty();
+                if self.one_call && self.had_tool_calls {
+                    d.tool_calls.truncate(1);
+                    self.stopped = true;
+                }
                 Delta { reasoning, content: d.content, tool_calls: d.tool_calls }
             }
             _ => Delta { reasoning, content: content.to_string(), tool_calls: vec![] },

@@ -168,6 +168,7 @@ pub struct ChatRequest {
     pub tools: Option<Vec<Value>>,
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default)]
@@ -235,7 +236,7 @@ pub struct ChatRequest {
 }
 
 /// Chat request fields accepted and ignored (they change nothing here).
-pub const CHAT_IGNORED: &[&str] = &["user", "store", "metadata", "service_tier", "parallel_tool_calls"];
+pub const CHAT_IGNORED: &[&str] = &["user", "store", "metadata", "service_tier"];
 
 /// Completion request fields accepted and ignored.
 pub const COMPLETION_IGNORED: &[&str] = &["user"];
@@ -345,6 +346,8 @@ pub struct ToolPlan {
     /// prompt, and fed to the tool-call parser before the output): `"required"` and a named
     /// function force a call this way.
     pub prefill: Option<String>,
+    /// With a prefill: the rest of the call, its arguments valid against the tool's schema.
+    pub format: Option<qwick_chat::OutputFormat>,
 }
 
 /// The start of a forced tool call: `<tool_call>\n`, and for a named function also its name, so
@@ -362,8 +365,8 @@ const TOOL_CHOICE_FORMS: &str =
 /// Checks tool definitions and applies `tool_choice`: `"none"` renders no tools and parses no
 /// calls; `"auto"` (the default) renders them and parses calls; `"required"` and a named function
 /// (only that one rendered) also start the answer with a tool call (see [`ToolPlan::prefill`]).
-pub fn tools_for(tools: Option<Vec<Value>>, choice: Option<&Value>) -> Result<ToolPlan, ApiError> {
-    let none = ToolPlan { tools: None, parse: false, prefill: None };
+pub fn tools_for(tools: Option<Vec<Value>>, choice: Option<&Value>, parallel: bool) -> Result<ToolPlan, ApiError> {
+    let none = ToolPlan { tools: None, parse: false, prefill: None, format: None };
     let Some(tools) = tools.filter(|t| !t.is_empty()) else {
         return match choice {
             Some(Value::String(s)) if s == "none" || s == "auto" => Ok(none),
@@ -383,10 +386,13 @@ pub fn tools_for(tools: Option<Vec<Value>>, choice: Option<&Value>) -> Result<To
     }
     let name_of = |t: &Value| t["function"]["name"].as_str().unwrap_or("").to_string();
     match choice {
-        None | Some(Value::Null) => Ok(ToolPlan { tools: Some(tools), parse: true, prefill: None }),
-        Some(Value::String(s)) if s == "auto" => Ok(ToolPlan { tools: Some(tools), parse: true, prefill: None }),
+        None | Some(Value::Null) => Ok(ToolPlan { tools: Some(tools), parse: true, prefill: None, format: None }),
+        Some(Value::String(s)) if s == "auto" => {
+            Ok(ToolPlan { tools: Some(tools), parse: true, prefill: None, format: None })
+        }
         Some(Value::String(s)) if s == "required" => {
-            Ok(ToolPlan { tools: Some(tools), parse: true, prefill: Some(tool_prefill(None)) })
+            let format = Some(qwick_chat::OutputFormat::tool_call(&tools, None, parallel));
+            Ok(ToolPlan { tools: Some(tools), parse: true, prefill: Some(tool_prefill(None)), format })
         }
         Some(Value::String(s)) if s == "none" => Ok(none),
         Some(v @ Value::Object(_)) => {
@@ -402,7 +408,8 @@ pub fn tools_for(tools: Option<Vec<Value>>, choice: Option<&Value>) -> Result<To
                 return Err(ApiError::bad_request(format!("tool_choice names {name:?}, which is not among the tools"))
                     .with_param("tool_choice"));
             }
-            Ok(ToolPlan { tools: Some(chosen), parse: true, prefill: Some(tool_prefill(Some(name))) })
+            let format = Some(qwick_chat::OutputFormat::tool_call(&chosen, Some(name), false));
+            Ok(ToolPlan { tools: Some(chosen), parse: true, prefill: Some(tool_prefill(Some(name))), format })
         }
         Some(_) => Err(ApiError::bad_request(TOOL_CHOICE_FORMS).with_param("tool_choice")),
     }
@@ -485,7 +492,20 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     }
     let logprobs = (req.logprobs == Some(true)).then_some(top_logprobs as usize);
     let messages = to_chat_messages(req.messages)?;
-    let plan = tools_for(req.tools, req.tool_choice.as_ref())?;
+    let parallel = req.parallel_tool_calls.unwrap_or(true);
+    let mut plan = tools_for(req.tools, req.tool_choice.as_ref(), parallel)?;
+    // A forced call is the answer: its arguments follow the tool's schema, and an output format
+    // for a text answer cannot apply as well.
+    let format = match (plan.format.take(), format) {
+        (Some(_), Some((param, _))) => {
+            return Err(ApiError::bad_request(format!(
+                "{param} cannot be combined with a tool_choice that forces a call (the answer is the call)"
+            ))
+            .with_param(param))
+        }
+        (Some(tool), None) => Some(("tools", tool)),
+        (None, f) => f,
+    };
     let mut kwargs = req.chat_template_kwargs.unwrap_or_default();
     let thinking = match kwargs.remove("enable_thinking") {
         None | Some(Value::Null) => None,
@@ -554,6 +574,9 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
             let mut pipe = TextPipe::new(&model.tokenizer, &stops, Some(prompt.starts_in_thinking), plan.parse);
             if let Some(pre) = &plan.prefill {
                 pipe.prefill(pre);
+            }
+            if !parallel {
+                pipe.one_tool_call();
             }
             ChoiceRun::new(state.clone(), rx, pipe, arrival)
         })
@@ -1145,7 +1168,7 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result
             .map_err(|e| ApiError::bad_request(e.to_string()))?,
         (None, Some(m)) => {
             let msgs = to_chat_messages(m)?;
-            let plan = tools_for(req.tools, None)?;
+            let plan = tools_for(req.tools, None, true)?;
             let mut kw = req.chat_template_kwargs.unwrap_or_default();
             let thinking = kw.remove("enable_thinking").and_then(|v| v.as_bool());
             state.model.render(&msgs, plan.tools, thinking, kw).map_err(|e| ApiError::bad_request(e.to_string()))?.ids
@@ -1190,28 +1213,34 @@ mod tests {
         // auto (also the default): tools rendered, calls parsed, nothing prefilled.
         for c in [None, Some(json!("auto")), Some(Value::Null)] {
             assert_eq!(
-                tools_for(tools(), c.as_ref()).unwrap(),
-                ToolPlan { tools: all.clone(), parse: true, prefill: None }
+                tools_for(tools(), c.as_ref(), true).unwrap(),
+                ToolPlan { tools: all.clone(), parse: true, prefill: None, format: None }
             );
         }
         // none: no tools, no parsing.
         assert_eq!(
-            tools_for(tools(), Some(&json!("none"))).unwrap(),
-            ToolPlan { tools: None, parse: false, prefill: None }
+            tools_for(tools(), Some(&json!("none")), true).unwrap(),
+            ToolPlan { tools: None, parse: false, prefill: None, format: None }
         );
         // required: every tool, and the answer starts a call.
         assert_eq!(
-            tools_for(tools(), Some(&json!("required"))).unwrap(),
-            ToolPlan { tools: all.clone(), parse: true, prefill: Some("<tool_call>\n".into()) }
+            tools_for(tools(), Some(&json!("required")), true).unwrap(),
+            ToolPlan {
+                tools: all.clone(),
+                parse: true,
+                prefill: Some("<tool_call>\n".into()),
+                format: Some(qwick_chat::OutputFormat::tool_call(all.as_ref().unwrap(), None, true))
+            }
         );
         // named: only that tool, and the call's name is given.
         let named = json!({"type": "function", "function": {"name": "b"}});
         assert_eq!(
-            tools_for(tools(), Some(&named)).unwrap(),
+            tools_for(tools(), Some(&named), true).unwrap(),
             ToolPlan {
                 tools: Some(vec![tool("b")]),
                 parse: true,
-                prefill: Some("<tool_call>\n{\"name\": \"b\", \"arguments\": ".into())
+                prefill: Some("<tool_call>\n{\"name\": \"b\", \"arguments\": ".into()),
+                format: Some(qwick_chat::OutputFormat::tool_call(&[tool("b")], Some("b"), false))
             }
         );
         // Names are written as JSON strings.
@@ -1224,13 +1253,13 @@ mod tests {
             json!("sometimes"),
             json!(3),
         ] {
-            let e = tools_for(tools(), Some(&bad)).unwrap_err();
+            let e = tools_for(tools(), Some(&bad), true).unwrap_err();
             assert_eq!(e.body()["error"]["param"], "tool_choice", "{bad}");
         }
-        assert!(tools_for(None, Some(&json!("required"))).is_err());
+        assert!(tools_for(None, Some(&json!("required")), true).is_err());
         assert_eq!(
-            tools_for(None, Some(&json!("none"))).unwrap(),
-            ToolPlan { tools: None, parse: false, prefill: None }
+            tools_for(None, Some(&json!("none")), true).unwrap(),
+            ToolPlan { tools: None, parse: false, prefill: None, format: None }
         );
     }
 }

@@ -131,3 +131,30 @@ fn a_forced_tool_call_is_parsed_with_its_prefilled_start() {
     assert!(pipe.stopped && d.tool_calls.is_empty());
     assert_eq!(d.content, format!("{pre}{{}}"));
 }
+
+#[test]
+fn one_tool_call_ends_the_answer_at_its_first_call() {
+    let tok = tokenizer();
+    let two = "Let me check.\n<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n\
+               <tool_call>\n{\"name\": \"b\", \"arguments\": {}}\n</tool_call>";
+    let (d, pipe) = run_after(&tok, None, two, &[], Some(false), true);
+    assert_eq!(d.tool_calls.len(), 2);
+    assert!(!pipe.stopped);
+    // parallel_tool_calls: false.
+    let stops: Vec<String> = vec![];
+    let mut pipe = TextPipe::new(&tok, &stops, Some(false), true);
+    pipe.one_tool_call();
+    let mut calls = vec![];
+    let mut content = String::new();
+    for id in tok.encode(two, false).unwrap() {
+        let d = pipe.push(id);
+        calls.extend(d.tool_calls);
+        content.push_str(&d.content);
+        if pipe.stopped {
+            break;
+        }
+    }
+    assert!(pipe.stopped);
+    assert_eq!(calls.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert_eq!(content, "Let me check.");
+}
