@@ -4,7 +4,7 @@
 With the official `openai` client: a schema with nested objects, arrays, enums and required
 fields, with thinking off and with thinking on (the model thinks, then answers in the schema);
 50 random schemas (seeded); a regex and a choice list; Ollama's `format`. Every answer must
-parse and validate (`jsonschema`).
+parse and validate (`jsonschema`); greedy constrained answers are the same alone and in a batch.
 
 Usage: python3 python/test_structured_output.py --base-url http://127.0.0.1:PORT --model NAME
 Run by crates/qwick-cli/tests/serve.rs when the packages are installed
@@ -144,7 +144,22 @@ def main():
         jsonschema.validate(json.loads(out["message"]["content"]), NESTED)
 
     run("ollama format", ollama_format)
-    total = 54 + 1
+
+    def batch_independent():
+        # Greedy under a constraint: the same answer alone and inside a batch of other requests.
+        from concurrent.futures import ThreadPoolExecutor
+        alone = ask(client, a.model, NESTED, False).message.content
+        other = lambda i: client.completions.create(model=a.model, prompt=f"Count to {i}:", max_tokens=40,
+                                                    temperature=0.8, seed=i)
+        with ThreadPoolExecutor(12) as pool:
+            mixed = [pool.submit(ask, client, a.model, NESTED, False) for _ in range(6)]
+            mixed += [pool.submit(other, i) for i in range(6)]
+            answers = [f.result() for f in mixed][:6]
+        for c in answers:
+            assert c.message.content == alone, (c.message.content, alone)
+
+    run("greedy constrained output is batch-independent", batch_independent)
+    total = 55 + 1
     print(f"{total - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 

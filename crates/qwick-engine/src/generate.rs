@@ -125,6 +125,8 @@ pub struct SeqGen {
     /// A constraint on the output, and the token after which it applies (`None`: from the start).
     constraint: Option<(Box<dyn TokenConstraint>, Option<u32>)>,
     constraint_active: bool,
+    /// The constraint's mask for the next token, computed ahead ([`SeqGen::prepare_mask`]).
+    ready_mask: Option<std::result::Result<Vec<u32>, String>>,
     prompt: Vec<u32>,
     output: Vec<u32>,
     stop_ids: Vec<u32>,
@@ -169,6 +171,7 @@ impl SeqGen {
             sampler,
             constraint: None,
             constraint_active: false,
+            ready_mask: None,
             prompt: prompt.to_vec(),
             output: Vec::new(),
             stop_ids,
@@ -261,9 +264,27 @@ impl SeqGen {
         Ok(fit == tokens.len())
     }
 
+    /// Whether the next [`SeqGen::on_logits`] masks the logits by the constraint.
+    pub fn needs_mask(&self) -> bool {
+        self.constraint_active && self.ready_mask.is_none() && self.finish.is_none()
+    }
+
+    /// Computes the constraint's mask for the next token ahead of [`SeqGen::on_logits`], so that
+    /// it can run while the model computes the logits (the engine calls it on another thread
+    /// during the forward pass).
+    pub fn prepare_mask(&mut self) {
+        if !self.needs_mask() {
+            return;
+        }
+        if let Some((c, _)) = &mut self.constraint {
+            self.ready_mask = Some(c.allowed().map(|m| m.to_vec()));
+        }
+    }
+
     /// Feeds an output token to the constraint (once it applies), or starts the constraint after
     /// the token it waits for.
     fn constraint_step(&mut self, id: u32) -> Result<()> {
+        self.ready_mask = None;
         let Some((c, after)) = &mut self.constraint else { return Ok(()) };
         if self.constraint_active {
             if self.stop_ids.binary_search(&id).is_err() {
@@ -296,8 +317,10 @@ impl SeqGen {
         }
         if self.constraint_active {
             if let Some((c, _)) = &mut self.constraint {
-                let allowed = c.allowed().map_err(|e| anyhow!("output constraint: {e}"))?;
-                mask_logits(logits, allowed);
+                match self.ready_mask.take() {
+                    Some(ready) => mask_logits(logits, &ready.map_err(|e| anyhow!("output constraint: {e}"))?),
+                    None => mask_logits(logits, c.allowed().map_err(|e| anyhow!("output constraint: {e}"))?),
+                }
             }
         }
         let id = self.sampler.sample(logits, &self.prompt, &self.output).map_err(|e| anyhow!("{e}"))?;
@@ -569,5 +592,51 @@ mod tests {
         p.sampling.top_p = 1.5;
         let e = SeqGen::new(&[1], p).err().unwrap().to_string();
         assert!(e.contains("top_p"), "{e}");
+    }
+
+    /// Allows only tokens above the last one taken (and eos 9), counting mask computations.
+    struct Rising {
+        last: u32,
+        masks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        mask: Vec<u32>,
+    }
+
+    impl TokenConstraint for Rising {
+        fn allowed(&mut self) -> std::result::Result<&[u32], String> {
+            self.masks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.mask = vec![0];
+            for t in (self.last + 1..16).chain([9]) {
+                self.mask[0] |= 1 << t;
+            }
+            Ok(&self.mask)
+        }
+        fn consume(&mut self, token: u32) -> std::result::Result<(), String> {
+            self.last = token;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_mask_prepared_ahead_is_the_one_used() {
+        let run = |prepare: bool| {
+            let masks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut g = SeqGen::new(&[1], params(Some(4), 100)).unwrap();
+            g.constrain(Box::new(Rising { last: 4, masks: masks.clone(), mask: vec![] }), None);
+            let mut out = vec![];
+            // (the model's first choice, its second): 3 and 6 are not allowed when they come.
+            for (want, second) in [(3, 10), (12, 11), (6, 13), (14, 2)] {
+                assert!(g.needs_mask());
+                if prepare {
+                    g.prepare_mask();
+                    assert!(!g.needs_mask());
+                }
+                let mut l = pick(want);
+                l[second] = 0.5;
+                out.extend(ids(&g.on_logits(&mut l).unwrap()));
+            }
+            (out, masks.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        assert_eq!(run(false), (vec![10, 12, 13, 14], 4));
+        assert_eq!(run(true), run(false));
     }
 }

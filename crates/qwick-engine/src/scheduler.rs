@@ -552,14 +552,33 @@ impl Scheduler {
         let step_no = self.stats.steps + 1;
         let inject = self.fault == Some(Fault::StepPanic(step_no));
         let runner = &mut self.runner;
+        // Output constraints compute their next masks on another thread while the model runs.
+        let mut masks: Vec<&mut SeqGen> = vec![];
+        let mut sampling: Vec<bool> = vec![false; self.running.len()];
+        for s in &spans {
+            sampling[s.0] = s.3;
+        }
+        for (e, _) in self.running.iter_mut().zip(&sampling).filter(|(e, &s)| s && e.gen.needs_mask()) {
+            masks.push(&mut e.gen);
+        }
         // A panic in the forward pass fails this step's requests, not the engine.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if inject {
-                panic!("injected fault in the forward pass of step {step_no}");
+        let result = std::thread::scope(|scope| {
+            if !masks.is_empty() {
+                scope.spawn(move || {
+                    for g in masks {
+                        // A panic here leaves the mask to be computed (and fail) in on_logits.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| g.prepare_mask()));
+                    }
+                });
             }
-            runner.step(&batch)
-        }))
-        .unwrap_or_else(|p| Err(anyhow!("internal error: {}", panic_message(&*p))));
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if inject {
+                    panic!("injected fault in the forward pass of step {step_no}");
+                }
+                runner.step(&batch)
+            }))
+            .unwrap_or_else(|p| Err(anyhow!("internal error: {}", panic_message(&*p))))
+        });
         self.stats.forward_seconds += tf.elapsed().as_secs_f64();
         self.stats.steps += 1;
         if self.fault == Some(Fault::EnginePanic(step_no)) {
