@@ -130,6 +130,7 @@ impl Server {
                 + self.metric("qwick_num_requests_running")
                 + self.metric("qwick_num_requests_waiting");
             if busy == 0.0 {
+                assert_eq!(self.metric("qwick_kv_cache_consistent"), 1.0, "KV bookkeeping");
                 return;
             }
             assert!(t0.elapsed() < Duration::from_secs(30), "the server did not go idle");

@@ -51,6 +51,17 @@ impl BlockAllocator {
     pub fn ref_count(&self, b: u32) -> u32 {
         self.refs[b as usize]
     }
+
+    /// Whether the free list holds exactly the blocks with no reference, each once.
+    pub fn free_list_consistent(&self) -> bool {
+        let mut seen = vec![false; self.refs.len()];
+        for &b in &self.free {
+            if self.refs[b as usize] != 0 || std::mem::replace(&mut seen[b as usize], true) {
+                return false;
+            }
+        }
+        self.free.len() == self.refs.iter().filter(|&&r| r == 0).count()
+    }
 }
 
 #[cfg(test)]

@@ -100,6 +100,17 @@ impl Runner {
         &self.blocks
     }
 
+    /// How many references the runner's sequences hold on each block (by block id).
+    pub fn block_references(&self) -> Vec<u32> {
+        let mut refs = vec![0u32; self.blocks.num_blocks()];
+        for s in self.seqs.values() {
+            for &b in &s.blocks {
+                refs[b as usize] += 1;
+            }
+        }
+        refs
+    }
+
     pub fn block_size(&self) -> usize {
         self.kv.block_size
     }

@@ -132,6 +132,9 @@ pub struct SchedulerStats {
     /// scheduling, sampling and handing tokens to requests.
     pub step_seconds: f64,
     pub forward_seconds: f64,
+    /// What is wrong with the KV bookkeeping, if anything ([`Scheduler::check_kv`], checked
+    /// whenever the scheduler is idle).
+    pub kv_inconsistency: Option<String>,
 }
 
 struct CachedBlock {
@@ -379,7 +382,39 @@ impl Scheduler {
         let b = self.runner.blocks();
         s.kv_blocks_cached = self.prefix.map.len();
         s.kv_blocks_used = b.num_used() - self.prefix.evictable(&self.runner);
+        // Checked when idle (every step would cost a pass over all blocks).
+        s.kv_inconsistency = if self.has_work() { None } else { self.check_kv().err() };
         s
+    }
+
+    /// Checks the KV bookkeeping: every block's reference count is the number of sequences
+    /// holding it plus one if the prefix cache keeps it; the free list holds exactly the blocks
+    /// with none; the prefix cache's entries and its LRU order agree, one entry per block.
+    pub fn check_kv(&self) -> Result<(), String> {
+        let b = self.runner.blocks();
+        let mut want = self.runner.block_references();
+        for (h, e) in &self.prefix.map {
+            let Some(r) = want.get_mut(e.block as usize) else {
+                return Err(format!("the prefix cache names block {}, past the cache", e.block));
+            };
+            *r += 1;
+            if !self.prefix.lru.contains(&(e.stamp, *h)) {
+                return Err(format!("prefix cache entry of block {} is not in the LRU order", e.block));
+            }
+        }
+        if self.prefix.lru.len() != self.prefix.map.len() {
+            return Err("the prefix cache's LRU order and entries differ".into());
+        }
+        for (block, &w) in want.iter().enumerate() {
+            let have = b.ref_count(block as u32);
+            if have != w {
+                return Err(format!("block {block} has {have} references, but {w} holders"));
+            }
+        }
+        if !b.free_list_consistent() {
+            return Err("the free list does not match the blocks without references".into());
+        }
+        Ok(())
     }
 
     /// Ends every request with an error (at shutdown).

@@ -131,6 +131,7 @@ fn batched_equals_alone_under_a_small_budget() {
     assert_eq!(st.kv_blocks_used, 0, "{st:?}");
     assert_eq!((st.running, st.waiting), (0, 0));
     assert!(st.steps > 0 && st.batched_tokens > 0);
+    assert_eq!(sched.check_kv(), Ok(()));
 }
 
 #[test]
@@ -151,6 +152,7 @@ fn preempts_and_recomputes_when_blocks_run_out() {
     assert!(st.preemptions > 0, "{st:?}");
     assert_eq!(st.kv_blocks_used, 0);
     assert_eq!(sched.runner().blocks().num_used(), 0);
+    assert_eq!(sched.check_kv(), Ok(()));
 }
 
 #[test]
@@ -188,6 +190,7 @@ fn prefix_cache_reuses_blocks_and_evicts_lru() {
     assert_eq!(c.tokens(), alone(&m, &p[..48], 3));
     let st = sched.stats();
     assert_eq!(st.prefix_hit_tokens, 80);
+    assert_eq!(sched.check_kv(), Ok(()));
 
     // Unrelated prompts filling the cache evict the cached blocks instead of failing.
     let sinks = run_all(&mut sched, &[(100, 40, 0), (100, 30, 0)]);
@@ -195,6 +198,7 @@ fn prefix_cache_reuses_blocks_and_evicts_lru() {
         assert_eq!(s.tokens(), alone(&m, &prompt(i, 100), [40, 30][i]), "request {i}");
     }
     assert_eq!(sched.stats().kv_blocks_used, 0);
+    assert_eq!(sched.check_kv(), Ok(()));
 }
 
 #[test]
@@ -209,6 +213,7 @@ fn closed_receivers_free_their_blocks() {
         sched.step();
     }
     assert!(sched.stats().kv_blocks_used > 0);
+    assert_eq!(sched.check_kv(), Ok(()), "mid-run");
     a.closed.store(true, Ordering::SeqCst);
     while sched.has_work() {
         sched.step();
@@ -217,6 +222,7 @@ fn closed_receivers_free_their_blocks() {
     assert!(!a.done());
     let st = sched.stats();
     assert_eq!((st.kv_blocks_used, st.running), (0, 0), "{st:?}");
+    assert_eq!(sched.check_kv(), Ok(()));
 }
 
 #[test]

@@ -130,6 +130,11 @@ impl Metrics {
         gauge("qwick_num_requests_running", "Sequences running.", s.running.to_string());
         gauge("qwick_num_requests_waiting", "Sequences waiting to start (or preempted).", s.waiting.to_string());
         gauge("qwick_kv_blocks_used", "KV cache blocks referenced by sequences.", s.kv_blocks_used.to_string());
+        gauge(
+            "qwick_kv_cache_consistent",
+            "0 if, when last idle, a KV block's references did not match its holders (sequences, prefix cache).",
+            (s.kv_inconsistency.is_none() as u8).to_string(),
+        );
         gauge("qwick_kv_blocks_cached", "KV cache blocks kept by the prefix cache.", s.kv_blocks_cached.to_string());
         gauge("qwick_kv_blocks_total", "KV cache blocks.", s.kv_blocks_total.to_string());
         gauge("qwick_kv_block_size", "Tokens per KV cache block.", s.block_size.to_string());
