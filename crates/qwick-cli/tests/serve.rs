@@ -1168,3 +1168,20 @@ fn chat_page_in_headless_chromium() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains("chat page: ok"), "{text}");
 }
+
+/// The load and abuse test (python/load_test.py) at a reduced size: 200 mixed valid, bad and
+/// hung-up requests at 32 concurrency and 1,000 randomized bodies; no crash, every bad request a
+/// 4xx with a message, every valid one complete, no 5xx, KV back to 0 and consistent, RSS stable.
+#[test]
+fn load_and_abuse() {
+    let s = Server::start(&[]);
+    let out = Command::new("timeout")
+        .args(["600", "python3"])
+        .arg(root().join("python/load_test.py"))
+        .args(["--url", &s.url, "--pid", &s.child.id().to_string(), "--requests", "200", "--fuzz", "1000"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("\n0 failures"), "{text}");
+    s.wait_idle();
+}
