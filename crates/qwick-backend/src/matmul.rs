@@ -90,6 +90,9 @@ enum Prepared {
     Bf16(Vec<u16>),
     /// `x` copied with a padded row stride (see `pad_stride`).
     Padded(Vec<f32>, usize),
+    /// `x` with each 32 values reordered as their 16 even then 16 odd ones, in rows of the
+    /// given stride, for the AVX-512 GEMV of bf16 weights (see [`split_even_odd`]).
+    Split(Vec<f32>, usize),
     /// `x` quantized to 8-bit blocks, for the integer kernels of quantized weights.
     Q8(ActQ8),
     /// `x` rounded to bf16 in rows padded to a multiple of 16, for AMX tiles.
@@ -119,6 +122,7 @@ enum Kind {
     None,
     Bf16,
     Padded,
+    Split,
     Q8,
     Amx,
 }
@@ -126,6 +130,8 @@ enum Kind {
 fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
     if w.format == Format::BF16 && ctx.isa.rounds_activations() {
         Kind::Bf16
+    } else if w.format == Format::BF16 && ctx.isa.is_avx512() && m < GEMM_MIN_ROWS && w.cols.is_multiple_of(32) {
+        Kind::Split
     } else if w.format.is_float() {
         if pad_stride(ctx.isa, m, w.cols).is_some() {
             Kind::Padded
@@ -152,6 +158,10 @@ fn prepare(ctx: Ctx, kind: Kind, x: &[f32], m: usize, k: usize) -> Prepared {
         Kind::Padded => {
             let ldx = pad_stride(ctx.isa, m, k).expect("padded stride");
             Prepared::Padded(pad_rows(x, k, ldx), ldx)
+        }
+        Kind::Split => {
+            let ldx = pad_stride(ctx.isa, m, k).unwrap_or(k);
+            Prepared::Split(split_even_odd(x, k, ldx), ldx)
         }
         Kind::Q8 => Prepared::Q8(ActQ8::quantize(ctx.isa, x, m, k)),
         #[cfg(target_arch = "x86_64")]
@@ -229,6 +239,23 @@ fn pad_rows(x: &[f32], k: usize, ldx: usize) -> Vec<f32> {
     out
 }
 
+/// `x` [m, k] (k a multiple of 32) in rows of stride `ldx`, each 32 values reordered as the 16
+/// at even positions then the 16 at odd ones: a 64-byte load of 32 bf16 weights splits into its
+/// even and odd halves with one shift and one mask (a bf16 is the top half of an f32), which
+/// then meet these activations in plain FMAs.
+fn split_even_odd(x: &[f32], k: usize, ldx: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len() / k * ldx];
+    for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(ldx)) {
+        for (s, d) in src.chunks_exact(32).zip(dst.chunks_exact_mut(32)) {
+            for i in 0..16 {
+                d[i] = s[2 * i];
+                d[16 + i] = s[2 * i + 1];
+            }
+        }
+    }
+    out
+}
+
 /// `x` [m, k] rounded to bf16 (nearest even), each row padded with a zero to an even length.
 pub fn round_rows_to_bf16(x: &[f32], k: usize) -> Vec<u16> {
     let kp = k.next_multiple_of(2);
@@ -264,6 +291,10 @@ unsafe fn matmul_cols_impl(
         }
         Prepared::Bf16(xb) => float_cols(ctx.isa, x, w.cols, xb, m, w, y, ldy, cols),
         Prepared::Padded(xp, ldx) => float_cols(ctx.isa, xp, *ldx, &[], m, w, y, ldy, cols),
+        #[cfg(target_arch = "x86_64")]
+        Prepared::Split(xs, ldx) => x86::avx512::gemv_bf16_split(xs, *ldx, m, w, y, ldy, cols),
+        #[cfg(not(target_arch = "x86_64"))]
+        Prepared::Split(..) => unreachable!("even/odd activations without AVX-512"),
         Prepared::None if w.format.is_float() => float_cols(ctx.isa, x, w.cols, &[], m, w, y, ldy, cols),
         Prepared::None if w.layout == Layout::Rows => dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
         Prepared::None => tiles_dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
@@ -516,6 +547,93 @@ mod x86 {
                     i += mr;
                 }
                 n += nr;
+            }
+        }
+
+        /// GEMV of bf16 weights (row layout, k a multiple of 32) with activations reordered by
+        /// [`crate::matmul::split_even_odd`]: per 64 bytes of a weight row, one load, a shift
+        /// (even values) and a mask (odd values) give two f32 vectors for two FMAs.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+        pub unsafe fn gemv_bf16_split(
+            xs: &[f32],
+            ldx: usize,
+            m: usize,
+            w: &WeightView,
+            y: *mut f32,
+            ldy: usize,
+            cols: std::ops::Range<usize>,
+        ) {
+            let k = w.cols;
+            let rb = 2 * k;
+            let (x, wp) = (xs.as_ptr(), w.data.as_ptr());
+            let wide = m > 4;
+            let mut n = cols.start;
+            while n < cols.end {
+                let nr = if wide {
+                    (cols.end - n).min(3)
+                } else if cols.end - n >= 4 {
+                    4
+                } else {
+                    1
+                };
+                let mut i = 0;
+                while i < m {
+                    let mr = (m - i).min(if wide { 8 } else { 4 });
+                    let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
+                    gemv_dispatch!(nr, mr, |R, M| split_block::<R, M>(xp, ldx, k, wpn, rb, yp, ldy));
+                    i += mr;
+                }
+                n += nr;
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+        unsafe fn split_block<const R: usize, const M: usize>(
+            x: *const f32,
+            ldx: usize,
+            k: usize,
+            w: *const u8,
+            rb: usize,
+            y: *mut f32,
+            ldy: usize,
+        ) {
+            let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+            // With few outputs, even and odd products go to separate sums (two FMA chains per
+            // output); with many, one sum each keeps the accumulators in registers.
+            let two = M * R <= 8;
+            let mut even = [[_mm512_setzero_ps(); R]; M];
+            let mut odd = [[_mm512_setzero_ps(); R]; M];
+            let mut kk = 0;
+            while kk < k {
+                let mut we = [_mm512_setzero_ps(); R];
+                let mut wo = [_mm512_setzero_ps(); R];
+                for j in 0..R {
+                    // The same line of the next block of rows (harmless past the end).
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((j + R) * rb + 2 * kk) as *const i8);
+                    let v = _mm512_loadu_si512(w.add(j * rb + 2 * kk) as *const _);
+                    we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                    wo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+                }
+                for i in 0..M {
+                    let xe = _mm512_loadu_ps(x.add(i * ldx + kk));
+                    let xo = _mm512_loadu_ps(x.add(i * ldx + kk + 16));
+                    for j in 0..R {
+                        even[i][j] = _mm512_fmadd_ps(xe, we[j], even[i][j]);
+                        if two {
+                            odd[i][j] = _mm512_fmadd_ps(xo, wo[j], odd[i][j]);
+                        } else {
+                            even[i][j] = _mm512_fmadd_ps(xo, wo[j], even[i][j]);
+                        }
+                    }
+                }
+                kk += 32;
+            }
+            for i in 0..M {
+                for j in 0..R {
+                    let sum = if two { _mm512_add_ps(even[i][j], odd[i][j]) } else { even[i][j] };
+                    *y.add(i * ldy + j) = _mm512_reduce_add_ps(sum);
+                }
             }
         }
 
@@ -1167,6 +1285,11 @@ pub(crate) mod tests {
             (13, 70, 300),
             (29, 129, 257),
             (64, 96, 64),
+            (1, 70, 256),
+            (2, 9, 96),
+            (6, 50, 512),
+            (11, 33, 2048),
+            (47, 20, 1024),
         ];
         for dt in [Format::F32, Format::BF16, Format::F16] {
             for &(m, n, k) in &shapes {
