@@ -42,17 +42,17 @@ fn bench_matmul(c: &mut Criterion) {
 
 fn bench_attention(c: &mut Criterion) {
     let pool = ThreadPool::new(ThreadPool::default_threads());
-    let (nh, kvh, hd, bs, ctx_len) = (16, 8, 128, 16, 512);
-    let blocks = ctx_len / bs;
-    let kc: Vec<f32> = (0..blocks * bs * kvh * hd).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
-    let vc = kc.clone();
-    let table: Vec<u32> = (0..blocks as u32).collect();
-    let tables = [&table[..]];
+    // Qwen3-0.6B's attention shape; decode reads a long context, prefill a 512-token prompt.
+    let (nh, kvh, hd, bs) = (16, 8, 128, 16);
     for isa in Isa::all_supported().into_iter().filter(|&i| i != Isa::Scalar) {
         let ctx = Ctx::new(isa, &pool);
         let mut g = c.benchmark_group(format!("attention_{isa}"));
         g.sample_size(10);
-        for (name, t) in [("decode_ctx512", 1usize), ("prefill_512", ctx_len)] {
+        for (name, ctx_len, t) in [("decode_ctx4096", 4096usize, 1usize), ("prefill_512", 512, 512)] {
+            let blocks = ctx_len / bs;
+            let vals: Vec<f32> = (0..blocks * bs * kvh * hd).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+            let table: Vec<u32> = (0..blocks as u32).collect();
+            let tables = [&table[..]];
             let positions: Vec<u32> = ((ctx_len - t) as u32..ctx_len as u32).collect();
             let seq = vec![0u32; t];
             let q: Vec<f32> = (0..t * nh * hd).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
@@ -64,9 +64,20 @@ fn bench_attention(c: &mut Criterion) {
                 seq_of_token: &seq,
                 block_tables: &tables,
             };
-            let kv = PagedKv { k: &kc, v: &vc, block_size: bs, kv_heads: kvh, head_dim: hd };
-            g.throughput(Throughput::Elements(t as u64));
-            g.bench_function(name, |b| b.iter(|| paged_attention(ctx, &q, kv, &args, &mut out)));
+            for format in [Format::F32, Format::BF16, Format::F16] {
+                let mut bytes = vec![0u8; vals.len() * format.row_bytes(1)];
+                format.encode_floats(&vals, &mut bytes);
+                let kv = PagedKv { k: &bytes, v: &bytes, format, block_size: bs, kv_heads: kvh, head_dim: hd };
+                // Decode: bytes of K and V read; prefill: tokens.
+                g.throughput(if t == 1 {
+                    Throughput::Bytes(2 * bytes.len() as u64)
+                } else {
+                    Throughput::Elements(t as u64)
+                });
+                g.bench_function(format!("{name}_{format}"), |b| {
+                    b.iter(|| paged_attention(ctx, &q, kv, &args, &mut out))
+                });
+            }
         }
         g.finish();
     }

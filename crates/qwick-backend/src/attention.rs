@@ -1,23 +1,70 @@
 //! Causal attention of a flat batch of query tokens over a paged KV cache.
 //!
-//! The cache of one layer holds K and V as `[num_blocks, block_size, kv_heads, head_dim]`
-//! f32; a sequence's block table maps its logical block `j` to a physical block. A query at
+//! The cache of one layer holds K and V as `[num_blocks, kv_heads, block_size, head_dim]` in a
+//! float format (f32, bf16 or f16; read as f32); a sequence's block table maps its logical block `j` to a physical block. A query at
 //! position `p` attends to its sequence's keys at positions `0..=p`. Scores are computed one
 //! query row at a time (never a T×T matrix), softmaxed in f32 and applied to V. Query heads
 //! that share a KV head (GQA) are processed together so each key and value is read once.
 
 use crate::ops::{dot, exp_sel, multiversion};
 use crate::pool::SendPtr;
-use crate::{Ctx, Isa};
+use crate::{Ctx, Format, Isa};
 
 /// One layer's paged K/V storage.
 #[derive(Clone, Copy)]
 pub struct PagedKv<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    /// K and V elements, in `format`.
+    pub k: &'a [u8],
+    pub v: &'a [u8],
+    /// F32, BF16 or F16.
+    pub format: Format,
     pub block_size: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+}
+
+impl<'a> PagedKv<'a> {
+    /// Storage of f32 K and V.
+    pub fn f32(k: &'a [f32], v: &'a [f32], block_size: usize, kv_heads: usize, head_dim: usize) -> Self {
+        let (k, v) = (crate::format::f32_bytes(k), crate::format::f32_bytes(v));
+        PagedKv { k, v, format: Format::F32, block_size, kv_heads, head_dim }
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        KvLayout { block_size: self.block_size, kv_heads: self.kv_heads, head_dim: self.head_dim }
+    }
+
+    #[inline(always)]
+    pub fn row(&self, block: usize, kvh: usize, off: usize) -> usize {
+        self.layout().row(block, kvh, off)
+    }
+
+    /// The element format's number for the kernels (0 f32, 1 bf16, 2 f16).
+    fn code(&self) -> u8 {
+        match self.format {
+            Format::F32 => 0,
+            Format::BF16 => 1,
+            Format::F16 => 2,
+            f => panic!("KV cache elements cannot be {f}"),
+        }
+    }
+}
+
+/// Where values live in a layer's K or V buffer: `[blocks, kv_heads, block_size, head_dim]`.
+#[derive(Clone, Copy, Debug)]
+pub struct KvLayout {
+    pub block_size: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvLayout {
+    /// Element offset of the `head_dim` values of KV head `kvh` of the token in slot `off` of
+    /// physical block `block`: one KV head's tokens of a block are contiguous.
+    #[inline(always)]
+    pub fn row(&self, block: usize, kvh: usize, off: usize) -> usize {
+        ((block * self.kv_heads + kvh) * self.block_size + off) * self.head_dim
+    }
 }
 
 /// Shapes and per-token addressing of an attention call.
@@ -78,7 +125,12 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
                 unsafe {
                     let pos0 = a.positions[tok] as usize;
                     let o = op.ptr();
-                    x86::attend_rows((q, tok, len, a.n_heads, group, kvh, kv, table, pos0, a.scale, o, &mut scratch));
+                    let args = (q, tok, len, a.n_heads, group, kvh, kv, table, pos0, a.scale, o, &mut scratch);
+                    match kv.code() {
+                        0 => x86::attend_rows::<0>(args),
+                        1 => x86::attend_rows::<1>(args),
+                        _ => x86::attend_rows::<2>(args),
+                    }
                 }
                 continue;
             }
@@ -108,32 +160,44 @@ fn attend_one(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 | Isa::Amx => match kv.head_dim.div_ceil(16) {
-            1 => unsafe { x86::attend_avx512::<1>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-            2 => unsafe { x86::attend_avx512::<2>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-            3 => unsafe { x86::attend_avx512::<3>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-            4 => unsafe { x86::attend_avx512::<4>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-            5 => unsafe { x86::attend_avx512::<5>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-            6 => unsafe { x86::attend_avx512::<6>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-            7 => unsafe { x86::attend_avx512::<7>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-            8 => unsafe { x86::attend_avx512::<8>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-            _ => attend_generic(Isa::Avx512, q, kv, table, kvh, ctx_len, scale, scores, out),
-        },
-        _ => attend_generic(isa, q, kv, table, kvh, ctx_len, scale, scores, out),
+    #[cfg(target_arch = "x86_64")]
+    if isa.is_avx512() && (kv.head_dim <= 128 || (kv.format == Format::BF16 && kv.head_dim == 256)) {
+        macro_rules! per_dim {
+            ($d:literal) => {
+                match kv.head_dim.div_ceil(16) {
+                    1 => unsafe { x86::attend_avx512::<$d, 1>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+                    2 => unsafe { x86::attend_avx512::<$d, 2>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+                    3 => unsafe { x86::attend_avx512::<$d, 3>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+                    4 => unsafe { x86::attend_avx512::<$d, 4>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+                    5 => unsafe { x86::attend_avx512::<$d, 5>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+                    6 => unsafe { x86::attend_avx512::<$d, 6>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+                    7 => unsafe { x86::attend_avx512::<$d, 7>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+                    _ => unsafe { x86::attend_avx512::<$d, 8>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+                }
+            };
+        }
+        return match (kv.code(), kv.head_dim) {
+            (1, 64) => unsafe { x86::attend_bf16::<2>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+            (1, 128) => unsafe { x86::attend_bf16::<4>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+            (1, 256) => unsafe { x86::attend_bf16::<8>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+            (0, _) => per_dim!(0),
+            (1, _) => per_dim!(1),
+            _ => per_dim!(2),
+        };
     }
+    let isa = if isa.is_avx512() { Isa::Avx512 } else { isa };
+    attend_generic(isa, q, kv, table, kvh, ctx_len, scale, scores, out)
 }
 
 /// Calls `f(j, row)` for each of the first `ctx_len` keys: `j` its position, `row` the offset
 /// of its `head_dim` values (for KV head `kvh`) in the layer's K or V buffer.
 #[inline(always)]
 fn for_each_key(kv: &PagedKv, table: &[u32], kvh: usize, ctx_len: usize, mut f: impl FnMut(usize, usize)) {
-    let (bs, stride) = (kv.block_size, kv.kv_heads * kv.head_dim);
+    let bs = kv.block_size;
     for (b, &phys) in table.iter().enumerate().take(ctx_len.div_ceil(bs)) {
-        let base = phys as usize * bs * stride + kvh * kv.head_dim;
+        let base = kv.row(phys as usize, kvh, 0);
         for off in 0..bs.min(ctx_len - b * bs) {
-            f(b * bs + off, base + off * stride);
+            f(b * bs + off, base + off * kv.head_dim);
         }
     }
 }
@@ -182,19 +246,21 @@ fn attend_generic(
         ) {
             let hd = kv.head_dim;
             let group = q.len() / hd;
+            let es = kv.format.row_bytes(1);
+            let mut row_f32 = vec![0f32; hd];
             for_each_key(&kv, table, kvh, ctx_len, |j, row| {
-                let key = &kv.k[row..row + hd];
+                kv.format.dequantize(&kv.k[row * es..(row + hd) * es], &mut row_f32);
                 for g in 0..group {
-                    scores[g * ctx_len + j] = dot(&q[g * hd..(g + 1) * hd], key) * scale;
+                    scores[g * ctx_len + j] = dot(&q[g * hd..(g + 1) * hd], &row_f32) * scale;
                 }
             });
             softmax_rows::<FAST>(scores, ctx_len);
             out.fill(0.0);
             for_each_key(&kv, table, kvh, ctx_len, |j, row| {
-                let val = &kv.v[row..row + hd];
+                kv.format.dequantize(&kv.v[row * es..(row + hd) * es], &mut row_f32);
                 for g in 0..group {
                     let p = scores[g * ctx_len + j];
-                    for (o, &v) in out[g * hd..(g + 1) * hd].iter_mut().zip(val) {
+                    for (o, &v) in out[g * hd..(g + 1) * hd].iter_mut().zip(&row_f32) {
                         *o = p.mul_add(v, *o);
                     }
                 }
@@ -208,11 +274,38 @@ mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// AVX-512 attention for head_dim ≤ 16·N: each query head and each output row lives in N
-    /// registers; the last chunk is masked when head_dim is not a multiple of 16.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    /// 16 K/V elements from element `i` of `p` (format number `D`: 0 f32, 1 bf16, 2 f16) as
+    /// f32, lanes outside `mask` zero.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
+    unsafe fn load16<const D: u8>(p: *const u8, i: usize, mask: __mmask16) -> __m512 {
+        match D {
+            0 => _mm512_maskz_loadu_ps(mask, (p as *const f32).add(i)),
+            1 => _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (p as *const i16).add(i))),
+                16,
+            )),
+            _ => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (p as *const i16).add(i))),
+        }
+    }
+
+    /// Element `i` of `p` as f32 (see [`load16`]).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
+    unsafe fn load1<const D: u8>(p: *const u8, i: usize) -> f32 {
+        match D {
+            0 => *(p as *const f32).add(i),
+            1 => f32::from_bits((*(p as *const u16).add(i) as u32) << 16),
+            _ => _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*(p as *const u16).add(i) as i32))),
+        }
+    }
+
+    /// AVX-512 attention for head_dim ≤ 16·N over K/V of format number `D`: each query head
+    /// and each output row lives in N registers; the last chunk is masked when head_dim is not
+    /// a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn attend_avx512<const N: usize>(
+    pub unsafe fn attend_avx512<const D: u8, const N: usize>(
         q: &[f32],
         kv: PagedKv,
         table: &[u32],
@@ -228,33 +321,169 @@ mod x86 {
         let last: __mmask16 = if tail == 16 { 0xffff } else { ((1u32 << tail) - 1) as __mmask16 };
         let mask = |c: usize| if c == N - 1 { last } else { 0xffff };
         let (kp, vp, sp) = (kv.k.as_ptr(), kv.v.as_ptr(), scores.as_mut_ptr());
+        // Every key's offset, padded to a multiple of 4 with the first (their scores unused).
+        let mut offs = Vec::with_capacity(ctx_len + 3);
+        for_each_key(&kv, table, kvh, ctx_len, |_, row| offs.push(row));
+        offs.resize(ctx_len.next_multiple_of(4), offs[0]);
+        // The query heads, scaled, in whole vectors.
+        let mut qs = vec![0f32; group * N * 16];
         for g in 0..group {
-            let mut qv = [_mm512_setzero_ps(); N];
-            for (c, r) in qv.iter_mut().enumerate() {
-                *r = _mm512_mul_ps(
-                    _mm512_maskz_loadu_ps(mask(c), q.as_ptr().add(g * hd + c * 16)),
-                    _mm512_set1_ps(scale),
-                );
+            for d in 0..hd {
+                qs[g * N * 16 + d] = q[g * hd + d] * scale;
             }
-            for_each_key(&kv, table, kvh, ctx_len, |j, row| {
-                let mut acc = _mm512_setzero_ps();
-                for (c, r) in qv.iter().enumerate() {
-                    acc = _mm512_fmadd_ps(*r, _mm512_maskz_loadu_ps(mask(c), kp.add(row + c * 16)), acc);
-                }
-                *sp.add(g * ctx_len + j) = _mm512_reduce_add_ps(acc);
-            });
         }
-        softmax_rows::<true>(scores, ctx_len);
+        // Scores four keys at a time: four independent FMA chains, each key's K read from L1
+        // by every query head after the first.
+        for j0 in (0..ctx_len).step_by(4) {
+            let o = [offs[j0], offs[j0 + 1], offs[j0 + 2], offs[j0 + 3]];
+            for g in 0..group {
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for c in 0..N {
+                    let qv = _mm512_loadu_ps(qs.as_ptr().add(g * N * 16 + c * 16));
+                    for (a, &row) in acc.iter_mut().zip(&o) {
+                        *a = _mm512_fmadd_ps(qv, load16::<D>(kp, row + c * 16, mask(c)), *a);
+                    }
+                }
+                for (u, a) in acc.iter().enumerate().take(ctx_len - j0) {
+                    *sp.add(g * ctx_len + j0 + u) = _mm512_reduce_add_ps(*a);
+                }
+            }
+        }
+        softmax16(scores, ctx_len);
         for g in 0..group {
             let mut acc = [_mm512_setzero_ps(); N];
             for_each_key(&kv, table, kvh, ctx_len, |j, row| {
                 let p = _mm512_set1_ps(*sp.add(g * ctx_len + j));
                 for (c, r) in acc.iter_mut().enumerate() {
-                    *r = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(mask(c), vp.add(row + c * 16)), *r);
+                    *r = _mm512_fmadd_ps(p, load16::<D>(vp, row + c * 16, mask(c)), *r);
                 }
             });
             for (c, r) in acc.iter().enumerate() {
                 _mm512_mask_storeu_ps(out.as_mut_ptr().add(g * hd + c * 16), mask(c), *r);
+            }
+        }
+    }
+
+    /// Attention over bf16 K/V with head_dim = 32·NP. Query heads are reordered per 32 values
+    /// as 16 even then 16 odd ones, so a 64-byte load of 32 bf16 keys or values splits into two
+    /// f32 vectors with a shift (even) and a mask (odd), no cross-lane widening; the outputs
+    /// are summed in the same split order and interleaved back at the end.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn attend_bf16<const NP: usize>(
+        q: &[f32],
+        kv: PagedKv,
+        table: &[u32],
+        kvh: usize,
+        ctx_len: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = kv.head_dim;
+        debug_assert_eq!(hd, 32 * NP);
+        let group = q.len() / hd;
+        let (kp, vp, sp) = (kv.k.as_ptr() as *const u16, kv.v.as_ptr() as *const u16, scores.as_mut_ptr());
+        let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        let split = |v: __m512i| {
+            (_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_castsi512_ps(_mm512_and_si512(v, high)))
+        };
+        let mut offs = Vec::with_capacity(ctx_len + 3);
+        for_each_key(&kv, table, kvh, ctx_len, |_, row| offs.push(row));
+        offs.resize(ctx_len.next_multiple_of(4), offs[0]);
+        let mut qs = vec![0f32; group * hd];
+        for g in 0..group {
+            for c in 0..NP {
+                for i in 0..16 {
+                    qs[g * hd + 32 * c + i] = q[g * hd + 32 * c + 2 * i] * scale;
+                    qs[g * hd + 32 * c + 16 + i] = q[g * hd + 32 * c + 2 * i + 1] * scale;
+                }
+            }
+        }
+        // Rows of keys and values are scattered (one KV head of each token): fetch ahead.
+        let ahead = |p: *const u16, row: usize| {
+            for c in 0..NP {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(row + 32 * c) as *const i8);
+            }
+        };
+        // Scores, four keys at a time (four independent FMA chains).
+        for j0 in (0..ctx_len).step_by(4) {
+            let o = [offs[j0], offs[j0 + 1], offs[j0 + 2], offs[j0 + 3]];
+            for &row in offs.iter().skip(j0 + 8).take(4) {
+                ahead(kp, row);
+            }
+            for g in 0..group {
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for c in 0..NP {
+                    let qe = _mm512_loadu_ps(qs.as_ptr().add(g * hd + 32 * c));
+                    let qo = _mm512_loadu_ps(qs.as_ptr().add(g * hd + 32 * c + 16));
+                    for (a, &row) in acc.iter_mut().zip(&o) {
+                        let (ke, ko) = split(_mm512_loadu_si512(kp.add(row + 32 * c) as *const _));
+                        *a = _mm512_fmadd_ps(qo, ko, _mm512_fmadd_ps(qe, ke, *a));
+                    }
+                }
+                for (u, a) in acc.iter().enumerate().take(ctx_len - j0) {
+                    *sp.add(g * ctx_len + j0 + u) = _mm512_reduce_add_ps(*a);
+                }
+            }
+        }
+        softmax16(scores, ctx_len);
+        // Output rows in split order: 2·NP accumulators per query head.
+        for g in 0..group {
+            let mut even = [_mm512_setzero_ps(); NP];
+            let mut odd = [_mm512_setzero_ps(); NP];
+            for (j, &row) in offs.iter().enumerate().take(ctx_len) {
+                if let Some(&next) = offs.get(j + 6) {
+                    ahead(vp, next);
+                }
+                let p = _mm512_set1_ps(*sp.add(g * ctx_len + j));
+                for c in 0..NP {
+                    let (ve, vo) = split(_mm512_loadu_si512(vp.add(row + 32 * c) as *const _));
+                    even[c] = _mm512_fmadd_ps(p, ve, even[c]);
+                    odd[c] = _mm512_fmadd_ps(p, vo, odd[c]);
+                }
+            }
+            for c in 0..NP {
+                let (mut e, mut o) = ([0f32; 16], [0f32; 16]);
+                _mm512_storeu_ps(e.as_mut_ptr(), even[c]);
+                _mm512_storeu_ps(o.as_mut_ptr(), odd[c]);
+                for i in 0..16 {
+                    out[g * hd + 32 * c + 2 * i] = e[i];
+                    out[g * hd + 32 * c + 2 * i + 1] = o[i];
+                }
+            }
+        }
+    }
+
+    /// Softmax of each `ctx_len` row of `scores` in place, 16 lanes at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    unsafe fn softmax16(scores: &mut [f32], ctx_len: usize) {
+        let lanes = |i: usize| -> __mmask16 {
+            let n = (ctx_len - i).min(16);
+            if n == 16 {
+                0xffff
+            } else {
+                ((1u32 << n) - 1) as __mmask16
+            }
+        };
+        for row in scores.chunks_exact_mut(ctx_len) {
+            let p = row.as_mut_ptr();
+            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+            for i in (0..ctx_len).step_by(16) {
+                m = _mm512_mask_max_ps(m, lanes(i), m, _mm512_maskz_loadu_ps(lanes(i), p.add(i)));
+            }
+            let m = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+            let mut sum = _mm512_setzero_ps();
+            for i in (0..ctx_len).step_by(16) {
+                let x = _mm512_maskz_loadu_ps(lanes(i), p.add(i));
+                let e = _mm512_maskz_mov_ps(lanes(i), exp16(_mm512_sub_ps(x, m)));
+                _mm512_mask_storeu_ps(p.add(i), lanes(i), e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+            for i in (0..ctx_len).step_by(16) {
+                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(i), p.add(i)), inv);
+                _mm512_mask_storeu_ps(p.add(i), lanes(i), v);
             }
         }
     }
@@ -284,9 +513,9 @@ mod x86 {
     /// vector over the rows, so the online softmax (running max and sum), the causal mask and
     /// the output update run for all rows at once. The output is kept transposed (a vector of
     /// rows per dimension).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
     #[allow(clippy::type_complexity)]
-    pub unsafe fn attend_rows(
+    pub unsafe fn attend_rows<const D: u8>(
         (q, tok0, len, n_heads, group, kvh, kv, table, pos0, scale, out, scratch): (
             &[f32],
             usize,
@@ -305,7 +534,7 @@ mod x86 {
         let hd = kv.head_dim;
         let rows = len * group;
         debug_assert!(rows <= 16);
-        let (bs, stride) = (kv.block_size, kv.kv_heads * hd);
+        let bs = kv.block_size;
         scratch.clear();
         scratch.resize(2 * hd * 16, 0.0);
         let (qt, ot) = scratch.split_at_mut(hd * 16);
@@ -334,7 +563,7 @@ mod x86 {
             for (jj, off) in offs.iter_mut().enumerate() {
                 // Keys past the context repeat the first (masked out below).
                 let j = kb + if jj < nk { jj } else { 0 };
-                *off = (table[j / bs] as usize * bs + j % bs) * stride + kvh * hd;
+                *off = kv.row(table[j / bs] as usize, kvh, j % bs);
             }
             // Scores: s[j] lane r = q_r · k_j.
             let mut s = [_mm512_setzero_ps(); 16];
@@ -342,7 +571,7 @@ mod x86 {
             for d in 0..hd {
                 let qd = _mm512_loadu_ps(qt.as_ptr().add(d * 16));
                 for (j, sj) in s.iter_mut().enumerate() {
-                    *sj = _mm512_fmadd_ps(_mm512_set1_ps(*kp.add(offs[j] + d)), qd, *sj);
+                    *sj = _mm512_fmadd_ps(_mm512_set1_ps(load1::<D>(kp, offs[j] + d)), qd, *sj);
                 }
             }
             // Causal mask, block maximum, rescale of the running sums.
@@ -371,7 +600,7 @@ mod x86 {
             for d in 0..hd {
                 let mut o = _mm512_mul_ps(_mm512_loadu_ps(ot.as_ptr().add(d * 16)), corr);
                 for (j, pj) in s.iter().enumerate() {
-                    o = _mm512_fmadd_ps(*pj, _mm512_set1_ps(*vp.add(offs[j] + d)), o);
+                    o = _mm512_fmadd_ps(*pj, _mm512_set1_ps(load1::<D>(vp, offs[j] + d)), o);
                 }
                 _mm512_storeu_ps(ot.as_mut_ptr().add(d * 16), o);
             }
@@ -431,6 +660,8 @@ mod tests {
             (50, 8, 1, 33, 16),
             (24, 32, 2, 128, 16),
             (19, 4, 2, 128, 4),
+            (9, 4, 2, 64, 16),
+            (6, 2, 1, 256, 4),
         ] {
             let q = rand_vec(t * nh * hd, 1);
             let k = rand_vec(t * kvh * hd, 2);
@@ -442,10 +673,13 @@ mod tests {
             let table: Vec<u32> = (0..nblocks as u32).rev().collect();
             let mut kc = vec![0f32; nblocks * bs * kvh * hd];
             let mut vc = kc.clone();
+            let layout = KvLayout { block_size: bs, kv_heads: kvh, head_dim: hd };
             for j in 0..t {
-                let slot = table[j / bs] as usize * bs + j % bs;
-                kc[slot * kvh * hd..][..kvh * hd].copy_from_slice(&k[j * kvh * hd..][..kvh * hd]);
-                vc[slot * kvh * hd..][..kvh * hd].copy_from_slice(&v[j * kvh * hd..][..kvh * hd]);
+                for h in 0..kvh {
+                    let row = layout.row(table[j / bs] as usize, h, j % bs);
+                    kc[row..row + hd].copy_from_slice(&k[(j * kvh + h) * hd..][..hd]);
+                    vc[row..row + hd].copy_from_slice(&v[(j * kvh + h) * hd..][..hd]);
+                }
             }
             let positions: Vec<u32> = (0..t as u32).collect();
             let seq = vec![0u32; t];
@@ -454,10 +688,35 @@ mod tests {
                 AttnArgs { n_heads: nh, scale, positions: &positions, seq_of_token: &seq, block_tables: &tables };
             for isa in Isa::all_supported() {
                 let mut out = vec![0f32; t * nh * hd];
-                let kv = PagedKv { k: &kc, v: &vc, block_size: bs, kv_heads: kvh, head_dim: hd };
+                let kv = PagedKv::f32(&kc, &vc, bs, kvh, hd);
                 paged_attention(Ctx::new(isa, &pool), &q, kv, &args, &mut out);
                 for (i, (g, e)) in out.iter().zip(&want).enumerate() {
                     assert!((g - e).abs() < 1e-5, "{isa} t{t} nh{nh} kvh{kvh} hd{hd} [{i}]: {g} vs {e}");
+                }
+                // K/V stored as bf16 and f16: the result on the values those formats hold.
+                for fmt in [Format::BF16, Format::F16] {
+                    let round = |x: &[f32]| {
+                        let mut b = vec![0u8; x.len() * 2];
+                        fmt.encode_floats(x, &mut b);
+                        b
+                    };
+                    let (kb, vb) = (round(&kc), round(&vc));
+                    let (kr, vr) = (fmt.to_f32_vec(&round(&k)), fmt.to_f32_vec(&round(&v)));
+                    let want_r = dense(&q, &kr, &vr, t, nh, kvh, hd, scale);
+                    let kv = PagedKv { k: &kb, v: &vb, format: fmt, block_size: bs, kv_heads: kvh, head_dim: hd };
+                    let mut out = vec![f32::NAN; t * nh * hd];
+                    paged_attention(Ctx::new(isa, &pool), &q, kv, &args, &mut out);
+                    for (i, (g, e)) in out.iter().zip(&want_r).enumerate() {
+                        assert!((g - e).abs() < 1e-5, "{isa} {fmt} t{t} hd{hd} [{i}]: {g} vs {e}");
+                    }
+                    let pos = [t as u32 - 1];
+                    let one =
+                        AttnArgs { n_heads: nh, scale, positions: &pos, seq_of_token: &[0], block_tables: &tables };
+                    let mut o1 = vec![f32::NAN; nh * hd];
+                    paged_attention(Ctx::new(isa, &pool), &q[(t - 1) * nh * hd..], kv, &one, &mut o1);
+                    for (i, (g, e)) in o1.iter().zip(&want_r[(t - 1) * nh * hd..]).enumerate() {
+                        assert!((g - e).abs() < 1e-5, "{isa} {fmt} decode t{t} hd{hd} [{i}]: {g} vs {e}");
+                    }
                 }
                 // Decode: one query token at a time (the per-token path), at every position.
                 for p in 0..t {
@@ -465,7 +724,7 @@ mod tests {
                     let one =
                         AttnArgs { n_heads: nh, scale, positions: &pos, seq_of_token: &[0], block_tables: &tables };
                     let mut o1 = vec![0f32; nh * hd];
-                    let kv = PagedKv { k: &kc, v: &vc, block_size: bs, kv_heads: kvh, head_dim: hd };
+                    let kv = PagedKv::f32(&kc, &vc, bs, kvh, hd);
                     paged_attention(Ctx::new(isa, &pool), &q[p * nh * hd..(p + 1) * nh * hd], kv, &one, &mut o1);
                     for (i, (g, e)) in o1.iter().zip(&want[p * nh * hd..]).enumerate() {
                         assert!((g - e).abs() < 1e-5, "{isa} decode t{t} p{p} hd{hd} [{i}]: {g} vs {e}");

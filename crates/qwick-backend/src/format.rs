@@ -183,6 +183,29 @@ impl Format {
         }
     }
 
+    /// Writes f32 values in a float format (F32, BF16 or F16; round to nearest even) into
+    /// `dst` (`src.len()` elements). Panics for block formats.
+    pub fn encode_floats(self, src: &[f32], dst: &mut [u8]) {
+        match self {
+            Format::F32 => {
+                for (d, &x) in dst.chunks_exact_mut(4).zip(src) {
+                    d.copy_from_slice(&x.to_le_bytes());
+                }
+            }
+            Format::BF16 => {
+                for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                    d.copy_from_slice(&f32_to_bf16(x).to_le_bytes());
+                }
+            }
+            Format::F16 => {
+                for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                    d.copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes());
+                }
+            }
+            _ => panic!("{self} is not a float format"),
+        }
+    }
+
     /// A whole buffer of this format as f32 values.
     pub fn to_f32_vec(self, bytes: &[u8]) -> Vec<f32> {
         let info = self.info();
@@ -196,6 +219,13 @@ impl fmt::Display for Format {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// The bytes of an f32 slice.
+pub fn f32_bytes(x: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte is a valid u8; the length is the slice's size and
+    // the lifetime is the input's.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
 }
 
 #[inline(always)]

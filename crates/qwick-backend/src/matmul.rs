@@ -599,11 +599,9 @@ mod x86 {
             ldy: usize,
         ) {
             let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-            // With few outputs, even and odd products go to separate sums (two FMA chains per
-            // output); with many, one sum each keeps the accumulators in registers.
-            let two = M * R <= 8;
-            let mut even = [[_mm512_setzero_ps(); R]; M];
-            let mut odd = [[_mm512_setzero_ps(); R]; M];
+            // One sum per output, even then odd products: the same order whatever R and M are,
+            // so a row's result does not depend on the rows batched with it.
+            let mut acc = [[_mm512_setzero_ps(); R]; M];
             let mut kk = 0;
             while kk < k {
                 let mut we = [_mm512_setzero_ps(); R];
@@ -615,24 +613,18 @@ mod x86 {
                     we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
                     wo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
                 }
-                for i in 0..M {
+                for (i, a) in acc.iter_mut().enumerate() {
                     let xe = _mm512_loadu_ps(x.add(i * ldx + kk));
                     let xo = _mm512_loadu_ps(x.add(i * ldx + kk + 16));
                     for j in 0..R {
-                        even[i][j] = _mm512_fmadd_ps(xe, we[j], even[i][j]);
-                        if two {
-                            odd[i][j] = _mm512_fmadd_ps(xo, wo[j], odd[i][j]);
-                        } else {
-                            even[i][j] = _mm512_fmadd_ps(xo, wo[j], even[i][j]);
-                        }
+                        a[j] = _mm512_fmadd_ps(xo, wo[j], _mm512_fmadd_ps(xe, we[j], a[j]));
                     }
                 }
                 kk += 32;
             }
-            for i in 0..M {
-                for j in 0..R {
-                    let sum = if two { _mm512_add_ps(even[i][j], odd[i][j]) } else { even[i][j] };
-                    *y.add(i * ldy + j) = _mm512_reduce_add_ps(sum);
+            for (i, a) in acc.iter().enumerate() {
+                for (j, v) in a.iter().enumerate() {
+                    *y.add(i * ldy + j) = _mm512_reduce_add_ps(*v);
                 }
             }
         }

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use qwick_backend::{Isa, ThreadPool};
+use qwick_backend::{Format, Isa, ThreadPool};
 use qwick_engine::{Runner, RunnerConfig};
 use qwick_model::{LoadOptions, Qwen3};
 use std::io::IsTerminal;
@@ -26,6 +26,10 @@ pub struct RunArgs {
     /// converting them at load to the layout the kernels read fastest.
     #[arg(long)]
     pub no_repack: bool,
+    /// Element type of the KV cache: f32, bf16 or f16 (default bf16: half the memory and reads
+    /// of f32, greedy output unchanged on the test models; `logits` defaults to f32).
+    #[arg(long)]
+    pub kv_dtype: Option<String>,
 }
 
 impl RunArgs {
@@ -56,11 +60,35 @@ impl RunArgs {
         }
     }
 
-    /// A runner on `isa` whose cache holds `tokens` tokens.
-    pub fn runner(&self, model: Arc<Qwen3>, tokens: usize, isa: Isa) -> Result<Runner> {
+    /// The KV cache's element format asked for, else `default`.
+    pub fn kv_format_or(&self, default: Format) -> Result<Format> {
+        match &self.kv_dtype {
+            None => Ok(default),
+            Some(s) => match s.to_ascii_lowercase().as_str() {
+                "f32" => Ok(Format::F32),
+                "bf16" => Ok(Format::BF16),
+                "f16" => Ok(Format::F16),
+                _ => anyhow::bail!("--kv-dtype {s}: expected f32, bf16 or f16"),
+            },
+        }
+    }
+
+    /// The KV cache's element format (bf16 unless asked otherwise).
+    pub fn kv_format(&self) -> Result<Format> {
+        self.kv_format_or(Format::BF16)
+    }
+
+    /// A runner on `isa` whose cache holds `tokens` tokens of `kv` elements.
+    pub fn runner_as(&self, model: Arc<Qwen3>, tokens: usize, isa: Isa, kv: Format) -> Result<Runner> {
         let mut cfg = RunnerConfig::with_tokens(tokens, self.threads(), isa);
         cfg.exact = self.exact;
+        cfg.kv_format = kv;
         Ok(Runner::new(model, &cfg))
+    }
+
+    /// A runner on `isa` whose cache holds `tokens` tokens (of [`RunArgs::kv_format`]).
+    pub fn runner(&self, model: Arc<Qwen3>, tokens: usize, isa: Isa) -> Result<Runner> {
+        self.runner_as(model, tokens, isa, self.kv_format()?)
     }
 
     /// How to load the model.

@@ -95,7 +95,8 @@ fn run(cli: Cli) -> Result<()> {
             let vocab = model.config.vocab_size;
             // Scoring is exact by default: no bf16 rounding of activations.
             let isa = run.isa_or(qwick_backend::Isa::best_exact())?;
-            let mut runner = run.runner(model, tokens.len(), isa)?;
+            let kv = run.kv_format_or(qwick_backend::Format::F32)?;
+            let mut runner = run.runner_as(model, tokens.len(), isa, kv)?;
             let logits = runner.score(&tokens, 2048)?;
             qwick_model::npy::write_f32(&out, &[tokens.len(), vocab], &logits)
         }

@@ -86,6 +86,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         bail!("--max-body-mb must be positive");
     }
     let isa = a.run.isa()?;
+    let kv_format = a.run.kv_format()?;
     let threads = a.run.threads();
     let model = common::load_model(&dir, &a.run)?;
     let context =
@@ -96,11 +97,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             if !(gb > 0.0) {
                 bail!("--kv-cache-gb must be positive");
             }
-            qwick_server::kv_tokens_for_bytes(&model, (gb * 1e9) as usize)
+            kv_tokens_for_bytes(&model, kv_format, (gb * 1e9) as usize)
         }
         (None, None) => {
             let budget = available_memory().map_or(4e9, |m| (m as f64 / 4.0).min(4e9));
-            qwick_server::kv_tokens_for_bytes(&model, budget as usize).min(a.max_num_seqs.saturating_mul(context))
+            kv_tokens_for_bytes(&model, kv_format, budget as usize).min(a.max_num_seqs.saturating_mul(context))
         }
     };
     if kv_tokens < 16 {
@@ -127,9 +128,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let name = info.name.clone();
     let mut runner_config = RunnerConfig::with_tokens(kv_tokens, threads, isa);
     runner_config.exact = a.run.exact;
+    runner_config.kv_format = kv_format;
     let server = qwick_server::start(opts, info, move || Ok(Runner::new(model, &runner_config)))?;
     eprintln!(
-        "qwick: serving {name} on http://{} (KV cache: {kv_tokens} tokens; max model len: {})",
+        "qwick: serving {name} on http://{} (KV cache: {kv_tokens} tokens of {kv_format}; max model len: {})",
         server.addr, server.max_model_len
     );
     server.join()?;
@@ -185,4 +187,12 @@ pub fn bench_serve(a: BenchServeArgs) -> Result<()> {
         print!("{}", report.to_text());
     }
     Ok(())
+}
+
+/// The KV cache size in tokens for a budget of `kv_bytes` of `format` elements.
+fn kv_tokens_for_bytes(model: &qwick_model::Qwen3, format: qwick_backend::Format, kv_bytes: usize) -> usize {
+    let c = &model.config;
+    let per_token =
+        qwick_model::KvCache::bytes_per_token(format, c.num_hidden_layers, c.num_key_value_heads, c.head_dim);
+    (kv_bytes / per_token.max(1)).max(16)
 }

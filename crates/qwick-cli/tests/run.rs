@@ -82,10 +82,13 @@ fn case_args(c: &'static Value) -> Vec<&'static str> {
 #[test]
 fn greedy_tokens_equal_transformers() {
     let n = refs()["max_new_tokens"].as_u64().unwrap().to_string();
-    for c in refs()["cases"].as_array().unwrap() {
+    // The default KV cache (bf16) and the others.
+    let kv_kinds: [&[&str]; 3] = [&[], &["--kv-dtype", "f32"], &["--kv-dtype", "f16"]];
+    for (c, kv) in refs()["cases"].as_array().unwrap().iter().flat_map(|c| kv_kinds.iter().map(move |k| (c, *k))) {
         let dir = scratch(&format!("msgs-{}", c["name"].as_str().unwrap()));
         let file = dir.join("messages.json");
         let mut args = vec!["--temperature", "0", "--max-tokens", &n];
+        args.extend(kv);
         let file_arg = file.to_str().unwrap().to_string();
         if c["cli"] == true {
             args.extend(case_args(c));
@@ -94,7 +97,7 @@ fn greedy_tokens_equal_transformers() {
             args.extend(["--messages", &file_arg]);
         }
         let v = run_json(&args);
-        assert_eq!(ids(&v["token_ids"]), ids(&c["generated_ids"]), "{}", c["name"]);
+        assert_eq!(ids(&v["token_ids"]), ids(&c["generated_ids"]), "{} {kv:?}", c["name"]);
         assert_eq!(v["finish_reason"], "length");
         assert_eq!(v["timings"]["prompt_tokens"], c["prompt_ids"].as_array().unwrap().len());
         assert_eq!(v["timings"]["generated_tokens"], c["generated_ids"].as_array().unwrap().len());
@@ -222,6 +225,7 @@ fn bad_input_gets_one_clear_error() {
     expect_error(&r(&["--min-p", "2"]), "", "min_p");
     expect_error(&r(&["--repetition-penalty", "0"]), "", "repetition_penalty");
     expect_error(&r(&["--max-tokens", "0"]), "", "max_tokens must be at least 1");
+    expect_error(&r(&["--kv-dtype", "q4"]), "", "--kv-dtype q4: expected f32, bf16 or f16");
     expect_error(&r(&["--stop", ""]), "", "stop strings must not be empty");
     expect_error(&r(&["--think", "--max-thinking-tokens", "0"]), "", "--think contradicts");
     expect_error(&r(&["--no-think", "--max-thinking-tokens", "5"]), "", "--no-think contradicts");

@@ -3,7 +3,7 @@
 
 use crate::blocks::BlockAllocator;
 use anyhow::{anyhow, bail, Result};
-use qwick_backend::{Ctx, Isa, ThreadPool};
+use qwick_backend::{Ctx, Format, Isa, ThreadPool};
 use qwick_model::{Batch, KvCache, Qwen3};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,21 +20,22 @@ pub struct RunnerConfig {
     pub isa: Isa,
     /// Products with quantized weights use f32 activations (see [`Ctx::exact`]).
     pub exact: bool,
+    /// The KV cache's element format (f32 unless set).
+    pub kv_format: Format,
 }
 
 impl RunnerConfig {
-    /// A cache of `kv_bytes` for `model` (at least one block).
-    pub fn with_kv_bytes(model: &Qwen3, kv_bytes: usize, threads: usize, isa: Isa) -> RunnerConfig {
-        let c = &model.config;
-        let block_size = 16;
-        let per_block = KvCache::bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim) * block_size;
-        RunnerConfig { block_size, num_blocks: (kv_bytes / per_block).max(1), threads, isa, exact: false }
-    }
-
-    /// A cache holding exactly `tokens` tokens.
+    /// A cache holding exactly `tokens` tokens of f32 K/V.
     pub fn with_tokens(tokens: usize, threads: usize, isa: Isa) -> RunnerConfig {
         let block_size = 16;
-        RunnerConfig { block_size, num_blocks: tokens.div_ceil(block_size).max(1), threads, isa, exact: false }
+        RunnerConfig {
+            block_size,
+            num_blocks: tokens.div_ceil(block_size).max(1),
+            threads,
+            isa,
+            exact: false,
+            kv_format: Format::F32,
+        }
     }
 }
 
@@ -75,7 +76,7 @@ pub struct Runner {
 impl Runner {
     pub fn new(model: Arc<Qwen3>, cfg: &RunnerConfig) -> Runner {
         qwick_backend::alloc::tune_allocator();
-        let kv = model.new_kv_cache(cfg.num_blocks, cfg.block_size);
+        let kv = model.new_kv_cache_as(cfg.kv_format, cfg.num_blocks, cfg.block_size);
         Runner {
             model,
             kv,

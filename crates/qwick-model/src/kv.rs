@@ -1,56 +1,79 @@
-//! Paged KV cache storage: per layer, K and V as `[num_blocks, block_size, kv_heads, head_dim]`
-//! f32. Which blocks belong to which sequence is the engine's business (block tables).
+//! Paged KV cache storage: per layer, K and V as `[num_blocks, kv_heads, block_size, head_dim]`
+//! in a float format (f32, bf16 or f16). Which blocks belong to which sequence is the engine's
+//! business (block tables).
 
-use qwick_backend::attention::PagedKv;
+use qwick_backend::attention::{KvLayout, PagedKv};
+use qwick_backend::Format;
 
 pub struct KvCache {
     pub block_size: usize,
     pub num_blocks: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// The element format of K and V.
+    pub format: Format,
+    layers: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// The formats a KV cache can hold.
+pub const KV_FORMATS: [Format; 3] = [Format::F32, Format::BF16, Format::F16];
+
 impl KvCache {
-    /// Allocates a cache; pages are touched only as blocks are used.
+    /// Allocates a cache of f32 elements; pages are touched only as blocks are used.
     pub fn new(layers: usize, num_blocks: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> KvCache {
-        let per = num_blocks * block_size * kv_heads * head_dim;
+        Self::with_format(Format::F32, layers, num_blocks, block_size, kv_heads, head_dim)
+    }
+
+    /// A cache of `format` elements (one of [`KV_FORMATS`]).
+    pub fn with_format(
+        format: Format,
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> KvCache {
+        assert!(KV_FORMATS.contains(&format), "KV cache elements cannot be {format}");
+        let per = num_blocks * block_size * kv_heads * head_dim * format.row_bytes(1);
         KvCache {
             block_size,
             num_blocks,
             kv_heads,
             head_dim,
-            layers: (0..layers).map(|_| (vec![0f32; per], vec![0f32; per])).collect(),
+            format,
+            layers: (0..layers).map(|_| (vec![0u8; per], vec![0u8; per])).collect(),
         }
     }
 
     /// Bytes one token takes in all layers.
-    pub fn bytes_per_token(layers: usize, kv_heads: usize, head_dim: usize) -> usize {
-        layers * 2 * kv_heads * head_dim * 4
+    pub fn bytes_per_token(format: Format, layers: usize, kv_heads: usize, head_dim: usize) -> usize {
+        layers * 2 * kv_heads * head_dim * format.row_bytes(1)
     }
 
     pub fn bytes(&self) -> usize {
-        self.layers.len() * 2 * self.num_blocks * self.block_size * self.kv_heads * self.head_dim * 4
+        self.layers.iter().map(|(k, v)| k.len() + v.len()).sum()
     }
 
     pub fn layer(&self, l: usize) -> PagedKv<'_> {
         let (k, v) = &self.layers[l];
-        PagedKv { k, v, block_size: self.block_size, kv_heads: self.kv_heads, head_dim: self.head_dim }
+        PagedKv {
+            k,
+            v,
+            format: self.format,
+            block_size: self.block_size,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        }
     }
 
-    pub fn layer_mut(&mut self, l: usize) -> (&mut [f32], &mut [f32]) {
+    /// Layer `l`'s K and V bytes (placed as [`KvCache::layout`] says, in [`KvCache::format`]).
+    pub fn layer_mut(&mut self, l: usize) -> (&mut [u8], &mut [u8]) {
         let (k, v) = &mut self.layers[l];
         (k, v)
     }
 
-    /// Copies the first `tokens` slots of block `src` to block `dst` in every layer
-    /// (copy-on-write of a shared, partly filled block).
-    pub fn copy_block(&mut self, src: usize, dst: usize, tokens: usize) {
-        let row = self.kv_heads * self.head_dim;
-        let bs = self.block_size * row;
-        for (k, v) in &mut self.layers {
-            k.copy_within(src * bs..src * bs + tokens * row, dst * bs);
-            v.copy_within(src * bs..src * bs + tokens * row, dst * bs);
-        }
+    /// Where values live in each layer's K and V buffers.
+    pub fn layout(&self) -> KvLayout {
+        KvLayout { block_size: self.block_size, kv_heads: self.kv_heads, head_dim: self.head_dim }
     }
 }

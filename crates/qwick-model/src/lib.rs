@@ -13,5 +13,5 @@ pub mod safetensors;
 
 pub use batch::Batch;
 pub use config::{Architecture, Config};
-pub use kv::KvCache;
+pub use kv::{KvCache, KV_FORMATS};
 pub use qwen3::{LoadOptions, ModelFiles, Qwen3};

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use qwick_backend::alloc::HugeBuf;
 use qwick_backend::attention::{paged_attention, AttnArgs};
 use qwick_backend::pool::SendPtr;
-use qwick_backend::{matmul, matmul_batch, ops, Ctx, MatmulJob, WeightView};
+use qwick_backend::{matmul, matmul_batch, ops, Ctx, Format, MatmulJob, WeightView};
 use qwick_gguf::GgufFile;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -416,10 +416,15 @@ impl Qwen3 {
             + head
     }
 
-    /// A KV cache shaped for this model.
+    /// A KV cache of f32 elements shaped for this model.
     pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> KvCache {
+        self.new_kv_cache_as(Format::F32, num_blocks, block_size)
+    }
+
+    /// A KV cache of `format` elements (see [`crate::KV_FORMATS`]) shaped for this model.
+    pub fn new_kv_cache_as(&self, format: Format, num_blocks: usize, block_size: usize) -> KvCache {
         let c = &self.config;
-        KvCache::new(c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        KvCache::with_format(format, c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
     }
 
     /// Runs one step: writes the batch's K/V into `kv` and returns the logits of
@@ -483,6 +488,8 @@ impl Qwen3 {
                 ],
             );
             {
+                let (fmt, layout) = (kv.format, kv.layout());
+                let (es, bs) = (fmt.row_bytes(1), layout.block_size);
                 let (kc, vc) = kv.layer_mut(l);
                 let (kp, vp, qp, kkp) =
                     (SendPtr::new(kc), SendPtr::new(vc), SendPtr::new(&mut q), SendPtr::new(&mut k));
@@ -499,8 +506,12 @@ impl Qwen3 {
                         ops::rope_inplace(isa, ki, cs, sn);
                         let slot = slots[i] as usize;
                         unsafe {
-                            kp.slice(slot * kvd, kvd).copy_from_slice(ki);
-                            vp.slice(slot * kvd, kvd).copy_from_slice(&v[i * kvd..(i + 1) * kvd]);
+                            // Each KV head's values go to that head's rows of the block.
+                            for h in 0..layout.kv_heads {
+                                let (d, at) = (layout.head_dim, layout.row(slot / bs, h, slot % bs) * es);
+                                fmt.encode_floats(&ki[h * d..(h + 1) * d], kp.slice(at, d * es));
+                                fmt.encode_floats(&v[i * kvd + h * d..i * kvd + (h + 1) * d], vp.slice(at, d * es));
+                            }
                         }
                     }
                 });

@@ -249,13 +249,6 @@ where
     streamed("text/event-stream", produce)
 }
 
-/// The KV cache size in tokens for a budget of `kv_bytes`.
-pub fn kv_tokens_for_bytes(model: &qwick_model::Qwen3, kv_bytes: usize) -> usize {
-    let c = &model.config;
-    let per_token = qwick_model::KvCache::bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim);
-    (kv_bytes / per_token.max(1)).max(16)
-}
-
 /// A server running on its own thread.
 pub struct RunningServer {
     pub addr: SocketAddr,
