@@ -24,7 +24,8 @@ fn bench_matmul(c: &mut Criterion) {
         ("gemv32_mlp_up", 32, 3072, 1024),
         ("gemm128_mlp_up", 128, 3072, 1024),
     ];
-    for isa in Isa::all_supported().into_iter().filter(|&i| i != Isa::Scalar) {
+    let amx = Isa::Amx.supported().then_some(Isa::Amx);
+    for isa in Isa::all_supported().into_iter().chain(amx).filter(|&i| i != Isa::Scalar) {
         let ctx = Ctx::new(isa, &pool);
         let mut g = c.benchmark_group(format!("matmul_{isa}"));
         g.sample_size(10);

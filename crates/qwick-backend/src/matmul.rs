@@ -77,6 +77,10 @@ pub const GEMM_MIN_ROWS: usize = 48;
 /// (`Isa::Amx`).
 pub const AMX_MIN_ROWS: usize = 32;
 
+/// Rows of `x` at or above which products with bf16 weights run on AMX tiles (`Isa::Amx`,
+/// outside the exact mode); fewer rows take the GEMV, activations rounded to bf16 alike.
+pub const AMX_BF16_MIN_ROWS: usize = 16;
+
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, in parallel over the pool.
 pub fn matmul(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: &mut [f32]) {
     matmul_batch(ctx, &[MatmulJob::new(x, m, *w, y)]);
@@ -123,13 +127,32 @@ enum Kind {
     Bf16,
     Padded,
     Split,
+    SplitRounded,
     Q8,
     Amx,
+}
+
+/// Whether products with `w` are bf16 inference on AMX: bf16 weights, `Isa::Amx`, outside the
+/// exact mode.
+fn bf16_on_amx(ctx: Ctx, w: &WeightView) -> bool {
+    cfg!(target_arch = "x86_64")
+        && w.format == Format::BF16
+        && ctx.isa == Isa::Amx
+        && !ctx.exact
+        && w.cols.is_multiple_of(32)
 }
 
 fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
     if w.format == Format::BF16 && ctx.isa.rounds_activations() {
         Kind::Bf16
+    } else if bf16_on_amx(ctx, w) {
+        // Every product rounds activations to bf16, whatever the rows: a row's result does not
+        // depend on the rows batched with it (beyond summation order).
+        if m >= AMX_BF16_MIN_ROWS {
+            Kind::Amx
+        } else {
+            Kind::SplitRounded
+        }
     } else if w.format == Format::BF16 && ctx.isa.is_avx512() && m < GEMM_MIN_ROWS && w.cols.is_multiple_of(32) {
         Kind::Split
     } else if w.format.is_float() {
@@ -159,9 +182,9 @@ fn prepare(ctx: Ctx, kind: Kind, x: &[f32], m: usize, k: usize) -> Prepared {
             let ldx = pad_stride(ctx.isa, m, k).expect("padded stride");
             Prepared::Padded(pad_rows(x, k, ldx), ldx)
         }
-        Kind::Split => {
+        Kind::Split | Kind::SplitRounded => {
             let ldx = pad_stride(ctx.isa, m, k).unwrap_or(k);
-            Prepared::Split(split_even_odd(x, k, ldx), ldx)
+            Prepared::Split(split_even_odd(x, k, ldx, kind == Kind::SplitRounded), ldx)
         }
         Kind::Q8 => Prepared::Q8(ActQ8::quantize(ctx.isa, x, m, k)),
         #[cfg(target_arch = "x86_64")]
@@ -242,14 +265,15 @@ fn pad_rows(x: &[f32], k: usize, ldx: usize) -> Vec<f32> {
 /// `x` [m, k] (k a multiple of 32) in rows of stride `ldx`, each 32 values reordered as the 16
 /// at even positions then the 16 at odd ones: a 64-byte load of 32 bf16 weights splits into its
 /// even and odd halves with one shift and one mask (a bf16 is the top half of an f32), which
-/// then meet these activations in plain FMAs.
-fn split_even_odd(x: &[f32], k: usize, ldx: usize) -> Vec<f32> {
+/// then meet these activations in plain FMAs. `round`: values rounded to bf16 (bf16 inference).
+fn split_even_odd(x: &[f32], k: usize, ldx: usize, round: bool) -> Vec<f32> {
+    let r = |v: f32| if round { crate::format::bf16_to_f32(crate::format::f32_to_bf16(v)) } else { v };
     let mut out = vec![0f32; x.len() / k * ldx];
     for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(ldx)) {
         for (s, d) in src.chunks_exact(32).zip(dst.chunks_exact_mut(32)) {
             for i in 0..16 {
-                d[i] = s[2 * i];
-                d[16 + i] = s[2 * i + 1];
+                d[i] = r(s[2 * i]);
+                d[16 + i] = r(s[2 * i + 1]);
             }
         }
     }
@@ -286,8 +310,11 @@ unsafe fn matmul_cols_impl(
         Prepared::Q8(a) => quant::matmul_q8(ctx.isa, a, w, y, ldy, cols),
         #[cfg(target_arch = "x86_64")]
         Prepared::Amx(a) => {
-            let spec = quant::tiles::spec(w.format).expect("AMX activations for a format with tiles");
-            quant::amx::matmul(spec, a, w, y, ldy, cols)
+            let src = match quant::tiles::spec(w.format) {
+                Some(spec) if w.layout == Layout::Tiles => quant::amx::Source::Tiles(spec),
+                _ => quant::amx::Source::Bf16Rows,
+            };
+            quant::amx::matmul(src, a, w, y, ldy, cols)
         }
         Prepared::Bf16(xb) => float_cols(ctx.isa, x, w.cols, xb, m, w, y, ldy, cols),
         Prepared::Padded(xp, ldx) => float_cols(ctx.isa, xp, *ldx, &[], m, w, y, ldy, cols),
@@ -1282,6 +1309,8 @@ pub(crate) mod tests {
             (6, 50, 512),
             (11, 33, 2048),
             (47, 20, 1024),
+            (16, 40, 96),
+            (33, 17, 512),
         ];
         for dt in [Format::F32, Format::BF16, Format::F16] {
             for &(m, n, k) in &shapes {
@@ -1303,10 +1332,14 @@ pub(crate) mod tests {
                     x.iter().map(|&v| crate::format::bf16_to_f32(crate::format::f32_to_bf16(v))).collect();
                 let mut want_r = vec![0f32; m * n];
                 matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &w, &mut want_r);
-                for isa in Isa::all_supported() {
+                let amx = Isa::Amx.supported().then_some(Isa::Amx);
+                for isa in Isa::all_supported().into_iter().chain(amx) {
                     let mut got = vec![f32::NAN; m * n];
                     matmul(Ctx::new(isa, &pool), &x, m, &w, &mut got);
-                    let want = if isa.rounds_activations() && dt == Format::BF16 { &want_r } else { &want };
+                    // bf16 weights on AMX (k a multiple of 32) round activations too.
+                    let tiles = isa == Isa::Amx && k % 32 == 0;
+                    let rounded = dt == Format::BF16 && (isa.rounds_activations() || tiles);
+                    let want = if rounded { &want_r } else { &want };
                     for (i, (g, e)) in got.iter().zip(want).enumerate() {
                         assert!(
                             (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),

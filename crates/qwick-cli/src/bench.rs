@@ -36,10 +36,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let threads = a.run.threads();
     let isa = a.run.isa()?;
-    // Bandwidth first, before the weights occupy memory.
-    let bw = {
+    // Bandwidth first, before the weights occupy memory: the best of several read patterns.
+    let (bw, patterns) = {
         let pool = ThreadPool::new(threads);
-        read_bandwidth(Ctx::new(isa, &pool), 512 << 20, 5)
+        read_bandwidth(Ctx::new(isa, &pool), 1 << 30, 4)
     };
     let t_load = Instant::now();
     let model = common::load_model(&a.model, &a.run)?;
@@ -49,7 +49,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if ctx_len > cfg.max_position_embeddings {
         eprintln!("note: {ctx_len} tokens exceed max_position_embeddings ({})", cfg.max_position_embeddings);
     }
-    let bytes_per_step = model.bytes_read_per_token();
+    // Bytes a decode step reads: the weights once, and each sequence's K/V at the mean context
+    // of the timed steps.
+    let kv_format = a.run.kv_format()?;
+    let kv_per_token =
+        qwick_model::KvCache::bytes_per_token(kv_format, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim);
+    let mean_ctx = a.prompt_len + a.gen_len / 2;
+    let kv_per_step = a.batch * mean_ctx * kv_per_token;
+    let bytes_per_step = model.bytes_read_per_token() + kv_per_step;
     // Which kernels the weights take: (format, path) -> (tensors, bytes); and the slow ones.
     let mut kernels: std::collections::BTreeMap<(String, &str), (usize, usize)> = Default::default();
     let mut slow: Vec<String> = Vec::new();
@@ -118,7 +125,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "ttft_s": prefill_s,
         "decode_tok_s": decode_tok_s,
         "bandwidth_gb_s": bw / 1e9,
-        "bytes_per_token": bytes_per_step,
+        "bandwidth_by_pattern_gb_s": patterns.iter().map(|(p, b)| (format!("{p:?}"), b / 1e9)).collect::<std::collections::BTreeMap<_, _>>(),
+        "bytes_per_step": bytes_per_step,
+        "kv_bytes_per_step": kv_per_step,
+        "kv_dtype": kv_format.to_string(),
         "bound_tok_s": bound_tok_s,
         "decode_pct_of_bound": 100.0 * decode_tok_s / bound_tok_s,
         "effective_gb_s": decode_tok_s / a.batch as f64 * bytes_per_step as f64 / 1e9,
@@ -146,13 +156,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("prefill          {prefill_tok_s:.1} tok/s   (time to first token {:.3} s)", prefill_s);
         println!("decode           {decode_tok_s:.2} tok/s{}", if a.batch > 1 { "  (aggregate)" } else { "" });
         println!(
-            "bandwidth bound  {bound_tok_s:.2} tok/s   ({:.2} GB read per step at {:.1} GB/s measured); decode at {:.0}% of it",
+            "bandwidth bound  {bound_tok_s:.2} tok/s   ({:.2} GB read per step, {:.2} GB of it K/V, at {:.1} GB/s measured); decode at {:.0}% of it",
             gb(bytes_per_step),
+            gb(kv_per_step),
             bw / 1e9,
             100.0 * decode_tok_s / bound_tok_s
         );
+        let each: Vec<String> = patterns.iter().map(|(p, b)| format!("{p:?} {:.1}", b / 1e9)).collect();
+        println!("read bandwidth   best of {} GB/s", each.join(", "));
         println!(
-            "memory           peak RSS {:.2} GB  (weights {:.2} GB, KV cache {:.2} GB)",
+            "memory           peak RSS {:.2} GB  (weights {:.2} GB, KV cache {:.2} GB of {kv_format})",
             gb(rss),
             gb(weight_bytes),
             gb(runner.kv_bytes())

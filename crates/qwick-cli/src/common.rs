@@ -18,8 +18,9 @@ pub struct RunArgs {
     /// QWICK_ISA, else the fastest available; `logits` defaults to the fastest exact one).
     #[arg(long)]
     pub isa: Option<String>,
-    /// Multiply quantized weights exactly: dequantized, with f32 activations, instead of
-    /// integer dot products with activations quantized to 8 bits.
+    /// Exact products: f32 activations for every weight format (quantized weights
+    /// dequantized), instead of activations quantized to 8 bits (quantized weights) or rounded
+    /// to bf16 (bf16 weights on AMX).
     #[arg(long)]
     pub exact: bool,
     /// Keep quantized weights in the file's layout (memory-mapped, nothing copied) instead of

@@ -28,6 +28,11 @@ fn refs() -> &'static Value {
     common::greedy_refs()
 }
 
+/// How far the same logprob may differ when computed in a different batch shape (a prefill
+/// chunk or a decode step): bf16 inference rounds activations to bf16, and a different summation
+/// order can move a value across a rounding boundary.
+const LOGPROB_TOL: f64 = 5e-2;
+
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
 }
@@ -732,7 +737,7 @@ fn completions_echo_the_prompt() {
     let plp = &plain["choices"][0]["logprobs"];
     assert_eq!(&tokens[p.len()..], plp["tokens"].as_array().unwrap().as_slice());
     for (a, b) in lps[p.len()..].iter().zip(plp["token_logprobs"].as_array().unwrap()) {
-        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-3, "{a} vs {b}");
+        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < LOGPROB_TOL, "{a} vs {b}");
     }
     let mut compared = 0;
     for i in 1..p.len() {
@@ -743,10 +748,14 @@ fn completions_echo_the_prompt() {
         let mine = tops[i].as_object().unwrap();
         for (k, v) in &top {
             let m = mine.get(k).unwrap_or_else(|| panic!("position {i}: {k:?} missing from {}", tops[i]));
-            assert!((m.as_f64().unwrap() - v.as_f64().unwrap()).abs() < 1e-3, "position {i} {k:?}: {m} vs {v}");
+            assert!((m.as_f64().unwrap() - v.as_f64().unwrap()).abs() < LOGPROB_TOL, "position {i} {k:?}: {m} vs {v}");
         }
         if let Some(v) = top.get(tokens[i].as_str().unwrap()) {
-            assert!((lps[i].as_f64().unwrap() - v.as_f64().unwrap()).abs() < 1e-3, "position {i}: {} vs {v}", lps[i]);
+            assert!(
+                (lps[i].as_f64().unwrap() - v.as_f64().unwrap()).abs() < LOGPROB_TOL,
+                "position {i}: {} vs {v}",
+                lps[i]
+            );
             compared += 1;
         }
     }
@@ -761,7 +770,7 @@ fn completions_echo_the_prompt() {
     assert_eq!(&qlp["tokens"].as_array().unwrap()[p.len()..p.len() + 3], &tokens[p.len()..]);
     for (k, b) in plp["token_logprobs"].as_array().unwrap().iter().enumerate() {
         let a = &qlp["token_logprobs"][p.len() + k];
-        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-3, "generated token {k}: {a} vs {b}");
+        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < LOGPROB_TOL, "generated token {k}: {a} vs {b}");
         compared += 1;
     }
     assert!(compared >= 3);
@@ -908,7 +917,7 @@ fn prompt_logprobs_do_not_depend_on_chunking_or_the_prefix_cache() {
     assert_eq!(la["token_logprobs"].as_array().unwrap().len(), p.len() + 2);
     for (x, y) in la["token_logprobs"].as_array().unwrap().iter().zip(lb["token_logprobs"].as_array().unwrap()) {
         match (x.as_f64(), y.as_f64()) {
-            (Some(x), Some(y)) => assert!((x - y).abs() < 1e-3, "{x} vs {y}"),
+            (Some(x), Some(y)) => assert!((x - y).abs() < LOGPROB_TOL, "{x} vs {y}"),
             _ => assert!(x.is_null() && y.is_null(), "{x} vs {y}"),
         }
     }

@@ -92,7 +92,9 @@ fn batch_equals_alone() {
                     assert_eq!(solo.len(), batched[i].len());
                     for (t, (a, b)) in solo.iter().zip(&batched[i]).enumerate() {
                         let what = format!("{isa} {name} n={n} seq {i} step {t}");
-                        if !isa.rounds_activations() {
+                        // Rounded activations (bf16 dot products; bf16 weights on AMX) make results
+                        // depend on the batch shape within rounding.
+                        if !isa.rounds_activations() && isa != Isa::Amx {
                             assert_eq!(argmax(a), argmax(b), "{what}: greedy token differs");
                             let worst =
                                 a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + x.abs())).fold(0f32, f32::max);

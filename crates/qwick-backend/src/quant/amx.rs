@@ -3,8 +3,9 @@
 //! A tile multiply (`tdpbf16ps`) takes 16 rows × 32 bf16 of activations and 32 bf16 × 16
 //! columns of weights and accumulates a 16 × 16 block of f32 sums. Weights of any
 //! integer-kernel format are unpacked from their tiles to bf16 (`s · (u − o) + m`, rounded to
-//! nearest even) once per call, 16 rows at a time; activations are rounded to bf16. This is
-//! bf16 inference: the reference is the f32 product of the bf16-rounded operands.
+//! nearest even) once per call, 16 rows at a time; bf16 weights (file row layout) are only
+//! rearranged into tiles; activations are rounded to bf16. This is bf16 inference: the
+//! reference is the f32 product of the bf16-rounded operands.
 //!
 //! AMX state is per thread and must be granted by the kernel (Linux `arch_prctl`); [`usable`]
 //! asks once per process.
@@ -165,6 +166,46 @@ unsafe fn unpack_group(spec: &Spec, group: &[u8], k: usize, out: &mut [u16]) {
     }
 }
 
+/// Rows `16·g..16·g+16` of a bf16 weight in row layout (`k` values per row) as B tiles: for
+/// each 32 values, 16 rows of 64 bytes, row `p` holding values `(2p, 2p+1)` of each weight
+/// row: a 16 × 16 transpose of 32-bit pairs, done with gathers. Rows past `rows` are zero.
+///
+/// # Safety
+/// The CPU must support AVX-512; `data` holds `rows` rows of `k` bf16; `out` holds
+/// `k / 32 × 512` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn unpack_bf16_rows(data: &[u8], rows: usize, g: usize, k: usize, out: &mut [u16]) {
+    let n = (rows - g * ROWS).min(ROWS);
+    let live: __mmask16 = if n == ROWS { 0xffff } else { ((1u32 << n) - 1) as __mmask16 };
+    // Byte offset of each of the 16 rows.
+    let idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(2 * k as i32),
+    );
+    let base = data.as_ptr().add(g * ROWS * 2 * k);
+    for j in 0..k / 32 {
+        let dst = out.as_mut_ptr().add(j * 512);
+        for p in 0..16 {
+            let v = _mm512_mask_i32gather_epi32::<1>(
+                _mm512_setzero_si512(),
+                live,
+                idx,
+                base.add(64 * j + 4 * p) as *const _,
+            );
+            _mm512_storeu_si512(dst.add(32 * p) as *mut _, v);
+        }
+    }
+}
+
+/// Where the weights of a [`matmul`] come from.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    /// A weight in tiles of this integer format.
+    Tiles(&'a Spec),
+    /// A bf16 weight in row layout.
+    Bf16Rows,
+}
+
 /// Depth of a pass, in 32-value steps: the activation and weight tiles of a pass (2 × 8 KiB
 /// each) stay in L1 while every row block goes over them.
 const KC: usize = 8;
@@ -178,9 +219,15 @@ const KC: usize = 8;
 /// # Safety
 /// [`usable`] must have returned true; `w` is in tiles; `y` is valid for `a.m` rows of `ldy`
 /// floats and no other thread writes these columns.
-pub unsafe fn matmul(spec: &Spec, a: &ActBf16, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
     let k = a.k;
-    let gb = spec.group_bytes(k);
+    let unpack = |g: usize, out: &mut [u16]| match src {
+        Source::Tiles(spec) => {
+            let gb = spec.group_bytes(k);
+            unpack_group(spec, &w.data[g * gb..(g + 1) * gb], k, out)
+        }
+        Source::Bf16Rows => unpack_bf16_rows(w.data, w.rows, g, k, out),
+    };
     let ksteps = k / 32;
     let rblocks = a.m.div_ceil(ROWS);
     let mut b = vec![0u16; 2 * ksteps * 512];
@@ -191,9 +238,9 @@ pub unsafe fn matmul(spec: &Spec, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
     while n < cols.end {
         let g = n / ROWS;
         let width = (cols.end - n).min(2 * ROWS);
-        unpack_group(spec, &w.data[g * gb..(g + 1) * gb], k, &mut b[..ksteps * 512]);
+        unpack(g, &mut b[..ksteps * 512]);
         if width > ROWS {
-            unpack_group(spec, &w.data[(g + 1) * gb..(g + 2) * gb], k, &mut b[ksteps * 512..]);
+            unpack(g + 1, &mut b[ksteps * 512..]);
         } else {
             b[ksteps * 512..].fill(0);
         }

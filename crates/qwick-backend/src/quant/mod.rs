@@ -283,7 +283,7 @@ mod tests {
                 let mut want = vec![0f32; m * n];
                 amx::reference(spec, &a, &w, &mut want, n);
                 let mut got = vec![f32::NAN; m * n];
-                unsafe { amx::matmul(spec, &a, &w, got.as_mut_ptr(), n, 0..n) };
+                unsafe { amx::matmul(amx::Source::Tiles(spec), &a, &w, got.as_mut_ptr(), n, 0..n) };
                 for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - e).abs() <= 1e-5 * (1.0 + e.abs()) * (k as f32).sqrt(),
