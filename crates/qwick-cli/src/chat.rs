@@ -7,7 +7,7 @@
 use crate::run::{finish_reason, generate_text, stats_line, Chat, Display, GenArgs, TextStream};
 use anyhow::Result;
 use qwick_chat::ChatMessage;
-use qwick_engine::Runner;
+use qwick_engine::Scheduler;
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -68,7 +68,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let isa = g.run.isa()?;
     let model = chat.load_weights(&g.run)?;
     let context = chat.context().min(CHAT_CONTEXT);
-    let mut runner = g.run.runner(model, context, isa)?;
+    // One scheduler for the session: each turn's prompt starts with the last one, whose blocks
+    // the prefix cache keeps.
+    let mut sched = g.run.scheduler(model, context, isa)?;
 
     let signals = Arc::new(Signals::default());
     let interactive = std::io::stdin().is_terminal();
@@ -126,7 +128,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         history.push(ChatMessage::user(line));
         signals.interrupted.store(false, Ordering::SeqCst);
         signals.generating.store(true, Ordering::SeqCst);
-        let r = answer(&chat, g, &mut runner, &history, thinking, explicit, turn, context, display, &signals);
+        let r = answer(&chat, g, &mut sched, &history, thinking, explicit, turn, context, display, &signals);
         signals.generating.store(false, Ordering::SeqCst);
         turn += 1;
         match r {
@@ -145,7 +147,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
 fn answer(
     chat: &Chat,
     g: &GenArgs,
-    runner: &mut Runner,
+    sched: &mut Scheduler,
     history: &[ChatMessage],
     thinking: bool,
     explicit: bool,
@@ -170,7 +172,7 @@ fn answer(
     };
     let mut text = TextStream::new(&chat.tokenizer, &sampling.stop, prompt.starts_in_thinking, display);
     let params = chat.params(sampling, context, budget);
-    let gen = generate_text(runner, &prompt.ids, params, &mut text, || signals.interrupted.load(Ordering::SeqCst))?;
+    let gen = generate_text(sched, &prompt.ids, params, &mut text, || signals.interrupted.load(Ordering::SeqCst))?;
     println!();
     if signals.interrupted.load(Ordering::SeqCst) {
         note("(stopped)");

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use qwick_backend::{Format, Isa, ThreadPool};
-use qwick_engine::{Runner, RunnerConfig};
+use qwick_engine::{Runner, RunnerConfig, Scheduler, SchedulerConfig};
 use qwick_model::{LoadOptions, Qwen3};
 use std::io::IsTerminal;
 use std::path::Path;
@@ -85,6 +85,12 @@ impl RunArgs {
         cfg.exact = self.exact;
         cfg.kv_format = kv;
         Ok(Runner::new(model, &cfg))
+    }
+
+    /// The scheduler (with its prefix cache) over a [`RunArgs::runner`]: the generation loop of
+    /// `run` and `chat`, as of the server.
+    pub fn scheduler(&self, model: Arc<Qwen3>, tokens: usize, isa: Isa) -> Result<Scheduler> {
+        Ok(Scheduler::new(self.runner(model, tokens, isa)?, SchedulerConfig::default()))
     }
 
     /// A runner on `isa` whose cache holds `tokens` tokens (of [`RunArgs::kv_format`]).

@@ -8,7 +8,7 @@ use qwick_chat::{
     ChatMessage, ChatTemplate, GenerationConfig, IncrementalDecoder, ModelText, ReasoningParser, RenderOptions,
     TextSource, Tokenizer, THINKING_BUDGET_STOP,
 };
-use qwick_engine::{generate, FinishReason, GenParams, Generation, Runner, ThinkingBudget};
+use qwick_engine::{generate, FinishReason, GenParams, Generation, Scheduler, ThinkingBudget};
 use qwick_gguf::GgufFile;
 use qwick_model::{Config, ModelFiles, Qwen3};
 use qwick_sampler::{SamplingParams, StopMatcher};
@@ -351,14 +351,14 @@ impl TextStream {
 /// Generates from `ids`, feeding every token to `text` (which prints and watches stop strings)
 /// until the engine finishes, `text` asks to stop, or `interrupted()` says so; then flushes `text`.
 pub fn generate_text(
-    runner: &mut Runner,
+    sched: &mut Scheduler,
     ids: &[u32],
     params: GenParams,
     text: &mut TextStream,
     interrupted: impl Fn() -> bool,
 ) -> Result<Generation> {
     let mut failed = None;
-    let g = generate(runner, ids, params, |e| {
+    let g = generate(sched, ids, params, |e| {
         if interrupted() {
             return ControlFlow::Break(());
         }
@@ -387,12 +387,16 @@ pub fn finish_reason(g: &Generation, text: &TextStream) -> &'static str {
 /// One line of statistics for stderr.
 pub fn stats_line(g: &Generation, finish: &str) -> String {
     let mut s = format!(
-        "{} tokens, {:.1} tok/s (prompt: {} tokens, {:.1} tok/s)",
+        "{} tokens, {:.1} tok/s (prompt: {} tokens, {:.1} tok/s",
         g.tokens.len(),
         g.decode_tok_s(),
         g.prompt_tokens,
         g.prefill_tok_s()
     );
+    if g.cached_tokens > 0 {
+        s.push_str(&format!("; {} from the cache", g.cached_tokens));
+    }
+    s.push(')');
     if finish == "length" {
         s.push_str("; stopped at the token limit");
     }
@@ -459,7 +463,7 @@ pub fn run(a: RunCmdArgs) -> Result<()> {
     let max_tokens = sampling.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
     let inject = budget.as_ref().map_or(0, |b| b.stop_tokens_after_text.len());
     let kv_tokens = chat.context().min(prompt.ids.len() + max_tokens + inject + 1);
-    let mut runner = a.gen.run.runner(model, kv_tokens, isa)?;
+    let mut sched = a.gen.run.scheduler(model, kv_tokens, isa)?;
     let stops = sampling.stop.clone();
 
     let terminal = std::io::stdout().is_terminal();
@@ -472,7 +476,7 @@ pub fn run(a: RunCmdArgs) -> Result<()> {
     };
     let mut text = TextStream::new(&chat.tokenizer, &stops, prompt.starts_in_thinking, display);
     let params = chat.params(sampling, kv_tokens, budget);
-    let g = generate_text(&mut runner, &prompt.ids, params, &mut text, || false)?;
+    let g = generate_text(&mut sched, &prompt.ids, params, &mut text, || false)?;
     let finish = finish_reason(&g, &text);
     if a.json {
         let mut v = json!({

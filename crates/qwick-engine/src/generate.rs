@@ -23,7 +23,7 @@
 //! `</think>` is generated or injected, nothing more is counted. A budget of 0 injects the stop
 //! tokens before the first sampled token.
 
-use crate::runner::{Logits, Runner, SeqId, Span};
+use crate::scheduler::{Event, EventSink, Request, Scheduler};
 use anyhow::{anyhow, bail, Result};
 use qwick_sampler::{mask_logits, Sampler, SamplingParams, TokenConstraint};
 use std::collections::HashSet;
@@ -229,13 +229,6 @@ impl SeqGen {
         matches!(self.thinking, Thinking::In(_))
     }
 
-    /// Ends the sequence at the caller's request, keeping the first `keep` output tokens (those
-    /// the caller has taken).
-    pub fn abort(&mut self, keep: usize) {
-        self.output.truncate(keep);
-        self.finish = Some(FinishReason::Aborted);
-    }
-
     fn room(&self) -> usize {
         self.max_context - self.prompt.len() - self.output.len()
     }
@@ -373,6 +366,8 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub finish: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose K/V came from the prefix cache.
+    pub cached_tokens: usize,
     /// Tokens chosen by the sampler (the rest were injected by the thinking budget).
     pub sampled_tokens: usize,
     /// Reasoning tokens counted against the thinking budget (0 without one).
@@ -395,84 +390,105 @@ impl Generation {
         }
     }
 
-    /// Prefill speed: prompt tokens per second.
+    /// Prefill speed: prompt tokens computed (not from the prefix cache) per second.
     pub fn prefill_tok_s(&self) -> f64 {
         if self.prefill_s > 0.0 {
-            self.prompt_tokens as f64 / self.prefill_s
+            (self.prompt_tokens - self.cached_tokens) as f64 / self.prefill_s
         } else {
             0.0
         }
     }
 }
 
-/// Longest prompt chunk computed in one step.
-pub const PREFILL_CHUNK: usize = 512;
-
-/// Generates from `prompt` as one sequence on `runner` (freed at the end), calling `on_token`
-/// for every output token as soon as it is chosen; `Break` stops generation (finish `Aborted`,
-/// the token that broke included in the output).
+/// Generates from `prompt` as one request on `sched` — the scheduler, KV manager and prefix
+/// cache the server uses, so a prompt that extends an earlier one (the next turn of a chat)
+/// reuses its cached blocks — calling `on_token` for every output token as soon as it is chosen;
+/// `Break` stops generation (finish `Aborted`, the token that broke included in the output).
 pub fn generate(
-    runner: &mut Runner,
+    sched: &mut Scheduler,
     prompt: &[u32],
     params: GenParams,
     mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
 ) -> Result<Generation> {
-    let mut gen = SeqGen::new(prompt, params)?;
+    let gen = SeqGen::new(prompt, params)?;
+    let sink = LocalSink::default();
     let start = Instant::now();
-    let seq = runner.add_sequence(prompt);
-    let result = drive(runner, seq, &mut gen, &mut on_token, start);
-    runner.free_sequence(seq);
-    let (prefill_s, decode_steps) = result?;
-    Ok(Generation {
-        tokens: gen.output().to_vec(),
-        finish: gen.finish_reason().unwrap_or(FinishReason::Aborted),
+    sched.add(Request { gen, logprobs: None }, Box::new(sink.clone()));
+    let mut out = Generation {
+        tokens: vec![],
+        finish: FinishReason::Aborted,
         prompt_tokens: prompt.len(),
-        sampled_tokens: gen.sampled(),
-        reasoning_tokens: gen.reasoning_tokens(),
-        prefill_s,
-        decode_s: start.elapsed().as_secs_f64() - prefill_s,
-        decode_steps,
-    })
-}
-
-fn drive(
-    runner: &mut Runner,
-    seq: SeqId,
-    gen: &mut SeqGen,
-    on_token: &mut impl FnMut(&TokenEvent) -> ControlFlow<()>,
-    start: Instant,
-) -> Result<(f64, usize)> {
-    // Prefill in chunks; only the last asks for logits.
-    let mut logits = loop {
-        let pending = runner.pending(seq)?;
-        let len = pending.min(PREFILL_CHUNK);
-        let want = if len == pending { Logits::Last } else { Logits::None };
-        let mut out = runner.step(&[Span { seq, len, logits: want }])?;
-        if want == Logits::Last {
-            break out.pop().expect("one span");
-        }
+        cached_tokens: 0,
+        sampled_tokens: 0,
+        reasoning_tokens: 0,
+        prefill_s: 0.0,
+        decode_s: 0.0,
+        decode_steps: 0,
     };
     let mut prefill_s = None;
-    let mut steps = 0;
-    loop {
-        let decision = gen.on_logits(&mut logits)?;
-        let prefill = *prefill_s.get_or_insert_with(|| start.elapsed().as_secs_f64());
-        for (i, &token) in decision.tokens.iter().enumerate() {
-            let index = gen.output().len() - decision.tokens.len() + i;
-            if on_token(&TokenEvent { token, index }).is_break() {
-                gen.abort(index + 1);
-                return Ok((prefill, steps));
+    'run: while sched.has_work() {
+        sched.step();
+        for event in sink.take() {
+            match event {
+                Event::Started { cached_tokens, .. } => out.cached_tokens = cached_tokens,
+                Event::PromptLogprobs(_) => {}
+                Event::Tokens(toks) => {
+                    match prefill_s {
+                        None => prefill_s = Some(start.elapsed().as_secs_f64()),
+                        Some(_) => out.decode_steps += 1,
+                    }
+                    for t in toks {
+                        let index = out.tokens.len();
+                        out.tokens.push(t.token.id);
+                        out.sampled_tokens += usize::from(!t.token.injected);
+                        out.reasoning_tokens += usize::from(t.token.reasoning);
+                        if on_token(&TokenEvent { token: t.token, index }).is_break() {
+                            out.finish = FinishReason::Aborted;
+                            sink.close();
+                            // The next step drops the request and frees its blocks.
+                            sched.step();
+                            break 'run;
+                        }
+                    }
+                }
+                Event::Finished(f) => out.finish = f,
+                Event::Error(e) => bail!("{e}"),
             }
         }
-        if decision.finish.is_some() {
-            return Ok((prefill, steps));
+    }
+    out.prefill_s = prefill_s.unwrap_or_else(|| start.elapsed().as_secs_f64());
+    out.decode_s = start.elapsed().as_secs_f64() - out.prefill_s;
+    Ok(out)
+}
+
+/// The events of one request run by [`generate`], kept until taken.
+#[derive(Clone, Default)]
+struct LocalSink {
+    events: Arc<std::sync::Mutex<Vec<Event>>>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LocalSink {
+    fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.events.lock().unwrap())
+    }
+
+    fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl EventSink for LocalSink {
+    fn send(&mut self, event: Event) -> bool {
+        if self.is_closed() {
+            return false;
         }
-        for t in &decision.tokens {
-            runner.append_token(seq, t.id)?;
-        }
-        let len = runner.pending(seq)?;
-        logits = runner.step(&[Span { seq, len, logits: Logits::Last }])?.pop().expect("one span");
-        steps += 1;
+        self.events.lock().unwrap().push(event);
+        true
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 

@@ -7,7 +7,10 @@
 //! through `SeqGen` in shared steps.
 
 use qwick_backend::Isa;
-use qwick_engine::{generate, FinishReason, GenParams, Logits, Runner, RunnerConfig, SamplingParams, SeqGen, Span};
+use qwick_engine::{
+    generate, FinishReason, GenParams, Logits, Runner, RunnerConfig, SamplingParams, Scheduler, SchedulerConfig,
+    SeqGen, Span,
+};
 use qwick_model::Qwen3;
 use serde_json::Value;
 use std::ops::ControlFlow;
@@ -62,10 +65,11 @@ fn greedy_generate_matches_transformers() {
     let model = model();
     let (cases, eos, n) = cases();
     for isa in Isa::all_supported().into_iter().filter(|i| !i.rounds_activations()) {
-        let mut runner = Runner::new(model.clone(), &RunnerConfig::with_tokens(256, 2, isa));
+        let runner = Runner::new(model.clone(), &RunnerConfig::with_tokens(256, 2, isa));
+        let mut sched = Scheduler::new(runner, SchedulerConfig::default());
         for c in &cases {
             let mut streamed = vec![];
-            let g = generate(&mut runner, &c.prompt, params(&eos, n, 512), |e| {
+            let g = generate(&mut sched, &c.prompt, params(&eos, n, 512), |e| {
                 assert_eq!(e.index, streamed.len());
                 streamed.push(e.token.id);
                 ControlFlow::Continue(())
@@ -76,7 +80,17 @@ fn greedy_generate_matches_transformers() {
             assert_eq!(g.finish, FinishReason::Length);
             assert_eq!((g.prompt_tokens, g.sampled_tokens, g.decode_steps), (c.prompt.len(), n, n - 1));
         }
-        assert_eq!(runner.blocks().num_used(), 0, "sequences are freed");
+        assert_eq!(sched.stats().kv_blocks_used, 0, "sequences are freed");
+        assert_eq!(sched.check_kv(), Ok(()));
+        // The same prompt again: its whole blocks come from the prefix cache, same tokens.
+        let c = cases.iter().max_by_key(|c| c.prompt.len()).unwrap();
+        let g = generate(&mut sched, &c.prompt, params(&eos, n, 512), |_| ControlFlow::Continue(())).unwrap();
+        assert_eq!(g.tokens, c.want, "{} from the cache on {isa}", c.name);
+        assert_eq!(g.cached_tokens, (c.prompt.len() - 1) / 16 * 16, "{}", c.name);
+        // The next turn of a conversation (prompt, answer, more): the first two come from the cache.
+        let next: Vec<u32> = c.prompt.iter().chain(&g.tokens).chain(&c.prompt[..5]).copied().collect();
+        let g2 = generate(&mut sched, &next, params(&eos, 2, 512), |_| ControlFlow::Continue(())).unwrap();
+        assert_eq!(g2.cached_tokens, (c.prompt.len() + g.tokens.len() - 1) / 16 * 16, "{}", c.name);
     }
 }
 
@@ -85,7 +99,8 @@ fn generate_stops_on_stop_tokens_callback_and_context() {
     let model = model();
     let (cases, eos, n) = cases();
     let c = &cases[0];
-    let mut runner = Runner::new(model, &RunnerConfig::with_tokens(256, 2, Isa::best_exact()));
+    let runner = Runner::new(model, &RunnerConfig::with_tokens(256, 2, Isa::best_exact()));
+    let mut runner = Scheduler::new(runner, SchedulerConfig::default());
     // A stop token id: the fifth greedy token ends generation, included.
     let mut p = params(&eos, n, 512);
     p.sampling.stop_token_ids = vec![c.want[4]];
@@ -109,7 +124,8 @@ fn generate_stops_on_stop_tokens_callback_and_context() {
     // A prompt that fills the context is an error, not a panic.
     let e = generate(&mut runner, &c.prompt, params(&eos, n, c.prompt.len()), |_| ControlFlow::Continue(()));
     assert!(e.unwrap_err().to_string().contains("no room"));
-    assert_eq!(runner.blocks().num_used(), 0);
+    assert_eq!(runner.stats().kv_blocks_used, 0);
+    assert_eq!(runner.check_kv(), Ok(()));
 }
 
 /// The per-sequence state driven by a hand-written loop that batches every sequence in one step,

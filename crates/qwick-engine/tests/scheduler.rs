@@ -39,8 +39,9 @@ fn runner(m: &Arc<Qwen3>, tokens: usize) -> Runner {
 }
 
 fn alone(m: &Arc<Qwen3>, p: &[u32], max_tokens: usize) -> Vec<u32> {
-    let mut r = runner(m, p.len() + max_tokens + 16);
-    generate(&mut r, p, params(max_tokens), |_| ControlFlow::Continue(())).unwrap().tokens
+    let cfg = SchedulerConfig { prefix_caching: false, ..SchedulerConfig::default() };
+    let mut s = Scheduler::new(runner(m, p.len() + max_tokens + 16), cfg);
+    generate(&mut s, p, params(max_tokens), |_| ControlFlow::Continue(())).unwrap().tokens
 }
 
 #[derive(Clone, Default)]
