@@ -17,24 +17,35 @@ pub mod quant;
 
 pub use format::Format;
 pub use isa::Isa;
-pub use matmul::{matmul, matmul_batch, MatmulJob, WeightView};
+pub use matmul::{matmul, matmul_batch, Bf16Mode, MatmulJob, WeightView};
 pub use pool::ThreadPool;
 
 /// What a kernel call needs besides its operands: the instruction set to use, the thread pool
-/// to split work over, and whether products with quantized weights must be exact.
+/// to split work over, whether products must be exact, and how bf16 weights are multiplied.
 #[derive(Clone, Copy)]
 pub struct Ctx<'a> {
     pub isa: Isa,
     pub pool: &'a ThreadPool,
-    /// Quantized weights are dequantized and multiplied with f32 activations (as the
-    /// reference computes), instead of integer dot products with activations quantized to
-    /// 8 bits.
+    /// Every product uses f32 activations (as the reference computes): quantized weights are
+    /// dequantized instead of meeting activations quantized to 8 bits, and bf16 weights meet
+    /// f32 activations whatever [`Ctx::bf16`] says.
     pub exact: bool,
+    /// How products with bf16 weights run (chosen for the machine, see
+    /// [`matmul::calibrate_bf16`]); `None`: as `isa` implies ([`Bf16Mode::for_isa`]).
+    pub bf16: Option<Bf16Mode>,
 }
 
 impl<'a> Ctx<'a> {
     /// The fast path: integer dot products for quantized weights.
     pub fn new(isa: Isa, pool: &'a ThreadPool) -> Self {
-        Ctx { isa, pool, exact: false }
+        Ctx { isa, pool, exact: false, bf16: None }
+    }
+
+    /// How products with bf16 weights run in this context.
+    pub fn bf16_mode(&self) -> Bf16Mode {
+        if self.exact {
+            return Bf16Mode::F32;
+        }
+        self.bf16.filter(|m| m.supported()).unwrap_or(Bf16Mode::for_isa(self.isa))
     }
 }

@@ -77,9 +77,10 @@ pub const GEMM_MIN_ROWS: usize = 48;
 /// (`Isa::Amx`).
 pub const AMX_MIN_ROWS: usize = 32;
 
-/// Rows of `x` at or above which products with bf16 weights run on AMX tiles (`Isa::Amx`,
-/// outside the exact mode); fewer rows take the GEMV, activations rounded to bf16 alike.
-pub const AMX_BF16_MIN_ROWS: usize = 16;
+/// Rows of `x` at or above which products with bf16 weights run on AMX tiles or bf16 dot
+/// products ([`Bf16Mode`] other than f32); fewer rows take the GEMV, activations rounded to
+/// bf16 alike.
+pub const BF16_MIN_ROWS: usize = 16;
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, in parallel over the pool.
 pub fn matmul(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: &mut [f32]) {
@@ -132,27 +133,104 @@ enum Kind {
     Amx,
 }
 
-/// Whether products with `w` are bf16 inference on AMX: bf16 weights, `Isa::Amx`, outside the
-/// exact mode.
-fn bf16_on_amx(ctx: Ctx, w: &WeightView) -> bool {
-    cfg!(target_arch = "x86_64")
-        && w.format == Format::BF16
-        && ctx.isa == Isa::Amx
-        && !ctx.exact
-        && w.cols.is_multiple_of(32)
+/// How products with bf16 weights run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Mode {
+    /// f32 activations (exact): the AVX-512 GEMV of even/odd halves, the f32 GEMM.
+    F32,
+    /// Activations rounded to bf16: `vdpbf16ps` dot products (AVX512-BF16) from 16 rows, the
+    /// GEMV below.
+    Dot,
+    /// Activations rounded to bf16: AMX tiles from 16 rows, the GEMV below.
+    Amx,
+}
+
+impl Bf16Mode {
+    pub const ALL: [Bf16Mode; 3] = [Bf16Mode::F32, Bf16Mode::Dot, Bf16Mode::Amx];
+
+    /// What an ISA implies: AMX on `Isa::Amx`, dot products on `Isa::Avx512Bf16`, else f32.
+    pub fn for_isa(isa: Isa) -> Bf16Mode {
+        match isa {
+            Isa::Amx => Bf16Mode::Amx,
+            Isa::Avx512Bf16 => Bf16Mode::Dot,
+            _ => Bf16Mode::F32,
+        }
+    }
+
+    /// Whether this CPU can run it.
+    pub fn supported(self) -> bool {
+        match self {
+            Bf16Mode::F32 => true,
+            Bf16Mode::Dot => Isa::Avx512Bf16.supported(),
+            Bf16Mode::Amx => Isa::Amx.supported(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Mode::F32 => "f32",
+            Bf16Mode::Dot => "bf16-dot",
+            Bf16Mode::Amx => "amx",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Bf16Mode> {
+        Bf16Mode::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+/// Times every [`Bf16Mode`] this CPU supports on a bf16 weight of 3072 × 1024 (the 0.6B MLP
+/// shape) with 1, 8 and 128 activation rows, and returns the fastest for prefill (128 rows)
+/// among those within 10% of the fastest decode (1 row), with every mode's seconds per call.
+pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<(Bf16Mode, [f64; 3])>) {
+    let (n, k) = (3072, 1024);
+    let w: Vec<u8> = (0..n * k)
+        .flat_map(|i| crate::format::f32_to_bf16(((i * 7919 % 1000) as f32 - 500.0) / 1000.0).to_le_bytes())
+        .collect();
+    let wv = WeightView::new(Format::BF16, &w, n, k);
+    let x: Vec<f32> = (0..128 * k).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
+    let mut y = vec![0f32; 128 * n];
+    let mut times = Vec::new();
+    for mode in Bf16Mode::ALL.into_iter().filter(|m| m.supported()) {
+        let ctx = Ctx { isa, pool, exact: false, bf16: Some(mode) };
+        let mut t = [0f64; 3];
+        for (slot, m) in [1usize, 8, 128].into_iter().enumerate() {
+            // Best of a few calls after a warm-up.
+            matmul(ctx, &x, m, &wv, &mut y);
+            let reps = if m == 128 { 3 } else { 20 };
+            t[slot] = (0..3)
+                .map(|_| {
+                    let t0 = std::time::Instant::now();
+                    for _ in 0..reps {
+                        matmul(ctx, &x, m, &wv, &mut y);
+                    }
+                    t0.elapsed().as_secs_f64() / reps as f64
+                })
+                .fold(f64::INFINITY, f64::min);
+        }
+        times.push((mode, t));
+    }
+    let best_decode = times.iter().map(|t| t.1[0]).fold(f64::INFINITY, f64::min);
+    let best = times
+        .iter()
+        .filter(|t| t.1[0] <= 1.1 * best_decode)
+        .min_by(|a, b| a.1[2].total_cmp(&b.1[2]))
+        .map_or(Bf16Mode::F32, |t| t.0);
+    (best, times)
 }
 
 fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
-    if w.format == Format::BF16 && ctx.isa.rounds_activations() {
-        Kind::Bf16
-    } else if bf16_on_amx(ctx, w) {
+    let mode = if w.format == Format::BF16 { ctx.bf16_mode() } else { Bf16Mode::F32 };
+    if mode != Bf16Mode::F32 && w.cols.is_multiple_of(32) {
         // Every product rounds activations to bf16, whatever the rows: a row's result does not
-        // depend on the rows batched with it (beyond summation order).
-        if m >= AMX_BF16_MIN_ROWS {
-            Kind::Amx
-        } else {
-            Kind::SplitRounded
+        // depend on the rows batched with it (beyond summation order). Few rows take the GEMV.
+        match (mode, m >= BF16_MIN_ROWS) {
+            (_, false) => Kind::SplitRounded,
+            (Bf16Mode::Amx, true) => Kind::Amx,
+            _ => Kind::Bf16,
         }
+    } else if mode == Bf16Mode::Dot {
+        Kind::Bf16
     } else if w.format == Format::BF16 && ctx.isa.is_avx512() && m < GEMM_MIN_ROWS && w.cols.is_multiple_of(32) {
         Kind::Split
     } else if w.format.is_float() {
@@ -401,10 +479,9 @@ unsafe fn float_cols(
     cols: std::ops::Range<usize>,
 ) {
     match isa {
+        // Activations rounded for the dot-product kernels (Bf16Mode::Dot, on any ISA).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 if w.format == Format::BF16 && !xb.is_empty() => {
-            x86::avx512bf16::matmul(xb, m, w, y, ldy, cols)
-        }
+        _ if w.format == Format::BF16 && !xb.is_empty() => x86::avx512bf16::matmul(xb, m, w, y, ldy, cols),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 | Isa::Amx => match w.format {
             Format::F32 => x86::avx512::matmul::<0>(x, ldx, m, w, y, ldy, cols),
@@ -1344,6 +1421,21 @@ pub(crate) mod tests {
                         assert!(
                             (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
                             "{isa} {dt} m{m} n{n} k{k} at {i}: {g} vs {e}"
+                        );
+                    }
+                }
+                // Every bf16 mode this CPU has, chosen in the context (as calibration does).
+                for mode in Bf16Mode::ALL.into_iter().filter(|m| m.supported()) {
+                    let ctx = Ctx { bf16: Some(mode), ..Ctx::new(Isa::best(), &pool) };
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul(ctx, &x, m, &w, &mut got);
+                    let rounded =
+                        dt == Format::BF16 && (mode == Bf16Mode::Dot || (mode == Bf16Mode::Amx && k % 32 == 0));
+                    let want = if rounded { &want_r } else { &want };
+                    for (i, (g, e)) in got.iter().zip(want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
+                            "{mode:?} {dt} m{m} n{n} k{k} at {i}: {g} vs {e}"
                         );
                     }
                 }

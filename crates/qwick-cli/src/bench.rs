@@ -41,6 +41,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let pool = ThreadPool::new(threads);
         read_bandwidth(Ctx::new(isa, &pool), 1 << 30, 4)
     };
+    let (bf16, bf16_why) = a.run.bf16_mode(isa)?;
+    let bf16 =
+        if a.run.exact { qwick_backend::Bf16Mode::F32 } else { bf16.unwrap_or(qwick_backend::Bf16Mode::for_isa(isa)) };
     let t_load = Instant::now();
     let model = common::load_model(&a.model, &a.run)?;
     let load_s = t_load.elapsed().as_secs_f64();
@@ -117,6 +120,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "model": a.model.display().to_string(),
         "threads": threads,
         "isa": isa.to_string(),
+        "bf16_mode": bf16.name(),
         "batch": a.batch,
         "prompt_len": a.prompt_len,
         "gen_len": a.gen_len,
@@ -144,6 +148,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         println!("model            {}", a.model.display());
         println!("threads / isa    {threads} / {isa}{}", if a.run.exact { " (exact)" } else { "" });
+        println!("bf16 products    {} ({bf16_why})", bf16.name());
         for ((f, p), (n, b)) in &kernels {
             println!("weights          {f}: {n} tensors, {:.2} GB, {p}", gb(*b));
         }

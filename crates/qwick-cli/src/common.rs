@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use qwick_backend::{Format, Isa, ThreadPool};
+use qwick_backend::{Bf16Mode, Format, Isa, ThreadPool};
 use qwick_engine::{Runner, RunnerConfig, Scheduler, SchedulerConfig};
 use qwick_model::{LoadOptions, Qwen3};
 use std::io::IsTerminal;
@@ -61,6 +61,45 @@ impl RunArgs {
         }
     }
 
+    /// How bf16 weights are multiplied on `isa`, and why: `QWICK_BF16` (f32, bf16-dot or amx)
+    /// if set; what the ISA implies when one was asked for (`--isa`, `QWICK_ISA`) or with
+    /// `--exact`; else the mode measured fastest on this CPU model by a short calibration, run
+    /// once and kept in the user's cache folder.
+    pub fn bf16_mode(&self, isa: Isa) -> Result<(Option<Bf16Mode>, &'static str)> {
+        if let Ok(v) = std::env::var("QWICK_BF16") {
+            if !v.is_empty() {
+                let m =
+                    Bf16Mode::parse(&v).with_context(|| format!("QWICK_BF16={v}: expected f32, bf16-dot or amx"))?;
+                if !m.supported() {
+                    anyhow::bail!("QWICK_BF16={v}: this CPU does not support it");
+                }
+                return Ok((Some(m), "QWICK_BF16"));
+            }
+        }
+        let forced = self.isa.is_some() || std::env::var("QWICK_ISA").is_ok_and(|v| !v.is_empty());
+        if self.exact || forced {
+            return Ok((None, if self.exact { "--exact" } else { "the ISA asked for" }));
+        }
+        let cpu = cpu_model();
+        let file = cache_dir().map(|d| d.join("bf16-kernels.json"));
+        let mut known: serde_json::Map<String, serde_json::Value> = file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        if let Some(m) = known.get(&cpu).and_then(|v| v.as_str()).and_then(Bf16Mode::parse).filter(|m| m.supported()) {
+            return Ok((Some(m), "measured on this CPU model earlier"));
+        }
+        let pool = ThreadPool::new(self.threads());
+        let (mode, _) = qwick_backend::matmul::calibrate_bf16(isa, &pool);
+        known.insert(cpu, serde_json::Value::String(mode.name().into()));
+        if let Some(f) = file {
+            // Best effort: without a writable cache folder, the next run measures again.
+            let _ = write_atomically(&f, serde_json::Value::Object(known).to_string().as_bytes());
+        }
+        Ok((Some(mode), "measured now"))
+    }
+
     /// The KV cache's element format asked for, else `default`.
     pub fn kv_format_or(&self, default: Format) -> Result<Format> {
         match &self.kv_dtype {
@@ -81,10 +120,16 @@ impl RunArgs {
 
     /// A runner on `isa` whose cache holds `tokens` tokens of `kv` elements.
     pub fn runner_as(&self, model: Arc<Qwen3>, tokens: usize, isa: Isa, kv: Format) -> Result<Runner> {
+        Ok(Runner::new(model, &self.runner_config(tokens, isa, kv)?))
+    }
+
+    /// The runner configuration these options ask for.
+    pub fn runner_config(&self, tokens: usize, isa: Isa, kv: Format) -> Result<RunnerConfig> {
         let mut cfg = RunnerConfig::with_tokens(tokens, self.threads(), isa);
         cfg.exact = self.exact;
         cfg.kv_format = kv;
-        Ok(Runner::new(model, &cfg))
+        cfg.bf16 = self.bf16_mode(isa)?.0;
+        Ok(cfg)
     }
 
     /// The scheduler (with its prefix cache) over a [`RunArgs::runner`]: the generation loop of
@@ -102,6 +147,39 @@ impl RunArgs {
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions { repack: !self.no_repack, threads: self.threads() }
     }
+}
+
+/// The CPU's model name (`/proc/cpuinfo`), or "unknown".
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// qwick's folder in the user's cache (`$XDG_CACHE_HOME/qwick` or `~/.cache/qwick`).
+fn cache_dir() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+    Some(base.join("qwick"))
+}
+
+/// Writes `bytes` to `path` through a temporary file renamed when complete.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 /// A progress bar on stderr, only when stderr is a terminal.

@@ -3,7 +3,7 @@
 
 use crate::common::{self, RunArgs};
 use anyhow::{bail, Context, Result};
-use qwick_engine::{Runner, RunnerConfig, SchedulerConfig};
+use qwick_engine::{Runner, SchedulerConfig};
 use qwick_server::{ModelInfo, ServeOptions};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -87,7 +87,6 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     }
     let isa = a.run.isa()?;
     let kv_format = a.run.kv_format()?;
-    let threads = a.run.threads();
     let model = common::load_model(&dir, &a.run)?;
     let context =
         a.max_model_len.unwrap_or(info.config.max_position_embeddings).min(info.config.max_position_embeddings);
@@ -126,9 +125,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         shutdown_grace: Duration::from_secs(10),
     };
     let name = info.name.clone();
-    let mut runner_config = RunnerConfig::with_tokens(kv_tokens, threads, isa);
-    runner_config.exact = a.run.exact;
-    runner_config.kv_format = kv_format;
+    let runner_config = a.run.runner_config(kv_tokens, isa, kv_format)?;
     let server = qwick_server::start(opts, info, move || Ok(Runner::new(model, &runner_config)))?;
     eprintln!(
         "qwick: serving {name} on http://{} (KV cache: {kv_tokens} tokens of {kv_format}; max model len: {})",

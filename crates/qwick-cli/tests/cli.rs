@@ -195,6 +195,24 @@ fn make_random_sharded_checkpoint_loads_and_benches() {
     for k in ["prefill_tok_s", "decode_tok_s", "bound_tok_s", "peak_rss_bytes", "ttft_s", "bandwidth_gb_s"] {
         assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
     }
+    assert!(["f32", "bf16-dot", "amx"].contains(&v["bf16_mode"].as_str().unwrap()), "{v}");
+    assert_eq!(v["kv_dtype"], "BF16", "{v}");
+    // The bf16 mode forced by the environment, and a wrong one refused.
+    let model = model.to_str().unwrap();
+    let bench = |mode: &str| {
+        Command::new(env!("CARGO_BIN_EXE_qwick"))
+            .args(["bench", "--model", model, "--prompt-len", "4", "--gen-len", "2", "--json"])
+            .env("QWICK_BF16", mode)
+            .output()
+            .unwrap()
+    };
+    let o = bench("f32");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["bf16_mode"], "f32");
+    let o = bench("fp8");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("QWICK_BF16=fp8: expected f32, bf16-dot or amx"));
 }
 
 /// Broken GGUF files: one error line naming the file and what is wrong, no panic, no output.

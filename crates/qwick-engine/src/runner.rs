@@ -3,7 +3,7 @@
 
 use crate::blocks::BlockAllocator;
 use anyhow::{anyhow, bail, Result};
-use qwick_backend::{Ctx, Format, Isa, ThreadPool};
+use qwick_backend::{Bf16Mode, Ctx, Format, Isa, ThreadPool};
 use qwick_model::{Batch, KvCache, Qwen3};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +22,8 @@ pub struct RunnerConfig {
     pub exact: bool,
     /// The KV cache's element format (f32 unless set).
     pub kv_format: Format,
+    /// How bf16 weights are multiplied (`None`: as the ISA implies; see [`Ctx::bf16`]).
+    pub bf16: Option<Bf16Mode>,
 }
 
 impl RunnerConfig {
@@ -35,6 +37,7 @@ impl RunnerConfig {
             isa,
             exact: false,
             kv_format: Format::F32,
+            bf16: None,
         }
     }
 }
@@ -69,6 +72,7 @@ pub struct Runner {
     pool: ThreadPool,
     isa: Isa,
     exact: bool,
+    bf16: Option<Bf16Mode>,
     seqs: HashMap<SeqId, Sequence>,
     next_id: SeqId,
 }
@@ -84,13 +88,14 @@ impl Runner {
             pool: ThreadPool::new(cfg.threads),
             isa: cfg.isa,
             exact: cfg.exact,
+            bf16: cfg.bf16,
             seqs: HashMap::new(),
             next_id: 0,
         }
     }
 
     pub fn ctx(&self) -> Ctx<'_> {
-        Ctx { isa: self.isa, pool: &self.pool, exact: self.exact }
+        Ctx { isa: self.isa, pool: &self.pool, exact: self.exact, bf16: self.bf16 }
     }
 
     pub fn kv_bytes(&self) -> usize {
@@ -238,7 +243,7 @@ impl Runner {
                 batch.logits_rows.retain(|&r| r as usize != rows.end - 1);
             }
         }
-        let ctx = Ctx { isa: self.isa, pool: &self.pool, exact: self.exact };
+        let ctx = Ctx { isa: self.isa, pool: &self.pool, exact: self.exact, bf16: self.bf16 };
         let logits = self.model.forward(ctx, &batch, &mut self.kv)?;
         let vocab = self.model.config.vocab_size;
         let mut out = Vec::with_capacity(spans.len());
