@@ -214,6 +214,19 @@ impl PrefixCache {
     }
 }
 
+/// One span of a step: (index into `running`, the span, tokens cached before it, whether it
+/// ends the sequence's pending tokens).
+type PlannedSpan = (usize, Span, usize, bool);
+
+/// What a step computes, as it is planned.
+struct StepPlan {
+    /// Tokens the step may still take.
+    budget: usize,
+    /// Blocks promised to the spans planned so far.
+    reserved: usize,
+    spans: Vec<PlannedSpan>,
+}
+
 struct Entry {
     gen: SeqGen,
     sink: Box<dyn EventSink>,
@@ -481,13 +494,24 @@ impl Scheduler {
 
     fn step_inner(&mut self) -> usize {
         self.reap_closed();
-        let bs = self.runner.block_size();
-        let mut budget = self.cfg.max_num_batched_tokens;
-        let mut reserved = 0;
-        // (index into running, span, tokens cached before it, whether it ends the pending tokens)
-        let mut spans: Vec<(usize, Span, usize, bool)> = vec![];
+        let mut plan = StepPlan { budget: self.cfg.max_num_batched_tokens, reserved: 0, spans: vec![] };
+        self.schedule_running(&mut plan);
+        self.admit_waiting(&mut plan);
+        if plan.spans.is_empty() {
+            return 0;
+        }
+        let computed: usize = plan.spans.iter().map(|s| s.1.len).sum();
+        let Some(logits) = self.forward(&plan.spans) else { return computed };
+        self.stats.batched_tokens += computed as u64;
+        self.take_outputs(&plan.spans, logits);
+        computed
+    }
 
-        // Running sequences, oldest first.
+    /// Gives running sequences, oldest first, their next tokens within the budget, preempting
+    /// the newest when blocks run out.
+    fn schedule_running(&mut self, plan: &mut StepPlan) {
+        let (mut budget, mut reserved) = (plan.budget, plan.reserved);
+        let spans = &mut plan.spans;
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let seq = self.running[i].seq.expect("running sequences have a runner sequence");
@@ -524,8 +548,16 @@ impl Scheduler {
             spans.push((i, Span { seq, len, logits }, start, len == pending));
             i += 1;
         }
+        plan.budget = budget;
+        plan.reserved = reserved;
+    }
 
-        // Waiting sequences, first come first served.
+    /// Starts waiting sequences, first come first served, while the budget, the sequence limit
+    /// and the blocks allow, each from the longest cached prefix of its tokens.
+    fn admit_waiting(&mut self, plan: &mut StepPlan) {
+        let (mut budget, mut reserved) = (plan.budget, plan.reserved);
+        let spans = &mut plan.spans;
+        let bs = self.runner.block_size();
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs && !self.waiting.is_empty() {
             let tokens = self.waiting[0].all_tokens();
             // Prompt logprobs need every position's logits: no cached prefix for them.
@@ -577,12 +609,14 @@ impl Scheduler {
             self.running.push(e);
             spans.push((self.running.len() - 1, Span { seq, len, logits }, cached, len == pending));
         }
+        plan.budget = budget;
+        plan.reserved = reserved;
+    }
 
-        if spans.is_empty() {
-            return 0;
-        }
+    /// Runs the forward pass over the planned spans (constraint masks computed alongside);
+    /// `None` when it failed, having failed the step's requests.
+    fn forward(&mut self, spans: &[PlannedSpan]) -> Option<Vec<Vec<f32>>> {
         let batch: Vec<Span> = spans.iter().map(|s| s.1).collect();
-        let computed: usize = batch.iter().map(|s| s.len).sum();
         let tf = std::time::Instant::now();
         let step_no = self.stats.steps + 1;
         let inject = self.fault == Some(Fault::StepPanic(step_no));
@@ -590,7 +624,7 @@ impl Scheduler {
         // Output constraints compute their next masks on another thread while the model runs.
         let mut masks: Vec<&mut SeqGen> = vec![];
         let mut sampling: Vec<bool> = vec![false; self.running.len()];
-        for s in &spans {
+        for s in spans {
             sampling[s.0] = s.3;
         }
         for (e, _) in self.running.iter_mut().zip(&sampling).filter(|(e, &s)| s && e.gen.needs_mask()) {
@@ -619,8 +653,8 @@ impl Scheduler {
         if self.fault == Some(Fault::EnginePanic(step_no)) {
             panic!("injected fault after the forward pass of step {step_no}");
         }
-        let logits = match result {
-            Ok(l) => l,
+        match result {
+            Ok(l) => Some(l),
             Err(err) => {
                 // Fail the sequences of this step, newest first so indices stay valid.
                 let msg = format!("{err:#}");
@@ -631,11 +665,14 @@ impl Scheduler {
                     self.free(&mut e);
                     e.sink.send(Event::Error(msg.clone()));
                 }
-                return computed;
+                None
             }
-        };
-        self.stats.batched_tokens += computed as u64;
+        }
+    }
 
+    /// Hands each span's logits to its sequence: prompt logprobs, sampling, events to the sink,
+    /// the chosen tokens appended; finished and abandoned sequences are freed.
+    fn take_outputs(&mut self, spans: &[PlannedSpan], logits: Vec<Vec<f32>>) {
         let mut done: Vec<usize> = vec![];
         for ((i, span, start, last), mut l) in spans.iter().zip(logits) {
             if self.cfg.prefix_caching {
@@ -714,7 +751,6 @@ impl Scheduler {
             let mut e = self.running.remove(i);
             self.free(&mut e);
         }
-        computed
     }
 
     /// Offers the newly completed full blocks of running sequence `i` to the prefix cache.
