@@ -4,10 +4,13 @@
 //! Ctrl-C stops the answer being generated and keeps the session; at the prompt, a second
 //! Ctrl-C exits.
 
-use crate::run::{finish_reason, generate_text, stats_line, Chat, Display, GenArgs, TextStream};
+use crate::run::{
+    budget, finish_reason, generate_text, load_weights, open_chat, render, stats_line, Display, GenArgs, TextStream,
+};
 use anyhow::Result;
 use qwick_chat::ChatMessage;
 use qwick_engine::Scheduler;
+use qwick_server::ChatModel;
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -61,12 +64,12 @@ fn note(msg: &str) {
 pub fn run(a: ChatArgs) -> Result<()> {
     let g = &a.gen;
     let (mut thinking, mut explicit) = g.thinking()?;
-    let chat = Chat::open(&g.model, g.chat_template.as_deref())?;
+    let chat = open_chat(&g.model, g.chat_template.as_deref())?;
     // Check the sampling flags for both modes before loading anything big.
     g.sampling(&chat.gen_config, true)?;
     g.sampling(&chat.gen_config, false)?;
     let isa = g.run.isa()?;
-    let model = chat.load_weights(&g.run)?;
+    let model = load_weights(&chat, &g.run)?;
     let context = chat.context().min(CHAT_CONTEXT);
     // One scheduler for the session: each turn's prompt starts with the last one, whose blocks
     // the prefix cache keeps.
@@ -145,7 +148,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
 /// Generates one answer, printing it as it comes; returns the assistant message for the history.
 #[allow(clippy::too_many_arguments)]
 fn answer(
-    chat: &Chat,
+    chat: &ChatModel,
     g: &GenArgs,
     sched: &mut Scheduler,
     history: &[ChatMessage],
@@ -156,7 +159,7 @@ fn answer(
     display: Display,
     signals: &Signals,
 ) -> Result<ChatMessage> {
-    let prompt = chat.render(history, thinking, explicit)?;
+    let prompt = render(chat, history, thinking, explicit)?;
     if prompt.ids.len() >= context {
         anyhow::bail!(
             "the conversation has {} tokens, which leaves no room in the context of {context} tokens; /clear starts over",
@@ -167,7 +170,7 @@ fn answer(
     // Reproducible sessions with --seed, without repeating the same draws every turn.
     sampling.seed = sampling.seed.map(|s| s.wrapping_add(turn));
     let budget = match g.max_thinking_tokens {
-        Some(n) if n > 0 && thinking => Some(chat.budget(n, &prompt)?),
+        Some(n) if n > 0 && thinking => Some(budget(chat, n, &prompt)?),
         _ => None,
     };
     let mut text = TextStream::new(&chat.tokenizer, &sampling.stop, prompt.starts_in_thinking, display);

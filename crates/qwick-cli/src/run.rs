@@ -4,16 +4,12 @@
 
 use crate::common::{self, RunArgs};
 use anyhow::{anyhow, bail, Context, Result};
-use qwick_chat::{
-    ChatMessage, ChatTemplate, GenerationConfig, IncrementalDecoder, ModelText, ReasoningParser, RenderOptions,
-    TextSource, Tokenizer, THINKING_BUDGET_STOP,
-};
+use qwick_chat::{ChatMessage, GenerationConfig, IncrementalDecoder, ReasoningParser, Tokenizer};
 use qwick_engine::{generate, FinishReason, GenParams, Generation, Scheduler, ThinkingBudget};
-use qwick_gguf::GgufFile;
-use qwick_model::{Config, ModelFiles, Qwen3};
+use qwick_model::Qwen3;
 use qwick_sampler::{SamplingParams, StopMatcher};
+use qwick_server::{ChatModel, Prompt};
 use serde_json::json;
-use std::collections::HashSet;
 use std::io::{IsTerminal, Read, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -143,103 +139,37 @@ pub struct RunCmdArgs {
 
 /// A model (folder or GGUF file) ready to chat: tokenizer, template, generation config and the model's limits.
 /// The weights are loaded separately ([`Chat::load_weights`]) so that bad input fails first.
-pub struct Chat {
-    pub files: ModelFiles,
-    pub tokenizer: Tokenizer,
-    pub template: ChatTemplate,
-    pub gen_config: GenerationConfig,
-    pub config: Config,
-    pub eos: Vec<u32>,
+/// Opens the chat model a `--model` names (a folder, GGUF file or Hub id).
+pub fn open_chat(spec: &str, chat_template: Option<&Path>) -> Result<ChatModel> {
+    let path = qwick_chat::hub::resolve_model(spec)?;
+    Ok(ChatModel::load(&path, chat_template, None)?)
 }
 
-/// A rendered prompt and how generation starts.
-pub struct Prompt {
-    pub ids: Vec<u32>,
-    /// Thinking asked for (and honoured by the template, or the template always thinks).
-    pub thinking: bool,
-    /// The output starts inside reasoning: everything up to `</think>` is reasoning.
-    pub starts_in_thinking: bool,
+/// Renders `messages` for a new assistant turn. `thinking`: asked for; `explicit`: whether to
+/// pass `enable_thinking` to the template at all.
+pub fn render(chat: &ChatModel, messages: &[ChatMessage], thinking: bool, explicit: bool) -> Result<Prompt> {
+    Ok(chat.render(messages, None, explicit.then_some(thinking), serde_json::Map::new())?)
 }
 
-impl Chat {
-    pub fn open(spec: &str, chat_template: Option<&Path>) -> Result<Chat> {
-        let files = ModelFiles::locate(&qwick_chat::hub::resolve_model(spec)?)?;
-        let (config, text) = match &files {
-            ModelFiles::Folder(dir) => {
-                (Config::from_file(&dir.join("config.json"))?, ModelText::load(TextSource::Folder(dir), chat_template)?)
-            }
-            ModelFiles::Gguf(file) => {
-                let g = GgufFile::open(file)?;
-                (qwick_model::gguf::config(&g)?, ModelText::load(TextSource::Gguf(&g), chat_template)?)
-            }
-        };
-        let eos = text.eos(&config.eos_token_ids);
-        let ModelText { tokenizer, template, gen_config } = text;
-        Ok(Chat { files, tokenizer, template, gen_config, config, eos })
+pub fn check_fits(chat: &ChatModel, prompt: &Prompt) -> Result<()> {
+    if prompt.ids.len() >= chat.context() {
+        bail!(
+            "the prompt has {} tokens, which leaves no room in the model's context of {} tokens",
+            prompt.ids.len(),
+            chat.context()
+        );
     }
+    Ok(())
+}
 
-    /// Renders `messages` for a new assistant turn and tokenizes them. `thinking`: asked for;
-    /// `explicit`: whether to pass `enable_thinking` to the template at all.
-    pub fn render(&self, messages: &[ChatMessage], thinking: bool, explicit: bool) -> Result<Prompt> {
-        let render = |on: Option<bool>| {
-            self.template.render(
-                messages,
-                &RenderOptions { add_generation_prompt: true, enable_thinking: on, ..RenderOptions::default() },
-            )
-        };
-        let text = render(if explicit { Some(thinking) } else { None })?;
-        // A template that honours enable_thinking renders the two modes differently.
-        let hybrid = render(Some(!thinking))? != text;
-        let ends_in_think = text.trim_end().ends_with("<think>");
-        let starts_in_thinking = if hybrid { thinking } else { ends_in_think };
-        let ids = self.tokenizer.encode(&text, false)?;
-        Ok(Prompt { ids, thinking: thinking || ends_in_think, starts_in_thinking })
-    }
+pub fn load_weights(chat: &ChatModel, args: &RunArgs) -> Result<Arc<Qwen3>> {
+    common::load_model(&chat.dir, args)
+}
 
-    /// The context length: max_position_embeddings.
-    pub fn context(&self) -> usize {
-        self.config.max_position_embeddings
-    }
-
-    pub fn check_fits(&self, prompt: &Prompt) -> Result<()> {
-        if prompt.ids.len() >= self.context() {
-            bail!(
-                "the prompt has {} tokens, which leaves no room in the model's context of {} tokens",
-                prompt.ids.len(),
-                self.context()
-            );
-        }
-        Ok(())
-    }
-
-    pub fn load_weights(&self, args: &RunArgs) -> Result<Arc<Qwen3>> {
-        common::load_model(self.files.path(), args)
-    }
-
-    /// The engine's thinking budget of `max_tokens` reasoning tokens for a prompt.
-    pub fn budget(&self, max_tokens: usize, prompt: &Prompt) -> Result<ThinkingBudget> {
-        let t = &self.tokenizer;
-        let think_end = t
-            .token_id("</think>")
-            .ok_or_else(|| anyhow!("--max-thinking-tokens: the tokenizer has no </think> token"))?;
-        let newline_tokens: HashSet<u32> = (0..t.vocab_size() as u32)
-            .filter(|&id| t.id_to_token(id).is_some_and(|s| s.ends_with('\u{10A}') || s.ends_with('\n')))
-            .collect();
-        Ok(ThinkingBudget {
-            max_tokens,
-            starts_in_thinking: prompt.starts_in_thinking,
-            think_start: t.token_id("<think>"),
-            think_end,
-            stop_tokens: t.encode(THINKING_BUDGET_STOP, false)?,
-            stop_tokens_after_text: t.encode(&format!("\n{THINKING_BUDGET_STOP}"), false)?,
-            newline_tokens: Arc::new(newline_tokens),
-        })
-    }
-
-    /// Engine parameters for one turn.
-    pub fn params(&self, sampling: SamplingParams, max_context: usize, budget: Option<ThinkingBudget>) -> GenParams {
-        GenParams { sampling, eos_token_ids: self.eos.clone(), max_context, thinking: budget }
-    }
+/// The engine's thinking budget of `max_tokens` reasoning tokens for a prompt.
+pub fn budget(chat: &ChatModel, max_tokens: usize, prompt: &Prompt) -> Result<ThinkingBudget> {
+    chat.budget(max_tokens, prompt.starts_in_thinking)
+        .ok_or_else(|| anyhow!("--max-thinking-tokens: the tokenizer has no </think> token"))
 }
 
 /// How generated text is shown.
@@ -448,17 +378,17 @@ fn messages_from(a: &RunCmdArgs) -> Result<Vec<ChatMessage>> {
 
 pub fn run(a: RunCmdArgs) -> Result<()> {
     let (thinking, explicit) = a.gen.thinking()?;
-    let chat = Chat::open(&a.gen.model, a.gen.chat_template.as_deref())?;
+    let chat = open_chat(&a.gen.model, a.gen.chat_template.as_deref())?;
     let messages = messages_from(&a)?;
-    let prompt = chat.render(&messages, thinking, explicit)?;
+    let prompt = render(&chat, &messages, thinking, explicit)?;
     let sampling = a.gen.sampling(&chat.gen_config, prompt.thinking)?;
-    chat.check_fits(&prompt)?;
+    check_fits(&chat, &prompt)?;
     let budget = match a.gen.max_thinking_tokens {
-        Some(n) if n > 0 => Some(chat.budget(n, &prompt)?),
+        Some(n) if n > 0 => Some(budget(&chat, n, &prompt)?),
         _ => None,
     };
     let isa = a.gen.run.isa()?;
-    let model = chat.load_weights(&a.gen.run)?;
+    let model = load_weights(&chat, &a.gen.run)?;
 
     let max_tokens = sampling.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
     let inject = budget.as_ref().map_or(0, |b| b.stop_tokens_after_text.len());

@@ -4,7 +4,7 @@
 use crate::common::{self, RunArgs};
 use anyhow::{bail, Context, Result};
 use qwick_engine::{Runner, SchedulerConfig};
-use qwick_server::{ModelInfo, ServeOptions};
+use qwick_server::{ChatModel, ServeOptions};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -75,7 +75,7 @@ fn available_memory() -> Option<usize> {
 
 pub fn serve(a: ServeArgs) -> Result<()> {
     let dir = qwick_chat::hub::resolve_model(&a.model)?;
-    let info = ModelInfo::load(&dir, a.chat_template.as_deref(), a.served_model_name.clone())?;
+    let info = ChatModel::load(&dir, a.chat_template.as_deref(), a.served_model_name.clone())?;
     if a.max_num_batched_tokens == 0 || a.max_num_seqs == 0 || a.max_queue == 0 {
         bail!("--max-num-batched-tokens, --max-num-seqs and --max-queue must be at least 1");
     }

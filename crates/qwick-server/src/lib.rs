@@ -17,7 +17,7 @@ mod openai;
 pub use error::ApiError;
 pub use gen::{Delta, TextPipe};
 pub use metrics::Metrics;
-pub use model::{ModelInfo, Prompt};
+pub use model::{ChatModel, Prompt};
 pub use openai::{tool_prefill, tools_for, ToolPlan};
 
 use anyhow::{Context, Result};
@@ -78,7 +78,7 @@ impl Default for ServeOptions {
 /// What handlers share.
 pub struct AppState {
     pub engine: Engine,
-    pub model: Arc<ModelInfo>,
+    pub model: Arc<ChatModel>,
     pub metrics: Metrics,
     pub max_model_len: usize,
     pub api_key: Option<String>,
@@ -317,7 +317,7 @@ async fn shutdown_signal(stop_rx: tokio::sync::oneshot::Receiver<()>, signals: b
 /// server; returns once it listens.
 pub fn start(
     opts: ServeOptions,
-    info: ModelInfo,
+    info: ChatModel,
     make_runner: impl FnOnce() -> Result<Runner> + Send + 'static,
 ) -> Result<RunningServer> {
     let engine = Engine::start(make_runner, opts.scheduler.clone())?;

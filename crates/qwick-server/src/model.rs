@@ -1,5 +1,6 @@
-//! The served model's text side: tokenizer, chat template, generation defaults, stop ids and
-//! what the thinking budget injects.
+//! A chat model's text side — tokenizer, chat template, generation defaults, stop ids, what the
+//! thinking budget injects — shared by the server and the `run` and `chat` commands, so a
+//! request renders, thinks and samples the same way through either.
 
 use anyhow::Result;
 use qwick_chat::{
@@ -14,8 +15,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-/// Everything the server needs to turn requests into token ids and back.
-pub struct ModelInfo {
+/// Everything needed to turn chat requests into token ids and engine parameters, and back.
+pub struct ChatModel {
     /// The name clients use (`model` in requests).
     pub name: String,
     /// The model folder or GGUF file.
@@ -44,10 +45,10 @@ pub struct Prompt {
     pub thinking: bool,
 }
 
-impl ModelInfo {
+impl ChatModel {
     /// Loads the text side of a model folder or GGUF file. `name`: the served name (default:
     /// the folder's name, or the file's without `.gguf`).
-    pub fn load(path: &Path, chat_template: Option<&Path>, name: Option<String>) -> Result<ModelInfo> {
+    pub fn load(path: &Path, chat_template: Option<&Path>, name: Option<String>) -> Result<ChatModel> {
         let files = ModelFiles::locate(path)?;
         let (config, text, weight_bytes) = match &files {
             ModelFiles::Folder(dir) => {
@@ -82,7 +83,7 @@ impl ModelInfo {
         });
         let created =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        Ok(ModelInfo {
+        Ok(ChatModel {
             name,
             dir,
             tokenizer,
@@ -185,6 +186,21 @@ impl ModelInfo {
                 },
             )
             .is_ok_and(|t| t.contains("probe_tool"))
+    }
+
+    /// The model's context length (`max_position_embeddings`).
+    pub fn context(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    /// Engine parameters for one request.
+    pub fn params(
+        &self,
+        sampling: qwick_chat::SamplingParams,
+        max_context: usize,
+        budget: Option<ThinkingBudget>,
+    ) -> qwick_engine::GenParams {
+        qwick_engine::GenParams { sampling, eos_token_ids: self.eos.clone(), max_context, thinking: budget }
     }
 
     /// Text of one token (special tokens included), for logprobs.
