@@ -138,7 +138,15 @@ fn prompt_ids(agent: &ureq::Agent, cfg: &BenchConfig, model: &str, i: usize) -> 
         text.push(' ');
         text.push_str(words[(k >> 33) % words.len()]);
     }
-    let r: Value = post(agent, cfg, "/tokenize", &json!({"model": model, "prompt": text}))?.into_json()?;
+    // qwick and vLLM take "prompt"; llama.cpp's llama-server takes "content".
+    let as_prompt = post(agent, cfg, "/tokenize", &json!({"model": model, "prompt": text}))
+        .ok()
+        .and_then(|r| r.into_json::<Value>().ok())
+        .filter(|r| r["tokens"].as_array().is_some_and(|t| !t.is_empty()));
+    let r = match as_prompt {
+        Some(r) => r,
+        None => post(agent, cfg, "/tokenize", &json!({"content": text}))?.into_json()?,
+    };
     let ids: Vec<u32> = r["tokens"]
         .as_array()
         .ok_or_else(|| anyhow!("/tokenize: no tokens in {r}"))?
