@@ -446,14 +446,6 @@ def main():
         with lock:
             failures.append(what)
 
-    # Warm-up: every kind of valid request at full concurrency, then memory is measured.
-    warm = [(k, random.Random(i)) for i, k in enumerate(VALID * 4)]
-    with ThreadPoolExecutor(a.concurrency) as pool:
-        for f in [pool.submit(k, cl, r) for k, r in warm]:
-            f.result()
-    wait_idle(cl)
-    rss_before = rss_kib(a.pid)
-
     plan = []
     for i in range(a.requests):
         r = rng.random()
@@ -486,6 +478,23 @@ def main():
         if err:
             fail(f"{name}: {err}")
 
+    # Warm-up: a mix like the run's (100 requests, and every kind of valid one at full
+    # concurrency), so that allocator arenas and thread stacks exist before memory is measured.
+    def kind_of(r):
+        x = r.random()
+        return "valid" if x < 0.6 else ("bad" if x < 0.9 else "hangup")
+
+    warm = [(k, random.Random(i)) for i, k in enumerate(VALID * 4)]
+    with ThreadPoolExecutor(a.concurrency) as pool:
+        for f in [pool.submit(k, cl, r) for k, r in warm]:
+            f.result()
+        warm_plan = [(kind_of(random.Random(-i)), random.Random(-i - 1)) for i in range(1, 101)]
+        for f in [pool.submit(one, k, r) for k, r in warm_plan]:
+            f.result()
+    wait_idle(cl)
+    rss_before = rss_kib(a.pid)
+    counts.clear()
+    latencies.clear()
     t0 = time.time()
     with ThreadPoolExecutor(a.concurrency) as pool:
         for f in [pool.submit(one, k, r) for k, r in plan]:
