@@ -4,6 +4,7 @@
 
 pub mod blocks;
 pub mod generate;
+pub mod kv_manager;
 pub mod runner;
 pub mod scheduler;
 
@@ -11,6 +12,7 @@ pub use blocks::BlockAllocator;
 pub use generate::{
     generate, Decision, FinishReason, GenParams, GenToken, Generation, SeqGen, ThinkingBudget, TokenEvent,
 };
+pub use kv_manager::KvManager;
 pub use qwick_sampler::SamplingParams;
 pub use runner::{argmax, Logits, Runner, RunnerConfig, SeqId, Span};
 pub use scheduler::{

@@ -1,7 +1,7 @@
 //! The model runner: owns the model, the KV cache and its block allocator, and the thread
 //! pool; keeps each sequence's tokens and block table; turns a list of spans into one batch.
 
-use crate::blocks::BlockAllocator;
+use crate::kv_manager::KvManager;
 use anyhow::{anyhow, bail, Result};
 use qwick_backend::{Bf16Mode, Ctx, Format, Isa, ThreadPool};
 use qwick_model::{Batch, KvCache, Qwen3};
@@ -68,7 +68,7 @@ pub struct Span {
 pub struct Runner {
     pub model: Arc<Qwen3>,
     kv: KvCache,
-    blocks: BlockAllocator,
+    blocks: KvManager,
     pool: ThreadPool,
     isa: Isa,
     exact: bool,
@@ -84,7 +84,7 @@ impl Runner {
         Runner {
             model,
             kv,
-            blocks: BlockAllocator::new(cfg.num_blocks),
+            blocks: KvManager::new(cfg.num_blocks),
             pool: ThreadPool::new(cfg.threads),
             isa: cfg.isa,
             exact: cfg.exact,
@@ -102,8 +102,13 @@ impl Runner {
         self.kv.bytes()
     }
 
-    pub fn blocks(&self) -> &BlockAllocator {
+    /// The KV manager: block allocator and prefix cache.
+    pub fn blocks(&self) -> &KvManager {
         &self.blocks
+    }
+
+    pub fn kv_manager(&mut self) -> &mut KvManager {
+        &mut self.blocks
     }
 
     /// How many references the runner's sequences hold on each block (by block id).
@@ -166,16 +171,6 @@ impl Runner {
     pub fn blocks_needed(&self, seq: SeqId, len: usize) -> Result<usize> {
         let s = self.seqs.get(&seq).ok_or_else(|| anyhow!("unknown sequence {seq}"))?;
         Ok((s.cached + len).div_ceil(self.kv.block_size).saturating_sub(s.blocks.len()))
-    }
-
-    /// Adds a reference to a block in use (the prefix cache holds one on each block it keeps).
-    pub fn retain_block(&mut self, b: u32) {
-        self.blocks.retain(b);
-    }
-
-    /// Drops a reference taken with [`Runner::retain_block`].
-    pub fn release_block(&mut self, b: u32) {
-        self.blocks.release(b);
     }
 
     /// Appends a generated token; it is computed by the next step that includes it.

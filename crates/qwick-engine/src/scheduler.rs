@@ -32,12 +32,11 @@
 //! and each request's [`Event`]s go out through its [`EventSink`].
 
 use crate::generate::{FinishReason, GenToken, SeqGen};
+use crate::kv_manager::ROOT_HASH;
 use crate::runner::{Logits, Runner, SeqId, Span};
 use anyhow::{anyhow, Result};
 use qwick_sampler::TokenLogprobs;
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -137,83 +136,6 @@ pub struct SchedulerStats {
     pub kv_inconsistency: Option<String>,
 }
 
-struct CachedBlock {
-    block: u32,
-    parent: u64,
-    tokens: Vec<u32>,
-    stamp: u64,
-}
-
-/// Full KV blocks keyed by the hash of their token prefix, with LRU eviction.
-#[derive(Default)]
-struct PrefixCache {
-    map: HashMap<u64, CachedBlock>,
-    /// (stamp, hash) of every entry, oldest first.
-    lru: BTreeSet<(u64, u64)>,
-    clock: u64,
-}
-
-const ROOT_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
-
-fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
-    let mut h = DefaultHasher::new();
-    parent.hash(&mut h);
-    tokens.hash(&mut h);
-    h.finish()
-}
-
-impl PrefixCache {
-    fn touch(&mut self, hash: u64) {
-        self.clock += 1;
-        if let Some(e) = self.map.get_mut(&hash) {
-            self.lru.remove(&(e.stamp, hash));
-            e.stamp = self.clock;
-            self.lru.insert((e.stamp, hash));
-        }
-    }
-
-    /// Cached blocks of the longest prefix of `tokens` made of whole blocks, at most `max_blocks`;
-    /// and the hash of that prefix.
-    fn lookup(&mut self, tokens: &[u32], bs: usize, max_blocks: usize) -> (Vec<u32>, u64) {
-        let mut blocks = vec![];
-        let mut parent = ROOT_HASH;
-        for chunk in tokens.chunks_exact(bs).take(max_blocks) {
-            let h = chain_hash(parent, chunk);
-            match self.map.get(&h) {
-                Some(e) if e.parent == parent && e.tokens == chunk => blocks.push(e.block),
-                _ => break,
-            }
-            self.touch(h);
-            parent = h;
-        }
-        (blocks, parent)
-    }
-
-    /// Registers `block` holding `tokens` after the prefix `parent`; returns its hash and whether
-    /// the cache took it (false when that prefix is cached already, in another block).
-    fn insert(&mut self, parent: u64, tokens: &[u32], block: u32) -> (u64, bool) {
-        let h = chain_hash(parent, tokens);
-        if self.map.contains_key(&h) {
-            return (h, false);
-        }
-        self.clock += 1;
-        self.map.insert(h, CachedBlock { block, parent, tokens: tokens.to_vec(), stamp: self.clock });
-        self.lru.insert((self.clock, h));
-        (h, true)
-    }
-
-    /// Removes the least recently used entry whose block nobody else references; returns its block.
-    fn evict(&mut self, runner: &Runner) -> Option<u32> {
-        let (stamp, h) = *self.lru.iter().find(|(_, h)| runner.blocks().ref_count(self.map[h].block) == 1)?;
-        self.lru.remove(&(stamp, h));
-        self.map.remove(&h).map(|e| e.block)
-    }
-
-    fn evictable(&self, runner: &Runner) -> usize {
-        self.map.values().filter(|e| runner.blocks().ref_count(e.block) == 1).count()
-    }
-}
-
 /// One span of a step: (index into `running`, the span, tokens cached before it, whether it
 /// ends the sequence's pending tokens).
 type PlannedSpan = (usize, Span, usize, bool);
@@ -265,7 +187,6 @@ pub struct Scheduler {
     waiting: VecDeque<Entry>,
     /// Oldest first.
     running: Vec<Entry>,
-    prefix: PrefixCache,
     stats: SchedulerStats,
     fault: Option<Fault>,
 }
@@ -315,15 +236,7 @@ impl Scheduler {
             block_size: runner.block_size(),
             ..SchedulerStats::default()
         };
-        Scheduler {
-            runner,
-            cfg,
-            waiting: VecDeque::new(),
-            running: vec![],
-            prefix: PrefixCache::default(),
-            stats,
-            fault: None,
-        }
+        Scheduler { runner, cfg, waiting: VecDeque::new(), running: vec![], stats, fault: None }
     }
 
     pub fn runner(&self) -> &Runner {
@@ -393,8 +306,8 @@ impl Scheduler {
         s.running = self.running.len();
         s.waiting = self.waiting.len();
         let b = self.runner.blocks();
-        s.kv_blocks_cached = self.prefix.map.len();
-        s.kv_blocks_used = b.num_used() - self.prefix.evictable(&self.runner);
+        s.kv_blocks_cached = b.cached_blocks();
+        s.kv_blocks_used = b.num_used() - b.evictable();
         // Checked when idle (every step would cost a pass over all blocks).
         s.kv_inconsistency = if self.has_work() { None } else { self.check_kv().err() };
         s
@@ -404,30 +317,7 @@ impl Scheduler {
     /// holding it plus one if the prefix cache keeps it; the free list holds exactly the blocks
     /// with none; the prefix cache's entries and its LRU order agree, one entry per block.
     pub fn check_kv(&self) -> Result<(), String> {
-        let b = self.runner.blocks();
-        let mut want = self.runner.block_references();
-        for (h, e) in &self.prefix.map {
-            let Some(r) = want.get_mut(e.block as usize) else {
-                return Err(format!("the prefix cache names block {}, past the cache", e.block));
-            };
-            *r += 1;
-            if !self.prefix.lru.contains(&(e.stamp, *h)) {
-                return Err(format!("prefix cache entry of block {} is not in the LRU order", e.block));
-            }
-        }
-        if self.prefix.lru.len() != self.prefix.map.len() {
-            return Err("the prefix cache's LRU order and entries differ".into());
-        }
-        for (block, &w) in want.iter().enumerate() {
-            let have = b.ref_count(block as u32);
-            if have != w {
-                return Err(format!("block {block} has {have} references, but {w} holders"));
-            }
-        }
-        if !b.free_list_consistent() {
-            return Err("the free list does not match the blocks without references".into());
-        }
-        Ok(())
+        self.runner.blocks().check(self.runner.block_references())
     }
 
     /// Ends every request with an error (at shutdown).
@@ -474,9 +364,8 @@ impl Scheduler {
     /// Makes `need` blocks free beyond `reserved` ones by evicting unreferenced cached blocks.
     fn make_room(&mut self, reserved: usize, need: usize) -> bool {
         while self.runner.blocks().num_free() < reserved + need {
-            match self.prefix.evict(&self.runner) {
-                Some(b) => self.runner.release_block(b),
-                None => return false,
+            if !self.runner.kv_manager().evict_one() {
+                return false;
             }
         }
         true
@@ -563,8 +452,11 @@ impl Scheduler {
             // Prompt logprobs need every position's logits: no cached prefix for them.
             let all = self.waiting[0].wants_prompt_lps();
             let lookup = self.cfg.prefix_caching && !all;
-            let (prefix_blocks, prefix_hash) =
-                if lookup { self.prefix.lookup(&tokens, bs, (tokens.len() - 1) / bs) } else { (vec![], ROOT_HASH) };
+            let (prefix_blocks, prefix_hash) = if lookup {
+                self.runner.kv_manager().lookup(&tokens, bs, (tokens.len() - 1) / bs)
+            } else {
+                (vec![], ROOT_HASH)
+            };
             let seq = match self.runner.add_sequence_with_prefix(&tokens, &prefix_blocks) {
                 Ok(s) => s,
                 Err(e) => {
@@ -766,11 +658,7 @@ impl Scheduler {
         let tokens = self.runner.tokens(seq).unwrap_or(&[]).to_vec();
         let table = self.runner.block_table(seq).unwrap_or(&[]).to_vec();
         for k in e.registered..full {
-            let (h, taken) = self.prefix.insert(e.last_hash, &tokens[k * bs..(k + 1) * bs], table[k]);
-            if taken {
-                self.runner.retain_block(table[k]);
-            }
-            e.last_hash = h;
+            e.last_hash = self.runner.kv_manager().offer(e.last_hash, &tokens[k * bs..(k + 1) * bs], table[k]);
         }
         e.registered = full;
     }
