@@ -11,6 +11,8 @@ use std::sync::Once;
 pub fn tune_allocator() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
+        // SAFETY: mallopt only changes glibc's allocator thresholds; it is called once, before
+        // the runner's threads allocate, with valid parameter constants.
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);

@@ -121,6 +121,9 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
             let ((tok, len), kvh) = (units[i / kv.kv_heads], i % kv.kv_heads);
             let table = a.block_tables[a.seq_of_token[tok] as usize];
             if len > 1 {
+                // SAFETY: tiles of len > 1 exist only on AVX-512 CPUs (see `tile`); the kernel
+                // writes only the output rows of these tokens' heads of KV head kvh, which no
+                // other work item owns, and reads K/V rows through the sequence's block table.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     let pos0 = a.positions[tok] as usize;
@@ -136,6 +139,7 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
             }
             let ctx_len = a.positions[tok] as usize + 1;
             let qrow = &q[(tok * a.n_heads + kvh * group) * hd..(tok * a.n_heads + (kvh + 1) * group) * hd];
+            // SAFETY: this token's heads of KV head kvh: owned by this work item alone, in bounds.
             let orow = unsafe { op.slice((tok * a.n_heads + kvh * group) * hd, group * hd) };
             attend_one(ctx.isa, qrow, kv, table, kvh, ctx_len, a.scale, &mut scores[..group * ctx_len], orow);
         }
@@ -165,24 +169,29 @@ fn attend_one(
         macro_rules! per_dim {
             ($d:literal) => {
                 match kv.head_dim.div_ceil(16) {
-                    1 => unsafe { x86::attend_avx512::<$d, 1>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-                    2 => unsafe { x86::attend_avx512::<$d, 2>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-                    3 => unsafe { x86::attend_avx512::<$d, 3>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-                    4 => unsafe { x86::attend_avx512::<$d, 4>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-                    5 => unsafe { x86::attend_avx512::<$d, 5>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-                    6 => unsafe { x86::attend_avx512::<$d, 6>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-                    7 => unsafe { x86::attend_avx512::<$d, 7>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-                    _ => unsafe { x86::attend_avx512::<$d, 8>(q, kv, table, kvh, ctx_len, scale, scores, out) },
+                    1 => x86::attend_avx512::<$d, 1>(q, kv, table, kvh, ctx_len, scale, scores, out),
+                    2 => x86::attend_avx512::<$d, 2>(q, kv, table, kvh, ctx_len, scale, scores, out),
+                    3 => x86::attend_avx512::<$d, 3>(q, kv, table, kvh, ctx_len, scale, scores, out),
+                    4 => x86::attend_avx512::<$d, 4>(q, kv, table, kvh, ctx_len, scale, scores, out),
+                    5 => x86::attend_avx512::<$d, 5>(q, kv, table, kvh, ctx_len, scale, scores, out),
+                    6 => x86::attend_avx512::<$d, 6>(q, kv, table, kvh, ctx_len, scale, scores, out),
+                    7 => x86::attend_avx512::<$d, 7>(q, kv, table, kvh, ctx_len, scale, scores, out),
+                    _ => x86::attend_avx512::<$d, 8>(q, kv, table, kvh, ctx_len, scale, scores, out),
                 }
             };
         }
-        return match (kv.code(), kv.head_dim) {
-            (1, 64) => unsafe { x86::attend_bf16::<2>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-            (1, 128) => unsafe { x86::attend_bf16::<4>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-            (1, 256) => unsafe { x86::attend_bf16::<8>(q, kv, table, kvh, ctx_len, scale, scores, out) },
-            (0, _) => per_dim!(0),
-            (1, _) => per_dim!(1),
-            _ => per_dim!(2),
+        // SAFETY: an AVX-512 `Isa` exists only on a CPU with the features the kernels enable;
+        // head_dim fits the kernel's N (or NP) registers by the match; the kernels read K/V rows
+        // through the block table (within the cache) and write `out` (group × head_dim).
+        return unsafe {
+            match (kv.code(), kv.head_dim) {
+                (1, 64) => x86::attend_bf16::<2>(q, kv, table, kvh, ctx_len, scale, scores, out),
+                (1, 128) => x86::attend_bf16::<4>(q, kv, table, kvh, ctx_len, scale, scores, out),
+                (1, 256) => x86::attend_bf16::<8>(q, kv, table, kvh, ctx_len, scale, scores, out),
+                (0, _) => per_dim!(0),
+                (1, _) => per_dim!(1),
+                _ => per_dim!(2),
+            }
         };
     }
     let isa = if isa.is_avx512() { Isa::Avx512 } else { isa };
@@ -368,6 +377,11 @@ mod x86 {
     /// as 16 even then 16 odd ones, so a 64-byte load of 32 bf16 keys or values splits into two
     /// f32 vectors with a shift (even) and a mask (odd), no cross-lane widening; the outputs
     /// are summed in the same split order and interleaved back at the end.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F/BW/VL/DQ; `kv` holds bf16 elements and `table` maps the first
+    /// `ctx_len` keys to blocks inside it; `q` and `out` hold `group` heads; `scores` ≥
+    /// `group · ctx_len`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn attend_bf16<const NP: usize>(

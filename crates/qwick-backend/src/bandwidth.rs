@@ -54,6 +54,7 @@ pub fn read_bandwidth(ctx: Ctx, bytes: usize, passes: usize) -> (f64, Vec<(Patte
 fn sum(isa: Isa, pattern: Pattern, x: &[u8]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if isa.is_avx512() {
+        // SAFETY: an AVX-512 `Isa` exists only on a CPU with AVX-512F; `sum` reads within `x`.
         return unsafe { x86::sum(pattern, x) };
     }
     let _ = (isa, pattern);
@@ -65,6 +66,8 @@ mod x86 {
     use super::Pattern;
     use std::arch::x86_64::*;
 
+    /// # Safety
+    /// The CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn sum(pattern: Pattern, x: &[u8]) -> u64 {
         const ROW: usize = 4096;

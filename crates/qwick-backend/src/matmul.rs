@@ -46,7 +46,7 @@ impl<'a> WeightView<'a> {
 
     pub fn from_f32(data: &'a [f32], rows: usize, cols: usize) -> Self {
         // Any initialised f32 slice is also a valid byte slice of four times the length.
-        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) };
+        let bytes = crate::format::f32_bytes(data);
         WeightView::new(Format::F32, bytes, rows, cols)
     }
 
@@ -295,6 +295,9 @@ pub fn matmul_batch(ctx: Ctx, jobs: &[MatmulJob]) {
         });
         prep_of.push(i);
     }
+    // SAFETY: each job's `y` holds m × rows floats (checked in MatmulJob::new) and lives for the
+    // call; every unit covers distinct columns of one job, so no two threads write the same
+    // element; the kernels read `x` and the weight within their checked sizes.
     let run_range = |i: usize, cols: std::ops::Range<usize>| unsafe {
         let j = &jobs[i];
         matmul_cols_impl(ctx, j.x, &preps[prep_of[i]], j.m, &j.w, j.y.ptr(), j.w.rows, cols)
@@ -516,6 +519,38 @@ unsafe fn scalar(x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, c
     }
 }
 
+/// The GEMV kernels' blocking: up to 4 rows of x meet 4 weight rows at a time (1 at the
+/// ragged end); more rows of x go 8 at a time against `wide_rows` weight rows, so each weight
+/// vector is loaded once for 8 rows. Calls `f(n, nr, i, mr)` for weight rows `n..n + nr` and
+/// rows of x `i..i + mr`.
+#[inline(always)]
+#[cfg(target_arch = "x86_64")]
+fn gemv_blocks(
+    m: usize,
+    cols: std::ops::Range<usize>,
+    wide_rows: usize,
+    mut f: impl FnMut(usize, usize, usize, usize),
+) {
+    let wide = m > 4;
+    let mut n = cols.start;
+    while n < cols.end {
+        let nr = if wide {
+            (cols.end - n).min(wide_rows)
+        } else if cols.end - n >= 4 {
+            4
+        } else {
+            1
+        };
+        let mut i = 0;
+        while i < m {
+            let mr = (m - i).min(if wide { 8 } else { 4 });
+            f(n, nr, i, mr);
+            i += mr;
+        }
+        n += nr;
+    }
+}
+
 /// Calls a GEMV block kernel monomorphised for `nr` weight rows (4, 3, 2 or 1) and `mr`
 /// activation rows (1..=8).
 #[cfg(target_arch = "x86_64")]
@@ -567,7 +602,7 @@ mod x86 {
 
     pub mod avx512 {
         use super::*;
-        use crate::matmul::{WeightView, GEMM_MIN_ROWS};
+        use crate::matmul::{gemv_blocks, WeightView, GEMM_MIN_ROWS};
         use std::arch::x86_64::*;
 
         const NR: usize = 32;
@@ -631,32 +666,20 @@ mod x86 {
             let k = w.cols;
             let rb = k * w.format.row_bytes(1);
             let wp = w.data.as_ptr();
-            // Up to 4 rows of x: 4 weight rows at a time. More: 2 weight rows against up to 8
-            // rows of x, so each weight vector is widened once for 8 FMAs.
-            let wide = m > 4;
-            let mut n = cols.start;
-            while n < cols.end {
-                let nr = if wide {
-                    (cols.end - n).min(3)
-                } else if cols.end - n >= 4 {
-                    4
-                } else {
-                    1
-                };
-                let mut i = 0;
-                while i < m {
-                    let mr = (m - i).min(if wide { 8 } else { 4 });
-                    let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
-                    gemv_dispatch!(nr, mr, |R, M| gemv_block::<D, R, M>(xp, ldx, k, wpn, rb, yp, ldy));
-                    i += mr;
-                }
-                n += nr;
-            }
+            // Up to 4 rows of x: 4 weight rows at a time; more: 3 weight rows against up to 8.
+            gemv_blocks(m, cols, 3, |n, nr, i, mr| {
+                let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
+                gemv_dispatch!(nr, mr, |R, M| gemv_block::<D, R, M>(xp, ldx, k, wpn, rb, yp, ldy));
+            });
         }
 
         /// GEMV of bf16 weights (row layout, k a multiple of 32) with activations reordered by
         /// [`crate::matmul::split_even_odd`]: per 64 bytes of a weight row, one load, a shift
         /// (even values) and a mask (odd values) give two f32 vectors for two FMAs.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F/BW/VL; `xs` holds `m` rows of stride `ldx` ≥ `w.cols`
+        /// (a multiple of 32); `y` is valid for `m` rows of `ldy` floats at columns `cols`.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
         pub unsafe fn gemv_bf16_split(
             xs: &[f32],
@@ -670,25 +693,11 @@ mod x86 {
             let k = w.cols;
             let rb = 2 * k;
             let (x, wp) = (xs.as_ptr(), w.data.as_ptr());
-            let wide = m > 4;
-            let mut n = cols.start;
-            while n < cols.end {
-                let nr = if wide {
-                    (cols.end - n).min(3)
-                } else if cols.end - n >= 4 {
-                    4
-                } else {
-                    1
-                };
-                let mut i = 0;
-                while i < m {
-                    let mr = (m - i).min(if wide { 8 } else { 4 });
-                    let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
-                    gemv_dispatch!(nr, mr, |R, M| split_block::<R, M>(xp, ldx, k, wpn, rb, yp, ldy));
-                    i += mr;
-                }
-                n += nr;
-            }
+            // Up to 4 rows of x: 4 weight rows at a time; more: 3 weight rows against up to 8.
+            gemv_blocks(m, cols, 3, |n, nr, i, mr| {
+                let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
+                gemv_dispatch!(nr, mr, |R, M| split_block::<R, M>(xp, ldx, k, wpn, rb, yp, ldy));
+            });
         }
 
         #[inline]
@@ -910,7 +919,7 @@ mod x86 {
     /// AVX512-BF16: bf16 activations × bf16 weights with `vdpbf16ps` (pairs of products
     /// accumulated into f32 lanes). Same two paths as the exact kernels.
     pub mod avx512bf16 {
-        use crate::matmul::{WeightView, GEMM_MIN_ROWS};
+        use crate::matmul::{gemv_blocks, WeightView, GEMM_MIN_ROWS};
         use std::arch::x86_64::*;
 
         const NR: usize = 32;
@@ -947,25 +956,11 @@ mod x86 {
             let k = w.cols;
             let kp = k.next_multiple_of(2);
             let wp = w.data.as_ptr() as *const u16;
-            let wide = m > 4;
-            let mut n = cols.start;
-            while n < cols.end {
-                let nr = if wide {
-                    (cols.end - n).min(2)
-                } else if cols.end - n >= 4 {
-                    4
-                } else {
-                    1
-                };
-                let mut i = 0;
-                while i < m {
-                    let mr = (m - i).min(if wide { 8 } else { 4 });
-                    let (xp, yp, wpn) = (x.add(i * kp), y.add(i * ldy + n), wp.add(n * k));
-                    gemv_dispatch!(nr, mr, |R, M| block::<R, M>(xp, kp, k, wpn, yp, ldy));
-                    i += mr;
-                }
-                n += nr;
-            }
+            // Up to 4 rows of x: 4 weight rows at a time; more: 2 weight rows against up to 8.
+            gemv_blocks(m, cols, 2, |n, nr, i, mr| {
+                let (xp, yp, wpn) = (x.add(i * kp), y.add(i * ldy + n), wp.add(n * k));
+                gemv_dispatch!(nr, mr, |R, M| block::<R, M>(xp, kp, k, wpn, yp, ldy));
+            });
         }
 
         /// `R` weight rows (stride `k`) against `M` activation rows (stride `kp`).

@@ -18,6 +18,9 @@ macro_rules! multiversion {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn v256($($arg: $ty),*) $(-> $ret)? { $name::<true>($($arg),*) }
+        // SAFETY: an `Isa` other than Scalar is only constructed for a CPU that supports it
+        // (`Isa::supported`), so the target features v512 / v256 enable are present; the
+        // functions themselves are safe Rust compiled for those features.
         match $isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 | Isa::Amx => unsafe { v512($($arg),*) },

@@ -100,7 +100,10 @@ impl ThreadPool {
         }
         let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
-        // Erase the closure's lifetime: it outlives every use because we wait below.
+        // SAFETY: the closure's lifetime is erased, but it outlives every use: workers only call
+        // it between the generation bump below and their `remaining` decrement, and this
+        // function waits for `remaining` to reach 0 before returning (and clears the slot).
+        // The slot is written only here, under `run_lock`, while no worker reads it.
         let ptr: *const Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f) };
         unsafe { *s.job.get() = Some(ptr) };
         s.remaining.store(self.workers.len(), Ordering::SeqCst);
@@ -113,6 +116,7 @@ impl ThreadPool {
         while s.remaining.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
         }
+        // SAFETY: every worker has finished with the job (remaining is 0); no one reads the slot.
         unsafe { *s.job.get() = None };
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
@@ -145,6 +149,8 @@ impl ThreadPool {
 fn allowed_cpus() -> &'static [usize] {
     static CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
     CPUS.get_or_init(|| {
+        // SAFETY: cpu_set_t is plain data (all-zero is the empty set); the call writes at most
+        // size_of::<cpu_set_t>() bytes into it, and CPU_ISSET reads indexes below CPU_SETSIZE.
         #[cfg(target_os = "linux")]
         unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -158,6 +164,8 @@ fn allowed_cpus() -> &'static [usize] {
 
 /// Binds the calling thread to `cpus` (best effort).
 fn set_affinity(cpus: &[usize]) {
+    // SAFETY: cpu_set_t is plain data; `cpus` come from allowed_cpus (below CPU_SETSIZE); the
+    // call reads size_of::<cpu_set_t>() bytes of it.
     #[cfg(target_os = "linux")]
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -213,6 +221,8 @@ fn worker(s: Arc<Shared>, t: usize) {
         if s.shutdown.load(Ordering::Acquire) {
             return;
         }
+        // SAFETY: the slot was written before the generation bump this worker saw, and `run`
+        // keeps the closure alive until this worker decrements `remaining` below.
         let job = unsafe { (*s.job.get()).expect("job set before generation bump") };
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*job)(t) }));
         if r.is_err() {

@@ -497,6 +497,8 @@ impl Qwen3 {
                 let (cos, sin) = (&cos, &sin);
                 ctx.pool.for_chunks(n, if n >= 8 { 1 } else { n }, &|r| {
                     for i in r {
+                        // SAFETY: row i of q and k (within their n rows), and row i only: each
+                        // chunk of rows goes to one thread.
                         let qi = unsafe { qp.slice(i * qd, qd) };
                         let ki = unsafe { kkp.slice(i * kvd, kvd) };
                         ops::rms_norm_inplace(isa, qi, &a.q_norm, eps);
@@ -505,6 +507,9 @@ impl Qwen3 {
                         ops::rope_inplace(isa, qi, cs, sn);
                         ops::rope_inplace(isa, ki, cs, sn);
                         let slot = slots[i] as usize;
+                        // SAFETY: the batch was validated (slots inside the cache), so each row is
+                        // inside this layer's buffers; distinct tokens have distinct slots, so no
+                        // two threads write the same bytes.
                         unsafe {
                             // Each KV head's values go to that head's rows of the block.
                             for h in 0..layout.kv_heads {
@@ -548,9 +553,9 @@ impl Qwen3 {
 /// Calls `f(rows, out_rows)` over row chunks of `out` (`width` floats a row), in parallel when
 /// there are enough rows to be worth it.
 fn par_rows(ctx: Ctx, n: usize, out: &mut [f32], width: usize, f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
-    // Each chunk owns its rows of `out`.
     let op = SendPtr::new(out);
     let run = |r: std::ops::Range<usize>| {
+        // SAFETY: each chunk owns its rows of `out` (chunks do not overlap) and r ⊆ 0..n.
         let o = unsafe { op.slice(r.start * width, r.len() * width) };
         f(r, o)
     };

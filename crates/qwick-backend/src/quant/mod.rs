@@ -229,11 +229,13 @@ mod tests {
                 repack_into(&rows, &mut tiled);
                 let tiles = WeightView::tiles(f, &tiled, n, k);
                 let mut want = vec![0f32; m * n];
+                // SAFETY: `want` holds m rows of n floats, all columns written by this one call.
                 unsafe { matmul_q8(Isa::Scalar, &a, &tiles, want.as_mut_ptr(), n, 0..n) };
                 assert!(want.iter().all(|v| v.is_finite()));
                 for isa in Isa::all_supported() {
                     for w in [&rows, &tiles] {
                         let mut got = vec![f32::NAN; m * n];
+                        // SAFETY: a supported ISA; `got` holds m rows of n floats.
                         unsafe { matmul_q8(isa, &a, w, got.as_mut_ptr(), n, 0..n) };
                         for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                             assert!(
@@ -283,6 +285,7 @@ mod tests {
                 let mut want = vec![0f32; m * n];
                 amx::reference(spec, &a, &w, &mut want, n);
                 let mut got = vec![f32::NAN; m * n];
+                // SAFETY: `amx::usable()` was checked above; `w` is in tiles; `got` holds m × n.
                 unsafe { amx::matmul(amx::Source::Tiles(spec), &a, &w, got.as_mut_ptr(), n, 0..n) };
                 for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                     assert!(
