@@ -212,6 +212,24 @@ pub struct ChatRequest {
     /// Effort levels as thinking budgets (see [`gen::effort_budget`]).
     #[serde(default)]
     pub reasoning_effort: Option<String>,
+    /// The output format, in any of the spellings clients use.
+    #[serde(flatten)]
+    pub format: FormatFields,
+    /// Every other field: accepted only when listed in [`CHAT_IGNORED`].
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// Chat request fields accepted and ignored (they change nothing here).
+pub const CHAT_IGNORED: &[&str] = &["user", "store", "metadata", "service_tier"];
+
+/// Completion request fields accepted and ignored.
+pub const COMPLETION_IGNORED: &[&str] = &["user"];
+
+/// Request fields that ask for an output format: OpenAI's `response_format`, and the
+/// structured-output spellings of vLLM and llama.cpp.
+#[derive(Deserialize, Default, Debug)]
+pub struct FormatFields {
     #[serde(default)]
     pub response_format: Option<Value>,
     /// Structured output in the spellings of other servers (vLLM, llama.cpp): see
@@ -230,101 +248,88 @@ pub struct ChatRequest {
     pub json_schema: Option<Value>,
     #[serde(default)]
     pub grammar: Option<String>,
-    /// Every other field: accepted only when listed in [`CHAT_IGNORED`].
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
 }
 
-/// Chat request fields accepted and ignored (they change nothing here).
-pub const CHAT_IGNORED: &[&str] = &["user", "store", "metadata", "service_tier"];
-
-/// Completion request fields accepted and ignored.
-pub const COMPLETION_IGNORED: &[&str] = &["user"];
-
-/// The output format a request asks for, in any of the spellings clients use: OpenAI's
+/// The output format a request asks for, in any of the spellings clients use (with the field
+/// that asked): OpenAI's
 /// `response_format` (`json_object`, `json_schema`), vLLM's `guided_json|regex|choice|grammar`
 /// and `structured_outputs`, llama.cpp's `json_schema` and `grammar` (Lark). At most one.
-macro_rules! output_format {
-    ($req:expr) => {{
-        let r = &$req;
-        let mut found: Vec<(&str, qwick_chat::OutputFormat)> = vec![];
-        match &r.response_format {
-            None | Some(Value::Null) => {}
-            Some(f) => match f.get("type").and_then(Value::as_str) {
-                Some("text") => {}
-                Some("json_object") => found.push(("response_format", qwick_chat::OutputFormat::JsonObject)),
-                Some("json_schema") => {
-                    let schema = f.get("json_schema").and_then(|j| j.get("schema")).cloned().ok_or_else(|| {
-                        ApiError::bad_request("response_format.json_schema.schema is required")
-                            .with_param("response_format")
-                    })?;
-                    found.push(("response_format", qwick_chat::OutputFormat::JsonSchema(schema)));
-                }
+pub fn output_format(r: &FormatFields) -> Result<Option<(&'static str, qwick_chat::OutputFormat)>, ApiError> {
+    let mut found: Vec<(&'static str, qwick_chat::OutputFormat)> = vec![];
+    match &r.response_format {
+        None | Some(Value::Null) => {}
+        Some(f) => match f.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some("json_object") => found.push(("response_format", qwick_chat::OutputFormat::JsonObject)),
+            Some("json_schema") => {
+                let schema = f.get("json_schema").and_then(|j| j.get("schema")).cloned().ok_or_else(|| {
+                    ApiError::bad_request("response_format.json_schema.schema is required")
+                        .with_param("response_format")
+                })?;
+                found.push(("response_format", qwick_chat::OutputFormat::JsonSchema(schema)));
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "response_format.type must be \"text\", \"json_object\" or \"json_schema\", not {}",
+                    f.get("type").unwrap_or(&Value::Null)
+                ))
+                .with_param("response_format"))
+            }
+        },
+    }
+    let schema = |v: &Value, param: &'static str| -> Result<qwick_chat::OutputFormat, ApiError> {
+        match v {
+            Value::String(s) => serde_json::from_str(s)
+                .map(qwick_chat::OutputFormat::JsonSchema)
+                .map_err(|e| ApiError::bad_request(format!("{param}: not a JSON schema: {e}")).with_param(param)),
+            Value::Object(_) => Ok(qwick_chat::OutputFormat::JsonSchema(v.clone())),
+            _ => Err(ApiError::bad_request(format!("{param} must be a JSON schema")).with_param(param)),
+        }
+    };
+    if let Some(v) = &r.guided_json {
+        found.push(("guided_json", schema(v, "guided_json")?));
+    }
+    if let Some(v) = &r.json_schema {
+        found.push(("json_schema", schema(v, "json_schema")?));
+    }
+    if let Some(v) = &r.guided_regex {
+        found.push(("guided_regex", qwick_chat::OutputFormat::Regex(v.clone())));
+    }
+    if let Some(v) = &r.guided_choice {
+        found.push(("guided_choice", qwick_chat::OutputFormat::Choice(v.clone())));
+    }
+    for (param, g) in [("guided_grammar", &r.guided_grammar), ("grammar", &r.grammar)] {
+        if let Some(g) = g {
+            found.push((param, qwick_chat::OutputFormat::Lark(g.clone())));
+        }
+    }
+    if let Some(so) = &r.structured_outputs {
+        for (k, v) in so {
+            let f = match (k.as_str(), v) {
+                ("json", v) => schema(v, "structured_outputs.json")?,
+                ("regex", Value::String(s)) => qwick_chat::OutputFormat::Regex(s.clone()),
+                ("grammar", Value::String(s)) => qwick_chat::OutputFormat::Lark(s.clone()),
+                ("choice", Value::Array(a)) => qwick_chat::OutputFormat::Choice(
+                    a.iter().map(|c| c.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(|| {
+                        ApiError::bad_request("structured_outputs.choice must be a list of strings")
+                            .with_param("structured_outputs.choice")
+                    })?,
+                ),
                 _ => {
-                    return Err(ApiError::bad_request(format!(
-                        "response_format.type must be \"text\", \"json_object\" or \"json_schema\", not {}",
-                        f.get("type").unwrap_or(&Value::Null)
-                    ))
-                    .with_param("response_format"))
+                    return Err(ApiError::bad_request(format!("unsupported field structured_outputs.{k}"))
+                        .with_param(format!("structured_outputs.{k}")))
                 }
-            },
+            };
+            found.push(("structured_outputs", f));
         }
-        let schema = |v: &Value, param: &'static str| -> Result<qwick_chat::OutputFormat, ApiError> {
-            match v {
-                Value::String(s) => serde_json::from_str(s)
-                    .map(qwick_chat::OutputFormat::JsonSchema)
-                    .map_err(|e| ApiError::bad_request(format!("{param}: not a JSON schema: {e}")).with_param(param)),
-                Value::Object(_) => Ok(qwick_chat::OutputFormat::JsonSchema(v.clone())),
-                _ => Err(ApiError::bad_request(format!("{param} must be a JSON schema")).with_param(param)),
-            }
-        };
-        if let Some(v) = &r.guided_json {
-            found.push(("guided_json", schema(v, "guided_json")?));
-        }
-        if let Some(v) = &r.json_schema {
-            found.push(("json_schema", schema(v, "json_schema")?));
-        }
-        if let Some(v) = &r.guided_regex {
-            found.push(("guided_regex", qwick_chat::OutputFormat::Regex(v.clone())));
-        }
-        if let Some(v) = &r.guided_choice {
-            found.push(("guided_choice", qwick_chat::OutputFormat::Choice(v.clone())));
-        }
-        for (param, g) in [("guided_grammar", &r.guided_grammar), ("grammar", &r.grammar)] {
-            if let Some(g) = g {
-                found.push((param, qwick_chat::OutputFormat::Lark(g.clone())));
-            }
-        }
-        if let Some(so) = &r.structured_outputs {
-            for (k, v) in so {
-                let f = match (k.as_str(), v) {
-                    ("json", v) => schema(v, "structured_outputs.json")?,
-                    ("regex", Value::String(s)) => qwick_chat::OutputFormat::Regex(s.clone()),
-                    ("grammar", Value::String(s)) => qwick_chat::OutputFormat::Lark(s.clone()),
-                    ("choice", Value::Array(a)) => qwick_chat::OutputFormat::Choice(
-                        a.iter().map(|c| c.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(
-                            || {
-                                ApiError::bad_request("structured_outputs.choice must be a list of strings")
-                                    .with_param("structured_outputs.choice")
-                            },
-                        )?,
-                    ),
-                    _ => {
-                        return Err(ApiError::bad_request(format!("unsupported field structured_outputs.{k}"))
-                            .with_param(format!("structured_outputs.{k}")))
-                    }
-                };
-                found.push(("structured_outputs", f));
-            }
-        }
-        if found.len() > 1 {
-            return Err(ApiError::bad_request(format!(
-                "give one output format, not {}",
-                found.iter().map(|f| f.0).collect::<Vec<_>>().join(" and ")
-            )));
-        }
-        found.pop()
-    }};
+    }
+    if found.len() > 1 {
+        return Err(ApiError::bad_request(format!(
+            "give one output format, not {}",
+            found.iter().map(|f| f.0).collect::<Vec<_>>().join(" and ")
+        )));
+    }
+    Ok(found.pop())
 }
 
 /// Checks `model` against the served model (absent means the served one).
@@ -465,7 +470,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     let arrival = Instant::now();
     let mut req: ChatRequest = parse_json(&body)?;
     gen::check_fields(&req.extra, CHAT_IGNORED, "")?;
-    let format = output_format!(req);
+    let format = output_format(&req.format)?;
     if let Some(level) = req.reasoning_effort.take() {
         // An explicit max_thinking_tokens wins over the level.
         match (gen::effort_budget(&level, "reasoning_effort")?, req.max_thinking_tokens) {
@@ -798,24 +803,9 @@ pub struct CompletionRequest {
     /// Generate past end-of-sequence tokens (for benchmarks).
     #[serde(default)]
     pub ignore_eos: Option<bool>,
-    #[serde(default)]
-    pub response_format: Option<Value>,
-    /// Structured output in the spellings of other servers (vLLM, llama.cpp): see
-    /// [`output_format`].
-    #[serde(default)]
-    pub guided_json: Option<Value>,
-    #[serde(default)]
-    pub guided_regex: Option<String>,
-    #[serde(default)]
-    pub guided_choice: Option<Vec<String>>,
-    #[serde(default)]
-    pub guided_grammar: Option<String>,
-    #[serde(default)]
-    pub structured_outputs: Option<Map<String, Value>>,
-    #[serde(default)]
-    pub json_schema: Option<Value>,
-    #[serde(default)]
-    pub grammar: Option<String>,
+    /// The output format, in any of the spellings clients use.
+    #[serde(flatten)]
+    pub format: FormatFields,
     /// Every other field: accepted only when listed in [`COMPLETION_IGNORED`].
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -891,7 +881,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let arrival = Instant::now();
     let req: CompletionRequest = parse_json(&body)?;
     gen::check_fields(&req.extra, COMPLETION_IGNORED, "")?;
-    let format = output_format!(req);
+    let format = output_format(&req.format)?;
     check_model(&state, req.model.as_deref())?;
     let echo = req.echo == Some(true);
     let n = req.n.unwrap_or(1);
