@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod common;
+mod quantize;
 mod run;
 mod serve;
 
@@ -51,23 +52,12 @@ enum Command {
     BenchServe(serve::BenchServeArgs),
     /// Measure prefill and decode speed, memory, and decode against the memory-bandwidth bound.
     Bench(bench::BenchArgs),
-    /// Write a random-weight checkpoint for a config (for benchmarks at real shapes).
-    MakeRandom {
-        /// A config.json of a Qwen3 model.
-        #[arg(long)]
-        config: PathBuf,
-        /// Output folder.
-        #[arg(long)]
-        out: PathBuf,
-        /// Stored dtype: bf16, f16 or f32.
-        #[arg(long, default_value = "bf16")]
-        dtype: String,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Largest shard file in GB (bigger checkpoints are sharded with an index).
-        #[arg(long, default_value_t = 4.0)]
-        shard_gb: f64,
-    },
+    /// Write a GGUF file in a quantized (or float) file type from a Hugging Face folder, a Hub id
+    /// or another GGUF file, streamed tensor by tensor.
+    Quantize(quantize::QuantizeArgs),
+    /// Write a random-weight checkpoint for a config (for benchmarks at real shapes): safetensors
+    /// in a folder, or with --type a GGUF file of that file type.
+    MakeRandom(quantize::MakeRandomArgs),
 }
 
 fn main() -> ExitCode {
@@ -103,23 +93,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::serve(args),
         Command::BenchServe(args) => serve::bench_serve(args),
-        Command::MakeRandom { config, out, dtype, seed, shard_gb } => {
-            let dtype = match dtype.to_ascii_lowercase().as_str() {
-                "bf16" | "bfloat16" => qwick_backend::Format::BF16,
-                "f16" | "float16" => qwick_backend::Format::F16,
-                "f32" | "float32" => qwick_backend::Format::F32,
-                other => bail!("--dtype {other}: expected bf16, f16 or f32"),
-            };
-            let bar = common::progress_bar("writing");
-            qwick_model::random::make_random(&config, &out, dtype, seed, (shard_gb * 1e9) as usize, &|d, t| {
-                common::tick(&bar, d, t)
-            })?;
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
-            eprintln!("wrote {}", out.display());
-            Ok(())
-        }
+        Command::Quantize(args) => quantize::quantize(args),
+        Command::MakeRandom(args) => quantize::make_random(args),
     }
 }
 

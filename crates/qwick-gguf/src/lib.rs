@@ -126,6 +126,8 @@ pub struct TensorInfo {
     pub format: Option<Format>,
     /// Absolute byte range of the data in the file (empty when the format is unknown).
     pub range: std::ops::Range<usize>,
+    /// Which file of a split model holds the data (0 for a single file).
+    pub split: usize,
 }
 
 impl TensorInfo {
@@ -139,8 +141,9 @@ impl TensorInfo {
 pub struct GgufFile {
     pub path: PathBuf,
     pub version: u32,
-    map: Arc<Mmap>,
-    /// Metadata in file order.
+    /// The mapping of each file (one, or every split of a split model, in order).
+    maps: Vec<Arc<Mmap>>,
+    /// Metadata in file order (a split model's metadata is its first file's).
     pub metadata: Vec<(String, Value)>,
     index: HashMap<String, usize>,
     pub tensors: Vec<TensorInfo>,
@@ -230,8 +233,52 @@ impl<'a> Cursor<'a> {
 }
 
 impl GgufFile {
-    /// Maps and validates a GGUF file.
+    /// Maps and validates a GGUF file. The first file of a split model
+    /// (`NAME-00001-of-0000N.gguf`, with `split.count` metadata) opens the whole model: its
+    /// siblings are found next to it and their tensors join its table.
     pub fn open(path: &Path) -> Result<GgufFile> {
+        let mut g = Self::open_one(path)?;
+        let count = g.get_u64("split.count")?.unwrap_or(1) as usize;
+        if count <= 1 {
+            return Ok(g);
+        }
+        let p = path.display();
+        let no = g.get_u64("split.no")?.unwrap_or(0);
+        if no != 0 {
+            bail!(
+                "{p} is part {} of a model split in {count}; open the first part (…-00001-of-{count:05}.gguf)",
+                no + 1
+            );
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let suffix = format!("-00001-of-{count:05}.gguf");
+        let Some(stem) = name.strip_suffix(&suffix) else {
+            bail!("{p}: a model split in {count} parts must be named NAME{suffix}");
+        };
+        for i in 1..count {
+            let sp = path.with_file_name(format!("{stem}-{:05}-of-{count:05}.gguf", i + 1));
+            let part = Self::open_one(&sp).map_err(|e| anyhow!("split {} of {p}: {e:#}", i + 1))?;
+            if part.get_u64("split.no")? != Some(i as u64) || part.get_u64("split.count")? != Some(count as u64) {
+                bail!("{}: its split.no / split.count do not make it part {} of {count}", sp.display(), i + 1);
+            }
+            for mut t in part.tensors {
+                t.split = i;
+                if g.by_name.insert(t.name.clone(), g.tensors.len()).is_some() {
+                    bail!("tensor {} appears in two splits of {p}", t.name);
+                }
+                g.tensors.push(t);
+            }
+            g.maps.extend(part.maps);
+        }
+        if let Some(n) = g.get_u64("split.tensors.count")? {
+            if n != g.tensors.len() as u64 {
+                bail!("{p}: split.tensors.count is {n} but the {count} files hold {} tensors", g.tensors.len());
+            }
+        }
+        Ok(g)
+    }
+
+    fn open_one(path: &Path) -> Result<GgufFile> {
         let f = std::fs::File::open(path).map_err(|e| anyhow!("cannot open {}: {e}", path.display()))?;
         // Safety: the file is opened read-only; qwick does not modify model files while running.
         let map = unsafe { Mmap::map(&f) }.map_err(|e| anyhow!("cannot map {}: {e}", path.display()))?;
@@ -317,12 +364,12 @@ impl GgufFile {
             if by_name.insert(name.clone(), tensors.len()).is_some() {
                 bail!("tensor {name} appears twice");
             }
-            tensors.push(TensorInfo { name, dims, ggml_type: ty, format, range });
+            tensors.push(TensorInfo { name, dims, ggml_type: ty, format, range, split: 0 });
         }
         Ok(GgufFile {
             path: path.to_path_buf(),
             version,
-            map,
+            maps: vec![map],
             metadata,
             index,
             tensors,
@@ -332,9 +379,19 @@ impl GgufFile {
         })
     }
 
-    /// The mapping all tensor data borrows from.
-    pub fn map(&self) -> &Arc<Mmap> {
-        &self.map
+    /// The mapping a tensor's data borrows from (`t.range` is into it).
+    pub fn map_of(&self, t: &TensorInfo) -> &Arc<Mmap> {
+        &self.maps[t.split]
+    }
+
+    /// A tensor's bytes.
+    pub fn data(&self, t: &TensorInfo) -> &[u8] {
+        &self.maps[t.split][t.range.clone()]
+    }
+
+    /// The number of files (more than one for a split model).
+    pub fn files(&self) -> usize {
+        self.maps.len()
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -466,112 +523,5 @@ pub fn file_type_name(t: u32) -> Option<&'static str> {
     })
 }
 
-/// Builds a GGUF file (version 3): metadata in the order added, then tensors, aligned.
-#[derive(Default)]
-pub struct GgufWriter {
-    metadata: Vec<(String, Value)>,
-    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
-}
-
-impl GgufWriter {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn add(&mut self, key: &str, value: Value) -> &mut Self {
-        self.metadata.push((key.to_string(), value));
-        self
-    }
-
-    /// Adds a tensor: `dims` in GGML order (`dims[0]` the row length), `data` its bytes.
-    pub fn add_tensor(&mut self, name: &str, dims: &[u64], ggml_type: u32, data: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.to_string(), dims.to_vec(), ggml_type, data));
-        self
-    }
-
-    /// The whole file.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        fn string(out: &mut Vec<u8>, s: &str) {
-            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-            out.extend_from_slice(s.as_bytes());
-        }
-        fn type_id(v: &Value) -> u32 {
-            match v {
-                Value::U8(_) => 0,
-                Value::I8(_) => 1,
-                Value::U16(_) => 2,
-                Value::I16(_) => 3,
-                Value::U32(_) => 4,
-                Value::I32(_) => 5,
-                Value::F32(_) => 6,
-                Value::Bool(_) => 7,
-                Value::String(_) => 8,
-                Value::Array(_) => 9,
-                Value::U64(_) => 10,
-                Value::I64(_) => 11,
-                Value::F64(_) => 12,
-            }
-        }
-        fn value(out: &mut Vec<u8>, v: &Value) {
-            match v {
-                Value::U8(x) => out.push(*x),
-                Value::I8(x) => out.push(*x as u8),
-                Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::Bool(x) => out.push(*x as u8),
-                Value::String(s) => string(out, s),
-                Value::Array(a) => {
-                    out.extend_from_slice(&a.first().map_or(0, type_id).to_le_bytes());
-                    out.extend_from_slice(&(a.len() as u64).to_le_bytes());
-                    for e in a {
-                        value(out, e);
-                    }
-                }
-                Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
-            }
-        }
-        let alignment = match self.metadata.iter().find(|(k, _)| k == "general.alignment") {
-            Some((_, Value::U32(a))) if a.is_power_of_two() => *a as usize,
-            _ => DEFAULT_ALIGNMENT as usize,
-        };
-        let mut out = Vec::new();
-        out.extend_from_slice(&MAGIC.to_le_bytes());
-        out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
-        for (k, v) in &self.metadata {
-            string(&mut out, k);
-            out.extend_from_slice(&type_id(v).to_le_bytes());
-            value(&mut out, v);
-        }
-        let mut off = 0usize;
-        for (name, dims, ty, data) in &self.tensors {
-            string(&mut out, name);
-            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            for d in dims {
-                out.extend_from_slice(&d.to_le_bytes());
-            }
-            out.extend_from_slice(&ty.to_le_bytes());
-            out.extend_from_slice(&(off as u64).to_le_bytes());
-            off = (off + data.len()).next_multiple_of(alignment);
-        }
-        out.resize(out.len().next_multiple_of(alignment), 0);
-        for (_, _, _, data) in &self.tensors {
-            out.extend_from_slice(data);
-            out.resize(out.len().next_multiple_of(alignment), 0);
-        }
-        out
-    }
-
-    /// Writes the file through a temporary file renamed into place when complete.
-    pub fn write(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("gguf.partial");
-        std::fs::write(&tmp, self.to_bytes()).map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, path).map_err(|e| anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display()))
-    }
-}
+mod write;
+pub use write::{partial_files, GgufWriter, StreamWriter, TensorDecl};

@@ -112,7 +112,7 @@ pub fn tensor(g: &GgufFile, role: Role, l: usize, shape: &[usize]) -> Result<Ten
     let t = g.tensor(&name).ok_or_else(|| anyhow!("{}: tensor {name} not found", g.path.display()))?;
     check(g, t, shape)?;
     let format = t.format.expect("checked");
-    Ok(Tensor::mapped(&name, format, t.shape(), g.map().clone(), t.range.clone()))
+    Ok(Tensor::mapped(&name, format, t.shape(), g.map_of(t).clone(), t.range.clone()))
 }
 
 pub fn contains(g: &GgufFile, role: Role, l: usize) -> bool {

@@ -503,26 +503,34 @@ impl SplitMix64 {
 /// about ±0.15 (typically 0.01–0.1 in magnitude; mins add at most 0.05). Float formats get values uniform in ±0.1.
 /// For kernel tests and benchmarks.
 pub fn random_blocks(format: Format, blocks: usize, seed: u64) -> Vec<u8> {
-    const MAX_WEIGHT: f32 = 0.1;
+    let mut out = vec![0u8; blocks * format.block_bytes()];
+    random_blocks_into(format, &mut out, seed, 0.1);
+    out
+}
+
+/// Fills `out` (whole blocks of `format`) with pseudo-random blocks as [`random_blocks`] does,
+/// dequantized weights within about ±`max_weight` (random checkpoints scale it by
+/// 1/√fan-in).
+pub fn random_blocks_into(format: Format, out: &mut [u8], seed: u64, max_weight: f32) {
     let mut rng = SplitMix64(seed ^ 0x5157_4943_4B00_0000 ^ ((format as u64) << 8));
     let bytes = format.block_bytes();
-    let mut out = vec![0u8; blocks * bytes];
     for block in out.chunks_exact_mut(bytes) {
         match format {
-            Format::F32 => block.copy_from_slice(&rng.scale(MAX_WEIGHT).to_le_bytes()),
-            Format::F16 => block.copy_from_slice(&half::f16::from_f32(rng.scale(MAX_WEIGHT)).to_le_bytes()),
-            Format::BF16 => block.copy_from_slice(&half::bf16::from_f32(rng.scale(MAX_WEIGHT)).to_le_bytes()),
+            Format::F32 => block.copy_from_slice(&rng.scale(max_weight).to_le_bytes()),
+            Format::F16 => block.copy_from_slice(&half::f16::from_f32(rng.scale(max_weight)).to_le_bytes()),
+            Format::BF16 => block.copy_from_slice(&half::bf16::from_f32(rng.scale(max_weight)).to_le_bytes()),
             _ => {
-                for b in block.iter_mut() {
-                    *b = rng.next() as u8;
+                for c in block.chunks_mut(8) {
+                    let r = rng.next().to_le_bytes();
+                    c.copy_from_slice(&r[..c.len()]);
                 }
                 for &(at, factor) in scale_fields(format) {
-                    let d = half::f16::from_f32(rng.scale(MAX_WEIGHT / factor));
+                    let d = half::f16::from_f32(rng.scale(max_weight / factor));
                     block[at..at + 2].copy_from_slice(&d.to_le_bytes());
                 }
                 if format == Format::IQ1_M {
                     // The f16 scale is the top nibble of each of the four u16 words at 48..56.
-                    let d = half::f16::from_f32(rng.scale(MAX_WEIGHT / (15.0 * 1.125))).to_bits();
+                    let d = half::f16::from_f32(rng.scale(max_weight / (15.0 * 1.125))).to_bits();
                     for k in 0..4 {
                         let at = 48 + 2 * k;
                         let w = u16::from_le_bytes([block[at], block[at + 1]]) & 0x0FFF | ((d >> (4 * k)) & 0xF) << 12;
@@ -532,5 +540,4 @@ pub fn random_blocks(format: Format, blocks: usize, seed: u64) -> Vec<u8> {
             }
         }
     }
-    out
 }

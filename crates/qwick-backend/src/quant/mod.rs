@@ -14,6 +14,7 @@
 pub mod amx;
 pub mod dequant;
 pub mod grids;
+pub mod quantize;
 pub mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
