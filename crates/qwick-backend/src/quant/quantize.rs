@@ -255,11 +255,12 @@ fn lanes<const K: usize>(n: usize, f: impl Fn(usize) -> [f32; K]) -> [f32; K] {
 }
 
 /// Fits `x ≈ scale · q − min` with integer codes `q` in `0..=nmax` and `min ≥ 0` (the range
-/// always holds zero), minimizing `Σ w (scale·q − min − x)²` over the trial scales of `grid`,
+/// always holds zero), minimizing `Σ w (scale·q − min − x)²` (or `Σ w |scale·q − min − x|`
+/// with `mad`) over the trial scales of `grid`,
 /// each refined by the weighted least-squares scale and offset for its codes. Returns
 /// `(scale, min)`; `q` gets the codes of the best fit. `x.len()` is 16 or 32.
 #[inline(always)]
-fn fit_affine(x: &[f32], w: &[f32], nmax: i32, grid: &Grid, q: &mut [u8]) -> (f32, f32) {
+fn fit_affine(x: &[f32], w: &[f32], nmax: i32, grid: &Grid, mad: bool, q: &mut [u8]) -> (f32, f32) {
     let n = x.len();
     let (w, q) = (&w[..n], &mut q[..n]);
     let (mut lo, hi) = x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
@@ -268,11 +269,16 @@ fn fit_affine(x: &[f32], w: &[f32], nmax: i32, grid: &Grid, q: &mut [u8]) -> (f3
         q.fill(0);
         return (0.0, if lo.is_finite() { -lo } else { 0.0 });
     }
-    let [sw, swx, swxx] = lanes(n, |j| [w[j], w[j] * x[j], w[j] * x[j] * x[j]]);
+    let [sw, swx] = lanes(n, |j| [w[j], w[j] * x[j]]);
     let nf = nmax as f32;
-    // Σ w (s·l + o − x)² from the sums of the codes.
-    let err = |s: f32, o: f32, sl: f32, sl2: f32, sxl: f32| {
-        s * s * sl2 + 2.0 * s * o * sl + o * o * sw - 2.0 * s * sxl - 2.0 * o * swx + swxx
+    // Σ w·d² (or Σ w·|d| when `mad`) of the residuals d of the codes at inverse scale `is`
+    // around `lo` under the fit (s, o).
+    let err = |is: f32, lo: f32, s: f32, o: f32| {
+        lanes(n, |j| {
+            let c = round_clamp(is * (x[j] - lo), 0.0, nf);
+            let d = s * c + o - x[j];
+            [w[j] * if mad { d.abs() } else { d * d }]
+        })[0]
     };
     let sums = |is: f32, lo: f32| {
         lanes(n, |j| {
@@ -284,10 +290,9 @@ fn fit_affine(x: &[f32], w: &[f32], nmax: i32, grid: &Grid, q: &mut [u8]) -> (f3
     // codes are taken relative to the new offset (as GGML's reference search does, so the
     // files agree with its output).
     let is0 = nf / (hi - lo);
-    let [sl, sl2, sxl] = sums(is0, lo);
     let (mut scale, mut off) = (1.0 / is0, lo);
     let (mut best_is, mut best_lo) = (is0, lo);
-    let mut best = err(scale, off, sl, sl2, sxl);
+    let mut best = err(is0, lo, scale, off);
     for i in 0..=grid.steps {
         let is = (nf + grid.first + grid.step * i as f32) / (hi - off);
         let [sl, sl2, sxl] = sums(is, off);
@@ -300,7 +305,7 @@ fn fit_affine(x: &[f32], w: &[f32], nmax: i32, grid: &Grid, q: &mut [u8]) -> (f3
             o = 0.0;
             s = sxl / sl2;
         }
-        let e = err(s, o, sl, sl2, sxl);
+        let e = err(is, off, s, o);
         if e < best {
             (best_is, best_lo) = (is, off);
             (best, scale, off) = (e, s, o);
@@ -313,7 +318,7 @@ fn fit_affine(x: &[f32], w: &[f32], nmax: i32, grid: &Grid, q: &mut [u8]) -> (f3
 }
 
 /// Fits `x ≈ scale · q` with integer codes `q` in `-nmax..nmax`, weights `x²`: trial scales
-/// that map the largest-magnitude value to `−(nmax + 0.1 i)`, `i` in `-9..=9`, each refined by
+/// that map the largest-magnitude value to `−(nmax + 0.1 i)`, `i` in `-9..=9` (0 first), each refined by
 /// its least-squares scale, keeping the one that explains most of `Σ w x²`. `x.len()` is 16.
 #[inline(always)]
 fn fit_symmetric(x: &[f32], nmax: i32, q: &mut [i8]) -> f32 {
@@ -325,21 +330,76 @@ fn fit_symmetric(x: &[f32], nmax: i32, q: &mut [i8]) -> f32 {
     }
     let (lo, hi) = (-nmax as f32, (nmax - 1) as f32);
     let (mut best, mut scale, mut best_is) = (0f32, 0f32, 0f32);
-    for i in -9..=9 {
+    // The plain scale first, so that it wins ties.
+    for i in std::iter::once(0).chain((-9..=9).filter(|&i| i != 0)) {
         let is = -(nmax as f32 + 0.1 * i as f32) / max;
-        let [sxl, sl2] = lanes(x.len(), |j| {
-            let c = round_clamp(is * x[j], lo, hi);
-            let w = x[j] * x[j];
-            [w * x[j] * c, w * c * c]
-        });
+        // Summed in order: the trial scales often tie exactly (constant blocks), and the order
+        // of the additions then decides, as in GGML's search.
+        let (mut sxl, mut sl2) = (0f32, 0f32);
+        for &v in x {
+            let c = round_clamp(is * v, lo, hi);
+            let w = v * v;
+            sxl += w * v * c;
+            sl2 += w * c * c;
+        }
         if sl2 > 0.0 && sxl * sxl > best * sl2 {
-            (best, scale, best_is) = (sxl * sxl / sl2, sxl / sl2, is);
+            scale = sxl / sl2;
+            (best, best_is) = (scale * sxl, is);
         }
     }
     for (c, &v) in q.iter_mut().zip(x) {
         *c = round_clamp(best_is * v, lo, hi) as i8;
     }
     scale
+}
+
+/// Fits 16 values `x ≈ scale · q`, `q` in `-4..4`, weights `x²`: codes from the plain scale
+/// (the largest-magnitude value at −4), then passes that move single codes to the value best
+/// for the current least-squares scale while that explains more of `Σ w x²` (at most five
+/// passes, until none moves). Returns the least-squares scale of the final codes.
+#[inline(always)]
+fn fit_q3(x: &[f32]) -> f32 {
+    let max = signed_absmax(x);
+    if !(max.abs() > 1e-30) {
+        return 0.0;
+    }
+    let is = -4.0 / max;
+    let mut l = [0f32; 16];
+    let (mut sxl, mut sl2) = (0f32, 0f32);
+    for (c, &v) in l.iter_mut().zip(x) {
+        *c = round_clamp(is * v, -4.0, 3.0);
+        let w = v * v;
+        sxl += w * v * *c;
+        sl2 += w * *c * *c;
+    }
+    for _ in 0..5 {
+        let mut moved = false;
+        for (c, &v) in l.iter_mut().zip(x) {
+            let w = v * v;
+            let rest_xl = sxl - w * v * *c;
+            if rest_xl <= 0.0 {
+                continue;
+            }
+            let rest_l2 = sl2 - w * *c * *c;
+            let new = round_clamp(v * rest_l2 / rest_xl, -4.0, 3.0);
+            if new == *c {
+                continue;
+            }
+            let (nxl, nl2) = (rest_xl + w * v * new, rest_l2 + w * new * new);
+            if nl2 > 0.0 && nxl * nxl * sl2 > sxl * sxl * nl2 {
+                (*c, sxl, sl2) = (new, nxl, nl2);
+                moved = true;
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    if sl2 > 0.0 {
+        sxl / sl2
+    } else {
+        0.0
+    }
 }
 
 /// Quantizes positive sub-block values (scales or mins) to `bits`-bit integers against their
@@ -363,7 +423,7 @@ fn q2_k(x: &[f32; 256], b: &mut [u8; 84]) {
     for s in 0..16 {
         let xs = &x[16 * s..16 * s + 16];
         let w: [f32; 16] = std::array::from_fn(|i| xs[i].abs());
-        (sc[s], mn[s]) = fit_affine(xs, &w, 3, &grid, &mut q[16 * s..]);
+        (sc[s], mn[s]) = fit_affine(xs, &w, 3, &grid, true, &mut q[16 * s..]);
     }
     let (d, ls) = quantize_positive(&sc, 15.0, b, 80);
     let (dmin, lm) = quantize_positive(&mn, 15.0, b, 82);
@@ -401,7 +461,7 @@ fn q3_k(x: &[f32; 256], b: &mut [u8; 110]) {
     let mut sc = [0f32; 16];
     let mut q = [0i8; 256];
     for s in 0..16 {
-        sc[s] = fit_symmetric(&x[16 * s..16 * s + 16], 4, &mut q[16 * s..]);
+        sc[s] = fit_q3(&x[16 * s..16 * s + 16]);
     }
     let (d, ls) = quantize_signed(&sc, -32, 31, b, 108);
     let scales = &mut b[96..108];
@@ -436,7 +496,7 @@ fn k_affine(x: &[f32; 256], nmax: i32, grid: &Grid, b: &mut [u8]) -> [u8; 256] {
         let xs = &x[32 * j..32 * j + 32];
         let rms = (xs.iter().map(|v| v * v).sum::<f32>() / 32.0).sqrt();
         let w: [f32; 32] = std::array::from_fn(|i| rms + xs[i].abs());
-        (sc[j], mn[j]) = fit_affine(xs, &w, nmax, grid, &mut q[32 * j..]);
+        (sc[j], mn[j]) = fit_affine(xs, &w, nmax, grid, false, &mut q[32 * j..]);
     }
     let (d, ls) = quantize_positive(&sc, 63.0, b, 0);
     let (dmin, lm) = quantize_positive(&mn, 63.0, b, 2);
@@ -572,15 +632,17 @@ fn fit_iq4(x: &[f32; 32]) -> f32 {
     }
     let k0 = KVALUES_IQ4NL[0] as f32;
     let (mut best, mut scale) = (0f32, 0f32);
-    for i in -7..=7 {
-        let id = (k0 + i as f32) / max;
+    // First the scale mapping the largest value to the grid's far end with its own sign, then
+    // inverse scales mapping it near the grid's first value.
+    for id in std::iter::once(-k0 / max).chain((-7..=7).map(|i| (k0 + i as f32) / max)) {
         let [sqx, sq2] = lanes(32, |j| {
             let g = KVALUES_IQ4NL[iq4_index(id * x[j]) as usize] as f32;
             let w = x[j] * x[j];
             [w * g * x[j], w * g * g]
         });
         if sq2 > 0.0 && sqx * sqx > best * sq2 {
-            (best, scale) = (sqx * sqx / sq2, sqx / sq2);
+            scale = sqx / sq2;
+            best = scale * sqx;
         }
     }
     scale
