@@ -338,3 +338,37 @@ impl GgufWriter {
         w.finish().map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decl(name: &str, bytes: u64) -> TensorDecl {
+        TensorDecl { name: name.into(), dims: vec![bytes], ggml_type: 0, bytes }
+    }
+
+    #[test]
+    fn an_unfinished_writer_leaves_no_file() {
+        let d = std::env::temp_dir().join(format!("qwick-gguf-write-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let path = d.join("m.gguf");
+        let mut w = StreamWriter::create(&path, vec![], vec![decl("a", 8), decl("b", 8)], Some(8)).unwrap();
+        assert_eq!(w.paths().len(), 2);
+        assert!(!partial_files().is_empty());
+        w.write(&[1; 8]).unwrap();
+        assert!(w.write(&[1; 9]).is_err(), "more bytes than declared");
+        drop(w);
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
+        let mut w = StreamWriter::create(&path, vec![], vec![decl("a", 8), decl("b", 8)], None).unwrap();
+        w.write(&[1; 8]).unwrap();
+        assert!(w.finish().is_err(), "tensor b is incomplete");
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
+        let mut w = StreamWriter::create(&path, vec![], vec![decl("a", 8), decl("b", 8)], None).unwrap();
+        w.write(&[1; 8]).unwrap();
+        w.write(&[2; 8]).unwrap();
+        assert_eq!(w.finish().unwrap(), vec![path.clone()]);
+        let names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("m.gguf")]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

@@ -117,6 +117,14 @@ impl ModelFiles {
             .filter(|p| p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))
             .collect();
         ggufs.sort();
+        // The parts of one split model count as one file: its first part.
+        let first_parts: Vec<&PathBuf> = ggufs
+            .iter()
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains("-00001-of-")))
+            .collect();
+        if first_parts.len() == 1 && ggufs.iter().all(|p| p.to_string_lossy().contains("-of-")) {
+            return Ok(ModelFiles::Gguf(first_parts[0].clone()));
+        }
         match ggufs.len() {
             0 => Ok(ModelFiles::Folder(path.to_path_buf())),
             1 => Ok(ModelFiles::Gguf(ggufs.remove(0))),

@@ -158,7 +158,8 @@ fn q8_0(x: &[f32; 32], b: &mut [u8; 34]) {
     let id = inv(d);
     put_f16(b, 0, d);
     for j in 0..32 {
-        b[2 + j] = round_code(x[j] * id, -127, 127) as i8 as u8;
+        // Ties away from zero, as GGML's reference rounds here.
+        b[2 + j] = ((x[j] * id).round() as i32).clamp(-127, 127) as i8 as u8;
     }
 }
 
