@@ -342,55 +342,123 @@ impl Hub {
         })
     }
 
-    /// Resolves `spec` to a model folder: a local folder is returned as is; a Hub id is looked
-    /// up in the cache, and when it is missing or incomplete it is downloaded there (unless
-    /// offline, or built without the `download` feature: then the error says how to get it).
+    /// Resolves `spec` to a model folder or GGUF file: a local folder or GGUF file is returned as
+    /// is; a Hub id is looked up in the cache, and when it is missing or incomplete it is
+    /// downloaded there (unless offline, or built without the `download` feature: then the error
+    /// says how to get it); a Hub id with a tag ([`TaggedId`]) gives the first file of the GGUF
+    /// model the tag picks, found and downloaded the same way.
     pub fn resolve(&self, spec: &str) -> Result<PathBuf> {
         if let Some(dir) = local_folder(spec)? {
             return Ok(dir);
         }
+        if let Some(tagged) = TaggedId::parse(spec) {
+            return self.resolve_tagged(&tagged);
+        }
         let id = HubId::parse(spec).ok_or_else(|| ChatError::Model(format!("bad model id {spec:?}")))?;
-        let missing = match cached_snapshot(&self.cache_dir, &id) {
-            Some(snapshot) => match missing_files(&snapshot)? {
-                missing if missing.is_empty() => return Ok(snapshot),
+        let snapshot = cached_snapshot(&self.cache_dir, &id);
+        let missing = match &snapshot {
+            Some(snapshot) => match missing_files(snapshot)? {
+                missing if missing.is_empty() => return Ok(snapshot.clone()),
                 missing => missing,
             },
             None => vec!["the whole model".to_string()],
         };
         if self.offline || !cfg!(feature = "download") {
-            let why = if self.offline {
-                "HF_HUB_OFFLINE is set"
-            } else {
-                "this build cannot download (feature \"download\" is off)"
-            };
-            let revision = if id.revision == "main" { String::new() } else { format!(" --revision {}", id.revision) };
+            let files = snapshot.as_deref().map(snapshot_files).unwrap_or_default();
+            let tags = gguf_tags(&files);
+            if !files.iter().any(|f| f == "config.json") && !tags.is_empty() {
+                return Err(gguf_repo_error(&id, &tags, "in the Hugging Face cache"));
+            }
             return Err(ChatError::Model(format!(
-                "model {} is not in the Hugging Face cache at {} (missing: {}) and {why}. \
-                 Download it first, e.g. `huggingface-cli download {}{revision}` (or `hf download`), \
+                "model {} is not in the Hugging Face cache at {} (missing: {}) and {}. \
+                 Download it first, e.g. `huggingface-cli download {}{}` (or `hf download`), \
                  or copy the model folder (config.json, tokenizer.json, tokenizer_config.json, \
                  generation_config.json, *.safetensors) to this machine and pass its path",
                 id.repo,
                 self.cache_dir.display(),
                 missing.join(", "),
+                self.why_not_downloading(),
                 id.repo,
+                id.revision_flag(),
             )));
         }
         download(self, &id)
     }
+
+    /// Why a missing model is not downloaded (offline, or a build without the feature).
+    fn why_not_downloading(&self) -> &'static str {
+        if self.offline {
+            "HF_HUB_OFFLINE is set"
+        } else {
+            "this build cannot download (feature \"download\" is off)"
+        }
+    }
+
+    /// The first file of the GGUF model `t` picks: from the cache when every part is there, else
+    /// downloaded (the repository's file list from the Hub API, then the parts).
+    fn resolve_tagged(&self, t: &TaggedId) -> Result<PathBuf> {
+        let snapshot = cached_snapshot(&self.cache_dir, &t.id);
+        let files = snapshot.as_deref().map(snapshot_files).unwrap_or_default();
+        let place = format!("the Hugging Face cache at {}", self.cache_dir.display());
+        let found = pick_gguf(&files, &t.tag, &place)?;
+        if let (Some(snapshot), Some(model)) = (&snapshot, &found) {
+            if model.missing.is_empty() {
+                return Ok(snapshot.join(model.first()));
+            }
+        }
+        #[cfg(feature = "download")]
+        if !self.offline {
+            return download_tagged(self, t);
+        }
+        let cached = match (&snapshot, &found) {
+            (_, Some(model)) => format!("the cache has {} but lacks {}", model.first(), model.missing.join(", ")),
+            (None, None) => "the repository is not in the cache".to_string(),
+            (Some(_), None) => match gguf_tags(&files) {
+                tags if tags.is_empty() => "its cached copy holds no GGUF file".to_string(),
+                tags => format!("the cache holds it for other tags: {}", tags.join(", ")),
+            },
+        };
+        Err(ChatError::Model(format!(
+            "no GGUF file of {} for tag {} in the Hugging Face cache at {} ({cached}) and {}. \
+             Download it first, e.g. `{}` (or `hf download`), or pass the path of a GGUF file",
+            t.id.spec(),
+            t.tag,
+            self.cache_dir.display(),
+            self.why_not_downloading(),
+            t.download_command(),
+        )))
+    }
+}
+
+/// A Hub id without a tag naming a repository of GGUF files: how to pick one.
+fn gguf_repo_error(id: &HubId, tags: &[String], place: &str) -> ChatError {
+    ChatError::Model(format!(
+        "{} {place} holds GGUF files, not a safetensors model: pick one by its quantization tag, \
+         e.g. `{}:{}` (tags: {})",
+        id.repo,
+        id.spec(),
+        tags[0],
+        tags.join(", ")
+    ))
 }
 
 /// Resolves a model given on the command line or in an API request to a local folder or GGUF
-/// file: a folder or GGUF file is itself; a Hub id goes through [`Hub::from_env`] and
-/// [`Hub::resolve`].
+/// file: a folder or GGUF file is itself; `ollama:NAME` is a model of the local Ollama store (its
+/// GGUF blob, see [`crate::store::resolve_ollama`]); a Hub id, with or without a tag, goes through
+/// [`Hub::from_env`] and [`Hub::resolve`].
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     if let Some(dir) = local_folder(spec)? {
         return Ok(dir);
+    }
+    if let Some(name) = spec.strip_prefix(crate::store::OLLAMA_PREFIX) {
+        return crate::store::resolve_ollama(&crate::store::ollama_dir()?, name);
     }
     Hub::from_env()?.resolve(spec)
 }
 
 /// Returns `Some(path)` when `spec` names an existing local folder or GGUF file, an error when it
-/// looks like a path but is neither, and `None` when it should be a Hub id.
+/// looks like a path but is neither, and `None` when it should be a Hub id (with or without a
+/// tag) or an Ollama model.
 fn local_folder(spec: &str) -> Result<Option<PathBuf>> {
     let path = Path::new(spec);
     if path.is_dir() {
@@ -408,9 +476,14 @@ fn local_folder(spec: &str) -> Result<Option<PathBuf>> {
              or a GGUF file"
         )));
     }
-    if HubId::parse(spec).is_none() {
+    let named = HubId::parse(spec).is_some()
+        || TaggedId::parse(spec).is_some()
+        || spec.starts_with(crate::store::OLLAMA_PREFIX);
+    if !named {
         return Err(ChatError::Model(format!(
-            "{spec:?} is neither a model folder nor a Hugging Face model id like Qwen/Qwen3-0.6B"
+            "{spec:?} is neither a model folder nor a GGUF file nor a model name: a Hugging Face model id \
+             like Qwen/Qwen3-0.6B, a GGUF repository with a quantization tag like Qwen/Qwen3-8B-GGUF:Q4_K_M, \
+             or an Ollama model like ollama:qwen3:8b"
         )));
     }
     Ok(None)
@@ -459,10 +532,28 @@ fn shards(index: &Path) -> Result<BTreeSet<String>> {
         .collect()
 }
 
+/// A client of the Hub with the cache, token, endpoint and progress bars of `hub`.
+#[cfg(feature = "download")]
+fn hub_api(hub: &Hub) -> std::result::Result<hf_hub::api::sync::Api, hf_hub::api::sync::ApiError> {
+    let cache = hf_hub::Cache::new(hub.cache_dir.clone());
+    let token = hub.token.clone().or_else(|| cache.token());
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(hub.progress).with_token(token);
+    if let Some(endpoint) = &hub.endpoint {
+        builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
+    }
+    builder.build()
+}
+
+/// Whether the Hub answered 404.
+#[cfg(feature = "download")]
+fn not_found(e: &hf_hub::api::sync::ApiError) -> bool {
+    matches!(e, hf_hub::api::sync::ApiError::RequestError(r) if matches!(**r, ureq::Error::Status(404, _)))
+}
+
 #[cfg(feature = "download")]
 fn download(hub: &Hub, id: &HubId) -> Result<PathBuf> {
-    use hf_hub::api::sync::{ApiBuilder, ApiError};
-    use hf_hub::{Cache, Repo, RepoType};
+    use hf_hub::api::sync::ApiError;
+    use hf_hub::{Repo, RepoType};
 
     let fail = |file: &str, e: ApiError| {
         ChatError::Model(format!(
@@ -474,16 +565,23 @@ fn download(hub: &Hub, id: &HubId) -> Result<PathBuf> {
             id.repo
         ))
     };
-    let not_found = |e: &ApiError| matches!(e, ApiError::RequestError(r) if matches!(**r, ureq::Error::Status(404, _)));
-    let cache = Cache::new(hub.cache_dir.clone());
-    let token = hub.token.clone().or_else(|| cache.token());
-    let mut builder = ApiBuilder::from_cache(cache).with_progress(hub.progress).with_token(token);
-    if let Some(endpoint) = &hub.endpoint {
-        builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
-    }
-    let api = builder.build().map_err(|e| fail("(setup)", e))?;
+    let api = hub_api(hub).map_err(|e| fail("(setup)", e))?;
     let repo = api.repo(Repo::with_revision(id.repo.clone(), RepoType::Model, id.revision.clone()));
-    let config = repo.get("config.json").map_err(|e| fail("config.json", e))?;
+    let config = match repo.get("config.json") {
+        Ok(config) => config,
+        Err(e) if not_found(&e) => {
+            // A repository of GGUF files has no config.json: say how to pick one.
+            let files: Vec<String> =
+                repo.info().map(|i| i.siblings.into_iter().map(|s| s.rfilename).collect()).unwrap_or_default();
+            let tags = gguf_tags(&files);
+            return Err(if tags.is_empty() {
+                fail("config.json", e)
+            } else {
+                gguf_repo_error(id, &tags, "on the Hub")
+            });
+        }
+        Err(e) => return Err(fail("config.json", e)),
+    };
     let snapshot = config
         .parent()
         .map(Path::to_path_buf)
@@ -518,6 +616,65 @@ fn download(hub: &Hub, id: &HubId) -> Result<PathBuf> {
         )));
     }
     Ok(snapshot)
+}
+
+/// Downloads the GGUF model `t` picks: the repository's file list from the Hub API, then every
+/// part of the model into the cache (with progress bars); returns the first part.
+#[cfg(feature = "download")]
+fn download_tagged(hub: &Hub, t: &TaggedId) -> Result<PathBuf> {
+    use hf_hub::api::sync::ApiError;
+    use hf_hub::{Repo, RepoType};
+
+    let id = &t.id;
+    let fail = |what: &str, e: ApiError| {
+        ChatError::Model(format!(
+            "{what} of {} ({}) for the cache at {} failed: {e}. Check the id and the network, or download \
+             it with `{}` and set HF_HUB_OFFLINE=1",
+            id.repo,
+            id.revision,
+            hub.cache_dir.display(),
+            t.download_command()
+        ))
+    };
+    let api = hub_api(hub).map_err(|e| fail("setting up the download", e))?;
+    let repo = api.repo(Repo::with_revision(id.repo.clone(), RepoType::Model, id.revision.clone()));
+    let files: Vec<String> = match repo.info() {
+        Ok(info) => info.siblings.into_iter().map(|s| s.rfilename).collect(),
+        Err(e) if not_found(&e) => {
+            return Err(ChatError::Model(format!(
+                "the Hugging Face Hub has no model {} (revision {}), or it is private or gated: check the \
+                 id, and for a gated model set HF_TOKEN or run `huggingface-cli login`",
+                id.repo, id.revision
+            )))
+        }
+        Err(e) => return Err(fail("listing the files", e)),
+    };
+    let place = format!("{} on the Hub", id.spec());
+    let Some(model) = pick_gguf(&files, &t.tag, &place)? else {
+        let tags = gguf_tags(&files);
+        return Err(ChatError::Model(if tags.is_empty() {
+            format!(
+                "{place} holds no GGUF file, so the tag {} picks nothing; without a tag ({}) qwick loads \
+                 its safetensors weights",
+                t.tag,
+                id.spec()
+            )
+        } else {
+            format!("no GGUF file of {place} matches the tag {}; its tags: {}", t.tag, tags.join(", "))
+        }));
+    };
+    if !model.missing.is_empty() {
+        return Err(ChatError::Model(format!(
+            "{place} has {} but not {} of the same split model",
+            model.first(),
+            model.missing.join(", ")
+        )));
+    }
+    let mut paths = Vec::with_capacity(model.parts.len());
+    for part in &model.parts {
+        paths.push(repo.get(part).map_err(|e| fail(&format!("downloading {part}"), e))?);
+    }
+    Ok(paths.swap_remove(0))
 }
 
 #[cfg(not(feature = "download"))]

@@ -8,7 +8,10 @@
 //! - [`ReasoningParser`] / [`split_reasoning`] and [`ThinkingBudget`]: `<think>` handling.
 //! - [`parse_tool_calls`] / [`ToolCallStream`]: `<tool_call>` blocks in the output.
 //! - [`GenerationConfig`]: `generation_config.json` and Qwen's recommended sampling presets.
-//! - [`hub`]: where a model folder comes from (a path, or the Hugging Face cache / Hub).
+//! - [`hub`]: where a model comes from (a path, or the Hugging Face cache / Hub, a GGUF file of a
+//!   Hub repository by its quantization tag, an Ollama model).
+//! - [`store`]: the local Ollama store, and a listing of the models it and the Hugging Face cache
+//!   hold.
 //! - [`ModelText`]: all of the above for a model folder or a GGUF file.
 //! - [`Grammars`]: structured output (JSON schemas, regexes, choices, Lark grammars) as token
 //!   constraints.
@@ -20,6 +23,7 @@ pub mod hub;
 mod model_text;
 pub mod pyjson;
 mod reasoning;
+pub mod store;
 mod template;
 mod tokenizer;
 mod tools;

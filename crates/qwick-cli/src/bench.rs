@@ -6,14 +6,13 @@ use anyhow::{bail, Result};
 use qwick_backend::bandwidth::read_bandwidth;
 use qwick_backend::{Ctx, ThreadPool};
 use qwick_engine::{argmax, Logits, Span};
-use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Model folder or GGUF file.
+    /// Model folder, GGUF file, Hub id (`owner/name`, `owner/name:TAG`) or `ollama:NAME`.
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Prompt tokens per sequence.
     #[arg(long, default_value_t = 512)]
     prompt_len: usize,
@@ -48,7 +47,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let bf16 =
         if a.run.exact { qwick_backend::Bf16Mode::F32 } else { bf16.unwrap_or(qwick_backend::Bf16Mode::for_isa(isa)) };
     let t_load = Instant::now();
-    let model = common::load_model(&a.model, &a.run)?;
+    let model = common::load_model_spec(&a.model, &a.run)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let cfg = model.config.clone();
     let ctx_len = a.prompt_len + a.gen_len;
@@ -120,7 +119,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let rss = peak_rss_bytes();
     let gb = |b: usize| b as f64 / 1e9;
     let report = serde_json::json!({
-        "model": a.model.display().to_string(),
+        "model": a.model,
         "threads": threads,
         "isa": isa.to_string(),
         "bf16_mode": bf16.name(),
@@ -149,7 +148,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.json {
         println!("{report}");
     } else {
-        println!("model            {}", a.model.display());
+        println!("model            {}", a.model);
         println!("threads / isa    {threads} / {isa}{}", if a.run.exact { " (exact)" } else { "" });
         println!("bf16 products    {} ({bf16_why})", bf16.name());
         for ((f, p), (n, b)) in &kernels {

@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod common;
+mod list;
 mod quantize;
 mod run;
 mod serve;
@@ -28,9 +29,10 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Write the float32 logits of every position of a token sequence as a NumPy .npy file [T, vocab].
     Logits {
-        /// Model folder (config.json + safetensors) or GGUF file.
+        /// Model folder (config.json + safetensors), GGUF file, Hub id (`owner/name`,
+        /// `owner/name:TAG`) or `ollama:NAME`.
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// Comma-separated token ids, e.g. 1,2,3.
         #[arg(long)]
         tokens: String,
@@ -55,6 +57,9 @@ enum Command {
     /// Write a GGUF file in a quantized (or float) file type from a Hugging Face folder, a Hub id
     /// or another GGUF file, streamed tensor by tensor.
     Quantize(quantize::QuantizeArgs),
+    /// List the models of the Hugging Face cache and the Ollama store, with what --model takes
+    /// to load each (--json for machine output).
+    List(list::ListArgs),
     /// Write a random-weight checkpoint for a config (for benchmarks at real shapes): safetensors
     /// in a folder, or with --type a GGUF file of that file type.
     MakeRandom(quantize::MakeRandomArgs),
@@ -81,7 +86,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logits { model, tokens, out, fast, mut run } => {
             let tokens = parse_tokens(&tokens)?;
             run.exact = !fast;
-            let model = common::load_model(&model, &run)?;
+            let model = common::load_model_spec(&model, &run)?;
             let vocab = model.config.vocab_size;
             // Scoring is exact by default: no bf16 rounding of activations.
             let isa = run.isa_or(qwick_backend::Isa::best_exact())?;
@@ -95,6 +100,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::BenchServe(args) => serve::bench_serve(args),
         Command::Quantize(args) => quantize::quantize(args),
         Command::MakeRandom(args) => quantize::make_random(args),
+        Command::List(args) => list::list(args),
     }
 }
 

@@ -141,8 +141,7 @@ pub struct RunCmdArgs {
 /// The weights are loaded separately ([`Chat::load_weights`]) so that bad input fails first.
 /// Opens the chat model a `--model` names (a folder, GGUF file or Hub id).
 pub fn open_chat(spec: &str, chat_template: Option<&Path>) -> Result<ChatModel> {
-    let path = qwick_chat::hub::resolve_model(spec)?;
-    ChatModel::load(&path, chat_template, None)
+    ChatModel::load_spec(spec, chat_template, None)
 }
 
 /// Renders `messages` for a new assistant turn. `thinking`: asked for; `explicit`: whether to

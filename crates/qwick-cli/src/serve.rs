@@ -74,8 +74,8 @@ fn available_memory() -> Option<usize> {
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
-    let dir = qwick_chat::hub::resolve_model(&a.model)?;
-    let info = ChatModel::load(&dir, a.chat_template.as_deref(), a.served_model_name.clone())?;
+    let info = ChatModel::load_spec(&a.model, a.chat_template.as_deref(), a.served_model_name.clone())?;
+    let dir = info.dir.clone();
     if a.max_num_batched_tokens == 0 || a.max_num_seqs == 0 || a.max_queue == 0 {
         bail!("--max-num-batched-tokens, --max-num-seqs and --max-queue must be at least 1");
     }

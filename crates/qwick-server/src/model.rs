@@ -98,6 +98,39 @@ impl ChatModel {
         })
     }
 
+    /// Loads the chat model a `--model` names: a folder, GGUF file, Hub id (with or without a
+    /// quantization tag) or `ollama:NAME`. An Ollama model is served under its Ollama name and
+    /// its `params` layer sets the sampling defaults (`temperature`, `top_p`, `top_k`, `min_p`,
+    /// `repeat_penalty`), as Ollama applies them.
+    pub fn load_spec(spec: &str, chat_template: Option<&Path>, name: Option<String>) -> Result<ChatModel> {
+        let path = qwick_chat::hub::resolve_model(spec)?;
+        let Some(ollama) = spec.strip_prefix("ollama:") else {
+            return ChatModel::load(&path, chat_template, name);
+        };
+        let m = qwick_chat::store::ollama_model(&qwick_chat::store::ollama_dir()?, ollama)?;
+        let mut chat = ChatModel::load(&path, chat_template, Some(name.unwrap_or_else(|| m.name.short())))?;
+        if let Some(p) = &m.params {
+            chat.apply_ollama_params(p);
+        }
+        Ok(chat)
+    }
+
+    /// Sampling defaults from an Ollama `params` layer.
+    pub fn apply_ollama_params(&mut self, p: &Map<String, Value>) {
+        let f = |k: &str| p.get(k).and_then(Value::as_f64).map(|v| v as f32);
+        let g = &mut self.gen_config;
+        g.temperature = f("temperature").or(g.temperature);
+        g.top_p = f("top_p").or(g.top_p);
+        g.min_p = f("min_p").or(g.min_p);
+        g.repetition_penalty = f("repeat_penalty").or(g.repetition_penalty);
+        g.top_k = p.get("top_k").and_then(Value::as_i64).map(|v| v as i32).or(g.top_k);
+    }
+
+    /// Whether the weights are a GGUF file (an Ollama blob has no `.gguf` extension).
+    pub fn is_gguf(&self) -> bool {
+        matches!(ModelFiles::locate(&self.dir), Ok(ModelFiles::Gguf(_)))
+    }
+
     /// Whether `model` (from a request) names this model: its served name, with or without an
     /// Ollama-style `:tag`, or the folder it was loaded from.
     pub fn matches(&self, model: &str) -> bool {

@@ -510,7 +510,7 @@ fn details(state: &AppState) -> Value {
     };
     json!({
         "parent_model": "",
-        "format": if state.model.dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) { "gguf" } else { "safetensors" },
+        "format": if state.model.is_gguf() { "gguf" } else { "safetensors" },
         "family": "qwen3",
         "families": ["qwen3"],
         "parameter_size": size,
