@@ -168,14 +168,9 @@ impl Format {
     }
 
     /// Quantizes whole blocks of f32 values into `dst` (see [`crate::quant::quantize`]).
-    /// Panics for formats [`Format::can_quantize`] refuses.
+    /// Panics for formats [`crate::quant::quantize::can_quantize`] refuses.
     pub fn quantize(self, src: &[f32], dst: &mut [u8]) {
         crate::quant::quantize::quantize(self, src, dst)
-    }
-
-    /// Whether qwick writes weights in this format.
-    pub fn can_quantize(self) -> bool {
-        crate::quant::quantize::can_quantize(self)
     }
 
     /// Element `i` of a row of this format as f32 (dequantizes its whole block).

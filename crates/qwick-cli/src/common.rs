@@ -27,6 +27,10 @@ pub struct RunArgs {
     /// converting them at load to the layout the kernels read fastest.
     #[arg(long)]
     pub no_repack: bool,
+    /// A LoRA adapter in PEFT's layout (adapter_config.json + adapter_model.safetensors), merged
+    /// into the model's float weights at load.
+    #[arg(long)]
+    pub lora: Option<std::path::PathBuf>,
     /// Element type of the KV cache: f32, bf16 or f16 (default bf16: half the memory and reads
     /// of f32, greedy output unchanged on the test models; `logits` defaults to f32).
     #[arg(long)]
@@ -145,7 +149,7 @@ impl RunArgs {
 
     /// How to load the model.
     pub fn load_options(&self) -> LoadOptions {
-        LoadOptions { repack: !self.no_repack, threads: self.threads() }
+        LoadOptions { repack: !self.no_repack, threads: self.threads(), lora: self.lora.clone() }
     }
 }
 

@@ -144,6 +144,12 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             ft.name
         );
     }
+    if !src.has_tokenizer() {
+        eprintln!(
+            "note: {} has no tokenizer; the file will have none (llama.cpp and `qwick run` need one)",
+            path.display()
+        );
+    }
     eprintln!("{} → {} {}: {}", path.display(), a.out.display(), ft.name, qwick_convert::describe(&plan));
     write_with_progress("quantizing", |p| qwick_convert::convert(&src, &config, &a.out, &opts, p))
 }

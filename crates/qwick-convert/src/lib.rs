@@ -179,6 +179,15 @@ impl Source {
         }
     }
 
+    /// Whether the output will carry a tokenizer (a folder without `tokenizer.json` gives a
+    /// file that qwick can score with `logits` but that llama.cpp will not load).
+    pub fn has_tokenizer(&self) -> bool {
+        match self {
+            Source::Folder { dir, .. } => dir.join("tokenizer.json").is_file(),
+            Source::Gguf(g) => g.get("tokenizer.ggml.model").is_some(),
+        }
+    }
+
     /// The formats the source's weights are stored in (2-D and 3-D tensors).
     pub fn weight_formats(&self, plan: &[Planned]) -> Result<Vec<Format>> {
         let mut f: Vec<Format> = Vec::new();
@@ -199,7 +208,9 @@ impl Source {
             Source::Folder { dir, .. } => {
                 let default = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 let mut m = metadata::model_keys(c, name.unwrap_or(&default));
-                m.extend(metadata::tokenizer_keys(dir, c.vocab_size)?);
+                if dir.join("tokenizer.json").is_file() {
+                    m.extend(metadata::tokenizer_keys(dir, c.vocab_size)?);
+                }
                 Ok(m)
             }
             Source::Gguf(g) => {

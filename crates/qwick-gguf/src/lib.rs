@@ -389,11 +389,6 @@ impl GgufFile {
         &self.maps[t.split][t.range.clone()]
     }
 
-    /// The number of files (more than one for a split model).
-    pub fn files(&self) -> usize {
-        self.maps.len()
-    }
-
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.index.get(key).map(|&i| &self.metadata[i].1)
     }

@@ -5,6 +5,7 @@ pub mod batch;
 pub mod config;
 pub mod gguf;
 pub mod kv;
+pub mod lora;
 pub mod names;
 pub mod npy;
 pub mod qwen3;

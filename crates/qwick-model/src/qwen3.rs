@@ -5,6 +5,7 @@
 use crate::batch::Batch;
 use crate::config::Config;
 use crate::kv::KvCache;
+use crate::lora::Adapter;
 use crate::names::{self, Role};
 use crate::safetensors::{Checkpoint, Tensor};
 use anyhow::{bail, Context, Result};
@@ -152,11 +153,13 @@ pub struct LoadOptions {
     pub repack: bool,
     /// Threads for the conversion.
     pub threads: usize,
+    /// A LoRA adapter (PEFT folder) merged into the weights it targets.
+    pub lora: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { repack: true, threads: 1 }
+        LoadOptions { repack: true, threads: 1, lora: None }
     }
 }
 
@@ -209,10 +212,56 @@ impl Qwen3 {
                 Qwen3::from_source(config, &Source::Gguf(&g))?
             }
         };
+        if let Some(dir) = &opts.lora {
+            model.apply_lora(&Adapter::open(dir)?)?;
+        }
         if opts.repack {
             model.pack(opts.threads.max(1));
         }
         Ok(model)
+    }
+
+    /// Merges a LoRA adapter into the weights it targets: `W + s · B · A`, kept in f32 (PEFT
+    /// adds the adapter's product to the base output in f32, so rounding the sum back to bf16
+    /// would not give its logits; the targeted weights of a bf16 model take twice the memory).
+    /// Quantized weights are refused: merging would change their quantization.
+    pub fn apply_lora(&mut self, a: &Adapter) -> Result<()> {
+        a.check(&self.config)?;
+        let s = a.scaling();
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let at = &mut layer.attn;
+            let mut lins: Vec<(Role, &mut Linear)> = vec![
+                (Role::Q, &mut at.q_proj),
+                (Role::K, &mut at.k_proj),
+                (Role::V, &mut at.v_proj),
+                (Role::O, &mut at.o_proj),
+            ];
+            if let Mlp::Dense(m) = &mut layer.mlp {
+                lins.extend([
+                    (Role::Gate, &mut m.gate_proj),
+                    (Role::Up, &mut m.up_proj),
+                    (Role::Down, &mut m.down_proj),
+                ]);
+            }
+            for (role, lin) in lins {
+                let (out, inp) = (lin.weight.shape[0], lin.weight.shape[1]);
+                let Some((am, bm)) = a.pair(role, l, out, inp)? else { continue };
+                let f = lin.weight.format;
+                if !f.is_float() {
+                    bail!(
+                        "adapter {}: {} is stored as {f}; qwick merges LoRA adapters into float weights (bf16, f16, \
+                         f32), not quantized ones",
+                        a.dir.display(),
+                        lin.weight.name
+                    );
+                }
+                let mut w = lin.weight.to_f32();
+                crate::lora::merge_into(&mut w, &am, &bm, s, a.rank);
+                let bytes = qwick_backend::format::f32_bytes(&w).to_vec();
+                lin.weight = Tensor::owned(&lin.weight.name, Format::F32, vec![out, inp], bytes);
+            }
+        }
+        Ok(())
     }
 
     fn from_source(config: Config, src: &Source) -> Result<Qwen3> {

@@ -37,6 +37,11 @@ impl Tensor {
         Tensor { name: name.into(), format, shape, storage: Storage::Mapped(map, range) }
     }
 
+    /// A tensor holding `bytes` (values computed at load, such as merged weights).
+    pub fn owned(name: &str, format: Format, shape: Vec<usize>, bytes: Vec<u8>) -> Tensor {
+        Tensor { name: name.into(), format, shape, storage: Storage::Owned(Arc::new(bytes)) }
+    }
+
     /// Splits a tensor along its first dimension (a stack of experts) into its slices.
     pub fn unstack(&self) -> Vec<Tensor> {
         let n = self.shape[0];
@@ -189,8 +194,20 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Opens one safetensors file.
+    pub fn open_file(path: &Path) -> Result<Checkpoint> {
+        let mut ck = Checkpoint { files: vec![], entries: HashMap::new() };
+        ck.add_file(path)?;
+        Ok(ck)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
+    }
+
+    /// The names of every tensor.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
     }
 
     /// Takes tensor `name`, checking its shape.

@@ -1,0 +1,90 @@
+//! LoRA adapters in PEFT's layout (`--lora DIR`): logits with an adapter equal PEFT's
+//! (`tests/lora`, written by `python/make_lora_fixtures.py` with PEFT), for a rank-8 adapter on
+//! all seven projections and a rank-4 rsLoRA adapter on q and v; adapters that do not fit the
+//! model, and quantized base weights, are refused with a message naming the problem.
+
+mod common;
+
+use common::{root, scratch};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+fn qwick(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_qwick")).args(args).output().unwrap()
+}
+
+fn lora(name: &str) -> PathBuf {
+    root().join("tests/lora").join(name)
+}
+
+fn base() -> String {
+    root().join("tests/fixtures/dense_untied_gqa2").to_str().unwrap().to_string()
+}
+
+fn tokens() -> String {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(lora("tokens.json")).unwrap()).unwrap();
+    v["ids"].as_array().unwrap().iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn logits(model: &str, adapter: Option<&Path>, out: &Path) -> Result<Vec<f32>, String> {
+    let toks = tokens();
+    let mut args =
+        vec!["logits", "--model", model, "--tokens", &toks, "--out", out.to_str().unwrap(), "--threads", "1"];
+    if let Some(a) = adapter {
+        args.extend(["--lora", a.to_str().unwrap()]);
+    }
+    let o = qwick(&args);
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    Ok(qwick_model::npy::read_f32(out).unwrap().1)
+}
+
+/// Largest absolute difference (NaN counts as infinite).
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| if (x - y).is_nan() { f32::INFINITY } else { (x - y).abs() }).fold(0.0, f32::max)
+}
+
+#[test]
+fn logits_with_an_adapter_equal_peft() {
+    let d = scratch("lora", "peft");
+    let want_base = qwick_model::npy::read_f32(&lora("base.npy")).unwrap().1;
+    let got = logits(&base(), None, &d.join("b.npy")).unwrap();
+    assert!(max_diff(&got, &want_base) < 1e-4, "base: {}", max_diff(&got, &want_base));
+    for name in ["adapter_r8", "adapter_rslora_qv"] {
+        let want = qwick_model::npy::read_f32(&lora(&format!("{name}.npy"))).unwrap().1;
+        let got = logits(&base(), Some(&lora(name)), &d.join(format!("{name}.npy"))).unwrap();
+        let (err, effect) = (max_diff(&got, &want), max_diff(&want, &want_base));
+        assert!(effect > 100.0 * err.max(1e-6), "{name}: the adapter moves logits by {effect}, too little to test");
+        assert!(err < 1e-4, "{name}: max |qwick - PEFT| = {err} (the adapter moves logits by {effect})");
+    }
+}
+
+#[test]
+fn adapters_that_do_not_fit_are_refused() {
+    let d = scratch("lora", "bad");
+    let out = d.join("x.npy");
+    // Another model's shapes.
+    let other = root().join("tests/fixtures/dense_tied_gqa4");
+    let e = logits(other.to_str().unwrap(), Some(&lora("adapter_r8")), &out).unwrap_err();
+    assert!(e.contains("has shape") || e.contains("do not fit"), "{e}");
+    // Quantized base weights: the same model as Q8_0.
+    let q = d.join("base-Q8_0.gguf");
+    let o = qwick(&["quantize", "--model", &base(), "--type", "Q8_0", "--out", q.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = logits(q.to_str().unwrap(), Some(&lora("adapter_r8")), &out).unwrap_err();
+    assert!(e.contains("Q8_0") && e.contains("float weights"), "{e}");
+    // Not an adapter folder; an adapter with settings qwick does not apply.
+    let e = logits(&base(), Some(&d), &out).unwrap_err();
+    assert!(e.contains("adapter_config.json"), "{e}");
+    let dora = d.join("dora");
+    std::fs::create_dir_all(&dora).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lora("adapter_r8/adapter_config.json")).unwrap()).unwrap();
+    cfg["use_dora"] = true.into();
+    std::fs::write(dora.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let e = logits(&base(), Some(&dora), &out).unwrap_err();
+    assert!(e.contains("DoRA"), "{e}");
+    assert!(!out.exists());
+}

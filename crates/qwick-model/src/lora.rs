@@ -1,0 +1,188 @@
+//! LoRA adapters in PEFT's layout: `adapter_config.json` (`r`, `lora_alpha`, `target_modules`,
+//! `use_rslora`, ...) and `adapter_model.safetensors`, whose tensors are named after the module
+//! they adapt: `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (`[r, in]`) and
+//! `….lora_B.weight` (`[out, r]`). An adapter changes a weight `W` to `W + s · B · A`, with
+//! `s = lora_alpha / r` (`lora_alpha / √r` with rsLoRA), which is what PEFT adds to the
+//! module's output.
+
+use crate::config::Config;
+use crate::names::{self, Role};
+use crate::safetensors::Checkpoint;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// The projections an adapter may target, by PEFT's module names.
+pub const MODULES: [(&str, Role); 7] = [
+    ("q_proj", Role::Q),
+    ("k_proj", Role::K),
+    ("v_proj", Role::V),
+    ("o_proj", Role::O),
+    ("gate_proj", Role::Gate),
+    ("up_proj", Role::Up),
+    ("down_proj", Role::Down),
+];
+
+/// A LoRA adapter.
+pub struct Adapter {
+    pub dir: PathBuf,
+    pub rank: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+    /// Targeted modules, by PEFT name (`q_proj`, ...).
+    pub targets: Vec<&'static str>,
+    /// `base_model_name_or_path` of the config, if any.
+    pub base_model: Option<String>,
+    weights: Checkpoint,
+}
+
+/// A's and B's names for the weight named `hf` (`model.layers.0.self_attn.q_proj.weight`).
+fn lora_names(hf: &str) -> (String, String) {
+    let m = hf.strip_suffix(".weight").unwrap_or(hf);
+    (format!("base_model.model.{m}.lora_A.weight"), format!("base_model.model.{m}.lora_B.weight"))
+}
+
+impl Adapter {
+    /// Reads an adapter folder, refusing settings qwick does not apply.
+    pub fn open(dir: &Path) -> Result<Adapter> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("cannot read {} (a PEFT LoRA adapter folder has one)", cfg_path.display()))?;
+        let c: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
+        let p = cfg_path.display();
+        if let Some(t) = c["peft_type"].as_str() {
+            if t != "LORA" {
+                bail!("{p}: peft_type is {t:?}; qwick applies LORA adapters");
+            }
+        }
+        let rank = c["r"].as_u64().filter(|&r| r > 0).ok_or_else(|| anyhow!("{p}: \"r\" must be a positive integer"))?
+            as usize;
+        let alpha = c["lora_alpha"].as_f64().ok_or_else(|| anyhow!("{p}: \"lora_alpha\" must be a number"))?;
+        let rslora = c["use_rslora"].as_bool().unwrap_or(false);
+        if !matches!(c["bias"].as_str(), None | Some("none")) {
+            bail!("{p}: bias {} is not supported (qwick applies adapters with bias \"none\")", c["bias"]);
+        }
+        for key in ["modules_to_save", "layers_to_transform", "trainable_token_indices"] {
+            if !(c[key].is_null() || c[key].as_array().is_some_and(Vec::is_empty)) {
+                bail!("{p}: {key} is set ({}); qwick applies adapters without it", c[key]);
+            }
+        }
+        for key in ["rank_pattern", "alpha_pattern"] {
+            if c[key].as_object().is_some_and(|o| !o.is_empty()) {
+                bail!("{p}: {key} is set; qwick applies one rank and alpha to every module");
+            }
+        }
+        if c["lora_bias"].as_bool() == Some(true) {
+            bail!("{p}: adapters with lora_bias are not supported");
+        }
+        if c["use_dora"].as_bool() == Some(true) {
+            bail!("{p}: DoRA adapters (use_dora) are not supported");
+        }
+        if c["fan_in_fan_out"].as_bool() == Some(true) {
+            bail!("{p}: fan_in_fan_out adapters are not supported");
+        }
+        let names: Vec<String> = match &c["target_modules"] {
+            Value::String(s) if s == "all-linear" => MODULES.iter().map(|m| m.0.to_string()).collect(),
+            Value::String(s) => bail!("{p}: target_modules {s:?} is a pattern; qwick takes a list of module names"),
+            Value::Array(a) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| anyhow!("{p}: target_modules must be a list of module names"))?,
+            other => bail!("{p}: target_modules must be a list of module names, found {other}"),
+        };
+        let mut targets = Vec::new();
+        for n in &names {
+            let short = n.rsplit('.').next().unwrap_or(n);
+            match MODULES.iter().find(|m| m.0 == short) {
+                Some(m) => targets.push(m.0),
+                None => bail!(
+                    "{p}: target module {n:?} is not one qwick adapts (q_proj, k_proj, v_proj, o_proj, gate_proj, \
+                     up_proj, down_proj)"
+                ),
+            }
+        }
+        targets.sort();
+        targets.dedup();
+        let file = dir.join("adapter_model.safetensors");
+        if !file.exists() {
+            bail!("{}: adapter_model.safetensors not found (qwick reads safetensors adapters)", dir.display());
+        }
+        let weights = Checkpoint::open_file(&file)?;
+        Ok(Adapter {
+            dir: dir.to_path_buf(),
+            rank,
+            alpha,
+            rslora,
+            targets,
+            base_model: c["base_model_name_or_path"].as_str().map(str::to_string),
+            weights,
+        })
+    }
+
+    /// The factor of `B · A`.
+    pub fn scaling(&self) -> f32 {
+        let r = self.rank as f64;
+        (if self.rslora { self.alpha / r.sqrt() } else { self.alpha / r }) as f32
+    }
+
+    fn targets(&self, role: Role) -> bool {
+        MODULES.iter().any(|m| m.1 == role && self.targets.contains(&m.0))
+    }
+
+    /// `(A [r, in], B [out, r])` as f32 for weight `role` of layer `l` (`[out, in]`), if the
+    /// adapter targets it; a targeted weight without both tensors, or with other shapes, is an
+    /// error naming the tensor.
+    pub fn pair(&self, role: Role, l: usize, out: usize, inp: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        if !self.targets(role) {
+            return Ok(None);
+        }
+        let (a, b) = lora_names(&names::hf(role, l, 0));
+        let ctx = |e: anyhow::Error| anyhow!("adapter {}: {e:#} (does it belong to this model?)", self.dir.display());
+        let a = self.weights.get(&a, &[self.rank, inp]).map_err(ctx)?.to_f32();
+        let b = self.weights.get(&b, &[out, self.rank]).map_err(ctx)?.to_f32();
+        Ok(Some((a, b)))
+    }
+
+    /// Checks that every tensor of the adapter is one qwick applies to a model of config `c`
+    /// (no tensors for layers or modules the model lacks, none for MoE experts).
+    pub fn check(&self, c: &Config) -> Result<()> {
+        let mut known = BTreeSet::new();
+        for l in 0..c.num_hidden_layers {
+            for (_, role) in MODULES {
+                let sparse_mlp = c.is_sparse(l) && matches!(role, Role::Gate | Role::Up | Role::Down);
+                if self.targets(role) && !sparse_mlp {
+                    let (a, b) = lora_names(&names::hf(role, l, 0));
+                    known.insert(a);
+                    known.insert(b);
+                }
+            }
+        }
+        let mut unknown: Vec<&str> = self.weights.names().filter(|n| !known.contains(*n)).collect();
+        unknown.sort();
+        if let Some(first) = unknown.first() {
+            bail!(
+                "adapter {}: {} tensor(s) that do not fit this model ({} layers{}), e.g. {first}",
+                self.dir.display(),
+                unknown.len(),
+                c.num_hidden_layers,
+                if c.moe.is_some() { "; on MoE models qwick adapts the attention projections" } else { "" },
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `w += s · B · A` for `w` `[out, in]` as f32, `a` `[r, in]`, `b` `[out, r]`.
+pub fn merge_into(w: &mut [f32], a: &[f32], b: &[f32], s: f32, r: usize) {
+    let inp = a.len() / r.max(1);
+    for (row, bo) in w.chunks_exact_mut(inp).zip(b.chunks_exact(r)) {
+        for (k, &bk) in bo.iter().enumerate() {
+            let f = s * bk;
+            for (x, &ak) in row.iter_mut().zip(&a[k * inp..(k + 1) * inp]) {
+                *x += f * ak;
+            }
+        }
+    }
+}
