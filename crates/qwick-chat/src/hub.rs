@@ -479,6 +479,14 @@ fn local_folder(spec: &str) -> Result<Option<PathBuf>> {
     let named = HubId::parse(spec).is_some()
         || TaggedId::parse(spec).is_some()
         || spec.starts_with(crate::store::OLLAMA_PREFIX);
+    let looks_like_path = spec.starts_with(['/', '.', '~'])
+        || spec.matches('/').count() > 1
+        || path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if looks_like_path && !spec.starts_with(crate::store::OLLAMA_PREFIX) {
+        return Err(ChatError::Model(format!(
+            "model {spec} does not exist (expected a folder, a .gguf file, a Hub id or ollama:NAME)"
+        )));
+    }
     if !named {
         return Err(ChatError::Model(format!(
             "{spec:?} is neither a model folder nor a GGUF file nor a model name: a Hugging Face model id \

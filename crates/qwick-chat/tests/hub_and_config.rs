@@ -94,7 +94,11 @@ fn local_folders_and_bad_specs() {
     let gguf = model.join("model.gguf");
     touch(&gguf, "GGUF");
     assert_eq!(offline(&cache).resolve(gguf.to_str().unwrap()).unwrap(), gguf);
-    for bad in ["./no/such/dir", "/no/such", "a/b/c", "justname", "a/", "/b", "a/b@", ""] {
+    for bad in ["./no/such/dir", "/no/such", "a/b/c", "/b", "no/such.gguf"] {
+        let e = offline(&cache).resolve(bad).unwrap_err().to_string();
+        assert!(e.contains("does not exist"), "{bad}: {e}");
+    }
+    for bad in ["justname", "a/", "a/b@", ""] {
         let e = offline(&cache).resolve(bad).unwrap_err().to_string();
         assert!(e.contains("neither a model folder nor"), "{bad}: {e}");
     }
