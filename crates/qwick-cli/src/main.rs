@@ -60,6 +60,22 @@ enum Command {
     /// List the models of the Hugging Face cache and the Ollama store, with what --model takes
     /// to load each (--json for machine output).
     List(list::ListArgs),
+    /// Merge a LoRA adapter (PEFT layout) into a Hugging Face model folder, written as a new
+    /// folder (one model.safetensors; tokenizer and config files copied).
+    Merge {
+        /// The base model: a Hugging Face folder or Hub id (safetensors).
+        #[arg(long)]
+        model: String,
+        /// The adapter folder (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        lora: PathBuf,
+        /// Output folder (must not exist, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Stored dtype of the merged weights: f32, bf16 or f16 (default: each tensor's own).
+        #[arg(long)]
+        dtype: Option<String>,
+    },
     /// Write a random-weight checkpoint for a config (for benchmarks at real shapes): safetensors
     /// in a folder, or with --type a GGUF file of that file type.
     MakeRandom(quantize::MakeRandomArgs),
@@ -99,6 +115,23 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve::serve(args),
         Command::BenchServe(args) => serve::bench_serve(args),
         Command::Quantize(args) => quantize::quantize(args),
+        Command::Merge { model, lora, out, dtype } => {
+            let dtype = match dtype.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                None => None,
+                Some("f32" | "float32") => Some(qwick_backend::Format::F32),
+                Some("bf16" | "bfloat16") => Some(qwick_backend::Format::BF16),
+                Some("f16" | "float16") => Some(qwick_backend::Format::F16),
+                Some(other) => bail!("--dtype {other}: expected f32, bf16 or f16"),
+            };
+            let path = qwick_chat::hub::resolve_model(&model)?;
+            let qwick_model::ModelFiles::Folder(dir) = qwick_model::ModelFiles::locate(&path)? else {
+                bail!("{}: merge writes Hugging Face folders; give the safetensors model (quantize the merged folder afterwards)", path.display());
+            };
+            let adapter = qwick_model::lora::Adapter::open(&lora)?;
+            qwick_model::lora::merge_folder(&dir, &adapter, &out, dtype)?;
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
         Command::MakeRandom(args) => quantize::make_random(args),
         Command::List(args) => list::list(args),
     }

@@ -88,3 +88,50 @@ fn adapters_that_do_not_fit_are_refused() {
     assert!(e.contains("DoRA"), "{e}");
     assert!(!out.exists());
 }
+
+#[test]
+fn merged_folders_give_the_adapter_s_logits() {
+    let d = scratch("lora", "merge");
+    let want = qwick_model::npy::read_f32(&lora("adapter_r8.npy")).unwrap().1;
+    let merged = d.join("merged");
+    let o = qwick(&[
+        "merge",
+        "--model",
+        &base(),
+        "--lora",
+        lora("adapter_r8").to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = logits(merged.to_str().unwrap(), None, &d.join("m.npy")).unwrap();
+    assert!(max_diff(&got, &want) < 1e-4, "merged f32: {}", max_diff(&got, &want));
+    // In the model's own dtype (bf16): the merged weights are rounded.
+    let bf16 = d.join("merged-bf16");
+    let o = qwick(&[
+        "merge",
+        "--model",
+        &base(),
+        "--lora",
+        lora("adapter_r8").to_str().unwrap(),
+        "--out",
+        bf16.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = logits(bf16.to_str().unwrap(), None, &d.join("b.npy")).unwrap();
+    assert!(max_diff(&got, &want) < 0.1, "merged bf16: {}", max_diff(&got, &want));
+    // The output folder is not overwritten.
+    let o = qwick(&[
+        "merge",
+        "--model",
+        &base(),
+        "--lora",
+        lora("adapter_r8").to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not empty"));
+    assert!(!d.join("merged.partial").exists());
+}

@@ -284,7 +284,7 @@ fn bad_input_gets_one_clear_error() {
     assert_eq!(v["timings"]["prompt_tokens"], 8);
 
     // Not a model.
-    expect_error(&["run", "--model", "./no/such/model", "--prompt", "hi"], "", "neither a model folder");
+    expect_error(&["run", "--model", "./no/such/model", "--prompt", "hi"], "", "does not exist");
 }
 
 #[test]

@@ -186,3 +186,103 @@ pub fn merge_into(w: &mut [f32], a: &[f32], b: &[f32], s: f32, r: usize) {
         }
     }
 }
+
+/// Writes the model folder `src` with adapter `a` merged into its weights as a new Hugging
+/// Face folder `out` (one `model.safetensors`, the other files copied): weights in `dtype`, or
+/// each in its stored format when `None`. Written tensor by tensor into `out.partial`, renamed
+/// when complete.
+pub fn merge_folder(src: &Path, a: &Adapter, out: &Path, dtype: Option<qwick_backend::Format>) -> Result<()> {
+    use qwick_backend::Format;
+    use std::io::Write;
+    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        bail!("{} already exists and is not empty", out.display());
+    }
+    if let Some(f) = dtype.filter(|f| !f.is_float()) {
+        bail!("merged weights are written as f32, bf16 or f16, not {f}");
+    }
+    let config = Config::from_file(&src.join("config.json"))?;
+    a.check(&config)?;
+    let ck = Checkpoint::open(src)?;
+    let mut targets = std::collections::HashMap::new();
+    for l in 0..config.num_hidden_layers {
+        for (_, role) in MODULES {
+            targets.insert(names::hf(role, l, 0), (role, l));
+        }
+    }
+    let mut tensors: Vec<crate::safetensors::Tensor> = ck.names().map(|n| ck.tensor(n)).collect::<Result<Vec<_>>>()?;
+    tensors.sort_by(|x, y| x.name.cmp(&y.name));
+    let tmp = PathBuf::from(format!("{}.partial", out.display()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| -> Result<()> {
+        for e in std::fs::read_dir(src)? {
+            let p = e?.path();
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if p.is_file() && !name.ends_with(".safetensors") && name != "model.safetensors.index.json" {
+                std::fs::copy(&p, tmp.join(&name)).with_context(|| format!("cannot copy {}", p.display()))?;
+            }
+        }
+        if let Some(f) = dtype {
+            let cfg_path = tmp.join("config.json");
+            let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)?;
+            let name = match f {
+                Format::F32 => "float32",
+                Format::F16 => "float16",
+                _ => "bfloat16",
+            };
+            if let Some(o) = c.as_object_mut() {
+                let key = if o.contains_key("dtype") { "dtype" } else { "torch_dtype" };
+                o.insert(key.into(), name.into());
+            }
+            std::fs::write(&cfg_path, serde_json::to_string_pretty(&c)?)?;
+        }
+        let out_format = |t: &crate::safetensors::Tensor| dtype.unwrap_or(t.format);
+        let mut header = serde_json::Map::new();
+        let mut off = 0usize;
+        for t in &tensors {
+            let f = out_format(t);
+            let n = t.numel() * f.row_bytes(1);
+            let name = f.safetensors_name().expect("float formats have safetensors names");
+            header.insert(
+                t.name.clone(),
+                serde_json::json!({"dtype": name, "shape": t.shape, "data_offsets": [off, off + n]}),
+            );
+            off += n;
+        }
+        let mut h = serde_json::to_vec(&Value::Object(header))?;
+        while h.len() % 8 != 0 {
+            h.push(b' ');
+        }
+        let path = tmp.join("model.safetensors");
+        let mut w = std::io::BufWriter::with_capacity(
+            1 << 22,
+            std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
+        );
+        w.write_all(&(h.len() as u64).to_le_bytes())?;
+        w.write_all(&h)?;
+        let s = a.scaling();
+        for t in &tensors {
+            let mut v = t.to_f32();
+            if let Some(&(role, l)) = targets.get(&t.name) {
+                if let Some((am, bm)) = a.pair(role, l, t.shape[0], t.shape[1])? {
+                    merge_into(&mut v, &am, &bm, s, a.rank);
+                }
+            }
+            let f = out_format(t);
+            let mut bytes = vec![0u8; v.len() * f.row_bytes(1)];
+            f.encode_floats(&v, &mut bytes);
+            w.write_all(&bytes).with_context(|| format!("cannot write {}", path.display()))?;
+            t.release();
+        }
+        w.into_inner().map_err(|e| anyhow!("cannot write {}: {}", path.display(), e.error()))?.sync_all()?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        std::fs::remove_dir(out).with_context(|| format!("cannot replace {}", out.display()))?;
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))
+}

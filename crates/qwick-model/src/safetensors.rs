@@ -210,6 +210,13 @@ impl Checkpoint {
         self.entries.keys().map(String::as_str)
     }
 
+    /// Takes tensor `name` whatever its shape.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let shape =
+            self.entries.get(name).map(|e| e.shape.clone()).ok_or_else(|| anyhow!("tensor {name} not found"))?;
+        self.get(name, &shape)
+    }
+
     /// Takes tensor `name`, checking its shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let e = self.entries.get(name).ok_or_else(|| {
