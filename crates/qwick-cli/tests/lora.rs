@@ -1,7 +1,8 @@
 //! LoRA adapters in PEFT's layout (`--lora DIR`): logits with an adapter equal PEFT's
 //! (`tests/lora`, written by `python/make_lora_fixtures.py` with PEFT), for a rank-8 adapter on
-//! all seven projections and a rank-4 rsLoRA adapter on q and v; adapters that do not fit the
-//! model, and quantized base weights, are refused with a message naming the problem.
+//! all seven projections and a rank-4 rsLoRA adapter on q and v, on the float model and (within
+//! quantization error) on the same model quantized to Q8_0; adapters that do not fit the model
+//! are refused with a message naming the problem.
 
 mod common;
 
@@ -62,7 +63,7 @@ fn logits_with_an_adapter_equal_peft() {
 }
 
 #[test]
-fn adapters_that_do_not_fit_are_refused() {
+fn quantized_bases_take_adapters_and_misfits_are_refused() {
     let d = scratch("lora", "bad");
     let out = d.join("x.npy");
     // Another model's shapes.
@@ -73,8 +74,12 @@ fn adapters_that_do_not_fit_are_refused() {
     let q = d.join("base-Q8_0.gguf");
     let o = qwick(&["quantize", "--model", &base(), "--type", "Q8_0", "--out", q.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let e = logits(q.to_str().unwrap(), Some(&lora("adapter_r8")), &out).unwrap_err();
-    assert!(e.contains("Q8_0") && e.contains("float weights"), "{e}");
+    let want = qwick_model::npy::read_f32(&lora("adapter_r8.npy")).unwrap().1;
+    let got = logits(q.to_str().unwrap(), Some(&lora("adapter_r8")), &out).unwrap();
+    let plain = logits(q.to_str().unwrap(), None, &d.join("plain.npy")).unwrap();
+    let (err, effect) = (max_diff(&got, &want), max_diff(&got, &plain));
+    assert!(err < 0.1 && effect > 1.0, "Q8_0 base: |qwick - PEFT| {err}, adapter effect {effect}");
+    std::fs::remove_file(&out).unwrap();
     // Not an adapter folder; an adapter with settings qwick does not apply.
     let e = logits(&base(), Some(&d), &out).unwrap_err();
     assert!(e.contains("adapter_config.json"), "{e}");

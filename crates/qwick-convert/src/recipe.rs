@@ -94,7 +94,7 @@ pub struct Shape {
 
 /// llama.cpp's "more bits" layers: the first and last eighth, and every third layer between.
 fn more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 /// The format of a weight of `kind` in layer `layer` with rows of `cols` values.
@@ -111,9 +111,7 @@ pub fn choose(ft: &FileType, kind: Kind, layer: usize, cols: usize, s: &Shape) -
     let eight_experts = s.experts == 8;
     let f = match kind {
         Kind::Output => {
-            if !cols.is_multiple_of(256) {
-                Q8_0
-            } else if base == Q8_0 {
+            if !cols.is_multiple_of(256) || base == Q8_0 {
                 Q8_0
             } else {
                 Q6_K
@@ -134,9 +132,7 @@ pub fn choose(ft: &FileType, kind: Kind, layer: usize, cols: usize, s: &Shape) -
                 } else {
                     Q4_K
                 }
-            } else if ft.is(&["Q3_K_L"]) {
-                Q5_K
-            } else if ft.is(&["IQ4_NL", "IQ4_XS"]) && s.gqa >= 4 {
+            } else if ft.is(&["Q3_K_L"]) || (ft.is(&["IQ4_NL", "IQ4_XS"]) && s.gqa >= 4) {
                 Q5_K
             } else if ft.is(&["Q4_K_M", "Q5_K_M"]) && more_bits(layer, n) {
                 Q6_K

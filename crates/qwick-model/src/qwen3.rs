@@ -22,11 +22,37 @@ pub struct Linear {
     pub weight: Tensor,
     /// The converted weight: a range of the model's arena.
     packed: Option<(Arc<HugeBuf>, std::ops::Range<usize>)>,
+    /// A LoRA adapter's update of this weight.
+    lora: Option<LowRank>,
+}
+
+/// A LoRA adapter's update of a `Linear`, kept apart from the base weight (which stays as
+/// stored, quantized or not): `y += s · (x · Aᵀ) · Bᵀ`, as PEFT adds it.
+pub struct LowRank {
+    /// `[r, in]`.
+    a: Vec<f32>,
+    /// `[out, r]`.
+    b: Vec<f32>,
+    r: usize,
+    s: f32,
 }
 
 impl Linear {
     pub fn new(weight: Tensor) -> Linear {
-        Linear { weight, packed: None }
+        Linear { weight, packed: None, lora: None }
+    }
+
+    /// Adds the adapter's update for inputs `x` (`n` rows) to `y` (`n` rows of outputs).
+    fn add_lora(&self, ctx: Ctx, x: &[f32], n: usize, y: &mut [f32]) {
+        let Some(l) = &self.lora else { return };
+        let (out, inp) = (self.weight.shape[0], self.weight.shape[1]);
+        let mut t = vec![0f32; n * l.r];
+        matmul(ctx, &x[..n * inp], n, &WeightView::from_f32(&l.a, l.r, inp), &mut t);
+        let mut u = vec![0f32; n * out];
+        matmul(ctx, &t, n, &WeightView::from_f32(&l.b, out, l.r), &mut u);
+        for (yv, uv) in y[..n * out].iter_mut().zip(&u) {
+            *yv += l.s * uv;
+        }
     }
 
     pub fn view(&self) -> WeightView<'_> {
@@ -221,10 +247,8 @@ impl Qwen3 {
         Ok(model)
     }
 
-    /// Merges a LoRA adapter into the weights it targets: `W + s · B · A`, kept in f32 (PEFT
-    /// adds the adapter's product to the base output in f32, so rounding the sum back to bf16
-    /// would not give its logits; the targeted weights of a bf16 model take twice the memory).
-    /// Quantized weights are refused: merging would change their quantization.
+    /// Attaches a LoRA adapter to the weights it targets. The base weights stay as stored
+    /// (float or quantized); each targeted projection adds `s · (x · Aᵀ) · Bᵀ` to its output.
     pub fn apply_lora(&mut self, a: &Adapter) -> Result<()> {
         a.check(&self.config)?;
         let s = a.scaling();
@@ -245,20 +269,9 @@ impl Qwen3 {
             }
             for (role, lin) in lins {
                 let (out, inp) = (lin.weight.shape[0], lin.weight.shape[1]);
-                let Some((am, bm)) = a.pair(role, l, out, inp)? else { continue };
-                let f = lin.weight.format;
-                if !f.is_float() {
-                    bail!(
-                        "adapter {}: {} is stored as {f}; qwick merges LoRA adapters into float weights (bf16, f16, \
-                         f32), not quantized ones",
-                        a.dir.display(),
-                        lin.weight.name
-                    );
+                if let Some((am, bm)) = a.pair(role, l, out, inp)? {
+                    lin.lora = Some(LowRank { a: am, b: bm, r: a.rank, s });
                 }
-                let mut w = lin.weight.to_f32();
-                crate::lora::merge_into(&mut w, &am, &bm, s, a.rank);
-                let bytes = qwick_backend::format::f32_bytes(&w).to_vec();
-                lin.weight = Tensor::owned(&lin.weight.name, Format::F32, vec![out, inp], bytes);
             }
         }
         Ok(())
@@ -544,6 +557,9 @@ impl Qwen3 {
                     MatmulJob::new(&hn, n, a.v_proj.view(), &mut v),
                 ],
             );
+            a.q_proj.add_lora(ctx, &hn, n, &mut q);
+            a.k_proj.add_lora(ctx, &hn, n, &mut k);
+            a.v_proj.add_lora(ctx, &hn, n, &mut v);
             {
                 let (fmt, layout) = (kv.format, kv.layout());
                 let (es, bs) = (fmt.row_bytes(1), layout.block_size);
@@ -580,6 +596,7 @@ impl Qwen3 {
             }
             paged_attention(ctx, &q, kv.layer(l), &args, &mut att);
             matmul(ctx, &att, n, &a.o_proj.view(), &mut tmp);
+            a.o_proj.add_lora(ctx, &att, n, &mut tmp);
             par_rows(ctx, n, &mut x, h, |r, xo| ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h]));
 
             // MLP block.
@@ -632,8 +649,11 @@ fn swiglu(ctx: Ctx, s: &SwiGlu, x: &[f32], n: usize, out: &mut [f32]) {
         ctx,
         &[MatmulJob::new(x, n, s.gate_proj.view(), &mut g), MatmulJob::new(x, n, s.up_proj.view(), &mut u)],
     );
+    s.gate_proj.add_lora(ctx, x, n, &mut g);
+    s.up_proj.add_lora(ctx, x, n, &mut u);
     par_rows(ctx, n, &mut g, inter, |r, gr| ops::silu_mul(ctx.isa, gr, &u[r.start * inter..r.end * inter]));
     matmul(ctx, &g, n, &s.down_proj.view(), out);
+    s.down_proj.add_lora(ctx, &g, n, out);
 }
 
 /// The sparse MoE block: softmax router over all experts, top-k (renormalised when
