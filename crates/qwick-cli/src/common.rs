@@ -27,10 +27,11 @@ pub struct RunArgs {
     /// converting them at load to the layout the kernels read fastest.
     #[arg(long)]
     pub no_repack: bool,
-    /// A LoRA adapter in PEFT's layout (adapter_config.json + adapter_model.safetensors), merged
-    /// into the model's float weights at load.
+    /// A LoRA adapter in PEFT's layout (adapter_config.json + adapter_model.safetensors): DIR.
+    /// `serve` takes several, as NAME=DIR (or DIR, named after its folder), each served as a
+    /// model of its own that requests pick by their `model` field.
     #[arg(long)]
-    pub lora: Option<std::path::PathBuf>,
+    pub lora: Vec<String>,
     /// Element type of the KV cache: f32, bf16 or f16 (default bf16: half the memory and reads
     /// of f32, greedy output unchanged on the test models; `logits` defaults to f32).
     #[arg(long)]
@@ -149,7 +150,23 @@ impl RunArgs {
 
     /// How to load the model.
     pub fn load_options(&self) -> LoadOptions {
-        LoadOptions { repack: !self.no_repack, threads: self.threads(), lora: self.lora.clone() }
+        let dirs = self.adapters().into_iter().map(|(_, d)| d).collect();
+        LoadOptions { repack: !self.no_repack, threads: self.threads(), lora: dirs, lora_for_all: true }
+    }
+
+    /// The `--lora` adapters as (name, folder).
+    pub fn adapters(&self) -> Vec<(String, std::path::PathBuf)> {
+        self.lora
+            .iter()
+            .map(|s| match s.split_once('=') {
+                Some((n, d)) if !n.is_empty() && !n.contains('/') => (n.to_string(), d.into()),
+                _ => {
+                    let p = std::path::PathBuf::from(s);
+                    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| s.clone());
+                    (name, p)
+                }
+            })
+            .collect()
     }
 }
 
@@ -215,7 +232,15 @@ pub fn load_model_spec(spec: &str, args: &RunArgs) -> Result<Arc<Qwen3>> {
 
 /// Loads a model (folder or GGUF file) and reads its weights into memory, with a progress bar.
 pub fn load_model(path: &Path, args: &RunArgs) -> Result<Arc<Qwen3>> {
-    let model = Qwen3::load_with(path, &args.load_options())?;
+    if args.lora.len() > 1 {
+        anyhow::bail!("--lora given {} times; one adapter runs here (`serve` takes several)", args.lora.len());
+    }
+    load_model_with(path, &args.load_options())
+}
+
+/// Loads a model with explicit options, with a progress bar.
+pub fn load_model_with(path: &Path, opts: &LoadOptions) -> Result<Arc<Qwen3>> {
+    let model = Qwen3::load_with(path, opts)?;
     let bar = progress_bar("loading");
     // Touch the weights once so the first token does not wait on the disk.
     model.prefetch(&|d, t| tick(&bar, d, t));

@@ -4,6 +4,7 @@
 use crate::common::{self, RunArgs};
 use anyhow::{bail, Context, Result};
 use qwick_engine::{Runner, SchedulerConfig};
+use qwick_model::LoadOptions;
 use qwick_server::{ChatModel, ServeOptions};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -74,8 +75,15 @@ fn available_memory() -> Option<usize> {
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
-    let info = ChatModel::load_spec(&a.model, a.chat_template.as_deref(), a.served_model_name.clone())?;
+    let mut info = ChatModel::load_spec(&a.model, a.chat_template.as_deref(), a.served_model_name.clone())?;
     let dir = info.dir.clone();
+    let adapters = a.run.adapters();
+    for (i, (name, _)) in adapters.iter().enumerate() {
+        if info.matches(name) || adapters[..i].iter().any(|(n, _)| n == name) {
+            bail!("--lora {name}: the name is taken (give NAME=DIR)");
+        }
+    }
+    info.adapters = adapters.iter().map(|(n, _)| n.clone()).collect();
     if a.max_num_batched_tokens == 0 || a.max_num_seqs == 0 || a.max_queue == 0 {
         bail!("--max-num-batched-tokens, --max-num-seqs and --max-queue must be at least 1");
     }
@@ -87,7 +95,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     }
     let isa = a.run.isa()?;
     let kv_format = a.run.kv_format()?;
-    let model = common::load_model(&dir, &a.run)?;
+    // Adapters apply to the requests that name them.
+    let model = common::load_model_with(&dir, &LoadOptions { lora_for_all: false, ..a.run.load_options() })?;
     let context =
         a.max_model_len.unwrap_or(info.config.max_position_embeddings).min(info.config.max_position_embeddings);
     let kv_tokens = match (a.kv_cache_tokens, a.kv_cache_gb) {

@@ -1194,3 +1194,106 @@ fn load_and_abuse() {
     assert!(out.status.success() && text.contains("\n0 failures"), "{text}");
     s.wait_idle();
 }
+
+/// Writes a LoRA adapter in PEFT's layout for the greedy model: rank 4 on q_proj and v_proj,
+/// seeded values large enough to change its greedy tokens.
+fn greedy_adapter(dir: &std::path::Path, seed: u64) {
+    use qwick_backend::Format;
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                     "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM"});
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rand = |n: usize| -> Vec<u8> {
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 1.0
+            })
+            .collect();
+        qwick_backend::format::f32_bytes(&v).to_vec()
+    };
+    let mut tensors = vec![];
+    for l in 0..2 {
+        for (m, out) in [("q_proj", 128), ("v_proj", 64)] {
+            let base = format!("base_model.model.model.layers.{l}.self_attn.{m}");
+            tensors.push((format!("{base}.lora_A.weight"), Format::F32, vec![4, 64], rand(4 * 64)));
+            tensors.push((format!("{base}.lora_B.weight"), Format::F32, vec![out, 4], rand(out * 4)));
+        }
+    }
+    qwick_model::safetensors::write_safetensors(&dir.join("adapter_model.safetensors"), &tensors).unwrap();
+}
+
+#[test]
+fn lora_adapters_are_models_that_requests_pick_and_share_a_batch() {
+    let d = std::env::temp_dir().join(format!("qwick-serve-lora-{}", std::process::id()));
+    let (a1, a2) = (d.join("a1"), d.join("a2"));
+    greedy_adapter(&a1, 1);
+    greedy_adapter(&a2, 2);
+    // Long enough for whole KV blocks, so the prefix cache is involved.
+    let prompt = &"Hello! Who are you, and what can you do? ".repeat(8);
+    // What `run` answers with each adapter (and without).
+    let run = |lora: Option<&std::path::Path>| -> String {
+        let mut args = vec!["run", "--model", model(), "--threads", "1", "--temperature", "0", "--max-tokens", "8"];
+        args.extend(["--json", "--no-think", "--prompt", prompt]);
+        if let Some(l) = lora {
+            args.extend(["--lora", l.to_str().unwrap()]);
+        }
+        let o = Command::new(env!("CARGO_BIN_EXE_qwick")).args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+        v["content"].as_str().unwrap().to_string()
+    };
+    let want = [run(None), run(Some(&a1)), run(Some(&a2))];
+    assert!(want[0] != want[1] && want[1] != want[2], "the adapters change the answer: {want:?}");
+    let one = format!("one={}", a1.display());
+    let two = format!("two={}", a2.display());
+    let s = Server::start(&["--lora", &one, "--lora", &two]);
+    let (_, models) = s.get("/v1/models", None);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(&ids[1..], ["one", "two"]);
+    assert_eq!(models["data"][1]["parent"], ids[0]);
+    let base = ids[0].to_string();
+    let ask = |m: &str| {
+        s.post(
+            "/v1/chat/completions",
+            &json!({"model": m, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+                    "max_tokens": 8, "chat_template_kwargs": {"enable_thinking": false}}),
+        )
+    };
+    // The base model's prompt blocks go to the prefix cache first: an adapter's request must not
+    // reuse them (its K/V differ).
+    assert_eq!(ask(&base).1["choices"][0]["message"]["content"].as_str().unwrap(), want[0]);
+    assert_eq!(ask("one").1["choices"][0]["message"]["content"].as_str().unwrap(), want[1]);
+    // Several at once, so that the engine batches rows of different adapters together.
+    let names = [base.as_str(), "one", "two", "one", base.as_str(), "two"];
+    let answers: Vec<(u16, Value)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = names
+            .iter()
+            .map(|m| {
+                let ask = &ask;
+                sc.spawn(move || ask(m))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (m, (code, body)) in names.iter().zip(&answers) {
+        assert_eq!(*code, 200, "{m}: {body}");
+        let i = if *m == base {
+            0
+        } else if *m == "one" {
+            1
+        } else {
+            2
+        };
+        assert_eq!(body["choices"][0]["message"]["content"].as_str().unwrap(), want[i], "model {m}");
+    }
+    let (code, body) =
+        s.post("/v1/chat/completions", &json!({"model": "three", "messages": [{"role": "user", "content": "hi"}]}));
+    assert_eq!(code, 404, "{body}");
+    let _ = std::fs::remove_dir_all(&d);
+}

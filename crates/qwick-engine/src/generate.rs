@@ -413,7 +413,7 @@ pub fn generate(
     let gen = SeqGen::new(prompt, params)?;
     let sink = LocalSink::default();
     let start = Instant::now();
-    sched.add(Request { gen, logprobs: None }, Box::new(sink.clone()));
+    sched.add(Request { gen, logprobs: None, adapter: 0 }, Box::new(sink.clone()));
     let mut out = Generation {
         tokens: vec![],
         finish: FinishReason::Aborted,

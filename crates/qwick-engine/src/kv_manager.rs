@@ -46,9 +46,9 @@ impl PrefixCache {
 
     /// Cached blocks of the longest prefix of `tokens` made of whole blocks, at most `max_blocks`;
     /// and the hash of that prefix.
-    fn lookup(&mut self, tokens: &[u32], bs: usize, max_blocks: usize) -> (Vec<u32>, u64) {
+    fn lookup(&mut self, tokens: &[u32], bs: usize, max_blocks: usize, root: u64) -> (Vec<u32>, u64) {
         let mut blocks = vec![];
-        let mut parent = ROOT_HASH;
+        let mut parent = root;
         for chunk in tokens.chunks_exact(bs).take(max_blocks) {
             let h = chain_hash(parent, chunk);
             match self.map.get(&h) {
@@ -128,9 +128,10 @@ impl KvManager {
     }
 
     /// Cached blocks of the longest prefix of `tokens` made of whole blocks of `bs` tokens, at
-    /// most `max_blocks`; and the hash of that prefix.
-    pub fn lookup(&mut self, tokens: &[u32], bs: usize, max_blocks: usize) -> (Vec<u32>, u64) {
-        self.prefix.lookup(tokens, bs, max_blocks)
+    /// most `max_blocks`, hashed from `root` (prefixes of different roots are never shared);
+    /// and the hash of that prefix.
+    pub fn lookup(&mut self, tokens: &[u32], bs: usize, max_blocks: usize, root: u64) -> (Vec<u32>, u64) {
+        self.prefix.lookup(tokens, bs, max_blocks, root)
     }
 
     /// Offers the full block `block` holding `tokens` after the prefix `parent` to the prefix

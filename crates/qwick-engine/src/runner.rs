@@ -47,6 +47,8 @@ struct Sequence {
     /// Tokens whose K/V is in the cache.
     cached: usize,
     blocks: Vec<u32>,
+    /// The model's LoRA adapter this sequence runs with (0: the model's default).
+    adapter: u16,
 }
 
 /// Which logits a span asks for.
@@ -130,8 +132,17 @@ impl Runner {
     pub fn add_sequence(&mut self, tokens: &[u32]) -> SeqId {
         let id = self.next_id;
         self.next_id += 1;
-        self.seqs.insert(id, Sequence { tokens: tokens.to_vec(), cached: 0, blocks: vec![] });
+        self.seqs.insert(id, Sequence { tokens: tokens.to_vec(), cached: 0, blocks: vec![], adapter: 0 });
         id
+    }
+
+    /// Runs sequence `seq` with the model's LoRA adapter `adapter` (see `Qwen3::add_adapter`).
+    pub fn set_adapter(&mut self, seq: SeqId, adapter: u16) -> Result<()> {
+        if adapter > self.model.adapters() {
+            bail!("adapter {adapter} asked for, but the model has {}", self.model.adapters());
+        }
+        self.seqs.get_mut(&seq).ok_or_else(|| anyhow!("unknown sequence {seq}"))?.adapter = adapter;
+        Ok(())
     }
 
     /// Registers a sequence whose first `prefix_blocks.len() * block_size` tokens are already in
@@ -153,7 +164,7 @@ impl Runner {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.seqs.insert(id, Sequence { tokens: tokens.to_vec(), cached, blocks: prefix_blocks.to_vec() });
+        self.seqs.insert(id, Sequence { tokens: tokens.to_vec(), cached, blocks: prefix_blocks.to_vec(), adapter: 0 });
         Ok(id)
     }
 
@@ -234,6 +245,11 @@ impl Runner {
             }
             let toks = &s.tokens[s.cached..s.cached + sp.len];
             let rows = batch.push_span(toks, s.cached, &s.blocks, bs, sp.logits == Logits::All);
+            if s.adapter > 0 {
+                // Sequences before this one keep the default (0).
+                batch.seq_adapter.resize(batch.block_tables.len() - 1, 0);
+                batch.seq_adapter.push(s.adapter);
+            }
             if sp.logits == Logits::None {
                 batch.logits_rows.retain(|&r| r as usize != rows.end - 1);
             }

@@ -33,6 +33,12 @@
 
 use crate::generate::{FinishReason, GenToken, SeqGen};
 use crate::kv_manager::ROOT_HASH;
+
+/// The hash cached prefixes of a request with LoRA adapter `adapter` start from: K/V computed
+/// with one adapter is never reused for another.
+fn root_hash(adapter: u16) -> u64 {
+    ROOT_HASH ^ (adapter as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
 use crate::runner::{Logits, Runner, SeqId, Span};
 use anyhow::{anyhow, Result};
 use qwick_sampler::TokenLogprobs;
@@ -66,6 +72,9 @@ impl Default for SchedulerConfig {
 /// A generation request: its prompt and parameters live in the [`SeqGen`].
 pub struct Request {
     pub gen: SeqGen,
+    /// The model's LoRA adapter to run with (0: the model's default). Cached prompt prefixes
+    /// are shared only between requests of the same adapter.
+    pub adapter: u16,
     /// Return the log-probability of each sampled token (before penalties and temperature) with
     /// this many most likely alternatives; `None` for none.
     pub logprobs: Option<usize>,
@@ -165,6 +174,7 @@ struct Entry {
     /// Leading blocks of the sequence already offered to the prefix cache, and the hash of that prefix.
     registered: usize,
     last_hash: u64,
+    adapter: u16,
 }
 
 impl Entry {
@@ -285,7 +295,8 @@ impl Scheduler {
             seq: None,
             started: false,
             registered: 0,
-            last_hash: ROOT_HASH,
+            last_hash: root_hash(req.adapter),
+            adapter: req.adapter,
         });
     }
 
@@ -355,7 +366,7 @@ impl Scheduler {
         let mut e = self.running.remove(i);
         self.free(&mut e);
         e.registered = 0;
-        e.last_hash = ROOT_HASH;
+        e.last_hash = root_hash(e.adapter);
         e.prompt_lps.clear();
         self.stats.preemptions += 1;
         self.waiting.push_front(e);
@@ -452,12 +463,19 @@ impl Scheduler {
             // Prompt logprobs need every position's logits: no cached prefix for them.
             let all = self.waiting[0].wants_prompt_lps();
             let lookup = self.cfg.prefix_caching && !all;
+            let root = root_hash(self.waiting[0].adapter);
             let (prefix_blocks, prefix_hash) = if lookup {
-                self.runner.kv_manager().lookup(&tokens, bs, (tokens.len() - 1) / bs)
+                self.runner.kv_manager().lookup(&tokens, bs, (tokens.len() - 1) / bs, root)
             } else {
-                (vec![], ROOT_HASH)
+                (vec![], root)
             };
-            let seq = match self.runner.add_sequence_with_prefix(&tokens, &prefix_blocks) {
+            let added = self.runner.add_sequence_with_prefix(&tokens, &prefix_blocks).and_then(|s| {
+                self.runner
+                    .set_adapter(s, self.waiting[0].adapter)
+                    .map(|_| s)
+                    .inspect_err(|_| self.runner.free_sequence(s))
+            });
+            let seq = match added {
                 Ok(s) => s,
                 Err(e) => {
                     let mut e2 = self.waiting.pop_front().unwrap();

@@ -92,7 +92,7 @@ impl Sink {
 }
 
 fn request(p: &[u32], max_tokens: usize) -> Request {
-    Request { gen: SeqGen::new(p, params(max_tokens)).unwrap(), logprobs: None }
+    Request { gen: SeqGen::new(p, params(max_tokens)).unwrap(), logprobs: None, adapter: 0 }
 }
 
 /// Runs requests (prompt length, max tokens, step at which it arrives) to the end.

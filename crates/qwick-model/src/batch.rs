@@ -17,6 +17,9 @@ pub struct Batch {
     pub slot_mapping: Vec<u32>,
     /// Rows (indices into `tokens`) whose logits are wanted, in output order.
     pub logits_rows: Vec<u32>,
+    /// The LoRA adapter of each sequence, by the model's adapter number; 0 (or no entry) for
+    /// the model's default, which is none unless one was applied to every sequence.
+    pub seq_adapter: Vec<u16>,
 }
 
 impl Batch {

@@ -22,8 +22,8 @@ pub struct Linear {
     pub weight: Tensor,
     /// The converted weight: a range of the model's arena.
     packed: Option<(Arc<HugeBuf>, std::ops::Range<usize>)>,
-    /// A LoRA adapter's update of this weight.
-    lora: Option<LowRank>,
+    /// LoRA adapters' updates of this weight, by adapter number.
+    lora: Vec<(u16, LowRank)>,
 }
 
 /// A LoRA adapter's update of a `Linear`, kept apart from the base weight (which stays as
@@ -39,19 +39,34 @@ pub struct LowRank {
 
 impl Linear {
     pub fn new(weight: Tensor) -> Linear {
-        Linear { weight, packed: None, lora: None }
+        Linear { weight, packed: None, lora: vec![] }
     }
 
-    /// Adds the adapter's update for inputs `x` (`n` rows) to `y` (`n` rows of outputs).
-    fn add_lora(&self, ctx: Ctx, x: &[f32], n: usize, y: &mut [f32]) {
-        let Some(l) = &self.lora else { return };
+    /// Adds each row's adapter update for inputs `x` (`n` rows) to `y` (`n` rows of outputs);
+    /// `rows[i]` is row `i`'s adapter (0: none). Rows of one adapter are gathered and run as
+    /// one product, so a batch mixing adapters costs one low-rank product per adapter present.
+    fn add_lora(&self, ctx: Ctx, x: &[f32], n: usize, y: &mut [f32], rows: &[u16]) {
         let (out, inp) = (self.weight.shape[0], self.weight.shape[1]);
-        let mut t = vec![0f32; n * l.r];
-        matmul(ctx, &x[..n * inp], n, &WeightView::from_f32(&l.a, l.r, inp), &mut t);
-        let mut u = vec![0f32; n * out];
-        matmul(ctx, &t, n, &WeightView::from_f32(&l.b, out, l.r), &mut u);
-        for (yv, uv) in y[..n * out].iter_mut().zip(&u) {
-            *yv += l.s * uv;
+        for (id, l) in &self.lora {
+            let mine: Vec<usize> = (0..n).filter(|&i| rows[i] == *id).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let m = mine.len();
+            let xs: std::borrow::Cow<[f32]> = if m == n {
+                std::borrow::Cow::Borrowed(&x[..n * inp])
+            } else {
+                std::borrow::Cow::Owned(mine.iter().flat_map(|&i| x[i * inp..(i + 1) * inp].iter().copied()).collect())
+            };
+            let mut t = vec![0f32; m * l.r];
+            matmul(ctx, &xs, m, &WeightView::from_f32(&l.a, l.r, inp), &mut t);
+            let mut u = vec![0f32; m * out];
+            matmul(ctx, &t, m, &WeightView::from_f32(&l.b, out, l.r), &mut u);
+            for (k, &i) in mine.iter().enumerate() {
+                for (yv, uv) in y[i * out..(i + 1) * out].iter_mut().zip(&u[k * out..(k + 1) * out]) {
+                    *yv += l.s * uv;
+                }
+            }
         }
     }
 
@@ -107,6 +122,9 @@ pub struct Qwen3 {
     pub tied: bool,
     inv_freq: Vec<f32>,
     rope_scale: f32,
+    /// LoRA adapters attached ([`Qwen3::add_adapter`]), and the one sequences use by default.
+    adapters: u16,
+    default_adapter: u16,
 }
 
 /// Where a model's files are.
@@ -179,13 +197,15 @@ pub struct LoadOptions {
     pub repack: bool,
     /// Threads for the conversion.
     pub threads: usize,
-    /// A LoRA adapter (PEFT folder) merged into the weights it targets.
-    pub lora: Option<PathBuf>,
+    /// LoRA adapters (PEFT folders), numbered from 1 in this order.
+    pub lora: Vec<PathBuf>,
+    /// Every sequence runs with the (single) adapter, rather than the ones that ask for it.
+    pub lora_for_all: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { repack: true, threads: 1, lora: None }
+        LoadOptions { repack: true, threads: 1, lora: vec![], lora_for_all: false }
     }
 }
 
@@ -238,8 +258,13 @@ impl Qwen3 {
                 Qwen3::from_source(config, &Source::Gguf(&g))?
             }
         };
-        if let Some(dir) = &opts.lora {
-            model.apply_lora(&Adapter::open(dir)?)?;
+        for dir in &opts.lora {
+            let a = Adapter::open(dir)?;
+            if opts.lora_for_all {
+                model.apply_lora(&a)?;
+            } else {
+                model.add_adapter(&a)?;
+            }
         }
         if opts.repack {
             model.pack(opts.threads.max(1));
@@ -247,10 +272,19 @@ impl Qwen3 {
         Ok(model)
     }
 
-    /// Attaches a LoRA adapter to the weights it targets. The base weights stay as stored
-    /// (float or quantized); each targeted projection adds `s · (x · Aᵀ) · Bᵀ` to its output.
+    /// Attaches a LoRA adapter and makes it the default of every sequence (see
+    /// [`Qwen3::add_adapter`]).
     pub fn apply_lora(&mut self, a: &Adapter) -> Result<()> {
+        self.default_adapter = self.add_adapter(a)?;
+        Ok(())
+    }
+
+    /// Attaches a LoRA adapter to the weights it targets and returns its number (from 1), by
+    /// which a batch's sequences ask for it. The base weights stay as stored (float or
+    /// quantized); each targeted projection adds `s · (x · Aᵀ) · Bᵀ` to its output.
+    pub fn add_adapter(&mut self, a: &Adapter) -> Result<u16> {
         a.check(&self.config)?;
+        let id = self.adapters + 1;
         let s = a.scaling();
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let at = &mut layer.attn;
@@ -270,11 +304,17 @@ impl Qwen3 {
             for (role, lin) in lins {
                 let (out, inp) = (lin.weight.shape[0], lin.weight.shape[1]);
                 if let Some((am, bm)) = a.pair(role, l, out, inp)? {
-                    lin.lora = Some(LowRank { a: am, b: bm, r: a.rank, s });
+                    lin.lora.push((id, LowRank { a: am, b: bm, r: a.rank, s }));
                 }
             }
         }
-        Ok(())
+        self.adapters = id;
+        Ok(id)
+    }
+
+    /// The number of adapters attached.
+    pub fn adapters(&self) -> u16 {
+        self.adapters
     }
 
     fn from_source(config: Config, src: &Source) -> Result<Qwen3> {
@@ -345,6 +385,8 @@ impl Qwen3 {
             inv_freq,
             rope_scale,
             config,
+            adapters: 0,
+            default_adapter: 0,
         })
     }
 
@@ -543,6 +585,15 @@ impl Qwen3 {
         };
         let eps = c.rms_norm_eps;
 
+        let rows_adapter: Vec<u16> = batch
+            .seq_of_token
+            .iter()
+            .map(|&q| batch.seq_adapter.get(q as usize).copied().filter(|&a| a > 0).unwrap_or(self.default_adapter))
+            .collect();
+        if let Some(&bad) = batch.seq_adapter.iter().find(|&&a| a > self.adapters) {
+            bail!("adapter {bad} asked for, but the model has {}", self.adapters);
+        }
+        let ra = &rows_adapter;
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
             par_rows(ctx, n, &mut hn, h, |r, out| {
@@ -557,9 +608,9 @@ impl Qwen3 {
                     MatmulJob::new(&hn, n, a.v_proj.view(), &mut v),
                 ],
             );
-            a.q_proj.add_lora(ctx, &hn, n, &mut q);
-            a.k_proj.add_lora(ctx, &hn, n, &mut k);
-            a.v_proj.add_lora(ctx, &hn, n, &mut v);
+            a.q_proj.add_lora(ctx, &hn, n, &mut q, ra);
+            a.k_proj.add_lora(ctx, &hn, n, &mut k, ra);
+            a.v_proj.add_lora(ctx, &hn, n, &mut v, ra);
             {
                 let (fmt, layout) = (kv.format, kv.layout());
                 let (es, bs) = (fmt.row_bytes(1), layout.block_size);
@@ -596,7 +647,7 @@ impl Qwen3 {
             }
             paged_attention(ctx, &q, kv.layer(l), &args, &mut att);
             matmul(ctx, &att, n, &a.o_proj.view(), &mut tmp);
-            a.o_proj.add_lora(ctx, &att, n, &mut tmp);
+            a.o_proj.add_lora(ctx, &att, n, &mut tmp, ra);
             par_rows(ctx, n, &mut x, h, |r, xo| ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h]));
 
             // MLP block.
@@ -604,7 +655,7 @@ impl Qwen3 {
                 ops::rms_norm(isa, &x[r.start * h..r.end * h], &layer.post_attention_layernorm, eps, out)
             });
             match &layer.mlp {
-                Mlp::Dense(s) => swiglu(ctx, s, &hn, n, &mut tmp),
+                Mlp::Dense(s) => swiglu(ctx, s, &hn, n, &mut tmp, ra),
                 Mlp::Moe { router, experts, top_k, norm_topk_prob } => {
                     moe(ctx, router, experts, *top_k, *norm_topk_prob, &hn, n, &mut tmp)
                 }
@@ -641,7 +692,7 @@ fn par_rows(ctx: Ctx, n: usize, out: &mut [f32], width: usize, f: impl Fn(std::o
 }
 
 /// `out = down(silu(gate(x)) · up(x))`.
-fn swiglu(ctx: Ctx, s: &SwiGlu, x: &[f32], n: usize, out: &mut [f32]) {
+fn swiglu(ctx: Ctx, s: &SwiGlu, x: &[f32], n: usize, out: &mut [f32], rows_adapter: &[u16]) {
     let inter = s.gate_proj.weight.shape[0];
     let mut g = vec![0f32; n * inter];
     let mut u = vec![0f32; n * inter];
@@ -649,11 +700,11 @@ fn swiglu(ctx: Ctx, s: &SwiGlu, x: &[f32], n: usize, out: &mut [f32]) {
         ctx,
         &[MatmulJob::new(x, n, s.gate_proj.view(), &mut g), MatmulJob::new(x, n, s.up_proj.view(), &mut u)],
     );
-    s.gate_proj.add_lora(ctx, x, n, &mut g);
-    s.up_proj.add_lora(ctx, x, n, &mut u);
+    s.gate_proj.add_lora(ctx, x, n, &mut g, rows_adapter);
+    s.up_proj.add_lora(ctx, x, n, &mut u, rows_adapter);
     par_rows(ctx, n, &mut g, inter, |r, gr| ops::silu_mul(ctx.isa, gr, &u[r.start * inter..r.end * inter]));
     matmul(ctx, &g, n, &s.down_proj.view(), out);
-    s.down_proj.add_lora(ctx, &g, n, out);
+    s.down_proj.add_lora(ctx, &g, n, out, rows_adapter);
 }
 
 /// The sparse MoE block: softmax router over all experts, top-k (renormalised when

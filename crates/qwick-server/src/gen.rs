@@ -170,6 +170,8 @@ impl EventSink for ChanSink {
 /// One sequence to generate.
 pub struct Job {
     pub prompt: Vec<u32>,
+    /// The LoRA adapter the request's `model` names (0: the base model).
+    pub adapter: u16,
     pub params: GenParams,
     pub logprobs: Option<usize>,
     /// Also compute the prompt's logprobs, with this many alternatives.
@@ -221,7 +223,7 @@ pub fn submit(state: &AppState, mut job: Job) -> Result<UnboundedReceiver<Event>
         gen.constrain(c, after);
     }
     let (tx, rx) = unbounded_channel();
-    let req = Request { gen, logprobs: job.logprobs };
+    let req = Request { gen, logprobs: job.logprobs, adapter: job.adapter };
     state.engine.submit_with(req, job.prompt_logprobs, Box::new(ChanSink(tx))).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
         SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),
@@ -240,12 +242,12 @@ pub fn submit_all(state: &AppState, jobs: Vec<Job>) -> Result<Vec<UnboundedRecei
         if let Some((c, after)) = job.constraint {
             gen.constrain(c, after);
         }
-        gens.push((gen, job.logprobs, job.prompt_logprobs));
+        gens.push((gen, job.logprobs, job.prompt_logprobs, job.adapter));
     }
     let mut out = vec![];
-    for (gen, logprobs, prompt_logprobs) in gens {
+    for (gen, logprobs, prompt_logprobs, adapter) in gens {
         let (tx, rx) = unbounded_channel();
-        let req = Request { gen, logprobs };
+        let req = Request { gen, logprobs, adapter };
         state.engine.submit_with(req, prompt_logprobs, Box::new(ChanSink(tx))).map_err(|e| match e {
             SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
             SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),

@@ -31,6 +31,8 @@ pub struct ChatModel {
     pub weight_bytes: u64,
     /// Unix time the server loaded the model.
     pub created: u64,
+    /// Names of the LoRA adapters served beside the model; adapter `i + 1` of the weights.
+    pub adapters: Vec<String>,
     newline_tokens: OnceLock<Arc<HashSet<u32>>>,
     grammars: OnceLock<Result<Arc<Grammars>, String>>,
 }
@@ -93,6 +95,7 @@ impl ChatModel {
             eos,
             weight_bytes,
             created,
+            adapters: vec![],
             newline_tokens: OnceLock::new(),
             grammars: OnceLock::new(),
         })
@@ -129,6 +132,17 @@ impl ChatModel {
     /// Whether the weights are a GGUF file (an Ollama blob has no `.gguf` extension).
     pub fn is_gguf(&self) -> bool {
         matches!(ModelFiles::locate(&self.dir), Ok(ModelFiles::Gguf(_)))
+    }
+
+    /// The adapter a request's `model` names: 0 for the model itself, `i + 1` for adapter `i`
+    /// (by its name, with or without `:latest`); `None` for anything else.
+    pub fn adapter_for(&self, model: &str) -> Option<u16> {
+        if self.matches(model) {
+            return Some(0);
+        }
+        let m = model.trim();
+        let m = m.strip_suffix(":latest").unwrap_or(m);
+        self.adapters.iter().position(|a| a == m).map(|i| i as u16 + 1)
     }
 
     /// Whether `model` (from a request) names this model: its served name, with or without an

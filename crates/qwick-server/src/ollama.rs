@@ -187,7 +187,7 @@ struct GenerateRequest {
     extra: Map<String, Value>,
 }
 
-fn check(state: &AppState, model: &str) -> Result<(), ApiError> {
+fn check(state: &AppState, model: &str) -> Result<u16, ApiError> {
     if model.is_empty() {
         return Err(ApiError::bad_request("model is required").with_param("model"));
     }
@@ -406,6 +406,7 @@ fn submit_one(
     budget: Option<usize>,
     format: Option<&qwick_chat::OutputFormat>,
     arrival: Instant,
+    adapter: u16,
 ) -> Result<ChoiceRun, ApiError> {
     let constraint = gen::constraints(state, format, prompt.thinking, 1, "format")?.pop().flatten();
     let model = &state.model;
@@ -422,6 +423,7 @@ fn submit_one(
         state,
         Job {
             prompt: prompt.ids.clone(),
+            adapter,
             params: GenParams {
                 sampling: sp,
                 eos_token_ids: model.eos.clone(),
@@ -440,7 +442,7 @@ fn submit_one(
 pub async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> OResult<Response> {
     let arrival = Instant::now();
     let req: ChatRequest = parse_json(&body)?;
-    check(&state, &req.model)?;
+    let adapter = check(&state, &req.model)?;
     gen::check_fields(&req.extra, REQUEST_IGNORED, "")?;
     let format = output_format(&req.format)?;
     let (think, budget) = think_flag(req.think)?;
@@ -458,14 +460,14 @@ pub async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> OResult<Re
     let prompt =
         state.model.render(&messages, tools, think, Map::new()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let (sp, _) = params(&state, prompt.thinking, req.options.unwrap_or_default(), prompt.ids.len())?;
-    let run = submit_one(&state, &prompt, sp, parse_tools, budget, format.as_ref(), arrival)?;
+    let run = submit_one(&state, &prompt, sp, parse_tools, budget, format.as_ref(), arrival, adapter)?;
     Ok(respond(state.clone(), run, req.stream != Some(false), arrival, true, chat_shape, None).await)
 }
 
 pub async fn generate(State(state): State<Arc<AppState>>, body: Bytes) -> OResult<Response> {
     let arrival = Instant::now();
     let req: GenerateRequest = parse_json(&body)?;
-    check(&state, &req.model)?;
+    let adapter = check(&state, &req.model)?;
     gen::check_fields(&req.extra, REQUEST_IGNORED, "")?;
     let format = output_format(&req.format)?;
     let (think, budget) = think_flag(req.think)?;
@@ -491,7 +493,7 @@ pub async fn generate(State(state): State<Arc<AppState>>, body: Bytes) -> OResul
         state.model.render(&msgs, None, think, Map::new()).map_err(|e| ApiError::bad_request(e.to_string()))?
     };
     let (sp, _) = params(&state, prompt.thinking, req.options.unwrap_or_default(), prompt.ids.len())?;
-    let run = submit_one(&state, &prompt, sp, false, budget, format.as_ref(), arrival)?;
+    let run = submit_one(&state, &prompt, sp, false, budget, format.as_ref(), arrival, adapter)?;
     let ctx = Some(prompt.ids.clone());
     Ok(respond(state.clone(), run, req.stream != Some(false), arrival, true, generate_shape, ctx).await)
 }

@@ -332,11 +332,12 @@ pub fn output_format(r: &FormatFields) -> Result<Option<(&'static str, qwick_cha
     Ok(found.pop())
 }
 
-/// Checks `model` against the served model (absent means the served one).
-pub fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+/// Checks `model` against the served model and its LoRA adapters (absent means the served
+/// model); returns the adapter it names (0: the base model).
+pub fn check_model(state: &AppState, model: Option<&str>) -> Result<u16, ApiError> {
     match model {
-        Some(m) if !m.is_empty() && !state.model.matches(m) => Err(ApiError::model_not_found(m)),
-        _ => Ok(()),
+        Some(m) if !m.is_empty() => state.model.adapter_for(m).ok_or_else(|| ApiError::model_not_found(m)),
+        _ => Ok(0),
     }
 }
 
@@ -482,7 +483,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
             }
         }
     }
-    check_model(&state, req.model.as_deref())?;
+    let adapter = check_model(&state, req.model.as_deref())?;
     let n = req.n.unwrap_or(1);
     if n == 0 || n > MAX_N {
         return Err(ApiError::bad_request(format!("n must be in [1, {MAX_N}], got {n}")).with_param("n"));
@@ -560,6 +561,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
             s.seed = sp.seed.map(|x| x.wrapping_add(i));
             Job {
                 prompt: prompt.ids.clone(),
+                adapter,
                 params: GenParams {
                     sampling: s,
                     eos_token_ids: model.eos.clone(),
@@ -882,7 +884,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let req: CompletionRequest = parse_json(&body)?;
     gen::check_fields(&req.extra, COMPLETION_IGNORED, "")?;
     let format = output_format(&req.format)?;
-    check_model(&state, req.model.as_deref())?;
+    let adapter = check_model(&state, req.model.as_deref())?;
     let echo = req.echo == Some(true);
     let n = req.n.unwrap_or(1);
     if n == 0 || n > MAX_N {
@@ -953,6 +955,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
             s.seed = base.seed.map(|x| x.wrapping_add(i));
             jobs.push(Job {
                 prompt: p.clone(),
+                adapter,
                 params: GenParams {
                     sampling: s,
                     eos_token_ids: model.eos.clone(),
@@ -1121,14 +1124,27 @@ fn model_card(state: &AppState) -> Value {
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_card(&state)]}))
+    let mut data = vec![model_card(&state)];
+    data.extend(state.model.adapters.iter().map(|a| adapter_card(&state, a)));
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// The card of a LoRA adapter served beside the model (`parent`: the base model, as vLLM lists
+/// them).
+fn adapter_card(state: &AppState, name: &str) -> Value {
+    let mut card = model_card(state);
+    card["id"] = json!(name);
+    card["root"] = json!(name);
+    card["parent"] = json!(state.model.name);
+    card
 }
 
 pub async fn model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    if !state.model.matches(&name) {
-        return Err(ApiError::model_not_found(&name));
+    match state.model.adapter_for(&name) {
+        None => Err(ApiError::model_not_found(&name)),
+        Some(0) => Ok(Json(model_card(&state))),
+        Some(i) => Ok(Json(adapter_card(&state, &state.model.adapters[i as usize - 1]))),
     }
-    Ok(Json(model_card(&state)))
 }
 
 #[derive(Deserialize)]
