@@ -150,7 +150,8 @@ pub struct BenchServeArgs {
     /// The server's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     url: String,
-    /// Model name to send (default: the server's first model).
+    /// Model name to send, or several separated by commas, spread over the requests in turn
+    /// (e.g. LoRA adapters; default: the server's first model).
     #[arg(long)]
     model: Option<String>,
     /// Requests in flight at once.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 pub struct BenchConfig {
     /// Base URL, e.g. `http://127.0.0.1:8000`.
     pub url: String,
+    /// Model names to send, request `i` the `i mod n`-th (default: the server's first model).
     pub model: Option<String>,
     pub concurrency: usize,
     pub requests: usize,
@@ -216,19 +217,23 @@ fn one(agent: &ureq::Agent, cfg: &BenchConfig, model: &str, prompt: Vec<u32>) ->
 /// Runs the benchmark.
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     let agent = agent();
-    let model = match &cfg.model {
-        Some(m) => m.clone(),
+    let models: Vec<String> = match &cfg.model {
+        Some(m) => m.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect(),
         None => {
             let mut req = agent.get(&format!("{}/v1/models", cfg.url));
             if let Some(k) = &cfg.api_key {
                 req = req.set("Authorization", &format!("Bearer {k}"));
             }
             let v: Value = req.call().map_err(|e| anyhow!("/v1/models: {e}"))?.into_json()?;
-            v["data"][0]["id"].as_str().ok_or_else(|| anyhow!("/v1/models lists no model"))?.to_string()
+            vec![v["data"][0]["id"].as_str().ok_or_else(|| anyhow!("/v1/models lists no model"))?.to_string()]
         }
     };
+    if models.is_empty() {
+        bail!("--model names no model");
+    }
+    let model = |i: usize| models[i % models.len()].as_str();
     let prompts: Vec<Vec<u32>> =
-        (0..cfg.requests).map(|i| prompt_ids(&agent, cfg, &model, i)).collect::<Result<_>>()?;
+        (0..cfg.requests).map(|i| prompt_ids(&agent, cfg, model(i), i)).collect::<Result<_>>()?;
     let next = AtomicUsize::new(0);
     let samples = Mutex::new(vec![]);
     let failures = Mutex::new(vec![]);
@@ -242,7 +247,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
                     if i >= cfg.requests {
                         return;
                     }
-                    match one(&agent, cfg, &model, prompts[i].clone()) {
+                    match one(&agent, cfg, model(i), prompts[i].clone()) {
                         Ok(x) => samples.lock().unwrap().push(x),
                         Err(e) => failures.lock().unwrap().push(format!("{e:#}")),
                     }
