@@ -43,25 +43,46 @@ impl Linear {
     }
 
     /// Adds each row's adapter update for inputs `x` (`n` rows) to `y` (`n` rows of outputs);
-    /// `rows[i]` is row `i`'s adapter (0: none). Rows of one adapter are gathered and run as
-    /// one product, so a batch mixing adapters costs one low-rank product per adapter present.
+    /// `rows[i]` is row `i`'s adapter (0: none). Rows of one adapter are gathered, and the
+    /// adapters present run as one batch of products (`x·Aᵀ` for all of them, then `·Bᵀ`), so a
+    /// step mixing adapters costs two parallel dispatches per projection, not two per adapter.
     fn add_lora(&self, ctx: Ctx, x: &[f32], n: usize, y: &mut [f32], rows: &[u16]) {
         let (out, inp) = (self.weight.shape[0], self.weight.shape[1]);
-        for (id, l) in &self.lora {
-            let mine: Vec<usize> = (0..n).filter(|&i| rows[i] == *id).collect();
-            if mine.is_empty() {
-                continue;
-            }
-            let m = mine.len();
-            let xs: std::borrow::Cow<[f32]> = if m == n {
-                std::borrow::Cow::Borrowed(&x[..n * inp])
-            } else {
-                std::borrow::Cow::Owned(mine.iter().flat_map(|&i| x[i * inp..(i + 1) * inp].iter().copied()).collect())
-            };
-            let mut t = vec![0f32; m * l.r];
-            matmul(ctx, &xs, m, &WeightView::from_f32(&l.a, l.r, inp), &mut t);
-            let mut u = vec![0f32; m * out];
-            matmul(ctx, &t, m, &WeightView::from_f32(&l.b, out, l.r), &mut u);
+        // (adapter update, its rows, their inputs gathered)
+        let present: Vec<(&LowRank, Vec<usize>, std::borrow::Cow<[f32]>)> = self
+            .lora
+            .iter()
+            .filter_map(|(id, l)| {
+                let mine: Vec<usize> = (0..n).filter(|&i| rows[i] == *id).collect();
+                let xs = match mine.len() {
+                    0 => return None,
+                    m if m == n => std::borrow::Cow::Borrowed(&x[..n * inp]),
+                    _ => std::borrow::Cow::Owned(
+                        mine.iter().flat_map(|&i| x[i * inp..(i + 1) * inp].iter().copied()).collect(),
+                    ),
+                };
+                Some((l, mine, xs))
+            })
+            .collect();
+        if present.is_empty() {
+            return;
+        }
+        let mut t: Vec<Vec<f32>> = present.iter().map(|(l, mine, _)| vec![0f32; mine.len() * l.r]).collect();
+        let jobs: Vec<MatmulJob> = present
+            .iter()
+            .zip(t.iter_mut())
+            .map(|((l, mine, xs), t)| MatmulJob::new(xs, mine.len(), WeightView::from_f32(&l.a, l.r, inp), t))
+            .collect();
+        matmul_batch(ctx, &jobs);
+        let mut u: Vec<Vec<f32>> = present.iter().map(|(_, mine, _)| vec![0f32; mine.len() * out]).collect();
+        let jobs: Vec<MatmulJob> = present
+            .iter()
+            .zip(&t)
+            .zip(u.iter_mut())
+            .map(|(((l, mine, _), t), u)| MatmulJob::new(t, mine.len(), WeightView::from_f32(&l.b, out, l.r), u))
+            .collect();
+        matmul_batch(ctx, &jobs);
+        for ((l, mine, _), u) in present.iter().zip(&u) {
             for (k, &i) in mine.iter().enumerate() {
                 for (yv, uv) in y[i * out..(i + 1) * out].iter_mut().zip(&u[k * out..(k + 1) * out]) {
                     *yv += l.s * uv;
