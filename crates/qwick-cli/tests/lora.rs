@@ -94,49 +94,32 @@ fn quantized_bases_take_adapters_and_misfits_are_refused() {
     assert!(!out.exists());
 }
 
+/// `qwick merge` of the base model and the rank-8 adapter into `out`.
+fn merge(out: &Path, extra: &[&str]) -> Output {
+    let (model, adapter) = (base(), lora("adapter_r8"));
+    let mut args = vec!["merge", "--model", &model, "--lora", adapter.to_str().unwrap(), "--out"];
+    args.push(out.to_str().unwrap());
+    args.extend_from_slice(extra);
+    qwick(&args)
+}
+
 #[test]
 fn merged_folders_give_the_adapter_s_logits() {
     let d = scratch("lora", "merge");
     let want = qwick_model::npy::read_f32(&lora("adapter_r8.npy")).unwrap().1;
     let merged = d.join("merged");
-    let o = qwick(&[
-        "merge",
-        "--model",
-        &base(),
-        "--lora",
-        lora("adapter_r8").to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-        "--dtype",
-        "f32",
-    ]);
+    let o = merge(&merged, &["--dtype", "f32"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = logits(merged.to_str().unwrap(), None, &d.join("m.npy")).unwrap();
     assert!(max_diff(&got, &want) < 1e-4, "merged f32: {}", max_diff(&got, &want));
     // In the model's own dtype (bf16): the merged weights are rounded.
     let bf16 = d.join("merged-bf16");
-    let o = qwick(&[
-        "merge",
-        "--model",
-        &base(),
-        "--lora",
-        lora("adapter_r8").to_str().unwrap(),
-        "--out",
-        bf16.to_str().unwrap(),
-    ]);
+    let o = merge(&bf16, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = logits(bf16.to_str().unwrap(), None, &d.join("b.npy")).unwrap();
     assert!(max_diff(&got, &want) < 0.1, "merged bf16: {}", max_diff(&got, &want));
     // The output folder is not overwritten.
-    let o = qwick(&[
-        "merge",
-        "--model",
-        &base(),
-        "--lora",
-        lora("adapter_r8").to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
+    let o = merge(&merged, &[]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not empty"));
     assert!(!d.join("merged.partial").exists());
 }

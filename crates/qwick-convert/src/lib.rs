@@ -252,6 +252,41 @@ pub struct Progress<'a> {
 /// Values converted per piece (the working memory of a conversion is a few times this).
 const PIECE_VALUES: usize = 1 << 22;
 
+/// Writes the planned tensors to a GGUF file at `out`: `meta` plus the file-type keys, then
+/// each tensor piece by piece (a few million values at a time, never across two stacked
+/// experts). `fill(i, e, rows, bytes)` puts rows `rows` of expert `e` (0 unless stacked) of
+/// `plan[i]`, in its format, into `bytes`.
+fn write_plan(
+    plan: &[Planned],
+    mut meta: Vec<(String, Value)>,
+    out: &Path,
+    opts: &Options,
+    progress: &mut dyn FnMut(Progress),
+    mut fill: impl FnMut(usize, usize, std::ops::Range<usize>, &mut [u8]) -> Result<()>,
+) -> Result<Vec<PathBuf>> {
+    meta.push(("general.file_type".into(), Value::U32(opts.file_type.id)));
+    meta.push(("general.quantization_version".into(), Value::U32(QUANTIZATION_VERSION)));
+    let total: u64 = plan.iter().map(Planned::bytes).sum();
+    let mut w = StreamWriter::create(out, meta, plan.iter().map(Planned::decl).collect(), opts.split_bytes)?;
+    let mut done = 0u64;
+    let mut bytes = Vec::new();
+    for (i, p) in plan.iter().enumerate() {
+        let name = p.name();
+        let rows_per_piece = (PIECE_VALUES / p.cols).max(1);
+        for e in 0..p.experts.max(1) {
+            for r0 in (0..p.rows).step_by(rows_per_piece) {
+                let rows = r0..(r0 + rows_per_piece).min(p.rows);
+                bytes.resize(rows.len() * p.format.row_bytes(p.cols), 0);
+                fill(i, e, rows, &mut bytes)?;
+                w.write(&bytes)?;
+                done += bytes.len() as u64;
+                progress(Progress { done, total, tensor: &name });
+            }
+        }
+    }
+    w.finish()
+}
+
 /// Converts `src` (config `c`) to a GGUF file at `out` as planned; returns the files written.
 /// Every tensor is checked (present, right shape, a format qwick reads) before anything is
 /// written.
@@ -267,34 +302,19 @@ pub fn convert(
         .iter()
         .map(|p| src.tensors(p).map_err(|e| anyhow!("{}: {e:#}", source_path(src))))
         .collect::<Result<_>>()?;
-    let mut meta = src.metadata(c, opts.name.as_deref())?;
-    meta.push(("general.file_type".into(), Value::U32(opts.file_type.id)));
-    meta.push(("general.quantization_version".into(), Value::U32(QUANTIZATION_VERSION)));
-    let total: u64 = plan.iter().map(Planned::bytes).sum();
-    let mut w = StreamWriter::create(out, meta, plan.iter().map(Planned::decl).collect(), opts.split_bytes)?;
-    let mut done = 0u64;
+    let meta = src.metadata(c, opts.name.as_deref())?;
     let mut values = Vec::new();
-    let mut bytes = Vec::new();
-    for (p, parts) in plan.iter().zip(&sources) {
-        let name = p.name();
-        let row_bytes = p.format.row_bytes(p.cols);
-        let rows_per_piece = (PIECE_VALUES / p.cols).max(1);
-        for t in parts {
-            let in_row = t.format.row_bytes(p.cols);
-            for r0 in (0..p.rows).step_by(rows_per_piece) {
-                let n = rows_per_piece.min(p.rows - r0);
-                values.resize(n * p.cols, 0.0);
-                t.format.dequantize(&t.bytes()[r0 * in_row..(r0 + n) * in_row], &mut values);
-                bytes.resize(n * row_bytes, 0);
-                quantize_rows(p.format, &values, n, &mut bytes, opts.threads);
-                w.write(&bytes)?;
-                done += bytes.len() as u64;
-                progress(Progress { done, total, tensor: &name });
-            }
+    write_plan(&plan, meta, out, opts, progress, |i, e, rows, bytes| {
+        let (p, t) = (&plan[i], &sources[i][e]);
+        let in_row = t.format.row_bytes(p.cols);
+        values.resize(rows.len() * p.cols, 0.0);
+        t.format.dequantize(&t.bytes()[rows.start * in_row..rows.end * in_row], &mut values);
+        quantize_rows(p.format, &values, rows.len(), bytes, opts.threads);
+        if rows.end == p.rows {
             t.release();
         }
-    }
-    w.finish()
+        Ok(())
+    })
 }
 
 fn source_path(src: &Source) -> String {
@@ -322,34 +342,18 @@ pub fn make_random(
     if let Some(dir) = tokenizer {
         meta.extend(metadata::tokenizer_keys(dir, c.vocab_size)?);
     }
-    meta.push(("general.file_type".into(), Value::U32(opts.file_type.id)));
-    meta.push(("general.quantization_version".into(), Value::U32(QUANTIZATION_VERSION)));
-    let total: u64 = plan.iter().map(Planned::bytes).sum();
-    let mut w = StreamWriter::create(out, meta, plan.iter().map(Planned::decl).collect(), opts.split_bytes)?;
-    let mut done = 0u64;
-    let mut bytes = Vec::new();
-    for (i, p) in plan.iter().enumerate() {
-        let name = p.name();
-        let row_bytes = p.format.row_bytes(p.cols);
-        let rows_per_piece = (PIECE_VALUES / p.cols).max(1);
-        let max = (3.0 / p.cols as f32).sqrt();
-        let rows = p.total_rows();
-        for (k, r0) in (0..rows).step_by(rows_per_piece).enumerate() {
-            let n = rows_per_piece.min(rows - r0);
-            bytes.resize(n * row_bytes, 0);
-            if p.rows == 1 {
-                // A norm weight: ones.
-                p.format.encode_floats(&vec![1.0; n * p.cols], &mut bytes);
-            } else {
-                let s = seed ^ ((i as u64) << 32 | k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                random_blocks_into(p.format, &mut bytes, s, max);
-            }
-            w.write(&bytes)?;
-            done += bytes.len() as u64;
-            progress(Progress { done, total, tensor: &name });
+    write_plan(&plan, meta, out, opts, progress, |i, e, rows, bytes| {
+        let p = &plan[i];
+        if p.rows == 1 {
+            // A norm weight: ones.
+            p.format.encode_floats(&vec![1.0; p.cols], bytes);
+        } else {
+            let piece = ((i as u64) << 40) ^ ((e as u64) << 24) ^ rows.start as u64;
+            let s = seed ^ piece.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            random_blocks_into(p.format, bytes, s, (3.0 / p.cols as f32).sqrt());
         }
-    }
-    w.finish()
+        Ok(())
+    })
 }
 
 /// The format summary of a plan as text, e.g. `Q4_K ×217 (3.1 GB), Q6_K ×37 (1.0 GB), F32 ×113`.

@@ -37,11 +37,6 @@ impl Tensor {
         Tensor { name: name.into(), format, shape, storage: Storage::Mapped(map, range) }
     }
 
-    /// A tensor holding `bytes` (values computed at load, such as merged weights).
-    pub fn owned(name: &str, format: Format, shape: Vec<usize>, bytes: Vec<u8>) -> Tensor {
-        Tensor { name: name.into(), format, shape, storage: Storage::Owned(Arc::new(bytes)) }
-    }
-
     /// Splits a tensor along its first dimension (a stack of experts) into its slices.
     pub fn unstack(&self) -> Vec<Tensor> {
         let n = self.shape[0];

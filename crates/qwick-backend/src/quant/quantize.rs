@@ -126,16 +126,6 @@ fn trunc_code(v: f32, max: i32) -> u8 {
     (v as i32).clamp(0, max) as u8
 }
 
-/// `v` rounded to the nearest integer (ties to even) in `lo..=hi`. Adding and subtracting
-/// 1.5·2²³ rounds in the FPU's default mode without a library call; `v` is first clamped to a
-/// range where that is exact (NaN gives `lo.max(0)`-side values through `as`, never out of range).
-#[inline(always)]
-fn round_code(v: f32, lo: i32, hi: i32) -> i32 {
-    const MAGIC: f32 = 12_582_912.0;
-    let v = v.clamp(lo as f32 - 1.0, hi as f32 + 1.0);
-    (((v + MAGIC) - MAGIC) as i32).clamp(lo, hi)
-}
-
 /// Packs 32 four-bit codes: code `j < 16` in the low nibble of byte `j`, code `16 + j` in its
 /// high nibble.
 #[inline(always)]
@@ -228,8 +218,10 @@ struct Grid {
     steps: usize,
 }
 
-/// `v` rounded to the nearest integer (ties to even) and clamped to `0..=max`, as an f32
-/// (the search loops stay in floats so they vectorize).
+/// `v` rounded to the nearest integer (ties to even) in `lo..=hi` (integers), as an f32; NaN
+/// gives `lo`. Adding and subtracting 1.5·2²³ rounds in the FPU's default mode without a
+/// library call, exact for the small clamped range; the search loops stay in floats so they
+/// vectorize.
 #[inline(always)]
 fn round_clamp(v: f32, lo: f32, hi: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0;
@@ -403,15 +395,15 @@ fn fit_q3(x: &[f32]) -> f32 {
     }
 }
 
-/// Quantizes positive sub-block values (scales or mins) to `bits`-bit integers against their
-/// largest: returns the f16-rounded step and the integers.
+/// Quantizes positive sub-block values (scales or mins) to integers in `0..=levels` against
+/// their largest: returns the f16-rounded step and the integers.
 #[inline(always)]
 fn quantize_positive<const N: usize>(v: &[f32; N], levels: f32, b: &mut [u8], at: usize) -> (f32, [u8; N]) {
     let max = v.iter().fold(0f32, |a, &s| a.max(s));
     let is = if max > 0.0 { levels / max } else { 0.0 };
     let mut l = [0u8; N];
     for (l, &s) in l.iter_mut().zip(v) {
-        *l = round_code(is * s, 0, levels as i32) as u8;
+        *l = round_clamp(is * s, 0.0, levels) as u8;
     }
     (put_f16(b, at, if max > 0.0 { max / levels } else { 0.0 }), l)
 }
@@ -436,7 +428,7 @@ fn q2_k(x: &[f32; 256], b: &mut [u8; 84]) {
             continue;
         }
         for i in 16 * s..16 * s + 16 {
-            q[i] = round_code((x[i] + ml) / dl, 0, 3) as u8;
+            q[i] = round_clamp((x[i] + ml) / dl, 0.0, 3.0) as u8;
         }
     }
     let qs = &mut b[16..80];
@@ -453,7 +445,7 @@ fn q2_k(x: &[f32; 256], b: &mut [u8; 84]) {
 fn quantize_signed<const N: usize>(v: &[f32; N], lo: i32, hi: i32, b: &mut [u8], at: usize) -> (f32, [i32; N]) {
     let max = signed_absmax(v);
     let is = if max != 0.0 { lo as f32 / max } else { 0.0 };
-    let l = std::array::from_fn(|i| round_code(is * v[i], lo, hi));
+    let l = std::array::from_fn(|i| round_clamp(is * v[i], lo as f32, hi as f32) as i32);
     (put_f16(b, at, inv(is)), l)
 }
 
@@ -476,7 +468,7 @@ fn q3_k(x: &[f32; 256], b: &mut [u8; 110]) {
         let dl = d * ls[s] as f32;
         let id = inv(dl);
         for i in 16 * s..16 * s + 16 {
-            q[i] = round_code(x[i] * id, -4, 3) as i8;
+            q[i] = round_clamp(x[i] * id, -4.0, 3.0) as i8;
         }
     }
     b[..96].fill(0);
@@ -517,7 +509,7 @@ fn k_affine(x: &[f32; 256], nmax: i32, grid: &Grid, b: &mut [u8]) -> [u8; 256] {
         let (dl, ml) = (d * ls[j] as f32, dmin * lm[j] as f32);
         let id = inv(dl);
         for i in 32 * j..32 * j + 32 {
-            q[i] = if dl == 0.0 { 0 } else { round_code((x[i] + ml) * id, 0, nmax) as u8 };
+            q[i] = if dl == 0.0 { 0 } else { round_clamp((x[i] + ml) * id, 0.0, nmax as f32) as u8 };
         }
     }
     q
@@ -563,7 +555,7 @@ fn q6_k(x: &[f32; 256], b: &mut [u8; 210]) {
         b[192 + s] = ls[s] as i8 as u8;
         let id = inv(d * ls[s] as f32);
         for i in 16 * s..16 * s + 16 {
-            q[i] = round_code(x[i] * id, -32, 31) as i8;
+            q[i] = round_clamp(x[i] * id, -32.0, 31.0) as i8;
         }
     }
     b[..192].fill(0);
