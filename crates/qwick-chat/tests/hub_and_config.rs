@@ -1,6 +1,6 @@
 mod common;
 
-use common::{refs_dir, temp_dir};
+use common::{refs_dir, stand_in_hub, temp_dir};
 use qwick_chat::hub::{cache_dir_from, cached_snapshot, missing_files, offline_from, Hub, HubId};
 use qwick_chat::{GenerationConfig, SamplingParams};
 use std::collections::HashMap;
@@ -169,56 +169,6 @@ fn generation_config_and_presets() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A minimal stand-in for the Hub's `resolve` endpoint on localhost: serves `files` of any repo
-/// with the headers hf-hub reads (ETag, X-Repo-Commit, Content-Range), 404 for anything else.
-fn serve(files: HashMap<String, Vec<u8>>) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { break };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-            let mut range = (0usize, usize::MAX);
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
-                    break;
-                }
-                let lower = header.trim().to_ascii_lowercase();
-                if let Some(r) = lower.strip_prefix("range: bytes=") {
-                    let (a, b) = r.split_once('-').unwrap();
-                    range = (a.parse().unwrap(), b.parse().unwrap_or(usize::MAX));
-                }
-            }
-            let file = path.split_once("/resolve/main/").map(|(_, f)| f.to_string());
-            let response = match file.and_then(|f| files.get(&f).map(|b| (f, b))) {
-                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
-                Some((name, body)) => {
-                    let end = range.1.min(body.len() - 1);
-                    let part = &body[range.0..=end];
-                    let etag: String = name.bytes().map(|b| format!("{b:02x}")).collect();
-                    let mut r = format!(
-                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {}-{end}/{}\r\n\
-                         ETag: \"{etag}\"\r\nX-Repo-Commit: c0ffee\r\nConnection: close\r\n\r\n",
-                        part.len(),
-                        range.0,
-                        body.len()
-                    )
-                    .into_bytes();
-                    r.extend_from_slice(part);
-                    r
-                }
-            };
-            stream.write_all(&response).ok();
-        }
-    });
-    format!("http://{addr}")
-}
-
 #[test]
 fn downloads_missing_models_into_the_cache() {
     let mut files: HashMap<String, Vec<u8>> = [
@@ -235,7 +185,7 @@ fn downloads_missing_models_into_the_cache() {
 
     // Single-file weights; generation_config.json and the index are absent (404) and skipped.
     let cache = temp_dir("hf-download");
-    let endpoint = serve(files.clone());
+    let endpoint = stand_in_hub(files.clone());
     let snap = online(&cache, &endpoint).resolve("Qwen/Tiny").unwrap();
     assert!(snap.ends_with("models--Qwen--Tiny/snapshots/c0ffee"), "{}", snap.display());
     assert_eq!(std::fs::read_to_string(snap.join("model.safetensors")).unwrap(), "weights");
@@ -253,13 +203,13 @@ fn downloads_missing_models_into_the_cache() {
     );
     files.insert("model-1.safetensors".into(), b"one".to_vec());
     files.insert("model-2.safetensors".into(), b"two".to_vec());
-    let endpoint = serve(files.clone());
+    let endpoint = stand_in_hub(files.clone());
     let snap = online(&cache, &endpoint).resolve("Qwen/Sharded").unwrap();
     assert_eq!(std::fs::read_to_string(snap.join("model-2.safetensors")).unwrap(), "two");
     assert!(missing_files(&snap).unwrap().is_empty());
 
     // A model the Hub does not have: a clear error naming the file and the way out.
-    let endpoint = serve(HashMap::new());
+    let endpoint = stand_in_hub(HashMap::new());
     let e = online(&cache, &endpoint).resolve("nobody/nothing").unwrap_err().to_string();
     assert!(e.contains("config.json") && e.contains("huggingface-cli download nobody/nothing"), "{e}");
     std::fs::remove_dir_all(&cache).ok();

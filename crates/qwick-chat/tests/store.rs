@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::temp_dir;
+use common::{stand_in_hub, temp_dir};
 use qwick_chat::hub::{gguf_models, gguf_name_has_tag, gguf_tag, pick_gguf, Hub, TaggedId};
 use qwick_chat::store::{
     hf_cache_models, ollama_dir_from, ollama_model, ollama_names, ollama_store_models, resolve_ollama, OllamaName,
@@ -183,64 +183,6 @@ fn tags_resolve_through_the_cache() {
     std::fs::remove_dir_all(&cache).ok();
 }
 
-/// A stand-in for the Hub on localhost: the API's file list of any repository
-/// (`/api/models/<repo>/revision/main`) and its files (`/<repo>/resolve/main/<file>`, with the
-/// headers hf-hub reads), 404 for anything else.
-fn serve(files: HashMap<String, Vec<u8>>) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { break };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-            let mut start = 0usize;
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
-                    break;
-                }
-                if let Some(r) = header.trim().to_ascii_lowercase().strip_prefix("range: bytes=") {
-                    start = r.split_once('-').unwrap().0.parse().unwrap();
-                }
-            }
-            let ok = |status: &str, headers: String, body: &[u8]| {
-                let mut r = format!(
-                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n",
-                    body.len()
-                )
-                .into_bytes();
-                r.extend_from_slice(body);
-                r
-            };
-            let response = if path.starts_with("/api/models/") && path.ends_with("/revision/main") {
-                let siblings: Vec<_> = files.keys().map(|f| serde_json::json!({"rfilename": f})).collect();
-                let body = serde_json::json!({"siblings": siblings, "sha": "c0ffee"}).to_string();
-                ok("200 OK", "Content-Type: application/json\r\n".into(), body.as_bytes())
-            } else {
-                let file = path.split_once("/resolve/main/").map(|(_, f)| f.to_string());
-                match file.and_then(|f| files.get(&f).map(|b| (f, b))) {
-                    None => ok("404 Not Found", String::new(), b""),
-                    Some((name, body)) => {
-                        let end = body.len() - 1;
-                        let etag: String = name.bytes().map(|b| format!("{b:02x}")).collect();
-                        let headers = format!(
-                            "Content-Range: bytes {start}-{end}/{}\r\nETag: \"{etag}\"\r\nX-Repo-Commit: c0ffee\r\n",
-                            body.len()
-                        );
-                        ok("206 Partial Content", headers, &body[start..])
-                    }
-                }
-            };
-            stream.write_all(&response).ok();
-        }
-    });
-    format!("http://{addr}")
-}
-
 #[test]
 fn tagged_models_download_into_the_cache() {
     let files: HashMap<String, Vec<u8>> = [
@@ -253,7 +195,7 @@ fn tagged_models_download_into_the_cache() {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
     .collect();
-    let endpoint = serve(files);
+    let endpoint = stand_in_hub(files);
     let cache = temp_dir("tag-download");
     let online = Hub { endpoint: Some(endpoint.clone()), progress: false, ..Hub::new(&cache) };
 
@@ -278,7 +220,7 @@ fn tagged_models_download_into_the_cache() {
     let e = online.resolve("o/tiny-GGUF").unwrap_err().to_string();
     assert!(e.contains("holds GGUF files") && e.contains("o/tiny-GGUF:BF16"), "{e}");
     // A repository without GGUF files.
-    let endpoint = serve([("model.safetensors".to_string(), b"w".to_vec())].into_iter().collect());
+    let endpoint = stand_in_hub([("model.safetensors".to_string(), b"w".to_vec())].into_iter().collect());
     let online = Hub { endpoint: Some(endpoint), progress: false, ..Hub::new(&cache) };
     let e = online.resolve("o/dense:Q4_K_M").unwrap_err().to_string();
     assert!(e.contains("holds no GGUF file") && e.contains("without a tag"), "{e}");
