@@ -606,11 +606,15 @@ impl Qwen3 {
         };
         let eps = c.rms_norm_eps;
 
-        let rows_adapter: Vec<u16> = batch
-            .seq_of_token
-            .iter()
-            .map(|&q| batch.seq_adapter.get(q as usize).copied().filter(|&a| a > 0).unwrap_or(self.default_adapter))
-            .collect();
+        // Each row's adapter (nothing to compute for a model without adapters).
+        let rows_adapter: Vec<u16> = match self.adapters {
+            0 => vec![],
+            _ => batch
+                .seq_of_token
+                .iter()
+                .map(|&q| batch.seq_adapter.get(q as usize).copied().filter(|&a| a > 0).unwrap_or(self.default_adapter))
+                .collect(),
+        };
         if let Some(&bad) = batch.seq_adapter.iter().find(|&&a| a > self.adapters) {
             bail!("adapter {bad} asked for, but the model has {}", self.adapters);
         }
