@@ -1,6 +1,8 @@
 //! The `qwick` command as users and external checks run it: `logits` output, `make-random`,
 //! `bench --json`, and one clear error line (never a panic, never a partial file) for bad input.
 
+mod common;
+
 use qwick_model::npy::read_f32;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -13,12 +15,8 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
 }
 
-/// A fresh scratch folder for one test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qwick-cli-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> common::Scratch {
+    common::scratch("cli", name)
 }
 
 fn copy_dir(src: &Path, dst: &Path) {
@@ -56,7 +54,8 @@ fn expect_error(model: &Path, tokens: &str, needle: &str) {
 #[test]
 fn logits_writes_transformers_logits_as_npy() {
     let dir = fixture("moe_nonorm_mlponly");
-    let out = scratch("logits").join("l.npy");
+    let out_dir = scratch("logits");
+    let out = out_dir.join("l.npy");
     let o = qwick(&[
         "logits",
         "--model",

@@ -96,7 +96,7 @@ fn qwick(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qwick")).args(args).output().expect("qwick runs")
 }
 
-fn scratch(name: &str) -> PathBuf {
+fn scratch(name: &str) -> common::Scratch {
     common::scratch("gguf", name)
 }
 
@@ -283,7 +283,7 @@ fn greedy_model() -> &'static Path {
         let mut raw = Vec::new();
         flate2::read::GzDecoder::new(std::fs::File::open(&gz).unwrap()).read_to_end(&mut raw).unwrap();
         assert_eq!(raw.len() as u64, manifest()["greedy"]["bytes"].as_u64().unwrap());
-        let p = scratch("greedy").join(gz.file_stem().unwrap());
+        let p = common::process_dir("gguf", "greedy").join(gz.file_stem().unwrap());
         std::fs::write(&p, raw).unwrap();
         p
     })

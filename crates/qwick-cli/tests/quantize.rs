@@ -202,9 +202,16 @@ fn random_quantized_checkpoints_load_and_run() {
     let d = scratch("quantize", "random");
     let cfg = root().join("tests/configs/bench-Qwen3-30B-A3B-6layers.json");
     let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    // Small widths, real layer structure (MoE, 8 of 128 experts).
+    // Small widths (a few MB on disk), the real layer structure (MoE, 8 of 128 experts); widths
+    // of one K-quant super-block so that Q4_K and Q6_K are chosen.
     c["num_hidden_layers"] = 2.into();
     c["vocab_size"] = 512.into();
+    c["hidden_size"] = 256.into();
+    c["moe_intermediate_size"] = 256.into();
+    c["intermediate_size"] = 512.into();
+    c["num_attention_heads"] = 4.into();
+    c["num_key_value_heads"] = 2.into();
+    c["head_dim"] = 64.into();
     let small = d.join("config.json");
     std::fs::write(&small, c.to_string()).unwrap();
     let out = d.join("moe-Q4_K_M.gguf");

@@ -10,12 +10,11 @@ mod common;
 
 use serde_json::{json, Value};
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 const BUDGET_TEXT: &str = "Considering the limited time by the user, I have to give the solution based on the thinking directly now.\n</think>.\n\n";
 
-fn scratch(name: &str) -> PathBuf {
+fn scratch(name: &str) -> common::Scratch {
     common::scratch("run", name)
 }
 
@@ -312,7 +311,8 @@ fn chat_session_through_a_pipe() {
         reply["reasoning_content"] = j1["reasoning"].clone();
     }
     let history = json!([{"role": "user", "content": p1}, reply, {"role": "user", "content": p2}]);
-    let file = scratch("chat").join("history.json");
+    let chat_dir = scratch("chat");
+    let file = chat_dir.join("history.json");
     std::fs::write(&file, history.to_string()).unwrap();
     let j2 = run_json(&one(&flags, &["--messages", file.to_str().unwrap(), "--no-think"]));
     let a2 = j2["text"].as_str().unwrap();

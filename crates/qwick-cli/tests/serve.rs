@@ -1228,7 +1228,7 @@ fn greedy_adapter(dir: &std::path::Path, seed: u64) {
 
 #[test]
 fn lora_adapters_are_models_that_requests_pick_and_share_a_batch() {
-    let d = std::env::temp_dir().join(format!("qwick-serve-lora-{}", std::process::id()));
+    let d = common::scratch("serve", "lora");
     let (a1, a2) = (d.join("a1"), d.join("a2"));
     greedy_adapter(&a1, 1);
     greedy_adapter(&a2, 2);

@@ -134,4 +134,5 @@ fn damaged_headers_never_panic() {
         }
     }
     assert!(failed > 1000 && loaded > 0, "loaded {loaded}, failed {failed}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

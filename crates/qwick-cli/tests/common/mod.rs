@@ -6,26 +6,71 @@
 
 use serde_json::Value;
 use std::io::Read;
-use std::path::PathBuf;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// A fresh folder under the temp dir, named for this test binary (`tag`) and process.
-pub fn scratch(tag: &str, name: &str) -> PathBuf {
+/// A fresh folder under the temp dir for one test, named for the test binary (`tag`) and
+/// process, removed when dropped so that test runs leave nothing behind.
+pub struct Scratch(PathBuf);
+
+impl Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn scratch(tag: &str, name: &str) -> Scratch {
+    Scratch(process_dir(tag, name))
+}
+
+/// `qwick-{tag}-test-{pid}-{name}` under the temp dir, empty, for files shared by the tests of
+/// one process (kept until a later test process sweeps it). The first call in a process removes
+/// the folders of earlier test processes that are gone, whether shared or left by a crash.
+pub fn process_dir(tag: &str, name: &str) -> PathBuf {
+    static SWEPT: OnceLock<()> = OnceLock::new();
+    SWEPT.get_or_init(sweep_dead);
     let d = std::env::temp_dir().join(format!("qwick-{tag}-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
+fn sweep_dead() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("qwick-") else { continue };
+        let Some((_, after)) = rest.split_once("-test-") else { continue };
+        let Some(pid) = after.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// The greedy model folder, assembled once per test binary.
 pub fn greedy_model(tag: &str) -> &'static str {
     static DIR: OnceLock<String> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = scratch(tag, "greedy-model");
+        let d = process_dir(tag, "greedy-model");
         for e in std::fs::read_dir(root().join("tests/greedy/model")).unwrap() {
             let p = e.unwrap().path();
             std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
