@@ -9,6 +9,7 @@ pub mod alloc;
 pub mod attention;
 pub mod bandwidth;
 pub mod format;
+pub mod grad;
 pub mod isa;
 pub mod matmul;
 pub mod ops;
