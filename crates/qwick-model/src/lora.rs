@@ -174,6 +174,75 @@ impl Adapter {
     }
 }
 
+/// What `adapter_config.json` says of an adapter qwick writes.
+pub struct AdapterConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+    pub dropout: f64,
+    /// PEFT module names (`q_proj`, ...).
+    pub targets: Vec<&'static str>,
+    pub base_model: Option<String>,
+}
+
+/// One adapted weight: `role` of layer `layer`, `a` `[r, in]`, `b` `[out, r]`.
+pub struct AdapterPair<'a> {
+    pub role: Role,
+    pub layer: usize,
+    pub inp: usize,
+    pub out: usize,
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+}
+
+/// Writes an adapter folder in PEFT's layout (what [`Adapter::open`] and PEFT's
+/// `PeftModel.from_pretrained` read): `adapter_config.json` and `adapter_model.safetensors`
+/// (f32), each written to a temporary name and renamed when complete.
+pub fn write_adapter(dir: &Path, c: &AdapterConfig, pairs: &[AdapterPair]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut tensors = Vec::with_capacity(2 * pairs.len());
+    for p in pairs {
+        let (a, b) = lora_names(&names::hf(p.role, p.layer, 0));
+        let bytes = |x: &[f32]| qwick_backend::format::f32_bytes(x).to_vec();
+        tensors.push((a, qwick_backend::Format::F32, vec![c.rank, p.inp], bytes(p.a)));
+        tensors.push((b, qwick_backend::Format::F32, vec![p.out, c.rank], bytes(p.b)));
+    }
+    tensors.sort_by(|x, y| x.0.cmp(&y.0));
+    let mut targets = c.targets.clone();
+    targets.sort();
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": c.base_model,
+        "r": c.rank,
+        "lora_alpha": c.alpha,
+        "lora_dropout": c.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "use_rslora": c.rslora,
+        "use_dora": false,
+        "fan_in_fan_out": false,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": true,
+        "revision": null,
+    });
+    let file = dir.join("adapter_model.safetensors");
+    let tmp = dir.join("adapter_model.safetensors.partial");
+    crate::safetensors::write_safetensors(&tmp, &tensors)?;
+    std::fs::rename(&tmp, &file).with_context(|| format!("cannot write {}", file.display()))?;
+    let cfg = dir.join("adapter_config.json");
+    let tmp = dir.join("adapter_config.json.partial");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&config)? + "\n")
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &cfg).with_context(|| format!("cannot write {}", cfg.display()))?;
+    Ok(())
+}
+
 /// `w += s · B · A` for `w` `[out, in]` as f32, `a` `[r, in]`, `b` `[out, r]`.
 pub fn merge_into(w: &mut [f32], a: &[f32], b: &[f32], s: f32, r: usize) {
     let inp = a.len() / r.max(1);

@@ -1,0 +1,657 @@
+//! One training step's arithmetic: the Qwen3 forward pass over a packed sequence with LoRA
+//! updates on the targeted projections, the loss (cross-entropy over the labelled rows, a few
+//! rows of logits at a time so the `[tokens, vocab]` matrix never exists whole), and the
+//! backward pass to the LoRA matrices.
+//!
+//! Only each layer's input is kept from the forward pass; the backward pass recomputes one
+//! layer's activations at a time from it (activation checkpointing per layer), so memory grows
+//! with layers × tokens × hidden size, not with everything a layer computes.
+//!
+//! The frozen weights are read as stored for the forward products (`y = x·Wᵀ`), and from a
+//! transposed copy for the backward ones (`dx = dy·W`), so that both run on the fast kernels.
+
+use crate::lora::{LoraParams, Pair, DOWN, GATE, K, O, Q, UP, V};
+use qwick_backend::grad::{self, AttnShape};
+use qwick_backend::pool::SendPtr;
+use qwick_backend::{matmul, matmul_batch, ops, Ctx, Format, MatmulJob, WeightView};
+use qwick_model::qwen3::{Linear, Mlp};
+use qwick_model::Qwen3;
+
+/// One packed sequence: several examples one after another.
+pub struct Sequence {
+    pub tokens: Vec<u32>,
+    /// Position of each token within its example.
+    pub positions: Vec<u32>,
+    /// Per token, the index of its example's first token.
+    pub start: Vec<u32>,
+    /// Per token, the token to predict there, or `None` (no loss at this token).
+    pub labels: Vec<Option<u32>>,
+}
+
+impl Sequence {
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn labelled(&self) -> usize {
+        self.labels.iter().filter(|l| l.is_some()).count()
+    }
+}
+
+/// A frozen weight transposed (`[in, out]`), for `dx = dy · W`.
+struct Transposed {
+    format: Format,
+    data: Vec<u8>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Transposed {
+    /// Transposes `l`'s weight, keeping f32 and f16 as they are and storing everything else
+    /// (bf16 and the quantized formats, dequantized) as bf16.
+    fn of(l: &Linear) -> Transposed {
+        let w = &l.weight;
+        let (out, inp) = (w.shape[0], w.shape[1]);
+        let format = match w.format {
+            Format::F32 => Format::F32,
+            Format::F16 => Format::F16,
+            _ => Format::BF16,
+        };
+        let rb = w.format.row_bytes(inp);
+        let es = format.row_bytes(1);
+        let mut data = vec![0u8; out * inp * es];
+        // Blocks of 64 source rows: dequantize them, then write each input column's run.
+        let mut rows = vec![0f32; 64 * inp];
+        let mut col = vec![0f32; 64];
+        let mut enc = vec![0u8; 64 * es];
+        for o0 in (0..out).step_by(64) {
+            let n = 64.min(out - o0);
+            for r in 0..n {
+                let src = &w.bytes()[(o0 + r) * rb..(o0 + r + 1) * rb];
+                w.format.dequantize(src, &mut rows[r * inp..(r + 1) * inp]);
+            }
+            for i in 0..inp {
+                for r in 0..n {
+                    col[r] = rows[r * inp + i];
+                }
+                format.encode_floats(&col[..n], &mut enc[..n * es]);
+                data[(i * out + o0) * es..(i * out + o0 + n) * es].copy_from_slice(&enc[..n * es]);
+            }
+        }
+        Transposed { format, data, rows: inp, cols: out }
+    }
+
+    fn view(&self) -> WeightView<'_> {
+        WeightView::new(self.format, &self.data, self.rows, self.cols)
+    }
+
+    fn bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// The frozen model with the transposed weights its backward pass reads.
+pub struct Frozen<'m> {
+    pub model: &'m Qwen3,
+    /// Per layer: q, k, v, o, gate, up, down transposed (`None` where not needed).
+    layers: Vec<[Option<Transposed>; 7]>,
+    head: Transposed,
+    inv_freq: Vec<f32>,
+    rope_scale: f32,
+}
+
+fn dense(m: &Mlp) -> Option<(&Linear, &Linear, &Linear)> {
+    match m {
+        Mlp::Dense(s) => Some((&s.gate_proj, &s.up_proj, &s.down_proj)),
+        Mlp::Moe { .. } => None,
+    }
+}
+
+impl<'m> Frozen<'m> {
+    /// Prepares `model` for training on `threads` threads (transposing its projections).
+    pub fn new(model: &'m Qwen3, threads: usize) -> anyhow::Result<Frozen<'m>> {
+        if model.layers.iter().any(|l| dense(&l.mlp).is_none()) {
+            anyhow::bail!(
+                "training through mixture-of-experts layers is not supported yet (the backward pass of the expert \
+                 router is missing)"
+            );
+        }
+        let mut jobs: Vec<(usize, usize, &Linear)> = Vec::new();
+        for (l, layer) in model.layers.iter().enumerate() {
+            let a = &layer.attn;
+            let (g, u, d) = dense(&layer.mlp).expect("checked above");
+            for (m, lin) in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, g, u, d].into_iter().enumerate() {
+                jobs.push((l, m, lin));
+            }
+        }
+        jobs.push((usize::MAX, 0, &model.lm_head));
+        let done: std::sync::Mutex<Vec<(usize, usize, Transposed)>> = std::sync::Mutex::new(Vec::new());
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(l, m, lin)) = jobs.get(i) else { break };
+                    let t = Transposed::of(lin);
+                    done.lock().unwrap_or_else(|e| e.into_inner()).push((l, m, t));
+                });
+            }
+        });
+        let mut layers: Vec<[Option<Transposed>; 7]> = (0..model.layers.len()).map(|_| Default::default()).collect();
+        let mut head = None;
+        for (l, m, t) in done.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            if l == usize::MAX {
+                head = Some(t);
+            } else {
+                layers[l][m] = Some(t);
+            }
+        }
+        let (inv_freq, rope_scale) = model.config.rope_inv_freq();
+        Ok(Frozen { model, layers, head: head.expect("the head is transposed"), inv_freq, rope_scale })
+    }
+
+    /// Bytes of the transposed copies.
+    pub fn extra_bytes(&self) -> usize {
+        self.layers.iter().flatten().flatten().map(Transposed::bytes).sum::<usize>() + self.head.bytes()
+    }
+
+    fn wt(&self, l: usize, m: usize) -> WeightView<'_> {
+        self.layers[l][m].as_ref().expect("dense layer").view()
+    }
+}
+
+/// Gradients of the LoRA pairs, `(dA, dB)` per pair.
+pub type Grads = Vec<(Vec<f32>, Vec<f32>)>;
+
+/// How one step treats LoRA dropout: the probability and a key that, with the layer and
+/// module, seeds the masks (so the recomputation in the backward pass draws the same ones).
+#[derive(Clone, Copy)]
+pub struct Dropout {
+    pub p: f32,
+    pub key: u64,
+}
+
+/// The activations of one layer that its backward pass reads.
+struct Acts {
+    hn1: Vec<f32>,
+    q_pre: Vec<f32>,
+    k_pre: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    lse: Vec<f32>,
+    x2: Vec<f32>,
+    hn2: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    a: Vec<f32>,
+    /// Per module: the dropped-out input of the LoRA path (when dropout is on) and `x·Aᵀ`.
+    lora: [Option<(Option<Vec<f32>>, Vec<f32>)>; 7],
+}
+
+/// Calls `f(rows, out_rows)` over row chunks of `out` in parallel.
+fn par_rows(ctx: Ctx, n: usize, out: &mut [f32], width: usize, f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
+    let op = SendPtr::new(out);
+    ctx.pool.for_chunks(n, 1, &|r| {
+        // SAFETY: chunks of rows do not overlap and r ⊆ 0..n, so each call owns its rows.
+        let o = unsafe { op.slice(r.start * width, r.len() * width) };
+        f(r, o)
+    });
+}
+
+/// A keyed hash to a uniform float in [0, 1) (splitmix64), for dropout masks.
+fn hash_uniform(key: u64, i: u64) -> f32 {
+    let mut z = key ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
+struct Runner<'a, 'm> {
+    ctx: Ctx<'a>,
+    f: &'a Frozen<'m>,
+    lora: &'a LoraParams,
+    s: f32,
+    dropout: Dropout,
+}
+
+impl Runner<'_, '_> {
+    /// `x` with LoRA dropout applied (`None` when off): kept values scaled by `1/(1-p)`.
+    fn dropped(&self, l: usize, m: usize, x: &[f32]) -> Option<Vec<f32>> {
+        let d = self.dropout;
+        if d.p <= 0.0 {
+            return None;
+        }
+        let key = d.key ^ ((l as u64) << 40) ^ ((m as u64) << 56);
+        let keep = 1.0 / (1.0 - d.p);
+        Some(
+            x.iter()
+                .enumerate()
+                .map(|(i, &v)| if hash_uniform(key, i as u64) < d.p { 0.0 } else { v * keep })
+                .collect(),
+        )
+    }
+
+    /// `y += s · (x·Aᵀ)·Bᵀ` for the pair of `(l, m)` if any; returns what the backward pass
+    /// needs (the dropped-out input and `x·Aᵀ`).
+    fn lora_forward(
+        &self,
+        l: usize,
+        m: usize,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+    ) -> Option<(Option<Vec<f32>>, Vec<f32>)> {
+        let p = self.lora.get(l, m)?;
+        let r = self.lora.spec.rank;
+        let xd = self.dropped(l, m, x);
+        let xin = xd.as_deref().unwrap_or(x);
+        let mut t = vec![0f32; n * r];
+        matmul(self.ctx, xin, n, &WeightView::from_f32(&p.a, r, p.inp), &mut t);
+        let mut u = vec![0f32; n * p.out];
+        matmul(self.ctx, &t, n, &WeightView::from_f32(&p.b, p.out, r), &mut u);
+        let s = self.s;
+        par_rows(self.ctx, n, y, p.out, |rows, yr| {
+            for (yv, uv) in yr.iter_mut().zip(&u[rows.start * p.out..rows.end * p.out]) {
+                *yv += s * uv;
+            }
+        });
+        Some((xd, t))
+    }
+
+    /// The layer's forward pass from its input `x`, keeping its activations; returns them and
+    /// leaves the layer's output in `x`.
+    fn layer_forward(&self, l: usize, x: &mut [f32], seq: &Sequence, cos: &[f32], sin: &[f32]) -> Acts {
+        let (ctx, model) = (self.ctx, self.f.model);
+        let c = &model.config;
+        let n = seq.len();
+        let (h, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        let (isa, eps) = (ctx.isa, c.rms_norm_eps);
+        let layer = &model.layers[l];
+        let a = &layer.attn;
+        let mut hn1 = vec![0f32; n * h];
+        par_rows(ctx, n, &mut hn1, h, |r, o| {
+            ops::rms_norm(isa, &x[r.start * h..r.end * h], &layer.input_layernorm, eps, o)
+        });
+        let (mut q_pre, mut k_pre, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        matmul_batch(
+            ctx,
+            &[
+                MatmulJob::new(&hn1, n, a.q_proj.view(), &mut q_pre),
+                MatmulJob::new(&hn1, n, a.k_proj.view(), &mut k_pre),
+                MatmulJob::new(&hn1, n, a.v_proj.view(), &mut v),
+            ],
+        );
+        let mut lora: [Option<(Option<Vec<f32>>, Vec<f32>)>; 7] = Default::default();
+        lora[Q] = self.lora_forward(l, Q, &hn1, n, &mut q_pre);
+        lora[K] = self.lora_forward(l, K, &hn1, n, &mut k_pre);
+        lora[V] = self.lora_forward(l, V, &hn1, n, &mut v);
+        let (mut q, mut k) = (q_pre.clone(), k_pre.clone());
+        let half = hd / 2;
+        par_rows(ctx, n, &mut q, qd, |r, qr| {
+            for (i, row) in r.clone().zip(qr.chunks_exact_mut(qd)) {
+                ops::rms_norm_inplace(isa, row, &a.q_norm, eps);
+                ops::rope_inplace(isa, row, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+            }
+        });
+        par_rows(ctx, n, &mut k, kvd, |r, kr| {
+            for (i, row) in r.clone().zip(kr.chunks_exact_mut(kvd)) {
+                ops::rms_norm_inplace(isa, row, &a.k_norm, eps);
+                ops::rope_inplace(isa, row, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+            }
+        });
+        let shape = AttnShape {
+            n_heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            start: &seq.start,
+        };
+        let mut att = vec![0f32; n * qd];
+        let mut lse = vec![0f32; n * c.num_attention_heads];
+        {
+            // Work items: (KV head, block of rows); each writes only its heads' columns of
+            // its rows.
+            let blocks: Vec<(usize, std::ops::Range<usize>)> =
+                (0..shape.kv_heads).flat_map(|g| (0..n).step_by(32).map(move |r0| (g, r0..(r0 + 32).min(n)))).collect();
+            let (op, lp) = (SendPtr::new(&mut att), SendPtr::new(&mut lse));
+            let (q, k, v, shape) = (&q, &k, &v, &shape);
+            ctx.pool.for_chunks(blocks.len(), 1, &|r| {
+                for (g, rows) in &blocks[r] {
+                    // SAFETY: the whole buffers are passed, but attention_forward writes only
+                    // the columns of KV head g's query heads in rows `rows`, and no two work
+                    // items share a (KV head, row) pair.
+                    let (o, ls) = unsafe { (op.slice(0, n * qd), lp.slice(0, n * shape.n_heads)) };
+                    grad::attention_forward(isa, shape, *g, rows.clone(), q, k, v, o, ls);
+                }
+            });
+        }
+        let mut tmp = vec![0f32; n * h];
+        matmul(ctx, &att, n, &a.o_proj.view(), &mut tmp);
+        lora[O] = self.lora_forward(l, O, &att, n, &mut tmp);
+        par_rows(ctx, n, x, h, |r, xo| ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h]));
+        let x2 = x.to_vec();
+        let mut hn2 = vec![0f32; n * h];
+        par_rows(ctx, n, &mut hn2, h, |r, o| {
+            ops::rms_norm(isa, &x2[r.start * h..r.end * h], &layer.post_attention_layernorm, eps, o)
+        });
+        let (gp, up, dp) = dense(&layer.mlp).expect("dense layers only");
+        let inter = gp.weight.shape[0];
+        let (mut g, mut u) = (vec![0f32; n * inter], vec![0f32; n * inter]);
+        matmul_batch(ctx, &[MatmulJob::new(&hn2, n, gp.view(), &mut g), MatmulJob::new(&hn2, n, up.view(), &mut u)]);
+        lora[GATE] = self.lora_forward(l, GATE, &hn2, n, &mut g);
+        lora[UP] = self.lora_forward(l, UP, &hn2, n, &mut u);
+        let mut act = g.clone();
+        par_rows(ctx, n, &mut act, inter, |r, ar| ops::silu_mul(isa, ar, &u[r.start * inter..r.end * inter]));
+        matmul(ctx, &act, n, &dp.view(), &mut tmp);
+        lora[DOWN] = self.lora_forward(l, DOWN, &act, n, &mut tmp);
+        par_rows(ctx, n, x, h, |r, xo| ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h]));
+        Acts { hn1, q_pre, k_pre, q, k, v, att, lse, x2, hn2, g, u, a: act, lora }
+    }
+
+    /// Backward of one projection `y = x·Wᵀ (+ LoRA)`: returns `dx` and adds the pair's
+    /// gradients to `grads`.
+    fn linear_backward(
+        &self,
+        l: usize,
+        m: usize,
+        x: &[f32],
+        saved: &Option<(Option<Vec<f32>>, Vec<f32>)>,
+        dy: &[f32],
+        n: usize,
+        grads: &mut Grads,
+    ) -> Vec<f32> {
+        let wt = self.f.wt(l, m);
+        let mut dx = vec![0f32; n * wt.rows];
+        matmul(self.ctx, dy, n, &wt, &mut dx);
+        if let (Some(p), Some((xd, t))) = (self.lora.get(l, m), saved) {
+            let slot = self.lora.slot(l, m).expect("pair present");
+            let xin = xd.as_deref().unwrap_or(x);
+            self.lora_backward(p, xin, t, dy, n, &mut grads[slot], &mut dx, xd.is_some().then_some((l, m)));
+        }
+        dx
+    }
+
+    /// The LoRA part of a projection's backward pass: `dB += s·dyᵀ·t`, `dA += s·(dy·B)ᵀ·x`,
+    /// `dx += s·(dy·B)·A` (through the dropout mask when `dropped` names the module).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
+        &self,
+        p: &Pair,
+        xin: &[f32],
+        t: &[f32],
+        dy: &[f32],
+        n: usize,
+        g: &mut (Vec<f32>, Vec<f32>),
+        dx: &mut [f32],
+        dropped: Option<(usize, usize)>,
+    ) {
+        let (ctx, r, s) = (self.ctx, self.lora.spec.rank, self.s);
+        let isa = ctx.isa;
+        // e = dy · B  ([n, r]): a product with Bᵀ ([r, out]) as the weight.
+        let bt = transpose(&p.b, p.out, r);
+        let mut e = vec![0f32; n * r];
+        matmul(ctx, dy, n, &WeightView::from_f32(&bt, r, p.out), &mut e);
+        // dB += s · dyᵀ · t, over rows of dB.
+        let mut db = vec![0f32; p.out * r];
+        par_rows(ctx, p.out, &mut db, r, |rows, c| grad::matmul_tn(isa, dy, p.out, t, r, rows, c));
+        for (gv, v) in g.1.iter_mut().zip(&db) {
+            *gv += s * v;
+        }
+        let mut da = vec![0f32; r * p.inp];
+        par_rows(ctx, r, &mut da, p.inp, |rows, c| grad::matmul_tn(isa, &e, r, xin, p.inp, rows, c));
+        for (gv, v) in g.0.iter_mut().zip(&da) {
+            *gv += s * v;
+        }
+        // dx += s · e · A: a product with Aᵀ ([in, r]) as the weight.
+        let at = transpose(&p.a, r, p.inp);
+        let mut dxl = vec![0f32; n * p.inp];
+        matmul(ctx, &e, n, &WeightView::from_f32(&at, p.inp, r), &mut dxl);
+        if let Some((l, m)) = dropped {
+            // The mask of the forward pass: dropped inputs pass no gradient, kept ones 1/(1-p).
+            let ones = vec![1f32; n * p.inp];
+            let mask = self.dropped(l, m, &ones).expect("dropout on");
+            for (d, mk) in dxl.iter_mut().zip(&mask) {
+                *d *= mk;
+            }
+        }
+        for (d, v) in dx.iter_mut().zip(&dxl) {
+            *d += s * v;
+        }
+    }
+
+    /// The layer's backward pass: from `dx` (gradient of the layer's output) to the gradient
+    /// of its input, in place; LoRA gradients added to `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        l: usize,
+        x: &[f32],
+        acts: &Acts,
+        seq: &Sequence,
+        cos: &[f32],
+        sin: &[f32],
+        dx: &mut [f32],
+        grads: &mut Grads,
+    ) {
+        let (ctx, model) = (self.ctx, self.f.model);
+        let c = &model.config;
+        let n = seq.len();
+        let (h, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        let (isa, eps) = (ctx.isa, c.rms_norm_eps);
+        let layer = &model.layers[l];
+        let inter = acts.g.len() / n;
+
+        // MLP: x3 = x2 + down(silu(gate(hn2)) · up(hn2)), hn2 = norm(x2).
+        let da = self.linear_backward(l, DOWN, &acts.a, &acts.lora[DOWN], dx, n, grads);
+        let (mut dg, mut du) = (vec![0f32; n * inter], vec![0f32; n * inter]);
+        {
+            let dup = SendPtr::new(&mut du);
+            par_rows(ctx, n, &mut dg, inter, |r, dgr| {
+                let w = r.start * inter..r.end * inter;
+                // SAFETY: the same rows of du as of dg, which this chunk owns.
+                let dur = unsafe { dup.slice(w.start, w.len()) };
+                grad::silu_mul_backward(isa, &acts.g[w.clone()], &acts.u[w.clone()], &da[w], dgr, dur);
+            });
+        }
+        let mut dhn2 = self.linear_backward(l, GATE, &acts.hn2, &acts.lora[GATE], &dg, n, grads);
+        let dhu = self.linear_backward(l, UP, &acts.hn2, &acts.lora[UP], &du, n, grads);
+        add(ctx, &mut dhn2, &dhu, h);
+        let mut dnorm = vec![0f32; n * h];
+        par_rows(ctx, n, &mut dnorm, h, |r, o| {
+            let w = r.start * h..r.end * h;
+            grad::rms_norm_backward(isa, &acts.x2[w.clone()], &layer.post_attention_layernorm, eps, &dhn2[w], o)
+        });
+        add(ctx, dx, &dnorm, h);
+
+        // Attention: x2 = x + o(attn(rope(norm(q(hn1))), rope(norm(k(hn1))), v(hn1))).
+        let datt = self.linear_backward(l, O, &acts.att, &acts.lora[O], dx, n, grads);
+        let shape = AttnShape {
+            n_heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            start: &seq.start,
+        };
+        let (mut dq, mut dk, mut dv) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        {
+            let (qp, kp, vp) = (SendPtr::new(&mut dq), SendPtr::new(&mut dk), SendPtr::new(&mut dv));
+            let shape = &shape;
+            ctx.pool.for_chunks(shape.kv_heads, 1, &|r| {
+                for g in r {
+                    // SAFETY: attention_backward for KV head g writes only the columns of g
+                    // (its query heads in dq, its own in dk and dv); KV heads go to one
+                    // thread each.
+                    let (dq, dk, dv) = unsafe { (qp.slice(0, n * qd), kp.slice(0, n * kvd), vp.slice(0, n * kvd)) };
+                    grad::attention_backward(
+                        isa, shape, g, &acts.q, &acts.k, &acts.v, &acts.att, &acts.lse, &datt, dq, dk, dv,
+                    );
+                }
+            });
+        }
+        // Through RoPE (its transpose: rotate back) and the per-head norms.
+        let half = hd / 2;
+        let a = &layer.attn;
+        let head_back = |d: &mut [f32], pre: &[f32], w: &[f32], width: usize| {
+            let mut out = vec![0f32; n * width];
+            par_rows(ctx, n, &mut out, width, |r, o| {
+                let mut row = vec![0f32; width];
+                let mut neg = vec![0f32; half];
+                for (i, orow) in r.clone().zip(o.chunks_exact_mut(width)) {
+                    row.copy_from_slice(&d[i * width..(i + 1) * width]);
+                    for (nv, sv) in neg.iter_mut().zip(&sin[i * half..(i + 1) * half]) {
+                        *nv = -sv;
+                    }
+                    ops::rope_inplace(isa, &mut row, &cos[i * half..(i + 1) * half], &neg);
+                    grad::rms_norm_backward(isa, &pre[i * width..(i + 1) * width], w, eps, &row, orow);
+                }
+            });
+            d.copy_from_slice(&out);
+        };
+        head_back(&mut dq, &acts.q_pre, &a.q_norm, qd);
+        head_back(&mut dk, &acts.k_pre, &a.k_norm, kvd);
+        let mut dhn1 = self.linear_backward(l, Q, &acts.hn1, &acts.lora[Q], &dq, n, grads);
+        add(ctx, &mut dhn1, &self.linear_backward(l, K, &acts.hn1, &acts.lora[K], &dk, n, grads), h);
+        add(ctx, &mut dhn1, &self.linear_backward(l, V, &acts.hn1, &acts.lora[V], &dv, n, grads), h);
+        par_rows(ctx, n, &mut dnorm, h, |r, o| {
+            let w = r.start * h..r.end * h;
+            grad::rms_norm_backward(isa, &x[w.clone()], &layer.input_layernorm, eps, &dhn1[w], o)
+        });
+        add(ctx, dx, &dnorm, h);
+    }
+
+    /// cos/sin of each token's position (as the forward pass computes them).
+    fn rope_tables(&self, seq: &Sequence) -> (Vec<f32>, Vec<f32>) {
+        let half = self.f.inv_freq.len();
+        let mut cos = vec![0f32; seq.len() * half];
+        let mut sin = vec![0f32; seq.len() * half];
+        for (i, &p) in seq.positions.iter().enumerate() {
+            for (j, &f) in self.f.inv_freq.iter().enumerate() {
+                let a = p as f32 * f;
+                cos[i * half + j] = a.cos() * self.f.rope_scale;
+                sin[i * half + j] = a.sin() * self.f.rope_scale;
+            }
+        }
+        (cos, sin)
+    }
+
+    fn embed(&self, seq: &Sequence) -> Vec<f32> {
+        let model = self.f.model;
+        let h = model.config.hidden_size;
+        let emb = &model.embed_tokens;
+        let rb = emb.format.row_bytes(h);
+        let mut x = vec![0f32; seq.len() * h];
+        for (i, &t) in seq.tokens.iter().enumerate() {
+            emb.format.dequantize(&emb.bytes()[t as usize * rb..(t as usize + 1) * rb], &mut x[i * h..(i + 1) * h]);
+        }
+        x
+    }
+}
+
+/// `x += y`, in parallel over rows of `width`.
+fn add(ctx: Ctx, x: &mut [f32], y: &[f32], width: usize) {
+    let n = x.len() / width;
+    par_rows(ctx, n, x, width, |r, xr| ops::add_inplace(ctx.isa, xr, &y[r.start * width..r.end * width]));
+}
+
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
+}
+
+/// Rows of logits computed at once by the loss.
+const LOSS_ROWS: usize = 64;
+
+/// The loss of `seq`: `scale ·` the sum of cross-entropies over its labelled tokens. With
+/// `grads`, also adds the gradients of that (scaled) loss with respect to the LoRA pairs.
+/// Returns the unscaled sum of token losses.
+pub fn loss(
+    ctx: Ctx,
+    f: &Frozen,
+    lora: &LoraParams,
+    seq: &Sequence,
+    scale: f32,
+    dropout: Dropout,
+    grads: Option<&mut Grads>,
+) -> f64 {
+    let r = Runner {
+        ctx,
+        f,
+        lora,
+        s: lora.spec.scaling(),
+        dropout: if grads.is_some() { dropout } else { Dropout { p: 0.0, key: 0 } },
+    };
+    let model = f.model;
+    let c = &model.config;
+    let (n, h, vocab) = (seq.len(), c.hidden_size, c.vocab_size);
+    let (cos, sin) = r.rope_tables(seq);
+    let mut x = r.embed(seq);
+    let keep = grads.is_some();
+    let mut inputs: Vec<Vec<f32>> = Vec::with_capacity(if keep { model.layers.len() } else { 0 });
+    for l in 0..model.layers.len() {
+        if keep {
+            inputs.push(x.clone());
+        }
+        r.layer_forward(l, &mut x, seq, &cos, &sin);
+    }
+    let mut hn = vec![0f32; n * h];
+    par_rows(ctx, n, &mut hn, h, |rr, o| {
+        ops::rms_norm(ctx.isa, &x[rr.start * h..rr.end * h], &model.norm, c.rms_norm_eps, o)
+    });
+    // The loss, a few labelled rows at a time.
+    let rows: Vec<(usize, u32)> = seq.labels.iter().enumerate().filter_map(|(i, l)| l.map(|y| (i, y))).collect();
+    let mut dhn = vec![0f32; if keep { n * h } else { 0 }];
+    let mut total = 0f64;
+    let mut sel = vec![0f32; LOSS_ROWS * h];
+    let mut logits = vec![0f32; LOSS_ROWS * vocab];
+    let mut dsel = vec![0f32; LOSS_ROWS * h];
+    for chunk in rows.chunks(LOSS_ROWS) {
+        let m = chunk.len();
+        for (o, &(i, _)) in chunk.iter().enumerate() {
+            sel[o * h..(o + 1) * h].copy_from_slice(&hn[i * h..(i + 1) * h]);
+        }
+        matmul(ctx, &sel[..m * h], m, &model.lm_head.view(), &mut logits[..m * vocab]);
+        let labels: Vec<u32> = chunk.iter().map(|&(_, y)| y).collect();
+        let lp = SendPtr::new(&mut logits[..m * vocab]);
+        let sums = std::sync::Mutex::new(0f64);
+        ctx.pool.for_chunks(m, 1, &|rr| {
+            // SAFETY: each chunk of rows owns its rows of the logits.
+            let part = unsafe { lp.slice(rr.start * vocab, rr.len() * vocab) };
+            let s = grad::cross_entropy(ctx.isa, part, vocab, &labels[rr], scale);
+            *sums.lock().unwrap_or_else(|e| e.into_inner()) += s;
+        });
+        total += sums.into_inner().unwrap_or_else(|e| e.into_inner());
+        if keep {
+            matmul(ctx, &logits[..m * vocab], m, &f.head.view(), &mut dsel[..m * h]);
+            for (o, &(i, _)) in chunk.iter().enumerate() {
+                dhn[i * h..(i + 1) * h].copy_from_slice(&dsel[o * h..(o + 1) * h]);
+            }
+        }
+    }
+    let Some(grads) = grads else { return total };
+    let mut dx = vec![0f32; n * h];
+    par_rows(ctx, n, &mut dx, h, |rr, o| {
+        let w = rr.start * h..rr.end * h;
+        grad::rms_norm_backward(ctx.isa, &x[w.clone()], &model.norm, c.rms_norm_eps, &dhn[w], o)
+    });
+    drop(hn);
+    for l in (0..model.layers.len()).rev() {
+        let mut y = inputs[l].clone();
+        let acts = r.layer_forward(l, &mut y, seq, &cos, &sin);
+        drop(y);
+        r.layer_backward(l, &inputs[l], &acts, seq, &cos, &sin, &mut dx, grads);
+        inputs[l] = Vec::new();
+    }
+    total
+}
