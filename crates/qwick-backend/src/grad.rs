@@ -6,8 +6,10 @@
 //! as AVX2 / AVX-512 variants; tests compare the variants with the scalar one and the
 //! backward passes with finite differences of the forward ones.
 
+use crate::matmul::{matmul, WeightView};
 use crate::ops::{exp_sel, multiversion};
-use crate::Isa;
+use crate::pool::SendPtr;
+use crate::{Ctx, Isa};
 
 /// `Σ a[i]·b[i]` in 16 independent lanes so that it vectorises.
 #[inline(always)]
@@ -81,74 +83,136 @@ pub struct AttnShape<'a> {
     pub start: &'a [u32],
 }
 
-/// Causal attention for the query heads of KV head `kvh`, rows `rows` of the packed batch:
-/// `q` [n, n_heads·hd], `k`, `v` [n, kv_heads·hd]; writes those heads' outputs into `out`
-/// ([n, n_heads·hd], only the columns of these heads and these rows) and each (row, head)'s
-/// log-sum-exp of the scaled scores into `lse` ([n, n_heads]).
+/// Rows of queries one attention product covers.
+const ATTN_ROWS: usize = 128;
+
+/// The keys row block `r0..r1` needs: from the first row's example start to `r1`.
+fn key_range(s: &AttnShape, r0: usize, r1: usize) -> std::ops::Range<usize> {
+    s.start[r0] as usize..r1
+}
+
+/// Copies columns `c..c + w` of rows `rows` of `x` (row width `width`) into a dense matrix.
+fn gather(x: &[f32], width: usize, rows: std::ops::Range<usize>, c: usize, w: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * w);
+    for r in rows {
+        out.extend_from_slice(&x[r * width + c..r * width + c + w]);
+    }
+    out
+}
+
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
+}
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ` for f32 operands.
+fn mm(ctx: Ctx, x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    matmul(ctx, x, m, &WeightView::from_f32(w, n, k), &mut y);
+    y
+}
+
+/// Scores of row block `r0..r1` of head `h` against keys `keys`, turned into probabilities in
+/// place: `p[i, j] = exp(scale · q_i·k_j − lse_i)` inside the row's causal range of its
+/// example, 0 outside. With `lse_out`, the log-sum-exp is computed (forward) and written;
+/// otherwise the stored one is used (backward).
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward(
-    isa: Isa,
+fn probabilities(
+    ctx: Ctx,
     s: &AttnShape,
-    kvh: usize,
-    rows: std::ops::Range<usize>,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &mut [f32],
-    lse: &mut [f32],
+    scores: &mut [f32],
+    r0: usize,
+    keys: &std::ops::Range<usize>,
+    h: usize,
+    lse: &[f32],
+    lse_out: Option<&mut [f32]>,
 ) {
+    let nk = keys.len();
+    let m = scores.len() / nk;
+    let mut sums = vec![0f32; m];
+    let sp = SendPtr::new(scores);
+    let lp = SendPtr::new(&mut sums);
+    let fwd = lse_out.is_some();
+    ctx.pool.for_chunks(m, 1, &|rows| {
+        for i in rows {
+            // SAFETY: each chunk owns its rows of the scores and of `sums`.
+            let row = unsafe { sp.slice(i * nk, nk) };
+            let valid = s.start[r0 + i] as usize - keys.start..r0 + i + 1 - keys.start;
+            let l = if fwd {
+                let m = row[valid.clone()].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b * s.scale));
+                let mut z = 0f32;
+                for v in &row[valid.clone()] {
+                    z += crate::ops::exp_poly(v * s.scale - m);
+                }
+                m + z.ln()
+            } else {
+                lse[(r0 + i) * s.n_heads + h]
+            };
+            // SAFETY: as above.
+            unsafe { *lp.ptr().add(i) = l };
+            scale_exp(ctx.isa, row, valid, s.scale, l);
+        }
+    });
+    if let Some(out) = lse_out {
+        for i in 0..m {
+            out[(r0 + i) * s.n_heads + h] = sums[i];
+        }
+    }
+}
+
+/// `row[j] = exp(scale · row[j] − l)` for `j` in `valid`, 0 elsewhere.
+fn scale_exp(isa: Isa, row: &mut [f32], valid: std::ops::Range<usize>, scale: f32, l: f32) {
     multiversion!(
         isa,
-        fn kern(
-            s: &AttnShape,
-            kvh: usize,
-            rows: std::ops::Range<usize>,
-            q: &[f32],
-            k: &[f32],
-            v: &[f32],
-            out: &mut [f32],
-            lse: &mut [f32],
-        ) {
-            let (hd, qw, kw) = (s.head_dim, s.n_heads * s.head_dim, s.kv_heads * s.head_dim);
-            let group = s.n_heads / s.kv_heads;
-            let mut p: Vec<f32> = Vec::new();
-            for i in rows {
-                let j0 = s.start[i] as usize;
-                for h in kvh * group..(kvh + 1) * group {
-                    let qi = &q[i * qw + h * hd..i * qw + (h + 1) * hd];
-                    p.clear();
-                    let mut m = f32::NEG_INFINITY;
-                    for j in j0..=i {
-                        let x = s.scale * dot(qi, &k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd]);
-                        m = m.max(x);
-                        p.push(x);
-                    }
-                    let mut l = 0f32;
-                    for x in p.iter_mut() {
-                        *x = exp_sel::<FAST>(*x - m);
-                        l += *x;
-                    }
-                    let o = &mut out[i * qw + h * hd..i * qw + (h + 1) * hd];
-                    o.fill(0.0);
-                    for (j, &pj) in (j0..=i).zip(&p) {
-                        axpy(pj / l, &v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd], o);
-                    }
-                    lse[i * s.n_heads + h] = m + l.ln();
-                }
+        fn k(row: &mut [f32], valid: std::ops::Range<usize>, scale: f32, l: f32) {
+            row[..valid.start].fill(0.0);
+            for v in &mut row[valid.clone()] {
+                *v = exp_sel::<FAST>(*v * scale - l);
             }
+            row[valid.end..].fill(0.0);
         }
     )
 }
 
-/// Backward of [`attention_forward`] for KV head `kvh` over all `n` rows: from `dout` (and the
-/// forward's `out` and `lse`) accumulates into `dq` (this KV head's query heads), `dk` and `dv`
-/// (this KV head's columns). A KV head's keys are shared by its query heads and every later
-/// row, so one call owns all of them.
+/// Causal attention over a packed batch (`q` [n, n_heads·hd], `k`, `v` [n, kv_heads·hd]), each
+/// row attending to the rows `start[i]..=i`: writes `out` ([n, n_heads·hd]) and each (row,
+/// head)'s log-sum-exp of the scaled scores into `lse` ([n, n_heads]). Blocks of query rows
+/// run as matrix products (`Q·Kᵀ`, then `P·V`) over the keys the block can see.
+pub fn attention_forward(ctx: Ctx, s: &AttnShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], lse: &mut [f32]) {
+    let (hd, n) = (s.head_dim, s.start.len());
+    let (qw, kw, group) = (s.n_heads * hd, s.kv_heads * hd, s.n_heads / s.kv_heads);
+    for r0 in (0..n).step_by(ATTN_ROWS) {
+        let r1 = (r0 + ATTN_ROWS).min(n);
+        let keys = key_range(s, r0, r1);
+        let m = r1 - r0;
+        for g in 0..s.kv_heads {
+            let kb = gather(k, kw, keys.clone(), g * hd, hd);
+            let vt = transpose(&gather(v, kw, keys.clone(), g * hd, hd), keys.len(), hd);
+            for h in g * group..(g + 1) * group {
+                let qb = gather(q, qw, r0..r1, h * hd, hd);
+                let mut p = mm(ctx, &qb, m, &kb, keys.len(), hd);
+                probabilities(ctx, s, &mut p, r0, &keys, h, &[], Some(lse));
+                let o = mm(ctx, &p, m, &vt, hd, keys.len());
+                for i in 0..m {
+                    out[(r0 + i) * qw + h * hd..(r0 + i) * qw + (h + 1) * hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+                }
+            }
+        }
+    }
+}
+
+/// Backward of [`attention_forward`]: from `dout` (and the forward's `out` and `lse`) adds the
+/// gradients to `dq`, `dk` and `dv`. Per block: `dP = dO·Vᵀ`, `dS = P∘(dP − rowsum(dO∘O))`,
+/// `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `dV = Pᵀ·dO`, all as matrix products.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
-    isa: Isa,
+    ctx: Ctx,
     s: &AttnShape,
-    kvh: usize,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -159,45 +223,56 @@ pub fn attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
-    multiversion!(
-        isa,
-        fn kern(
-            s: &AttnShape,
-            kvh: usize,
-            q: &[f32],
-            k: &[f32],
-            v: &[f32],
-            out: &[f32],
-            lse: &[f32],
-            dout: &[f32],
-            dq: &mut [f32],
-            dk: &mut [f32],
-            dv: &mut [f32],
-        ) {
-            let (hd, qw, kw) = (s.head_dim, s.n_heads * s.head_dim, s.kv_heads * s.head_dim);
-            let group = s.n_heads / s.kv_heads;
-            let n = s.start.len();
-            let kc = kvh * hd..(kvh + 1) * hd;
-            for i in 0..n {
-                let j0 = s.start[i] as usize;
-                for h in kvh * group..(kvh + 1) * group {
-                    let qc = i * qw + h * hd..i * qw + (h + 1) * hd;
-                    let (qi, doi) = (&q[qc.clone()], &dout[qc.clone()]);
-                    let di = dot(doi, &out[qc.clone()]);
-                    let li = lse[i * s.n_heads + h];
-                    let dqi = &mut dq[qc.clone()];
-                    for j in j0..=i {
-                        let (kj, vj) = (&k[j * kw + kc.start..j * kw + kc.end], &v[j * kw + kc.start..j * kw + kc.end]);
-                        let p = exp_sel::<FAST>(s.scale * dot(qi, kj) - li);
-                        let ds = p * (dot(doi, vj) - di) * s.scale;
-                        axpy(ds, kj, dqi);
-                        axpy(ds, qi, &mut dk[j * kw + kc.start..j * kw + kc.end]);
-                        axpy(p, doi, &mut dv[j * kw + kc.start..j * kw + kc.end]);
+    let (hd, n) = (s.head_dim, s.start.len());
+    let (qw, kw, group) = (s.n_heads * hd, s.kv_heads * hd, s.n_heads / s.kv_heads);
+    for r0 in (0..n).step_by(ATTN_ROWS) {
+        let r1 = (r0 + ATTN_ROWS).min(n);
+        let keys = key_range(s, r0, r1);
+        let (m, nk) = (r1 - r0, keys.len());
+        for g in 0..s.kv_heads {
+            let kb = gather(k, kw, keys.clone(), g * hd, hd);
+            let kt = transpose(&kb, nk, hd);
+            let vb = gather(v, kw, keys.clone(), g * hd, hd);
+            let mut dkb = vec![0f32; nk * hd];
+            let mut dvb = vec![0f32; nk * hd];
+            for h in g * group..(g + 1) * group {
+                let qb = gather(q, qw, r0..r1, h * hd, hd);
+                let dob = gather(dout, qw, r0..r1, h * hd, hd);
+                let ob = gather(out, qw, r0..r1, h * hd, hd);
+                let mut p = mm(ctx, &qb, m, &kb, nk, hd);
+                probabilities(ctx, s, &mut p, r0, &keys, h, lse, None);
+                let mut ds = mm(ctx, &dob, m, &vb, nk, hd);
+                for i in 0..m {
+                    let di = crate::ops::dot(&dob[i * hd..(i + 1) * hd], &ob[i * hd..(i + 1) * hd]);
+                    for (d, &pv) in ds[i * nk..(i + 1) * nk].iter_mut().zip(&p[i * nk..(i + 1) * nk]) {
+                        *d = pv * (*d - di) * s.scale;
                     }
+                }
+                let dqb = mm(ctx, &ds, m, &kt, hd, nk);
+                for i in 0..m {
+                    for (a, b) in dq[(r0 + i) * qw + h * hd..][..hd].iter_mut().zip(&dqb[i * hd..(i + 1) * hd]) {
+                        *a += b;
+                    }
+                }
+                let part = mm(ctx, &transpose(&ds, m, nk), nk, &transpose(&qb, m, hd), hd, m);
+                for (a, b) in dkb.iter_mut().zip(&part) {
+                    *a += b;
+                }
+                let part = mm(ctx, &transpose(&p, m, nk), nk, &transpose(&dob, m, hd), hd, m);
+                for (a, b) in dvb.iter_mut().zip(&part) {
+                    *a += b;
+                }
+            }
+            for (j, r) in keys.clone().enumerate() {
+                for (a, b) in dk[r * kw + g * hd..][..hd].iter_mut().zip(&dkb[j * hd..(j + 1) * hd]) {
+                    *a += b;
+                }
+                for (a, b) in dv[r * kw + g * hd..][..hd].iter_mut().zip(&dvb[j * hd..(j + 1) * hd]) {
+                    *a += b;
                 }
             }
         }
-    )
+    }
 }
 
 /// Cross-entropy of each row of `logits` ([rows, vocab]) against `labels` (one per row), in
@@ -340,7 +415,7 @@ mod tests {
         }
     }
 
-    /// Two examples packed in one batch (lengths 5 and 4), 4 query heads over 2 KV heads.
+    /// Examples packed in one batch (`lens`), 4 query heads over 2 KV heads.
     struct Case {
         start: Vec<u32>,
         q: Vec<f32>,
@@ -349,76 +424,102 @@ mod tests {
         hd: usize,
     }
 
-    fn case(hd: usize) -> Case {
-        let start: Vec<u32> = vec![0, 0, 0, 0, 0, 5, 5, 5, 5];
+    fn case(lens: &[usize], hd: usize) -> Case {
+        let mut start = Vec::new();
+        for &l in lens {
+            let s0 = start.len() as u32;
+            start.extend(std::iter::repeat_n(s0, l));
+        }
         let n = start.len();
         Case { start, q: rand_vec(n * 4 * hd, 11), k: rand_vec(n * 2 * hd, 12), v: rand_vec(n * 2 * hd, 13), hd }
     }
 
-    fn forward(isa: Isa, c: &Case, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        let s = AttnShape { n_heads: 4, kv_heads: 2, head_dim: c.hd, scale: 0.7, start: &c.start };
-        let n = c.start.len();
-        let mut out = vec![0f32; n * 4 * c.hd];
+    /// The reference: each row's softmax over its example's keys up to itself, in f64.
+    fn reference(c: &Case, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (n, hd) = (c.start.len(), c.hd);
+        let mut out = vec![0f32; n * 4 * hd];
         let mut lse = vec![0f32; n * 4];
-        for kvh in 0..2 {
-            attention_forward(isa, &s, kvh, 0..n, q, k, v, &mut out, &mut lse);
+        for i in 0..n {
+            for h in 0..4 {
+                let kvh = h / 2;
+                let qi = &q[i * 4 * hd + h * hd..][..hd];
+                let js: Vec<usize> = (c.start[i] as usize..=i).collect();
+                let sc: Vec<f64> = js
+                    .iter()
+                    .map(|&j| 0.7 * (0..hd).map(|d| qi[d] as f64 * k[j * 2 * hd + kvh * hd + d] as f64).sum::<f64>())
+                    .collect();
+                let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                lse[i * 4 + h] = (m + z.ln()) as f32;
+                for d in 0..hd {
+                    let o: f64 = js.iter().zip(&sc).map(|(&j, x)| (x - m).exp() / z * v[j * 2 * hd + kvh * hd + d] as f64).sum();
+                    out[i * 4 * hd + h * hd + d] = o as f32;
+                }
+            }
         }
         (out, lse)
     }
 
+    fn shape(c: &Case) -> AttnShape<'_> {
+        AttnShape { n_heads: 4, kv_heads: 2, head_dim: c.hd, scale: 0.7, start: &c.start }
+    }
+
+    fn forward(ctx: Ctx, c: &Case, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let n = c.start.len();
+        let mut out = vec![0f32; n * 4 * c.hd];
+        let mut lse = vec![0f32; n * 4];
+        attention_forward(ctx, &shape(c), q, k, v, &mut out, &mut lse);
+        (out, lse)
+    }
+
+    fn backward(ctx: Ctx, c: &Case, out: &[f32], lse: &[f32], r: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (mut dq, mut dk, mut dv) = (vec![0f32; c.q.len()], vec![0f32; c.k.len()], vec![0f32; c.v.len()]);
+        attention_backward(ctx, &shape(c), &c.q, &c.k, &c.v, out, lse, r, &mut dq, &mut dk, &mut dv);
+        (dq, dk, dv)
+    }
+
     #[test]
-    fn attention_matches_a_direct_softmax_and_its_gradient() {
+    fn attention_matches_the_reference_and_its_gradient() {
+        let pool = crate::ThreadPool::new(2);
+        // Small: every partial derivative by finite differences.
         for hd in [6usize, 24, 32] {
-            let c = case(hd);
-            let n = c.start.len();
-            let (out, lse) = forward(Isa::Scalar, &c, &c.q, &c.k, &c.v);
-            // Direct: per row and head, softmax over the row's example up to itself.
-            for i in 0..n {
-                for h in 0..4 {
-                    let kvh = h / 2;
-                    let qi = &c.q[i * 4 * hd + h * hd..][..hd];
-                    let js: Vec<usize> = (c.start[i] as usize..=i).collect();
-                    let sc: Vec<f32> =
-                        js.iter().map(|&j| 0.7 * ops::dot(qi, &c.k[j * 2 * hd + kvh * hd..][..hd])).collect();
-                    let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let z: f32 = sc.iter().map(|x| (x - m).exp()).sum();
-                    assert!((lse[i * 4 + h] - (m + z.ln())).abs() < 1e-5);
-                    for d in 0..hd {
-                        let o: f32 = js
-                            .iter()
-                            .zip(&sc)
-                            .map(|(&j, x)| (x - m).exp() / z * c.v[j * 2 * hd + kvh * hd + d])
-                            .sum();
-                        assert!((out[i * 4 * hd + h * hd + d] - o).abs() < 1e-5);
-                    }
-                }
-            }
-            let r = rand_vec(out.len(), 14);
-            let mut dq = vec![0f32; c.q.len()];
-            let mut dk = vec![0f32; c.k.len()];
-            let mut dv = vec![0f32; c.v.len()];
-            let s = AttnShape { n_heads: 4, kv_heads: 2, head_dim: hd, scale: 0.7, start: &c.start };
-            for kvh in 0..2 {
-                attention_backward(Isa::Scalar, &s, kvh, &c.q, &c.k, &c.v, &out, &lse, &r, &mut dq, &mut dk, &mut dv);
-            }
-            let fq = |x: &[f32]| project(&forward(Isa::Scalar, &c, x, &c.k, &c.v).0, &r);
-            let fk = |x: &[f32]| project(&forward(Isa::Scalar, &c, &c.q, x, &c.v).0, &r);
-            let fv = |x: &[f32]| project(&forward(Isa::Scalar, &c, &c.q, &c.k, x).0, &r);
-            close(&dq, &numeric_grad(&c.q, fq), 3e-3, "dq");
-            close(&dk, &numeric_grad(&c.k, fk), 3e-3, "dk");
-            close(&dv, &numeric_grad(&c.v, fv), 3e-3, "dv");
+            let c = case(&[5, 4], hd);
             for isa in Isa::all_supported() {
-                let (o2, l2) = forward(isa, &c, &c.q, &c.k, &c.v);
-                close(&o2, &out, 1e-5, "attention variant");
-                close(&l2, &lse, 1e-5, "lse variant");
-                let (mut q2, mut k2, mut v2) = (vec![0f32; dq.len()], vec![0f32; dk.len()], vec![0f32; dv.len()]);
-                for kvh in 0..2 {
-                    attention_backward(isa, &s, kvh, &c.q, &c.k, &c.v, &out, &lse, &r, &mut q2, &mut k2, &mut v2);
-                }
-                close(&q2, &dq, 1e-4, "dq variant");
-                close(&k2, &dk, 1e-4, "dk variant");
-                close(&v2, &dv, 1e-4, "dv variant");
+                let ctx = Ctx { exact: true, ..Ctx::new(isa, &pool) };
+                let (out, lse) = forward(ctx, &c, &c.q, &c.k, &c.v);
+                let (ro, rl) = reference(&c, &c.q, &c.k, &c.v);
+                close(&out, &ro, 1e-5, "attention");
+                close(&lse, &rl, 1e-5, "lse");
+                let r = rand_vec(out.len(), 14);
+                let (dq, dk, dv) = backward(ctx, &c, &out, &lse, &r);
+                let fq = |x: &[f32]| project(&reference(&c, x, &c.k, &c.v).0, &r);
+                let fk = |x: &[f32]| project(&reference(&c, &c.q, x, &c.v).0, &r);
+                let fv = |x: &[f32]| project(&reference(&c, &c.q, &c.k, x).0, &r);
+                close(&dq, &numeric_grad(&c.q, fq), 3e-3, "dq");
+                close(&dk, &numeric_grad(&c.k, fk), 3e-3, "dk");
+                close(&dv, &numeric_grad(&c.v, fv), 3e-3, "dv");
             }
+        }
+        // Several row blocks, examples crossing them: the output against the reference, the
+        // gradient along a random direction against a central difference.
+        let c = case(&[130, 130, 41], 32);
+        for isa in Isa::all_supported() {
+            let ctx = Ctx { exact: true, ..Ctx::new(isa, &pool) };
+            let (out, lse) = forward(ctx, &c, &c.q, &c.k, &c.v);
+            let (ro, rl) = reference(&c, &c.q, &c.k, &c.v);
+            close(&out, &ro, 1e-5, "attention, blocks");
+            close(&lse, &rl, 1e-5, "lse, blocks");
+            let r = rand_vec(out.len(), 15);
+            let (dq, dk, dv) = backward(ctx, &c, &out, &lse, &r);
+            let (eq, ek, ev) = (rand_vec(dq.len(), 16), rand_vec(dk.len(), 17), rand_vec(dv.len(), 18));
+            let along = |t: f32| {
+                let m = |x: &[f32], e: &[f32]| -> Vec<f32> { x.iter().zip(e).map(|(a, b)| a + t * b).collect() };
+                project(&reference(&c, &m(&c.q, &eq), &m(&c.k, &ek), &m(&c.v, &ev)).0, &r)
+            };
+            let h = 1e-2;
+            let want = (along(h) - along(-h)) / (2.0 * h as f64);
+            let got = project(&dq, &eq) + project(&dk, &ek) + project(&dv, &ev);
+            assert!((got - want).abs() < 1e-3 * want.abs().max(1.0), "{isa:?}: directional derivative {got} vs {want}");
         }
     }
 

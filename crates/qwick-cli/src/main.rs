@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod common;
+mod finetune;
 mod list;
 mod quantize;
 mod run;
@@ -76,6 +77,9 @@ enum Command {
         #[arg(long)]
         dtype: Option<String>,
     },
+    /// Fine-tune a LoRA adapter on chat or text JSONL (written in PEFT's layout, for --lora,
+    /// `serve --lora`, `merge`, PEFT and vLLM).
+    Finetune(finetune::FinetuneArgs),
     /// Write a random-weight checkpoint for a config (for benchmarks at real shapes): safetensors
     /// in a folder, or with --type a GGUF file of that file type.
     MakeRandom(quantize::MakeRandomArgs),
@@ -133,6 +137,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::MakeRandom(args) => quantize::make_random(args),
+        Command::Finetune(args) => finetune::finetune(args),
         Command::List(args) => list::list(args),
     }
 }

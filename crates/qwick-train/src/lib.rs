@@ -3,9 +3,11 @@
 //! ([`optim`]), and the loop with evaluation, checkpoints and resume ([`train`]); adapters
 //! come out in PEFT's layout ([`lora`]).
 
+pub mod data;
 pub mod lora;
 pub mod optim;
 pub mod step;
+pub mod train;
 
 /// A small seeded generator (xorshift64*) for initialisation, shuffling and splits, so runs
 /// with the same seed are the same.

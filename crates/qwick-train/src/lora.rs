@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use qwick_model::lora::{Adapter, AdapterConfig, AdapterPair, MODULES};
 use qwick_model::names::Role;
-use qwick_model::{Config, Qwen3};
+use qwick_model::Config;
 use std::path::Path;
 
 /// How the adapter is shaped.
@@ -195,12 +195,4 @@ impl LoraParams {
     pub fn role(module: usize) -> Role {
         MODULES[module].1
     }
-}
-
-/// Checks that a model can be trained here: dense attention everywhere (all Qwen3 are).
-pub fn check_model(m: &Qwen3) -> Result<()> {
-    if m.config.num_attention_heads % m.config.num_key_value_heads != 0 {
-        bail!("attention heads are not a multiple of key/value heads");
-    }
-    Ok(())
 }

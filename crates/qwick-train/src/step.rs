@@ -315,23 +315,7 @@ impl Runner<'_, '_> {
         };
         let mut att = vec![0f32; n * qd];
         let mut lse = vec![0f32; n * c.num_attention_heads];
-        {
-            // Work items: (KV head, block of rows); each writes only its heads' columns of
-            // its rows.
-            let blocks: Vec<(usize, std::ops::Range<usize>)> =
-                (0..shape.kv_heads).flat_map(|g| (0..n).step_by(32).map(move |r0| (g, r0..(r0 + 32).min(n)))).collect();
-            let (op, lp) = (SendPtr::new(&mut att), SendPtr::new(&mut lse));
-            let (q, k, v, shape) = (&q, &k, &v, &shape);
-            ctx.pool.for_chunks(blocks.len(), 1, &|r| {
-                for (g, rows) in &blocks[r] {
-                    // SAFETY: the whole buffers are passed, but attention_forward writes only
-                    // the columns of KV head g's query heads in rows `rows`, and no two work
-                    // items share a (KV head, row) pair.
-                    let (o, ls) = unsafe { (op.slice(0, n * qd), lp.slice(0, n * shape.n_heads)) };
-                    grad::attention_forward(isa, shape, *g, rows.clone(), q, k, v, o, ls);
-                }
-            });
-        }
+        grad::attention_forward(ctx, &shape, &q, &k, &v, &mut att, &mut lse);
         let mut tmp = vec![0f32; n * h];
         matmul(ctx, &att, n, &a.o_proj.view(), &mut tmp);
         lora[O] = self.lora_forward(l, O, &att, n, &mut tmp);
@@ -480,21 +464,7 @@ impl Runner<'_, '_> {
             start: &seq.start,
         };
         let (mut dq, mut dk, mut dv) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
-        {
-            let (qp, kp, vp) = (SendPtr::new(&mut dq), SendPtr::new(&mut dk), SendPtr::new(&mut dv));
-            let shape = &shape;
-            ctx.pool.for_chunks(shape.kv_heads, 1, &|r| {
-                for g in r {
-                    // SAFETY: attention_backward for KV head g writes only the columns of g
-                    // (its query heads in dq, its own in dk and dv); KV heads go to one
-                    // thread each.
-                    let (dq, dk, dv) = unsafe { (qp.slice(0, n * qd), kp.slice(0, n * kvd), vp.slice(0, n * kvd)) };
-                    grad::attention_backward(
-                        isa, shape, g, &acts.q, &acts.k, &acts.v, &acts.att, &acts.lse, &datt, dq, dk, dv,
-                    );
-                }
-            });
-        }
+        grad::attention_backward(ctx, &shape, &acts.q, &acts.k, &acts.v, &acts.att, &acts.lse, &datt, &mut dq, &mut dk, &mut dv);
         // Through RoPE (its transpose: rotate back) and the per-head norms.
         let half = hd / 2;
         let a = &layer.attn;
