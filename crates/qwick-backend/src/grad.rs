@@ -119,49 +119,36 @@ fn mm(ctx: Ctx, x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> 
 
 /// Scores of row block `r0..r1` of head `h` against keys `keys`, turned into probabilities in
 /// place: `p[i, j] = exp(scale · q_i·k_j − lse_i)` inside the row's causal range of its
-/// example, 0 outside. With `lse_out`, the log-sum-exp is computed (forward) and written;
-/// otherwise the stored one is used (backward).
-#[allow(clippy::too_many_arguments)]
+/// example, 0 outside. The log-sum-exp comes from `lse` (backward: the stored one) or is
+/// computed into `lse_out` (forward, one value per row of the block).
 fn probabilities(
-    ctx: Ctx,
+    isa: Isa,
     s: &AttnShape,
     scores: &mut [f32],
     r0: usize,
     keys: &std::ops::Range<usize>,
     h: usize,
-    lse: &[f32],
-    lse_out: Option<&mut [f32]>,
+    lse: Option<&[f32]>,
+    mut lse_out: Option<&mut [f32]>,
 ) {
     let nk = keys.len();
-    let m = scores.len() / nk;
-    let mut sums = vec![0f32; m];
-    let sp = SendPtr::new(scores);
-    let lp = SendPtr::new(&mut sums);
-    let fwd = lse_out.is_some();
-    ctx.pool.for_chunks(m, 1, &|rows| {
-        for i in rows {
-            // SAFETY: each chunk owns its rows of the scores and of `sums`.
-            let row = unsafe { sp.slice(i * nk, nk) };
-            let valid = s.start[r0 + i] as usize - keys.start..r0 + i + 1 - keys.start;
-            let l = if fwd {
+    for (i, row) in scores.chunks_exact_mut(nk).enumerate() {
+        let valid = s.start[r0 + i] as usize - keys.start..r0 + i + 1 - keys.start;
+        let l = match lse {
+            Some(lse) => lse[(r0 + i) * s.n_heads + h],
+            None => {
                 let m = row[valid.clone()].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b * s.scale));
                 let mut z = 0f32;
                 for v in &row[valid.clone()] {
                     z += crate::ops::exp_poly(v * s.scale - m);
                 }
                 m + z.ln()
-            } else {
-                lse[(r0 + i) * s.n_heads + h]
-            };
-            // SAFETY: as above.
-            unsafe { *lp.ptr().add(i) = l };
-            scale_exp(ctx.isa, row, valid, s.scale, l);
+            }
+        };
+        if let Some(o) = lse_out.as_deref_mut() {
+            o[i] = l;
         }
-    });
-    if let Some(out) = lse_out {
-        for i in 0..m {
-            out[(r0 + i) * s.n_heads + h] = sums[i];
-        }
+        scale_exp(isa, row, valid, s.scale, l);
     }
 }
 
@@ -179,36 +166,57 @@ fn scale_exp(isa: Isa, row: &mut [f32], valid: std::ops::Range<usize>, scale: f3
     )
 }
 
+/// Runs `f(ctx, item)` for items `0..n` spread over the pool's threads, each item on one
+/// thread with a single-thread context (products inside an item run on that thread).
+fn per_item(ctx: Ctx, n: usize, f: &(dyn Fn(Ctx, usize) + Sync)) {
+    ctx.pool.for_chunks(n, 1, &|r| {
+        let one = crate::ThreadPool::inline();
+        let c = Ctx { pool: &one, ..ctx };
+        for i in r {
+            f(c, i);
+        }
+    });
+}
+
 /// Causal attention over a packed batch (`q` [n, n_heads·hd], `k`, `v` [n, kv_heads·hd]), each
 /// row attending to the rows `start[i]..=i`: writes `out` ([n, n_heads·hd]) and each (row,
 /// head)'s log-sum-exp of the scaled scores into `lse` ([n, n_heads]). Blocks of query rows
-/// run as matrix products (`Q·Kᵀ`, then `P·V`) over the keys the block can see.
+/// run as matrix products (`Q·Kᵀ`, then `P·V`) over the keys the block can see; (KV head,
+/// block) pairs are spread over the threads.
 pub fn attention_forward(ctx: Ctx, s: &AttnShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], lse: &mut [f32]) {
     let (hd, n) = (s.head_dim, s.start.len());
     let (qw, kw, group) = (s.n_heads * hd, s.kv_heads * hd, s.n_heads / s.kv_heads);
-    for r0 in (0..n).step_by(ATTN_ROWS) {
-        let r1 = (r0 + ATTN_ROWS).min(n);
+    let blocks = n.div_ceil(ATTN_ROWS);
+    let (op, lp) = (SendPtr::new(out), SendPtr::new(lse));
+    per_item(ctx, s.kv_heads * blocks, &|ctx, item| {
+        let (g, b) = (item / blocks, item % blocks);
+        let (r0, r1) = (b * ATTN_ROWS, ((b + 1) * ATTN_ROWS).min(n));
         let keys = key_range(s, r0, r1);
         let m = r1 - r0;
-        for g in 0..s.kv_heads {
-            let kb = gather(k, kw, keys.clone(), g * hd, hd);
-            let vt = transpose(&gather(v, kw, keys.clone(), g * hd, hd), keys.len(), hd);
-            for h in g * group..(g + 1) * group {
-                let qb = gather(q, qw, r0..r1, h * hd, hd);
-                let mut p = mm(ctx, &qb, m, &kb, keys.len(), hd);
-                probabilities(ctx, s, &mut p, r0, &keys, h, &[], Some(lse));
-                let o = mm(ctx, &p, m, &vt, hd, keys.len());
-                for i in 0..m {
-                    out[(r0 + i) * qw + h * hd..(r0 + i) * qw + (h + 1) * hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+        let kb = gather(k, kw, keys.clone(), g * hd, hd);
+        let vt = transpose(&gather(v, kw, keys.clone(), g * hd, hd), keys.len(), hd);
+        for h in g * group..(g + 1) * group {
+            let qb = gather(q, qw, r0..r1, h * hd, hd);
+            let mut p = mm(ctx, &qb, m, &kb, keys.len(), hd);
+            let mut l = vec![0f32; m];
+            probabilities(ctx.isa, s, &mut p, r0, &keys, h, None, Some(&mut l));
+            let o = mm(ctx, &p, m, &vt, hd, keys.len());
+            for i in 0..m {
+                // SAFETY: item (g, b) writes only rows r0..r1 of the columns of g's query heads
+                // (and their log-sum-exps); no two items share a (KV head, block) pair.
+                unsafe {
+                    op.slice((r0 + i) * qw + h * hd, hd).copy_from_slice(&o[i * hd..(i + 1) * hd]);
+                    *lp.ptr().add((r0 + i) * s.n_heads + h) = l[i];
                 }
             }
         }
-    }
+    });
 }
 
 /// Backward of [`attention_forward`]: from `dout` (and the forward's `out` and `lse`) adds the
 /// gradients to `dq`, `dk` and `dv`. Per block: `dP = dO·Vᵀ`, `dS = P∘(dP − rowsum(dO∘O))`,
-/// `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `dV = Pᵀ·dO`, all as matrix products.
+/// `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `dV = Pᵀ·dO`, all as matrix products. KV heads are
+/// spread over the threads (a KV head's keys collect gradients from all its rows).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     ctx: Ctx,
@@ -225,11 +233,12 @@ pub fn attention_backward(
 ) {
     let (hd, n) = (s.head_dim, s.start.len());
     let (qw, kw, group) = (s.n_heads * hd, s.kv_heads * hd, s.n_heads / s.kv_heads);
-    for r0 in (0..n).step_by(ATTN_ROWS) {
-        let r1 = (r0 + ATTN_ROWS).min(n);
-        let keys = key_range(s, r0, r1);
-        let (m, nk) = (r1 - r0, keys.len());
-        for g in 0..s.kv_heads {
+    let (qp, kp, vp) = (SendPtr::new(dq), SendPtr::new(dk), SendPtr::new(dv));
+    per_item(ctx, s.kv_heads, &|ctx, g| {
+        for r0 in (0..n).step_by(ATTN_ROWS) {
+            let r1 = (r0 + ATTN_ROWS).min(n);
+            let keys = key_range(s, r0, r1);
+            let (m, nk) = (r1 - r0, keys.len());
             let kb = gather(k, kw, keys.clone(), g * hd, hd);
             let kt = transpose(&kb, nk, hd);
             let vb = gather(v, kw, keys.clone(), g * hd, hd);
@@ -240,7 +249,7 @@ pub fn attention_backward(
                 let dob = gather(dout, qw, r0..r1, h * hd, hd);
                 let ob = gather(out, qw, r0..r1, h * hd, hd);
                 let mut p = mm(ctx, &qb, m, &kb, nk, hd);
-                probabilities(ctx, s, &mut p, r0, &keys, h, lse, None);
+                probabilities(ctx.isa, s, &mut p, r0, &keys, h, Some(lse), None);
                 let mut ds = mm(ctx, &dob, m, &vb, nk, hd);
                 for i in 0..m {
                     let di = crate::ops::dot(&dob[i * hd..(i + 1) * hd], &ob[i * hd..(i + 1) * hd]);
@@ -250,7 +259,10 @@ pub fn attention_backward(
                 }
                 let dqb = mm(ctx, &ds, m, &kt, hd, nk);
                 for i in 0..m {
-                    for (a, b) in dq[(r0 + i) * qw + h * hd..][..hd].iter_mut().zip(&dqb[i * hd..(i + 1) * hd]) {
+                    // SAFETY: KV head g's item is the only one touching the columns of g's
+                    // query heads in dq and of g in dk and dv.
+                    let row = unsafe { qp.slice((r0 + i) * qw + h * hd, hd) };
+                    for (a, b) in row.iter_mut().zip(&dqb[i * hd..(i + 1) * hd]) {
                         *a += b;
                     }
                 }
@@ -264,15 +276,17 @@ pub fn attention_backward(
                 }
             }
             for (j, r) in keys.clone().enumerate() {
-                for (a, b) in dk[r * kw + g * hd..][..hd].iter_mut().zip(&dkb[j * hd..(j + 1) * hd]) {
+                // SAFETY: as above.
+                let (kr, vr) = unsafe { (kp.slice(r * kw + g * hd, hd), vp.slice(r * kw + g * hd, hd)) };
+                for (a, b) in kr.iter_mut().zip(&dkb[j * hd..(j + 1) * hd]) {
                     *a += b;
                 }
-                for (a, b) in dv[r * kw + g * hd..][..hd].iter_mut().zip(&dvb[j * hd..(j + 1) * hd]) {
+                for (a, b) in vr.iter_mut().zip(&dvb[j * hd..(j + 1) * hd]) {
                     *a += b;
                 }
             }
         }
-    }
+    });
 }
 
 /// Cross-entropy of each row of `logits` ([rows, vocab]) against `labels` (one per row), in
@@ -452,7 +466,8 @@ mod tests {
                 let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
                 lse[i * 4 + h] = (m + z.ln()) as f32;
                 for d in 0..hd {
-                    let o: f64 = js.iter().zip(&sc).map(|(&j, x)| (x - m).exp() / z * v[j * 2 * hd + kvh * hd + d] as f64).sum();
+                    let o: f64 =
+                        js.iter().zip(&sc).map(|(&j, x)| (x - m).exp() / z * v[j * 2 * hd + kvh * hd + d] as f64).sum();
                     out[i * 4 * hd + h * hd + d] = o as f32;
                 }
             }

@@ -79,6 +79,22 @@ impl ThreadPool {
         ThreadPool { shared, workers, run_lock: Mutex::new(()), pinned: pin }
     }
 
+    /// A pool of just the calling thread, which it leaves where it runs (no pinning): for
+    /// kernels that call pool-taking ops from inside another pool's work items.
+    pub fn inline() -> ThreadPool {
+        let shared = Arc::new(Shared {
+            job: UnsafeCell::new(None),
+            generation: AtomicUsize::new(0),
+            remaining: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        ThreadPool { shared, workers: vec![], run_lock: Mutex::new(()), pinned: false }
+    }
+
     /// The number of threads available: `QWICK_THREADS` or the machine's parallelism.
     pub fn default_threads() -> usize {
         std::env::var("QWICK_THREADS")

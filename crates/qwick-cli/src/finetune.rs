@@ -168,7 +168,10 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     };
     if let Some(o) = &out {
         if !a.resume && train::latest_checkpoint(o).is_some() {
-            bail!("{} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out", o.display());
+            bail!(
+                "{} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out",
+                o.display()
+            );
         }
     }
     let threads = run.threads();
@@ -182,18 +185,31 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     let spec = match &a.lora {
         Some(d) => {
             let ad = Adapter::open(d)?;
-            LoraSpec { rank: ad.rank, alpha: ad.alpha, rslora: ad.rslora, dropout: a.dropout, targets: ad.targets.clone() }
+            LoraSpec {
+                rank: ad.rank,
+                alpha: ad.alpha,
+                rslora: ad.rslora,
+                dropout: a.dropout,
+                targets: ad.targets.clone(),
+            }
         }
         None => {
             if a.rank == 0 {
                 bail!("--rank must be at least 1");
             }
-            LoraSpec { rank: a.rank, alpha: a.alpha, rslora: a.rslora, dropout: a.dropout, targets: LoraSpec::parse_targets(&a.targets)? }
+            LoraSpec {
+                rank: a.rank,
+                alpha: a.alpha,
+                rslora: a.rslora,
+                dropout: a.dropout,
+                targets: LoraSpec::parse_targets(&a.targets)?,
+            }
         }
     };
     let eos = chat.tokenizer.token_id("<|endoftext|>").or(chat.eos.first().copied()).unwrap_or(0);
     let renderer = Renderer { template: &chat.template, tokenizer: &chat.tokenizer, eos };
-    let dopts = DataOptions { train_on_prompt: a.train_on_prompt, strip_reasoning: a.strip_reasoning, skip_bad: a.skip_bad };
+    let dopts =
+        DataOptions { train_on_prompt: a.train_on_prompt, strip_reasoning: a.strip_reasoning, skip_bad: a.skip_bad };
     let (train_seqs, eval_seqs) = match &data_path {
         None => {
             let mut rng = Rng::new(a.seed);
@@ -322,7 +338,11 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
                 })
             );
         } else {
-            println!("train: {tok_s:.1} tok/s ({} tokens per step), peak RSS {:.2} GB", tokens / times.len().max(1), rss as f64 / 1e9);
+            println!(
+                "train: {tok_s:.1} tok/s ({} tokens per step), peak RSS {:.2} GB",
+                tokens / times.len().max(1),
+                rss as f64 / 1e9
+            );
         }
         return Ok(());
     }
@@ -346,7 +366,9 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     }
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = ProgressBar::new(total);
-        b.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} {msg} (ETA {eta})").unwrap().progress_chars("=> "));
+        b.set_style(
+            ProgressStyle::with_template("[{bar:30}] {pos}/{len} {msg} (ETA {eta})").unwrap().progress_chars("=> "),
+        );
         b
     });
     let t0 = std::time::Instant::now();

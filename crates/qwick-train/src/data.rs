@@ -94,11 +94,8 @@ impl Renderer<'_> {
         let ro = RenderOptions { tools, add_generation_prompt: false, ..Default::default() };
         let text = self.template.render(&messages, &ro).map_err(|e| anyhow!("chat template: {e}"))?;
         let ids = self.tokenizer.encode(&text, false).map_err(|e| anyhow!("{e}"))?;
-        let train = if opts.train_on_prompt {
-            (0..ids.len()).map(|i| i > 0).collect()
-        } else {
-            self.assistant_mask(&ids)?
-        };
+        let train =
+            if opts.train_on_prompt { (0..ids.len()).map(|i| i > 0).collect() } else { self.assistant_mask(&ids)? };
         Ok(Example { ids, train })
     }
 
@@ -203,7 +200,10 @@ pub fn pack(examples: &[Example], seq_len: usize) -> (Vec<Sequence>, usize) {
             continue;
         }
         if cur.len() + len > seq_len {
-            out.push(std::mem::replace(&mut cur, Sequence { tokens: vec![], positions: vec![], start: vec![], labels: vec![] }));
+            out.push(std::mem::replace(
+                &mut cur,
+                Sequence { tokens: vec![], positions: vec![], start: vec![], labels: vec![] },
+            ));
         }
         let s0 = cur.len() as u32;
         for t in 0..len {
@@ -236,10 +236,7 @@ mod tests {
         let s = &seqs[0];
         assert_eq!(s.positions, vec![0, 1, 2, 3, 4, 0, 1, 2, 3]);
         assert_eq!(s.start, vec![0, 0, 0, 0, 0, 5, 5, 5, 5]);
-        assert_eq!(
-            s.labels,
-            vec![None, Some(102), Some(103), Some(104), None, Some(101), Some(102), Some(103), None]
-        );
+        assert_eq!(s.labels, vec![None, Some(102), Some(103), Some(104), None, Some(101), Some(102), Some(103), None]);
         assert_eq!(seqs[1].len(), 10);
         assert_eq!(seqs[1].labels[9], None);
     }

@@ -464,7 +464,9 @@ impl Runner<'_, '_> {
             start: &seq.start,
         };
         let (mut dq, mut dk, mut dv) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
-        grad::attention_backward(ctx, &shape, &acts.q, &acts.k, &acts.v, &acts.att, &acts.lse, &datt, &mut dq, &mut dk, &mut dv);
+        grad::attention_backward(
+            ctx, &shape, &acts.q, &acts.k, &acts.v, &acts.att, &acts.lse, &datt, &mut dq, &mut dk, &mut dv,
+        );
         // Through RoPE (its transpose: rotate back) and the per-head norms.
         let half = hd / 2;
         let a = &layer.attn;

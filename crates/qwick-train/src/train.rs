@@ -114,7 +114,12 @@ struct State {
 
 fn moment_names(p: &crate::lora::Pair) -> [String; 4] {
     let base = format!("layers.{}.{}", p.layer, qwick_model::lora::MODULES[p.module].0);
-    [format!("{base}.A.exp_avg"), format!("{base}.A.exp_avg_sq"), format!("{base}.B.exp_avg"), format!("{base}.B.exp_avg_sq")]
+    [
+        format!("{base}.A.exp_avg"),
+        format!("{base}.A.exp_avg_sq"),
+        format!("{base}.B.exp_avg"),
+        format!("{base}.B.exp_avg_sq"),
+    ]
 }
 
 /// Writes a checkpoint folder next to the others: into `checkpoint-N.partial`, renamed when
@@ -170,15 +175,21 @@ fn save_checkpoint(o: &TrainOptions, lora: &LoraParams, st: &State, total: u64) 
 fn load_checkpoint(o: &TrainOptions, dir: &Path, lora: &mut LoraParams, config: &qwick_model::Config) -> Result<State> {
     let text = std::fs::read_to_string(dir.join("trainer_state.json"))
         .with_context(|| format!("cannot read {}", dir.join("trainer_state.json").display()))?;
-    let s: Value = serde_json::from_str(&text).with_context(|| format!("{}", dir.join("trainer_state.json").display()))?;
+    let s: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}", dir.join("trainer_state.json").display()))?;
     for (k, v) in [("seed", o.seed), ("batch", o.batch as u64), ("grad_accum", o.grad_accum as u64)] {
         if s[k].as_u64() != Some(v) {
-            bail!("{}: the checkpoint was made with {k} {} (this run: {v}); resume with the same settings", dir.display(), s[k]);
+            bail!(
+                "{}: the checkpoint was made with {k} {} (this run: {v}); resume with the same settings",
+                dir.display(),
+                s[k]
+            );
         }
     }
     let adapter = Adapter::open(dir)?;
     let c = lora.spec.clone();
-    if adapter.rank != c.rank || adapter.alpha != c.alpha || adapter.rslora != c.rslora || adapter.targets != c.targets {
+    if adapter.rank != c.rank || adapter.alpha != c.alpha || adapter.rslora != c.rslora || adapter.targets != c.targets
+    {
         bail!(
             "{}: the checkpoint's adapter (rank {}, alpha {}, targets {}) differs from this run's (rank {}, alpha {}, \
              targets {})",
@@ -225,7 +236,11 @@ pub fn train(
 ) -> Result<Outcome> {
     std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
     let total = total_steps(o, train.len());
-    let mut st = State { step: 0, moments: lora.pairs.iter().map(|p| (Moments::zeros(p.a.len()), Moments::zeros(p.b.len()))).collect(), losses: vec![] };
+    let mut st = State {
+        step: 0,
+        moments: lora.pairs.iter().map(|p| (Moments::zeros(p.a.len()), Moments::zeros(p.b.len()))).collect(),
+        losses: vec![],
+    };
     if o.resume {
         match latest_checkpoint(&o.out) {
             Some((_, dir)) => {
@@ -265,8 +280,13 @@ pub fn train(
         if !step_loss.is_finite() {
             bail!("the loss is {step_loss} at step {}: lower the learning rate (--lr)", st.step + 1);
         }
-        let mut all: Vec<&mut [f32]> = grads.iter_mut().flat_map(|(a, b)| [a.as_mut_slice(), b.as_mut_slice()]).collect();
-        let grad_norm = if o.max_grad_norm > 0.0 { clip(&mut all, o.max_grad_norm) } else { crate::optim::global_norm(all.iter().map(|g| &**g)) };
+        let mut all: Vec<&mut [f32]> =
+            grads.iter_mut().flat_map(|(a, b)| [a.as_mut_slice(), b.as_mut_slice()]).collect();
+        let grad_norm = if o.max_grad_norm > 0.0 {
+            clip(&mut all, o.max_grad_norm)
+        } else {
+            crate::optim::global_norm(all.iter().map(|g| &**g))
+        };
         let lr = o.schedule.lr(o.lr, st.step, o.warmup_steps, total);
         st.step += 1;
         for ((p, (ga, gb)), (ma, mb)) in lora.pairs.iter_mut().zip(&grads).zip(st.moments.iter_mut()) {
@@ -297,8 +317,11 @@ pub fn train(
         }
     }
     lora.save(&o.out, Some(o.base_model.clone()))?;
-    std::fs::write(o.out.join("trainer_state.json.partial"), serde_json::to_string_pretty(&json!({"step": st.step, "total_steps": total, "losses": st.losses}))?)
-        .and_then(|_| std::fs::rename(o.out.join("trainer_state.json.partial"), o.out.join("training_log.json")))
-        .with_context(|| format!("cannot write {}", o.out.join("training_log.json").display()))?;
+    std::fs::write(
+        o.out.join("trainer_state.json.partial"),
+        serde_json::to_string_pretty(&json!({"step": st.step, "total_steps": total, "losses": st.losses}))?,
+    )
+    .and_then(|_| std::fs::rename(o.out.join("trainer_state.json.partial"), o.out.join("training_log.json")))
+    .with_context(|| format!("cannot write {}", o.out.join("training_log.json").display()))?;
     Ok(Outcome::Finished)
 }
