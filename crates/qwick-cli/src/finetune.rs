@@ -418,6 +418,8 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     match outcome {
         Outcome::Interrupted(step) => {
             eprintln!("interrupted after step {step}; continue with the same command and --resume");
+            // The conventional status of a run stopped by Ctrl-C (after the checkpoint).
+            std::process::exit(130);
         }
         Outcome::Finished => {
             eprintln!(

@@ -188,7 +188,15 @@ fn load_checkpoint(o: &TrainOptions, dir: &Path, lora: &mut LoraParams, config: 
     }
     let adapter = Adapter::open(dir)?;
     let c = lora.spec.clone();
-    if adapter.rank != c.rank || adapter.alpha != c.alpha || adapter.rslora != c.rslora || adapter.targets != c.targets
+    let sorted = |t: &[&'static str]| {
+        let mut t = t.to_vec();
+        t.sort();
+        t
+    };
+    if adapter.rank != c.rank
+        || adapter.alpha != c.alpha
+        || adapter.rslora != c.rslora
+        || sorted(&adapter.targets) != sorted(&c.targets)
     {
         bail!(
             "{}: the checkpoint's adapter (rank {}, alpha {}, targets {}) differs from this run's (rank {}, alpha {}, \
