@@ -100,20 +100,52 @@ fn gather(x: &[f32], width: usize, rows: std::ops::Range<usize>, c: usize, w: us
     out
 }
 
+/// `x` ([rows, cols]) transposed, in 16 × 16 tiles so reads and writes stay in cache lines.
 fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0f32; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = x[r * cols + c];
+    for r0 in (0..rows).step_by(16) {
+        for c0 in (0..cols).step_by(16) {
+            for r in r0..(r0 + 16).min(rows) {
+                for c in c0..(c0 + 16).min(cols) {
+                    t[c * rows + r] = x[r * cols + c];
+                }
+            }
         }
     }
     t
 }
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ` for f32 operands.
+///
+/// Outside exact contexts, when bf16 products run faster on this machine (AMX tiles or bf16
+/// dot products), both operands are rounded to bf16 (as bf16 training computes attention),
+/// the inner dimension zero-padded to the 32 those kernels take.
 fn mm(ctx: Ctx, x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
-    matmul(ctx, x, m, &WeightView::from_f32(w, n, k), &mut y);
+    if ctx.bf16_mode() == crate::Bf16Mode::F32 || m < crate::matmul::BF16_MIN_ROWS {
+        matmul(ctx, x, m, &WeightView::from_f32(w, n, k), &mut y);
+        return y;
+    }
+    let kp = k.next_multiple_of(32);
+    let pad = |a: &[f32], rows: usize| -> Vec<f32> {
+        if kp == k {
+            return a[..rows * k].to_vec();
+        }
+        let mut p = vec![0f32; rows * kp];
+        for r in 0..rows {
+            p[r * kp..r * kp + k].copy_from_slice(&a[r * k..(r + 1) * k]);
+        }
+        p
+    };
+    let wb: Vec<u8> = pad(w, n).iter().flat_map(|&v| crate::format::f32_to_bf16(v).to_le_bytes()).collect();
+    let xp;
+    let xs = if kp == k {
+        x
+    } else {
+        xp = pad(x, m);
+        &xp
+    };
+    matmul(ctx, xs, m, &WeightView::new(crate::Format::BF16, &wb, n, kp), &mut y);
     y
 }
 
@@ -136,20 +168,44 @@ fn probabilities(
         let valid = s.start[r0 + i] as usize - keys.start..r0 + i + 1 - keys.start;
         let l = match lse {
             Some(lse) => lse[(r0 + i) * s.n_heads + h],
-            None => {
-                let m = row[valid.clone()].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b * s.scale));
-                let mut z = 0f32;
-                for v in &row[valid.clone()] {
-                    z += crate::ops::exp_poly(v * s.scale - m);
-                }
-                m + z.ln()
-            }
+            None => log_sum_exp(isa, &row[valid.clone()], s.scale),
         };
         if let Some(o) = lse_out.as_deref_mut() {
             o[i] = l;
         }
         scale_exp(isa, row, valid, s.scale, l);
     }
+}
+
+/// `ln Σ exp(scale · x[j])`, max-subtracted.
+fn log_sum_exp(isa: Isa, x: &[f32], scale: f32) -> f32 {
+    multiversion!(
+        isa,
+        fn k(x: &[f32], scale: f32) -> f32 {
+            let mut mx = [f32::NEG_INFINITY; 16];
+            let chunks = x.len() / 16;
+            for c in 0..chunks {
+                for l in 0..16 {
+                    mx[l] = mx[l].max(x[c * 16 + l] * scale);
+                }
+            }
+            let mut m = mx.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for v in &x[chunks * 16..] {
+                m = m.max(v * scale);
+            }
+            let mut acc = [0f32; 16];
+            for c in 0..chunks {
+                for l in 0..16 {
+                    acc[l] += exp_sel::<FAST>(x[c * 16 + l] * scale - m);
+                }
+            }
+            let mut z: f32 = acc.iter().sum();
+            for v in &x[chunks * 16..] {
+                z += exp_sel::<FAST>(v * scale - m);
+            }
+            m + z.ln()
+        }
+    )
 }
 
 /// `row[j] = exp(scale · row[j] − l)` for `j` in `valid`, 0 elsewhere.
@@ -535,6 +591,24 @@ mod tests {
             let want = (along(h) - along(-h)) / (2.0 * h as f64);
             let got = project(&dq, &eq) + project(&dk, &ek) + project(&dv, &ev);
             assert!((got - want).abs() < 1e-3 * want.abs().max(1.0), "{isa:?}: directional derivative {got} vs {want}");
+        }
+        // Outside exact contexts the products may run in bf16 (AMX tiles, bf16 dot products):
+        // within bf16 rounding of the reference.
+        for mode in crate::Bf16Mode::ALL.into_iter().filter(|m| m.supported() && *m != crate::Bf16Mode::F32) {
+            let ctx = Ctx { bf16: Some(mode), ..Ctx::new(Isa::best(), &pool) };
+            let (out, lse) = forward(ctx, &c, &c.q, &c.k, &c.v);
+            let (ro, rl) = reference(&c, &c.q, &c.k, &c.v);
+            close(&out, &ro, 2e-2, "attention in bf16");
+            close(&lse, &rl, 2e-2, "lse in bf16");
+            let r = rand_vec(out.len(), 15);
+            let (dq, _, dv) = backward(ctx, &c, &out, &lse, &r);
+            let exact = Ctx { exact: true, ..ctx };
+            let (eq, _, ev) = backward(exact, &c, &ro, &rl, &r);
+            let rel = |a: &[f32], b: &[f32]| {
+                let s = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / s
+            };
+            assert!(rel(&dq, &eq) < 3e-2 && rel(&dv, &ev) < 3e-2, "{mode:?}: bf16 gradients off");
         }
     }
 

@@ -176,8 +176,19 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     }
     let threads = run.threads();
     let isa = run.isa()?;
-    let (bf16, _) = run.bf16_mode(isa)?;
     let pool = ThreadPool::new(threads);
+    // Training multiplies many rows at a time: unless a mode is asked for, take the bf16 kernel
+    // that is fastest on this machine for large products (the cached choice of the inference
+    // commands weighs single-row decode too).
+    let asked = a.exact
+        || a.isa.is_some()
+        || ["QWICK_BF16", "QWICK_ISA"].iter().any(|v| std::env::var(v).is_ok_and(|v| !v.is_empty()));
+    let bf16 = if asked {
+        run.bf16_mode(isa)?.0
+    } else {
+        let (_, times) = qwick_backend::matmul::calibrate_bf16(isa, &pool);
+        times.iter().min_by(|x, y| x.1[2].total_cmp(&y.1[2])).map(|t| t.0)
+    };
     let ctx = Ctx { exact: a.exact, bf16, ..Ctx::new(isa, &pool) };
 
     // The text side first: bad data is reported before the weights load.
