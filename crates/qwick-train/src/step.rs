@@ -97,7 +97,7 @@ impl Transposed {
 /// The frozen model with the transposed weights its backward pass reads.
 pub struct Frozen<'m> {
     pub model: &'m Qwen3,
-    /// Per layer: q, k, v, o, gate, up, down transposed (`None` where not needed).
+    /// Per layer: q, k, v, o, gate, up, down transposed (the last three `None` in MoE layers).
     layers: Vec<[Option<Transposed>; 7]>,
     head: Transposed,
     inv_freq: Vec<f32>,
@@ -114,17 +114,15 @@ fn dense(m: &Mlp) -> Option<(&Linear, &Linear, &Linear)> {
 impl<'m> Frozen<'m> {
     /// Prepares `model` for training on `threads` threads (transposing its projections).
     pub fn new(model: &'m Qwen3, threads: usize) -> anyhow::Result<Frozen<'m>> {
-        if model.layers.iter().any(|l| dense(&l.mlp).is_none()) {
-            anyhow::bail!(
-                "training through mixture-of-experts layers is not supported yet (the backward pass of the expert \
-                 router is missing)"
-            );
-        }
         let mut jobs: Vec<(usize, usize, &Linear)> = Vec::new();
         for (l, layer) in model.layers.iter().enumerate() {
             let a = &layer.attn;
-            let (g, u, d) = dense(&layer.mlp).expect("checked above");
-            for (m, lin) in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, g, u, d].into_iter().enumerate() {
+            let mut lins = vec![&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj];
+            // MoE layers' experts are read as stored (only the experts a step routes to).
+            if let Some((g, u, d)) = dense(&layer.mlp) {
+                lins.extend([g, u, d]);
+            }
+            for (m, lin) in lins.into_iter().enumerate() {
                 jobs.push((l, m, lin));
             }
         }
@@ -160,7 +158,7 @@ impl<'m> Frozen<'m> {
     }
 
     fn wt(&self, l: usize, m: usize) -> WeightView<'_> {
-        self.layers[l][m].as_ref().expect("dense layer").view()
+        self.layers[l][m].as_ref().expect("a transposed projection").view()
     }
 }
 
@@ -187,11 +185,48 @@ struct Acts {
     lse: Vec<f32>,
     x2: Vec<f32>,
     hn2: Vec<f32>,
-    g: Vec<f32>,
-    u: Vec<f32>,
-    a: Vec<f32>,
+    mlp: MlpActs,
     /// Per module: the dropped-out input of the LoRA path (when dropout is on) and `x·Aᵀ`.
     lora: [Option<(Option<Vec<f32>>, Vec<f32>)>; 7],
+}
+
+/// What an MLP block's backward pass reads.
+enum MlpActs {
+    /// Gate and up projections and `silu(gate)·up`.
+    Dense {
+        g: Vec<f32>,
+        u: Vec<f32>,
+        a: Vec<f32>,
+    },
+    Moe(MoeActs),
+}
+
+/// A mixture-of-experts block's forward state.
+struct MoeActs {
+    /// Router probabilities, `[n, experts]`.
+    probs: Vec<f32>,
+    /// Per token, its chosen experts and their weights.
+    chosen: Vec<Vec<(usize, f32)>>,
+    /// The experts that ran.
+    runs: Vec<ExpertRun>,
+}
+
+struct ExpertRun {
+    expert: usize,
+    tokens: Vec<usize>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    y: Vec<f32>,
+}
+
+/// `dy · W` for a weight as stored (`[out, in]`), through a transposed f32 copy made for the
+/// call: for weights without a prepared transpose (MoE experts, the router).
+fn times_weight(ctx: Ctx, dy: &[f32], m: usize, w: &qwick_model::safetensors::Tensor) -> Vec<f32> {
+    let (out, inp) = (w.shape[0], w.shape[1]);
+    let wt = transpose(&w.to_f32(), out, inp);
+    let mut dx = vec![0f32; m * inp];
+    matmul(ctx, dy, m, &WeightView::from_f32(&wt, inp, out), &mut dx);
+    dx
 }
 
 /// Calls `f(rows, out_rows)` over row chunks of `out` in parallel.
@@ -325,18 +360,30 @@ impl Runner<'_, '_> {
         par_rows(ctx, n, &mut hn2, h, |r, o| {
             ops::rms_norm(isa, &x2[r.start * h..r.end * h], &layer.post_attention_layernorm, eps, o)
         });
-        let (gp, up, dp) = dense(&layer.mlp).expect("dense layers only");
-        let inter = gp.weight.shape[0];
-        let (mut g, mut u) = (vec![0f32; n * inter], vec![0f32; n * inter]);
-        matmul_batch(ctx, &[MatmulJob::new(&hn2, n, gp.view(), &mut g), MatmulJob::new(&hn2, n, up.view(), &mut u)]);
-        lora[GATE] = self.lora_forward(l, GATE, &hn2, n, &mut g);
-        lora[UP] = self.lora_forward(l, UP, &hn2, n, &mut u);
-        let mut act = g.clone();
-        par_rows(ctx, n, &mut act, inter, |r, ar| ops::silu_mul(isa, ar, &u[r.start * inter..r.end * inter]));
-        matmul(ctx, &act, n, &dp.view(), &mut tmp);
-        lora[DOWN] = self.lora_forward(l, DOWN, &act, n, &mut tmp);
+        let mlp = match &layer.mlp {
+            Mlp::Dense(sw) => {
+                let (gp, up, dp) = (&sw.gate_proj, &sw.up_proj, &sw.down_proj);
+                let inter = gp.weight.shape[0];
+                let (mut g, mut u) = (vec![0f32; n * inter], vec![0f32; n * inter]);
+                matmul_batch(
+                    ctx,
+                    &[MatmulJob::new(&hn2, n, gp.view(), &mut g), MatmulJob::new(&hn2, n, up.view(), &mut u)],
+                );
+                lora[GATE] = self.lora_forward(l, GATE, &hn2, n, &mut g);
+                lora[UP] = self.lora_forward(l, UP, &hn2, n, &mut u);
+                let mut act = g.clone();
+                par_rows(ctx, n, &mut act, inter, |r, ar| ops::silu_mul(isa, ar, &u[r.start * inter..r.end * inter]));
+                matmul(ctx, &act, n, &dp.view(), &mut tmp);
+                lora[DOWN] = self.lora_forward(l, DOWN, &act, n, &mut tmp);
+                MlpActs::Dense { g, u, a: act }
+            }
+            Mlp::Moe { router, experts, top_k, norm_topk_prob } => {
+                let m = moe_forward(ctx, router, experts, *top_k, *norm_topk_prob, &hn2, n, &mut tmp);
+                MlpActs::Moe(m)
+            }
+        };
         par_rows(ctx, n, x, h, |r, xo| ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h]));
-        Acts { hn1, q_pre, k_pre, q, k, v, att, lse, x2, hn2, g, u, a: act, lora }
+        Acts { hn1, q_pre, k_pre, q, k, v, att, lse, x2, hn2, mlp, lora }
     }
 
     /// Backward of one projection `y = x·Wᵀ (+ LoRA)`: returns `dx` and adds the pair's
@@ -430,23 +477,32 @@ impl Runner<'_, '_> {
         let (h, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
         let (isa, eps) = (ctx.isa, c.rms_norm_eps);
         let layer = &model.layers[l];
-        let inter = acts.g.len() / n;
-
-        // MLP: x3 = x2 + down(silu(gate(hn2)) · up(hn2)), hn2 = norm(x2).
-        let da = self.linear_backward(l, DOWN, &acts.a, &acts.lora[DOWN], dx, n, grads);
-        let (mut dg, mut du) = (vec![0f32; n * inter], vec![0f32; n * inter]);
-        {
-            let dup = SendPtr::new(&mut du);
-            par_rows(ctx, n, &mut dg, inter, |r, dgr| {
-                let w = r.start * inter..r.end * inter;
-                // SAFETY: the same rows of du as of dg, which this chunk owns.
-                let dur = unsafe { dup.slice(w.start, w.len()) };
-                grad::silu_mul_backward(isa, &acts.g[w.clone()], &acts.u[w.clone()], &da[w], dgr, dur);
-            });
-        }
-        let mut dhn2 = self.linear_backward(l, GATE, &acts.hn2, &acts.lora[GATE], &dg, n, grads);
-        let dhu = self.linear_backward(l, UP, &acts.hn2, &acts.lora[UP], &du, n, grads);
-        add(ctx, &mut dhn2, &dhu, h);
+        let dhn2 = match &acts.mlp {
+            MlpActs::Dense { g, u, a } => {
+                let inter = g.len() / n;
+                let da = self.linear_backward(l, DOWN, a, &acts.lora[DOWN], dx, n, grads);
+                let (mut dg, mut du) = (vec![0f32; n * inter], vec![0f32; n * inter]);
+                {
+                    let dup = SendPtr::new(&mut du);
+                    par_rows(ctx, n, &mut dg, inter, |r, dgr| {
+                        let w = r.start * inter..r.end * inter;
+                        // SAFETY: the same rows of du as of dg, which this chunk owns.
+                        let dur = unsafe { dup.slice(w.start, w.len()) };
+                        grad::silu_mul_backward(isa, &g[w.clone()], &u[w.clone()], &da[w], dgr, dur);
+                    });
+                }
+                let mut dhn2 = self.linear_backward(l, GATE, &acts.hn2, &acts.lora[GATE], &dg, n, grads);
+                let dhu = self.linear_backward(l, UP, &acts.hn2, &acts.lora[UP], &du, n, grads);
+                add(ctx, &mut dhn2, &dhu, h);
+                dhn2
+            }
+            MlpActs::Moe(m) => match &layer.mlp {
+                Mlp::Moe { router, experts, norm_topk_prob, .. } => {
+                    moe_backward(ctx, router, experts, *norm_topk_prob, m, dx, n)
+                }
+                Mlp::Dense(_) => unreachable!("MoE activations come from a MoE layer"),
+            },
+        };
         let mut dnorm = vec![0f32; n * h];
         par_rows(ctx, n, &mut dnorm, h, |r, o| {
             let w = r.start * h..r.end * h;
@@ -524,6 +580,133 @@ impl Runner<'_, '_> {
         }
         x
     }
+}
+
+/// The sparse MoE block's forward pass as the model's (softmax router, top-k by probability
+/// with ties to the lower index, renormalised when `norm`), keeping what the backward pass
+/// reads; writes the block's output into `out`.
+#[allow(clippy::too_many_arguments)]
+fn moe_forward(
+    ctx: Ctx,
+    router: &Linear,
+    experts: &[qwick_model::qwen3::SwiGlu],
+    top_k: usize,
+    norm: bool,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> MoeActs {
+    let ne = experts.len();
+    let h = router.weight.shape[1];
+    let mut probs = vec![0f32; n * ne];
+    matmul(ctx, x, n, &router.view(), &mut probs);
+    let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+    let mut chosen = Vec::with_capacity(n);
+    for t in 0..n {
+        let p = &mut probs[t * ne..(t + 1) * ne];
+        ops::softmax_inplace(qwick_backend::Isa::Scalar, p);
+        let mut idx: Vec<usize> = (0..ne).collect();
+        idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+        let sum: f32 = idx[..top_k].iter().map(|&e| p[e]).sum();
+        let mine: Vec<(usize, f32)> = idx[..top_k].iter().map(|&e| (e, if norm { p[e] / sum } else { p[e] })).collect();
+        for &(e, w) in &mine {
+            routed[e].push((t, w));
+        }
+        chosen.push(mine);
+    }
+    out[..n * h].fill(0.0);
+    let mut runs = Vec::new();
+    for (e, rows) in routed.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+        let sw = &experts[e];
+        let (m, inter) = (rows.len(), sw.gate_proj.weight.shape[0]);
+        let xs: Vec<f32> = rows.iter().flat_map(|&(t, _)| x[t * h..(t + 1) * h].iter().copied()).collect();
+        let (mut g, mut u) = (vec![0f32; m * inter], vec![0f32; m * inter]);
+        matmul_batch(
+            ctx,
+            &[MatmulJob::new(&xs, m, sw.gate_proj.view(), &mut g), MatmulJob::new(&xs, m, sw.up_proj.view(), &mut u)],
+        );
+        let mut a = g.clone();
+        ops::silu_mul(ctx.isa, &mut a, &u);
+        let mut y = vec![0f32; m * h];
+        matmul(ctx, &a, m, &sw.down_proj.view(), &mut y);
+        for (r, &(t, w)) in rows.iter().enumerate() {
+            for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[r * h..(r + 1) * h]) {
+                *o += w * v;
+            }
+        }
+        runs.push(ExpertRun { expert: e, tokens: rows.iter().map(|&(t, _)| t).collect(), g, u, y });
+    }
+    MoeActs { probs, chosen, runs }
+}
+
+/// Backward of [`moe_forward`]: the gradient of the block's input from that of its output
+/// `dout`, through the experts that ran and through the routing weights to the router.
+fn moe_backward(
+    ctx: Ctx,
+    router: &Linear,
+    experts: &[qwick_model::qwen3::SwiGlu],
+    norm: bool,
+    m: &MoeActs,
+    dout: &[f32],
+    n: usize,
+) -> Vec<f32> {
+    let ne = experts.len();
+    let h = router.weight.shape[1];
+    let mut dx = vec![0f32; n * h];
+    // d(loss)/d(routing weight) per (token, expert).
+    let mut dw = vec![0f32; n * ne];
+    for run in &m.runs {
+        let sw = &experts[run.expert];
+        let (rows, inter) = (run.tokens.len(), sw.gate_proj.weight.shape[0]);
+        let mut dy = vec![0f32; rows * h];
+        for (r, &t) in run.tokens.iter().enumerate() {
+            let w = m.chosen[t].iter().find(|c| c.0 == run.expert).map_or(0.0, |c| c.1);
+            let (d, y) = (&dout[t * h..(t + 1) * h], &run.y[r * h..(r + 1) * h]);
+            dw[t * ne + run.expert] = d.iter().zip(y).map(|(a, b)| a * b).sum();
+            for (o, &v) in dy[r * h..(r + 1) * h].iter_mut().zip(d) {
+                *o = w * v;
+            }
+        }
+        let da = times_weight(ctx, &dy, rows, &sw.down_proj.weight);
+        let (mut dg, mut du) = (vec![0f32; rows * inter], vec![0f32; rows * inter]);
+        grad::silu_mul_backward(ctx.isa, &run.g, &run.u, &da, &mut dg, &mut du);
+        let mut dxe = times_weight(ctx, &dg, rows, &sw.gate_proj.weight);
+        for (a, b) in dxe.iter_mut().zip(times_weight(ctx, &du, rows, &sw.up_proj.weight)) {
+            *a += b;
+        }
+        for (r, &t) in run.tokens.iter().enumerate() {
+            for (o, &v) in dx[t * h..(t + 1) * h].iter_mut().zip(&dxe[r * h..(r + 1) * h]) {
+                *o += v;
+            }
+        }
+    }
+    // Through the weights to the probabilities (renormalised over the chosen ones or not),
+    // then through the softmax to the router's logits.
+    let mut dlogits = vec![0f32; n * ne];
+    for t in 0..n {
+        let p = &m.probs[t * ne..(t + 1) * ne];
+        let mut dp = vec![0f32; ne];
+        let c = &m.chosen[t];
+        if norm {
+            let s: f32 = c.iter().map(|&(e, _)| p[e]).sum();
+            let mean: f32 = c.iter().map(|&(e, w)| dw[t * ne + e] * w).sum();
+            for &(e, _) in c {
+                dp[e] = (dw[t * ne + e] - mean) / s;
+            }
+        } else {
+            for &(e, _) in c {
+                dp[e] = dw[t * ne + e];
+            }
+        }
+        let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+        for j in 0..ne {
+            dlogits[t * ne + j] = p[j] * (dp[j] - dot);
+        }
+    }
+    for (a, b) in dx.iter_mut().zip(times_weight(ctx, &dlogits, n, &router.weight)) {
+        *a += b;
+    }
+    dx
 }
 
 /// `x += y`, in parallel over rows of `width`.
