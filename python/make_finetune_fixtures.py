@@ -43,10 +43,31 @@ Checks (the script aborts if one fails):
     g / (|g| + eps) is decided by float32 noise, see README.md).
 
 Deterministic: CPU, one thread, no random numbers besides the token draw.
+
+Mixture-of-experts case (tests/finetune/moe/<model>/, for moe_norm_topk and moe_nonorm_mlponly in tests/fixtures/):
+    adapter/                 fresh PEFT LoRA on q_proj/k_proj/v_proj/o_proj only (r=4, lora_alpha=8, lora_dropout 0),
+                             saved with save_pretrained (README.md model card dropped, adapter_config.json re-serialized
+                             with target_modules sorted; base_model_name_or_path = the fixture path); lora_A ~
+                             N(0, 1) / sqrt(in_features), lora_B ~ N(0, 1) * 0.05 from torch.Generator(seed 301 / 302),
+                             in sorted parameter-name order
+    batch.json               the same batch as tests/finetune/batch.json
+    grads.safetensors        float32 gradient of `loss` for every LoRA tensor (names of adapter/adapter_model.safetensors)
+    reference.json           loss, labelled_tokens, package versions
+Base: Qwen3MoeForCausalLM (float32, attn_implementation="eager", experts_implementation="eager"), reloaded adapter via
+PeftModel.from_pretrained(is_trainable=True), train mode. Loss exactly as above (separate forwards, plain CE from the
+logits); output_router_logits=False, so the router load-balancing (aux) loss is NOT part of it.
+Checks: config as expected (experts, top-k, norm_topk_prob, mlp_only_layers, tying) and base logits equal the
+fixture's logits.npy; gradients finite and non-zero; no top-k routing choice is a near tie (probability gap between
+the k-th and (k+1)-th expert > MIN_ROUTING_GAP); detaching the input of every sparse MoE block (residual path kept)
+leaves the loss unchanged but changes every layer-0 attention LoRA gradient by > 1% relative; the packed forward with
+the block-diagonal mask reproduces loss and gradients. Also reported (not saved): the effect of detaching only the
+router input, and of adding router_aux_loss_coef * aux_loss.
 """
 
 import json
+import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -54,9 +75,10 @@ import peft
 import safetensors
 import torch
 import transformers
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock, Qwen3MoeTopKRouter
 
 BASE_DIR = "tests/fixtures/dense_untied_gqa2"  # relative to the repository root
 ADAPTER_DIR = "tests/lora/adapter_r8"
@@ -312,10 +334,282 @@ def main():
     total = 0
     for fn in sorted(os.listdir(OUT_DIR)):
         p = os.path.join(OUT_DIR, fn)
+        if not os.path.isfile(p):
+            continue
         total += os.path.getsize(p)
         print(f"  {os.path.getsize(p):8d}  {p}")
     print(f"total {total / 1024:.1f} KiB")
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mixture-of-experts case: a fresh attention-only LoRA on two tiny Qwen3-MoE fixtures -> tests/finetune/moe/<model>/
+# ---------------------------------------------------------------------------------------------------------------------
+
+MOE_OUT_DIR = "tests/finetune/moe"
+MOE_TARGETS = ["k_proj", "o_proj", "q_proj", "v_proj"]  # attention projections only; the experts stay frozen
+MOE_R = 4
+MOE_ALPHA = 8
+MOE_CASES = [
+    # expect: the config values the fixture must have (the case exists to cover exactly these)
+    dict(name="moe_norm_topk", base="tests/fixtures/moe_norm_topk", seed=301,
+         expect=dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2,
+                     mlp_only_layers=[], tie_word_embeddings=False),
+         sparse_layers=[0, 1]),
+    dict(name="moe_nonorm_mlponly", base="tests/fixtures/moe_nonorm_mlponly", seed=302,
+         expect=dict(num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, num_hidden_layers=3,
+                     mlp_only_layers=[1], tie_word_embeddings=True),
+         sparse_layers=[0, 2]),
+]
+MOE_MIN_DETACH_EFFECT = 1e-2  # layer-0 gradients without the MoE blocks' backward must be off by more than this
+BASE_LOGITS_TOL = 1e-5
+MIN_ROUTING_GAP = 1e-5  # smallest allowed gap between the k-th and (k+1)-th routing probability of a token
+#                         (float32 noise in those probabilities is ~1e-7)
+
+
+def load_moe_base(base_dir):
+    kw = {"attn_implementation": "eager", "experts_implementation": "eager"}
+    kw["dtype" if TF_MAJOR >= 5 else "torch_dtype"] = torch.float32
+    model, info = Qwen3MoeForCausalLM.from_pretrained(base_dir, output_loading_info=True, **kw)
+    bad = {k: v for k, v in info.items() if v}
+    assert not bad, f"{base_dir}: base load: {bad}"
+    return model
+
+
+def write_moe_adapter(case, adapter_dir):
+    """Fresh PEFT LoRA (attention only, non-zero A and B) saved with save_pretrained -> {file name: tensor}."""
+    cfg = LoraConfig(r=MOE_R, lora_alpha=MOE_ALPHA, target_modules=list(MOE_TARGETS), lora_dropout=0.0,
+                     bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(load_moe_base(case["base"]), cfg)
+    g = torch.Generator().manual_seed(case["seed"])
+    params = dict(model.named_parameters())
+    n_set = 0
+    with torch.no_grad():
+        for name in sorted(params):
+            p = params[name]
+            if ".lora_A." in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) / math.sqrt(p.shape[1]))
+                n_set += 1
+            elif ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * 0.05)
+                n_set += 1
+    n_layers = case["expect"]["num_hidden_layers"]
+    assert n_set == 2 * n_layers * len(MOE_TARGETS), n_set
+    for name, p in params.items():
+        if p.requires_grad:
+            assert ".self_attn." in name and (".lora_A." in name or ".lora_B." in name), f"unexpected trainable {name}"
+    model.peft_config["default"].base_model_name_or_path = case["base"]
+
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    model.save_pretrained(adapter_dir)
+    card = os.path.join(adapter_dir, "README.md")  # PEFT's template model card: no data a loader needs
+    if os.path.exists(card):
+        os.remove(card)
+    cpath = os.path.join(adapter_dir, "adapter_config.json")
+    with open(cpath) as f:
+        c = json.load(f)
+    c["target_modules"] = sorted(c["target_modules"])  # PEFT writes a set in hash order
+    with open(cpath, "w") as f:
+        json.dump(c, f, indent=2, sort_keys=True)
+        f.write("\n")
+    files = sorted(os.listdir(adapter_dir))
+    assert files == ["adapter_config.json", "adapter_model.safetensors"], files
+    assert c["base_model_name_or_path"] == case["base"] and c["target_modules"] == MOE_TARGETS, c
+    assert c["r"] == MOE_R and c["lora_alpha"] == MOE_ALPHA and c["lora_dropout"] == 0.0, c
+
+    saved = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    assert len(saved) == n_set, (len(saved), n_set)
+    for k, v in saved.items():
+        assert torch.equal(params[k.replace(".lora_A.weight", ".lora_A.default.weight")
+                                  .replace(".lora_B.weight", ".lora_B.default.weight")].detach(), v), k
+    return saved
+
+
+def load_moe_trainable(case, adapter_dir, adapter_tensors):
+    """-> (PeftModel in train mode, {file name: parameter}) reloaded from the saved adapter, LoRA the only trainables."""
+    model = PeftModel.from_pretrained(load_moe_base(case["base"]), adapter_dir, is_trainable=True)
+    cfg = model.base_model.model.config
+    assert model.peft_config["default"].lora_dropout == 0.0
+    assert cfg.attention_dropout == 0.0
+    assert cfg.output_router_logits is False, "config would add the router aux loss"
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Dropout):
+            assert m.p == 0.0, f"{name}: dropout p={m.p}"
+    model.train()
+    params = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert ".lora_A.default." in name or ".lora_B.default." in name, f"unexpected trainable {name}"
+            params[file_name(name)] = p
+    assert sorted(params) == sorted(adapter_tensors), sorted(set(params) ^ set(adapter_tensors))
+    for k, p in params.items():
+        assert p.dtype == torch.float32, (k, p.dtype)
+        assert torch.equal(p.detach(), adapter_tensors[k]), f"{k}: loaded value differs from the adapter file"
+    return model, params
+
+
+def moe_separate_loss(model, batch, with_aux=False):
+    """Summed CE over both examples (separate forwards); router logits never requested, so no aux loss inside.
+    with_aux: also return the sum over the examples of router_aux_loss_coef * aux_loss (for the report only)."""
+    total, aux_total = 0.0, 0.0
+    for start, n in batch["segments"]:
+        ids = torch.tensor([batch["tokens"][start:start + n]], dtype=torch.long)
+        pos = torch.arange(n, dtype=torch.long)[None]
+        lab = torch.tensor(batch["labels"][start:start + n], dtype=torch.long)
+        out = model(input_ids=ids, position_ids=pos, use_cache=False, output_router_logits=with_aux)
+        if with_aux:
+            assert out.aux_loss is not None
+            aux_total = aux_total + model.base_model.model.router_aux_loss_coef * out.aux_loss
+        else:
+            assert out.aux_loss is None, "router aux loss computed although output_router_logits=False"
+            assert out.loss is None
+        total = total + ce_sum(out.logits[0], lab)
+    return (total, aux_total) if with_aux else total
+
+
+def moe_grads(case, adapter_dir, adapter_tensors, batch, n_lab, detach_input_of=None, packed=False, with_aux=False,
+              gaps=None):
+    """-> (loss float, {file name: grad}, aux term or None); detach_input_of: module class whose input is detached in
+    forward (cuts the backward through those modules; the residual path is untouched). gaps: a list that receives,
+    per router call, the smallest gap between the k-th and (k+1)-th largest routing probability over its tokens."""
+    model, params = load_moe_trainable(case, adapter_dir, adapter_tensors)
+    if gaps is not None:
+        def record_gap(mod, args, out):
+            probs = torch.softmax(out[0].detach().double(), dim=-1).sort(dim=-1, descending=True).values
+            gaps.append(float((probs[:, mod.top_k - 1] - probs[:, mod.top_k]).min()))
+        for m in model.modules():
+            if isinstance(m, Qwen3MoeTopKRouter):
+                m.register_forward_hook(record_gap)
+    n_hooked = 0
+    if detach_input_of is not None:
+        for m in model.modules():
+            if isinstance(m, detach_input_of):
+                m.register_forward_pre_hook(lambda mod, args: (args[0].detach(),) + tuple(args[1:]))
+                n_hooked += 1
+        assert n_hooked == len(case["sparse_layers"]), n_hooked
+    if packed:
+        loss = packed_loss(model, batch, block_diagonal=True) / n_lab
+        aux = None
+    elif with_aux:
+        ce, aux = moe_separate_loss(model, batch, with_aux=True)
+        loss = ce / n_lab + aux / len(batch["segments"])
+    else:
+        loss = moe_separate_loss(model, batch) / n_lab
+        aux = None
+    loss.backward()
+    grads = {}
+    for k in sorted(params):
+        g = params[k].grad
+        assert g is not None, f"{k}: no gradient"
+        grads[k] = g.detach().clone().contiguous()
+    return loss.item(), grads, (float(aux.detach()) if aux is not None else None)
+
+
+def grad_rel(a, ref):
+    return float((a - ref).abs().max()) / float(ref.abs().max())
+
+
+def moe_case(case, batch, n_lab, versions):
+    out_dir = os.path.join(MOE_OUT_DIR, case["name"])
+    adapter_dir = os.path.join(out_dir, "adapter")
+    os.makedirs(out_dir, exist_ok=True)
+
+    # the base fixture is what it should be, and loads exactly (logits.npy of the fixture)
+    base = load_moe_base(case["base"])
+    cfg = base.config
+    for k, v in case["expect"].items():
+        assert getattr(cfg, k) == v, f"{case['name']}: config {k} = {getattr(cfg, k)}, expected {v}"
+    assert cfg.output_router_logits is False
+    kinds = [type(layer.mlp) for layer in base.model.layers]
+    assert [i for i, t in enumerate(kinds) if t is Qwen3MoeSparseMoeBlock] == case["sparse_layers"], kinds
+    with open(os.path.join(case["base"], "tokens.json")) as f:
+        ids = json.load(f)["tokens"]
+    with torch.no_grad():
+        lg = base(input_ids=torch.tensor([ids]), position_ids=torch.arange(len(ids))[None], use_cache=False).logits
+    diff_base = float(np.abs(lg[0].numpy() - np.load(os.path.join(case["base"], "logits.npy"))).max())
+    assert diff_base <= BASE_LOGITS_TOL, f"{case['name']}: base logits differ from the fixture by {diff_base}"
+    del base
+
+    adapter_tensors = write_moe_adapter(case, adapter_dir)
+    names = sorted(adapter_tensors)
+
+    # reference: separate forwards, plain CE from the logits (no router aux loss), one backward
+    gaps = []
+    loss, grads, _ = moe_grads(case, adapter_dir, adapter_tensors, batch, n_lab, gaps=gaps)
+    assert len(gaps) == len(case["sparse_layers"]) * len(batch["segments"]), gaps
+    # top-k selection is not near a tie anywhere, so float32 rounding in another implementation picks the same experts
+    assert min(gaps) > MIN_ROUTING_GAP, f"near-tie in expert selection: probability gap {min(gaps)}"
+    for k in names:
+        g = grads[k]
+        assert bool(torch.isfinite(g).all()), f"{k}: non-finite gradient"
+        assert float(g.abs().max()) > 0.0, f"{k}: all-zero gradient"
+
+    layer0 = [k for k in names if ".layers.0.self_attn." in k]
+    assert len(layer0) == 2 * len(MOE_TARGETS), layer0
+
+    # the gradient really goes through the MoE blocks' backward: detach each sparse block's input (the residual
+    # path stays) -> same loss, clearly different layer-0 gradients (every layer-0 tensor)
+    loss_d, grads_d, _ = moe_grads(case, adapter_dir, adapter_tensors, batch, n_lab,
+                                   detach_input_of=Qwen3MoeSparseMoeBlock)
+    assert loss_d == loss, f"detaching changed the forward ({loss_d} vs {loss})"
+    detach_eff = {k: grad_rel(grads_d[k], grads[k]) for k in layer0}
+    assert min(detach_eff.values()) > MOE_MIN_DETACH_EFFECT, f"MoE backward barely matters: {detach_eff}"
+    # ... and, for the report, the part that goes back through the routing weights only (router input detached)
+    loss_r, grads_r, _ = moe_grads(case, adapter_dir, adapter_tensors, batch, n_lab, detach_input_of=Qwen3MoeTopKRouter)
+    assert loss_r == loss, f"detaching the router input changed the forward ({loss_r} vs {loss})"
+    router_eff = {k: grad_rel(grads_r[k], grads[k]) for k in layer0}
+    router_eff_all = max(grad_rel(grads_r[k], grads[k]) for k in names)
+
+    # packed single forward with the block-diagonal mask gives the same loss and gradients (as in the dense case)
+    loss_p, grads_p, _ = moe_grads(case, adapter_dir, adapter_tensors, batch, n_lab, packed=True)
+    diff_packed_loss = abs(loss_p - loss)
+    worst_packed = max(grad_rel(grads_p[k], grads[k]) for k in names)
+    assert diff_packed_loss <= PACKED_LOSS_TOL, f"packed loss {loss_p} vs {loss}"
+    assert worst_packed <= PACKED_GRAD_RTOL, f"packed gradients differ by {worst_packed}"
+
+    # for the report: what adding router_aux_loss_coef * aux_loss (mean over the two examples) would change
+    loss_aux, grads_aux, aux = moe_grads(case, adapter_dir, adapter_tensors, batch, n_lab, with_aux=True)
+    aux_grad_eff = max(grad_rel(grads_aux[k], grads[k]) for k in names)
+
+    # write
+    write_json(os.path.join(out_dir, "batch.json"), batch)
+    save_file(grads, os.path.join(out_dir, "grads.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "reference.json"), "w") as f:
+        json.dump({"loss": loss, "labelled_tokens": n_lab, "versions": versions}, f, indent=2)
+        f.write("\n")
+
+    print(f"\n{case['name']}: experts={cfg.num_experts} top_k={cfg.num_experts_per_tok} "
+          f"norm_topk_prob={cfg.norm_topk_prob} layers={cfg.num_hidden_layers} sparse={case['sparse_layers']} "
+          f"tied={cfg.tie_word_embeddings}  base logits vs fixture max diff {diff_base:.1e}")
+    print(f"  loss = {loss:.9g}  labelled = {n_lab}  ({len(names)} tensors, "
+          f"{sum(v.numel() for v in grads.values())} elements)  smallest top-k routing probability gap {min(gaps):.2e}")
+    print(f"  MoE blocks' input detached: loss {loss_d:.9g} (same), layer-0 grads rel diff "
+          + ", ".join(f"{k.split('layers.0.self_attn.')[1].replace('.weight', '')} {v:.3f}"
+                      for k, v in detach_eff.items()))
+    print(f"  router input detached: layer-0 rel diff min {min(router_eff.values()):.2e} "
+          f"max {max(router_eff.values()):.2e}; all tensors max {router_eff_all:.2e}")
+    print(f"  packed 4-D mask: loss |diff| {diff_packed_loss:.1e}, grads max rel diff {worst_packed:.1e}")
+    print(f"  with router aux loss (coef {cfg.router_aux_loss_coef} x aux, mean over examples = {aux:.6g}): "
+          f"loss {loss_aux:.9g}, grads max rel diff {aux_grad_eff:.2e}  (NOT in the reference)")
+    for k in names:
+        print(f"    {k:70s} {list(grads[k].shape)}  |g|max {float(grads[k].abs().max()):.3e}")
+    for root, _, fns in sorted(os.walk(out_dir)):
+        for fn in sorted(fns):
+            p = os.path.join(root, fn)
+            print(f"  {os.path.getsize(p):8d}  {p}")
+
+
+def moe_main():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    batch = make_batch()
+    n_lab = sum(1 for x in batch["labels"] if x != IGNORE)
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    for case in MOE_CASES:
+        moe_case(case, batch, n_lab, versions)
+
+
 if __name__ == "__main__":
     main()
+    moe_main()

@@ -1257,6 +1257,12 @@ fn lora_adapters_are_models_that_requests_pick_and_share_a_batch() {
     assert_eq!(ids.len(), 3, "{ids:?}");
     assert_eq!(&ids[1..], ["one", "two"]);
     assert_eq!(models["data"][1]["parent"], ids[0]);
+    // Ollama's list: the adapters as models whose parent is the base.
+    let (_, tags) = s.get("/api/tags", None);
+    let tags: Value = serde_json::from_str(&tags).unwrap();
+    let names: Vec<&str> = tags["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(&names[1..], ["one:latest", "two:latest"], "{tags}");
+    assert_eq!(tags["models"][2]["details"]["parent_model"], names[0]);
     let base = ids[0].to_string();
     let ask = |m: &str| {
         s.post(

@@ -537,15 +537,31 @@ fn tag(state: &AppState) -> String {
     }
 }
 
+/// The model, then each LoRA adapter served beside it (as a model of its own whose
+/// `details.parent_model` is the base, like a model Ollama built with an `ADAPTER` line).
 pub async fn tags(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"models": [{
+    let mut models = vec![json!({
         "name": tag(&state),
         "model": tag(&state),
         "modified_at": rfc3339(state.model.created as i64, 0),
         "size": state.model.weight_bytes,
         "digest": digest(&state),
         "details": details(&state),
-    }]}))
+    })];
+    for a in &state.model.adapters {
+        let name = if a.contains(':') { a.clone() } else { format!("{a}:latest") };
+        let mut d = details(&state);
+        d["parent_model"] = json!(tag(&state));
+        models.push(json!({
+            "name": name,
+            "model": name,
+            "modified_at": rfc3339(state.model.created as i64, 0),
+            "size": state.model.weight_bytes,
+            "digest": format!("{}-{a}", digest(&state)),
+            "details": d,
+        }));
+    }
+    Json(json!({ "models": models }))
 }
 
 pub async fn ps(State(state): State<Arc<AppState>>) -> Json<Value> {

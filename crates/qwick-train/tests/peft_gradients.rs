@@ -121,3 +121,63 @@ fn loss_gradients_and_a_step_equal_peft() {
         }
     }
 }
+
+/// Sequences in the fixture format.
+fn sequence_at(path: &std::path::Path) -> Sequence {
+    let b: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ints = |k: &str| -> Vec<i64> { b[k].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect() };
+    let mut start = vec![0u32; ints("tokens").len()];
+    for s in b["segments"].as_array().unwrap() {
+        let (s0, len) = (s[0].as_u64().unwrap() as usize, s[1].as_u64().unwrap() as usize);
+        start[s0..s0 + len].fill(s0 as u32);
+    }
+    Sequence {
+        tokens: ints("tokens").iter().map(|&t| t as u32).collect(),
+        positions: ints("positions").iter().map(|&t| t as u32).collect(),
+        start,
+        labels: ints("labels").iter().map(|&l| (l >= 0).then_some(l as u32)).collect(),
+    }
+}
+
+#[test]
+fn moe_models_train_their_attention_as_peft_does() {
+    for name in ["moe_norm_topk", "moe_nonorm_mlponly"] {
+        let dir = root().join("tests/finetune/moe").join(name);
+        let model = Qwen3::load(&root().join("tests/fixtures").join(name)).unwrap();
+        let adapter = Adapter::open(&dir.join("adapter")).unwrap();
+        let params = LoraParams::from_adapter(&model.config, &adapter, 0.0).unwrap();
+        let reference: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let grads_ref = Checkpoint::open_file(&dir.join("grads.safetensors")).unwrap();
+        let seq = sequence_at(&dir.join("batch.json"));
+        let n_lab = seq.labelled();
+        let pool = ThreadPool::new(2);
+        let frozen = Frozen::new(&model, 2).unwrap();
+        for isa in Isa::all_supported() {
+            let ctx = Ctx { exact: true, ..Ctx::new(isa, &pool) };
+            let mut grads = params.zeros_like();
+            let total =
+                loss(ctx, &frozen, &params, &seq, 1.0 / n_lab as f32, Dropout { p: 0.0, key: 0 }, Some(&mut grads));
+            let l = total / n_lab as f64;
+            let want = reference["loss"].as_f64().unwrap();
+            assert!(((l - want) / want).abs() < 1e-4, "{name} {isa:?}: loss {l} vs PEFT {want}");
+            for (p, (ga, gb)) in params.pairs.iter().zip(&grads) {
+                for (ab, g) in [("A", ga), ("B", gb)] {
+                    let n = self::name(p, ab);
+                    let e = rel(g, &grads_ref.tensor(&n).unwrap().to_f32());
+                    assert!(e <= 1e-3, "{name} {isa:?}: gradient of {n} off by {e}");
+                }
+            }
+        }
+        // MLP targets on MoE layers are refused by name.
+        let spec = qwick_train::lora::LoraSpec {
+            rank: 4,
+            alpha: 8.0,
+            rslora: false,
+            dropout: 0.0,
+            targets: vec!["q_proj", "gate_proj"],
+        };
+        let e = LoraParams::init(&model.config, spec, 1).err().unwrap().to_string();
+        assert!(e.contains("mixture of experts") && e.contains("gate_proj"), "{e}");
+    }
+}
