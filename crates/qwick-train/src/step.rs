@@ -3,9 +3,10 @@
 //! rows of logits at a time so the `[tokens, vocab]` matrix never exists whole), and the
 //! backward pass to the LoRA matrices.
 //!
-//! Only each layer's input is kept from the forward pass; the backward pass recomputes one
-//! layer's activations at a time from it (activation checkpointing per layer), so memory grows
-//! with layers × tokens × hidden size, not with everything a layer computes.
+//! Only each layer's input and attention output are kept from the forward pass; the backward
+//! pass recomputes one layer's other activations at a time from them (activation checkpointing
+//! per layer), so memory grows with layers × tokens × (hidden + attention) width, not with
+//! everything a layer computes.
 //!
 //! The frozen weights are read as stored for the forward products (`y = x·Wᵀ`), and from a
 //! transposed copy for the backward ones (`dx = dy·W`), so that both run on the fast kernels.
@@ -302,7 +303,17 @@ impl Runner<'_, '_> {
 
     /// The layer's forward pass from its input `x`, keeping its activations; returns them and
     /// leaves the layer's output in `x`.
-    fn layer_forward(&self, l: usize, x: &mut [f32], seq: &Sequence, cos: &[f32], sin: &[f32]) -> Acts {
+    /// `attn`: the attention output and log-sum-exps of an earlier pass over the same input
+    /// (the recomputation in the backward pass reuses them instead of attending again).
+    fn layer_forward(
+        &self,
+        l: usize,
+        x: &mut [f32],
+        seq: &Sequence,
+        cos: &[f32],
+        sin: &[f32],
+        attn: Option<(Vec<f32>, Vec<f32>)>,
+    ) -> Acts {
         let (ctx, model) = (self.ctx, self.f.model);
         let c = &model.config;
         let n = seq.len();
@@ -348,9 +359,12 @@ impl Runner<'_, '_> {
             scale: 1.0 / (hd as f32).sqrt(),
             start: &seq.start,
         };
-        let mut att = vec![0f32; n * qd];
-        let mut lse = vec![0f32; n * c.num_attention_heads];
-        grad::attention_forward(ctx, &shape, &q, &k, &v, &mut att, &mut lse);
+        let (att, lse) = attn.unwrap_or_else(|| {
+            let mut att = vec![0f32; n * qd];
+            let mut lse = vec![0f32; n * c.num_attention_heads];
+            grad::attention_forward(ctx, &shape, &q, &k, &v, &mut att, &mut lse);
+            (att, lse)
+        });
         let mut tmp = vec![0f32; n * h];
         matmul(ctx, &att, n, &a.o_proj.view(), &mut tmp);
         lora[O] = self.lora_forward(l, O, &att, n, &mut tmp);
@@ -753,12 +767,18 @@ pub fn loss(
     let (cos, sin) = r.rope_tables(seq);
     let mut x = r.embed(seq);
     let keep = grads.is_some();
+    // Kept for the backward pass: each layer's input, and its attention output (the
+    // recomputation repeats the projections but not the attention).
     let mut inputs: Vec<Vec<f32>> = Vec::with_capacity(if keep { model.layers.len() } else { 0 });
+    let mut attns: Vec<Option<(Vec<f32>, Vec<f32>)>> = Vec::new();
     for l in 0..model.layers.len() {
         if keep {
             inputs.push(x.clone());
         }
-        r.layer_forward(l, &mut x, seq, &cos, &sin);
+        let acts = r.layer_forward(l, &mut x, seq, &cos, &sin, None);
+        if keep {
+            attns.push(Some((acts.att, acts.lse)));
+        }
     }
     let mut hn = vec![0f32; n * h];
     par_rows(ctx, n, &mut hn, h, |rr, o| {
@@ -803,7 +823,7 @@ pub fn loss(
     drop(hn);
     for l in (0..model.layers.len()).rev() {
         let mut y = inputs[l].clone();
-        let acts = r.layer_forward(l, &mut y, seq, &cos, &sin);
+        let acts = r.layer_forward(l, &mut y, seq, &cos, &sin, attns[l].take());
         drop(y);
         r.layer_backward(l, &inputs[l], &acts, seq, &cos, &sin, &mut dx, grads);
         inputs[l] = Vec::new();
