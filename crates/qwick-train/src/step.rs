@@ -288,8 +288,7 @@ impl Runner<'_, '_> {
         let r = self.lora.spec.rank;
         let xd = self.dropped(l, m, x);
         let xin = xd.as_deref().unwrap_or(x);
-        let mut t = vec![0f32; n * r];
-        matmul(self.ctx, xin, n, &WeightView::from_f32(&p.a, r, p.inp), &mut t);
+        let t = skinny(self.ctx, &p.a, r, xin, n);
         let mut u = vec![0f32; n * p.out];
         matmul(self.ctx, &t, n, &WeightView::from_f32(&p.b, p.out, r), &mut u);
         let s = self.s;
@@ -439,15 +438,15 @@ impl Runner<'_, '_> {
     ) {
         let (ctx, r, s) = (self.ctx, self.lora.spec.rank, self.s);
         let isa = ctx.isa;
-        // e = dy · B  ([n, r]): a product with Bᵀ ([r, out]) as the weight.
-        let bt = transpose(&p.b, p.out, r);
-        let mut e = vec![0f32; n * r];
-        matmul(ctx, dy, n, &WeightView::from_f32(&bt, r, p.out), &mut e);
-        // dB += s · dyᵀ · t, over rows of dB.
-        let mut db = vec![0f32; p.out * r];
-        par_rows(ctx, p.out, &mut db, r, |rows, c| grad::matmul_tn(isa, dy, p.out, t, r, rows, c));
-        for (gv, v) in g.1.iter_mut().zip(&db) {
-            *gv += s * v;
+        // e = dy · B  ([n, r]).
+        let e = skinny(ctx, &transpose(&p.b, p.out, r), r, dy, n);
+        // dB += s · dyᵀ · t, computed transposed (tᵀ · dy: r long rows) over rows of dBᵀ.
+        let mut dbt = vec![0f32; r * p.out];
+        par_rows(ctx, r, &mut dbt, p.out, |rows, c| grad::matmul_tn(isa, t, r, dy, p.out, rows, c));
+        for (o, row) in g.1.chunks_exact_mut(r).enumerate() {
+            for (j, gv) in row.iter_mut().enumerate() {
+                *gv += s * dbt[j * p.out + o];
+            }
         }
         let mut da = vec![0f32; r * p.inp];
         par_rows(ctx, r, &mut da, p.inp, |rows, c| grad::matmul_tn(isa, &e, r, xin, p.inp, rows, c));
@@ -721,6 +720,15 @@ fn moe_backward(
         *a += b;
     }
     dx
+}
+
+/// `x · wᵀ` for a few-row `w` (`[r, k]`, a LoRA matrix) and many-row `x` (`[n, k]`): computed
+/// as `w · xᵀ` (`x` as the weight, streamed once for all `r` rows), then transposed to `[n, r]`.
+fn skinny(ctx: Ctx, w: &[f32], r: usize, x: &[f32], n: usize) -> Vec<f32> {
+    let k = w.len() / r;
+    let mut tt = vec![0f32; r * n];
+    matmul(ctx, w, r, &WeightView::from_f32(&x[..n * k], n, k), &mut tt);
+    transpose(&tt, r, n)
 }
 
 /// `x += y`, in parallel over rows of `width`.
