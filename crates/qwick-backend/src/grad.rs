@@ -153,6 +153,7 @@ fn mm(ctx: Ctx, x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> 
 /// place: `p[i, j] = exp(scale · q_i·k_j − lse_i)` inside the row's causal range of its
 /// example, 0 outside. The log-sum-exp comes from `lse` (backward: the stored one) or is
 /// computed into `lse_out` (forward, one value per row of the block).
+#[allow(clippy::too_many_arguments)]
 fn probabilities(
     isa: Isa,
     s: &AttnShape,

@@ -19,14 +19,6 @@ impl Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
-    pub fn state(&self) -> u64 {
-        self.0
-    }
-
-    pub fn from_state(s: u64) -> Rng {
-        Rng(s | 1)
-    }
-
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;

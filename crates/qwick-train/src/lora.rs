@@ -4,7 +4,6 @@
 
 use anyhow::{bail, Result};
 use qwick_model::lora::{Adapter, AdapterConfig, AdapterPair, MODULES};
-use qwick_model::names::Role;
 use qwick_model::Config;
 use std::path::Path;
 
@@ -189,10 +188,5 @@ impl LoraParams {
             })
             .collect();
         qwick_model::lora::write_adapter(dir, &cfg, &pairs)
-    }
-
-    /// The role of a module index.
-    pub fn role(module: usize) -> Role {
-        MODULES[module].1
     }
 }

@@ -174,6 +174,10 @@ pub struct Dropout {
     pub key: u64,
 }
 
+/// What a projection's LoRA path keeps for the backward pass: its dropped-out input (when
+/// dropout is on) and `x·Aᵀ`; `None` for a projection without an adapter.
+type LoraSaved = Option<(Option<Vec<f32>>, Vec<f32>)>;
+
 /// The activations of one layer that its backward pass reads.
 struct Acts {
     hn1: Vec<f32>,
@@ -188,7 +192,7 @@ struct Acts {
     hn2: Vec<f32>,
     mlp: MlpActs,
     /// Per module: the dropped-out input of the LoRA path (when dropout is on) and `x·Aᵀ`.
-    lora: [Option<(Option<Vec<f32>>, Vec<f32>)>; 7],
+    lora: [LoraSaved; 7],
 }
 
 /// What an MLP block's backward pass reads.
@@ -276,14 +280,7 @@ impl Runner<'_, '_> {
 
     /// `y += s · (x·Aᵀ)·Bᵀ` for the pair of `(l, m)` if any; returns what the backward pass
     /// needs (the dropped-out input and `x·Aᵀ`).
-    fn lora_forward(
-        &self,
-        l: usize,
-        m: usize,
-        x: &[f32],
-        n: usize,
-        y: &mut [f32],
-    ) -> Option<(Option<Vec<f32>>, Vec<f32>)> {
+    fn lora_forward(&self, l: usize, m: usize, x: &[f32], n: usize, y: &mut [f32]) -> LoraSaved {
         let p = self.lora.get(l, m)?;
         let r = self.lora.spec.rank;
         let xd = self.dropped(l, m, x);
@@ -333,7 +330,7 @@ impl Runner<'_, '_> {
                 MatmulJob::new(&hn1, n, a.v_proj.view(), &mut v),
             ],
         );
-        let mut lora: [Option<(Option<Vec<f32>>, Vec<f32>)>; 7] = Default::default();
+        let mut lora: [LoraSaved; 7] = Default::default();
         lora[Q] = self.lora_forward(l, Q, &hn1, n, &mut q_pre);
         lora[K] = self.lora_forward(l, K, &hn1, n, &mut k_pre);
         lora[V] = self.lora_forward(l, V, &hn1, n, &mut v);
@@ -401,12 +398,13 @@ impl Runner<'_, '_> {
 
     /// Backward of one projection `y = x·Wᵀ (+ LoRA)`: returns `dx` and adds the pair's
     /// gradients to `grads`.
+    #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
         l: usize,
         m: usize,
         x: &[f32],
-        saved: &Option<(Option<Vec<f32>>, Vec<f32>)>,
+        saved: &LoraSaved,
         dy: &[f32],
         n: usize,
         grads: &mut Grads,

@@ -232,6 +232,7 @@ fn load_checkpoint(o: &TrainOptions, dir: &Path, lora: &mut LoraParams, config: 
 /// Trains `lora` on `train` (evaluating on `eval`), writing checkpoints and the final adapter
 /// under `o.out`. `stop` is checked after every step: when set, a checkpoint is saved and the
 /// loop returns [`Outcome::Interrupted`].
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     ctx: Ctx,
     f: &Frozen,
@@ -312,11 +313,11 @@ pub fn train(
             tokens,
             seconds: t0.elapsed().as_secs_f64(),
         }));
-        if !eval.is_empty() && (st.step == total || (o.eval_every > 0 && st.step % o.eval_every == 0)) {
+        if !eval.is_empty() && (st.step == total || (o.eval_every > 0 && st.step.is_multiple_of(o.eval_every))) {
             on(Event::Eval { step: st.step, loss: eval_loss(ctx, f, lora, eval) });
         }
         let interrupted = stop.load(Ordering::SeqCst);
-        if interrupted || (o.save_every > 0 && st.step % o.save_every == 0 && st.step < total) {
+        if interrupted || (o.save_every > 0 && st.step.is_multiple_of(o.save_every) && st.step < total) {
             let dir = save_checkpoint(o, lora, &st, total)?;
             on(Event::Saved { step: st.step, dir: &dir });
             if interrupted {
