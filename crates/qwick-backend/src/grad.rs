@@ -137,7 +137,8 @@ fn mm(ctx: Ctx, x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> 
         }
         p
     };
-    let wb: Vec<u8> = pad(w, n).iter().flat_map(|&v| crate::format::f32_to_bf16(v).to_le_bytes()).collect();
+    let mut wb = vec![0u8; n * kp * 2];
+    crate::Format::BF16.encode_floats(&pad(w, n), &mut wb);
     let xp;
     let xs = if kp == k {
         x
