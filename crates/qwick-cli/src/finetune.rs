@@ -45,9 +45,10 @@ pub struct FinetuneArgs {
     /// LoRA alpha (the update is scaled by alpha/rank, or alpha/√rank with --rslora).
     #[arg(long, default_value_t = 32.0)]
     alpha: f64,
-    /// Projections to adapt: any of q,k,v,o,gate,up,down, or all.
-    #[arg(long, default_value = "q,k,v,o,gate,up,down")]
-    targets: String,
+    /// Projections to adapt: any of q,k,v,o,gate,up,down, or all (default: all seven; the
+    /// attention projections on mixture-of-experts models).
+    #[arg(long)]
+    targets: Option<String>,
     /// Dropout on the input of the LoRA path.
     #[arg(long, default_value_t = 0.0)]
     dropout: f32,
@@ -193,6 +194,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
 
     // The text side first: bad data is reported before the weights load.
     let chat = ChatModel::load_spec(&a.model, None, None)?;
+    let default_targets = if chat.config.moe.is_some() { "q,k,v,o" } else { "q,k,v,o,gate,up,down" };
     let spec = match &a.lora {
         Some(d) => {
             let ad = Adapter::open(d)?;
@@ -213,7 +215,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
                 alpha: a.alpha,
                 rslora: a.rslora,
                 dropout: a.dropout,
-                targets: LoraSpec::parse_targets(&a.targets)?,
+                targets: LoraSpec::parse_targets(a.targets.as_deref().unwrap_or(default_targets))?,
             }
         }
     };
