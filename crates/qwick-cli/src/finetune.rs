@@ -101,6 +101,11 @@ pub struct FinetuneArgs {
     /// Save a checkpoint every N steps (0: only on Ctrl-C).
     #[arg(long, default_value_t = 100)]
     save_every: u64,
+    /// Keep every activation of the first N layers (or "all") from the forward pass instead of
+    /// recomputing them in the backward pass: faster, at about 45 MB per layer per 512 tokens on
+    /// a 0.6B model.
+    #[arg(long, default_value = "0")]
+    keep_layers: String,
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -276,7 +281,11 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         None => LoraParams::init(&model.config, spec, a.seed)?,
     };
     let t_prep = std::time::Instant::now();
-    let frozen = Frozen::new(&model, threads)?;
+    let kept = match a.keep_layers.as_str() {
+        "all" => usize::MAX,
+        n => n.parse::<usize>().with_context(|| format!("--keep-layers {n}: expected a number of layers or all"))?,
+    };
+    let frozen = Frozen::new(&model, threads)?.keep_layers(kept);
     eprintln!(
         "model: {} ({} layers); LoRA rank {} on {} ({} trainable values); transposed weights for the backward pass: {:.2} \
          GB in {:.1} s",

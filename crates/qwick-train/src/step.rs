@@ -6,7 +6,8 @@
 //! Only each layer's input and attention output are kept from the forward pass; the backward
 //! pass recomputes one layer's other activations at a time from them (activation checkpointing
 //! per layer), so memory grows with layers × tokens × (hidden + attention) width, not with
-//! everything a layer computes.
+//! everything a layer computes. [`Frozen::keep_layers`] keeps every activation of the first
+//! layers instead, trading memory for the recomputation.
 //!
 //! The frozen weights are read as stored for the forward products (`y = x·Wᵀ`), and from a
 //! transposed copy for the backward ones (`dx = dy·W`), so that both run on the fast kernels.
@@ -103,6 +104,9 @@ pub struct Frozen<'m> {
     head: Transposed,
     inv_freq: Vec<f32>,
     rope_scale: f32,
+    /// The first this many layers keep all their activations from the forward pass instead of
+    /// recomputing them in the backward pass (faster, more memory).
+    kept_layers: usize,
 }
 
 fn dense(m: &Mlp) -> Option<(&Linear, &Linear, &Linear)> {
@@ -150,7 +154,14 @@ impl<'m> Frozen<'m> {
             }
         }
         let (inv_freq, rope_scale) = model.config.rope_inv_freq();
-        Ok(Frozen { model, layers, head: head.expect("the head is transposed"), inv_freq, rope_scale })
+        Ok(Frozen { model, layers, head: head.expect("the head is transposed"), inv_freq, rope_scale, kept_layers: 0 })
+    }
+
+    /// Keeps all activations of the first `n` layers (all layers if `n` is larger) from the
+    /// forward pass to the backward pass, instead of recomputing them.
+    pub fn keep_layers(mut self, n: usize) -> Self {
+        self.kept_layers = n;
+        self
     }
 
     /// Bytes of the transposed copies.
@@ -745,6 +756,14 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
+/// What the forward pass leaves a layer's backward pass.
+enum Saved {
+    /// Every activation (a kept layer).
+    All(Acts),
+    /// The attention output and log-sum-exps; the rest is recomputed from the layer's input.
+    Attention(Vec<f32>, Vec<f32>),
+}
+
 /// Rows of logits computed at once by the loss.
 const LOSS_ROWS: usize = 64;
 
@@ -776,14 +795,14 @@ pub fn loss(
     // Kept for the backward pass: each layer's input, and its attention output (the
     // recomputation repeats the projections but not the attention).
     let mut inputs: Vec<Vec<f32>> = Vec::with_capacity(if keep { model.layers.len() } else { 0 });
-    let mut attns: Vec<Option<(Vec<f32>, Vec<f32>)>> = Vec::new();
+    let mut saved: Vec<Option<Saved>> = Vec::new();
     for l in 0..model.layers.len() {
         if keep {
             inputs.push(x.clone());
         }
         let acts = r.layer_forward(l, &mut x, seq, &cos, &sin, None);
         if keep {
-            attns.push(Some((acts.att, acts.lse)));
+            saved.push(Some(if l < f.kept_layers { Saved::All(acts) } else { Saved::Attention(acts.att, acts.lse) }));
         }
     }
     let mut hn = vec![0f32; n * h];
@@ -828,9 +847,10 @@ pub fn loss(
     });
     drop(hn);
     for l in (0..model.layers.len()).rev() {
-        let mut y = inputs[l].clone();
-        let acts = r.layer_forward(l, &mut y, seq, &cos, &sin, attns[l].take());
-        drop(y);
+        let acts = match saved[l].take().expect("saved once, used once") {
+            Saved::All(acts) => acts,
+            Saved::Attention(att, lse) => r.layer_forward(l, &mut inputs[l].clone(), seq, &cos, &sin, Some((att, lse))),
+        };
         r.layer_backward(l, &inputs[l], &acts, seq, &cos, &sin, &mut dx, grads);
         inputs[l] = Vec::new();
     }

@@ -59,9 +59,10 @@ fn loss_gradients_and_a_step_equal_peft() {
     let seq = sequence();
     let n_lab = seq.labelled();
     assert_eq!(n_lab as u64, reference["labelled_tokens"].as_u64().unwrap());
-    for threads in [1, 2] {
+    // Recomputing every layer, keeping one layer's activations, keeping all.
+    for (threads, kept) in [(1, 0), (2, 0), (2, 1), (2, 99)] {
         let pool = ThreadPool::new(threads);
-        let frozen = Frozen::new(&model, threads).unwrap();
+        let frozen = Frozen::new(&model, threads).unwrap().keep_layers(kept);
         for isa in Isa::all_supported() {
             let ctx = Ctx { exact: true, ..Ctx::new(isa, &pool) };
             let mut grads = params.zeros_like();
