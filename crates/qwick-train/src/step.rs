@@ -759,7 +759,7 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// What the forward pass leaves a layer's backward pass.
 enum Saved {
     /// Every activation (a kept layer).
-    All(Acts),
+    All(Box<Acts>),
     /// The attention output and log-sum-exps; the rest is recomputed from the layer's input.
     Attention(Vec<f32>, Vec<f32>),
 }
@@ -802,7 +802,11 @@ pub fn loss(
         }
         let acts = r.layer_forward(l, &mut x, seq, &cos, &sin, None);
         if keep {
-            saved.push(Some(if l < f.kept_layers { Saved::All(acts) } else { Saved::Attention(acts.att, acts.lse) }));
+            saved.push(Some(if l < f.kept_layers {
+                Saved::All(Box::new(acts))
+            } else {
+                Saved::Attention(acts.att, acts.lse)
+            }));
         }
     }
     let mut hn = vec![0f32; n * h];
@@ -848,7 +852,7 @@ pub fn loss(
     drop(hn);
     for l in (0..model.layers.len()).rev() {
         let acts = match saved[l].take().expect("saved once, used once") {
-            Saved::All(acts) => acts,
+            Saved::All(acts) => *acts,
             Saved::Attention(att, lse) => r.layer_forward(l, &mut inputs[l].clone(), seq, &cos, &sin, Some((att, lse))),
         };
         r.layer_backward(l, &inputs[l], &acts, seq, &cos, &sin, &mut dx, grads);
