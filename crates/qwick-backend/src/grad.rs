@@ -38,9 +38,9 @@ pub fn rms_norm_backward(isa: Isa, x: &[f32], w: &[f32], eps: f32, dy: &[f32], d
                 let mut acc = [0f32; 16];
                 let chunks = d / 16;
                 for c in 0..chunks {
-                    for l in 0..16 {
-                        let i = c * 16 + l;
-                        acc[l] += gr[i] * w[i] * xr[i];
+                    let r = c * 16..(c + 1) * 16;
+                    for (a, ((g, wv), xv)) in acc.iter_mut().zip(gr[r.clone()].iter().zip(&w[r.clone()]).zip(&xr[r])) {
+                        *a += g * wv * xv;
                     }
                 }
                 let mut s: f32 = acc.iter().sum();
