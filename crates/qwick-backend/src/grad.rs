@@ -101,7 +101,7 @@ fn gather(x: &[f32], width: usize, rows: std::ops::Range<usize>, c: usize, w: us
 }
 
 /// `x` ([rows, cols]) transposed, in 16 × 16 tiles so reads and writes stay in cache lines.
-fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0f32; rows * cols];
     for r0 in (0..rows).step_by(16) {
         for c0 in (0..cols).step_by(16) {
@@ -406,13 +406,7 @@ mod tests {
     use super::*;
     use crate::matmul::tests::rand_vec;
     use crate::ops;
-
-    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
-        }
-    }
+    use crate::ops::tests::close;
 
     /// Central differences of `f` at `x` in the direction of each coordinate.
     fn numeric_grad(x: &[f32], f: impl Fn(&[f32]) -> f64) -> Vec<f32> {

@@ -195,11 +195,12 @@ pub fn softmax_inplace(isa: Isa, x: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::matmul::tests::rand_vec;
 
-    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    /// Element-wise `|a − b| ≤ tol · (1 + |b|)`, naming the first element that is not.
+    pub(crate) fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");

@@ -42,16 +42,7 @@ impl ThreadPool {
     /// A pool of `n` threads in all (the calling thread counts as one).
     pub fn new(n: usize) -> ThreadPool {
         let n = n.max(1);
-        let shared = Arc::new(Shared {
-            job: UnsafeCell::new(None),
-            generation: AtomicUsize::new(0),
-            remaining: AtomicUsize::new(0),
-            sleepers: AtomicUsize::new(0),
-            shutdown: AtomicBool::new(false),
-            panicked: AtomicBool::new(false),
-            lock: Mutex::new(()),
-            wake: Condvar::new(),
-        });
+        let shared = Shared::new();
         // Pin thread t to the t-th CPU this process may use, so spinning threads never share a
         // CPU (on a 2-core machine an unpinned pair can sit on one core for a scheduler tick).
         let cpus = allowed_cpus();
@@ -82,17 +73,7 @@ impl ThreadPool {
     /// A pool of just the calling thread, which it leaves where it runs (no pinning): for
     /// kernels that call pool-taking ops from inside another pool's work items.
     pub fn inline() -> ThreadPool {
-        let shared = Arc::new(Shared {
-            job: UnsafeCell::new(None),
-            generation: AtomicUsize::new(0),
-            remaining: AtomicUsize::new(0),
-            sleepers: AtomicUsize::new(0),
-            shutdown: AtomicBool::new(false),
-            panicked: AtomicBool::new(false),
-            lock: Mutex::new(()),
-            wake: Condvar::new(),
-        });
-        ThreadPool { shared, workers: vec![], run_lock: Mutex::new(()), pinned: false }
+        ThreadPool { shared: Shared::new(), workers: vec![], run_lock: Mutex::new(()), pinned: false }
     }
 
     /// The number of threads available: `QWICK_THREADS` or the machine's parallelism.
@@ -158,6 +139,37 @@ impl ThreadPool {
                 f(r);
             }
         });
+    }
+}
+
+impl Shared {
+    fn new() -> Arc<Shared> {
+        Arc::new(Shared {
+            job: UnsafeCell::new(None),
+            generation: AtomicUsize::new(0),
+            remaining: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        })
+    }
+}
+
+/// Calls `f(rows, out_rows)` over row chunks of `out` (`width` floats a row) on the context's
+/// pool, in parallel when there are enough rows to be worth it.
+pub fn par_rows(ctx: crate::Ctx, n: usize, out: &mut [f32], width: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) {
+    let op = SendPtr::new(out);
+    let run = |r: Range<usize>| {
+        // SAFETY: each chunk owns its rows of `out` (chunks do not overlap) and r ⊆ 0..n.
+        let o = unsafe { op.slice(r.start * width, r.len() * width) };
+        f(r, o)
+    };
+    if n < 8 {
+        run(0..n);
+    } else {
+        ctx.pool.for_chunks(n, 1, &run);
     }
 }
 

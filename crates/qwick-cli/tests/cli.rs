@@ -3,13 +3,11 @@
 
 mod common;
 
+use common::qwick;
+
 use qwick_model::npy::read_f32;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn qwick(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qwick")).args(args).output().expect("qwick runs")
-}
+use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)

@@ -7,21 +7,11 @@
 
 mod common;
 
-use common::{greedy_model, root, scratch};
+use common::{greedy_model, ok, qwick, root, scratch};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-
-fn qwick(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qwick")).args(args).output().unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = qwick(args);
-    assert!(o.status.success(), "qwick {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap()
-}
+use std::process::{Command, Stdio};
 
 fn fails(args: &[&str], needle: &str) {
     let o = qwick(args);

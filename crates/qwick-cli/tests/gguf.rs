@@ -16,10 +16,11 @@
 
 mod common;
 
+use common::qwick;
+
 use serde_json::Value;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 /// Exact path: max |qwick - ref| / (std(ref) + |ref|) over all logits.
@@ -90,10 +91,6 @@ fn reference(name: &str) -> (usize, Vec<f32>) {
     assert_eq!(shape.len(), 2);
     assert_eq!(shape[0], prompt().len());
     (shape[1], data)
-}
-
-fn qwick(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qwick")).args(args).output().expect("qwick runs")
 }
 
 fn scratch(name: &str) -> common::Scratch {

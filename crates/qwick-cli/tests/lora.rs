@@ -6,13 +6,9 @@
 
 mod common;
 
-use common::{root, scratch};
+use common::{qwick, root, scratch};
 use std::path::{Path, PathBuf};
 use std::process::Output;
-
-fn qwick(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_qwick")).args(args).output().unwrap()
-}
 
 fn lora(name: &str) -> PathBuf {
     root().join("tests/lora").join(name)

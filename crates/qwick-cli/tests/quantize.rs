@@ -5,19 +5,8 @@
 
 mod common;
 
-use common::{greedy_model, root, scratch};
+use common::{greedy_model, ok, qwick, root, scratch};
 use std::path::{Path, PathBuf};
-use std::process::Output;
-
-fn qwick(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_qwick")).args(args).output().unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = qwick(args);
-    assert!(o.status.success(), "qwick {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap()
-}
 
 fn fails(args: &[&str], needle: &str) {
     let o = qwick(args);

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use qwick_backend::alloc::HugeBuf;
 use qwick_backend::attention::{paged_attention, AttnArgs};
 use qwick_backend::pool::SendPtr;
-use qwick_backend::{matmul, matmul_batch, ops, Ctx, Format, MatmulJob, WeightView};
+use qwick_backend::{matmul, matmul_batch, ops, par_rows, Ctx, Format, MatmulJob, WeightView};
 use qwick_gguf::GgufFile;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -560,6 +560,35 @@ impl Qwen3 {
         KvCache::with_format(format, c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
     }
 
+    /// The embedding rows of `tokens`, `[tokens.len(), hidden]`.
+    pub fn embed(&self, tokens: &[u32]) -> Vec<f32> {
+        let h = self.config.hidden_size;
+        let emb = &self.embed_tokens;
+        let row_bytes = emb.format.row_bytes(h);
+        let mut x = vec![0f32; tokens.len() * h];
+        for (i, &t) in tokens.iter().enumerate() {
+            let src = &emb.bytes()[t as usize * row_bytes..(t as usize + 1) * row_bytes];
+            emb.format.dequantize(src, &mut x[i * h..(i + 1) * h]);
+        }
+        x
+    }
+
+    /// cos and sin of each position's rotary angles (`[positions.len(), head_dim / 2]` each),
+    /// f32 as transformers computes them.
+    pub fn rope_tables(&self, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
+        let mut cos = vec![0f32; positions.len() * half];
+        let mut sin = vec![0f32; positions.len() * half];
+        for (i, &p) in positions.iter().enumerate() {
+            for (j, &f) in self.inv_freq.iter().enumerate() {
+                let a = p as f32 * f;
+                cos[i * half + j] = a.cos() * self.rope_scale;
+                sin[i * half + j] = a.sin() * self.rope_scale;
+            }
+        }
+        (cos, sin)
+    }
+
     /// Runs one step: writes the batch's K/V into `kv` and returns the logits of
     /// `batch.logits_rows`, row-major `[logits_rows.len(), vocab]`.
     pub fn forward(&self, ctx: Ctx, batch: &Batch, kv: &mut KvCache) -> Result<Vec<f32>> {
@@ -569,26 +598,9 @@ impl Qwen3 {
         let (h, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
         let isa = ctx.isa;
 
-        // Embedding lookup.
-        let mut x = vec![0f32; n * h];
-        let emb = &self.embed_tokens;
-        let row_bytes = emb.format.row_bytes(h);
-        for (i, &t) in batch.tokens.iter().enumerate() {
-            let src = &emb.bytes()[t as usize * row_bytes..(t as usize + 1) * row_bytes];
-            emb.format.dequantize(src, &mut x[i * h..(i + 1) * h]);
-        }
-
-        // cos/sin of each token's position, f32 as transformers computes them.
+        let mut x = self.embed(&batch.tokens);
         let half = hd / 2;
-        let mut cos = vec![0f32; n * half];
-        let mut sin = vec![0f32; n * half];
-        for (i, &p) in batch.positions.iter().enumerate() {
-            for (j, &f) in self.inv_freq.iter().enumerate() {
-                let a = p as f32 * f;
-                cos[i * half + j] = a.cos() * self.rope_scale;
-                sin[i * half + j] = a.sin() * self.rope_scale;
-            }
-        }
+        let (cos, sin) = self.rope_tables(&batch.positions);
 
         let mut hn = vec![0f32; n * h];
         let mut q = vec![0f32; n * qd];
@@ -700,22 +712,6 @@ impl Qwen3 {
     }
 }
 
-/// Calls `f(rows, out_rows)` over row chunks of `out` (`width` floats a row), in parallel when
-/// there are enough rows to be worth it.
-fn par_rows(ctx: Ctx, n: usize, out: &mut [f32], width: usize, f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
-    let op = SendPtr::new(out);
-    let run = |r: std::ops::Range<usize>| {
-        // SAFETY: each chunk owns its rows of `out` (chunks do not overlap) and r ⊆ 0..n.
-        let o = unsafe { op.slice(r.start * width, r.len() * width) };
-        f(r, o)
-    };
-    if n < 8 {
-        run(0..n);
-    } else {
-        ctx.pool.for_chunks(n, 1, &run);
-    }
-}
-
 /// `out = down(silu(gate(x)) · up(x))`.
 fn swiglu(ctx: Ctx, s: &SwiGlu, x: &[f32], n: usize, out: &mut [f32], rows_adapter: &[u16]) {
     let inter = s.gate_proj.weight.shape[0];
@@ -730,6 +726,24 @@ fn swiglu(ctx: Ctx, s: &SwiGlu, x: &[f32], n: usize, out: &mut [f32], rows_adapt
     par_rows(ctx, n, &mut g, inter, |r, gr| ops::silu_mul(ctx.isa, gr, &u[r.start * inter..r.end * inter]));
     matmul(ctx, &g, n, &s.down_proj.view(), out);
     s.down_proj.add_lora(ctx, &g, n, out, rows_adapter);
+}
+
+/// Routes each row of router logits (`[n, experts]`, turned into probabilities in place): its
+/// `top_k` experts by descending probability (ties to the lower index, as torch.topk does in
+/// practice) with their weights, renormalised over the chosen ones when `norm`.
+pub fn route(logits: &mut [f32], experts: usize, top_k: usize, norm: bool) -> Vec<Vec<(usize, f32)>> {
+    let mut idx: Vec<usize> = Vec::with_capacity(experts);
+    logits
+        .chunks_exact_mut(experts)
+        .map(|p| {
+            ops::softmax_inplace(qwick_backend::Isa::Scalar, p);
+            idx.clear();
+            idx.extend(0..experts);
+            idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            let sum: f32 = idx[..top_k].iter().map(|&e| p[e]).sum();
+            idx[..top_k].iter().map(|&e| (e, if norm { p[e] / sum } else { p[e] })).collect()
+        })
+        .collect()
 }
 
 /// The sparse MoE block: softmax router over all experts, top-k (renormalised when
@@ -752,17 +766,8 @@ fn moe(
     matmul(ctx, x, n, &router.view(), &mut probs);
     // Per expert: (row, weight) of the tokens routed to it.
     let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
-    let mut idx: Vec<usize> = Vec::with_capacity(ne);
-    for t in 0..n {
-        let p = &mut probs[t * ne..(t + 1) * ne];
-        ops::softmax_inplace(qwick_backend::Isa::Scalar, p);
-        idx.clear();
-        idx.extend(0..ne);
-        // Descending probability; ties to the lower index, as torch.topk does in practice.
-        idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-        let sum: f32 = idx[..top_k].iter().map(|&e| p[e]).sum();
-        for &e in &idx[..top_k] {
-            let w = if norm_topk_prob { p[e] / sum } else { p[e] };
+    for (t, chosen) in route(&mut probs, ne, top_k, norm_topk_prob).into_iter().enumerate() {
+        for (e, w) in chosen {
             routed[e].push((t, w));
         }
     }

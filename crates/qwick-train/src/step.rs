@@ -13,9 +13,9 @@
 //! transposed copy for the backward ones (`dx = dy·W`), so that both run on the fast kernels.
 
 use crate::lora::{LoraParams, Pair, DOWN, GATE, K, O, Q, UP, V};
-use qwick_backend::grad::{self, AttnShape};
+use qwick_backend::grad::{self, transpose, AttnShape};
 use qwick_backend::pool::SendPtr;
-use qwick_backend::{matmul, matmul_batch, ops, Ctx, Format, MatmulJob, WeightView};
+use qwick_backend::{matmul, matmul_batch, ops, par_rows, Ctx, Format, MatmulJob, WeightView};
 use qwick_model::qwen3::{Linear, Mlp};
 use qwick_model::Qwen3;
 
@@ -102,8 +102,6 @@ pub struct Frozen<'m> {
     /// Per layer: q, k, v, o, gate, up, down transposed (the last three `None` in MoE layers).
     layers: Vec<[Option<Transposed>; 7]>,
     head: Transposed,
-    inv_freq: Vec<f32>,
-    rope_scale: f32,
     /// The first this many layers keep all their activations from the forward pass instead of
     /// recomputing them in the backward pass (faster, more memory).
     kept_layers: usize,
@@ -153,8 +151,7 @@ impl<'m> Frozen<'m> {
                 layers[l][m] = Some(t);
             }
         }
-        let (inv_freq, rope_scale) = model.config.rope_inv_freq();
-        Ok(Frozen { model, layers, head: head.expect("the head is transposed"), inv_freq, rope_scale, kept_layers: 0 })
+        Ok(Frozen { model, layers, head: head.expect("the head is transposed"), kept_layers: 0 })
     }
 
     /// Keeps all activations of the first `n` layers (all layers if `n` is larger) from the
@@ -243,16 +240,6 @@ fn times_weight(ctx: Ctx, dy: &[f32], m: usize, w: &qwick_model::safetensors::Te
     let mut dx = vec![0f32; m * inp];
     matmul(ctx, dy, m, &WeightView::from_f32(&wt, inp, out), &mut dx);
     dx
-}
-
-/// Calls `f(rows, out_rows)` over row chunks of `out` in parallel.
-fn par_rows(ctx: Ctx, n: usize, out: &mut [f32], width: usize, f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
-    let op = SendPtr::new(out);
-    ctx.pool.for_chunks(n, 1, &|r| {
-        // SAFETY: chunks of rows do not overlap and r ⊆ 0..n, so each call owns its rows.
-        let o = unsafe { op.slice(r.start * width, r.len() * width) };
-        f(r, o)
-    });
 }
 
 /// A keyed hash to a uniform float in [0, 1) (splitmix64), for dropout masks.
@@ -359,13 +346,7 @@ impl Runner<'_, '_> {
                 ops::rope_inplace(isa, row, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
             }
         });
-        let shape = AttnShape {
-            n_heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-            start: &seq.start,
-        };
+        let shape = attn_shape(c, seq);
         let (att, lse) = attn.unwrap_or_else(|| {
             let mut att = vec![0f32; n * qd];
             let mut lse = vec![0f32; n * c.num_attention_heads];
@@ -534,13 +515,7 @@ impl Runner<'_, '_> {
 
         // Attention: x2 = x + o(attn(rope(norm(q(hn1))), rope(norm(k(hn1))), v(hn1))).
         let datt = self.linear_backward(l, O, &acts.att, &acts.lora[O], dx, n, grads);
-        let shape = AttnShape {
-            n_heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-            start: &seq.start,
-        };
+        let shape = attn_shape(c, seq);
         let (mut dq, mut dk, mut dv) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
         grad::attention_backward(
             ctx, &shape, &acts.q, &acts.k, &acts.v, &acts.att, &acts.lse, &datt, &mut dq, &mut dk, &mut dv,
@@ -575,33 +550,6 @@ impl Runner<'_, '_> {
         });
         add(ctx, dx, &dnorm, h);
     }
-
-    /// cos/sin of each token's position (as the forward pass computes them).
-    fn rope_tables(&self, seq: &Sequence) -> (Vec<f32>, Vec<f32>) {
-        let half = self.f.inv_freq.len();
-        let mut cos = vec![0f32; seq.len() * half];
-        let mut sin = vec![0f32; seq.len() * half];
-        for (i, &p) in seq.positions.iter().enumerate() {
-            for (j, &f) in self.f.inv_freq.iter().enumerate() {
-                let a = p as f32 * f;
-                cos[i * half + j] = a.cos() * self.f.rope_scale;
-                sin[i * half + j] = a.sin() * self.f.rope_scale;
-            }
-        }
-        (cos, sin)
-    }
-
-    fn embed(&self, seq: &Sequence) -> Vec<f32> {
-        let model = self.f.model;
-        let h = model.config.hidden_size;
-        let emb = &model.embed_tokens;
-        let rb = emb.format.row_bytes(h);
-        let mut x = vec![0f32; seq.len() * h];
-        for (i, &t) in seq.tokens.iter().enumerate() {
-            emb.format.dequantize(&emb.bytes()[t as usize * rb..(t as usize + 1) * rb], &mut x[i * h..(i + 1) * h]);
-        }
-        x
-    }
 }
 
 /// The sparse MoE block's forward pass as the model's (softmax router, top-k by probability
@@ -622,19 +570,12 @@ fn moe_forward(
     let h = router.weight.shape[1];
     let mut probs = vec![0f32; n * ne];
     matmul(ctx, x, n, &router.view(), &mut probs);
+    let chosen = qwick_model::qwen3::route(&mut probs, ne, top_k, norm);
     let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
-    let mut chosen = Vec::with_capacity(n);
-    for t in 0..n {
-        let p = &mut probs[t * ne..(t + 1) * ne];
-        ops::softmax_inplace(qwick_backend::Isa::Scalar, p);
-        let mut idx: Vec<usize> = (0..ne).collect();
-        idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-        let sum: f32 = idx[..top_k].iter().map(|&e| p[e]).sum();
-        let mine: Vec<(usize, f32)> = idx[..top_k].iter().map(|&e| (e, if norm { p[e] / sum } else { p[e] })).collect();
-        for &(e, w) in &mine {
+    for (t, c) in chosen.iter().enumerate() {
+        for &(e, w) in c {
             routed[e].push((t, w));
         }
-        chosen.push(mine);
     }
     out[..n * h].fill(0.0);
     let mut runs = Vec::new();
@@ -731,6 +672,17 @@ fn moe_backward(
     dx
 }
 
+/// The attention of a packed sequence: each token sees its example up to itself.
+fn attn_shape<'a>(c: &qwick_model::Config, seq: &'a Sequence) -> AttnShape<'a> {
+    AttnShape {
+        n_heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        scale: 1.0 / (c.head_dim as f32).sqrt(),
+        start: &seq.start,
+    }
+}
+
 /// `x · wᵀ` for a few-row `w` (`[r, k]`, a LoRA matrix) and many-row `x` (`[n, k]`): computed
 /// as `w · xᵀ` (`x` as the weight, streamed once for all `r` rows), then transposed to `[n, r]`.
 fn skinny(ctx: Ctx, w: &[f32], r: usize, x: &[f32], n: usize) -> Vec<f32> {
@@ -744,16 +696,6 @@ fn skinny(ctx: Ctx, w: &[f32], r: usize, x: &[f32], n: usize) -> Vec<f32> {
 fn add(ctx: Ctx, x: &mut [f32], y: &[f32], width: usize) {
     let n = x.len() / width;
     par_rows(ctx, n, x, width, |r, xr| ops::add_inplace(ctx.isa, xr, &y[r.start * width..r.end * width]));
-}
-
-fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = x[r * cols + c];
-        }
-    }
-    t
 }
 
 /// What the forward pass leaves a layer's backward pass.
@@ -789,8 +731,8 @@ pub fn loss(
     let model = f.model;
     let c = &model.config;
     let (n, h, vocab) = (seq.len(), c.hidden_size, c.vocab_size);
-    let (cos, sin) = r.rope_tables(seq);
-    let mut x = r.embed(seq);
+    let (cos, sin) = model.rope_tables(&seq.positions);
+    let mut x = model.embed(&seq.tokens);
     let keep = grads.is_some();
     // Kept for the backward pass: each layer's input, and its attention output (the
     // recomputation repeats the projections but not the attention).

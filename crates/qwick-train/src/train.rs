@@ -327,10 +327,10 @@ pub fn train(
     }
     lora.save(&o.out, Some(o.base_model.clone()))?;
     std::fs::write(
-        o.out.join("trainer_state.json.partial"),
+        o.out.join("training_log.json.partial"),
         serde_json::to_string_pretty(&json!({"step": st.step, "total_steps": total, "losses": st.losses}))?,
     )
-    .and_then(|_| std::fs::rename(o.out.join("trainer_state.json.partial"), o.out.join("training_log.json")))
+    .and_then(|_| std::fs::rename(o.out.join("training_log.json.partial"), o.out.join("training_log.json")))
     .with_context(|| format!("cannot write {}", o.out.join("training_log.json").display()))?;
     Ok(Outcome::Finished)
 }

@@ -17,20 +17,7 @@ fn root() -> PathBuf {
 }
 
 fn sequence() -> Sequence {
-    let b: Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("tests/finetune/batch.json")).unwrap()).unwrap();
-    let ints = |k: &str| -> Vec<i64> { b[k].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect() };
-    let mut start = vec![0u32; ints("tokens").len()];
-    for s in b["segments"].as_array().unwrap() {
-        let (s0, len) = (s[0].as_u64().unwrap() as usize, s[1].as_u64().unwrap() as usize);
-        start[s0..s0 + len].fill(s0 as u32);
-    }
-    Sequence {
-        tokens: ints("tokens").iter().map(|&t| t as u32).collect(),
-        positions: ints("positions").iter().map(|&t| t as u32).collect(),
-        start,
-        labels: ints("labels").iter().map(|&l| (l >= 0).then_some(l as u32)).collect(),
-    }
+    sequence_at(&root().join("tests/finetune/batch.json"))
 }
 
 /// max |a − b| / max |b|, failing on NaN.

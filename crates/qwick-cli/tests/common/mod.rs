@@ -10,6 +10,18 @@ use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// Runs the `qwick` binary under test.
+pub fn qwick(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_qwick")).args(args).output().expect("qwick runs")
+}
+
+/// Runs `qwick`, expecting success; its stdout.
+pub fn ok(args: &[&str]) -> String {
+    let o = qwick(args);
+    assert!(o.status.success(), "qwick {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
