@@ -234,6 +234,13 @@ pub fn f32_bytes(x: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
 }
 
+/// The bytes of a u16 slice (bf16 values).
+pub fn u16_bytes(x: &[u16]) -> &[u8] {
+    // SAFETY: u16 has no padding and any byte is a valid u8; the length is the slice's size and
+    // the lifetime is the input's.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
 #[inline(always)]
 pub fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)

@@ -127,26 +127,22 @@ fn mm(ctx: Ctx, x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> 
         return y;
     }
     let kp = k.next_multiple_of(32);
-    let pad = |a: &[f32], rows: usize| -> Vec<f32> {
-        if kp == k {
-            return a[..rows * k].to_vec();
-        }
-        let mut p = vec![0f32; rows * kp];
-        for r in 0..rows {
-            p[r * kp..r * kp + k].copy_from_slice(&a[r * k..(r + 1) * k]);
-        }
-        p
-    };
-    let mut wb = vec![0u8; n * kp * 2];
-    crate::Format::BF16.encode_floats(&pad(w, n), &mut wb);
+    let mut wb = vec![0u16; n * kp];
+    for (src, dst) in w[..n * k].chunks_exact(k).zip(wb.chunks_exact_mut(kp)) {
+        crate::ops::to_bf16(ctx.isa, src, &mut dst[..k]);
+    }
     let xp;
     let xs = if kp == k {
         x
     } else {
-        xp = pad(x, m);
+        let mut p = vec![0f32; m * kp];
+        for (src, dst) in x[..m * k].chunks_exact(k).zip(p.chunks_exact_mut(kp)) {
+            dst[..k].copy_from_slice(src);
+        }
+        xp = p;
         &xp
     };
-    matmul(ctx, xs, m, &WeightView::new(crate::Format::BF16, &wb, n, kp), &mut y);
+    matmul(ctx, xs, m, &WeightView::new(crate::Format::BF16, crate::format::u16_bytes(&wb), n, kp), &mut y);
     y
 }
 

@@ -18,6 +18,9 @@ pub enum Layout {
     Rows,
     /// Groups of 16 rows interleaved for the integer kernels (see [`crate::quant::tiles`]).
     Tiles,
+    /// A bf16 weight stored transposed: `cols` rows of `rows` values (`y = x · stored`), read
+    /// only by the AMX products (see [`reads_transposed`]).
+    Transposed,
 }
 
 /// A borrowed 2-D weight, `rows` output features by `cols` input features.
@@ -44,6 +47,14 @@ impl<'a> WeightView<'a> {
         WeightView { format, layout: Layout::Tiles, data, rows, cols }
     }
 
+    /// A bf16 weight of `rows` outputs by `cols` inputs given as its transpose (`cols` rows of
+    /// `rows` values, e.g. a `Linear` weight read backwards for `dx = dy · W`).
+    pub fn transposed(format: Format, data: &'a [u8], rows: usize, cols: usize) -> Self {
+        assert_eq!(format, Format::BF16, "only bf16 weights are read transposed");
+        assert_eq!(data.len(), cols * format.row_bytes(rows), "weight buffer size does not match its shape");
+        WeightView { format, layout: Layout::Transposed, data, rows, cols }
+    }
+
     pub fn from_f32(data: &'a [f32], rows: usize, cols: usize) -> Self {
         // Any initialised f32 slice is also a valid byte slice of four times the length.
         let bytes = crate::format::f32_bytes(data);
@@ -63,6 +74,7 @@ impl<'a> WeightView<'a> {
 /// The kernels products with `w` use (outside the exact mode), in words.
 pub fn kernel_path(w: &WeightView) -> &'static str {
     match w.layout {
+        Layout::Transposed => "bf16, transposed",
         _ if w.format.is_float() => "float",
         Layout::Tiles => "integer, repacked",
         Layout::Rows if quant::has_q8_kernel(w.format) => "integer, file layout",
@@ -219,7 +231,17 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<(Bf1
     (best, times)
 }
 
+/// Whether products in `ctx` can read a weight of `format` transposed
+/// ([`WeightView::transposed`]): bf16 weights on AMX tiles, inputs a multiple of 32.
+pub fn reads_transposed(ctx: Ctx, format: Format, cols: usize) -> bool {
+    cfg!(target_arch = "x86_64") && format == Format::BF16 && ctx.bf16_mode() == Bf16Mode::Amx && cols.is_multiple_of(32)
+}
+
 fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
+    if w.layout == Layout::Transposed {
+        assert!(reads_transposed(ctx, w.format, w.cols), "a transposed weight in a context that cannot read it");
+        return Kind::Amx;
+    }
     let mode = if w.format == Format::BF16 { ctx.bf16_mode() } else { Bf16Mode::F32 };
     if mode != Bf16Mode::F32 && w.cols.is_multiple_of(32) {
         // Every product rounds activations to bf16, whatever the rows: a row's result does not
@@ -255,7 +277,7 @@ fn prepare(ctx: Ctx, kind: Kind, x: &[f32], m: usize, k: usize) -> Prepared {
     let x = &x[..m * k];
     match kind {
         Kind::None => Prepared::None,
-        Kind::Bf16 => Prepared::Bf16(round_rows_to_bf16(x, k)),
+        Kind::Bf16 => Prepared::Bf16(round_rows_to_bf16(ctx.isa, x, k)),
         Kind::Padded => {
             let ldx = pad_stride(ctx.isa, m, k).expect("padded stride");
             Prepared::Padded(pad_rows(x, k, ldx), ldx)
@@ -362,13 +384,11 @@ fn split_even_odd(x: &[f32], k: usize, ldx: usize, round: bool) -> Vec<f32> {
 }
 
 /// `x` [m, k] rounded to bf16 (nearest even), each row padded with a zero to an even length.
-pub fn round_rows_to_bf16(x: &[f32], k: usize) -> Vec<u16> {
+pub fn round_rows_to_bf16(isa: Isa, x: &[f32], k: usize) -> Vec<u16> {
     let kp = k.next_multiple_of(2);
     let mut out = vec![0u16; x.len() / k.max(1) * kp];
     for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(kp)) {
-        for (d, &v) in dst.iter_mut().zip(src) {
-            *d = crate::format::f32_to_bf16(v);
-        }
+        crate::ops::to_bf16(isa, src, &mut dst[..k]);
     }
     out
 }
@@ -391,8 +411,9 @@ unsafe fn matmul_cols_impl(
         Prepared::Q8(a) => quant::matmul_q8(ctx.isa, a, w, y, ldy, cols),
         #[cfg(target_arch = "x86_64")]
         Prepared::Amx(a) => {
-            let src = match quant::tiles::spec(w.format) {
-                Some(spec) if w.layout == Layout::Tiles => quant::amx::Source::Tiles(spec),
+            let src = match (w.layout, quant::tiles::spec(w.format)) {
+                (Layout::Tiles, Some(spec)) => quant::amx::Source::Tiles(spec),
+                (Layout::Transposed, _) => quant::amx::Source::Bf16Cols,
                 _ => quant::amx::Source::Bf16Rows,
             };
             quant::amx::matmul(src, a, w, y, ldy, cols)
@@ -1362,6 +1383,45 @@ pub(crate) mod tests {
             }
         }
         out
+    }
+
+    /// Products with a bf16 weight read transposed equal the product with the weight in row
+    /// layout (f32 activations rounded to bf16), over shapes with ragged tiles in both
+    /// directions and inner dimensions of several passes; so do row-layout weights that deep.
+    #[test]
+    fn transposed_bf16_weights_on_amx() {
+        let pool = ThreadPool::new(2);
+        let ctx = Ctx { bf16: Some(Bf16Mode::Amx), ..Ctx::new(Isa::best(), &pool) };
+        if !reads_transposed(ctx, Format::BF16, 32) {
+            eprintln!("no AMX here: skipped");
+            return;
+        }
+        for &(m, n, k) in &[(1, 16, 32), (5, 40, 96), (16, 33, 64), (37, 70, 2112), (64, 1024, 4160), (100, 17, 512)] {
+            let x = rand_vec(m * k, 3 + m as u64);
+            let wf = rand_vec(n * k, 5 + n as u64);
+            let wb = encode(&wf, Format::BF16);
+            let mut wt = vec![0f32; n * k];
+            for r in 0..n {
+                for c in 0..k {
+                    wt[c * n + r] = wf[r * k + c];
+                }
+            }
+            let wtb = encode(&wt, Format::BF16);
+            let xr: Vec<f32> = x.iter().map(|&v| crate::format::bf16_to_f32(crate::format::f32_to_bf16(v))).collect();
+            let mut want = vec![0f32; m * n];
+            matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &WeightView::new(Format::BF16, &wb, n, k), &mut want);
+            for w in [WeightView::transposed(Format::BF16, &wtb, n, k), WeightView::new(Format::BF16, &wb, n, k)] {
+                let mut got = vec![f32::NAN; m * n];
+                matmul(ctx, &x, m, &w, &mut got);
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
+                        "{:?} m{m} n{n} k{k} at {i}: {g} vs {e}",
+                        w.layout
+                    );
+                }
+            }
+        }
     }
 
     #[test]

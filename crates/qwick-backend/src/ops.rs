@@ -194,6 +194,23 @@ pub fn softmax_inplace(isa: Isa, x: &mut [f32]) {
     )
 }
 
+/// `src` rounded to bf16 (nearest, ties to even; NaN stays a quiet NaN): bit for bit
+/// [`crate::format::f32_to_bf16`], written branch-free so it vectorises.
+pub fn to_bf16(isa: Isa, src: &[f32], dst: &mut [u16]) {
+    multiversion!(
+        isa,
+        fn to_bf16_body(src: &[f32], dst: &mut [u16]) {
+            let _ = FAST;
+            for (d, &x) in dst.iter_mut().zip(src) {
+                let b = x.to_bits();
+                let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+                let nan = (b >> 16) | 0x40;
+                *d = if b & 0x7fff_ffff > 0x7f80_0000 { nan } else { rounded } as u16;
+            }
+        }
+    )
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -217,6 +234,21 @@ pub(crate) mod tests {
         }
         assert_eq!(exp_poly(-200.0), 0.0f32.max(exp_poly(-200.0)));
         assert!(exp_poly(-200.0) < 1e-37);
+    }
+
+    #[test]
+    fn to_bf16_is_f32_to_bf16_bit_for_bit() {
+        let mut x = rand_vec(4099, 3);
+        let specials = [0.0, -0.0, 1e-40, -1e-42, f32::MIN_POSITIVE, f32::MAX, f32::INFINITY, f32::NEG_INFINITY];
+        x.extend(specials);
+        x.extend([f32::NAN, f32::from_bits(0x7f80_0001), f32::from_bits(0xffc1_2345), f32::from_bits(0x3f80_8000)]);
+        x.extend((0..4096u32).map(|i| f32::from_bits(0x3f80_0000 + i * 0x1_0001)));
+        let want: Vec<u16> = x.iter().map(|&v| crate::format::f32_to_bf16(v)).collect();
+        for isa in [Isa::Scalar].into_iter().chain(Isa::all_supported()) {
+            let mut got = vec![0u16; x.len()];
+            to_bf16(isa, &x, &mut got);
+            assert_eq!(got, want, "{isa}");
+        }
     }
 
     #[test]

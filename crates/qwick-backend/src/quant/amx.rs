@@ -77,13 +77,13 @@ impl ActBf16 {
     pub fn new(x: &[f32], m: usize, k: usize) -> ActBf16 {
         let ksteps = k / 32;
         let mut out = vec![0u16; m.next_multiple_of(ROWS) * k];
+        let mut row_bf16 = vec![0u16; k];
         for (i, row) in x[..m * k].chunks_exact(k).enumerate() {
             let (rb, r) = (i / ROWS, i % ROWS);
-            for (ks, vals) in row.chunks_exact(32).enumerate() {
-                let dst = &mut out[((rb * ksteps + ks) * ROWS + r) * 32..][..32];
-                for (d, &v) in dst.iter_mut().zip(vals) {
-                    *d = crate::format::f32_to_bf16(v);
-                }
+            // AMX implies AVX-512 (see `usable`).
+            crate::ops::to_bf16(crate::Isa::Avx512, row, &mut row_bf16);
+            for (ks, vals) in row_bf16.chunks_exact(32).enumerate() {
+                out[((rb * ksteps + ks) * ROWS + r) * 32..][..32].copy_from_slice(vals);
             }
         }
         ActBf16 { m, k, x: out }
@@ -100,13 +100,15 @@ impl ActBf16 {
     }
 }
 
-/// Unpacks group `g` of a tiled weight to bf16 B tiles: for each 32 weights of the row, 16 rows
-/// of 64 bytes, row `p` holding weights `(2p, 2p+1)` of each of the 16 weight rows.
+/// Unpacks weights `32·j0..32·(j0 + steps)` of a group of a tiled weight to bf16 B tiles: for
+/// each 32 weights of the row, 16 rows of 64 bytes, row `p` holding weights `(2p, 2p+1)` of
+/// each of the 16 weight rows.
 ///
 /// # Safety
-/// The CPU must support AVX-512 BF16; `out` holds `k / 32 × 512` values.
+/// The CPU must support AVX-512 BF16; `group` holds the group's weights through step
+/// `j0 + steps`; `out` holds `steps × 512` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,f16c,fma")]
-unsafe fn unpack_group(spec: &Spec, group: &[u8], k: usize, out: &mut [u16]) {
+unsafe fn unpack_group(spec: &Spec, group: &[u8], j0: usize, steps: usize, out: &mut [u16]) {
     let per_sb = spec.sb / 32;
     let gp = group.as_ptr();
     // Lane l of a quad's 16 widened values belongs to weight row 4·part + l/4.
@@ -135,14 +137,14 @@ unsafe fn unpack_group(spec: &Spec, group: &[u8], k: usize, out: &mut [u16]) {
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     let off = _mm512_set1_ps(spec.offset as f32);
-    for j in 0..k / 32 {
+    for (jo, j) in (j0..j0 + steps).enumerate() {
         let h = gp.add((j / per_sb) * spec.sb_bytes());
         let jj = j % per_sb;
         let q = super::x86::avx512::quads(spec.format, h.add(spec.header + jj * spec.block_bytes()));
         let (s, m) = super::x86::avx512::scales(spec.format, h, jj);
         // w = s·u + (m − s·o), per scale group (quads 0–3 are weights 0–15, quads 4–7 16–31).
         let bias = [_mm512_fnmadd_ps(s[0], off, m[0]), _mm512_fnmadd_ps(s[1], off, m[1])];
-        let dst = out.as_mut_ptr().add(j * 512);
+        let dst = out.as_mut_ptr().add(jo * 512);
         for (t, qt) in q.iter().enumerate() {
             let g = t / 4;
             let mut f = [_mm512_setzero_ps(); 4];
@@ -166,32 +168,88 @@ unsafe fn unpack_group(spec: &Spec, group: &[u8], k: usize, out: &mut [u16]) {
     }
 }
 
-/// Rows `16·g..16·g+16` of a bf16 weight in row layout (`k` values per row) as B tiles: for
-/// each 32 values, 16 rows of 64 bytes, row `p` holding values `(2p, 2p+1)` of each weight
-/// row: a 16 × 16 transpose of 32-bit pairs, done with gathers. Rows past `rows` are zero.
+/// Rows `16·g..16·g+16`, values `32·j0..32·(j0 + steps)` of a bf16 weight in row layout
+/// (`k` values per row) as B tiles: for each 32 values, 16 rows of 64 bytes, row `p` holding
+/// values `(2p, 2p+1)` of each weight row: a 16 × 16 transpose of 32-bit pairs, done in
+/// registers. Rows past `rows` are zero.
 ///
 /// # Safety
 /// The CPU must support AVX-512; `data` holds `rows` rows of `k` bf16; `out` holds
-/// `k / 32 × 512` values.
+/// `steps × 512` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-unsafe fn unpack_bf16_rows(data: &[u8], rows: usize, g: usize, k: usize, out: &mut [u16]) {
+unsafe fn unpack_bf16_rows(data: &[u8], rows: usize, g: usize, k: usize, j0: usize, steps: usize, out: &mut [u16]) {
     let n = (rows - g * ROWS).min(ROWS);
-    let live: __mmask16 = if n == ROWS { 0xffff } else { ((1u32 << n) - 1) as __mmask16 };
-    // Byte offset of each of the 16 rows.
-    let idx = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(2 * k as i32),
-    );
     let base = data.as_ptr().add(g * ROWS * 2 * k);
-    for j in 0..k / 32 {
+    for j in 0..steps {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (i, v) in r.iter_mut().enumerate().take(n) {
+            *v = _mm512_loadu_si512(base.add(i * 2 * k + 64 * (j0 + j)) as *const _);
+        }
+        let t = transpose16(r);
+        let dst = out.as_mut_ptr().add(j * 512);
+        for (p, v) in t.iter().enumerate() {
+            _mm512_storeu_si512(dst.add(32 * p) as *mut _, *v);
+        }
+    }
+}
+
+/// The 16 × 16 transpose of 32-bit lanes: lane `r` of output `p` is lane `p` of input `r`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+    // Pairs of rows interleaved: t[2i] holds lanes (0, 1) of rows 2i, 2i+1 per 128-bit lane, ...
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4a + c]: lanes c, c+4, c+8, c+12 of rows 4a..4a+4, one per 128-bit lane.
+    let mut u = [_mm512_setzero_si512(); 16];
+    for a in 0..4 {
+        let (t0, t1, t2, t3) = (t[4 * a], t[4 * a + 1], t[4 * a + 2], t[4 * a + 3]);
+        u[4 * a] = _mm512_unpacklo_epi64(t0, t2);
+        u[4 * a + 1] = _mm512_unpackhi_epi64(t0, t2);
+        u[4 * a + 2] = _mm512_unpacklo_epi64(t1, t3);
+        u[4 * a + 3] = _mm512_unpackhi_epi64(t1, t3);
+    }
+    // Output 4L + c gathers 128-bit lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+    let mut out = [_mm512_setzero_si512(); 16];
+    for c in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c]);
+        let v1 = _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c]);
+        let w0 = _mm512_shuffle_i32x4::<0xdd>(u[c], u[4 + c]);
+        let w1 = _mm512_shuffle_i32x4::<0xdd>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_i32x4::<0x88>(v0, v1);
+        out[8 + c] = _mm512_shuffle_i32x4::<0xdd>(v0, v1);
+        out[4 + c] = _mm512_shuffle_i32x4::<0x88>(w0, w1);
+        out[12 + c] = _mm512_shuffle_i32x4::<0xdd>(w0, w1);
+    }
+    out
+}
+
+/// Output features `16·g..16·g+16`, inputs `32·j0..32·(j0 + steps)` of a bf16 weight stored
+/// transposed (`k` rows of `n` values, `y = x · stored`) as B tiles: row `p` of a tile holds,
+/// for each of the 16 features, inputs `2p` and `2p+1`: two stored rows interleaved. Features
+/// past `n` are zero.
+///
+/// # Safety
+/// The CPU must support AVX-512 BW; `data` holds `32·(j0 + steps)` rows of `n` bf16; `out`
+/// holds `steps × 512` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn unpack_bf16_cols(data: &[u8], n: usize, g: usize, j0: usize, steps: usize, out: &mut [u16]) {
+    let live = (n - g * ROWS).min(ROWS);
+    let mask: __mmask16 = if live == ROWS { 0xffff } else { ((1u32 << live) - 1) as __mmask16 };
+    // Word 2c takes word c of the first row, word 2c+1 word c of the second (index 32 + c).
+    let order: [u16; 32] = std::array::from_fn(|i| (i / 2 + 32 * (i % 2)) as u16);
+    let idx = _mm512_loadu_si512(order.as_ptr() as *const _);
+    let base = data.as_ptr().add(g * ROWS * 2);
+    for j in 0..steps {
         let dst = out.as_mut_ptr().add(j * 512);
         for p in 0..16 {
-            let v = _mm512_mask_i32gather_epi32::<1>(
-                _mm512_setzero_si512(),
-                live,
-                idx,
-                base.add(64 * j + 4 * p) as *const _,
-            );
+            let row = 32 * (j0 + j) + 2 * p;
+            let s0 = _mm256_maskz_loadu_epi16(mask, base.add(row * 2 * n) as *const _);
+            let s1 = _mm256_maskz_loadu_epi16(mask, base.add((row + 1) * 2 * n) as *const _);
+            let v = _mm512_permutex2var_epi16(_mm512_castsi256_si512(s0), idx, _mm512_castsi256_si512(s1));
             _mm512_storeu_si512(dst.add(32 * p) as *mut _, v);
         }
     }
@@ -204,80 +262,83 @@ pub enum Source<'a> {
     Tiles(&'a Spec),
     /// A bf16 weight in row layout.
     Bf16Rows,
+    /// A bf16 weight stored transposed ([`crate::matmul::Layout::Transposed`]).
+    Bf16Cols,
 }
 
-/// Depth of a pass, in 32-value steps: the activation and weight tiles of a pass (2 × 8 KiB
-/// each) stay in L1 while every row block goes over them.
-const KC: usize = 8;
+/// Depth of a pass, in 32-value steps: the weight tiles of a column pair over a pass
+/// (2 × `KC` KiB) stay in L2, and sums go through memory once per pass.
+const KC: usize = 64;
 
 /// `y[:, cols] = x · wᵀ` on AMX tiles, `cols.start` a multiple of 16.
 ///
-/// Columns go two weight groups (32) at a time: both groups are unpacked to bf16, then the sums
-/// of every 32-row block of activations accumulate in `y` (or, for ragged blocks at the edges,
-/// in a scratch copied to `y` at the end), pass after pass of [`KC`] steps.
+/// Columns go two weight groups (32) at a time, in passes of up to [`KC`] steps: the groups'
+/// tiles for the pass are unpacked to bf16, then every pair of 16-row blocks accumulates over
+/// the pass in four tiles, kept between passes in a scratch (the last pass of whole blocks
+/// stores to `y` directly).
 ///
 /// # Safety
 /// [`usable`] must have returned true; `w` is in tiles; `y` is valid for `a.m` rows of `ldy`
 /// floats and no other thread writes these columns.
 pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
     let k = a.k;
-    let unpack = |g: usize, out: &mut [u16]| match src {
+    let unpack = |g: usize, j0: usize, steps: usize, out: &mut [u16]| match src {
         Source::Tiles(spec) => {
             let gb = spec.group_bytes(k);
-            unpack_group(spec, &w.data[g * gb..(g + 1) * gb], k, out)
+            unpack_group(spec, &w.data[g * gb..(g + 1) * gb], j0, steps, out)
         }
-        Source::Bf16Rows => unpack_bf16_rows(w.data, w.rows, g, k, out),
+        Source::Bf16Rows => unpack_bf16_rows(w.data, w.rows, g, k, j0, steps, out),
+        Source::Bf16Cols => unpack_bf16_cols(w.data, w.rows, g, j0, steps, out),
     };
     let ksteps = k / 32;
+    let kc = KC.min(ksteps);
     let rblocks = a.m.div_ceil(ROWS);
-    let mut b = vec![0u16; 2 * ksteps * 512];
-    // Sums of the current column pair: rows padded to whole blocks, 32 columns (128 bytes) each.
+    let mut b = vec![0u16; 2 * kc * 512];
+    // Sums of the current column pair: 16 × 32 floats (128-byte rows) per row block.
     let mut c = vec![0f32; rblocks * ROWS * 32];
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
     let mut n = cols.start;
     while n < cols.end {
         let g = n / ROWS;
         let width = (cols.end - n).min(2 * ROWS);
-        unpack(g, &mut b[..ksteps * 512]);
-        if width > ROWS {
-            unpack(g + 1, &mut b[ksteps * 512..]);
-        } else {
-            b[ksteps * 512..].fill(0);
-        }
         let mut k0 = 0;
         while k0 < ksteps {
-            let steps = (ksteps - k0).min(KC);
+            let steps = (ksteps - k0).min(kc);
+            let (b0s, b1s) = b.split_at_mut(kc * 512);
+            unpack(g, k0, steps, &mut b0s[..steps * 512]);
+            if width > ROWS {
+                unpack(g + 1, k0, steps, &mut b1s[..steps * 512]);
+            } else {
+                b1s.fill(0);
+            }
+            let (b0, b1) = (b.as_ptr(), b.as_ptr().add(kc * 512));
             let mut rb = 0;
             while rb < rblocks {
                 let two = rb + 1 < rblocks;
-                // Whole 16 × 32 blocks accumulate in y itself; ragged ones in the scratch.
-                let whole = width == 2 * ROWS && (rb + if two { 2 } else { 1 }) * ROWS <= a.m;
-                let (c0, cs) = if whole {
-                    (y.add(rb * ROWS * ldy + n), ldy * 4)
+                let c0 = c.as_mut_ptr().add(rb * ROWS * 32);
+                let c1 = c0.add(ROWS * 32);
+                // The last pass of whole blocks stores to `y`; others to the scratch.
+                let end = if two { rb + 2 } else { rb + 1 };
+                let direct = k0 + steps == ksteps && width == 2 * ROWS && end * ROWS <= a.m;
+                let (d0, d1, ds) = if direct {
+                    let d0 = y.add(rb * ROWS * ldy + n);
+                    (d0, d0.add(ROWS * ldy), 4 * ldy)
                 } else {
-                    (c.as_mut_ptr().add(rb * ROWS * 32), 128usize)
+                    (c0, c1, 128)
                 };
-                let c1 = c0.add(if whole { ROWS * ldy } else { ROWS * 32 });
-                let (b0, b1) = (b.as_ptr().add(k0 * 512), b.as_ptr().add((ksteps + k0) * 512));
                 if k0 == 0 {
                     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
                 } else {
                     asm!(
                         "tileloadd tmm0, [{c0} + {cs} * 1]",
                         "tileloadd tmm1, [{c0} + {cs} * 1 + 64]",
+                        "tileloadd tmm2, [{c1} + {cs} * 1]",
+                        "tileloadd tmm3, [{c1} + {cs} * 1 + 64]",
                         c0 = in(reg) c0,
-                        cs = in(reg) cs,
+                        c1 = in(reg) c1,
+                        cs = in(reg) 128usize,
                         options(nostack, readonly)
                     );
-                    if two {
-                        asm!(
-                            "tileloadd tmm2, [{c1} + {cs} * 1]",
-                            "tileloadd tmm3, [{c1} + {cs} * 1 + 64]",
-                            c1 = in(reg) c1,
-                            cs = in(reg) cs,
-                            options(nostack, readonly)
-                        );
-                    }
                 }
                 if two {
                     asm!(
@@ -296,19 +357,19 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                         "add {b1}, 1024",
                         "dec {n}",
                         "jnz 2b",
-                        "tilestored [{c0} + {cs} * 1], tmm0",
-                        "tilestored [{c0} + {cs} * 1 + 64], tmm1",
-                        "tilestored [{c1} + {cs} * 1], tmm2",
-                        "tilestored [{c1} + {cs} * 1 + 64], tmm3",
+                        "tilestored [{d0} + {ds} * 1], tmm0",
+                        "tilestored [{d0} + {ds} * 1 + 64], tmm1",
+                        "tilestored [{d1} + {ds} * 1], tmm2",
+                        "tilestored [{d1} + {ds} * 1 + 64], tmm3",
                         a0 = inout(reg) a.tile(rb, k0) => _,
                         a1 = inout(reg) a.tile(rb + 1, k0) => _,
                         b0 = inout(reg) b0 => _,
                         b1 = inout(reg) b1 => _,
                         n = inout(reg) steps => _,
-                        c0 = in(reg) c0,
-                        c1 = in(reg) c1,
+                        d0 = in(reg) d0,
+                        d1 = in(reg) d1,
                         s = in(reg) 64usize,
-                        cs = in(reg) cs,
+                        ds = in(reg) ds,
                         options(nostack)
                     );
                 } else {
@@ -324,15 +385,15 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                         "add {b1}, 1024",
                         "dec {n}",
                         "jnz 2b",
-                        "tilestored [{c0} + {cs} * 1], tmm0",
-                        "tilestored [{c0} + {cs} * 1 + 64], tmm1",
+                        "tilestored [{d0} + {ds} * 1], tmm0",
+                        "tilestored [{d0} + {ds} * 1 + 64], tmm1",
                         a0 = inout(reg) a.tile(rb, k0) => _,
                         b0 = inout(reg) b0 => _,
                         b1 = inout(reg) b1 => _,
                         n = inout(reg) steps => _,
-                        c0 = in(reg) c0,
+                        d0 = in(reg) d0,
                         s = in(reg) 64usize,
-                        cs = in(reg) cs,
+                        ds = in(reg) ds,
                         options(nostack)
                     );
                 }
@@ -340,17 +401,16 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
             }
             k0 += steps;
         }
-        // Rows whose sums went to the scratch.
+        // Rows of blocks whose sums stayed in the scratch: the ragged ones at the edges.
         let mut rb = 0;
         while rb < rblocks {
-            let two = rb + 1 < rblocks;
-            let whole = width == 2 * ROWS && (rb + if two { 2 } else { 1 }) * ROWS <= a.m;
-            if !whole {
-                for i in rb * ROWS..((rb + if two { 2 } else { 1 }) * ROWS).min(a.m) {
+            let end = if rb + 1 < rblocks { rb + 2 } else { rb + 1 };
+            if !(width == 2 * ROWS && end * ROWS <= a.m) {
+                for i in rb * ROWS..(end * ROWS).min(a.m) {
                     std::ptr::copy_nonoverlapping(c.as_ptr().add(i * 32), y.add(i * ldy + n), width);
                 }
             }
-            rb += if two { 2 } else { 1 };
+            rb = end;
         }
         n += width;
     }

@@ -138,6 +138,7 @@ pub unsafe fn matmul_q8(isa: Isa, a: &ActQ8, w: &WeightView, y: *mut f32, ldy: u
                 tiles::repack_into(spec, &w.data[n * rb..(n + rows) * rb], rows, k, &mut scratch);
                 &scratch
             }
+            Layout::Transposed => unreachable!("integer formats are not read transposed"),
         };
         group_kernel(isa, spec, group, a, y.add(n), ldy, valid);
         n += valid;
