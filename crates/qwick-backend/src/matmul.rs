@@ -234,7 +234,10 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<(Bf1
 /// Whether products in `ctx` can read a weight of `format` transposed
 /// ([`WeightView::transposed`]): bf16 weights on AMX tiles, inputs a multiple of 32.
 pub fn reads_transposed(ctx: Ctx, format: Format, cols: usize) -> bool {
-    cfg!(target_arch = "x86_64") && format == Format::BF16 && ctx.bf16_mode() == Bf16Mode::Amx && cols.is_multiple_of(32)
+    cfg!(target_arch = "x86_64")
+        && format == Format::BF16
+        && ctx.bf16_mode() == Bf16Mode::Amx
+        && cols.is_multiple_of(32)
 }
 
 fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {

@@ -10,7 +10,7 @@ use qwick_server::ChatModel;
 use qwick_train::data::{self, DataOptions, Renderer};
 use qwick_train::lora::{LoraParams, LoraSpec};
 use qwick_train::optim::{AdamW, Schedule};
-use qwick_train::step::{Frozen, Sequence};
+use qwick_train::step::{self, Frozen, Sequence};
 use qwick_train::train::{self, Event, Outcome, TrainOptions};
 use qwick_train::Rng;
 use serde_json::json;
@@ -103,8 +103,8 @@ pub struct FinetuneArgs {
     save_every: u64,
     /// Keep every activation of the first N layers (or "all") from the forward pass instead of
     /// recomputing them in the backward pass: faster, at about 45 MB per layer per 512 tokens on
-    /// a 0.6B model.
-    #[arg(long, default_value = "0")]
+    /// a 0.6B model. "auto": as many layers as fit in a quarter of the available memory.
+    #[arg(long, default_value = "auto")]
     keep_layers: String,
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
@@ -283,9 +283,23 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     let t_prep = std::time::Instant::now();
     let kept = match a.keep_layers.as_str() {
         "all" => usize::MAX,
-        n => n.parse::<usize>().with_context(|| format!("--keep-layers {n}: expected a number of layers or all"))?,
+        "auto" => {
+            let budget = crate::common::available_memory().unwrap_or(4 << 30) / 4;
+            let c = &model.config;
+            let per = |l| step::kept_layer_bytes(c, l, a.seq_len, lora.spec.rank, a.dropout > 0.0);
+            let mut used = 0;
+            (0..c.num_hidden_layers)
+                .take_while(|&l| {
+                    used += per(l);
+                    used <= budget
+                })
+                .count()
+        }
+        n => n
+            .parse::<usize>()
+            .with_context(|| format!("--keep-layers {n}: expected a number of layers, all or auto"))?,
     };
-    let frozen = Frozen::new(&model, threads)?.keep_layers(kept);
+    let frozen = Frozen::new(&model, ctx)?.keep_layers(kept);
     eprintln!(
         "model: {} ({} layers); LoRA rank {} on {} ({} trainable values); transposed weights for the backward pass: {:.2} \
          GB in {:.1} s",

@@ -67,13 +67,6 @@ pub struct ServeArgs {
     run: RunArgs,
 }
 
-fn available_memory() -> Option<usize> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 pub fn serve(a: ServeArgs) -> Result<()> {
     let mut info = ChatModel::load_spec(&a.model, a.chat_template.as_deref(), a.served_model_name.clone())?;
     let dir = info.dir.clone();
@@ -108,7 +101,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             kv_tokens_for_bytes(&model, kv_format, (gb * 1e9) as usize)
         }
         (None, None) => {
-            let budget = available_memory().map_or(4e9, |m| (m as f64 / 4.0).min(4e9));
+            let budget = common::available_memory().map_or(4e9, |m| (m as f64 / 4.0).min(4e9));
             kv_tokens_for_bytes(&model, kv_format, budget as usize).min(a.max_num_seqs.saturating_mul(context))
         }
     };

@@ -96,12 +96,36 @@ impl Transposed {
     }
 }
 
-/// The frozen model with the transposed weights its backward pass reads.
+/// How the backward pass reads a frozen weight for `dx = dy · W`.
+enum Back<'m> {
+    /// As stored, transposed by the product itself (bf16 on AMX tiles).
+    Stored(&'m qwick_model::safetensors::Tensor),
+    /// Through a transposed copy.
+    Copy(Transposed),
+}
+
+impl Back<'_> {
+    fn view(&self) -> WeightView<'_> {
+        match self {
+            Back::Stored(w) => WeightView::transposed(w.format, w.bytes(), w.shape[1], w.shape[0]),
+            Back::Copy(t) => t.view(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Back::Stored(_) => 0,
+            Back::Copy(t) => t.bytes(),
+        }
+    }
+}
+
+/// The frozen model with what its backward pass reads.
 pub struct Frozen<'m> {
     pub model: &'m Qwen3,
-    /// Per layer: q, k, v, o, gate, up, down transposed (the last three `None` in MoE layers).
-    layers: Vec<[Option<Transposed>; 7]>,
-    head: Transposed,
+    /// Per layer: q, k, v, o, gate, up, down (the last three `None` in MoE layers).
+    layers: Vec<[Option<Back<'m>>; 7]>,
+    head: Back<'m>,
     /// The first this many layers keep all their activations from the forward pass instead of
     /// recomputing them in the backward pass (faster, more memory).
     kept_layers: usize,
@@ -115,8 +139,9 @@ fn dense(m: &Mlp) -> Option<(&Linear, &Linear, &Linear)> {
 }
 
 impl<'m> Frozen<'m> {
-    /// Prepares `model` for training on `threads` threads (transposing its projections).
-    pub fn new(model: &'m Qwen3, threads: usize) -> anyhow::Result<Frozen<'m>> {
+    /// Prepares `model` for training in `ctx`: projections whose stored weights `ctx`'s products
+    /// cannot read transposed get a transposed copy (made on all of the pool's threads).
+    pub fn new(model: &'m Qwen3, ctx: Ctx) -> anyhow::Result<Frozen<'m>> {
         let mut jobs: Vec<(usize, usize, &Linear)> = Vec::new();
         for (l, layer) in model.layers.iter().enumerate() {
             let a = &layer.attn;
@@ -130,19 +155,24 @@ impl<'m> Frozen<'m> {
             }
         }
         jobs.push((usize::MAX, 0, &model.lm_head));
-        let done: std::sync::Mutex<Vec<(usize, usize, Transposed)>> = std::sync::Mutex::new(Vec::new());
+        let done: std::sync::Mutex<Vec<(usize, usize, Back<'m>)>> = std::sync::Mutex::new(Vec::new());
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
-            for _ in 0..threads.max(1) {
+            for _ in 0..ctx.pool.threads().max(1) {
                 s.spawn(|| loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&(l, m, lin)) = jobs.get(i) else { break };
-                    let t = Transposed::of(lin);
-                    done.lock().unwrap_or_else(|e| e.into_inner()).push((l, m, t));
+                    let w = &lin.weight;
+                    let back = if qwick_backend::matmul::reads_transposed(ctx, w.format, w.shape[0]) {
+                        Back::Stored(w)
+                    } else {
+                        Back::Copy(Transposed::of(lin))
+                    };
+                    done.lock().unwrap_or_else(|e| e.into_inner()).push((l, m, back));
                 });
             }
         });
-        let mut layers: Vec<[Option<Transposed>; 7]> = (0..model.layers.len()).map(|_| Default::default()).collect();
+        let mut layers: Vec<[Option<Back>; 7]> = (0..model.layers.len()).map(|_| Default::default()).collect();
         let mut head = None;
         for (l, m, t) in done.into_inner().unwrap_or_else(|e| e.into_inner()) {
             if l == usize::MAX {
@@ -151,7 +181,7 @@ impl<'m> Frozen<'m> {
                 layers[l][m] = Some(t);
             }
         }
-        Ok(Frozen { model, layers, head: head.expect("the head is transposed"), kept_layers: 0 })
+        Ok(Frozen { model, layers, head: head.expect("the head is prepared"), kept_layers: 0 })
     }
 
     /// Keeps all activations of the first `n` layers (all layers if `n` is larger) from the
@@ -163,11 +193,11 @@ impl<'m> Frozen<'m> {
 
     /// Bytes of the transposed copies.
     pub fn extra_bytes(&self) -> usize {
-        self.layers.iter().flatten().flatten().map(Transposed::bytes).sum::<usize>() + self.head.bytes()
+        self.layers.iter().flatten().flatten().map(Back::bytes).sum::<usize>() + self.head.bytes()
     }
 
     fn wt(&self, l: usize, m: usize) -> WeightView<'_> {
-        self.layers[l][m].as_ref().expect("a transposed projection").view()
+        self.layers[l][m].as_ref().expect("a prepared projection").view()
     }
 }
 
@@ -201,6 +231,20 @@ struct Acts {
     mlp: MlpActs,
     /// Per module: the dropped-out input of the LoRA path (when dropout is on) and `x·Aᵀ`.
     lora: [LoraSaved; 7],
+}
+
+/// Bytes the activations of layer `l` take when kept for the backward pass over `tokens`
+/// token rows ([`Frozen::keep_layers`]), with LoRA of `rank` on every projection (and each
+/// LoRA input kept too under dropout).
+pub fn kept_layer_bytes(c: &qwick_model::Config, l: usize, tokens: usize, rank: usize, dropout: bool) -> usize {
+    let (h, qd, kvd) = (c.hidden_size, c.q_dim(), c.kv_dim());
+    let attention = 3 * h + 3 * qd + 3 * kvd + c.num_attention_heads;
+    let mlp = match &c.moe {
+        Some(m) if c.is_sparse(l) => m.num_experts + m.num_experts_per_tok * (h + 3 * m.moe_intermediate_size),
+        _ => 3 * c.intermediate_size,
+    };
+    let lora = 7 * rank + if dropout { 4 * h + qd + c.intermediate_size } else { 0 };
+    4 * tokens * (attention + mlp + lora)
 }
 
 /// What an MLP block's backward pass reads.
