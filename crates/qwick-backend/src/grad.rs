@@ -94,12 +94,17 @@ fn gather(x: &[f32], width: usize, rows: std::ops::Range<usize>, c: usize, w: us
 
 /// `x` ([rows, cols]) transposed, in 16 × 16 tiles so reads and writes stay in cache lines.
 pub fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; rows * cols];
+    transpose_padded(x, rows, cols, rows)
+}
+
+/// `x` ([rows, cols]) transposed into rows of `stride ≥ rows` (zeros after the first `rows`).
+fn transpose_padded(x: &[f32], rows: usize, cols: usize, stride: usize) -> Vec<f32> {
+    let mut t = vec![0f32; stride * cols];
     for r0 in (0..rows).step_by(16) {
         for c0 in (0..cols).step_by(16) {
             for r in r0..(r0 + 16).min(rows) {
                 for c in c0..(c0 + 16).min(cols) {
-                    t[c * rows + r] = x[r * cols + c];
+                    t[c * stride + r] = x[r * cols + c];
                 }
             }
         }
@@ -107,34 +112,71 @@ pub fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-/// `y[m, n] = x[m, k] · w[n, k]ᵀ` for f32 operands.
-///
-/// Outside exact contexts, when bf16 products run faster on this machine (AMX tiles or bf16
-/// dot products), both operands are rounded to bf16 (as bf16 training computes attention),
-/// the inner dimension zero-padded to the 32 those kernels take.
-fn mm(ctx: Ctx, x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let mut y = vec![0f32; m * n];
-    if ctx.bf16_mode() == crate::Bf16Mode::F32 || m < crate::matmul::BF16_MIN_ROWS {
-        matmul(ctx, x, m, &WeightView::from_f32(w, n, k), &mut y);
-        return y;
+/// Rows `rows`, columns `c..c + w` of `x` (row width `width`), then zero rows up to `padded`
+/// rows, as a product weight: in bf16 when `ctx`'s products round activations to bf16 (AMX
+/// tiles, bf16 dot products: as bf16 training computes attention), else in f32.
+struct Operand {
+    data: OperandData,
+    rows: usize,
+    cols: usize,
+}
+
+enum OperandData {
+    Bf16(Vec<u16>),
+    F32(Vec<f32>),
+}
+
+impl Operand {
+    fn new(
+        ctx: Ctx,
+        x: &[f32],
+        width: usize,
+        rows: std::ops::Range<usize>,
+        c: usize,
+        w: usize,
+        padded: usize,
+    ) -> Operand {
+        let src = rows.map(|r| &x[r * width + c..r * width + c + w]);
+        let data = if ctx.bf16_mode() == crate::Bf16Mode::F32 {
+            let mut d = vec![0f32; padded * w];
+            for (dst, row) in d.chunks_exact_mut(w).zip(src) {
+                dst.copy_from_slice(row);
+            }
+            OperandData::F32(d)
+        } else {
+            let mut d = vec![0u16; padded * w];
+            for (dst, row) in d.chunks_exact_mut(w).zip(src) {
+                crate::ops::to_bf16(ctx.isa, row, dst);
+            }
+            OperandData::Bf16(d)
+        };
+        Operand { data, rows: padded, cols: w }
     }
-    let kp = k.next_multiple_of(32);
-    let mut wb = vec![0u16; n * kp];
-    for (src, dst) in w[..n * k].chunks_exact(k).zip(wb.chunks_exact_mut(kp)) {
-        crate::ops::to_bf16(ctx.isa, src, &mut dst[..k]);
-    }
-    let xp;
-    let xs = if kp == k {
-        x
-    } else {
-        let mut p = vec![0f32; m * kp];
-        for (src, dst) in x[..m * k].chunks_exact(k).zip(p.chunks_exact_mut(kp)) {
-            dst[..k].copy_from_slice(src);
+
+    fn bytes(&self) -> (crate::Format, &[u8]) {
+        match &self.data {
+            OperandData::Bf16(d) => (crate::Format::BF16, crate::format::u16_bytes(d)),
+            OperandData::F32(d) => (crate::Format::F32, crate::format::f32_bytes(d)),
         }
-        xp = p;
-        &xp
-    };
-    matmul(ctx, xs, m, &WeightView::new(crate::Format::BF16, crate::format::u16_bytes(&wb), n, kp), &mut y);
+    }
+
+    /// As the weight of `y = x · selfᵀ`.
+    fn rows(&self) -> WeightView<'_> {
+        let (f, b) = self.bytes();
+        WeightView::new(f, b, self.rows, self.cols)
+    }
+
+    /// As the weight of `y = x · self`.
+    fn cols(&self) -> WeightView<'_> {
+        let (f, b) = self.bytes();
+        WeightView::transposed(f, b, self.cols, self.rows)
+    }
+}
+
+/// `y[m, w.rows] = x[m, w.cols] · wᵀ`.
+fn mm(ctx: Ctx, x: &[f32], m: usize, w: &WeightView) -> Vec<f32> {
+    let mut y = vec![0f32; m * w.rows];
+    matmul(ctx, x, m, w, &mut y);
     y
 }
 
@@ -147,14 +189,14 @@ fn probabilities(
     isa: Isa,
     s: &AttnShape,
     scores: &mut [f32],
+    width: usize,
     r0: usize,
     keys: &std::ops::Range<usize>,
     h: usize,
     lse: Option<&[f32]>,
     mut lse_out: Option<&mut [f32]>,
 ) {
-    let nk = keys.len();
-    for (i, row) in scores.chunks_exact_mut(nk).enumerate() {
+    for (i, row) in scores.chunks_exact_mut(width).enumerate() {
         let valid = s.start[r0 + i] as usize - keys.start..r0 + i + 1 - keys.start;
         let l = match lse {
             Some(lse) => lse[(r0 + i) * s.n_heads + h],
@@ -172,27 +214,22 @@ fn log_sum_exp(isa: Isa, x: &[f32], scale: f32) -> f32 {
     multiversion!(
         isa,
         fn k(x: &[f32], scale: f32) -> f32 {
+            let chunks = x.chunks_exact(16);
+            let rest = chunks.remainder();
             let mut mx = [f32::NEG_INFINITY; 16];
-            let chunks = x.len() / 16;
-            for c in 0..chunks {
-                for l in 0..16 {
-                    mx[l] = mx[l].max(x[c * 16 + l] * scale);
+            for ch in chunks.clone() {
+                for (m, v) in mx.iter_mut().zip(ch) {
+                    *m = m.max(v * scale);
                 }
             }
-            let mut m = mx.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for v in &x[chunks * 16..] {
-                m = m.max(v * scale);
-            }
+            let m = rest.iter().fold(mx.iter().copied().fold(f32::NEG_INFINITY, f32::max), |m, v| m.max(v * scale));
             let mut acc = [0f32; 16];
-            for c in 0..chunks {
-                for l in 0..16 {
-                    acc[l] += exp_sel::<FAST>(x[c * 16 + l] * scale - m);
+            for ch in chunks {
+                for (a, v) in acc.iter_mut().zip(ch) {
+                    *a += exp_sel::<FAST>(v * scale - m);
                 }
             }
-            let mut z: f32 = acc.iter().sum();
-            for v in &x[chunks * 16..] {
-                z += exp_sel::<FAST>(v * scale - m);
-            }
+            let z = acc.iter().sum::<f32>() + rest.iter().map(|v| exp_sel::<FAST>(v * scale - m)).sum::<f32>();
             m + z.ln()
         }
     )
@@ -238,15 +275,15 @@ pub fn attention_forward(ctx: Ctx, s: &AttnShape, q: &[f32], k: &[f32], v: &[f32
         let (g, b) = (item / blocks, item % blocks);
         let (r0, r1) = (b * ATTN_ROWS, ((b + 1) * ATTN_ROWS).min(n));
         let keys = key_range(s, r0, r1);
-        let m = r1 - r0;
-        let kb = gather(k, kw, keys.clone(), g * hd, hd);
-        let vt = transpose(&gather(v, kw, keys.clone(), g * hd, hd), keys.len(), hd);
+        let (m, nkp) = (r1 - r0, keys.len().next_multiple_of(32));
+        let kb = Operand::new(ctx, k, kw, keys.clone(), g * hd, hd, nkp);
+        let vb = Operand::new(ctx, v, kw, keys.clone(), g * hd, hd, nkp);
         for h in g * group..(g + 1) * group {
             let qb = gather(q, qw, r0..r1, h * hd, hd);
-            let mut p = mm(ctx, &qb, m, &kb, keys.len(), hd);
+            let mut p = mm(ctx, &qb, m, &kb.rows());
             let mut l = vec![0f32; m];
-            probabilities(ctx.isa, s, &mut p, r0, &keys, h, None, Some(&mut l));
-            let o = mm(ctx, &p, m, &vt, hd, keys.len());
+            probabilities(ctx.isa, s, &mut p, nkp, r0, &keys, h, None, Some(&mut l));
+            let o = mm(ctx, &p, m, &vb.cols());
             for i in 0..m {
                 // SAFETY: item (g, b) writes only rows r0..r1 of the columns of g's query heads
                 // (and their log-sum-exps); no two items share a (KV head, block) pair.
@@ -285,87 +322,91 @@ pub fn attention_backward(
             let r1 = (r0 + ATTN_ROWS).min(n);
             let keys = key_range(s, r0, r1);
             let (m, nk) = (r1 - r0, keys.len());
-            let kb = gather(k, kw, keys.clone(), g * hd, hd);
-            let kt = transpose(&kb, nk, hd);
-            let vb = gather(v, kw, keys.clone(), g * hd, hd);
-            let mut dkb = vec![0f32; nk * hd];
-            let mut dvb = vec![0f32; nk * hd];
+            let (nkp, mp) = (nk.next_multiple_of(32), m.next_multiple_of(32));
+            let kb = Operand::new(ctx, k, kw, keys.clone(), g * hd, hd, nkp);
+            let vb = Operand::new(ctx, v, kw, keys.clone(), g * hd, hd, nkp);
+            let mut dkb = vec![0f32; nkp * hd];
+            let mut dvb = vec![0f32; nkp * hd];
             for h in g * group..(g + 1) * group {
                 let qb = gather(q, qw, r0..r1, h * hd, hd);
                 let dob = gather(dout, qw, r0..r1, h * hd, hd);
-                let ob = gather(out, qw, r0..r1, h * hd, hd);
-                let mut p = mm(ctx, &qb, m, &kb, nk, hd);
-                probabilities(ctx.isa, s, &mut p, r0, &keys, h, Some(lse), None);
-                let mut ds = mm(ctx, &dob, m, &vb, nk, hd);
-                for i in 0..m {
-                    let di = crate::ops::dot(&dob[i * hd..(i + 1) * hd], &ob[i * hd..(i + 1) * hd]);
-                    for (d, &pv) in ds[i * nk..(i + 1) * nk].iter_mut().zip(&p[i * nk..(i + 1) * nk]) {
-                        *d = pv * (*d - di) * s.scale;
-                    }
-                }
-                let dqb = mm(ctx, &ds, m, &kt, hd, nk);
+                let mut p = mm(ctx, &qb, m, &kb.rows());
+                probabilities(ctx.isa, s, &mut p, nkp, r0, &keys, h, Some(lse), None);
+                let mut ds = mm(ctx, &dob, m, &vb.rows());
+                let outs = (0..m).map(|i| &out[(r0 + i) * qw + h * hd..][..hd]);
+                score_grads(ctx.isa, &mut ds, &p, nkp, &dob, outs, s.scale);
+                let dqb = mm(ctx, &ds, m, &kb.cols());
                 for i in 0..m {
                     // SAFETY: KV head g's item is the only one touching the columns of g's
                     // query heads in dq and of g in dk and dv.
                     let row = unsafe { qp.slice((r0 + i) * qw + h * hd, hd) };
-                    for (a, b) in row.iter_mut().zip(&dqb[i * hd..(i + 1) * hd]) {
-                        *a += b;
-                    }
+                    crate::ops::add_inplace(ctx.isa, row, &dqb[i * hd..(i + 1) * hd]);
                 }
-                let part = mm(ctx, &transpose(&ds, m, nk), nk, &transpose(&qb, m, hd), hd, m);
-                for (a, b) in dkb.iter_mut().zip(&part) {
-                    *a += b;
-                }
-                let part = mm(ctx, &transpose(&p, m, nk), nk, &transpose(&dob, m, hd), hd, m);
-                for (a, b) in dvb.iter_mut().zip(&part) {
-                    *a += b;
+                // dK = dSᵀ·Q and dV = Pᵀ·dO: the block's rows (zero-padded) are the inner dimension.
+                let qo = Operand::new(ctx, q, qw, r0..r1, h * hd, hd, mp);
+                let doo = Operand::new(ctx, dout, qw, r0..r1, h * hd, hd, mp);
+                for (acc, x, w) in [(&mut dkb, &ds, &qo), (&mut dvb, &p, &doo)] {
+                    let part = mm(ctx, &transpose_padded(x, m, nkp, mp), nkp, &w.cols());
+                    crate::ops::add_inplace(ctx.isa, acc, &part);
                 }
             }
             for (j, r) in keys.clone().enumerate() {
                 // SAFETY: as above.
                 let (kr, vr) = unsafe { (kp.slice(r * kw + g * hd, hd), vp.slice(r * kw + g * hd, hd)) };
-                for (a, b) in kr.iter_mut().zip(&dkb[j * hd..(j + 1) * hd]) {
-                    *a += b;
-                }
-                for (a, b) in vr.iter_mut().zip(&dvb[j * hd..(j + 1) * hd]) {
-                    *a += b;
-                }
+                crate::ops::add_inplace(ctx.isa, kr, &dkb[j * hd..(j + 1) * hd]);
+                crate::ops::add_inplace(ctx.isa, vr, &dvb[j * hd..(j + 1) * hd]);
             }
         }
     });
+}
+
+/// The scores' gradient in place: `ds = scale · P ∘ (dP − rowsum(dO ∘ O))` for rows of `width`,
+/// from `dP` (in `ds`), `P`, the block's output gradient rows `dout` and output rows `outs`.
+fn score_grads<'a>(
+    isa: Isa,
+    ds: &mut [f32],
+    p: &[f32],
+    width: usize,
+    dout: &[f32],
+    outs: impl Iterator<Item = &'a [f32]>,
+    scale: f32,
+) {
+    let hd = dout.len() / (ds.len() / width);
+    for (i, o) in outs.enumerate() {
+        let w = i * width..(i + 1) * width;
+        let (ds, p, d) = (&mut ds[w.clone()], &p[w], &dout[i * hd..(i + 1) * hd]);
+        multiversion!(
+            isa,
+            fn row(ds: &mut [f32], p: &[f32], d: &[f32], o: &[f32], scale: f32) {
+                let _ = FAST;
+                let di = crate::ops::dot(d, o);
+                for (dv, &pv) in ds.iter_mut().zip(p) {
+                    *dv = pv * (*dv - di) * scale;
+                }
+            }
+        );
+    }
 }
 
 /// Cross-entropy of each row of `logits` ([rows, vocab]) against `labels` (one per row), in
 /// place: returns the sum of the rows' losses and leaves `scale · (softmax − onehot)` (the
 /// gradient of `scale ·` that sum) in `logits`.
 pub fn cross_entropy(isa: Isa, logits: &mut [f32], vocab: usize, labels: &[u32], scale: f32) -> f64 {
-    multiversion!(
-        isa,
-        fn k(logits: &mut [f32], vocab: usize, labels: &[u32], scale: f32) -> f64 {
-            let mut total = 0f64;
-            for (row, &y) in logits.chunks_exact_mut(vocab).zip(labels) {
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut acc = [0f32; 16];
-                let chunks = vocab / 16;
-                for c in 0..chunks {
-                    for l in 0..16 {
-                        acc[l] += exp_sel::<FAST>(row[c * 16 + l] - m);
-                    }
+    let mut total = 0f64;
+    for (row, &y) in logits.chunks_exact_mut(vocab).zip(labels) {
+        let lse = log_sum_exp(isa, row, 1.0);
+        total += (lse - row[y as usize]) as f64;
+        multiversion!(
+            isa,
+            fn softmax_scaled(row: &mut [f32], lse: f32, scale: f32) {
+                for v in row.iter_mut() {
+                    *v = exp_sel::<FAST>(*v - lse) * scale;
                 }
-                let mut sum: f32 = acc.iter().sum();
-                for x in &row[chunks * 16..] {
-                    sum += exp_sel::<FAST>(*x - m);
-                }
-                let lse = m + sum.ln();
-                total += (lse - row[y as usize]) as f64;
-                for x in row.iter_mut() {
-                    *x = exp_sel::<FAST>(*x - lse) * scale;
-                }
-                row[y as usize] -= scale;
             }
-            total
-        }
-    )
+        );
+        row[y as usize] -= scale;
+    }
+    total
 }
 
 /// `c[ni, nj] += Σ_t a[t, i] · b[t, j]` over `t` rows of `a` ([t, ni]) and `b` ([t, nj]), for the
@@ -640,14 +681,17 @@ mod tests {
             close(&out, &ro, 2e-2, "attention in bf16");
             close(&lse, &rl, 2e-2, "lse in bf16");
             let r = rand_vec(out.len(), 15);
-            let (dq, _, dv) = backward(ctx, &c, &out, &lse, &r);
+            let (dq, dk, dv) = backward(ctx, &c, &out, &lse, &r);
             let exact = Ctx { exact: true, ..ctx };
-            let (eq, _, ev) = backward(exact, &c, &ro, &rl, &r);
+            let (eq, ek, ev) = backward(exact, &c, &ro, &rl, &r);
             let rel = |a: &[f32], b: &[f32]| {
                 let s = b.iter().fold(0f32, |m, v| m.max(v.abs()));
                 a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / s
             };
-            assert!(rel(&dq, &eq) < 3e-2 && rel(&dv, &ev) < 3e-2, "{mode:?}: bf16 gradients off");
+            assert!(
+                rel(&dq, &eq) < 3e-2 && rel(&dk, &ek) < 3e-2 && rel(&dv, &ev) < 3e-2,
+                "{mode:?}: bf16 gradients off"
+            );
         }
     }
 

@@ -18,8 +18,9 @@ pub enum Layout {
     Rows,
     /// Groups of 16 rows interleaved for the integer kernels (see [`crate::quant::tiles`]).
     Tiles,
-    /// A bf16 weight stored transposed: `cols` rows of `rows` values (`y = x · stored`), read
-    /// only by the AMX products (see [`reads_transposed`]).
+    /// A float weight stored transposed: `cols` rows of `rows` values (`y = x · stored`). The
+    /// AMX products read bf16 ones as they are (see [`reads_transposed`]); other products
+    /// transpose the weight for the call.
     Transposed,
 }
 
@@ -47,10 +48,10 @@ impl<'a> WeightView<'a> {
         WeightView { format, layout: Layout::Tiles, data, rows, cols }
     }
 
-    /// A bf16 weight of `rows` outputs by `cols` inputs given as its transpose (`cols` rows of
+    /// A float weight of `rows` outputs by `cols` inputs given as its transpose (`cols` rows of
     /// `rows` values, e.g. a `Linear` weight read backwards for `dx = dy · W`).
     pub fn transposed(format: Format, data: &'a [u8], rows: usize, cols: usize) -> Self {
-        assert_eq!(format, Format::BF16, "only bf16 weights are read transposed");
+        assert!(format.is_float(), "only float weights are read transposed");
         assert_eq!(data.len(), cols * format.row_bytes(rows), "weight buffer size does not match its shape");
         WeightView { format, layout: Layout::Transposed, data, rows, cols }
     }
@@ -240,9 +241,20 @@ pub fn reads_transposed(ctx: Ctx, format: Format, cols: usize) -> bool {
         && cols.is_multiple_of(32)
 }
 
+/// A transposed weight in row layout, for products that cannot read it transposed.
+fn untranspose(w: &WeightView) -> Vec<u8> {
+    let es = w.format.row_bytes(1);
+    let mut out = vec![0u8; w.data.len()];
+    for (c, src) in w.data.chunks_exact(w.rows * es).enumerate() {
+        for (r, e) in src.chunks_exact(es).enumerate() {
+            out[(r * w.cols + c) * es..(r * w.cols + c + 1) * es].copy_from_slice(e);
+        }
+    }
+    out
+}
+
 fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
     if w.layout == Layout::Transposed {
-        assert!(reads_transposed(ctx, w.format, w.cols), "a transposed weight in a context that cannot read it");
         return Kind::Amx;
     }
     let mode = if w.format == Format::BF16 { ctx.bf16_mode() } else { Bf16Mode::F32 };
@@ -307,15 +319,28 @@ pub fn matmul_batch(ctx: Ctx, jobs: &[MatmulJob]) {
     if total == 0 {
         return;
     }
+    // Transposed weights these products cannot read so: in row layout for the call.
+    let owned: Vec<Option<Vec<u8>>> = jobs
+        .iter()
+        .map(|j| {
+            (j.w.layout == Layout::Transposed && !reads_transposed(ctx, j.w.format, j.w.cols))
+                .then(|| untranspose(&j.w))
+        })
+        .collect();
+    let views: Vec<WeightView> = jobs
+        .iter()
+        .zip(&owned)
+        .map(|(j, o)| o.as_ref().map_or(j.w, |d| WeightView::new(j.w.format, d, j.w.rows, j.w.cols)))
+        .collect();
     // Convert each distinct activation matrix once (q/k/v and gate/up share theirs).
     let mut keys: Vec<(usize, usize, usize, Kind)> = Vec::new();
     let mut preps: Vec<Prepared> = Vec::new();
     let mut prep_of = Vec::with_capacity(jobs.len());
-    for j in jobs.iter() {
-        let key = (j.x.as_ptr() as usize, j.m, j.w.cols, kind(ctx, j.m, &j.w));
+    for (j, w) in jobs.iter().zip(&views) {
+        let key = (j.x.as_ptr() as usize, j.m, w.cols, kind(ctx, j.m, w));
         let i = keys.iter().position(|k| *k == key).unwrap_or_else(|| {
             keys.push(key);
-            preps.push(prepare(ctx, key.3, j.x, j.m, j.w.cols));
+            preps.push(prepare(ctx, key.3, j.x, j.m, w.cols));
             preps.len() - 1
         });
         prep_of.push(i);
@@ -325,7 +350,7 @@ pub fn matmul_batch(ctx: Ctx, jobs: &[MatmulJob]) {
     // element; the kernels read `x` and the weight within their checked sizes.
     let run_range = |i: usize, cols: std::ops::Range<usize>| unsafe {
         let j = &jobs[i];
-        matmul_cols_impl(ctx, j.x, &preps[prep_of[i]], j.m, &j.w, j.y.ptr(), j.w.rows, cols)
+        matmul_cols_impl(ctx, j.x, &preps[prep_of[i]], j.m, &views[i], j.y.ptr(), j.w.rows, cols)
     };
     if threads == 1 || total < 1 << 16 {
         for (i, j) in jobs.iter().enumerate() {
@@ -1388,40 +1413,51 @@ pub(crate) mod tests {
         out
     }
 
-    /// Products with a bf16 weight read transposed equal the product with the weight in row
-    /// layout (f32 activations rounded to bf16), over shapes with ragged tiles in both
-    /// directions and inner dimensions of several passes; so do row-layout weights that deep.
+    /// Products with a weight read transposed equal the products with the weight in row layout:
+    /// on AMX tiles (bf16 read as it is; activations rounded to bf16, so against the f32 product
+    /// of rounded activations) and in every other context (transposed for the call), over shapes
+    /// with ragged tiles in both directions and inner dimensions of several passes.
     #[test]
-    fn transposed_bf16_weights_on_amx() {
+    fn transposed_weights_equal_row_layout() {
         let pool = ThreadPool::new(2);
-        let ctx = Ctx { bf16: Some(Bf16Mode::Amx), ..Ctx::new(Isa::best(), &pool) };
-        if !reads_transposed(ctx, Format::BF16, 32) {
-            eprintln!("no AMX here: skipped");
-            return;
-        }
+        let amx = Ctx { bf16: Some(Bf16Mode::Amx), ..Ctx::new(Isa::best(), &pool) };
+        let amx = reads_transposed(amx, Format::BF16, 32).then_some(amx);
         for &(m, n, k) in &[(1, 16, 32), (5, 40, 96), (16, 33, 64), (37, 70, 2112), (64, 1024, 4160), (100, 17, 512)] {
             let x = rand_vec(m * k, 3 + m as u64);
             let wf = rand_vec(n * k, 5 + n as u64);
-            let wb = encode(&wf, Format::BF16);
             let mut wt = vec![0f32; n * k];
             for r in 0..n {
                 for c in 0..k {
                     wt[c * n + r] = wf[r * k + c];
                 }
             }
-            let wtb = encode(&wt, Format::BF16);
-            let xr: Vec<f32> = x.iter().map(|&v| crate::format::bf16_to_f32(crate::format::f32_to_bf16(v))).collect();
-            let mut want = vec![0f32; m * n];
-            matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &WeightView::new(Format::BF16, &wb, n, k), &mut want);
-            for w in [WeightView::transposed(Format::BF16, &wtb, n, k), WeightView::new(Format::BF16, &wb, n, k)] {
-                let mut got = vec![f32::NAN; m * n];
-                matmul(ctx, &x, m, &w, &mut got);
-                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+            let close = |got: &[f32], want: &[f32], what: &str| {
+                for (i, (g, e)) in got.iter().zip(want).enumerate() {
                     assert!(
                         (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
-                        "{:?} m{m} n{n} k{k} at {i}: {g} vs {e}",
-                        w.layout
+                        "{what} m{m} n{n} k{k} at {i}: {g} vs {e}"
                     );
+                }
+            };
+            for dt in [Format::BF16, Format::F32] {
+                let (wb, wtb) = (encode(&wf, dt), encode(&wt, dt));
+                let (rows, trans) = (WeightView::new(dt, &wb, n, k), WeightView::transposed(dt, &wtb, n, k));
+                for ctx in [Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) }, Ctx::new(Isa::best(), &pool)] {
+                    let (mut want, mut got) = (vec![0f32; m * n], vec![f32::NAN; m * n]);
+                    matmul(ctx, &x, m, &rows, &mut want);
+                    matmul(ctx, &x, m, &trans, &mut got);
+                    close(&got, &want, &format!("{dt} {}", ctx.isa));
+                }
+                if let (Some(ctx), Format::BF16) = (amx, dt) {
+                    let xr: Vec<f32> =
+                        x.iter().map(|&v| crate::format::bf16_to_f32(crate::format::f32_to_bf16(v))).collect();
+                    let mut want = vec![0f32; m * n];
+                    matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &rows, &mut want);
+                    for w in [trans, rows] {
+                        let mut got = vec![f32::NAN; m * n];
+                        matmul(ctx, &x, m, &w, &mut got);
+                        close(&got, &want, &format!("amx {:?}", w.layout));
+                    }
                 }
             }
         }

@@ -36,8 +36,13 @@ pub(crate) use multiversion;
 /// 2 ulp of `f32::exp` over [-87, 88], 0 below, +inf above. Branch-free so loops vectorise.
 #[inline(always)]
 pub fn exp_poly(x: f32) -> f32 {
-    let x = x.clamp(-87.5, 88.5);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // Clamped with min/max (no NaN branches), and the nearest integer n of x·log2(e) by adding
+    // 1.5·2²³, which leaves n in the low mantissa bits: all of it vectorises (`round` and
+    // float-to-int casts do not).
+    let x = x.max(-87.5).min(88.5);
+    const SHIFT: f32 = 12_582_912.0;
+    let nb = x * std::f32::consts::LOG2_E + SHIFT;
+    let n = nb - SHIFT;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -46,7 +51,8 @@ pub fn exp_poly(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5e-1;
     p = p * r * r + r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // 2ⁿ: n + 127 (n in [-126, 128]) shifted into the exponent; the shift drops SHIFT's bits.
+    p * f32::from_bits(nb.to_bits().wrapping_add(127) << 23)
 }
 
 #[inline(always)]

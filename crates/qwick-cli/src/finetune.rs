@@ -148,6 +148,8 @@ fn peak_rss() -> u64 {
 }
 
 pub fn finetune(a: FinetuneArgs) -> Result<()> {
+    // Every step allocates and frees activation-sized buffers: keep them in the heap.
+    qwick_backend::alloc::tune_allocator();
     let run = RunArgs {
         threads: a.threads,
         isa: a.isa.clone(),
