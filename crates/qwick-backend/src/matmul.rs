@@ -303,7 +303,7 @@ fn prepare(ctx: Ctx, kind: Kind, x: &[f32], m: usize, k: usize) -> Prepared {
         }
         Kind::Q8 => Prepared::Q8(ActQ8::quantize(ctx.isa, x, m, k)),
         #[cfg(target_arch = "x86_64")]
-        Kind::Amx => Prepared::Amx(quant::amx::ActBf16::new(x, m, k)),
+        Kind::Amx => Prepared::Amx(quant::amx::ActBf16::new_on(ctx.pool, x, m, k)),
         #[cfg(not(target_arch = "x86_64"))]
         Kind::Amx => unreachable!("AMX on a CPU without it"),
     }
@@ -332,6 +332,13 @@ pub fn matmul_batch(ctx: Ctx, jobs: &[MatmulJob]) {
         .zip(&owned)
         .map(|(j, o)| o.as_ref().map_or(j.w, |d| WeightView::new(j.w.format, d, j.w.rows, j.w.cols)))
         .collect();
+    #[cfg(target_arch = "x86_64")]
+    if let ([j], [w]) = (jobs, views.as_slice()) {
+        if w.layout == Layout::Transposed && w.cols >= 16 * w.rows && threads > 1 {
+            split_inner(ctx, j.x, j.m, w, j.y.ptr());
+            return;
+        }
+    }
     // Convert each distinct activation matrix once (q/k/v and gate/up share theirs).
     let mut keys: Vec<(usize, usize, usize, Kind)> = Vec::new();
     let mut preps: Vec<Prepared> = Vec::new();
@@ -375,6 +382,42 @@ pub fn matmul_batch(ctx: Ctx, jobs: &[MatmulJob]) {
         let Some(&(j, n0, n1)) = units.get(u) else { break };
         run_range(j, n0..n1);
     });
+}
+
+/// `y = x · wᵀ` for a bf16 weight read transposed on AMX tiles whose inner dimension dwarfs its
+/// outputs (the output head's backward: 151,936 inputs, 1,024 outputs): passes over the inner
+/// dimension go to the threads in turn, each summing into its own scratch, so every thread
+/// reads whole stored rows in order; the scratches are added at the end.
+#[cfg(target_arch = "x86_64")]
+fn split_inner(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: *mut f32) {
+    use quant::amx::{matmul_cols_split, ActBf16, KS};
+    let (n, k) = (w.rows, w.cols);
+    let a = ActBf16::new_on(ctx.pool, x, m, k);
+    let (ksteps, rblocks) = (k / 32, m.div_ceil(16));
+    let len = n.div_ceil(32) * rblocks * 512;
+    let parts: Vec<std::sync::Mutex<Vec<f32>>> =
+        (0..ctx.pool.threads()).map(|_| std::sync::Mutex::new(vec![0f32; len])).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    ctx.pool.run(&|t| {
+        let mut c = parts[t].lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let j0 = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * KS;
+            if j0 >= ksteps {
+                break;
+            }
+            // SAFETY: AMX is usable (the weight is read transposed only then, see
+            // `reads_transposed`); `w.cols == a.k`; `c` holds the scratch size asked for.
+            unsafe { matmul_cols_split(&a, w, j0, (j0 + KS).min(ksteps), &mut c) };
+        }
+    });
+    let parts: Vec<Vec<f32>> = parts.into_iter().map(|p| p.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
+    for i in 0..m {
+        for col in 0..n {
+            let at = ((col / 32) * rblocks + i / 16) * 512 + (i % 16) * 32 + col % 32;
+            // SAFETY: `y` holds m × n floats (checked in MatmulJob::new).
+            unsafe { *y.add(i * n + col) = parts.iter().map(|p| p[at]).sum() };
+        }
+    }
 }
 
 /// The row stride the exact AVX-512 GEMV wants for `m` rows of length `k`, when it differs from
@@ -1422,7 +1465,9 @@ pub(crate) mod tests {
         let pool = ThreadPool::new(2);
         let amx = Ctx { bf16: Some(Bf16Mode::Amx), ..Ctx::new(Isa::best(), &pool) };
         let amx = reads_transposed(amx, Format::BF16, 32).then_some(amx);
-        for &(m, n, k) in &[(1, 16, 32), (5, 40, 96), (16, 33, 64), (37, 70, 2112), (64, 1024, 4160), (100, 17, 512)] {
+        for &(m, n, k) in
+            &[(1, 16, 32), (5, 40, 96), (16, 33, 64), (37, 70, 2112), (64, 1024, 4160), (100, 17, 512), (40, 50, 1600)]
+        {
             let x = rand_vec(m * k, 3 + m as u64);
             let wf = rand_vec(n * k, 5 + n as u64);
             let mut wt = vec![0f32; n * k];

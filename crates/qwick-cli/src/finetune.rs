@@ -102,7 +102,7 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 100)]
     save_every: u64,
     /// Keep every activation of the first N layers (or "all") from the forward pass instead of
-    /// recomputing them in the backward pass: faster, at about 45 MB per layer per 512 tokens on
+    /// recomputing them in the backward pass: faster, at about 34 MB per layer per 512 tokens on
     /// a 0.6B model. "auto": as many layers as fit in a quarter of the available memory.
     #[arg(long, default_value = "auto")]
     keep_layers: String,

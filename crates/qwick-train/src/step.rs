@@ -218,7 +218,6 @@ type LoraSaved = Option<(Option<Vec<f32>>, Vec<f32>)>;
 
 /// The activations of one layer that its backward pass reads.
 struct Acts {
-    hn1: Vec<f32>,
     q_pre: Vec<f32>,
     k_pre: Vec<f32>,
     q: Vec<f32>,
@@ -227,7 +226,6 @@ struct Acts {
     att: Vec<f32>,
     lse: Vec<f32>,
     x2: Vec<f32>,
-    hn2: Vec<f32>,
     mlp: MlpActs,
     /// Per module: the dropped-out input of the LoRA path (when dropout is on) and `x·Aᵀ`.
     lora: [LoraSaved; 7],
@@ -238,10 +236,10 @@ struct Acts {
 /// LoRA input kept too under dropout).
 pub fn kept_layer_bytes(c: &qwick_model::Config, l: usize, tokens: usize, rank: usize, dropout: bool) -> usize {
     let (h, qd, kvd) = (c.hidden_size, c.q_dim(), c.kv_dim());
-    let attention = 3 * h + 3 * qd + 3 * kvd + c.num_attention_heads;
+    let attention = h + 3 * qd + 3 * kvd + c.num_attention_heads;
     let mlp = match &c.moe {
         Some(m) if c.is_sparse(l) => m.num_experts + m.num_experts_per_tok * (h + 3 * m.moe_intermediate_size),
-        _ => 3 * c.intermediate_size,
+        _ => 2 * c.intermediate_size,
     };
     let lora = 7 * rank + if dropout { 4 * h + qd + c.intermediate_size } else { 0 };
     4 * tokens * (attention + mlp + lora)
@@ -249,11 +247,10 @@ pub fn kept_layer_bytes(c: &qwick_model::Config, l: usize, tokens: usize, rank: 
 
 /// What an MLP block's backward pass reads.
 enum MlpActs {
-    /// Gate and up projections and `silu(gate)·up`.
+    /// Gate and up projections (`silu(gate)·up` is recomputed).
     Dense {
         g: Vec<f32>,
         u: Vec<f32>,
-        a: Vec<f32>,
     },
     Moe(MoeActs),
 }
@@ -320,6 +317,34 @@ impl Runner<'_, '_> {
         )
     }
 
+    /// RMSNorm of the rows of `x` with weight `w`.
+    fn norm(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let (ctx, h, eps) = (self.ctx, w.len(), self.f.model.config.rms_norm_eps);
+        let mut out = vec![0f32; x.len()];
+        par_rows(ctx, x.len() / h, &mut out, h, |r, o| ops::rms_norm(ctx.isa, &x[r.start * h..r.end * h], w, eps, o));
+        out
+    }
+
+    /// The normed input of layer `l`'s `modules`, recomputed for their LoRA gradients (empty
+    /// when none of them has a pair: nothing reads it).
+    fn norm_for(&self, l: usize, modules: &[usize], x: &[f32], w: &[f32]) -> Vec<f32> {
+        if modules.iter().any(|&m| self.lora.get(l, m).is_some()) {
+            self.norm(x, w)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// `silu(g) · u` for rows of `inter`.
+    fn swiglu(&self, g: &[f32], u: &[f32], inter: usize) -> Vec<f32> {
+        let ctx = self.ctx;
+        let mut a = g.to_vec();
+        par_rows(ctx, g.len() / inter, &mut a, inter, |r, ar| {
+            ops::silu_mul(ctx.isa, ar, &u[r.start * inter..r.end * inter])
+        });
+        a
+    }
+
     /// `y += s · (x·Aᵀ)·Bᵀ` for the pair of `(l, m)` if any; returns what the backward pass
     /// needs (the dropped-out input and `x·Aᵀ`).
     fn lora_forward(&self, l: usize, m: usize, x: &[f32], n: usize, y: &mut [f32]) -> LoraSaved {
@@ -359,10 +384,7 @@ impl Runner<'_, '_> {
         let (isa, eps) = (ctx.isa, c.rms_norm_eps);
         let layer = &model.layers[l];
         let a = &layer.attn;
-        let mut hn1 = vec![0f32; n * h];
-        par_rows(ctx, n, &mut hn1, h, |r, o| {
-            ops::rms_norm(isa, &x[r.start * h..r.end * h], &layer.input_layernorm, eps, o)
-        });
+        let hn1 = self.norm(x, &layer.input_layernorm);
         let (mut q_pre, mut k_pre, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
         matmul_batch(
             ctx,
@@ -402,10 +424,7 @@ impl Runner<'_, '_> {
         lora[O] = self.lora_forward(l, O, &att, n, &mut tmp);
         par_rows(ctx, n, x, h, |r, xo| ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h]));
         let x2 = x.to_vec();
-        let mut hn2 = vec![0f32; n * h];
-        par_rows(ctx, n, &mut hn2, h, |r, o| {
-            ops::rms_norm(isa, &x2[r.start * h..r.end * h], &layer.post_attention_layernorm, eps, o)
-        });
+        let hn2 = self.norm(&x2, &layer.post_attention_layernorm);
         let mlp = match &layer.mlp {
             Mlp::Dense(sw) => {
                 let (gp, up, dp) = (&sw.gate_proj, &sw.up_proj, &sw.down_proj);
@@ -417,11 +436,10 @@ impl Runner<'_, '_> {
                 );
                 lora[GATE] = self.lora_forward(l, GATE, &hn2, n, &mut g);
                 lora[UP] = self.lora_forward(l, UP, &hn2, n, &mut u);
-                let mut act = g.clone();
-                par_rows(ctx, n, &mut act, inter, |r, ar| ops::silu_mul(isa, ar, &u[r.start * inter..r.end * inter]));
+                let act = self.swiglu(&g, &u, inter);
                 matmul(ctx, &act, n, &dp.view(), &mut tmp);
                 lora[DOWN] = self.lora_forward(l, DOWN, &act, n, &mut tmp);
-                MlpActs::Dense { g, u, a: act }
+                MlpActs::Dense { g, u }
             }
             Mlp::Moe { router, experts, top_k, norm_topk_prob } => {
                 let m = moe_forward(ctx, router, experts, *top_k, *norm_topk_prob, &hn2, n, &mut tmp);
@@ -429,7 +447,7 @@ impl Runner<'_, '_> {
             }
         };
         par_rows(ctx, n, x, h, |r, xo| ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h]));
-        Acts { hn1, q_pre, k_pre, q, k, v, att, lse, x2, hn2, mlp, lora }
+        Acts { q_pre, k_pre, q, k, v, att, lse, x2, mlp, lora }
     }
 
     /// Backward of one projection `y = x·Wᵀ (+ LoRA)`: returns `dx` and adds the pair's
@@ -525,9 +543,10 @@ impl Runner<'_, '_> {
         let (isa, eps) = (ctx.isa, c.rms_norm_eps);
         let layer = &model.layers[l];
         let dhn2 = match &acts.mlp {
-            MlpActs::Dense { g, u, a } => {
+            MlpActs::Dense { g, u } => {
                 let inter = g.len() / n;
-                let da = self.linear_backward(l, DOWN, a, &acts.lora[DOWN], dx, n, grads);
+                let a = if self.lora.get(l, DOWN).is_some() { self.swiglu(g, u, inter) } else { Vec::new() };
+                let da = self.linear_backward(l, DOWN, &a, &acts.lora[DOWN], dx, n, grads);
                 let (mut dg, mut du) = (vec![0f32; n * inter], vec![0f32; n * inter]);
                 {
                     let dup = SendPtr::new(&mut du);
@@ -538,8 +557,9 @@ impl Runner<'_, '_> {
                         grad::silu_mul_backward(isa, &g[w.clone()], &u[w.clone()], &da[w], dgr, dur);
                     });
                 }
-                let mut dhn2 = self.linear_backward(l, GATE, &acts.hn2, &acts.lora[GATE], &dg, n, grads);
-                let dhu = self.linear_backward(l, UP, &acts.hn2, &acts.lora[UP], &du, n, grads);
+                let hn2 = self.norm_for(l, &[GATE, UP], &acts.x2, &layer.post_attention_layernorm);
+                let mut dhn2 = self.linear_backward(l, GATE, &hn2, &acts.lora[GATE], &dg, n, grads);
+                let dhu = self.linear_backward(l, UP, &hn2, &acts.lora[UP], &du, n, grads);
                 add(ctx, &mut dhn2, &dhu, h);
                 dhn2
             }
@@ -585,9 +605,10 @@ impl Runner<'_, '_> {
         };
         head_back(&mut dq, &acts.q_pre, &a.q_norm, qd);
         head_back(&mut dk, &acts.k_pre, &a.k_norm, kvd);
-        let mut dhn1 = self.linear_backward(l, Q, &acts.hn1, &acts.lora[Q], &dq, n, grads);
-        add(ctx, &mut dhn1, &self.linear_backward(l, K, &acts.hn1, &acts.lora[K], &dk, n, grads), h);
-        add(ctx, &mut dhn1, &self.linear_backward(l, V, &acts.hn1, &acts.lora[V], &dv, n, grads), h);
+        let hn1 = self.norm_for(l, &[Q, K, V], x, &layer.input_layernorm);
+        let mut dhn1 = self.linear_backward(l, Q, &hn1, &acts.lora[Q], &dq, n, grads);
+        add(ctx, &mut dhn1, &self.linear_backward(l, K, &hn1, &acts.lora[K], &dk, n, grads), h);
+        add(ctx, &mut dhn1, &self.linear_backward(l, V, &hn1, &acts.lora[V], &dv, n, grads), h);
         par_rows(ctx, n, &mut dnorm, h, |r, o| {
             let w = r.start * h..r.end * h;
             grad::rms_norm_backward(isa, &x[w.clone()], &layer.input_layernorm, eps, &dhn1[w], o)
@@ -751,7 +772,7 @@ enum Saved {
 }
 
 /// Rows of logits computed at once by the loss.
-const LOSS_ROWS: usize = 64;
+const LOSS_ROWS: usize = 256;
 
 /// The loss of `seq`: `scale ·` the sum of cross-entropies over its labelled tokens. With
 /// `grads`, also adds the gradients of that (scaled) loss with respect to the LoRA pairs.

@@ -75,17 +75,27 @@ pub struct ActBf16 {
 
 impl ActBf16 {
     pub fn new(x: &[f32], m: usize, k: usize) -> ActBf16 {
-        let ksteps = k / 32;
+        Self::new_on(&crate::ThreadPool::inline(), x, m, k)
+    }
+
+    /// [`ActBf16::new`] with blocks of 16 rows converted on `pool`'s threads.
+    pub fn new_on(pool: &crate::ThreadPool, x: &[f32], m: usize, k: usize) -> ActBf16 {
         let mut out = vec![0u16; m.next_multiple_of(ROWS) * k];
-        let mut row_bf16 = vec![0u16; k];
-        for (i, row) in x[..m * k].chunks_exact(k).enumerate() {
-            let (rb, r) = (i / ROWS, i % ROWS);
-            // AMX implies AVX-512 (see `usable`).
-            crate::ops::to_bf16(crate::Isa::Avx512, row, &mut row_bf16);
-            for (ks, vals) in row_bf16.chunks_exact(32).enumerate() {
-                out[((rb * ksteps + ks) * ROWS + r) * 32..][..32].copy_from_slice(vals);
+        let op = crate::pool::SendPtr::new(&mut out);
+        pool.for_chunks(m.div_ceil(ROWS), 1, &|blocks| {
+            let mut row_bf16 = vec![0u16; k];
+            // SAFETY: a chunk of row blocks owns those blocks' tiles, a contiguous range.
+            let dst = unsafe { op.slice(blocks.start * ROWS * k, blocks.len() * ROWS * k) };
+            for i in blocks.start * ROWS..(blocks.end * ROWS).min(m) {
+                let r = i % ROWS;
+                let base = (i / ROWS - blocks.start) * ROWS * k;
+                // AMX implies AVX-512 (see `usable`).
+                crate::ops::to_bf16(crate::Isa::Avx512, &x[i * k..(i + 1) * k], &mut row_bf16);
+                for (ks, vals) in row_bf16.chunks_exact(32).enumerate() {
+                    dst[base + (ks * ROWS + r) * 32..][..32].copy_from_slice(vals);
+                }
             }
-        }
+        });
         ActBf16 { m, k, x: out }
     }
 
@@ -413,6 +423,119 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
             rb = end;
         }
         n += width;
+    }
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// Steps (of 32 inputs) per pass of [`matmul_cols_split`]: the pass's tiles of every column
+/// group (`groups × KS` KiB) stay in L2.
+pub const KS: usize = 16;
+
+/// `c += x[:, 32·j0..32·j1] · stored[32·j0..32·j1, :]` for a bf16 weight stored transposed
+/// (`w.cols` rows of `w.rows` values): a share of the inner dimension for every output column,
+/// for products whose inner dimension dwarfs their outputs (the vocabulary of the output head).
+/// Each pass unpacks its stored rows, read in order, for all column groups, then every pair of
+/// 16-row blocks accumulates over the pass in tiles kept in `c` between passes. `c` holds, per
+/// pair of column groups, 32-float rows for every row of `a` padded to a whole block.
+///
+/// # Safety
+/// [`usable`] must have returned true; `w.cols == a.k`; `c` holds
+/// `w.rows.div_ceil(32) · a.m.div_ceil(16) · 512` floats.
+pub unsafe fn matmul_cols_split(a: &ActBf16, w: &WeightView, j0: usize, j1: usize, c: &mut [f32]) {
+    let n = w.rows;
+    let (groups, pairs, rblocks) = (n.div_ceil(ROWS), n.div_ceil(2 * ROWS), a.m.div_ceil(ROWS));
+    assert!(c.len() >= pairs * rblocks * 512 && w.cols == a.k && j1 <= a.k / 32);
+    let mut b = vec![0u16; 2 * pairs * KS * 512];
+    asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+    let mut k0 = j0;
+    while k0 < j1 {
+        let steps = (j1 - k0).min(KS);
+        for g in 0..2 * pairs {
+            let out = &mut b[g * KS * 512..][..steps * 512];
+            if g < groups {
+                unpack_bf16_cols(w.data, n, g, k0, steps, out);
+            } else {
+                out.fill(0);
+            }
+        }
+        for pair in 0..pairs {
+            let b0 = b.as_ptr().add(2 * pair * KS * 512);
+            let b1 = b0.add(KS * 512);
+            let mut rb = 0;
+            while rb < rblocks {
+                let two = rb + 1 < rblocks;
+                let c0 = c.as_mut_ptr().add((pair * rblocks + rb) * 512);
+                let c1 = c0.add(512);
+                asm!(
+                    "tileloadd tmm0, [{c0} + {cs} * 1]",
+                    "tileloadd tmm1, [{c0} + {cs} * 1 + 64]",
+                    c0 = in(reg) c0,
+                    cs = in(reg) 128usize,
+                    options(nostack, readonly)
+                );
+                if two {
+                    asm!(
+                        "tileloadd tmm2, [{c1} + {cs} * 1]",
+                        "tileloadd tmm3, [{c1} + {cs} * 1 + 64]",
+                        "2:",
+                        "tileloadd tmm4, [{a0} + {s} * 1]",
+                        "tileloadd tmm6, [{b0} + {s} * 1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm7, [{b1} + {s} * 1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tileloadd tmm5, [{a1} + {s} * 1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        "add {a0}, 1024",
+                        "add {a1}, 1024",
+                        "add {b0}, 1024",
+                        "add {b1}, 1024",
+                        "dec {n}",
+                        "jnz 2b",
+                        "tilestored [{c0} + {cs} * 1], tmm0",
+                        "tilestored [{c0} + {cs} * 1 + 64], tmm1",
+                        "tilestored [{c1} + {cs} * 1], tmm2",
+                        "tilestored [{c1} + {cs} * 1 + 64], tmm3",
+                        a0 = inout(reg) a.tile(rb, k0) => _,
+                        a1 = inout(reg) a.tile(rb + 1, k0) => _,
+                        b0 = inout(reg) b0 => _,
+                        b1 = inout(reg) b1 => _,
+                        n = inout(reg) steps => _,
+                        c0 = in(reg) c0,
+                        c1 = in(reg) c1,
+                        s = in(reg) 64usize,
+                        cs = in(reg) 128usize,
+                        options(nostack)
+                    );
+                } else {
+                    asm!(
+                        "2:",
+                        "tileloadd tmm4, [{a0} + {s} * 1]",
+                        "tileloadd tmm6, [{b0} + {s} * 1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm7, [{b1} + {s} * 1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "add {a0}, 1024",
+                        "add {b0}, 1024",
+                        "add {b1}, 1024",
+                        "dec {n}",
+                        "jnz 2b",
+                        "tilestored [{c0} + {cs} * 1], tmm0",
+                        "tilestored [{c0} + {cs} * 1 + 64], tmm1",
+                        a0 = inout(reg) a.tile(rb, k0) => _,
+                        b0 = inout(reg) b0 => _,
+                        b1 = inout(reg) b1 => _,
+                        n = inout(reg) steps => _,
+                        c0 = in(reg) c0,
+                        s = in(reg) 64usize,
+                        cs = in(reg) 128usize,
+                        options(nostack)
+                    );
+                }
+                rb += if two { 2 } else { 1 };
+            }
+        }
+        k0 += steps;
     }
     asm!("tilerelease", options(nostack, nomem));
 }
