@@ -352,16 +352,13 @@ impl Runner<'_, '_> {
         let r = self.lora.spec.rank;
         let xd = self.dropped(l, m, x);
         let xin = xd.as_deref().unwrap_or(x);
-        let t = skinny(self.ctx, &p.a, r, xin, n);
-        let mut u = vec![0f32; n * p.out];
-        matmul(self.ctx, &t, n, &WeightView::from_f32(&p.b, p.out, r), &mut u);
-        let s = self.s;
-        par_rows(self.ctx, n, y, p.out, |rows, yr| {
-            for (yv, uv) in yr.iter_mut().zip(&u[rows.start * p.out..rows.end * p.out]) {
-                *yv += s * uv;
-            }
-        });
-        Some((xd, t))
+        let (ctx, s) = (self.ctx, self.s);
+        // y += (s·t)·Bᵀ as a sum of r outer products, straight into y.
+        let tt = skinny_t(ctx, &p.a, r, xin, n);
+        let st: Vec<f32> = tt.iter().map(|v| s * v).collect();
+        let bt = transpose(&p.b, p.out, r);
+        par_rows(ctx, n, y, p.out, |rows, yr| grad::matmul_tn(ctx.isa, &st, n, &bt, p.out, rows, yr));
+        Some((xd, transpose(&tt, r, n)))
     }
 
     /// The layer's forward pass from its input `x`, keeping its activations; returns them and
@@ -491,7 +488,8 @@ impl Runner<'_, '_> {
         let (ctx, r, s) = (self.ctx, self.lora.spec.rank, self.s);
         let isa = ctx.isa;
         // e = dy · B  ([n, r]).
-        let e = skinny(ctx, &transpose(&p.b, p.out, r), r, dy, n);
+        let et = skinny_t(ctx, &transpose(&p.b, p.out, r), r, dy, n);
+        let e = transpose(&et, r, n);
         // dB += s · dyᵀ · t, computed transposed (tᵀ · dy: r long rows) over rows of dBᵀ.
         let mut dbt = vec![0f32; r * p.out];
         par_rows(ctx, r, &mut dbt, p.out, |rows, c| grad::matmul_tn(isa, t, r, dy, p.out, rows, c));
@@ -505,20 +503,22 @@ impl Runner<'_, '_> {
         for (gv, v) in g.0.iter_mut().zip(&da) {
             *gv += s * v;
         }
-        // dx += s · e · A: a product with Aᵀ ([in, r]) as the weight.
-        let at = transpose(&p.a, r, p.inp);
-        let mut dxl = vec![0f32; n * p.inp];
-        matmul(ctx, &e, n, &WeightView::from_f32(&at, p.inp, r), &mut dxl);
+        // dx += (s·e)·A as a sum of r outer products (A is [r, in]).
+        let set: Vec<f32> = et.iter().map(|v| s * v).collect();
+        let lora_dx = |out: &mut [f32]| {
+            par_rows(ctx, n, out, p.inp, |rows, c| grad::matmul_tn(isa, &set, n, &p.a, p.inp, rows, c))
+        };
         if let Some((l, m)) = dropped {
             // The mask of the forward pass: dropped inputs pass no gradient, kept ones 1/(1-p).
+            let mut dxl = vec![0f32; n * p.inp];
+            lora_dx(&mut dxl);
             let ones = vec![1f32; n * p.inp];
             let mask = self.dropped(l, m, &ones).expect("dropout on");
-            for (d, mk) in dxl.iter_mut().zip(&mask) {
-                *d *= mk;
+            for ((d, v), mk) in dx.iter_mut().zip(&dxl).zip(&mask) {
+                *d += v * mk;
             }
-        }
-        for (d, v) in dx.iter_mut().zip(&dxl) {
-            *d += s * v;
+        } else {
+            lora_dx(dx);
         }
     }
 
@@ -748,13 +748,13 @@ fn attn_shape<'a>(c: &qwick_model::Config, seq: &'a Sequence) -> AttnShape<'a> {
     }
 }
 
-/// `x · wᵀ` for a few-row `w` (`[r, k]`, a LoRA matrix) and many-row `x` (`[n, k]`): computed
-/// as `w · xᵀ` (`x` as the weight, streamed once for all `r` rows), then transposed to `[n, r]`.
-fn skinny(ctx: Ctx, w: &[f32], r: usize, x: &[f32], n: usize) -> Vec<f32> {
+/// `(x · wᵀ)ᵀ` (`[r, n]`) for a few-row `w` (`[r, k]`, a LoRA matrix) and many-row `x`
+/// (`[n, k]`): computed as `w · xᵀ`, `x` as the weight, streamed once for all `r` rows.
+fn skinny_t(ctx: Ctx, w: &[f32], r: usize, x: &[f32], n: usize) -> Vec<f32> {
     let k = w.len() / r;
     let mut tt = vec![0f32; r * n];
     matmul(ctx, w, r, &WeightView::from_f32(&x[..n * k], n, k), &mut tt);
-    transpose(&tt, r, n)
+    tt
 }
 
 /// `x += y`, in parallel over rows of `width`.
