@@ -192,6 +192,10 @@ impl Bf16Mode {
     }
 }
 
+/// The generation of the bf16 kernels [`calibrate_bf16`] times: cached choices made for an
+/// older generation are measured again.
+pub const BF16_KERNELS: u32 = 2;
+
 /// Times every [`Bf16Mode`] this CPU supports on a bf16 weight of 3072 × 1024 (the 0.6B MLP
 /// shape) with 1, 8 and 128 activation rows, and returns the fastest for prefill (128 rows)
 /// among those within 10% of the fastest decode (1 row), with every mode's seconds per call.

@@ -85,7 +85,7 @@ impl RunArgs {
         if self.exact || forced {
             return Ok((None, if self.exact { "--exact" } else { "the ISA asked for" }));
         }
-        let cpu = cpu_model();
+        let cpu = format!("{} (kernels {})", cpu_model(), qwick_backend::matmul::BF16_KERNELS);
         let file = cache_dir().map(|d| d.join("bf16-kernels.json"));
         let mut known: serde_json::Map<String, serde_json::Value> = file
             .as_ref()
