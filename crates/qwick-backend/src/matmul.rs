@@ -389,9 +389,10 @@ pub fn matmul_batch(ctx: Ctx, jobs: &[MatmulJob]) {
 }
 
 /// `y = x · wᵀ` for a bf16 weight read transposed on AMX tiles whose inner dimension dwarfs its
-/// outputs (the output head's backward: 151,936 inputs, 1,024 outputs): passes over the inner
-/// dimension go to the threads in turn, each summing into its own scratch, so every thread
-/// reads whole stored rows in order; the scratches are added at the end.
+/// outputs (the output head's backward: 151,936 inputs, 1,024 outputs): the inner dimension is
+/// dealt in passes to [`SPLIT_PARTS`] partial sums, pass `i` to part `i mod SPLIT_PARTS`, and
+/// the parts to the threads, so every thread reads whole stored rows in order; the parts are
+/// added in order at the end (the result does not depend on the number of threads).
 #[cfg(target_arch = "x86_64")]
 fn split_inner(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: *mut f32) {
     use quant::amx::{matmul_cols_split, ActBf16, KS};
@@ -399,30 +400,31 @@ fn split_inner(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: *mut f32) {
     let a = ActBf16::new_on(ctx.pool, x, m, k);
     let (ksteps, rblocks) = (k / 32, m.div_ceil(16));
     let len = n.div_ceil(32) * rblocks * 512;
-    let parts: Vec<std::sync::Mutex<Vec<f32>>> =
-        (0..ctx.pool.threads()).map(|_| std::sync::Mutex::new(vec![0f32; len])).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    ctx.pool.run(&|t| {
-        let mut c = parts[t].lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            let j0 = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * KS;
-            if j0 >= ksteps {
-                break;
+    let mut parts = vec![0f32; SPLIT_PARTS * len];
+    let pp = SendPtr::new(&mut parts);
+    ctx.pool.for_chunks(SPLIT_PARTS, 1, &|mine| {
+        for part in mine {
+            // SAFETY: each part's scratch belongs to the one chunk holding that part.
+            let c = unsafe { pp.slice(part * len, len) };
+            for j0 in (part * KS..ksteps).step_by(SPLIT_PARTS * KS) {
+                // SAFETY: AMX is usable (the weight is read transposed only then, see
+                // `reads_transposed`); `w.cols == a.k`; `c` holds the scratch size asked for.
+                unsafe { matmul_cols_split(&a, w, j0, (j0 + KS).min(ksteps), c) };
             }
-            // SAFETY: AMX is usable (the weight is read transposed only then, see
-            // `reads_transposed`); `w.cols == a.k`; `c` holds the scratch size asked for.
-            unsafe { matmul_cols_split(&a, w, j0, (j0 + KS).min(ksteps), &mut c) };
         }
     });
-    let parts: Vec<Vec<f32>> = parts.into_iter().map(|p| p.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
     for i in 0..m {
         for col in 0..n {
             let at = ((col / 32) * rblocks + i / 16) * 512 + (i % 16) * 32 + col % 32;
             // SAFETY: `y` holds m × n floats (checked in MatmulJob::new).
-            unsafe { *y.add(i * n + col) = parts.iter().map(|p| p[at]).sum() };
+            unsafe { *y.add(i * n + col) = (0..SPLIT_PARTS).map(|p| parts[p * len + at]).sum() };
         }
     }
 }
+
+/// Partial sums of [`split_inner`].
+#[cfg(target_arch = "x86_64")]
+const SPLIT_PARTS: usize = 4;
 
 /// The row stride the exact AVX-512 GEMV wants for `m` rows of length `k`, when it differs from
 /// `k`: with more than 4 rows, rows a multiple of 4 KiB apart would share L1 sets.

@@ -302,14 +302,16 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
             .with_context(|| format!("--keep-layers {n}: expected a number of layers, all or auto"))?,
     };
     let frozen = Frozen::new(&model, ctx)?.keep_layers(kept);
+    let layers = model.config.num_hidden_layers;
     eprintln!(
-        "model: {} ({} layers); LoRA rank {} on {} ({} trainable values); transposed weights for the backward pass: {:.2} \
-         GB in {:.1} s",
+        "model: {} ({layers} layers); LoRA rank {} on {} ({} trainable values); activations kept for {} of {layers} \
+         layers (--keep-layers {}); transposed weight copies for the backward pass: {:.2} GB in {:.1} s",
         chat.name,
-        model.config.num_hidden_layers,
         lora.spec.rank,
         lora.spec.targets.join(","),
         lora.count(),
+        kept.min(layers),
+        a.keep_layers,
         frozen.extra_bytes() as f64 / 1e9,
         t_prep.elapsed().as_secs_f64()
     );
