@@ -237,11 +237,12 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<(Bf1
 }
 
 /// Whether products in `ctx` can read a weight of `format` transposed
-/// ([`WeightView::transposed`]): bf16 weights on AMX tiles, inputs a multiple of 32.
+/// ([`WeightView::transposed`]): bf16 weights on AMX tiles or in bf16 dot products, inputs a
+/// multiple of 32.
 pub fn reads_transposed(ctx: Ctx, format: Format, cols: usize) -> bool {
     cfg!(target_arch = "x86_64")
         && format == Format::BF16
-        && ctx.bf16_mode() == Bf16Mode::Amx
+        && matches!(ctx.bf16_mode(), Bf16Mode::Amx | Bf16Mode::Dot)
         && cols.is_multiple_of(32)
 }
 
@@ -259,7 +260,7 @@ fn untranspose(w: &WeightView) -> Vec<u8> {
 
 fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
     if w.layout == Layout::Transposed {
-        return Kind::Amx;
+        return if ctx.bf16_mode() == Bf16Mode::Amx { Kind::Amx } else { Kind::Bf16 };
     }
     let mode = if w.format == Format::BF16 { ctx.bf16_mode() } else { Bf16Mode::F32 };
     if mode != Bf16Mode::F32 && w.cols.is_multiple_of(32) {
@@ -338,7 +339,7 @@ pub fn matmul_batch(ctx: Ctx, jobs: &[MatmulJob]) {
         .collect();
     #[cfg(target_arch = "x86_64")]
     if let ([j], [w]) = (jobs, views.as_slice()) {
-        if w.layout == Layout::Transposed && w.cols >= 16 * w.rows && threads > 1 {
+        if w.layout == Layout::Transposed && ctx.bf16_mode() == Bf16Mode::Amx && w.cols >= 16 * w.rows && threads > 1 {
             split_inner(ctx, j.x, j.m, w, j.y.ptr());
             return;
         }
@@ -1017,7 +1018,7 @@ mod x86 {
     /// AVX512-BF16: bf16 activations × bf16 weights with `vdpbf16ps` (pairs of products
     /// accumulated into f32 lanes). Same two paths as the exact kernels.
     pub mod avx512bf16 {
-        use crate::matmul::{gemv_blocks, WeightView, GEMM_MIN_ROWS};
+        use crate::matmul::{gemv_blocks, Layout, WeightView, GEMM_MIN_ROWS};
         use std::arch::x86_64::*;
 
         const NR: usize = 32;
@@ -1042,7 +1043,7 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            if m >= GEMM_MIN_ROWS {
+            if m >= GEMM_MIN_ROWS || w.layout == Layout::Transposed {
                 gemm(xb.as_ptr(), m, w, y, ldy, cols)
             } else {
                 gemv(xb.as_ptr(), m, w, y, ldy, cols)
@@ -1117,18 +1118,38 @@ mod x86 {
                 while kc < k {
                     let kb = (k - kc).min(2 * KC2);
                     let kb2 = kb.div_ceil(2);
-                    for j in 0..NR {
-                        if j < nr {
-                            let row = wp.add((np + j) * k + kc);
-                            for p in 0..kb / 2 {
-                                *panel.get_unchecked_mut(p * NR + j) = (row.add(2 * p) as *const u32).read_unaligned();
+                    if w.layout == Layout::Transposed {
+                        // Stored rows kc + 2p and kc + 2p + 1 (w.rows values each), interleaved.
+                        let n = w.rows;
+                        for p in 0..kb2 {
+                            let r0 = wp.add((kc + 2 * p) * n + np);
+                            let r1 = wp.add((kc + 2 * p + 1) * n + np);
+                            let odd = 2 * p + 1 == kb;
+                            for j in 0..NR {
+                                *panel.get_unchecked_mut(p * NR + j) = if j >= nr {
+                                    0
+                                } else if odd {
+                                    *r0.add(j) as u32
+                                } else {
+                                    *r0.add(j) as u32 | (*r1.add(j) as u32) << 16
+                                };
                             }
-                            if kb % 2 == 1 {
-                                *panel.get_unchecked_mut((kb2 - 1) * NR + j) = *row.add(kb - 1) as u32;
-                            }
-                        } else {
-                            for p in 0..kb2 {
-                                *panel.get_unchecked_mut(p * NR + j) = 0;
+                        }
+                    } else {
+                        for j in 0..NR {
+                            if j < nr {
+                                let row = wp.add((np + j) * k + kc);
+                                for p in 0..kb / 2 {
+                                    *panel.get_unchecked_mut(p * NR + j) =
+                                        (row.add(2 * p) as *const u32).read_unaligned();
+                                }
+                                if kb % 2 == 1 {
+                                    *panel.get_unchecked_mut((kb2 - 1) * NR + j) = *row.add(kb - 1) as u32;
+                                }
+                            } else {
+                                for p in 0..kb2 {
+                                    *panel.get_unchecked_mut(p * NR + j) = 0;
+                                }
                             }
                         }
                     }
@@ -1463,7 +1484,7 @@ pub(crate) mod tests {
     }
 
     /// Products with a weight read transposed equal the products with the weight in row layout:
-    /// on AMX tiles (bf16 read as it is; activations rounded to bf16, so against the f32 product
+    /// on AMX tiles and in bf16 dot products (bf16 read as it is; on AMX against the f32 product
     /// of rounded activations) and in every other context (transposed for the call), over shapes
     /// with ragged tiles in both directions and inner dimensions of several passes.
     #[test]
@@ -1493,7 +1514,11 @@ pub(crate) mod tests {
             for dt in [Format::BF16, Format::F32] {
                 let (wb, wtb) = (encode(&wf, dt), encode(&wt, dt));
                 let (rows, trans) = (WeightView::new(dt, &wb, n, k), WeightView::transposed(dt, &wtb, n, k));
-                for ctx in [Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) }, Ctx::new(Isa::best(), &pool)] {
+                let dot = Bf16Mode::Dot
+                    .supported()
+                    .then(|| Ctx { bf16: Some(Bf16Mode::Dot), ..Ctx::new(Isa::best(), &pool) });
+                let exact = Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) };
+                for ctx in [exact, Ctx::new(Isa::best(), &pool)].into_iter().chain(dot) {
                     let (mut want, mut got) = (vec![0f32; m * n], vec![f32::NAN; m * n]);
                     matmul(ctx, &x, m, &rows, &mut want);
                     matmul(ctx, &x, m, &trans, &mut got);

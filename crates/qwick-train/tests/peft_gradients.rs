@@ -111,17 +111,12 @@ fn loss_gradients_and_a_step_equal_peft() {
     }
 }
 
-/// In bf16 mode on AMX (the fast path: both operands of the large products rounded to bf16, the
-/// backward products reading the stored weights transposed instead of copies), loss and
-/// gradients stay near PyTorch + PEFT's f32 ones.
+/// In the bf16 modes (AMX tiles, bf16 dot products: both operands of the large products rounded
+/// to bf16, the backward products reading the stored weights transposed instead of copies),
+/// loss and gradients stay near PyTorch + PEFT's f32 ones.
 #[test]
-fn bf16_products_on_amx_stay_near_peft() {
+fn bf16_products_stay_near_peft() {
     let pool = ThreadPool::new(2);
-    let ctx = Ctx { bf16: Some(qwick_backend::Bf16Mode::Amx), ..Ctx::new(Isa::best(), &pool) };
-    if !qwick_backend::matmul::reads_transposed(ctx, qwick_backend::Format::BF16, 32) {
-        eprintln!("no AMX here: skipped");
-        return;
-    }
     let model = Qwen3::load(&root().join("tests/fixtures/dense_untied_gqa2")).unwrap();
     let adapter = Adapter::open(&root().join("tests/lora/adapter_r8")).unwrap();
     let params = LoraParams::from_adapter(&model.config, &adapter, 0.0).unwrap();
@@ -130,25 +125,30 @@ fn bf16_products_on_amx_stay_near_peft() {
     let grads_ref = Checkpoint::open_file(&root().join("tests/finetune/grads.safetensors")).unwrap();
     let seq = sequence();
     let n_lab = seq.labelled();
-    for kept in [0, 99] {
-        // k and v (48 outputs) keep a transposed copy: transposed reads take multiples of 32.
-        let frozen = Frozen::new(&model, ctx).unwrap().keep_layers(kept);
-        let exact = Frozen::new(&model, Ctx { exact: true, ..ctx }).unwrap();
-        assert!(frozen.extra_bytes() < exact.extra_bytes() / 2, "bf16 weights are mostly read as stored");
-        let mut grads = params.zeros_like();
-        let total = loss(ctx, &frozen, &params, &seq, 1.0 / n_lab as f32, Dropout { p: 0.0, key: 0 }, Some(&mut grads));
-        let (l, want) = (total / n_lab as f64, reference["loss"].as_f64().unwrap());
-        assert!(((l - want) / want).abs() < 1e-2, "loss {l} vs PEFT {want}");
-        let mut worst = 0f32;
-        for (p, (ga, gb)) in params.pairs.iter().zip(&grads) {
-            for (ab, g) in [("A", ga), ("B", gb)] {
-                let n = name(p, ab);
-                let e = rel(g, &grads_ref.tensor(&n).unwrap().to_f32());
-                assert!(e <= 5e-2, "kept {kept}: gradient of {n} off by {e}");
-                worst = worst.max(e);
+    let modes = [qwick_backend::Bf16Mode::Amx, qwick_backend::Bf16Mode::Dot];
+    for mode in modes.into_iter().filter(|m| m.supported()) {
+        let ctx = Ctx { bf16: Some(mode), ..Ctx::new(Isa::best(), &pool) };
+        for kept in [0, 99] {
+            // k and v (48 outputs) keep a transposed copy: transposed reads take multiples of 32.
+            let frozen = Frozen::new(&model, ctx).unwrap().keep_layers(kept);
+            let exact = Frozen::new(&model, Ctx { exact: true, ..ctx }).unwrap();
+            assert!(frozen.extra_bytes() < exact.extra_bytes() / 2, "bf16 weights are mostly read as stored");
+            let mut grads = params.zeros_like();
+            let total =
+                loss(ctx, &frozen, &params, &seq, 1.0 / n_lab as f32, Dropout { p: 0.0, key: 0 }, Some(&mut grads));
+            let (l, want) = (total / n_lab as f64, reference["loss"].as_f64().unwrap());
+            assert!(((l - want) / want).abs() < 1e-2, "{mode:?}: loss {l} vs PEFT {want}");
+            let mut worst = 0f32;
+            for (p, (ga, gb)) in params.pairs.iter().zip(&grads) {
+                for (ab, g) in [("A", ga), ("B", gb)] {
+                    let n = name(p, ab);
+                    let e = rel(g, &grads_ref.tensor(&n).unwrap().to_f32());
+                    assert!(e <= 5e-2, "{mode:?}, kept {kept}: gradient of {n} off by {e}");
+                    worst = worst.max(e);
+                }
             }
+            eprintln!("{mode:?}, kept {kept}: loss {l} vs {want}, worst gradient error {worst}");
         }
-        eprintln!("kept {kept}: loss {l} vs {want}, worst gradient error {worst}");
     }
 }
 
