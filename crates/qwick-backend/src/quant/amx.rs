@@ -342,13 +342,20 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                     asm!(
                         "tileloadd tmm0, [{c0} + {cs} * 1]",
                         "tileloadd tmm1, [{c0} + {cs} * 1 + 64]",
-                        "tileloadd tmm2, [{c1} + {cs} * 1]",
-                        "tileloadd tmm3, [{c1} + {cs} * 1 + 64]",
                         c0 = in(reg) c0,
-                        c1 = in(reg) c1,
                         cs = in(reg) 128usize,
                         options(nostack, readonly)
                     );
+                    // The second block's sums exist only when there is a second block.
+                    if two {
+                        asm!(
+                            "tileloadd tmm2, [{c1} + {cs} * 1]",
+                            "tileloadd tmm3, [{c1} + {cs} * 1 + 64]",
+                            c1 = in(reg) c1,
+                            cs = in(reg) 128usize,
+                            options(nostack, readonly)
+                        );
+                    }
                 }
                 if two {
                     asm!(

@@ -266,7 +266,8 @@ mod tests {
     }
 
     /// The AMX kernel equals the f32 product of the bf16-rounded operands (up to summation
-    /// order), for every format, on shapes with partial tiles in both directions.
+    /// order), for every format, on shapes with partial tiles in both directions and inner
+    /// dimensions of several passes.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn amx_kernel_matches_its_reference() {
@@ -276,7 +277,8 @@ mod tests {
         }
         for &f in Format::ALL.iter().filter(|f| has_q8_kernel(**f)) {
             let spec = tiles::spec(f).unwrap();
-            for &(m, n, k) in &[(32, 16, 256), (37, 40, 512), (50, 33, 768)] {
+            // The last shape takes three passes of the kernel (64 steps of 32 each, the last partial).
+            for &(m, n, k) in &[(32, 16, 256), (37, 40, 512), (50, 33, 768), (16, 16, 4352), (40, 20, 4352)] {
                 let src = random_blocks(f, n * k / f.block(), (m + n * k) as u64);
                 let rows = WeightView::new(f, &src, n, k);
                 let mut tiled = vec![0u8; packed_bytes(&rows).unwrap()];
