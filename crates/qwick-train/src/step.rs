@@ -241,7 +241,9 @@ pub fn kept_layer_bytes(c: &qwick_model::Config, l: usize, tokens: usize, rank: 
         Some(m) if c.is_sparse(l) => m.num_experts + m.num_experts_per_tok * (h + 3 * m.moe_intermediate_size),
         _ => 2 * c.intermediate_size,
     };
-    let lora = 7 * rank + if dropout { 4 * h + qd + c.intermediate_size } else { 0 };
+    // Under dropout each module keeps its own dropped input: q, k, v, gate, up read the hidden
+    // size, o the attention output, down the intermediate activations.
+    let lora = 7 * rank + if dropout { 5 * h + qd + c.intermediate_size } else { 0 };
     4 * tokens * (attention + mlp + lora)
 }
 

@@ -34,14 +34,21 @@ fn name(p: &qwick_train::lora::Pair, ab: &str) -> String {
     format!("base_model.model.{}.lora_{ab}.weight", hf.strip_suffix(".weight").unwrap())
 }
 
-#[test]
-fn loss_gradients_and_a_step_equal_peft() {
+/// The dense fixture model, its rank-8 adapter as trainable pairs, and PEFT's reference loss
+/// and gradients for it.
+fn dense_fixture() -> (Qwen3, LoraParams, Value, Checkpoint) {
     let model = Qwen3::load(&root().join("tests/fixtures/dense_untied_gqa2")).unwrap();
     let adapter = Adapter::open(&root().join("tests/lora/adapter_r8")).unwrap();
     let params = LoraParams::from_adapter(&model.config, &adapter, 0.0).unwrap();
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(root().join("tests/finetune/reference.json")).unwrap()).unwrap();
     let grads_ref = Checkpoint::open_file(&root().join("tests/finetune/grads.safetensors")).unwrap();
+    (model, params, reference, grads_ref)
+}
+
+#[test]
+fn loss_gradients_and_a_step_equal_peft() {
+    let (model, params, reference, grads_ref) = dense_fixture();
     let after_ref = Checkpoint::open_file(&root().join("tests/finetune/after_step.safetensors")).unwrap();
     let seq = sequence();
     let n_lab = seq.labelled();
@@ -117,12 +124,7 @@ fn loss_gradients_and_a_step_equal_peft() {
 #[test]
 fn bf16_products_stay_near_peft() {
     let pool = ThreadPool::new(2);
-    let model = Qwen3::load(&root().join("tests/fixtures/dense_untied_gqa2")).unwrap();
-    let adapter = Adapter::open(&root().join("tests/lora/adapter_r8")).unwrap();
-    let params = LoraParams::from_adapter(&model.config, &adapter, 0.0).unwrap();
-    let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("tests/finetune/reference.json")).unwrap()).unwrap();
-    let grads_ref = Checkpoint::open_file(&root().join("tests/finetune/grads.safetensors")).unwrap();
+    let (model, params, reference, grads_ref) = dense_fixture();
     let seq = sequence();
     let n_lab = seq.labelled();
     let modes = [qwick_backend::Bf16Mode::Amx, qwick_backend::Bf16Mode::Dot];

@@ -311,6 +311,9 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
     while n < cols.end {
         let g = n / ROWS;
         let width = (cols.end - n).min(2 * ROWS);
+        // Blocks `rb..end` whose sums go straight to `y` (whole 16 × 32 tiles); the ragged
+        // ones at the edges stay in the scratch and are copied at the end.
+        let whole = |end: usize| width == 2 * ROWS && end * ROWS <= a.m;
         let mut k0 = 0;
         while k0 < ksteps {
             let steps = (ksteps - k0).min(kc);
@@ -327,102 +330,24 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                 let two = rb + 1 < rblocks;
                 let c0 = c.as_mut_ptr().add(rb * ROWS * 32);
                 let c1 = c0.add(ROWS * 32);
-                // The last pass of whole blocks stores to `y`; others to the scratch.
                 let end = if two { rb + 2 } else { rb + 1 };
-                let direct = k0 + steps == ksteps && width == 2 * ROWS && end * ROWS <= a.m;
-                let (d0, d1, ds) = if direct {
+                let (d0, d1, ds) = if k0 + steps == ksteps && whole(end) {
                     let d0 = y.add(rb * ROWS * ldy + n);
                     (d0, d0.add(ROWS * ldy), 4 * ldy)
                 } else {
                     (c0, c1, 128)
                 };
-                if k0 == 0 {
-                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-                } else {
-                    asm!(
-                        "tileloadd tmm0, [{c0} + {cs} * 1]",
-                        "tileloadd tmm1, [{c0} + {cs} * 1 + 64]",
-                        c0 = in(reg) c0,
-                        cs = in(reg) 128usize,
-                        options(nostack, readonly)
-                    );
-                    // The second block's sums exist only when there is a second block.
-                    if two {
-                        asm!(
-                            "tileloadd tmm2, [{c1} + {cs} * 1]",
-                            "tileloadd tmm3, [{c1} + {cs} * 1 + 64]",
-                            c1 = in(reg) c1,
-                            cs = in(reg) 128usize,
-                            options(nostack, readonly)
-                        );
-                    }
-                }
-                if two {
-                    asm!(
-                        "2:",
-                        "tileloadd tmm4, [{a0} + {s} * 1]",
-                        "tileloadd tmm6, [{b0} + {s} * 1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tileloadd tmm7, [{b1} + {s} * 1]",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tileloadd tmm5, [{a1} + {s} * 1]",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        "add {a0}, 1024",
-                        "add {a1}, 1024",
-                        "add {b0}, 1024",
-                        "add {b1}, 1024",
-                        "dec {n}",
-                        "jnz 2b",
-                        "tilestored [{d0} + {ds} * 1], tmm0",
-                        "tilestored [{d0} + {ds} * 1 + 64], tmm1",
-                        "tilestored [{d1} + {ds} * 1], tmm2",
-                        "tilestored [{d1} + {ds} * 1 + 64], tmm3",
-                        a0 = inout(reg) a.tile(rb, k0) => _,
-                        a1 = inout(reg) a.tile(rb + 1, k0) => _,
-                        b0 = inout(reg) b0 => _,
-                        b1 = inout(reg) b1 => _,
-                        n = inout(reg) steps => _,
-                        d0 = in(reg) d0,
-                        d1 = in(reg) d1,
-                        s = in(reg) 64usize,
-                        ds = in(reg) ds,
-                        options(nostack)
-                    );
-                } else {
-                    asm!(
-                        "2:",
-                        "tileloadd tmm4, [{a0} + {s} * 1]",
-                        "tileloadd tmm6, [{b0} + {s} * 1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tileloadd tmm7, [{b1} + {s} * 1]",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "add {a0}, 1024",
-                        "add {b0}, 1024",
-                        "add {b1}, 1024",
-                        "dec {n}",
-                        "jnz 2b",
-                        "tilestored [{d0} + {ds} * 1], tmm0",
-                        "tilestored [{d0} + {ds} * 1 + 64], tmm1",
-                        a0 = inout(reg) a.tile(rb, k0) => _,
-                        b0 = inout(reg) b0 => _,
-                        b1 = inout(reg) b1 => _,
-                        n = inout(reg) steps => _,
-                        d0 = in(reg) d0,
-                        s = in(reg) 64usize,
-                        ds = in(reg) ds,
-                        options(nostack)
-                    );
-                }
+                let from = (k0 > 0).then_some(c0 as *const f32);
+                let (a0, a1) = (a.tile(rb, k0), if two { a.tile(rb + 1, k0) } else { std::ptr::null() });
+                block_pass(two, from, a0, a1, b0, b1, steps, d0, d1, ds);
                 rb += if two { 2 } else { 1 };
             }
             k0 += steps;
         }
-        // Rows of blocks whose sums stayed in the scratch: the ragged ones at the edges.
         let mut rb = 0;
         while rb < rblocks {
             let end = if rb + 1 < rblocks { rb + 2 } else { rb + 1 };
-            if !(width == 2 * ROWS && end * ROWS <= a.m) {
+            if !whole(end) {
                 for i in rb * ROWS..(end * ROWS).min(a.m) {
                     std::ptr::copy_nonoverlapping(c.as_ptr().add(i * 32), y.add(i * ldy + n), width);
                 }
@@ -432,6 +357,108 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
         n += width;
     }
     asm!("tilerelease", options(nostack, nomem));
+}
+
+/// One pass of one or two (`two`) 16-row blocks against a column pair: the four sum tiles start
+/// at zero (`from` None) or from the sums at `from` (the second block's 512 floats further,
+/// 128-byte rows), take `steps` products of A tiles from `a0` (and `a1`) with B tiles from `b0`
+/// and `b1`, and are stored to `d0` (and `d1`) with rows `ds` bytes apart.
+///
+/// # Safety
+/// The tile configuration is loaded; every pointer is valid for what it names over `steps`
+/// tiles (`a1`, `d1` and the second block at `from` only when `two`).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn block_pass(
+    two: bool,
+    from: Option<*const f32>,
+    a0: *const u16,
+    a1: *const u16,
+    b0: *const u16,
+    b1: *const u16,
+    steps: usize,
+    d0: *mut f32,
+    d1: *mut f32,
+    ds: usize,
+) {
+    match from {
+        None => asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem)),
+        Some(c0) => {
+            asm!(
+                "tileloadd tmm0, [{c0} + {cs} * 1]",
+                "tileloadd tmm1, [{c0} + {cs} * 1 + 64]",
+                c0 = in(reg) c0,
+                cs = in(reg) 128usize,
+                options(nostack, readonly)
+            );
+            if two {
+                asm!(
+                    "tileloadd tmm2, [{c1} + {cs} * 1]",
+                    "tileloadd tmm3, [{c1} + {cs} * 1 + 64]",
+                    c1 = in(reg) c0.add(512),
+                    cs = in(reg) 128usize,
+                    options(nostack, readonly)
+                );
+            }
+        }
+    }
+    if two {
+        asm!(
+            "2:",
+            "tileloadd tmm4, [{a0} + {s} * 1]",
+            "tileloadd tmm6, [{b0} + {s} * 1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {s} * 1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {s} * 1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, 1024",
+            "add {a1}, 1024",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{d0} + {ds} * 1], tmm0",
+            "tilestored [{d0} + {ds} * 1 + 64], tmm1",
+            "tilestored [{d1} + {ds} * 1], tmm2",
+            "tilestored [{d1} + {ds} * 1 + 64], tmm3",
+            a0 = inout(reg) a0 => _,
+            a1 = inout(reg) a1 => _,
+            b0 = inout(reg) b0 => _,
+            b1 = inout(reg) b1 => _,
+            n = inout(reg) steps => _,
+            d0 = in(reg) d0,
+            d1 = in(reg) d1,
+            s = in(reg) 64usize,
+            ds = in(reg) ds,
+            options(nostack)
+        );
+    } else {
+        asm!(
+            "2:",
+            "tileloadd tmm4, [{a0} + {s} * 1]",
+            "tileloadd tmm6, [{b0} + {s} * 1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {s} * 1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "add {a0}, 1024",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{d0} + {ds} * 1], tmm0",
+            "tilestored [{d0} + {ds} * 1 + 64], tmm1",
+            a0 = inout(reg) a0 => _,
+            b0 = inout(reg) b0 => _,
+            b1 = inout(reg) b1 => _,
+            n = inout(reg) steps => _,
+            d0 = in(reg) d0,
+            s = in(reg) 64usize,
+            ds = in(reg) ds,
+            options(nostack)
+        );
+    }
 }
 
 /// Steps (of 32 inputs) per pass of [`matmul_cols_split`]: the pass's tiles of every column
@@ -473,72 +500,8 @@ pub unsafe fn matmul_cols_split(a: &ActBf16, w: &WeightView, j0: usize, j1: usiz
                 let two = rb + 1 < rblocks;
                 let c0 = c.as_mut_ptr().add((pair * rblocks + rb) * 512);
                 let c1 = c0.add(512);
-                asm!(
-                    "tileloadd tmm0, [{c0} + {cs} * 1]",
-                    "tileloadd tmm1, [{c0} + {cs} * 1 + 64]",
-                    c0 = in(reg) c0,
-                    cs = in(reg) 128usize,
-                    options(nostack, readonly)
-                );
-                if two {
-                    asm!(
-                        "tileloadd tmm2, [{c1} + {cs} * 1]",
-                        "tileloadd tmm3, [{c1} + {cs} * 1 + 64]",
-                        "2:",
-                        "tileloadd tmm4, [{a0} + {s} * 1]",
-                        "tileloadd tmm6, [{b0} + {s} * 1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tileloadd tmm7, [{b1} + {s} * 1]",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tileloadd tmm5, [{a1} + {s} * 1]",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        "add {a0}, 1024",
-                        "add {a1}, 1024",
-                        "add {b0}, 1024",
-                        "add {b1}, 1024",
-                        "dec {n}",
-                        "jnz 2b",
-                        "tilestored [{c0} + {cs} * 1], tmm0",
-                        "tilestored [{c0} + {cs} * 1 + 64], tmm1",
-                        "tilestored [{c1} + {cs} * 1], tmm2",
-                        "tilestored [{c1} + {cs} * 1 + 64], tmm3",
-                        a0 = inout(reg) a.tile(rb, k0) => _,
-                        a1 = inout(reg) a.tile(rb + 1, k0) => _,
-                        b0 = inout(reg) b0 => _,
-                        b1 = inout(reg) b1 => _,
-                        n = inout(reg) steps => _,
-                        c0 = in(reg) c0,
-                        c1 = in(reg) c1,
-                        s = in(reg) 64usize,
-                        cs = in(reg) 128usize,
-                        options(nostack)
-                    );
-                } else {
-                    asm!(
-                        "2:",
-                        "tileloadd tmm4, [{a0} + {s} * 1]",
-                        "tileloadd tmm6, [{b0} + {s} * 1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tileloadd tmm7, [{b1} + {s} * 1]",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "add {a0}, 1024",
-                        "add {b0}, 1024",
-                        "add {b1}, 1024",
-                        "dec {n}",
-                        "jnz 2b",
-                        "tilestored [{c0} + {cs} * 1], tmm0",
-                        "tilestored [{c0} + {cs} * 1 + 64], tmm1",
-                        a0 = inout(reg) a.tile(rb, k0) => _,
-                        b0 = inout(reg) b0 => _,
-                        b1 = inout(reg) b1 => _,
-                        n = inout(reg) steps => _,
-                        c0 = in(reg) c0,
-                        s = in(reg) 64usize,
-                        cs = in(reg) 128usize,
-                        options(nostack)
-                    );
-                }
+                let a1 = if two { a.tile(rb + 1, k0) } else { std::ptr::null() };
+                block_pass(two, Some(c0), a.tile(rb, k0), a1, b0, b1, steps, c0, c1, 128);
                 rb += if two { 2 } else { 1 };
             }
         }
