@@ -64,3 +64,71 @@ impl std::ops::DerefMut for HugeBuf {
         &mut self.map[..self.len]
     }
 }
+
+/// One cache line, the unit of [`Aligned`] buffers.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// Element types of [`Aligned`]: valid for every bit pattern (so zeroed bytes are values) and
+/// aligned to at most 64 bytes.
+pub trait Plain: Copy + sealed::Sealed {}
+impl Plain for u16 {}
+impl Plain for u32 {}
+impl Plain for f32 {}
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for u16 {}
+    impl Sealed for u32 {}
+    impl Sealed for f32 {}
+}
+
+/// A zeroed buffer of `len` values starting on a cache-line boundary. The allocator promises
+/// only 16 bytes, and a 64-byte vector load or AMX tile row that straddles two lines runs at
+/// up to half speed: the kernels' packed panels and tiles live in these.
+pub struct Aligned<T: Plain> {
+    lines: Vec<Line>,
+    len: usize,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Plain> Aligned<T> {
+    pub fn zeroed(len: usize) -> Aligned<T> {
+        let lines = vec![Line([0; 64]); (len * std::mem::size_of::<T>()).div_ceil(64)];
+        Aligned { lines, len, _t: std::marker::PhantomData }
+    }
+}
+
+impl<T: Plain> std::ops::Deref for Aligned<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `lines` holds at least `len · size_of::<T>()` initialised bytes on a 64-byte
+        // boundary (at least T's alignment), and every bit pattern is a valid T (`Plain`).
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const T, self.len) }
+    }
+}
+
+impl<T: Plain> std::ops::DerefMut for Aligned<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in `deref`; the exclusive borrow of `self` makes the slice the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut T, self.len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Aligned;
+
+    #[test]
+    fn aligned_buffers_start_on_a_line_and_are_zeroed() {
+        for len in [0, 1, 17, 4096 + 3] {
+            let mut b = Aligned::<f32>::zeroed(len);
+            assert_eq!(b.as_ptr() as usize % 64, 0);
+            assert_eq!(b.len(), len);
+            assert!(b.iter().all(|&v| v == 0.0));
+            b.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32);
+            assert!(b.iter().enumerate().all(|(i, &v)| v == i as f32));
+            assert_eq!(Aligned::<u16>::zeroed(len).as_ptr() as usize % 64, 0);
+        }
+    }
+}

@@ -401,7 +401,7 @@ fn split_inner(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: *mut f32) {
     let a = ActBf16::new_on(ctx.pool, x, m, k);
     let (ksteps, rblocks) = (k / 32, m.div_ceil(16));
     let len = n.div_ceil(32) * rblocks * 512;
-    let mut parts = vec![0f32; SPLIT_PARTS * len];
+    let mut parts = crate::alloc::Aligned::<f32>::zeroed(SPLIT_PARTS * len);
     let pp = SendPtr::new(&mut parts);
     ctx.pool.for_chunks(SPLIT_PARTS, 1, &|mine| {
         for part in mine {
@@ -905,7 +905,7 @@ mod x86 {
             let es = w.format.row_bytes(1);
             let rb = k * es;
             let wp = w.data.as_ptr();
-            let mut panel = vec![0f32; KC * NR];
+            let mut panel = crate::alloc::Aligned::<f32>::zeroed(KC * NR);
             let mut np = cols.start;
             while np < cols.end {
                 let nr = (cols.end - np).min(NR);
@@ -1102,7 +1102,7 @@ mod x86 {
             let kp = k.next_multiple_of(2);
             let wp = w.data.as_ptr() as *const u16;
             // panel[p * NR + j] = weights (2p, 2p+1) of column j, as one u32.
-            let mut panel = vec![0u32; KC2 * NR];
+            let mut panel = crate::alloc::Aligned::<u32>::zeroed(KC2 * NR);
             let mut np = cols.start;
             while np < cols.end {
                 let nr = (cols.end - np).min(NR);
@@ -1361,7 +1361,7 @@ mod x86 {
             let es = w.format.row_bytes(1);
             let rb = k * es;
             let wp = w.data.as_ptr();
-            let mut panel = vec![0f32; KC * NR];
+            let mut panel = crate::alloc::Aligned::<f32>::zeroed(KC * NR);
             let mut tile = [0f32; MR * NR];
             let mut np = cols.start;
             while np < cols.end {

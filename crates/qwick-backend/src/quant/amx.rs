@@ -11,6 +11,7 @@
 //! asks once per process.
 
 use super::tiles::{Spec, ROWS};
+use crate::alloc::Aligned;
 use crate::matmul::WeightView;
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -70,7 +71,7 @@ const CONFIG: TileConfig = TileConfig {
 pub struct ActBf16 {
     pub m: usize,
     pub k: usize,
-    x: Vec<u16>,
+    x: Aligned<u16>,
 }
 
 impl ActBf16 {
@@ -80,7 +81,7 @@ impl ActBf16 {
 
     /// [`ActBf16::new`] with blocks of 16 rows converted on `pool`'s threads.
     pub fn new_on(pool: &crate::ThreadPool, x: &[f32], m: usize, k: usize) -> ActBf16 {
-        let mut out = vec![0u16; m.next_multiple_of(ROWS) * k];
+        let mut out = Aligned::zeroed(m.next_multiple_of(ROWS) * k);
         let op = crate::pool::SendPtr::new(&mut out);
         pool.for_chunks(m.div_ceil(ROWS), 1, &|blocks| {
             let mut row_bf16 = vec![0u16; k];
@@ -276,16 +277,20 @@ pub enum Source<'a> {
     Bf16Cols,
 }
 
-/// Depth of a pass, in 32-value steps: the weight tiles of a column pair over a pass
-/// (2 × `KC` KiB) stay in L2, and sums go through memory once per pass.
-const KC: usize = 64;
+/// Depth of a pass, in 32-value steps: the B tiles of a column pair over a pass (2 × `KC`
+/// KiB) stay in L1 while every row block passes by.
+const KC: usize = 16;
+
+/// Column pairs per chunk: a pass's A tiles (every row block, `KC` steps) stay in L2 while the
+/// chunk's column pairs take them in turn.
+const CHUNK_PAIRS: usize = 8;
 
 /// `y[:, cols] = x · wᵀ` on AMX tiles, `cols.start` a multiple of 16.
 ///
-/// Columns go two weight groups (32) at a time, in passes of up to [`KC`] steps: the groups'
-/// tiles for the pass are unpacked to bf16, then every pair of 16-row blocks accumulates over
-/// the pass in four tiles, kept between passes in a scratch (the last pass of whole blocks
-/// stores to `y` directly).
+/// Columns go in chunks of [`CHUNK_PAIRS`] pairs of weight groups (32 columns), and each chunk
+/// in passes of up to [`KC`] steps: for each column pair the pass's tiles are unpacked to bf16,
+/// then every pair of 16-row blocks accumulates over the pass in four tiles, kept between
+/// passes in a scratch (the last pass of whole blocks stores to `y` directly).
 ///
 /// # Safety
 /// [`usable`] must have returned true; `w` is in tiles; `y` is valid for `a.m` rows of `ldy`
@@ -303,58 +308,71 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
     let ksteps = k / 32;
     let kc = KC.min(ksteps);
     let rblocks = a.m.div_ceil(ROWS);
-    let mut b = vec![0u16; 2 * kc * 512];
-    // Sums of the current column pair: 16 × 32 floats (128-byte rows) per row block.
-    let mut c = vec![0f32; rblocks * ROWS * 32];
+    let mut b = Aligned::<u16>::zeroed(2 * kc * 512);
+    // Sums of the chunk's column pairs: 16 × 32 floats (128-byte rows) per row block and pair.
+    let pair_floats = rblocks * ROWS * 32;
+    let mut c = Aligned::<f32>::zeroed(cols.len().div_ceil(2 * ROWS).min(CHUNK_PAIRS) * pair_floats);
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
-    let mut n = cols.start;
-    while n < cols.end {
-        let g = n / ROWS;
-        let width = (cols.end - n).min(2 * ROWS);
+    let mut n0 = cols.start;
+    while n0 < cols.end {
+        let n1 = (n0 + CHUNK_PAIRS * 2 * ROWS).min(cols.end);
         // Blocks `rb..end` whose sums go straight to `y` (whole 16 × 32 tiles); the ragged
         // ones at the edges stay in the scratch and are copied at the end.
-        let whole = |end: usize| width == 2 * ROWS && end * ROWS <= a.m;
+        let whole = |width: usize, end: usize| width == 2 * ROWS && end * ROWS <= a.m;
         let mut k0 = 0;
         while k0 < ksteps {
             let steps = (ksteps - k0).min(kc);
-            let (b0s, b1s) = b.split_at_mut(kc * 512);
-            unpack(g, k0, steps, &mut b0s[..steps * 512]);
-            if width > ROWS {
-                unpack(g + 1, k0, steps, &mut b1s[..steps * 512]);
-            } else {
-                b1s.fill(0);
-            }
-            let (b0, b1) = (b.as_ptr(), b.as_ptr().add(kc * 512));
-            let mut rb = 0;
-            while rb < rblocks {
-                let two = rb + 1 < rblocks;
-                let c0 = c.as_mut_ptr().add(rb * ROWS * 32);
-                let c1 = c0.add(ROWS * 32);
-                let end = if two { rb + 2 } else { rb + 1 };
-                let (d0, d1, ds) = if k0 + steps == ksteps && whole(end) {
-                    let d0 = y.add(rb * ROWS * ldy + n);
-                    (d0, d0.add(ROWS * ldy), 4 * ldy)
+            let mut n = n0;
+            while n < n1 {
+                let g = n / ROWS;
+                let width = (n1 - n).min(2 * ROWS);
+                let (b0s, b1s) = b.split_at_mut(kc * 512);
+                unpack(g, k0, steps, &mut b0s[..steps * 512]);
+                if width > ROWS {
+                    unpack(g + 1, k0, steps, &mut b1s[..steps * 512]);
                 } else {
-                    (c0, c1, 128)
-                };
-                let from = (k0 > 0).then_some(c0 as *const f32);
-                let (a0, a1) = (a.tile(rb, k0), if two { a.tile(rb + 1, k0) } else { std::ptr::null() });
-                block_pass(two, from, a0, a1, b0, b1, steps, d0, d1, ds);
-                rb += if two { 2 } else { 1 };
+                    b1s.fill(0);
+                }
+                let (b0, b1) = (b.as_ptr(), b.as_ptr().add(kc * 512));
+                let cp = c.as_mut_ptr().add((n - n0) / (2 * ROWS) * pair_floats);
+                let mut rb = 0;
+                while rb < rblocks {
+                    let two = rb + 1 < rblocks;
+                    let c0 = cp.add(rb * ROWS * 32);
+                    let c1 = c0.add(ROWS * 32);
+                    let end = if two { rb + 2 } else { rb + 1 };
+                    let (d0, d1, ds) = if k0 + steps == ksteps && whole(width, end) {
+                        let d0 = y.add(rb * ROWS * ldy + n);
+                        (d0, d0.add(ROWS * ldy), 4 * ldy)
+                    } else {
+                        (c0, c1, 128)
+                    };
+                    let from = (k0 > 0).then_some(c0 as *const f32);
+                    let (a0, a1) = (a.tile(rb, k0), if two { a.tile(rb + 1, k0) } else { std::ptr::null() });
+                    block_pass(two, from, a0, a1, b0, b1, steps, d0, d1, ds);
+                    rb = end;
+                }
+                n += width;
             }
             k0 += steps;
         }
-        let mut rb = 0;
-        while rb < rblocks {
-            let end = if rb + 1 < rblocks { rb + 2 } else { rb + 1 };
-            if !whole(end) {
-                for i in rb * ROWS..(end * ROWS).min(a.m) {
-                    std::ptr::copy_nonoverlapping(c.as_ptr().add(i * 32), y.add(i * ldy + n), width);
+        let mut n = n0;
+        while n < n1 {
+            let width = (n1 - n).min(2 * ROWS);
+            let cp = c.as_ptr().add((n - n0) / (2 * ROWS) * pair_floats);
+            let mut rb = 0;
+            while rb < rblocks {
+                let end = if rb + 1 < rblocks { rb + 2 } else { rb + 1 };
+                if !whole(width, end) {
+                    for i in rb * ROWS..(end * ROWS).min(a.m) {
+                        std::ptr::copy_nonoverlapping(cp.add(i * 32), y.add(i * ldy + n), width);
+                    }
                 }
+                rb = end;
             }
-            rb = end;
+            n += width;
         }
-        n += width;
+        n0 = n1;
     }
     asm!("tilerelease", options(nostack, nomem));
 }
@@ -479,7 +497,7 @@ pub unsafe fn matmul_cols_split(a: &ActBf16, w: &WeightView, j0: usize, j1: usiz
     let n = w.rows;
     let (groups, pairs, rblocks) = (n.div_ceil(ROWS), n.div_ceil(2 * ROWS), a.m.div_ceil(ROWS));
     assert!(c.len() >= pairs * rblocks * 512 && w.cols == a.k && j1 <= a.k / 32);
-    let mut b = vec![0u16; 2 * pairs * KS * 512];
+    let mut b = Aligned::<u16>::zeroed(2 * pairs * KS * 512);
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
     let mut k0 = j0;
     while k0 < j1 {
