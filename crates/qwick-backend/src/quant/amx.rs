@@ -279,7 +279,7 @@ pub enum Source<'a> {
 
 /// Depth of a pass, in 32-value steps: the B tiles of a column pair over a pass (2 × `KC`
 /// KiB) stay in L1 while every row block passes by.
-const KC: usize = 16;
+const KC: usize = 8;
 
 /// Column pairs per chunk: a pass's A tiles (every row block, `KC` steps) stay in L2 while the
 /// chunk's column pairs take them in turn.

@@ -277,7 +277,7 @@ mod tests {
         }
         for &f in Format::ALL.iter().filter(|f| has_q8_kernel(**f)) {
             let spec = tiles::spec(f).unwrap();
-            // The last three shapes take several passes of the kernel (16 steps of 32 each, the
+            // The last three shapes take several passes of the kernel (8 steps of 32 each, the
             // last partial); the last has two chunks of columns (8 pairs, then a ragged one).
             for &(m, n, k) in
                 &[(32, 16, 256), (37, 40, 512), (50, 33, 768), (16, 16, 4352), (40, 20, 4352), (33, 300, 768)]
