@@ -19,7 +19,7 @@ pub mod quant;
 pub use format::Format;
 pub use isa::Isa;
 pub use matmul::{matmul, matmul_batch, Bf16Mode, MatmulJob, WeightView};
-pub use pool::{par_rows, ThreadPool};
+pub use pool::{copied, par_rows, zeros, ThreadPool};
 
 /// What a kernel call needs besides its operands: the instruction set to use, the thread pool
 /// to split work over, whether products must be exact, and how bf16 weights are multiplied.

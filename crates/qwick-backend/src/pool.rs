@@ -173,6 +173,50 @@ pub fn par_rows(ctx: crate::Ctx, n: usize, out: &mut [f32], width: usize, f: imp
     }
 }
 
+/// Vectors of at least this many bytes are written by all the pool's threads (smaller ones by
+/// the caller alone).
+const PAR_FILL_MIN_BYTES: usize = 1 << 18;
+
+/// A vector of `n` values built in parallel: `f(range, out)` must write every element of `out`,
+/// the values `range` of the vector. Large activation buffers are built this way so that
+/// zeroing or copying them does not leave the other threads waiting.
+pub(crate) fn par_build<T: Copy + Send>(
+    pool: &ThreadPool,
+    n: usize,
+    f: impl Fn(Range<usize>, &mut [std::mem::MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    let sp = SendPtr::new(&mut v.spare_capacity_mut()[..n]);
+    let run = |r: Range<usize>| {
+        // SAFETY: chunks do not overlap and lie within the n spare elements.
+        let o = unsafe { sp.slice(r.start, r.len()) };
+        f(r, o)
+    };
+    if n * std::mem::size_of::<T>() < PAR_FILL_MIN_BYTES {
+        run(0..n);
+    } else {
+        pool.for_chunks(n, 16, &run);
+    }
+    // SAFETY: the chunks cover 0..n and `f` wrote every element of each (a panic in `f` unwinds
+    // past this line, dropping `v` with length 0).
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `n` zeros (see [`par_build`]).
+pub fn zeros(pool: &ThreadPool, n: usize) -> Vec<f32> {
+    par_build(pool, n, |_, o| o.fill(std::mem::MaybeUninit::new(0.0)))
+}
+
+/// A copy of `x` (see [`par_build`]).
+pub fn copied(pool: &ThreadPool, x: &[f32]) -> Vec<f32> {
+    par_build(pool, x.len(), |r, o| {
+        for (d, &s) in o.iter_mut().zip(&x[r]) {
+            d.write(s);
+        }
+    })
+}
+
 /// The CPUs this process may run on, read once before any thread is pinned.
 fn allowed_cpus() -> &'static [usize] {
     static CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
@@ -302,6 +346,18 @@ impl<T> SendPtr<T> {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn parallel_zeros_and_copies_fill_every_value() {
+        for threads in [1, 3] {
+            let pool = ThreadPool::new(threads);
+            for n in [0, 5, PAR_FILL_MIN_BYTES / 4 - 1, PAR_FILL_MIN_BYTES / 4, PAR_FILL_MIN_BYTES + 17] {
+                assert!(zeros(&pool, n).iter().all(|&v| v == 0.0) && zeros(&pool, n).len() == n);
+                let x: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
+                assert_eq!(copied(&pool, &x), x);
+            }
+        }
+    }
 
     #[test]
     fn every_thread_runs_once_per_job() {

@@ -15,7 +15,7 @@
 use crate::lora::{LoraParams, Pair, DOWN, GATE, K, O, Q, UP, V};
 use qwick_backend::grad::{self, transpose, AttnShape};
 use qwick_backend::pool::SendPtr;
-use qwick_backend::{matmul, matmul_batch, ops, par_rows, Ctx, Format, MatmulJob, WeightView};
+use qwick_backend::{copied, matmul, matmul_batch, ops, par_rows, zeros, Ctx, Format, MatmulJob, WeightView};
 use qwick_model::qwen3::{Linear, Mlp};
 use qwick_model::Qwen3;
 
@@ -322,7 +322,7 @@ impl Runner<'_, '_> {
     /// RMSNorm of the rows of `x` with weight `w`.
     fn norm(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
         let (ctx, h, eps) = (self.ctx, w.len(), self.f.model.config.rms_norm_eps);
-        let mut out = vec![0f32; x.len()];
+        let mut out = zeros(ctx.pool, x.len());
         par_rows(ctx, x.len() / h, &mut out, h, |r, o| ops::rms_norm(ctx.isa, &x[r.start * h..r.end * h], w, eps, o));
         out
     }
@@ -340,7 +340,7 @@ impl Runner<'_, '_> {
     /// `silu(g) · u` for rows of `inter`.
     fn swiglu(&self, g: &[f32], u: &[f32], inter: usize) -> Vec<f32> {
         let ctx = self.ctx;
-        let mut a = g.to_vec();
+        let mut a = copied(ctx.pool, g);
         par_rows(ctx, g.len() / inter, &mut a, inter, |r, ar| {
             ops::silu_mul(ctx.isa, ar, &u[r.start * inter..r.end * inter])
         });
@@ -384,7 +384,8 @@ impl Runner<'_, '_> {
         let layer = &model.layers[l];
         let a = &layer.attn;
         let hn1 = self.norm(x, &layer.input_layernorm);
-        let (mut q_pre, mut k_pre, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        let (mut q_pre, mut k_pre, mut v) =
+            (zeros(ctx.pool, n * qd), zeros(ctx.pool, n * kvd), zeros(ctx.pool, n * kvd));
         matmul_batch(
             ctx,
             &[
@@ -397,7 +398,7 @@ impl Runner<'_, '_> {
         lora[Q] = self.lora_forward(l, Q, &hn1, n, &mut q_pre);
         lora[K] = self.lora_forward(l, K, &hn1, n, &mut k_pre);
         lora[V] = self.lora_forward(l, V, &hn1, n, &mut v);
-        let (mut q, mut k) = (q_pre.clone(), k_pre.clone());
+        let (mut q, mut k) = (copied(ctx.pool, &q_pre), copied(ctx.pool, &k_pre));
         let half = hd / 2;
         par_rows(ctx, n, &mut q, qd, |r, qr| {
             for (i, row) in r.clone().zip(qr.chunks_exact_mut(qd)) {
@@ -413,22 +414,22 @@ impl Runner<'_, '_> {
         });
         let shape = attn_shape(c, seq);
         let (att, lse) = attn.unwrap_or_else(|| {
-            let mut att = vec![0f32; n * qd];
+            let mut att = zeros(ctx.pool, n * qd);
             let mut lse = vec![0f32; n * c.num_attention_heads];
             grad::attention_forward(ctx, &shape, &q, &k, &v, &mut att, &mut lse);
             (att, lse)
         });
-        let mut tmp = vec![0f32; n * h];
+        let mut tmp = zeros(ctx.pool, n * h);
         matmul(ctx, &att, n, &a.o_proj.view(), &mut tmp);
         lora[O] = self.lora_forward(l, O, &att, n, &mut tmp);
         par_rows(ctx, n, x, h, |r, xo| ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h]));
-        let x2 = x.to_vec();
+        let x2 = copied(ctx.pool, x);
         let hn2 = self.norm(&x2, &layer.post_attention_layernorm);
         let mlp = match &layer.mlp {
             Mlp::Dense(sw) => {
                 let (gp, up, dp) = (&sw.gate_proj, &sw.up_proj, &sw.down_proj);
                 let inter = gp.weight.shape[0];
-                let (mut g, mut u) = (vec![0f32; n * inter], vec![0f32; n * inter]);
+                let (mut g, mut u) = (zeros(ctx.pool, n * inter), zeros(ctx.pool, n * inter));
                 matmul_batch(
                     ctx,
                     &[MatmulJob::new(&hn2, n, gp.view(), &mut g), MatmulJob::new(&hn2, n, up.view(), &mut u)],
@@ -463,7 +464,7 @@ impl Runner<'_, '_> {
         grads: &mut Grads,
     ) -> Vec<f32> {
         let wt = self.f.wt(l, m);
-        let mut dx = vec![0f32; n * wt.rows];
+        let mut dx = zeros(self.ctx.pool, n * wt.rows);
         matmul(self.ctx, dy, n, &wt, &mut dx);
         if let (Some(p), Some((xd, t))) = (self.lora.get(l, m), saved) {
             let slot = self.lora.slot(l, m).expect("pair present");
@@ -549,7 +550,7 @@ impl Runner<'_, '_> {
                 let inter = g.len() / n;
                 let a = if self.lora.get(l, DOWN).is_some() { self.swiglu(g, u, inter) } else { Vec::new() };
                 let da = self.linear_backward(l, DOWN, &a, &acts.lora[DOWN], dx, n, grads);
-                let (mut dg, mut du) = (vec![0f32; n * inter], vec![0f32; n * inter]);
+                let (mut dg, mut du) = (zeros(ctx.pool, n * inter), zeros(ctx.pool, n * inter));
                 {
                     let dup = SendPtr::new(&mut du);
                     par_rows(ctx, n, &mut dg, inter, |r, dgr| {
@@ -572,7 +573,7 @@ impl Runner<'_, '_> {
                 Mlp::Dense(_) => unreachable!("MoE activations come from a MoE layer"),
             },
         };
-        let mut dnorm = vec![0f32; n * h];
+        let mut dnorm = zeros(ctx.pool, n * h);
         par_rows(ctx, n, &mut dnorm, h, |r, o| {
             let w = r.start * h..r.end * h;
             grad::rms_norm_backward(isa, &acts.x2[w.clone()], &layer.post_attention_layernorm, eps, &dhn2[w], o)
@@ -582,7 +583,7 @@ impl Runner<'_, '_> {
         // Attention: x2 = x + o(attn(rope(norm(q(hn1))), rope(norm(k(hn1))), v(hn1))).
         let datt = self.linear_backward(l, O, &acts.att, &acts.lora[O], dx, n, grads);
         let shape = attn_shape(c, seq);
-        let (mut dq, mut dk, mut dv) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        let (mut dq, mut dk, mut dv) = (zeros(ctx.pool, n * qd), zeros(ctx.pool, n * kvd), zeros(ctx.pool, n * kvd));
         grad::attention_backward(
             ctx, &shape, &acts.q, &acts.k, &acts.v, &acts.att, &acts.lse, &datt, &mut dq, &mut dk, &mut dv,
         );
@@ -590,7 +591,7 @@ impl Runner<'_, '_> {
         let half = hd / 2;
         let a = &layer.attn;
         let head_back = |d: &mut [f32], pre: &[f32], w: &[f32], width: usize| {
-            let mut out = vec![0f32; n * width];
+            let mut out = zeros(ctx.pool, n * width);
             par_rows(ctx, n, &mut out, width, |r, o| {
                 let mut row = vec![0f32; width];
                 let mut neg = vec![0f32; half];
@@ -807,7 +808,7 @@ pub fn loss(
     let mut saved: Vec<Option<Saved>> = Vec::new();
     for l in 0..model.layers.len() {
         if keep {
-            inputs.push(x.clone());
+            inputs.push(copied(ctx.pool, &x));
         }
         let acts = r.layer_forward(l, &mut x, seq, &cos, &sin, None);
         if keep {
@@ -818,7 +819,7 @@ pub fn loss(
             }));
         }
     }
-    let mut hn = vec![0f32; n * h];
+    let mut hn = zeros(ctx.pool, n * h);
     par_rows(ctx, n, &mut hn, h, |rr, o| {
         ops::rms_norm(ctx.isa, &x[rr.start * h..rr.end * h], &model.norm, c.rms_norm_eps, o)
     });
@@ -827,7 +828,7 @@ pub fn loss(
     let mut dhn = vec![0f32; if keep { n * h } else { 0 }];
     let mut total = 0f64;
     let mut sel = vec![0f32; LOSS_ROWS * h];
-    let mut logits = vec![0f32; LOSS_ROWS * vocab];
+    let mut logits = zeros(ctx.pool, LOSS_ROWS * vocab);
     let mut dsel = vec![0f32; LOSS_ROWS * h];
     for chunk in rows.chunks(LOSS_ROWS) {
         let m = chunk.len();
@@ -853,7 +854,7 @@ pub fn loss(
         }
     }
     let Some(grads) = grads else { return total };
-    let mut dx = vec![0f32; n * h];
+    let mut dx = zeros(ctx.pool, n * h);
     par_rows(ctx, n, &mut dx, h, |rr, o| {
         let w = rr.start * h..rr.end * h;
         grad::rms_norm_backward(ctx.isa, &x[w.clone()], &model.norm, c.rms_norm_eps, &dhn[w], o)
@@ -862,7 +863,9 @@ pub fn loss(
     for l in (0..model.layers.len()).rev() {
         let acts = match saved[l].take().expect("saved once, used once") {
             Saved::All(acts) => *acts,
-            Saved::Attention(att, lse) => r.layer_forward(l, &mut inputs[l].clone(), seq, &cos, &sin, Some((att, lse))),
+            Saved::Attention(att, lse) => {
+                r.layer_forward(l, &mut copied(ctx.pool, &inputs[l]), seq, &cos, &sin, Some((att, lse)))
+            }
         };
         r.layer_backward(l, &inputs[l], &acts, seq, &cos, &sin, &mut dx, grads);
         inputs[l] = Vec::new();

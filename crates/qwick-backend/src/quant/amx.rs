@@ -81,7 +81,7 @@ impl ActBf16 {
 
     /// [`ActBf16::new`] with blocks of 16 rows converted on `pool`'s threads.
     pub fn new_on(pool: &crate::ThreadPool, x: &[f32], m: usize, k: usize) -> ActBf16 {
-        let mut out = Aligned::zeroed(m.next_multiple_of(ROWS) * k);
+        let mut out = Aligned::zeroed_on(pool, m.next_multiple_of(ROWS) * k);
         let op = crate::pool::SendPtr::new(&mut out);
         pool.for_chunks(m.div_ceil(ROWS), 1, &|blocks| {
             let mut row_bf16 = vec![0u16; k];
