@@ -723,7 +723,7 @@ mod tests {
 
     #[test]
     fn matmul_tn_sums_outer_products() {
-        for (t, ni, nj) in [(9, 5, 19), (70, 19, 100), (300, 16, 48)] {
+        for (t, ni, nj) in [(9, 5, 19), (70, 19, 100), (300, 16, 48), (5, 6, 12), (64, 8, 1024)] {
             let a = rand_vec(t * ni, 31);
             let b = rand_vec(t * nj, 32);
             let mut want = vec![0f32; ni * nj];
