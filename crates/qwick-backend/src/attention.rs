@@ -105,20 +105,39 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
     }
     // Longest contexts first, so the last units to finish are short.
     units.sort_by_key(|&(t, len)| std::cmp::Reverse(a.positions[t + len - 1]));
-    let items = units.len() * kv.kv_heads;
     let threads = ctx.pool.threads();
+    // Fewer (token, KV head) items than threads (one sequence decoding on many cores): each
+    // single-token item's keys are split into `parts` runs of whole blocks, attended on their
+    // own and merged by their log-sum-exps, so every thread has keys to read.
+    let max_ctx = (0..n_tok).map(|i| a.positions[i] as usize + 1).max().unwrap_or(0);
+    let parts = if units.len() * kv.kv_heads < threads && units.iter().all(|&(_, len)| len == 1) {
+        threads.div_ceil(units.len() * kv.kv_heads).min(max_ctx / MIN_PART_KEYS).max(1)
+    } else {
+        1
+    };
+    let items = units.len() * kv.kv_heads * parts;
+    let part_len = |ctx_len: usize| ctx_len.div_ceil(kv.block_size).div_ceil(parts) * kv.block_size;
+    // Each split item's output and log-sum-exps, merged below.
+    let (mut part_out, mut part_lse) = if parts > 1 {
+        (vec![0f32; items * group * hd], vec![f32::NEG_INFINITY; items * group])
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let (pop, plp) = (SendPtr::new(&mut part_out), SendPtr::new(&mut part_lse));
     let op = SendPtr::new(out);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let work = |_t: usize| {
-        let max_ctx = (0..n_tok).map(|i| a.positions[i] as usize + 1).max().unwrap_or(0);
-        let mut scores = vec![0f32; group * max_ctx];
+        let span = if parts > 1 { part_len(max_ctx) } else { max_ctx };
+        let mut scores = vec![0f32; group * span];
+        let mut lse = vec![0f32; group];
         let mut scratch = Vec::new();
         loop {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if i >= items {
                 break;
             }
-            let ((tok, len), kvh) = (units[i / kv.kv_heads], i % kv.kv_heads);
+            let (unit, part) = (i / parts, i % parts);
+            let ((tok, len), kvh) = (units[unit / kv.kv_heads], unit % kv.kv_heads);
             let table = a.block_tables[a.seq_of_token[tok] as usize];
             if len > 1 {
                 // SAFETY: tiles of len > 1 exist only on AVX-512 CPUs (see `tile`); the kernel
@@ -139,9 +158,25 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
             }
             let ctx_len = a.positions[tok] as usize + 1;
             let qrow = &q[(tok * a.n_heads + kvh * group) * hd..(tok * a.n_heads + (kvh + 1) * group) * hd];
-            // SAFETY: this token's heads of KV head kvh: owned by this work item alone, in bounds.
-            let orow = unsafe { op.slice((tok * a.n_heads + kvh * group) * hd, group * hd) };
-            attend_one(ctx.isa, qrow, kv, table, kvh, ctx_len, a.scale, &mut scores[..group * ctx_len], orow);
+            if parts == 1 {
+                // SAFETY: this token's heads of KV head kvh: owned by this work item alone, in bounds.
+                let orow = unsafe { op.slice((tok * a.n_heads + kvh * group) * hd, group * hd) };
+                let sc = &mut scores[..group * ctx_len];
+                attend_one(ctx.isa, qrow, kv, table, kvh, ctx_len, a.scale, sc, &mut lse, orow);
+                continue;
+            }
+            // Keys `from..to` of this part (none when the context is shorter: its log-sum-exps
+            // stay -inf and it weighs nothing in the merge).
+            let per = part_len(ctx_len);
+            let (from, to) = ((part * per).min(ctx_len), ((part + 1) * per).min(ctx_len));
+            if from == to {
+                continue;
+            }
+            // SAFETY: item i's slots of the partial buffers belong to this work item alone.
+            let (orow, lrow) = unsafe { (pop.slice(i * group * hd, group * hd), plp.slice(i * group, group)) };
+            let sub = &table[from / kv.block_size..];
+            let sc = &mut scores[..group * (to - from)];
+            attend_one(ctx.isa, qrow, kv, sub, kvh, to - from, a.scale, sc, lrow, orow);
         }
     };
     if items < 2 || threads == 1 {
@@ -149,7 +184,32 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
     } else {
         ctx.pool.run(&work);
     }
+    if parts > 1 {
+        // out = Σ_p exp(lse_p − LSE) · out_p, LSE the log-sum-exp of the parts' log-sum-exps.
+        for unit in 0..items / parts {
+            let ((tok, _), kvh) = (units[unit / kv.kv_heads], unit % kv.kv_heads);
+            let o = &mut out[(tok * a.n_heads + kvh * group) * hd..][..group * hd];
+            for g in 0..group {
+                let l = |p: usize| part_lse[(unit * parts + p) * group + g];
+                let m = (0..parts).map(l).fold(f32::NEG_INFINITY, f32::max);
+                let w: Vec<f32> = (0..parts).map(|p| (l(p) - m).exp()).collect();
+                let inv = 1.0 / w.iter().sum::<f32>();
+                let og = &mut o[g * hd..(g + 1) * hd];
+                og.fill(0.0);
+                for (p, wp) in w.iter().enumerate() {
+                    let src = &part_out[((unit * parts + p) * group + g) * hd..][..hd];
+                    for (d, &v) in og.iter_mut().zip(src) {
+                        *d += wp * inv * v;
+                    }
+                }
+            }
+        }
+    }
 }
+
+/// Fewest keys per part when one token's attention is split over threads (see
+/// [`paged_attention`]): below this the merge and the extra pass cost more than they save.
+const MIN_PART_KEYS: usize = 256;
 
 /// Attention of the `group` query heads in `q` (all sharing KV head `kvh`) over `ctx_len` keys.
 #[allow(clippy::too_many_arguments)]
@@ -162,6 +222,7 @@ fn attend_one(
     ctx_len: usize,
     scale: f32,
     scores: &mut [f32],
+    lse: &mut [f32],
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -169,14 +230,14 @@ fn attend_one(
         macro_rules! per_dim {
             ($d:literal) => {
                 match kv.head_dim.div_ceil(16) {
-                    1 => x86::attend_avx512::<$d, 1>(q, kv, table, kvh, ctx_len, scale, scores, out),
-                    2 => x86::attend_avx512::<$d, 2>(q, kv, table, kvh, ctx_len, scale, scores, out),
-                    3 => x86::attend_avx512::<$d, 3>(q, kv, table, kvh, ctx_len, scale, scores, out),
-                    4 => x86::attend_avx512::<$d, 4>(q, kv, table, kvh, ctx_len, scale, scores, out),
-                    5 => x86::attend_avx512::<$d, 5>(q, kv, table, kvh, ctx_len, scale, scores, out),
-                    6 => x86::attend_avx512::<$d, 6>(q, kv, table, kvh, ctx_len, scale, scores, out),
-                    7 => x86::attend_avx512::<$d, 7>(q, kv, table, kvh, ctx_len, scale, scores, out),
-                    _ => x86::attend_avx512::<$d, 8>(q, kv, table, kvh, ctx_len, scale, scores, out),
+                    1 => x86::attend_avx512::<$d, 1>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
+                    2 => x86::attend_avx512::<$d, 2>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
+                    3 => x86::attend_avx512::<$d, 3>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
+                    4 => x86::attend_avx512::<$d, 4>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
+                    5 => x86::attend_avx512::<$d, 5>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
+                    6 => x86::attend_avx512::<$d, 6>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
+                    7 => x86::attend_avx512::<$d, 7>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
+                    _ => x86::attend_avx512::<$d, 8>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
                 }
             };
         }
@@ -185,9 +246,9 @@ fn attend_one(
         // through the block table (within the cache) and write `out` (group × head_dim).
         return unsafe {
             match (kv.code(), kv.head_dim) {
-                (1, 64) => x86::attend_bf16::<2>(q, kv, table, kvh, ctx_len, scale, scores, out),
-                (1, 128) => x86::attend_bf16::<4>(q, kv, table, kvh, ctx_len, scale, scores, out),
-                (1, 256) => x86::attend_bf16::<8>(q, kv, table, kvh, ctx_len, scale, scores, out),
+                (1, 64) => x86::attend_bf16::<2>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
+                (1, 128) => x86::attend_bf16::<4>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
+                (1, 256) => x86::attend_bf16::<8>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
                 (0, _) => per_dim!(0),
                 (1, _) => per_dim!(1),
                 _ => per_dim!(2),
@@ -195,7 +256,7 @@ fn attend_one(
         };
     }
     let isa = if isa.is_avx512() { Isa::Avx512 } else { isa };
-    attend_generic(isa, q, kv, table, kvh, ctx_len, scale, scores, out)
+    attend_generic(isa, q, kv, table, kvh, ctx_len, scale, scores, lse, out)
 }
 
 /// Calls `f(j, row)` for each of the first `ctx_len` keys: `j` its position, `row` the offset
@@ -211,10 +272,10 @@ fn for_each_key(kv: &PagedKv, table: &[u32], kvh: usize, ctx_len: usize, mut f: 
     }
 }
 
-/// Softmax of each of the `group` score rows in place.
+/// Softmax of each of the `group` score rows in place; `lse[g]` gets row `g`'s log-sum-exp.
 #[inline(always)]
-fn softmax_rows<const FAST: bool>(scores: &mut [f32], ctx_len: usize) {
-    for s in scores.chunks_exact_mut(ctx_len) {
+fn softmax_rows<const FAST: bool>(scores: &mut [f32], ctx_len: usize, lse: &mut [f32]) {
+    for (s, l) in scores.chunks_exact_mut(ctx_len).zip(lse.iter_mut()) {
         let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for v in s.iter_mut() {
@@ -225,6 +286,7 @@ fn softmax_rows<const FAST: bool>(scores: &mut [f32], ctx_len: usize) {
         for v in s.iter_mut() {
             *v *= inv;
         }
+        *l = m + sum.ln();
     }
 }
 
@@ -239,6 +301,7 @@ fn attend_generic(
     ctx_len: usize,
     scale: f32,
     scores: &mut [f32],
+    lse: &mut [f32],
     out: &mut [f32],
 ) {
     multiversion!(
@@ -251,6 +314,7 @@ fn attend_generic(
             ctx_len: usize,
             scale: f32,
             scores: &mut [f32],
+            lse: &mut [f32],
             out: &mut [f32],
         ) {
             let hd = kv.head_dim;
@@ -263,7 +327,7 @@ fn attend_generic(
                     scores[g * ctx_len + j] = dot(&q[g * hd..(g + 1) * hd], &row_f32) * scale;
                 }
             });
-            softmax_rows::<FAST>(scores, ctx_len);
+            softmax_rows::<FAST>(scores, ctx_len, lse);
             out.fill(0.0);
             for_each_key(&kv, table, kvh, ctx_len, |j, row| {
                 kv.format.dequantize(&kv.v[row * es..(row + hd) * es], &mut row_f32);
@@ -322,6 +386,7 @@ mod x86 {
         ctx_len: usize,
         scale: f32,
         scores: &mut [f32],
+        lse: &mut [f32],
         out: &mut [f32],
     ) {
         let hd = kv.head_dim;
@@ -358,7 +423,7 @@ mod x86 {
                 }
             }
         }
-        softmax16(scores, ctx_len);
+        softmax16(scores, ctx_len, lse);
         for g in 0..group {
             let mut acc = [_mm512_setzero_ps(); N];
             for_each_key(&kv, table, kvh, ctx_len, |j, row| {
@@ -392,6 +457,7 @@ mod x86 {
         ctx_len: usize,
         scale: f32,
         scores: &mut [f32],
+        lse: &mut [f32],
         out: &mut [f32],
     ) {
         let hd = kv.head_dim;
@@ -441,7 +507,7 @@ mod x86 {
                 }
             }
         }
-        softmax16(scores, ctx_len);
+        softmax16(scores, ctx_len, lse);
         // Output rows in split order: 2·NP accumulators per query head.
         for g in 0..group {
             let mut even = [_mm512_setzero_ps(); NP];
@@ -471,7 +537,7 @@ mod x86 {
 
     /// Softmax of each `ctx_len` row of `scores` in place, 16 lanes at a time.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
-    unsafe fn softmax16(scores: &mut [f32], ctx_len: usize) {
+    unsafe fn softmax16(scores: &mut [f32], ctx_len: usize, lse: &mut [f32]) {
         let lanes = |i: usize| -> __mmask16 {
             let n = (ctx_len - i).min(16);
             if n == 16 {
@@ -480,7 +546,7 @@ mod x86 {
                 ((1u32 << n) - 1) as __mmask16
             }
         };
-        for row in scores.chunks_exact_mut(ctx_len) {
+        for (row, l) in scores.chunks_exact_mut(ctx_len).zip(lse.iter_mut()) {
             let p = row.as_mut_ptr();
             let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
             for i in (0..ctx_len).step_by(16) {
@@ -494,7 +560,9 @@ mod x86 {
                 _mm512_mask_storeu_ps(p.add(i), lanes(i), e);
                 sum = _mm512_add_ps(sum, e);
             }
-            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+            let total = _mm512_reduce_add_ps(sum);
+            *l = _mm512_reduce_max_ps(m) + total.ln();
+            let inv = _mm512_set1_ps(1.0 / total);
             for i in (0..ctx_len).step_by(16) {
                 let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(i), p.add(i)), inv);
                 _mm512_mask_storeu_ps(p.add(i), lanes(i), v);
@@ -664,6 +732,66 @@ mod tests {
         out
     }
 
+    /// K/V of `t` tokens scattered into blocks of `bs` in reverse physical order: the cache
+    /// buffers and the block table.
+    fn scatter(k: &[f32], v: &[f32], t: usize, kvh: usize, hd: usize, bs: usize) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+        let nblocks = t.div_ceil(bs);
+        let table: Vec<u32> = (0..nblocks as u32).rev().collect();
+        let mut kc = vec![0f32; nblocks * bs * kvh * hd];
+        let mut vc = kc.clone();
+        let layout = KvLayout { block_size: bs, kv_heads: kvh, head_dim: hd };
+        for j in 0..t {
+            for h in 0..kvh {
+                let row = layout.row(table[j / bs] as usize, h, j % bs);
+                kc[row..row + hd].copy_from_slice(&k[(j * kvh + h) * hd..][..hd]);
+                vc[row..row + hd].copy_from_slice(&v[(j * kvh + h) * hd..][..hd]);
+            }
+        }
+        (kc, vc, table)
+    }
+
+    /// One query token with fewer KV heads than threads: its keys are split over the threads
+    /// (parts of whole blocks merged by log-sum-exp) and the result equals attention over all of
+    /// them, for every ISA and K/V format, at contexts giving two to four parts (the last
+    /// ragged) and one too short to split.
+    #[test]
+    fn one_token_split_over_threads_matches_dense() {
+        let pool = ThreadPool::new(4);
+        for &(nh, kvh, hd, bs) in &[(4, 1, 128, 16), (8, 2, 64, 16), (2, 1, 24, 5)] {
+            let t = 1100;
+            let q = rand_vec(t * nh * hd, 4);
+            let (k, v) = (rand_vec(t * kvh * hd, 5), rand_vec(t * kvh * hd, 6));
+            let scale = 1.0 / (hd as f32).sqrt();
+            let (kc, vc, table) = scatter(&k, &v, t, kvh, hd, bs);
+            let tables = [&table[..]];
+            for fmt in [Format::F32, Format::BF16, Format::F16] {
+                let enc = |x: &[f32]| {
+                    let mut b = vec![0u8; x.len() * fmt.row_bytes(1)];
+                    fmt.encode_floats(x, &mut b);
+                    b
+                };
+                let (kb, vb) = (enc(&kc), enc(&vc));
+                let (kr, vr) = (fmt.to_f32_vec(&enc(&k)), fmt.to_f32_vec(&enc(&v)));
+                let kv = PagedKv { k: &kb, v: &vb, format: fmt, block_size: bs, kv_heads: kvh, head_dim: hd };
+                // Row p of causal attention over all t tokens: token p over keys 0..=p.
+                let want = dense(&q, &kr, &vr, t, nh, kvh, hd, scale);
+                for p in [300, 599, 1023, 1099] {
+                    let n = p + 1;
+                    let pos = [p as u32];
+                    let one =
+                        AttnArgs { n_heads: nh, scale, positions: &pos, seq_of_token: &[0], block_tables: &tables };
+                    for isa in Isa::all_supported() {
+                        let mut o1 = vec![f32::NAN; nh * hd];
+                        paged_attention(Ctx::new(isa, &pool), &q[p * nh * hd..n * nh * hd], kv, &one, &mut o1);
+                        for (i, (g, e)) in o1.iter().zip(&want[p * nh * hd..]).enumerate() {
+                            assert!((g - e).abs() < 1e-5, "{isa} {fmt} nh{nh} kvh{kvh} hd{hd} p{p} [{i}]: {g} vs {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn paged_matches_dense_on_every_isa() {
         let pool = ThreadPool::new(2);
@@ -682,19 +810,7 @@ mod tests {
             let v = rand_vec(t * kvh * hd, 3);
             let scale = 1.0 / (hd as f32).sqrt();
             let want = dense(&q, &k, &v, t, nh, kvh, hd, scale);
-            // Scatter K/V into blocks in reverse physical order.
-            let nblocks = t.div_ceil(bs);
-            let table: Vec<u32> = (0..nblocks as u32).rev().collect();
-            let mut kc = vec![0f32; nblocks * bs * kvh * hd];
-            let mut vc = kc.clone();
-            let layout = KvLayout { block_size: bs, kv_heads: kvh, head_dim: hd };
-            for j in 0..t {
-                for h in 0..kvh {
-                    let row = layout.row(table[j / bs] as usize, h, j % bs);
-                    kc[row..row + hd].copy_from_slice(&k[(j * kvh + h) * hd..][..hd]);
-                    vc[row..row + hd].copy_from_slice(&v[(j * kvh + h) * hd..][..hd]);
-                }
-            }
+            let (kc, vc, table) = scatter(&k, &v, t, kvh, hd, bs);
             let positions: Vec<u32> = (0..t as u32).collect();
             let seq = vec![0u32; t];
             let tables = [&table[..]];
