@@ -138,7 +138,9 @@ mod tests {
             assert_eq!(Aligned::<u16>::zeroed(len).as_ptr() as usize % 64, 0);
             let pool = crate::ThreadPool::new(2);
             let big = Aligned::<u16>::zeroed_on(&pool, len * 100);
-            assert!(big.as_ptr() as usize % 64 == 0 && big.len() == len * 100 && big.iter().all(|&v| v == 0));
+            assert!(
+                (big.as_ptr() as usize).is_multiple_of(64) && big.len() == len * 100 && big.iter().all(|&v| v == 0)
+            );
         }
     }
 }
