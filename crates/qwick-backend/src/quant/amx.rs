@@ -266,6 +266,42 @@ unsafe fn unpack_bf16_cols(data: &[u8], n: usize, g: usize, j0: usize, steps: us
     }
 }
 
+/// [`unpack_bf16_cols`] for the pair of groups `g`, `g + 1` at once (`live` of their 32
+/// features present, the rest zero): each stored row's 64 bytes for the pair are read in one
+/// load and split into the two groups' tiles.
+///
+/// # Safety
+/// As [`unpack_bf16_cols`]; `16·g + live <= n`; `out0` and `out1` hold `steps × 512` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn unpack_bf16_cols_pair(
+    data: &[u8],
+    n: usize,
+    g: usize,
+    live: usize,
+    j0: usize,
+    steps: usize,
+    out0: &mut [u16],
+    out1: &mut [u16],
+) {
+    let mask: __mmask32 = if live >= 32 { u32::MAX } else { (1u32 << live) - 1 };
+    // Word 2c of the first group's row takes word c of the first stored row, word 2c+1 word c
+    // of the second (index 32 + c); the second group's, words 16 + c.
+    let lo: [u16; 32] = std::array::from_fn(|i| (i / 2 + 32 * (i % 2)) as u16);
+    let hi: [u16; 32] = std::array::from_fn(|i| (16 + i / 2 + 32 * (i % 2)) as u16);
+    let (lo, hi) = (_mm512_loadu_si512(lo.as_ptr() as *const _), _mm512_loadu_si512(hi.as_ptr() as *const _));
+    let base = data.as_ptr().add(g * ROWS * 2);
+    for j in 0..steps {
+        let (d0, d1) = (out0.as_mut_ptr().add(j * 512), out1.as_mut_ptr().add(j * 512));
+        for p in 0..16 {
+            let row = 32 * (j0 + j) + 2 * p;
+            let s0 = _mm512_maskz_loadu_epi16(mask, base.add(row * 2 * n) as *const _);
+            let s1 = _mm512_maskz_loadu_epi16(mask, base.add((row + 1) * 2 * n) as *const _);
+            _mm512_storeu_si512(d0.add(32 * p) as *mut _, _mm512_permutex2var_epi16(s0, lo, s1));
+            _mm512_storeu_si512(d1.add(32 * p) as *mut _, _mm512_permutex2var_epi16(s0, hi, s1));
+        }
+    }
+}
+
 /// Where the weights of a [`matmul`] come from.
 #[derive(Clone, Copy)]
 pub enum Source<'a> {
@@ -327,11 +363,16 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                 let g = n / ROWS;
                 let width = (n1 - n).min(2 * ROWS);
                 let (b0s, b1s) = b.split_at_mut(kc * 512);
-                unpack(g, k0, steps, &mut b0s[..steps * 512]);
-                if width > ROWS {
-                    unpack(g + 1, k0, steps, &mut b1s[..steps * 512]);
+                if let Source::Bf16Cols = src {
+                    let (o0, o1) = (&mut b0s[..steps * 512], &mut b1s[..steps * 512]);
+                    unpack_bf16_cols_pair(w.data, w.rows, g, width, k0, steps, o0, o1);
                 } else {
-                    b1s.fill(0);
+                    unpack(g, k0, steps, &mut b0s[..steps * 512]);
+                    if width > ROWS {
+                        unpack(g + 1, k0, steps, &mut b1s[..steps * 512]);
+                    } else {
+                        b1s.fill(0);
+                    }
                 }
                 let (b0, b1) = (b.as_ptr(), b.as_ptr().add(kc * 512));
                 let cp = c.as_mut_ptr().add((n - n0) / (2 * ROWS) * pair_floats);
