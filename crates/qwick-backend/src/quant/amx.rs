@@ -273,6 +273,7 @@ unsafe fn unpack_bf16_cols(data: &[u8], n: usize, g: usize, j0: usize, steps: us
 /// # Safety
 /// As [`unpack_bf16_cols`]; `16·g + live <= n`; `out0` and `out1` hold `steps × 512` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn unpack_bf16_cols_pair(
     data: &[u8],
     n: usize,
