@@ -237,13 +237,14 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<(Bf1
 }
 
 /// Whether products in `ctx` can read a weight of `format` transposed
-/// ([`WeightView::transposed`]): bf16 weights on AMX tiles or in bf16 dot products, inputs a
-/// multiple of 32.
+/// ([`WeightView::transposed`]): bf16 weights on AMX tiles or in bf16 dot products (inputs a
+/// multiple of 32), and float weights in the AVX-512 GEMM with f32 activations.
 pub fn reads_transposed(ctx: Ctx, format: Format, cols: usize) -> bool {
     cfg!(target_arch = "x86_64")
-        && format == Format::BF16
-        && matches!(ctx.bf16_mode(), Bf16Mode::Amx | Bf16Mode::Dot)
-        && cols.is_multiple_of(32)
+        && match ctx.bf16_mode() {
+            Bf16Mode::Amx | Bf16Mode::Dot => format == Format::BF16 && cols.is_multiple_of(32),
+            Bf16Mode::F32 => format.is_float() && ctx.isa.is_avx512(),
+        }
 }
 
 /// A transposed weight in row layout, for products that cannot read it transposed.
@@ -260,7 +261,11 @@ fn untranspose(w: &WeightView) -> Vec<u8> {
 
 fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
     if w.layout == Layout::Transposed {
-        return if ctx.bf16_mode() == Bf16Mode::Amx { Kind::Amx } else { Kind::Bf16 };
+        return match ctx.bf16_mode() {
+            Bf16Mode::Amx => Kind::Amx,
+            Bf16Mode::Dot => Kind::Bf16,
+            Bf16Mode::F32 => Kind::None,
+        };
     }
     let mode = if w.format == Format::BF16 { ctx.bf16_mode() } else { Bf16Mode::F32 };
     if mode != Bf16Mode::F32 && w.cols.is_multiple_of(32) {
@@ -701,7 +706,7 @@ mod x86 {
 
     pub mod avx512 {
         use super::*;
-        use crate::matmul::{gemv_blocks, WeightView, GEMM_MIN_ROWS};
+        use crate::matmul::{gemv_blocks, Layout, WeightView, GEMM_MIN_ROWS};
         use std::arch::x86_64::*;
 
         const NR: usize = 32;
@@ -745,7 +750,7 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            if m >= GEMM_MIN_ROWS {
+            if m >= GEMM_MIN_ROWS || w.layout == Layout::Transposed {
                 gemm::<D>(x.as_ptr(), m, w, y, ldy, cols)
             } else {
                 gemv::<D>(x.as_ptr(), ldx, m, w, y, ldy, cols)
@@ -921,31 +926,41 @@ mod x86 {
                 while kc < k {
                     let kb = (k - kc).min(KC);
                     // Pack W[np..np+nr, kc..kc+kb] transposed to f32: panel[kk * NR + j].
-                    for j in 0..NR {
-                        if j < nr {
-                            let row = wp.add((np + j) * rb + kc * es);
-                            let mut kk = 0;
-                            while kk + 16 <= kb {
-                                let v = load16::<D>(row.add(kk * es));
-                                let mut tmp = [0f32; 16];
-                                _mm512_storeu_ps(tmp.as_mut_ptr(), v);
-                                for (t, &val) in tmp.iter().enumerate() {
-                                    *panel.get_unchecked_mut((kk + t) * NR + j) = val;
+                    if w.layout == Layout::Transposed {
+                        // Stored row kc + kk holds W[.., kc + kk]: its values np.. are the row.
+                        for kk in 0..kb {
+                            let row = wp.add(((kc + kk) * w.rows + np) * es);
+                            let dst = panel.as_mut_ptr().add(kk * NR);
+                            _mm512_storeu_ps(dst, load16_mask::<D>(row, m0));
+                            _mm512_storeu_ps(dst.add(16), load16_mask::<D>(row.wrapping_add(16 * es), m1));
+                        }
+                    } else {
+                        for j in 0..NR {
+                            if j < nr {
+                                let row = wp.add((np + j) * rb + kc * es);
+                                let mut kk = 0;
+                                while kk + 16 <= kb {
+                                    let v = load16::<D>(row.add(kk * es));
+                                    let mut tmp = [0f32; 16];
+                                    _mm512_storeu_ps(tmp.as_mut_ptr(), v);
+                                    for (t, &val) in tmp.iter().enumerate() {
+                                        *panel.get_unchecked_mut((kk + t) * NR + j) = val;
+                                    }
+                                    kk += 16;
                                 }
-                                kk += 16;
-                            }
-                            if kk < kb {
-                                let mask = ((1u32 << (kb - kk)) - 1) as __mmask16;
-                                let v = load16_mask::<D>(row.add(kk * es), mask);
-                                let mut tmp = [0f32; 16];
-                                _mm512_storeu_ps(tmp.as_mut_ptr(), v);
-                                for (t, &val) in tmp.iter().enumerate().take(kb - kk) {
-                                    *panel.get_unchecked_mut((kk + t) * NR + j) = val;
+                                if kk < kb {
+                                    let mask = ((1u32 << (kb - kk)) - 1) as __mmask16;
+                                    let v = load16_mask::<D>(row.add(kk * es), mask);
+                                    let mut tmp = [0f32; 16];
+                                    _mm512_storeu_ps(tmp.as_mut_ptr(), v);
+                                    for (t, &val) in tmp.iter().enumerate().take(kb - kk) {
+                                        *panel.get_unchecked_mut((kk + t) * NR + j) = val;
+                                    }
                                 }
-                            }
-                        } else {
-                            for kk in 0..kb {
-                                *panel.get_unchecked_mut(kk * NR + j) = 0.0;
+                            } else {
+                                for kk in 0..kb {
+                                    *panel.get_unchecked_mut(kk * NR + j) = 0.0;
+                                }
                             }
                         }
                     }
@@ -1485,7 +1500,8 @@ pub(crate) mod tests {
 
     /// Products with a weight read transposed equal the products with the weight in row layout:
     /// on AMX tiles and in bf16 dot products (bf16 read as it is; on AMX against the f32 product
-    /// of rounded activations) and in every other context (transposed for the call), over shapes
+    /// of rounded activations), in the AVX-512 GEMM with f32 activations (every float format read
+    /// as it is) and in every other context (transposed for the call), over shapes
     /// with ragged tiles in both directions and inner dimensions of several passes.
     #[test]
     fn transposed_weights_equal_row_layout() {
@@ -1511,14 +1527,19 @@ pub(crate) mod tests {
                     );
                 }
             };
-            for dt in [Format::BF16, Format::F32] {
+            for dt in [Format::BF16, Format::F32, Format::F16] {
                 let (wb, wtb) = (encode(&wf, dt), encode(&wt, dt));
                 let (rows, trans) = (WeightView::new(dt, &wb, n, k), WeightView::transposed(dt, &wtb, n, k));
                 let dot = Bf16Mode::Dot
                     .supported()
                     .then(|| Ctx { bf16: Some(Bf16Mode::Dot), ..Ctx::new(Isa::best(), &pool) });
                 let exact = Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) };
-                for ctx in [exact, Ctx::new(Isa::best(), &pool)].into_iter().chain(dot) {
+                // f32 activations on AVX-512 (read transposed by the GEMM's panels, exact or
+                // not) and on AVX2 (transposed for the call).
+                let f32_modes = [Isa::Avx512, Isa::Avx2].into_iter().filter(|i| i.supported()).flat_map(|isa| {
+                    [true, false].map(|exact| Ctx { exact, bf16: Some(Bf16Mode::F32), ..Ctx::new(isa, &pool) })
+                });
+                for ctx in [exact, Ctx::new(Isa::best(), &pool)].into_iter().chain(dot).chain(f32_modes) {
                     let (mut want, mut got) = (vec![0f32; m * n], vec![f32::NAN; m * n]);
                     matmul(ctx, &x, m, &rows, &mut want);
                     matmul(ctx, &x, m, &trans, &mut got);
