@@ -340,7 +340,7 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
             unpack_group(spec, &w.data[g * gb..(g + 1) * gb], j0, steps, out)
         }
         Source::Bf16Rows => unpack_bf16_rows(w.data, w.rows, g, k, j0, steps, out),
-        Source::Bf16Cols => unpack_bf16_cols(w.data, w.rows, g, j0, steps, out),
+        Source::Bf16Cols => unreachable!("groups of transposed weights unpack in pairs"),
     };
     let ksteps = k / 32;
     let kc = KC.min(ksteps);
