@@ -18,9 +18,9 @@ pub enum Layout {
     Rows,
     /// Groups of 16 rows interleaved for the integer kernels (see [`crate::quant::tiles`]).
     Tiles,
-    /// A float weight stored transposed: `cols` rows of `rows` values (`y = x · stored`). The
-    /// AMX products read bf16 ones as they are (see [`reads_transposed`]); other products
-    /// transpose the weight for the call.
+    /// A float weight stored transposed: `cols` rows of `rows` values (`y = x · stored`). AMX,
+    /// the bf16 dot-product GEMM and the AVX-512 f32 GEMM read it as it is (see
+    /// [`reads_transposed`]); other products transpose the weight for the call.
     Transposed,
 }
 

@@ -9,8 +9,9 @@
 //! everything a layer computes. [`Frozen::keep_layers`] keeps every activation of the first
 //! layers instead, trading memory for the recomputation.
 //!
-//! The frozen weights are read as stored for the forward products (`y = x·Wᵀ`), and from a
-//! transposed copy for the backward ones (`dx = dy·W`), so that both run on the fast kernels.
+//! The frozen weights are read as stored for the forward products (`y = x·Wᵀ`) and, where the
+//! kernels can (see `qwick_backend::matmul::reads_transposed`), for the backward ones
+//! (`dx = dy·W`) too; elsewhere from a transposed copy, so that both run on the fast kernels.
 
 use crate::lora::{LoraParams, Pair, DOWN, GATE, K, O, Q, UP, V};
 use qwick_backend::grad::{self, transpose, AttnShape};
@@ -98,7 +99,8 @@ impl Transposed {
 
 /// How the backward pass reads a frozen weight for `dx = dy · W`.
 enum Back<'m> {
-    /// As stored, transposed by the product itself (bf16 on AMX tiles).
+    /// As stored, transposed by the product itself (AMX tiles, bf16 dot products, the AVX-512
+    /// f32 GEMM).
     Stored(&'m qwick_model::safetensors::Tensor),
     /// Through a transposed copy.
     Copy(Transposed),
