@@ -192,14 +192,14 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
             for g in 0..group {
                 let l = |p: usize| part_lse[(unit * parts + p) * group + g];
                 let m = (0..parts).map(l).fold(f32::NEG_INFINITY, f32::max);
-                let w: Vec<f32> = (0..parts).map(|p| (l(p) - m).exp()).collect();
-                let inv = 1.0 / w.iter().sum::<f32>();
+                let total: f32 = (0..parts).map(|p| (l(p) - m).exp()).sum();
                 let og = &mut o[g * hd..(g + 1) * hd];
                 og.fill(0.0);
-                for (p, wp) in w.iter().enumerate() {
+                for p in 0..parts {
+                    let wp = (l(p) - m).exp() / total;
                     let src = &part_out[((unit * parts + p) * group + g) * hd..][..hd];
                     for (d, &v) in og.iter_mut().zip(src) {
-                        *d += wp * inv * v;
+                        *d += wp * v;
                     }
                 }
             }

@@ -334,13 +334,24 @@ const CHUNK_PAIRS: usize = 8;
 /// floats and no other thread writes these columns.
 pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
     let k = a.k;
-    let unpack = |g: usize, j0: usize, steps: usize, out: &mut [u16]| match src {
-        Source::Tiles(spec) => {
-            let gb = spec.group_bytes(k);
-            unpack_group(spec, &w.data[g * gb..(g + 1) * gb], j0, steps, out)
+    // The B tiles of groups `g` and `g + 1` (zero when `width` leaves it out) for steps `j0..`.
+    let unpack = |g: usize, width: usize, j0: usize, steps: usize, o0: &mut [u16], o1: &mut [u16]| {
+        let each = |o0: &mut [u16], o1: &mut [u16], one: &dyn Fn(usize, &mut [u16])| {
+            one(g, o0);
+            if width > ROWS {
+                one(g + 1, o1)
+            } else {
+                o1.fill(0)
+            }
+        };
+        match src {
+            Source::Tiles(spec) => {
+                let gb = spec.group_bytes(k);
+                each(o0, o1, &|g, out| unpack_group(spec, &w.data[g * gb..(g + 1) * gb], j0, steps, out))
+            }
+            Source::Bf16Rows => each(o0, o1, &|g, out| unpack_bf16_rows(w.data, w.rows, g, k, j0, steps, out)),
+            Source::Bf16Cols => unpack_bf16_cols_pair(w.data, w.rows, g, width, j0, steps, o0, o1),
         }
-        Source::Bf16Rows => unpack_bf16_rows(w.data, w.rows, g, k, j0, steps, out),
-        Source::Bf16Cols => unreachable!("groups of transposed weights unpack in pairs"),
     };
     let ksteps = k / 32;
     let kc = KC.min(ksteps);
@@ -364,17 +375,7 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                 let g = n / ROWS;
                 let width = (n1 - n).min(2 * ROWS);
                 let (b0s, b1s) = b.split_at_mut(kc * 512);
-                if let Source::Bf16Cols = src {
-                    let (o0, o1) = (&mut b0s[..steps * 512], &mut b1s[..steps * 512]);
-                    unpack_bf16_cols_pair(w.data, w.rows, g, width, k0, steps, o0, o1);
-                } else {
-                    unpack(g, k0, steps, &mut b0s[..steps * 512]);
-                    if width > ROWS {
-                        unpack(g + 1, k0, steps, &mut b1s[..steps * 512]);
-                    } else {
-                        b1s.fill(0);
-                    }
-                }
+                unpack(g, width, k0, steps, &mut b0s[..steps * 512], &mut b1s[..steps * 512]);
                 let (b0, b1) = (b.as_ptr(), b.as_ptr().add(kc * 512));
                 let cp = c.as_mut_ptr().add((n - n0) / (2 * ROWS) * pair_floats);
                 let mut rb = 0;
