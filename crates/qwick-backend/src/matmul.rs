@@ -16,7 +16,8 @@ use crate::{Ctx, Isa};
 pub enum Layout {
     /// Row after row, each a run of the format's blocks: the layout of checkpoint files.
     Rows,
-    /// Groups of 16 rows interleaved for the integer kernels (see [`crate::quant::tiles`]).
+    /// Groups of 16 rows interleaved for the integer kernels (see [`crate::quant::tiles`]), or
+    /// bf16 in AMX's tiles ([`crate::quant::tiles::bf16`]).
     Tiles,
     /// A float weight stored transposed: `cols` rows of `rows` values (`y = x · stored`). AMX,
     /// the bf16 dot-product GEMM and the AVX-512 f32 GEMM read it as it is (see
@@ -41,10 +42,13 @@ impl<'a> WeightView<'a> {
         WeightView { format, layout: Layout::Rows, data, rows, cols }
     }
 
-    /// A weight converted to tiles by [`crate::quant::repack`].
+    /// A weight converted to tiles by [`crate::quant::repack_into`].
     pub fn tiles(format: Format, data: &'a [u8], rows: usize, cols: usize) -> Self {
-        let spec = crate::quant::tiles::spec(format).expect("tiles of a format without a tile layout");
-        assert_eq!(data.len(), spec.bytes(rows, cols), "tile buffer size does not match its shape");
+        let bytes = match format {
+            Format::BF16 => crate::quant::tiles::bf16::bytes(rows, cols),
+            _ => crate::quant::tiles::spec(format).expect("tiles of a format without a tile layout").bytes(rows, cols),
+        };
+        assert_eq!(data.len(), bytes, "tile buffer size does not match its shape");
         WeightView { format, layout: Layout::Tiles, data, rows, cols }
     }
 
@@ -76,6 +80,7 @@ impl<'a> WeightView<'a> {
 pub fn kernel_path(w: &WeightView) -> &'static str {
     match w.layout {
         Layout::Transposed => "bf16, transposed",
+        Layout::Tiles if w.format == Format::BF16 => "bf16, AMX tiles",
         _ if w.format.is_float() => "float",
         Layout::Tiles => "integer, repacked",
         Layout::Rows if quant::has_q8_kernel(w.format) => "integer, file layout",
@@ -260,6 +265,11 @@ fn untranspose(w: &WeightView) -> Vec<u8> {
 }
 
 fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
+    if w.layout == Layout::Tiles && w.format == Format::BF16 {
+        // On AMX whatever the rows (no unpacking, so from one row on); elsewhere read back to
+        // f32 group by group.
+        return if ctx.bf16_mode() == Bf16Mode::Amx { Kind::Amx } else { Kind::None };
+    }
     if w.layout == Layout::Transposed {
         return match ctx.bf16_mode() {
             Bf16Mode::Amx => Kind::Amx,
@@ -496,6 +506,7 @@ unsafe fn matmul_cols_impl(
         Prepared::Amx(a) => {
             let src = match (w.layout, quant::tiles::spec(w.format)) {
                 (Layout::Tiles, Some(spec)) => quant::amx::Source::Tiles(spec),
+                (Layout::Tiles, None) => quant::amx::Source::Bf16Tiles,
                 (Layout::Transposed, _) => quant::amx::Source::Bf16Cols,
                 _ => quant::amx::Source::Bf16Rows,
             };
@@ -507,9 +518,9 @@ unsafe fn matmul_cols_impl(
         Prepared::Split(xs, ldx) => x86::avx512::gemv_bf16_split(xs, *ldx, m, w, y, ldy, cols),
         #[cfg(not(target_arch = "x86_64"))]
         Prepared::Split(..) => unreachable!("even/odd activations without AVX-512"),
+        Prepared::None if w.layout == Layout::Tiles => tiles_dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
         Prepared::None if w.format.is_float() => float_cols(ctx.isa, x, w.cols, &[], m, w, y, ldy, cols),
-        Prepared::None if w.layout == Layout::Rows => dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
-        Prepared::None => tiles_dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
+        Prepared::None => dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
     }
 }
 
@@ -548,7 +559,7 @@ unsafe fn dequantized_cols(
     }
 }
 
-/// [`dequantized_cols`] for a weight in tiles: each 16-row group is read back to f32.
+/// [`dequantized_cols`] for a weight in tiles: rows are read back to f32, 16 at a time.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tiles_dequantized_cols(
     isa: Isa,
@@ -564,7 +575,9 @@ unsafe fn tiles_dequantized_cols(
     let mut n = cols.start;
     while n < cols.end {
         let nr = (cols.end - n).min(quant::tiles::ROWS);
-        quant::tiles_to_f32(w, n / quant::tiles::ROWS, &mut buf[..nr * k]);
+        for (r, row) in buf[..nr * k].chunks_exact_mut(k).enumerate() {
+            quant::row_to_f32(w, n + r, row);
+        }
         let wf = WeightView::from_f32(&buf[..nr * k], nr, k);
         float_cols(isa, x, k, &[], m, &wf, y.add(n), ldy, 0..nr);
         n += nr;
@@ -1556,6 +1569,51 @@ pub(crate) mod tests {
                         close(&got, &want, &format!("amx {:?}", w.layout));
                     }
                 }
+            }
+        }
+    }
+
+    /// Products with bf16 weights in AMX's tiles: on AMX (from one activation row on) the f32
+    /// product of the rounded activations; in every other context the exact product. Shapes with ragged row blocks and column groups, a group count made even
+    /// by padding, several passes over the inputs and several column chunks, split over threads.
+    #[test]
+    fn bf16_tiles_equal_row_layout() {
+        let pool = ThreadPool::new(2);
+        for &(m, n, k) in &[(1, 40, 64), (5, 300, 1024), (16, 33, 4160), (17, 64, 96), (40, 50, 1600), (100, 96, 288)] {
+            let x = rand_vec(m * k, 13 + m as u64);
+            let wb = encode(&rand_vec(n * k, 17 + n as u64), Format::BF16);
+            let rows = WeightView::new(Format::BF16, &wb, n, k);
+            let mut tiled = vec![0u8; quant::packed_bytes(&rows, true).expect("bf16 tiles")];
+            quant::repack_into(&rows, &mut tiled);
+            let tiles = WeightView::tiles(Format::BF16, &tiled, n, k);
+            let close = |got: &[f32], want: &[f32], what: &str| {
+                for (i, (g, e)) in got.iter().zip(want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
+                        "{what} m{m} n{n} k{k} at {i}: {g} vs {e}"
+                    );
+                }
+            };
+            let mut ctxs = vec![Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) }, Ctx::new(Isa::best(), &pool)];
+            ctxs.extend(
+                Bf16Mode::ALL
+                    .into_iter()
+                    .filter(|m| m.supported())
+                    .map(|mode| Ctx { bf16: Some(mode), ..Ctx::new(Isa::best(), &pool) }),
+            );
+            for ctx in ctxs {
+                let mut got = vec![f32::NAN; m * n];
+                matmul(ctx, &x, m, &tiles, &mut got);
+                let mut want = vec![0f32; m * n];
+                if ctx.bf16_mode() == Bf16Mode::Amx {
+                    let xr: Vec<f32> =
+                        x.iter().map(|&v| crate::format::bf16_to_f32(crate::format::f32_to_bf16(v))).collect();
+                    matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &rows, &mut want);
+                } else {
+                    // Read back to f32 and multiplied exactly.
+                    matmul(Ctx::new(Isa::Scalar, &pool), &x, m, &rows, &mut want);
+                }
+                close(&got, &want, &format!("{} {:?}", ctx.isa, ctx.bf16_mode()));
             }
         }
     }

@@ -95,8 +95,10 @@ impl RunArgs {
         if let Some(m) = known.get(&cpu).and_then(|v| v.as_str()).and_then(Bf16Mode::parse).filter(|m| m.supported()) {
             return Ok((Some(m), "measured on this CPU model earlier"));
         }
-        let pool = ThreadPool::new(self.threads());
-        let (mode, _) = qwick_backend::matmul::calibrate_bf16(isa, &pool);
+        // Measured once per process (loading and the runner both ask).
+        static MEASURED: std::sync::OnceLock<Bf16Mode> = std::sync::OnceLock::new();
+        let mode =
+            *MEASURED.get_or_init(|| qwick_backend::matmul::calibrate_bf16(isa, &ThreadPool::new(self.threads())).0);
         known.insert(cpu, serde_json::Value::String(mode.name().into()));
         if let Some(f) = file {
             // Best effort: without a writable cache folder, the next run measures again.
@@ -148,10 +150,19 @@ impl RunArgs {
         self.runner_as(model, tokens, isa, self.kv_format()?)
     }
 
-    /// How to load the model.
-    pub fn load_options(&self) -> LoadOptions {
+    /// How to load the model: bf16 weights go to AMX's tiles when bf16 products will run on
+    /// AMX (not `--exact`, not `--no-repack`).
+    pub fn load_options(&self) -> Result<LoadOptions> {
         let dirs = self.adapters().into_iter().map(|(_, d)| d).collect();
-        LoadOptions { repack: !self.no_repack, threads: self.threads(), lora: dirs, lora_for_all: true }
+        let isa = self.isa()?;
+        let amx = self.bf16_mode(isa)?.0.unwrap_or(Bf16Mode::for_isa(isa)) == Bf16Mode::Amx;
+        Ok(LoadOptions {
+            repack: !self.no_repack,
+            bf16_tiles: amx && !self.exact,
+            threads: self.threads(),
+            lora: dirs,
+            lora_for_all: true,
+        })
     }
 
     /// The `--lora` adapters as (name, folder).
@@ -235,7 +246,7 @@ pub fn load_model(path: &Path, args: &RunArgs) -> Result<Arc<Qwen3>> {
     if args.lora.len() > 1 {
         anyhow::bail!("--lora given {} times; one adapter runs here (`serve` takes several)", args.lora.len());
     }
-    load_model_with(path, &args.load_options())
+    load_model_with(path, &args.load_options()?)
 }
 
 /// Loads a model with explicit options, with a progress bar.

@@ -89,7 +89,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let isa = a.run.isa()?;
     let kv_format = a.run.kv_format()?;
     // Adapters apply to the requests that name them.
-    let model = common::load_model_with(&dir, &LoadOptions { lora_for_all: false, ..a.run.load_options() })?;
+    let model = common::load_model_with(&dir, &LoadOptions { lora_for_all: false, ..a.run.load_options()? })?;
     let context =
         a.max_model_len.unwrap_or(info.config.max_position_embeddings).min(info.config.max_position_embeddings);
     let kv_tokens = match (a.kv_cache_tokens, a.kv_cache_gb) {

@@ -35,9 +35,10 @@ fn tokens(dir: &std::path::Path) -> Vec<u32> {
     v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
 }
 
-fn assert_close(got: &[f32], want: &[f32], what: &str, isa: Isa) {
+/// `rounded`: activations rounded to bf16 before products with bf16 weights.
+fn assert_close(got: &[f32], want: &[f32], what: &str, rounded: bool) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    if isa.rounds_activations() {
+    if rounded {
         let mean = want.iter().sum::<f32>() / want.len() as f32;
         let std = (want.iter().map(|w| (w - mean).powi(2)).sum::<f32>() / want.len() as f32).sqrt();
         let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
@@ -72,11 +73,25 @@ fn logits_match_transformers_on_every_isa() {
         for isa in Isa::all_supported() {
             let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(toks.len(), 2, isa));
             let got = r.score(&toks, 4096).unwrap();
-            assert_close(&got, &want, &format!("{name} {isa}"), isa);
+            assert_close(&got, &want, &format!("{name} {isa}"), isa.rounds_activations());
             // The same logits when the prompt is fed in chunks through the cache.
             let got = r.score(&toks, 7).unwrap();
-            assert_close(&got, &want, &format!("{name} {isa} chunked"), isa);
+            assert_close(&got, &want, &format!("{name} {isa} chunked"), isa.rounds_activations());
             assert_eq!(r.blocks().num_used(), 0, "{name}: blocks freed");
+        }
+        // bf16 weights converted to AMX's tiles at load (as `run`, `serve` and `bench` do on
+        // AMX machines): products on AMX from one row on, the tied table read from the head.
+        if Isa::Amx.supported() {
+            let opts = qwick_model::LoadOptions { bf16_tiles: true, ..Default::default() };
+            let model = Arc::new(Qwen3::load_with(&dir, &opts).unwrap());
+            assert!(model.linears().iter().map(|l| l.view()).all(|v| v.format != qwick_backend::Format::BF16
+                || v.cols % 32 != 0
+                || v.layout == qwick_backend::matmul::Layout::Tiles));
+            let mut r = Runner::new(model, &RunnerConfig::with_tokens(toks.len(), 2, Isa::Amx));
+            for chunk in [4096, 7, 1] {
+                let got = r.score(&toks, chunk).unwrap();
+                assert_close(&got, &want, &format!("{name} amx tiles, chunks of {chunk}"), true);
+            }
         }
     }
 }

@@ -216,6 +216,10 @@ pub struct LoadOptions {
     /// Convert quantized weights to the layout their kernels read fastest (an anonymous copy
     /// replacing the mapped pages); off keeps every weight in the file's layout, mapped.
     pub repack: bool,
+    /// With `repack`, bf16 weights too are converted, to AMX's tiles: for contexts whose bf16
+    /// products run on AMX (`Bf16Mode::Amx`), which then read them with no per-call unpacking
+    /// from a single activation row on. Other products read such weights back to f32.
+    pub bf16_tiles: bool,
     /// Threads for the conversion.
     pub threads: usize,
     /// LoRA adapters (PEFT folders), numbered from 1 in this order.
@@ -226,7 +230,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { repack: true, threads: 1, lora: vec![], lora_for_all: false }
+        LoadOptions { repack: true, bf16_tiles: false, threads: 1, lora: vec![], lora_for_all: false }
     }
 }
 
@@ -288,7 +292,7 @@ impl Qwen3 {
             }
         }
         if opts.repack {
-            model.pack(opts.threads.max(1));
+            model.pack(opts.threads.max(1), opts.bf16_tiles);
         }
         Ok(model)
     }
@@ -454,12 +458,12 @@ impl Qwen3 {
     /// in the order a forward pass reads them (so the weight stream of a decode step is one
     /// sequential read, on huge pages where the system gives them), and lets the file's pages
     /// of converted weights go.
-    fn pack(&mut self, threads: usize) {
+    fn pack(&mut self, threads: usize, bf16_tiles: bool) {
         let mut linears = self.linears_mut();
         let mut at = Vec::with_capacity(linears.len());
         let mut total = 0;
         for l in &linears {
-            at.push(qwick_backend::quant::packed_bytes(&l.view()).map(|n| {
+            at.push(qwick_backend::quant::packed_bytes(&l.view(), bf16_tiles).map(|n| {
                 let r = total..total + n;
                 total = (total + n).next_multiple_of(64);
                 r
@@ -506,7 +510,9 @@ impl Qwen3 {
     /// `progress(done, total)` in bytes.
     pub fn prefetch(&self, progress: &dyn Fn(usize, usize)) {
         let total = self.weight_bytes();
-        let mut done = 0;
+        // A tied head converted at load holds the table's rows too (see `embed`).
+        let skip_table = self.tied && self.lm_head.packed.is_some();
+        let mut done = if skip_table { self.embed_tokens.bytes().len() } else { 0 };
         let mut touch = |b: &[u8]| {
             let mut s = 0u8;
             for p in (0..b.len()).step_by(4096) {
@@ -516,7 +522,9 @@ impl Qwen3 {
             done += b.len();
             progress(done.min(total), total);
         };
-        touch(self.embed_tokens.bytes());
+        if !skip_table {
+            touch(self.embed_tokens.bytes());
+        }
         for l in self.linears() {
             if !(self.tied && std::ptr::eq(l, &self.lm_head)) {
                 touch(l.view().data);
@@ -563,12 +571,15 @@ impl Qwen3 {
     /// The embedding rows of `tokens`, `[tokens.len(), hidden]`.
     pub fn embed(&self, tokens: &[u32]) -> Vec<f32> {
         let h = self.config.hidden_size;
-        let emb = &self.embed_tokens;
-        let row_bytes = emb.format.row_bytes(h);
+        // A tied head converted at load holds the same rows; reading them there leaves the
+        // file's table unread (see `prefetch`).
+        let table = match (&self.lm_head.packed, self.tied) {
+            (Some(_), true) => self.lm_head.view(),
+            _ => WeightView::new(self.embed_tokens.format, self.embed_tokens.bytes(), self.config.vocab_size, h),
+        };
         let mut x = vec![0f32; tokens.len() * h];
-        for (i, &t) in tokens.iter().enumerate() {
-            let src = &emb.bytes()[t as usize * row_bytes..(t as usize + 1) * row_bytes];
-            emb.format.dequantize(src, &mut x[i * h..(i + 1) * h]);
+        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            qwick_backend::quant::row_to_f32(&table, t as usize, row);
         }
         x
     }

@@ -184,11 +184,23 @@ unsafe fn unpack_group(spec: &Spec, group: &[u8], j0: usize, steps: usize, out: 
 /// values `(2p, 2p+1)` of each weight row: a 16 × 16 transpose of 32-bit pairs, done in
 /// registers. Rows past `rows` are zero.
 ///
+/// Tile `j` goes `j × stride` bytes after `out`.
+///
 /// # Safety
-/// The CPU must support AVX-512; `data` holds `rows` rows of `k` bf16; `out` holds
-/// `steps × 512` values.
+/// The CPU must support AVX-512; `data` holds `rows` rows of `k` bf16; `out` is valid for
+/// `steps` tiles of 1024 bytes `stride` apart (any alignment).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-unsafe fn unpack_bf16_rows(data: &[u8], rows: usize, g: usize, k: usize, j0: usize, steps: usize, out: &mut [u16]) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn unpack_bf16_rows(
+    data: &[u8],
+    rows: usize,
+    g: usize,
+    k: usize,
+    j0: usize,
+    steps: usize,
+    out: *mut u8,
+    stride: usize,
+) {
     let n = (rows - g * ROWS).min(ROWS);
     let base = data.as_ptr().add(g * ROWS * 2 * k);
     for j in 0..steps {
@@ -197,10 +209,25 @@ unsafe fn unpack_bf16_rows(data: &[u8], rows: usize, g: usize, k: usize, j0: usi
             *v = _mm512_loadu_si512(base.add(i * 2 * k + 64 * (j0 + j)) as *const _);
         }
         let t = transpose16(r);
-        let dst = out.as_mut_ptr().add(j * 512);
+        let dst = out.add(j * stride);
         for (p, v) in t.iter().enumerate() {
-            _mm512_storeu_si512(dst.add(32 * p) as *mut _, *v);
+            _mm512_storeu_si512(dst.add(64 * p) as *mut _, *v);
         }
+    }
+}
+
+/// [`super::tiles::bf16::from_rows`] with the transposes in registers.
+///
+/// # Safety
+/// The CPU must support AVX-512; `data` holds `rows` rows of `k` bf16 (`k` a multiple of 32);
+/// `out` is [`super::tiles::bf16::bytes`] long.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+pub unsafe fn bf16_rows_to_tiles(data: &[u8], rows: usize, k: usize, out: &mut [u8]) {
+    assert!(k.is_multiple_of(32) && data.len() >= rows * k * 2 && out.len() == super::tiles::bf16::bytes(rows, k));
+    for g in 0..rows.div_ceil(ROWS) {
+        // The pair's tiles alternate: group `g`'s at even kilobytes of the pair's run.
+        let at = (g / 2 * k / 32 * 2 + g % 2) * 1024;
+        unpack_bf16_rows(data, rows, g, k, 0, k / 32, out.as_mut_ptr().add(at), 2048);
     }
 }
 
@@ -312,6 +339,8 @@ pub enum Source<'a> {
     Bf16Rows,
     /// A bf16 weight stored transposed ([`crate::matmul::Layout::Transposed`]).
     Bf16Cols,
+    /// A bf16 weight in tiles ([`super::tiles::bf16`]): B tiles read where they lie.
+    Bf16Tiles,
 }
 
 /// Depth of a pass, in 32-value steps: the B tiles of a column pair over a pass (2 × `KC`
@@ -330,7 +359,8 @@ const CHUNK_PAIRS: usize = 8;
 /// passes in a scratch (the last pass of whole blocks stores to `y` directly).
 ///
 /// # Safety
-/// [`usable`] must have returned true; `w` is in tiles; `y` is valid for `a.m` rows of `ldy`
+/// [`usable`] must have returned true; `w` is laid out as `src` says (for
+/// [`Source::Bf16Tiles`], `cols.start` a multiple of 32); `y` is valid for `a.m` rows of `ldy`
 /// floats and no other thread writes these columns.
 pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
     let k = a.k;
@@ -349,14 +379,21 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                 let gb = spec.group_bytes(k);
                 each(o0, o1, &|g, out| unpack_group(spec, &w.data[g * gb..(g + 1) * gb], j0, steps, out))
             }
-            Source::Bf16Rows => each(o0, o1, &|g, out| unpack_bf16_rows(w.data, w.rows, g, k, j0, steps, out)),
+            Source::Bf16Rows => {
+                each(o0, o1, &|g, out| unpack_bf16_rows(w.data, w.rows, g, k, j0, steps, out.as_mut_ptr() as *mut u8, 1024))
+            }
+            Source::Bf16Tiles => unreachable!("bf16 tiles are read in place"),
             Source::Bf16Cols => unpack_bf16_cols_pair(w.data, w.rows, g, width, j0, steps, o0, o1),
         }
     };
     let ksteps = k / 32;
-    let kc = KC.min(ksteps);
     let rblocks = a.m.div_ceil(ROWS);
-    let mut b = Aligned::<u16>::zeroed(2 * kc * 512);
+    // Tiles read in place are not unpacked; with at most two row blocks nothing reuses a pass's
+    // weight tiles, so one pass covers every input and the sums stay in tiles throughout.
+    let in_place = matches!(src, Source::Bf16Tiles);
+    assert!(!in_place || (cols.start.is_multiple_of(2 * ROWS) && w.data.len() >= super::tiles::bf16::bytes(w.rows, k)));
+    let kc = if in_place && rblocks <= 2 { ksteps } else { KC.min(ksteps) };
+    let mut b = Aligned::<u16>::zeroed(if in_place { 0 } else { 2 * kc * 512 });
     // Sums of the chunk's column pairs: 16 × 32 floats (128-byte rows) per row block and pair.
     let pair_floats = rblocks * ROWS * 32;
     let mut c = Aligned::<f32>::zeroed(cols.len().div_ceil(2 * ROWS).min(CHUNK_PAIRS) * pair_floats);
@@ -374,9 +411,15 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
             while n < n1 {
                 let g = n / ROWS;
                 let width = (n1 - n).min(2 * ROWS);
-                let (b0s, b1s) = b.split_at_mut(kc * 512);
-                unpack(g, width, k0, steps, &mut b0s[..steps * 512], &mut b1s[..steps * 512]);
-                let (b0, b1) = (b.as_ptr(), b.as_ptr().add(kc * 512));
+                let (b0, b1, bs) = if in_place {
+                    // The pair of groups `g` (even) and `g + 1`: their tiles alternate.
+                    let b0 = (w.data.as_ptr() as *const u16).add((g / 2 * ksteps + k0) * 1024);
+                    (b0, b0.add(512), 2048)
+                } else {
+                    let (b0s, b1s) = b.split_at_mut(kc * 512);
+                    unpack(g, width, k0, steps, &mut b0s[..steps * 512], &mut b1s[..steps * 512]);
+                    (b.as_ptr(), b.as_ptr().add(kc * 512), 1024)
+                };
                 let cp = c.as_mut_ptr().add((n - n0) / (2 * ROWS) * pair_floats);
                 let mut rb = 0;
                 while rb < rblocks {
@@ -392,7 +435,7 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                     };
                     let from = (k0 > 0).then_some(c0 as *const f32);
                     let (a0, a1) = (a.tile(rb, k0), if two { a.tile(rb + 1, k0) } else { std::ptr::null() });
-                    block_pass(two, from, a0, a1, b0, b1, steps, d0, d1, ds);
+                    block_pass(two, from, a0, a1, b0, b1, bs, steps, d0, d1, ds);
                     rb = end;
                 }
                 n += width;
@@ -422,8 +465,9 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
 
 /// One pass of one or two (`two`) 16-row blocks against a column pair: the four sum tiles start
 /// at zero (`from` None) or from the sums at `from` (the second block's 512 floats further,
-/// 128-byte rows), take `steps` products of A tiles from `a0` (and `a1`) with B tiles from `b0`
-/// and `b1`, and are stored to `d0` (and `d1`) with rows `ds` bytes apart.
+/// 128-byte rows), take `steps` products of A tiles from `a0` (and `a1`, 1 KiB apart) with B
+/// tiles from `b0` and `b1` (`bs` bytes apart), and are stored to `d0` (and `d1`) with rows
+/// `ds` bytes apart.
 ///
 /// # Safety
 /// The tile configuration is loaded; every pointer is valid for what it names over `steps`
@@ -437,6 +481,7 @@ unsafe fn block_pass(
     a1: *const u16,
     b0: *const u16,
     b1: *const u16,
+    bs: usize,
     steps: usize,
     d0: *mut f32,
     d1: *mut f32,
@@ -476,8 +521,8 @@ unsafe fn block_pass(
             "tdpbf16ps tmm3, tmm5, tmm7",
             "add {a0}, 1024",
             "add {a1}, 1024",
-            "add {b0}, 1024",
-            "add {b1}, 1024",
+            "add {b0}, {bs}",
+            "add {b1}, {bs}",
             "dec {n}",
             "jnz 2b",
             "tilestored [{d0} + {ds} * 1], tmm0",
@@ -488,6 +533,7 @@ unsafe fn block_pass(
             a1 = inout(reg) a1 => _,
             b0 = inout(reg) b0 => _,
             b1 = inout(reg) b1 => _,
+            bs = in(reg) bs,
             n = inout(reg) steps => _,
             d0 = in(reg) d0,
             d1 = in(reg) d1,
@@ -504,8 +550,8 @@ unsafe fn block_pass(
             "tileloadd tmm7, [{b1} + {s} * 1]",
             "tdpbf16ps tmm1, tmm4, tmm7",
             "add {a0}, 1024",
-            "add {b0}, 1024",
-            "add {b1}, 1024",
+            "add {b0}, {bs}",
+            "add {b1}, {bs}",
             "dec {n}",
             "jnz 2b",
             "tilestored [{d0} + {ds} * 1], tmm0",
@@ -513,6 +559,7 @@ unsafe fn block_pass(
             a0 = inout(reg) a0 => _,
             b0 = inout(reg) b0 => _,
             b1 = inout(reg) b1 => _,
+            bs = in(reg) bs,
             n = inout(reg) steps => _,
             d0 = in(reg) d0,
             s = in(reg) 64usize,
@@ -562,7 +609,7 @@ pub unsafe fn matmul_cols_split(a: &ActBf16, w: &WeightView, j0: usize, j1: usiz
                 let c0 = c.as_mut_ptr().add((pair * rblocks + rb) * 512);
                 let c1 = c0.add(512);
                 let a1 = if two { a.tile(rb + 1, k0) } else { std::ptr::null() };
-                block_pass(two, Some(c0), a.tile(rb, k0), a1, b0, b1, steps, c0, c1, 128);
+                block_pass(two, Some(c0), a.tile(rb, k0), a1, b0, b1, 1024, steps, c0, c1, 128);
                 rb += if two { 2 } else { 1 };
             }
         }

@@ -80,32 +80,64 @@ pub fn has_q8_kernel(format: Format) -> bool {
     tiles::spec(format).is_some()
 }
 
-/// Bytes `w` takes as tiles, if its format has integer kernels and its rows are whole
-/// super-blocks (and it is not in tiles already).
-pub fn packed_bytes(w: &WeightView) -> Option<usize> {
+/// Bytes `w` takes as tiles, if it is in the file's layout and either its format has integer
+/// kernels and its rows are whole super-blocks, or it is bf16 with inputs a multiple of 32 and
+/// `bf16` asks for bf16 weights in tiles too (products on AMX, [`tiles::bf16`]).
+pub fn packed_bytes(w: &WeightView, bf16: bool) -> Option<usize> {
+    if w.layout != Layout::Rows {
+        return None;
+    }
+    if w.format == Format::BF16 {
+        return (bf16 && w.cols.is_multiple_of(32)).then(|| tiles::bf16::bytes(w.rows, w.cols));
+    }
     let spec = tiles::spec(w.format)?;
-    (w.layout == Layout::Rows && w.cols.is_multiple_of(spec.sb)).then(|| spec.bytes(w.rows, w.cols))
+    w.cols.is_multiple_of(spec.sb).then(|| spec.bytes(w.rows, w.cols))
 }
 
-/// Converts a weight in the file's layout to tiles into `out` (zeroed, [`packed_bytes`] long).
+/// Converts a weight in the file's layout to tiles into `out` (zeroed, as long as
+/// [`packed_bytes`] says).
 pub fn repack_into(w: &WeightView, out: &mut [u8]) {
+    if w.format == Format::BF16 {
+        assert_eq!(out.len(), tiles::bf16::bytes(w.rows, w.cols), "tile buffer size");
+        #[cfg(target_arch = "x86_64")]
+        if Isa::Avx512.supported() {
+            // SAFETY: AVX-512 was checked; `out` has the size of the weight's tiles (above).
+            return unsafe { amx::bf16_rows_to_tiles(w.data, w.rows, w.cols, out) };
+        }
+        return tiles::bf16::from_rows(w.data, w.rows, w.cols, out);
+    }
     let spec = tiles::spec(w.format).expect("repacking a format without tiles");
-    assert_eq!(Some(out.len()), packed_bytes(w), "tile buffer size");
+    assert_eq!(Some(out.len()), packed_bytes(w, false), "tile buffer size");
     tiles::repack_into(spec, w.data, w.rows, w.cols, out);
 }
 
-/// Rows of tile group `g` of `w` as f32 (`out` holds the group's first `out.len() / k` rows).
-pub fn tiles_to_f32(w: &WeightView, g: usize, out: &mut [f32]) {
-    let spec = tiles::spec(w.format).expect("tiles of a format without a tile layout");
+/// Row `r` of `w` as f32 (`out` holds `w.cols` values), whatever its layout: what
+/// [`Format::dequantize`] gives for the row in the file's layout, bit for bit.
+pub fn row_to_f32(w: &WeightView, r: usize, out: &mut [f32]) {
     let k = w.cols;
-    let gb = spec.group_bytes(k);
-    let group = &w.data[g * gb..(g + 1) * gb];
-    for (r, row) in out.chunks_exact_mut(k).enumerate() {
-        for (j, blk) in row.chunks_exact_mut(32).enumerate() {
-            let up = tiles::unpack(spec, group, j, r);
-            for (i, v) in blk.iter_mut().enumerate() {
-                let g = if spec.g16 { i / 16 } else { 0 };
-                *v = up.s[g] * (up.u[i] as i32 - spec.offset) as f32 + up.m[g];
+    match w.layout {
+        Layout::Rows => {
+            let rb = w.row_bytes();
+            w.format.dequantize(&w.data[r * rb..(r + 1) * rb], &mut out[..k]);
+        }
+        Layout::Tiles if w.format == Format::BF16 => tiles::bf16::row_to_f32(w.data, k, r, out),
+        Layout::Tiles => {
+            let spec = tiles::spec(w.format).expect("tiles of a format without a tile layout");
+            let gb = spec.group_bytes(k);
+            let group = &w.data[(r / ROWS) * gb..(r / ROWS + 1) * gb];
+            for (j, blk) in out[..k].chunks_exact_mut(32).enumerate() {
+                let up = tiles::unpack(spec, group, j, r % ROWS);
+                for (i, v) in blk.iter_mut().enumerate() {
+                    let g = if spec.g16 { i / 16 } else { 0 };
+                    *v = up.s[g] * (up.u[i] as i32 - spec.offset) as f32 + up.m[g];
+                }
+            }
+        }
+        Layout::Transposed => {
+            let es = w.format.row_bytes(1);
+            for (c, v) in out[..k].iter_mut().enumerate() {
+                let at = (c * w.rows + r) * es;
+                w.format.dequantize(&w.data[at..at + es], std::slice::from_mut(v));
             }
         }
     }
@@ -227,7 +259,7 @@ mod tests {
                 let x = rand_vec(m * k, 3 + m as u64);
                 let a = ActQ8::quantize(Isa::Scalar, &x, m, k);
                 let rows = WeightView::new(f, &src, n, k);
-                let mut tiled = vec![0u8; packed_bytes(&rows).unwrap()];
+                let mut tiled = vec![0u8; packed_bytes(&rows, false).unwrap()];
                 repack_into(&rows, &mut tiled);
                 let tiles = WeightView::tiles(f, &tiled, n, k);
                 let mut want = vec![0f32; m * n];
@@ -284,7 +316,7 @@ mod tests {
             {
                 let src = random_blocks(f, n * k / f.block(), (m + n * k) as u64);
                 let rows = WeightView::new(f, &src, n, k);
-                let mut tiled = vec![0u8; packed_bytes(&rows).unwrap()];
+                let mut tiled = vec![0u8; packed_bytes(&rows, false).unwrap()];
                 repack_into(&rows, &mut tiled);
                 let w = WeightView::tiles(f, &tiled, n, k);
                 let x = rand_vec(m * k, 11 + m as u64);

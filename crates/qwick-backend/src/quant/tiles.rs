@@ -591,10 +591,80 @@ pub fn unpack(spec: &Spec, group: &[u8], j: usize, r: usize) -> Unpacked {
     Unpacked { u, s, m }
 }
 
+/// bf16 weights in AMX's B-tile layout: per group of 16 rows, per 32 inputs, one 1 KiB tile
+/// whose row `p` holds inputs `2p` and `2p + 1` of each of the 16 weight rows (32-bit pairs,
+/// row `r` at bytes `4r..4r + 4`). The kernels take groups in pairs (rows `32q..32q + 32`):
+/// a pair's two tiles of the first 32 inputs, then of the next 32, and so on, so the pair is
+/// one sequential stream. Rows past the weight's are zero. `k` is a multiple of 32.
+pub mod bf16 {
+    use super::ROWS;
+
+    /// Bytes of a `rows × k` weight in tiles.
+    pub fn bytes(rows: usize, k: usize) -> usize {
+        rows.div_ceil(2 * ROWS) * 2 * ROWS * k * 2
+    }
+
+    /// Index (in bf16 values) of weight row `r`, input `c` in tiles of rows of `k` inputs.
+    pub fn index(k: usize, r: usize, c: usize) -> usize {
+        (((r / (2 * ROWS)) * (k / 32) + c / 32) * 2 + r / ROWS % 2) * 512 + (c % 32 / 2) * 32 + (r % ROWS) * 2 + c % 2
+    }
+
+    /// The scalar reference conversion of `rows` rows of `k` bf16 (`src`, little-endian, rows
+    /// contiguous) to tiles in `out` ([`bytes`] long, zeroed).
+    pub fn from_rows(src: &[u8], rows: usize, k: usize, out: &mut [u8]) {
+        assert!(k.is_multiple_of(32) && src.len() >= rows * k * 2 && out.len() == bytes(rows, k));
+        for r in 0..rows {
+            for c in 0..k {
+                let (i, o) = (2 * (r * k + c), 2 * index(k, r, c));
+                out[o..o + 2].copy_from_slice(&src[i..i + 2]);
+            }
+        }
+    }
+
+    /// Row `r` of a weight in tiles, as f32 (`out` holds `k` values).
+    pub fn row_to_f32(tiles: &[u8], k: usize, r: usize, out: &mut [f32]) {
+        for (c, v) in out[..k].iter_mut().enumerate() {
+            let i = 2 * index(k, r, c);
+            *v = crate::format::bf16_to_f32(u16::from_le_bytes([tiles[i], tiles[i + 1]]));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::quant::dequant::random_blocks;
+
+    /// bf16 tiles: the register transposes equal the scalar conversion (a group count made
+    /// even by a zero group, a last group partly empty), and rows read back are the stored ones.
+    #[test]
+    fn bf16_tiles_hold_the_rows() {
+        for &(rows, k) in &[(40, 96), (16, 32), (70, 1024)] {
+            let src: Vec<u8> = crate::matmul::tests::rand_vec(rows * k, rows as u64)
+                .iter()
+                .flat_map(|&v| crate::format::f32_to_bf16(v).to_le_bytes())
+                .collect();
+            let mut want = vec![0u8; bf16::bytes(rows, k)];
+            bf16::from_rows(&src, rows, k, &mut want);
+            assert_eq!(want.len(), rows.div_ceil(32) * 32 * k * 2);
+            #[cfg(target_arch = "x86_64")]
+            if crate::Isa::Avx512.supported() {
+                let mut got = vec![0u8; want.len()];
+                // SAFETY: AVX-512 was checked; `got` is as long as the tiles.
+                unsafe { crate::quant::amx::bf16_rows_to_tiles(&src, rows, k, &mut got) };
+                assert!(got == want, "{rows} × {k}: transposed in registers differs");
+            }
+            let mut row = vec![0f32; k];
+            for r in 0..rows {
+                bf16::row_to_f32(&want, k, r, &mut row);
+                let expect: Vec<f32> = src[r * 2 * k..(r + 1) * 2 * k]
+                    .chunks_exact(2)
+                    .map(|b| crate::format::bf16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                    .collect();
+                assert_eq!(row, expect, "row {r}");
+            }
+        }
+    }
 
     /// Tiles read back give the file's dequantized weights exactly (for every format with a
     /// tile layout, and a row count that leaves the last group partly empty).
