@@ -95,6 +95,10 @@ pub const GEMM_MIN_ROWS: usize = 48;
 /// (`Isa::Amx`).
 pub const AMX_MIN_ROWS: usize = 32;
 
+/// Rows of `x` at or above which products with bf16 weights in tiles ([`Layout::Tiles`]) run on
+/// AMX; fewer take a GEMV of the tiles with FMAs (decode is bound by reading the weights).
+pub const TILES_AMX_MIN_ROWS: usize = 5;
+
 /// Rows of `x` at or above which products with bf16 weights run on AMX tiles or bf16 dot
 /// products ([`Bf16Mode`] other than f32); fewer rows take the GEMV, activations rounded to
 /// bf16 alike.
@@ -116,6 +120,8 @@ enum Prepared {
     /// `x` with each 32 values reordered as their 16 even then 16 odd ones, in rows of the
     /// given stride, for the AVX-512 GEMV of bf16 weights (see [`split_even_odd`]).
     Split(Vec<f32>, usize),
+    /// `x` rounded to bf16 (kept as f32), for the GEMV of bf16 weights in tiles.
+    Rounded(Vec<f32>),
     /// `x` quantized to 8-bit blocks, for the integer kernels of quantized weights.
     Q8(ActQ8),
     /// `x` rounded to bf16 in rows padded to a multiple of 16, for AMX tiles.
@@ -147,6 +153,7 @@ enum Kind {
     Padded,
     Split,
     SplitRounded,
+    Rounded,
     Q8,
     Amx,
 }
@@ -199,22 +206,30 @@ impl Bf16Mode {
 
 /// The generation of the bf16 kernels [`calibrate_bf16`] times: cached choices made for an
 /// older generation are measured again.
-pub const BF16_KERNELS: u32 = 2;
+pub const BF16_KERNELS: u32 = 3;
 
 /// Times every [`Bf16Mode`] this CPU supports on a bf16 weight of 3072 × 1024 (the 0.6B MLP
-/// shape) with 1, 8 and 128 activation rows, and returns the fastest for prefill (128 rows)
-/// among those within 10% of the fastest decode (1 row), with every mode's seconds per call.
+/// shape; AMX on its tiles, as loading converts bf16 weights for it) with 1, 8 and 128
+/// activation rows, and returns the fastest for prefill (128 rows) among those within 10% of
+/// the fastest for batched decode (8 rows), with every mode's seconds per call. (The weight
+/// stays in cache, so single-row times measure compute that single-sequence decode, bound by
+/// reading the weights from memory, hardly needs.)
 pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<(Bf16Mode, [f64; 3])>) {
     let (n, k) = (3072, 1024);
     let w: Vec<u8> = (0..n * k)
         .flat_map(|i| crate::format::f32_to_bf16(((i * 7919 % 1000) as f32 - 500.0) / 1000.0).to_le_bytes())
         .collect();
-    let wv = WeightView::new(Format::BF16, &w, n, k);
+    let rows = WeightView::new(Format::BF16, &w, n, k);
+    // AMX reads bf16 weights converted to its tiles at load.
+    let mut tiled = vec![0u8; quant::packed_bytes(&rows, true).expect("bf16 tiles")];
+    quant::repack_into(&rows, &mut tiled);
+    let tiles = WeightView::tiles(Format::BF16, &tiled, n, k);
     let x: Vec<f32> = (0..128 * k).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
     let mut y = vec![0f32; 128 * n];
     let mut times = Vec::new();
     for mode in Bf16Mode::ALL.into_iter().filter(|m| m.supported()) {
         let ctx = Ctx { isa, pool, exact: false, bf16: Some(mode) };
+        let wv = if mode == Bf16Mode::Amx { tiles } else { rows };
         let mut t = [0f64; 3];
         for (slot, m) in [1usize, 8, 128].into_iter().enumerate() {
             // Best of a few calls after a warm-up.
@@ -232,10 +247,10 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<(Bf1
         }
         times.push((mode, t));
     }
-    let best_decode = times.iter().map(|t| t.1[0]).fold(f64::INFINITY, f64::min);
+    let best_batched = times.iter().map(|t| t.1[1]).fold(f64::INFINITY, f64::min);
     let best = times
         .iter()
-        .filter(|t| t.1[0] <= 1.1 * best_decode)
+        .filter(|t| t.1[1] <= 1.1 * best_batched)
         .min_by(|a, b| a.1[2].total_cmp(&b.1[2]))
         .map_or(Bf16Mode::F32, |t| t.0);
     (best, times)
@@ -266,9 +281,13 @@ fn untranspose(w: &WeightView) -> Vec<u8> {
 
 fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
     if w.layout == Layout::Tiles && w.format == Format::BF16 {
-        // On AMX whatever the rows (no unpacking, so from one row on); elsewhere read back to
-        // f32 group by group.
-        return if ctx.bf16_mode() == Bf16Mode::Amx { Kind::Amx } else { Kind::None };
+        // On AMX (a GEMV below `TILES_AMX_MIN_ROWS`, activations rounded alike); elsewhere read
+        // back to f32 rows and multiplied exactly.
+        return match (ctx.bf16_mode(), m >= TILES_AMX_MIN_ROWS) {
+            (Bf16Mode::Amx, true) => Kind::Amx,
+            (Bf16Mode::Amx, false) => Kind::Rounded,
+            _ => Kind::None,
+        };
     }
     if w.layout == Layout::Transposed {
         return match ctx.bf16_mode() {
@@ -320,6 +339,9 @@ fn prepare(ctx: Ctx, kind: Kind, x: &[f32], m: usize, k: usize) -> Prepared {
         Kind::Split | Kind::SplitRounded => {
             let ldx = pad_stride(ctx.isa, m, k).unwrap_or(k);
             Prepared::Split(split_even_odd(x, k, ldx, kind == Kind::SplitRounded), ldx)
+        }
+        Kind::Rounded => {
+            Prepared::Rounded(x.iter().map(|&v| crate::format::bf16_to_f32(crate::format::f32_to_bf16(v))).collect())
         }
         Kind::Q8 => Prepared::Q8(ActQ8::quantize(ctx.isa, x, m, k)),
         #[cfg(target_arch = "x86_64")]
@@ -516,6 +538,10 @@ unsafe fn matmul_cols_impl(
         Prepared::Padded(xp, ldx) => float_cols(ctx.isa, xp, *ldx, &[], m, w, y, ldy, cols),
         #[cfg(target_arch = "x86_64")]
         Prepared::Split(xs, ldx) => x86::avx512::gemv_bf16_split(xs, *ldx, m, w, y, ldy, cols),
+        #[cfg(target_arch = "x86_64")]
+        Prepared::Rounded(xr) => x86::avx512::gemv_bf16_tiles(xr, m, w, y, ldy, cols),
+        #[cfg(not(target_arch = "x86_64"))]
+        Prepared::Rounded(..) => unreachable!("bf16 tiles are read by AMX kernels"),
         #[cfg(not(target_arch = "x86_64"))]
         Prepared::Split(..) => unreachable!("even/odd activations without AVX-512"),
         Prepared::None if w.layout == Layout::Tiles => tiles_dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
@@ -815,6 +841,103 @@ mod x86 {
                 let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
                 gemv_dispatch!(nr, mr, |R, M| split_block::<R, M>(xp, ldx, k, wpn, rb, yp, ldy));
             });
+        }
+
+        /// GEMV of bf16 weights in AMX's tiles ([`crate::quant::tiles::bf16`], `cols.start` a
+        /// multiple of 32) with activations `x` (`m` rows of `w.cols`): a tile row holds one
+        /// pair of inputs for 16 weight rows, so a shift (even inputs) and a mask (odd ones)
+        /// give two vectors of 16 outputs' weights that meet broadcast activations in FMAs, with
+        /// no sums across lanes.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F/BW/VL; `w` is in bf16 tiles; `y` is valid for `m` rows of
+        /// `ldy` floats at columns `cols`.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+        pub unsafe fn gemv_bf16_tiles(
+            x: &[f32],
+            m: usize,
+            w: &WeightView,
+            y: *mut f32,
+            ldy: usize,
+            cols: std::ops::Range<usize>,
+        ) {
+            assert!(cols.start.is_multiple_of(32) && x.len() >= m * w.cols);
+            assert!(w.data.len() >= crate::quant::tiles::bf16::bytes(w.rows, w.cols) && cols.end <= w.rows);
+            let mut i = 0;
+            while i < m {
+                let (xp, yp) = (x.as_ptr().add(i * w.cols), y.add(i * ldy));
+                i += match m - i {
+                    1 => tiles_block::<1>(xp, w, yp, ldy, cols.clone()),
+                    2 => tiles_block::<2>(xp, w, yp, ldy, cols.clone()),
+                    3 => tiles_block::<3>(xp, w, yp, ldy, cols.clone()),
+                    _ => tiles_block::<4>(xp, w, yp, ldy, cols.clone()),
+                };
+            }
+        }
+
+        /// [`gemv_bf16_tiles`] for `M` activation rows; returns `M`. Each output sums each 32
+        /// inputs' products (even inputs and odd ones apart, in order, then the two) and adds
+        /// these sums in input order, as a tile product does: short chains of roundings.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+        unsafe fn tiles_block<const M: usize>(
+            x: *const f32,
+            w: &WeightView,
+            y: *mut f32,
+            ldy: usize,
+            cols: std::ops::Range<usize>,
+        ) -> usize {
+            let (k, ksteps) = (w.cols, w.cols / 32);
+            let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+            let mut n = cols.start;
+            while n < cols.end {
+                // The pair of 16-row groups holding columns n..n + 32: 2 KiB per 32 inputs.
+                let base = w.data.as_ptr().add(n / 32 * ksteps * 2048);
+                let mut acc = [[_mm512_setzero_ps(); 2]; M];
+                for j in 0..ksteps {
+                    let t = base.add(j * 2048);
+                    let mut part = [[[_mm512_setzero_ps(); 2]; 2]; M];
+                    for p in 0..16 {
+                        // The next step's lines, and a stretch further on into the L3 cache
+                        // (harmless past the end).
+                        _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(2048 + 128 * p) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(2048 + 128 * p + 64) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T2>(t.wrapping_add(16384 + 128 * p) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T2>(t.wrapping_add(16384 + 128 * p + 64) as *const i8);
+                        let v = [
+                            _mm512_loadu_si512(t.add(64 * p) as *const _),
+                            _mm512_loadu_si512(t.add(1024 + 64 * p) as *const _),
+                        ];
+                        let we = v.map(|v| _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+                        let wo = v.map(|v| _mm512_castsi512_ps(_mm512_and_si512(v, high)));
+                        for (i, q) in part.iter_mut().enumerate() {
+                            let xe = _mm512_set1_ps(*x.add(i * k + 32 * j + 2 * p));
+                            let xo = _mm512_set1_ps(*x.add(i * k + 32 * j + 2 * p + 1));
+                            for h in 0..2 {
+                                q[h][0] = _mm512_fmadd_ps(xe, we[h], q[h][0]);
+                                q[h][1] = _mm512_fmadd_ps(xo, wo[h], q[h][1]);
+                            }
+                        }
+                    }
+                    for (a, q) in acc.iter_mut().zip(&part) {
+                        for h in 0..2 {
+                            a[h] = _mm512_add_ps(a[h], _mm512_add_ps(q[h][0], q[h][1]));
+                        }
+                    }
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    for (h, s) in a.iter().enumerate() {
+                        let c = n + 16 * h;
+                        if c < cols.end {
+                            let live = (cols.end - c).min(16);
+                            let mask = ((1u32 << live) - 1) as __mmask16;
+                            _mm512_mask_storeu_ps(y.add(i * ldy + c), mask, *s);
+                        }
+                    }
+                }
+                n += 32;
+            }
+            M
         }
 
         #[inline]
@@ -1573,13 +1696,25 @@ pub(crate) mod tests {
         }
     }
 
-    /// Products with bf16 weights in AMX's tiles: on AMX (from one activation row on) the f32
-    /// product of the rounded activations; in every other context the exact product. Shapes with ragged row blocks and column groups, a group count made even
+    /// Products with bf16 weights in AMX's tiles: on AMX (the tile GEMV for few rows, AMX for
+    /// more) the f32 product of the rounded activations; in every other context the exact
+    /// product. Shapes with ragged row blocks and column groups, a group count made even
     /// by padding, several passes over the inputs and several column chunks, split over threads.
     #[test]
     fn bf16_tiles_equal_row_layout() {
         let pool = ThreadPool::new(2);
-        for &(m, n, k) in &[(1, 40, 64), (5, 300, 1024), (16, 33, 4160), (17, 64, 96), (40, 50, 1600), (100, 96, 288)] {
+        let shapes = [
+            (1, 40, 64),
+            (2, 64, 1024),
+            (3, 70, 320),
+            (4, 33, 96),
+            (5, 300, 1024),
+            (16, 33, 4160),
+            (17, 64, 96),
+            (40, 50, 1600),
+            (100, 96, 288),
+        ];
+        for &(m, n, k) in &shapes {
             let x = rand_vec(m * k, 13 + m as u64);
             let wb = encode(&rand_vec(n * k, 17 + n as u64), Format::BF16);
             let rows = WeightView::new(Format::BF16, &wb, n, k);

@@ -379,9 +379,9 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                 let gb = spec.group_bytes(k);
                 each(o0, o1, &|g, out| unpack_group(spec, &w.data[g * gb..(g + 1) * gb], j0, steps, out))
             }
-            Source::Bf16Rows => {
-                each(o0, o1, &|g, out| unpack_bf16_rows(w.data, w.rows, g, k, j0, steps, out.as_mut_ptr() as *mut u8, 1024))
-            }
+            Source::Bf16Rows => each(o0, o1, &|g, out| {
+                unpack_bf16_rows(w.data, w.rows, g, k, j0, steps, out.as_mut_ptr() as *mut u8, 1024)
+            }),
             Source::Bf16Tiles => unreachable!("bf16 tiles are read in place"),
             Source::Bf16Cols => unpack_bf16_cols_pair(w.data, w.rows, g, width, j0, steps, o0, o1),
         }
@@ -542,8 +542,43 @@ unsafe fn block_pass(
             options(nostack)
         );
     } else {
+        // One row block (decode of up to 16 sequences): the weight tiles stream from memory,
+        // so the 2 KiB two steps ahead of `b0` are fetched meanwhile (the pair's next tiles
+        // when read in place; harmless otherwise).
         asm!(
             "2:",
+            "prefetcht0 [{b0} + 4096]",
+            "prefetcht0 [{b0} + 4160]",
+            "prefetcht0 [{b0} + 4224]",
+            "prefetcht0 [{b0} + 4288]",
+            "prefetcht0 [{b0} + 4352]",
+            "prefetcht0 [{b0} + 4416]",
+            "prefetcht0 [{b0} + 4480]",
+            "prefetcht0 [{b0} + 4544]",
+            "prefetcht0 [{b0} + 4608]",
+            "prefetcht0 [{b0} + 4672]",
+            "prefetcht0 [{b0} + 4736]",
+            "prefetcht0 [{b0} + 4800]",
+            "prefetcht0 [{b0} + 4864]",
+            "prefetcht0 [{b0} + 4928]",
+            "prefetcht0 [{b0} + 4992]",
+            "prefetcht0 [{b0} + 5056]",
+            "prefetcht0 [{b0} + 5120]",
+            "prefetcht0 [{b0} + 5184]",
+            "prefetcht0 [{b0} + 5248]",
+            "prefetcht0 [{b0} + 5312]",
+            "prefetcht0 [{b0} + 5376]",
+            "prefetcht0 [{b0} + 5440]",
+            "prefetcht0 [{b0} + 5504]",
+            "prefetcht0 [{b0} + 5568]",
+            "prefetcht0 [{b0} + 5632]",
+            "prefetcht0 [{b0} + 5696]",
+            "prefetcht0 [{b0} + 5760]",
+            "prefetcht0 [{b0} + 5824]",
+            "prefetcht0 [{b0} + 5888]",
+            "prefetcht0 [{b0} + 5952]",
+            "prefetcht0 [{b0} + 6016]",
+            "prefetcht0 [{b0} + 6080]",
             "tileloadd tmm4, [{a0} + {s} * 1]",
             "tileloadd tmm6, [{b0} + {s} * 1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
