@@ -159,6 +159,8 @@ impl RunArgs {
         Ok(LoadOptions {
             repack: !self.no_repack,
             bf16_tiles: amx && !self.exact,
+            // Room for the KV cache and the rest beside the converted weights.
+            bf16_tiles_budget: available_memory().map_or(usize::MAX, |m| m / 10 * 8),
             threads: self.threads(),
             lora: dirs,
             lora_for_all: true,
@@ -252,6 +254,16 @@ pub fn load_model(path: &Path, args: &RunArgs) -> Result<Arc<Qwen3>> {
 /// Loads a model with explicit options, with a progress bar.
 pub fn load_model_with(path: &Path, opts: &LoadOptions) -> Result<Arc<Qwen3>> {
     let model = Qwen3::load_with(path, opts)?;
+    let in_rows = |v: qwick_backend::matmul::WeightView| {
+        v.format == Format::BF16 && v.layout == qwick_backend::matmul::Layout::Rows && v.cols % 32 == 0
+    };
+    if opts.bf16_tiles && model.linears().iter().any(|l| in_rows(l.view())) {
+        eprintln!(
+            "note: bf16 weights stay in the file's layout (AMX's layout would need more than the {:.1} GB \
+             allowed); products rearrange them as they go",
+            opts.bf16_tiles_budget as f64 / 1e9
+        );
+    }
     let bar = progress_bar("loading");
     // Touch the weights once so the first token does not wait on the disk.
     model.prefetch(&|d, t| tick(&bar, d, t));

@@ -277,10 +277,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     };
 
     let path = qwick_chat::hub::resolve_model(&a.model)?;
-    let model = load_model_with(
-        &path,
-        &LoadOptions { repack: true, bf16_tiles: false, threads, lora: vec![], lora_for_all: true },
-    )?;
+    let model = load_model_with(&path, &LoadOptions { threads, lora_for_all: true, ..Default::default() })?;
     let mut lora = match &a.lora {
         Some(d) => LoraParams::from_adapter(&model.config, &Adapter::open(d)?, a.dropout)?,
         None => LoraParams::init(&model.config, spec, a.seed)?,

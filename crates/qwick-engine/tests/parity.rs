@@ -82,6 +82,10 @@ fn logits_match_transformers_on_every_isa() {
         // bf16 weights converted to AMX's tiles at load (as `run`, `serve` and `bench` do on
         // AMX machines): products on AMX from one row on, the tied table read from the head.
         if Isa::Amx.supported() {
+            // Not beyond the memory budget: then the file's layout stays.
+            let opts = qwick_model::LoadOptions { bf16_tiles: true, bf16_tiles_budget: 0, ..Default::default() };
+            let model = Qwen3::load_with(&dir, &opts).unwrap();
+            assert!(model.linears().iter().all(|l| l.view().layout == qwick_backend::matmul::Layout::Rows));
             let opts = qwick_model::LoadOptions { bf16_tiles: true, ..Default::default() };
             let model = Arc::new(Qwen3::load_with(&dir, &opts).unwrap());
             assert!(model.linears().iter().map(|l| l.view()).all(|v| v.format != qwick_backend::Format::BF16

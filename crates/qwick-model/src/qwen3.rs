@@ -220,6 +220,9 @@ pub struct LoadOptions {
     /// products run on AMX (`Bf16Mode::Amx`), which then read them with no per-call unpacking
     /// from a single activation row on. Other products read such weights back to f32.
     pub bf16_tiles: bool,
+    /// Bytes the converted weights may take with bf16 ones among them; beyond it bf16 weights
+    /// stay in the file's layout (mapped, pages the system can drop and read again).
+    pub bf16_tiles_budget: usize,
     /// Threads for the conversion.
     pub threads: usize,
     /// LoRA adapters (PEFT folders), numbered from 1 in this order.
@@ -230,7 +233,14 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { repack: true, bf16_tiles: false, threads: 1, lora: vec![], lora_for_all: false }
+        LoadOptions {
+            repack: true,
+            bf16_tiles: false,
+            bf16_tiles_budget: usize::MAX,
+            threads: 1,
+            lora: vec![],
+            lora_for_all: false,
+        }
     }
 }
 
@@ -292,7 +302,7 @@ impl Qwen3 {
             }
         }
         if opts.repack {
-            model.pack(opts.threads.max(1), opts.bf16_tiles);
+            model.pack(opts.threads.max(1), opts.bf16_tiles, opts.bf16_tiles_budget);
         }
         Ok(model)
     }
@@ -457,17 +467,27 @@ impl Qwen3 {
     /// Converts weights to their kernels' layout, on `threads` threads, into one arena laid out
     /// in the order a forward pass reads them (so the weight stream of a decode step is one
     /// sequential read, on huge pages where the system gives them), and lets the file's pages
-    /// of converted weights go.
-    fn pack(&mut self, threads: usize, bf16_tiles: bool) {
+    /// of converted weights go. bf16 weights are converted only if asked and if the arena then
+    /// fits in `budget` bytes (it is memory the system cannot page back to the file).
+    fn pack(&mut self, threads: usize, bf16_tiles: bool, budget: usize) {
         let mut linears = self.linears_mut();
-        let mut at = Vec::with_capacity(linears.len());
-        let mut total = 0;
-        for l in &linears {
-            at.push(qwick_backend::quant::packed_bytes(&l.view(), bf16_tiles).map(|n| {
-                let r = total..total + n;
-                total = (total + n).next_multiple_of(64);
-                r
-            }));
+        let layout = |bf16: bool| {
+            let mut total = 0;
+            let at: Vec<_> = linears
+                .iter()
+                .map(|l| {
+                    qwick_backend::quant::packed_bytes(&l.view(), bf16).map(|n| {
+                        let r = total..total + n;
+                        total = (total + n).next_multiple_of(64);
+                        r
+                    })
+                })
+                .collect();
+            (at, total)
+        };
+        let (mut at, mut total) = layout(bf16_tiles);
+        if bf16_tiles && total > budget {
+            (at, total) = layout(false);
         }
         if total == 0 {
             return;
