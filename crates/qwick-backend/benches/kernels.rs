@@ -36,6 +36,13 @@ fn bench_matmul(c: &mut Criterion) {
             let mut y = vec![0f32; m * n];
             g.throughput(Throughput::Bytes((n * k * 2) as u64));
             g.bench_function(name, |b| b.iter(|| matmul(ctx, &x, m, &wv, &mut y)));
+            if isa == Isa::Amx {
+                // As loading converts bf16 weights where products run on AMX.
+                let mut tiled = vec![0u8; qwick_backend::quant::packed_bytes(&wv, true).expect("bf16 tiles")];
+                qwick_backend::quant::repack_into(&wv, &mut tiled);
+                let tv = WeightView::tiles(Format::BF16, &tiled, n, k);
+                g.bench_function(format!("{name}_tiles"), |b| b.iter(|| matmul(ctx, &x, m, &tv, &mut y)));
+            }
         }
         g.finish();
     }
