@@ -340,9 +340,7 @@ fn prepare(ctx: Ctx, kind: Kind, x: &[f32], m: usize, k: usize) -> Prepared {
             let ldx = pad_stride(ctx.isa, m, k).unwrap_or(k);
             Prepared::Split(split_even_odd(x, k, ldx, kind == Kind::SplitRounded), ldx)
         }
-        Kind::Rounded => {
-            Prepared::Rounded(x.iter().map(|&v| crate::format::bf16_to_f32(crate::format::f32_to_bf16(v))).collect())
-        }
+        Kind::Rounded => Prepared::Rounded(rounded_to_bf16(x)),
         Kind::Q8 => Prepared::Q8(ActQ8::quantize(ctx.isa, x, m, k)),
         #[cfg(target_arch = "x86_64")]
         Kind::Amx => Prepared::Amx(quant::amx::ActBf16::new_on(ctx.pool, x, m, k)),
@@ -496,6 +494,11 @@ fn split_even_odd(x: &[f32], k: usize, ldx: usize, round: bool) -> Vec<f32> {
         }
     }
     out
+}
+
+/// `x` rounded to bf16 (nearest even), kept as f32.
+fn rounded_to_bf16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| crate::format::bf16_to_f32(crate::format::f32_to_bf16(v))).collect()
 }
 
 /// `x` [m, k] rounded to bf16 (nearest even), each row padded with a zero to an even length.
@@ -1622,6 +1625,13 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// Every value within 1e-4 · √k of the reference, relative (NaN fails).
+    fn assert_near(got: &[f32], want: &[f32], k: usize, what: &str) {
+        for (i, (g, e)) in got.iter().zip(want).enumerate() {
+            assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(), "{what} at {i}: {g} vs {e}");
+        }
+    }
+
     fn encode(v: &[f32], dt: Format) -> Vec<u8> {
         let mut out = Vec::with_capacity(v.len() * dt.row_bytes(1));
         for &x in v {
@@ -1655,14 +1665,8 @@ pub(crate) mod tests {
                     wt[c * n + r] = wf[r * k + c];
                 }
             }
-            let close = |got: &[f32], want: &[f32], what: &str| {
-                for (i, (g, e)) in got.iter().zip(want).enumerate() {
-                    assert!(
-                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
-                        "{what} m{m} n{n} k{k} at {i}: {g} vs {e}"
-                    );
-                }
-            };
+            let close =
+                |got: &[f32], want: &[f32], what: &str| assert_near(got, want, k, &format!("{what} m{m} n{n} k{k}"));
             for dt in [Format::BF16, Format::F32, Format::F16] {
                 let (wb, wtb) = (encode(&wf, dt), encode(&wt, dt));
                 let (rows, trans) = (WeightView::new(dt, &wb, n, k), WeightView::transposed(dt, &wtb, n, k));
@@ -1682,8 +1686,7 @@ pub(crate) mod tests {
                     close(&got, &want, &format!("{dt} {}", ctx.isa));
                 }
                 if let (Some(ctx), Format::BF16) = (amx, dt) {
-                    let xr: Vec<f32> =
-                        x.iter().map(|&v| crate::format::bf16_to_f32(crate::format::f32_to_bf16(v))).collect();
+                    let xr = rounded_to_bf16(&x);
                     let mut want = vec![0f32; m * n];
                     matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &rows, &mut want);
                     for w in [trans, rows] {
@@ -1721,14 +1724,6 @@ pub(crate) mod tests {
             let mut tiled = vec![0u8; quant::packed_bytes(&rows, true).expect("bf16 tiles")];
             quant::repack_into(&rows, &mut tiled);
             let tiles = WeightView::tiles(Format::BF16, &tiled, n, k);
-            let close = |got: &[f32], want: &[f32], what: &str| {
-                for (i, (g, e)) in got.iter().zip(want).enumerate() {
-                    assert!(
-                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
-                        "{what} m{m} n{n} k{k} at {i}: {g} vs {e}"
-                    );
-                }
-            };
             let mut ctxs = vec![Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) }, Ctx::new(Isa::best(), &pool)];
             ctxs.extend(
                 Bf16Mode::ALL
@@ -1741,14 +1736,13 @@ pub(crate) mod tests {
                 matmul(ctx, &x, m, &tiles, &mut got);
                 let mut want = vec![0f32; m * n];
                 if ctx.bf16_mode() == Bf16Mode::Amx {
-                    let xr: Vec<f32> =
-                        x.iter().map(|&v| crate::format::bf16_to_f32(crate::format::f32_to_bf16(v))).collect();
+                    let xr = rounded_to_bf16(&x);
                     matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &rows, &mut want);
                 } else {
                     // Read back to f32 and multiplied exactly.
                     matmul(Ctx::new(Isa::Scalar, &pool), &x, m, &rows, &mut want);
                 }
-                close(&got, &want, &format!("{} {:?}", ctx.isa, ctx.bf16_mode()));
+                assert_near(&got, &want, k, &format!("{} {:?} m{m} n{n} k{k}", ctx.isa, ctx.bf16_mode()));
             }
         }
     }
@@ -1789,8 +1783,7 @@ pub(crate) mod tests {
                 assert_eq!(y1, want);
                 assert_eq!(y2, want);
                 // The bf16-dot path equals the reference on bf16-rounded activations.
-                let xr: Vec<f32> =
-                    x.iter().map(|&v| crate::format::bf16_to_f32(crate::format::f32_to_bf16(v))).collect();
+                let xr = rounded_to_bf16(&x);
                 let mut want_r = vec![0f32; m * n];
                 matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &w, &mut want_r);
                 let amx = Isa::Amx.supported().then_some(Isa::Amx);
@@ -1801,12 +1794,7 @@ pub(crate) mod tests {
                     let tiles = isa == Isa::Amx && k % 32 == 0;
                     let rounded = dt == Format::BF16 && (isa.rounds_activations() || tiles);
                     let want = if rounded { &want_r } else { &want };
-                    for (i, (g, e)) in got.iter().zip(want).enumerate() {
-                        assert!(
-                            (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
-                            "{isa} {dt} m{m} n{n} k{k} at {i}: {g} vs {e}"
-                        );
-                    }
+                    assert_near(&got, want, k, &format!("{isa} {dt} m{m} n{n} k{k}"));
                 }
                 // Every bf16 mode this CPU has, chosen in the context (as calibration does).
                 for mode in Bf16Mode::ALL.into_iter().filter(|m| m.supported()) {
@@ -1816,12 +1804,7 @@ pub(crate) mod tests {
                     let rounded =
                         dt == Format::BF16 && (mode == Bf16Mode::Dot || (mode == Bf16Mode::Amx && k % 32 == 0));
                     let want = if rounded { &want_r } else { &want };
-                    for (i, (g, e)) in got.iter().zip(want).enumerate() {
-                        assert!(
-                            (g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(),
-                            "{mode:?} {dt} m{m} n{n} k{k} at {i}: {g} vs {e}"
-                        );
-                    }
+                    assert_near(&got, want, k, &format!("{mode:?} {dt} m{m} n{n} k{k}"));
                 }
             }
         }
