@@ -255,7 +255,7 @@ pub fn load_model(path: &Path, args: &RunArgs) -> Result<Arc<Qwen3>> {
 pub fn load_model_with(path: &Path, opts: &LoadOptions) -> Result<Arc<Qwen3>> {
     let model = Qwen3::load_with(path, opts)?;
     let in_rows = |v: qwick_backend::matmul::WeightView| {
-        v.format == Format::BF16 && v.layout == qwick_backend::matmul::Layout::Rows && v.cols % 32 == 0
+        v.format == Format::BF16 && v.layout == qwick_backend::matmul::Layout::Rows && v.cols.is_multiple_of(32)
     };
     if opts.bf16_tiles && model.linears().iter().any(|l| in_rows(l.view())) {
         eprintln!(

@@ -89,7 +89,7 @@ fn logits_match_transformers_on_every_isa() {
             let opts = qwick_model::LoadOptions { bf16_tiles: true, ..Default::default() };
             let model = Arc::new(Qwen3::load_with(&dir, &opts).unwrap());
             assert!(model.linears().iter().map(|l| l.view()).all(|v| v.format != qwick_backend::Format::BF16
-                || v.cols % 32 != 0
+                || !v.cols.is_multiple_of(32)
                 || v.layout == qwick_backend::matmul::Layout::Tiles));
             let mut r = Runner::new(model, &RunnerConfig::with_tokens(toks.len(), 2, Isa::Amx));
             for chunk in [4096, 7, 1] {
