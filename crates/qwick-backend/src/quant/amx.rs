@@ -1,4 +1,4 @@
-//! Products with many activation rows (prefill) on Intel AMX tiles, in bf16.
+//! Products with several activation rows (prefill, batched decode) on Intel AMX tiles, in bf16.
 //!
 //! A tile multiply (`tdpbf16ps`) takes 16 rows × 32 bf16 of activations and 32 bf16 × 16
 //! columns of weights and accumulates a 16 × 16 block of f32 sums. Weights of any
@@ -6,8 +6,8 @@
 //! nearest even) once per call, 16 rows at a time; bf16 weights in the file's row layout (or
 //! stored transposed) are only rearranged into tiles, and bf16 weights converted at load to
 //! the tile layout ([`super::tiles::bf16`]) are loaded where they lie; activations are rounded
-//! to bf16. This is bf16 inference: the
-//! reference is the f32 product of the bf16-rounded operands.
+//! to bf16. This is bf16 inference: the reference is the f32 product of the bf16-rounded
+//! operands.
 //!
 //! AMX state is per thread and must be granted by the kernel (Linux `arch_prctl`); [`usable`]
 //! asks once per process.
