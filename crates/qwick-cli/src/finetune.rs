@@ -301,11 +301,14 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
             .parse::<usize>()
             .with_context(|| format!("--keep-layers {n}: expected a number of layers, all or auto"))?,
     };
-    let frozen = Frozen::new(&model, ctx)?.keep_layers(kept);
+    // Transposed copies for the backward pass within a quarter of the memory available too; the
+    // projections beyond it read their stored rows back in each step.
+    let copy_budget = crate::common::available_memory().unwrap_or(4 << 30) / 4;
+    let frozen = Frozen::with_copy_budget(&model, ctx, copy_budget)?.keep_layers(kept);
     let layers = model.config.num_hidden_layers;
     eprintln!(
         "model: {} ({layers} layers); LoRA rank {} on {} ({} trainable values); activations kept for {} of {layers} \
-         layers (--keep-layers {}); transposed weight copies for the backward pass: {:.2} GB in {:.1} s",
+         layers (--keep-layers {}); transposed weight copies for the backward pass: {:.2} GB in {:.1} s{}",
         chat.name,
         lora.spec.rank,
         lora.spec.targets.join(","),
@@ -313,7 +316,11 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         kept.min(layers),
         a.keep_layers,
         frozen.extra_bytes() as f64 / 1e9,
-        t_prep.elapsed().as_secs_f64()
+        t_prep.elapsed().as_secs_f64(),
+        match frozen.block_read() {
+            0 => String::new(),
+            b => format!(" ({b} projections beyond the memory budget read their stored rows back each step)"),
+        }
     );
 
     let total_opts = |out: PathBuf, steps: Option<u64>| -> TrainOptions {

@@ -11,7 +11,10 @@
 //!
 //! The frozen weights are read as stored for the forward products (`y = x·Wᵀ`) and, where the
 //! kernels can (see `qwick_backend::matmul::reads_transposed`), for the backward ones
-//! (`dx = dy·W`) too; elsewhere from a transposed copy, so that both run on the fast kernels.
+//! (`dx = dy·W`) too; elsewhere from a transposed copy, so that both run on the fast kernels,
+//! as far as a memory budget allows ([`Frozen::with_copy_budget`]); beyond it, a block of
+//! weight rows at a time is read back for each backward product (quantized bases of large
+//! models, QLoRA).
 
 use crate::lora::{LoraParams, Pair, DOWN, GATE, K, O, Q, UP, V};
 use qwick_backend::grad::{self, transpose, AttnShape};
@@ -54,16 +57,21 @@ struct Transposed {
 }
 
 impl Transposed {
+    /// The element format a copy of a `format` weight takes.
+    fn format_for(format: Format) -> Format {
+        match format {
+            Format::F32 => Format::F32,
+            Format::F16 => Format::F16,
+            _ => Format::BF16,
+        }
+    }
+
     /// Transposes `l`'s weight, keeping f32 and f16 as they are and storing everything else
     /// (bf16 and the quantized formats, dequantized) as bf16.
     fn of(l: &Linear) -> Transposed {
         let w = &l.weight;
         let (out, inp) = (w.shape[0], w.shape[1]);
-        let format = match w.format {
-            Format::F32 => Format::F32,
-            Format::F16 => Format::F16,
-            _ => Format::BF16,
-        };
+        let format = Transposed::format_for(w.format);
         let rb = w.format.row_bytes(inp);
         let es = format.row_bytes(1);
         let mut data = vec![0u8; out * inp * es];
@@ -104,19 +112,67 @@ enum Back<'m> {
     Stored(&'m qwick_model::safetensors::Tensor),
     /// Through a transposed copy.
     Copy(Transposed),
+    /// [`BACK_BLOCK`] stored rows at a time, read back (as [`Transposed::of`] stores them) for
+    /// each product, their partial products added in order.
+    Blocks(&'m qwick_model::safetensors::Tensor),
 }
 
+/// Weight rows per block of [`Back::Blocks`] (a multiple of 32, so products read the block
+/// transposed as it is).
+const BACK_BLOCK: usize = 256;
+
 impl Back<'_> {
-    fn view(&self) -> WeightView<'_> {
+    /// `dx [n, in] = dy [n, out] · W`.
+    fn product(&self, ctx: Ctx, dy: &[f32], n: usize, dx: &mut [f32]) {
+        let w = match self {
+            Back::Stored(w) => {
+                let view = WeightView::transposed(w.format, w.bytes(), w.shape[1], w.shape[0]);
+                return matmul(ctx, dy, n, &view, dx);
+            }
+            Back::Copy(t) => return matmul(ctx, dy, n, &t.view(), dx),
+            Back::Blocks(w) => w,
+        };
+        let (out, inp) = (w.shape[0], w.shape[1]);
+        let format = Transposed::format_for(w.format);
+        let (rb, es) = (w.format.row_bytes(inp), format.row_bytes(1));
+        let mut block = vec![0u8; BACK_BLOCK * inp * es];
+        let mut dyb = vec![0f32; n * BACK_BLOCK];
+        let mut part = vec![0f32; n * inp];
+        dx[..n * inp].fill(0.0);
+        for r0 in (0..out).step_by(BACK_BLOCK) {
+            let nb = BACK_BLOCK.min(out - r0);
+            let bp = SendPtr::new(&mut block[..nb * inp * es]);
+            ctx.pool.for_chunks(nb, 1, &|rows| {
+                let mut f = vec![0f32; inp];
+                for r in rows {
+                    w.format.dequantize(&w.bytes()[(r0 + r) * rb..(r0 + r + 1) * rb], &mut f);
+                    // SAFETY: each chunk of rows owns those rows of the block.
+                    format.encode_floats(&f, unsafe { bp.slice(r * inp * es, inp * es) });
+                }
+            });
+            for (d, s) in dyb.chunks_exact_mut(nb).zip(dy.chunks_exact(out)) {
+                d.copy_from_slice(&s[r0..r0 + nb]);
+            }
+            // Rows `r0..r0 + nb` of W are the transposed layout of the product's weight.
+            let view = WeightView::transposed(format, &block[..nb * inp * es], inp, nb);
+            matmul(ctx, &dyb[..n * nb], n, &view, &mut part);
+            for (d, p) in dx.iter_mut().zip(&part) {
+                *d += p;
+            }
+        }
+    }
+
+    /// The weight's input features (`dx`'s width).
+    fn inputs(&self) -> usize {
         match self {
-            Back::Stored(w) => WeightView::transposed(w.format, w.bytes(), w.shape[1], w.shape[0]),
-            Back::Copy(t) => t.view(),
+            Back::Stored(w) | Back::Blocks(w) => w.shape[1],
+            Back::Copy(t) => t.rows,
         }
     }
 
     fn bytes(&self) -> usize {
         match self {
-            Back::Stored(_) => 0,
+            Back::Stored(_) | Back::Blocks(_) => 0,
             Back::Copy(t) => t.bytes(),
         }
     }
@@ -144,6 +200,13 @@ impl<'m> Frozen<'m> {
     /// Prepares `model` for training in `ctx`: projections whose stored weights `ctx`'s products
     /// cannot read transposed get a transposed copy (made on all of the pool's threads).
     pub fn new(model: &'m Qwen3, ctx: Ctx) -> anyhow::Result<Frozen<'m>> {
+        Frozen::with_copy_budget(model, ctx, usize::MAX)
+    }
+
+    /// [`Frozen::new`] with transposed copies taking at most `budget` bytes (in layer order,
+    /// the head last); the projections left out read a block of stored rows at a time in each
+    /// backward product instead (slower: the rows are read back every step).
+    pub fn with_copy_budget(model: &'m Qwen3, ctx: Ctx, budget: usize) -> anyhow::Result<Frozen<'m>> {
         let mut jobs: Vec<(usize, usize, &Linear)> = Vec::new();
         for (l, layer) in model.layers.iter().enumerate() {
             let a = &layer.attn;
@@ -157,6 +220,19 @@ impl<'m> Frozen<'m> {
             }
         }
         jobs.push((usize::MAX, 0, &model.lm_head));
+        // Which projections get a copy: in order, while the copies fit in the budget.
+        let mut used = 0usize;
+        let copy: Vec<bool> = jobs
+            .iter()
+            .map(|&(_, _, lin)| {
+                let w = &lin.weight;
+                if qwick_backend::matmul::reads_transposed(ctx, w.format, w.shape[0]) {
+                    return false;
+                }
+                used += w.shape[0] * w.shape[1] * Transposed::format_for(w.format).row_bytes(1);
+                used <= budget
+            })
+            .collect();
         let done: std::sync::Mutex<Vec<(usize, usize, Back<'m>)>> = std::sync::Mutex::new(Vec::new());
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
@@ -167,8 +243,10 @@ impl<'m> Frozen<'m> {
                     let w = &lin.weight;
                     let back = if qwick_backend::matmul::reads_transposed(ctx, w.format, w.shape[0]) {
                         Back::Stored(w)
-                    } else {
+                    } else if copy[i] {
                         Back::Copy(Transposed::of(lin))
+                    } else {
+                        Back::Blocks(w)
                     };
                     done.lock().unwrap_or_else(|e| e.into_inner()).push((l, m, back));
                 });
@@ -198,8 +276,15 @@ impl<'m> Frozen<'m> {
         self.layers.iter().flatten().flatten().map(Back::bytes).sum::<usize>() + self.head.bytes()
     }
 
-    fn wt(&self, l: usize, m: usize) -> WeightView<'_> {
-        self.layers[l][m].as_ref().expect("a prepared projection").view()
+    /// Projections whose backward products read blocks of stored rows (no copy within the
+    /// budget).
+    pub fn block_read(&self) -> usize {
+        let blocks = |b: &Back| matches!(b, Back::Blocks(_));
+        self.layers.iter().flatten().flatten().filter(|b| blocks(b)).count() + usize::from(blocks(&self.head))
+    }
+
+    fn back(&self, l: usize, m: usize) -> &Back<'m> {
+        self.layers[l][m].as_ref().expect("a prepared projection")
     }
 }
 
@@ -465,9 +550,9 @@ impl Runner<'_, '_> {
         n: usize,
         grads: &mut Grads,
     ) -> Vec<f32> {
-        let wt = self.f.wt(l, m);
-        let mut dx = zeros(self.ctx.pool, n * wt.rows);
-        matmul(self.ctx, dy, n, &wt, &mut dx);
+        let back = self.f.back(l, m);
+        let mut dx = zeros(self.ctx.pool, n * back.inputs());
+        back.product(self.ctx, dy, n, &mut dx);
         if let (Some(p), Some((xd, t))) = (self.lora.get(l, m), saved) {
             let slot = self.lora.slot(l, m).expect("pair present");
             let xin = xd.as_deref().unwrap_or(x);
@@ -849,7 +934,7 @@ pub fn loss(
         });
         total += sums.into_inner().unwrap_or_else(|e| e.into_inner());
         if keep {
-            matmul(ctx, &logits[..m * vocab], m, &f.head.view(), &mut dsel[..m * h]);
+            f.head.product(ctx, &logits[..m * vocab], m, &mut dsel[..m * h]);
             for (o, &(i, _)) in chunk.iter().enumerate() {
                 dhn[i * h..(i + 1) * h].copy_from_slice(&dsel[o * h..(o + 1) * h]);
             }

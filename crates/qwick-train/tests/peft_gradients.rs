@@ -118,6 +118,39 @@ fn loss_gradients_and_a_step_equal_peft() {
     }
 }
 
+/// With no memory for transposed copies, every backward product reads blocks of the stored
+/// weight rows: the same loss and gradients (a mutation of the blocks' offsets fails this).
+#[test]
+fn gradients_without_transposed_copies_equal_peft() {
+    let (model, params, reference, grads_ref) = dense_fixture();
+    let seq = sequence();
+    let n_lab = seq.labelled();
+    let pool = ThreadPool::new(2);
+    let scalar = Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) };
+    // The bf16 modes read the k and v weights (48 outputs) by blocks, the rest as stored.
+    let bf16 = [qwick_backend::Bf16Mode::Amx, qwick_backend::Bf16Mode::Dot]
+        .into_iter()
+        .filter(|m| m.supported())
+        .map(|mode| Ctx { bf16: Some(mode), ..Ctx::new(Isa::best(), &pool) });
+    for ctx in [scalar].into_iter().chain(bf16) {
+        let frozen = Frozen::with_copy_budget(&model, ctx, 0).unwrap();
+        assert_eq!(frozen.extra_bytes(), 0);
+        assert!(frozen.block_read() > 0);
+        let mut grads = params.zeros_like();
+        let total = loss(ctx, &frozen, &params, &seq, 1.0 / n_lab as f32, Dropout { p: 0.0, key: 0 }, Some(&mut grads));
+        let (l, want) = (total / n_lab as f64, reference["loss"].as_f64().unwrap());
+        let (ltol, tol) = if ctx.exact { (1e-4, 1e-3) } else { (1e-2, 5e-2) };
+        assert!(((l - want) / want).abs() < ltol, "{:?}: loss {l} vs PEFT {want}", ctx.bf16_mode());
+        for (p, (ga, gb)) in params.pairs.iter().zip(&grads) {
+            for (ab, g) in [("A", ga), ("B", gb)] {
+                let n = name(p, ab);
+                let e = rel(g, &grads_ref.tensor(&n).unwrap().to_f32());
+                assert!(e <= tol, "{:?}: gradient of {n} off by {e}", ctx.bf16_mode());
+            }
+        }
+    }
+}
+
 /// In the bf16 modes (AMX tiles, bf16 dot products: both operands of the large products rounded
 /// to bf16, the backward products reading the stored weights transposed instead of copies),
 /// loss and gradients stay near PyTorch + PEFT's f32 ones.
