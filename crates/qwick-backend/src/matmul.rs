@@ -340,7 +340,7 @@ fn prepare(ctx: Ctx, kind: Kind, x: &[f32], m: usize, k: usize) -> Prepared {
             let ldx = pad_stride(ctx.isa, m, k).unwrap_or(k);
             Prepared::Split(split_even_odd(x, k, ldx, kind == Kind::SplitRounded), ldx)
         }
-        Kind::Rounded => Prepared::Rounded(rounded_to_bf16(x)),
+        Kind::Rounded => Prepared::Rounded(rounded_to_bf16(ctx.isa, x)),
         Kind::Q8 => Prepared::Q8(ActQ8::quantize(ctx.isa, x, m, k)),
         #[cfg(target_arch = "x86_64")]
         Kind::Amx => Prepared::Amx(quant::amx::ActBf16::new_on(ctx.pool, x, m, k)),
@@ -496,9 +496,11 @@ fn split_even_odd(x: &[f32], k: usize, ldx: usize, round: bool) -> Vec<f32> {
     out
 }
 
-/// `x` rounded to bf16 (nearest even), kept as f32.
-fn rounded_to_bf16(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| crate::format::bf16_to_f32(crate::format::f32_to_bf16(v))).collect()
+/// `x` rounded to bf16 (nearest even, as [`crate::ops::to_bf16`]), kept as f32.
+fn rounded_to_bf16(isa: Isa, x: &[f32]) -> Vec<f32> {
+    let mut b = vec![0u16; x.len()];
+    crate::ops::to_bf16(isa, x, &mut b);
+    b.into_iter().map(crate::format::bf16_to_f32).collect()
 }
 
 /// `x` [m, k] rounded to bf16 (nearest even), each row padded with a zero to an even length.
@@ -1686,7 +1688,7 @@ pub(crate) mod tests {
                     close(&got, &want, &format!("{dt} {}", ctx.isa));
                 }
                 if let (Some(ctx), Format::BF16) = (amx, dt) {
-                    let xr = rounded_to_bf16(&x);
+                    let xr = rounded_to_bf16(Isa::Scalar, &x);
                     let mut want = vec![0f32; m * n];
                     matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &rows, &mut want);
                     for w in [trans, rows] {
@@ -1736,7 +1738,7 @@ pub(crate) mod tests {
                 matmul(ctx, &x, m, &tiles, &mut got);
                 let mut want = vec![0f32; m * n];
                 if ctx.bf16_mode() == Bf16Mode::Amx {
-                    let xr = rounded_to_bf16(&x);
+                    let xr = rounded_to_bf16(Isa::Scalar, &x);
                     matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &rows, &mut want);
                 } else {
                     // Read back to f32 and multiplied exactly.
@@ -1783,7 +1785,7 @@ pub(crate) mod tests {
                 assert_eq!(y1, want);
                 assert_eq!(y2, want);
                 // The bf16-dot path equals the reference on bf16-rounded activations.
-                let xr = rounded_to_bf16(&x);
+                let xr = rounded_to_bf16(Isa::Scalar, &x);
                 let mut want_r = vec![0f32; m * n];
                 matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &w, &mut want_r);
                 let amx = Isa::Amx.supported().then_some(Isa::Amx);

@@ -530,8 +530,7 @@ impl Qwen3 {
     /// `progress(done, total)` in bytes.
     pub fn prefetch(&self, progress: &dyn Fn(usize, usize)) {
         let total = self.weight_bytes();
-        // A tied head converted at load holds the table's rows too (see `embed`).
-        let skip_table = self.tied && self.lm_head.packed.is_some();
+        let skip_table = self.head_holds_table();
         let mut done = if skip_table { self.embed_tokens.bytes().len() } else { 0 };
         let mut touch = |b: &[u8]| {
             let mut s = 0u8;
@@ -588,14 +587,19 @@ impl Qwen3 {
         KvCache::with_format(format, c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
     }
 
+    /// Whether the embedding table is read from the head: a tied head converted at load holds
+    /// the same rows, so the file's table is then never paged in (not by `prefetch` either).
+    fn head_holds_table(&self) -> bool {
+        self.tied && self.lm_head.packed.is_some()
+    }
+
     /// The embedding rows of `tokens`, `[tokens.len(), hidden]`.
     pub fn embed(&self, tokens: &[u32]) -> Vec<f32> {
         let h = self.config.hidden_size;
-        // A tied head converted at load holds the same rows; reading them there leaves the
-        // file's table unread (see `prefetch`).
-        let table = match (&self.lm_head.packed, self.tied) {
-            (Some(_), true) => self.lm_head.view(),
-            _ => WeightView::new(self.embed_tokens.format, self.embed_tokens.bytes(), self.config.vocab_size, h),
+        let table = if self.head_holds_table() {
+            self.lm_head.view()
+        } else {
+            WeightView::new(self.embed_tokens.format, self.embed_tokens.bytes(), self.config.vocab_size, h)
         };
         let mut x = vec![0f32; tokens.len() * h];
         for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {

@@ -220,45 +220,43 @@ impl<'m> Frozen<'m> {
             }
         }
         jobs.push((usize::MAX, 0, &model.lm_head));
-        // Which projections get a copy: in order, while the copies fit in the budget.
+        // How each projection is read: as stored where the products can, else by a copy while
+        // the copies fit in the budget (in order), else by blocks; the copies are made after.
         let mut used = 0usize;
-        let copy: Vec<bool> = jobs
+        let mut backs: Vec<Option<Back<'m>>> = jobs
             .iter()
             .map(|&(_, _, lin)| {
                 let w = &lin.weight;
                 if qwick_backend::matmul::reads_transposed(ctx, w.format, w.shape[0]) {
-                    return false;
+                    return Some(Back::Stored(w));
                 }
                 used += w.shape[0] * w.shape[1] * Transposed::format_for(w.format).row_bytes(1);
-                used <= budget
+                (used > budget).then_some(Back::Blocks(w))
             })
             .collect();
-        let done: std::sync::Mutex<Vec<(usize, usize, Back<'m>)>> = std::sync::Mutex::new(Vec::new());
+        let todo: Vec<usize> = (0..jobs.len()).filter(|&i| backs[i].is_none()).collect();
+        let copies: std::sync::Mutex<Vec<(usize, Transposed)>> = std::sync::Mutex::new(Vec::new());
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..ctx.pool.threads().max(1) {
                 s.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(&(l, m, lin)) = jobs.get(i) else { break };
-                    let w = &lin.weight;
-                    let back = if qwick_backend::matmul::reads_transposed(ctx, w.format, w.shape[0]) {
-                        Back::Stored(w)
-                    } else if copy[i] {
-                        Back::Copy(Transposed::of(lin))
-                    } else {
-                        Back::Blocks(w)
-                    };
-                    done.lock().unwrap_or_else(|e| e.into_inner()).push((l, m, back));
+                    let t = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&i) = todo.get(t) else { break };
+                    let copy = Transposed::of(jobs[i].2);
+                    copies.lock().unwrap_or_else(|e| e.into_inner()).push((i, copy));
                 });
             }
         });
+        for (i, t) in copies.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            backs[i] = Some(Back::Copy(t));
+        }
         let mut layers: Vec<[Option<Back>; 7]> = (0..model.layers.len()).map(|_| Default::default()).collect();
         let mut head = None;
-        for (l, m, t) in done.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        for (&(l, m, _), back) in jobs.iter().zip(backs) {
             if l == usize::MAX {
-                head = Some(t);
+                head = back;
             } else {
-                layers[l][m] = Some(t);
+                layers[l][m] = back;
             }
         }
         Ok(Frozen { model, layers, head: head.expect("the head is prepared"), kept_layers: 0 })
