@@ -2,7 +2,8 @@
 
 use std::fmt;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Ordered from least to most capable: each variant's kernels need what the ones before need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Plain Rust loops: the reference every other variant is tested against.
     Scalar,
@@ -48,8 +49,35 @@ impl Isa {
         }
     }
 
-    /// Whether this CPU can run kernels of this ISA.
+    /// The most capable ISA detection may report: `QWICK_MAX_ISA` (one of [`Isa::parse`]'s
+    /// names), so that a CPU can run the paths of a lesser one (an Intel CPU with AMX those of
+    /// an AMD Zen 4, `avx512bf16`) everywhere, whatever a command or test asks for. Unset: no
+    /// cap; an unknown name caps at `scalar` (and [`Isa::check_cap`] reports it).
+    pub fn cap() -> Isa {
+        static CAP: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *CAP.get_or_init(|| match std::env::var("QWICK_MAX_ISA") {
+            Ok(v) if !v.is_empty() => Isa::parse(&v).unwrap_or(Isa::Scalar),
+            _ => Isa::Amx,
+        })
+    }
+
+    /// An error naming `QWICK_MAX_ISA` when it is set to no ISA's name.
+    pub fn check_cap() -> Result<(), String> {
+        match std::env::var("QWICK_MAX_ISA") {
+            Ok(v) if !v.is_empty() && Isa::parse(&v).is_none() => {
+                Err(format!("QWICK_MAX_ISA={v}: expected scalar, avx2, avx512, avx512vnni, avx512bf16 or amx"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether this CPU can run kernels of this ISA (and [`Isa::cap`] allows it).
     pub fn supported(self) -> bool {
+        self <= Isa::cap() && self.detected()
+    }
+
+    /// Whether this CPU has what kernels of this ISA need.
+    fn detected(self) -> bool {
         match self {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
@@ -109,6 +137,7 @@ impl Isa {
 
     /// The ISA to use: `QWICK_ISA` if set (an error if unknown or unsupported), else the best.
     pub fn from_env() -> Result<Isa, String> {
+        Isa::check_cap()?;
         match std::env::var("QWICK_ISA") {
             Ok(v) if !v.is_empty() => {
                 let isa = Isa::parse(&v).ok_or_else(|| {

@@ -42,11 +42,19 @@ impl<'a> Ctx<'a> {
         Ctx { isa, pool, exact: false, bf16: None }
     }
 
-    /// How products with bf16 weights run in this context.
+    /// How products with bf16 weights run in this context. Panics when [`Ctx::bf16`] names a
+    /// mode this CPU cannot run (rather than computing something else than asked): callers
+    /// check [`Bf16Mode::supported`] first.
     pub fn bf16_mode(&self) -> Bf16Mode {
         if self.exact {
             return Bf16Mode::F32;
         }
-        self.bf16.filter(|m| m.supported()).unwrap_or(Bf16Mode::for_isa(self.isa))
+        match self.bf16 {
+            Some(m) => {
+                assert!(m.supported(), "bf16 products in mode {} asked for on a CPU without it", m.name());
+                m
+            }
+            None => Bf16Mode::for_isa(self.isa),
+        }
     }
 }

@@ -80,7 +80,7 @@ impl<'a> WeightView<'a> {
 pub fn kernel_path(w: &WeightView) -> &'static str {
     match w.layout {
         Layout::Transposed => "bf16, transposed",
-        Layout::Tiles if w.format == Format::BF16 => "bf16, AMX tiles",
+        Layout::Tiles if w.format == Format::BF16 => "bf16, tiles",
         _ if w.format.is_float() => "float",
         Layout::Tiles => "integer, repacked",
         Layout::Rows if quant::has_q8_kernel(w.format) => "integer, file layout",
@@ -96,8 +96,9 @@ pub const GEMM_MIN_ROWS: usize = 48;
 pub const AMX_MIN_ROWS: usize = 32;
 
 /// Rows of `x` at or above which products with bf16 weights in tiles ([`Layout::Tiles`]) run on
-/// AMX; fewer take a GEMV of the tiles with FMAs (decode is bound by reading the weights).
-pub const TILES_AMX_MIN_ROWS: usize = 5;
+/// AMX or in bf16 dot products; fewer take a GEMV of the tiles with FMAs (decode is bound by
+/// reading the weights).
+pub const TILES_MIN_ROWS: usize = 5;
 
 /// Rows of `x` at or above which products with bf16 weights run on AMX tiles or bf16 dot
 /// products ([`Bf16Mode`] other than f32); fewer rows take the GEMV, activations rounded to
@@ -206,54 +207,110 @@ impl Bf16Mode {
 
 /// The generation of the bf16 kernels [`calibrate_bf16`] times: cached choices made for an
 /// older generation are measured again.
-pub const BF16_KERNELS: u32 = 3;
+pub const BF16_KERNELS: u32 = 5;
 
-/// Times every [`Bf16Mode`] this CPU supports on a bf16 weight of 3072 × 1024 (the 0.6B MLP
-/// shape; AMX on its tiles, as loading converts bf16 weights for it) with 1, 8 and 128
-/// activation rows, and returns the fastest for prefill (128 rows) among those within 10% of
-/// the fastest for batched decode (8 rows), with every mode's seconds per call. (The weight
-/// stays in cache, so single-row times measure compute that single-sequence decode, bound by
-/// reading the weights from memory, hardly needs.)
-pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<(Bf16Mode, [f64; 3])>) {
-    let (n, k) = (3072, 1024);
-    let w: Vec<u8> = (0..n * k)
+/// What [`calibrate_bf16`] measured of one [`Bf16Mode`], each under the conditions it serves.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bf16Timing {
+    pub mode: Bf16Mode,
+    /// Weight bytes read per second (GB/s) by one-row products (single-sequence decode) over
+    /// weights several times the last-level cache, each read once per pass.
+    pub decode_gb_s: f64,
+    /// The same with 8 activation rows (batched decode).
+    pub batched_gb_s: f64,
+    /// Multiply-adds per second (G) of 128-row products (prefill) on the 0.6B MLP shape.
+    pub prefill_gmacs: f64,
+}
+
+/// The weight shape [`calibrate_bf16`] times: the 0.6B MLP's up projection.
+const CALIBRATION_SHAPE: (usize, usize) = (3072, 1024);
+
+/// Times every [`Bf16Mode`] this CPU supports, each on the layout loading gives its weights
+/// (file rows for f32, tiles for the others): decode streams a set of weights several times
+/// the last-level cache (at least 128 MiB, at most 512 MiB) once per pass with 1 and with 8
+/// activation rows, prefill multiplies 128 rows on one weight; returns [`choose_bf16`]'s
+/// choice and every mode's figures.
+pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<Bf16Timing>) {
+    let (n, k) = CALIBRATION_SHAPE;
+    let one: Vec<u8> = (0..n * k)
         .flat_map(|i| crate::format::f32_to_bf16(((i * 7919 % 1000) as f32 - 500.0) / 1000.0).to_le_bytes())
         .collect();
-    let rows = WeightView::new(Format::BF16, &w, n, k);
-    // AMX reads bf16 weights converted to its tiles at load.
+    let rows = WeightView::new(Format::BF16, &one, n, k);
     let mut tiled = vec![0u8; quant::packed_bytes(&rows, true).expect("bf16 tiles")];
     quant::repack_into(&rows, &mut tiled);
     let tiles = WeightView::tiles(Format::BF16, &tiled, n, k);
+    // The streamed set: copies of one weight. Every bf16 in it is a normal number, so the same
+    // bytes serve as rows and as tiles.
+    let set_bytes = (4 * last_level_cache_bytes()).clamp(128 << 20, 512 << 20);
+    let copies = set_bytes.div_ceil(one.len());
+    let mut set = vec![0u8; copies * one.len()];
+    for c in set.chunks_exact_mut(one.len()) {
+        c.copy_from_slice(&one);
+    }
     let x: Vec<f32> = (0..128 * k).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
     let mut y = vec![0f32; 128 * n];
+    let best_of = |runs: usize, f: &mut dyn FnMut()| {
+        f();
+        (0..runs)
+            .map(|_| {
+                let t0 = std::time::Instant::now();
+                f();
+                t0.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
     let mut times = Vec::new();
     for mode in Bf16Mode::ALL.into_iter().filter(|m| m.supported()) {
         let ctx = Ctx { isa, pool, exact: false, bf16: Some(mode) };
-        let wv = if mode == Bf16Mode::Amx { tiles } else { rows };
-        let mut t = [0f64; 3];
-        for (slot, m) in [1usize, 8, 128].into_iter().enumerate() {
-            // Best of a few calls after a warm-up.
-            matmul(ctx, &x, m, &wv, &mut y);
-            let reps = if m == 128 { 3 } else { 20 };
-            t[slot] = (0..3)
-                .map(|_| {
-                    let t0 = std::time::Instant::now();
-                    for _ in 0..reps {
-                        matmul(ctx, &x, m, &wv, &mut y);
-                    }
-                    t0.elapsed().as_secs_f64() / reps as f64
-                })
-                .fold(f64::INFINITY, f64::min);
-        }
-        times.push((mode, t));
+        let views: Vec<WeightView> = set
+            .chunks_exact(one.len())
+            .map(|c| match mode {
+                Bf16Mode::F32 => WeightView::new(Format::BF16, c, n, k),
+                _ => WeightView::tiles(Format::BF16, c, n, k),
+            })
+            .collect();
+        let mut stream = |m: usize| {
+            let s = best_of(2, &mut || {
+                for v in &views {
+                    matmul(ctx, &x, m, v, &mut y);
+                }
+            });
+            set.len() as f64 / s / 1e9
+        };
+        let (decode_gb_s, batched_gb_s) = (stream(1), stream(8));
+        let w = if mode == Bf16Mode::F32 { rows } else { tiles };
+        let s = best_of(3, &mut || matmul(ctx, &x, 128, &w, &mut y));
+        times.push(Bf16Timing { mode, decode_gb_s, batched_gb_s, prefill_gmacs: (128 * n * k) as f64 / s / 1e9 });
     }
-    let best_batched = times.iter().map(|t| t.1[1]).fold(f64::INFINITY, f64::min);
-    let best = times
-        .iter()
-        .filter(|t| t.1[1] <= 1.1 * best_batched)
-        .min_by(|a, b| a.1[2].total_cmp(&b.1[2]))
-        .map_or(Bf16Mode::F32, |t| t.0);
-    (best, times)
+    (choose_bf16(&times), times)
+}
+
+/// The mode to run: the fastest for prefill among those that decode (one row and eight)
+/// within 10% of the fastest decoding ones (among those within 10% for one row, if none is for
+/// both). A mode fixes the weights' layout, which decode and prefill share.
+pub fn choose_bf16(times: &[Bf16Timing]) -> Bf16Mode {
+    let best = |f: fn(&Bf16Timing) -> f64| times.iter().map(f).fold(0f64, f64::max);
+    let (one, eight) = (best(|t| t.decode_gb_s), best(|t| t.batched_gb_s));
+    let near_one = |t: &&Bf16Timing| t.decode_gb_s >= 0.9 * one;
+    let both: Vec<&Bf16Timing> = times.iter().filter(near_one).filter(|t| t.batched_gb_s >= 0.9 * eight).collect();
+    let pool = if both.is_empty() { times.iter().filter(near_one).collect() } else { both };
+    pool.into_iter().max_by(|a, b| a.prefill_gmacs.total_cmp(&b.prefill_gmacs)).map_or(Bf16Mode::F32, |t| t.mode)
+}
+
+/// The size of the largest cache the system reports for CPU 0 (32 MiB when it reports none).
+fn last_level_cache_bytes() -> usize {
+    (0..8)
+        .filter_map(|i| std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size")).ok())
+        .filter_map(|s| {
+            let s = s.trim();
+            let (num, mul) = match s.strip_suffix('K') {
+                Some(v) => (v, 1 << 10),
+                None => s.strip_suffix('M').map_or((s, 1), |v| (v, 1 << 20)),
+            };
+            num.parse::<usize>().ok().map(|v| v * mul)
+        })
+        .max()
+        .unwrap_or(32 << 20)
 }
 
 /// Whether products in `ctx` can read a weight of `format` transposed
@@ -281,12 +338,14 @@ fn untranspose(w: &WeightView) -> Vec<u8> {
 
 fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
     if w.layout == Layout::Tiles && w.format == Format::BF16 {
-        // On AMX (a GEMV below `TILES_AMX_MIN_ROWS`, activations rounded alike); elsewhere read
-        // back to f32 rows and multiplied exactly.
-        return match (ctx.bf16_mode(), m >= TILES_AMX_MIN_ROWS) {
-            (Bf16Mode::Amx, true) => Kind::Amx,
+        // In bf16 dot products (a GEMV of the tiles below `TILES_MIN_ROWS`) or on AMX (an FMA
+        // GEMV below, activations rounded alike); in f32 read back to f32 rows and multiplied
+        // exactly.
+        return match (ctx.bf16_mode(), m >= TILES_MIN_ROWS) {
+            (Bf16Mode::F32, _) => Kind::None,
+            (Bf16Mode::Dot, _) => Kind::Bf16,
             (Bf16Mode::Amx, false) => Kind::Rounded,
-            _ => Kind::None,
+            (Bf16Mode::Amx, true) => Kind::Amx,
         };
     }
     if w.layout == Layout::Transposed {
@@ -1174,7 +1233,7 @@ mod x86 {
     /// AVX512-BF16: bf16 activations × bf16 weights with `vdpbf16ps` (pairs of products
     /// accumulated into f32 lanes). Same two paths as the exact kernels.
     pub mod avx512bf16 {
-        use crate::matmul::{gemv_blocks, Layout, WeightView, GEMM_MIN_ROWS};
+        use crate::matmul::{gemv_blocks, Layout, WeightView, GEMM_MIN_ROWS, TILES_MIN_ROWS};
         use std::arch::x86_64::*;
 
         const NR: usize = 32;
@@ -1199,12 +1258,120 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            if m >= GEMM_MIN_ROWS || w.layout == Layout::Transposed {
+            if w.layout == Layout::Tiles && m < TILES_MIN_ROWS {
+                gemv_tiles(xb.as_ptr(), m, w, y, ldy, cols)
+            } else if w.layout == Layout::Tiles {
+                gemm_tiles(xb.as_ptr(), m, w, y, ldy, cols)
+            } else if m >= GEMM_MIN_ROWS || w.layout == Layout::Transposed {
                 gemm(xb.as_ptr(), m, w, y, ldy, cols)
             } else {
                 gemv(xb.as_ptr(), m, w, y, ldy, cols)
             }
         }
+
+        /// GEMV of bf16 weights in tiles (`quant::tiles::bf16`, `cols.start` a multiple of 32)
+        /// with `m` (< [`TILES_MIN_ROWS`]) rows of activations rounded to bf16 (stride `w.cols`):
+        /// a 64-byte line of a tile holds one pair of inputs for 16 columns, which one
+        /// `vdpbf16ps` multiplies by the broadcast activation pair, with no sums across lanes.
+        ///
+        /// Per 64 bytes of weights and activation row: one load and one `vdpbf16ps` whose
+        /// broadcast comes from memory. `llvm-mca` of the one-row loop body (16 lines, both
+        /// halves of a column pair, 4 accumulators): on `znver4` 32 `vdpbf16ps` zmm issue in about
+        /// 32 cycles (one per cycle on the two 256-bit FP multiply pipes, as a pair of halves),
+        /// 64 bytes per cycle, beyond any core's DRAM share; on `sapphirerapids` about 16 cycles
+        /// (two 512-bit ports). The FMA GEMV of the same tiles ([`super::avx512::gemv_bf16_tiles`])
+        /// needs a shift, a mask and two FMAs per line: about 64 cycles per 2 KiB on `znver4`.
+        /// Each output sums each 32 inputs' products apart and adds these sums in input order
+        /// (short chains of roundings, as a tile product).
+        ///
+        /// # Safety
+        /// The CPU must have AVX512-BF16; `w` is in bf16 tiles; `x` holds `m` rows of `w.cols`
+        /// bf16 values; `y` is valid for `m` rows of `ldy` floats at columns `cols`.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+        unsafe fn gemv_tiles(
+            x: *const u16,
+            m: usize,
+            w: &WeightView,
+            y: *mut f32,
+            ldy: usize,
+            cols: std::ops::Range<usize>,
+        ) {
+            assert!(cols.start.is_multiple_of(32) && w.cols.is_multiple_of(32));
+            assert!(w.data.len() >= crate::quant::tiles::bf16::bytes(w.rows, w.cols) && cols.end <= w.rows);
+            let mut i = 0;
+            while i < m {
+                let (xp, yp) = (x.add(i * w.cols), y.add(i * ldy));
+                i += match m - i {
+                    1 => tiles_block::<1>(xp, w, yp, ldy, cols.clone()),
+                    2 => tiles_block::<2>(xp, w, yp, ldy, cols.clone()),
+                    3 => tiles_block::<3>(xp, w, yp, ldy, cols.clone()),
+                    _ => tiles_block::<4>(xp, w, yp, ldy, cols.clone()),
+                };
+            }
+        }
+
+        /// [`gemv_tiles`] for `M` activation rows; returns `M`.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+        unsafe fn tiles_block<const M: usize>(
+            x: *const u16,
+            w: &WeightView,
+            y: *mut f32,
+            ldy: usize,
+            cols: std::ops::Range<usize>,
+        ) -> usize {
+            let (k, ksteps) = (w.cols, w.cols / 32);
+            let mut n = cols.start;
+            while n < cols.end {
+                // The pair of 16-column groups holding columns n..n + 32: 2 KiB per 32 inputs.
+                let base = w.data.as_ptr().add(n / 32 * ksteps * 2048);
+                let mut acc = [[_mm512_setzero_ps(); 2]; M];
+                for j in 0..ksteps {
+                    let t = base.add(j * 2048);
+                    // Per row, half and parity of the line: four independent chains.
+                    let mut part = [[[_mm512_setzero_ps(); 2]; 2]; M];
+                    for p in 0..16 {
+                        // The lines a stretch further on in the stream (harmless past the end).
+                        _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(PREFETCH + 64 * p) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(PREFETCH + 1024 + 64 * p) as *const i8);
+                        let v = [
+                            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(t.add(64 * p) as *const _)),
+                            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                                t.add(1024 + 64 * p) as *const _
+                            )),
+                        ];
+                        for (i, q) in part.iter_mut().enumerate() {
+                            let xa = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                                (x.add(i * k + 32 * j + 2 * p) as *const i32).read_unaligned(),
+                            ));
+                            for h in 0..2 {
+                                q[h][p & 1] = _mm512_dpbf16_ps(q[h][p & 1], v[h], xa);
+                            }
+                        }
+                    }
+                    for (a, q) in acc.iter_mut().zip(&part) {
+                        for h in 0..2 {
+                            a[h] = _mm512_add_ps(a[h], _mm512_add_ps(q[h][0], q[h][1]));
+                        }
+                    }
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    for (h, s) in a.iter().enumerate() {
+                        let c = n + 16 * h;
+                        if c < cols.end {
+                            let live = (cols.end - c).min(16);
+                            let mask = ((1u32 << live) - 1) as __mmask16;
+                            _mm512_mask_storeu_ps(y.add(i * ldy + c), mask, *s);
+                        }
+                    }
+                }
+                n += 32;
+            }
+            M
+        }
+
+        /// How far ahead [`tiles_block`] prefetches its stream, in bytes.
+        const PREFETCH: usize = 4096;
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
         unsafe fn gemv(x: *const u16, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
@@ -1317,20 +1484,7 @@ mod x86 {
                         let c = y.add(i * ldy + np);
                         let p = panel.as_ptr();
                         let lda = kp / 2;
-                        match mr {
-                            12 => micro::<12>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                            11 => micro::<11>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                            10 => micro::<10>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                            9 => micro::<9>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                            8 => micro::<8>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                            7 => micro::<7>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                            6 => micro::<6>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                            5 => micro::<5>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                            4 => micro::<4>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                            3 => micro::<3>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                            2 => micro::<2>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                            _ => micro::<1>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                        }
+                        micro_rows::<false>(mr, a, lda, p, kb2, c, ldy, first, m0, m1);
                         i += mr;
                     }
                     kc += kb;
@@ -1339,11 +1493,88 @@ mod x86 {
             }
         }
 
-        /// `a`: activation pairs (u32 = two bf16), row stride `lda` pairs.
+        /// Input steps of 32 (2 KiB of weights for 32 columns in tiles) per pass of
+        /// [`gemm_tiles`] over the rows: 16 KiB of weights, kept in L1 while every 12 rows of
+        /// activations meet them.
+        const TILE_STEPS: usize = 8;
+
+        /// [`gemm`] for bf16 weights in tiles (`quant::tiles::bf16`): for 32 columns and 32
+        /// inputs, the 16 pairs of inputs of columns 0–15 (64 bytes each: one bf16 pair per
+        /// column) then those of columns 16–31, which is the micro kernel's panel as stored, so
+        /// the weights are read in place. `cols.start` is a multiple of 32.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+        unsafe fn gemm_tiles(
+            x: *const u16,
+            m: usize,
+            w: &WeightView,
+            y: *mut f32,
+            ldy: usize,
+            cols: std::ops::Range<usize>,
+        ) {
+            debug_assert!(cols.start.is_multiple_of(NR) && w.cols.is_multiple_of(32));
+            let ksteps = w.cols / 32;
+            let lda = w.cols / 2;
+            let wp = w.data.as_ptr() as *const u32;
+            for np in (cols.start..cols.end).step_by(NR) {
+                let nr = (cols.end - np).min(NR);
+                let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
+                let m1: __mmask16 = if nr > 16 { ((1u64 << (nr - 16)) - 1) as __mmask16 } else { 0 };
+                // 512 u32 (2 KiB) per input step of these 32 columns.
+                let block = wp.add(np / NR * ksteps * 512);
+                for s0 in (0..ksteps).step_by(TILE_STEPS) {
+                    let steps = (ksteps - s0).min(TILE_STEPS);
+                    let mut i = 0;
+                    while i < m {
+                        let mr = (m - i).min(MR);
+                        let a = x.add(i * 2 * lda + s0 * 32) as *const u32;
+                        let c = y.add(i * ldy + np);
+                        micro_rows::<true>(mr, a, lda, block.add(s0 * 512), steps * 16, c, ldy, s0 == 0, m0, m1);
+                        i += mr;
+                    }
+                }
+            }
+        }
+
+        /// [`micro`] for `mr` (1 to [`MR`]) rows.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn micro<const M: usize>(
+        unsafe fn micro_rows<const TILES: bool>(
+            mr: usize,
+            a: *const u32,
+            lda: usize,
+            p: *const u32,
+            kb2: usize,
+            c: *mut f32,
+            ldy: usize,
+            first: bool,
+            m0: __mmask16,
+            m1: __mmask16,
+        ) {
+            match mr {
+                12 => micro::<12, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                11 => micro::<11, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                10 => micro::<10, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                9 => micro::<9, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                8 => micro::<8, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                7 => micro::<7, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                6 => micro::<6, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                5 => micro::<5, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                4 => micro::<4, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                3 => micro::<3, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                2 => micro::<2, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                _ => micro::<1, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+            }
+        }
+
+        /// `a`: activation pairs (u32 = two bf16), row stride `lda` pairs. `panel`: for pair
+        /// `p`, the pairs of columns 0–15 then 16–31, either packed ([`NR`] u32 per pair) or in
+        /// tiles (`TILES`: 16 u32 per pair, columns 16–31 a tile of 256 u32 further, 16 pairs
+        /// per input step of 512 u32; `kb2` a multiple of 16).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn micro<const M: usize, const TILES: bool>(
             a: *const u32,
             lda: usize,
             panel: *const u32,
@@ -1362,9 +1593,14 @@ mod x86 {
                 }
             }
             for p in 0..kb2 {
-                let b0 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(panel.add(p * NR) as *const _));
-                let b1 =
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(panel.add(p * NR + 16) as *const _));
+                let (b0, b1) = if TILES {
+                    let b = panel.add(p / 16 * 512 + p % 16 * 16);
+                    (b, b.add(256))
+                } else {
+                    (panel.add(p * NR), panel.add(p * NR + 16))
+                };
+                let b0 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b0 as *const _));
+                let b1 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b1 as *const _));
                 for (i, r) in acc.iter_mut().enumerate() {
                     let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
                         a.add(i * lda + p).read_unaligned() as i32,
@@ -1654,8 +1890,7 @@ pub(crate) mod tests {
     #[test]
     fn transposed_weights_equal_row_layout() {
         let pool = ThreadPool::new(2);
-        let amx = Ctx { bf16: Some(Bf16Mode::Amx), ..Ctx::new(Isa::best(), &pool) };
-        let amx = reads_transposed(amx, Format::BF16, 32).then_some(amx);
+        let amx = Bf16Mode::Amx.supported().then(|| Ctx { bf16: Some(Bf16Mode::Amx), ..Ctx::new(Isa::best(), &pool) });
         for &(m, n, k) in
             &[(1, 16, 32), (5, 40, 96), (16, 33, 64), (37, 70, 2112), (64, 1024, 4160), (100, 17, 512), (40, 50, 1600)]
         {
@@ -1701,10 +1936,12 @@ pub(crate) mod tests {
         }
     }
 
-    /// Products with bf16 weights in AMX's tiles: on AMX (the tile GEMV for few rows, AMX for
-    /// more) the f32 product of the rounded activations; in every other context the exact
-    /// product. Shapes with ragged row blocks and column groups, a group count made even
-    /// by padding, several passes over the inputs and several column chunks, split over threads.
+    /// Products with bf16 weights in tiles: on AMX and in bf16 dot products (the tile GEMV for
+    /// few rows, AMX or `vdpbf16ps` for more) the f32 product of the rounded activations; in
+    /// every other context the exact product. Shapes with ragged row blocks and column groups
+    /// (fewer than 16 columns in the last group too), a group count made even by padding,
+    /// several passes over the inputs (one partial) and several column chunks, split over
+    /// threads.
     #[test]
     fn bf16_tiles_equal_row_layout() {
         let pool = ThreadPool::new(2);
@@ -1718,6 +1955,7 @@ pub(crate) mod tests {
             (17, 64, 96),
             (40, 50, 1600),
             (100, 96, 288),
+            (61, 40, 1056),
         ];
         for &(m, n, k) in &shapes {
             let x = rand_vec(m * k, 13 + m as u64);
@@ -1737,7 +1975,7 @@ pub(crate) mod tests {
                 let mut got = vec![f32::NAN; m * n];
                 matmul(ctx, &x, m, &tiles, &mut got);
                 let mut want = vec![0f32; m * n];
-                if ctx.bf16_mode() == Bf16Mode::Amx {
+                if ctx.bf16_mode() != Bf16Mode::F32 {
                     let xr = rounded_to_bf16(Isa::Scalar, &x);
                     matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &rows, &mut want);
                 } else {
@@ -1747,6 +1985,37 @@ pub(crate) mod tests {
                 assert_near(&got, &want, k, &format!("{} {:?} m{m} n{n} k{k}", ctx.isa, ctx.bf16_mode()));
             }
         }
+    }
+
+    /// The bf16 mode chosen from the calibration's figures: prefill decides among the modes
+    /// that decode near the fastest; a fast prefill does not buy a slow decode.
+    #[test]
+    fn bf16_choice_weighs_decode_then_prefill() {
+        let t = |mode, decode_gb_s, batched_gb_s, prefill_gmacs| Bf16Timing {
+            mode,
+            decode_gb_s,
+            batched_gb_s,
+            prefill_gmacs,
+        };
+        // Zen 4's figures as reported: f32 rows decode slower, dot products win prefill.
+        let zen4 = [t(Bf16Mode::F32, 12.0, 20.0, 60.0), t(Bf16Mode::Dot, 19.0, 22.0, 130.0)];
+        assert_eq!(choose_bf16(&zen4), Bf16Mode::Dot);
+        // A mode fastest at prefill but 20% slower at decode loses.
+        let slow_decode = [t(Bf16Mode::F32, 20.0, 20.0, 60.0), t(Bf16Mode::Amx, 16.0, 30.0, 400.0)];
+        assert_eq!(choose_bf16(&slow_decode), Bf16Mode::F32);
+        // Within 10% at one and eight rows: prefill decides.
+        let near = [
+            t(Bf16Mode::F32, 20.0, 20.0, 60.0),
+            t(Bf16Mode::Dot, 19.0, 21.0, 90.0),
+            t(Bf16Mode::Amx, 18.5, 30.0, 400.0),
+        ];
+        assert_eq!(choose_bf16(&near), Bf16Mode::Amx);
+        // No mode near the best at both: among those near it for one row.
+        let split = [t(Bf16Mode::F32, 20.0, 10.0, 60.0), t(Bf16Mode::Dot, 10.0, 20.0, 90.0)];
+        assert_eq!(choose_bf16(&split), Bf16Mode::F32);
+        // NaN figures never win.
+        let nan = [t(Bf16Mode::F32, 20.0, 20.0, 60.0), t(Bf16Mode::Dot, f64::NAN, f64::NAN, f64::NAN)];
+        assert_eq!(choose_bf16(&nan), Bf16Mode::F32);
     }
 
     #[test]

@@ -43,7 +43,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // The probe's buffer is gone: the peak RSS reported is the model's (Linux resets the
     // high-water mark when "5" is written to clear_refs; elsewhere it includes the probe).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let (bf16, bf16_why) = a.run.bf16_mode(isa)?;
+    let choice = a.run.bf16_choice(isa)?;
+    let (bf16, bf16_why) = (choice.mode, choice.why);
     let bf16 =
         if a.run.exact { qwick_backend::Bf16Mode::F32 } else { bf16.unwrap_or(qwick_backend::Bf16Mode::for_isa(isa)) };
     let t_load = Instant::now();
@@ -123,6 +124,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "threads": threads,
         "isa": isa.to_string(),
         "bf16_mode": bf16.name(),
+        "bf16_calibration": choice.timings.iter().map(|t| serde_json::json!({
+            "mode": t.mode.name(),
+            "decode_gb_s": t.decode_gb_s,
+            "batched_gb_s": t.batched_gb_s,
+            "prefill_gmacs": t.prefill_gmacs,
+        })).collect::<Vec<_>>(),
         "batch": a.batch,
         "prompt_len": a.prompt_len,
         "gen_len": a.gen_len,
@@ -151,6 +158,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("model            {}", a.model);
         println!("threads / isa    {threads} / {isa}{}", if a.run.exact { " (exact)" } else { "" });
         println!("bf16 products    {} ({bf16_why})", bf16.name());
+        for t in &choice.timings {
+            println!(
+                "  {:<14} decode 1 row {:.1} GB/s, 8 rows {:.1} GB/s; prefill 128 rows {:.1} G mul-adds/s",
+                t.mode.name(),
+                t.decode_gb_s,
+                t.batched_gb_s,
+                t.prefill_gmacs
+            );
+        }
         for ((f, p), (n, b)) in &kernels {
             println!("weights          {f}: {n} tensors, {:.2} GB, {p}", gb(*b));
         }

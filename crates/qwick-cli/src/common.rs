@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use qwick_backend::matmul::Bf16Timing;
 use qwick_backend::{Bf16Mode, Format, Isa, ThreadPool};
 use qwick_engine::{Runner, RunnerConfig, Scheduler, SchedulerConfig};
 use qwick_model::{LoadOptions, Qwen3};
@@ -50,6 +51,7 @@ impl RunArgs {
 
     /// The ISA asked for (flag, then `QWICK_ISA`), else `default`.
     pub fn isa_or(&self, default: Isa) -> Result<Isa> {
+        Isa::check_cap().map_err(anyhow::Error::msg)?;
         match &self.isa {
             Some(s) => {
                 let isa = Isa::parse(s)
@@ -66,11 +68,19 @@ impl RunArgs {
         }
     }
 
+    /// How bf16 weights are multiplied on `isa`, and why (see [`RunArgs::bf16_choice`]).
+    pub fn bf16_mode(&self, isa: Isa) -> Result<(Option<Bf16Mode>, &'static str)> {
+        let c = self.bf16_choice(isa)?;
+        Ok((c.mode, c.why))
+    }
+
     /// How bf16 weights are multiplied on `isa`, and why: `QWICK_BF16` (f32, bf16-dot or amx)
     /// if set; what the ISA implies when one was asked for (`--isa`, `QWICK_ISA`) or with
-    /// `--exact`; else the mode measured fastest on this CPU model by a short calibration, run
-    /// once and kept in the user's cache folder.
-    pub fn bf16_mode(&self, isa: Isa) -> Result<(Option<Bf16Mode>, &'static str)> {
+    /// `--exact`; else the mode [`qwick_backend::matmul::calibrate_bf16`] chooses on this CPU
+    /// model, measured once and kept in the user's cache folder with its figures, and measured
+    /// again when the kernels' generation or the qwick binary changes.
+    pub fn bf16_choice(&self, isa: Isa) -> Result<Bf16Choice> {
+        let choice = |mode, why| Ok(Bf16Choice { mode, why, timings: Vec::new() });
         if let Ok(v) = std::env::var("QWICK_BF16") {
             if !v.is_empty() {
                 let m =
@@ -78,33 +88,53 @@ impl RunArgs {
                 if !m.supported() {
                     anyhow::bail!("QWICK_BF16={v}: this CPU does not support it");
                 }
-                return Ok((Some(m), "QWICK_BF16"));
+                return choice(Some(m), "QWICK_BF16");
             }
         }
         let forced = self.isa.is_some() || std::env::var("QWICK_ISA").is_ok_and(|v| !v.is_empty());
         if self.exact || forced {
-            return Ok((None, if self.exact { "--exact" } else { "the ISA asked for" }));
+            return choice(None, if self.exact { "--exact" } else { "the ISA asked for" });
         }
-        let cpu = format!("{} (kernels {})", cpu_model(), qwick_backend::matmul::BF16_KERNELS);
+        // Keyed by what the kernels can use (QWICK_MAX_ISA may cap it).
+        let cpu = format!("{} ({})", cpu_model(), Isa::best());
+        let stamp = serde_json::json!({
+            "kernels": qwick_backend::matmul::BF16_KERNELS,
+            "binary": binary_stamp(),
+        });
         let file = cache_dir().map(|d| d.join("bf16-kernels.json"));
         let mut known: serde_json::Map<String, serde_json::Value> = file
             .as_ref()
             .and_then(|f| std::fs::read_to_string(f).ok())
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
-        if let Some(m) = known.get(&cpu).and_then(|v| v.as_str()).and_then(Bf16Mode::parse).filter(|m| m.supported()) {
-            return Ok((Some(m), "measured on this CPU model earlier"));
+        if let Some(entry) = known.get(&cpu).filter(|e| e.get("stamp") == Some(&stamp)) {
+            let mode = entry.get("mode").and_then(|v| v.as_str()).and_then(Bf16Mode::parse);
+            let timings = entry.get("timings").and_then(|t| timings_from_json(t));
+            if let (Some(m), Some(timings)) = (mode.filter(|m| m.supported()), timings) {
+                return Ok(Bf16Choice { mode: Some(m), why: "measured on this CPU model earlier", timings });
+            }
         }
         // Measured once per process (loading and the runner both ask).
-        static MEASURED: std::sync::OnceLock<Bf16Mode> = std::sync::OnceLock::new();
-        let mode =
-            *MEASURED.get_or_init(|| qwick_backend::matmul::calibrate_bf16(isa, &ThreadPool::new(self.threads())).0);
-        known.insert(cpu, serde_json::Value::String(mode.name().into()));
+        static MEASURED: std::sync::OnceLock<(Bf16Mode, Vec<Bf16Timing>)> = std::sync::OnceLock::new();
+        let (mode, timings) = MEASURED
+            .get_or_init(|| qwick_backend::matmul::calibrate_bf16(isa, &ThreadPool::new(self.threads())))
+            .clone();
+        let entry = serde_json::json!({
+            "stamp": stamp,
+            "mode": mode.name(),
+            "timings": timings.iter().map(|t| serde_json::json!({
+                "mode": t.mode.name(),
+                "decode_gb_s": t.decode_gb_s,
+                "batched_gb_s": t.batched_gb_s,
+                "prefill_gmacs": t.prefill_gmacs,
+            })).collect::<Vec<_>>(),
+        });
+        known.insert(cpu, entry);
         if let Some(f) = file {
             // Best effort: without a writable cache folder, the next run measures again.
             let _ = write_atomically(&f, serde_json::Value::Object(known).to_string().as_bytes());
         }
-        Ok((Some(mode), "measured now"))
+        Ok(Bf16Choice { mode: Some(mode), why: "measured now", timings })
     }
 
     /// The KV cache's element format asked for, else `default`.
@@ -150,15 +180,15 @@ impl RunArgs {
         self.runner_as(model, tokens, isa, self.kv_format()?)
     }
 
-    /// How to load the model: bf16 weights go to AMX's tiles when bf16 products will run on
-    /// AMX (not `--exact`, not `--no-repack`).
+    /// How to load the model: bf16 weights go to tiles when bf16 products will round their
+    /// activations to bf16 (AMX, bf16 dot products; not `--exact`, not `--no-repack`).
     pub fn load_options(&self) -> Result<LoadOptions> {
         let dirs = self.adapters().into_iter().map(|(_, d)| d).collect();
         let isa = self.isa()?;
-        let amx = self.bf16_mode(isa)?.0.unwrap_or(Bf16Mode::for_isa(isa)) == Bf16Mode::Amx;
+        let rounded = self.bf16_mode(isa)?.0.unwrap_or(Bf16Mode::for_isa(isa)) != Bf16Mode::F32;
         Ok(LoadOptions {
             repack: !self.no_repack,
-            bf16_tiles: amx && !self.exact,
+            bf16_tiles: rounded && !self.exact,
             // Room for the KV cache and the rest beside the converted weights.
             bf16_tiles_budget: available_memory().map_or(usize::MAX, |m| m / 10 * 8),
             threads: self.threads(),
@@ -197,6 +227,42 @@ pub fn cpu_model() -> String {
 }
 
 /// qwick's folder in the user's cache (`$XDG_CACHE_HOME/qwick` or `~/.cache/qwick`).
+/// How bf16 products run: the mode (`None`: as the ISA implies), why, and the calibration's
+/// figures of every mode when it decided.
+pub struct Bf16Choice {
+    pub mode: Option<Bf16Mode>,
+    pub why: &'static str,
+    pub timings: Vec<Bf16Timing>,
+}
+
+/// Calibration figures read back from the cache; `None` if any is malformed.
+fn timings_from_json(v: &serde_json::Value) -> Option<Vec<Bf16Timing>> {
+    v.as_array()?
+        .iter()
+        .map(|t| {
+            let f = |k: &str| t.get(k).and_then(|v| v.as_f64());
+            Some(Bf16Timing {
+                mode: Bf16Mode::parse(t.get("mode")?.as_str()?)?,
+                decode_gb_s: f("decode_gb_s")?,
+                batched_gb_s: f("batched_gb_s")?,
+                prefill_gmacs: f("prefill_gmacs")?,
+            })
+        })
+        .collect()
+}
+
+/// What tells one build of qwick from another: the running binary's size and modification
+/// time (a rebuilt or upgraded binary measures its kernels again).
+fn binary_stamp() -> String {
+    std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .map(|m| {
+            let t = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
+            format!("{}-{}", m.len(), t.as_nanos())
+        })
+        .unwrap_or_default()
+}
+
 fn cache_dir() -> Option<std::path::PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
@@ -259,7 +325,7 @@ pub fn load_model_with(path: &Path, opts: &LoadOptions) -> Result<Arc<Qwen3>> {
     };
     if opts.bf16_tiles && model.linears().iter().any(|l| in_rows(l.view())) {
         eprintln!(
-            "note: bf16 weights stay in the file's layout (AMX's layout would need more than the {:.1} GB \
+            "note: bf16 weights stay in the file's layout (tiles would need more than the {:.1} GB \
              allowed); products rearrange them as they go",
             opts.bf16_tiles_budget as f64 / 1e9
         );

@@ -191,11 +191,11 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     let asked = a.exact
         || a.isa.is_some()
         || ["QWICK_BF16", "QWICK_ISA"].iter().any(|v| std::env::var(v).is_ok_and(|v| !v.is_empty()));
+    let choice = run.bf16_choice(isa)?;
     let bf16 = if asked {
-        run.bf16_mode(isa)?.0
+        choice.mode
     } else {
-        let (_, times) = qwick_backend::matmul::calibrate_bf16(isa, &pool);
-        times.iter().min_by(|x, y| x.1[2].total_cmp(&y.1[2])).map(|t| t.0)
+        choice.timings.iter().max_by(|x, y| x.prefill_gmacs.total_cmp(&y.prefill_gmacs)).map(|t| t.mode).or(choice.mode)
     };
     let ctx = Ctx { exact: a.exact, bf16, ..Ctx::new(isa, &pool) };
 

@@ -194,6 +194,15 @@ fn make_random_sharded_checkpoint_loads_and_benches() {
     }
     assert!(["f32", "bf16-dot", "amx"].contains(&v["bf16_mode"].as_str().unwrap()), "{v}");
     assert_eq!(v["kv_dtype"], "BF16", "{v}");
+    // The calibration's figures of every mode (measured now or read from the cache), the
+    // chosen mode among them.
+    let cal = v["bf16_calibration"].as_array().expect("calibration figures");
+    assert!(cal.iter().any(|t| t["mode"] == v["bf16_mode"]), "{v}");
+    for t in cal {
+        for k in ["decode_gb_s", "batched_gb_s", "prefill_gmacs"] {
+            assert!(t[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {t}");
+        }
+    }
     // The bf16 mode forced by the environment, and a wrong one refused.
     let model = model.to_str().unwrap();
     let bench = |mode: &str| {
@@ -210,6 +219,24 @@ fn make_random_sharded_checkpoint_loads_and_benches() {
     let o = bench("fp8");
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("QWICK_BF16=fp8: expected f32, bf16-dot or amx"));
+    // The CPU's features capped: AVX2 at most, so bf16 products in f32; an unknown cap refused.
+    let capped = |cap: &str| {
+        Command::new(env!("CARGO_BIN_EXE_qwick"))
+            .args(["bench", "--model", model, "--prompt-len", "4", "--gen-len", "2", "--json"])
+            .env("QWICK_MAX_ISA", cap)
+            .env_remove("QWICK_BF16")
+            .env_remove("QWICK_ISA")
+            .output()
+            .unwrap()
+    };
+    let o = capped("avx2");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(["scalar", "avx2"].contains(&v["isa"].as_str().unwrap()), "{v}");
+    assert_eq!(v["bf16_mode"], "f32", "{v}");
+    let o = capped("avx1024");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("QWICK_MAX_ISA=avx1024: expected scalar"), "{o:?}");
 }
 
 /// Broken GGUF files: one error line naming the file and what is wrong, no panic, no output.

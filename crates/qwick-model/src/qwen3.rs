@@ -216,9 +216,10 @@ pub struct LoadOptions {
     /// Convert quantized weights to the layout their kernels read fastest (an anonymous copy
     /// replacing the mapped pages); off keeps every weight in the file's layout, mapped.
     pub repack: bool,
-    /// With `repack`, bf16 weights too are converted, to AMX's tiles: for contexts whose bf16
-    /// products run on AMX (`Bf16Mode::Amx`), which then read them with no per-call unpacking
-    /// from a single activation row on. Other products read such weights back to f32.
+    /// With `repack`, bf16 weights too are converted, to tiles (AMX's layout): for contexts
+    /// whose bf16 products run on AMX or in bf16 dot products (`Bf16Mode::Amx`, `Bf16Mode::Dot`),
+    /// which then read them with no per-call unpacking from a single activation row on. Exact
+    /// products read such weights back to f32.
     pub bf16_tiles: bool,
     /// Bytes the converted weights may take with bf16 ones among them; beyond it bf16 weights
     /// stay in the file's layout (mapped, pages the system can drop and read again).
