@@ -50,6 +50,15 @@ impl HugeBuf {
         let _ = map.advise(memmap2::Advice::HugePage);
         HugeBuf { map, len }
     }
+
+    /// A zeroed anonymous mapping on small pages only, as a file's mapped pages are (for
+    /// timing reads of such weights).
+    pub fn small_pages(len: usize) -> HugeBuf {
+        let map = memmap2::MmapMut::map_anon(len.max(1)).expect("anonymous mapping");
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::NoHugePage);
+        HugeBuf { map, len }
+    }
 }
 
 impl std::ops::Deref for HugeBuf {

@@ -164,15 +164,24 @@ enum Kind {
 pub enum Bf16Mode {
     /// f32 activations (exact): the AVX-512 GEMV of even/odd halves, the f32 GEMM.
     F32,
-    /// Activations rounded to bf16: `vdpbf16ps` dot products (AVX512-BF16) from 16 rows, the
-    /// GEMV below.
+    /// Activations rounded to bf16: `vdpbf16ps` dot products (AVX512-BF16), a GEMV of them
+    /// for few rows (weights in tiles: below 5 rows; in rows: below 16, the even/odd GEMV).
     Dot,
+    /// Activations rounded to bf16: weights in tiles multiplied in FMAs from 2 to
+    /// [`FMA_GEMV_MAX_ROWS`] rows (batched decode), in `vdpbf16ps` dot products otherwise (one
+    /// row: the GEMV with the fewest instructions, bound by reading the weights; prefill: the
+    /// GEMM); for CPUs whose dot products run at less than twice their FMAs' rate (one dot
+    /// product does the work of two FMAs).
+    FmaDot,
     /// Activations rounded to bf16: AMX tiles from 16 rows, the GEMV below.
     Amx,
 }
 
+/// Rows up to which [`Bf16Mode::FmaDot`] multiplies bf16 weights in tiles with FMAs (from 2).
+pub const FMA_GEMV_MAX_ROWS: usize = 8;
+
 impl Bf16Mode {
-    pub const ALL: [Bf16Mode; 3] = [Bf16Mode::F32, Bf16Mode::Dot, Bf16Mode::Amx];
+    pub const ALL: [Bf16Mode; 4] = [Bf16Mode::F32, Bf16Mode::Dot, Bf16Mode::FmaDot, Bf16Mode::Amx];
 
     /// What an ISA implies: AMX on `Isa::Amx`, dot products on `Isa::Avx512Bf16`, else f32.
     pub fn for_isa(isa: Isa) -> Bf16Mode {
@@ -187,7 +196,7 @@ impl Bf16Mode {
     pub fn supported(self) -> bool {
         match self {
             Bf16Mode::F32 => true,
-            Bf16Mode::Dot => Isa::Avx512Bf16.supported(),
+            Bf16Mode::Dot | Bf16Mode::FmaDot => Isa::Avx512Bf16.supported(),
             Bf16Mode::Amx => Isa::Amx.supported(),
         }
     }
@@ -196,6 +205,7 @@ impl Bf16Mode {
         match self {
             Bf16Mode::F32 => "f32",
             Bf16Mode::Dot => "bf16-dot",
+            Bf16Mode::FmaDot => "fma-dot",
             Bf16Mode::Amx => "amx",
         }
     }
@@ -227,9 +237,10 @@ const CALIBRATION_SHAPE: (usize, usize) = (3072, 1024);
 
 /// Times every [`Bf16Mode`] this CPU supports, each on the layout loading gives its weights
 /// (file rows for f32, tiles for the others): decode streams a set of weights several times
-/// the last-level cache (at least 128 MiB, at most 512 MiB) once per pass with 1 and with 8
-/// activation rows, prefill multiplies 128 rows on one weight; returns [`choose_bf16`]'s
-/// choice and every mode's figures.
+/// the last-level cache (at least 128 MiB, at most 512 MiB: MLPs of the 0.6B's shapes, gate and
+/// up in one batch, then down) once per pass with 1 and with 8 activation rows, prefill
+/// multiplies 128 rows on one weight; returns [`choose_bf16`]'s choice and every mode's
+/// figures.
 pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<Bf16Timing>) {
     let (n, k) = CALIBRATION_SHAPE;
     let one: Vec<u8> = (0..n * k)
@@ -242,10 +253,15 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<Bf16
     // The streamed set: copies of one weight. Every bf16 in it is a normal number, so the same
     // bytes serve as rows and as tiles.
     let set_bytes = (4 * last_level_cache_bytes()).clamp(128 << 20, 512 << 20);
-    let copies = set_bytes.div_ceil(one.len());
-    let mut set = vec![0u8; copies * one.len()];
-    for c in set.chunks_exact_mut(one.len()) {
-        c.copy_from_slice(&one);
+    let copies = set_bytes.div_ceil(3 * one.len()) * 3;
+    // Loading converts weights for the bf16 modes into an arena on huge pages; f32 reads the
+    // file's pages where they are mapped (small pages).
+    let mut arena = crate::alloc::HugeBuf::zeroed(copies * one.len());
+    let mut mapped = crate::alloc::HugeBuf::small_pages(copies * one.len());
+    for set in [&mut arena, &mut mapped] {
+        for c in set.chunks_exact_mut(one.len()) {
+            c.copy_from_slice(&one);
+        }
     }
     let x: Vec<f32> = (0..128 * k).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
     let mut y = vec![0f32; 128 * n];
@@ -262,17 +278,26 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<Bf16
     let mut times = Vec::new();
     for mode in Bf16Mode::ALL.into_iter().filter(|m| m.supported()) {
         let ctx = Ctx { isa, pool, exact: false, bf16: Some(mode) };
-        let views: Vec<WeightView> = set
-            .chunks_exact(one.len())
-            .map(|c| match mode {
-                Bf16Mode::F32 => WeightView::new(Format::BF16, c, n, k),
-                _ => WeightView::tiles(Format::BF16, c, n, k),
+        let view = |c, rows, cols| match mode {
+            Bf16Mode::F32 => WeightView::new(Format::BF16, c, rows, cols),
+            _ => WeightView::tiles(Format::BF16, c, rows, cols),
+        };
+        // As an MLP decodes: gate and up in one batch, then down.
+        let set: &[u8] = if mode == Bf16Mode::F32 { &mapped } else { &arena };
+        let layers: Vec<[WeightView; 3]> = set
+            .chunks_exact(3 * one.len())
+            .map(|c| {
+                let (gate, rest) = c.split_at(one.len());
+                let (up, down) = rest.split_at(one.len());
+                [view(gate, n, k), view(up, n, k), view(down, k, n)]
             })
             .collect();
+        let (mut g, mut u) = (vec![0f32; 8 * n], vec![0f32; 8 * n]);
         let mut stream = |m: usize| {
             let s = best_of(2, &mut || {
-                for v in &views {
-                    matmul(ctx, &x, m, v, &mut y);
+                for [gate, up, down] in &layers {
+                    matmul_batch(ctx, &[MatmulJob::new(&x, m, *gate, &mut g), MatmulJob::new(&x, m, *up, &mut u)]);
+                    matmul(ctx, &g, m, down, &mut y);
                 }
             });
             set.len() as f64 / s / 1e9
@@ -319,7 +344,7 @@ fn last_level_cache_bytes() -> usize {
 pub fn reads_transposed(ctx: Ctx, format: Format, cols: usize) -> bool {
     cfg!(target_arch = "x86_64")
         && match ctx.bf16_mode() {
-            Bf16Mode::Amx | Bf16Mode::Dot => format == Format::BF16 && cols.is_multiple_of(32),
+            Bf16Mode::Amx | Bf16Mode::Dot | Bf16Mode::FmaDot => format == Format::BF16 && cols.is_multiple_of(32),
             Bf16Mode::F32 => format.is_float() && ctx.isa.is_avx512(),
         }
 }
@@ -344,6 +369,8 @@ fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
         return match (ctx.bf16_mode(), m >= TILES_MIN_ROWS) {
             (Bf16Mode::F32, _) => Kind::None,
             (Bf16Mode::Dot, _) => Kind::Bf16,
+            (Bf16Mode::FmaDot, _) if (2..=FMA_GEMV_MAX_ROWS).contains(&m) => Kind::Rounded,
+            (Bf16Mode::FmaDot, _) => Kind::Bf16,
             (Bf16Mode::Amx, false) => Kind::Rounded,
             (Bf16Mode::Amx, true) => Kind::Amx,
         };
@@ -351,7 +378,7 @@ fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
     if w.layout == Layout::Transposed {
         return match ctx.bf16_mode() {
             Bf16Mode::Amx => Kind::Amx,
-            Bf16Mode::Dot => Kind::Bf16,
+            Bf16Mode::Dot | Bf16Mode::FmaDot => Kind::Bf16,
             Bf16Mode::F32 => Kind::None,
         };
     }
@@ -364,7 +391,7 @@ fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
             (Bf16Mode::Amx, true) => Kind::Amx,
             _ => Kind::Bf16,
         }
-    } else if mode == Bf16Mode::Dot {
+    } else if matches!(mode, Bf16Mode::Dot | Bf16Mode::FmaDot) {
         Kind::Bf16
     } else if w.format == Format::BF16 && ctx.isa.is_avx512() && m < GEMM_MIN_ROWS && w.cols.is_multiple_of(32) {
         Kind::Split
@@ -927,15 +954,20 @@ mod x86 {
         ) {
             assert!(cols.start.is_multiple_of(32) && x.len() >= m * w.cols);
             assert!(w.data.len() >= crate::quant::tiles::bf16::bytes(w.rows, w.cols) && cols.end <= w.rows);
-            let mut i = 0;
-            while i < m {
-                let (xp, yp) = (x.as_ptr().add(i * w.cols), y.add(i * ldy));
-                i += match m - i {
-                    1 => tiles_block::<1>(xp, w, yp, ldy, cols.clone()),
-                    2 => tiles_block::<2>(xp, w, yp, ldy, cols.clone()),
-                    3 => tiles_block::<3>(xp, w, yp, ldy, cols.clone()),
-                    _ => tiles_block::<4>(xp, w, yp, ldy, cols.clone()),
-                };
+            // A column pair's weights (2 KiB per 32 inputs) meet every 4 rows in turn while
+            // they are in cache: read from memory once, whatever the rows.
+            for n in cols.clone().step_by(32) {
+                let pair = n..(n + 32).min(cols.end);
+                let mut i = 0;
+                while i < m {
+                    let (xp, yp) = (x.as_ptr().add(i * w.cols), y.add(i * ldy));
+                    i += match m - i {
+                        1 => tiles_block::<1>(xp, w, yp, ldy, pair.clone()),
+                        2 => tiles_block::<2>(xp, w, yp, ldy, pair.clone()),
+                        3 => tiles_block::<3>(xp, w, yp, ldy, pair.clone()),
+                        _ => tiles_block::<4>(xp, w, yp, ldy, pair.clone()),
+                    };
+                }
             }
         }
 
@@ -1907,9 +1939,10 @@ pub(crate) mod tests {
             for dt in [Format::BF16, Format::F32, Format::F16] {
                 let (wb, wtb) = (encode(&wf, dt), encode(&wt, dt));
                 let (rows, trans) = (WeightView::new(dt, &wb, n, k), WeightView::transposed(dt, &wtb, n, k));
-                let dot = Bf16Mode::Dot
-                    .supported()
-                    .then(|| Ctx { bf16: Some(Bf16Mode::Dot), ..Ctx::new(Isa::best(), &pool) });
+                let dot = [Bf16Mode::Dot, Bf16Mode::FmaDot]
+                    .into_iter()
+                    .filter(|m| m.supported())
+                    .map(|mode| Ctx { bf16: Some(mode), ..Ctx::new(Isa::best(), &pool) });
                 let exact = Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) };
                 // f32 activations on AVX-512 (read transposed by the GEMM's panels, exact or
                 // not) and on AVX2 (transposed for the call).
@@ -1956,6 +1989,8 @@ pub(crate) mod tests {
             (40, 50, 1600),
             (100, 96, 288),
             (61, 40, 1056),
+            (8, 70, 320),
+            (9, 64, 1024),
         ];
         for &(m, n, k) in &shapes {
             let x = rand_vec(m * k, 13 + m as u64);
@@ -2072,8 +2107,8 @@ pub(crate) mod tests {
                     let ctx = Ctx { bf16: Some(mode), ..Ctx::new(Isa::best(), &pool) };
                     let mut got = vec![f32::NAN; m * n];
                     matmul(ctx, &x, m, &w, &mut got);
-                    let rounded =
-                        dt == Format::BF16 && (mode == Bf16Mode::Dot || (mode == Bf16Mode::Amx && k % 32 == 0));
+                    let rounded = dt == Format::BF16
+                        && (matches!(mode, Bf16Mode::Dot | Bf16Mode::FmaDot) || (mode == Bf16Mode::Amx && k % 32 == 0));
                     let want = if rounded { &want_r } else { &want };
                     assert_near(&got, want, k, &format!("{mode:?} {dt} m{m} n{n} k{k}"));
                 }
