@@ -1306,13 +1306,17 @@ mod x86 {
         /// a 64-byte line of a tile holds one pair of inputs for 16 columns, which one
         /// `vdpbf16ps` multiplies by the broadcast activation pair, with no sums across lanes.
         ///
-        /// Per 64 bytes of weights and activation row: one load and one `vdpbf16ps` whose
-        /// broadcast comes from memory. `llvm-mca` of the one-row loop body (16 lines, both
-        /// halves of a column pair, 4 accumulators): on `znver4` 32 `vdpbf16ps` zmm issue in about
-        /// 32 cycles (one per cycle on the two 256-bit FP multiply pipes, as a pair of halves),
-        /// 64 bytes per cycle, beyond any core's DRAM share; on `sapphirerapids` about 16 cycles
-        /// (two 512-bit ports). The FMA GEMV of the same tiles ([`super::avx512::gemv_bf16_tiles`])
-        /// needs a shift, a mask and two FMAs per line: about 64 cycles per 2 KiB on `znver4`.
+        /// Per 64 bytes of weights and activation row: one load, one prefetch and one
+        /// `vdpbf16ps` (the broadcast pair shared by both halves of a column pair). `llvm-mca`
+        /// (LLVM 19) of the one-row loop over a 2 KiB step (32 loads, 32 prefetches, 16
+        /// broadcasts, 32 `vdpbf16ps`, 4 adds): 100 cycles on `znver4`, whose model gives a zmm
+        /// `vdpbf16ps` a reciprocal throughput of 3 on the FP2/FP3 pipes (the bottleneck it
+        /// reports), 64 on `sapphirerapids`; the FMA GEMV of the same tiles
+        /// ([`super::avx512::gemv_bf16_tiles`]: a shift, a mask and two FMAs per line) 96 on
+        /// either. Both read over 20 bytes per cycle, beyond 70 GB/s per core at 3.5 GHz, where a
+        /// core's share of DRAM is 15–20 GB/s: one row waits on memory, and the loop with the
+        /// fewest instructions keeps the most loads in flight. With more rows the dot product
+        /// does the work of two FMAs: [`crate::matmul::Bf16Mode`]'s calibration picks per CPU.
         /// Each output sums each 32 inputs' products apart and adds these sums in input order
         /// (short chains of roundings, as a tile product).
         ///

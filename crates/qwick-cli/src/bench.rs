@@ -124,6 +124,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "threads": threads,
         "isa": isa.to_string(),
         "bf16_mode": bf16.name(),
+        "bf16_why": bf16_why,
         "bf16_calibration": choice.timings.iter().map(|t| serde_json::json!({
             "mode": t.mode.name(),
             "decode_gb_s": t.decode_gb_s,

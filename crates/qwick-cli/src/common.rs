@@ -109,7 +109,10 @@ impl RunArgs {
             .unwrap_or_default();
         if let Some(entry) = known.get(&cpu).filter(|e| e.get("stamp") == Some(&stamp)) {
             let mode = entry.get("mode").and_then(|v| v.as_str()).and_then(Bf16Mode::parse);
-            let timings = entry.get("timings").and_then(|t| timings_from_json(t));
+            // Modes this CPU lacks (a file edited by hand, or carried to another machine) are
+            // measured again rather than run.
+            let timings =
+                entry.get("timings").and_then(timings_from_json).filter(|t| t.iter().all(|t| t.mode.supported()));
             if let (Some(m), Some(timings)) = (mode.filter(|m| m.supported()), timings) {
                 return Ok(Bf16Choice { mode: Some(m), why: "measured on this CPU model earlier", timings });
             }

@@ -237,6 +237,32 @@ fn make_random_sharded_checkpoint_loads_and_benches() {
     let o = capped("avx1024");
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("QWICK_MAX_ISA=avx1024: expected scalar"), "{o:?}");
+
+    // The calibration's cache: kept while the kernels' generation and the binary are the same,
+    // measured again when either differs (a stale choice is never kept).
+    let cache = scratch("bf16-cache");
+    let cached = || {
+        let o = Command::new(env!("CARGO_BIN_EXE_qwick"))
+            .args(["bench", "--model", model, "--prompt-len", "4", "--gen-len", "2", "--json"])
+            .env("XDG_CACHE_HOME", &*cache)
+            .env_remove("QWICK_BF16")
+            .env_remove("QWICK_ISA")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["bf16_why"].as_str().unwrap().to_string()
+    };
+    assert_eq!(cached(), "measured now");
+    assert_eq!(cached(), "measured on this CPU model earlier");
+    let file = cache.join("qwick/bf16-kernels.json");
+    let mut known: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    for entry in known.as_object_mut().unwrap().values_mut() {
+        entry["stamp"]["kernels"] = serde_json::json!(1);
+    }
+    std::fs::write(&file, known.to_string()).unwrap();
+    assert_eq!(cached(), "measured now");
+    assert_eq!(cached(), "measured on this CPU model earlier");
 }
 
 /// Broken GGUF files: one error line naming the file and what is wrong, no panic, no output.
