@@ -238,7 +238,8 @@ const CALIBRATION_SHAPE: (usize, usize) = (3072, 1024);
 /// Times every [`Bf16Mode`] this CPU supports, each on the layout loading gives its weights
 /// (file rows for f32, tiles for the others): decode streams a set of weights several times
 /// the last-level cache (at least 128 MiB, at most 512 MiB: MLPs of the 0.6B's shapes, gate and
-/// up in one batch, then down) once per pass with 1 and with 8 activation rows, prefill
+/// up in one batch, then down, and a head of many rows holding a quarter of the bytes) once per
+/// pass with 1 and with 8 activation rows, prefill
 /// multiplies 128 rows on one weight; returns [`choose_bf16`]'s choice and every mode's
 /// figures.
 pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<Bf16Timing>) {
@@ -253,7 +254,7 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<Bf16
     // The streamed set: copies of one weight. Every bf16 in it is a normal number, so the same
     // bytes serve as rows and as tiles.
     let set_bytes = (4 * last_level_cache_bytes()).clamp(128 << 20, 512 << 20);
-    let copies = set_bytes.div_ceil(3 * one.len()) * 3;
+    let copies = set_bytes.div_ceil(4 * one.len()) * 4;
     // Loading converts weights for the bf16 modes into an arena on huge pages; f32 reads the
     // file's pages where they are mapped (small pages).
     let mut arena = crate::alloc::HugeBuf::zeroed(copies * one.len());
@@ -282,9 +283,11 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<Bf16
             Bf16Mode::F32 => WeightView::new(Format::BF16, c, rows, cols),
             _ => WeightView::tiles(Format::BF16, c, rows, cols),
         };
-        // As an MLP decodes: gate and up in one batch, then down.
+        // As a small model decodes: MLPs (gate and up in one batch, then down), then a head
+        // of many rows (a quarter of the bytes, as the 0.6B's).
         let set: &[u8] = if mode == Bf16Mode::F32 { &mapped } else { &arena };
-        let layers: Vec<[WeightView; 3]> = set
+        let (body, head) = set.split_at(set.len() / 4 * 3);
+        let layers: Vec<[WeightView; 3]> = body
             .chunks_exact(3 * one.len())
             .map(|c| {
                 let (gate, rest) = c.split_at(one.len());
@@ -292,13 +295,15 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<Bf16
                 [view(gate, n, k), view(up, n, k), view(down, k, n)]
             })
             .collect();
-        let (mut g, mut u) = (vec![0f32; 8 * n], vec![0f32; 8 * n]);
+        let head = view(head, head.len() / (2 * k), k);
+        let (mut g, mut u, mut logits) = (vec![0f32; 8 * n], vec![0f32; 8 * n], vec![0f32; 8 * head.rows]);
         let mut stream = |m: usize| {
             let s = best_of(2, &mut || {
                 for [gate, up, down] in &layers {
                     matmul_batch(ctx, &[MatmulJob::new(&x, m, *gate, &mut g), MatmulJob::new(&x, m, *up, &mut u)]);
                     matmul(ctx, &g, m, down, &mut y);
                 }
+                matmul(ctx, &x, m, &head, &mut logits);
             });
             set.len() as f64 / s / 1e9
         };
