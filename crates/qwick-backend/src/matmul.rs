@@ -237,8 +237,8 @@ const CALIBRATION_SHAPE: (usize, usize) = (3072, 1024);
 
 /// Times every [`Bf16Mode`] this CPU supports, each on the layout loading gives its weights
 /// (file rows for f32, tiles for the others): decode streams a set of weights several times
-/// the last-level cache (at least 128 MiB, at most 512 MiB: MLPs of the 0.6B's shapes, gate and
-/// up in one batch, then down, and a head of many rows holding a quarter of the bytes) once per
+/// the last-level cache (at least 128 MiB, at most 512 MiB: layers of the 0.6B's shapes, batched
+/// as the model batches them, and a head of many rows holding a quarter of the bytes) once per
 /// pass with 1 and with 8 activation rows, prefill
 /// multiplies 128 rows on one weight; returns [`choose_bf16`]'s choice and every mode's
 /// figures.
@@ -254,7 +254,7 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<Bf16
     // The streamed set: copies of one weight. Every bf16 in it is a normal number, so the same
     // bytes serve as rows and as tiles.
     let set_bytes = (4 * last_level_cache_bytes()).clamp(128 << 20, 512 << 20);
-    let copies = set_bytes.div_ceil(4 * one.len()) * 4;
+    let copies = set_bytes.div_ceil(one.len());
     // Loading converts weights for the bf16 modes into an arena on huge pages; f32 reads the
     // file's pages where they are mapped (small pages).
     let mut arena = crate::alloc::HugeBuf::zeroed(copies * one.len());
@@ -283,29 +283,47 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<Bf16
             Bf16Mode::F32 => WeightView::new(Format::BF16, c, rows, cols),
             _ => WeightView::tiles(Format::BF16, c, rows, cols),
         };
-        // As a small model decodes: MLPs (gate and up in one batch, then down), then a head
-        // of many rows (a quarter of the bytes, as the 0.6B's).
+        // As the 0.6B decodes: layers (q, k and v in one batch, o, gate and up in one batch,
+        // down), then a head of many rows (a quarter of the bytes, as the 0.6B's).
         let set: &[u8] = if mode == Bf16Mode::F32 { &mapped } else { &arena };
         let (body, head) = set.split_at(set.len() / 4 * 3);
-        let layers: Vec<[WeightView; 3]> = body
-            .chunks_exact(3 * one.len())
-            .map(|c| {
-                let (gate, rest) = c.split_at(one.len());
-                let (up, down) = rest.split_at(one.len());
-                [view(gate, n, k), view(up, n, k), view(down, k, n)]
+        let shapes = [(2048, 1024), (1024, 1024), (1024, 1024), (1024, 2048), (n, k), (n, k), (k, n)];
+        let layer_bytes: usize = shapes.iter().map(|(r, c)| 2 * r * c).sum();
+        let layers: Vec<Vec<WeightView>> = body
+            .chunks_exact(layer_bytes)
+            .map(|mut c| {
+                shapes
+                    .iter()
+                    .map(|&(r, cols)| {
+                        let (w, rest) = c.split_at(2 * r * cols);
+                        c = rest;
+                        view(w, r, cols)
+                    })
+                    .collect()
             })
             .collect();
         let head = view(head, head.len() / (2 * k), k);
-        let (mut g, mut u, mut logits) = (vec![0f32; 8 * n], vec![0f32; 8 * n], vec![0f32; 8 * head.rows]);
+        let mut out: Vec<Vec<f32>> = shapes.iter().map(|&(r, _)| vec![0f32; 8 * r]).collect();
+        let mut logits = vec![0f32; 8 * head.rows];
         let mut stream = |m: usize| {
             let s = best_of(2, &mut || {
-                for [gate, up, down] in &layers {
-                    matmul_batch(ctx, &[MatmulJob::new(&x, m, *gate, &mut g), MatmulJob::new(&x, m, *up, &mut u)]);
-                    matmul(ctx, &g, m, down, &mut y);
+                for l in &layers {
+                    let [q, kk, v, o, gate, up, down] = &mut out[..] else { unreachable!("seven shapes") };
+                    matmul_batch(
+                        ctx,
+                        &[
+                            MatmulJob::new(&x, m, l[0], q),
+                            MatmulJob::new(&x, m, l[1], kk),
+                            MatmulJob::new(&x, m, l[2], v),
+                        ],
+                    );
+                    matmul(ctx, q, m, &l[3], o);
+                    matmul_batch(ctx, &[MatmulJob::new(o, m, l[4], gate), MatmulJob::new(o, m, l[5], up)]);
+                    matmul(ctx, gate, m, &l[6], down);
                 }
                 matmul(ctx, &x, m, &head, &mut logits);
             });
-            set.len() as f64 / s / 1e9
+            (layers.len() * layer_bytes + head.bytes()) as f64 / s / 1e9
         };
         let (decode_gb_s, batched_gb_s) = (stream(1), stream(8));
         let w = if mode == Bf16Mode::F32 { rows } else { tiles };
