@@ -168,7 +168,7 @@ pub enum Bf16Mode {
     /// for few rows (weights in tiles: below 5 rows; in rows: below 16, the even/odd GEMV).
     Dot,
     /// Activations rounded to bf16: weights in tiles multiplied in FMAs from 2 to
-    /// [`FMA_GEMV_MAX_ROWS`] rows (batched decode), in `vdpbf16ps` dot products otherwise (one
+    /// [`FMA_GEMV_MAX_ROWS`] rows (batched decode, 16 streams served), in `vdpbf16ps` dot products otherwise (one
     /// row: the GEMV with the fewest instructions, bound by reading the weights; prefill: the
     /// GEMM); for CPUs whose dot products run at less than twice their FMAs' rate (one dot
     /// product does the work of two FMAs).
@@ -178,7 +178,7 @@ pub enum Bf16Mode {
 }
 
 /// Rows up to which [`Bf16Mode::FmaDot`] multiplies bf16 weights in tiles with FMAs (from 2).
-pub const FMA_GEMV_MAX_ROWS: usize = 8;
+pub const FMA_GEMV_MAX_ROWS: usize = 16;
 
 impl Bf16Mode {
     pub const ALL: [Bf16Mode; 4] = [Bf16Mode::F32, Bf16Mode::Dot, Bf16Mode::FmaDot, Bf16Mode::Amx];
@@ -2018,6 +2018,7 @@ pub(crate) mod tests {
             (61, 40, 1056),
             (8, 70, 320),
             (9, 64, 1024),
+            (17, 40, 320),
         ];
         for &(m, n, k) in &shapes {
             let x = rand_vec(m * k, 13 + m as u64);
