@@ -167,21 +167,18 @@ pub enum Bf16Mode {
     /// Activations rounded to bf16: `vdpbf16ps` dot products (AVX512-BF16), a GEMV of them
     /// for few rows (weights in tiles: below 5 rows; in rows: below 16, the even/odd GEMV).
     Dot,
-    /// Activations rounded to bf16: weights in tiles multiplied in FMAs from 2 to
-    /// [`FMA_GEMV_MAX_ROWS`] rows (batched decode, 16 streams served), in `vdpbf16ps` dot products otherwise (one
-    /// row: the GEMV with the fewest instructions, bound by reading the weights; prefill: the
-    /// GEMM); for CPUs whose dot products run at less than twice their FMAs' rate (one dot
-    /// product does the work of two FMAs).
-    FmaDot,
+    /// Activations rounded to bf16, weights in tiles multiplied in FMAs (the FMA GEMV of the
+    /// tiles, 4 rows at a time against each column pair while it is in cache), one row in a
+    /// `vdpbf16ps` GEMV (the fewest instructions, bound by reading the weights); for CPUs whose
+    /// dot products run at less than twice their FMAs' rate (one dot product does the work of
+    /// two FMAs).
+    Fma,
     /// Activations rounded to bf16: AMX tiles from 16 rows, the GEMV below.
     Amx,
 }
 
-/// Rows up to which [`Bf16Mode::FmaDot`] multiplies bf16 weights in tiles with FMAs (from 2).
-pub const FMA_GEMV_MAX_ROWS: usize = 16;
-
 impl Bf16Mode {
-    pub const ALL: [Bf16Mode; 4] = [Bf16Mode::F32, Bf16Mode::Dot, Bf16Mode::FmaDot, Bf16Mode::Amx];
+    pub const ALL: [Bf16Mode; 4] = [Bf16Mode::F32, Bf16Mode::Dot, Bf16Mode::Fma, Bf16Mode::Amx];
 
     /// What an ISA implies: AMX on `Isa::Amx`, dot products on `Isa::Avx512Bf16`, else f32.
     pub fn for_isa(isa: Isa) -> Bf16Mode {
@@ -196,7 +193,7 @@ impl Bf16Mode {
     pub fn supported(self) -> bool {
         match self {
             Bf16Mode::F32 => true,
-            Bf16Mode::Dot | Bf16Mode::FmaDot => Isa::Avx512Bf16.supported(),
+            Bf16Mode::Dot | Bf16Mode::Fma => Isa::Avx512Bf16.supported(),
             Bf16Mode::Amx => Isa::Amx.supported(),
         }
     }
@@ -205,7 +202,7 @@ impl Bf16Mode {
         match self {
             Bf16Mode::F32 => "f32",
             Bf16Mode::Dot => "bf16-dot",
-            Bf16Mode::FmaDot => "fma-dot",
+            Bf16Mode::Fma => "bf16-fma",
             Bf16Mode::Amx => "amx",
         }
     }
@@ -333,16 +330,20 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<Bf16
     (choose_bf16(&times), times)
 }
 
-/// The mode to run: the fastest for prefill among those that decode (one row and eight)
-/// within 10% of the fastest decoding ones (among those within 10% for one row, if none is for
-/// both). A mode fixes the weights' layout, which decode and prefill share.
+/// The mode to run: among the modes that read bf16 weights in tiles (all but f32, where the
+/// CPU has AVX512-BF16), the one that would take least time over a reference workload per
+/// parameter: a 512-token prompt, 256 tokens of one sequence and 256 steps of eight; f32 where
+/// no such mode runs. Reading the file's rows in f32 decodes one sequence 15–40% slower than
+/// the tile GEMVs in whole models (a Xeon: 80% against 95% of the read bound; a Zen 4: 58% of
+/// it), more than a calibration short enough to run at start-up tells apart; the tile modes
+/// share one layout, so their figures compare kernels alone.
 pub fn choose_bf16(times: &[Bf16Timing]) -> Bf16Mode {
-    let best = |f: fn(&Bf16Timing) -> f64| times.iter().map(f).fold(0f64, f64::max);
-    let (one, eight) = (best(|t| t.decode_gb_s), best(|t| t.batched_gb_s));
-    let near_one = |t: &&Bf16Timing| t.decode_gb_s >= 0.9 * one;
-    let both: Vec<&Bf16Timing> = times.iter().filter(near_one).filter(|t| t.batched_gb_s >= 0.9 * eight).collect();
-    let pool = if both.is_empty() { times.iter().filter(near_one).collect() } else { both };
-    pool.into_iter().max_by(|a, b| a.prefill_gmacs.total_cmp(&b.prefill_gmacs)).map_or(Bf16Mode::F32, |t| t.mode)
+    let cost = |t: &Bf16Timing| 512.0 / t.prefill_gmacs + 512.0 / t.decode_gb_s + 512.0 / t.batched_gb_s;
+    times
+        .iter()
+        .filter(|t| t.mode != Bf16Mode::F32 && cost(t).is_finite())
+        .min_by(|a, b| cost(a).total_cmp(&cost(b)))
+        .map_or(Bf16Mode::F32, |t| t.mode)
 }
 
 /// The size of the largest cache the system reports for CPU 0 (32 MiB when it reports none).
@@ -367,7 +368,7 @@ fn last_level_cache_bytes() -> usize {
 pub fn reads_transposed(ctx: Ctx, format: Format, cols: usize) -> bool {
     cfg!(target_arch = "x86_64")
         && match ctx.bf16_mode() {
-            Bf16Mode::Amx | Bf16Mode::Dot | Bf16Mode::FmaDot => format == Format::BF16 && cols.is_multiple_of(32),
+            Bf16Mode::Amx | Bf16Mode::Dot | Bf16Mode::Fma => format == Format::BF16 && cols.is_multiple_of(32),
             Bf16Mode::F32 => format.is_float() && ctx.isa.is_avx512(),
         }
 }
@@ -386,14 +387,14 @@ fn untranspose(w: &WeightView) -> Vec<u8> {
 
 fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
     if w.layout == Layout::Tiles && w.format == Format::BF16 {
-        // In bf16 dot products (a GEMV of the tiles below `TILES_MIN_ROWS`) or on AMX (an FMA
-        // GEMV below, activations rounded alike); in f32 read back to f32 rows and multiplied
-        // exactly.
+        // In bf16 dot products (a GEMV of the tiles below `TILES_MIN_ROWS`), in FMAs (one row
+        // in a dot product GEMV) or on AMX (an FMA GEMV below `TILES_MIN_ROWS`), activations
+        // rounded alike; in f32 read back to f32 rows and multiplied exactly.
         return match (ctx.bf16_mode(), m >= TILES_MIN_ROWS) {
             (Bf16Mode::F32, _) => Kind::None,
             (Bf16Mode::Dot, _) => Kind::Bf16,
-            (Bf16Mode::FmaDot, _) if (2..=FMA_GEMV_MAX_ROWS).contains(&m) => Kind::Rounded,
-            (Bf16Mode::FmaDot, _) => Kind::Bf16,
+            (Bf16Mode::Fma, _) if m == 1 => Kind::Bf16,
+            (Bf16Mode::Fma, _) => Kind::Rounded,
             (Bf16Mode::Amx, false) => Kind::Rounded,
             (Bf16Mode::Amx, true) => Kind::Amx,
         };
@@ -401,7 +402,7 @@ fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
     if w.layout == Layout::Transposed {
         return match ctx.bf16_mode() {
             Bf16Mode::Amx => Kind::Amx,
-            Bf16Mode::Dot | Bf16Mode::FmaDot => Kind::Bf16,
+            Bf16Mode::Dot | Bf16Mode::Fma => Kind::Bf16,
             Bf16Mode::F32 => Kind::None,
         };
     }
@@ -414,7 +415,7 @@ fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
             (Bf16Mode::Amx, true) => Kind::Amx,
             _ => Kind::Bf16,
         }
-    } else if matches!(mode, Bf16Mode::Dot | Bf16Mode::FmaDot) {
+    } else if matches!(mode, Bf16Mode::Dot | Bf16Mode::Fma) {
         Kind::Bf16
     } else if w.format == Format::BF16 && ctx.isa.is_avx512() && m < GEMM_MIN_ROWS && w.cols.is_multiple_of(32) {
         Kind::Split
@@ -1966,7 +1967,7 @@ pub(crate) mod tests {
             for dt in [Format::BF16, Format::F32, Format::F16] {
                 let (wb, wtb) = (encode(&wf, dt), encode(&wt, dt));
                 let (rows, trans) = (WeightView::new(dt, &wb, n, k), WeightView::transposed(dt, &wtb, n, k));
-                let dot = [Bf16Mode::Dot, Bf16Mode::FmaDot]
+                let dot = [Bf16Mode::Dot, Bf16Mode::Fma]
                     .into_iter()
                     .filter(|m| m.supported())
                     .map(|mode| Ctx { bf16: Some(mode), ..Ctx::new(Isa::best(), &pool) });
@@ -2050,35 +2051,37 @@ pub(crate) mod tests {
         }
     }
 
-    /// The bf16 mode chosen from the calibration's figures: prefill decides among the modes
-    /// that decode near the fastest; a fast prefill does not buy a slow decode.
+    /// The bf16 mode chosen from the calibration's figures: the tile mode that takes least time
+    /// over the reference workload; f32 only where no tile mode runs; NaN figures never win.
     #[test]
-    fn bf16_choice_weighs_decode_then_prefill() {
+    fn bf16_choice_weighs_prefill_and_decode() {
         let t = |mode, decode_gb_s, batched_gb_s, prefill_gmacs| Bf16Timing {
             mode,
             decode_gb_s,
             batched_gb_s,
             prefill_gmacs,
         };
-        // Zen 4's figures as reported: f32 rows decode slower, dot products win prefill.
-        let zen4 = [t(Bf16Mode::F32, 12.0, 20.0, 60.0), t(Bf16Mode::Dot, 19.0, 22.0, 130.0)];
-        assert_eq!(choose_bf16(&zen4), Bf16Mode::Dot);
-        // A mode fastest at prefill but 20% slower at decode loses.
-        let slow_decode = [t(Bf16Mode::F32, 20.0, 20.0, 60.0), t(Bf16Mode::Amx, 16.0, 30.0, 400.0)];
-        assert_eq!(choose_bf16(&slow_decode), Bf16Mode::F32);
-        // Within 10% at one and eight rows: prefill decides.
-        let near = [
+        // A Zen 4 as reported: dot products twice the FMAs' rate.
+        let zen4 = [
             t(Bf16Mode::F32, 20.0, 20.0, 60.0),
-            t(Bf16Mode::Dot, 19.0, 21.0, 90.0),
-            t(Bf16Mode::Amx, 18.5, 30.0, 400.0),
+            t(Bf16Mode::Dot, 30.0, 28.0, 130.0),
+            t(Bf16Mode::Fma, 30.0, 20.0, 70.0),
         ];
-        assert_eq!(choose_bf16(&near), Bf16Mode::Amx);
-        // No mode near the best at both: among those near it for one row.
-        let split = [t(Bf16Mode::F32, 20.0, 10.0, 60.0), t(Bf16Mode::Dot, 10.0, 20.0, 90.0)];
-        assert_eq!(choose_bf16(&split), Bf16Mode::F32);
-        // NaN figures never win.
-        let nan = [t(Bf16Mode::F32, 20.0, 20.0, 60.0), t(Bf16Mode::Dot, f64::NAN, f64::NAN, f64::NAN)];
-        assert_eq!(choose_bf16(&nan), Bf16Mode::F32);
+        assert_eq!(choose_bf16(&zen4), Bf16Mode::Dot);
+        // This Xeon without AMX: dot products slow, FMAs win batched decode and prefill.
+        let xeon = [
+            t(Bf16Mode::F32, 28.0, 22.0, 120.0),
+            t(Bf16Mode::Dot, 30.0, 9.0, 100.0),
+            t(Bf16Mode::Fma, 30.0, 18.5, 125.0),
+        ];
+        assert_eq!(choose_bf16(&xeon), Bf16Mode::Fma);
+        // AMX's prefill outweighs a slightly slower decode.
+        let amx = [t(Bf16Mode::Fma, 14.0, 8.3, 45.0), t(Bf16Mode::Amx, 13.2, 8.2, 475.0)];
+        assert_eq!(choose_bf16(&amx), Bf16Mode::Amx);
+        // Without AVX512-BF16 only f32 is measured; NaN figures never win.
+        assert_eq!(choose_bf16(&[t(Bf16Mode::F32, 20.0, 20.0, 60.0)]), Bf16Mode::F32);
+        let nan = [t(Bf16Mode::Dot, f64::NAN, 9.0, 100.0), t(Bf16Mode::Fma, 20.0, 10.0, 60.0)];
+        assert_eq!(choose_bf16(&nan), Bf16Mode::Fma);
     }
 
     #[test]
@@ -2136,7 +2139,7 @@ pub(crate) mod tests {
                     let mut got = vec![f32::NAN; m * n];
                     matmul(ctx, &x, m, &w, &mut got);
                     let rounded = dt == Format::BF16
-                        && (matches!(mode, Bf16Mode::Dot | Bf16Mode::FmaDot) || (mode == Bf16Mode::Amx && k % 32 == 0));
+                        && (matches!(mode, Bf16Mode::Dot | Bf16Mode::Fma) || (mode == Bf16Mode::Amx && k % 32 == 0));
                     let want = if rounded { &want_r } else { &want };
                     assert_near(&got, want, k, &format!("{mode:?} {dt} m{m} n{n} k{k}"));
                 }

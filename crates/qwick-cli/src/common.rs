@@ -74,7 +74,7 @@ impl RunArgs {
         Ok((c.mode, c.why))
     }
 
-    /// How bf16 weights are multiplied on `isa`, and why: `QWICK_BF16` (f32, bf16-dot, fma-dot or amx)
+    /// How bf16 weights are multiplied on `isa`, and why: `QWICK_BF16` (f32, bf16-dot, bf16-fma or amx)
     /// if set; what the ISA implies when one was asked for (`--isa`, `QWICK_ISA`) or with
     /// `--exact`; else the mode [`qwick_backend::matmul::calibrate_bf16`] chooses on this CPU
     /// model, measured once and kept in the user's cache folder with its figures, and measured
@@ -84,7 +84,7 @@ impl RunArgs {
         if let Ok(v) = std::env::var("QWICK_BF16") {
             if !v.is_empty() {
                 let m = Bf16Mode::parse(&v)
-                    .with_context(|| format!("QWICK_BF16={v}: expected f32, bf16-dot, fma-dot or amx"))?;
+                    .with_context(|| format!("QWICK_BF16={v}: expected f32, bf16-dot, bf16-fma or amx"))?;
                 if !m.supported() {
                     anyhow::bail!("QWICK_BF16={v}: this CPU does not support it");
                 }

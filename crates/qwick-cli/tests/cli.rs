@@ -192,7 +192,7 @@ fn make_random_sharded_checkpoint_loads_and_benches() {
     for k in ["prefill_tok_s", "decode_tok_s", "bound_tok_s", "peak_rss_bytes", "ttft_s", "bandwidth_gb_s"] {
         assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
     }
-    assert!(["f32", "bf16-dot", "fma-dot", "amx"].contains(&v["bf16_mode"].as_str().unwrap()), "{v}");
+    assert!(["f32", "bf16-dot", "bf16-fma", "amx"].contains(&v["bf16_mode"].as_str().unwrap()), "{v}");
     assert_eq!(v["kv_dtype"], "BF16", "{v}");
     // The calibration's figures of every mode (measured now or read from the cache), the
     // chosen mode among them.
@@ -218,7 +218,7 @@ fn make_random_sharded_checkpoint_loads_and_benches() {
     assert_eq!(v["bf16_mode"], "f32");
     let o = bench("fp8");
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("QWICK_BF16=fp8: expected f32, bf16-dot, fma-dot or amx"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("QWICK_BF16=fp8: expected f32, bf16-dot, bf16-fma or amx"));
     // The CPU's features capped: AVX2 at most, so bf16 products in f32; an unknown cap refused.
     let capped = |cap: &str| {
         Command::new(env!("CARGO_BIN_EXE_qwick"))

@@ -128,7 +128,7 @@ fn gradients_without_transposed_copies_equal_peft() {
     let pool = ThreadPool::new(2);
     let scalar = Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) };
     // The bf16 modes read the k and v weights (48 outputs) by blocks, the rest as stored.
-    let bf16 = [qwick_backend::Bf16Mode::Amx, qwick_backend::Bf16Mode::Dot, qwick_backend::Bf16Mode::FmaDot]
+    let bf16 = [qwick_backend::Bf16Mode::Amx, qwick_backend::Bf16Mode::Dot, qwick_backend::Bf16Mode::Fma]
         .into_iter()
         .filter(|m| m.supported())
         .map(|mode| Ctx { bf16: Some(mode), ..Ctx::new(Isa::best(), &pool) });
@@ -160,7 +160,7 @@ fn bf16_products_stay_near_peft() {
     let (model, params, reference, grads_ref) = dense_fixture();
     let seq = sequence();
     let n_lab = seq.labelled();
-    let modes = [qwick_backend::Bf16Mode::Amx, qwick_backend::Bf16Mode::Dot, qwick_backend::Bf16Mode::FmaDot];
+    let modes = [qwick_backend::Bf16Mode::Amx, qwick_backend::Bf16Mode::Dot, qwick_backend::Bf16Mode::Fma];
     for mode in modes.into_iter().filter(|m| m.supported()) {
         let ctx = Ctx { bf16: Some(mode), ..Ctx::new(Isa::best(), &pool) };
         for kept in [0, 99] {
