@@ -167,11 +167,10 @@ pub enum Bf16Mode {
     /// Activations rounded to bf16: `vdpbf16ps` dot products (AVX512-BF16), a GEMV of them
     /// for few rows (weights in tiles: below 5 rows; in rows: below 16, the even/odd GEMV).
     Dot,
-    /// Activations rounded to bf16, weights in tiles multiplied in FMAs (the FMA GEMV of the
-    /// tiles, 4 rows at a time against each column pair while it is in cache), one row in a
-    /// `vdpbf16ps` GEMV (the fewest instructions, bound by reading the weights); for CPUs whose
-    /// dot products run at less than twice their FMAs' rate (one dot product does the work of
-    /// two FMAs).
+    /// Activations rounded to bf16, weights in tiles multiplied in FMAs at every row count (the
+    /// FMA GEMV of the tiles, 4 rows at a time against each column pair while it is in cache);
+    /// for CPUs whose dot products run at less than twice their FMAs' rate (one dot product does
+    /// the work of two FMAs).
     Fma,
     /// Activations rounded to bf16: AMX tiles from 16 rows, the GEMV below.
     Amx,
@@ -387,13 +386,12 @@ fn untranspose(w: &WeightView) -> Vec<u8> {
 
 fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
     if w.layout == Layout::Tiles && w.format == Format::BF16 {
-        // In bf16 dot products (a GEMV of the tiles below `TILES_MIN_ROWS`), in FMAs (one row
-        // in a dot product GEMV) or on AMX (an FMA GEMV below `TILES_MIN_ROWS`), activations
-        // rounded alike; in f32 read back to f32 rows and multiplied exactly.
+        // In bf16 dot products (a GEMV of the tiles below `TILES_MIN_ROWS`), in FMAs, or on AMX
+        // (an FMA GEMV below `TILES_MIN_ROWS`), activations rounded alike; in f32 read back to
+        // f32 rows and multiplied exactly.
         return match (ctx.bf16_mode(), m >= TILES_MIN_ROWS) {
             (Bf16Mode::F32, _) => Kind::None,
             (Bf16Mode::Dot, _) => Kind::Bf16,
-            (Bf16Mode::Fma, _) if m == 1 => Kind::Bf16,
             (Bf16Mode::Fma, _) => Kind::Rounded,
             (Bf16Mode::Amx, false) => Kind::Rounded,
             (Bf16Mode::Amx, true) => Kind::Amx,
@@ -1341,8 +1339,6 @@ mod x86 {
         /// core's share of DRAM is 15–20 GB/s: one row waits on memory, and the loop with the
         /// fewest instructions keeps the most loads in flight. With more rows the dot product
         /// does the work of two FMAs: [`crate::matmul::Bf16Mode`]'s calibration picks per CPU.
-        /// Each output sums each 32 inputs' products apart and adds these sums in input order
-        /// (short chains of roundings, as a tile product).
         ///
         /// # Safety
         /// The CPU must have AVX512-BF16; `w` is in bf16 tiles; `x` holds `m` rows of `w.cols`
@@ -1358,16 +1354,13 @@ mod x86 {
         ) {
             assert!(cols.start.is_multiple_of(32) && w.cols.is_multiple_of(32));
             assert!(w.data.len() >= crate::quant::tiles::bf16::bytes(w.rows, w.cols) && cols.end <= w.rows);
-            let mut i = 0;
-            while i < m {
-                let (xp, yp) = (x.add(i * w.cols), y.add(i * ldy));
-                i += match m - i {
-                    1 => tiles_block::<1>(xp, w, yp, ldy, cols.clone()),
-                    2 => tiles_block::<2>(xp, w, yp, ldy, cols.clone()),
-                    3 => tiles_block::<3>(xp, w, yp, ldy, cols.clone()),
-                    _ => tiles_block::<4>(xp, w, yp, ldy, cols.clone()),
-                };
-            }
+            assert!(m <= 4, "the GEMV of bf16 tiles takes at most 4 rows");
+            match m {
+                1 => tiles_block::<1>(x, w, y, ldy, cols),
+                2 => tiles_block::<2>(x, w, y, ldy, cols),
+                3 => tiles_block::<3>(x, w, y, ldy, cols),
+                _ => tiles_block::<4>(x, w, y, ldy, cols),
+            };
         }
 
         /// [`gemv_tiles`] for `M` activation rows; returns `M`.
@@ -1385,11 +1378,12 @@ mod x86 {
             while n < cols.end {
                 // The pair of 16-column groups holding columns n..n + 32: 2 KiB per 32 inputs.
                 let base = w.data.as_ptr().add(n / 32 * ksteps * 2048);
+                // One chain of dot products per output, input pairs in order: as the GEMM of
+                // the tiles sums, so a row's result does not depend on the rows batched with
+                // it.
                 let mut acc = [[_mm512_setzero_ps(); 2]; M];
                 for j in 0..ksteps {
                     let t = base.add(j * 2048);
-                    // Per row, half and parity of the line: four independent chains.
-                    let mut part = [[[_mm512_setzero_ps(); 2]; 2]; M];
                     for p in 0..16 {
                         // The lines a stretch further on in the stream (harmless past the end).
                         _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(PREFETCH + 64 * p) as *const i8);
@@ -1400,18 +1394,13 @@ mod x86 {
                                 t.add(1024 + 64 * p) as *const _
                             )),
                         ];
-                        for (i, q) in part.iter_mut().enumerate() {
+                        for (i, a) in acc.iter_mut().enumerate() {
                             let xa = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
                                 (x.add(i * k + 32 * j + 2 * p) as *const i32).read_unaligned(),
                             ));
                             for h in 0..2 {
-                                q[h][p & 1] = _mm512_dpbf16_ps(q[h][p & 1], v[h], xa);
+                                a[h] = _mm512_dpbf16_ps(a[h], xa, v[h]);
                             }
-                        }
-                    }
-                    for (a, q) in acc.iter_mut().zip(&part) {
-                        for h in 0..2 {
-                            a[h] = _mm512_add_ps(a[h], _mm512_add_ps(q[h][0], q[h][1]));
                         }
                     }
                 }
