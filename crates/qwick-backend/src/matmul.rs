@@ -1329,16 +1329,18 @@ mod x86 {
         /// `vdpbf16ps` multiplies by the broadcast activation pair, with no sums across lanes.
         ///
         /// Per 64 bytes of weights and activation row: one load, one prefetch and one
-        /// `vdpbf16ps` (the broadcast pair shared by both halves of a column pair). `llvm-mca`
-        /// (LLVM 19) of the one-row loop over a 2 KiB step (32 loads, 32 prefetches, 16
-        /// broadcasts, 32 `vdpbf16ps`, 4 adds): 100 cycles on `znver4`, whose model gives a zmm
-        /// `vdpbf16ps` a reciprocal throughput of 3 on the FP2/FP3 pipes (the bottleneck it
-        /// reports), 64 on `sapphirerapids`; the FMA GEMV of the same tiles
+        /// `vdpbf16ps` (the broadcast pair shared by both halves of a column pair), summed in one
+        /// chain per output as the GEMM of the tiles sums (so a row's result does not depend on
+        /// the rows batched with it). `llvm-mca` (LLVM 19) of the one-row loop over a 2 KiB step
+        /// (32 loads, 32 prefetches, 16 broadcasts, 32 `vdpbf16ps` in two chains): 64 cycles on
+        /// `znver4`, half resources, half the chains' latency (its model gives a zmm
+        /// `vdpbf16ps` a reciprocal throughput of 3 on the FP2/FP3 pipes); 160 on
+        /// `sapphirerapids`, the chains' latency. Four chains per output (sums per 32 inputs)
+        /// would take 100 and 64 cycles; the FMA GEMV of the same tiles
         /// ([`super::avx512::gemv_bf16_tiles`]: a shift, a mask and two FMAs per line) 96 on
-        /// either. Both read over 20 bytes per cycle, beyond 70 GB/s per core at 3.5 GHz, where a
-        /// core's share of DRAM is 15–20 GB/s: one row waits on memory, and the loop with the
-        /// fewest instructions keeps the most loads in flight. With more rows the dot product
-        /// does the work of two FMAs: [`crate::matmul::Bf16Mode`]'s calibration picks per CPU.
+        /// either. At 3.5 GHz these read 45–110 GB/s per core where a core's share of DRAM is
+        /// 15–20 GB/s: one row waits on memory. With more rows the dot product does the work of
+        /// two FMAs: [`crate::matmul::Bf16Mode`]'s calibration picks per CPU.
         ///
         /// # Safety
         /// The CPU must have AVX512-BF16; `w` is in bf16 tiles; `x` holds `m` rows of `w.cols`
