@@ -993,6 +993,31 @@ mod x86 {
             }
         }
 
+        /// Stores a column pair's sums (`acc[i][h]`: activation row `i`, columns `n + 16h` on)
+        /// into the rows of `y`, columns below `end` only.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F; `y` is valid for `M` rows of `ldy` floats up to `end`.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn store_pair<const M: usize>(
+            acc: &[[__m512; 2]; M],
+            y: *mut f32,
+            ldy: usize,
+            n: usize,
+            end: usize,
+        ) {
+            for (i, a) in acc.iter().enumerate() {
+                for (h, s) in a.iter().enumerate() {
+                    let c = n + 16 * h;
+                    if c < end {
+                        let mask = ((1u32 << (end - c).min(16)) - 1) as __mmask16;
+                        _mm512_mask_storeu_ps(y.add(i * ldy + c), mask, *s);
+                    }
+                }
+            }
+        }
+
         /// [`gemv_bf16_tiles`] for `M` activation rows; returns `M`. Each output sums each 32
         /// inputs' products (even inputs and odd ones apart, in order, then the two) and adds
         /// these sums in input order, as a tile product does: short chains of roundings.
@@ -1043,16 +1068,7 @@ mod x86 {
                         }
                     }
                 }
-                for (i, a) in acc.iter().enumerate() {
-                    for (h, s) in a.iter().enumerate() {
-                        let c = n + 16 * h;
-                        if c < cols.end {
-                            let live = (cols.end - c).min(16);
-                            let mask = ((1u32 << live) - 1) as __mmask16;
-                            _mm512_mask_storeu_ps(y.add(i * ldy + c), mask, *s);
-                        }
-                    }
-                }
+                store_pair(&acc, y, ldy, n, cols.end);
                 n += 32;
             }
             M
@@ -1406,16 +1422,7 @@ mod x86 {
                         }
                     }
                 }
-                for (i, a) in acc.iter().enumerate() {
-                    for (h, s) in a.iter().enumerate() {
-                        let c = n + 16 * h;
-                        if c < cols.end {
-                            let live = (cols.end - c).min(16);
-                            let mask = ((1u32 << live) - 1) as __mmask16;
-                            _mm512_mask_storeu_ps(y.add(i * ldy + c), mask, *s);
-                        }
-                    }
-                }
+                super::avx512::store_pair(&acc, y, ldy, n, cols.end);
                 n += 32;
             }
             M
