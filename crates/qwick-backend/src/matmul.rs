@@ -235,20 +235,15 @@ const CALIBRATION_SHAPE: (usize, usize) = (3072, 1024);
 /// (file rows for f32, tiles for the others): decode streams a set of weights several times
 /// the last-level cache (at least 128 MiB, at most 512 MiB: layers of the 0.6B's shapes, batched
 /// as the model batches them, and a head of many rows holding a quarter of the bytes) once per
-/// pass with 1 and with 8 activation rows, prefill
-/// multiplies 128 rows on one weight; returns [`choose_bf16`]'s choice and every mode's
-/// figures.
-pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<Bf16Timing>) {
+/// pass with 1 and with 8 activation rows, prefill multiplies 128 rows on one weight; returns
+/// every mode's figures (for [`choose_bf16`]).
+pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> Vec<Bf16Timing> {
     let (n, k) = CALIBRATION_SHAPE;
     let one: Vec<u8> = (0..n * k)
         .flat_map(|i| crate::format::f32_to_bf16(((i * 7919 % 1000) as f32 - 500.0) / 1000.0).to_le_bytes())
         .collect();
-    let rows = WeightView::new(Format::BF16, &one, n, k);
-    let mut tiled = vec![0u8; quant::packed_bytes(&rows, true).expect("bf16 tiles")];
-    quant::repack_into(&rows, &mut tiled);
-    let tiles = WeightView::tiles(Format::BF16, &tiled, n, k);
     // The streamed set: copies of one weight. Every bf16 in it is a normal number, so the same
-    // bytes serve as rows and as tiles.
+    // bytes serve as rows and as tiles (the products' time does not depend on the values).
     let set_bytes = (4 * last_level_cache_bytes()).clamp(128 << 20, 512 << 20);
     let copies = set_bytes.div_ceil(one.len());
     // Loading converts weights for the bf16 modes into an arena on huge pages; f32 reads the
@@ -322,11 +317,11 @@ pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> (Bf16Mode, Vec<Bf16
             (layers.len() * layer_bytes + head.bytes()) as f64 / s / 1e9
         };
         let (decode_gb_s, batched_gb_s) = (stream(1), stream(8));
-        let w = if mode == Bf16Mode::F32 { rows } else { tiles };
+        let w = view(&set[..one.len()], n, k);
         let s = best_of(3, &mut || matmul(ctx, &x, 128, &w, &mut y));
         times.push(Bf16Timing { mode, decode_gb_s, batched_gb_s, prefill_gmacs: (128 * n * k) as f64 / s / 1e9 });
     }
-    (choose_bf16(&times), times)
+    times
 }
 
 /// The mode to run: among the modes that read bf16 weights in tiles (all but f32, where the
@@ -979,15 +974,14 @@ mod x86 {
             // A column pair's weights (2 KiB per 32 inputs) meet every 4 rows in turn while
             // they are in cache: read from memory once, whatever the rows.
             for n in cols.clone().step_by(32) {
-                let pair = n..(n + 32).min(cols.end);
                 let mut i = 0;
                 while i < m {
                     let (xp, yp) = (x.as_ptr().add(i * w.cols), y.add(i * ldy));
                     i += match m - i {
-                        1 => tiles_block::<1>(xp, w, yp, ldy, pair.clone()),
-                        2 => tiles_block::<2>(xp, w, yp, ldy, pair.clone()),
-                        3 => tiles_block::<3>(xp, w, yp, ldy, pair.clone()),
-                        _ => tiles_block::<4>(xp, w, yp, ldy, pair.clone()),
+                        1 => tiles_block::<1>(xp, w, yp, ldy, n, cols.end),
+                        2 => tiles_block::<2>(xp, w, yp, ldy, n, cols.end),
+                        3 => tiles_block::<3>(xp, w, yp, ldy, n, cols.end),
+                        _ => tiles_block::<4>(xp, w, yp, ldy, n, cols.end),
                     };
                 }
             }
@@ -1018,7 +1012,8 @@ mod x86 {
             }
         }
 
-        /// [`gemv_bf16_tiles`] for `M` activation rows; returns `M`. Each output sums each 32
+        /// [`gemv_bf16_tiles`] for `M` activation rows and the column pair from `n` (columns
+        /// below `end`); returns `M`. Each output sums each 32
         /// inputs' products (even inputs and odd ones apart, in order, then the two) and adds
         /// these sums in input order, as a tile product does: short chains of roundings.
         #[inline]
@@ -1028,49 +1023,46 @@ mod x86 {
             w: &WeightView,
             y: *mut f32,
             ldy: usize,
-            cols: std::ops::Range<usize>,
+            n: usize,
+            end: usize,
         ) -> usize {
             let (k, ksteps) = (w.cols, w.cols / 32);
             let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-            let mut n = cols.start;
-            while n < cols.end {
-                // The pair of 16-row groups holding columns n..n + 32: 2 KiB per 32 inputs.
-                let base = w.data.as_ptr().add(n / 32 * ksteps * 2048);
-                let mut acc = [[_mm512_setzero_ps(); 2]; M];
-                for j in 0..ksteps {
-                    let t = base.add(j * 2048);
-                    let mut part = [[[_mm512_setzero_ps(); 2]; 2]; M];
-                    for p in 0..16 {
-                        // The next step's lines, and a stretch further on into the L3 cache
-                        // (harmless past the end).
-                        _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(2048 + 128 * p) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(2048 + 128 * p + 64) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T2>(t.wrapping_add(16384 + 128 * p) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T2>(t.wrapping_add(16384 + 128 * p + 64) as *const i8);
-                        let v = [
-                            _mm512_loadu_si512(t.add(64 * p) as *const _),
-                            _mm512_loadu_si512(t.add(1024 + 64 * p) as *const _),
-                        ];
-                        let we = v.map(|v| _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-                        let wo = v.map(|v| _mm512_castsi512_ps(_mm512_and_si512(v, high)));
-                        for (i, q) in part.iter_mut().enumerate() {
-                            let xe = _mm512_set1_ps(*x.add(i * k + 32 * j + 2 * p));
-                            let xo = _mm512_set1_ps(*x.add(i * k + 32 * j + 2 * p + 1));
-                            for h in 0..2 {
-                                q[h][0] = _mm512_fmadd_ps(xe, we[h], q[h][0]);
-                                q[h][1] = _mm512_fmadd_ps(xo, wo[h], q[h][1]);
-                            }
-                        }
-                    }
-                    for (a, q) in acc.iter_mut().zip(&part) {
+            // The pair of 16-row groups holding columns n..n + 32: 2 KiB per 32 inputs.
+            let base = w.data.as_ptr().add(n / 32 * ksteps * 2048);
+            let mut acc = [[_mm512_setzero_ps(); 2]; M];
+            for j in 0..ksteps {
+                let t = base.add(j * 2048);
+                let mut part = [[[_mm512_setzero_ps(); 2]; 2]; M];
+                for p in 0..16 {
+                    // The next step's lines, and a stretch further on into the L3 cache
+                    // (harmless past the end).
+                    _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(2048 + 128 * p) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(2048 + 128 * p + 64) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T2>(t.wrapping_add(16384 + 128 * p) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T2>(t.wrapping_add(16384 + 128 * p + 64) as *const i8);
+                    let v = [
+                        _mm512_loadu_si512(t.add(64 * p) as *const _),
+                        _mm512_loadu_si512(t.add(1024 + 64 * p) as *const _),
+                    ];
+                    let we = v.map(|v| _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+                    let wo = v.map(|v| _mm512_castsi512_ps(_mm512_and_si512(v, high)));
+                    for (i, q) in part.iter_mut().enumerate() {
+                        let xe = _mm512_set1_ps(*x.add(i * k + 32 * j + 2 * p));
+                        let xo = _mm512_set1_ps(*x.add(i * k + 32 * j + 2 * p + 1));
                         for h in 0..2 {
-                            a[h] = _mm512_add_ps(a[h], _mm512_add_ps(q[h][0], q[h][1]));
+                            q[h][0] = _mm512_fmadd_ps(xe, we[h], q[h][0]);
+                            q[h][1] = _mm512_fmadd_ps(xo, wo[h], q[h][1]);
                         }
                     }
                 }
-                store_pair(&acc, y, ldy, n, cols.end);
-                n += 32;
+                for (a, q) in acc.iter_mut().zip(&part) {
+                    for h in 0..2 {
+                        a[h] = _mm512_add_ps(a[h], _mm512_add_ps(q[h][0], q[h][1]));
+                    }
+                }
             }
+            store_pair(&acc, y, ldy, n, end);
             M
         }
 

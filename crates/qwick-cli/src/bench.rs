@@ -125,12 +125,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "isa": isa.to_string(),
         "bf16_mode": bf16.name(),
         "bf16_why": bf16_why,
-        "bf16_calibration": choice.timings.iter().map(|t| serde_json::json!({
-            "mode": t.mode.name(),
-            "decode_gb_s": t.decode_gb_s,
-            "batched_gb_s": t.batched_gb_s,
-            "prefill_gmacs": t.prefill_gmacs,
-        })).collect::<Vec<_>>(),
+        "bf16_calibration": common::timings_to_json(&choice.timings),
         "batch": a.batch,
         "prompt_len": a.prompt_len,
         "gen_len": a.gen_len,

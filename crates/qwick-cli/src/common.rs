@@ -107,32 +107,24 @@ impl RunArgs {
             .and_then(|f| std::fs::read_to_string(f).ok())
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
-        if let Some(entry) = known.get(&cpu).filter(|e| e.get("stamp") == Some(&stamp)) {
-            let mode = entry.get("mode").and_then(|v| v.as_str()).and_then(Bf16Mode::parse);
-            // Modes this CPU lacks (a file edited by hand, or carried to another machine) are
-            // measured again rather than run.
-            let timings =
-                entry.get("timings").and_then(timings_from_json).filter(|t| t.iter().all(|t| t.mode.supported()));
-            if let (Some(m), Some(timings)) = (mode.filter(|m| m.supported()), timings) {
-                return Ok(Bf16Choice { mode: Some(m), why: "measured on this CPU model earlier", timings });
-            }
+        // The figures are kept; the mode is chosen from them again. Modes this CPU lacks (a file
+        // edited by hand, or carried to another machine) are measured again rather than run.
+        if let Some(timings) = known
+            .get(&cpu)
+            .filter(|e| e.get("stamp") == Some(&stamp))
+            .and_then(|e| timings_from_json(e.get("timings")?))
+            .filter(|t| !t.is_empty() && t.iter().all(|t| t.mode.supported()))
+        {
+            let mode = qwick_backend::matmul::choose_bf16(&timings);
+            return Ok(Bf16Choice { mode: Some(mode), why: "measured on this CPU model earlier", timings });
         }
         // Measured once per process (loading and the runner both ask).
-        static MEASURED: std::sync::OnceLock<(Bf16Mode, Vec<Bf16Timing>)> = std::sync::OnceLock::new();
-        let (mode, timings) = MEASURED
+        static MEASURED: std::sync::OnceLock<Vec<Bf16Timing>> = std::sync::OnceLock::new();
+        let timings = MEASURED
             .get_or_init(|| qwick_backend::matmul::calibrate_bf16(isa, &ThreadPool::new(self.threads())))
             .clone();
-        let entry = serde_json::json!({
-            "stamp": stamp,
-            "mode": mode.name(),
-            "timings": timings.iter().map(|t| serde_json::json!({
-                "mode": t.mode.name(),
-                "decode_gb_s": t.decode_gb_s,
-                "batched_gb_s": t.batched_gb_s,
-                "prefill_gmacs": t.prefill_gmacs,
-            })).collect::<Vec<_>>(),
-        });
-        known.insert(cpu, entry);
+        let mode = qwick_backend::matmul::choose_bf16(&timings);
+        known.insert(cpu, serde_json::json!({ "stamp": stamp, "timings": timings_to_json(&timings) }));
         if let Some(f) = file {
             // Best effort: without a writable cache folder, the next run measures again.
             let _ = write_atomically(&f, serde_json::Value::Object(known).to_string().as_bytes());
@@ -184,7 +176,7 @@ impl RunArgs {
     }
 
     /// How to load the model: bf16 weights go to tiles when bf16 products will round their
-    /// activations to bf16 (AMX, bf16 dot products; not `--exact`, not `--no-repack`).
+    /// activations to bf16 (AMX, bf16 dot products or FMAs; not `--exact`, not `--no-repack`).
     pub fn load_options(&self) -> Result<LoadOptions> {
         let dirs = self.adapters().into_iter().map(|(_, d)| d).collect();
         let isa = self.isa()?;
@@ -229,13 +221,27 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// qwick's folder in the user's cache (`$XDG_CACHE_HOME/qwick` or `~/.cache/qwick`).
 /// How bf16 products run: the mode (`None`: as the ISA implies), why, and the calibration's
 /// figures of every mode when it decided.
 pub struct Bf16Choice {
     pub mode: Option<Bf16Mode>,
     pub why: &'static str,
     pub timings: Vec<Bf16Timing>,
+}
+
+/// Calibration figures as the cache and `qwick bench --json` write them.
+pub fn timings_to_json(timings: &[Bf16Timing]) -> serde_json::Value {
+    timings
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "mode": t.mode.name(),
+                "decode_gb_s": t.decode_gb_s,
+                "batched_gb_s": t.batched_gb_s,
+                "prefill_gmacs": t.prefill_gmacs,
+            })
+        })
+        .collect()
 }
 
 /// Calibration figures read back from the cache; `None` if any is malformed.
@@ -266,6 +272,7 @@ fn binary_stamp() -> String {
         .unwrap_or_default()
 }
 
+/// qwick's folder in the user's cache (`$XDG_CACHE_HOME/qwick` or `~/.cache/qwick`).
 fn cache_dir() -> Option<std::path::PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())

@@ -217,9 +217,9 @@ pub struct LoadOptions {
     /// replacing the mapped pages); off keeps every weight in the file's layout, mapped.
     pub repack: bool,
     /// With `repack`, bf16 weights too are converted, to tiles (AMX's layout): for contexts
-    /// whose bf16 products run on AMX or in bf16 dot products (`Bf16Mode::Amx`, `Bf16Mode::Dot`),
-    /// which then read them with no per-call unpacking from a single activation row on. Exact
-    /// products read such weights back to f32.
+    /// whose bf16 products round activations to bf16 (`Bf16Mode::Amx`, `Bf16Mode::Dot`,
+    /// `Bf16Mode::Fma`), which then read them with no per-call unpacking from a single activation
+    /// row on. Exact products read such weights back to f32.
     pub bf16_tiles: bool,
     /// Bytes the converted weights may take with bf16 ones among them; beyond it bf16 weights
     /// stay in the file's layout (mapped, pages the system can drop and read again).
