@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qwick_backend::attention::{paged_attention, AttnArgs, PagedKv};
-use qwick_backend::{matmul, Ctx, Format, Isa, ThreadPool, WeightView};
+use qwick_backend::{matmul, Ctx, Format, Isa, Level, ThreadPool, WeightView};
 
 fn weights(n: usize, k: usize) -> Vec<u8> {
     (0..n * k)
@@ -24,8 +24,8 @@ fn bench_matmul(c: &mut Criterion) {
         ("gemv32_mlp_up", 32, 3072, 1024),
         ("gemm128_mlp_up", 128, 3072, 1024),
     ];
-    let amx = Isa::Amx.supported().then_some(Isa::Amx);
-    for isa in Isa::all_supported().into_iter().chain(amx).filter(|&i| i != Isa::Scalar) {
+    let amx = Isa::new(Level::Amx);
+    for isa in Isa::all_supported().into_iter().chain(amx).filter(|&i| i != Isa::SCALAR) {
         let ctx = Ctx::new(isa, &pool);
         let mut g = c.benchmark_group(format!("matmul_{isa}"));
         g.sample_size(10);
@@ -36,7 +36,7 @@ fn bench_matmul(c: &mut Criterion) {
             let mut y = vec![0f32; m * n];
             g.throughput(Throughput::Bytes((n * k * 2) as u64));
             g.bench_function(name, |b| b.iter(|| matmul(ctx, &x, m, &wv, &mut y)));
-            if isa == Isa::Amx {
+            if isa.level() == Level::Amx {
                 // As loading converts bf16 weights where products run on AMX.
                 let mut tiled = vec![0u8; qwick_backend::quant::packed_bytes(&wv, true).expect("bf16 tiles")];
                 qwick_backend::quant::repack_into(&wv, &mut tiled);
@@ -52,7 +52,7 @@ fn bench_attention(c: &mut Criterion) {
     let pool = ThreadPool::new(ThreadPool::default_threads());
     // Qwen3-0.6B's attention shape; decode reads a long context, prefill a 512-token prompt.
     let (nh, kvh, hd, bs) = (16, 8, 128, 16);
-    for isa in Isa::all_supported().into_iter().filter(|&i| i != Isa::Scalar) {
+    for isa in Isa::all_supported().into_iter().filter(|&i| i != Isa::SCALAR) {
         let ctx = Ctx::new(isa, &pool);
         let mut g = c.benchmark_group(format!("attention_{isa}"));
         g.sample_size(10);

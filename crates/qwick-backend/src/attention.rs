@@ -255,7 +255,7 @@ fn attend_one(
             }
         };
     }
-    let isa = if isa.is_avx512() { Isa::Avx512 } else { isa };
+    let isa = isa.at_most(crate::Level::Avx512);
     attend_generic(isa, q, kv, table, kvh, ctx_len, scale, scores, lse, out)
 }
 

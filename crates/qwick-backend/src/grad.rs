@@ -521,12 +521,12 @@ mod tests {
             let r = rand_vec(2 * d, 4);
             let f = |x: &[f32]| {
                 let mut y = vec![0f32; x.len()];
-                ops::rms_norm(Isa::Scalar, x, &w, 1e-6, &mut y);
+                ops::rms_norm(Isa::SCALAR, x, &w, 1e-6, &mut y);
                 project(&y, &r)
             };
             let want = numeric_grad(&x, f);
             let mut got = vec![0f32; 2 * d];
-            rms_norm_backward(Isa::Scalar, &x, &w, 1e-6, &r, &mut got);
+            rms_norm_backward(Isa::SCALAR, &x, &w, 1e-6, &r, &mut got);
             close(&got, &want, 2e-3, "rms_norm_backward");
             for isa in Isa::all_supported() {
                 let mut v = vec![0f32; 2 * d];
@@ -544,16 +544,16 @@ mod tests {
         let da = rand_vec(n, 3);
         let mut dg = vec![0f32; n];
         let mut du = vec![0f32; n];
-        silu_mul_backward(Isa::Scalar, &g, &u, &da, &mut dg, &mut du);
+        silu_mul_backward(Isa::SCALAR, &g, &u, &da, &mut dg, &mut du);
         let fg = |x: &[f32]| {
             let mut a = x.to_vec();
-            ops::silu_mul(Isa::Scalar, &mut a, &u);
+            ops::silu_mul(Isa::SCALAR, &mut a, &u);
             project(&a, &da)
         };
         close(&dg, &numeric_grad(&g, fg), 2e-3, "dg");
         let fu = |x: &[f32]| {
             let mut a = g.clone();
-            ops::silu_mul(Isa::Scalar, &mut a, x);
+            ops::silu_mul(Isa::SCALAR, &mut a, x);
             project(&a, &da)
         };
         close(&du, &numeric_grad(&u, fu), 2e-3, "du");
@@ -684,10 +684,7 @@ mod tests {
             let (dq, dk, dv) = backward(ctx, &c, &out, &lse, &r);
             let exact = Ctx { exact: true, ..ctx };
             let (eq, ek, ev) = backward(exact, &c, &ro, &rl, &r);
-            let rel = |a: &[f32], b: &[f32]| {
-                let s = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-                a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / s
-            };
+            let rel = |a: &[f32], b: &[f32]| crate::check::worst_abs(a, b).err / crate::check::max_abs(b);
             assert!(
                 rel(&dq, &eq) < 3e-2 && rel(&dk, &ek) < 3e-2 && rel(&dv, &ev) < 3e-2,
                 "{mode:?}: bf16 gradients off"
@@ -710,7 +707,7 @@ mod tests {
             t * 0.5
         };
         let mut g = x.clone();
-        let got = cross_entropy(Isa::Scalar, &mut g, vocab, &labels, 0.5);
+        let got = cross_entropy(Isa::SCALAR, &mut g, vocab, &labels, 0.5);
         assert!((got * 0.5 - loss(&x)).abs() < 1e-4, "{got} vs {}", loss(&x));
         close(&g, &numeric_grad(&x, loss), 2e-3, "cross-entropy gradient");
         for isa in Isa::all_supported() {
@@ -732,7 +729,7 @@ mod tests {
                     want[i * nj + j] = (0..t).map(|r| a[r * ni + i] as f64 * b[r * nj + j] as f64).sum::<f64>() as f32;
                 }
             }
-            for isa in [Isa::Scalar].into_iter().chain(Isa::all_supported()) {
+            for isa in [Isa::SCALAR].into_iter().chain(Isa::all_supported()) {
                 let mut c = vec![1f32; ni * nj];
                 matmul_tn(isa, &a, ni, &b, nj, 0..ni, &mut c);
                 let want1: Vec<f32> = want.iter().map(|w| w + 1.0).collect();

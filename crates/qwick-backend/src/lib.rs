@@ -1,6 +1,6 @@
 //! qwick's compute backend: the op set the Qwen3 forward pass is written in.
 //!
-//! Every kernel has a scalar reference (`Isa::Scalar`) beside its AVX2 and AVX-512
+//! Every kernel has a scalar reference (`Isa::SCALAR`) beside its AVX2 and AVX-512
 //! variants; the variant is chosen once at run time from the CPU's features and can be
 //! forced with `QWICK_ISA=scalar|avx2|avx512|avx512vnni|avx512bf16`. Tests compare every variant the machine
 //! supports with the scalar one.
@@ -8,6 +8,7 @@
 pub mod alloc;
 pub mod attention;
 pub mod bandwidth;
+pub mod check;
 pub mod format;
 pub mod grad;
 pub mod isa;
@@ -17,7 +18,7 @@ pub mod pool;
 pub mod quant;
 
 pub use format::Format;
-pub use isa::Isa;
+pub use isa::{Isa, Level};
 pub use matmul::{matmul, matmul_batch, Bf16Mode, MatmulJob, WeightView};
 pub use pool::{copied, par_rows, zeros, ThreadPool};
 

@@ -9,6 +9,7 @@
 use crate::format::Format;
 use crate::pool::SendPtr;
 use crate::quant::{self, ActQ8};
+use crate::Level;
 use crate::{Ctx, Isa};
 
 /// How a weight's bytes are laid out.
@@ -92,7 +93,7 @@ pub fn kernel_path(w: &WeightView) -> &'static str {
 pub const GEMM_MIN_ROWS: usize = 48;
 
 /// Rows of `x` at or above which products with quantized weights run on AMX tiles
-/// (`Isa::Amx`).
+/// (`Level::Amx`).
 pub const AMX_MIN_ROWS: usize = 32;
 
 /// Rows of `x` at or above which products with bf16 weights in tiles ([`Layout::Tiles`]) run on
@@ -114,7 +115,7 @@ pub fn matmul(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: &mut [f32]) {
 enum Prepared {
     /// `x` as it is.
     None,
-    /// `x` rounded to bf16, rows padded to an even length (for `Isa::Avx512Bf16`).
+    /// `x` rounded to bf16, rows padded to an even length (for `Level::Avx512Bf16`).
     Bf16(Vec<u16>),
     /// `x` copied with a padded row stride (see `pad_stride`).
     Padded(Vec<f32>, usize),
@@ -179,11 +180,11 @@ pub enum Bf16Mode {
 impl Bf16Mode {
     pub const ALL: [Bf16Mode; 4] = [Bf16Mode::F32, Bf16Mode::Dot, Bf16Mode::Fma, Bf16Mode::Amx];
 
-    /// What an ISA implies: AMX on `Isa::Amx`, dot products on `Isa::Avx512Bf16`, else f32.
+    /// What an ISA implies: AMX on `Level::Amx`, dot products on `Level::Avx512Bf16`, else f32.
     pub fn for_isa(isa: Isa) -> Bf16Mode {
-        match isa {
-            Isa::Amx => Bf16Mode::Amx,
-            Isa::Avx512Bf16 => Bf16Mode::Dot,
+        match isa.level() {
+            Level::Amx => Bf16Mode::Amx,
+            Level::Avx512Bf16 => Bf16Mode::Dot,
             _ => Bf16Mode::F32,
         }
     }
@@ -192,8 +193,8 @@ impl Bf16Mode {
     pub fn supported(self) -> bool {
         match self {
             Bf16Mode::F32 => true,
-            Bf16Mode::Dot | Bf16Mode::Fma => Isa::Avx512Bf16.supported(),
-            Bf16Mode::Amx => Isa::Amx.supported(),
+            Bf16Mode::Dot | Bf16Mode::Fma => Level::Avx512Bf16.supported(),
+            Bf16Mode::Amx => Level::Amx.supported(),
         }
     }
 
@@ -419,7 +420,11 @@ fn kind(ctx: Ctx, m: usize, w: &WeightView) -> Kind {
             Kind::None
         }
     } else if !ctx.exact && quant::has_q8_kernel(w.format) {
-        if cfg!(target_arch = "x86_64") && ctx.isa == Isa::Amx && m >= AMX_MIN_ROWS && w.layout == Layout::Tiles {
+        if cfg!(target_arch = "x86_64")
+            && ctx.isa.level() == Level::Amx
+            && m >= AMX_MIN_ROWS
+            && w.layout == Layout::Tiles
+        {
             Kind::Amx
         } else {
             Kind::Q8
@@ -732,18 +737,18 @@ unsafe fn float_cols(
     ldy: usize,
     cols: std::ops::Range<usize>,
 ) {
-    match isa {
+    match isa.level() {
         // Activations rounded for the dot-product kernels (Bf16Mode::Dot, on any ISA).
         #[cfg(target_arch = "x86_64")]
         _ if w.format == Format::BF16 && !xb.is_empty() => x86::avx512bf16::matmul(xb, m, w, y, ldy, cols),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 | Isa::Amx => match w.format {
+        Level::Avx512 | Level::Avx512Vnni | Level::Avx512Bf16 | Level::Amx => match w.format {
             Format::F32 => x86::avx512::matmul::<0>(x, ldx, m, w, y, ldy, cols),
             Format::BF16 => x86::avx512::matmul::<1>(x, ldx, m, w, y, ldy, cols),
             _ => x86::avx512::matmul::<2>(x, ldx, m, w, y, ldy, cols),
         },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => match w.format {
+        Level::Avx2 => match w.format {
             Format::F32 => x86::avx2::matmul::<0>(x, m, w, y, ldy, cols),
             Format::BF16 => x86::avx2::matmul::<1>(x, m, w, y, ldy, cols),
             _ => x86::avx2::matmul::<2>(x, m, w, y, ldy, cols),
@@ -1961,10 +1966,10 @@ pub(crate) mod tests {
                     .into_iter()
                     .filter(|m| m.supported())
                     .map(|mode| Ctx { bf16: Some(mode), ..Ctx::new(Isa::best(), &pool) });
-                let exact = Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) };
+                let exact = Ctx { exact: true, ..Ctx::new(Isa::SCALAR, &pool) };
                 // f32 activations on AVX-512 (read transposed by the GEMM's panels, exact or
                 // not) and on AVX2 (transposed for the call).
-                let f32_modes = [Isa::Avx512, Isa::Avx2].into_iter().filter(|i| i.supported()).flat_map(|isa| {
+                let f32_modes = [Level::Avx512, Level::Avx2].into_iter().filter_map(Isa::new).flat_map(|isa| {
                     [true, false].map(|exact| Ctx { exact, bf16: Some(Bf16Mode::F32), ..Ctx::new(isa, &pool) })
                 });
                 for ctx in [exact, Ctx::new(Isa::best(), &pool)].into_iter().chain(dot).chain(f32_modes) {
@@ -1974,9 +1979,9 @@ pub(crate) mod tests {
                     close(&got, &want, &format!("{dt} {}", ctx.isa));
                 }
                 if let (Some(ctx), Format::BF16) = (amx, dt) {
-                    let xr = rounded_to_bf16(Isa::Scalar, &x);
+                    let xr = rounded_to_bf16(Isa::SCALAR, &x);
                     let mut want = vec![0f32; m * n];
-                    matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &rows, &mut want);
+                    matmul(Ctx::new(Isa::SCALAR, &pool), &xr, m, &rows, &mut want);
                     for w in [trans, rows] {
                         let mut got = vec![f32::NAN; m * n];
                         matmul(ctx, &x, m, &w, &mut got);
@@ -2018,7 +2023,7 @@ pub(crate) mod tests {
             let mut tiled = vec![0u8; quant::packed_bytes(&rows, true).expect("bf16 tiles")];
             quant::repack_into(&rows, &mut tiled);
             let tiles = WeightView::tiles(Format::BF16, &tiled, n, k);
-            let mut ctxs = vec![Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) }, Ctx::new(Isa::best(), &pool)];
+            let mut ctxs = vec![Ctx { exact: true, ..Ctx::new(Isa::SCALAR, &pool) }, Ctx::new(Isa::best(), &pool)];
             ctxs.extend(
                 Bf16Mode::ALL
                     .into_iter()
@@ -2030,11 +2035,11 @@ pub(crate) mod tests {
                 matmul(ctx, &x, m, &tiles, &mut got);
                 let mut want = vec![0f32; m * n];
                 if ctx.bf16_mode() != Bf16Mode::F32 {
-                    let xr = rounded_to_bf16(Isa::Scalar, &x);
-                    matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &rows, &mut want);
+                    let xr = rounded_to_bf16(Isa::SCALAR, &x);
+                    matmul(Ctx::new(Isa::SCALAR, &pool), &xr, m, &rows, &mut want);
                 } else {
                     // Read back to f32 and multiplied exactly.
-                    matmul(Ctx::new(Isa::Scalar, &pool), &x, m, &rows, &mut want);
+                    matmul(Ctx::new(Isa::SCALAR, &pool), &x, m, &rows, &mut want);
                 }
                 assert_near(&got, &want, k, &format!("{} {:?} m{m} n{n} k{k}", ctx.isa, ctx.bf16_mode()));
             }
@@ -2100,25 +2105,25 @@ pub(crate) mod tests {
                 let wb = encode(&rand_vec(n * k, 7 + n as u64), dt);
                 let w = WeightView::new(dt, &wb, n, k);
                 let mut want = vec![0f32; m * n];
-                matmul(Ctx::new(Isa::Scalar, &pool), &x, m, &w, &mut want);
+                matmul(Ctx::new(Isa::SCALAR, &pool), &x, m, &w, &mut want);
                 // A batch of two products splits columns across threads the same way.
                 let (mut y1, mut y2) = (vec![0f32; m * n], vec![0f32; m * n]);
                 matmul_batch(
-                    Ctx::new(Isa::Scalar, &pool),
+                    Ctx::new(Isa::SCALAR, &pool),
                     &[MatmulJob::new(&x, m, w, &mut y1), MatmulJob::new(&x, m, w, &mut y2)],
                 );
                 assert_eq!(y1, want);
                 assert_eq!(y2, want);
                 // The bf16-dot path equals the reference on bf16-rounded activations.
-                let xr = rounded_to_bf16(Isa::Scalar, &x);
+                let xr = rounded_to_bf16(Isa::SCALAR, &x);
                 let mut want_r = vec![0f32; m * n];
-                matmul(Ctx::new(Isa::Scalar, &pool), &xr, m, &w, &mut want_r);
-                let amx = Isa::Amx.supported().then_some(Isa::Amx);
+                matmul(Ctx::new(Isa::SCALAR, &pool), &xr, m, &w, &mut want_r);
+                let amx = Isa::new(Level::Amx);
                 for isa in Isa::all_supported().into_iter().chain(amx) {
                     let mut got = vec![f32::NAN; m * n];
                     matmul(Ctx::new(isa, &pool), &x, m, &w, &mut got);
                     // bf16 weights on AMX (k a multiple of 32) round activations too.
-                    let tiles = isa == Isa::Amx && k % 32 == 0;
+                    let tiles = isa.level() == Level::Amx && k % 32 == 0;
                     let rounded = dt == Format::BF16 && (isa.rounds_activations() || tiles);
                     let want = if rounded { &want_r } else { &want };
                     assert_near(&got, want, k, &format!("{isa} {dt} m{m} n{n} k{k}"));

@@ -19,13 +19,13 @@ macro_rules! multiversion {
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn v256($($arg: $ty),*) $(-> $ret)? { $name::<true>($($arg),*) }
         // SAFETY: an `Isa` other than Scalar is only constructed for a CPU that supports it
-        // (`Isa::supported`), so the target features v512 / v256 enable are present; the
+        // (`Isa::new`), so the target features v512 / v256 enable are present; the
         // functions themselves are safe Rust compiled for those features.
-        match $isa {
+        match $isa.level() {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 | Isa::Amx => unsafe { v512($($arg),*) },
+            $crate::Level::Avx512 | $crate::Level::Avx512Vnni | $crate::Level::Avx512Bf16 | $crate::Level::Amx => unsafe { v512($($arg),*) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { v256($($arg),*) },
+            $crate::Level::Avx2 => unsafe { v256($($arg),*) },
             _ => $name::<false>($($arg),*),
         }
     }};
@@ -250,7 +250,7 @@ pub(crate) mod tests {
         x.extend([f32::NAN, f32::from_bits(0x7f80_0001), f32::from_bits(0xffc1_2345), f32::from_bits(0x3f80_8000)]);
         x.extend((0..4096u32).map(|i| f32::from_bits(0x3f80_0000 + i * 0x1_0001)));
         let want: Vec<u16> = x.iter().map(|&v| crate::format::f32_to_bf16(v)).collect();
-        for isa in [Isa::Scalar].into_iter().chain(Isa::all_supported()) {
+        for isa in [Isa::SCALAR].into_iter().chain(Isa::all_supported()) {
             let mut got = vec![0u16; x.len()];
             to_bf16(isa, &x, &mut got);
             assert_eq!(got, want, "{isa}");
@@ -264,7 +264,7 @@ pub(crate) mod tests {
             let x = rand_vec(rows * d, d as u64);
             let w = rand_vec(d, 99 + d as u64);
             let mut want = vec![0f32; rows * d];
-            rms_norm(Isa::Scalar, &x, &w, 1e-6, &mut want);
+            rms_norm(Isa::SCALAR, &x, &w, 1e-6, &mut want);
             for isa in Isa::all_supported() {
                 let mut got = vec![0f32; rows * d];
                 rms_norm(isa, &x, &w, 1e-6, &mut got);
@@ -275,13 +275,13 @@ pub(crate) mod tests {
 
                 let mut g0 = x.clone();
                 let mut g1 = x.clone();
-                silu_mul(Isa::Scalar, &mut g0, &w.repeat(rows));
+                silu_mul(Isa::SCALAR, &mut g0, &w.repeat(rows));
                 silu_mul(isa, &mut g1, &w.repeat(rows));
                 close(&g1, &g0, 1e-6, "silu_mul");
 
                 let mut s0: Vec<f32> = x.iter().map(|v| v * 30.0).collect();
                 let mut s1 = s0.clone();
-                softmax_inplace(Isa::Scalar, &mut s0);
+                softmax_inplace(Isa::SCALAR, &mut s0);
                 softmax_inplace(isa, &mut s1);
                 close(&s1, &s0, 1e-6, "softmax");
             }
@@ -290,7 +290,7 @@ pub(crate) mod tests {
                 let cos = rand_vec(h, 5);
                 let sin = rand_vec(h, 6);
                 let mut r0 = x.clone();
-                rope_inplace(Isa::Scalar, &mut r0, &cos, &sin);
+                rope_inplace(Isa::SCALAR, &mut r0, &cos, &sin);
                 // Direct formula for one element of each half.
                 let (x1, x2) = (x[0], x[h]);
                 assert!((r0[0] - (x1 * cos[0] - x2 * sin[0])).abs() < 1e-6);

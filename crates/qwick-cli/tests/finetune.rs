@@ -138,8 +138,8 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
     let (x, y) = (tensors(&straight), tensors(&resumed));
     assert_eq!(x.len(), y.len());
     for ((n, a), (_, b)) in x.iter().zip(&y) {
-        let d = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-        assert!(d <= 1e-6, "{n}: resumed differs by {d}");
+        let d = qwick_backend::check::worst_abs(b, a);
+        assert!(d.err <= 1e-6, "{n}: resumed differs by {d}");
     }
     // A checkpoint of other settings is refused.
     let mut other = train_args(data.to_str().unwrap(), resumed.to_str().unwrap());
@@ -168,12 +168,8 @@ fn adapters_written_by_qwick_are_what_peft_loads() {
     ]);
     let (shape, got) = qwick_model::npy::read_f32(&out).unwrap();
     let last = &got[(shape[0] - 1) * shape[1]..];
-    let err = last
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| if (a - b).is_nan() { f32::INFINITY } else { (a - b).abs() })
-        .fold(0f32, f32::max);
-    assert!(err < 1e-3, "logits differ from PEFT's by {err}");
+    let err = qwick_backend::check::worst_abs(last, &want);
+    assert!(err.err < 1e-3, "logits differ from PEFT's by {err}");
     // qwick's writer reproduces that adapter byte for byte.
     let model = qwick_model::Qwen3::load(Path::new(greedy_model("finetune"))).unwrap();
     let adapter = qwick_model::lora::Adapter::open(&fixture).unwrap();

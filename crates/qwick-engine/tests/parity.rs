@@ -11,7 +11,7 @@
 //! bf16 weights, as bf16 inference does; there the bound is 0.05 × the standard deviation of
 //! the reference logits (observed ≤ 0.025).
 
-use qwick_backend::Isa;
+use qwick_backend::{check, Isa, Level};
 use qwick_engine::{Runner, RunnerConfig};
 use qwick_model::Qwen3;
 use std::path::PathBuf;
@@ -41,25 +41,11 @@ fn assert_close(got: &[f32], want: &[f32], what: &str, rounded: bool) {
     if rounded {
         let mean = want.iter().sum::<f32>() / want.len() as f32;
         let std = (want.iter().map(|w| (w - mean).powi(2)).sum::<f32>() / want.len() as f32).sqrt();
-        let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
-        assert!(worst <= 0.05 * std, "{what}: max error {worst} with logit std {std}");
+        let worst = check::worst_abs(got, want);
+        assert!(worst.err <= 0.05 * std, "{what}: max error {worst} with logit std {std}");
         return;
     }
-    let mut worst = (0f32, 0usize);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs() / (1.0 + w.abs());
-        if !(err <= worst.0) {
-            worst = (err, i);
-        }
-    }
-    assert!(
-        worst.0 <= 1e-4,
-        "{what}: relative error {} at {} ({} vs {})",
-        worst.0,
-        worst.1,
-        got[worst.1],
-        want[worst.1]
-    );
+    check::assert_close_rel(what, got, want, 1e-4);
 }
 
 #[test]
@@ -81,7 +67,7 @@ fn logits_match_transformers_on_every_isa() {
         }
         // bf16 weights converted to AMX's tiles at load (as `run`, `serve` and `bench` do on
         // AMX machines): products on AMX from one row on, the tied table read from the head.
-        if Isa::Amx.supported() {
+        if Level::Amx.supported() {
             // Not beyond the memory budget: then the file's layout stays.
             let opts = qwick_model::LoadOptions { bf16_tiles: true, bf16_tiles_budget: 0, ..Default::default() };
             let model = Qwen3::load_with(&dir, &opts).unwrap();
@@ -91,7 +77,7 @@ fn logits_match_transformers_on_every_isa() {
             assert!(model.linears().iter().map(|l| l.view()).all(|v| v.format != qwick_backend::Format::BF16
                 || !v.cols.is_multiple_of(32)
                 || v.layout == qwick_backend::matmul::Layout::Tiles));
-            let mut r = Runner::new(model, &RunnerConfig::with_tokens(toks.len(), 2, Isa::Amx));
+            let mut r = Runner::new(model, &RunnerConfig::with_tokens(toks.len(), 2, Isa::new(Level::Amx).unwrap()));
             for chunk in [4096, 7, 1] {
                 let got = r.score(&toks, chunk).unwrap();
                 assert_close(&got, &want, &format!("{name} amx tiles, chunks of {chunk}"), true);

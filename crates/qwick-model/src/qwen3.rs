@@ -772,7 +772,7 @@ pub fn route(logits: &mut [f32], experts: usize, top_k: usize, norm: bool) -> Ve
     logits
         .chunks_exact_mut(experts)
         .map(|p| {
-            ops::softmax_inplace(qwick_backend::Isa::Scalar, p);
+            ops::softmax_inplace(qwick_backend::Isa::SCALAR, p);
             idx.clear();
             idx.extend(0..experts);
             idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));

@@ -22,11 +22,10 @@ fn sequence() -> Sequence {
 
 /// max |a − b| / max |b|, failing on NaN.
 fn rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let d = a.iter().zip(b).fold(0f32, |m, (x, y)| if (x - y).is_nan() { f32::NAN } else { m.max((x - y).abs()) });
-    assert!(!d.is_nan(), "NaN in a comparison");
-    d / scale
+    let d = qwick_backend::check::worst_abs(a, b);
+    assert!(d.err.is_finite(), "NaN or infinity in a comparison: {d}");
+    let scale = qwick_backend::check::max_abs(b);
+    d.err / scale
 }
 
 fn name(p: &qwick_train::lora::Pair, ab: &str) -> String {
@@ -57,7 +56,7 @@ fn loss_gradients_and_a_step_equal_peft() {
     for (threads, kept) in [(1, 0), (2, 0), (2, 1), (2, 99)] {
         let pool = ThreadPool::new(threads);
         let frozen =
-            Frozen::new(&model, Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) }).unwrap().keep_layers(kept);
+            Frozen::new(&model, Ctx { exact: true, ..Ctx::new(Isa::SCALAR, &pool) }).unwrap().keep_layers(kept);
         for isa in Isa::all_supported() {
             let ctx = Ctx { exact: true, ..Ctx::new(isa, &pool) };
             let mut grads = params.zeros_like();
@@ -106,7 +105,7 @@ fn loss_gradients_and_a_step_equal_peft() {
                     let g = grads_ref.tensor(&n).unwrap().to_f32();
                     // Elements whose gradient is at float noise level may step either way
                     // (the first AdamW step is lr · sign(g)); compare the rest.
-                    let gmax = g.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let gmax = qwick_backend::check::max_abs(&g);
                     let keep: Vec<usize> = (0..g.len()).filter(|&i| g[i].abs() >= 1e-4 * gmax).collect();
                     let a: Vec<f32> = keep.iter().map(|&i| v[i] - v0[i]).collect();
                     let b: Vec<f32> = keep.iter().map(|&i| want[i] - v0[i]).collect();
@@ -126,7 +125,7 @@ fn gradients_without_transposed_copies_equal_peft() {
     let seq = sequence();
     let n_lab = seq.labelled();
     let pool = ThreadPool::new(2);
-    let scalar = Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) };
+    let scalar = Ctx { exact: true, ..Ctx::new(Isa::SCALAR, &pool) };
     // The bf16 modes read the k and v weights (48 outputs) by blocks, the rest as stored.
     let bf16 = [qwick_backend::Bf16Mode::Amx, qwick_backend::Bf16Mode::Dot, qwick_backend::Bf16Mode::Fma]
         .into_iter()
@@ -167,7 +166,7 @@ fn bf16_products_stay_near_peft() {
             // k and v (48 outputs) keep a transposed copy: transposed reads take multiples of 32.
             let frozen = Frozen::new(&model, ctx).unwrap().keep_layers(kept);
             // Against the scalar reference, which takes a transposed copy of every weight.
-            let copies = Frozen::new(&model, Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) }).unwrap();
+            let copies = Frozen::new(&model, Ctx { exact: true, ..Ctx::new(Isa::SCALAR, &pool) }).unwrap();
             assert!(frozen.extra_bytes() < copies.extra_bytes() / 2, "bf16 weights are mostly read as stored");
             let mut grads = params.zeros_like();
             let total =
@@ -218,7 +217,7 @@ fn moe_models_train_their_attention_as_peft_does() {
         let seq = sequence_at(&dir.join("batch.json"));
         let n_lab = seq.labelled();
         let pool = ThreadPool::new(2);
-        let frozen = Frozen::new(&model, Ctx { exact: true, ..Ctx::new(Isa::Scalar, &pool) }).unwrap();
+        let frozen = Frozen::new(&model, Ctx { exact: true, ..Ctx::new(Isa::SCALAR, &pool) }).unwrap();
         for isa in Isa::all_supported() {
             let ctx = Ctx { exact: true, ..Ctx::new(isa, &pool) };
             let mut grads = params.zeros_like();

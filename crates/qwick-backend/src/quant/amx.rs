@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 pub fn usable() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
-        if !crate::Isa::Avx512Bf16.supported() {
+        if !crate::isa::Level::Avx512Bf16.supported() {
             return false;
         }
         // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
@@ -85,6 +85,8 @@ impl ActBf16 {
     pub fn new_on(pool: &crate::ThreadPool, x: &[f32], m: usize, k: usize) -> ActBf16 {
         let mut out = Aligned::zeroed_on(pool, m.next_multiple_of(ROWS) * k);
         let op = crate::pool::SendPtr::new(&mut out);
+        // AMX implies AVX-512 (see `usable`).
+        let isa = crate::Isa::best().at_most(crate::isa::Level::Avx512);
         pool.for_chunks(m.div_ceil(ROWS), 1, &|blocks| {
             let mut row_bf16 = vec![0u16; k];
             // SAFETY: a chunk of row blocks owns those blocks' tiles, a contiguous range.
@@ -92,8 +94,7 @@ impl ActBf16 {
             for i in blocks.start * ROWS..(blocks.end * ROWS).min(m) {
                 let r = i % ROWS;
                 let base = (i / ROWS - blocks.start) * ROWS * k;
-                // AMX implies AVX-512 (see `usable`).
-                crate::ops::to_bf16(crate::Isa::Avx512, &x[i * k..(i + 1) * k], &mut row_bf16);
+                crate::ops::to_bf16(isa, &x[i * k..(i + 1) * k], &mut row_bf16);
                 for (ks, vals) in row_bf16.chunks_exact(32).enumerate() {
                     dst[base + (ks * ROWS + r) * 32..][..32].copy_from_slice(vals);
                 }

@@ -23,7 +23,7 @@ mod x86_maddubs;
 
 use crate::format::Format;
 use crate::matmul::{Layout, WeightView};
-use crate::Isa;
+use crate::{Isa, Level};
 use tiles::{Spec, ROWS};
 
 /// Activations quantized per 32 values: `x ≈ d · q`, `d = max|x| / 127`, `q` rounded to
@@ -100,7 +100,7 @@ pub fn repack_into(w: &WeightView, out: &mut [u8]) {
     if w.format == Format::BF16 {
         assert_eq!(out.len(), tiles::bf16::bytes(w.rows, w.cols), "tile buffer size");
         #[cfg(target_arch = "x86_64")]
-        if Isa::Avx512.supported() {
+        if Level::Avx512.supported() {
             // SAFETY: AVX-512 was checked; `out` has the size of the weight's tiles (above).
             return unsafe { amx::bf16_rows_to_tiles(w.data, w.rows, w.cols, out) };
         }
@@ -180,15 +180,15 @@ pub unsafe fn matmul_q8(isa: Isa, a: &ActQ8, w: &WeightView, y: *mut f32, ldy: u
 /// One group of 16 weight rows against every row of `a`: `y[i·ldy + r]` for `r < valid`.
 unsafe fn group_kernel(isa: Isa, spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx512Vnni | Isa::Avx512Bf16 | Isa::Amx) {
+    if isa.level() >= Level::Avx512Vnni {
         return x86::vnni::group(spec, group, a, y, ldy, valid);
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
+    if isa.level() == Level::Avx512 {
         return x86_maddubs::avx512::group(spec, group, a, y, ldy, valid);
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa.level() == Level::Avx2 {
         return x86_maddubs::avx2::group(spec, group, a, y, ldy, valid);
     }
     let _ = isa;
@@ -234,7 +234,7 @@ mod tests {
         let mut x = rand_vec(m * k, 5);
         x[40..72].fill(0.0);
         x[100] = 7.5;
-        let want = ActQ8::quantize(Isa::Scalar, &x, m, k);
+        let want = ActQ8::quantize(Isa::SCALAR, &x, m, k);
         for isa in Isa::all_supported() {
             let got = ActQ8::quantize(isa, &x, m, k);
             assert_eq!(got.q, want.q, "{isa}");
@@ -257,14 +257,14 @@ mod tests {
             for &(m, n, k) in &[(1, 16, 256), (3, 37, 512), (9, 50, 768), (17, 20, 1024)] {
                 let src = random_blocks(f, n * k / f.block(), (m * n + k) as u64);
                 let x = rand_vec(m * k, 3 + m as u64);
-                let a = ActQ8::quantize(Isa::Scalar, &x, m, k);
+                let a = ActQ8::quantize(Isa::SCALAR, &x, m, k);
                 let rows = WeightView::new(f, &src, n, k);
                 let mut tiled = vec![0u8; packed_bytes(&rows, false).unwrap()];
                 repack_into(&rows, &mut tiled);
                 let tiles = WeightView::tiles(f, &tiled, n, k);
                 let mut want = vec![0f32; m * n];
                 // SAFETY: `want` holds m rows of n floats, all columns written by this one call.
-                unsafe { matmul_q8(Isa::Scalar, &a, &tiles, want.as_mut_ptr(), n, 0..n) };
+                unsafe { matmul_q8(Isa::SCALAR, &a, &tiles, want.as_mut_ptr(), n, 0..n) };
                 assert!(want.iter().all(|v| v.is_finite()));
                 for isa in Isa::all_supported() {
                     for w in [&rows, &tiles] {
@@ -303,7 +303,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn amx_kernel_matches_its_reference() {
-        if !crate::Isa::Amx.supported() {
+        if !crate::Level::Amx.supported() {
             eprintln!("no AMX here (or QWICK_MAX_ISA caps it): skipped");
             return;
         }
