@@ -136,14 +136,13 @@ pub struct MatmulJob<'a> {
     x: &'a [f32],
     m: usize,
     w: WeightView<'a>,
-    y: SendPtr<f32>,
-    _y: std::marker::PhantomData<&'a mut [f32]>,
+    y: SendPtr<'a, f32>,
 }
 
 impl<'a> MatmulJob<'a> {
     pub fn new(x: &'a [f32], m: usize, w: WeightView<'a>, y: &'a mut [f32]) -> Self {
         assert!(x.len() >= m * w.cols && y.len() >= m * w.rows, "matmul operand sizes");
-        MatmulJob { x, m, w, y: SendPtr::new(y), _y: std::marker::PhantomData }
+        MatmulJob { x, m, w, y: SendPtr::new(y) }
     }
 }
 

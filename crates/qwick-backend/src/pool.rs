@@ -321,24 +321,58 @@ impl Drop for ThreadPool {
     }
 }
 
-/// A raw pointer that may be shared with pool threads writing disjoint parts of a buffer.
-#[derive(Clone, Copy)]
-pub struct SendPtr<T>(pub *mut T);
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
+/// A mutable slice shared with pool threads that each write a disjoint part of it: it keeps
+/// the borrow it came from (so it cannot outlive the slice) and the slice's length (so parts
+/// are bounds-checked); only the disjointness is the caller's to promise.
+pub struct SendPtr<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _borrow: std::marker::PhantomData<&'a mut [T]>,
+}
 
-impl<T> SendPtr<T> {
-    pub fn new(s: &mut [T]) -> Self {
-        SendPtr(s.as_mut_ptr())
+// SAFETY: a `SendPtr` is a `&mut [T]` whose parts threads take one each (`slice` demands the
+// parts be disjoint), which is sound to move or share across threads exactly when `&mut [T]`
+// is: when `T: Send`.
+unsafe impl<T: Send> Send for SendPtr<'_, T> {}
+// SAFETY: as for `Send`: shared, it only hands out disjoint `&mut` parts.
+unsafe impl<T: Send> Sync for SendPtr<'_, T> {}
+
+impl<T> Clone for SendPtr<'_, T> {
+    fn clone(&self) -> Self {
+        *self
     }
+}
+impl<T> Copy for SendPtr<'_, T> {}
+
+impl<'a, T> SendPtr<'a, T> {
+    pub fn new(s: &'a mut [T]) -> Self {
+        SendPtr { ptr: s.as_mut_ptr(), len: s.len(), _borrow: std::marker::PhantomData }
+    }
+
+    /// The first element, for kernels that take raw pointers (writing through it is
+    /// `unsafe` as with any raw pointer; its extent is [`SendPtr::len`]).
     pub fn ptr(&self) -> *mut T {
-        self.0
+        self.ptr
     }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Elements `off..off + len` (panics when out of bounds).
+    ///
     /// # Safety
-    /// The caller guarantees `off..off+len` is in bounds and no other thread touches it.
+    /// No other thread reads or writes these elements while the returned slice lives.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice(&self, off: usize, len: usize) -> &mut [T] {
-        std::slice::from_raw_parts_mut(self.0.add(off), len)
+    pub unsafe fn slice(&self, off: usize, len: usize) -> &'a mut [T] {
+        assert!(off.checked_add(len).is_some_and(|end| end <= self.len), "part {off}+{len} of {} elements", self.len);
+        // SAFETY: in bounds of the borrowed slice (checked above), which lives for 'a; the
+        // caller promises no other thread touches this part meanwhile.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }
     }
 }
 
