@@ -349,33 +349,57 @@ mod x86 {
 
     /// 16 K/V elements from element `i` of `p` (format number `D`: 0 f32, 1 bf16, 2 f16) as
     /// f32, lanes outside `mask` zero.
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables
+    /// (`avx512f,avx512bw,avx512vl,avx512dq,fma,f16c`); `p` holds K/V elements of format `D`
+    /// readable from element `i` through the lanes of `mask`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
     unsafe fn load16<const D: u8>(p: *const u8, i: usize, mask: __mmask16) -> __m512 {
-        match D {
-            0 => _mm512_maskz_loadu_ps(mask, (p as *const f32).add(i)),
-            1 => _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (p as *const i16).add(i))),
-                16,
-            )),
-            _ => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (p as *const i16).add(i))),
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            match D {
+                0 => _mm512_maskz_loadu_ps(mask, (p as *const f32).add(i)),
+                1 => _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (p as *const i16).add(i))),
+                    16,
+                )),
+                _ => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (p as *const i16).add(i))),
+            }
         }
     }
 
     /// Element `i` of `p` as f32 (see [`load16`]).
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables
+    /// (`avx512f,avx512bw,avx512vl,avx512dq,fma,f16c`); element `i` of `p` (format `D`) is
+    /// readable.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
     unsafe fn load1<const D: u8>(p: *const u8, i: usize) -> f32 {
-        match D {
-            0 => *(p as *const f32).add(i),
-            1 => f32::from_bits((*(p as *const u16).add(i) as u32) << 16),
-            _ => _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*(p as *const u16).add(i) as i32))),
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            match D {
+                0 => *(p as *const f32).add(i),
+                1 => f32::from_bits((*(p as *const u16).add(i) as u32) << 16),
+                _ => _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*(p as *const u16).add(i) as i32))),
+            }
         }
     }
 
     /// AVX-512 attention for head_dim ≤ 16·N over K/V of format number `D`: each query head
     /// and each output row lives in N registers; the last chunk is masked when head_dim is not
     /// a multiple of 16.
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables
+    /// (`avx512f,avx512bw,avx512vl,avx512dq,fma,f16c`); `head_dim` ≤ 16·N; the K/V blocks `kv`
+    /// names hold format `D` and every position the call reads; the operands have the sizes
+    /// [`super::attend_one`] checks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn attend_avx512<const D: u8, const N: usize>(
@@ -389,51 +413,55 @@ mod x86 {
         lse: &mut [f32],
         out: &mut [f32],
     ) {
-        let hd = kv.head_dim;
-        let group = q.len() / hd;
-        let tail = hd - (N - 1) * 16;
-        let last: __mmask16 = if tail == 16 { 0xffff } else { ((1u32 << tail) - 1) as __mmask16 };
-        let mask = |c: usize| if c == N - 1 { last } else { 0xffff };
-        let (kp, vp, sp) = (kv.k.as_ptr(), kv.v.as_ptr(), scores.as_mut_ptr());
-        // Every key's offset, padded to a multiple of 4 with the first (their scores unused).
-        let mut offs = Vec::with_capacity(ctx_len + 3);
-        for_each_key(&kv, table, kvh, ctx_len, |_, row| offs.push(row));
-        offs.resize(ctx_len.next_multiple_of(4), offs[0]);
-        // The query heads, scaled, in whole vectors.
-        let mut qs = vec![0f32; group * N * 16];
-        for g in 0..group {
-            for d in 0..hd {
-                qs[g * N * 16 + d] = q[g * hd + d] * scale;
-            }
-        }
-        // Scores four keys at a time: four independent FMA chains, each key's K read from L1
-        // by every query head after the first.
-        for j0 in (0..ctx_len).step_by(4) {
-            let o = [offs[j0], offs[j0 + 1], offs[j0 + 2], offs[j0 + 3]];
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let hd = kv.head_dim;
+            let group = q.len() / hd;
+            let tail = hd - (N - 1) * 16;
+            let last: __mmask16 = if tail == 16 { 0xffff } else { ((1u32 << tail) - 1) as __mmask16 };
+            let mask = |c: usize| if c == N - 1 { last } else { 0xffff };
+            let (kp, vp, sp) = (kv.k.as_ptr(), kv.v.as_ptr(), scores.as_mut_ptr());
+            // Every key's offset, padded to a multiple of 4 with the first (their scores unused).
+            let mut offs = Vec::with_capacity(ctx_len + 3);
+            for_each_key(&kv, table, kvh, ctx_len, |_, row| offs.push(row));
+            offs.resize(ctx_len.next_multiple_of(4), offs[0]);
+            // The query heads, scaled, in whole vectors.
+            let mut qs = vec![0f32; group * N * 16];
             for g in 0..group {
-                let mut acc = [_mm512_setzero_ps(); 4];
-                for c in 0..N {
-                    let qv = _mm512_loadu_ps(qs.as_ptr().add(g * N * 16 + c * 16));
-                    for (a, &row) in acc.iter_mut().zip(&o) {
-                        *a = _mm512_fmadd_ps(qv, load16::<D>(kp, row + c * 16, mask(c)), *a);
+                for d in 0..hd {
+                    qs[g * N * 16 + d] = q[g * hd + d] * scale;
+                }
+            }
+            // Scores four keys at a time: four independent FMA chains, each key's K read from L1
+            // by every query head after the first.
+            for j0 in (0..ctx_len).step_by(4) {
+                let o = [offs[j0], offs[j0 + 1], offs[j0 + 2], offs[j0 + 3]];
+                for g in 0..group {
+                    let mut acc = [_mm512_setzero_ps(); 4];
+                    for c in 0..N {
+                        let qv = _mm512_loadu_ps(qs.as_ptr().add(g * N * 16 + c * 16));
+                        for (a, &row) in acc.iter_mut().zip(&o) {
+                            *a = _mm512_fmadd_ps(qv, load16::<D>(kp, row + c * 16, mask(c)), *a);
+                        }
+                    }
+                    for (u, a) in acc.iter().enumerate().take(ctx_len - j0) {
+                        *sp.add(g * ctx_len + j0 + u) = _mm512_reduce_add_ps(*a);
                     }
                 }
-                for (u, a) in acc.iter().enumerate().take(ctx_len - j0) {
-                    *sp.add(g * ctx_len + j0 + u) = _mm512_reduce_add_ps(*a);
-                }
             }
-        }
-        softmax16(scores, ctx_len, lse);
-        for g in 0..group {
-            let mut acc = [_mm512_setzero_ps(); N];
-            for_each_key(&kv, table, kvh, ctx_len, |j, row| {
-                let p = _mm512_set1_ps(*sp.add(g * ctx_len + j));
-                for (c, r) in acc.iter_mut().enumerate() {
-                    *r = _mm512_fmadd_ps(p, load16::<D>(vp, row + c * 16, mask(c)), *r);
+            softmax16(scores, ctx_len, lse);
+            for g in 0..group {
+                let mut acc = [_mm512_setzero_ps(); N];
+                for_each_key(&kv, table, kvh, ctx_len, |j, row| {
+                    let p = _mm512_set1_ps(*sp.add(g * ctx_len + j));
+                    for (c, r) in acc.iter_mut().enumerate() {
+                        *r = _mm512_fmadd_ps(p, load16::<D>(vp, row + c * 16, mask(c)), *r);
+                    }
+                });
+                for (c, r) in acc.iter().enumerate() {
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add(g * hd + c * 16), mask(c), *r);
                 }
-            });
-            for (c, r) in acc.iter().enumerate() {
-                _mm512_mask_storeu_ps(out.as_mut_ptr().add(g * hd + c * 16), mask(c), *r);
             }
         }
     }
@@ -460,112 +488,125 @@ mod x86 {
         lse: &mut [f32],
         out: &mut [f32],
     ) {
-        let hd = kv.head_dim;
-        debug_assert_eq!(hd, 32 * NP);
-        let group = q.len() / hd;
-        let (kp, vp, sp) = (kv.k.as_ptr() as *const u16, kv.v.as_ptr() as *const u16, scores.as_mut_ptr());
-        let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-        let split = |v: __m512i| {
-            (_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_castsi512_ps(_mm512_and_si512(v, high)))
-        };
-        let mut offs = Vec::with_capacity(ctx_len + 3);
-        for_each_key(&kv, table, kvh, ctx_len, |_, row| offs.push(row));
-        offs.resize(ctx_len.next_multiple_of(4), offs[0]);
-        let mut qs = vec![0f32; group * hd];
-        for g in 0..group {
-            for c in 0..NP {
-                for i in 0..16 {
-                    qs[g * hd + 32 * c + i] = q[g * hd + 32 * c + 2 * i] * scale;
-                    qs[g * hd + 32 * c + 16 + i] = q[g * hd + 32 * c + 2 * i + 1] * scale;
-                }
-            }
-        }
-        // Rows of keys and values are scattered (one KV head of each token): fetch ahead.
-        let ahead = |p: *const u16, row: usize| {
-            for c in 0..NP {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(row + 32 * c) as *const i8);
-            }
-        };
-        // Scores, four keys at a time (four independent FMA chains).
-        for j0 in (0..ctx_len).step_by(4) {
-            let o = [offs[j0], offs[j0 + 1], offs[j0 + 2], offs[j0 + 3]];
-            for &row in offs.iter().skip(j0 + 8).take(4) {
-                ahead(kp, row);
-            }
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let hd = kv.head_dim;
+            debug_assert_eq!(hd, 32 * NP);
+            let group = q.len() / hd;
+            let (kp, vp, sp) = (kv.k.as_ptr() as *const u16, kv.v.as_ptr() as *const u16, scores.as_mut_ptr());
+            let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+            let split = |v: __m512i| {
+                (_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_castsi512_ps(_mm512_and_si512(v, high)))
+            };
+            let mut offs = Vec::with_capacity(ctx_len + 3);
+            for_each_key(&kv, table, kvh, ctx_len, |_, row| offs.push(row));
+            offs.resize(ctx_len.next_multiple_of(4), offs[0]);
+            let mut qs = vec![0f32; group * hd];
             for g in 0..group {
-                let mut acc = [_mm512_setzero_ps(); 4];
                 for c in 0..NP {
-                    let qe = _mm512_loadu_ps(qs.as_ptr().add(g * hd + 32 * c));
-                    let qo = _mm512_loadu_ps(qs.as_ptr().add(g * hd + 32 * c + 16));
-                    for (a, &row) in acc.iter_mut().zip(&o) {
-                        let (ke, ko) = split(_mm512_loadu_si512(kp.add(row + 32 * c) as *const _));
-                        *a = _mm512_fmadd_ps(qo, ko, _mm512_fmadd_ps(qe, ke, *a));
+                    for i in 0..16 {
+                        qs[g * hd + 32 * c + i] = q[g * hd + 32 * c + 2 * i] * scale;
+                        qs[g * hd + 32 * c + 16 + i] = q[g * hd + 32 * c + 2 * i + 1] * scale;
                     }
                 }
-                for (u, a) in acc.iter().enumerate().take(ctx_len - j0) {
-                    *sp.add(g * ctx_len + j0 + u) = _mm512_reduce_add_ps(*a);
-                }
             }
-        }
-        softmax16(scores, ctx_len, lse);
-        // Output rows in split order: 2·NP accumulators per query head.
-        for g in 0..group {
-            let mut even = [_mm512_setzero_ps(); NP];
-            let mut odd = [_mm512_setzero_ps(); NP];
-            for (j, &row) in offs.iter().enumerate().take(ctx_len) {
-                if let Some(&next) = offs.get(j + 6) {
-                    ahead(vp, next);
-                }
-                let p = _mm512_set1_ps(*sp.add(g * ctx_len + j));
+            // Rows of keys and values are scattered (one KV head of each token): fetch ahead.
+            let ahead = |p: *const u16, row: usize| {
                 for c in 0..NP {
-                    let (ve, vo) = split(_mm512_loadu_si512(vp.add(row + 32 * c) as *const _));
-                    even[c] = _mm512_fmadd_ps(p, ve, even[c]);
-                    odd[c] = _mm512_fmadd_ps(p, vo, odd[c]);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(row + 32 * c) as *const i8);
+                }
+            };
+            // Scores, four keys at a time (four independent FMA chains).
+            for j0 in (0..ctx_len).step_by(4) {
+                let o = [offs[j0], offs[j0 + 1], offs[j0 + 2], offs[j0 + 3]];
+                for &row in offs.iter().skip(j0 + 8).take(4) {
+                    ahead(kp, row);
+                }
+                for g in 0..group {
+                    let mut acc = [_mm512_setzero_ps(); 4];
+                    for c in 0..NP {
+                        let qe = _mm512_loadu_ps(qs.as_ptr().add(g * hd + 32 * c));
+                        let qo = _mm512_loadu_ps(qs.as_ptr().add(g * hd + 32 * c + 16));
+                        for (a, &row) in acc.iter_mut().zip(&o) {
+                            let (ke, ko) = split(_mm512_loadu_si512(kp.add(row + 32 * c) as *const _));
+                            *a = _mm512_fmadd_ps(qo, ko, _mm512_fmadd_ps(qe, ke, *a));
+                        }
+                    }
+                    for (u, a) in acc.iter().enumerate().take(ctx_len - j0) {
+                        *sp.add(g * ctx_len + j0 + u) = _mm512_reduce_add_ps(*a);
+                    }
                 }
             }
-            for c in 0..NP {
-                let (mut e, mut o) = ([0f32; 16], [0f32; 16]);
-                _mm512_storeu_ps(e.as_mut_ptr(), even[c]);
-                _mm512_storeu_ps(o.as_mut_ptr(), odd[c]);
-                for i in 0..16 {
-                    out[g * hd + 32 * c + 2 * i] = e[i];
-                    out[g * hd + 32 * c + 2 * i + 1] = o[i];
+            softmax16(scores, ctx_len, lse);
+            // Output rows in split order: 2·NP accumulators per query head.
+            for g in 0..group {
+                let mut even = [_mm512_setzero_ps(); NP];
+                let mut odd = [_mm512_setzero_ps(); NP];
+                for (j, &row) in offs.iter().enumerate().take(ctx_len) {
+                    if let Some(&next) = offs.get(j + 6) {
+                        ahead(vp, next);
+                    }
+                    let p = _mm512_set1_ps(*sp.add(g * ctx_len + j));
+                    for c in 0..NP {
+                        let (ve, vo) = split(_mm512_loadu_si512(vp.add(row + 32 * c) as *const _));
+                        even[c] = _mm512_fmadd_ps(p, ve, even[c]);
+                        odd[c] = _mm512_fmadd_ps(p, vo, odd[c]);
+                    }
+                }
+                for c in 0..NP {
+                    let (mut e, mut o) = ([0f32; 16], [0f32; 16]);
+                    _mm512_storeu_ps(e.as_mut_ptr(), even[c]);
+                    _mm512_storeu_ps(o.as_mut_ptr(), odd[c]);
+                    for i in 0..16 {
+                        out[g * hd + 32 * c + 2 * i] = e[i];
+                        out[g * hd + 32 * c + 2 * i + 1] = o[i];
+                    }
                 }
             }
         }
     }
 
     /// Softmax of each `ctx_len` row of `scores` in place, 16 lanes at a time.
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables
+    /// (`avx512f,avx512bw,avx512vl,avx512dq,fma`); `scores` holds whole rows of `ctx_len` values
+    /// and `lse` one value per row.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
     unsafe fn softmax16(scores: &mut [f32], ctx_len: usize, lse: &mut [f32]) {
-        let lanes = |i: usize| -> __mmask16 {
-            let n = (ctx_len - i).min(16);
-            if n == 16 {
-                0xffff
-            } else {
-                ((1u32 << n) - 1) as __mmask16
-            }
-        };
-        for (row, l) in scores.chunks_exact_mut(ctx_len).zip(lse.iter_mut()) {
-            let p = row.as_mut_ptr();
-            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
-            for i in (0..ctx_len).step_by(16) {
-                m = _mm512_mask_max_ps(m, lanes(i), m, _mm512_maskz_loadu_ps(lanes(i), p.add(i)));
-            }
-            let m = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-            let mut sum = _mm512_setzero_ps();
-            for i in (0..ctx_len).step_by(16) {
-                let x = _mm512_maskz_loadu_ps(lanes(i), p.add(i));
-                let e = _mm512_maskz_mov_ps(lanes(i), exp16(_mm512_sub_ps(x, m)));
-                _mm512_mask_storeu_ps(p.add(i), lanes(i), e);
-                sum = _mm512_add_ps(sum, e);
-            }
-            let total = _mm512_reduce_add_ps(sum);
-            *l = _mm512_reduce_max_ps(m) + total.ln();
-            let inv = _mm512_set1_ps(1.0 / total);
-            for i in (0..ctx_len).step_by(16) {
-                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(i), p.add(i)), inv);
-                _mm512_mask_storeu_ps(p.add(i), lanes(i), v);
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let lanes = |i: usize| -> __mmask16 {
+                let n = (ctx_len - i).min(16);
+                if n == 16 {
+                    0xffff
+                } else {
+                    ((1u32 << n) - 1) as __mmask16
+                }
+            };
+            for (row, l) in scores.chunks_exact_mut(ctx_len).zip(lse.iter_mut()) {
+                let p = row.as_mut_ptr();
+                let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+                for i in (0..ctx_len).step_by(16) {
+                    m = _mm512_mask_max_ps(m, lanes(i), m, _mm512_maskz_loadu_ps(lanes(i), p.add(i)));
+                }
+                let m = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+                let mut sum = _mm512_setzero_ps();
+                for i in (0..ctx_len).step_by(16) {
+                    let x = _mm512_maskz_loadu_ps(lanes(i), p.add(i));
+                    let e = _mm512_maskz_mov_ps(lanes(i), exp16(_mm512_sub_ps(x, m)));
+                    _mm512_mask_storeu_ps(p.add(i), lanes(i), e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                let total = _mm512_reduce_add_ps(sum);
+                *l = _mm512_reduce_max_ps(m) + total.ln();
+                let inv = _mm512_set1_ps(1.0 / total);
+                for i in (0..ctx_len).step_by(16) {
+                    let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(i), p.add(i)), inv);
+                    _mm512_mask_storeu_ps(p.add(i), lanes(i), v);
+                }
             }
         }
     }
@@ -573,7 +614,7 @@ mod x86 {
     /// e^x for 16 lanes (the polynomial of `ops::exp_poly`); -inf gives 0.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
-    unsafe fn exp16(x: __m512) -> __m512 {
+    fn exp16(x: __m512) -> __m512 {
         let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.5)), _mm512_set1_ps(-87.5));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
             x,
@@ -595,6 +636,12 @@ mod x86 {
     /// vector over the rows, so the online softmax (running max and sum), the causal mask and
     /// the output update run for all rows at once. The output is kept transposed (a vector of
     /// rows per dimension).
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables
+    /// (`avx512f,avx512bw,avx512vl,avx512dq,fma,f16c`); the K/V blocks `kv` names hold format `D`
+    /// and every position the rows read; the operands have the sizes [`super::attend_rows`]'s
+    /// caller checks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
     #[allow(clippy::type_complexity)]
     pub unsafe fn attend_rows<const D: u8>(
@@ -613,89 +660,93 @@ mod x86 {
             &mut Vec<f32>,
         ),
     ) {
-        let hd = kv.head_dim;
-        let rows = len * group;
-        debug_assert!(rows <= 16);
-        let bs = kv.block_size;
-        scratch.clear();
-        scratch.resize(2 * hd * 16, 0.0);
-        let (qt, ot) = scratch.split_at_mut(hd * 16);
-        for t in 0..len {
-            for g in 0..group {
-                let r = t * group + g;
-                let src = &q[((tok0 + t) * n_heads + kvh * group + g) * hd..][..hd];
-                for (d, &v) in src.iter().enumerate() {
-                    qt[d * 16 + r] = v * scale;
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let hd = kv.head_dim;
+            let rows = len * group;
+            debug_assert!(rows <= 16);
+            let bs = kv.block_size;
+            scratch.clear();
+            scratch.resize(2 * hd * 16, 0.0);
+            let (qt, ot) = scratch.split_at_mut(hd * 16);
+            for t in 0..len {
+                for g in 0..group {
+                    let r = t * group + g;
+                    let src = &q[((tok0 + t) * n_heads + kvh * group + g) * hd..][..hd];
+                    for (d, &v) in src.iter().enumerate() {
+                        qt[d * 16 + r] = v * scale;
+                    }
                 }
             }
-        }
-        // Each lane's position; lanes past the rows see every key (their results are unused).
-        let mut pos = [i32::MAX; 16];
-        for (r, p) in pos.iter_mut().enumerate().take(rows) {
-            *p = (pos0 + r / group) as i32;
-        }
-        let posv = _mm512_loadu_si512(pos.as_ptr() as *const _);
-        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
-        let mut l = _mm512_setzero_ps();
-        let ctx = pos0 + len;
-        let mut offs = [0usize; 16];
-        let mut kb = 0;
-        while kb < ctx {
-            let nk = (ctx - kb).min(16);
-            for (jj, off) in offs.iter_mut().enumerate() {
-                // Keys past the context repeat the first (masked out below).
-                let j = kb + if jj < nk { jj } else { 0 };
-                *off = kv.row(table[j / bs] as usize, kvh, j % bs);
+            // Each lane's position; lanes past the rows see every key (their results are unused).
+            let mut pos = [i32::MAX; 16];
+            for (r, p) in pos.iter_mut().enumerate().take(rows) {
+                *p = (pos0 + r / group) as i32;
             }
-            // Scores: s[j] lane r = q_r · k_j.
-            let mut s = [_mm512_setzero_ps(); 16];
-            let kp = kv.k.as_ptr();
-            for d in 0..hd {
-                let qd = _mm512_loadu_ps(qt.as_ptr().add(d * 16));
-                for (j, sj) in s.iter_mut().enumerate() {
-                    *sj = _mm512_fmadd_ps(_mm512_set1_ps(load1::<D>(kp, offs[j] + d)), qd, *sj);
+            let posv = _mm512_loadu_si512(pos.as_ptr() as *const _);
+            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut l = _mm512_setzero_ps();
+            let ctx = pos0 + len;
+            let mut offs = [0usize; 16];
+            let mut kb = 0;
+            while kb < ctx {
+                let nk = (ctx - kb).min(16);
+                for (jj, off) in offs.iter_mut().enumerate() {
+                    // Keys past the context repeat the first (masked out below).
+                    let j = kb + if jj < nk { jj } else { 0 };
+                    *off = kv.row(table[j / bs] as usize, kvh, j % bs);
                 }
-            }
-            // Causal mask, block maximum, rescale of the running sums.
-            let mut valid = [0 as __mmask16; 16];
-            let mut mb = m;
-            for (j, sj) in s.iter_mut().enumerate() {
-                valid[j] = if j < nk {
-                    _mm512_cmp_epi32_mask::<_MM_CMPINT_NLT>(posv, _mm512_set1_epi32((kb + j) as i32))
-                } else {
-                    0
-                };
-                mb = _mm512_mask_max_ps(mb, valid[j], mb, *sj);
-            }
-            // Lanes that have seen no key yet keep a running max of -inf: no rescale there.
-            let seen = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(m, _mm512_set1_ps(f32::NEG_INFINITY));
-            let corr = _mm512_mask_blend_ps(seen, _mm512_set1_ps(1.0), exp16(_mm512_sub_ps(m, mb)));
-            let mut sum = _mm512_setzero_ps();
-            for (j, sj) in s.iter_mut().enumerate() {
-                *sj = _mm512_maskz_mov_ps(valid[j], exp16(_mm512_sub_ps(*sj, mb)));
-                sum = _mm512_add_ps(sum, *sj);
-            }
-            l = _mm512_fmadd_ps(l, corr, sum);
-            m = mb;
-            // Output: o[d] lane r = o[d]·corr + Σ_j p[j]·v_j[d].
-            let vp = kv.v.as_ptr();
-            for d in 0..hd {
-                let mut o = _mm512_mul_ps(_mm512_loadu_ps(ot.as_ptr().add(d * 16)), corr);
-                for (j, pj) in s.iter().enumerate() {
-                    o = _mm512_fmadd_ps(*pj, _mm512_set1_ps(load1::<D>(vp, offs[j] + d)), o);
-                }
-                _mm512_storeu_ps(ot.as_mut_ptr().add(d * 16), o);
-            }
-            kb += 16;
-        }
-        let mut inv = [0f32; 16];
-        _mm512_storeu_ps(inv.as_mut_ptr(), _mm512_div_ps(_mm512_set1_ps(1.0), l));
-        for t in 0..len {
-            for g in 0..group {
-                let r = t * group + g;
-                let dst = out.add(((tok0 + t) * n_heads + kvh * group + g) * hd);
+                // Scores: s[j] lane r = q_r · k_j.
+                let mut s = [_mm512_setzero_ps(); 16];
+                let kp = kv.k.as_ptr();
                 for d in 0..hd {
-                    *dst.add(d) = ot[d * 16 + r] * inv[r];
+                    let qd = _mm512_loadu_ps(qt.as_ptr().add(d * 16));
+                    for (j, sj) in s.iter_mut().enumerate() {
+                        *sj = _mm512_fmadd_ps(_mm512_set1_ps(load1::<D>(kp, offs[j] + d)), qd, *sj);
+                    }
+                }
+                // Causal mask, block maximum, rescale of the running sums.
+                let mut valid = [0 as __mmask16; 16];
+                let mut mb = m;
+                for (j, sj) in s.iter_mut().enumerate() {
+                    valid[j] = if j < nk {
+                        _mm512_cmp_epi32_mask::<_MM_CMPINT_NLT>(posv, _mm512_set1_epi32((kb + j) as i32))
+                    } else {
+                        0
+                    };
+                    mb = _mm512_mask_max_ps(mb, valid[j], mb, *sj);
+                }
+                // Lanes that have seen no key yet keep a running max of -inf: no rescale there.
+                let seen = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(m, _mm512_set1_ps(f32::NEG_INFINITY));
+                let corr = _mm512_mask_blend_ps(seen, _mm512_set1_ps(1.0), exp16(_mm512_sub_ps(m, mb)));
+                let mut sum = _mm512_setzero_ps();
+                for (j, sj) in s.iter_mut().enumerate() {
+                    *sj = _mm512_maskz_mov_ps(valid[j], exp16(_mm512_sub_ps(*sj, mb)));
+                    sum = _mm512_add_ps(sum, *sj);
+                }
+                l = _mm512_fmadd_ps(l, corr, sum);
+                m = mb;
+                // Output: o[d] lane r = o[d]·corr + Σ_j p[j]·v_j[d].
+                let vp = kv.v.as_ptr();
+                for d in 0..hd {
+                    let mut o = _mm512_mul_ps(_mm512_loadu_ps(ot.as_ptr().add(d * 16)), corr);
+                    for (j, pj) in s.iter().enumerate() {
+                        o = _mm512_fmadd_ps(*pj, _mm512_set1_ps(load1::<D>(vp, offs[j] + d)), o);
+                    }
+                    _mm512_storeu_ps(ot.as_mut_ptr().add(d * 16), o);
+                }
+                kb += 16;
+            }
+            let mut inv = [0f32; 16];
+            _mm512_storeu_ps(inv.as_mut_ptr(), _mm512_div_ps(_mm512_set1_ps(1.0), l));
+            for t in 0..len {
+                for g in 0..group {
+                    let r = t * group + g;
+                    let dst = out.add(((tok0 + t) * n_heads + kvh * group + g) * hd);
+                    for d in 0..hd {
+                        *dst.add(d) = ot[d * 16 + r] * inv[r];
+                    }
                 }
             }
         }

@@ -77,72 +77,76 @@ mod x86 {
     /// The CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn sum(pattern: Pattern, x: &[u8]) -> u64 {
-        const ROW: usize = 4096;
-        let p = x.as_ptr();
-        let mut acc = [_mm512_setzero_si512(); 8];
-        let whole = match pattern {
-            Pattern::Stream | Pattern::StreamPrefetch => {
-                let lines = x.len() / 512;
-                for b in 0..lines {
-                    let base = p.add(b * 512);
-                    if pattern == Pattern::StreamPrefetch {
-                        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(2048) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(2048 + 256) as *const i8);
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            const ROW: usize = 4096;
+            let p = x.as_ptr();
+            let mut acc = [_mm512_setzero_si512(); 8];
+            let whole = match pattern {
+                Pattern::Stream | Pattern::StreamPrefetch => {
+                    let lines = x.len() / 512;
+                    for b in 0..lines {
+                        let base = p.add(b * 512);
+                        if pattern == Pattern::StreamPrefetch {
+                            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(2048) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(2048 + 256) as *const i8);
+                        }
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            *a = _mm512_add_epi64(*a, _mm512_loadu_si512(base.add(64 * r) as *const _));
+                        }
                     }
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_add_epi64(*a, _mm512_loadu_si512(base.add(64 * r) as *const _));
-                    }
+                    lines * 512
                 }
-                lines * 512
-            }
-            Pattern::StreamFar => {
-                let lines = x.len() / 512;
-                for b in 0..lines {
-                    let base = p.add(b * 512);
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(4096 + 64 * r) as *const i8);
-                        *a = _mm512_add_epi64(*a, _mm512_loadu_si512(base.add(64 * r) as *const _));
+                Pattern::StreamFar => {
+                    let lines = x.len() / 512;
+                    for b in 0..lines {
+                        let base = p.add(b * 512);
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(4096 + 64 * r) as *const i8);
+                            *a = _mm512_add_epi64(*a, _mm512_loadu_si512(base.add(64 * r) as *const _));
+                        }
                     }
+                    lines * 512
                 }
-                lines * 512
-            }
-            Pattern::TwoStreams => {
-                let half = x.len() / 1024 * 512;
-                for b in 0..half / 512 {
-                    for (h, accs) in acc.chunks_exact_mut(4).enumerate() {
-                        let base = p.add(h * half + b * 512);
-                        for (r, a) in accs.iter_mut().enumerate() {
-                            for l in [2 * r, 2 * r + 1] {
-                                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(4096 + 64 * l) as *const i8);
-                                *a = _mm512_add_epi64(*a, _mm512_loadu_si512(base.add(64 * l) as *const _));
+                Pattern::TwoStreams => {
+                    let half = x.len() / 1024 * 512;
+                    for b in 0..half / 512 {
+                        for (h, accs) in acc.chunks_exact_mut(4).enumerate() {
+                            let base = p.add(h * half + b * 512);
+                            for (r, a) in accs.iter_mut().enumerate() {
+                                for l in [2 * r, 2 * r + 1] {
+                                    _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(4096 + 64 * l) as *const i8);
+                                    *a = _mm512_add_epi64(*a, _mm512_loadu_si512(base.add(64 * l) as *const _));
+                                }
                             }
                         }
                     }
+                    2 * half
                 }
-                2 * half
-            }
-            Pattern::Rows => {
-                let blocks = x.len() / (4 * ROW);
-                for b in 0..blocks {
-                    let base = p.add(b * 4 * ROW);
-                    for c in (0..ROW).step_by(128) {
-                        for r in 0..4 {
-                            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add((r + 4) * ROW + c) as *const i8);
-                            let row = base.add(r * ROW + c);
-                            acc[2 * r] = _mm512_add_epi64(acc[2 * r], _mm512_loadu_si512(row as *const _));
-                            acc[2 * r + 1] =
-                                _mm512_add_epi64(acc[2 * r + 1], _mm512_loadu_si512(row.add(64) as *const _));
+                Pattern::Rows => {
+                    let blocks = x.len() / (4 * ROW);
+                    for b in 0..blocks {
+                        let base = p.add(b * 4 * ROW);
+                        for c in (0..ROW).step_by(128) {
+                            for r in 0..4 {
+                                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add((r + 4) * ROW + c) as *const i8);
+                                let row = base.add(r * ROW + c);
+                                acc[2 * r] = _mm512_add_epi64(acc[2 * r], _mm512_loadu_si512(row as *const _));
+                                acc[2 * r + 1] =
+                                    _mm512_add_epi64(acc[2 * r + 1], _mm512_loadu_si512(row.add(64) as *const _));
+                            }
                         }
                     }
+                    blocks * 4 * ROW
                 }
-                blocks * 4 * ROW
+            };
+            let mut total = 0u64;
+            for a in acc {
+                total = total.wrapping_add(_mm512_reduce_add_epi64(a) as u64);
             }
-        };
-        let mut total = 0u64;
-        for a in acc {
-            total = total.wrapping_add(_mm512_reduce_add_epi64(a) as u64);
+            x[whole..].chunks_exact(8).fold(total, |a, b| a.wrapping_add(u64::from_le_bytes(b.try_into().unwrap())))
         }
-        x[whole..].chunks_exact(8).fold(total, |a, b| a.wrapping_add(u64::from_le_bytes(b.try_into().unwrap())))
     }
 }
 

@@ -32,8 +32,8 @@ pub fn worst_by(got: &[f32], want: &[f32], err: impl Fn(f32, f32) -> f32) -> Wor
     };
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let e = if g.is_finite() && w.is_finite() { err(g, w) } else { f32::INFINITY };
-        // `!(e <= worst)` also catches an `err` that returns NaN.
-        if !(e <= worst.err) {
+        // An `err` that returns NaN counts as infinite too.
+        if e.is_nan() || e > worst.err {
             worst = Worst { err: if e.is_nan() { f32::INFINITY } else { e }, index: i, got: g, want: w };
         }
     }

@@ -462,27 +462,31 @@ unsafe fn tn_avx512<const R: usize>(
     t: usize,
     c: *mut f32,
 ) -> usize {
-    use std::arch::x86_64::*;
-    for t0 in (0..t).step_by(64) {
-        let t1 = (t0 + 64).min(t);
-        for j0 in (0..nj).step_by(16) {
-            let mask: __mmask16 = if nj - j0 >= 16 { 0xffff } else { ((1u32 << (nj - j0)) - 1) as __mmask16 };
-            let mut acc = [_mm512_setzero_ps(); R];
-            for (q, v) in acc.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(mask, c.add(q * nj + j0));
-            }
-            for r in t0..t1 {
-                let bv = _mm512_maskz_loadu_ps(mask, b.add(r * nj + j0));
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        use std::arch::x86_64::*;
+        for t0 in (0..t).step_by(64) {
+            let t1 = (t0 + 64).min(t);
+            for j0 in (0..nj).step_by(16) {
+                let mask: __mmask16 = if nj - j0 >= 16 { 0xffff } else { ((1u32 << (nj - j0)) - 1) as __mmask16 };
+                let mut acc = [_mm512_setzero_ps(); R];
                 for (q, v) in acc.iter_mut().enumerate() {
-                    *v = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r * ni + i0 + q)), bv, *v);
+                    *v = _mm512_maskz_loadu_ps(mask, c.add(q * nj + j0));
+                }
+                for r in t0..t1 {
+                    let bv = _mm512_maskz_loadu_ps(mask, b.add(r * nj + j0));
+                    for (q, v) in acc.iter_mut().enumerate() {
+                        *v = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r * ni + i0 + q)), bv, *v);
+                    }
+                }
+                for (q, v) in acc.iter().enumerate() {
+                    _mm512_mask_storeu_ps(c.add(q * nj + j0), mask, *v);
                 }
             }
-            for (q, v) in acc.iter().enumerate() {
-                _mm512_mask_storeu_ps(c.add(q * nj + j0), mask, *v);
-            }
         }
+        R
     }
-    R
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //! forced with `QWICK_ISA=scalar|avx2|avx512|avx512vnni|avx512bf16`. Tests compare every variant the machine
 //! supports with the scalar one.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod alloc;
 pub mod attention;
 pub mod bandwidth;

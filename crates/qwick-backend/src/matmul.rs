@@ -620,6 +620,9 @@ pub fn round_rows_to_bf16(isa: Isa, x: &[f32], k: usize) -> Vec<u16> {
     out
 }
 
+/// # Safety
+/// `prep` was prepared from `x` for `w` and `ctx`; `w`'s data holds its rows in its format and
+/// layout; `y` is valid for writes of `m` rows of `ldy` floats at columns `cols` (within `w.rows`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul_cols_impl(
     ctx: Ctx,
@@ -631,40 +634,48 @@ unsafe fn matmul_cols_impl(
     ldy: usize,
     cols: std::ops::Range<usize>,
 ) {
-    if cols.is_empty() || m == 0 {
-        return;
-    }
-    match prep {
-        Prepared::Q8(a) => quant::matmul_q8(ctx.isa, a, w, y, ldy, cols),
-        #[cfg(target_arch = "x86_64")]
-        Prepared::Amx(a) => {
-            let src = match (w.layout, quant::tiles::spec(w.format)) {
-                (Layout::Tiles, Some(spec)) => quant::amx::Source::Tiles(spec),
-                (Layout::Tiles, None) => quant::amx::Source::Bf16Tiles,
-                (Layout::Transposed, _) => quant::amx::Source::Bf16Cols,
-                _ => quant::amx::Source::Bf16Rows,
-            };
-            quant::amx::matmul(src, a, w, y, ldy, cols)
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        if cols.is_empty() || m == 0 {
+            return;
         }
-        Prepared::Bf16(xb) => float_cols(ctx.isa, x, w.cols, xb, m, w, y, ldy, cols),
-        Prepared::Padded(xp, ldx) => float_cols(ctx.isa, xp, *ldx, &[], m, w, y, ldy, cols),
-        #[cfg(target_arch = "x86_64")]
-        Prepared::Split(xs, ldx) => x86::avx512::gemv_bf16_split(xs, *ldx, m, w, y, ldy, cols),
-        #[cfg(target_arch = "x86_64")]
-        Prepared::Rounded(xr) => x86::avx512::gemv_bf16_tiles(xr, m, w, y, ldy, cols),
-        #[cfg(not(target_arch = "x86_64"))]
-        Prepared::Rounded(..) => unreachable!("bf16 tiles are read by AMX kernels"),
-        #[cfg(not(target_arch = "x86_64"))]
-        Prepared::Split(..) => unreachable!("even/odd activations without AVX-512"),
-        Prepared::None if w.layout == Layout::Tiles => tiles_dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
-        Prepared::None if w.format.is_float() => float_cols(ctx.isa, x, w.cols, &[], m, w, y, ldy, cols),
-        Prepared::None => dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
+        match prep {
+            Prepared::Q8(a) => quant::matmul_q8(ctx.isa, a, w, y, ldy, cols),
+            #[cfg(target_arch = "x86_64")]
+            Prepared::Amx(a) => {
+                let src = match (w.layout, quant::tiles::spec(w.format)) {
+                    (Layout::Tiles, Some(spec)) => quant::amx::Source::Tiles(spec),
+                    (Layout::Tiles, None) => quant::amx::Source::Bf16Tiles,
+                    (Layout::Transposed, _) => quant::amx::Source::Bf16Cols,
+                    _ => quant::amx::Source::Bf16Rows,
+                };
+                quant::amx::matmul(src, a, w, y, ldy, cols)
+            }
+            Prepared::Bf16(xb) => float_cols(ctx.isa, x, w.cols, xb, m, w, y, ldy, cols),
+            Prepared::Padded(xp, ldx) => float_cols(ctx.isa, xp, *ldx, &[], m, w, y, ldy, cols),
+            #[cfg(target_arch = "x86_64")]
+            Prepared::Split(xs, ldx) => x86::avx512::gemv_bf16_split(xs, *ldx, m, w, y, ldy, cols),
+            #[cfg(target_arch = "x86_64")]
+            Prepared::Rounded(xr) => x86::avx512::gemv_bf16_tiles(xr, m, w, y, ldy, cols),
+            #[cfg(not(target_arch = "x86_64"))]
+            Prepared::Rounded(..) => unreachable!("bf16 tiles are read by AMX kernels"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Prepared::Split(..) => unreachable!("even/odd activations without AVX-512"),
+            Prepared::None if w.layout == Layout::Tiles => tiles_dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
+            Prepared::None if w.format.is_float() => float_cols(ctx.isa, x, w.cols, &[], m, w, y, ldy, cols),
+            Prepared::None => dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
+        }
     }
 }
 
 /// Quantized weights times f32 activations: rows of `w` are dequantized to f32 a few at a time
 /// and multiplied by the f32 kernels (the exact path, and the path of formats without integer
 /// kernels).
+///
+/// # Safety
+/// `isa` is supported; `x` holds `m` rows of `w.cols` values; `w`'s data holds its rows in its
+/// format; `y` is valid for writes of `m` rows of `ldy` floats at columns `cols` (within `w.rows`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn dequantized_cols(
     isa: Isa,
@@ -675,29 +686,37 @@ unsafe fn dequantized_cols(
     ldy: usize,
     cols: std::ops::Range<usize>,
 ) {
-    let k = w.cols;
-    let rb = w.row_bytes();
-    // 32 rows: one panel of the f32 GEMM; a few rows are enough for the GEMV.
-    let chunk = if m >= GEMM_MIN_ROWS { 32 } else { 8 };
-    let mut buf = vec![0f32; chunk * k];
-    let prep = match pad_stride(isa, m, k) {
-        Some(ldx) => Prepared::Padded(pad_rows(&x[..m * k], k, ldx), ldx),
-        None => Prepared::None,
-    };
-    let mut n = cols.start;
-    while n < cols.end {
-        let nr = (cols.end - n).min(chunk);
-        w.format.dequantize(&w.data[n * rb..(n + nr) * rb], &mut buf[..nr * k]);
-        let wf = WeightView::from_f32(&buf[..nr * k], nr, k);
-        match &prep {
-            Prepared::Padded(xp, ldx) => float_cols(isa, xp, *ldx, &[], m, &wf, y.add(n), ldy, 0..nr),
-            _ => float_cols(isa, x, k, &[], m, &wf, y.add(n), ldy, 0..nr),
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        let k = w.cols;
+        let rb = w.row_bytes();
+        // 32 rows: one panel of the f32 GEMM; a few rows are enough for the GEMV.
+        let chunk = if m >= GEMM_MIN_ROWS { 32 } else { 8 };
+        let mut buf = vec![0f32; chunk * k];
+        let prep = match pad_stride(isa, m, k) {
+            Some(ldx) => Prepared::Padded(pad_rows(&x[..m * k], k, ldx), ldx),
+            None => Prepared::None,
+        };
+        let mut n = cols.start;
+        while n < cols.end {
+            let nr = (cols.end - n).min(chunk);
+            w.format.dequantize(&w.data[n * rb..(n + nr) * rb], &mut buf[..nr * k]);
+            let wf = WeightView::from_f32(&buf[..nr * k], nr, k);
+            match &prep {
+                Prepared::Padded(xp, ldx) => float_cols(isa, xp, *ldx, &[], m, &wf, y.add(n), ldy, 0..nr),
+                _ => float_cols(isa, x, k, &[], m, &wf, y.add(n), ldy, 0..nr),
+            }
+            n += nr;
         }
-        n += nr;
     }
 }
 
 /// [`dequantized_cols`] for a weight in tiles: rows are read back to f32, 16 at a time.
+///
+/// # Safety
+/// `isa` is supported; `x` holds `m` rows of `w.cols` values; `w` is in tiles of its format; `y` is
+/// valid for writes of `m` rows of `ldy` floats at columns `cols` (within `w.rows`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn tiles_dequantized_cols(
     isa: Isa,
@@ -708,22 +727,31 @@ unsafe fn tiles_dequantized_cols(
     ldy: usize,
     cols: std::ops::Range<usize>,
 ) {
-    let k = w.cols;
-    let mut buf = vec![0f32; quant::tiles::ROWS * k];
-    let mut n = cols.start;
-    while n < cols.end {
-        let nr = (cols.end - n).min(quant::tiles::ROWS);
-        for (r, row) in buf[..nr * k].chunks_exact_mut(k).enumerate() {
-            quant::row_to_f32(w, n + r, row);
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        let k = w.cols;
+        let mut buf = vec![0f32; quant::tiles::ROWS * k];
+        let mut n = cols.start;
+        while n < cols.end {
+            let nr = (cols.end - n).min(quant::tiles::ROWS);
+            for (r, row) in buf[..nr * k].chunks_exact_mut(k).enumerate() {
+                quant::row_to_f32(w, n + r, row);
+            }
+            let wf = WeightView::from_f32(&buf[..nr * k], nr, k);
+            float_cols(isa, x, k, &[], m, &wf, y.add(n), ldy, 0..nr);
+            n += nr;
         }
-        let wf = WeightView::from_f32(&buf[..nr * k], nr, k);
-        float_cols(isa, x, k, &[], m, &wf, y.add(n), ldy, 0..nr);
-        n += nr;
     }
 }
 
 /// Float weights (f32, bf16, f16): `x` with row stride `ldx`; `xb` the bf16-rounded rows when
 /// the bf16 dot-product kernels run.
+///
+/// # Safety
+/// `isa` is supported; `x` holds `m` rows of `w.cols` values at stride `ldx` (or `xb` the same rows
+/// rounded to bf16, when not empty); `w` holds f32 or bf16 rows; `y` is valid for writes of `m`
+/// rows of `ldy` floats at columns `cols` (within `w.rows`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn float_cols(
     isa: Isa,
@@ -736,40 +764,52 @@ unsafe fn float_cols(
     ldy: usize,
     cols: std::ops::Range<usize>,
 ) {
-    match isa.level() {
-        // Activations rounded for the dot-product kernels (Bf16Mode::Dot, on any ISA).
-        #[cfg(target_arch = "x86_64")]
-        _ if w.format == Format::BF16 && !xb.is_empty() => x86::avx512bf16::matmul(xb, m, w, y, ldy, cols),
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512 | Level::Avx512Vnni | Level::Avx512Bf16 | Level::Amx => match w.format {
-            Format::F32 => x86::avx512::matmul::<0>(x, ldx, m, w, y, ldy, cols),
-            Format::BF16 => x86::avx512::matmul::<1>(x, ldx, m, w, y, ldy, cols),
-            _ => x86::avx512::matmul::<2>(x, ldx, m, w, y, ldy, cols),
-        },
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => match w.format {
-            Format::F32 => x86::avx2::matmul::<0>(x, m, w, y, ldy, cols),
-            Format::BF16 => x86::avx2::matmul::<1>(x, m, w, y, ldy, cols),
-            _ => x86::avx2::matmul::<2>(x, m, w, y, ldy, cols),
-        },
-        _ => scalar(x, m, w, y, ldy, cols),
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        match isa.level() {
+            // Activations rounded for the dot-product kernels (Bf16Mode::Dot, on any ISA).
+            #[cfg(target_arch = "x86_64")]
+            _ if w.format == Format::BF16 && !xb.is_empty() => x86::avx512bf16::matmul(xb, m, w, y, ldy, cols),
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 | Level::Avx512Vnni | Level::Avx512Bf16 | Level::Amx => match w.format {
+                Format::F32 => x86::avx512::matmul::<0>(x, ldx, m, w, y, ldy, cols),
+                Format::BF16 => x86::avx512::matmul::<1>(x, ldx, m, w, y, ldy, cols),
+                _ => x86::avx512::matmul::<2>(x, ldx, m, w, y, ldy, cols),
+            },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => match w.format {
+                Format::F32 => x86::avx2::matmul::<0>(x, m, w, y, ldy, cols),
+                Format::BF16 => x86::avx2::matmul::<1>(x, m, w, y, ldy, cols),
+                _ => x86::avx2::matmul::<2>(x, m, w, y, ldy, cols),
+            },
+            _ => scalar(x, m, w, y, ldy, cols),
+        }
     }
 }
 
 /// The reference: one f32 dot product per output, summed in order.
+///
+/// # Safety
+/// `x` holds `m` rows of `w.cols` values; `w`'s data holds its rows in its format; `y` is valid for
+/// writes of `m` rows of `ldy` floats at columns `cols` (within `w.rows`).
 unsafe fn scalar(x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
-    let k = w.cols;
-    let rbytes = w.row_bytes();
-    let mut row = vec![0f32; k];
-    for n in cols {
-        w.format.dequantize(&w.data[n * rbytes..(n + 1) * rbytes], &mut row);
-        for i in 0..m {
-            let xr = &x[i * k..(i + 1) * k];
-            let mut s = 0f32;
-            for kk in 0..k {
-                s += xr[kk] * row[kk];
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        let k = w.cols;
+        let rbytes = w.row_bytes();
+        let mut row = vec![0f32; k];
+        for n in cols {
+            w.format.dequantize(&w.data[n * rbytes..(n + 1) * rbytes], &mut row);
+            for i in 0..m {
+                let xr = &x[i * k..(i + 1) * k];
+                let mut s = 0f32;
+                for kk in 0..k {
+                    s += xr[kk] * row[kk];
+                }
+                *y.add(i * ldy + n) = s;
             }
-            *y.add(i * ldy + n) = s;
         }
     }
 }
@@ -864,32 +904,52 @@ mod x86 {
         const MR: usize = 12;
         const KC: usize = 256;
 
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,fma,f16c`); `p` is readable for 16 values of format `D`.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
         unsafe fn load16<const D: u8>(p: *const u8) -> __m512 {
-            match D {
-                F32 => _mm512_loadu_ps(p as *const f32),
-                BF16 => _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)),
-                    16,
-                )),
-                _ => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                match D {
+                    F32 => _mm512_loadu_ps(p as *const f32),
+                    BF16 => _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)),
+                        16,
+                    )),
+                    _ => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+                }
             }
         }
 
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,fma,f16c`); `p` is readable for the values of format `D` in
+        /// the lanes of `mask`.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
         unsafe fn load16_mask<const D: u8>(p: *const u8, mask: __mmask16) -> __m512 {
-            match D {
-                F32 => _mm512_maskz_loadu_ps(mask, p as *const f32),
-                BF16 => _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
-                    16,
-                )),
-                _ => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                match D {
+                    F32 => _mm512_maskz_loadu_ps(mask, p as *const f32),
+                    BF16 => _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
+                        16,
+                    )),
+                    _ => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
+                }
             }
         }
 
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,fma,f16c`); `x` holds `m` rows of `w.cols` values at stride
+        /// `ldx`; `w` holds rows of format `D`; `y` is valid for writes of `m` rows of `ldy` floats
+        /// at columns `cols` (within `w.rows`).
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
         #[allow(clippy::too_many_arguments)]
         pub unsafe fn matmul<const D: u8>(
@@ -901,13 +961,23 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            if m >= GEMM_MIN_ROWS || w.layout == Layout::Transposed {
-                gemm::<D>(x.as_ptr(), m, w, y, ldy, cols)
-            } else {
-                gemv::<D>(x.as_ptr(), ldx, m, w, y, ldy, cols)
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                if m >= GEMM_MIN_ROWS || w.layout == Layout::Transposed {
+                    gemm::<D>(x.as_ptr(), m, w, y, ldy, cols)
+                } else {
+                    gemv::<D>(x.as_ptr(), ldx, m, w, y, ldy, cols)
+                }
             }
         }
 
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,fma,f16c`); `x` holds `m` activation rows of `w.cols` values
+        /// (at stride `ldx` where given; bf16 pairs for the bf16 kernels); `w` holds rows in the
+        /// layout this kernel reads; `y` is valid for writes of `m` rows of `ldy` floats at columns
+        /// `cols` (within `w.rows`).
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
         unsafe fn gemv<const D: u8>(
             x: *const f32,
@@ -918,14 +988,18 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            let k = w.cols;
-            let rb = k * w.format.row_bytes(1);
-            let wp = w.data.as_ptr();
-            // Up to 4 rows of x: 4 weight rows at a time; more: 3 weight rows against up to 8.
-            gemv_blocks(m, cols, 3, |n, nr, i, mr| {
-                let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
-                gemv_dispatch!(nr, mr, |R, M| gemv_block::<D, R, M>(xp, ldx, k, wpn, rb, yp, ldy));
-            });
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let k = w.cols;
+                let rb = k * w.format.row_bytes(1);
+                let wp = w.data.as_ptr();
+                // Up to 4 rows of x: 4 weight rows at a time; more: 3 weight rows against up to 8.
+                gemv_blocks(m, cols, 3, |n, nr, i, mr| {
+                    let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
+                    gemv_dispatch!(nr, mr, |R, M| gemv_block::<D, R, M>(xp, ldx, k, wpn, rb, yp, ldy));
+                });
+            }
         }
 
         /// GEMV of bf16 weights (row layout, k a multiple of 32) with activations reordered by
@@ -945,14 +1019,18 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            let k = w.cols;
-            let rb = 2 * k;
-            let (x, wp) = (xs.as_ptr(), w.data.as_ptr());
-            // Up to 4 rows of x: 4 weight rows at a time; more: 3 weight rows against up to 8.
-            gemv_blocks(m, cols, 3, |n, nr, i, mr| {
-                let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
-                gemv_dispatch!(nr, mr, |R, M| split_block::<R, M>(xp, ldx, k, wpn, rb, yp, ldy));
-            });
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let k = w.cols;
+                let rb = 2 * k;
+                let (x, wp) = (xs.as_ptr(), w.data.as_ptr());
+                // Up to 4 rows of x: 4 weight rows at a time; more: 3 weight rows against up to 8.
+                gemv_blocks(m, cols, 3, |n, nr, i, mr| {
+                    let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
+                    gemv_dispatch!(nr, mr, |R, M| split_block::<R, M>(xp, ldx, k, wpn, rb, yp, ldy));
+                });
+            }
         }
 
         /// GEMV of bf16 weights in AMX's tiles ([`crate::quant::tiles::bf16`], `cols.start` a
@@ -973,20 +1051,24 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            assert!(cols.start.is_multiple_of(32) && x.len() >= m * w.cols);
-            assert!(w.data.len() >= crate::quant::tiles::bf16::bytes(w.rows, w.cols) && cols.end <= w.rows);
-            // A column pair's weights (2 KiB per 32 inputs) meet every 4 rows in turn while
-            // they are in cache: read from memory once, whatever the rows.
-            for n in cols.clone().step_by(32) {
-                let mut i = 0;
-                while i < m {
-                    let (xp, yp) = (x.as_ptr().add(i * w.cols), y.add(i * ldy));
-                    i += match m - i {
-                        1 => tiles_block::<1>(xp, w, yp, ldy, n, cols.end),
-                        2 => tiles_block::<2>(xp, w, yp, ldy, n, cols.end),
-                        3 => tiles_block::<3>(xp, w, yp, ldy, n, cols.end),
-                        _ => tiles_block::<4>(xp, w, yp, ldy, n, cols.end),
-                    };
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                assert!(cols.start.is_multiple_of(32) && x.len() >= m * w.cols);
+                assert!(w.data.len() >= crate::quant::tiles::bf16::bytes(w.rows, w.cols) && cols.end <= w.rows);
+                // A column pair's weights (2 KiB per 32 inputs) meet every 4 rows in turn while
+                // they are in cache: read from memory once, whatever the rows.
+                for n in cols.clone().step_by(32) {
+                    let mut i = 0;
+                    while i < m {
+                        let (xp, yp) = (x.as_ptr().add(i * w.cols), y.add(i * ldy));
+                        i += match m - i {
+                            1 => tiles_block::<1>(xp, w, yp, ldy, n, cols.end),
+                            2 => tiles_block::<2>(xp, w, yp, ldy, n, cols.end),
+                            3 => tiles_block::<3>(xp, w, yp, ldy, n, cols.end),
+                            _ => tiles_block::<4>(xp, w, yp, ldy, n, cols.end),
+                        };
+                    }
                 }
             }
         }
@@ -1005,12 +1087,16 @@ mod x86 {
             n: usize,
             end: usize,
         ) {
-            for (i, a) in acc.iter().enumerate() {
-                for (h, s) in a.iter().enumerate() {
-                    let c = n + 16 * h;
-                    if c < end {
-                        let mask = ((1u32 << (end - c).min(16)) - 1) as __mmask16;
-                        _mm512_mask_storeu_ps(y.add(i * ldy + c), mask, *s);
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                for (i, a) in acc.iter().enumerate() {
+                    for (h, s) in a.iter().enumerate() {
+                        let c = n + 16 * h;
+                        if c < end {
+                            let mask = ((1u32 << (end - c).min(16)) - 1) as __mmask16;
+                            _mm512_mask_storeu_ps(y.add(i * ldy + c), mask, *s);
+                        }
                     }
                 }
             }
@@ -1020,6 +1106,12 @@ mod x86 {
         /// below `end`); returns `M`. Each output sums each 32
         /// inputs' products (even inputs and odd ones apart, in order, then the two) and adds
         /// these sums in input order, as a tile product does: short chains of roundings.
+        ///
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,fma,f16c`); `x` holds `M` activation rows of `w.cols`
+        /// values; `w` is in bf16 tiles; `y` is valid for writes of `M` rows of `ldy` floats at the
+        /// columns of the block written (from the given column to the end given, within `w.rows`).
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
         unsafe fn tiles_block<const M: usize>(
@@ -1030,46 +1122,55 @@ mod x86 {
             n: usize,
             end: usize,
         ) -> usize {
-            let (k, ksteps) = (w.cols, w.cols / 32);
-            let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-            // The pair of 16-row groups holding columns n..n + 32: 2 KiB per 32 inputs.
-            let base = w.data.as_ptr().add(n / 32 * ksteps * 2048);
-            let mut acc = [[_mm512_setzero_ps(); 2]; M];
-            for j in 0..ksteps {
-                let t = base.add(j * 2048);
-                let mut part = [[[_mm512_setzero_ps(); 2]; 2]; M];
-                for p in 0..16 {
-                    // The next step's lines, and a stretch further on into the L3 cache
-                    // (harmless past the end).
-                    _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(2048 + 128 * p) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(2048 + 128 * p + 64) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T2>(t.wrapping_add(16384 + 128 * p) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T2>(t.wrapping_add(16384 + 128 * p + 64) as *const i8);
-                    let v = [
-                        _mm512_loadu_si512(t.add(64 * p) as *const _),
-                        _mm512_loadu_si512(t.add(1024 + 64 * p) as *const _),
-                    ];
-                    let we = v.map(|v| _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-                    let wo = v.map(|v| _mm512_castsi512_ps(_mm512_and_si512(v, high)));
-                    for (i, q) in part.iter_mut().enumerate() {
-                        let xe = _mm512_set1_ps(*x.add(i * k + 32 * j + 2 * p));
-                        let xo = _mm512_set1_ps(*x.add(i * k + 32 * j + 2 * p + 1));
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let (k, ksteps) = (w.cols, w.cols / 32);
+                let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+                // The pair of 16-row groups holding columns n..n + 32: 2 KiB per 32 inputs.
+                let base = w.data.as_ptr().add(n / 32 * ksteps * 2048);
+                let mut acc = [[_mm512_setzero_ps(); 2]; M];
+                for j in 0..ksteps {
+                    let t = base.add(j * 2048);
+                    let mut part = [[[_mm512_setzero_ps(); 2]; 2]; M];
+                    for p in 0..16 {
+                        // The next step's lines, and a stretch further on into the L3 cache
+                        // (harmless past the end).
+                        _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(2048 + 128 * p) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(2048 + 128 * p + 64) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T2>(t.wrapping_add(16384 + 128 * p) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T2>(t.wrapping_add(16384 + 128 * p + 64) as *const i8);
+                        let v = [
+                            _mm512_loadu_si512(t.add(64 * p) as *const _),
+                            _mm512_loadu_si512(t.add(1024 + 64 * p) as *const _),
+                        ];
+                        let we = v.map(|v| _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+                        let wo = v.map(|v| _mm512_castsi512_ps(_mm512_and_si512(v, high)));
+                        for (i, q) in part.iter_mut().enumerate() {
+                            let xe = _mm512_set1_ps(*x.add(i * k + 32 * j + 2 * p));
+                            let xo = _mm512_set1_ps(*x.add(i * k + 32 * j + 2 * p + 1));
+                            for h in 0..2 {
+                                q[h][0] = _mm512_fmadd_ps(xe, we[h], q[h][0]);
+                                q[h][1] = _mm512_fmadd_ps(xo, wo[h], q[h][1]);
+                            }
+                        }
+                    }
+                    for (a, q) in acc.iter_mut().zip(&part) {
                         for h in 0..2 {
-                            q[h][0] = _mm512_fmadd_ps(xe, we[h], q[h][0]);
-                            q[h][1] = _mm512_fmadd_ps(xo, wo[h], q[h][1]);
+                            a[h] = _mm512_add_ps(a[h], _mm512_add_ps(q[h][0], q[h][1]));
                         }
                     }
                 }
-                for (a, q) in acc.iter_mut().zip(&part) {
-                    for h in 0..2 {
-                        a[h] = _mm512_add_ps(a[h], _mm512_add_ps(q[h][0], q[h][1]));
-                    }
-                }
+                store_pair(&acc, y, ldy, n, end);
+                M
             }
-            store_pair(&acc, y, ldy, n, end);
-            M
         }
 
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,fma,f16c`); `x` holds `M` rows of `k` values at stride
+        /// `ldx`; `w` points at `R` weight rows of `rb` bytes each; `y` is valid for writes of `M`
+        /// rows of `ldy` floats, `R` columns from its start.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
         unsafe fn split_block<const R: usize, const M: usize>(
@@ -1081,37 +1182,46 @@ mod x86 {
             y: *mut f32,
             ldy: usize,
         ) {
-            let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-            // One sum per output, even then odd products: the same order whatever R and M are,
-            // so a row's result does not depend on the rows batched with it.
-            let mut acc = [[_mm512_setzero_ps(); R]; M];
-            let mut kk = 0;
-            while kk < k {
-                let mut we = [_mm512_setzero_ps(); R];
-                let mut wo = [_mm512_setzero_ps(); R];
-                for j in 0..R {
-                    // The same line of the next block of rows (harmless past the end).
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((j + R) * rb + 2 * kk) as *const i8);
-                    let v = _mm512_loadu_si512(w.add(j * rb + 2 * kk) as *const _);
-                    we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-                    wo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-                }
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xe = _mm512_loadu_ps(x.add(i * ldx + kk));
-                    let xo = _mm512_loadu_ps(x.add(i * ldx + kk + 16));
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+                // One sum per output, even then odd products: the same order whatever R and M are,
+                // so a row's result does not depend on the rows batched with it.
+                let mut acc = [[_mm512_setzero_ps(); R]; M];
+                let mut kk = 0;
+                while kk < k {
+                    let mut we = [_mm512_setzero_ps(); R];
+                    let mut wo = [_mm512_setzero_ps(); R];
                     for j in 0..R {
-                        a[j] = _mm512_fmadd_ps(xo, wo[j], _mm512_fmadd_ps(xe, we[j], a[j]));
+                        // The same line of the next block of rows (harmless past the end).
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((j + R) * rb + 2 * kk) as *const i8);
+                        let v = _mm512_loadu_si512(w.add(j * rb + 2 * kk) as *const _);
+                        we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                        wo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
                     }
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xe = _mm512_loadu_ps(x.add(i * ldx + kk));
+                        let xo = _mm512_loadu_ps(x.add(i * ldx + kk + 16));
+                        for j in 0..R {
+                            a[j] = _mm512_fmadd_ps(xo, wo[j], _mm512_fmadd_ps(xe, we[j], a[j]));
+                        }
+                    }
+                    kk += 32;
                 }
-                kk += 32;
-            }
-            for (i, a) in acc.iter().enumerate() {
-                for (j, v) in a.iter().enumerate() {
-                    *y.add(i * ldy + j) = _mm512_reduce_add_ps(*v);
+                for (i, a) in acc.iter().enumerate() {
+                    for (j, v) in a.iter().enumerate() {
+                        *y.add(i * ldy + j) = _mm512_reduce_add_ps(*v);
+                    }
                 }
             }
         }
 
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,fma,f16c`); `x` holds `M` rows of `k` values at stride
+        /// `ldx`; `w` points at `R` weight rows of format `D`, `rb` bytes each; `y` is valid for
+        /// writes of `M` rows of `ldy` floats, `R` columns from its start.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
         unsafe fn gemv_block<const D: u8, const R: usize, const M: usize>(
@@ -1123,46 +1233,55 @@ mod x86 {
             y: *mut f32,
             ldy: usize,
         ) {
-            let es = if D == F32 { 4 } else { 2 };
-            let mut acc = [[_mm512_setzero_ps(); R]; M];
-            let mut kk = 0;
-            while kk + 16 <= k {
-                let mut wv = [_mm512_setzero_ps(); R];
-                for (j, v) in wv.iter_mut().enumerate() {
-                    // Prefetch the same line of the next block of rows (harmless past the end).
-                    if (kk * es) % 64 == 0 {
-                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((j + 2 * R) * rb + kk * es) as *const i8);
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let es = if D == F32 { 4 } else { 2 };
+                let mut acc = [[_mm512_setzero_ps(); R]; M];
+                let mut kk = 0;
+                while kk + 16 <= k {
+                    let mut wv = [_mm512_setzero_ps(); R];
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        // Prefetch the same line of the next block of rows (harmless past the end).
+                        if (kk * es) % 64 == 0 {
+                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((j + 2 * R) * rb + kk * es) as *const i8);
+                        }
+                        *v = load16::<D>(w.add(j * rb + kk * es));
                     }
-                    *v = load16::<D>(w.add(j * rb + kk * es));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_loadu_ps(x.add(i * ldx + kk));
+                        for j in 0..R {
+                            a[j] = _mm512_fmadd_ps(xv, wv[j], a[j]);
+                        }
+                    }
+                    kk += 16;
                 }
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_loadu_ps(x.add(i * ldx + kk));
-                    for j in 0..R {
-                        a[j] = _mm512_fmadd_ps(xv, wv[j], a[j]);
+                if kk < k {
+                    let mask: __mmask16 = ((1u32 << (k - kk)) - 1) as __mmask16;
+                    let mut wv = [_mm512_setzero_ps(); R];
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        *v = load16_mask::<D>(w.add(j * rb + kk * es), mask);
+                    }
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_maskz_loadu_ps(mask, x.add(i * ldx + kk));
+                        for j in 0..R {
+                            a[j] = _mm512_fmadd_ps(xv, wv[j], a[j]);
+                        }
                     }
                 }
-                kk += 16;
-            }
-            if kk < k {
-                let mask: __mmask16 = ((1u32 << (k - kk)) - 1) as __mmask16;
-                let mut wv = [_mm512_setzero_ps(); R];
-                for (j, v) in wv.iter_mut().enumerate() {
-                    *v = load16_mask::<D>(w.add(j * rb + kk * es), mask);
-                }
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_maskz_loadu_ps(mask, x.add(i * ldx + kk));
-                    for j in 0..R {
-                        a[j] = _mm512_fmadd_ps(xv, wv[j], a[j]);
+                for (i, a) in acc.iter().enumerate() {
+                    for (j, v) in a.iter().enumerate() {
+                        *y.add(i * ldy + j) = _mm512_reduce_add_ps(*v);
                     }
-                }
-            }
-            for (i, a) in acc.iter().enumerate() {
-                for (j, v) in a.iter().enumerate() {
-                    *y.add(i * ldy + j) = _mm512_reduce_add_ps(*v);
                 }
             }
         }
 
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,fma,f16c`); `x` holds `m` activation rows of `w.cols` values
+        /// (bf16 pairs for the bf16 kernels); `w` holds rows in the layout this kernel reads; `y`
+        /// is valid for writes of `m` rows of `ldy` floats at columns `cols` (within `w.rows`).
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
         unsafe fn gemm<const D: u8>(
             x: *const f32,
@@ -1172,93 +1291,102 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            let k = w.cols;
-            let es = w.format.row_bytes(1);
-            let rb = k * es;
-            let wp = w.data.as_ptr();
-            let mut panel = crate::alloc::Aligned::<f32>::zeroed(KC * NR);
-            let mut np = cols.start;
-            while np < cols.end {
-                let nr = (cols.end - np).min(NR);
-                let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
-                let m1: __mmask16 = if nr >= 32 {
-                    0xffff
-                } else if nr > 16 {
-                    ((1u32 << (nr - 16)) - 1) as __mmask16
-                } else {
-                    0
-                };
-                let mut kc = 0;
-                while kc < k {
-                    let kb = (k - kc).min(KC);
-                    // Pack W[np..np+nr, kc..kc+kb] transposed to f32: panel[kk * NR + j].
-                    if w.layout == Layout::Transposed {
-                        // Stored row kc + kk holds W[.., kc + kk]: its values np.. are the row.
-                        for kk in 0..kb {
-                            let row = wp.add(((kc + kk) * w.rows + np) * es);
-                            let dst = panel.as_mut_ptr().add(kk * NR);
-                            _mm512_storeu_ps(dst, load16_mask::<D>(row, m0));
-                            _mm512_storeu_ps(dst.add(16), load16_mask::<D>(row.wrapping_add(16 * es), m1));
-                        }
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let k = w.cols;
+                let es = w.format.row_bytes(1);
+                let rb = k * es;
+                let wp = w.data.as_ptr();
+                let mut panel = crate::alloc::Aligned::<f32>::zeroed(KC * NR);
+                let mut np = cols.start;
+                while np < cols.end {
+                    let nr = (cols.end - np).min(NR);
+                    let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
+                    let m1: __mmask16 = if nr >= 32 {
+                        0xffff
+                    } else if nr > 16 {
+                        ((1u32 << (nr - 16)) - 1) as __mmask16
                     } else {
-                        for j in 0..NR {
-                            if j < nr {
-                                let row = wp.add((np + j) * rb + kc * es);
-                                let mut kk = 0;
-                                while kk + 16 <= kb {
-                                    let v = load16::<D>(row.add(kk * es));
-                                    let mut tmp = [0f32; 16];
-                                    _mm512_storeu_ps(tmp.as_mut_ptr(), v);
-                                    for (t, &val) in tmp.iter().enumerate() {
-                                        *panel.get_unchecked_mut((kk + t) * NR + j) = val;
+                        0
+                    };
+                    let mut kc = 0;
+                    while kc < k {
+                        let kb = (k - kc).min(KC);
+                        // Pack W[np..np+nr, kc..kc+kb] transposed to f32: panel[kk * NR + j].
+                        if w.layout == Layout::Transposed {
+                            // Stored row kc + kk holds W[.., kc + kk]: its values np.. are the row.
+                            for kk in 0..kb {
+                                let row = wp.add(((kc + kk) * w.rows + np) * es);
+                                let dst = panel.as_mut_ptr().add(kk * NR);
+                                _mm512_storeu_ps(dst, load16_mask::<D>(row, m0));
+                                _mm512_storeu_ps(dst.add(16), load16_mask::<D>(row.wrapping_add(16 * es), m1));
+                            }
+                        } else {
+                            for j in 0..NR {
+                                if j < nr {
+                                    let row = wp.add((np + j) * rb + kc * es);
+                                    let mut kk = 0;
+                                    while kk + 16 <= kb {
+                                        let v = load16::<D>(row.add(kk * es));
+                                        let mut tmp = [0f32; 16];
+                                        _mm512_storeu_ps(tmp.as_mut_ptr(), v);
+                                        for (t, &val) in tmp.iter().enumerate() {
+                                            *panel.get_unchecked_mut((kk + t) * NR + j) = val;
+                                        }
+                                        kk += 16;
                                     }
-                                    kk += 16;
-                                }
-                                if kk < kb {
-                                    let mask = ((1u32 << (kb - kk)) - 1) as __mmask16;
-                                    let v = load16_mask::<D>(row.add(kk * es), mask);
-                                    let mut tmp = [0f32; 16];
-                                    _mm512_storeu_ps(tmp.as_mut_ptr(), v);
-                                    for (t, &val) in tmp.iter().enumerate().take(kb - kk) {
-                                        *panel.get_unchecked_mut((kk + t) * NR + j) = val;
+                                    if kk < kb {
+                                        let mask = ((1u32 << (kb - kk)) - 1) as __mmask16;
+                                        let v = load16_mask::<D>(row.add(kk * es), mask);
+                                        let mut tmp = [0f32; 16];
+                                        _mm512_storeu_ps(tmp.as_mut_ptr(), v);
+                                        for (t, &val) in tmp.iter().enumerate().take(kb - kk) {
+                                            *panel.get_unchecked_mut((kk + t) * NR + j) = val;
+                                        }
                                     }
-                                }
-                            } else {
-                                for kk in 0..kb {
-                                    *panel.get_unchecked_mut(kk * NR + j) = 0.0;
+                                } else {
+                                    for kk in 0..kb {
+                                        *panel.get_unchecked_mut(kk * NR + j) = 0.0;
+                                    }
                                 }
                             }
                         }
-                    }
-                    let first = kc == 0;
-                    let mut i = 0;
-                    while i < m {
-                        let mr = (m - i).min(MR);
-                        let a = x.add(i * k + kc);
-                        let c = y.add(i * ldy + np);
-                        let p = panel.as_ptr();
-                        match mr {
-                            12 => micro::<12>(a, k, p, kb, c, ldy, first, m0, m1),
-                            11 => micro::<11>(a, k, p, kb, c, ldy, first, m0, m1),
-                            10 => micro::<10>(a, k, p, kb, c, ldy, first, m0, m1),
-                            9 => micro::<9>(a, k, p, kb, c, ldy, first, m0, m1),
-                            8 => micro::<8>(a, k, p, kb, c, ldy, first, m0, m1),
-                            7 => micro::<7>(a, k, p, kb, c, ldy, first, m0, m1),
-                            6 => micro::<6>(a, k, p, kb, c, ldy, first, m0, m1),
-                            5 => micro::<5>(a, k, p, kb, c, ldy, first, m0, m1),
-                            4 => micro::<4>(a, k, p, kb, c, ldy, first, m0, m1),
-                            3 => micro::<3>(a, k, p, kb, c, ldy, first, m0, m1),
-                            2 => micro::<2>(a, k, p, kb, c, ldy, first, m0, m1),
-                            _ => micro::<1>(a, k, p, kb, c, ldy, first, m0, m1),
+                        let first = kc == 0;
+                        let mut i = 0;
+                        while i < m {
+                            let mr = (m - i).min(MR);
+                            let a = x.add(i * k + kc);
+                            let c = y.add(i * ldy + np);
+                            let p = panel.as_ptr();
+                            match mr {
+                                12 => micro::<12>(a, k, p, kb, c, ldy, first, m0, m1),
+                                11 => micro::<11>(a, k, p, kb, c, ldy, first, m0, m1),
+                                10 => micro::<10>(a, k, p, kb, c, ldy, first, m0, m1),
+                                9 => micro::<9>(a, k, p, kb, c, ldy, first, m0, m1),
+                                8 => micro::<8>(a, k, p, kb, c, ldy, first, m0, m1),
+                                7 => micro::<7>(a, k, p, kb, c, ldy, first, m0, m1),
+                                6 => micro::<6>(a, k, p, kb, c, ldy, first, m0, m1),
+                                5 => micro::<5>(a, k, p, kb, c, ldy, first, m0, m1),
+                                4 => micro::<4>(a, k, p, kb, c, ldy, first, m0, m1),
+                                3 => micro::<3>(a, k, p, kb, c, ldy, first, m0, m1),
+                                2 => micro::<2>(a, k, p, kb, c, ldy, first, m0, m1),
+                                _ => micro::<1>(a, k, p, kb, c, ldy, first, m0, m1),
+                            }
+                            i += mr;
                         }
-                        i += mr;
+                        kc += kb;
                     }
-                    kc += kb;
+                    np += nr;
                 }
-                np += nr;
             }
         }
 
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,fma,f16c`); `a` holds `M` rows of the panel's depth at
+        /// stride `lda`; the panel holds its depth of 32 packed columns; `c` is valid for reads and
+        /// writes of `M` rows of `ldc` floats in the columns the masks select.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
         #[allow(clippy::too_many_arguments)]
@@ -1273,25 +1401,29 @@ mod x86 {
             m0: __mmask16,
             m1: __mmask16,
         ) {
-            let mut acc = [[_mm512_setzero_ps(); 2]; M];
-            if !first {
-                for (i, r) in acc.iter_mut().enumerate() {
-                    r[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
-                    r[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); 2]; M];
+                if !first {
+                    for (i, r) in acc.iter_mut().enumerate() {
+                        r[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
+                        r[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
+                    }
                 }
-            }
-            for kk in 0..kb {
-                let b0 = _mm512_loadu_ps(panel.add(kk * NR));
-                let b1 = _mm512_loadu_ps(panel.add(kk * NR + 16));
-                for (i, r) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*a.add(i * lda + kk));
-                    r[0] = _mm512_fmadd_ps(av, b0, r[0]);
-                    r[1] = _mm512_fmadd_ps(av, b1, r[1]);
+                for kk in 0..kb {
+                    let b0 = _mm512_loadu_ps(panel.add(kk * NR));
+                    let b1 = _mm512_loadu_ps(panel.add(kk * NR + 16));
+                    for (i, r) in acc.iter_mut().enumerate() {
+                        let av = _mm512_set1_ps(*a.add(i * lda + kk));
+                        r[0] = _mm512_fmadd_ps(av, b0, r[0]);
+                        r[1] = _mm512_fmadd_ps(av, b1, r[1]);
+                    }
                 }
-            }
-            for (i, r) in acc.iter().enumerate() {
-                _mm512_mask_storeu_ps(c.add(i * ldc), m0, r[0]);
-                _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, r[1]);
+                for (i, r) in acc.iter().enumerate() {
+                    _mm512_mask_storeu_ps(c.add(i * ldc), m0, r[0]);
+                    _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, r[1]);
+                }
             }
         }
     }
@@ -1307,10 +1439,14 @@ mod x86 {
         /// k-pairs per packed panel.
         const KC2: usize = 256;
 
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,avx512bf16,fma`); `p` is readable for the bf16 values in the
+        /// lanes of `mask`.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
         unsafe fn load32(p: *const u16, mask: __mmask32) -> __m512bh {
-            std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, p as *const i16))
+            unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, p as *const i16)) }
         }
 
         /// # Safety
@@ -1324,14 +1460,18 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            if w.layout == Layout::Tiles && m < TILES_MIN_ROWS {
-                gemv_tiles(xb.as_ptr(), m, w, y, ldy, cols)
-            } else if w.layout == Layout::Tiles {
-                gemm_tiles(xb.as_ptr(), m, w, y, ldy, cols)
-            } else if m >= GEMM_MIN_ROWS || w.layout == Layout::Transposed {
-                gemm(xb.as_ptr(), m, w, y, ldy, cols)
-            } else {
-                gemv(xb.as_ptr(), m, w, y, ldy, cols)
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                if w.layout == Layout::Tiles && m < TILES_MIN_ROWS {
+                    gemv_tiles(xb.as_ptr(), m, w, y, ldy, cols)
+                } else if w.layout == Layout::Tiles {
+                    gemm_tiles(xb.as_ptr(), m, w, y, ldy, cols)
+                } else if m >= GEMM_MIN_ROWS || w.layout == Layout::Transposed {
+                    gemm(xb.as_ptr(), m, w, y, ldy, cols)
+                } else {
+                    gemv(xb.as_ptr(), m, w, y, ldy, cols)
+                }
             }
         }
 
@@ -1366,18 +1506,28 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            assert!(cols.start.is_multiple_of(32) && w.cols.is_multiple_of(32));
-            assert!(w.data.len() >= crate::quant::tiles::bf16::bytes(w.rows, w.cols) && cols.end <= w.rows);
-            assert!(m <= 4, "the GEMV of bf16 tiles takes at most 4 rows");
-            match m {
-                1 => tiles_block::<1>(x, w, y, ldy, cols),
-                2 => tiles_block::<2>(x, w, y, ldy, cols),
-                3 => tiles_block::<3>(x, w, y, ldy, cols),
-                _ => tiles_block::<4>(x, w, y, ldy, cols),
-            };
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                assert!(cols.start.is_multiple_of(32) && w.cols.is_multiple_of(32));
+                assert!(w.data.len() >= crate::quant::tiles::bf16::bytes(w.rows, w.cols) && cols.end <= w.rows);
+                assert!(m <= 4, "the GEMV of bf16 tiles takes at most 4 rows");
+                match m {
+                    1 => tiles_block::<1>(x, w, y, ldy, cols),
+                    2 => tiles_block::<2>(x, w, y, ldy, cols),
+                    3 => tiles_block::<3>(x, w, y, ldy, cols),
+                    _ => tiles_block::<4>(x, w, y, ldy, cols),
+                };
+            }
         }
 
         /// [`gemv_tiles`] for `M` activation rows; returns `M`.
+        ///
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,avx512bf16,fma`); `x` holds `M` activation rows of `w.cols`
+        /// values; `w` is in bf16 tiles; `y` is valid for writes of `M` rows of `ldy` floats at the
+        /// columns of the block written (from the given column to the end given, within `w.rows`).
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
         unsafe fn tiles_block<const M: usize>(
@@ -1387,59 +1537,79 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) -> usize {
-            let (k, ksteps) = (w.cols, w.cols / 32);
-            let mut n = cols.start;
-            while n < cols.end {
-                // The pair of 16-column groups holding columns n..n + 32: 2 KiB per 32 inputs.
-                let base = w.data.as_ptr().add(n / 32 * ksteps * 2048);
-                // One chain of dot products per output, input pairs in order: as the GEMM of
-                // the tiles sums, so a row's result does not depend on the rows batched with
-                // it.
-                let mut acc = [[_mm512_setzero_ps(); 2]; M];
-                for j in 0..ksteps {
-                    let t = base.add(j * 2048);
-                    for p in 0..16 {
-                        // The lines a stretch further on in the stream (harmless past the end).
-                        _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(PREFETCH + 64 * p) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(PREFETCH + 1024 + 64 * p) as *const i8);
-                        let v = [
-                            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(t.add(64 * p) as *const _)),
-                            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                                t.add(1024 + 64 * p) as *const _
-                            )),
-                        ];
-                        for (i, a) in acc.iter_mut().enumerate() {
-                            let xa = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
-                                (x.add(i * k + 32 * j + 2 * p) as *const i32).read_unaligned(),
-                            ));
-                            for h in 0..2 {
-                                a[h] = _mm512_dpbf16_ps(a[h], xa, v[h]);
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let (k, ksteps) = (w.cols, w.cols / 32);
+                let mut n = cols.start;
+                while n < cols.end {
+                    // The pair of 16-column groups holding columns n..n + 32: 2 KiB per 32 inputs.
+                    let base = w.data.as_ptr().add(n / 32 * ksteps * 2048);
+                    // One chain of dot products per output, input pairs in order: as the GEMM of
+                    // the tiles sums, so a row's result does not depend on the rows batched with
+                    // it.
+                    let mut acc = [[_mm512_setzero_ps(); 2]; M];
+                    for j in 0..ksteps {
+                        let t = base.add(j * 2048);
+                        for p in 0..16 {
+                            // The lines a stretch further on in the stream (harmless past the end).
+                            _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(PREFETCH + 64 * p) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(t.wrapping_add(PREFETCH + 1024 + 64 * p) as *const i8);
+                            let v = [
+                                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(t.add(64 * p) as *const _)),
+                                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                                    t.add(1024 + 64 * p) as *const _
+                                )),
+                            ];
+                            for (i, a) in acc.iter_mut().enumerate() {
+                                let xa = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                                    (x.add(i * k + 32 * j + 2 * p) as *const i32).read_unaligned(),
+                                ));
+                                for h in 0..2 {
+                                    a[h] = _mm512_dpbf16_ps(a[h], xa, v[h]);
+                                }
                             }
                         }
                     }
+                    super::avx512::store_pair(&acc, y, ldy, n, cols.end);
+                    n += 32;
                 }
-                super::avx512::store_pair(&acc, y, ldy, n, cols.end);
-                n += 32;
+                M
             }
-            M
         }
 
         /// How far ahead [`tiles_block`] prefetches its stream, in bytes.
         const PREFETCH: usize = 4096;
 
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,avx512bf16,fma`); `x` holds `m` activation rows of `w.cols`
+        /// values (at stride `ldx` where given; bf16 pairs for the bf16 kernels); `w` holds rows in
+        /// the layout this kernel reads; `y` is valid for writes of `m` rows of `ldy` floats at
+        /// columns `cols` (within `w.rows`).
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
         unsafe fn gemv(x: *const u16, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
-            let k = w.cols;
-            let kp = k.next_multiple_of(2);
-            let wp = w.data.as_ptr() as *const u16;
-            // Up to 4 rows of x: 4 weight rows at a time; more: 2 weight rows against up to 8.
-            gemv_blocks(m, cols, 2, |n, nr, i, mr| {
-                let (xp, yp, wpn) = (x.add(i * kp), y.add(i * ldy + n), wp.add(n * k));
-                gemv_dispatch!(nr, mr, |R, M| block::<R, M>(xp, kp, k, wpn, yp, ldy));
-            });
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let k = w.cols;
+                let kp = k.next_multiple_of(2);
+                let wp = w.data.as_ptr() as *const u16;
+                // Up to 4 rows of x: 4 weight rows at a time; more: 2 weight rows against up to 8.
+                gemv_blocks(m, cols, 2, |n, nr, i, mr| {
+                    let (xp, yp, wpn) = (x.add(i * kp), y.add(i * ldy + n), wp.add(n * k));
+                    gemv_dispatch!(nr, mr, |R, M| block::<R, M>(xp, kp, k, wpn, yp, ldy));
+                });
+            }
         }
 
         /// `R` weight rows (stride `k`) against `M` activation rows (stride `kp`).
+        ///
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,avx512bf16,fma`); `x` holds `M` rows of `kp` bf16 values
+        /// (`k` used); `w` points at `R` rows of `k` bf16 weights; `y` is valid for writes of `M`
+        /// rows of `ldy` floats, `R` columns from its start.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
         unsafe fn block<const R: usize, const M: usize>(
@@ -1450,100 +1620,114 @@ mod x86 {
             y: *mut f32,
             ldy: usize,
         ) {
-            let mut acc = [[_mm512_setzero_ps(); R]; M];
-            let mut kk = 0;
-            while kk < k {
-                let mask: __mmask32 = if k - kk >= 32 { u32::MAX } else { (1u32 << (k - kk)) - 1 };
-                let mut wv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); R];
-                for (j, v) in wv.iter_mut().enumerate() {
-                    *v = load32(w.add(j * k + kk), mask);
-                }
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xv = load32(x.add(i * kp + kk), mask);
-                    for j in 0..R {
-                        a[j] = _mm512_dpbf16_ps(a[j], xv, wv[j]);
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); R]; M];
+                let mut kk = 0;
+                while kk < k {
+                    let mask: __mmask32 = if k - kk >= 32 { u32::MAX } else { (1u32 << (k - kk)) - 1 };
+                    let mut wv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); R];
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        *v = load32(w.add(j * k + kk), mask);
                     }
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xv = load32(x.add(i * kp + kk), mask);
+                        for j in 0..R {
+                            a[j] = _mm512_dpbf16_ps(a[j], xv, wv[j]);
+                        }
+                    }
+                    kk += 32;
                 }
-                kk += 32;
-            }
-            for (i, a) in acc.iter().enumerate() {
-                for (j, v) in a.iter().enumerate() {
-                    *y.add(i * ldy + j) = _mm512_reduce_add_ps(*v);
+                for (i, a) in acc.iter().enumerate() {
+                    for (j, v) in a.iter().enumerate() {
+                        *y.add(i * ldy + j) = _mm512_reduce_add_ps(*v);
+                    }
                 }
             }
         }
 
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,avx512bf16,fma`); `x` holds `m` activation rows of `w.cols`
+        /// values (bf16 pairs for the bf16 kernels); `w` holds rows in the layout this kernel
+        /// reads; `y` is valid for writes of `m` rows of `ldy` floats at columns `cols` (within
+        /// `w.rows`).
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
         unsafe fn gemm(x: *const u16, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
-            let k = w.cols;
-            let kp = k.next_multiple_of(2);
-            let wp = w.data.as_ptr() as *const u16;
-            // panel[p * NR + j] = weights (2p, 2p+1) of column j, as one u32.
-            let mut panel = crate::alloc::Aligned::<u32>::zeroed(KC2 * NR);
-            let mut np = cols.start;
-            while np < cols.end {
-                let nr = (cols.end - np).min(NR);
-                let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
-                let m1: __mmask16 = if nr >= 32 {
-                    0xffff
-                } else if nr > 16 {
-                    ((1u32 << (nr - 16)) - 1) as __mmask16
-                } else {
-                    0
-                };
-                let mut kc = 0;
-                while kc < k {
-                    let kb = (k - kc).min(2 * KC2);
-                    let kb2 = kb.div_ceil(2);
-                    if w.layout == Layout::Transposed {
-                        // Stored rows kc + 2p and kc + 2p + 1 (w.rows values each), interleaved.
-                        let n = w.rows;
-                        for p in 0..kb2 {
-                            let r0 = wp.add((kc + 2 * p) * n + np);
-                            let r1 = wp.add((kc + 2 * p + 1) * n + np);
-                            let odd = 2 * p + 1 == kb;
-                            for j in 0..NR {
-                                *panel.get_unchecked_mut(p * NR + j) = if j >= nr {
-                                    0
-                                } else if odd {
-                                    *r0.add(j) as u32
-                                } else {
-                                    *r0.add(j) as u32 | (*r1.add(j) as u32) << 16
-                                };
-                            }
-                        }
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let k = w.cols;
+                let kp = k.next_multiple_of(2);
+                let wp = w.data.as_ptr() as *const u16;
+                // panel[p * NR + j] = weights (2p, 2p+1) of column j, as one u32.
+                let mut panel = crate::alloc::Aligned::<u32>::zeroed(KC2 * NR);
+                let mut np = cols.start;
+                while np < cols.end {
+                    let nr = (cols.end - np).min(NR);
+                    let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
+                    let m1: __mmask16 = if nr >= 32 {
+                        0xffff
+                    } else if nr > 16 {
+                        ((1u32 << (nr - 16)) - 1) as __mmask16
                     } else {
-                        for j in 0..NR {
-                            if j < nr {
-                                let row = wp.add((np + j) * k + kc);
-                                for p in 0..kb / 2 {
-                                    *panel.get_unchecked_mut(p * NR + j) =
-                                        (row.add(2 * p) as *const u32).read_unaligned();
+                        0
+                    };
+                    let mut kc = 0;
+                    while kc < k {
+                        let kb = (k - kc).min(2 * KC2);
+                        let kb2 = kb.div_ceil(2);
+                        if w.layout == Layout::Transposed {
+                            // Stored rows kc + 2p and kc + 2p + 1 (w.rows values each), interleaved.
+                            let n = w.rows;
+                            for p in 0..kb2 {
+                                let r0 = wp.add((kc + 2 * p) * n + np);
+                                let r1 = wp.add((kc + 2 * p + 1) * n + np);
+                                let odd = 2 * p + 1 == kb;
+                                for j in 0..NR {
+                                    *panel.get_unchecked_mut(p * NR + j) = if j >= nr {
+                                        0
+                                    } else if odd {
+                                        *r0.add(j) as u32
+                                    } else {
+                                        *r0.add(j) as u32 | (*r1.add(j) as u32) << 16
+                                    };
                                 }
-                                if kb % 2 == 1 {
-                                    *panel.get_unchecked_mut((kb2 - 1) * NR + j) = *row.add(kb - 1) as u32;
-                                }
-                            } else {
-                                for p in 0..kb2 {
-                                    *panel.get_unchecked_mut(p * NR + j) = 0;
+                            }
+                        } else {
+                            for j in 0..NR {
+                                if j < nr {
+                                    let row = wp.add((np + j) * k + kc);
+                                    for p in 0..kb / 2 {
+                                        *panel.get_unchecked_mut(p * NR + j) =
+                                            (row.add(2 * p) as *const u32).read_unaligned();
+                                    }
+                                    if kb % 2 == 1 {
+                                        *panel.get_unchecked_mut((kb2 - 1) * NR + j) = *row.add(kb - 1) as u32;
+                                    }
+                                } else {
+                                    for p in 0..kb2 {
+                                        *panel.get_unchecked_mut(p * NR + j) = 0;
+                                    }
                                 }
                             }
                         }
+                        let first = kc == 0;
+                        let mut i = 0;
+                        while i < m {
+                            let mr = (m - i).min(MR);
+                            let a = x.add(i * kp + kc) as *const u32;
+                            let c = y.add(i * ldy + np);
+                            let p = panel.as_ptr();
+                            let lda = kp / 2;
+                            micro_rows::<false>(mr, a, lda, p, kb2, c, ldy, first, m0, m1);
+                            i += mr;
+                        }
+                        kc += kb;
                     }
-                    let first = kc == 0;
-                    let mut i = 0;
-                    while i < m {
-                        let mr = (m - i).min(MR);
-                        let a = x.add(i * kp + kc) as *const u32;
-                        let c = y.add(i * ldy + np);
-                        let p = panel.as_ptr();
-                        let lda = kp / 2;
-                        micro_rows::<false>(mr, a, lda, p, kb2, c, ldy, first, m0, m1);
-                        i += mr;
-                    }
-                    kc += kb;
+                    np += nr;
                 }
-                np += nr;
             }
         }
 
@@ -1556,6 +1740,12 @@ mod x86 {
         /// inputs, the 16 pairs of inputs of columns 0–15 (64 bytes each: one bf16 pair per
         /// column) then those of columns 16–31, which is the micro kernel's panel as stored, so
         /// the weights are read in place. `cols.start` is a multiple of 32.
+        ///
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,avx512bf16,fma`); `x` holds `m` rows of `w.cols` bf16
+        /// values; `w` is in bf16 tiles; `y` is valid for writes of `m` rows of `ldy` floats at
+        /// columns `cols` (`cols.start` a multiple of 32, within `w.rows`).
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
         unsafe fn gemm_tiles(
             x: *const u16,
@@ -1565,31 +1755,39 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            debug_assert!(cols.start.is_multiple_of(NR) && w.cols.is_multiple_of(32));
-            let ksteps = w.cols / 32;
-            let lda = w.cols / 2;
-            let wp = w.data.as_ptr() as *const u32;
-            for np in (cols.start..cols.end).step_by(NR) {
-                let nr = (cols.end - np).min(NR);
-                let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
-                let m1: __mmask16 = if nr > 16 { ((1u64 << (nr - 16)) - 1) as __mmask16 } else { 0 };
-                // 512 u32 (2 KiB) per input step of these 32 columns.
-                let block = wp.add(np / NR * ksteps * 512);
-                for s0 in (0..ksteps).step_by(TILE_STEPS) {
-                    let steps = (ksteps - s0).min(TILE_STEPS);
-                    let mut i = 0;
-                    while i < m {
-                        let mr = (m - i).min(MR);
-                        let a = x.add(i * 2 * lda + s0 * 32) as *const u32;
-                        let c = y.add(i * ldy + np);
-                        micro_rows::<true>(mr, a, lda, block.add(s0 * 512), steps * 16, c, ldy, s0 == 0, m0, m1);
-                        i += mr;
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                debug_assert!(cols.start.is_multiple_of(NR) && w.cols.is_multiple_of(32));
+                let ksteps = w.cols / 32;
+                let lda = w.cols / 2;
+                let wp = w.data.as_ptr() as *const u32;
+                for np in (cols.start..cols.end).step_by(NR) {
+                    let nr = (cols.end - np).min(NR);
+                    let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
+                    let m1: __mmask16 = if nr > 16 { ((1u64 << (nr - 16)) - 1) as __mmask16 } else { 0 };
+                    // 512 u32 (2 KiB) per input step of these 32 columns.
+                    let block = wp.add(np / NR * ksteps * 512);
+                    for s0 in (0..ksteps).step_by(TILE_STEPS) {
+                        let steps = (ksteps - s0).min(TILE_STEPS);
+                        let mut i = 0;
+                        while i < m {
+                            let mr = (m - i).min(MR);
+                            let a = x.add(i * 2 * lda + s0 * 32) as *const u32;
+                            let c = y.add(i * ldy + np);
+                            micro_rows::<true>(mr, a, lda, block.add(s0 * 512), steps * 16, c, ldy, s0 == 0, m0, m1);
+                            i += mr;
+                        }
                     }
                 }
             }
         }
 
         /// [`micro`] for `mr` (1 to [`MR`]) rows.
+        ///
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,avx512bf16,fma`); as [`micro`] with `mr` (≤ 4) rows.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
         #[allow(clippy::too_many_arguments)]
@@ -1605,19 +1803,23 @@ mod x86 {
             m0: __mmask16,
             m1: __mmask16,
         ) {
-            match mr {
-                12 => micro::<12, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                11 => micro::<11, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                10 => micro::<10, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                9 => micro::<9, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                8 => micro::<8, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                7 => micro::<7, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                6 => micro::<6, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                5 => micro::<5, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                4 => micro::<4, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                3 => micro::<3, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                2 => micro::<2, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-                _ => micro::<1, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                match mr {
+                    12 => micro::<12, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                    11 => micro::<11, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                    10 => micro::<10, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                    9 => micro::<9, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                    8 => micro::<8, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                    7 => micro::<7, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                    6 => micro::<6, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                    5 => micro::<5, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                    4 => micro::<4, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                    3 => micro::<3, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                    2 => micro::<2, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                    _ => micro::<1, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
+                }
             }
         }
 
@@ -1625,6 +1827,12 @@ mod x86 {
         /// `p`, the pairs of columns 0–15 then 16–31, either packed ([`NR`] u32 per pair) or in
         /// tiles (`TILES`: 16 u32 per pair, columns 16–31 a tile of 256 u32 further, 16 pairs
         /// per input step of 512 u32; `kb2` a multiple of 16).
+        ///
+        /// # Safety
+        /// The CPU must support the features this function enables
+        /// (`avx512f,avx512bw,avx512vl,avx512bf16,fma`); `a` holds `M` rows of the panel's depth at
+        /// stride `lda`; the panel holds its depth of 32 packed columns; `c` is valid for reads and
+        /// writes of `M` rows of `ldc` floats in the columns the masks select.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
         #[allow(clippy::too_many_arguments)]
@@ -1639,33 +1847,37 @@ mod x86 {
             m0: __mmask16,
             m1: __mmask16,
         ) {
-            let mut acc = [[_mm512_setzero_ps(); 2]; M];
-            if !first {
-                for (i, r) in acc.iter_mut().enumerate() {
-                    r[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
-                    r[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); 2]; M];
+                if !first {
+                    for (i, r) in acc.iter_mut().enumerate() {
+                        r[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
+                        r[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
+                    }
                 }
-            }
-            for p in 0..kb2 {
-                let (b0, b1) = if TILES {
-                    let b = panel.add(p / 16 * 512 + p % 16 * 16);
-                    (b, b.add(256))
-                } else {
-                    (panel.add(p * NR), panel.add(p * NR + 16))
-                };
-                let b0 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b0 as *const _));
-                let b1 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b1 as *const _));
-                for (i, r) in acc.iter_mut().enumerate() {
-                    let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
-                        a.add(i * lda + p).read_unaligned() as i32,
-                    ));
-                    r[0] = _mm512_dpbf16_ps(r[0], av, b0);
-                    r[1] = _mm512_dpbf16_ps(r[1], av, b1);
+                for p in 0..kb2 {
+                    let (b0, b1) = if TILES {
+                        let b = panel.add(p / 16 * 512 + p % 16 * 16);
+                        (b, b.add(256))
+                    } else {
+                        (panel.add(p * NR), panel.add(p * NR + 16))
+                    };
+                    let b0 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b0 as *const _));
+                    let b1 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b1 as *const _));
+                    for (i, r) in acc.iter_mut().enumerate() {
+                        let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                            a.add(i * lda + p).read_unaligned() as i32,
+                        ));
+                        r[0] = _mm512_dpbf16_ps(r[0], av, b0);
+                        r[1] = _mm512_dpbf16_ps(r[1], av, b1);
+                    }
                 }
-            }
-            for (i, r) in acc.iter().enumerate() {
-                _mm512_mask_storeu_ps(c.add(i * ldc), m0, r[0]);
-                _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, r[1]);
+                for (i, r) in acc.iter().enumerate() {
+                    _mm512_mask_storeu_ps(c.add(i * ldc), m0, r[0]);
+                    _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, r[1]);
+                }
             }
         }
     }
@@ -1679,37 +1891,54 @@ mod x86 {
         const MR: usize = 6;
         const KC: usize = 256;
 
+        /// # Safety
+        /// The CPU must support the features this function enables (`avx2,fma,f16c`); `p` is
+        /// readable for 8 values of format `D`.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn load8<const D: u8>(p: *const u8) -> __m256 {
-            match D {
-                F32 => _mm256_loadu_ps(p as *const f32),
-                BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
-                    _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
-                    16,
-                )),
-                _ => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                match D {
+                    F32 => _mm256_loadu_ps(p as *const f32),
+                    BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                        16,
+                    )),
+                    _ => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                }
             }
         }
 
+        /// # Safety
+        /// The CPU must support what the caller checked; value `i` of `p` (format `D`) is readable.
         #[inline]
         unsafe fn get<const D: u8>(p: *const u8, i: usize) -> f32 {
-            match D {
-                F32 => *(p as *const f32).add(i),
-                BF16 => f32::from_bits((*(p as *const u16).add(i) as u32) << 16),
-                _ => half::f16::from_bits(*(p as *const u16).add(i)).to_f32(),
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                match D {
+                    F32 => *(p as *const f32).add(i),
+                    BF16 => f32::from_bits((*(p as *const u16).add(i) as u32) << 16),
+                    _ => half::f16::from_bits(*(p as *const u16).add(i)).to_f32(),
+                }
             }
         }
 
         #[inline]
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn hsum(v: __m256) -> f32 {
+        fn hsum(v: __m256) -> f32 {
             let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
             _mm_cvtss_f32(s)
         }
 
+        /// # Safety
+        /// The CPU must support the features this function enables (`avx2,fma,f16c`); `x` holds `m`
+        /// rows of `w.cols` values at stride `ldx`; `w` holds rows of format `D`; `y` is valid for
+        /// writes of `m` rows of `ldy` floats at columns `cols` (within `w.rows`).
         #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn matmul<const D: u8>(
             x: &[f32],
@@ -1719,13 +1948,22 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            if m >= GEMM_MIN_ROWS {
-                gemm::<D>(x.as_ptr(), m, w, y, ldy, cols)
-            } else {
-                gemv::<D>(x.as_ptr(), m, w, y, ldy, cols)
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                if m >= GEMM_MIN_ROWS {
+                    gemm::<D>(x.as_ptr(), m, w, y, ldy, cols)
+                } else {
+                    gemv::<D>(x.as_ptr(), m, w, y, ldy, cols)
+                }
             }
         }
 
+        /// # Safety
+        /// The CPU must support the features this function enables (`avx2,fma,f16c`); `x` holds `m`
+        /// activation rows of `w.cols` values (at stride `ldx` where given; bf16 pairs for the bf16
+        /// kernels); `w` holds rows in the layout this kernel reads; `y` is valid for writes of `m`
+        /// rows of `ldy` floats at columns `cols` (within `w.rows`).
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn gemv<const D: u8>(
             x: *const f32,
@@ -1735,28 +1973,37 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            let k = w.cols;
-            let rb = k * w.format.row_bytes(1);
-            let wp = w.data.as_ptr();
-            let mut n = cols.start;
-            while n < cols.end {
-                let nr = if cols.end - n >= 4 { 4 } else { 1 };
-                let mut i = 0;
-                while i < m {
-                    let mr = (m - i).min(2);
-                    let (xp, yp, wpn) = (x.add(i * k), y.add(i * ldy + n), wp.add(n * rb));
-                    match (nr, mr) {
-                        (4, 1) => gemv_block::<D, 4, 1>(xp, k, wpn, rb, yp, ldy),
-                        (4, _) => gemv_block::<D, 4, 2>(xp, k, wpn, rb, yp, ldy),
-                        (_, 1) => gemv_block::<D, 1, 1>(xp, k, wpn, rb, yp, ldy),
-                        (_, _) => gemv_block::<D, 1, 2>(xp, k, wpn, rb, yp, ldy),
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let k = w.cols;
+                let rb = k * w.format.row_bytes(1);
+                let wp = w.data.as_ptr();
+                let mut n = cols.start;
+                while n < cols.end {
+                    let nr = if cols.end - n >= 4 { 4 } else { 1 };
+                    let mut i = 0;
+                    while i < m {
+                        let mr = (m - i).min(2);
+                        let (xp, yp, wpn) = (x.add(i * k), y.add(i * ldy + n), wp.add(n * rb));
+                        match (nr, mr) {
+                            (4, 1) => gemv_block::<D, 4, 1>(xp, k, wpn, rb, yp, ldy),
+                            (4, _) => gemv_block::<D, 4, 2>(xp, k, wpn, rb, yp, ldy),
+                            (_, 1) => gemv_block::<D, 1, 1>(xp, k, wpn, rb, yp, ldy),
+                            (_, _) => gemv_block::<D, 1, 2>(xp, k, wpn, rb, yp, ldy),
+                        }
+                        i += mr;
                     }
-                    i += mr;
+                    n += nr;
                 }
-                n += nr;
             }
         }
 
+        /// # Safety
+        /// The CPU must support the features this function enables (`avx2,fma,f16c`); `x` holds `M`
+        /// rows of `k` values at stride `ldx`; `w` points at `R` weight rows of format `D`, `rb`
+        /// bytes each; `y` is valid for writes of `M` rows of `ldy` floats, `R` columns from its
+        /// start.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn gemv_block<const D: u8, const R: usize, const M: usize>(
@@ -1767,33 +2014,42 @@ mod x86 {
             y: *mut f32,
             ldy: usize,
         ) {
-            let es = if D == F32 { 4 } else { 2 };
-            let mut acc = [[_mm256_setzero_ps(); R]; M];
-            let mut kk = 0;
-            while kk + 8 <= k {
-                let mut wv = [_mm256_setzero_ps(); R];
-                for (j, v) in wv.iter_mut().enumerate() {
-                    *v = load8::<D>(w.add(j * rb + kk * es));
-                }
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_loadu_ps(x.add(i * k + kk));
-                    for j in 0..R {
-                        a[j] = _mm256_fmadd_ps(xv, wv[j], a[j]);
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let es = if D == F32 { 4 } else { 2 };
+                let mut acc = [[_mm256_setzero_ps(); R]; M];
+                let mut kk = 0;
+                while kk + 8 <= k {
+                    let mut wv = [_mm256_setzero_ps(); R];
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        *v = load8::<D>(w.add(j * rb + kk * es));
                     }
-                }
-                kk += 8;
-            }
-            for (i, a) in acc.iter().enumerate() {
-                for (j, v) in a.iter().enumerate() {
-                    let mut s = hsum(*v);
-                    for t in kk..k {
-                        s += *x.add(i * k + t) * get::<D>(w.add(j * rb), t);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_ps(x.add(i * k + kk));
+                        for j in 0..R {
+                            a[j] = _mm256_fmadd_ps(xv, wv[j], a[j]);
+                        }
                     }
-                    *y.add(i * ldy + j) = s;
+                    kk += 8;
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    for (j, v) in a.iter().enumerate() {
+                        let mut s = hsum(*v);
+                        for t in kk..k {
+                            s += *x.add(i * k + t) * get::<D>(w.add(j * rb), t);
+                        }
+                        *y.add(i * ldy + j) = s;
+                    }
                 }
             }
         }
 
+        /// # Safety
+        /// The CPU must support the features this function enables (`avx2,fma,f16c`); `x` holds `m`
+        /// activation rows of `w.cols` values (bf16 pairs for the bf16 kernels); `w` holds rows in
+        /// the layout this kernel reads; `y` is valid for writes of `m` rows of `ldy` floats at
+        /// columns `cols` (within `w.rows`).
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn gemm<const D: u8>(
             x: *const f32,
@@ -1803,68 +2059,77 @@ mod x86 {
             ldy: usize,
             cols: std::ops::Range<usize>,
         ) {
-            let k = w.cols;
-            let es = w.format.row_bytes(1);
-            let rb = k * es;
-            let wp = w.data.as_ptr();
-            let mut panel = crate::alloc::Aligned::<f32>::zeroed(KC * NR);
-            let mut tile = [0f32; MR * NR];
-            let mut np = cols.start;
-            while np < cols.end {
-                let nr = (cols.end - np).min(NR);
-                let mut kc = 0;
-                while kc < k {
-                    let kb = (k - kc).min(KC);
-                    for j in 0..NR {
-                        if j < nr {
-                            let row = wp.add((np + j) * rb + kc * es);
-                            for kk in 0..kb {
-                                *panel.get_unchecked_mut(kk * NR + j) = get::<D>(row, kk);
-                            }
-                        } else {
-                            for kk in 0..kb {
-                                *panel.get_unchecked_mut(kk * NR + j) = 0.0;
-                            }
-                        }
-                    }
-                    let first = kc == 0;
-                    let mut i = 0;
-                    while i < m {
-                        let mr = (m - i).min(MR);
-                        let a = x.add(i * k + kc);
-                        // Full-width tiles write straight into y; a ragged right edge goes through `tile`.
-                        let (c, ldc) = if nr == NR { (y.add(i * ldy + np), ldy) } else { (tile.as_mut_ptr(), NR) };
-                        if nr != NR && !first {
-                            for r in 0..mr {
-                                for j in 0..nr {
-                                    tile[r * NR + j] = *y.add((i + r) * ldy + np + j);
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let k = w.cols;
+                let es = w.format.row_bytes(1);
+                let rb = k * es;
+                let wp = w.data.as_ptr();
+                let mut panel = crate::alloc::Aligned::<f32>::zeroed(KC * NR);
+                let mut tile = [0f32; MR * NR];
+                let mut np = cols.start;
+                while np < cols.end {
+                    let nr = (cols.end - np).min(NR);
+                    let mut kc = 0;
+                    while kc < k {
+                        let kb = (k - kc).min(KC);
+                        for j in 0..NR {
+                            if j < nr {
+                                let row = wp.add((np + j) * rb + kc * es);
+                                for kk in 0..kb {
+                                    *panel.get_unchecked_mut(kk * NR + j) = get::<D>(row, kk);
+                                }
+                            } else {
+                                for kk in 0..kb {
+                                    *panel.get_unchecked_mut(kk * NR + j) = 0.0;
                                 }
                             }
                         }
-                        let p = panel.as_ptr();
-                        match mr {
-                            6 => micro::<6>(a, k, p, kb, c, ldc, first),
-                            5 => micro::<5>(a, k, p, kb, c, ldc, first),
-                            4 => micro::<4>(a, k, p, kb, c, ldc, first),
-                            3 => micro::<3>(a, k, p, kb, c, ldc, first),
-                            2 => micro::<2>(a, k, p, kb, c, ldc, first),
-                            _ => micro::<1>(a, k, p, kb, c, ldc, first),
-                        }
-                        if nr != NR {
-                            for r in 0..mr {
-                                for j in 0..nr {
-                                    *y.add((i + r) * ldy + np + j) = tile[r * NR + j];
+                        let first = kc == 0;
+                        let mut i = 0;
+                        while i < m {
+                            let mr = (m - i).min(MR);
+                            let a = x.add(i * k + kc);
+                            // Full-width tiles write straight into y; a ragged right edge goes through `tile`.
+                            let (c, ldc) = if nr == NR { (y.add(i * ldy + np), ldy) } else { (tile.as_mut_ptr(), NR) };
+                            if nr != NR && !first {
+                                for r in 0..mr {
+                                    for j in 0..nr {
+                                        tile[r * NR + j] = *y.add((i + r) * ldy + np + j);
+                                    }
                                 }
                             }
+                            let p = panel.as_ptr();
+                            match mr {
+                                6 => micro::<6>(a, k, p, kb, c, ldc, first),
+                                5 => micro::<5>(a, k, p, kb, c, ldc, first),
+                                4 => micro::<4>(a, k, p, kb, c, ldc, first),
+                                3 => micro::<3>(a, k, p, kb, c, ldc, first),
+                                2 => micro::<2>(a, k, p, kb, c, ldc, first),
+                                _ => micro::<1>(a, k, p, kb, c, ldc, first),
+                            }
+                            if nr != NR {
+                                for r in 0..mr {
+                                    for j in 0..nr {
+                                        *y.add((i + r) * ldy + np + j) = tile[r * NR + j];
+                                    }
+                                }
+                            }
+                            i += mr;
                         }
-                        i += mr;
+                        kc += kb;
                     }
-                    kc += kb;
+                    np += nr;
                 }
-                np += nr;
             }
         }
 
+        /// # Safety
+        /// The CPU must support the features this function enables (`avx2,fma`); `a` holds `M` rows
+        /// of the panel's depth at stride `lda`; the panel holds its depth of 32 packed columns;
+        /// `c` is valid for reads and writes of `M` rows of `ldc` floats in the columns the masks
+        /// select.
         #[inline]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn micro<const M: usize>(
@@ -1876,25 +2141,29 @@ mod x86 {
             ldc: usize,
             first: bool,
         ) {
-            let mut acc = [[_mm256_setzero_ps(); 2]; M];
-            if !first {
-                for (i, r) in acc.iter_mut().enumerate() {
-                    r[0] = _mm256_loadu_ps(c.add(i * ldc));
-                    r[1] = _mm256_loadu_ps(c.add(i * ldc + 8));
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                let mut acc = [[_mm256_setzero_ps(); 2]; M];
+                if !first {
+                    for (i, r) in acc.iter_mut().enumerate() {
+                        r[0] = _mm256_loadu_ps(c.add(i * ldc));
+                        r[1] = _mm256_loadu_ps(c.add(i * ldc + 8));
+                    }
                 }
-            }
-            for kk in 0..kb {
-                let b0 = _mm256_loadu_ps(panel.add(kk * NR));
-                let b1 = _mm256_loadu_ps(panel.add(kk * NR + 8));
-                for (i, r) in acc.iter_mut().enumerate() {
-                    let av = _mm256_broadcast_ss(&*a.add(i * lda + kk));
-                    r[0] = _mm256_fmadd_ps(av, b0, r[0]);
-                    r[1] = _mm256_fmadd_ps(av, b1, r[1]);
+                for kk in 0..kb {
+                    let b0 = _mm256_loadu_ps(panel.add(kk * NR));
+                    let b1 = _mm256_loadu_ps(panel.add(kk * NR + 8));
+                    for (i, r) in acc.iter_mut().enumerate() {
+                        let av = _mm256_broadcast_ss(&*a.add(i * lda + kk));
+                        r[0] = _mm256_fmadd_ps(av, b0, r[0]);
+                        r[1] = _mm256_fmadd_ps(av, b1, r[1]);
+                    }
                 }
-            }
-            for (i, r) in acc.iter().enumerate() {
-                _mm256_storeu_ps(c.add(i * ldc), r[0]);
-                _mm256_storeu_ps(c.add(i * ldc + 8), r[1]);
+                for (i, r) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(c.add(i * ldc), r[0]);
+                    _mm256_storeu_ps(c.add(i * ldc + 8), r[1]);
+                }
             }
         }
     }

@@ -12,9 +12,13 @@ macro_rules! multiversion {
     ($isa:expr, fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {{
         #[inline(always)]
         fn $name<const FAST: bool>($($arg: $ty),*) $(-> $ret)? $body
+        /// # Safety
+        /// The CPU must support AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")]
         unsafe fn v512($($arg: $ty),*) $(-> $ret)? { $name::<true>($($arg),*) }
+        /// # Safety
+        /// The CPU must support AVX2, FMA and F16C.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn v256($($arg: $ty),*) $(-> $ret)? { $name::<true>($($arg),*) }

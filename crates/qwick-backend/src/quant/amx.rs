@@ -123,61 +123,65 @@ impl ActBf16 {
 /// `j0 + steps`; `out` holds `steps × 512` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,f16c,fma")]
 unsafe fn unpack_group(spec: &Spec, group: &[u8], j0: usize, steps: usize, out: &mut [u16]) {
-    let per_sb = spec.sb / 32;
-    let gp = group.as_ptr();
-    // Lane l of a quad's 16 widened values belongs to weight row 4·part + l/4.
-    let mut spread = [_mm512_setzero_si512(); 4];
-    for (part, sp) in spread.iter_mut().enumerate() {
-        let p = 4 * part as i32;
-        *sp = _mm512_setr_epi32(
-            p,
-            p,
-            p,
-            p,
-            p + 1,
-            p + 1,
-            p + 1,
-            p + 1,
-            p + 2,
-            p + 2,
-            p + 2,
-            p + 2,
-            p + 3,
-            p + 3,
-            p + 3,
-            p + 3,
-        );
-    }
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    let off = _mm512_set1_ps(spec.offset as f32);
-    for (jo, j) in (j0..j0 + steps).enumerate() {
-        let h = gp.add((j / per_sb) * spec.sb_bytes());
-        let jj = j % per_sb;
-        let q = super::x86::avx512::quads(spec.format, h.add(spec.header + jj * spec.block_bytes()));
-        let (s, m) = super::x86::avx512::scales(spec.format, h, jj);
-        // w = s·u + (m − s·o), per scale group (quads 0–3 are weights 0–15, quads 4–7 16–31).
-        let bias = [_mm512_fnmadd_ps(s[0], off, m[0]), _mm512_fnmadd_ps(s[1], off, m[1])];
-        let dst = out.as_mut_ptr().add(jo * 512);
-        for (t, qt) in q.iter().enumerate() {
-            let g = t / 4;
-            let mut f = [_mm512_setzero_ps(); 4];
-            for (part, fp) in f.iter_mut().enumerate() {
-                let u = _mm512_cvtepu8_epi32(match part {
-                    0 => _mm512_extracti32x4_epi32::<0>(*qt),
-                    1 => _mm512_extracti32x4_epi32::<1>(*qt),
-                    2 => _mm512_extracti32x4_epi32::<2>(*qt),
-                    _ => _mm512_extracti32x4_epi32::<3>(*qt),
-                });
-                let sv = _mm512_permutexvar_ps(spread[part], s[g]);
-                let bv = _mm512_permutexvar_ps(spread[part], bias[g]);
-                *fp = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), sv, bv);
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        let per_sb = spec.sb / 32;
+        let gp = group.as_ptr();
+        // Lane l of a quad's 16 widened values belongs to weight row 4·part + l/4.
+        let mut spread = [_mm512_setzero_si512(); 4];
+        for (part, sp) in spread.iter_mut().enumerate() {
+            let p = 4 * part as i32;
+            *sp = _mm512_setr_epi32(
+                p,
+                p,
+                p,
+                p,
+                p + 1,
+                p + 1,
+                p + 1,
+                p + 1,
+                p + 2,
+                p + 2,
+                p + 2,
+                p + 2,
+                p + 3,
+                p + 3,
+                p + 3,
+                p + 3,
+            );
+        }
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let off = _mm512_set1_ps(spec.offset as f32);
+        for (jo, j) in (j0..j0 + steps).enumerate() {
+            let h = gp.add((j / per_sb) * spec.sb_bytes());
+            let jj = j % per_sb;
+            let q = super::x86::avx512::quads(spec.format, h.add(spec.header + jj * spec.block_bytes()));
+            let (s, m) = super::x86::avx512::scales(spec.format, h, jj);
+            // w = s·u + (m − s·o), per scale group (quads 0–3 are weights 0–15, quads 4–7 16–31).
+            let bias = [_mm512_fnmadd_ps(s[0], off, m[0]), _mm512_fnmadd_ps(s[1], off, m[1])];
+            let dst = out.as_mut_ptr().add(jo * 512);
+            for (t, qt) in q.iter().enumerate() {
+                let g = t / 4;
+                let mut f = [_mm512_setzero_ps(); 4];
+                for (part, fp) in f.iter_mut().enumerate() {
+                    let u = _mm512_cvtepu8_epi32(match part {
+                        0 => _mm512_extracti32x4_epi32::<0>(*qt),
+                        1 => _mm512_extracti32x4_epi32::<1>(*qt),
+                        2 => _mm512_extracti32x4_epi32::<2>(*qt),
+                        _ => _mm512_extracti32x4_epi32::<3>(*qt),
+                    });
+                    let sv = _mm512_permutexvar_ps(spread[part], s[g]);
+                    let bv = _mm512_permutexvar_ps(spread[part], bias[g]);
+                    *fp = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), sv, bv);
+                }
+                // Rows 0–7 then 8–15, each row's four weights as two bf16 pairs.
+                let lo: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(f[1], f[0]));
+                let hi: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(f[3], f[2]));
+                _mm512_storeu_si512(dst.add(64 * t) as *mut _, _mm512_permutex2var_epi32(lo, even, hi));
+                _mm512_storeu_si512(dst.add(64 * t + 32) as *mut _, _mm512_permutex2var_epi32(lo, odd, hi));
             }
-            // Rows 0–7 then 8–15, each row's four weights as two bf16 pairs.
-            let lo: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(f[1], f[0]));
-            let hi: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(f[3], f[2]));
-            _mm512_storeu_si512(dst.add(64 * t) as *mut _, _mm512_permutex2var_epi32(lo, even, hi));
-            _mm512_storeu_si512(dst.add(64 * t + 32) as *mut _, _mm512_permutex2var_epi32(lo, odd, hi));
         }
     }
 }
@@ -204,17 +208,21 @@ unsafe fn unpack_bf16_rows(
     out: *mut u8,
     stride: usize,
 ) {
-    let n = (rows - g * ROWS).min(ROWS);
-    let base = data.as_ptr().add(g * ROWS * 2 * k);
-    for j in 0..steps {
-        let mut r = [_mm512_setzero_si512(); 16];
-        for (i, v) in r.iter_mut().enumerate().take(n) {
-            *v = _mm512_loadu_si512(base.add(i * 2 * k + 64 * (j0 + j)) as *const _);
-        }
-        let t = transpose16(r);
-        let dst = out.add(j * stride);
-        for (p, v) in t.iter().enumerate() {
-            _mm512_storeu_si512(dst.add(64 * p) as *mut _, *v);
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        let n = (rows - g * ROWS).min(ROWS);
+        let base = data.as_ptr().add(g * ROWS * 2 * k);
+        for j in 0..steps {
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (i, v) in r.iter_mut().enumerate().take(n) {
+                *v = _mm512_loadu_si512(base.add(i * 2 * k + 64 * (j0 + j)) as *const _);
+            }
+            let t = transpose16(r);
+            let dst = out.add(j * stride);
+            for (p, v) in t.iter().enumerate() {
+                _mm512_storeu_si512(dst.add(64 * p) as *mut _, *v);
+            }
         }
     }
 }
@@ -226,18 +234,22 @@ unsafe fn unpack_bf16_rows(
 /// `out` is [`super::tiles::bf16::bytes`] long.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 pub unsafe fn bf16_rows_to_tiles(data: &[u8], rows: usize, k: usize, out: &mut [u8]) {
-    assert!(k.is_multiple_of(32) && data.len() >= rows * k * 2 && out.len() == super::tiles::bf16::bytes(rows, k));
-    for g in 0..rows.div_ceil(ROWS) {
-        // The pair's tiles alternate: group `g`'s at even kilobytes of the pair's run.
-        let at = (g / 2 * k / 32 * 2 + g % 2) * 1024;
-        unpack_bf16_rows(data, rows, g, k, 0, k / 32, out.as_mut_ptr().add(at), 2048);
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        assert!(k.is_multiple_of(32) && data.len() >= rows * k * 2 && out.len() == super::tiles::bf16::bytes(rows, k));
+        for g in 0..rows.div_ceil(ROWS) {
+            // The pair's tiles alternate: group `g`'s at even kilobytes of the pair's run.
+            let at = (g / 2 * k / 32 * 2 + g % 2) * 1024;
+            unpack_bf16_rows(data, rows, g, k, 0, k / 32, out.as_mut_ptr().add(at), 2048);
+        }
     }
 }
 
 /// The 16 × 16 transpose of 32-bit lanes: lane `r` of output `p` is lane `p` of input `r`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
     // Pairs of rows interleaved: t[2i] holds lanes (0, 1) of rows 2i, 2i+1 per 128-bit lane, ...
     let mut t = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
@@ -278,20 +290,24 @@ unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
 /// holds `steps × 512` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 unsafe fn unpack_bf16_cols(data: &[u8], n: usize, g: usize, j0: usize, steps: usize, out: &mut [u16]) {
-    let live = (n - g * ROWS).min(ROWS);
-    let mask: __mmask16 = if live == ROWS { 0xffff } else { ((1u32 << live) - 1) as __mmask16 };
-    // Word 2c takes word c of the first row, word 2c+1 word c of the second (index 32 + c).
-    let order: [u16; 32] = std::array::from_fn(|i| (i / 2 + 32 * (i % 2)) as u16);
-    let idx = _mm512_loadu_si512(order.as_ptr() as *const _);
-    let base = data.as_ptr().add(g * ROWS * 2);
-    for j in 0..steps {
-        let dst = out.as_mut_ptr().add(j * 512);
-        for p in 0..16 {
-            let row = 32 * (j0 + j) + 2 * p;
-            let s0 = _mm256_maskz_loadu_epi16(mask, base.add(row * 2 * n) as *const _);
-            let s1 = _mm256_maskz_loadu_epi16(mask, base.add((row + 1) * 2 * n) as *const _);
-            let v = _mm512_permutex2var_epi16(_mm512_castsi256_si512(s0), idx, _mm512_castsi256_si512(s1));
-            _mm512_storeu_si512(dst.add(32 * p) as *mut _, v);
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        let live = (n - g * ROWS).min(ROWS);
+        let mask: __mmask16 = if live == ROWS { 0xffff } else { ((1u32 << live) - 1) as __mmask16 };
+        // Word 2c takes word c of the first row, word 2c+1 word c of the second (index 32 + c).
+        let order: [u16; 32] = std::array::from_fn(|i| (i / 2 + 32 * (i % 2)) as u16);
+        let idx = _mm512_loadu_si512(order.as_ptr() as *const _);
+        let base = data.as_ptr().add(g * ROWS * 2);
+        for j in 0..steps {
+            let dst = out.as_mut_ptr().add(j * 512);
+            for p in 0..16 {
+                let row = 32 * (j0 + j) + 2 * p;
+                let s0 = _mm256_maskz_loadu_epi16(mask, base.add(row * 2 * n) as *const _);
+                let s1 = _mm256_maskz_loadu_epi16(mask, base.add((row + 1) * 2 * n) as *const _);
+                let v = _mm512_permutex2var_epi16(_mm512_castsi256_si512(s0), idx, _mm512_castsi256_si512(s1));
+                _mm512_storeu_si512(dst.add(32 * p) as *mut _, v);
+            }
         }
     }
 }
@@ -314,21 +330,25 @@ unsafe fn unpack_bf16_cols_pair(
     out0: &mut [u16],
     out1: &mut [u16],
 ) {
-    let mask: __mmask32 = if live >= 32 { u32::MAX } else { (1u32 << live) - 1 };
-    // Word 2c of the first group's row takes word c of the first stored row, word 2c+1 word c
-    // of the second (index 32 + c); the second group's, words 16 + c.
-    let lo: [u16; 32] = std::array::from_fn(|i| (i / 2 + 32 * (i % 2)) as u16);
-    let hi: [u16; 32] = std::array::from_fn(|i| (16 + i / 2 + 32 * (i % 2)) as u16);
-    let (lo, hi) = (_mm512_loadu_si512(lo.as_ptr() as *const _), _mm512_loadu_si512(hi.as_ptr() as *const _));
-    let base = data.as_ptr().add(g * ROWS * 2);
-    for j in 0..steps {
-        let (d0, d1) = (out0.as_mut_ptr().add(j * 512), out1.as_mut_ptr().add(j * 512));
-        for p in 0..16 {
-            let row = 32 * (j0 + j) + 2 * p;
-            let s0 = _mm512_maskz_loadu_epi16(mask, base.add(row * 2 * n) as *const _);
-            let s1 = _mm512_maskz_loadu_epi16(mask, base.add((row + 1) * 2 * n) as *const _);
-            _mm512_storeu_si512(d0.add(32 * p) as *mut _, _mm512_permutex2var_epi16(s0, lo, s1));
-            _mm512_storeu_si512(d1.add(32 * p) as *mut _, _mm512_permutex2var_epi16(s0, hi, s1));
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        let mask: __mmask32 = if live >= 32 { u32::MAX } else { (1u32 << live) - 1 };
+        // Word 2c of the first group's row takes word c of the first stored row, word 2c+1 word c
+        // of the second (index 32 + c); the second group's, words 16 + c.
+        let lo: [u16; 32] = std::array::from_fn(|i| (i / 2 + 32 * (i % 2)) as u16);
+        let hi: [u16; 32] = std::array::from_fn(|i| (16 + i / 2 + 32 * (i % 2)) as u16);
+        let (lo, hi) = (_mm512_loadu_si512(lo.as_ptr() as *const _), _mm512_loadu_si512(hi.as_ptr() as *const _));
+        let base = data.as_ptr().add(g * ROWS * 2);
+        for j in 0..steps {
+            let (d0, d1) = (out0.as_mut_ptr().add(j * 512), out1.as_mut_ptr().add(j * 512));
+            for p in 0..16 {
+                let row = 32 * (j0 + j) + 2 * p;
+                let s0 = _mm512_maskz_loadu_epi16(mask, base.add(row * 2 * n) as *const _);
+                let s1 = _mm512_maskz_loadu_epi16(mask, base.add((row + 1) * 2 * n) as *const _);
+                _mm512_storeu_si512(d0.add(32 * p) as *mut _, _mm512_permutex2var_epi16(s0, lo, s1));
+                _mm512_storeu_si512(d1.add(32 * p) as *mut _, _mm512_permutex2var_epi16(s0, hi, s1));
+            }
         }
     }
 }
@@ -366,104 +386,110 @@ const CHUNK_PAIRS: usize = 8;
 /// [`Source::Bf16Tiles`], `cols.start` a multiple of 32); `y` is valid for `a.m` rows of `ldy`
 /// floats and no other thread writes these columns.
 pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
-    let k = a.k;
-    // The B tiles of groups `g` and `g + 1` (zero when `width` leaves it out) for steps `j0..`.
-    let unpack = |g: usize, width: usize, j0: usize, steps: usize, o0: &mut [u16], o1: &mut [u16]| {
-        let each = |o0: &mut [u16], o1: &mut [u16], one: &dyn Fn(usize, &mut [u16])| {
-            one(g, o0);
-            if width > ROWS {
-                one(g + 1, o1)
-            } else {
-                o1.fill(0)
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        let k = a.k;
+        // The B tiles of groups `g` and `g + 1` (zero when `width` leaves it out) for steps `j0..`.
+        let unpack = |g: usize, width: usize, j0: usize, steps: usize, o0: &mut [u16], o1: &mut [u16]| {
+            let each = |o0: &mut [u16], o1: &mut [u16], one: &dyn Fn(usize, &mut [u16])| {
+                one(g, o0);
+                if width > ROWS {
+                    one(g + 1, o1)
+                } else {
+                    o1.fill(0)
+                }
+            };
+            match src {
+                Source::Tiles(spec) => {
+                    let gb = spec.group_bytes(k);
+                    each(o0, o1, &|g, out| unpack_group(spec, &w.data[g * gb..(g + 1) * gb], j0, steps, out))
+                }
+                Source::Bf16Rows => each(o0, o1, &|g, out| {
+                    unpack_bf16_rows(w.data, w.rows, g, k, j0, steps, out.as_mut_ptr() as *mut u8, 1024)
+                }),
+                Source::Bf16Tiles => unreachable!("bf16 tiles are read in place"),
+                Source::Bf16Cols => unpack_bf16_cols_pair(w.data, w.rows, g, width, j0, steps, o0, o1),
             }
         };
-        match src {
-            Source::Tiles(spec) => {
-                let gb = spec.group_bytes(k);
-                each(o0, o1, &|g, out| unpack_group(spec, &w.data[g * gb..(g + 1) * gb], j0, steps, out))
+        let ksteps = k / 32;
+        let rblocks = a.m.div_ceil(ROWS);
+        // Tiles read in place are not unpacked; with at most two row blocks nothing reuses a pass's
+        // weight tiles, so one pass covers every input and the sums stay in tiles throughout.
+        let in_place = matches!(src, Source::Bf16Tiles);
+        assert!(
+            !in_place || (cols.start.is_multiple_of(2 * ROWS) && w.data.len() >= super::tiles::bf16::bytes(w.rows, k))
+        );
+        let kc = if in_place && rblocks <= 2 { ksteps } else { KC.min(ksteps) };
+        let mut b = Aligned::<u16>::zeroed(if in_place { 0 } else { 2 * kc * 512 });
+        // Sums of the chunk's column pairs: 16 × 32 floats (128-byte rows) per row block and pair.
+        let pair_floats = rblocks * ROWS * 32;
+        let mut c = Aligned::<f32>::zeroed(cols.len().div_ceil(2 * ROWS).min(CHUNK_PAIRS) * pair_floats);
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+        let mut n0 = cols.start;
+        while n0 < cols.end {
+            let n1 = (n0 + CHUNK_PAIRS * 2 * ROWS).min(cols.end);
+            // Blocks `rb..end` whose sums go straight to `y` (whole 16 × 32 tiles); the ragged
+            // ones at the edges stay in the scratch and are copied at the end.
+            let whole = |width: usize, end: usize| width == 2 * ROWS && end * ROWS <= a.m;
+            let mut k0 = 0;
+            while k0 < ksteps {
+                let steps = (ksteps - k0).min(kc);
+                let mut n = n0;
+                while n < n1 {
+                    let g = n / ROWS;
+                    let width = (n1 - n).min(2 * ROWS);
+                    let (b0, b1, bs) = if in_place {
+                        // The pair of groups `g` (even) and `g + 1`: their tiles alternate.
+                        let b0 = (w.data.as_ptr() as *const u16).add((g / 2 * ksteps + k0) * 1024);
+                        (b0, b0.add(512), 2048)
+                    } else {
+                        let (b0s, b1s) = b.split_at_mut(kc * 512);
+                        unpack(g, width, k0, steps, &mut b0s[..steps * 512], &mut b1s[..steps * 512]);
+                        (b.as_ptr(), b.as_ptr().add(kc * 512), 1024)
+                    };
+                    let cp = c.as_mut_ptr().add((n - n0) / (2 * ROWS) * pair_floats);
+                    let mut rb = 0;
+                    while rb < rblocks {
+                        let two = rb + 1 < rblocks;
+                        let c0 = cp.add(rb * ROWS * 32);
+                        let c1 = c0.add(ROWS * 32);
+                        let end = if two { rb + 2 } else { rb + 1 };
+                        let (d0, d1, ds) = if k0 + steps == ksteps && whole(width, end) {
+                            let d0 = y.add(rb * ROWS * ldy + n);
+                            (d0, d0.add(ROWS * ldy), 4 * ldy)
+                        } else {
+                            (c0, c1, 128)
+                        };
+                        let from = (k0 > 0).then_some(c0 as *const f32);
+                        let (a0, a1) = (a.tile(rb, k0), if two { a.tile(rb + 1, k0) } else { std::ptr::null() });
+                        block_pass(two, from, a0, a1, b0, b1, bs, steps, d0, d1, ds);
+                        rb = end;
+                    }
+                    n += width;
+                }
+                k0 += steps;
             }
-            Source::Bf16Rows => each(o0, o1, &|g, out| {
-                unpack_bf16_rows(w.data, w.rows, g, k, j0, steps, out.as_mut_ptr() as *mut u8, 1024)
-            }),
-            Source::Bf16Tiles => unreachable!("bf16 tiles are read in place"),
-            Source::Bf16Cols => unpack_bf16_cols_pair(w.data, w.rows, g, width, j0, steps, o0, o1),
-        }
-    };
-    let ksteps = k / 32;
-    let rblocks = a.m.div_ceil(ROWS);
-    // Tiles read in place are not unpacked; with at most two row blocks nothing reuses a pass's
-    // weight tiles, so one pass covers every input and the sums stay in tiles throughout.
-    let in_place = matches!(src, Source::Bf16Tiles);
-    assert!(!in_place || (cols.start.is_multiple_of(2 * ROWS) && w.data.len() >= super::tiles::bf16::bytes(w.rows, k)));
-    let kc = if in_place && rblocks <= 2 { ksteps } else { KC.min(ksteps) };
-    let mut b = Aligned::<u16>::zeroed(if in_place { 0 } else { 2 * kc * 512 });
-    // Sums of the chunk's column pairs: 16 × 32 floats (128-byte rows) per row block and pair.
-    let pair_floats = rblocks * ROWS * 32;
-    let mut c = Aligned::<f32>::zeroed(cols.len().div_ceil(2 * ROWS).min(CHUNK_PAIRS) * pair_floats);
-    asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
-    let mut n0 = cols.start;
-    while n0 < cols.end {
-        let n1 = (n0 + CHUNK_PAIRS * 2 * ROWS).min(cols.end);
-        // Blocks `rb..end` whose sums go straight to `y` (whole 16 × 32 tiles); the ragged
-        // ones at the edges stay in the scratch and are copied at the end.
-        let whole = |width: usize, end: usize| width == 2 * ROWS && end * ROWS <= a.m;
-        let mut k0 = 0;
-        while k0 < ksteps {
-            let steps = (ksteps - k0).min(kc);
             let mut n = n0;
             while n < n1 {
-                let g = n / ROWS;
                 let width = (n1 - n).min(2 * ROWS);
-                let (b0, b1, bs) = if in_place {
-                    // The pair of groups `g` (even) and `g + 1`: their tiles alternate.
-                    let b0 = (w.data.as_ptr() as *const u16).add((g / 2 * ksteps + k0) * 1024);
-                    (b0, b0.add(512), 2048)
-                } else {
-                    let (b0s, b1s) = b.split_at_mut(kc * 512);
-                    unpack(g, width, k0, steps, &mut b0s[..steps * 512], &mut b1s[..steps * 512]);
-                    (b.as_ptr(), b.as_ptr().add(kc * 512), 1024)
-                };
-                let cp = c.as_mut_ptr().add((n - n0) / (2 * ROWS) * pair_floats);
+                let cp = c.as_ptr().add((n - n0) / (2 * ROWS) * pair_floats);
                 let mut rb = 0;
                 while rb < rblocks {
-                    let two = rb + 1 < rblocks;
-                    let c0 = cp.add(rb * ROWS * 32);
-                    let c1 = c0.add(ROWS * 32);
-                    let end = if two { rb + 2 } else { rb + 1 };
-                    let (d0, d1, ds) = if k0 + steps == ksteps && whole(width, end) {
-                        let d0 = y.add(rb * ROWS * ldy + n);
-                        (d0, d0.add(ROWS * ldy), 4 * ldy)
-                    } else {
-                        (c0, c1, 128)
-                    };
-                    let from = (k0 > 0).then_some(c0 as *const f32);
-                    let (a0, a1) = (a.tile(rb, k0), if two { a.tile(rb + 1, k0) } else { std::ptr::null() });
-                    block_pass(two, from, a0, a1, b0, b1, bs, steps, d0, d1, ds);
+                    let end = if rb + 1 < rblocks { rb + 2 } else { rb + 1 };
+                    if !whole(width, end) {
+                        for i in rb * ROWS..(end * ROWS).min(a.m) {
+                            std::ptr::copy_nonoverlapping(cp.add(i * 32), y.add(i * ldy + n), width);
+                        }
+                    }
                     rb = end;
                 }
                 n += width;
             }
-            k0 += steps;
+            n0 = n1;
         }
-        let mut n = n0;
-        while n < n1 {
-            let width = (n1 - n).min(2 * ROWS);
-            let cp = c.as_ptr().add((n - n0) / (2 * ROWS) * pair_floats);
-            let mut rb = 0;
-            while rb < rblocks {
-                let end = if rb + 1 < rblocks { rb + 2 } else { rb + 1 };
-                if !whole(width, end) {
-                    for i in rb * ROWS..(end * ROWS).min(a.m) {
-                        std::ptr::copy_nonoverlapping(cp.add(i * 32), y.add(i * ldy + n), width);
-                    }
-                }
-                rb = end;
-            }
-            n += width;
-        }
-        n0 = n1;
+        asm!("tilerelease", options(nostack, nomem));
     }
-    asm!("tilerelease", options(nostack, nomem));
 }
 
 /// One pass of one or two (`two`) 16-row blocks against a column pair: the four sum tiles start
@@ -490,120 +516,124 @@ unsafe fn block_pass(
     d1: *mut f32,
     ds: usize,
 ) {
-    match from {
-        None => asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem)),
-        Some(c0) => {
-            asm!(
-                "tileloadd tmm0, [{c0} + {cs} * 1]",
-                "tileloadd tmm1, [{c0} + {cs} * 1 + 64]",
-                c0 = in(reg) c0,
-                cs = in(reg) 128usize,
-                options(nostack, readonly)
-            );
-            if two {
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        match from {
+            None => asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem)),
+            Some(c0) => {
                 asm!(
-                    "tileloadd tmm2, [{c1} + {cs} * 1]",
-                    "tileloadd tmm3, [{c1} + {cs} * 1 + 64]",
-                    c1 = in(reg) c0.add(512),
+                    "tileloadd tmm0, [{c0} + {cs} * 1]",
+                    "tileloadd tmm1, [{c0} + {cs} * 1 + 64]",
+                    c0 = in(reg) c0,
                     cs = in(reg) 128usize,
                     options(nostack, readonly)
                 );
+                if two {
+                    asm!(
+                        "tileloadd tmm2, [{c1} + {cs} * 1]",
+                        "tileloadd tmm3, [{c1} + {cs} * 1 + 64]",
+                        c1 = in(reg) c0.add(512),
+                        cs = in(reg) 128usize,
+                        options(nostack, readonly)
+                    );
+                }
             }
         }
-    }
-    if two {
-        asm!(
-            "2:",
-            "tileloadd tmm4, [{a0} + {s} * 1]",
-            "tileloadd tmm6, [{b0} + {s} * 1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{b1} + {s} * 1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1} + {s} * 1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, 1024",
-            "add {a1}, 1024",
-            "add {b0}, {bs}",
-            "add {b1}, {bs}",
-            "dec {n}",
-            "jnz 2b",
-            "tilestored [{d0} + {ds} * 1], tmm0",
-            "tilestored [{d0} + {ds} * 1 + 64], tmm1",
-            "tilestored [{d1} + {ds} * 1], tmm2",
-            "tilestored [{d1} + {ds} * 1 + 64], tmm3",
-            a0 = inout(reg) a0 => _,
-            a1 = inout(reg) a1 => _,
-            b0 = inout(reg) b0 => _,
-            b1 = inout(reg) b1 => _,
-            bs = in(reg) bs,
-            n = inout(reg) steps => _,
-            d0 = in(reg) d0,
-            d1 = in(reg) d1,
-            s = in(reg) 64usize,
-            ds = in(reg) ds,
-            options(nostack)
-        );
-    } else {
-        // One row block (decode of up to 16 sequences): the weight tiles stream from memory,
-        // so the 2 KiB two steps ahead of `b0` are fetched meanwhile (the pair's next tiles
-        // when read in place; harmless otherwise).
-        asm!(
-            "2:",
-            "prefetcht0 [{b0} + 4096]",
-            "prefetcht0 [{b0} + 4160]",
-            "prefetcht0 [{b0} + 4224]",
-            "prefetcht0 [{b0} + 4288]",
-            "prefetcht0 [{b0} + 4352]",
-            "prefetcht0 [{b0} + 4416]",
-            "prefetcht0 [{b0} + 4480]",
-            "prefetcht0 [{b0} + 4544]",
-            "prefetcht0 [{b0} + 4608]",
-            "prefetcht0 [{b0} + 4672]",
-            "prefetcht0 [{b0} + 4736]",
-            "prefetcht0 [{b0} + 4800]",
-            "prefetcht0 [{b0} + 4864]",
-            "prefetcht0 [{b0} + 4928]",
-            "prefetcht0 [{b0} + 4992]",
-            "prefetcht0 [{b0} + 5056]",
-            "prefetcht0 [{b0} + 5120]",
-            "prefetcht0 [{b0} + 5184]",
-            "prefetcht0 [{b0} + 5248]",
-            "prefetcht0 [{b0} + 5312]",
-            "prefetcht0 [{b0} + 5376]",
-            "prefetcht0 [{b0} + 5440]",
-            "prefetcht0 [{b0} + 5504]",
-            "prefetcht0 [{b0} + 5568]",
-            "prefetcht0 [{b0} + 5632]",
-            "prefetcht0 [{b0} + 5696]",
-            "prefetcht0 [{b0} + 5760]",
-            "prefetcht0 [{b0} + 5824]",
-            "prefetcht0 [{b0} + 5888]",
-            "prefetcht0 [{b0} + 5952]",
-            "prefetcht0 [{b0} + 6016]",
-            "prefetcht0 [{b0} + 6080]",
-            "tileloadd tmm4, [{a0} + {s} * 1]",
-            "tileloadd tmm6, [{b0} + {s} * 1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{b1} + {s} * 1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "add {a0}, 1024",
-            "add {b0}, {bs}",
-            "add {b1}, {bs}",
-            "dec {n}",
-            "jnz 2b",
-            "tilestored [{d0} + {ds} * 1], tmm0",
-            "tilestored [{d0} + {ds} * 1 + 64], tmm1",
-            a0 = inout(reg) a0 => _,
-            b0 = inout(reg) b0 => _,
-            b1 = inout(reg) b1 => _,
-            bs = in(reg) bs,
-            n = inout(reg) steps => _,
-            d0 = in(reg) d0,
-            s = in(reg) 64usize,
-            ds = in(reg) ds,
-            options(nostack)
-        );
+        if two {
+            asm!(
+                "2:",
+                "tileloadd tmm4, [{a0} + {s} * 1]",
+                "tileloadd tmm6, [{b0} + {s} * 1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s} * 1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {s} * 1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a0}, 1024",
+                "add {a1}, 1024",
+                "add {b0}, {bs}",
+                "add {b1}, {bs}",
+                "dec {n}",
+                "jnz 2b",
+                "tilestored [{d0} + {ds} * 1], tmm0",
+                "tilestored [{d0} + {ds} * 1 + 64], tmm1",
+                "tilestored [{d1} + {ds} * 1], tmm2",
+                "tilestored [{d1} + {ds} * 1 + 64], tmm3",
+                a0 = inout(reg) a0 => _,
+                a1 = inout(reg) a1 => _,
+                b0 = inout(reg) b0 => _,
+                b1 = inout(reg) b1 => _,
+                bs = in(reg) bs,
+                n = inout(reg) steps => _,
+                d0 = in(reg) d0,
+                d1 = in(reg) d1,
+                s = in(reg) 64usize,
+                ds = in(reg) ds,
+                options(nostack)
+            );
+        } else {
+            // One row block (decode of up to 16 sequences): the weight tiles stream from memory,
+            // so the 2 KiB two steps ahead of `b0` are fetched meanwhile (the pair's next tiles
+            // when read in place; harmless otherwise).
+            asm!(
+                "2:",
+                "prefetcht0 [{b0} + 4096]",
+                "prefetcht0 [{b0} + 4160]",
+                "prefetcht0 [{b0} + 4224]",
+                "prefetcht0 [{b0} + 4288]",
+                "prefetcht0 [{b0} + 4352]",
+                "prefetcht0 [{b0} + 4416]",
+                "prefetcht0 [{b0} + 4480]",
+                "prefetcht0 [{b0} + 4544]",
+                "prefetcht0 [{b0} + 4608]",
+                "prefetcht0 [{b0} + 4672]",
+                "prefetcht0 [{b0} + 4736]",
+                "prefetcht0 [{b0} + 4800]",
+                "prefetcht0 [{b0} + 4864]",
+                "prefetcht0 [{b0} + 4928]",
+                "prefetcht0 [{b0} + 4992]",
+                "prefetcht0 [{b0} + 5056]",
+                "prefetcht0 [{b0} + 5120]",
+                "prefetcht0 [{b0} + 5184]",
+                "prefetcht0 [{b0} + 5248]",
+                "prefetcht0 [{b0} + 5312]",
+                "prefetcht0 [{b0} + 5376]",
+                "prefetcht0 [{b0} + 5440]",
+                "prefetcht0 [{b0} + 5504]",
+                "prefetcht0 [{b0} + 5568]",
+                "prefetcht0 [{b0} + 5632]",
+                "prefetcht0 [{b0} + 5696]",
+                "prefetcht0 [{b0} + 5760]",
+                "prefetcht0 [{b0} + 5824]",
+                "prefetcht0 [{b0} + 5888]",
+                "prefetcht0 [{b0} + 5952]",
+                "prefetcht0 [{b0} + 6016]",
+                "prefetcht0 [{b0} + 6080]",
+                "tileloadd tmm4, [{a0} + {s} * 1]",
+                "tileloadd tmm6, [{b0} + {s} * 1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s} * 1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "add {a0}, 1024",
+                "add {b0}, {bs}",
+                "add {b1}, {bs}",
+                "dec {n}",
+                "jnz 2b",
+                "tilestored [{d0} + {ds} * 1], tmm0",
+                "tilestored [{d0} + {ds} * 1 + 64], tmm1",
+                a0 = inout(reg) a0 => _,
+                b0 = inout(reg) b0 => _,
+                b1 = inout(reg) b1 => _,
+                bs = in(reg) bs,
+                n = inout(reg) steps => _,
+                d0 = in(reg) d0,
+                s = in(reg) 64usize,
+                ds = in(reg) ds,
+                options(nostack)
+            );
+        }
     }
 }
 
@@ -622,38 +652,42 @@ pub const KS: usize = 16;
 /// [`usable`] must have returned true; `w.cols == a.k`; `c` holds
 /// `w.rows.div_ceil(32) · a.m.div_ceil(16) · 512` floats.
 pub unsafe fn matmul_cols_split(a: &ActBf16, w: &WeightView, j0: usize, j1: usize, c: &mut [f32]) {
-    let n = w.rows;
-    let (groups, pairs, rblocks) = (n.div_ceil(ROWS), n.div_ceil(2 * ROWS), a.m.div_ceil(ROWS));
-    assert!(c.len() >= pairs * rblocks * 512 && w.cols == a.k && j1 <= a.k / 32);
-    let mut b = Aligned::<u16>::zeroed(2 * pairs * KS * 512);
-    asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
-    let mut k0 = j0;
-    while k0 < j1 {
-        let steps = (j1 - k0).min(KS);
-        for g in 0..2 * pairs {
-            let out = &mut b[g * KS * 512..][..steps * 512];
-            if g < groups {
-                unpack_bf16_cols(w.data, n, g, k0, steps, out);
-            } else {
-                out.fill(0);
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        let n = w.rows;
+        let (groups, pairs, rblocks) = (n.div_ceil(ROWS), n.div_ceil(2 * ROWS), a.m.div_ceil(ROWS));
+        assert!(c.len() >= pairs * rblocks * 512 && w.cols == a.k && j1 <= a.k / 32);
+        let mut b = Aligned::<u16>::zeroed(2 * pairs * KS * 512);
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+        let mut k0 = j0;
+        while k0 < j1 {
+            let steps = (j1 - k0).min(KS);
+            for g in 0..2 * pairs {
+                let out = &mut b[g * KS * 512..][..steps * 512];
+                if g < groups {
+                    unpack_bf16_cols(w.data, n, g, k0, steps, out);
+                } else {
+                    out.fill(0);
+                }
             }
-        }
-        for pair in 0..pairs {
-            let b0 = b.as_ptr().add(2 * pair * KS * 512);
-            let b1 = b0.add(KS * 512);
-            let mut rb = 0;
-            while rb < rblocks {
-                let two = rb + 1 < rblocks;
-                let c0 = c.as_mut_ptr().add((pair * rblocks + rb) * 512);
-                let c1 = c0.add(512);
-                let a1 = if two { a.tile(rb + 1, k0) } else { std::ptr::null() };
-                block_pass(two, Some(c0), a.tile(rb, k0), a1, b0, b1, 1024, steps, c0, c1, 128);
-                rb += if two { 2 } else { 1 };
+            for pair in 0..pairs {
+                let b0 = b.as_ptr().add(2 * pair * KS * 512);
+                let b1 = b0.add(KS * 512);
+                let mut rb = 0;
+                while rb < rblocks {
+                    let two = rb + 1 < rblocks;
+                    let c0 = c.as_mut_ptr().add((pair * rblocks + rb) * 512);
+                    let c1 = c0.add(512);
+                    let a1 = if two { a.tile(rb + 1, k0) } else { std::ptr::null() };
+                    block_pass(two, Some(c0), a.tile(rb, k0), a1, b0, b1, 1024, steps, c0, c1, 128);
+                    rb += if two { 2 } else { 1 };
+                }
             }
+            k0 += steps;
         }
-        k0 += steps;
+        asm!("tilerelease", options(nostack, nomem));
     }
-    asm!("tilerelease", options(nostack, nomem));
 }
 
 #[cfg(test)]

@@ -150,74 +150,94 @@ pub fn row_to_f32(w: &WeightView, r: usize, out: &mut [f32]) {
 /// `y` must be valid for `a.m` rows of `ldy` floats, and no other thread may write these
 /// columns; `isa` must be supported by the CPU.
 pub unsafe fn matmul_q8(isa: Isa, a: &ActQ8, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
-    let spec = tiles::spec(w.format).expect("matmul_q8 on a format without integer kernels");
-    assert!(cols.start.is_multiple_of(ROWS) && a.k == w.cols);
-    let k = w.cols;
-    let gb = spec.group_bytes(k);
-    let mut scratch = Vec::new();
-    let mut n = cols.start;
-    while n < cols.end {
-        let valid = (cols.end - n).min(ROWS);
-        let g = n / ROWS;
-        let group: &[u8] = match w.layout {
-            Layout::Tiles => &w.data[g * gb..(g + 1) * gb],
-            Layout::Rows => {
-                // The file's layout: convert this group now.
-                let rows = (w.rows - n).min(ROWS);
-                let rb = w.format.row_bytes(k);
-                scratch.clear();
-                scratch.resize(gb, 0);
-                tiles::repack_into(spec, &w.data[n * rb..(n + rows) * rb], rows, k, &mut scratch);
-                &scratch
-            }
-            Layout::Transposed => unreachable!("integer formats are not read transposed"),
-        };
-        group_kernel(isa, spec, group, a, y.add(n), ldy, valid);
-        n += valid;
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        let spec = tiles::spec(w.format).expect("matmul_q8 on a format without integer kernels");
+        assert!(cols.start.is_multiple_of(ROWS) && a.k == w.cols);
+        let k = w.cols;
+        let gb = spec.group_bytes(k);
+        let mut scratch = Vec::new();
+        let mut n = cols.start;
+        while n < cols.end {
+            let valid = (cols.end - n).min(ROWS);
+            let g = n / ROWS;
+            let group: &[u8] = match w.layout {
+                Layout::Tiles => &w.data[g * gb..(g + 1) * gb],
+                Layout::Rows => {
+                    // The file's layout: convert this group now.
+                    let rows = (w.rows - n).min(ROWS);
+                    let rb = w.format.row_bytes(k);
+                    scratch.clear();
+                    scratch.resize(gb, 0);
+                    tiles::repack_into(spec, &w.data[n * rb..(n + rows) * rb], rows, k, &mut scratch);
+                    &scratch
+                }
+                Layout::Transposed => unreachable!("integer formats are not read transposed"),
+            };
+            group_kernel(isa, spec, group, a, y.add(n), ldy, valid);
+            n += valid;
+        }
     }
 }
 
 /// One group of 16 weight rows against every row of `a`: `y[i·ldy + r]` for `r < valid`.
+///
+/// # Safety
+/// `isa` is supported; `group` is a whole tile group of `a.k` weights; `y` is valid for writes of
+/// `a.m` rows of `ldy` floats from column 0 to `valid`.
 unsafe fn group_kernel(isa: Isa, spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if isa.level() >= Level::Avx512Vnni {
-        return x86::vnni::group(spec, group, a, y, ldy, valid);
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        if isa.level() >= Level::Avx512Vnni {
+            return x86::vnni::group(spec, group, a, y, ldy, valid);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa.level() == Level::Avx512 {
+            return x86_maddubs::avx512::group(spec, group, a, y, ldy, valid);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa.level() == Level::Avx2 {
+            return x86_maddubs::avx2::group(spec, group, a, y, ldy, valid);
+        }
+        let _ = isa;
+        group_scalar(spec, group, a, y, ldy, valid)
     }
-    #[cfg(target_arch = "x86_64")]
-    if isa.level() == Level::Avx512 {
-        return x86_maddubs::avx512::group(spec, group, a, y, ldy, valid);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if isa.level() == Level::Avx2 {
-        return x86_maddubs::avx2::group(spec, group, a, y, ldy, valid);
-    }
-    let _ = isa;
-    group_scalar(spec, group, a, y, ldy, valid)
 }
 
 /// The reference: the integer dot product of each scale group, scaled and accumulated in order.
+///
+/// # Safety
+/// `group` is a whole tile group of `a.k` weights; `y` is valid for writes of `a.m` rows of `ldy`
+/// floats from column 0 to `valid`.
 unsafe fn group_scalar(spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
-    let (k, nb) = (a.k, a.blocks());
-    for r in 0..valid {
-        for i in 0..a.m {
-            let mut acc = 0f32;
-            for j in 0..nb {
-                let up = tiles::unpack(spec, group, j, r);
-                let dx = a.d[i * nb + j];
-                let q = &a.q[i * k + 32 * j..i * k + 32 * j + 32];
-                let (s0, s1) = (a.s16[i * 2 * nb + 2 * j] as i32, a.s16[i * 2 * nb + 2 * j + 1] as i32);
-                let dot = |t: std::ops::Range<usize>| t.map(|t| up.u[t] as i32 * q[t] as i32).sum::<i32>();
-                let groups: &[(std::ops::Range<usize>, i32)] =
-                    if spec.g16 { &[(0..16, s0), (16..32, s1)] } else { &[(0..32, s0 + s1)] };
-                for (g, (range, qs)) in groups.iter().enumerate() {
-                    let v = dot(range.clone()) - spec.offset * qs;
-                    acc = (v as f32).mul_add(up.s[g] * dx, acc);
-                    if spec.min {
-                        acc = (*qs as f32).mul_add(up.m[g] * dx, acc);
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        let (k, nb) = (a.k, a.blocks());
+        for r in 0..valid {
+            for i in 0..a.m {
+                let mut acc = 0f32;
+                for j in 0..nb {
+                    let up = tiles::unpack(spec, group, j, r);
+                    let dx = a.d[i * nb + j];
+                    let q = &a.q[i * k + 32 * j..i * k + 32 * j + 32];
+                    let (s0, s1) = (a.s16[i * 2 * nb + 2 * j] as i32, a.s16[i * 2 * nb + 2 * j + 1] as i32);
+                    let dot = |t: std::ops::Range<usize>| t.map(|t| up.u[t] as i32 * q[t] as i32).sum::<i32>();
+                    let groups: &[(std::ops::Range<usize>, i32)] =
+                        if spec.g16 { &[(0..16, s0), (16..32, s1)] } else { &[(0..32, s0 + s1)] };
+                    for (g, (range, qs)) in groups.iter().enumerate() {
+                        let v = dot(range.clone()) - spec.offset * qs;
+                        acc = (v as f32).mul_add(up.s[g] * dx, acc);
+                        if spec.min {
+                            acc = (*qs as f32).mul_add(up.m[g] * dx, acc);
+                        }
                     }
                 }
+                *y.add(i * ldy + r) = acc;
             }
-            *y.add(i * ldy + r) = acc;
         }
     }
 }

@@ -45,7 +45,7 @@ pub fn quantize(format: Format, src: &[f32], dst: &mut [u8]) {
 /// [`quantize_blocks`] compiled for AVX2 (eight-lane vectors for the search loops).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_avx2(format: Format, src: &[f32], dst: &mut [u8]) {
+fn quantize_avx2(format: Format, src: &[f32], dst: &mut [u8]) {
     quantize_blocks(format, src, dst)
 }
 

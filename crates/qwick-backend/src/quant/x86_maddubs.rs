@@ -92,7 +92,7 @@ pub mod avx512 {
     /// Replaces signed weights by their magnitudes, returning where they were negative.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    unsafe fn split_signs(q: &mut Quads) -> Negs {
+    fn split_signs(q: &mut Quads) -> Negs {
         let mut neg = [0; 8];
         for (qt, n) in q.iter_mut().zip(neg.iter_mut()) {
             *n = _mm512_movepi8_mask(*qt);
@@ -105,47 +105,65 @@ pub mod avx512 {
     /// The quads of the 32-weight block at `p` (see [`Quads`], [`Negs`]): the unsigned quants,
     /// or for the offset-128 formats the signed weights `u ^ 0x80 = u − 128` split into
     /// magnitudes and signs.
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables
+    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); `p` is a whole 32-weight block of format
+    /// `F` in tiles.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     unsafe fn quads<const F: u8>(p: *const u8) -> (Quads, Negs) {
-        let f = format_of(F);
-        let mut q = shared::quads(f, p);
-        let neg = if signed(f) {
-            let flip = _mm512_set1_epi8(-128);
-            for qt in q.iter_mut() {
-                *qt = _mm512_xor_si512(*qt, flip);
-            }
-            split_signs(&mut q)
-        } else {
-            [0; 8]
-        };
-        (q, neg)
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let f = format_of(F);
+            let mut q = shared::quads(f, p);
+            let neg = if signed(f) {
+                let flip = _mm512_set1_epi8(-128);
+                for qt in q.iter_mut() {
+                    *qt = _mm512_xor_si512(*qt, flip);
+                }
+                split_signs(&mut q)
+            } else {
+                [0; 8]
+            };
+            (q, neg)
+        }
     }
 
     /// The exact `Σ u·q` (signed formats: `Σ w·q`) over quads `T0..T0+N` against the
     /// activation quads at `xq`, lane per row.
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables
+    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); `xq` is readable for the activation words
+    /// `T0..T0 + N` of a block.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     unsafe fn dot<const F: u8, const T0: usize, const N: usize>(q: &Quads, neg: &Negs, xq: *const i32) -> __m512i {
-        let f = format_of(F);
-        let c = if chunk(f) < N { chunk(f) } else { N };
-        let (zero, ones) = (_mm512_setzero_si512(), _mm512_set1_epi16(1));
-        let mut v = zero;
-        let mut t = T0;
-        while t < T0 + N {
-            let mut s16 = zero;
-            for u in t..t + c {
-                let mut x = _mm512_set1_epi32(xq.add(u).read_unaligned());
-                if signed(f) {
-                    x = _mm512_mask_sub_epi8(x, neg[u], zero, x);
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let f = format_of(F);
+            let c = if chunk(f) < N { chunk(f) } else { N };
+            let (zero, ones) = (_mm512_setzero_si512(), _mm512_set1_epi16(1));
+            let mut v = zero;
+            let mut t = T0;
+            while t < T0 + N {
+                let mut s16 = zero;
+                for u in t..t + c {
+                    let mut x = _mm512_set1_epi32(xq.add(u).read_unaligned());
+                    if signed(f) {
+                        x = _mm512_mask_sub_epi8(x, neg[u], zero, x);
+                    }
+                    let p = _mm512_maddubs_epi16(q[u], x);
+                    s16 = if u == t { p } else { _mm512_add_epi16(s16, p) };
                 }
-                let p = _mm512_maddubs_epi16(q[u], x);
-                s16 = if u == t { p } else { _mm512_add_epi16(s16, p) };
+                v = _mm512_add_epi32(v, _mm512_madd_epi16(s16, ones));
+                t += c;
             }
-            v = _mm512_add_epi32(v, _mm512_madd_epi16(s16, ones));
-            t += c;
+            v
         }
-        v
     }
 
     /// One group of 16 weight rows against every row of `a`.
@@ -155,30 +173,48 @@ pub mod avx512 {
     /// `a.k` weights; `y` is valid for `a.m` rows of `ldy` floats from column 0 to `valid`;
     /// activations are in [−127, 127].
     pub unsafe fn group(spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
-        debug_assert!(!signed(spec.format) || spec.offset == 128);
-        by_format!(spec, group_f(spec, group, a, y, ldy, valid))
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            debug_assert!(!signed(spec.format) || spec.offset == 128);
+            by_format!(spec, group_f(spec, group, a, y, ldy, valid))
+        }
     }
 
+    /// # Safety
+    /// The CPU must support the features this function enables
+    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); `group` is a whole tile group of `a.k`
+    /// weights of format `F`; `y` is valid for writes of `a.m` rows of `ldy` floats from column 0
+    /// to `valid`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     unsafe fn group_f<const F: u8>(spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
-        let mut i = 0;
-        while i < a.m {
-            let mr = (a.m - i).min(MR);
-            match mr {
-                8 => rows::<F, 8>(spec, group, a, i, y, ldy, valid),
-                7 => rows::<F, 7>(spec, group, a, i, y, ldy, valid),
-                6 => rows::<F, 6>(spec, group, a, i, y, ldy, valid),
-                5 => rows::<F, 5>(spec, group, a, i, y, ldy, valid),
-                4 => rows::<F, 4>(spec, group, a, i, y, ldy, valid),
-                3 => rows::<F, 3>(spec, group, a, i, y, ldy, valid),
-                2 => rows::<F, 2>(spec, group, a, i, y, ldy, valid),
-                _ => rows::<F, 1>(spec, group, a, i, y, ldy, valid),
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let mut i = 0;
+            while i < a.m {
+                let mr = (a.m - i).min(MR);
+                match mr {
+                    8 => rows::<F, 8>(spec, group, a, i, y, ldy, valid),
+                    7 => rows::<F, 7>(spec, group, a, i, y, ldy, valid),
+                    6 => rows::<F, 6>(spec, group, a, i, y, ldy, valid),
+                    5 => rows::<F, 5>(spec, group, a, i, y, ldy, valid),
+                    4 => rows::<F, 4>(spec, group, a, i, y, ldy, valid),
+                    3 => rows::<F, 3>(spec, group, a, i, y, ldy, valid),
+                    2 => rows::<F, 2>(spec, group, a, i, y, ldy, valid),
+                    _ => rows::<F, 1>(spec, group, a, i, y, ldy, valid),
+                }
+                i += mr;
             }
-            i += mr;
         }
     }
 
     /// Activation rows `i0..i0+M` against the group.
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables
+    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); as [`group_f`], with activation rows
+    /// `i0..i0 + M` in `a`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
     #[allow(clippy::too_many_arguments)]
@@ -191,61 +227,65 @@ pub mod avx512 {
         ldy: usize,
         valid: usize,
     ) {
-        let f = format_of(F);
-        // The format's description as constants, so its branches fold away.
-        let spec: &Spec = const {
-            match crate::quant::tiles::spec(format_of(F)) {
-                Some(s) => s,
-                None => panic!("no tile layout"),
-            }
-        };
-        let (k, nb) = (a.k, a.k / 32);
-        let per_sb = spec.sb / 32;
-        let (bb, sbb, hdr) = (spec.block_bytes(), spec.sb_bytes(), spec.header);
-        let (g16, min, off) = (spec.g16, spec.min, if signed(f) { 0 } else { spec.offset });
-        let mut acc = [_mm512_setzero_ps(); M];
-        let gp = group.as_ptr();
-        for sb in 0..k / spec.sb {
-            let h = gp.add(sb * sbb);
-            for jj in 0..per_sb {
-                let (q, negs) = quads::<F>(h.add(hdr + jj * bb));
-                let (s, m) = scales(f, h, jj);
-                let j = sb * per_sb + jj;
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let i = i0 + r;
-                    let xq = a.q.as_ptr().add(i * k + 32 * j) as *const i32;
-                    let dx = _mm512_set1_ps(*a.d.get_unchecked(i * nb + j));
-                    let qs0 = *a.s16.get_unchecked(i * 2 * nb + 2 * j) as i32;
-                    let qs1 = *a.s16.get_unchecked(i * 2 * nb + 2 * j + 1) as i32;
-                    if g16 {
-                        let v0 = dot::<F, 0, 4>(&q, &negs, xq);
-                        let v1 = dot::<F, 4, 4>(&q, &negs, xq);
-                        for (g, (mut v, qs)) in [(v0, qs0), (v1, qs1)].into_iter().enumerate() {
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let f = format_of(F);
+            // The format's description as constants, so its branches fold away.
+            let spec: &Spec = const {
+                match crate::quant::tiles::spec(format_of(F)) {
+                    Some(s) => s,
+                    None => panic!("no tile layout"),
+                }
+            };
+            let (k, nb) = (a.k, a.k / 32);
+            let per_sb = spec.sb / 32;
+            let (bb, sbb, hdr) = (spec.block_bytes(), spec.sb_bytes(), spec.header);
+            let (g16, min, off) = (spec.g16, spec.min, if signed(f) { 0 } else { spec.offset });
+            let mut acc = [_mm512_setzero_ps(); M];
+            let gp = group.as_ptr();
+            for sb in 0..k / spec.sb {
+                let h = gp.add(sb * sbb);
+                for jj in 0..per_sb {
+                    let (q, negs) = quads::<F>(h.add(hdr + jj * bb));
+                    let (s, m) = scales(f, h, jj);
+                    let j = sb * per_sb + jj;
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let i = i0 + r;
+                        let xq = a.q.as_ptr().add(i * k + 32 * j) as *const i32;
+                        let dx = _mm512_set1_ps(*a.d.get_unchecked(i * nb + j));
+                        let qs0 = *a.s16.get_unchecked(i * 2 * nb + 2 * j) as i32;
+                        let qs1 = *a.s16.get_unchecked(i * 2 * nb + 2 * j + 1) as i32;
+                        if g16 {
+                            let v0 = dot::<F, 0, 4>(&q, &negs, xq);
+                            let v1 = dot::<F, 4, 4>(&q, &negs, xq);
+                            for (g, (mut v, qs)) in [(v0, qs0), (v1, qs1)].into_iter().enumerate() {
+                                if off != 0 {
+                                    v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * qs));
+                                }
+                                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(s[g], dx), *acc);
+                                if min {
+                                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(qs as f32), _mm512_mul_ps(m[g], dx), *acc);
+                                }
+                            }
+                        } else {
+                            let qs = qs0 + qs1;
+                            let mut v = dot::<F, 0, 8>(&q, &negs, xq);
                             if off != 0 {
                                 v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * qs));
                             }
-                            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(s[g], dx), *acc);
+                            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(s[0], dx), *acc);
                             if min {
-                                *acc = _mm512_fmadd_ps(_mm512_set1_ps(qs as f32), _mm512_mul_ps(m[g], dx), *acc);
+                                *acc = _mm512_fmadd_ps(_mm512_set1_ps(qs as f32), _mm512_mul_ps(m[0], dx), *acc);
                             }
-                        }
-                    } else {
-                        let qs = qs0 + qs1;
-                        let mut v = dot::<F, 0, 8>(&q, &negs, xq);
-                        if off != 0 {
-                            v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * qs));
-                        }
-                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(s[0], dx), *acc);
-                        if min {
-                            *acc = _mm512_fmadd_ps(_mm512_set1_ps(qs as f32), _mm512_mul_ps(m[0], dx), *acc);
                         }
                     }
                 }
             }
-        }
-        let mask: __mmask16 = if valid >= ROWS { 0xFFFF } else { ((1u32 << valid) - 1) as __mmask16 };
-        for (r, acc) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(y.add((i0 + r) * ldy), mask, *acc);
+            let mask: __mmask16 = if valid >= ROWS { 0xFFFF } else { ((1u32 << valid) - 1) as __mmask16 };
+            for (r, acc) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(y.add((i0 + r) * ldy), mask, *acc);
+            }
         }
     }
 }
@@ -263,215 +303,284 @@ pub mod avx2 {
     /// The 8 quads of a half block: the unsigned quants, or for signed formats `|w|`.
     type Quads = [__m256i; 8];
 
+    /// # Safety
+    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `p` is readable
+    /// for 32 bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load(p: *const u8) -> __m256i {
-        _mm256_loadu_si256(p as *const __m256i)
+        unsafe { _mm256_loadu_si256(p as *const __m256i) }
     }
 
+    /// # Safety
+    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `p` is a block's
+    /// nibbles, readable for half `half` of them.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn nibbles(p: *const u8, half: usize) -> Quads {
-        let m = _mm256_set1_epi8(0x0F);
-        let mut q = [_mm256_setzero_si256(); 8];
-        for t in 0..4 {
-            let v = load(p.add(64 * t + 32 * half));
-            q[t] = _mm256_and_si256(v, m);
-            q[t + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m);
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let m = _mm256_set1_epi8(0x0F);
+            let mut q = [_mm256_setzero_si256(); 8];
+            for t in 0..4 {
+                let v = load(p.add(64 * t + 32 * half));
+                q[t] = _mm256_and_si256(v, m);
+                q[t + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m);
+            }
+            q
         }
-        q
     }
 
+    /// # Safety
+    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `p` is a block's
+    /// 2-bit pairs, readable for half `half` of them.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn pairs(p: *const u8, half: usize) -> Quads {
-        let m = _mm256_set1_epi8(3);
-        let mut q = [_mm256_setzero_si256(); 8];
-        for h in 0..2 {
-            let v = load(p.add(64 * h + 32 * half));
-            q[4 * h] = _mm256_and_si256(v, m);
-            q[4 * h + 1] = _mm256_and_si256(_mm256_srli_epi16::<2>(v), m);
-            q[4 * h + 2] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m);
-            q[4 * h + 3] = _mm256_and_si256(_mm256_srli_epi16::<6>(v), m);
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let m = _mm256_set1_epi8(3);
+            let mut q = [_mm256_setzero_si256(); 8];
+            for h in 0..2 {
+                let v = load(p.add(64 * h + 32 * half));
+                q[4 * h] = _mm256_and_si256(v, m);
+                q[4 * h + 1] = _mm256_and_si256(_mm256_srli_epi16::<2>(v), m);
+                q[4 * h + 2] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m);
+                q[4 * h + 3] = _mm256_and_si256(_mm256_srli_epi16::<6>(v), m);
+            }
+            q
         }
-        q
     }
 
     /// Adds `val` to the weights whose bit is set in the 8 masks at `p` (this half's 32 bits
     /// of each: bit `i` is byte `i` of the half quad).
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `p` is a block's
+    /// bit masks, readable for half `half` of them.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn add_bits(q: &mut Quads, p: *const u8, half: usize, val: i8) {
-        let v = _mm256_set1_epi8(val);
-        // Byte i takes mask byte i / 8 (within each 128-bit lane, the broadcast u32 holds all
-        // four), then tests bit i % 8.
-        #[rustfmt::skip]
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let v = _mm256_set1_epi8(val);
+            // Byte i takes mask byte i / 8 (within each 128-bit lane, the broadcast u32 holds all
+            // four), then tests bit i % 8.
+            #[rustfmt::skip]
         let idx = _mm256_setr_epi8(
             0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
             2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
         );
-        let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        for (t, qt) in q.iter_mut().enumerate() {
-            let k = (p.add(8 * t + 4 * half) as *const u32).read_unaligned();
-            let b = _mm256_shuffle_epi8(_mm256_set1_epi32(k as i32), idx);
-            let set = _mm256_cmpeq_epi8(_mm256_and_si256(b, bits), bits);
-            *qt = _mm256_add_epi8(*qt, _mm256_and_si256(set, v));
+            let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            for (t, qt) in q.iter_mut().enumerate() {
+                let k = (p.add(8 * t + 4 * half) as *const u32).read_unaligned();
+                let b = _mm256_shuffle_epi8(_mm256_set1_epi32(k as i32), idx);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(b, bits), bits);
+                *qt = _mm256_add_epi8(*qt, _mm256_and_si256(set, v));
+            }
         }
     }
 
     /// The quads of half `half` of the 32-weight block at `p`, and for signed formats the
     /// signed weights `w` (for `vpsignb`).
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `p` is a whole
+    /// 32-weight block of format `F` in tiles.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn quads<const F: u8>(p: *const u8, half: usize) -> (Quads, Quads) {
-        let f = format_of(F);
-        let q = match f {
-            Format::Q8_0 => {
-                let mut q = [_mm256_setzero_si256(); 8];
-                let flip = _mm256_set1_epi8(-128);
-                for (t, qt) in q.iter_mut().enumerate() {
-                    *qt = _mm256_xor_si256(load(p.add(64 * t + 32 * half)), flip);
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let f = format_of(F);
+            let q = match f {
+                Format::Q8_0 => {
+                    let mut q = [_mm256_setzero_si256(); 8];
+                    let flip = _mm256_set1_epi8(-128);
+                    for (t, qt) in q.iter_mut().enumerate() {
+                        *qt = _mm256_xor_si256(load(p.add(64 * t + 32 * half)), flip);
+                    }
+                    q
                 }
-                q
-            }
-            Format::Q4_0 | Format::Q4_1 | Format::Q4_K => nibbles(p, half),
-            Format::IQ4_NL | Format::IQ4_XS => {
-                let mut q = nibbles(p, half);
-                let t = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_I8.as_ptr() as *const __m128i));
-                for qt in q.iter_mut() {
-                    *qt = _mm256_shuffle_epi8(t, *qt);
+                Format::Q4_0 | Format::Q4_1 | Format::Q4_K => nibbles(p, half),
+                Format::IQ4_NL | Format::IQ4_XS => {
+                    let mut q = nibbles(p, half);
+                    let t = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_I8.as_ptr() as *const __m128i));
+                    for qt in q.iter_mut() {
+                        *qt = _mm256_shuffle_epi8(t, *qt);
+                    }
+                    q
                 }
-                q
-            }
-            Format::Q5_0 | Format::Q5_1 | Format::Q5_K => {
-                let mut q = nibbles(p, half);
-                add_bits(&mut q, p.add(256), half, 16);
-                q
-            }
-            Format::Q6_K => {
-                let mut q = nibbles(p, half);
-                let h = pairs(p.add(256), half);
-                for (a, b) in q.iter_mut().zip(h) {
-                    *a = _mm256_or_si256(*a, _mm256_slli_epi16::<4>(b));
+                Format::Q5_0 | Format::Q5_1 | Format::Q5_K => {
+                    let mut q = nibbles(p, half);
+                    add_bits(&mut q, p.add(256), half, 16);
+                    q
                 }
-                q
+                Format::Q6_K => {
+                    let mut q = nibbles(p, half);
+                    let h = pairs(p.add(256), half);
+                    for (a, b) in q.iter_mut().zip(h) {
+                        *a = _mm256_or_si256(*a, _mm256_slli_epi16::<4>(b));
+                    }
+                    q
+                }
+                Format::Q3_K => {
+                    let mut q = pairs(p, half);
+                    add_bits(&mut q, p.add(128), half, 4);
+                    q
+                }
+                Format::Q2_K => pairs(p, half),
+                _ => unreachable!(),
+            };
+            if signed(f) {
+                let mut abs = q;
+                for a in abs.iter_mut() {
+                    // |−128| is 0x80, read as the unsigned 128.
+                    *a = _mm256_abs_epi8(*a);
+                }
+                (abs, q)
+            } else {
+                (q, q)
             }
-            Format::Q3_K => {
-                let mut q = pairs(p, half);
-                add_bits(&mut q, p.add(128), half, 4);
-                q
-            }
-            Format::Q2_K => pairs(p, half),
-            _ => unreachable!(),
-        };
-        if signed(f) {
-            let mut abs = q;
-            for a in abs.iter_mut() {
-                // |−128| is 0x80, read as the unsigned 128.
-                *a = _mm256_abs_epi8(*a);
-            }
-            (abs, q)
-        } else {
-            (q, q)
         }
     }
 
     /// The exact `Σ u·q` (signed formats: `Σ w·q`) over quads `T0..T0+N`, lane per row.
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `xq` is readable
+    /// for the activation words `T0..T0 + N` of a block.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot<const F: u8, const T0: usize, const N: usize>(q: &Quads, w: &Quads, xq: *const i32) -> __m256i {
-        let f = format_of(F);
-        let c = if chunk(f) < N { chunk(f) } else { N };
-        let ones = _mm256_set1_epi16(1);
-        let mut v = _mm256_setzero_si256();
-        let mut t = T0;
-        while t < T0 + N {
-            let mut s16 = _mm256_setzero_si256();
-            for u in t..t + c {
-                let mut x = _mm256_set1_epi32(xq.add(u).read_unaligned());
-                if signed(f) {
-                    x = _mm256_sign_epi8(x, w[u]);
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let f = format_of(F);
+            let c = if chunk(f) < N { chunk(f) } else { N };
+            let ones = _mm256_set1_epi16(1);
+            let mut v = _mm256_setzero_si256();
+            let mut t = T0;
+            while t < T0 + N {
+                let mut s16 = _mm256_setzero_si256();
+                for u in t..t + c {
+                    let mut x = _mm256_set1_epi32(xq.add(u).read_unaligned());
+                    if signed(f) {
+                        x = _mm256_sign_epi8(x, w[u]);
+                    }
+                    let p = _mm256_maddubs_epi16(q[u], x);
+                    s16 = if u == t { p } else { _mm256_add_epi16(s16, p) };
                 }
-                let p = _mm256_maddubs_epi16(q[u], x);
-                s16 = if u == t { p } else { _mm256_add_epi16(s16, p) };
+                v = _mm256_add_epi32(v, _mm256_madd_epi16(s16, ones));
+                t += c;
             }
-            v = _mm256_add_epi32(v, _mm256_madd_epi16(s16, ones));
-            t += c;
+            v
         }
-        v
     }
 
+    /// # Safety
+    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `p` is readable
+    /// for 8 f16 values.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn f16s(p: *const u8) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
     }
 
+    /// # Safety
+    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `p` is readable
+    /// for 8 bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn u8s(p: *const u8) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
     }
 
+    /// # Safety
+    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `p` is readable
+    /// for 8 bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn i8s(p: *const u8) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn neg(v: __m256) -> __m256 {
+    fn neg(v: __m256) -> __m256 {
         _mm256_xor_ps(v, _mm256_set1_ps(-0.0))
     }
 
     /// Q2_K's scale and minimum of scale group `o` for this half's 8 rows (at `h + 8·half`).
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `h` is a whole
+    /// Q2_K super-block header in tiles.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q2k_scale(h: *const u8, d: __m256, dmin: __m256, o: usize) -> (__m256, __m256) {
-        let lo = _mm_set1_epi8(0x0F);
-        let b = _mm_loadl_epi64(h.add(64 + 16 * o) as *const __m128i);
-        let s = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, lo)));
-        let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(b), lo)));
-        (_mm256_mul_ps(d, s), neg(_mm256_mul_ps(dmin, m)))
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let lo = _mm_set1_epi8(0x0F);
+            let b = _mm_loadl_epi64(h.add(64 + 16 * o) as *const __m128i);
+            let s = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, lo)));
+            let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(b), lo)));
+            (_mm256_mul_ps(d, s), neg(_mm256_mul_ps(dmin, m)))
+        }
     }
 
     /// Scales and minimums of block `j` for the 8 rows of a half, whose lanes start at
     /// `h + 8·half` in byte fields and `h + 16·half` in f16 fields: as `tiles::scales`.
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `h` is a whole
+    /// super-block header of format `f` in tiles, with block `j`'s scales.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn scales(f: Format, h: *const u8, half: usize, j: usize) -> ([__m256; 2], [__m256; 2]) {
-        let z = _mm256_setzero_ps();
-        let (hf, hb) = (h.add(16 * half), h.add(8 * half));
-        match f {
-            Format::Q4_0 | Format::Q5_0 | Format::Q8_0 | Format::IQ4_NL => {
-                let d = f16s(hf);
-                ([d, d], [z, z])
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let z = _mm256_setzero_ps();
+            let (hf, hb) = (h.add(16 * half), h.add(8 * half));
+            match f {
+                Format::Q4_0 | Format::Q5_0 | Format::Q8_0 | Format::IQ4_NL => {
+                    let d = f16s(hf);
+                    ([d, d], [z, z])
+                }
+                Format::Q4_1 | Format::Q5_1 => {
+                    let (d, m) = (f16s(hf), f16s(hf.add(32)));
+                    ([d, d], [m, m])
+                }
+                Format::Q4_K | Format::Q5_K => {
+                    let (d, dmin) = (f16s(hf), f16s(hf.add(32)));
+                    let s = _mm256_mul_ps(d, u8s(hb.add(64 + 16 * j)));
+                    let m = neg(_mm256_mul_ps(dmin, u8s(hb.add(64 + 128 + 16 * j))));
+                    ([s, s], [m, m])
+                }
+                Format::Q6_K | Format::Q3_K => {
+                    let d = f16s(hf);
+                    (
+                        [_mm256_mul_ps(d, i8s(hb.add(32 + 32 * j))), _mm256_mul_ps(d, i8s(hb.add(32 + 32 * j + 16)))],
+                        [z, z],
+                    )
+                }
+                Format::Q2_K => {
+                    let (d, dmin) = (f16s(hf), f16s(hf.add(32)));
+                    let ((s0, m0), (s1, m1)) = (q2k_scale(hb, d, dmin, 2 * j), q2k_scale(hb, d, dmin, 2 * j + 1));
+                    ([s0, s1], [m0, m1])
+                }
+                Format::IQ4_XS => {
+                    let s = _mm256_mul_ps(f16s(hf), i8s(hb.add(32 + 16 * j)));
+                    ([s, s], [z, z])
+                }
+                _ => unreachable!(),
             }
-            Format::Q4_1 | Format::Q5_1 => {
-                let (d, m) = (f16s(hf), f16s(hf.add(32)));
-                ([d, d], [m, m])
-            }
-            Format::Q4_K | Format::Q5_K => {
-                let (d, dmin) = (f16s(hf), f16s(hf.add(32)));
-                let s = _mm256_mul_ps(d, u8s(hb.add(64 + 16 * j)));
-                let m = neg(_mm256_mul_ps(dmin, u8s(hb.add(64 + 128 + 16 * j))));
-                ([s, s], [m, m])
-            }
-            Format::Q6_K | Format::Q3_K => {
-                let d = f16s(hf);
-                ([_mm256_mul_ps(d, i8s(hb.add(32 + 32 * j))), _mm256_mul_ps(d, i8s(hb.add(32 + 32 * j + 16)))], [z, z])
-            }
-            Format::Q2_K => {
-                let (d, dmin) = (f16s(hf), f16s(hf.add(32)));
-                let ((s0, m0), (s1, m1)) = (q2k_scale(hb, d, dmin, 2 * j), q2k_scale(hb, d, dmin, 2 * j + 1));
-                ([s0, s1], [m0, m1])
-            }
-            Format::IQ4_XS => {
-                let s = _mm256_mul_ps(f16s(hf), i8s(hb.add(32 + 16 * j)));
-                ([s, s], [z, z])
-            }
-            _ => unreachable!(),
         }
     }
 
@@ -482,38 +591,54 @@ pub mod avx2 {
     /// weights; `y` is valid for `a.m` rows of `ldy` floats from column 0 to `valid`;
     /// activations are in [−127, 127].
     pub unsafe fn group(spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
-        debug_assert!(!signed(spec.format) || spec.offset == 128);
-        by_format!(spec, group_f(spec, group, a, y, ldy, valid))
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            debug_assert!(!signed(spec.format) || spec.offset == 128);
+            by_format!(spec, group_f(spec, group, a, y, ldy, valid))
+        }
     }
 
+    /// # Safety
+    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `group` is a
+    /// whole tile group of `a.k` weights of format `F`; `y` is valid for writes of `a.m` rows of
+    /// `ldy` floats from column 0 to `valid`.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn group_f<const F: u8>(spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
-        for half in 0..2 {
-            let nv = valid.saturating_sub(HR * half).min(HR);
-            if nv == 0 {
-                break;
-            }
-            let y = y.add(HR * half);
-            let mut i = 0;
-            while i < a.m {
-                let mr = (a.m - i).min(MR);
-                match mr {
-                    8 => rows::<F, 8>(spec, group, a, i, half, y, ldy, nv),
-                    7 => rows::<F, 7>(spec, group, a, i, half, y, ldy, nv),
-                    6 => rows::<F, 6>(spec, group, a, i, half, y, ldy, nv),
-                    5 => rows::<F, 5>(spec, group, a, i, half, y, ldy, nv),
-                    4 => rows::<F, 4>(spec, group, a, i, half, y, ldy, nv),
-                    3 => rows::<F, 3>(spec, group, a, i, half, y, ldy, nv),
-                    2 => rows::<F, 2>(spec, group, a, i, half, y, ldy, nv),
-                    _ => rows::<F, 1>(spec, group, a, i, half, y, ldy, nv),
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            for half in 0..2 {
+                let nv = valid.saturating_sub(HR * half).min(HR);
+                if nv == 0 {
+                    break;
                 }
-                i += mr;
+                let y = y.add(HR * half);
+                let mut i = 0;
+                while i < a.m {
+                    let mr = (a.m - i).min(MR);
+                    match mr {
+                        8 => rows::<F, 8>(spec, group, a, i, half, y, ldy, nv),
+                        7 => rows::<F, 7>(spec, group, a, i, half, y, ldy, nv),
+                        6 => rows::<F, 6>(spec, group, a, i, half, y, ldy, nv),
+                        5 => rows::<F, 5>(spec, group, a, i, half, y, ldy, nv),
+                        4 => rows::<F, 4>(spec, group, a, i, half, y, ldy, nv),
+                        3 => rows::<F, 3>(spec, group, a, i, half, y, ldy, nv),
+                        2 => rows::<F, 2>(spec, group, a, i, half, y, ldy, nv),
+                        _ => rows::<F, 1>(spec, group, a, i, half, y, ldy, nv),
+                    }
+                    i += mr;
+                }
             }
         }
     }
 
     /// Activation rows `i0..i0+M` against half `half` of the group; `y` points at the half's
     /// first column, of which `valid` (1..=8) are written.
+    ///
+    /// # Safety
+    /// The CPU must support the features this function enables (`avx2,fma,f16c`); as [`group_f`],
+    /// with activation rows `i0..i0 + M` in `a`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
@@ -527,61 +652,65 @@ pub mod avx2 {
         ldy: usize,
         valid: usize,
     ) {
-        let f = format_of(F);
-        // The format's description as constants, so its branches fold away.
-        let spec: &Spec = const {
-            match crate::quant::tiles::spec(format_of(F)) {
-                Some(s) => s,
-                None => panic!("no tile layout"),
-            }
-        };
-        let (k, nb) = (a.k, a.k / 32);
-        let per_sb = spec.sb / 32;
-        let (bb, sbb, hdr) = (spec.block_bytes(), spec.sb_bytes(), spec.header);
-        let (g16, min, off) = (spec.g16, spec.min, if signed(f) { 0 } else { spec.offset });
-        let mut acc = [_mm256_setzero_ps(); M];
-        let gp = group.as_ptr();
-        for sb in 0..k / spec.sb {
-            let h = gp.add(sb * sbb);
-            for jj in 0..per_sb {
-                let (q, w) = quads::<F>(h.add(hdr + jj * bb), half);
-                let (s, m) = scales(f, h, half, jj);
-                let j = sb * per_sb + jj;
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let i = i0 + r;
-                    let xq = a.q.as_ptr().add(i * k + 32 * j) as *const i32;
-                    let dx = _mm256_set1_ps(*a.d.get_unchecked(i * nb + j));
-                    let qs0 = *a.s16.get_unchecked(i * 2 * nb + 2 * j) as i32;
-                    let qs1 = *a.s16.get_unchecked(i * 2 * nb + 2 * j + 1) as i32;
-                    if g16 {
-                        let v0 = dot::<F, 0, 4>(&q, &w, xq);
-                        let v1 = dot::<F, 4, 4>(&q, &w, xq);
-                        for (g, (mut v, qs)) in [(v0, qs0), (v1, qs1)].into_iter().enumerate() {
+        // SAFETY: what this function's `# Safety` section asks of its caller is what the
+        // operations below need.
+        unsafe {
+            let f = format_of(F);
+            // The format's description as constants, so its branches fold away.
+            let spec: &Spec = const {
+                match crate::quant::tiles::spec(format_of(F)) {
+                    Some(s) => s,
+                    None => panic!("no tile layout"),
+                }
+            };
+            let (k, nb) = (a.k, a.k / 32);
+            let per_sb = spec.sb / 32;
+            let (bb, sbb, hdr) = (spec.block_bytes(), spec.sb_bytes(), spec.header);
+            let (g16, min, off) = (spec.g16, spec.min, if signed(f) { 0 } else { spec.offset });
+            let mut acc = [_mm256_setzero_ps(); M];
+            let gp = group.as_ptr();
+            for sb in 0..k / spec.sb {
+                let h = gp.add(sb * sbb);
+                for jj in 0..per_sb {
+                    let (q, w) = quads::<F>(h.add(hdr + jj * bb), half);
+                    let (s, m) = scales(f, h, half, jj);
+                    let j = sb * per_sb + jj;
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let i = i0 + r;
+                        let xq = a.q.as_ptr().add(i * k + 32 * j) as *const i32;
+                        let dx = _mm256_set1_ps(*a.d.get_unchecked(i * nb + j));
+                        let qs0 = *a.s16.get_unchecked(i * 2 * nb + 2 * j) as i32;
+                        let qs1 = *a.s16.get_unchecked(i * 2 * nb + 2 * j + 1) as i32;
+                        if g16 {
+                            let v0 = dot::<F, 0, 4>(&q, &w, xq);
+                            let v1 = dot::<F, 4, 4>(&q, &w, xq);
+                            for (g, (mut v, qs)) in [(v0, qs0), (v1, qs1)].into_iter().enumerate() {
+                                if off != 0 {
+                                    v = _mm256_sub_epi32(v, _mm256_set1_epi32(off * qs));
+                                }
+                                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(s[g], dx), *acc);
+                                if min {
+                                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(qs as f32), _mm256_mul_ps(m[g], dx), *acc);
+                                }
+                            }
+                        } else {
+                            let qs = qs0 + qs1;
+                            let mut v = dot::<F, 0, 8>(&q, &w, xq);
                             if off != 0 {
                                 v = _mm256_sub_epi32(v, _mm256_set1_epi32(off * qs));
                             }
-                            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(s[g], dx), *acc);
+                            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(s[0], dx), *acc);
                             if min {
-                                *acc = _mm256_fmadd_ps(_mm256_set1_ps(qs as f32), _mm256_mul_ps(m[g], dx), *acc);
+                                *acc = _mm256_fmadd_ps(_mm256_set1_ps(qs as f32), _mm256_mul_ps(m[0], dx), *acc);
                             }
-                        }
-                    } else {
-                        let qs = qs0 + qs1;
-                        let mut v = dot::<F, 0, 8>(&q, &w, xq);
-                        if off != 0 {
-                            v = _mm256_sub_epi32(v, _mm256_set1_epi32(off * qs));
-                        }
-                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(s[0], dx), *acc);
-                        if min {
-                            *acc = _mm256_fmadd_ps(_mm256_set1_ps(qs as f32), _mm256_mul_ps(m[0], dx), *acc);
                         }
                     }
                 }
             }
-        }
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        for (r, acc) in acc.iter().enumerate() {
-            _mm256_maskstore_ps(y.add((i0 + r) * ldy), mask, *acc);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            for (r, acc) in acc.iter().enumerate() {
+                _mm256_maskstore_ps(y.add((i0 + r) * ldy), mask, *acc);
+            }
         }
     }
 }
