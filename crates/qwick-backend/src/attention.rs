@@ -756,7 +756,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matmul::tests::rand_vec;
+    use crate::check::rand_vec;
     use crate::ThreadPool;
 
     /// Dense causal attention over contiguous K/V, written directly from the definition.

@@ -70,6 +70,20 @@ pub fn assert_close_rel(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert!(w.err <= tol, "{what}: relative error {w} above {tol}");
 }
 
+/// `n` values in [-1, 1) from a xorshift generator seeded by `seed`: test inputs that are the
+/// same on every machine.
+pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

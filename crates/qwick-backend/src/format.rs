@@ -42,7 +42,7 @@ pub enum ActFormat {
     /// f32 activations, weights widened to f32 in registers.
     F32,
     /// Blocks of 32 int8 values with an f32 scale and the sums of each half block
-    /// ([`crate::quant::ActQ8`]): the integer dot products of every quantized format.
+    /// ([`crate::matmul::int8::ActQ8`]): the integer dot products of every quantized format.
     Q8,
 }
 

@@ -6,9 +6,10 @@
 //! as AVX2 / AVX-512 variants; tests compare the variants with the scalar one and the
 //! backward passes with finite differences of the forward ones.
 
-use crate::matmul::{matmul, WeightView};
+use crate::matmul::matmul;
 use crate::ops::{exp_sel, multiversion};
 use crate::pool::SendPtr;
+use crate::weights::WeightView;
 use crate::{Ctx, Isa};
 
 /// `Σ a[i]·b[i]` in 16 independent lanes so that it vectorises.
@@ -492,7 +493,7 @@ unsafe fn tn_avx512<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matmul::tests::rand_vec;
+    use crate::check::rand_vec;
     use crate::ops;
     use crate::ops::tests::close;
 

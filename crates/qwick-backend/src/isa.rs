@@ -72,7 +72,7 @@ impl Level {
             #[cfg(target_arch = "x86_64")]
             Level::Avx512Bf16 => Level::Avx512Vnni.supported() && is_x86_feature_detected!("avx512bf16"),
             #[cfg(target_arch = "x86_64")]
-            Level::Amx => Level::Avx512Bf16.supported() && crate::quant::amx::usable(),
+            Level::Amx => Level::Avx512Bf16.supported() && amx_usable(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -201,4 +201,34 @@ impl Isa {
             _ => Ok(Isa::best()),
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// Whether the CPU has AMX-BF16 and the operating system lets this process use it.
+fn amx_usable() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        if !Level::Avx512Bf16.supported() {
+            return false;
+        }
+        // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+        let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+        if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
+            return false;
+        }
+        request_permission()
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn request_permission() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // Safety: a plain system call that only changes this process's permitted state components.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_permission() -> bool {
+    false
 }

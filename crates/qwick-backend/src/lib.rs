@@ -18,6 +18,7 @@ pub mod matmul;
 pub mod ops;
 pub mod pool;
 pub mod quant;
+pub mod weights;
 
 pub use format::Format;
 pub use isa::{Isa, Level};

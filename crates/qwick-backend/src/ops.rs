@@ -223,7 +223,7 @@ pub fn to_bf16(isa: Isa, src: &[f32], dst: &mut [u16]) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::matmul::tests::rand_vec;
+    use crate::check::rand_vec;
 
     /// Element-wise `|a − b| ≤ tol · (1 + |b|)`, naming the first element that is not.
     pub(crate) fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {

@@ -630,6 +630,106 @@ pub mod bf16 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Rows `16·g..16·g+16`, values `32·j0..32·(j0 + steps)` of a bf16 weight in row layout
+/// (`k` values per row) as B tiles: for each 32 values, 16 rows of 64 bytes, row `p` holding
+/// values `(2p, 2p+1)` of each weight row: a 16 × 16 transpose of 32-bit pairs, done in
+/// registers. Rows past `rows` are zero.
+///
+/// Tile `j` goes `j × stride` bytes after `out`.
+///
+/// # Safety
+/// The CPU must support AVX-512; `data` holds `rows` rows of `k` bf16; `out` is valid for
+/// `steps` tiles of 1024 bytes `stride` apart (any alignment).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn unpack_bf16_rows(
+    data: &[u8],
+    rows: usize,
+    g: usize,
+    k: usize,
+    j0: usize,
+    steps: usize,
+    out: *mut u8,
+    stride: usize,
+) {
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        let n = (rows - g * ROWS).min(ROWS);
+        let base = data.as_ptr().add(g * ROWS * 2 * k);
+        for j in 0..steps {
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (i, v) in r.iter_mut().enumerate().take(n) {
+                *v = _mm512_loadu_si512(base.add(i * 2 * k + 64 * (j0 + j)) as *const _);
+            }
+            let t = transpose16(r);
+            let dst = out.add(j * stride);
+            for (p, v) in t.iter().enumerate() {
+                _mm512_storeu_si512(dst.add(64 * p) as *mut _, *v);
+            }
+        }
+    }
+}
+
+/// [`bf16::from_rows`] with the transposes in registers (AVX-512).
+///
+/// # Safety
+/// The CPU must support AVX-512; `data` holds `rows` rows of `k` bf16 (`k` a multiple of 32);
+/// `out` is [`bf16::bytes`] long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+pub unsafe fn bf16_rows_to_tiles(data: &[u8], rows: usize, k: usize, out: &mut [u8]) {
+    // SAFETY: what this function's `# Safety` section asks of its caller is what the
+    // operations below need.
+    unsafe {
+        assert!(k.is_multiple_of(32) && data.len() >= rows * k * 2 && out.len() == bf16::bytes(rows, k));
+        for g in 0..rows.div_ceil(ROWS) {
+            // The pair's tiles alternate: group `g`'s at even kilobytes of the pair's run.
+            let at = (g / 2 * k / 32 * 2 + g % 2) * 1024;
+            unpack_bf16_rows(data, rows, g, k, 0, k / 32, out.as_mut_ptr().add(at), 2048);
+        }
+    }
+}
+
+/// The 16 × 16 transpose of 32-bit lanes: lane `r` of output `p` is lane `p` of input `r`.
+#[inline]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+    // Pairs of rows interleaved: t[2i] holds lanes (0, 1) of rows 2i, 2i+1 per 128-bit lane, ...
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4a + c]: lanes c, c+4, c+8, c+12 of rows 4a..4a+4, one per 128-bit lane.
+    let mut u = [_mm512_setzero_si512(); 16];
+    for a in 0..4 {
+        let (t0, t1, t2, t3) = (t[4 * a], t[4 * a + 1], t[4 * a + 2], t[4 * a + 3]);
+        u[4 * a] = _mm512_unpacklo_epi64(t0, t2);
+        u[4 * a + 1] = _mm512_unpackhi_epi64(t0, t2);
+        u[4 * a + 2] = _mm512_unpacklo_epi64(t1, t3);
+        u[4 * a + 3] = _mm512_unpackhi_epi64(t1, t3);
+    }
+    // Output 4L + c gathers 128-bit lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+    let mut out = [_mm512_setzero_si512(); 16];
+    for c in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c]);
+        let v1 = _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c]);
+        let w0 = _mm512_shuffle_i32x4::<0xdd>(u[c], u[4 + c]);
+        let w1 = _mm512_shuffle_i32x4::<0xdd>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_i32x4::<0x88>(v0, v1);
+        out[8 + c] = _mm512_shuffle_i32x4::<0xdd>(v0, v1);
+        out[4 + c] = _mm512_shuffle_i32x4::<0x88>(w0, w1);
+        out[12 + c] = _mm512_shuffle_i32x4::<0xdd>(w0, w1);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -640,7 +740,7 @@ mod tests {
     #[test]
     fn bf16_tiles_hold_the_rows() {
         for &(rows, k) in &[(40, 96), (16, 32), (70, 1024)] {
-            let src: Vec<u8> = crate::matmul::tests::rand_vec(rows * k, rows as u64)
+            let src: Vec<u8> = crate::check::rand_vec(rows * k, rows as u64)
                 .iter()
                 .flat_map(|&v| crate::format::f32_to_bf16(v).to_le_bytes())
                 .collect();
@@ -651,7 +751,7 @@ mod tests {
             if crate::Level::Avx512.supported() {
                 let mut got = vec![0u8; want.len()];
                 // SAFETY: AVX-512 was checked; `got` is as long as the tiles.
-                unsafe { crate::quant::amx::bf16_rows_to_tiles(&src, rows, k, &mut got) };
+                unsafe { bf16_rows_to_tiles(&src, rows, k, &mut got) };
                 assert!(got == want, "{rows} × {k}: transposed in registers differs");
             }
             let mut row = vec![0f32; k];

@@ -5,48 +5,18 @@
 //! integer-kernel format are unpacked from their tiles to bf16 (`s · (u − o) + m`, rounded to
 //! nearest even) once per call, 16 rows at a time; bf16 weights in the file's row layout (or
 //! stored transposed) are only rearranged into tiles, and bf16 weights converted at load to
-//! the tile layout ([`super::tiles::bf16`]) are loaded where they lie; activations are rounded
+//! the tile layout ([`crate::quant::tiles::bf16`]) are loaded where they lie; activations are rounded
 //! to bf16. This is bf16 inference: the reference is the f32 product of the bf16-rounded
 //! operands.
 //!
-//! AMX state is per thread and must be granted by the kernel (Linux `arch_prctl`); [`usable`]
+//! AMX state is per thread and must be granted by the kernel (Linux `arch_prctl`); [`crate::isa`]
 //! asks once per process.
 
-use super::tiles::{Spec, ROWS};
 use crate::alloc::Aligned;
-use crate::matmul::WeightView;
+use crate::quant::tiles::{Spec, ROWS};
+use crate::weights::WeightView;
 use std::arch::asm;
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
-
-/// Whether the CPU has AMX-BF16 and the operating system lets this process use it.
-pub fn usable() -> bool {
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        if !crate::isa::Level::Avx512Bf16.supported() {
-            return false;
-        }
-        // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
-        let leaf = __cpuid_count(7, 0);
-        if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
-            return false;
-        }
-        request_permission()
-    })
-}
-
-#[cfg(target_os = "linux")]
-fn request_permission() -> bool {
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // Safety: a plain system call that only changes this process's permitted state components.
-    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn request_permission() -> bool {
-    false
-}
 
 /// The tile configuration: tmm0–3 accumulators (16 × 16 f32), tmm4–5 activations
 /// (16 × 32 bf16), tmm6–7 weights (16 pairs × 16 columns).
@@ -157,8 +127,8 @@ unsafe fn unpack_group(spec: &Spec, group: &[u8], j0: usize, steps: usize, out: 
         for (jo, j) in (j0..j0 + steps).enumerate() {
             let h = gp.add((j / per_sb) * spec.sb_bytes());
             let jj = j % per_sb;
-            let q = super::x86::avx512::quads(spec.format, h.add(spec.header + jj * spec.block_bytes()));
-            let (s, m) = super::x86::avx512::scales(spec.format, h, jj);
+            let q = super::int8::avx512::avx512::quads(spec.format, h.add(spec.header + jj * spec.block_bytes()));
+            let (s, m) = super::int8::avx512::avx512::scales(spec.format, h, jj);
             // w = s·u + (m − s·o), per scale group (quads 0–3 are weights 0–15, quads 4–7 16–31).
             let bias = [_mm512_fnmadd_ps(s[0], off, m[0]), _mm512_fnmadd_ps(s[1], off, m[1])];
             let dst = out.as_mut_ptr().add(jo * 512);
@@ -184,100 +154,6 @@ unsafe fn unpack_group(spec: &Spec, group: &[u8], j0: usize, steps: usize, out: 
             }
         }
     }
-}
-
-/// Rows `16·g..16·g+16`, values `32·j0..32·(j0 + steps)` of a bf16 weight in row layout
-/// (`k` values per row) as B tiles: for each 32 values, 16 rows of 64 bytes, row `p` holding
-/// values `(2p, 2p+1)` of each weight row: a 16 × 16 transpose of 32-bit pairs, done in
-/// registers. Rows past `rows` are zero.
-///
-/// Tile `j` goes `j × stride` bytes after `out`.
-///
-/// # Safety
-/// The CPU must support AVX-512; `data` holds `rows` rows of `k` bf16; `out` is valid for
-/// `steps` tiles of 1024 bytes `stride` apart (any alignment).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn unpack_bf16_rows(
-    data: &[u8],
-    rows: usize,
-    g: usize,
-    k: usize,
-    j0: usize,
-    steps: usize,
-    out: *mut u8,
-    stride: usize,
-) {
-    // SAFETY: what this function's `# Safety` section asks of its caller is what the
-    // operations below need.
-    unsafe {
-        let n = (rows - g * ROWS).min(ROWS);
-        let base = data.as_ptr().add(g * ROWS * 2 * k);
-        for j in 0..steps {
-            let mut r = [_mm512_setzero_si512(); 16];
-            for (i, v) in r.iter_mut().enumerate().take(n) {
-                *v = _mm512_loadu_si512(base.add(i * 2 * k + 64 * (j0 + j)) as *const _);
-            }
-            let t = transpose16(r);
-            let dst = out.add(j * stride);
-            for (p, v) in t.iter().enumerate() {
-                _mm512_storeu_si512(dst.add(64 * p) as *mut _, *v);
-            }
-        }
-    }
-}
-
-/// [`super::tiles::bf16::from_rows`] with the transposes in registers.
-///
-/// # Safety
-/// The CPU must support AVX-512; `data` holds `rows` rows of `k` bf16 (`k` a multiple of 32);
-/// `out` is [`super::tiles::bf16::bytes`] long.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-pub unsafe fn bf16_rows_to_tiles(data: &[u8], rows: usize, k: usize, out: &mut [u8]) {
-    // SAFETY: what this function's `# Safety` section asks of its caller is what the
-    // operations below need.
-    unsafe {
-        assert!(k.is_multiple_of(32) && data.len() >= rows * k * 2 && out.len() == super::tiles::bf16::bytes(rows, k));
-        for g in 0..rows.div_ceil(ROWS) {
-            // The pair's tiles alternate: group `g`'s at even kilobytes of the pair's run.
-            let at = (g / 2 * k / 32 * 2 + g % 2) * 1024;
-            unpack_bf16_rows(data, rows, g, k, 0, k / 32, out.as_mut_ptr().add(at), 2048);
-        }
-    }
-}
-
-/// The 16 × 16 transpose of 32-bit lanes: lane `r` of output `p` is lane `p` of input `r`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
-    // Pairs of rows interleaved: t[2i] holds lanes (0, 1) of rows 2i, 2i+1 per 128-bit lane, ...
-    let mut t = [_mm512_setzero_si512(); 16];
-    for i in 0..8 {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    // u[4a + c]: lanes c, c+4, c+8, c+12 of rows 4a..4a+4, one per 128-bit lane.
-    let mut u = [_mm512_setzero_si512(); 16];
-    for a in 0..4 {
-        let (t0, t1, t2, t3) = (t[4 * a], t[4 * a + 1], t[4 * a + 2], t[4 * a + 3]);
-        u[4 * a] = _mm512_unpacklo_epi64(t0, t2);
-        u[4 * a + 1] = _mm512_unpackhi_epi64(t0, t2);
-        u[4 * a + 2] = _mm512_unpacklo_epi64(t1, t3);
-        u[4 * a + 3] = _mm512_unpackhi_epi64(t1, t3);
-    }
-    // Output 4L + c gathers 128-bit lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
-    let mut out = [_mm512_setzero_si512(); 16];
-    for c in 0..4 {
-        let v0 = _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c]);
-        let v1 = _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c]);
-        let w0 = _mm512_shuffle_i32x4::<0xdd>(u[c], u[4 + c]);
-        let w1 = _mm512_shuffle_i32x4::<0xdd>(u[8 + c], u[12 + c]);
-        out[c] = _mm512_shuffle_i32x4::<0x88>(v0, v1);
-        out[8 + c] = _mm512_shuffle_i32x4::<0xdd>(v0, v1);
-        out[4 + c] = _mm512_shuffle_i32x4::<0x88>(w0, w1);
-        out[12 + c] = _mm512_shuffle_i32x4::<0xdd>(w0, w1);
-    }
-    out
 }
 
 /// Output features `16·g..16·g+16`, inputs `32·j0..32·(j0 + steps)` of a bf16 weight stored
@@ -360,9 +236,9 @@ pub enum Source<'a> {
     Tiles(&'a Spec),
     /// A bf16 weight in row layout.
     Bf16Rows,
-    /// A bf16 weight stored transposed ([`crate::matmul::Layout::Transposed`]).
+    /// A bf16 weight stored transposed ([`crate::weights::Layout::Transposed`]).
     Bf16Cols,
-    /// A bf16 weight in tiles ([`super::tiles::bf16`]): B tiles read where they lie.
+    /// A bf16 weight in tiles ([`crate::quant::tiles::bf16`]): B tiles read where they lie.
     Bf16Tiles,
 }
 
@@ -406,7 +282,16 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
                     each(o0, o1, &|g, out| unpack_group(spec, &w.data[g * gb..(g + 1) * gb], j0, steps, out))
                 }
                 Source::Bf16Rows => each(o0, o1, &|g, out| {
-                    unpack_bf16_rows(w.data, w.rows, g, k, j0, steps, out.as_mut_ptr() as *mut u8, 1024)
+                    crate::quant::tiles::unpack_bf16_rows(
+                        w.data,
+                        w.rows,
+                        g,
+                        k,
+                        j0,
+                        steps,
+                        out.as_mut_ptr() as *mut u8,
+                        1024,
+                    )
                 }),
                 Source::Bf16Tiles => unreachable!("bf16 tiles are read in place"),
                 Source::Bf16Cols => unpack_bf16_cols_pair(w.data, w.rows, g, width, j0, steps, o0, o1),
@@ -418,7 +303,8 @@ pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy:
         // weight tiles, so one pass covers every input and the sums stay in tiles throughout.
         let in_place = matches!(src, Source::Bf16Tiles);
         assert!(
-            !in_place || (cols.start.is_multiple_of(2 * ROWS) && w.data.len() >= super::tiles::bf16::bytes(w.rows, k))
+            !in_place
+                || (cols.start.is_multiple_of(2 * ROWS) && w.data.len() >= crate::quant::tiles::bf16::bytes(w.rows, k))
         );
         let kc = if in_place && rblocks <= 2 { ksteps } else { KC.min(ksteps) };
         let mut b = Aligned::<u16>::zeroed(if in_place { 0 } else { 2 * kc * 512 });
@@ -700,7 +586,7 @@ pub fn reference(spec: &Spec, a: &ActBf16, w: &WeightView, y: &mut [f32], ldy: u
         let group = &w.data[(c / ROWS) * gb..(c / ROWS + 1) * gb];
         let mut row = vec![0f32; k];
         for (j, blk) in row.chunks_exact_mut(32).enumerate() {
-            let up = super::tiles::unpack(spec, group, j, c % ROWS);
+            let up = crate::quant::tiles::unpack(spec, group, j, c % ROWS);
             for (i, v) in blk.iter_mut().enumerate() {
                 let g = if spec.g16 { i / 16 } else { 0 };
                 let wv = (up.u[i] as f32).mul_add(up.s[g], (-up.s[g]).mul_add(spec.offset as f32, up.m[g]));
@@ -710,6 +596,53 @@ pub fn reference(spec: &Spec, a: &ActBf16, w: &WeightView, y: &mut [f32], ldy: u
         for i in 0..a.m {
             y[i * ldy + c] =
                 row.iter().enumerate().map(|(kk, &wv)| crate::format::bf16_to_f32(a.get(i, kk)) * wv).sum();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::rand_vec;
+    use crate::format::Format;
+    use crate::quant::dequant::random_blocks;
+    use crate::quant::{has_q8_kernel, packed_bytes, repack_into, tiles};
+
+    /// The AMX kernel equals the f32 product of the bf16-rounded operands (up to summation
+    /// order), for every format, on shapes with partial tiles in both directions and inner
+    /// dimensions of several passes.
+    #[test]
+    fn amx_kernel_matches_its_reference() {
+        if !crate::Level::Amx.supported() {
+            eprintln!("no AMX here (or QWICK_MAX_ISA caps it): skipped");
+            return;
+        }
+        for &f in Format::ALL.iter().filter(|f| has_q8_kernel(**f)) {
+            let spec = tiles::spec(f).unwrap();
+            // The last three shapes take several passes of the kernel (8 steps of 32 each, the
+            // last partial); the last has two chunks of columns (8 pairs, then a ragged one).
+            for &(m, n, k) in
+                &[(32, 16, 256), (37, 40, 512), (50, 33, 768), (16, 16, 4352), (40, 20, 4352), (33, 300, 768)]
+            {
+                let src = random_blocks(f, n * k / f.block(), (m + n * k) as u64);
+                let rows = WeightView::new(f, &src, n, k);
+                let mut tiled = vec![0u8; packed_bytes(&rows, false).unwrap()];
+                repack_into(&rows, &mut tiled);
+                let w = WeightView::tiles(f, &tiled, n, k);
+                let x = rand_vec(m * k, 11 + m as u64);
+                let a = ActBf16::new(&x, m, k);
+                let mut want = vec![0f32; m * n];
+                reference(spec, &a, &w, &mut want, n);
+                let mut got = vec![f32::NAN; m * n];
+                // SAFETY: AMX is usable (checked above); `w` is in tiles; `got` holds m × n.
+                unsafe { matmul(Source::Tiles(spec), &a, &w, got.as_mut_ptr(), n, 0..n) };
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()) * (k as f32).sqrt(),
+                        "{f} m{m} n{n} k{k} at {i}: {g} vs {e}"
+                    );
+                }
+            }
         }
     }
 }

@@ -1,4 +1,5 @@
-//! x86 kernels of the integer path: activation quantization and the tile dot products.
+//! AVX-512 integer kernels: activation quantization, the quants and scales of a block of tiles
+//! in registers, and the `vpdpbusd` (VNNI) tile dot products.
 
 use std::arch::x86_64::*;
 
@@ -273,8 +274,8 @@ pub mod vnni {
     use super::avx512::{quads, scales};
     use super::*;
     use crate::format::Format;
+    use crate::matmul::int8::ActQ8;
     use crate::quant::tiles::{Spec, ROWS};
-    use crate::quant::ActQ8;
 
     /// Activation rows per pass over a weight group (each has one f32 accumulator vector).
     const MR: usize = 8;

@@ -16,8 +16,8 @@
 use std::arch::x86_64::*;
 
 use crate::format::Format;
+use crate::matmul::int8::ActQ8;
 use crate::quant::tiles::{Spec, IQ4_U8, ROWS};
-use crate::quant::ActQ8;
 
 const fn format_of(f: u8) -> Format {
     Format::ALL[f as usize]
@@ -78,8 +78,8 @@ macro_rules! by_format {
 /// AVX-512BW: 64-byte quads (four weights of each of the 16 rows), lanes = weight rows.
 pub mod avx512 {
     use super::*;
-    use crate::quant::x86::avx512 as shared;
-    use crate::quant::x86::avx512::scales;
+    use crate::matmul::int8::avx512::avx512 as shared;
+    use crate::matmul::int8::avx512::avx512::scales;
 
     /// Activation rows per pass over a weight group.
     const MR: usize = 8;

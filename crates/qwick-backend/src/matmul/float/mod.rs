@@ -1,0 +1,9 @@
+//! Products with float weights (f32, bf16, f16), one file per instruction set.
+
+/// Element types by number: 0 = f32, 1 = bf16, 2 = f16.
+pub const F32: u8 = 0;
+pub const BF16: u8 = 1;
+
+pub mod avx2;
+pub mod avx512;
+pub mod avx512bf16;
