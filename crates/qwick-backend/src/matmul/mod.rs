@@ -85,7 +85,7 @@ impl<'a> MatmulJob<'a> {
 }
 
 /// What a product's activations are converted to (see [`Prepared`]).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     None,
     Bf16,
@@ -838,6 +838,75 @@ pub(crate) mod tests {
     use super::*;
     use crate::check::rand_vec;
     use crate::ThreadPool;
+
+    /// The plan: which kernel family a product takes, for each weight format and layout, ISA,
+    /// bf16 mode and row count (levels this CPU lacks are left out, and said so).
+    #[test]
+    fn plan_picks_the_kernel_for_format_isa_mode_and_rows() {
+        let pool = ThreadPool::new(1);
+        let (n, k) = (64, 512);
+        let q4 = vec![0u8; crate::quant::tiles::spec(Format::Q4_K).unwrap().bytes(n, k)];
+        let q4_rows = vec![0u8; n * Format::Q4_K.row_bytes(k)];
+        let bf16_tiles = vec![0u8; crate::quant::tiles::bf16::bytes(n, k)];
+        let bf16 = vec![0u8; n * Format::BF16.row_bytes(k)];
+        let f32s = vec![0u8; n * Format::F32.row_bytes(k)];
+        let q4t = WeightView::tiles(Format::Q4_K, &q4, n, k);
+        let q4r = WeightView::new(Format::Q4_K, &q4_rows, n, k);
+        let bt = WeightView::tiles(Format::BF16, &bf16_tiles, n, k);
+        let br = WeightView::new(Format::BF16, &bf16, n, k);
+        let bcols = WeightView::transposed(Format::BF16, &bf16, n, k);
+        let fr = WeightView::new(Format::F32, &f32s, n, k);
+        use Kind as K;
+        use Level as L;
+        // (level, bf16 mode, exact, weight, rows, kernel)
+        let table: &[(Level, Option<Bf16Mode>, bool, &WeightView, usize, Kind)] = &[
+            (L::Scalar, None, false, &q4t, 1, K::Q8),
+            (L::Scalar, None, true, &q4t, 1, K::None),
+            (L::Avx2, None, false, &q4r, 7, K::Q8),
+            (L::Avx512Vnni, None, false, &q4t, 512, K::Q8),
+            (L::Amx, None, false, &q4t, 31, K::Q8),
+            (L::Amx, None, false, &q4t, 32, K::Amx),
+            (L::Amx, None, false, &q4r, 512, K::Q8),
+            (L::Amx, None, true, &q4t, 512, K::None),
+            (L::Scalar, None, false, &fr, 1, K::None),
+            (L::Avx512, None, false, &fr, 5, K::Padded),
+            (L::Avx512, None, false, &fr, GEMM_MIN_ROWS, K::None),
+            (L::Avx2, None, false, &fr, 5, K::None),
+            (L::Avx512, None, false, &br, GEMM_MIN_ROWS - 1, K::Split),
+            (L::Avx512, None, false, &br, GEMM_MIN_ROWS, K::None),
+            (L::Avx2, None, false, &br, 1, K::None),
+            (L::Avx512Bf16, Some(Bf16Mode::F32), false, &bt, 1, K::None),
+            (L::Avx512Bf16, Some(Bf16Mode::Dot), false, &bt, 1, K::Bf16),
+            (L::Avx512Bf16, Some(Bf16Mode::Dot), false, &bt, 512, K::Bf16),
+            (L::Avx512Bf16, Some(Bf16Mode::Fma), false, &bt, 512, K::Rounded),
+            (L::Avx512Bf16, Some(Bf16Mode::Dot), true, &bt, 1, K::None),
+            (L::Avx512Bf16, Some(Bf16Mode::Dot), false, &br, BF16_MIN_ROWS - 1, K::SplitRounded),
+            (L::Avx512Bf16, Some(Bf16Mode::Dot), false, &br, BF16_MIN_ROWS, K::Bf16),
+            (L::Avx512Bf16, Some(Bf16Mode::Dot), false, &bcols, 1, K::Bf16),
+            (L::Amx, Some(Bf16Mode::Amx), false, &bt, TILES_MIN_ROWS - 1, K::Rounded),
+            (L::Amx, Some(Bf16Mode::Amx), false, &bt, TILES_MIN_ROWS, K::Amx),
+            (L::Amx, Some(Bf16Mode::Amx), false, &br, BF16_MIN_ROWS, K::Amx),
+            (L::Amx, Some(Bf16Mode::Amx), false, &bcols, 1, K::Amx),
+        ];
+        let mut skipped = std::collections::BTreeSet::new();
+        for &(level, bf16, exact, w, m, want) in table {
+            let Some(isa) = Isa::new(level) else {
+                skipped.insert(level.name());
+                continue;
+            };
+            if bf16.is_some_and(|b| !b.supported()) {
+                skipped.insert(level.name());
+                continue;
+            }
+            let ctx = Ctx { exact, bf16, ..Ctx::new(isa, &pool) };
+            let got = kind(ctx, m, w);
+            assert_eq!(got, want, "{level} {bf16:?} exact {exact} {} {:?} m{m}", w.format, w.layout);
+        }
+        if !skipped.is_empty() {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "plan test: rows for {skipped:?} not checked on this CPU");
+        }
+    }
 
     /// Every value within 1e-4 · √k of the reference, relative (NaN fails).
     fn assert_near(got: &[f32], want: &[f32], k: usize, what: &str) {
