@@ -89,22 +89,7 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
     // to the tiled kernel where there is one; other tokens one at a time.
     // Tokens per tile: their query heads of one KV head fill the 16 lanes.
     let tile = if ctx.isa.is_avx512() && group <= 16 { 16 / group } else { 1 };
-    let mut units: Vec<(usize, usize)> = Vec::new();
-    let mut t = 0;
-    while t < n_tok {
-        let mut len = 1;
-        while len < tile
-            && t + len < n_tok
-            && a.seq_of_token[t + len] == a.seq_of_token[t]
-            && a.positions[t + len] == a.positions[t] + len as u32
-        {
-            len += 1;
-        }
-        units.push((t, len));
-        t += len;
-    }
-    // Longest contexts first, so the last units to finish are short.
-    units.sort_by_key(|&(t, len)| std::cmp::Reverse(a.positions[t + len - 1]));
+    let units = work_units(a, tile);
     let threads = ctx.pool.threads();
     // Fewer (token, KV head) items than threads (one sequence decoding on many cores): each
     // single-token item's keys are split into `parts` runs of whole blocks, attended on their
@@ -185,22 +170,61 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
         ctx.pool.run(&work);
     }
     if parts > 1 {
-        // out = Σ_p exp(lse_p − LSE) · out_p, LSE the log-sum-exp of the parts' log-sum-exps.
-        for unit in 0..items / parts {
-            let ((tok, _), kvh) = (units[unit / kv.kv_heads], unit % kv.kv_heads);
-            let o = &mut out[(tok * a.n_heads + kvh * group) * hd..][..group * hd];
-            for g in 0..group {
-                let l = |p: usize| part_lse[(unit * parts + p) * group + g];
-                let m = (0..parts).map(l).fold(f32::NEG_INFINITY, f32::max);
-                let total: f32 = (0..parts).map(|p| (l(p) - m).exp()).sum();
-                let og = &mut o[g * hd..(g + 1) * hd];
-                og.fill(0.0);
-                for p in 0..parts {
-                    let wp = (l(p) - m).exp() / total;
-                    let src = &part_out[((unit * parts + p) * group + g) * hd..][..hd];
-                    for (d, &v) in og.iter_mut().zip(src) {
-                        *d += wp * v;
-                    }
+        merge_parts(&units, parts, group, hd, a.n_heads, kv.kv_heads, &part_out, &part_lse, out);
+    }
+}
+
+/// Runs of up to `tile` consecutive tokens of one sequence (`(first token, length)`), longest
+/// contexts first, so the last units to finish are short.
+fn work_units(a: &AttnArgs, tile: usize) -> Vec<(usize, usize)> {
+    let n_tok = a.positions.len();
+    let mut units: Vec<(usize, usize)> = Vec::new();
+    let mut t = 0;
+    while t < n_tok {
+        let mut len = 1;
+        while len < tile
+            && t + len < n_tok
+            && a.seq_of_token[t + len] == a.seq_of_token[t]
+            && a.positions[t + len] == a.positions[t] + len as u32
+        {
+            len += 1;
+        }
+        units.push((t, len));
+        t += len;
+    }
+    units.sort_by_key(|&(t, len)| std::cmp::Reverse(a.positions[t + len - 1]));
+    units
+}
+
+/// The outputs of single-token units attended in `parts` runs of keys, merged by their
+/// log-sum-exps into `out`.
+#[allow(clippy::too_many_arguments)]
+fn merge_parts(
+    units: &[(usize, usize)],
+    parts: usize,
+    group: usize,
+    hd: usize,
+    n_heads: usize,
+    kv_heads: usize,
+    part_out: &[f32],
+    part_lse: &[f32],
+    out: &mut [f32],
+) {
+    // out = Σ_p exp(lse_p − LSE) · out_p, LSE the log-sum-exp of the parts' log-sum-exps.
+    for unit in 0..units.len() * kv_heads {
+        let ((tok, _), kvh) = (units[unit / kv_heads], unit % kv_heads);
+        let o = &mut out[(tok * n_heads + kvh * group) * hd..][..group * hd];
+        for g in 0..group {
+            let l = |p: usize| part_lse[(unit * parts + p) * group + g];
+            let m = (0..parts).map(l).fold(f32::NEG_INFINITY, f32::max);
+            let total: f32 = (0..parts).map(|p| (l(p) - m).exp()).sum();
+            let og = &mut o[g * hd..(g + 1) * hd];
+            og.fill(0.0);
+            for p in 0..parts {
+                let wp = (l(p) - m).exp() / total;
+                let src = &part_out[((unit * parts + p) * group + g) * hd..][..hd];
+                for (d, &v) in og.iter_mut().zip(src) {
+                    *d += wp * v;
                 }
             }
         }
