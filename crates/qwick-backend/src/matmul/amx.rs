@@ -13,6 +13,7 @@
 //! asks once per process.
 
 use crate::alloc::Aligned;
+use crate::matmul::Job;
 use crate::quant::tiles::{Spec, ROWS};
 use crate::weights::WeightView;
 use std::arch::asm;
@@ -127,8 +128,8 @@ unsafe fn unpack_group(spec: &Spec, group: &[u8], j0: usize, steps: usize, out: 
         for (jo, j) in (j0..j0 + steps).enumerate() {
             let h = gp.add((j / per_sb) * spec.sb_bytes());
             let jj = j % per_sb;
-            let q = super::int8::avx512::avx512::quads(spec.format, h.add(spec.header + jj * spec.block_bytes()));
-            let (s, m) = super::int8::avx512::avx512::scales(spec.format, h, jj);
+            let q = super::int8::avx512::block::quads(spec.format, h.add(spec.header + jj * spec.block_bytes()));
+            let (s, m) = super::int8::avx512::block::scales(spec.format, h, jj);
             // w = s·u + (m − s·o), per scale group (quads 0–3 are weights 0–15, quads 4–7 16–31).
             let bias = [_mm512_fnmadd_ps(s[0], off, m[0]), _mm512_fnmadd_ps(s[1], off, m[1])];
             let dst = out.as_mut_ptr().add(jo * 512);
@@ -261,7 +262,8 @@ const CHUNK_PAIRS: usize = 8;
 /// [`usable`] must have returned true; `w` is laid out as `src` says (for
 /// [`Source::Bf16Tiles`], `cols.start` a multiple of 32); `y` is valid for `a.m` rows of `ldy`
 /// floats and no other thread writes these columns.
-pub unsafe fn matmul(src: Source, a: &ActBf16, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+pub(crate) unsafe fn matmul(src: Source, j: &Job<'_, &ActBf16>) {
+    let Job { x: a, w, y, ldy, cols, .. } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -635,7 +637,12 @@ mod tests {
                 reference(spec, &a, &w, &mut want, n);
                 let mut got = vec![f32::NAN; m * n];
                 // SAFETY: AMX is usable (checked above); `w` is in tiles; `got` holds m × n.
-                unsafe { matmul(Source::Tiles(spec), &a, &w, got.as_mut_ptr(), n, 0..n) };
+                unsafe {
+                    matmul(
+                        Source::Tiles(spec),
+                        &Job { x: &a, ldx: k, m, w: &w, y: got.as_mut_ptr(), ldy: n, cols: 0..n },
+                    )
+                };
                 for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - e).abs() <= 1e-5 * (1.0 + e.abs()) * (k as f32).sqrt(),

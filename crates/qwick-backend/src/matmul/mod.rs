@@ -15,6 +15,27 @@ use int8::ActQ8;
 
 pub use crate::weights::{Layout, WeightView};
 
+/// One kernel call: `m` rows of activations `x` (in the form the kernel reads, rows `ldx`
+/// values apart where the form has rows) times the weight `w`, written to columns `cols` of
+/// `m` rows of `y` (`ldy` floats apart).
+#[derive(Clone)]
+pub(crate) struct Job<'a, X> {
+    pub x: X,
+    pub ldx: usize,
+    pub m: usize,
+    pub w: &'a WeightView<'a>,
+    pub y: *mut f32,
+    pub ldy: usize,
+    pub cols: std::ops::Range<usize>,
+}
+
+impl<'a, X> Job<'a, X> {
+    /// The same product with the activations in another form (`ldx` apart).
+    pub fn with<Z>(&self, x: Z, ldx: usize) -> Job<'a, Z> {
+        Job { x, ldx, m: self.m, w: self.w, y: self.y, ldy: self.ldy, cols: self.cols.clone() }
+    }
+}
+
 /// The kernels products with `w` use (outside the exact mode), in words.
 pub fn kernel_path(w: &WeightView) -> &'static str {
     match w.layout {
@@ -442,7 +463,8 @@ pub fn matmul_batch(ctx: Ctx, jobs: &[MatmulJob]) {
     // element; the kernels read `x` and the weight within their checked sizes.
     let run_range = |i: usize, cols: std::ops::Range<usize>| unsafe {
         let j = &jobs[i];
-        matmul_cols_impl(ctx, j.x, &preps[prep_of[i]], j.m, &views[i], j.y.ptr(), j.w.rows, cols)
+        let job = Job { x: j.x, ldx: j.w.cols, m: j.m, w: &views[i], y: j.y.ptr(), ldy: j.w.rows, cols };
+        matmul_cols_impl(ctx, &preps[prep_of[i]], &job)
     };
     if threads == 1 || total < 1 << 16 {
         for (i, j) in jobs.iter().enumerate() {
@@ -561,25 +583,16 @@ pub fn round_rows_to_bf16(isa: Isa, x: &[f32], k: usize) -> Vec<u16> {
 /// # Safety
 /// `prep` was prepared from `x` for `w` and `ctx`; `w`'s data holds its rows in its format and
 /// layout; `y` is valid for writes of `m` rows of `ldy` floats at columns `cols` (within `w.rows`).
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul_cols_impl(
-    ctx: Ctx,
-    x: &[f32],
-    prep: &Prepared,
-    m: usize,
-    w: &WeightView,
-    y: *mut f32,
-    ldy: usize,
-    cols: std::ops::Range<usize>,
-) {
+unsafe fn matmul_cols_impl(ctx: Ctx, prep: &Prepared, j: &Job<'_, &[f32]>) {
+    let (m, w) = (j.m, j.w);
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
-        if cols.is_empty() || m == 0 {
+        if j.cols.is_empty() || m == 0 {
             return;
         }
         match prep {
-            Prepared::Q8(a) => int8::matmul_q8(ctx.isa, a, w, y, ldy, cols),
+            Prepared::Q8(a) => int8::matmul_q8(ctx.isa, &j.with(a, w.cols)),
             #[cfg(target_arch = "x86_64")]
             Prepared::Amx(a) => {
                 let src = match (w.layout, quant::tiles::spec(w.format)) {
@@ -588,21 +601,21 @@ unsafe fn matmul_cols_impl(
                     (Layout::Transposed, _) => amx::Source::Bf16Cols,
                     _ => amx::Source::Bf16Rows,
                 };
-                amx::matmul(src, a, w, y, ldy, cols)
+                amx::matmul(src, &j.with(a, w.cols))
             }
-            Prepared::Bf16(xb) => float_cols(ctx.isa, x, w.cols, xb, m, w, y, ldy, cols),
-            Prepared::Padded(xp, ldx) => float_cols(ctx.isa, xp, *ldx, &[], m, w, y, ldy, cols),
+            Prepared::Bf16(xb) => float_cols(ctx.isa, xb, j),
+            Prepared::Padded(xp, ldx) => float_cols(ctx.isa, &[], &j.with(xp, *ldx)),
             #[cfg(target_arch = "x86_64")]
-            Prepared::Split(xs, ldx) => float::avx512::gemv_bf16_split(xs, *ldx, m, w, y, ldy, cols),
+            Prepared::Split(xs, ldx) => float::avx512::gemv_bf16_split(&j.with(xs, *ldx)),
             #[cfg(target_arch = "x86_64")]
-            Prepared::Rounded(xr) => float::avx512::gemv_bf16_tiles(xr, m, w, y, ldy, cols),
+            Prepared::Rounded(xr) => float::avx512::gemv_bf16_tiles(&j.with(xr, w.cols)),
             #[cfg(not(target_arch = "x86_64"))]
             Prepared::Rounded(..) => unreachable!("bf16 tiles are read by AMX kernels"),
             #[cfg(not(target_arch = "x86_64"))]
             Prepared::Split(..) => unreachable!("even/odd activations without AVX-512"),
-            Prepared::None if w.layout == Layout::Tiles => tiles_dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
-            Prepared::None if w.format.is_float() => float_cols(ctx.isa, x, w.cols, &[], m, w, y, ldy, cols),
-            Prepared::None => dequantized_cols(ctx.isa, x, m, w, y, ldy, cols),
+            Prepared::None if w.layout == Layout::Tiles => tiles_dequantized_cols(ctx.isa, j),
+            Prepared::None if w.format.is_float() => float_cols(ctx.isa, &[], j),
+            Prepared::None => dequantized_cols(ctx.isa, j),
         }
     }
 }
@@ -614,16 +627,8 @@ unsafe fn matmul_cols_impl(
 /// # Safety
 /// `isa` is supported; `x` holds `m` rows of `w.cols` values; `w`'s data holds its rows in its
 /// format; `y` is valid for writes of `m` rows of `ldy` floats at columns `cols` (within `w.rows`).
-#[allow(clippy::too_many_arguments)]
-unsafe fn dequantized_cols(
-    isa: Isa,
-    x: &[f32],
-    m: usize,
-    w: &WeightView,
-    y: *mut f32,
-    ldy: usize,
-    cols: std::ops::Range<usize>,
-) {
+unsafe fn dequantized_cols(isa: Isa, j: &Job<'_, &[f32]>) {
+    let Job { x, m, w, y, ldy, cols, .. } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -642,8 +647,10 @@ unsafe fn dequantized_cols(
             w.format.dequantize(&w.data[n * rb..(n + nr) * rb], &mut buf[..nr * k]);
             let wf = WeightView::from_f32(&buf[..nr * k], nr, k);
             match &prep {
-                Prepared::Padded(xp, ldx) => float_cols(isa, xp, *ldx, &[], m, &wf, y.add(n), ldy, 0..nr),
-                _ => float_cols(isa, x, k, &[], m, &wf, y.add(n), ldy, 0..nr),
+                Prepared::Padded(xp, ldx) => {
+                    float_cols(isa, &[], &Job { x: xp, ldx: *ldx, m, w: &wf, y: y.add(n), ldy, cols: 0..nr })
+                }
+                _ => float_cols(isa, &[], &Job { x, ldx: k, m, w: &wf, y: y.add(n), ldy, cols: 0..nr }),
             }
             n += nr;
         }
@@ -655,16 +662,8 @@ unsafe fn dequantized_cols(
 /// # Safety
 /// `isa` is supported; `x` holds `m` rows of `w.cols` values; `w` is in tiles of its format; `y` is
 /// valid for writes of `m` rows of `ldy` floats at columns `cols` (within `w.rows`).
-#[allow(clippy::too_many_arguments)]
-unsafe fn tiles_dequantized_cols(
-    isa: Isa,
-    x: &[f32],
-    m: usize,
-    w: &WeightView,
-    y: *mut f32,
-    ldy: usize,
-    cols: std::ops::Range<usize>,
-) {
+unsafe fn tiles_dequantized_cols(isa: Isa, j: &Job<'_, &[f32]>) {
+    let Job { x, m, w, y, ldy, cols, .. } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -677,7 +676,7 @@ unsafe fn tiles_dequantized_cols(
                 quant::row_to_f32(w, n + r, row);
             }
             let wf = WeightView::from_f32(&buf[..nr * k], nr, k);
-            float_cols(isa, x, k, &[], m, &wf, y.add(n), ldy, 0..nr);
+            float_cols(isa, &[], &Job { x, ldx: k, m, w: &wf, y: y.add(n), ldy, cols: 0..nr });
             n += nr;
         }
     }
@@ -690,38 +689,28 @@ unsafe fn tiles_dequantized_cols(
 /// `isa` is supported; `x` holds `m` rows of `w.cols` values at stride `ldx` (or `xb` the same rows
 /// rounded to bf16, when not empty); `w` holds f32 or bf16 rows; `y` is valid for writes of `m`
 /// rows of `ldy` floats at columns `cols` (within `w.rows`).
-#[allow(clippy::too_many_arguments)]
-unsafe fn float_cols(
-    isa: Isa,
-    x: &[f32],
-    ldx: usize,
-    xb: &[u16],
-    m: usize,
-    w: &WeightView,
-    y: *mut f32,
-    ldy: usize,
-    cols: std::ops::Range<usize>,
-) {
+unsafe fn float_cols(isa: Isa, xb: &[u16], j: &Job<'_, &[f32]>) {
+    let w = j.w;
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
         match isa.level() {
             // Activations rounded for the dot-product kernels (Bf16Mode::Dot, on any ISA).
             #[cfg(target_arch = "x86_64")]
-            _ if w.format == Format::BF16 && !xb.is_empty() => float::avx512bf16::matmul(xb, m, w, y, ldy, cols),
+            _ if w.format == Format::BF16 && !xb.is_empty() => float::avx512bf16::matmul(&j.with(xb, w.cols)),
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 | Level::Avx512Vnni | Level::Avx512Bf16 | Level::Amx => match w.format {
-                Format::F32 => float::avx512::matmul::<0>(x, ldx, m, w, y, ldy, cols),
-                Format::BF16 => float::avx512::matmul::<1>(x, ldx, m, w, y, ldy, cols),
-                _ => float::avx512::matmul::<2>(x, ldx, m, w, y, ldy, cols),
+                Format::F32 => float::avx512::matmul::<0>(j),
+                Format::BF16 => float::avx512::matmul::<1>(j),
+                _ => float::avx512::matmul::<2>(j),
             },
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => match w.format {
-                Format::F32 => float::avx2::matmul::<0>(x, m, w, y, ldy, cols),
-                Format::BF16 => float::avx2::matmul::<1>(x, m, w, y, ldy, cols),
-                _ => float::avx2::matmul::<2>(x, m, w, y, ldy, cols),
+                Format::F32 => float::avx2::matmul::<0>(j),
+                Format::BF16 => float::avx2::matmul::<1>(j),
+                _ => float::avx2::matmul::<2>(j),
             },
-            _ => scalar(x, m, w, y, ldy, cols),
+            _ => scalar(j),
         }
     }
 }
@@ -731,7 +720,8 @@ unsafe fn float_cols(
 /// # Safety
 /// `x` holds `m` rows of `w.cols` values; `w`'s data holds its rows in its format; `y` is valid for
 /// writes of `m` rows of `ldy` floats at columns `cols` (within `w.rows`).
-unsafe fn scalar(x: &[f32], m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+unsafe fn scalar(j: &Job<'_, &[f32]>) {
+    let Job { x, m, w, y, ldy, cols, .. } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {

@@ -1,7 +1,8 @@
 //! f32, bf16 and f16 weights with f32 activations on AVX2: FMA GEMV and GEMM.
 
 use super::*;
-use crate::matmul::{WeightView, GEMM_MIN_ROWS};
+use crate::matmul::Job;
+use crate::matmul::GEMM_MIN_ROWS;
 use std::arch::x86_64::*;
 
 const NR: usize = 16;
@@ -56,21 +57,15 @@ fn hsum(v: __m256) -> f32 {
 /// rows of `w.cols` values at stride `ldx`; `w` holds rows of format `D`; `y` is valid for
 /// writes of `m` rows of `ldy` floats at columns `cols` (within `w.rows`).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn matmul<const D: u8>(
-    x: &[f32],
-    m: usize,
-    w: &WeightView,
-    y: *mut f32,
-    ldy: usize,
-    cols: std::ops::Range<usize>,
-) {
+pub unsafe fn matmul<const D: u8>(j: &Job<'_, &[f32]>) {
+    let (x, m) = (j.x, j.m);
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
         if m >= GEMM_MIN_ROWS {
-            gemm::<D>(x.as_ptr(), m, w, y, ldy, cols)
+            gemm::<D>(&j.with(x.as_ptr(), j.ldx))
         } else {
-            gemv::<D>(x.as_ptr(), m, w, y, ldy, cols)
+            gemv::<D>(&j.with(x.as_ptr(), j.ldx))
         }
     }
 }
@@ -81,14 +76,8 @@ pub unsafe fn matmul<const D: u8>(
 /// kernels); `w` holds rows in the layout this kernel reads; `y` is valid for writes of `m`
 /// rows of `ldy` floats at columns `cols` (within `w.rows`).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemv<const D: u8>(
-    x: *const f32,
-    m: usize,
-    w: &WeightView,
-    y: *mut f32,
-    ldy: usize,
-    cols: std::ops::Range<usize>,
-) {
+unsafe fn gemv<const D: u8>(j: &Job<'_, *const f32>) {
+    let Job { x, m, w, y, ldy, cols, .. } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -167,14 +156,8 @@ unsafe fn gemv_block<const D: u8, const R: usize, const M: usize>(
 /// the layout this kernel reads; `y` is valid for writes of `m` rows of `ldy` floats at
 /// columns `cols` (within `w.rows`).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm<const D: u8>(
-    x: *const f32,
-    m: usize,
-    w: &WeightView,
-    y: *mut f32,
-    ldy: usize,
-    cols: std::ops::Range<usize>,
-) {
+unsafe fn gemm<const D: u8>(j: &Job<'_, *const f32>) {
+    let Job { x, m, w, y, ldy, cols, .. } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {

@@ -1,6 +1,7 @@
 //! f32, bf16 and f16 weights with f32 activations on AVX-512: FMA GEMV and GEMM (weights widened in registers).
 
 use super::*;
+use crate::matmul::Job;
 use crate::matmul::{gemv_blocks, Layout, WeightView, GEMM_MIN_ROWS};
 use std::arch::x86_64::*;
 
@@ -55,23 +56,15 @@ unsafe fn load16_mask<const D: u8>(p: *const u8, mask: __mmask16) -> __m512 {
 /// `ldx`; `w` holds rows of format `D`; `y` is valid for writes of `m` rows of `ldy` floats
 /// at columns `cols` (within `w.rows`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul<const D: u8>(
-    x: &[f32],
-    ldx: usize,
-    m: usize,
-    w: &WeightView,
-    y: *mut f32,
-    ldy: usize,
-    cols: std::ops::Range<usize>,
-) {
+pub unsafe fn matmul<const D: u8>(j: &Job<'_, &[f32]>) {
+    let (x, m, w) = (j.x, j.m, j.w);
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
         if m >= GEMM_MIN_ROWS || w.layout == Layout::Transposed {
-            gemm::<D>(x.as_ptr(), m, w, y, ldy, cols)
+            gemm::<D>(&j.with(x.as_ptr(), j.ldx))
         } else {
-            gemv::<D>(x.as_ptr(), ldx, m, w, y, ldy, cols)
+            gemv::<D>(&j.with(x.as_ptr(), j.ldx))
         }
     }
 }
@@ -83,15 +76,8 @@ pub unsafe fn matmul<const D: u8>(
 /// layout this kernel reads; `y` is valid for writes of `m` rows of `ldy` floats at columns
 /// `cols` (within `w.rows`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn gemv<const D: u8>(
-    x: *const f32,
-    ldx: usize,
-    m: usize,
-    w: &WeightView,
-    y: *mut f32,
-    ldy: usize,
-    cols: std::ops::Range<usize>,
-) {
+unsafe fn gemv<const D: u8>(j: &Job<'_, *const f32>) {
+    let Job { x, ldx, m, w, y, ldy, cols } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -114,15 +100,8 @@ unsafe fn gemv<const D: u8>(
 /// The CPU must have AVX-512F/BW/VL; `xs` holds `m` rows of stride `ldx` ≥ `w.cols`
 /// (a multiple of 32); `y` is valid for `m` rows of `ldy` floats at columns `cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-pub unsafe fn gemv_bf16_split(
-    xs: &[f32],
-    ldx: usize,
-    m: usize,
-    w: &WeightView,
-    y: *mut f32,
-    ldy: usize,
-    cols: std::ops::Range<usize>,
-) {
+pub unsafe fn gemv_bf16_split(j: &Job<'_, &[f32]>) {
+    let Job { x: xs, ldx, m, w, y, ldy, cols } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -147,14 +126,8 @@ pub unsafe fn gemv_bf16_split(
 /// The CPU must have AVX-512F/BW/VL; `w` is in bf16 tiles; `y` is valid for `m` rows of
 /// `ldy` floats at columns `cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-pub unsafe fn gemv_bf16_tiles(
-    x: &[f32],
-    m: usize,
-    w: &WeightView,
-    y: *mut f32,
-    ldy: usize,
-    cols: std::ops::Range<usize>,
-) {
+pub unsafe fn gemv_bf16_tiles(j: &Job<'_, &[f32]>) {
+    let Job { x, m, w, y, ldy, cols, .. } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -381,14 +354,8 @@ unsafe fn gemv_block<const D: u8, const R: usize, const M: usize>(
 /// (bf16 pairs for the bf16 kernels); `w` holds rows in the layout this kernel reads; `y`
 /// is valid for writes of `m` rows of `ldy` floats at columns `cols` (within `w.rows`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn gemm<const D: u8>(
-    x: *const f32,
-    m: usize,
-    w: &WeightView,
-    y: *mut f32,
-    ldy: usize,
-    cols: std::ops::Range<usize>,
-) {
+unsafe fn gemm<const D: u8>(j: &Job<'_, *const f32>) {
+    let Job { x, m, w, y, ldy, cols, .. } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {

@@ -3,6 +3,7 @@
 //! AVX512-BF16: bf16 activations × bf16 weights with `vdpbf16ps` (pairs of products
 //! accumulated into f32 lanes). Same two paths as the exact kernels.
 
+use crate::matmul::Job;
 use crate::matmul::{gemv_blocks, Layout, WeightView, GEMM_MIN_ROWS, TILES_MIN_ROWS};
 use std::arch::x86_64::*;
 
@@ -22,20 +23,23 @@ unsafe fn load32(p: *const u16, mask: __mmask32) -> __m512bh {
 }
 
 /// # Safety
-/// `xb` holds `m` rows of `k` rounded up to even bf16 values (see `prepare`).
+/// The CPU must support AVX512-BF16; `j.x` holds `j.m` rows of `j.w.cols` bf16 values rounded
+/// up to even (see `prepare`); `j.y` is valid for writes of `j.m` rows of `j.ldy` floats at
+/// columns `j.cols` (within `j.w.rows`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
-pub unsafe fn matmul(xb: &[u16], m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+pub unsafe fn matmul(j: &Job<'_, &[u16]>) {
+    let (xb, m, w) = (j.x, j.m, j.w);
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
         if w.layout == Layout::Tiles && m < TILES_MIN_ROWS {
-            gemv_tiles(xb.as_ptr(), m, w, y, ldy, cols)
+            gemv_tiles(&j.with(xb.as_ptr(), j.ldx))
         } else if w.layout == Layout::Tiles {
-            gemm_tiles(xb.as_ptr(), m, w, y, ldy, cols)
+            gemm_tiles(&j.with(xb.as_ptr(), j.ldx))
         } else if m >= GEMM_MIN_ROWS || w.layout == Layout::Transposed {
-            gemm(xb.as_ptr(), m, w, y, ldy, cols)
+            gemm(&j.with(xb.as_ptr(), j.ldx))
         } else {
-            gemv(xb.as_ptr(), m, w, y, ldy, cols)
+            gemv(&j.with(xb.as_ptr(), j.ldx))
         }
     }
 }
@@ -63,7 +67,8 @@ pub unsafe fn matmul(xb: &[u16], m: usize, w: &WeightView, y: *mut f32, ldy: usi
 /// The CPU must have AVX512-BF16; `w` is in bf16 tiles; `x` holds `m` rows of `w.cols`
 /// bf16 values; `y` is valid for `m` rows of `ldy` floats at columns `cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
-unsafe fn gemv_tiles(x: *const u16, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+unsafe fn gemv_tiles(j: &Job<'_, *const u16>) {
+    let Job { x, m, w, y, ldy, cols, .. } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -144,7 +149,8 @@ const PREFETCH: usize = 4096;
 /// the layout this kernel reads; `y` is valid for writes of `m` rows of `ldy` floats at
 /// columns `cols` (within `w.rows`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
-unsafe fn gemv(x: *const u16, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+unsafe fn gemv(j: &Job<'_, *const u16>) {
+    let Job { x, m, w, y, ldy, cols, .. } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -210,7 +216,8 @@ unsafe fn block<const R: usize, const M: usize>(
 /// reads; `y` is valid for writes of `m` rows of `ldy` floats at columns `cols` (within
 /// `w.rows`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
-unsafe fn gemm(x: *const u16, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+unsafe fn gemm(j: &Job<'_, *const u16>) {
+    let Job { x, m, w, y, ldy, cols, .. } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -302,7 +309,8 @@ const TILE_STEPS: usize = 8;
 /// values; `w` is in bf16 tiles; `y` is valid for writes of `m` rows of `ldy` floats at
 /// columns `cols` (`cols.start` a multiple of 32, within `w.rows`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
-unsafe fn gemm_tiles(x: *const u16, m: usize, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+unsafe fn gemm_tiles(j: &Job<'_, *const u16>) {
+    let Job { x, m, w, y, ldy, cols, .. } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {

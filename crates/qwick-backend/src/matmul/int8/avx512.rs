@@ -29,7 +29,7 @@ pub unsafe fn quantize_block(x: &[f32], q: &mut [i8], d: &mut f32, s: &mut [i16]
 
 /// AVX-512 F/BW/VL/DQ pieces every AVX-512 integer kernel shares: the quants of a 32-weight
 /// block of tiles as 8 vectors of unsigned bytes, and its scales, lane per weight row.
-pub(crate) mod avx512 {
+pub(crate) mod block {
     use super::*;
     use crate::format::Format;
     use crate::quant::tiles::IQ4_U8;
@@ -271,7 +271,7 @@ pub(crate) mod avx512 {
 /// AVX-512 VNNI: `vpdpbusd` of 64 unsigned weight bytes (four of each of 16 rows) with four
 /// activation bytes broadcast, one 16-lane accumulator per scale group, lanes = weight rows.
 pub mod vnni {
-    use super::avx512::{quads, scales};
+    use super::block::{quads, scales};
     use super::*;
     use crate::format::Format;
     use crate::matmul::int8::ActQ8;

@@ -78,8 +78,8 @@ macro_rules! by_format {
 /// AVX-512BW: 64-byte quads (four weights of each of the 16 rows), lanes = weight rows.
 pub mod avx512 {
     use super::*;
-    use crate::matmul::int8::avx512::avx512 as shared;
-    use crate::matmul::int8::avx512::avx512::scales;
+    use crate::matmul::int8::avx512::block as shared;
+    use crate::matmul::int8::avx512::block::scales;
 
     /// Activation rows per pass over a weight group.
     const MR: usize = 8;

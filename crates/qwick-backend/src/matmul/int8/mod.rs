@@ -16,8 +16,9 @@ pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod maddubs;
 
+use crate::matmul::Job;
 use crate::quant::tiles::{self, Spec, ROWS};
-use crate::weights::{Layout, WeightView};
+use crate::weights::Layout;
 use crate::{Isa, Level};
 
 /// Activations quantized per 32 values: `x ≈ d · q`, `d = max|x| / 127`, `q` rounded to
@@ -75,7 +76,8 @@ fn quantize_block(x: &[f32], q: &mut [i8], d: &mut f32, s: &mut [i16]) {
 /// # Safety
 /// `y` must be valid for `a.m` rows of `ldy` floats, and no other thread may write these
 /// columns; `isa` must be supported by the CPU.
-pub unsafe fn matmul_q8(isa: Isa, a: &ActQ8, w: &WeightView, y: *mut f32, ldy: usize, cols: std::ops::Range<usize>) {
+pub(crate) unsafe fn matmul_q8(isa: Isa, j: &Job<'_, &ActQ8>) {
+    let Job { x: a, w, y, ldy, cols, .. } = j.clone();
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -175,6 +177,7 @@ mod tests {
     use crate::format::Format;
     use crate::quant::dequant::random_blocks;
     use crate::quant::{has_q8_kernel, packed_bytes, repack_into};
+    use crate::weights::WeightView;
 
     #[test]
     fn activation_quantization_is_the_same_on_every_isa() {
@@ -212,13 +215,20 @@ mod tests {
                 let tiles = WeightView::tiles(f, &tiled, n, k);
                 let mut want = vec![0f32; m * n];
                 // SAFETY: `want` holds m rows of n floats, all columns written by this one call.
-                unsafe { matmul_q8(Isa::SCALAR, &a, &tiles, want.as_mut_ptr(), n, 0..n) };
+                unsafe {
+                    matmul_q8(
+                        Isa::SCALAR,
+                        &Job { x: &a, ldx: k, m, w: &tiles, y: want.as_mut_ptr(), ldy: n, cols: 0..n },
+                    )
+                };
                 assert!(want.iter().all(|v| v.is_finite()));
                 for isa in Isa::all_supported() {
                     for w in [&rows, &tiles] {
                         let mut got = vec![f32::NAN; m * n];
                         // SAFETY: a supported ISA; `got` holds m rows of n floats.
-                        unsafe { matmul_q8(isa, &a, w, got.as_mut_ptr(), n, 0..n) };
+                        unsafe {
+                            matmul_q8(isa, &Job { x: &a, ldx: k, m, w, y: got.as_mut_ptr(), ldy: n, cols: 0..n })
+                        };
                         for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                             assert!(
                                 g.to_bits() == e.to_bits(),
