@@ -147,7 +147,8 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
                 // SAFETY: this token's heads of KV head kvh: owned by this work item alone, in bounds.
                 let orow = unsafe { op.slice((tok * a.n_heads + kvh * group) * hd, group * hd) };
                 let sc = &mut scores[..group * ctx_len];
-                attend_one(ctx.isa, qrow, kv, table, kvh, ctx_len, a.scale, sc, &mut lse, orow);
+                let h = Heads { q: qrow, kv, table, kvh, ctx_len, scale: a.scale };
+                attend_one(ctx.isa, &h, Sink { scores: sc, lse: &mut lse, out: orow });
                 continue;
             }
             // Keys `from..to` of this part (none when the context is shorter: its log-sum-exps
@@ -161,7 +162,8 @@ pub fn paged_attention(ctx: Ctx, q: &[f32], kv: PagedKv, a: &AttnArgs, out: &mut
             let (orow, lrow) = unsafe { (pop.slice(i * group * hd, group * hd), plp.slice(i * group, group)) };
             let sub = &table[from / kv.block_size..];
             let sc = &mut scores[..group * (to - from)];
-            attend_one(ctx.isa, qrow, kv, sub, kvh, to - from, a.scale, sc, lrow, orow);
+            let h = Heads { q: qrow, kv, table: sub, kvh, ctx_len: to - from, scale: a.scale };
+            attend_one(ctx.isa, &h, Sink { scores: sc, lse: lrow, out: orow });
         }
     };
     if items < 2 || threads == 1 {
@@ -235,33 +237,43 @@ fn merge_parts(
 /// [`paged_attention`]): below this the merge and the extra pass cost more than they save.
 const MIN_PART_KEYS: usize = 256;
 
-/// Attention of the `group` query heads in `q` (all sharing KV head `kvh`) over `ctx_len` keys.
-#[allow(clippy::too_many_arguments)]
-fn attend_one(
-    isa: Isa,
-    q: &[f32],
-    kv: PagedKv,
-    table: &[u32],
+/// The query heads of one token that share KV head `kvh` (`q`: `group` heads of `head_dim`
+/// values), and the `ctx_len` keys they attend to through `table` (the sequence's block table
+/// from the block of the first key).
+#[derive(Clone, Copy)]
+struct Heads<'a> {
+    q: &'a [f32],
+    kv: PagedKv<'a>,
+    table: &'a [u32],
     kvh: usize,
     ctx_len: usize,
     scale: f32,
-    scores: &mut [f32],
-    lse: &mut [f32],
-    out: &mut [f32],
-) {
+}
+
+/// What attention of [`Heads`] writes: the scores (scratch of `group · ctx_len`), each head's
+/// log-sum-exp and each head's output.
+struct Sink<'b> {
+    scores: &'b mut [f32],
+    lse: &'b mut [f32],
+    out: &'b mut [f32],
+}
+
+/// Attention of `h`'s query heads over its keys.
+fn attend_one(isa: Isa, h: &Heads, s: Sink) {
+    let kv = h.kv;
     #[cfg(target_arch = "x86_64")]
     if isa.is_avx512() && (kv.head_dim <= 128 || (kv.format == Format::BF16 && kv.head_dim == 256)) {
         macro_rules! per_dim {
             ($d:literal) => {
                 match kv.head_dim.div_ceil(16) {
-                    1 => x86::attend_avx512::<$d, 1>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
-                    2 => x86::attend_avx512::<$d, 2>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
-                    3 => x86::attend_avx512::<$d, 3>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
-                    4 => x86::attend_avx512::<$d, 4>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
-                    5 => x86::attend_avx512::<$d, 5>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
-                    6 => x86::attend_avx512::<$d, 6>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
-                    7 => x86::attend_avx512::<$d, 7>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
-                    _ => x86::attend_avx512::<$d, 8>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
+                    1 => x86::attend_avx512::<$d, 1>(h, s),
+                    2 => x86::attend_avx512::<$d, 2>(h, s),
+                    3 => x86::attend_avx512::<$d, 3>(h, s),
+                    4 => x86::attend_avx512::<$d, 4>(h, s),
+                    5 => x86::attend_avx512::<$d, 5>(h, s),
+                    6 => x86::attend_avx512::<$d, 6>(h, s),
+                    7 => x86::attend_avx512::<$d, 7>(h, s),
+                    _ => x86::attend_avx512::<$d, 8>(h, s),
                 }
             };
         }
@@ -270,9 +282,9 @@ fn attend_one(
         // through the block table (within the cache) and write `out` (group × head_dim).
         return unsafe {
             match (kv.code(), kv.head_dim) {
-                (1, 64) => x86::attend_bf16::<2>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
-                (1, 128) => x86::attend_bf16::<4>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
-                (1, 256) => x86::attend_bf16::<8>(q, kv, table, kvh, ctx_len, scale, scores, lse, out),
+                (1, 64) => x86::attend_bf16::<2>(h, s),
+                (1, 128) => x86::attend_bf16::<4>(h, s),
+                (1, 256) => x86::attend_bf16::<8>(h, s),
                 (0, _) => per_dim!(0),
                 (1, _) => per_dim!(1),
                 _ => per_dim!(2),
@@ -280,7 +292,7 @@ fn attend_one(
         };
     }
     let isa = isa.at_most(crate::Level::Avx512);
-    attend_generic(isa, q, kv, table, kvh, ctx_len, scale, scores, lse, out)
+    attend_generic(isa, h, s)
 }
 
 /// Calls `f(j, row)` for each of the first `ctx_len` keys: `j` its position, `row` the offset
@@ -315,32 +327,12 @@ fn softmax_rows<const FAST: bool>(scores: &mut [f32], ctx_len: usize, lse: &mut 
 }
 
 /// Plain-Rust attention (the reference; compiled for AVX2 too).
-#[allow(clippy::too_many_arguments)]
-fn attend_generic(
-    isa: Isa,
-    q: &[f32],
-    kv: PagedKv,
-    table: &[u32],
-    kvh: usize,
-    ctx_len: usize,
-    scale: f32,
-    scores: &mut [f32],
-    lse: &mut [f32],
-    out: &mut [f32],
-) {
+fn attend_generic(isa: Isa, h: &Heads, s: Sink) {
     multiversion!(
         isa,
-        fn k(
-            q: &[f32],
-            kv: PagedKv,
-            table: &[u32],
-            kvh: usize,
-            ctx_len: usize,
-            scale: f32,
-            scores: &mut [f32],
-            lse: &mut [f32],
-            out: &mut [f32],
-        ) {
+        fn k(h: &Heads, s: Sink) {
+            let Heads { q, kv, table, kvh, ctx_len, scale } = *h;
+            let Sink { scores, lse, out } = s;
             let hd = kv.head_dim;
             let group = q.len() / hd;
             let es = kv.format.row_bytes(1);
@@ -425,18 +417,9 @@ mod x86 {
     /// names hold format `D` and every position the call reads; the operands have the sizes
     /// [`super::attend_one`] checks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn attend_avx512<const D: u8, const N: usize>(
-        q: &[f32],
-        kv: PagedKv,
-        table: &[u32],
-        kvh: usize,
-        ctx_len: usize,
-        scale: f32,
-        scores: &mut [f32],
-        lse: &mut [f32],
-        out: &mut [f32],
-    ) {
+    pub unsafe fn attend_avx512<const D: u8, const N: usize>(h: &Heads, s: Sink) {
+        let Heads { q, kv, table, kvh, ctx_len, scale } = *h;
+        let Sink { scores, lse, out } = s;
         // SAFETY: what this function's `# Safety` section asks of its caller is what the
         // operations below need.
         unsafe {
@@ -500,18 +483,9 @@ mod x86 {
     /// `ctx_len` keys to blocks inside it; `q` and `out` hold `group` heads; `scores` ≥
     /// `group · ctx_len`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn attend_bf16<const NP: usize>(
-        q: &[f32],
-        kv: PagedKv,
-        table: &[u32],
-        kvh: usize,
-        ctx_len: usize,
-        scale: f32,
-        scores: &mut [f32],
-        lse: &mut [f32],
-        out: &mut [f32],
-    ) {
+    pub unsafe fn attend_bf16<const NP: usize>(h: &Heads, s: Sink) {
+        let Heads { q, kv, table, kvh, ctx_len, scale } = *h;
+        let Sink { scores, lse, out } = s;
         // SAFETY: what this function's `# Safety` section asks of its caller is what the
         // operations below need.
         unsafe {
