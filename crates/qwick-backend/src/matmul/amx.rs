@@ -230,7 +230,7 @@ unsafe fn unpack_bf16_cols_pair(
     }
 }
 
-/// Where the weights of a [`matmul`] come from.
+/// Where the weights of a `matmul` come from.
 #[derive(Clone, Copy)]
 pub enum Source<'a> {
     /// A weight in tiles of this integer format.
@@ -537,7 +537,7 @@ pub const KS: usize = 16;
 /// pair of column groups, 32-float rows for every row of `a` padded to a whole block.
 ///
 /// # Safety
-/// [`usable`] must have returned true; `w.cols == a.k`; `c` holds
+/// AMX must be usable (`Level::Amx` supported); `w.cols == a.k`; `c` holds
 /// `w.rows.div_ceil(32) · a.m.div_ceil(16) · 512` floats.
 pub unsafe fn matmul_cols_split(a: &ActBf16, w: &WeightView, j0: usize, j1: usize, c: &mut [f32]) {
     // SAFETY: what this function's `# Safety` section asks of its caller is what the

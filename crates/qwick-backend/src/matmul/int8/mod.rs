@@ -6,10 +6,10 @@
 //!
 //! `acc += (Σ u·q − o·Σ q) · (s · dx)  [+ Σ q · (m · dx)]`
 //!
-//! in that order, group after group. The scalar kernel ([`group_scalar`]) computes exactly this
+//! in that order, group after group. The scalar kernel (`group_scalar`) computes exactly this
 //! with `mul_add`; the SIMD kernels compute the same operations lane by lane, so they equal it
-//! bit for bit: `vpdpbusd` on AVX-512 VNNI ([`avx512`]), `vpmaddubsw` on AVX-512BW and AVX2
-//! ([`maddubs`]).
+//! bit for bit: `vpdpbusd` on AVX-512 VNNI (`avx512.rs`), `vpmaddubsw` on AVX-512BW and AVX2
+//! (`maddubs.rs`).
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
