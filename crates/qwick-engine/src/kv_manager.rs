@@ -193,3 +193,180 @@ impl KvManager {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BS: usize = 4;
+
+    /// Offers the full blocks `blocks` holding `tokens` (block `k` holds `tokens[k * BS..]`) as a
+    /// sequence computing them would; returns the hash of the whole prefix.
+    fn offer_all(kv: &mut KvManager, tokens: &[u32], blocks: &[u32]) -> u64 {
+        let mut h = ROOT_HASH;
+        for (chunk, &b) in tokens.chunks_exact(BS).zip(blocks) {
+            h = kv.offer(h, chunk, b);
+        }
+        h
+    }
+
+    /// Allocates `n` blocks.
+    fn alloc(kv: &mut KvManager, n: usize) -> Vec<u32> {
+        (0..n).map(|_| kv.allocate().unwrap()).collect()
+    }
+
+    #[test]
+    fn allocates_and_frees_blocks_with_reference_counts() {
+        let mut kv = KvManager::new(4);
+        assert_eq!((kv.num_blocks(), kv.num_free(), kv.num_used()), (4, 4, 0));
+        let b = alloc(&mut kv, 4);
+        assert_eq!(b, [0, 1, 2, 3]);
+        assert_eq!(kv.allocate(), None, "out of blocks");
+        assert_eq!((kv.num_free(), kv.num_used()), (0, 4));
+        kv.retain(2);
+        assert_eq!(kv.ref_count(2), 2);
+        kv.release(2);
+        assert_eq!((kv.ref_count(2), kv.num_free()), (1, 0), "still held once");
+        kv.release(2);
+        kv.release(0);
+        assert_eq!((kv.ref_count(2), kv.num_free(), kv.num_used()), (0, 2, 2));
+        assert_eq!(kv.check(vec![0, 1, 0, 1]), Ok(()));
+        // Freed blocks are handed out again, the last freed first.
+        assert_eq!(kv.allocate(), Some(0));
+        assert_eq!(kv.allocate(), Some(2));
+        assert_eq!(kv.allocate(), None);
+        for b in 0..4 {
+            kv.release(b);
+        }
+        assert_eq!((kv.num_free(), kv.num_used()), (4, 0));
+        assert_eq!(kv.check(vec![0; 4]), Ok(()));
+    }
+
+    #[test]
+    #[should_panic(expected = "release of free block 1")]
+    fn releasing_a_free_block_panics() {
+        let mut kv = KvManager::new(2);
+        kv.release(1);
+    }
+
+    #[test]
+    fn a_second_sequence_with_the_same_prefix_reuses_its_blocks() {
+        let mut kv = KvManager::new(8);
+        let a: Vec<u32> = (0..10).collect();
+        let blocks = alloc(&mut kv, 3);
+        // Only full blocks are offered: two of a's 10 tokens.
+        let h = offer_all(&mut kv, &a, &blocks);
+        assert_eq!(kv.cached_blocks(), 2);
+        assert_eq!((kv.ref_count(0), kv.ref_count(1), kv.ref_count(2)), (2, 2, 1));
+        assert_eq!(kv.evictable(), 0, "the sequence still holds them");
+
+        // The same 8 tokens, then others: both blocks.
+        let mut b: Vec<u32> = (0..8).collect();
+        b.extend([50, 51, 52, 53, 54]);
+        assert_eq!(kv.lookup(&b, BS, 3, ROOT_HASH), (vec![0, 1], h));
+        // Capped by max_blocks.
+        assert_eq!(kv.lookup(&b, BS, 1, ROOT_HASH).0, vec![0]);
+        // The first block only: the second differs in its last token.
+        let mut c = b.clone();
+        c[7] = 99;
+        assert_eq!(kv.lookup(&c, BS, 3, ROOT_HASH).0, vec![0]);
+        // A block is shared only after the same prefix: block 1's tokens after other ones miss.
+        let d: Vec<u32> = [9, 9, 9, 9].into_iter().chain(4..8).collect();
+        assert!(kv.lookup(&d, BS, 2, ROOT_HASH).0.is_empty());
+        // Nor under another root (another adapter).
+        assert!(kv.lookup(&b, BS, 3, ROOT_HASH ^ 1).0.is_empty());
+        // Shorter than a block: nothing.
+        assert!(kv.lookup(&b[..3], BS, 3, ROOT_HASH).0.is_empty());
+        // A lookup takes no reference; the caller retains what it uses.
+        assert_eq!((kv.ref_count(0), kv.ref_count(1)), (2, 2));
+        assert_eq!(kv.check(vec![1, 1, 1, 0, 0, 0, 0, 0]), Ok(()));
+    }
+
+    #[test]
+    fn the_same_prefix_offered_twice_is_kept_once() {
+        let mut kv = KvManager::new(4);
+        let t = [1, 2, 3, 4];
+        let (x, y) = (kv.allocate().unwrap(), kv.allocate().unwrap());
+        let hx = kv.offer(ROOT_HASH, &t, x);
+        let hy = kv.offer(ROOT_HASH, &t, y);
+        assert_eq!(hx, hy, "the chain goes on from the same hash");
+        assert_eq!((kv.ref_count(x), kv.ref_count(y), kv.cached_blocks()), (2, 1, 1));
+        assert_eq!(kv.lookup(&t, BS, 1, ROOT_HASH).0, vec![x]);
+        kv.release(y);
+        assert_eq!(kv.num_free(), 3);
+        assert_eq!(kv.check(vec![1, 0, 0, 0]), Ok(()));
+    }
+
+    #[test]
+    fn eviction_frees_the_least_recently_used_unreferenced_blocks_first() {
+        let mut kv = KvManager::new(6);
+        // Three one-block prefixes, offered in the order p, q, r.
+        let (p, q, r) = ([1u32, 1, 1, 1], [2u32, 2, 2, 2], [3u32, 3, 3, 3]);
+        let blocks = alloc(&mut kv, 3);
+        for (t, &b) in [p, q, r].iter().zip(&blocks) {
+            kv.offer(ROOT_HASH, t, b);
+        }
+        // The sequences end: only the cache holds the blocks.
+        for &b in &blocks {
+            kv.release(b);
+        }
+        assert_eq!((kv.num_free(), kv.evictable(), kv.cached_blocks()), (3, 3, 3));
+        // p is used again (a lookup hit), and a sequence holds q.
+        assert_eq!(kv.lookup(&p, BS, 1, ROOT_HASH).0, vec![blocks[0]]);
+        let q_block = kv.lookup(&q, BS, 1, ROOT_HASH).0[0];
+        kv.retain(q_block);
+        assert_eq!(kv.evictable(), 2);
+        // r is the oldest unreferenced entry, then p; q is held.
+        assert!(kv.evict_one());
+        assert_eq!((kv.ref_count(blocks[2]), kv.num_free()), (0, 4));
+        assert!(kv.lookup(&r, BS, 1, ROOT_HASH).0.is_empty());
+        assert!(kv.evict_one());
+        assert_eq!((kv.ref_count(blocks[0]), kv.num_free()), (0, 5));
+        assert!(!kv.evict_one(), "the only cached block left is in use");
+        assert_eq!((kv.cached_blocks(), kv.evictable(), kv.ref_count(q_block)), (1, 0, 2));
+        assert_eq!(kv.check(vec![0, 1, 0, 0, 0, 0]), Ok(()));
+        // Once released, it goes too, and the cache is empty.
+        kv.release(q_block);
+        assert!(kv.evict_one());
+        assert!(!kv.evict_one());
+        assert_eq!((kv.num_free(), kv.cached_blocks()), (6, 0));
+        assert_eq!(kv.check(vec![0; 6]), Ok(()));
+    }
+
+    #[test]
+    fn a_lookup_hit_renews_a_whole_chain() {
+        let mut kv = KvManager::new(4);
+        let long: Vec<u32> = (0..8).collect();
+        let other = [7u32, 7, 7, 7];
+        let chain = alloc(&mut kv, 2);
+        offer_all(&mut kv, &long, &chain);
+        let o = kv.allocate().unwrap();
+        kv.offer(ROOT_HASH, &other, o);
+        for b in [chain[0], chain[1], o] {
+            kv.release(b);
+        }
+        // The chain was offered first, but its lookup makes `other` the oldest.
+        assert_eq!(kv.lookup(&long, BS, 2, ROOT_HASH).0, chain);
+        assert!(kv.evict_one());
+        assert_eq!(kv.ref_count(o), 0);
+        assert_eq!(kv.lookup(&long, BS, 2, ROOT_HASH).0, chain);
+        // Then the chain's head (touched first), which leaves its tail unreachable.
+        assert!(kv.evict_one());
+        assert_eq!(kv.ref_count(chain[0]), 0);
+        assert!(kv.lookup(&long, BS, 2, ROOT_HASH).0.is_empty());
+        assert_eq!(kv.cached_blocks(), 1);
+        assert_eq!(kv.check(vec![0; 4]), Ok(()));
+    }
+
+    #[test]
+    fn check_finds_wrong_counts() {
+        let mut kv = KvManager::new(3);
+        let b = kv.allocate().unwrap();
+        kv.offer(ROOT_HASH, &[1, 2, 3, 4], b);
+        assert_eq!(kv.check(vec![1, 0, 0]), Ok(()));
+        // A sequence said to hold it twice, or not at all.
+        assert_eq!(kv.check(vec![2, 0, 0]), Err("block 0 has 2 references, but 3 holders".into()));
+        assert_eq!(kv.check(vec![0, 0, 0]), Err("block 0 has 2 references, but 1 holders".into()));
+        assert_eq!(kv.check(vec![1, 1, 0]), Err("block 1 has 0 references, but 1 holders".into()));
+    }
+}

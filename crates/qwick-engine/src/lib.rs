@@ -3,6 +3,8 @@
 //! forward call.
 
 pub mod blocks;
+#[cfg(test)]
+mod fake;
 pub mod generate;
 pub mod kv_manager;
 pub mod runner;
@@ -14,7 +16,7 @@ pub use generate::{
 };
 pub use kv_manager::KvManager;
 pub use qwick_sampler::SamplingParams;
-pub use runner::{argmax, Logits, Runner, RunnerConfig, SeqId, Span};
+pub use runner::{argmax, Logits, Qwen3Forward, Runner, RunnerConfig, SeqId, Span, StepModel};
 pub use scheduler::{
     Engine, Event, EventSink, Fault, OutToken, Request, Scheduler, SchedulerConfig, SchedulerStats, SubmitError,
 };

@@ -1,5 +1,8 @@
-//! The model runner: owns the model, the KV cache and its block allocator, and the thread
-//! pool; keeps each sequence's tokens and block table; turns a list of spans into one batch.
+//! The model runner: owns the model (with its KV cache and thread pool) and the block allocator;
+//! keeps each sequence's tokens and block table; turns a list of spans into one batch.
+//!
+//! The runner steps through a [`StepModel`]: [`Qwen3Forward`] is the real model; the engine's
+//! tests drive the runner and the scheduler through a fake.
 
 use crate::kv_manager::KvManager;
 use anyhow::{anyhow, bail, Result};
@@ -67,41 +70,76 @@ pub struct Span {
     pub logits: Logits,
 }
 
-pub struct Runner {
-    pub model: Arc<Qwen3>,
+/// What the runner steps through: a model with its paged KV cache.
+pub trait StepModel {
+    /// Runs one forward call over `batch`, writing the K/V of its tokens into the cache slots of
+    /// its slot mapping, and returns the logits of its `logits_rows`, `[rows, vocab]` row-major.
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>>;
+    fn vocab_size(&self) -> usize;
+    /// LoRA adapters the model has (numbered from 1; 0 is the model's default).
+    fn adapters(&self) -> u16;
+    /// Bytes of the KV cache.
+    fn kv_bytes(&self) -> usize;
+}
+
+/// The Qwen3 model with its KV cache and thread pool.
+pub struct Qwen3Forward {
+    model: Arc<Qwen3>,
     kv: KvCache,
-    blocks: KvManager,
     pool: ThreadPool,
     isa: Isa,
     exact: bool,
     bf16: Option<Bf16Mode>,
+}
+
+impl Qwen3Forward {
+    pub fn new(model: Arc<Qwen3>, cfg: &RunnerConfig) -> Qwen3Forward {
+        qwick_backend::alloc::tune_allocator();
+        let kv = model.new_kv_cache_as(cfg.kv_format, cfg.num_blocks, cfg.block_size);
+        Qwen3Forward { model, kv, pool: ThreadPool::new(cfg.threads), isa: cfg.isa, exact: cfg.exact, bf16: cfg.bf16 }
+    }
+}
+
+impl StepModel for Qwen3Forward {
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>> {
+        let ctx = Ctx { isa: self.isa, pool: &self.pool, exact: self.exact, bf16: self.bf16 };
+        self.model.forward(ctx, batch, &mut self.kv)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    fn adapters(&self) -> u16 {
+        self.model.adapters()
+    }
+
+    fn kv_bytes(&self) -> usize {
+        self.kv.bytes()
+    }
+}
+
+pub struct Runner {
+    model: Box<dyn StepModel>,
+    block_size: usize,
+    blocks: KvManager,
     seqs: HashMap<SeqId, Sequence>,
     next_id: SeqId,
 }
 
 impl Runner {
+    /// A runner over the Qwen3 model `model`, with the cache and threads of `cfg`.
     pub fn new(model: Arc<Qwen3>, cfg: &RunnerConfig) -> Runner {
-        qwick_backend::alloc::tune_allocator();
-        let kv = model.new_kv_cache_as(cfg.kv_format, cfg.num_blocks, cfg.block_size);
-        Runner {
-            model,
-            kv,
-            blocks: KvManager::new(cfg.num_blocks),
-            pool: ThreadPool::new(cfg.threads),
-            isa: cfg.isa,
-            exact: cfg.exact,
-            bf16: cfg.bf16,
-            seqs: HashMap::new(),
-            next_id: 0,
-        }
+        Runner::with_model(Box::new(Qwen3Forward::new(model, cfg)), cfg.block_size, cfg.num_blocks)
     }
 
-    pub fn ctx(&self) -> Ctx<'_> {
-        Ctx { isa: self.isa, pool: &self.pool, exact: self.exact, bf16: self.bf16 }
+    /// A runner over `model`, whose KV cache has `num_blocks` blocks of `block_size` tokens.
+    pub fn with_model(model: Box<dyn StepModel>, block_size: usize, num_blocks: usize) -> Runner {
+        Runner { model, block_size, blocks: KvManager::new(num_blocks), seqs: HashMap::new(), next_id: 0 }
     }
 
     pub fn kv_bytes(&self) -> usize {
-        self.kv.bytes()
+        self.model.kv_bytes()
     }
 
     /// The KV manager: block allocator and prefix cache.
@@ -125,7 +163,7 @@ impl Runner {
     }
 
     pub fn block_size(&self) -> usize {
-        self.kv.block_size
+        self.block_size
     }
 
     /// Registers a sequence with its prompt; nothing is computed yet.
@@ -150,7 +188,7 @@ impl Runner {
     /// reference). At least one token must be left to compute, so that the shared blocks are
     /// never written.
     pub fn add_sequence_with_prefix(&mut self, tokens: &[u32], prefix_blocks: &[u32]) -> Result<SeqId> {
-        let cached = prefix_blocks.len() * self.kv.block_size;
+        let cached = prefix_blocks.len() * self.block_size;
         if cached >= tokens.len() {
             bail!("a prefix of {cached} cached tokens leaves none of the {} tokens to compute", tokens.len());
         }
@@ -181,7 +219,7 @@ impl Runner {
     /// New blocks a span of the next `len` tokens of `seq` would allocate.
     pub fn blocks_needed(&self, seq: SeqId, len: usize) -> Result<usize> {
         let s = self.seqs.get(&seq).ok_or_else(|| anyhow!("unknown sequence {seq}"))?;
-        Ok((s.cached + len).div_ceil(self.kv.block_size).saturating_sub(s.blocks.len()))
+        Ok((s.cached + len).div_ceil(self.block_size).saturating_sub(s.blocks.len()))
     }
 
     /// Appends a generated token; it is computed by the next step that includes it.
@@ -217,7 +255,7 @@ impl Runner {
     /// `[rows, vocab]` row-major (1 row for `Last`, `len` rows for `All`, none for `None`).
     /// Fails without side effects if the cache lacks blocks for the new tokens.
     pub fn step(&mut self, spans: &[Span]) -> Result<Vec<Vec<f32>>> {
-        let bs = self.kv.block_size;
+        let bs = self.block_size;
         // Check sizes and blocks first, then allocate.
         let mut need = 0;
         for (i, sp) in spans.iter().enumerate() {
@@ -254,9 +292,8 @@ impl Runner {
                 batch.logits_rows.retain(|&r| r as usize != rows.end - 1);
             }
         }
-        let ctx = Ctx { isa: self.isa, pool: &self.pool, exact: self.exact, bf16: self.bf16 };
-        let logits = self.model.forward(ctx, &batch, &mut self.kv)?;
-        let vocab = self.model.config.vocab_size;
+        let logits = self.model.forward(&batch)?;
+        let vocab = self.model.vocab_size();
         let mut out = Vec::with_capacity(spans.len());
         let mut row = 0;
         for sp in spans {
@@ -279,7 +316,7 @@ impl Runner {
             bail!("no tokens given");
         }
         let id = self.add_sequence(tokens);
-        let mut all = Vec::with_capacity(tokens.len() * self.model.config.vocab_size);
+        let mut all = Vec::with_capacity(tokens.len() * self.model.vocab_size());
         let r = (|| {
             let mut done = 0;
             while done < tokens.len() {
@@ -304,4 +341,195 @@ pub fn argmax(x: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{self, VOCAB};
+
+    fn prompt(i: usize, len: usize) -> Vec<u32> {
+        (0..len).map(|j| ((i * 31 + j * 17 + 5) % VOCAB) as u32).collect()
+    }
+
+    /// Greedy tokens of each prompt, `n` each, all run together: a prompt is computed in chunks
+    /// of at most `chunk` tokens, then one token per step. The sequences are freed at the end.
+    fn decode(r: &mut Runner, prompts: &[Vec<u32>], n: usize, chunk: usize) -> Vec<Vec<u32>> {
+        let ids: Vec<SeqId> = prompts.iter().map(|p| r.add_sequence(p)).collect();
+        let mut out = vec![vec![]; prompts.len()];
+        while out.iter().any(|o| o.len() < n) {
+            let mut spans = vec![];
+            for (k, &seq) in ids.iter().enumerate().filter(|&(k, _)| out[k].len() < n) {
+                let pending = r.pending(seq).unwrap();
+                let len = pending.min(chunk);
+                spans.push((k, Span { seq, len, logits: if len == pending { Logits::Last } else { Logits::None } }));
+            }
+            let batch: Vec<Span> = spans.iter().map(|s| s.1).collect();
+            for ((k, sp), l) in spans.iter().zip(r.step(&batch).unwrap()) {
+                if sp.logits == Logits::None {
+                    assert!(l.is_empty());
+                    continue;
+                }
+                assert_eq!(l.len(), VOCAB);
+                let t = argmax(&l);
+                r.append_token(sp.seq, t).unwrap();
+                out[*k].push(t);
+            }
+        }
+        for id in ids {
+            r.free_sequence(id);
+        }
+        out
+    }
+
+    #[test]
+    fn sequences_batched_together_give_what_they_give_alone() {
+        let prompts: Vec<Vec<u32>> = [1, 5, 16, 23, 40].iter().enumerate().map(|(i, &n)| prompt(i, n)).collect();
+        let want: Vec<Vec<u32>> = prompts.iter().map(|p| fake::greedy(0, p, 12, &[])).collect();
+        let (mut r, _) = fake::runner(4, 64);
+        for (p, w) in prompts.iter().zip(&want) {
+            assert_eq!(&decode(&mut r, std::slice::from_ref(p), 12, usize::MAX)[0], w);
+        }
+        for chunk in [1, 3, 7, usize::MAX] {
+            assert_eq!(decode(&mut r, &prompts, 12, chunk), want, "prefill chunks of {chunk}");
+            assert_eq!(r.blocks().num_used(), 0);
+            assert_eq!(r.blocks().check(r.block_references()), Ok(()));
+        }
+    }
+
+    #[test]
+    fn logits_of_every_position_the_last_or_none() {
+        let (mut r, state) = fake::runner(4, 8);
+        let p = prompt(3, 11);
+        let s = r.add_sequence(&p);
+        let all = r.step(&[Span { seq: s, len: 6, logits: Logits::All }]).unwrap().remove(0);
+        let want: Vec<f32> = (1..=6).flat_map(|k| fake::logits(0, &p[..k])).collect();
+        assert_eq!(all, want);
+        assert!(r.step(&[Span { seq: s, len: 2, logits: Logits::None }]).unwrap()[0].is_empty());
+        let last = r.step(&[Span { seq: s, len: 3, logits: Logits::Last }]).unwrap().remove(0);
+        assert_eq!(last, fake::logits(0, &p));
+        assert_eq!((r.cached(s), r.pending(s).unwrap()), (Some(11), 0));
+        assert_eq!(r.block_table(s).unwrap(), &[0, 1, 2]);
+        let rows: Vec<usize> = state.lock().unwrap().batches.iter().map(|b| b.logits_rows.len()).collect();
+        assert_eq!(rows, [6, 0, 1]);
+
+        // Scoring: every position, whatever the chunks, and the sequence is freed.
+        for chunk in [1, 4, 100] {
+            let l = r.score(&p, chunk).unwrap();
+            assert_eq!(l, (1..=11).flat_map(|k| fake::logits(0, &p[..k])).collect::<Vec<f32>>(), "chunk {chunk}");
+        }
+        assert_eq!(r.blocks().num_used(), 3, "only the first sequence's blocks");
+        assert!(r.score(&[], 4).is_err());
+    }
+
+    #[test]
+    fn a_step_that_cannot_run_changes_nothing() {
+        let (mut r, state) = fake::runner(4, 4);
+        let a = r.add_sequence(&prompt(0, 10));
+        r.step(&[Span { seq: a, len: 10, logits: Logits::Last }]).unwrap();
+        assert_eq!((r.blocks().num_free(), r.block_table(a).unwrap().len()), (1, 3));
+        let b = r.add_sequence(&prompt(1, 8));
+        let e = r.step(&[Span { seq: b, len: 8, logits: Logits::Last }]).unwrap_err();
+        assert_eq!(e.to_string(), "KV cache full: step needs 2 blocks, 1 free of 4");
+        let bad = [
+            vec![Span { seq: b, len: 0, logits: Logits::Last }],
+            vec![Span { seq: b, len: 9, logits: Logits::Last }],
+            vec![Span { seq: b, len: 1, logits: Logits::Last }, Span { seq: b, len: 1, logits: Logits::Last }],
+            vec![Span { seq: 99, len: 1, logits: Logits::Last }],
+        ];
+        for spans in &bad {
+            assert!(r.step(spans).is_err(), "{spans:?}");
+        }
+        // None of them reached the model or took a block.
+        assert_eq!(state.lock().unwrap().batches.len(), 1);
+        assert_eq!((r.blocks().num_free(), r.cached(b), r.block_table(b).unwrap().len()), (1, Some(0), 0));
+        // What fits still runs.
+        let l = r.step(&[Span { seq: b, len: 4, logits: Logits::Last }]).unwrap().remove(0);
+        assert_eq!(l, fake::logits(0, &prompt(1, 4)));
+        assert_eq!(r.blocks().num_free(), 0);
+        r.free_sequence(a);
+        r.free_sequence(b);
+        assert_eq!(r.blocks().num_free(), 4);
+    }
+
+    #[test]
+    fn a_failing_forward_fails_only_that_step() {
+        let (mut r, state) = fake::runner(4, 16);
+        let (pa, mut pb) = (prompt(0, 6), prompt(1, 5));
+        pb[3] = 63;
+        state.lock().unwrap().poison = Some(63);
+        let (a, b) = (r.add_sequence(&pa), r.add_sequence(&pb));
+        let both = [Span { seq: a, len: 6, logits: Logits::Last }, Span { seq: b, len: 5, logits: Logits::Last }];
+        let e = r.step(&both).unwrap_err();
+        assert_eq!(e.to_string(), "the fake model refuses token 63");
+        // Nothing was computed: the sequences can run again, without the failing one.
+        assert_eq!((r.cached(a), r.cached(b)), (Some(0), Some(0)));
+        let l = r.step(&both[..1]).unwrap().remove(0);
+        assert_eq!(l, fake::logits(0, &pa));
+        r.free_sequence(b);
+        r.free_sequence(a);
+        assert_eq!(r.blocks().num_free(), 16);
+        assert_eq!(r.blocks().check(r.block_references()), Ok(()));
+    }
+
+    #[test]
+    fn a_cached_prefix_is_shared_not_recomputed() {
+        let (mut r, state) = fake::runner(4, 8);
+        let pa = prompt(0, 10);
+        let a = r.add_sequence(&pa);
+        r.step(&[Span { seq: a, len: 10, logits: Logits::Last }]).unwrap();
+        let table = r.block_table(a).unwrap().to_vec();
+        assert_eq!(table, [0, 1, 2]);
+        let mut h = crate::kv_manager::ROOT_HASH;
+        for k in 0..2 {
+            h = r.kv_manager().offer(h, &pa[k * 4..(k + 1) * 4], table[k]);
+        }
+        // b shares a's first 8 tokens.
+        let mut pb = pa[..8].to_vec();
+        pb.extend([40, 41, 42]);
+        let (prefix, _) = r.kv_manager().lookup(&pb, 4, 2, crate::kv_manager::ROOT_HASH);
+        assert_eq!(prefix, [0, 1]);
+        let b = r.add_sequence_with_prefix(&pb, &prefix).unwrap();
+        assert_eq!((r.cached(b), r.pending(b).unwrap()), (Some(8), 3));
+        assert_eq!((r.blocks().ref_count(0), r.blocks().ref_count(1), r.blocks().ref_count(2)), (3, 3, 1));
+        // Its logits read a's K/V in the shared blocks; only its own 3 tokens are computed.
+        let l = r.step(&[Span { seq: b, len: 3, logits: Logits::Last }]).unwrap().remove(0);
+        assert_eq!(l, fake::logits(0, &pb));
+        assert_eq!(state.lock().unwrap().batches[1].tokens, [40, 41, 42]);
+        assert_eq!(r.block_table(b).unwrap(), &[0, 1, 3]);
+        // Freeing both leaves the two blocks the prefix cache holds.
+        r.free_sequence(a);
+        r.free_sequence(b);
+        assert_eq!((r.blocks().num_used(), r.blocks().evictable()), (2, 2));
+        assert_eq!(r.blocks().check(r.block_references()), Ok(()));
+
+        // At least one token must be left to compute; prefix blocks must be in use.
+        let e = r.add_sequence_with_prefix(&pa[..8], &prefix).unwrap_err();
+        assert_eq!(e.to_string(), "a prefix of 8 cached tokens leaves none of the 8 tokens to compute");
+        assert_eq!(r.add_sequence_with_prefix(&pa, &[0, 5]).unwrap_err().to_string(), "prefix block 5 is not in use");
+        assert_eq!(r.add_sequence_with_prefix(&pa, &[9]).unwrap_err().to_string(), "prefix block 9 is not in use");
+        assert_eq!((r.blocks().ref_count(0), r.blocks().num_used()), (1, 2), "a refused prefix takes no reference");
+    }
+
+    #[test]
+    fn each_sequence_runs_with_its_adapter() {
+        let (mut r, _) = fake::runner(4, 8);
+        let p = prompt(2, 5);
+        let (x, y) = (r.add_sequence(&p), r.add_sequence(&p));
+        r.set_adapter(x, 2).unwrap();
+        assert_eq!(r.set_adapter(y, 3).unwrap_err().to_string(), "adapter 3 asked for, but the model has 2");
+        assert!(r.set_adapter(99, 1).is_err());
+        // Either order: the default sequence after or before the adapted one.
+        for (first, second) in [(x, y), (y, x)] {
+            let mut spans = vec![];
+            for seq in [first, second] {
+                spans.push(Span { seq, len: r.pending(seq).unwrap().min(2), logits: Logits::Last });
+            }
+            let l = r.step(&spans).unwrap();
+            let upto = r.cached(first).unwrap();
+            let want = |seq| fake::logits(if seq == x { 2 } else { 0 }, &p[..upto]);
+            assert_eq!((&l[0], &l[1]), (&want(first), &want(second)));
+        }
+        assert_ne!(fake::logits(2, &p), fake::logits(0, &p));
+    }
 }
