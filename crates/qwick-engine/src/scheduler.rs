@@ -910,3 +910,439 @@ fn engine_loop(shared: &Shared, sched: &mut Scheduler) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{self, FakeState, VOCAB};
+    use crate::generate::GenParams;
+    use qwick_sampler::SamplingParams;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const BS: usize = 4;
+
+    fn prompt(i: usize, len: usize) -> Vec<u32> {
+        (0..len).map(|j| ((i * 29 + j * 13 + 3) % VOCAB) as u32).collect()
+    }
+
+    fn params(max_tokens: usize) -> GenParams {
+        GenParams {
+            sampling: SamplingParams { max_tokens: Some(max_tokens), ..SamplingParams::greedy() },
+            eos_token_ids: vec![],
+            max_context: 1000,
+            thinking: None,
+        }
+    }
+
+    fn request(p: &[u32], max_tokens: usize) -> Request {
+        Request { gen: SeqGen::new(p, params(max_tokens)).unwrap(), logprobs: None, adapter: 0 }
+    }
+
+    /// A scheduler over the fake model with `num_blocks` blocks of `BS` tokens.
+    fn scheduler(num_blocks: usize, cfg: SchedulerConfig) -> (Scheduler, Arc<Mutex<FakeState>>) {
+        let (runner, state) = fake::runner(BS, num_blocks);
+        (Scheduler::new(runner, cfg), state)
+    }
+
+    fn config(max_num_batched_tokens: usize, max_num_seqs: usize, prefix_caching: bool) -> SchedulerConfig {
+        SchedulerConfig { max_num_batched_tokens, max_num_seqs, max_waiting: 100, prefix_caching }
+    }
+
+    #[derive(Clone, Default)]
+    struct Sink {
+        events: Arc<Mutex<Vec<Event>>>,
+        closed: Arc<AtomicBool>,
+    }
+
+    impl EventSink for Sink {
+        fn send(&mut self, event: Event) -> bool {
+            if self.is_closed() {
+                return false;
+            }
+            self.events.lock().unwrap().push(event);
+            true
+        }
+        fn is_closed(&self) -> bool {
+            self.closed.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Sink {
+        fn tokens(&self) -> Vec<u32> {
+            let ev = self.events.lock().unwrap();
+            ev.iter()
+                .filter_map(|e| if let Event::Tokens(t) = e { Some(t) } else { None })
+                .flatten()
+                .map(|t| t.token.id)
+                .collect()
+        }
+        fn finish(&self) -> Option<FinishReason> {
+            self.events.lock().unwrap().iter().find_map(|e| if let Event::Finished(f) = e { Some(*f) } else { None })
+        }
+        fn error(&self) -> Option<String> {
+            self.events
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|e| if let Event::Error(m) = e { Some(m.clone()) } else { None })
+        }
+        fn started(&self) -> Vec<(usize, usize)> {
+            let ev = self.events.lock().unwrap();
+            ev.iter()
+                .filter_map(|e| match e {
+                    Event::Started { prompt_tokens, cached_tokens } => Some((*prompt_tokens, *cached_tokens)),
+                    _ => None,
+                })
+                .collect()
+        }
+        fn close(&self) {
+            self.closed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn add(s: &mut Scheduler, p: &[u32], max_tokens: usize) -> Sink {
+        let sink = Sink::default();
+        s.add(request(p, max_tokens), Box::new(sink.clone()));
+        sink
+    }
+
+    /// Steps until there is nothing left to do; returns the number of steps.
+    fn run(s: &mut Scheduler) -> usize {
+        let mut steps = 0;
+        while s.has_work() {
+            assert!(s.step() > 0, "the scheduler makes progress");
+            steps += 1;
+            assert!(steps < 1000);
+        }
+        steps
+    }
+
+    /// Each batch the model ran, as (first position, tokens) of each of its spans, in order.
+    fn spans(state: &Mutex<FakeState>) -> Vec<Vec<(u32, Vec<u32>)>> {
+        let state = state.lock().unwrap();
+        state
+            .batches
+            .iter()
+            .map(|b| {
+                let mut out: Vec<(u32, Vec<u32>)> = vec![];
+                for (i, &t) in b.tokens.iter().enumerate() {
+                    if i == 0 || b.seq_of_token[i] != b.seq_of_token[i - 1] {
+                        out.push((b.positions[i], vec![]));
+                    }
+                    out.last_mut().unwrap().1.push(t);
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// The (first position, length) of each span of each batch.
+    fn span_lens(state: &Mutex<FakeState>) -> Vec<Vec<(u32, usize)>> {
+        spans(state).into_iter().map(|b| b.into_iter().map(|(p, t)| (p, t.len())).collect()).collect()
+    }
+
+    fn assert_idle_and_consistent(s: &Scheduler) {
+        let st = s.stats();
+        assert_eq!((st.running, st.waiting, st.kv_blocks_used), (0, 0, 0), "{st:?}");
+        assert_eq!(st.kv_inconsistency, None);
+        assert_eq!(s.check_kv(), Ok(()));
+    }
+
+    #[test]
+    fn admits_while_the_sequence_limit_and_the_token_budget_allow() {
+        let (mut s, state) = scheduler(64, config(10, 2, false));
+        let (p0, p1, p2) = (prompt(0, 3), prompt(1, 4), prompt(2, 5));
+        let sinks = [add(&mut s, &p0, 3), add(&mut s, &p1, 3), add(&mut s, &p2, 3)];
+        assert_eq!(s.step(), 7);
+        // Two running (the limit), the third waits though the budget had room for 3 more.
+        assert_eq!((s.num_running(), s.num_waiting()), (2, 1));
+        assert!(sinks[2].started().is_empty());
+        assert_eq!(run(&mut s), 5);
+        // Decodes of the two, then the third once they finished.
+        assert_eq!(
+            span_lens(&state),
+            [
+                vec![(0, 3), (0, 4)],
+                vec![(3, 1), (4, 1)],
+                vec![(4, 1), (5, 1)],
+                vec![(0, 5)],
+                vec![(5, 1)],
+                vec![(6, 1)],
+            ]
+        );
+        for (sink, p) in sinks.iter().zip([&p0, &p1, &p2]) {
+            assert_eq!(sink.tokens(), fake::greedy(0, p, 3, &[]));
+            assert_eq!(sink.finish(), Some(FinishReason::Length));
+            assert_eq!(sink.started(), [(p.len(), 0)]);
+        }
+        assert_idle_and_consistent(&s);
+        assert_eq!(s.stats().steps, 6);
+        assert_eq!(s.stats().batched_tokens, 7 + 2 + 2 + 5 + 1 + 1);
+    }
+
+    #[test]
+    fn waits_for_blocks_and_evicts_the_cache_to_admit() {
+        // 4 blocks of 4 tokens.
+        let (mut s, state) = scheduler(4, config(64, 8, true));
+        let (p0, p1) = (prompt(0, 10), prompt(1, 12));
+        let a = add(&mut s, &p0, 2);
+        let b = add(&mut s, &p1, 1);
+        // p0 takes 3 blocks; p1 needs 3 and waits.
+        assert_eq!(s.step(), 10);
+        assert_eq!((s.num_running(), s.num_waiting(), s.runner().blocks().num_free()), (1, 1, 1));
+        // p0's next token fits its third block; it finishes and frees it, keeping 2 cached.
+        assert_eq!(s.step(), 1);
+        assert_eq!(a.finish(), Some(FinishReason::Length));
+        let st = s.stats();
+        assert_eq!((st.running, st.waiting, st.kv_blocks_used, st.kv_blocks_cached), (0, 1, 0, 2));
+        // p1 evicts one of them (2 free + 1 evicted = 3).
+        assert_eq!(s.step(), 12);
+        assert_eq!(b.tokens(), fake::greedy(0, &p1, 1, &[]));
+        assert_eq!(span_lens(&state), [vec![(0, 10)], vec![(10, 1)], vec![(0, 12)]]);
+        // p1 offered its 3 full blocks: the cache now holds p0's second block and those.
+        let st = s.stats();
+        assert_eq!((st.kv_blocks_used, st.kv_blocks_cached), (0, 4));
+        assert_eq!(s.runner().blocks().num_free(), 0);
+        assert_eq!(a.tokens(), fake::greedy(0, &p0, 2, &[]));
+        assert_idle_and_consistent(&s);
+    }
+
+    #[test]
+    fn a_long_prompt_is_computed_in_chunks_within_the_budget() {
+        let (mut s, state) = scheduler(64, config(8, 8, false));
+        let (long, short) = (prompt(0, 21), prompt(1, 5));
+        let a = add(&mut s, &long, 3);
+        let b = add(&mut s, &short, 3);
+        assert_eq!(run(&mut s), 6);
+        assert_eq!(
+            span_lens(&state),
+            [
+                vec![(0, 8)],
+                vec![(8, 8)],
+                // The long prompt's last 5 tokens, and the first 3 of the short one's.
+                vec![(16, 5), (0, 3)],
+                vec![(21, 1), (3, 2)],
+                vec![(22, 1), (5, 1)],
+                vec![(6, 1)],
+            ]
+        );
+        // Only the spans that end a prompt (or decode) ask for logits.
+        let rows: Vec<usize> = state.lock().unwrap().batches.iter().map(|b| b.logits_rows.len()).collect();
+        assert_eq!(rows, [0, 0, 1, 2, 2, 1]);
+        assert_eq!(a.tokens(), fake::greedy(0, &long, 3, &[]));
+        assert_eq!(b.tokens(), fake::greedy(0, &short, 3, &[]));
+        assert_idle_and_consistent(&s);
+    }
+
+    /// Two requests of 6 prompt tokens and 8 output tokens each in a cache of 4 blocks of 4
+    /// tokens: after 3 tokens each, both need a fourth block.
+    fn preemption(prefix_caching: bool) -> (Scheduler, Arc<Mutex<FakeState>>, [Sink; 2], [Vec<u32>; 2]) {
+        let (mut s, state) = scheduler(4, config(64, 8, prefix_caching));
+        let p = [prompt(0, 6), prompt(1, 6)];
+        let sinks = [add(&mut s, &p[0], 8), add(&mut s, &p[1], 8)];
+        assert_eq!(run(&mut s), 13);
+        for (sink, p) in sinks.iter().zip(&p) {
+            assert_eq!(sink.tokens(), fake::greedy(0, p, 8, &[]));
+            assert_eq!(sink.finish(), Some(FinishReason::Length));
+            assert_eq!(sink.started(), [(6, 0)], "started once");
+        }
+        assert_eq!(s.stats().preemptions, 1);
+        assert_idle_and_consistent(&s);
+        (s, state, sinks, p)
+    }
+
+    #[test]
+    fn preempted_sequences_come_back_and_finish_with_the_same_output() {
+        let (_, state, _, p) = preemption(false);
+        let b = spans(&state);
+        // Steps 1-3: both; step 4: the second is preempted for the first's new block, which runs
+        // alone to its end (step 8).
+        assert_eq!(b[..3].iter().map(|x| x.len()).collect::<Vec<_>>(), [2, 2, 2]);
+        for (k, step) in b[3..8].iter().enumerate() {
+            assert_eq!(step.len(), 1);
+            assert_eq!(step[0].0, 8 + k as u32);
+        }
+        // Step 9: the second is recomputed from its prompt and its 3 output tokens so far.
+        let mut again = p[1].clone();
+        again.extend(&fake::greedy(0, &p[1], 3, &[]));
+        assert_eq!(b[8], [(0, again)]);
+        assert_eq!(b[9..].iter().map(|x| x[0].0).collect::<Vec<_>>(), [9, 10, 11, 12]);
+    }
+
+    #[test]
+    fn the_newest_sequence_is_preempted_first() {
+        // Three requests of 6 + 6 tokens in 6 blocks of 4: each needs a third block at its 9th token.
+        let (mut s, state) = scheduler(6, config(64, 8, false));
+        let p: Vec<Vec<u32>> = (0..3).map(|i| prompt(i, 6)).collect();
+        let sinks: Vec<Sink> = p.iter().map(|p| add(&mut s, p, 6)).collect();
+        assert_eq!(run(&mut s), 9);
+        let b = span_lens(&state);
+        assert_eq!(b[..3], [vec![(0, 6), (0, 6), (0, 6)], vec![(6, 1), (6, 1), (6, 1)], vec![(7, 1), (7, 1), (7, 1)]]);
+        // The third makes room for the first two, which finish; then it is recomputed.
+        assert_eq!(b[3..6], [vec![(8, 1), (8, 1)], vec![(9, 1), (9, 1)], vec![(10, 1), (10, 1)]]);
+        assert_eq!(b[6..], [vec![(0, 9)], vec![(9, 1)], vec![(10, 1)]]);
+        let mut third = p[2].clone();
+        third.extend(&fake::greedy(0, &p[2], 3, &[]));
+        assert_eq!(spans(&state)[6], [(0, third)]);
+        for (sink, p) in sinks.iter().zip(&p) {
+            assert_eq!(sink.tokens(), fake::greedy(0, p, 6, &[]));
+        }
+        assert_eq!(s.stats().preemptions, 1);
+        assert_idle_and_consistent(&s);
+    }
+
+    #[test]
+    fn preemption_with_the_prefix_cache_evicts_the_preempted_blocks() {
+        let (mut s, _, _, p) = preemption(true);
+        // The first sequence needed the preempted one's two cached blocks, then the second needed
+        // the first one's three: the cache keeps the second's last run, 12 tokens in 3 blocks.
+        assert_eq!(s.stats().kv_blocks_cached, 3);
+        let full = |i: usize| {
+            let mut t = p[i].clone();
+            t.extend(fake::greedy(0, &p[i], 8, &[]));
+            t
+        };
+        assert_eq!(s.runner.kv_manager().lookup(&full(1), BS, 4, root_hash(0)).0.len(), 3);
+        assert!(s.runner.kv_manager().lookup(&full(0), BS, 4, root_hash(0)).0.is_empty());
+    }
+
+    #[test]
+    fn a_request_cancelled_while_running_or_waiting_frees_its_blocks() {
+        let (mut s, state) = scheduler(16, config(64, 1, false));
+        let (p0, p1, p2) = (prompt(0, 9), prompt(1, 4), prompt(2, 5));
+        let a = add(&mut s, &p0, 20);
+        let b = add(&mut s, &p1, 20);
+        let c = add(&mut s, &p2, 2);
+        s.step();
+        s.step();
+        assert_eq!((s.num_running(), s.num_waiting(), s.runner().blocks().num_used()), (1, 2, 3));
+        a.close();
+        b.close();
+        // The next step drops both; the third runs.
+        assert_eq!(s.step(), 5);
+        assert_eq!((s.num_running(), s.num_waiting(), s.runner().blocks().num_used()), (1, 0, 2));
+        run(&mut s);
+        assert_eq!(a.tokens(), fake::greedy(0, &p0, 2, &[]), "two tokens before it went");
+        assert!(a.finish().is_none() && a.error().is_none());
+        assert!(b.started().is_empty() && b.tokens().is_empty());
+        assert_eq!(c.tokens(), fake::greedy(0, &p2, 2, &[]));
+        assert_eq!(span_lens(&state), [vec![(0, 9)], vec![(9, 1)], vec![(0, 5)], vec![(5, 1)]]);
+        assert_eq!(s.runner().blocks().num_free(), 16);
+        assert_idle_and_consistent(&s);
+    }
+
+    #[test]
+    fn a_cancelled_request_keeps_its_full_blocks_in_the_prefix_cache() {
+        let (mut s, _) = scheduler(16, config(64, 4, true));
+        let p = prompt(0, 9);
+        let a = add(&mut s, &p, 20);
+        for _ in 0..4 {
+            s.step();
+        }
+        // 9 + 3 tokens computed: three full blocks.
+        a.close();
+        s.step();
+        let st = s.stats();
+        assert_eq!((st.kv_blocks_used, st.kv_blocks_cached, st.running), (0, 3, 0));
+        // Another request of the same prompt and output so far finds them.
+        let mut next = p.clone();
+        next.extend(&a.tokens()[..3]);
+        next.push(1);
+        let b = add(&mut s, &next, 1);
+        run(&mut s);
+        assert_eq!(b.started(), [(13, 12)]);
+        assert_eq!(b.tokens(), fake::greedy(0, &next, 1, &[]));
+        assert_idle_and_consistent(&s);
+    }
+
+    #[test]
+    fn a_failing_step_fails_only_its_requests() {
+        let (mut s, state) = scheduler(16, config(64, 2, false));
+        let mut poisoned = prompt(0, 6);
+        poisoned[4] = 63;
+        state.lock().unwrap().poison = Some(63);
+        let (p1, p2) = (prompt(1, 5), prompt(2, 7));
+        let a = add(&mut s, &poisoned, 4);
+        let b = add(&mut s, &p1, 4);
+        let c = add(&mut s, &p2, 4);
+        // The first step holds the first two; the third waits (two at most).
+        assert_eq!(s.step(), 11);
+        for sink in [&a, &b] {
+            assert_eq!(sink.error().as_deref(), Some("the fake model refuses token 63"));
+            assert!(sink.tokens().is_empty());
+        }
+        assert_eq!(s.runner().blocks().num_used(), 0);
+        assert_eq!(run(&mut s), 4);
+        assert_eq!(c.tokens(), fake::greedy(0, &p2, 4, &[]));
+        assert_eq!(c.error(), None);
+        assert_eq!(span_lens(&state)[1], [(0, 7)]);
+        assert_idle_and_consistent(&s);
+    }
+
+    #[test]
+    fn stop_tokens_and_limits_end_a_request() {
+        let (mut s, _) = scheduler(64, config(16, 8, true));
+        let p = prompt(3, 6);
+        let free_run = fake::greedy(0, &p, 12, &[]);
+        // An eos id: the output ends at its first occurrence, with it.
+        let eos = free_run[5];
+        let want = fake::greedy(0, &p, 12, &[eos]);
+        assert!(want.len() <= 6 && want.last() == Some(&eos));
+        let mut gp = params(12);
+        gp.eos_token_ids = vec![eos];
+        let stop = Sink::default();
+        s.add(Request { gen: SeqGen::new(&p, gp).unwrap(), logprobs: None, adapter: 0 }, Box::new(stop.clone()));
+        // A stop token id from the sampling parameters works the same.
+        let mut gp = params(12);
+        gp.sampling.stop_token_ids = vec![eos];
+        let stop_id = Sink::default();
+        s.add(Request { gen: SeqGen::new(&p, gp).unwrap(), logprobs: None, adapter: 0 }, Box::new(stop_id.clone()));
+        // max_tokens.
+        let limit = add(&mut s, &p, 3);
+        // The context: 6 prompt tokens in a context of 10 leave 4.
+        let mut gp = params(12);
+        gp.max_context = 10;
+        let context = Sink::default();
+        s.add(Request { gen: SeqGen::new(&p, gp).unwrap(), logprobs: None, adapter: 0 }, Box::new(context.clone()));
+        run(&mut s);
+        for sink in [&stop, &stop_id] {
+            assert_eq!((sink.tokens(), sink.finish()), (want.clone(), Some(FinishReason::Stop)));
+        }
+        assert_eq!((limit.tokens(), limit.finish()), (free_run[..3].to_vec(), Some(FinishReason::Length)));
+        assert_eq!((context.tokens(), context.finish()), (free_run[..4].to_vec(), Some(FinishReason::Length)));
+        assert_idle_and_consistent(&s);
+    }
+
+    #[test]
+    fn identical_prefixes_come_from_the_prefix_cache_per_adapter() {
+        let (mut s, state) = scheduler(64, config(64, 8, true));
+        let p = prompt(4, 10);
+        let a = add(&mut s, &p, 6);
+        run(&mut s);
+        let out = fake::greedy(0, &p, 6, &[]);
+        assert_eq!(a.tokens(), out);
+        assert_eq!(a.started(), [(10, 0)]);
+        // 10 + 5 tokens computed: 3 full blocks cached.
+        assert_eq!(s.stats().kv_blocks_cached, 3);
+
+        // The same prompt: its 2 full blocks are found, the last 2 tokens computed.
+        let b = add(&mut s, &p, 6);
+        run(&mut s);
+        assert_eq!((b.started(), b.tokens()), (vec![(10, 8)], out.clone()));
+        assert_eq!(spans(&state).iter().find(|x| x[0].0 == 8).unwrap(), &[(8, p[8..].to_vec())]);
+        // The next turn: prompt and output, then more.
+        let mut next = p.clone();
+        next.extend(&out[..5]);
+        next.extend([7, 8]);
+        let c = add(&mut s, &next, 2);
+        // Another adapter shares nothing.
+        let d = Sink::default();
+        s.add(Request { gen: SeqGen::new(&p, params(6)).unwrap(), logprobs: None, adapter: 1 }, Box::new(d.clone()));
+        run(&mut s);
+        assert_eq!((c.started(), c.tokens()), (vec![(17, 12)], fake::greedy(0, &next, 2, &[])));
+        assert_eq!((d.started(), d.tokens()), (vec![(10, 0)], fake::greedy(1, &p, 6, &[])));
+        let st = s.stats();
+        assert_eq!((st.prefix_query_tokens, st.prefix_hit_tokens), (10 + 10 + 17 + 10, 8 + 12));
+        assert_idle_and_consistent(&s);
+    }
+}
