@@ -1134,9 +1134,9 @@ mod tests {
         assert_idle_and_consistent(&s);
     }
 
-    /// Two requests of 6 prompt tokens and 8 output tokens each in a cache of 4 blocks of 4
-    /// tokens: after 3 tokens each, both need a fourth block.
-    fn preemption(prefix_caching: bool) -> (Scheduler, Arc<Mutex<FakeState>>, [Sink; 2], [Vec<u32>; 2]) {
+    /// Runs two requests of 6 prompt tokens and 8 output tokens each in a cache of 4 blocks of 4
+    /// tokens (after 3 output tokens each, both need a third block); returns their prompts.
+    fn preemption(prefix_caching: bool) -> (Scheduler, Arc<Mutex<FakeState>>, [Vec<u32>; 2]) {
         let (mut s, state) = scheduler(4, config(64, 8, prefix_caching));
         let p = [prompt(0, 6), prompt(1, 6)];
         let sinks = [add(&mut s, &p[0], 8), add(&mut s, &p[1], 8)];
@@ -1148,12 +1148,12 @@ mod tests {
         }
         assert_eq!(s.stats().preemptions, 1);
         assert_idle_and_consistent(&s);
-        (s, state, sinks, p)
+        (s, state, p)
     }
 
     #[test]
     fn preempted_sequences_come_back_and_finish_with_the_same_output() {
-        let (_, state, _, p) = preemption(false);
+        let (_, state, p) = preemption(false);
         let b = spans(&state);
         // Steps 1-3: both; step 4: the second is preempted for the first's new block, which runs
         // alone to its end (step 8).
@@ -1193,7 +1193,7 @@ mod tests {
 
     #[test]
     fn preemption_with_the_prefix_cache_evicts_the_preempted_blocks() {
-        let (mut s, _, _, p) = preemption(true);
+        let (mut s, _, p) = preemption(true);
         // The first sequence needed the preempted one's two cached blocks, then the second needed
         // the first one's three: the cache keeps the second's last run, 12 tokens in 3 blocks.
         assert_eq!(s.stats().kv_blocks_cached, 3);
