@@ -87,30 +87,28 @@ pub fn run(a: BenchArgs) -> Result<()> {
         rng ^= rng << 17;
         (rng % cfg.vocab_size as u64) as u32
     };
-    let seqs: Vec<_> = (0..a.batch)
-        .map(|_| {
-            let p: Vec<u32> = (0..a.prompt_len).map(|_| next()).collect();
-            runner.add_sequence(&p)
-        })
-        .collect();
+    let prompts: Vec<Vec<u32>> = (0..a.batch).map(|_| (0..a.prompt_len).map(|_| next()).collect()).collect();
+    let seqs: Vec<_> = prompts.iter().map(|_| runner.add_sequence()).collect();
 
     // Prefill: every prompt in one step.
     let t0 = Instant::now();
-    let spans: Vec<Span> = seqs.iter().map(|&s| Span { seq: s, len: a.prompt_len, logits: Logits::Last }).collect();
+    let spans: Vec<Span> =
+        seqs.iter().zip(&prompts).map(|(&seq, p)| Span { seq, tokens: p, logits: Logits::Last }).collect();
     let logits = runner.step(&spans)?;
     let prefill_s = t0.elapsed().as_secs_f64();
-    for (&s, l) in seqs.iter().zip(&logits) {
-        runner.append_token(s, argmax(l))?;
-    }
+    // Each sequence's last token, computed by the next step.
+    let mut last: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
 
     // Decode: one token per sequence per step.
     let t1 = Instant::now();
     for _ in 1..a.gen_len {
-        let spans: Vec<Span> = seqs.iter().map(|&s| Span { seq: s, len: 1, logits: Logits::Last }).collect();
+        let spans: Vec<Span> = seqs
+            .iter()
+            .zip(&last)
+            .map(|(&seq, t)| Span { seq, tokens: std::slice::from_ref(t), logits: Logits::Last })
+            .collect();
         let logits = runner.step(&spans)?;
-        for (&s, l) in seqs.iter().zip(&logits) {
-            runner.append_token(s, argmax(l))?;
-        }
+        last = logits.iter().map(|l| argmax(l)).collect();
     }
     let decode_s = t1.elapsed().as_secs_f64();
     let steps = (a.gen_len - 1).max(1) as f64;

@@ -127,8 +127,9 @@ pub struct SeqGen {
     constraint_active: bool,
     /// The constraint's mask for the next token, computed ahead ([`SeqGen::prepare_mask`]).
     ready_mask: Option<std::result::Result<Vec<u32>, String>>,
-    prompt: Vec<u32>,
-    output: Vec<u32>,
+    /// The sequence's tokens: the prompt, then the output.
+    tokens: Vec<u32>,
+    prompt_len: usize,
     stop_ids: Vec<u32>,
     max_sampled: usize,
     max_context: usize,
@@ -172,8 +173,8 @@ impl SeqGen {
             constraint: None,
             constraint_active: false,
             ready_mask: None,
-            prompt: prompt.to_vec(),
-            output: Vec::new(),
+            tokens: prompt.to_vec(),
+            prompt_len: prompt.len(),
             stop_ids,
             max_sampled,
             max_context: params.max_context,
@@ -202,12 +203,17 @@ impl SeqGen {
     }
 
     pub fn prompt(&self) -> &[u32] {
-        &self.prompt
+        &self.tokens[..self.prompt_len]
     }
 
     /// Every output token so far (sampled and injected).
     pub fn output(&self) -> &[u32] {
-        &self.output
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// The sequence's tokens: the prompt, then every output token so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
 
     /// Tokens chosen by the sampler so far.
@@ -230,7 +236,7 @@ impl SeqGen {
     }
 
     fn room(&self) -> usize {
-        self.max_context - self.prompt.len() - self.output.len()
+        self.max_context - self.tokens.len()
     }
 
     /// The budget's stop tokens, if reasoning has reached the budget now.
@@ -249,7 +255,7 @@ impl SeqGen {
     fn inject(&mut self, tokens: &[u32], out: &mut Vec<GenToken>) -> Result<bool> {
         let fit = tokens.len().min(self.room());
         for &t in &tokens[..fit] {
-            self.output.push(t);
+            self.tokens.push(t);
             out.push(GenToken { id: t, injected: true, reasoning: false });
             self.constraint_step(t)?;
         }
@@ -316,9 +322,10 @@ impl SeqGen {
                 }
             }
         }
-        let id = self.sampler.sample(logits, &self.prompt, &self.output).map_err(|e| anyhow!("{e}"))?;
+        let (prompt, output) = self.tokens.split_at(self.prompt_len);
+        let id = self.sampler.sample(logits, prompt, output).map_err(|e| anyhow!("{e}"))?;
         self.sampled += 1;
-        self.output.push(id);
+        self.tokens.push(id);
         self.constraint_step(id)?;
         let mut reasoning = false;
         if let Some(b) = &self.budget {

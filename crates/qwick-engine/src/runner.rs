@@ -1,5 +1,6 @@
 //! The model runner: owns the model (with its KV cache and thread pool) and the block allocator;
-//! keeps each sequence's tokens and block table; turns a list of spans into one batch.
+//! keeps each sequence's block table and how many of its tokens are cached; turns a list of spans
+//! (each with its tokens: the sequence's tokens are its caller's) into one batch.
 //!
 //! The runner steps through a [`StepModel`]: [`Qwen3Forward`] is the real model; the engine's
 //! tests drive the runner and the scheduler through a fake.
@@ -46,7 +47,6 @@ impl RunnerConfig {
 }
 
 struct Sequence {
-    tokens: Vec<u32>,
     /// Tokens whose K/V is in the cache.
     cached: usize,
     blocks: Vec<u32>,
@@ -62,11 +62,11 @@ pub enum Logits {
     All,
 }
 
-/// Part of one step: the next `len` uncached tokens of sequence `seq`.
+/// Part of one step: `tokens`, the next tokens of sequence `seq` after those in the cache.
 #[derive(Clone, Copy, Debug)]
-pub struct Span {
+pub struct Span<'a> {
     pub seq: SeqId,
-    pub len: usize,
+    pub tokens: &'a [u32],
     pub logits: Logits,
 }
 
@@ -166,11 +166,11 @@ impl Runner {
         self.block_size
     }
 
-    /// Registers a sequence with its prompt; nothing is computed yet.
-    pub fn add_sequence(&mut self, tokens: &[u32]) -> SeqId {
+    /// Registers a sequence, with nothing in the cache yet.
+    pub fn add_sequence(&mut self) -> SeqId {
         let id = self.next_id;
         self.next_id += 1;
-        self.seqs.insert(id, Sequence { tokens: tokens.to_vec(), cached: 0, blocks: vec![], adapter: 0 });
+        self.seqs.insert(id, Sequence { cached: 0, blocks: vec![], adapter: 0 });
         id
     }
 
@@ -183,14 +183,14 @@ impl Runner {
         Ok(())
     }
 
-    /// Registers a sequence whose first `prefix_blocks.len() * block_size` tokens are already in
-    /// the cache, in `prefix_blocks` (full blocks shared through the prefix cache; each gains a
-    /// reference). At least one token must be left to compute, so that the shared blocks are
-    /// never written.
-    pub fn add_sequence_with_prefix(&mut self, tokens: &[u32], prefix_blocks: &[u32]) -> Result<SeqId> {
+    /// Registers a sequence of `tokens` tokens whose first `prefix_blocks.len() * block_size` are
+    /// already in the cache, in `prefix_blocks` (full blocks shared through the prefix cache; each
+    /// gains a reference). At least one token must be left to compute, so that the shared blocks
+    /// are never written.
+    pub fn add_sequence_with_prefix(&mut self, tokens: usize, prefix_blocks: &[u32]) -> Result<SeqId> {
         let cached = prefix_blocks.len() * self.block_size;
-        if cached >= tokens.len() {
-            bail!("a prefix of {cached} cached tokens leaves none of the {} tokens to compute", tokens.len());
+        if cached >= tokens {
+            bail!("a prefix of {cached} cached tokens leaves none of the {tokens} tokens to compute");
         }
         if let Some(&b) =
             prefix_blocks.iter().find(|&&b| b as usize >= self.blocks.num_blocks() || self.blocks.ref_count(b) == 0)
@@ -202,7 +202,7 @@ impl Runner {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.seqs.insert(id, Sequence { tokens: tokens.to_vec(), cached, blocks: prefix_blocks.to_vec(), adapter: 0 });
+        self.seqs.insert(id, Sequence { cached, blocks: prefix_blocks.to_vec(), adapter: 0 });
         Ok(id)
     }
 
@@ -222,22 +222,6 @@ impl Runner {
         Ok((s.cached + len).div_ceil(self.block_size).saturating_sub(s.blocks.len()))
     }
 
-    /// Appends a generated token; it is computed by the next step that includes it.
-    pub fn append_token(&mut self, seq: SeqId, token: u32) -> Result<()> {
-        self.seq_mut(seq)?.tokens.push(token);
-        Ok(())
-    }
-
-    /// Tokens of the sequence not yet in the cache.
-    pub fn pending(&self, seq: SeqId) -> Result<usize> {
-        let s = self.seqs.get(&seq).ok_or_else(|| anyhow!("unknown sequence {seq}"))?;
-        Ok(s.tokens.len() - s.cached)
-    }
-
-    pub fn tokens(&self, seq: SeqId) -> Option<&[u32]> {
-        self.seqs.get(&seq).map(|s| s.tokens.as_slice())
-    }
-
     /// Frees the sequence and its blocks.
     pub fn free_sequence(&mut self, seq: SeqId) {
         if let Some(s) = self.seqs.remove(&seq) {
@@ -247,12 +231,8 @@ impl Runner {
         }
     }
 
-    fn seq_mut(&mut self, seq: SeqId) -> Result<&mut Sequence> {
-        self.seqs.get_mut(&seq).ok_or_else(|| anyhow!("unknown sequence {seq}"))
-    }
-
     /// Runs one forward call over `spans` (one per sequence) and returns each span's logits,
-    /// `[rows, vocab]` row-major (1 row for `Last`, `len` rows for `All`, none for `None`).
+    /// `[rows, vocab]` row-major (1 row for `Last`, a row per token for `All`, none for `None`).
     /// Fails without side effects if the cache lacks blocks for the new tokens.
     pub fn step(&mut self, spans: &[Span]) -> Result<Vec<Vec<f32>>> {
         let bs = self.block_size;
@@ -263,10 +243,10 @@ impl Runner {
                 bail!("sequence {} appears twice in one step", sp.seq);
             }
             let s = self.seqs.get(&sp.seq).ok_or_else(|| anyhow!("unknown sequence {}", sp.seq))?;
-            if sp.len == 0 || s.cached + sp.len > s.tokens.len() {
-                bail!("sequence {}: span of {} tokens, {} pending", sp.seq, sp.len, s.tokens.len() - s.cached);
+            if sp.tokens.is_empty() {
+                bail!("sequence {}: empty span", sp.seq);
             }
-            need += (s.cached + sp.len).div_ceil(bs).saturating_sub(s.blocks.len());
+            need += (s.cached + sp.tokens.len()).div_ceil(bs).saturating_sub(s.blocks.len());
         }
         if need > self.blocks.num_free() {
             bail!(
@@ -278,11 +258,10 @@ impl Runner {
         let mut batch = Batch::default();
         for sp in spans {
             let s = self.seqs.get_mut(&sp.seq).unwrap();
-            while s.blocks.len() * bs < s.cached + sp.len {
+            while s.blocks.len() * bs < s.cached + sp.tokens.len() {
                 s.blocks.push(self.blocks.allocate().expect("checked above"));
             }
-            let toks = &s.tokens[s.cached..s.cached + sp.len];
-            let rows = batch.push_span(toks, s.cached, &s.blocks, bs, sp.logits == Logits::All);
+            let rows = batch.push_span(sp.tokens, s.cached, &s.blocks, bs, sp.logits == Logits::All);
             if s.adapter > 0 {
                 // Sequences before this one keep the default (0).
                 batch.seq_adapter.resize(batch.block_tables.len() - 1, 0);
@@ -297,11 +276,11 @@ impl Runner {
         let mut out = Vec::with_capacity(spans.len());
         let mut row = 0;
         for sp in spans {
-            self.seqs.get_mut(&sp.seq).unwrap().cached += sp.len;
+            self.seqs.get_mut(&sp.seq).unwrap().cached += sp.tokens.len();
             let rows = match sp.logits {
                 Logits::None => 0,
                 Logits::Last => 1,
-                Logits::All => sp.len,
+                Logits::All => sp.tokens.len(),
             };
             out.push(logits[row * vocab..(row + rows) * vocab].to_vec());
             row += rows;
@@ -315,15 +294,12 @@ impl Runner {
         if tokens.is_empty() {
             bail!("no tokens given");
         }
-        let id = self.add_sequence(tokens);
+        let id = self.add_sequence();
         let mut all = Vec::with_capacity(tokens.len() * self.model.vocab_size());
         let r = (|| {
-            let mut done = 0;
-            while done < tokens.len() {
-                let len = chunk.max(1).min(tokens.len() - done);
-                let mut l = self.step(&[Span { seq: id, len, logits: Logits::All }])?;
+            for part in tokens.chunks(chunk.max(1)) {
+                let mut l = self.step(&[Span { seq: id, tokens: part, logits: Logits::All }])?;
                 all.append(&mut l[0]);
-                done += len;
             }
             Ok(())
         })();
@@ -352,34 +328,44 @@ mod tests {
         (0..len).map(|j| ((i * 31 + j * 17 + 5) % VOCAB) as u32).collect()
     }
 
+    fn span(seq: SeqId, tokens: &[u32], logits: Logits) -> Span<'_> {
+        Span { seq, tokens, logits }
+    }
+
     /// Greedy tokens of each prompt, `n` each, all run together: a prompt is computed in chunks
     /// of at most `chunk` tokens, then one token per step. The sequences are freed at the end.
     fn decode(r: &mut Runner, prompts: &[Vec<u32>], n: usize, chunk: usize) -> Vec<Vec<u32>> {
-        let ids: Vec<SeqId> = prompts.iter().map(|p| r.add_sequence(p)).collect();
-        let mut out = vec![vec![]; prompts.len()];
-        while out.iter().any(|o| o.len() < n) {
+        let ids: Vec<SeqId> = prompts.iter().map(|_| r.add_sequence()).collect();
+        let mut tokens = prompts.to_vec();
+        let mut out = vec![0; prompts.len()];
+        while out.iter().any(|&o| o < n) {
             let mut spans = vec![];
-            for (k, &seq) in ids.iter().enumerate().filter(|&(k, _)| out[k].len() < n) {
-                let pending = r.pending(seq).unwrap();
-                let len = pending.min(chunk);
-                spans.push((k, Span { seq, len, logits: if len == pending { Logits::Last } else { Logits::None } }));
+            for (k, &seq) in ids.iter().enumerate().filter(|&(k, _)| out[k] < n) {
+                let cached = r.cached(seq).unwrap();
+                let len = (tokens[k].len() - cached).min(chunk);
+                let last = cached + len == tokens[k].len();
+                spans.push((
+                    k,
+                    span(seq, &tokens[k][cached..cached + len], if last { Logits::Last } else { Logits::None }),
+                ));
             }
             let batch: Vec<Span> = spans.iter().map(|s| s.1).collect();
-            for ((k, sp), l) in spans.iter().zip(r.step(&batch).unwrap()) {
-                if sp.logits == Logits::None {
+            let logits = r.step(&batch).unwrap();
+            let spans: Vec<(usize, Logits)> = spans.iter().map(|(k, sp)| (*k, sp.logits)).collect();
+            for ((k, logits), l) in spans.into_iter().zip(logits) {
+                if logits == Logits::None {
                     assert!(l.is_empty());
                     continue;
                 }
                 assert_eq!(l.len(), VOCAB);
-                let t = argmax(&l);
-                r.append_token(sp.seq, t).unwrap();
-                out[*k].push(t);
+                tokens[k].push(argmax(&l));
+                out[k] += 1;
             }
         }
         for id in ids {
             r.free_sequence(id);
         }
-        out
+        tokens.iter().zip(prompts).map(|(t, p)| t[p.len()..].to_vec()).collect()
     }
 
     #[test]
@@ -401,14 +387,14 @@ mod tests {
     fn logits_of_every_position_the_last_or_none() {
         let (mut r, state) = fake::runner(4, 8);
         let p = prompt(3, 11);
-        let s = r.add_sequence(&p);
-        let all = r.step(&[Span { seq: s, len: 6, logits: Logits::All }]).unwrap().remove(0);
+        let s = r.add_sequence();
+        let all = r.step(&[span(s, &p[..6], Logits::All)]).unwrap().remove(0);
         let want: Vec<f32> = (1..=6).flat_map(|k| fake::logits(0, &p[..k])).collect();
         assert_eq!(all, want);
-        assert!(r.step(&[Span { seq: s, len: 2, logits: Logits::None }]).unwrap()[0].is_empty());
-        let last = r.step(&[Span { seq: s, len: 3, logits: Logits::Last }]).unwrap().remove(0);
+        assert!(r.step(&[span(s, &p[6..8], Logits::None)]).unwrap()[0].is_empty());
+        let last = r.step(&[span(s, &p[8..], Logits::Last)]).unwrap().remove(0);
         assert_eq!(last, fake::logits(0, &p));
-        assert_eq!((r.cached(s), r.pending(s).unwrap()), (Some(11), 0));
+        assert_eq!(r.cached(s), Some(11));
         assert_eq!(r.block_table(s).unwrap(), &[0, 1, 2]);
         let rows: Vec<usize> = state.lock().unwrap().batches.iter().map(|b| b.logits_rows.len()).collect();
         assert_eq!(rows, [6, 0, 1]);
@@ -425,17 +411,17 @@ mod tests {
     #[test]
     fn a_step_that_cannot_run_changes_nothing() {
         let (mut r, state) = fake::runner(4, 4);
-        let a = r.add_sequence(&prompt(0, 10));
-        r.step(&[Span { seq: a, len: 10, logits: Logits::Last }]).unwrap();
+        let (pa, pb) = (prompt(0, 10), prompt(1, 8));
+        let a = r.add_sequence();
+        r.step(&[span(a, &pa, Logits::Last)]).unwrap();
         assert_eq!((r.blocks().num_free(), r.block_table(a).unwrap().len()), (1, 3));
-        let b = r.add_sequence(&prompt(1, 8));
-        let e = r.step(&[Span { seq: b, len: 8, logits: Logits::Last }]).unwrap_err();
+        let b = r.add_sequence();
+        let e = r.step(&[span(b, &pb, Logits::Last)]).unwrap_err();
         assert_eq!(e.to_string(), "KV cache full: step needs 2 blocks, 1 free of 4");
         let bad = [
-            vec![Span { seq: b, len: 0, logits: Logits::Last }],
-            vec![Span { seq: b, len: 9, logits: Logits::Last }],
-            vec![Span { seq: b, len: 1, logits: Logits::Last }, Span { seq: b, len: 1, logits: Logits::Last }],
-            vec![Span { seq: 99, len: 1, logits: Logits::Last }],
+            vec![span(b, &[], Logits::Last)],
+            vec![span(b, &pb[..1], Logits::Last), span(b, &pb[1..2], Logits::Last)],
+            vec![span(99, &pb[..1], Logits::Last)],
         ];
         for spans in &bad {
             assert!(r.step(spans).is_err(), "{spans:?}");
@@ -444,8 +430,8 @@ mod tests {
         assert_eq!(state.lock().unwrap().batches.len(), 1);
         assert_eq!((r.blocks().num_free(), r.cached(b), r.block_table(b).unwrap().len()), (1, Some(0), 0));
         // What fits still runs.
-        let l = r.step(&[Span { seq: b, len: 4, logits: Logits::Last }]).unwrap().remove(0);
-        assert_eq!(l, fake::logits(0, &prompt(1, 4)));
+        let l = r.step(&[span(b, &pb[..4], Logits::Last)]).unwrap().remove(0);
+        assert_eq!(l, fake::logits(0, &pb[..4]));
         assert_eq!(r.blocks().num_free(), 0);
         r.free_sequence(a);
         r.free_sequence(b);
@@ -458,8 +444,8 @@ mod tests {
         let (pa, mut pb) = (prompt(0, 6), prompt(1, 5));
         pb[3] = 63;
         state.lock().unwrap().poison = Some(63);
-        let (a, b) = (r.add_sequence(&pa), r.add_sequence(&pb));
-        let both = [Span { seq: a, len: 6, logits: Logits::Last }, Span { seq: b, len: 5, logits: Logits::Last }];
+        let (a, b) = (r.add_sequence(), r.add_sequence());
+        let both = [span(a, &pa, Logits::Last), span(b, &pb, Logits::Last)];
         let e = r.step(&both).unwrap_err();
         assert_eq!(e.to_string(), "the fake model refuses token 63");
         // Nothing was computed: the sequences can run again, without the failing one.
@@ -476,8 +462,8 @@ mod tests {
     fn a_cached_prefix_is_shared_not_recomputed() {
         let (mut r, state) = fake::runner(4, 8);
         let pa = prompt(0, 10);
-        let a = r.add_sequence(&pa);
-        r.step(&[Span { seq: a, len: 10, logits: Logits::Last }]).unwrap();
+        let a = r.add_sequence();
+        r.step(&[span(a, &pa, Logits::Last)]).unwrap();
         let table = r.block_table(a).unwrap().to_vec();
         assert_eq!(table, [0, 1, 2]);
         let mut h = crate::kv_manager::ROOT_HASH;
@@ -489,11 +475,11 @@ mod tests {
         pb.extend([40, 41, 42]);
         let (prefix, _) = r.kv_manager().lookup(&pb, 4, 2, crate::kv_manager::ROOT_HASH);
         assert_eq!(prefix, [0, 1]);
-        let b = r.add_sequence_with_prefix(&pb, &prefix).unwrap();
-        assert_eq!((r.cached(b), r.pending(b).unwrap()), (Some(8), 3));
+        let b = r.add_sequence_with_prefix(pb.len(), &prefix).unwrap();
+        assert_eq!(r.cached(b), Some(8));
         assert_eq!((r.blocks().ref_count(0), r.blocks().ref_count(1), r.blocks().ref_count(2)), (3, 3, 1));
         // Its logits read a's K/V in the shared blocks; only its own 3 tokens are computed.
-        let l = r.step(&[Span { seq: b, len: 3, logits: Logits::Last }]).unwrap().remove(0);
+        let l = r.step(&[span(b, &pb[8..], Logits::Last)]).unwrap().remove(0);
         assert_eq!(l, fake::logits(0, &pb));
         assert_eq!(state.lock().unwrap().batches[1].tokens, [40, 41, 42]);
         assert_eq!(r.block_table(b).unwrap(), &[0, 1, 3]);
@@ -504,28 +490,24 @@ mod tests {
         assert_eq!(r.blocks().check(r.block_references()), Ok(()));
 
         // At least one token must be left to compute; prefix blocks must be in use.
-        let e = r.add_sequence_with_prefix(&pa[..8], &prefix).unwrap_err();
+        let e = r.add_sequence_with_prefix(8, &prefix).unwrap_err();
         assert_eq!(e.to_string(), "a prefix of 8 cached tokens leaves none of the 8 tokens to compute");
-        assert_eq!(r.add_sequence_with_prefix(&pa, &[0, 5]).unwrap_err().to_string(), "prefix block 5 is not in use");
-        assert_eq!(r.add_sequence_with_prefix(&pa, &[9]).unwrap_err().to_string(), "prefix block 9 is not in use");
+        assert_eq!(r.add_sequence_with_prefix(10, &[0, 5]).unwrap_err().to_string(), "prefix block 5 is not in use");
+        assert_eq!(r.add_sequence_with_prefix(10, &[9]).unwrap_err().to_string(), "prefix block 9 is not in use");
         assert_eq!((r.blocks().ref_count(0), r.blocks().num_used()), (1, 2), "a refused prefix takes no reference");
     }
 
     #[test]
     fn each_sequence_runs_with_its_adapter() {
         let (mut r, _) = fake::runner(4, 8);
-        let p = prompt(2, 5);
-        let (x, y) = (r.add_sequence(&p), r.add_sequence(&p));
+        let p = prompt(2, 4);
+        let (x, y) = (r.add_sequence(), r.add_sequence());
         r.set_adapter(x, 2).unwrap();
         assert_eq!(r.set_adapter(y, 3).unwrap_err().to_string(), "adapter 3 asked for, but the model has 2");
         assert!(r.set_adapter(99, 1).is_err());
         // Either order: the default sequence after or before the adapted one.
-        for (first, second) in [(x, y), (y, x)] {
-            let mut spans = vec![];
-            for seq in [first, second] {
-                spans.push(Span { seq, len: r.pending(seq).unwrap().min(2), logits: Logits::Last });
-            }
-            let l = r.step(&spans).unwrap();
+        for (first, second, part) in [(x, y, &p[..2]), (y, x, &p[2..])] {
+            let l = r.step(&[span(first, part, Logits::Last), span(second, part, Logits::Last)]).unwrap();
             let upto = r.cached(first).unwrap();
             let want = |seq| fake::logits(if seq == x { 2 } else { 0 }, &p[..upto]);
             assert_eq!((&l[0], &l[1]), (&want(first), &want(second)));

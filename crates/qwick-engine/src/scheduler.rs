@@ -145,9 +145,18 @@ pub struct SchedulerStats {
     pub kv_inconsistency: Option<String>,
 }
 
-/// One span of a step: (index into `running`, the span, tokens cached before it, whether it
-/// ends the sequence's pending tokens).
-type PlannedSpan = (usize, Span, usize, bool);
+/// One span of a step.
+struct PlannedSpan {
+    /// Index of the sequence in `running`.
+    entry: usize,
+    seq: SeqId,
+    /// Tokens of the sequence cached before the span (its first position).
+    start: usize,
+    len: usize,
+    logits: Logits,
+    /// Whether the span ends the sequence's pending tokens.
+    last: bool,
+}
 
 /// What a step computes, as it is planned.
 struct StepPlan {
@@ -181,12 +190,6 @@ impl Entry {
     /// Still needs the logits of every prompt position.
     fn wants_prompt_lps(&self) -> bool {
         self.prompt_logprobs.is_some() && !self.prompt_lps_sent
-    }
-
-    fn all_tokens(&self) -> Vec<u32> {
-        let mut t = self.gen.prompt().to_vec();
-        t.extend_from_slice(self.gen.output());
-        t
     }
 }
 
@@ -400,7 +403,7 @@ impl Scheduler {
         if plan.spans.is_empty() {
             return 0;
         }
-        let computed: usize = plan.spans.iter().map(|s| s.1.len).sum();
+        let computed: usize = plan.spans.iter().map(|s| s.len).sum();
         let Some(logits) = self.forward(&plan.spans) else { return computed };
         self.stats.batched_tokens += computed as u64;
         self.take_outputs(&plan.spans, logits);
@@ -415,7 +418,8 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let seq = self.running[i].seq.expect("running sequences have a runner sequence");
-            let pending = self.runner.pending(seq).unwrap_or(0);
+            let start = self.runner.cached(seq).unwrap_or(0);
+            let pending = self.running[i].gen.tokens().len() - start;
             if pending == 0 {
                 i += 1;
                 continue;
@@ -443,9 +447,8 @@ impl Scheduler {
             }
             reserved += need;
             budget -= len;
-            let logits = span_logits(all, len == pending);
-            let start = self.runner.cached(seq).unwrap_or(0);
-            spans.push((i, Span { seq, len, logits }, start, len == pending));
+            let last = len == pending;
+            spans.push(PlannedSpan { entry: i, seq, start, len, logits: span_logits(all, last), last });
             i += 1;
         }
         plan.budget = budget;
@@ -459,17 +462,15 @@ impl Scheduler {
         let spans = &mut plan.spans;
         let bs = self.runner.block_size();
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs && !self.waiting.is_empty() {
-            let tokens = self.waiting[0].all_tokens();
+            let tokens = self.waiting[0].gen.tokens();
+            let n = tokens.len();
             // Prompt logprobs need every position's logits: no cached prefix for them.
             let all = self.waiting[0].wants_prompt_lps();
             let lookup = self.cfg.prefix_caching && !all;
             let root = root_hash(self.waiting[0].adapter);
-            let (prefix_blocks, prefix_hash) = if lookup {
-                self.runner.kv_manager().lookup(&tokens, bs, (tokens.len() - 1) / bs, root)
-            } else {
-                (vec![], root)
-            };
-            let added = self.runner.add_sequence_with_prefix(&tokens, &prefix_blocks).and_then(|s| {
+            let (prefix_blocks, prefix_hash) =
+                if lookup { self.runner.kv_manager().lookup(tokens, bs, (n - 1) / bs, root) } else { (vec![], root) };
+            let added = self.runner.add_sequence_with_prefix(n, &prefix_blocks).and_then(|s| {
                 self.runner
                     .set_adapter(s, self.waiting[0].adapter)
                     .map(|_| s)
@@ -484,7 +485,7 @@ impl Scheduler {
                 }
             };
             let cached = prefix_blocks.len() * bs;
-            let pending = tokens.len() - cached;
+            let pending = n - cached;
             let len = if all { pending.min(budget).min(PROMPT_LOGPROBS_CHUNK) } else { pending.min(budget) };
             let need = self.runner.blocks_needed(seq, len).unwrap_or(0);
             if !self.make_room(reserved, need) {
@@ -502,10 +503,10 @@ impl Scheduler {
             if !e.started {
                 e.started = true;
                 if lookup {
-                    self.stats.prefix_query_tokens += tokens.len() as u64;
+                    self.stats.prefix_query_tokens += n as u64;
                     self.stats.prefix_hit_tokens += cached as u64;
                 }
-                if !e.sink.send(Event::Started { prompt_tokens: tokens.len(), cached_tokens: cached }) {
+                if !e.sink.send(Event::Started { prompt_tokens: n, cached_tokens: cached }) {
                     self.runner.free_sequence(seq);
                     continue;
                 }
@@ -515,9 +516,10 @@ impl Scheduler {
             e.last_hash = prefix_hash;
             reserved += need;
             budget -= len;
-            let logits = span_logits(all, len == pending);
+            let last = len == pending;
             self.running.push(e);
-            spans.push((self.running.len() - 1, Span { seq, len, logits }, cached, len == pending));
+            let entry = self.running.len() - 1;
+            spans.push(PlannedSpan { entry, seq, start: cached, len, logits: span_logits(all, last), last });
         }
         plan.budget = budget;
         plan.reserved = reserved;
@@ -526,7 +528,11 @@ impl Scheduler {
     /// Runs the forward pass over the planned spans (constraint masks computed alongside);
     /// `None` when it failed, having failed the step's requests.
     fn forward(&mut self, spans: &[PlannedSpan]) -> Option<Vec<Vec<f32>>> {
-        let batch: Vec<Span> = spans.iter().map(|s| s.1).collect();
+        // The spans' tokens, copied: the sequences' generation states are borrowed mutably below.
+        let tokens: Vec<Vec<u32>> =
+            spans.iter().map(|s| self.running[s.entry].gen.tokens()[s.start..s.start + s.len].to_vec()).collect();
+        let batch: Vec<Span> =
+            spans.iter().zip(&tokens).map(|(s, t)| Span { seq: s.seq, tokens: t, logits: s.logits }).collect();
         let tf = std::time::Instant::now();
         let step_no = self.stats.steps + 1;
         let inject = self.fault == Some(Fault::StepPanic(step_no));
@@ -535,7 +541,7 @@ impl Scheduler {
         let mut masks: Vec<&mut SeqGen> = vec![];
         let mut sampling: Vec<bool> = vec![false; self.running.len()];
         for s in spans {
-            sampling[s.0] = s.3;
+            sampling[s.entry] = s.last;
         }
         for (e, _) in self.running.iter_mut().zip(&sampling).filter(|(e, &s)| s && e.gen.needs_mask()) {
             masks.push(&mut e.gen);
@@ -568,7 +574,7 @@ impl Scheduler {
             Err(err) => {
                 // Fail the sequences of this step, newest first so indices stay valid.
                 let msg = format!("{err:#}");
-                let mut idx: Vec<usize> = spans.iter().map(|s| s.0).collect();
+                let mut idx: Vec<usize> = spans.iter().map(|s| s.entry).collect();
                 idx.sort_unstable_by(|a, b| b.cmp(a));
                 for i in idx {
                     let mut e = self.running.remove(i);
@@ -584,37 +590,38 @@ impl Scheduler {
     /// the chosen tokens appended; finished and abandoned sequences are freed.
     fn take_outputs(&mut self, spans: &[PlannedSpan], logits: Vec<Vec<f32>>) {
         let mut done: Vec<usize> = vec![];
-        for ((i, span, start, last), mut l) in spans.iter().zip(logits) {
+        for (span, mut l) in spans.iter().zip(logits) {
+            let i = span.entry;
             if self.cfg.prefix_caching {
-                self.register_blocks(*i);
+                self.register_blocks(i);
             }
-            let e = &mut self.running[*i];
+            let e = &mut self.running[i];
             if span.logits == Logits::All {
                 // Row k (position start + k) predicts the token at start + k + 1.
                 let n = e.prompt_logprobs.unwrap_or(0);
                 let prompt = e.gen.prompt();
                 let vocab = l.len() / span.len;
-                if *start == 0 {
+                if span.start == 0 {
                     e.prompt_lps.clear();
                     e.prompt_lps.push(None);
                 }
                 for (k, row) in l.chunks_exact(vocab).enumerate() {
-                    if let Some(&next) = prompt.get(start + k + 1) {
+                    if let Some(&next) = prompt.get(span.start + k + 1) {
                         e.prompt_lps.push(qwick_sampler::logprobs(row, next, n).ok());
                     }
                 }
-                if !*last {
+                if !span.last {
                     continue;
                 }
                 e.prompt_lps_sent = true;
                 let lps = std::mem::take(&mut e.prompt_lps);
                 if !e.sink.send(Event::PromptLogprobs(lps)) {
-                    done.push(*i);
+                    done.push(i);
                     continue;
                 }
                 // The last position samples the first output token.
                 l.drain(..(span.len - 1) * vocab);
-            } else if !*last {
+            } else if !span.last {
                 continue;
             }
             let raw = e.logprobs.map(|_| l.clone());
@@ -622,7 +629,7 @@ impl Scheduler {
                 Ok(d) => d,
                 Err(err) => {
                     e.sink.send(Event::Error(format!("{err:#}")));
-                    done.push(*i);
+                    done.push(i);
                     continue;
                 }
             };
@@ -645,14 +652,7 @@ impl Scheduler {
                 alive = false;
             }
             if !alive {
-                done.push(*i);
-                continue;
-            }
-            for t in &decision.tokens {
-                if self.runner.append_token(span.seq, t.id).is_err() {
-                    done.push(*i);
-                    break;
-                }
+                done.push(i);
             }
         }
         done.sort_unstable_by(|a, b| b.cmp(a));
@@ -673,7 +673,7 @@ impl Scheduler {
         if full <= e.registered {
             return;
         }
-        let tokens = self.runner.tokens(seq).unwrap_or(&[]).to_vec();
+        let tokens = e.gen.tokens();
         let table = self.runner.block_table(seq).unwrap_or(&[]).to_vec();
         for k in e.registered..full {
             e.last_hash = self.runner.kv_manager().offer(e.last_hash, &tokens[k * bs..(k + 1) * bs], table[k]);
@@ -1310,6 +1310,42 @@ mod tests {
         }
         assert_eq!((limit.tokens(), limit.finish()), (free_run[..3].to_vec(), Some(FinishReason::Length)));
         assert_eq!((context.tokens(), context.finish()), (free_run[..4].to_vec(), Some(FinishReason::Length)));
+        assert_idle_and_consistent(&s);
+    }
+
+    #[test]
+    fn prompt_logprobs_come_from_every_position_computed_in_chunks() {
+        let (mut s, state) = scheduler(64, config(4, 8, true));
+        let p = prompt(5, 10);
+        // The same prompt, cached first: prompt logprobs need every position computed anyway.
+        let first = add(&mut s, &p, 1);
+        run(&mut s);
+        assert_eq!(first.started(), [(10, 0)]);
+        let sink = Sink::default();
+        let req = Request { gen: SeqGen::new(&p, params(2)).unwrap(), logprobs: Some(2), adapter: 0 };
+        s.add_with(req, Some(3), Box::new(sink.clone()));
+        let before = state.lock().unwrap().batches.len();
+        run(&mut s);
+        assert_eq!(span_lens(&state)[before..], [vec![(0, 4)], vec![(4, 4)], vec![(8, 2)], vec![(10, 1)]]);
+        let rows: Vec<usize> = state.lock().unwrap().batches[before..].iter().map(|b| b.logits_rows.len()).collect();
+        assert_eq!(rows, [4, 4, 2, 1]);
+        let out = fake::greedy(0, &p, 2, &[]);
+        let events = sink.events.lock().unwrap().clone();
+        let [Event::Started { cached_tokens: 0, .. }, Event::PromptLogprobs(lps), Event::Tokens(t0), Event::Tokens(t1), Event::Finished(FinishReason::Length)] =
+            &events[..]
+        else {
+            panic!("{events:?}");
+        };
+        let mut want = vec![None];
+        want.extend((1..10).map(|k| qwick_sampler::logprobs(&fake::logits(0, &p[..k]), p[k], 3).ok()));
+        assert_eq!(lps, &want);
+        let mut context = p.clone();
+        for (t, &id) in [t0, t1].into_iter().zip(&out) {
+            assert_eq!(t.len(), 1);
+            assert_eq!(t[0].token.id, id);
+            assert_eq!(t[0].logprobs, qwick_sampler::logprobs(&fake::logits(0, &context), id, 2).ok());
+            context.push(id);
+        }
         assert_idle_and_consistent(&s);
     }
 

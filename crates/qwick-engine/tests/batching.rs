@@ -27,14 +27,13 @@ fn prompt(i: usize, len: usize, vocab: usize) -> Vec<u32> {
 /// Logits after the prompt and after each of GEN greedy tokens, sequence run alone.
 fn alone(model: &Arc<Qwen3>, p: &[u32], isa: Isa) -> Vec<Vec<f32>> {
     let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(p.len() + GEN + 1, 2, isa));
-    let s = r.add_sequence(p);
+    let s = r.add_sequence();
     let mut out = vec![];
-    let mut len = p.len();
+    let mut tokens = p.to_vec();
     for _ in 0..=GEN {
-        let l = r.step(&[Span { seq: s, len, logits: Logits::Last }]).unwrap().remove(0);
-        r.append_token(s, argmax(&l)).unwrap();
+        let l = r.step(&[Span { seq: s, tokens: &tokens, logits: Logits::Last }]).unwrap().remove(0);
+        tokens = vec![argmax(&l)];
         out.push(l);
-        len = 1;
     }
     out
 }
@@ -43,28 +42,32 @@ fn together(model: &Arc<Qwen3>, prompts: &[Vec<u32>], isa: Isa) -> Vec<Vec<Vec<f
     let total: usize = prompts.iter().map(|p| p.len() + GEN + 16).sum();
     let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(total, 2, isa));
     let mut ids: Vec<Option<SeqId>> = vec![None; prompts.len()];
+    // Each sequence's tokens: its prompt, then the greedy tokens.
+    let mut tokens: Vec<Vec<u32>> = prompts.to_vec();
     let mut out: Vec<Vec<Vec<f32>>> = vec![vec![]; prompts.len()];
     let mut step = 0;
     while out.iter().any(|o| o.len() <= GEN) {
         let mut spans = vec![];
-        for (i, p) in prompts.iter().enumerate() {
+        for (i, t) in tokens.iter().enumerate() {
             if i > step || out[i].len() > GEN {
                 continue; // sequence i joins at step i; finished ones leave
             }
-            let id = *ids[i].get_or_insert_with(|| r.add_sequence(p));
-            let pending = r.pending(id).unwrap();
+            let id = *ids[i].get_or_insert_with(|| r.add_sequence());
+            let cached = r.cached(id).unwrap();
+            let pending = t.len() - cached;
             // Prefill in uneven chunks, so chunks and decode tokens mix.
             let len = pending.min(3 + (i + step) % 5);
             let logits = if len == pending { Logits::Last } else { Logits::None };
-            spans.push((i, Span { seq: id, len, logits }));
+            spans.push((i, Span { seq: id, tokens: &t[cached..cached + len], logits }));
         }
         let res = r.step(&spans.iter().map(|s| s.1).collect::<Vec<_>>()).unwrap();
-        for ((i, sp), l) in spans.into_iter().zip(res) {
-            if sp.logits == Logits::Last {
-                r.append_token(sp.seq, argmax(&l)).unwrap();
+        let spans: Vec<(usize, SeqId, Logits)> = spans.iter().map(|(i, sp)| (*i, sp.seq, sp.logits)).collect();
+        for ((i, seq, logits), l) in spans.into_iter().zip(res) {
+            if logits == Logits::Last {
+                tokens[i].push(argmax(&l));
                 out[i].push(l);
                 if out[i].len() > GEN {
-                    r.free_sequence(sp.seq);
+                    r.free_sequence(seq);
                 }
             }
         }
@@ -120,10 +123,10 @@ fn batch_equals_alone() {
 fn full_cache_is_an_error_not_a_panic() {
     let m = model("dense_untied_gqa2");
     let mut r = Runner::new(m, &RunnerConfig::with_tokens(32, 1, Isa::best()));
-    let s = r.add_sequence(&[1; 40]);
-    let e = r.step(&[Span { seq: s, len: 40, logits: Logits::Last }]).unwrap_err();
+    let s = r.add_sequence();
+    let e = r.step(&[Span { seq: s, tokens: &[1; 40], logits: Logits::Last }]).unwrap_err();
     assert!(format!("{e}").contains("KV cache full"), "{e}");
     // Nothing was allocated by the failed step; a smaller one still runs.
     assert_eq!(r.blocks().num_used(), 0);
-    r.step(&[Span { seq: s, len: 32, logits: Logits::Last }]).unwrap();
+    r.step(&[Span { seq: s, tokens: &[1; 32], logits: Logits::Last }]).unwrap();
 }

@@ -137,13 +137,17 @@ fn seqgen_batched_matches_transformers() {
     let mut runner = Runner::new(model, &RunnerConfig::with_tokens(1024, 2, Isa::best_exact()));
     let mut seqs: Vec<_> = cases
         .iter()
-        .map(|c| (runner.add_sequence(&c.prompt), SeqGen::new(&c.prompt, params(&eos, n, 512)).unwrap(), false))
+        .map(|c| (runner.add_sequence(), SeqGen::new(&c.prompt, params(&eos, n, 512)).unwrap(), false))
         .collect();
     while seqs.iter().any(|s| !s.2) {
         let active: Vec<usize> = (0..seqs.len()).filter(|&i| !seqs[i].2).collect();
+        // Each sequence's tokens (its generation state's) not yet in the cache.
         let spans: Vec<Span> = active
             .iter()
-            .map(|&i| Span { seq: seqs[i].0, len: runner.pending(seqs[i].0).unwrap(), logits: Logits::Last })
+            .map(|&i| {
+                let (seq, gen, _) = &seqs[i];
+                Span { seq: *seq, tokens: &gen.tokens()[runner.cached(*seq).unwrap()..], logits: Logits::Last }
+            })
             .collect();
         let logits = runner.step(&spans).unwrap();
         for (&i, mut l) in active.iter().zip(logits) {
@@ -152,10 +156,6 @@ fn seqgen_batched_matches_transformers() {
             if d.finish.is_some() {
                 *done = true;
                 runner.free_sequence(*seq);
-            } else {
-                for t in d.tokens {
-                    runner.append_token(*seq, t.id).unwrap();
-                }
             }
         }
     }
