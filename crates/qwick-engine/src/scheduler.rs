@@ -1349,6 +1349,86 @@ mod tests {
         assert_idle_and_consistent(&s);
     }
 
+    /// A deterministic pseudo-random sequence (xorshift).
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn mixed_workloads_give_every_request_its_greedy_output() {
+        for seed in 1..=300u64 {
+            let mut rng = Rng(seed * 0x9e37_79b9_7f4a_7c15);
+            let caching = seed % 2 == 0;
+            let blocks = 6 + rng.below(10);
+            let cfg = config(1 + rng.below(12), 1 + rng.below(4), caching);
+            let (mut s, _) = scheduler(blocks, cfg.clone());
+            // Prompts from a few shared stems, so that prefixes repeat.
+            let stems: Vec<Vec<u32>> = (0..3).map(|i| prompt(i, 4 + rng.below(9))).collect();
+            let mut reqs = vec![];
+            for i in 0..8 {
+                let mut p = stems[rng.below(3)].clone();
+                p.truncate(1 + rng.below(p.len()));
+                p.extend(prompt(10 + i, rng.below(5)));
+                // Each fits the cache alone.
+                let max = (1 + rng.below(10)).min(blocks * BS - p.len());
+                let cancel_at = (rng.below(4) == 0).then(|| rng.below(12));
+                // Some with another adapter, some with prompt logprobs.
+                let (adapter, prompt_lps) = (rng.below(3).saturating_sub(1) as u16, (rng.below(4) == 0).then_some(1));
+                reqs.push((p, max, rng.below(10), cancel_at, Sink::default(), adapter, prompt_lps));
+            }
+            let mut step = 0;
+            while step <= 10 || s.has_work() {
+                for (p, max, at, cancel_at, sink, adapter, prompt_lps) in &reqs {
+                    if *at == step {
+                        let req =
+                            Request { gen: SeqGen::new(p, params(*max)).unwrap(), logprobs: None, adapter: *adapter };
+                        s.add_with(req, *prompt_lps, Box::new(sink.clone()));
+                    }
+                    if *cancel_at == Some(step) {
+                        sink.close();
+                    }
+                }
+                s.step();
+                step += 1;
+                assert!(step < 2000, "seed {seed}: no progress");
+            }
+            for (k, (p, max, _, cancel_at, sink, adapter, prompt_lps)) in reqs.iter().enumerate() {
+                let what = format!("seed {seed} request {k} ({cfg:?}, {blocks} blocks)");
+                assert_eq!(sink.error(), None, "{what}");
+                let want = fake::greedy(*adapter, p, *max, &[]);
+                if cancel_at.is_none() {
+                    assert_eq!((sink.tokens(), sink.finish()), (want, Some(FinishReason::Length)), "{what}");
+                    let lps = sink.events.lock().unwrap().iter().find_map(|e| match e {
+                        Event::PromptLogprobs(l) => Some(l.clone()),
+                        _ => None,
+                    });
+                    let want_lps = prompt_lps.map(|n| {
+                        let mut l = vec![None];
+                        l.extend(
+                            (1..p.len())
+                                .map(|k| qwick_sampler::logprobs(&fake::logits(*adapter, &p[..k]), p[k], n).ok()),
+                        );
+                        l
+                    });
+                    assert_eq!(lps, want_lps, "{what}");
+                } else {
+                    assert!(want.starts_with(&sink.tokens()), "{what}");
+                }
+            }
+            assert_idle_and_consistent(&s);
+            if !caching {
+                assert_eq!(s.runner().blocks().num_free(), blocks, "seed {seed}");
+            }
+        }
+    }
+
     #[test]
     fn identical_prefixes_come_from_the_prefix_cache_per_adapter() {
         let (mut s, state) = scheduler(64, config(64, 8, true));
