@@ -1010,7 +1010,9 @@ mod tests {
     fn run(s: &mut Scheduler) -> usize {
         let mut steps = 0;
         while s.has_work() {
-            assert!(s.step() > 0, "the scheduler makes progress");
+            let requests = s.num_running() + s.num_waiting();
+            // Each step computes tokens or ends requests.
+            assert!(s.step() > 0 || s.num_running() + s.num_waiting() < requests, "the scheduler makes progress");
             steps += 1;
             assert!(steps < 1000);
         }
@@ -1252,6 +1254,28 @@ mod tests {
         run(&mut s);
         assert_eq!(b.started(), [(13, 12)]);
         assert_eq!(b.tokens(), fake::greedy(0, &next, 1, &[]));
+        assert_idle_and_consistent(&s);
+    }
+
+    #[test]
+    fn a_sequence_the_cache_cannot_hold_fails_alone() {
+        // 4 blocks of 4: 16 tokens.
+        let (mut s, _) = scheduler(4, config(64, 8, true));
+        let (p0, p1, p2) = (prompt(0, 17), prompt(1, 10), prompt(2, 3));
+        let too_long = add(&mut s, &p0, 1);
+        let grows = add(&mut s, &p1, 20);
+        let after = add(&mut s, &p2, 2);
+        let msg = "the KV cache (16 tokens) cannot hold this sequence";
+        // The first can never start; the second starts, with the third, and fails when its 17th
+        // token needs a fifth block (the third has finished: it is alone), in a step that
+        // computes nothing.
+        assert_eq!(run(&mut s), 8);
+        assert_eq!(s.stats().steps, 7);
+        assert_eq!((too_long.error().as_deref(), too_long.started()), (Some(msg), vec![]));
+        assert_eq!(grows.error().as_deref(), Some(msg));
+        assert_eq!(grows.tokens(), fake::greedy(0, &p1, 7, &[]));
+        assert_eq!(grows.finish(), None);
+        assert_eq!((after.tokens(), after.finish()), (fake::greedy(0, &p2, 2, &[]), Some(FinishReason::Length)));
         assert_idle_and_consistent(&s);
     }
 
