@@ -1105,6 +1105,11 @@ mod tests {
         let st = s.stats();
         assert_eq!((st.kv_blocks_used, st.kv_blocks_cached), (0, 4));
         assert_eq!(s.runner().blocks().num_free(), 0);
+        let mut longer = p1.clone();
+        longer.push(0);
+        assert_eq!(s.runner.kv_manager().lookup(&longer, BS, 3, root_hash(0)).0.len(), 3);
+        // p0's first block went (the older), so its prefix is no longer found.
+        assert!(s.runner.kv_manager().lookup(&p0, BS, 2, root_hash(0)).0.is_empty());
         assert_eq!(a.tokens(), fake::greedy(0, &p0, 2, &[]));
         assert_idle_and_consistent(&s);
     }
