@@ -10,15 +10,12 @@ pub mod bench;
 mod error;
 mod gen;
 mod metrics;
-mod model;
 mod ollama;
 mod openai;
 
 pub use error::ApiError;
-pub use gen::{Delta, TextPipe};
 pub use metrics::Metrics;
-pub use model::{ChatModel, Prompt};
-pub use openai::{tool_prefill, tools_for, ToolPlan};
+pub use openai::{tools_for, ToolPlan};
 
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
@@ -28,6 +25,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use qwick_chat::ChatModel;
 use qwick_engine::{Engine, Runner, SchedulerConfig};
 use std::future::Future;
 use std::net::SocketAddr;

@@ -2,14 +2,14 @@
 //! `/tokenize` and `/detokenize`.
 
 use crate::error::{parse_json, ApiError};
-use crate::gen::{self, ChoiceRun, Delta, Job, SamplingFields, Stop, TextPipe, MAX_LOGPROBS, MAX_N};
+use crate::gen::{self, ChoiceRun, Job, SamplingFields, Stop, MAX_LOGPROBS, MAX_N};
 use crate::{sse_response, AppState};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, StreamExt};
-use qwick_chat::{ChatMessage, ToolCall};
+use qwick_chat::{tool_prefill, ChatMessage, Delta, TextPipe, ToolCall};
 use qwick_engine::{GenParams, OutToken};
 use qwick_sampler::TokenLogprobs;
 use serde::Deserialize;
@@ -354,15 +354,6 @@ pub struct ToolPlan {
     pub prefill: Option<String>,
     /// With a prefill: the rest of the call, its arguments valid against the tool's schema.
     pub format: Option<qwick_chat::OutputFormat>,
-}
-
-/// The start of a forced tool call: `<tool_call>\n`, and for a named function also its name, so
-/// that the model goes on with the arguments.
-pub fn tool_prefill(name: Option<&str>) -> String {
-    match name {
-        None => "<tool_call>\n".to_string(),
-        Some(n) => format!("<tool_call>\n{{\"name\": {}, \"arguments\": ", Value::String(n.to_string())),
-    }
 }
 
 const TOOL_CHOICE_FORMS: &str =
