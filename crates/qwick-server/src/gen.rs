@@ -1,12 +1,12 @@
 //! From a request to text: sampling parameters and limits, submission to the engine, and the
 //! per-choice text pipeline (tokens → text → stop strings → reasoning/answer → tool calls).
 
+use crate::app::AppState;
 use crate::error::ApiError;
-use crate::AppState;
 use qwick_chat::{Delta, TextPipe};
 use qwick_engine::{Event, EventSink, FinishReason, GenParams, OutToken, Request, SamplingParams, SeqGen, SubmitError};
 use qwick_sampler::TokenLogprobs;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -19,34 +19,52 @@ pub const MAX_LOGPROBS: u64 = 20;
 /// `stop`: one string or a list.
 #[derive(Deserialize, Debug, Clone)]
 #[serde(untagged)]
-pub enum Stop {
+enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-impl Stop {
-    pub fn into_vec(self) -> Vec<String> {
-        match self {
-            Stop::One(s) => vec![s],
-            Stop::Many(v) => v,
-        }
-    }
+/// Reads `stop` (one string, a list, or null) as a list.
+fn stop_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(match Option::<Stop>::deserialize(d)? {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    })
 }
 
-/// Sampling fields as clients send them (OpenAI and vLLM names).
-#[derive(Default, Debug, Clone)]
+/// Reads a value that may be null (as absent).
+fn or_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Sampling fields as clients send them (OpenAI and vLLM names): part of each OpenAI request
+/// (`#[serde(flatten)]`, read with [`crate::error::parse_json_flattened`]); Ollama's options are
+/// turned into it.
+#[derive(Deserialize, Default, Debug, Clone)]
 pub struct SamplingFields {
+    #[serde(default)]
     pub temperature: Option<f32>,
+    #[serde(default)]
     pub top_p: Option<f32>,
+    #[serde(default)]
     pub top_k: Option<i32>,
+    #[serde(default)]
     pub min_p: Option<f32>,
+    #[serde(default)]
     pub presence_penalty: Option<f32>,
+    #[serde(default)]
     pub frequency_penalty: Option<f32>,
+    #[serde(default)]
     pub repetition_penalty: Option<f32>,
+    #[serde(default)]
     pub seed: Option<i64>,
+    #[serde(default, deserialize_with = "stop_list")]
     pub stop: Vec<String>,
+    #[serde(default, deserialize_with = "or_default")]
     pub stop_token_ids: Vec<u32>,
     /// OpenAI's `logit_bias`: token ids (as strings) to a bias in [-100, 100].
+    #[serde(default)]
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
 }
 

@@ -1,10 +1,10 @@
 //! The Ollama API: `/api/chat`, `/api/generate` (NDJSON streaming by default), `/api/tags`,
 //! `/api/show`, `/api/ps`, `/api/version`.
 
+use crate::app::{streamed, AppState};
 use crate::error::{parse_json, ApiError};
 use crate::gen::{self, ChoiceRun, Job, SamplingFields};
 use crate::openai::check_model;
-use crate::{streamed, AppState};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
