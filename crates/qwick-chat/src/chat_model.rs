@@ -4,12 +4,12 @@
 
 use crate::constraint::Grammars;
 use crate::error::Result;
+use crate::generation::GenerationConfig;
 use crate::model_text::{ModelText, TextSource};
 use crate::reasoning::THINKING_BUDGET_STOP;
 use crate::resolve;
 use crate::template::{ChatMessage, ChatTemplate, RenderOptions};
 use crate::tokenizer::Tokenizer;
-use crate::GenerationConfig;
 use qwick_engine::{GenParams, ThinkingBudget};
 use qwick_gguf::GgufFile;
 use qwick_model::{Config, ModelFiles};
