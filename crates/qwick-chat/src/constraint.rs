@@ -2,7 +2,7 @@
 //! constraints with the `llguidance` crate, over the model's own tokenizer.
 
 use crate::error::{ChatError, Result};
-use crate::Tokenizer;
+use crate::tokenizer::Tokenizer;
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use qwick_sampler::TokenConstraint;

@@ -8,32 +8,37 @@
 //! - [`ReasoningParser`] / [`split_reasoning`] and [`ThinkingBudget`]: `<think>` handling.
 //! - [`parse_tool_calls`] / [`ToolCallStream`]: `<tool_call>` blocks in the output.
 //! - [`GenerationConfig`]: `generation_config.json` and Qwen's recommended sampling presets.
-//! - [`hub`]: where a model comes from (a path, or the Hugging Face cache / Hub, a GGUF file of a
-//!   Hub repository by its quantization tag, an Ollama model).
-//! - [`store`]: the local Ollama store, and a listing of the models it and the Hugging Face cache
-//!   hold.
-//! - [`ModelText`]: all of the above for a model folder or a GGUF file.
+//! - [`resolve`]: where a model comes from (a path, or the Hugging Face cache / Hub, a GGUF file
+//!   of a Hub repository by its quantization tag, an Ollama model), and a listing of the models
+//!   the Hugging Face cache and the Ollama store hold.
+//! - [`ModelText`]: the tokenizer, template and generation config of a model folder or GGUF file;
+//!   [`ChatModel`]: those with the model's config, stop ids and served name, turning chat
+//!   messages into a [`Prompt`] and engine parameters.
+//! - [`TextPipe`]: generated tokens streamed as text (stop strings, reasoning, tool calls).
 //! - [`Grammars`]: structured output (JSON schemas, regexes, choices, Lark grammars) as token
 //!   constraints.
 
+mod chat_model;
 mod constraint;
 mod error;
 mod generation;
-pub mod hub;
 mod model_text;
+mod pipe;
 pub mod pyjson;
 mod reasoning;
-pub mod store;
+pub mod resolve;
 mod template;
 mod tokenizer;
 mod tools;
 
+pub use chat_model::{ChatModel, Prompt};
 pub use constraint::{Grammars, OutputFormat};
 pub use error::{ChatError, Result};
 pub use generation::GenerationConfig;
 pub use model_text::{ModelText, TextSource};
+pub use pipe::{Delta, TextPipe};
 pub use qwick_sampler::SamplingParams;
 pub use reasoning::{split_reasoning, ReasoningDelta, ReasoningParser, ThinkingBudget, THINKING_BUDGET_STOP};
 pub use template::{ChatMessage, ChatTemplate, FunctionCall, RenderOptions, ToolCall};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
-pub use tools::{parse_tool_calls, ParsedToolCall, ToolCallDelta, ToolCallStream, ToolCalls};
+pub use tools::{parse_tool_calls, tool_prefill, ParsedToolCall, ToolCallDelta, ToolCallStream, ToolCalls};

@@ -2,7 +2,9 @@
 //! tokenizer, chat template and generation defaults. Shared by the CLI and the server.
 
 use crate::error::{read_json, ChatError, Result};
-use crate::{ChatTemplate, GenerationConfig, Tokenizer};
+use crate::generation::GenerationConfig;
+use crate::template::ChatTemplate;
+use crate::tokenizer::Tokenizer;
 use qwick_gguf::GgufFile;
 use serde_json::{json, Map, Value};
 use std::path::Path;

@@ -68,6 +68,15 @@ pub fn parse_tool_calls(text: &str) -> ToolCalls {
     out
 }
 
+/// The start of a forced tool call: `<tool_call>\n`, and for a named function also its name, so
+/// that the model goes on with the arguments.
+pub fn tool_prefill(name: Option<&str>) -> String {
+    match name {
+        None => format!("{CALL_START}\n"),
+        Some(n) => format!("{CALL_START}\n{{\"name\": {}, \"arguments\": ", Value::String(n.to_string())),
+    }
+}
+
 /// What [`ToolCallStream::push`] returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ToolCallDelta {

@@ -1,7 +1,7 @@
 mod common;
 
 use common::{refs_dir, stand_in_hub, temp_dir};
-use qwick_chat::hub::{cache_dir_from, cached_snapshot, missing_files, offline_from, Hub, HubId};
+use qwick_chat::resolve::{cache_dir_from, cached_snapshot, missing_files, offline_from, Hub, HubId};
 use qwick_chat::{GenerationConfig, SamplingParams};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -5,9 +5,9 @@
 mod common;
 
 use common::{stand_in_hub, temp_dir};
-use qwick_chat::hub::{gguf_models, gguf_name_has_tag, gguf_tag, pick_gguf, Hub, TaggedId};
-use qwick_chat::store::{
-    hf_cache_models, ollama_dir_from, ollama_model, ollama_names, ollama_store_models, resolve_ollama, OllamaName,
+use qwick_chat::resolve::{
+    gguf_models, gguf_name_has_tag, gguf_tag, hf_cache_models, ollama_dir_from, ollama_model, ollama_names,
+    ollama_store_models, pick_gguf, resolve_ollama, Hub, OllamaName, TaggedId,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -8,9 +8,8 @@ use crate::run::{
     budget, finish_reason, generate_text, load_weights, open_chat, render, stats_line, Display, GenArgs, TextStream,
 };
 use anyhow::Result;
-use qwick_chat::ChatMessage;
+use qwick_chat::{ChatMessage, ChatModel};
 use qwick_engine::Scheduler;
-use qwick_server::ChatModel;
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -309,7 +309,7 @@ pub fn tick(bar: &Option<ProgressBar>, done: usize, total: usize) {
 
 /// Loads the model a `--model` names (folder, GGUF file, Hub id or tag, `ollama:NAME`).
 pub fn load_model_spec(spec: &str, args: &RunArgs) -> Result<Arc<Qwen3>> {
-    load_model(&qwick_chat::hub::resolve_model(spec)?, args)
+    load_model(&qwick_chat::resolve::resolve_model(spec)?, args)
 }
 
 /// Loads a model (folder or GGUF file) and reads its weights into memory, with a progress bar.

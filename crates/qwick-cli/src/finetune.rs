@@ -4,9 +4,9 @@ use crate::common::{cpu_model, load_model_with, RunArgs};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use qwick_backend::{Ctx, ThreadPool};
+use qwick_chat::ChatModel;
 use qwick_model::lora::Adapter;
 use qwick_model::LoadOptions;
-use qwick_server::ChatModel;
 use qwick_train::data::{self, DataOptions, Renderer};
 use qwick_train::lora::{LoraParams, LoraSpec};
 use qwick_train::optim::{AdamW, Schedule};
@@ -276,7 +276,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         }
     };
 
-    let path = qwick_chat::hub::resolve_model(&a.model)?;
+    let path = qwick_chat::resolve::resolve_model(&a.model)?;
     let model = load_model_with(&path, &LoadOptions { threads, lora_for_all: true, ..Default::default() })?;
     let mut lora = match &a.lora {
         Some(d) => LoraParams::from_adapter(&model.config, &Adapter::open(d)?, a.dropout)?,

@@ -2,7 +2,7 @@
 //! `--model` takes to load it.
 
 use anyhow::Result;
-use qwick_chat::store::{self, StoredModel};
+use qwick_chat::resolve::{self, StoredModel};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -42,12 +42,12 @@ impl Place {
 }
 
 pub fn list(a: ListArgs) -> Result<()> {
-    let hf_dir = qwick_chat::hub::cache_dir().ok();
-    let ollama_dir = store::ollama_dir().ok();
-    let mut models = hf_dir.as_deref().map(store::hf_cache_models).unwrap_or_default();
+    let hf_dir = resolve::cache_dir().ok();
+    let ollama_dir = resolve::ollama_dir().ok();
+    let mut models = hf_dir.as_deref().map(resolve::hf_cache_models).unwrap_or_default();
     let hf =
         Place { what: "Hugging Face cache", dir: hf_dir, vars: "HF_HUB_CACHE, HF_HOME or HOME", found: models.len() };
-    let ollama_models = ollama_dir.as_deref().map(store::ollama_store_models).unwrap_or_default();
+    let ollama_models = ollama_dir.as_deref().map(resolve::ollama_store_models).unwrap_or_default();
     let ollama =
         Place { what: "Ollama store", dir: ollama_dir, vars: "OLLAMA_MODELS or HOME", found: ollama_models.len() };
     models.extend(ollama_models);

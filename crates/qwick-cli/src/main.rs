@@ -127,7 +127,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some("f16" | "float16") => Some(qwick_backend::Format::F16),
                 Some(other) => bail!("--dtype {other}: expected f32, bf16 or f16"),
             };
-            let path = qwick_chat::hub::resolve_model(&model)?;
+            let path = qwick_chat::resolve::resolve_model(&model)?;
             let qwick_model::ModelFiles::Folder(dir) = qwick_model::ModelFiles::locate(&path)? else {
                 bail!("{}: merge writes Hugging Face folders; give the safetensors model (quantize the merged folder afterwards)", path.display());
             };

@@ -129,7 +129,7 @@ fn write_with_progress(what: &str, f: impl FnOnce(&mut dyn FnMut(Progress)) -> R
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let ft = FileType::parse(&a.file_type)?;
     let opts = a.write.options(ft)?;
-    let path = qwick_chat::hub::resolve_model(&a.model)?;
+    let path = qwick_chat::resolve::resolve_model(&a.model)?;
     let (src, config) = Source::open(&path)?;
     let plan = qwick_convert::plan(&config, &ft);
     let lossy = |f: &Format| !f.is_float();

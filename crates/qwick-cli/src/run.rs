@@ -4,11 +4,10 @@
 
 use crate::common::{self, RunArgs};
 use anyhow::{anyhow, bail, Context, Result};
-use qwick_chat::{ChatMessage, GenerationConfig, IncrementalDecoder, ReasoningParser, Tokenizer};
+use qwick_chat::{ChatMessage, ChatModel, Delta, GenerationConfig, Prompt, TextPipe, Tokenizer};
 use qwick_engine::{generate, FinishReason, GenParams, Generation, Scheduler, ThinkingBudget};
 use qwick_model::Qwen3;
-use qwick_sampler::{SamplingParams, StopMatcher};
-use qwick_server::{ChatModel, Prompt};
+use qwick_sampler::SamplingParams;
 use serde_json::json;
 use std::io::{IsTerminal, Read, Write};
 use std::ops::ControlFlow;
@@ -182,19 +181,15 @@ pub enum Display {
     Pretty,
 }
 
-/// Tokens → text (special tokens skipped) → stop strings → reasoning and answer, printed as it
-/// comes.
+/// Generated tokens through the [`TextPipe`] (no tool calls), printed as they come; collects the
+/// text, reasoning and answer.
 pub struct TextStream {
-    decoder: IncrementalDecoder,
-    stops: StopMatcher,
-    parser: ReasoningParser,
+    pipe: TextPipe,
     display: Display,
     /// The generated text, cut at a stop string.
     pub text: String,
     pub reasoning: String,
     pub content: String,
-    /// A stop string was found.
-    pub stopped: bool,
     shown_reasoning: bool,
     shown_content: bool,
 }
@@ -202,61 +197,52 @@ pub struct TextStream {
 impl TextStream {
     pub fn new(tokenizer: &Tokenizer, stops: &[String], starts_in_thinking: bool, display: Display) -> TextStream {
         TextStream {
-            decoder: tokenizer.incremental_decoder(true),
-            stops: StopMatcher::new(stops.iter().cloned()),
-            parser: ReasoningParser::new(starts_in_thinking),
+            pipe: TextPipe::new(tokenizer, stops, Some(starts_in_thinking), false),
             display,
             text: String::new(),
             reasoning: String::new(),
             content: String::new(),
-            stopped: false,
             shown_reasoning: false,
             shown_content: false,
         }
     }
 
+    /// A stop string was found.
+    pub fn stopped(&self) -> bool {
+        self.pipe.stopped
+    }
+
     /// Adds a token; returns `Break` once a stop string has been found.
     pub fn push(&mut self, id: u32) -> Result<ControlFlow<()>> {
-        let delta = self.decoder.push(id)?;
-        self.text_delta(&delta)?;
-        Ok(if self.stopped { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
+        let d = self.pipe.push(id);
+        if let Some(e) = self.pipe.take_error() {
+            return Err(e.into());
+        }
+        self.show(d)?;
+        Ok(if self.pipe.stopped { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
     }
 
-    fn text_delta(&mut self, delta: &str) -> Result<()> {
-        if self.stopped || delta.is_empty() {
+    fn show(&mut self, d: Delta) -> Result<()> {
+        if d.text.is_empty() && d.is_empty() {
             return Ok(());
         }
-        let m = self.stops.push(delta);
-        self.stopped = m.stop.is_some();
-        self.emit(&m.text)
-    }
-
-    fn emit(&mut self, text: &str) -> Result<()> {
-        if text.is_empty() {
-            return Ok(());
-        }
-        self.text.push_str(text);
-        let d = self.parser.push(text);
-        self.show(&d.reasoning, &d.content, text)
-    }
-
-    fn show(&mut self, reasoning: &str, content: &str, raw: &str) -> Result<()> {
-        self.reasoning.push_str(reasoning);
-        self.content.push_str(content);
+        self.text.push_str(&d.text);
+        self.reasoning.push_str(&d.reasoning);
+        self.content.push_str(&d.content);
         let mut out = std::io::stdout().lock();
         match self.display {
             Display::Quiet => {}
-            Display::Raw => out.write_all(raw.as_bytes())?,
+            Display::Raw => out.write_all(d.text.as_bytes())?,
             Display::Pretty => {
-                if !reasoning.is_empty() {
-                    write!(out, "{DIM}{reasoning}{RESET}")?;
+                if !d.reasoning.is_empty() {
+                    write!(out, "{DIM}{}{RESET}", d.reasoning)?;
                     self.shown_reasoning = true;
                 }
-                if !content.is_empty() {
+                if !d.content.is_empty() {
                     if self.shown_reasoning && !self.shown_content {
                         out.write_all(b"\n\n")?;
                     }
-                    out.write_all(content.as_bytes())?;
+                    out.write_all(d.content.as_bytes())?;
                     self.shown_content = true;
                 }
             }
@@ -267,12 +253,11 @@ impl TextStream {
 
     /// Ends the stream: flushes held-back text.
     pub fn finish(&mut self) -> Result<()> {
-        let rest = self.decoder.finish()?;
-        self.text_delta(&rest)?;
-        let held = self.stops.finish();
-        self.emit(&held)?;
-        let d = self.parser.finish();
-        self.show(&d.reasoning, &d.content, "")
+        let d = self.pipe.finish();
+        if let Some(e) = self.pipe.take_error() {
+            return Err(e.into());
+        }
+        self.show(d)
     }
 }
 
@@ -308,7 +293,7 @@ pub fn generate_text(
 
 pub fn finish_reason(g: &Generation, text: &TextStream) -> &'static str {
     match g.finish {
-        FinishReason::Aborted if text.stopped => "stop",
+        FinishReason::Aborted if text.stopped() => "stop",
         f => f.as_str(),
     }
 }

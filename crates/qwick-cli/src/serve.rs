@@ -3,9 +3,10 @@
 
 use crate::common::{self, RunArgs};
 use anyhow::{bail, Context, Result};
+use qwick_chat::ChatModel;
 use qwick_engine::{Runner, SchedulerConfig};
 use qwick_model::LoadOptions;
-use qwick_server::{ChatModel, ServeOptions};
+use qwick_server::ServeOptions;
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -2,6 +2,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 /// An error answered to a client.
@@ -76,34 +77,59 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Parses a JSON body into `T`: malformed JSON and wrong types are 400s naming the field.
-pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+type JsonError = serde_path_to_error::Error<serde_json::Error>;
+
+fn deserialize<T: DeserializeOwned>(body: &[u8]) -> Result<T, JsonError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    match serde_path_to_error::deserialize(de) {
-        Ok(v) => Ok(v),
-        Err(e) => {
-            let mut path = e.path().to_string();
-            let inner = e.into_inner();
-            // A missing field is named in the message, not in the path.
-            let text = inner.to_string();
-            if let Some(field) = text.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
-                path = if path == "." || path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
-            }
-            let malformed = inner.is_syntax() || inner.is_eof();
-            let what = if malformed { "malformed JSON" } else { "invalid request" };
-            // serde_path_to_error writes "?" for a position it cannot name.
-            if malformed || path == "?" {
-                path.clear();
-            }
-            let mut err = ApiError::bad_request(if path == "." || path.is_empty() {
-                format!("{what}: {inner}")
-            } else {
-                format!("{what}: {path}: {inner}")
-            });
-            if path != "." && !path.is_empty() {
-                err = err.with_param(path);
-            }
-            Err(err)
+    serde_path_to_error::deserialize(de)
+}
+
+/// Parses a JSON body into `T`: malformed JSON and wrong types are 400s naming the field.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    deserialize(body).map_err(json_error)
+}
+
+/// [`parse_json`] for a `T` with a `#[serde(flatten)]` field of type `F`, answering as if `F`'s
+/// fields were `T`'s own. serde reads a flattened struct's fields once the whole object is read,
+/// where an error has lost the field's name and place (and a repeated field is not noticed), so
+/// `F` is also read from the body on its own: its error is the answer when `T` parsed, or when it
+/// comes before where `T` failed (the first error in the body, as for `T`'s own fields), or at the
+/// same place naming a field (an error of `F`'s last field is placed at the end of the object, as
+/// `T`'s error about the flattened fields is).
+pub fn parse_json_flattened<T: DeserializeOwned, F: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let at = |e: &JsonError| (e.inner().line(), e.inner().column());
+    match (deserialize::<T>(body), deserialize::<F>(body)) {
+        (Ok(v), Ok(_)) => Ok(v),
+        (Ok(_), Err(f)) => Err(json_error(f)),
+        (Err(t), Err(f)) if at(&f) < at(&t) || (at(&f) == at(&t) && f.path().iter().next().is_some()) => {
+            Err(json_error(f))
         }
+        (Err(t), _) => Err(json_error(t)),
     }
+}
+
+/// A 400 for a body that does not parse, naming the field where it can.
+fn json_error(e: JsonError) -> ApiError {
+    let mut path = e.path().to_string();
+    let inner = e.into_inner();
+    // A missing field is named in the message, not in the path.
+    let text = inner.to_string();
+    if let Some(field) = text.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
+        path = if path == "." || path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
+    }
+    let malformed = inner.is_syntax() || inner.is_eof();
+    let what = if malformed { "malformed JSON" } else { "invalid request" };
+    // serde_path_to_error writes "?" for a position it cannot name.
+    if malformed || path == "?" {
+        path.clear();
+    }
+    let mut err = ApiError::bad_request(if path == "." || path.is_empty() {
+        format!("{what}: {inner}")
+    } else {
+        format!("{what}: {path}: {inner}")
+    });
+    if path != "." && !path.is_empty() {
+        err = err.with_param(path);
+    }
+    err
 }

@@ -1,12 +1,12 @@
 //! From a request to text: sampling parameters and limits, submission to the engine, and the
 //! per-choice text pipeline (tokens → text → stop strings → reasoning/answer → tool calls).
 
+use crate::app::AppState;
 use crate::error::ApiError;
-use crate::AppState;
-use qwick_chat::{IncrementalDecoder, ParsedToolCall, ReasoningParser, ToolCallStream};
+use qwick_chat::{Delta, TextPipe};
 use qwick_engine::{Event, EventSink, FinishReason, GenParams, OutToken, Request, SamplingParams, SeqGen, SubmitError};
-use qwick_sampler::{StopMatcher, TokenLogprobs};
-use serde::Deserialize;
+use qwick_sampler::TokenLogprobs;
+use serde::{Deserialize, Deserializer};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -19,34 +19,52 @@ pub const MAX_LOGPROBS: u64 = 20;
 /// `stop`: one string or a list.
 #[derive(Deserialize, Debug, Clone)]
 #[serde(untagged)]
-pub enum Stop {
+enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-impl Stop {
-    pub fn into_vec(self) -> Vec<String> {
-        match self {
-            Stop::One(s) => vec![s],
-            Stop::Many(v) => v,
-        }
-    }
+/// Reads `stop` (one string, a list, or null) as a list.
+fn stop_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(match Option::<Stop>::deserialize(d)? {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    })
 }
 
-/// Sampling fields as clients send them (OpenAI and vLLM names).
-#[derive(Default, Debug, Clone)]
+/// Reads a value that may be null (as absent).
+fn or_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Sampling fields as clients send them (OpenAI and vLLM names): part of each OpenAI request
+/// (`#[serde(flatten)]`, read with [`crate::error::parse_json_flattened`]); Ollama's options are
+/// turned into it.
+#[derive(Deserialize, Default, Debug, Clone)]
 pub struct SamplingFields {
+    #[serde(default)]
     pub temperature: Option<f32>,
+    #[serde(default)]
     pub top_p: Option<f32>,
+    #[serde(default)]
     pub top_k: Option<i32>,
+    #[serde(default)]
     pub min_p: Option<f32>,
+    #[serde(default)]
     pub presence_penalty: Option<f32>,
+    #[serde(default)]
     pub frequency_penalty: Option<f32>,
+    #[serde(default)]
     pub repetition_penalty: Option<f32>,
+    #[serde(default)]
     pub seed: Option<i64>,
+    #[serde(default, deserialize_with = "stop_list")]
     pub stop: Vec<String>,
+    #[serde(default, deserialize_with = "or_default")]
     pub stop_token_ids: Vec<u32>,
     /// OpenAI's `logit_bias`: token ids (as strings) to a bias in [-100, 100].
+    #[serde(default)]
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
 }
 
@@ -256,139 +274,6 @@ pub fn submit_all(state: &AppState, jobs: Vec<Job>) -> Result<Vec<UnboundedRecei
         out.push(rx);
     }
     Ok(out)
-}
-
-/// A piece of output text.
-#[derive(Default, Debug, Clone)]
-pub struct Delta {
-    pub reasoning: String,
-    pub content: String,
-    pub tool_calls: Vec<ParsedToolCall>,
-}
-
-impl Delta {
-    pub fn is_empty(&self) -> bool {
-        self.reasoning.is_empty() && self.content.is_empty() && self.tool_calls.is_empty()
-    }
-
-    fn append(&mut self, o: Delta) {
-        self.reasoning.push_str(&o.reasoning);
-        self.content.push_str(&o.content);
-        self.tool_calls.extend(o.tool_calls);
-    }
-}
-
-/// Tokens → text (special tokens skipped) → stop strings → reasoning and answer → tool calls.
-pub struct TextPipe {
-    decoder: IncrementalDecoder,
-    stops: StopMatcher,
-    reasoning: Option<ReasoningParser>,
-    tools: Option<ToolCallStream>,
-    /// A stop string was found.
-    pub stopped: bool,
-    /// Tool calls were found.
-    pub had_tool_calls: bool,
-    /// The answer ends with its first tool call (`parallel_tool_calls: false`).
-    one_call: bool,
-    /// Output of [`TextPipe::prefill`], given out with the next delta.
-    pending: Delta,
-}
-
-impl TextPipe {
-    /// `reasoning`: split reasoning off (`Some(starts_in_thinking)`); `tools`: parse tool calls.
-    pub fn new(tokenizer: &qwick_chat::Tokenizer, stops: &[String], reasoning: Option<bool>, tools: bool) -> TextPipe {
-        TextPipe {
-            decoder: tokenizer.incremental_decoder(true),
-            stops: StopMatcher::new(stops.iter().cloned()),
-            reasoning: reasoning.map(ReasoningParser::new),
-            tools: tools.then(ToolCallStream::new),
-            stopped: false,
-            had_tool_calls: false,
-            one_call: false,
-            pending: Delta::default(),
-        }
-    }
-
-    /// Ends the answer at its first complete tool call, as a stop string would.
-    pub fn one_tool_call(&mut self) {
-        self.one_call = true;
-    }
-
-    /// Feeds answer text that the prompt already holds (a forced `<tool_call>` start) to the
-    /// tool-call parser, as if the model had written it: a call it opens is parsed with it.
-    /// It bypasses the stop strings and the reasoning split (the answer starts after thinking).
-    pub fn prefill(&mut self, text: &str) {
-        let d = self.answer(String::new(), text);
-        self.pending.append(d);
-    }
-
-    fn text(&mut self, text: &str) -> Delta {
-        if text.is_empty() {
-            return Delta::default();
-        }
-        let (reasoning, content) = match &mut self.reasoning {
-            Some(p) => {
-                let d = p.push(text);
-                (d.reasoning, d.content)
-            }
-            None => (String::new(), text.to_string()),
-        };
-        self.answer(reasoning, &content)
-    }
-
-    fn answer(&mut self, reasoning: String, content: &str) -> Delta {
-        match &mut self.tools {
-            Some(t) if !content.is_empty() => {
-                let mut d = t.push(content);
-                self.had_tool_calls |= !d.tool_calls.is_empty();
-                if self.one_call && self.had_tool_calls {
-                    d.tool_calls.truncate(1);
-                    self.stopped = true;
-                }
-                Delta { reasoning, content: d.content, tool_calls: d.tool_calls }
-            }
-            _ => Delta { reasoning, content: content.to_string(), tool_calls: vec![] },
-        }
-    }
-
-    fn raw(&mut self, delta: &str) -> Delta {
-        if self.stopped || delta.is_empty() {
-            return Delta::default();
-        }
-        let m = self.stops.push(delta);
-        self.stopped = m.stop.is_some();
-        self.text(&m.text)
-    }
-
-    /// Adds a token.
-    pub fn push(&mut self, id: u32) -> Delta {
-        let delta = self.decoder.push(id).unwrap_or_default();
-        let mut out = std::mem::take(&mut self.pending);
-        out.append(self.raw(&delta));
-        out
-    }
-
-    /// Ends the stream: flushes held-back text.
-    pub fn finish(&mut self) -> Delta {
-        let rest = self.decoder.finish().unwrap_or_default();
-        let mut out = std::mem::take(&mut self.pending);
-        out.append(self.raw(&rest));
-        let held = self.stops.finish();
-        out.append(self.text(&held));
-        if let Some(p) = &mut self.reasoning {
-            let d = p.finish();
-            out.reasoning.push_str(&d.reasoning);
-            let a = self.answer(String::new(), &d.content);
-            out.append(a);
-        }
-        if let Some(t) = &mut self.tools {
-            let d = t.finish();
-            self.had_tool_calls |= !d.tool_calls.is_empty();
-            out.content.push_str(&d.content);
-            out.tool_calls.extend(d.tool_calls);
-        }
-        out
-    }
 }
 
 /// What one step of a choice produced.

@@ -6,34 +6,32 @@
 //! [`qwick_engine::Engine`] and read each sequence's events from a tokio channel; a client that
 //! goes away closes its channel and the engine frees the sequence at its next step.
 
+mod app;
 pub mod bench;
 mod error;
 mod gen;
 mod metrics;
-mod model;
 mod ollama;
 mod openai;
 
+pub use app::AppState;
 pub use error::ApiError;
-pub use gen::{Delta, TextPipe};
 pub use metrics::Metrics;
-pub use model::{ChatModel, Prompt};
-pub use openai::{tool_prefill, tools_for, ToolPlan};
+pub use openai::{tools_for, ToolPlan};
 
 use anyhow::{Context, Result};
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use qwick_chat::ChatModel;
 use qwick_engine::{Engine, Runner, SchedulerConfig};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc::Sender;
 
 /// How to serve.
 #[derive(Clone, Debug)]
@@ -73,23 +71,6 @@ impl Default for ServeOptions {
             shutdown_grace: Duration::from_secs(10),
         }
     }
-}
-
-/// What handlers share.
-pub struct AppState {
-    pub engine: Engine,
-    pub model: Arc<ChatModel>,
-    pub metrics: Metrics,
-    pub max_model_len: usize,
-    pub api_key: Option<String>,
-    pub body_limit: usize,
-    pub allowed_origins: Vec<String>,
-    pub log_prompts: bool,
-    pub started: Instant,
-}
-
-fn not_found_route() -> ApiError {
-    ApiError::not_found("no such route")
 }
 
 async fn fallback(req: Request) -> ApiError {
@@ -219,34 +200,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
-}
-
-/// A streamed response whose body `produce` writes through a channel; when the client goes
-/// away, sends fail and `produce` should return.
-pub(crate) fn streamed<F, Fut>(content_type: &'static str, produce: F) -> Response
-where
-    F: FnOnce(Sender<Bytes>) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-    tokio::spawn(produce(tx));
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, content_type)
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(body))
-        .unwrap_or_else(|_| not_found_route().into_response())
-}
-
-pub(crate) fn sse_response<F, Fut>(produce: F) -> Response
-where
-    F: FnOnce(Sender<Bytes>) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    streamed("text/event-stream", produce)
 }
 
 /// A server running on its own thread.

@@ -1,15 +1,15 @@
 //! The Ollama API: `/api/chat`, `/api/generate` (NDJSON streaming by default), `/api/tags`,
 //! `/api/show`, `/api/ps`, `/api/version`.
 
+use crate::app::{streamed, AppState};
 use crate::error::{parse_json, ApiError};
-use crate::gen::{self, ChoiceRun, Delta, Job, SamplingFields, TextPipe};
+use crate::gen::{self, ChoiceRun, Job, SamplingFields};
 use crate::openai::check_model;
-use crate::{streamed, AppState};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use qwick_chat::{ChatMessage, ToolCall};
+use qwick_chat::{ChatMessage, Delta, TextPipe, ToolCall};
 use qwick_engine::GenParams;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -400,7 +400,7 @@ fn to_messages(msgs: Vec<OllamaMessage>) -> Result<Vec<ChatMessage>, ApiError> {
 #[allow(clippy::too_many_arguments)]
 fn submit_one(
     state: &Arc<AppState>,
-    prompt: &crate::Prompt,
+    prompt: &qwick_chat::Prompt,
     sp: qwick_engine::SamplingParams,
     parse_tools: bool,
     budget: Option<usize>,
@@ -483,7 +483,7 @@ pub async fn generate(State(state): State<Arc<AppState>>, body: Bytes) -> OResul
     }
     let prompt = if req.raw == Some(true) {
         let ids = state.model.tokenizer.encode(&text, false).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        crate::Prompt { text: text.clone(), ids, starts_in_thinking: false, thinking: false }
+        qwick_chat::Prompt { text: text.clone(), ids, starts_in_thinking: false, thinking: false }
     } else {
         let mut msgs = vec![];
         if let Some(s) = req.system {

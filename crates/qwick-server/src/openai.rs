@@ -1,15 +1,15 @@
 //! The OpenAI API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, and vLLM's
 //! `/tokenize` and `/detokenize`.
 
-use crate::error::{parse_json, ApiError};
-use crate::gen::{self, ChoiceRun, Delta, Job, SamplingFields, Stop, TextPipe, MAX_LOGPROBS, MAX_N};
-use crate::{sse_response, AppState};
+use crate::app::{sse_response, AppState};
+use crate::error::{parse_json, parse_json_flattened, ApiError};
+use crate::gen::{self, ChoiceRun, Job, SamplingFields, MAX_LOGPROBS, MAX_N};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, StreamExt};
-use qwick_chat::{ChatMessage, ToolCall};
+use qwick_chat::{tool_prefill, ChatMessage, Delta, TextPipe, ToolCall};
 use qwick_engine::{GenParams, OutToken};
 use qwick_sampler::TokenLogprobs;
 use serde::Deserialize;
@@ -17,25 +17,6 @@ use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::Sender;
-
-/// The sampling fields shared by chat and completion requests (both use the OpenAI names).
-macro_rules! sampling_fields {
-    ($req:expr) => {
-        SamplingFields {
-            temperature: $req.temperature,
-            top_p: $req.top_p,
-            top_k: $req.top_k,
-            min_p: $req.min_p,
-            presence_penalty: $req.presence_penalty,
-            frequency_penalty: $req.frequency_penalty,
-            repetition_penalty: $req.repetition_penalty,
-            seed: $req.seed,
-            stop: $req.stop.map(Stop::into_vec).unwrap_or_default(),
-            stop_token_ids: $req.stop_token_ids.unwrap_or_default(),
-            logit_bias: $req.logit_bias,
-        }
-    };
-}
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -178,28 +159,6 @@ pub struct ChatRequest {
     #[serde(default)]
     pub max_completion_tokens: Option<u64>,
     #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    #[serde(default)]
-    pub top_k: Option<i32>,
-    #[serde(default)]
-    pub min_p: Option<f32>,
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    pub repetition_penalty: Option<f32>,
-    #[serde(default)]
-    pub seed: Option<i64>,
-    #[serde(default)]
-    pub stop: Option<Stop>,
-    #[serde(default)]
-    pub stop_token_ids: Option<Vec<u32>>,
-    #[serde(default)]
-    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
-    #[serde(default)]
     pub n: Option<u64>,
     #[serde(default)]
     pub logprobs: Option<bool>,
@@ -212,6 +171,9 @@ pub struct ChatRequest {
     /// Effort levels as thinking budgets (see [`gen::effort_budget`]).
     #[serde(default)]
     pub reasoning_effort: Option<String>,
+    /// Sampling (OpenAI and vLLM names).
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
     /// The output format, in any of the spellings clients use.
     #[serde(flatten)]
     pub format: FormatFields,
@@ -356,15 +318,6 @@ pub struct ToolPlan {
     pub format: Option<qwick_chat::OutputFormat>,
 }
 
-/// The start of a forced tool call: `<tool_call>\n`, and for a named function also its name, so
-/// that the model goes on with the arguments.
-pub fn tool_prefill(name: Option<&str>) -> String {
-    match name {
-        None => "<tool_call>\n".to_string(),
-        Some(n) => format!("<tool_call>\n{{\"name\": {}, \"arguments\": ", Value::String(n.to_string())),
-    }
-}
-
 const TOOL_CHOICE_FORMS: &str =
     "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}";
 
@@ -469,7 +422,7 @@ fn tool_calls_json(calls: &[qwick_chat::ParsedToolCall], first_index: usize, str
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    let mut req: ChatRequest = parse_json(&body)?;
+    let mut req: ChatRequest = parse_json_flattened::<_, SamplingFields>(&body)?;
     gen::check_fields(&req.extra, CHAT_IGNORED, "")?;
     let format = output_format(&req.format)?;
     if let Some(level) = req.reasoning_effort.take() {
@@ -534,8 +487,8 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     }
     let max_param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     let max_tokens = fit_limit(&state, prompt.ids.len(), req.max_completion_tokens.or(req.max_tokens), max_param)?;
-    let fields = sampling_fields!(req);
-    let mut sp = gen::sampling(model.gen_config.sampling_params(prompt.thinking), &fields, model.config.vocab_size)?;
+    let mut sp =
+        gen::sampling(model.gen_config.sampling_params(prompt.thinking), &req.sampling, model.config.vocab_size)?;
     sp.max_tokens = Some(max_tokens);
     let budget = match req.max_thinking_tokens {
         Some(t) if t > 0 && plan.prefill.is_none() => {
@@ -775,28 +728,6 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub max_tokens: Option<u64>,
     #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    #[serde(default)]
-    pub top_k: Option<i32>,
-    #[serde(default)]
-    pub min_p: Option<f32>,
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    pub repetition_penalty: Option<f32>,
-    #[serde(default)]
-    pub seed: Option<i64>,
-    #[serde(default)]
-    pub stop: Option<Stop>,
-    #[serde(default)]
-    pub stop_token_ids: Option<Vec<u32>>,
-    #[serde(default)]
-    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
-    #[serde(default)]
     pub n: Option<u64>,
     #[serde(default)]
     pub logprobs: Option<u64>,
@@ -805,6 +736,9 @@ pub struct CompletionRequest {
     /// Generate past end-of-sequence tokens (for benchmarks).
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// Sampling (OpenAI and vLLM names).
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
     /// The output format, in any of the spellings clients use.
     #[serde(flatten)]
     pub format: FormatFields,
@@ -881,7 +815,7 @@ fn completion_logprobs(state: &AppState, toks: &[OutToken], offset0: usize) -> V
 
 pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    let req: CompletionRequest = parse_json(&body)?;
+    let req: CompletionRequest = parse_json_flattened::<_, SamplingFields>(&body)?;
     gen::check_fields(&req.extra, COMPLETION_IGNORED, "")?;
     let format = output_format(&req.format)?;
     let adapter = check_model(&state, req.model.as_deref())?;
@@ -935,8 +869,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     } else {
         vec![]
     };
-    let fields = sampling_fields!(req);
-    let base = gen::sampling(model.gen_config.sampling_params(false), &fields, model.config.vocab_size)?;
+    let base = gen::sampling(model.gen_config.sampling_params(false), &req.sampling, model.config.vocab_size)?;
     let max_tokens = req.max_tokens.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS);
     let mut jobs = vec![];
     let mut constraints = gen::constraints(
@@ -1267,5 +1200,97 @@ mod tests {
             tools_for(None, Some(&json!("none")), true).unwrap(),
             ToolPlan { tools: None, parse: false, prefill: None, format: None }
         );
+    }
+
+    /// `stop` as requests spelled it.
+    #[derive(Deserialize, Debug)]
+    #[serde(untagged)]
+    #[allow(dead_code)]
+    enum Stop {
+        One(String),
+        Many(Vec<String>),
+    }
+
+    /// A chat request as it was before the sampling fields moved into [`SamplingFields`]: the
+    /// same fields, the request's own.
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct OwnFields {
+        messages: Vec<InMessage>,
+        #[serde(default)]
+        n: Option<u64>,
+        #[serde(default)]
+        temperature: Option<f32>,
+        #[serde(default)]
+        top_p: Option<f32>,
+        #[serde(default)]
+        top_k: Option<i32>,
+        #[serde(default)]
+        min_p: Option<f32>,
+        #[serde(default)]
+        presence_penalty: Option<f32>,
+        #[serde(default)]
+        frequency_penalty: Option<f32>,
+        #[serde(default)]
+        repetition_penalty: Option<f32>,
+        #[serde(default)]
+        seed: Option<i64>,
+        #[serde(default)]
+        stop: Option<Stop>,
+        #[serde(default)]
+        stop_token_ids: Option<Vec<u32>>,
+        #[serde(default)]
+        logit_bias: Option<std::collections::HashMap<String, f32>>,
+        #[serde(flatten)]
+        format: FormatFields,
+        #[serde(flatten)]
+        extra: Map<String, Value>,
+    }
+
+    #[test]
+    fn flattened_sampling_fields_read_as_the_request_own() {
+        let parse = |b: &str| parse_json_flattened::<ChatRequest, SamplingFields>(b.as_bytes());
+        let r =
+            parse(r#"{"messages": [], "temperature": 0, "stop": "x", "stop_token_ids": null, "user": "u"}"#).unwrap();
+        let f = &r.sampling;
+        assert_eq!(
+            (f.temperature, f.stop.as_slice(), f.stop_token_ids.as_slice()),
+            (Some(0.0), &["x".into()][..], &[][..])
+        );
+        assert_eq!(r.extra.keys().collect::<Vec<_>>(), ["user"]);
+        let r =
+            parse(r#"{"messages": [], "stop": ["a", "b"], "stop_token_ids": [7], "logit_bias": {"3": -1}}"#).unwrap();
+        assert_eq!((r.sampling.stop.len(), r.sampling.stop_token_ids.as_slice()), (2, &[7][..]));
+        assert_eq!(r.sampling.logit_bias.unwrap()["3"], -1.0);
+        // Errors: the same message and param as when the fields were the request's own.
+        for body in [
+            r#"{"messages": [], "temperature": "hot"}"#,
+            r#"{"messages": [], "top_k": 99999999999}"#,
+            r#"{"messages": [], "stop": 5}"#,
+            r#"{"messages": [], "stop_token_ids": [-1]}"#,
+            r#"{"messages": [], "logit_bias": {"1": "x"}}"#,
+            r#"{"n": "x", "top_k": "y", "messages": []}"#,
+            r#"{"top_k": "y", "n": "x", "messages": []}"#,
+            r#"{"seed": "s", "messages": "hi"}"#,
+            r#"{"messages": "hi", "seed": "s"}"#,
+            r#"{"messages": [], "seed": 1, "seed": 2}"#,
+            r#"{"temperature": "hot"}"#,
+            r#"{"guided_regex": 1, "temperature": "hot", "messages": []}"#,
+            r#"{"stop": 5, "messages": 1}"#,
+            r#"{"messages": 1, "stop": 5}"#,
+            r#"{"messages": [{"role": "user", "content": 5}], "stop": 5}"#,
+            r#"{"stop": 5, "messages": [{"role": "user", "content": 5}]}"#,
+            r#"{"messages": [], "stop": 5"#,
+            r#"{"messages": [], "stop": "#,
+            r#"{"messages": [], "min_p": "x", "#,
+            r#"{"messages": [], "min_p": 0.5, "#,
+            "[]",
+            "",
+        ] {
+            let own = parse_json::<OwnFields>(body.as_bytes()).unwrap_err();
+            let e = parse(body).unwrap_err();
+            let own_message = own.message.replace("struct OwnFields", "struct ChatRequest");
+            assert_eq!((e.message, e.param), (own_message, own.param), "{body}");
+        }
     }
 }

@@ -9,14 +9,13 @@
 //! `blobs/sha256-<hex>`. The model layer's blob is a GGUF file, used where it is (nothing is
 //! copied); the params, template and system layers are read into [`OllamaModel`].
 
+use super::hub::{missing_files, snapshot_files};
+use super::names::{gguf_models, gguf_tag, pick_gguf, HubId, TaggedId, OLLAMA_PREFIX};
 use crate::error::{ChatError, Result};
-use crate::hub::{self, HubId, TaggedId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
-/// The prefix of an Ollama model spec: `ollama:qwen3:8b`.
-pub const OLLAMA_PREFIX: &str = "ollama:";
 /// The registry of names without a host.
 pub const OLLAMA_REGISTRY: &str = "registry.ollama.ai";
 /// The namespace of names without one.
@@ -357,7 +356,7 @@ pub fn hf_cache_models(cache: &Path) -> Vec<StoredModel> {
         let Some(folder) = entry.file_name().to_str().map(str::to_string) else { continue };
         let Some(repo) = folder.strip_prefix("models--").map(|r| r.replace("--", "/")) else { continue };
         let root = entry.path();
-        let mut refs = hub::snapshot_files(&root.join("refs"));
+        let mut refs = snapshot_files(&root.join("refs"));
         // `main` first, so that a commit it names is listed under it.
         refs.sort_by_key(|r| (r != "main", r.clone()));
         let mut commits = std::collections::BTreeSet::new();
@@ -379,11 +378,11 @@ pub fn hf_cache_models(cache: &Path) -> Vec<StoredModel> {
 
 /// The models of one snapshot of `id` (see [`hf_cache_models`]).
 fn snapshot_models(id: &HubId, named: bool, snapshot: &Path, out: &mut Vec<StoredModel>) {
-    let files = hub::snapshot_files(snapshot);
+    let files = snapshot_files(snapshot);
     if snapshot.join("config.json").is_file() {
         let config = crate::error::read_json(&snapshot.join("config.json")).ok();
         let field = |k: &str| config.as_ref().and_then(|c| c.get(k)).and_then(Value::as_str).map(str::to_string);
-        let problem = match hub::missing_files(snapshot) {
+        let problem = match missing_files(snapshot) {
             Ok(missing) if missing.is_empty() => None,
             Ok(missing) => Some(format!("incomplete: lacks {}", missing.join(", "))),
             Err(e) => Some(e.to_string()),
@@ -404,12 +403,12 @@ fn snapshot_models(id: &HubId, named: bool, snapshot: &Path, out: &mut Vec<Store
             problem,
         });
     }
-    for model in hub::gguf_models(&files) {
+    for model in gguf_models(&files) {
         let path = snapshot.join(model.first());
-        let tag = hub::gguf_tag(model.first());
+        let tag = gguf_tag(model.first());
         // The tag is the spec when it picks this model alone.
         let tagged = TaggedId { id: id.clone(), tag: tag.clone() };
-        let picks = hub::pick_gguf(&files, &tag, "").ok().flatten().is_some_and(|m| m == model);
+        let picks = pick_gguf(&files, &tag, "").ok().flatten().is_some_and(|m| m == model);
         let spec = if named && picks { format!("{}:{tag}", id.spec()) } else { path.display().to_string() };
         let bytes = model.parts.iter().map(|p| file_bytes(&snapshot.join(p))).sum();
         let (kind, arch, problem) = if model.missing.is_empty() {

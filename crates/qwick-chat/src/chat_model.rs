@@ -1,15 +1,19 @@
 //! A chat model's text side — tokenizer, chat template, generation defaults, stop ids, what the
-//! thinking budget injects — shared by the server and the `run` and `chat` commands, so a
-//! request renders, thinks and samples the same way through either.
+//! thinking budget injects — shared by the server and the `run`, `chat` and `finetune` commands,
+//! so a request renders, thinks and samples the same way through either.
 
-use anyhow::Result;
-use qwick_chat::{
-    ChatMessage, ChatTemplate, GenerationConfig, Grammars, ModelText, RenderOptions, TextSource, Tokenizer,
-    THINKING_BUDGET_STOP,
-};
-use qwick_engine::ThinkingBudget;
+use crate::constraint::Grammars;
+use crate::error::Result;
+use crate::generation::GenerationConfig;
+use crate::model_text::{ModelText, TextSource};
+use crate::reasoning::THINKING_BUDGET_STOP;
+use crate::resolve;
+use crate::template::{ChatMessage, ChatTemplate, RenderOptions};
+use crate::tokenizer::Tokenizer;
+use qwick_engine::{GenParams, ThinkingBudget};
 use qwick_gguf::GgufFile;
 use qwick_model::{Config, ModelFiles};
+use qwick_sampler::SamplingParams;
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -21,9 +25,13 @@ pub struct ChatModel {
     pub name: String,
     /// The model folder or GGUF file.
     pub dir: PathBuf,
+    /// The model's tokenizer.
     pub tokenizer: Tokenizer,
+    /// The chat template.
     pub template: ChatTemplate,
+    /// Generation defaults (generation_config.json, or an Ollama model's params).
     pub gen_config: GenerationConfig,
+    /// The model's config.
     pub config: Config,
     /// End-of-sequence ids.
     pub eos: Vec<u32>,
@@ -39,7 +47,9 @@ pub struct ChatModel {
 
 /// A rendered chat prompt.
 pub struct Prompt {
+    /// The prompt's text.
     pub text: String,
+    /// Its token ids.
     pub ids: Vec<u32>,
     /// The output starts inside reasoning (everything up to `</think>` is reasoning).
     pub starts_in_thinking: bool,
@@ -50,7 +60,7 @@ pub struct Prompt {
 impl ChatModel {
     /// Loads the text side of a model folder or GGUF file. `name`: the served name (default:
     /// the folder's name, or the file's without `.gguf`).
-    pub fn load(path: &Path, chat_template: Option<&Path>, name: Option<String>) -> Result<ChatModel> {
+    pub fn load(path: &Path, chat_template: Option<&Path>, name: Option<String>) -> anyhow::Result<ChatModel> {
         let files = ModelFiles::locate(path)?;
         let (config, text, weight_bytes) = match &files {
             ModelFiles::Folder(dir) => {
@@ -105,12 +115,12 @@ impl ChatModel {
     /// quantization tag) or `ollama:NAME`. An Ollama model is served under its Ollama name and
     /// its `params` layer sets the sampling defaults (`temperature`, `top_p`, `top_k`, `min_p`,
     /// `repeat_penalty`), as Ollama applies them.
-    pub fn load_spec(spec: &str, chat_template: Option<&Path>, name: Option<String>) -> Result<ChatModel> {
-        let path = qwick_chat::hub::resolve_model(spec)?;
+    pub fn load_spec(spec: &str, chat_template: Option<&Path>, name: Option<String>) -> anyhow::Result<ChatModel> {
+        let path = resolve::resolve_model(spec)?;
         let Some(ollama) = spec.strip_prefix("ollama:") else {
             return ChatModel::load(&path, chat_template, name);
         };
-        let m = qwick_chat::store::ollama_model(&qwick_chat::store::ollama_dir()?, ollama)?;
+        let m = resolve::ollama_model(&resolve::ollama_dir()?, ollama)?;
         let mut chat = ChatModel::load(&path, chat_template, Some(name.unwrap_or_else(|| m.name.short())))?;
         if let Some(p) = &m.params {
             chat.apply_ollama_params(p);
@@ -163,7 +173,7 @@ impl ChatModel {
         tools: Option<Vec<Value>>,
         thinking: Option<bool>,
         extra: Map<String, Value>,
-    ) -> qwick_chat::Result<Prompt> {
+    ) -> Result<Prompt> {
         let render = |on: Option<bool>| {
             self.template.render(
                 messages,
@@ -241,13 +251,8 @@ impl ChatModel {
     }
 
     /// Engine parameters for one request.
-    pub fn params(
-        &self,
-        sampling: qwick_chat::SamplingParams,
-        max_context: usize,
-        budget: Option<ThinkingBudget>,
-    ) -> qwick_engine::GenParams {
-        qwick_engine::GenParams { sampling, eos_token_ids: self.eos.clone(), max_context, thinking: budget }
+    pub fn params(&self, sampling: SamplingParams, max_context: usize, budget: Option<ThinkingBudget>) -> GenParams {
+        GenParams { sampling, eos_token_ids: self.eos.clone(), max_context, thinking: budget }
     }
 
     /// Text of one token (special tokens included), for logprobs.

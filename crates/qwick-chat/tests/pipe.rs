@@ -1,10 +1,9 @@
-//! The server's text pipeline on Qwen3's real tokenizer, fed one token at a time as the engine
-//! does: reasoning split from the answer, `<tool_call>` blocks turned into calls (malformed ones
-//! left in the content), stop strings cut across tokens. The random test model cannot be made to
-//! write these, so they are checked here on known text.
+//! The text pipeline the server and the CLI stream output through, on Qwen3's real tokenizer, fed
+//! one token at a time as the engine does: reasoning split from the answer, `<tool_call>` blocks
+//! turned into calls (malformed ones left in the content), stop strings cut across tokens. The
+//! random test model cannot be made to write these, so they are checked here on known text.
 
-use qwick_chat::Tokenizer;
-use qwick_server::{tool_prefill, Delta, TextPipe};
+use qwick_chat::{tool_prefill, Delta, TextPipe, Tokenizer};
 use std::io::Read;
 use std::path::PathBuf;
 
@@ -35,20 +34,14 @@ fn run_after(
         pipe.prefill(p);
     }
     let mut all = Delta::default();
-    let add = |all: &mut Delta, d: Delta| {
-        all.reasoning.push_str(&d.reasoning);
-        all.content.push_str(&d.content);
-        all.tool_calls.extend(d.tool_calls);
-    };
     for id in tok.encode(text, false).unwrap() {
-        let d = pipe.push(id);
-        add(&mut all, d);
+        all.append(pipe.push(id));
         if pipe.stopped {
             break;
         }
     }
-    let d = pipe.finish();
-    add(&mut all, d);
+    all.append(pipe.finish());
+    assert!(pipe.take_error().is_none());
     (all, pipe)
 }
 
@@ -99,6 +92,22 @@ fn stop_strings_cut_across_tokens() {
     let (d, pipe) = run(&tok, "Hello world", &["worlds"], None, false);
     assert!(!pipe.stopped);
     assert_eq!(d.content, "Hello world");
+}
+
+#[test]
+fn text_is_the_output_cut_at_a_stop_string_before_the_split() {
+    let tok = tokenizer();
+    let (d, pipe) = run(&tok, "<think>\nHm.\n</think>\n\nFour. Five.", &[" Five"], Some(false), false);
+    assert!(pipe.stopped);
+    assert_eq!(d.text, "<think>\nHm.\n</think>\n\nFour.");
+    assert_eq!((d.reasoning.as_str(), d.content.as_str()), ("Hm.", "Four."));
+    // Held back at the end (a possible stop string, a possible `</think>`): flushed by finish.
+    let (d, _) = run(&tok, "Still </th", &["</thx"], Some(true), false);
+    assert_eq!((d.text.as_str(), d.reasoning.as_str()), ("Still </th", "Still </th"));
+    // Prefilled text is not generated text.
+    let out = "{\"name\": \"f\", \"arguments\": {}}\n</tool_call>";
+    let (d, _) = run_after(&tok, Some(&tool_prefill(None)), out, &[], Some(false), true);
+    assert_eq!((d.text.as_str(), d.tool_calls.len()), (out, 1));
 }
 
 #[test]
