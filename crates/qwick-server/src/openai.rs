@@ -425,22 +425,9 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     let mut req: ChatRequest = parse_json_flattened::<_, SamplingFields>(&body)?;
     gen::check_fields(&req.extra, CHAT_IGNORED, "")?;
     let format = output_format(&req.format)?;
-    if let Some(level) = req.reasoning_effort.take() {
-        // An explicit max_thinking_tokens wins over the level.
-        match (gen::effort_budget(&level, "reasoning_effort")?, req.max_thinking_tokens) {
-            (_, Some(_)) => {}
-            (Some(n), None) => req.max_thinking_tokens = Some(n as u64),
-            (None, None) => {
-                let kw = req.chat_template_kwargs.get_or_insert_with(Map::new);
-                kw.entry("enable_thinking").or_insert(Value::Bool(true));
-            }
-        }
-    }
+    apply_reasoning_effort(&mut req)?;
     let adapter = check_model(&state, req.model.as_deref())?;
-    let n = req.n.unwrap_or(1);
-    if n == 0 || n > MAX_N {
-        return Err(ApiError::bad_request(format!("n must be in [1, {MAX_N}], got {n}")).with_param("n"));
-    }
+    let n = choice_count(req.n)?;
     let top_logprobs = req.top_logprobs.unwrap_or(0);
     if top_logprobs > MAX_LOGPROBS {
         return Err(ApiError::bad_request(format!("top_logprobs must be in [0, {MAX_LOGPROBS}], got {top_logprobs}"))
@@ -466,17 +453,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
         (None, f) => f,
     };
     let mut kwargs = req.chat_template_kwargs.unwrap_or_default();
-    let thinking = match kwargs.remove("enable_thinking") {
-        None | Some(Value::Null) => None,
-        Some(Value::Bool(b)) => Some(b),
-        Some(_) => {
-            return Err(ApiError::bad_request("chat_template_kwargs.enable_thinking must be true or false")
-                .with_param("chat_template_kwargs.enable_thinking"))
-        }
-    };
-    let thinking = if req.max_thinking_tokens == Some(0) { Some(false) } else { thinking };
-    // A forced tool call starts the answer: no thinking before it.
-    let thinking = if plan.prefill.is_some() { Some(false) } else { thinking };
+    let thinking = thinking_switch(&mut kwargs, req.max_thinking_tokens, plan.prefill.is_some())?;
     let model = state.model.clone();
     let mut prompt =
         model.render(&messages, plan.tools, thinking, kwargs).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -509,22 +486,10 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     )?
     .into_iter();
     let jobs: Vec<Job> = (0..n)
-        .map(|i| {
-            let mut s = sp.clone();
-            s.seed = sp.seed.map(|x| x.wrapping_add(i));
-            Job {
-                prompt: prompt.ids.clone(),
-                adapter,
-                params: GenParams {
-                    sampling: s,
-                    eos_token_ids: model.eos.clone(),
-                    max_context: state.max_model_len,
-                    thinking: budget.clone(),
-                },
-                logprobs,
-                prompt_logprobs: None,
-                constraint: constraints.next().flatten(),
-            }
+        .map(|i| Job {
+            logprobs,
+            constraint: constraints.next().flatten(),
+            ..job(&state, prompt.ids.clone(), adapter, seeded(&sp, i), budget.clone())
         })
         .collect();
     let rxs = gen::submit_all(&state, jobs)?;
@@ -548,34 +513,16 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
         let st = state.clone();
         return Ok(sse_response(move |tx| chat_stream(st, runs, id, created, include_usage, logprobs.is_some(), tx)));
     }
-    // Not streamed: run every choice to the end.
-    let results = futures_util::future::join_all(runs.into_iter().map(|mut r| async move {
-        let (d, toks) = r.collect().await;
-        (r, d, toks)
-    }))
-    .await;
+    let results = run_to_end(runs).await?;
     let mut choices = vec![];
     let (mut completion, mut prompt_tokens, mut cached) = (0, prompt.ids.len(), 0);
     for (i, (r, d, toks)) in results.iter().enumerate() {
-        if let Some(e) = &r.error {
-            return Err(ApiError::internal(format!("generation failed: {e}")));
-        }
         completion += r.tokens.len();
         if i == 0 {
             prompt_tokens = r.prompt_tokens.max(prompt.ids.len());
             cached = r.cached_tokens;
         }
-        let mut msg = json!({"role": "assistant", "content": d.content});
-        if !d.tool_calls.is_empty() {
-            msg["tool_calls"] = json!(tool_calls_json(&d.tool_calls, 0, false));
-            if d.content.is_empty() {
-                msg["content"] = Value::Null;
-            }
-        }
-        if prompt.thinking || !d.reasoning.is_empty() {
-            msg["reasoning_content"] = json!(d.reasoning);
-            msg["reasoning"] = json!(d.reasoning);
-        }
+        let msg = assistant_message(d, prompt.thinking);
         let lp = if logprobs.is_some() { json!({"content": chat_logprobs(&state, toks)}) } else { Value::Null };
         choices.push(json!({"index": i, "message": msg, "logprobs": lp, "finish_reason": r.finish}));
     }
@@ -588,6 +535,111 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
         "usage": usage(prompt_tokens, completion, cached),
     }))
     .into_response())
+}
+
+/// A reasoning effort level as a thinking budget (an explicit `max_thinking_tokens` wins over
+/// it), or as thinking switched on where the level sets no budget.
+fn apply_reasoning_effort(req: &mut ChatRequest) -> Result<(), ApiError> {
+    if let Some(level) = req.reasoning_effort.take() {
+        match (gen::effort_budget(&level, "reasoning_effort")?, req.max_thinking_tokens) {
+            (_, Some(_)) => {}
+            (Some(n), None) => req.max_thinking_tokens = Some(n as u64),
+            (None, None) => {
+                let kw = req.chat_template_kwargs.get_or_insert_with(Map::new);
+                kw.entry("enable_thinking").or_insert(Value::Bool(true));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The number of choices a request asks for (`n`, default 1).
+fn choice_count(n: Option<u64>) -> Result<u64, ApiError> {
+    let n = n.unwrap_or(1);
+    if n == 0 || n > MAX_N {
+        return Err(ApiError::bad_request(format!("n must be in [1, {MAX_N}], got {n}")).with_param("n"));
+    }
+    Ok(n)
+}
+
+/// Thinking on, off or as the template decides (`None`), from `enable_thinking` in the
+/// template arguments (removed from them), a zero thinking budget, and a forced tool call
+/// (which starts the answer: no thinking before it).
+fn thinking_switch(
+    kwargs: &mut Map<String, Value>,
+    max_thinking_tokens: Option<u64>,
+    forced_call: bool,
+) -> Result<Option<bool>, ApiError> {
+    let thinking = match kwargs.remove("enable_thinking") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(b),
+        Some(_) => {
+            return Err(ApiError::bad_request("chat_template_kwargs.enable_thinking must be true or false")
+                .with_param("chat_template_kwargs.enable_thinking"))
+        }
+    };
+    Ok(if max_thinking_tokens == Some(0) || forced_call { Some(false) } else { thinking })
+}
+
+/// The sampling of choice `i`: its own seed (the request's plus `i`) where one is given.
+fn seeded(sp: &qwick_engine::SamplingParams, i: u64) -> qwick_engine::SamplingParams {
+    let mut s = sp.clone();
+    s.seed = sp.seed.map(|x| x.wrapping_add(i));
+    s
+}
+
+/// A sequence to generate from `prompt` with the model's stop tokens and context, without
+/// logprobs or a constraint.
+fn job(
+    state: &AppState,
+    prompt: Vec<u32>,
+    adapter: u16,
+    sampling: qwick_engine::SamplingParams,
+    thinking: Option<qwick_engine::ThinkingBudget>,
+) -> Job {
+    Job {
+        prompt,
+        adapter,
+        params: GenParams {
+            sampling,
+            eos_token_ids: state.model.eos.clone(),
+            max_context: state.max_model_len,
+            thinking,
+        },
+        logprobs: None,
+        prompt_logprobs: None,
+        constraint: None,
+    }
+}
+
+/// Every choice run to its end (a request that is not streamed): its text and tokens, or the
+/// first choice's generation error.
+async fn run_to_end(runs: Vec<ChoiceRun>) -> Result<Vec<(ChoiceRun, Delta, Vec<OutToken>)>, ApiError> {
+    let results = futures_util::future::join_all(runs.into_iter().map(|mut r| async move {
+        let (d, toks) = r.collect().await;
+        (r, d, toks)
+    }))
+    .await;
+    if let Some(e) = results.iter().find_map(|(r, _, _)| r.error.as_ref()) {
+        return Err(ApiError::internal(format!("generation failed: {e}")));
+    }
+    Ok(results)
+}
+
+/// The assistant message of a finished chat choice: its content, tool calls and reasoning.
+fn assistant_message(d: &Delta, thinking: bool) -> Value {
+    let mut msg = json!({"role": "assistant", "content": d.content});
+    if !d.tool_calls.is_empty() {
+        msg["tool_calls"] = json!(tool_calls_json(&d.tool_calls, 0, false));
+        if d.content.is_empty() {
+            msg["content"] = Value::Null;
+        }
+    }
+    if thinking || !d.reasoning.is_empty() {
+        msg["reasoning_content"] = json!(d.reasoning);
+        msg["reasoning"] = json!(d.reasoning);
+    }
+    msg
 }
 
 fn fit_limit(state: &AppState, prompt_len: usize, max_tokens: Option<u64>, param: &str) -> Result<usize, ApiError> {
@@ -820,10 +872,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let format = output_format(&req.format)?;
     let adapter = check_model(&state, req.model.as_deref())?;
     let echo = req.echo == Some(true);
-    let n = req.n.unwrap_or(1);
-    if n == 0 || n > MAX_N {
-        return Err(ApiError::bad_request(format!("n must be in [1, {MAX_N}], got {n}")).with_param("n"));
-    }
+    let n = choice_count(req.n)?;
     if let Some(l) = req.logprobs.filter(|&l| l > MAX_LOGPROBS) {
         return Err(
             ApiError::bad_request(format!("logprobs must be in [0, {MAX_LOGPROBS}], got {l}")).with_param("logprobs")
@@ -833,41 +882,15 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     // With echo, logprobs cover the prompt too (the first token's are null), as in OpenAI's API.
     let prompt_lps = if echo { logprobs } else { None };
     let model = state.model.clone();
-    let vocab = model.config.vocab_size as u32;
-    let texts: Option<Vec<String>> = match &req.prompt {
-        PromptInput::Text(s) => Some(vec![s.clone()]),
-        PromptInput::Texts(v) => Some(v.clone()),
-        _ => None,
-    };
-    let prompts: Vec<Vec<u32>> = match req.prompt {
-        PromptInput::Text(_) | PromptInput::Texts(_) => texts
-            .iter()
-            .flatten()
-            .map(|s| model.tokenizer.encode(s, false).map_err(|e| ApiError::bad_request(e.to_string())))
-            .collect::<Result<_, _>>()?,
-        PromptInput::Ids(ids) => vec![ids],
-        PromptInput::IdLists(l) => l,
-    };
-    if prompts.is_empty() {
-        return Err(ApiError::bad_request("prompt must not be empty").with_param("prompt"));
-    }
-    for p in &prompts {
-        if let Some(&bad) = p.iter().find(|&&t| t >= vocab) {
-            return Err(ApiError::bad_request(format!("prompt: token id {bad} is outside the vocabulary of {vocab}"))
-                .with_param("prompt"));
-        }
-    }
+    let (texts, prompts) = completion_prompts(&model, req.prompt)?;
     // With echo, each choice's text starts with its prompt's (token ids are detokenized).
-    let echoes: Vec<String> = if echo {
-        match &texts {
-            Some(t) => t.clone(),
-            None => prompts
-                .iter()
-                .map(|p| model.tokenizer.decode(p, false).map_err(|e| ApiError::bad_request(e.to_string())))
-                .collect::<Result<_, _>>()?,
-        }
-    } else {
-        vec![]
+    let echoes: Vec<String> = match (echo, texts) {
+        (false, _) => vec![],
+        (true, Some(t)) => t,
+        (true, None) => prompts
+            .iter()
+            .map(|p| model.tokenizer.decode(p, false).map_err(|e| ApiError::bad_request(e.to_string())))
+            .collect::<Result<_, _>>()?,
     };
     let base = gen::sampling(model.gen_config.sampling_params(false), &req.sampling, model.config.vocab_size)?;
     let max_tokens = req.max_tokens.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS);
@@ -883,21 +906,13 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     for p in &prompts {
         let limit = fit_limit(&state, p.len(), Some(max_tokens), "max_tokens")?;
         for i in 0..n {
-            let mut s = base.clone();
+            let mut s = seeded(&base, i);
             s.max_tokens = Some(limit);
-            s.seed = base.seed.map(|x| x.wrapping_add(i));
             jobs.push(Job {
-                prompt: p.clone(),
-                adapter,
-                params: GenParams {
-                    sampling: s,
-                    eos_token_ids: model.eos.clone(),
-                    max_context: state.max_model_len,
-                    thinking: None,
-                },
                 logprobs,
                 prompt_logprobs: prompt_lps,
                 constraint: constraints.next().flatten(),
+                ..job(&state, p.clone(), adapter, s, None)
             });
         }
     }
@@ -925,17 +940,10 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
             completion_stream(st, runs, id, created, include_usage, logprobs.is_some(), prompt_total, echoes, tx)
         }));
     }
-    let results = futures_util::future::join_all(runs.into_iter().map(|mut r| async move {
-        let (d, toks) = r.collect().await;
-        (r, d, toks)
-    }))
-    .await;
+    let results = run_to_end(runs).await?;
     let mut choices = vec![];
     let (mut completion, mut cached) = (0, 0);
     for (i, (r, d, toks)) in results.iter().enumerate() {
-        if let Some(e) = &r.error {
-            return Err(ApiError::internal(format!("generation failed: {e}")));
-        }
         completion += r.tokens.len();
         cached += r.cached_tokens;
         let echoed = echoes.get(i / n as usize);
@@ -963,6 +971,38 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
         "usage": usage(prompt_total, completion, cached),
     }))
     .into_response())
+}
+
+/// A completion request's prompts as token ids, and as texts where they were given as text.
+fn completion_prompts(
+    model: &qwick_chat::ChatModel,
+    prompt: PromptInput,
+) -> Result<(Option<Vec<String>>, Vec<Vec<u32>>), ApiError> {
+    let vocab = model.config.vocab_size as u32;
+    let texts: Option<Vec<String>> = match &prompt {
+        PromptInput::Text(s) => Some(vec![s.clone()]),
+        PromptInput::Texts(v) => Some(v.clone()),
+        _ => None,
+    };
+    let prompts: Vec<Vec<u32>> = match prompt {
+        PromptInput::Text(_) | PromptInput::Texts(_) => texts
+            .iter()
+            .flatten()
+            .map(|s| model.tokenizer.encode(s, false).map_err(|e| ApiError::bad_request(e.to_string())))
+            .collect::<Result<_, _>>()?,
+        PromptInput::Ids(ids) => vec![ids],
+        PromptInput::IdLists(l) => l,
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::bad_request("prompt must not be empty").with_param("prompt"));
+    }
+    for p in &prompts {
+        if let Some(&bad) = p.iter().find(|&&t| t >= vocab) {
+            return Err(ApiError::bad_request(format!("prompt: token id {bad} is outside the vocabulary of {vocab}"))
+                .with_param("prompt"));
+        }
+    }
+    Ok((texts, prompts))
 }
 
 #[allow(clippy::too_many_arguments)]
