@@ -5,7 +5,7 @@ use crate::common::{self, RunArgs};
 use anyhow::{bail, Result};
 use qwick_backend::bandwidth::read_bandwidth;
 use qwick_backend::{Ctx, ThreadPool};
-use qwick_engine::{argmax, Logits, Span};
+use qwick_engine::{argmax, Logits, Runner, Span};
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -63,54 +63,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mean_ctx = a.prompt_len + a.gen_len / 2;
     let kv_per_step = a.batch * mean_ctx * kv_per_token;
     let bytes_per_step = model.bytes_read_per_token() + kv_per_step;
-    // Which kernels the weights take: (format, path) -> (tensors, bytes); and the slow ones.
-    let mut kernels: std::collections::BTreeMap<(String, &str), (usize, usize)> = Default::default();
-    let mut slow: Vec<String> = Vec::new();
-    for l in model.linears() {
-        let v = l.view();
-        let path = qwick_backend::matmul::kernel_path(&v);
-        let e = kernels.entry((v.format.to_string(), path)).or_default();
-        e.0 += 1;
-        e.1 += v.bytes();
-        if path.starts_with("slow") {
-            slow.push(l.weight.name.clone());
-        }
-    }
+    let (kernels, slow) = weight_kernels(&model);
     let weight_bytes = model.weight_bytes();
     let mut runner = a.run.runner(model, a.batch * (ctx_len + 16), isa)?;
-
-    // Deterministic pseudo-random prompts.
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % cfg.vocab_size as u64) as u32
-    };
-    let prompts: Vec<Vec<u32>> = (0..a.batch).map(|_| (0..a.prompt_len).map(|_| next()).collect()).collect();
-    let seqs: Vec<_> = prompts.iter().map(|_| runner.add_sequence()).collect();
-
-    // Prefill: every prompt in one step.
-    let t0 = Instant::now();
-    let spans: Vec<Span> =
-        seqs.iter().zip(&prompts).map(|(&seq, p)| Span { seq, tokens: p, logits: Logits::Last }).collect();
-    let logits = runner.step(&spans)?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    // Each sequence's last token, computed by the next step.
-    let mut last: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
-
-    // Decode: one token per sequence per step.
-    let t1 = Instant::now();
-    for _ in 1..a.gen_len {
-        let spans: Vec<Span> = seqs
-            .iter()
-            .zip(&last)
-            .map(|(&seq, t)| Span { seq, tokens: std::slice::from_ref(t), logits: Logits::Last })
-            .collect();
-        let logits = runner.step(&spans)?;
-        last = logits.iter().map(|l| argmax(l)).collect();
-    }
-    let decode_s = t1.elapsed().as_secs_f64();
+    let (prefill_s, decode_s) = time_generation(&mut runner, cfg.vocab_size, &a)?;
     let steps = (a.gen_len - 1).max(1) as f64;
     let decode_tok_s = if a.gen_len > 1 { a.batch as f64 * steps / decode_s } else { 0.0 };
     let prefill_tok_s = (a.batch * a.prompt_len) as f64 / prefill_s;
@@ -189,6 +145,57 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Which kernels the weights take, (format, path) -> (tensors, bytes), and the tensors on the
+/// slow path.
+type Kernels = std::collections::BTreeMap<(String, &'static str), (usize, usize)>;
+fn weight_kernels(model: &qwick_model::Qwen3) -> (Kernels, Vec<String>) {
+    let mut kernels = Kernels::new();
+    let mut slow: Vec<String> = Vec::new();
+    for l in model.linears() {
+        let v = l.view();
+        let path = qwick_backend::matmul::kernel_path(&v);
+        let e = kernels.entry((v.format.to_string(), path)).or_default();
+        e.0 += 1;
+        e.1 += v.bytes();
+        if path.starts_with("slow") {
+            slow.push(l.weight.name.clone());
+        }
+    }
+    (kernels, slow)
+}
+
+/// Seconds of the prefill of `a.batch` deterministic pseudo-random prompts in one step, and of
+/// the decode steps after it (one token per sequence per step, greedy).
+fn time_generation(runner: &mut Runner, vocab: usize, a: &BenchArgs) -> Result<(f64, f64)> {
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % vocab as u64) as u32
+    };
+    let prompts: Vec<Vec<u32>> = (0..a.batch).map(|_| (0..a.prompt_len).map(|_| next()).collect()).collect();
+    let seqs: Vec<_> = prompts.iter().map(|_| runner.add_sequence()).collect();
+    let t0 = Instant::now();
+    let spans: Vec<Span> =
+        seqs.iter().zip(&prompts).map(|(&seq, p)| Span { seq, tokens: p, logits: Logits::Last }).collect();
+    let logits = runner.step(&spans)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    // Each sequence's last token, computed by the next step.
+    let mut last: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
+    let t1 = Instant::now();
+    for _ in 1..a.gen_len {
+        let spans: Vec<Span> = seqs
+            .iter()
+            .zip(&last)
+            .map(|(&seq, t)| Span { seq, tokens: std::slice::from_ref(t), logits: Logits::Last })
+            .collect();
+        let logits = runner.step(&spans)?;
+        last = logits.iter().map(|l| argmax(l)).collect();
+    }
+    Ok((prefill_s, t1.elapsed().as_secs_f64()))
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes.
