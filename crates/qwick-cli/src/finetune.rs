@@ -158,6 +158,57 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         lora: vec![],
         kv_dtype: None,
     };
+    let (schedule, data_path, out) = check_args(&a)?;
+    let threads = run.threads();
+    let isa = run.isa()?;
+    let pool = ThreadPool::new(threads);
+    let bf16 = training_bf16(&a, &run, isa)?;
+    let ctx = Ctx { exact: a.exact, bf16, ..Ctx::new(isa, &pool) };
+
+    // The text side first: bad data is reported before the weights load.
+    let chat = ChatModel::load_spec(&a.model, None, None)?;
+    let spec = lora_spec(&a, &chat)?;
+    let (train_seqs, eval_seqs) = training_data(&a, &chat, data_path.as_ref())?;
+
+    let path = qwick_chat::resolve::resolve_model(&a.model)?;
+    let model = load_model_with(&path, &LoadOptions { threads, lora_for_all: true, ..Default::default() })?;
+    let mut lora = match &a.lora {
+        Some(d) => LoraParams::from_adapter(&model.config, &Adapter::open(d)?, a.dropout)?,
+        None => LoraParams::init(&model.config, spec, a.seed)?,
+    };
+    let t_prep = std::time::Instant::now();
+    let kept = kept_layers(&a, &model.config, lora.spec.rank)?;
+    // Transposed copies for the backward pass within a quarter of the memory available too; the
+    // projections beyond it read their stored rows back in each step.
+    let copy_budget = crate::common::available_memory().unwrap_or(4 << 30) / 4;
+    let frozen = Frozen::with_copy_budget(&model, ctx, copy_budget)?.keep_layers(kept);
+    let layers = model.config.num_hidden_layers;
+    eprintln!(
+        "model: {} ({layers} layers); LoRA rank {} on {} ({} trainable values); activations kept for {} of {layers} \
+         layers (--keep-layers {}); transposed weight copies for the backward pass: {:.2} GB in {:.1} s{}",
+        chat.name,
+        lora.spec.rank,
+        lora.spec.targets.join(","),
+        lora.count(),
+        kept.min(layers),
+        a.keep_layers,
+        frozen.extra_bytes() as f64 / 1e9,
+        t_prep.elapsed().as_secs_f64(),
+        match frozen.block_read() {
+            0 => String::new(),
+            b => format!(" ({b} projections beyond the memory budget read their stored rows back each step)"),
+        }
+    );
+    let run = Training { a: &a, schedule, ctx, frozen: &frozen, train: &train_seqs, eval: &eval_seqs };
+    match out {
+        None => run.bench(&mut lora),
+        Some(out) => run.to_adapter(&mut lora, out),
+    }
+}
+
+/// The checked arguments: the learning-rate schedule, the training data and the output folder
+/// (both absent with --bench).
+fn check_args(a: &FinetuneArgs) -> Result<(Schedule, Option<PathBuf>, Option<PathBuf>)> {
     if a.seq_len < 2 {
         bail!("--seq-len must be at least 2");
     }
@@ -182,27 +233,28 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
             );
         }
     }
-    let threads = run.threads();
-    let isa = run.isa()?;
-    let pool = ThreadPool::new(threads);
-    // Training multiplies many rows at a time: unless a mode is asked for, take the bf16 kernel
-    // that is fastest on this machine for large products (the cached choice of the inference
-    // commands weighs single-row decode too).
+    Ok((schedule, data_path, out))
+}
+
+/// How bf16 weights are multiplied in training. Training multiplies many rows at a time:
+/// unless a mode is asked for, the bf16 kernel fastest on this machine for large products (the
+/// cached choice of the inference commands weighs single-row decode too).
+fn training_bf16(a: &FinetuneArgs, run: &RunArgs, isa: qwick_backend::Isa) -> Result<Option<qwick_backend::Bf16Mode>> {
     let asked = a.exact
         || a.isa.is_some()
         || ["QWICK_BF16", "QWICK_ISA"].iter().any(|v| std::env::var(v).is_ok_and(|v| !v.is_empty()));
     let choice = run.bf16_choice(isa)?;
-    let bf16 = if asked {
+    Ok(if asked {
         choice.mode
     } else {
         choice.timings.iter().max_by(|x, y| x.prefill_gmacs.total_cmp(&y.prefill_gmacs)).map(|t| t.mode).or(choice.mode)
-    };
-    let ctx = Ctx { exact: a.exact, bf16, ..Ctx::new(isa, &pool) };
+    })
+}
 
-    // The text side first: bad data is reported before the weights load.
-    let chat = ChatModel::load_spec(&a.model, None, None)?;
+/// The adapter's shape: the one of the adapter to continue, else the flags'.
+fn lora_spec(a: &FinetuneArgs, chat: &ChatModel) -> Result<LoraSpec> {
     let default_targets = if chat.config.moe.is_some() { "q,k,v,o" } else { "q,k,v,o,gate,up,down" };
-    let spec = match &a.lora {
+    Ok(match &a.lora {
         Some(d) => {
             let ad = Adapter::open(d)?;
             LoraSpec {
@@ -225,12 +277,20 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
                 targets: LoraSpec::parse_targets(a.targets.as_deref().unwrap_or(default_targets))?,
             }
         }
-    };
+    })
+}
+
+/// Training and held-out sequences: from the data file, or random tokens for --bench.
+fn training_data(
+    a: &FinetuneArgs,
+    chat: &ChatModel,
+    data_path: Option<&PathBuf>,
+) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
     let eos = chat.tokenizer.token_id("<|endoftext|>").or(chat.eos.first().copied()).unwrap_or(0);
     let renderer = Renderer { template: &chat.template, tokenizer: &chat.tokenizer, eos };
     let dopts =
         DataOptions { train_on_prompt: a.train_on_prompt, strip_reasoning: a.strip_reasoning, skip_bad: a.skip_bad };
-    let (train_seqs, eval_seqs) = match &data_path {
+    Ok(match data_path {
         None => {
             let mut rng = Rng::new(a.seed);
             let vocab = chat.config.vocab_size;
@@ -274,21 +334,17 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
             }
             (train_seqs, eval_seqs)
         }
-    };
+    })
+}
 
-    let path = qwick_chat::resolve::resolve_model(&a.model)?;
-    let model = load_model_with(&path, &LoadOptions { threads, lora_for_all: true, ..Default::default() })?;
-    let mut lora = match &a.lora {
-        Some(d) => LoraParams::from_adapter(&model.config, &Adapter::open(d)?, a.dropout)?,
-        None => LoraParams::init(&model.config, spec, a.seed)?,
-    };
-    let t_prep = std::time::Instant::now();
-    let kept = match a.keep_layers.as_str() {
+/// Layers whose activations the backward pass keeps (--keep-layers: a number, all, or auto:
+/// as many as fit a quarter of the memory available).
+fn kept_layers(a: &FinetuneArgs, c: &qwick_model::Config, rank: usize) -> Result<usize> {
+    Ok(match a.keep_layers.as_str() {
         "all" => usize::MAX,
         "auto" => {
             let budget = crate::common::available_memory().unwrap_or(4 << 30) / 4;
-            let c = &model.config;
-            let per = |l| step::kept_layer_bytes(c, l, a.seq_len, lora.spec.rank, a.dropout > 0.0);
+            let per = |l| step::kept_layer_bytes(c, l, a.seq_len, rank, a.dropout > 0.0);
             let mut used = 0;
             (0..c.num_hidden_layers)
                 .take_while(|&l| {
@@ -300,35 +356,28 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         n => n
             .parse::<usize>()
             .with_context(|| format!("--keep-layers {n}: expected a number of layers, all or auto"))?,
-    };
-    // Transposed copies for the backward pass within a quarter of the memory available too; the
-    // projections beyond it read their stored rows back in each step.
-    let copy_budget = crate::common::available_memory().unwrap_or(4 << 30) / 4;
-    let frozen = Frozen::with_copy_budget(&model, ctx, copy_budget)?.keep_layers(kept);
-    let layers = model.config.num_hidden_layers;
-    eprintln!(
-        "model: {} ({layers} layers); LoRA rank {} on {} ({} trainable values); activations kept for {} of {layers} \
-         layers (--keep-layers {}); transposed weight copies for the backward pass: {:.2} GB in {:.1} s{}",
-        chat.name,
-        lora.spec.rank,
-        lora.spec.targets.join(","),
-        lora.count(),
-        kept.min(layers),
-        a.keep_layers,
-        frozen.extra_bytes() as f64 / 1e9,
-        t_prep.elapsed().as_secs_f64(),
-        match frozen.block_read() {
-            0 => String::new(),
-            b => format!(" ({b} projections beyond the memory budget read their stored rows back each step)"),
-        }
-    );
+    })
+}
 
-    let total_opts = |out: PathBuf, steps: Option<u64>| -> TrainOptions {
+/// A training run's settings and inputs.
+struct Training<'a> {
+    a: &'a FinetuneArgs,
+    schedule: Schedule,
+    ctx: Ctx<'a>,
+    frozen: &'a Frozen<'a>,
+    train: &'a [Sequence],
+    eval: &'a [Sequence],
+}
+
+impl Training<'_> {
+    /// The trainer's options, writing to `out`, for `steps` steps (or the epochs').
+    fn options(&self, out: PathBuf, steps: Option<u64>) -> TrainOptions {
+        let a = self.a;
         let mut o = TrainOptions {
             epochs: a.epochs,
             max_steps: steps,
             lr: a.lr,
-            schedule,
+            schedule: self.schedule,
             warmup_steps: 0,
             adamw: AdamW { weight_decay: a.weight_decay, ..Default::default() },
             max_grad_norm: a.max_grad_norm,
@@ -341,18 +390,20 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
             out,
             base_model: a.model.clone(),
         };
-        let total = train::total_steps(&o, train_seqs.len());
+        let total = train::total_steps(&o, self.train.len());
         o.warmup_steps = a.warmup_steps.unwrap_or((a.warmup_ratio * total as f64).ceil() as u64);
         o
-    };
+    }
 
-    if a.bench {
+    /// --bench: training speed over a few steps on random tokens (the first step not timed).
+    fn bench(&self, lora: &mut LoraParams) -> Result<()> {
+        let (a, ctx) = (self.a, self.ctx);
         let dir = std::env::temp_dir().join(format!("qwick-finetune-bench-{}", std::process::id()));
-        let o = TrainOptions { save_every: 0, ..total_opts(dir.clone(), Some(a.bench_steps + 1)) };
+        let o = TrainOptions { save_every: 0, ..self.options(dir.clone(), Some(a.bench_steps + 1)) };
         let stop = AtomicBool::new(false);
         let mut times = Vec::new();
         let mut tokens = 0;
-        let r = train::train(ctx, &frozen, &mut lora, &train_seqs, &[], &o, &stop, &mut |e| {
+        let r = train::train(ctx, self.frozen, lora, self.train, &[], &o, &stop, &mut |e| {
             if let Event::Step(s) = e {
                 eprintln!("step {}: {:.2} s, loss {:.4}", s.step, s.seconds, s.loss);
                 if s.step > 1 {
@@ -378,8 +429,8 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
                     "rank": lora.spec.rank,
                     "targets": lora.spec.targets,
                     "trainable": lora.count(),
-                    "threads": threads,
-                    "isa": format!("{isa:?}"),
+                    "threads": ctx.pool.threads(),
+                    "isa": format!("{:?}", ctx.isa),
                     "bf16_mode": ctx.bf16_mode().name(),
                     "cpu": cpu_model(),
                 })
@@ -391,105 +442,109 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
                 rss as f64 / 1e9
             );
         }
-        return Ok(());
+        Ok(())
     }
 
-    let out = out.expect("checked above");
-    let o = total_opts(out.clone(), a.max_steps);
-    let total = train::total_steps(&o, train_seqs.len());
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let r = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                eprintln!("\nstopping without saving");
+    /// The run itself: training to an adapter in `out`, with checkpoints, progress and Ctrl-C.
+    fn to_adapter(&self, lora: &mut LoraParams, out: PathBuf) -> Result<()> {
+        let (a, ctx) = (self.a, self.ctx);
+        let o = self.options(out.clone(), a.max_steps);
+        let total = train::total_steps(&o, self.train.len());
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let stop = stop.clone();
+            let r = ctrlc::set_handler(move || {
+                if stop.swap(true, Ordering::SeqCst) {
+                    eprintln!("\nstopping without saving");
+                    std::process::exit(130);
+                }
+                eprintln!("\nsaving a checkpoint after this step (Ctrl-C again to stop at once)");
+            });
+            if let Err(e) = r {
+                eprintln!("note: Ctrl-C will stop without a checkpoint ({e})");
+            }
+        }
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new(total);
+            b.set_style(
+                ProgressStyle::with_template("[{bar:30}] {pos}/{len} {msg} (ETA {eta})").unwrap().progress_chars("=> "),
+            );
+            b
+        });
+        let t0 = std::time::Instant::now();
+        let (mut tokens, mut last_loss, mut last_eval) = (0usize, f64::NAN, None);
+        let mut first = 0;
+        let outcome = train::train(ctx, self.frozen, lora, self.train, self.eval, &o, &stop, &mut |e| match e {
+            Event::Step(s) => {
+                if first == 0 {
+                    first = s.step;
+                }
+                tokens += s.tokens;
+                last_loss = s.loss;
+                let rate = tokens as f64 / t0.elapsed().as_secs_f64();
+                let msg =
+                    format!("loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tok/s", s.loss, s.lr, s.grad_norm, rate);
+                match &bar {
+                    Some(b) => {
+                        b.set_position(s.step);
+                        b.set_message(msg);
+                    }
+                    None => {
+                        let left = (s.total - s.step) as f64 * t0.elapsed().as_secs_f64() / (s.step - first + 1) as f64;
+                        eprintln!("step {}/{}  {msg}  eta {:.0} s", s.step, s.total, left);
+                    }
+                }
+            }
+            Event::Eval { step, loss } => {
+                last_eval = Some(loss);
+                let m = format!("step {step}: eval loss {loss:.4}");
+                match &bar {
+                    Some(b) => b.println(m),
+                    None => eprintln!("{m}"),
+                }
+            }
+            Event::Saved { step, dir } => {
+                let m = format!("step {step}: checkpoint {}", dir.display());
+                match &bar {
+                    Some(b) => b.println(m),
+                    None => eprintln!("{m}"),
+                }
+            }
+            Event::Resumed { step, dir } => eprintln!("resuming after step {step} from {}", dir.display()),
+        })?;
+        if let Some(b) = &bar {
+            b.finish_and_clear();
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        match outcome {
+            Outcome::Interrupted(step) => {
+                eprintln!("interrupted after step {step}; continue with the same command and --resume");
+                // The conventional status of a run stopped by Ctrl-C (after the checkpoint).
                 std::process::exit(130);
             }
-            eprintln!("\nsaving a checkpoint after this step (Ctrl-C again to stop at once)");
-        });
-        if let Err(e) = r {
-            eprintln!("note: Ctrl-C will stop without a checkpoint ({e})");
-        }
-    }
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let b = ProgressBar::new(total);
-        b.set_style(
-            ProgressStyle::with_template("[{bar:30}] {pos}/{len} {msg} (ETA {eta})").unwrap().progress_chars("=> "),
-        );
-        b
-    });
-    let t0 = std::time::Instant::now();
-    let (mut tokens, mut last_loss, mut last_eval) = (0usize, f64::NAN, None);
-    let mut first = 0;
-    let outcome = train::train(ctx, &frozen, &mut lora, &train_seqs, &eval_seqs, &o, &stop, &mut |e| match e {
-        Event::Step(s) => {
-            if first == 0 {
-                first = s.step;
-            }
-            tokens += s.tokens;
-            last_loss = s.loss;
-            let rate = tokens as f64 / t0.elapsed().as_secs_f64();
-            let msg = format!("loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tok/s", s.loss, s.lr, s.grad_norm, rate);
-            match &bar {
-                Some(b) => {
-                    b.set_position(s.step);
-                    b.set_message(msg);
-                }
-                None => {
-                    let left = (s.total - s.step) as f64 * t0.elapsed().as_secs_f64() / (s.step - first + 1) as f64;
-                    eprintln!("step {}/{}  {msg}  eta {:.0} s", s.step, s.total, left);
-                }
+            Outcome::Finished => {
+                eprintln!(
+                    "adapter written to {} (final training loss {last_loss:.4}{}); {:.0} tok/s",
+                    out.display(),
+                    last_eval.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
+                    tokens as f64 / secs
+                );
             }
         }
-        Event::Eval { step, loss } => {
-            last_eval = Some(loss);
-            let m = format!("step {step}: eval loss {loss:.4}");
-            match &bar {
-                Some(b) => b.println(m),
-                None => eprintln!("{m}"),
-            }
-        }
-        Event::Saved { step, dir } => {
-            let m = format!("step {step}: checkpoint {}", dir.display());
-            match &bar {
-                Some(b) => b.println(m),
-                None => eprintln!("{m}"),
-            }
-        }
-        Event::Resumed { step, dir } => eprintln!("resuming after step {step} from {}", dir.display()),
-    })?;
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    match outcome {
-        Outcome::Interrupted(step) => {
-            eprintln!("interrupted after step {step}; continue with the same command and --resume");
-            // The conventional status of a run stopped by Ctrl-C (after the checkpoint).
-            std::process::exit(130);
-        }
-        Outcome::Finished => {
-            eprintln!(
-                "adapter written to {} (final training loss {last_loss:.4}{}); {:.0} tok/s",
-                out.display(),
-                last_eval.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
-                tokens as f64 / secs
+        if a.json {
+            println!(
+                "{}",
+                json!({
+                    "out": out,
+                    "finished": outcome == Outcome::Finished,
+                    "steps": total,
+                    "train_loss": last_loss,
+                    "eval_loss": last_eval,
+                    "train_tok_s": tokens as f64 / secs,
+                    "peak_rss_bytes": peak_rss(),
+                })
             );
         }
+        Ok(())
     }
-    if a.json {
-        println!(
-            "{}",
-            json!({
-                "out": out,
-                "finished": outcome == Outcome::Finished,
-                "steps": total,
-                "train_loss": last_loss,
-                "eval_loss": last_eval,
-                "train_tok_s": tokens as f64 / secs,
-                "peak_rss_bytes": peak_rss(),
-            })
-        );
-    }
-    Ok(())
 }

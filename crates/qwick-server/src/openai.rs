@@ -973,11 +973,11 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     .into_response())
 }
 
+/// A completion request's prompts: as texts where they were given as text, and as token ids.
+type Prompts = (Option<Vec<String>>, Vec<Vec<u32>>);
+
 /// A completion request's prompts as token ids, and as texts where they were given as text.
-fn completion_prompts(
-    model: &qwick_chat::ChatModel,
-    prompt: PromptInput,
-) -> Result<(Option<Vec<String>>, Vec<Vec<u32>>), ApiError> {
+fn completion_prompts(model: &qwick_chat::ChatModel, prompt: PromptInput) -> Result<Prompts, ApiError> {
     let vocab = model.config.vocab_size as u32;
     let texts: Option<Vec<String>> = match &prompt {
         PromptInput::Text(s) => Some(vec![s.clone()]),
