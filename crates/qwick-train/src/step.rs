@@ -20,7 +20,8 @@ use crate::lora::{LoraParams, Pair, DOWN, GATE, K, O, Q, UP, V};
 use qwick_backend::grad::{self, transpose, AttnShape};
 use qwick_backend::pool::SendPtr;
 use qwick_backend::{copied, matmul, matmul_batch, ops, par_rows, zeros, Ctx, Format, MatmulJob, WeightView};
-use qwick_model::qwen3::{Linear, Mlp};
+use qwick_model::linear::Linear;
+use qwick_model::qwen3::{FeedForward, Mlp, Moe};
 use qwick_model::Qwen3;
 
 /// One packed sequence: several examples one after another.
@@ -189,10 +190,10 @@ pub struct Frozen<'m> {
     kept_layers: usize,
 }
 
-fn dense(m: &Mlp) -> Option<(&Linear, &Linear, &Linear)> {
+fn dense(m: &FeedForward) -> Option<(&Linear, &Linear, &Linear)> {
     match m {
-        Mlp::Dense(s) => Some((&s.gate_proj, &s.up_proj, &s.down_proj)),
-        Mlp::Moe { .. } => None,
+        FeedForward::Dense(s) => Some((&s.gate_proj, &s.up_proj, &s.down_proj)),
+        FeedForward::Moe(_) => None,
     }
 }
 
@@ -468,7 +469,7 @@ impl Runner<'_, '_> {
         let (isa, eps) = (ctx.isa, c.rms_norm_eps);
         let layer = &model.layers[l];
         let a = &layer.attn;
-        let hn1 = self.norm(x, &layer.input_layernorm);
+        let hn1 = self.norm(x, &layer.input_layernorm.weight);
         let (mut q_pre, mut k_pre, mut v) =
             (zeros(ctx.pool, n * qd), zeros(ctx.pool, n * kvd), zeros(ctx.pool, n * kvd));
         matmul_batch(
@@ -487,13 +488,13 @@ impl Runner<'_, '_> {
         let half = hd / 2;
         par_rows(ctx, n, &mut q, qd, |r, qr| {
             for (i, row) in r.clone().zip(qr.chunks_exact_mut(qd)) {
-                ops::rms_norm_inplace(isa, row, &a.q_norm, eps);
+                ops::rms_norm_inplace(isa, row, &a.q_norm.weight, eps);
                 ops::rope_inplace(isa, row, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
             }
         });
         par_rows(ctx, n, &mut k, kvd, |r, kr| {
             for (i, row) in r.clone().zip(kr.chunks_exact_mut(kvd)) {
-                ops::rms_norm_inplace(isa, row, &a.k_norm, eps);
+                ops::rms_norm_inplace(isa, row, &a.k_norm.weight, eps);
                 ops::rope_inplace(isa, row, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
             }
         });
@@ -509,9 +510,9 @@ impl Runner<'_, '_> {
         lora[O] = self.lora_forward(l, O, &att, n, &mut tmp);
         par_rows(ctx, n, x, h, |r, xo| ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h]));
         let x2 = copied(ctx.pool, x);
-        let hn2 = self.norm(&x2, &layer.post_attention_layernorm);
+        let hn2 = self.norm(&x2, &layer.post_attention_layernorm.weight);
         let mlp = match &layer.mlp {
-            Mlp::Dense(sw) => {
+            FeedForward::Dense(sw) => {
                 let (gp, up, dp) = (&sw.gate_proj, &sw.up_proj, &sw.down_proj);
                 let inter = gp.weight.shape[0];
                 let (mut g, mut u) = (zeros(ctx.pool, n * inter), zeros(ctx.pool, n * inter));
@@ -526,7 +527,7 @@ impl Runner<'_, '_> {
                 lora[DOWN] = self.lora_forward(l, DOWN, &act, n, &mut tmp);
                 MlpActs::Dense { g, u }
             }
-            Mlp::Moe { router, experts, top_k, norm_topk_prob } => {
+            FeedForward::Moe(Moe { router, experts, top_k, norm_topk_prob }) => {
                 let m = moe_forward(ctx, router, experts, *top_k, *norm_topk_prob, &hn2, n, &mut tmp);
                 MlpActs::Moe(m)
             }
@@ -645,23 +646,23 @@ impl Runner<'_, '_> {
                         grad::silu_mul_backward(isa, &g[w.clone()], &u[w.clone()], &da[w], dgr, dur);
                     });
                 }
-                let hn2 = self.norm_for(l, &[GATE, UP], &acts.x2, &layer.post_attention_layernorm);
+                let hn2 = self.norm_for(l, &[GATE, UP], &acts.x2, &layer.post_attention_layernorm.weight);
                 let mut dhn2 = self.linear_backward(l, GATE, &hn2, &acts.lora[GATE], &dg, n, grads);
                 let dhu = self.linear_backward(l, UP, &hn2, &acts.lora[UP], &du, n, grads);
                 add(ctx, &mut dhn2, &dhu, h);
                 dhn2
             }
             MlpActs::Moe(m) => match &layer.mlp {
-                Mlp::Moe { router, experts, norm_topk_prob, .. } => {
+                FeedForward::Moe(Moe { router, experts, norm_topk_prob, .. }) => {
                     moe_backward(ctx, router, experts, *norm_topk_prob, m, dx, n)
                 }
-                Mlp::Dense(_) => unreachable!("MoE activations come from a MoE layer"),
+                FeedForward::Dense(_) => unreachable!("MoE activations come from a MoE layer"),
             },
         };
         let mut dnorm = zeros(ctx.pool, n * h);
         par_rows(ctx, n, &mut dnorm, h, |r, o| {
             let w = r.start * h..r.end * h;
-            grad::rms_norm_backward(isa, &acts.x2[w.clone()], &layer.post_attention_layernorm, eps, &dhn2[w], o)
+            grad::rms_norm_backward(isa, &acts.x2[w.clone()], &layer.post_attention_layernorm.weight, eps, &dhn2[w], o)
         });
         add(ctx, dx, &dnorm, h);
 
@@ -691,15 +692,15 @@ impl Runner<'_, '_> {
             });
             d.copy_from_slice(&out);
         };
-        head_back(&mut dq, &acts.q_pre, &a.q_norm, qd);
-        head_back(&mut dk, &acts.k_pre, &a.k_norm, kvd);
-        let hn1 = self.norm_for(l, &[Q, K, V], x, &layer.input_layernorm);
+        head_back(&mut dq, &acts.q_pre, &a.q_norm.weight, qd);
+        head_back(&mut dk, &acts.k_pre, &a.k_norm.weight, kvd);
+        let hn1 = self.norm_for(l, &[Q, K, V], x, &layer.input_layernorm.weight);
         let mut dhn1 = self.linear_backward(l, Q, &hn1, &acts.lora[Q], &dq, n, grads);
         add(ctx, &mut dhn1, &self.linear_backward(l, K, &hn1, &acts.lora[K], &dk, n, grads), h);
         add(ctx, &mut dhn1, &self.linear_backward(l, V, &hn1, &acts.lora[V], &dv, n, grads), h);
         par_rows(ctx, n, &mut dnorm, h, |r, o| {
             let w = r.start * h..r.end * h;
-            grad::rms_norm_backward(isa, &x[w.clone()], &layer.input_layernorm, eps, &dhn1[w], o)
+            grad::rms_norm_backward(isa, &x[w.clone()], &layer.input_layernorm.weight, eps, &dhn1[w], o)
         });
         add(ctx, dx, &dnorm, h);
     }
@@ -712,7 +713,7 @@ impl Runner<'_, '_> {
 fn moe_forward(
     ctx: Ctx,
     router: &Linear,
-    experts: &[qwick_model::qwen3::SwiGlu],
+    experts: &[Mlp],
     top_k: usize,
     norm: bool,
     x: &[f32],
@@ -760,7 +761,7 @@ fn moe_forward(
 fn moe_backward(
     ctx: Ctx,
     router: &Linear,
-    experts: &[qwick_model::qwen3::SwiGlu],
+    experts: &[Mlp],
     norm: bool,
     m: &MoeActs,
     dout: &[f32],
@@ -884,7 +885,9 @@ pub fn loss(
     let model = f.model;
     let c = &model.config;
     let (n, h, vocab) = (seq.len(), c.hidden_size, c.vocab_size);
-    let (cos, sin) = model.rope_tables(&seq.positions);
+    let rope = model.rope(&seq.positions);
+    let cos: Vec<f32> = (0..rope.len()).flat_map(|i| rope.at(i).0).copied().collect();
+    let sin: Vec<f32> = (0..rope.len()).flat_map(|i| rope.at(i).1).copied().collect();
     let mut x = model.embed(&seq.tokens);
     let keep = grads.is_some();
     // Kept for the backward pass: each layer's input, and its attention output (the
@@ -906,7 +909,7 @@ pub fn loss(
     }
     let mut hn = zeros(ctx.pool, n * h);
     par_rows(ctx, n, &mut hn, h, |rr, o| {
-        ops::rms_norm(ctx.isa, &x[rr.start * h..rr.end * h], &model.norm, c.rms_norm_eps, o)
+        ops::rms_norm(ctx.isa, &x[rr.start * h..rr.end * h], &model.norm.weight, c.rms_norm_eps, o)
     });
     // The loss, a few labelled rows at a time.
     let rows: Vec<(usize, u32)> = seq.labels.iter().enumerate().filter_map(|(i, l)| l.map(|y| (i, y))).collect();
@@ -942,7 +945,7 @@ pub fn loss(
     let mut dx = zeros(ctx.pool, n * h);
     par_rows(ctx, n, &mut dx, h, |rr, o| {
         let w = rr.start * h..rr.end * h;
-        grad::rms_norm_backward(ctx.isa, &x[w.clone()], &model.norm, c.rms_norm_eps, &dhn[w], o)
+        grad::rms_norm_backward(ctx.isa, &x[w.clone()], &model.norm.weight, c.rms_norm_eps, &dhn[w], o)
     });
     drop(hn);
     for l in (0..model.layers.len()).rev() {
