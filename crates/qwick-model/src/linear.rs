@@ -27,6 +27,9 @@ pub struct LowRank {
     pub(crate) s: f32,
 }
 
+/// An adapter update present in a batch: the update, its rows, their inputs gathered.
+type Present<'a> = (&'a LowRank, Vec<usize>, Cow<'a, [f32]>);
+
 /// One product of [`forward_all`]: `y = x · Wᵀ` for `n` rows `x` of a weight.
 pub type Product<'a> = (&'a [f32], usize, &'a Linear, &'a mut [f32]);
 
@@ -62,8 +65,7 @@ impl Linear {
     /// step mixing adapters costs two parallel dispatches per projection, not two per adapter.
     pub fn add_lora(&self, ctx: Ctx, x: &[f32], n: usize, y: &mut [f32], rows: &[u16]) {
         let (out, inp) = (self.out_features(), self.in_features());
-        // (adapter update, its rows, their inputs gathered)
-        let present: Vec<(&LowRank, Vec<usize>, Cow<[f32]>)> = self
+        let present: Vec<Present> = self
             .lora
             .iter()
             .filter_map(|(id, l)| {

@@ -88,18 +88,7 @@ pub enum Keys<'a> {
     Packed(AttnShape<'a>),
 }
 
-impl<'a> Keys<'a> {
-    /// Packed examples for a model of `c`: `start[i]` is the first token of token `i`'s example.
-    pub fn packed(c: &Config, start: &'a [u32]) -> Keys<'a> {
-        Keys::Packed(AttnShape {
-            n_heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-            scale: 1.0 / (c.head_dim as f32).sqrt(),
-            start,
-        })
-    }
-
+impl Keys<'_> {
     /// Layer `l`'s attention of the queries `q` to the keys `k` and values `v` (after storing
     /// them in the cache): the output, and with packed examples the log-sum-exps (else empty).
     fn attend(&mut self, ctx: Ctx, l: usize, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
@@ -116,6 +105,18 @@ impl<'a> Keys<'a> {
                 (out, lse)
             }
         }
+    }
+}
+
+/// The attention of packed examples for a model of `c`: `start[i]` is the first token of token
+/// `i`'s example.
+pub fn packed_attention<'a>(c: &Config, start: &'a [u32]) -> AttnShape<'a> {
+    AttnShape {
+        n_heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        scale: 1.0 / (c.head_dim as f32).sqrt(),
+        start,
     }
 }
 
@@ -380,7 +381,7 @@ pub fn route(logits: &mut [f32], experts: usize, top_k: usize, norm: bool) -> Ve
 }
 
 pub enum FeedForward {
-    Dense(Mlp),
+    Dense(Box<Mlp>),
     Moe(Moe),
 }
 

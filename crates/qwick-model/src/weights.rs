@@ -270,7 +270,7 @@ impl Qwen3 {
                         norm_topk_prob: m.norm_topk_prob,
                     })
                 }
-                _ => FeedForward::Dense(swiglu(l, c.intermediate_size)?),
+                _ => FeedForward::Dense(Box::new(swiglu(l, c.intermediate_size)?)),
             };
             layers.push(Layer {
                 input_layernorm: norm(Role::AttnNorm, l, h)?,
