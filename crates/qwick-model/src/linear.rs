@@ -63,7 +63,7 @@ impl Linear {
     /// `rows[i]` is row `i`'s adapter (0: none). Rows of one adapter are gathered, and the
     /// adapters present run as one batch of products (`x·Aᵀ` for all of them, then `·Bᵀ`), so a
     /// step mixing adapters costs two parallel dispatches per projection, not two per adapter.
-    pub fn add_lora(&self, ctx: Ctx, x: &[f32], n: usize, y: &mut [f32], rows: &[u16]) {
+    pub(crate) fn add_lora(&self, ctx: Ctx, x: &[f32], n: usize, y: &mut [f32], rows: &[u16]) {
         let (out, inp) = (self.out_features(), self.in_features());
         let present: Vec<Present> = self
             .lora
