@@ -3,7 +3,8 @@
 //! business (block tables).
 
 use qwick_backend::attention::{KvLayout, PagedKv};
-use qwick_backend::Format;
+use qwick_backend::pool::SendPtr;
+use qwick_backend::{Ctx, Format};
 
 pub struct KvCache {
     pub block_size: usize,
@@ -70,6 +71,35 @@ impl KvCache {
     pub fn layer_mut(&mut self, l: usize) -> (&mut [u8], &mut [u8]) {
         let (k, v) = &mut self.layers[l];
         (k, v)
+    }
+
+    /// Writes the K and V rows of `slots.len()` tokens (`[tokens, kv_heads · head_dim]` each) of
+    /// layer `l` to their cache slots (`slots[i]`: block × block_size + offset), encoded in the
+    /// cache's format, each KV head's values to that head's rows of the block. From 8 tokens on,
+    /// the KV heads are spread over the threads.
+    pub fn write(&mut self, ctx: Ctx, l: usize, k: &[f32], v: &[f32], slots: &[u32]) {
+        let (fmt, layout) = (self.format, self.layout());
+        let (es, bs, d, heads) = (fmt.row_bytes(1), self.block_size, self.head_dim, self.kv_heads);
+        let (n, width) = (slots.len(), heads * d);
+        assert!(k.len() >= n * width && v.len() >= n * width, "K/V rows for every slot");
+        assert!(slots.iter().all(|&s| (s as usize) < self.num_blocks * bs), "a KV slot outside the cache");
+        let (kc, vc) = self.layer_mut(l);
+        let (kp, vp) = (SendPtr::new(kc), SendPtr::new(vc));
+        ctx.pool.for_chunks(heads, if n >= 8 { 1 } else { heads }, &|hs| {
+            for (i, &slot) in slots.iter().enumerate() {
+                let slot = slot as usize;
+                for h in hs.clone() {
+                    let (at, src) = (layout.row(slot / bs, h, slot % bs) * es, i * width + h * d);
+                    // SAFETY: the slot is inside the cache (asserted above), so row (slot, h) is
+                    // inside this layer's buffers; each chunk of heads writes only its heads'
+                    // rows, so no two threads write the same bytes.
+                    unsafe {
+                        fmt.encode_floats(&k[src..src + d], kp.slice(at, d * es));
+                        fmt.encode_floats(&v[src..src + d], vp.slice(at, d * es));
+                    }
+                }
+            }
+        });
     }
 
     /// Where values live in each layer's K and V buffers.

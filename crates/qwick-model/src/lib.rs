@@ -5,14 +5,17 @@ pub mod batch;
 pub mod config;
 pub mod gguf;
 pub mod kv;
+pub mod linear;
 pub mod lora;
 pub mod names;
 pub mod npy;
 pub mod qwen3;
 pub mod random;
 pub mod safetensors;
+pub mod weights;
 
 pub use batch::Batch;
 pub use config::{Architecture, Config};
 pub use kv::{KvCache, KV_FORMATS};
-pub use qwen3::{LoadOptions, ModelFiles, Qwen3};
+pub use qwen3::Qwen3;
+pub use weights::{LoadOptions, ModelFiles};

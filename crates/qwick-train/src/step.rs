@@ -1,7 +1,8 @@
-//! One training step's arithmetic: the Qwen3 forward pass over a packed sequence with LoRA
-//! updates on the targeted projections, the loss (cross-entropy over the labelled rows, a few
-//! rows of logits at a time so the `[tokens, vocab]` matrix never exists whole), and the
-//! backward pass to the LoRA matrices.
+//! One training step's arithmetic: the model's own forward pass (`qwick_model::qwen3`) over a
+//! packed sequence, traced, with the trainable LoRA pairs' updates on the targeted projections
+//! (a [`Lora`]); the loss (cross-entropy over the labelled rows, a few rows of logits at a time
+//! so the `[tokens, vocab]` matrix never exists whole); and the backward pass to the LoRA
+//! matrices, written against what the traced forward pass kept ([`LayerTrace`]).
 //!
 //! Only each layer's input and attention output are kept from the forward pass; the backward
 //! pass recomputes one layer's other activations at a time from them (activation checkpointing
@@ -19,8 +20,13 @@
 use crate::lora::{LoraParams, Pair, DOWN, GATE, K, O, Q, UP, V};
 use qwick_backend::grad::{self, transpose, AttnShape};
 use qwick_backend::pool::SendPtr;
-use qwick_backend::{copied, matmul, matmul_batch, ops, par_rows, zeros, Ctx, Format, MatmulJob, WeightView};
-use qwick_model::qwen3::{Linear, Mlp};
+use qwick_backend::{copied, matmul, ops, par_rows, zeros, Ctx, Format, WeightView};
+use qwick_model::linear::Linear;
+use qwick_model::lora::MODULES;
+use qwick_model::names::Role;
+use qwick_model::qwen3::{
+    packed_attention, FeedForward, Keys, LayerTrace, Lora, MlpTrace, Moe, MoeTrace, Pass, RmsNorm, Rope, Trace,
+};
 use qwick_model::Qwen3;
 
 /// One packed sequence: several examples one after another.
@@ -189,10 +195,10 @@ pub struct Frozen<'m> {
     kept_layers: usize,
 }
 
-fn dense(m: &Mlp) -> Option<(&Linear, &Linear, &Linear)> {
+fn dense(m: &FeedForward) -> Option<(&Linear, &Linear, &Linear)> {
     match m {
-        Mlp::Dense(s) => Some((&s.gate_proj, &s.up_proj, &s.down_proj)),
-        Mlp::Moe { .. } => None,
+        FeedForward::Dense(s) => Some((&s.gate_proj, &s.up_proj, &s.down_proj)),
+        FeedForward::Moe(_) => None,
     }
 }
 
@@ -301,18 +307,10 @@ pub struct Dropout {
 /// dropout is on) and `x·Aᵀ`; `None` for a projection without an adapter.
 type LoraSaved = Option<(Option<Vec<f32>>, Vec<f32>)>;
 
-/// The activations of one layer that its backward pass reads.
-struct Acts {
-    q_pre: Vec<f32>,
-    k_pre: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    att: Vec<f32>,
-    lse: Vec<f32>,
-    x2: Vec<f32>,
-    mlp: MlpActs,
-    /// Per module: the dropped-out input of the LoRA path (when dropout is on) and `x·Aᵀ`.
+/// What the backward pass of a layer reads: the model's trace of its forward pass, and per
+/// module the LoRA path's saved values.
+struct Kept {
+    trace: LayerTrace,
     lora: [LoraSaved; 7],
 }
 
@@ -330,34 +328,6 @@ pub fn kept_layer_bytes(c: &qwick_model::Config, l: usize, tokens: usize, rank: 
     // size, o the attention output, down the intermediate activations.
     let lora = 7 * rank + if dropout { 5 * h + qd + c.intermediate_size } else { 0 };
     4 * tokens * (attention + mlp + lora)
-}
-
-/// What an MLP block's backward pass reads.
-enum MlpActs {
-    /// Gate and up projections (`silu(gate)·up` is recomputed).
-    Dense {
-        g: Vec<f32>,
-        u: Vec<f32>,
-    },
-    Moe(MoeActs),
-}
-
-/// A mixture-of-experts block's forward state.
-struct MoeActs {
-    /// Router probabilities, `[n, experts]`.
-    probs: Vec<f32>,
-    /// Per token, its chosen experts and their weights.
-    chosen: Vec<Vec<(usize, f32)>>,
-    /// The experts that ran.
-    runs: Vec<ExpertRun>,
-}
-
-struct ExpertRun {
-    expert: usize,
-    tokens: Vec<usize>,
-    g: Vec<f32>,
-    u: Vec<f32>,
-    y: Vec<f32>,
 }
 
 /// `dy · W` for a weight as stored (`[out, in]`), through a transposed f32 copy made for the
@@ -404,19 +374,11 @@ impl Runner<'_, '_> {
         )
     }
 
-    /// RMSNorm of the rows of `x` with weight `w`.
-    fn norm(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
-        let (ctx, h, eps) = (self.ctx, w.len(), self.f.model.config.rms_norm_eps);
-        let mut out = zeros(ctx.pool, x.len());
-        par_rows(ctx, x.len() / h, &mut out, h, |r, o| ops::rms_norm(ctx.isa, &x[r.start * h..r.end * h], w, eps, o));
-        out
-    }
-
     /// The normed input of layer `l`'s `modules`, recomputed for their LoRA gradients (empty
     /// when none of them has a pair: nothing reads it).
-    fn norm_for(&self, l: usize, modules: &[usize], x: &[f32], w: &[f32]) -> Vec<f32> {
+    fn norm_for(&self, l: usize, modules: &[usize], x: &[f32], norm: &RmsNorm) -> Vec<f32> {
         if modules.iter().any(|&m| self.lora.get(l, m).is_some()) {
-            self.norm(x, w)
+            norm.forward(self.ctx, x)
         } else {
             Vec::new()
         }
@@ -433,8 +395,8 @@ impl Runner<'_, '_> {
     }
 
     /// `y += s · (x·Aᵀ)·Bᵀ` for the pair of `(l, m)` if any; returns what the backward pass
-    /// needs (the dropped-out input and `x·Aᵀ`).
-    fn lora_forward(&self, l: usize, m: usize, x: &[f32], n: usize, y: &mut [f32]) -> LoraSaved {
+    /// needs (the dropped-out input and `x·Aᵀ`) when `keep`.
+    fn lora_forward(&self, l: usize, m: usize, x: &[f32], n: usize, y: &mut [f32], keep: bool) -> LoraSaved {
         let p = self.lora.get(l, m)?;
         let r = self.lora.spec.rank;
         let xd = self.dropped(l, m, x);
@@ -445,94 +407,7 @@ impl Runner<'_, '_> {
         let st: Vec<f32> = tt.iter().map(|v| s * v).collect();
         let bt = transpose(&p.b, p.out, r);
         par_rows(ctx, n, y, p.out, |rows, yr| grad::matmul_tn(ctx.isa, &st, n, &bt, p.out, rows, yr));
-        Some((xd, transpose(&tt, r, n)))
-    }
-
-    /// The layer's forward pass from its input `x`, keeping its activations; returns them and
-    /// leaves the layer's output in `x`.
-    /// `attn`: the attention output and log-sum-exps of an earlier pass over the same input
-    /// (the recomputation in the backward pass reuses them instead of attending again).
-    fn layer_forward(
-        &self,
-        l: usize,
-        x: &mut [f32],
-        seq: &Sequence,
-        cos: &[f32],
-        sin: &[f32],
-        attn: Option<(Vec<f32>, Vec<f32>)>,
-    ) -> Acts {
-        let (ctx, model) = (self.ctx, self.f.model);
-        let c = &model.config;
-        let n = seq.len();
-        let (h, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
-        let (isa, eps) = (ctx.isa, c.rms_norm_eps);
-        let layer = &model.layers[l];
-        let a = &layer.attn;
-        let hn1 = self.norm(x, &layer.input_layernorm);
-        let (mut q_pre, mut k_pre, mut v) =
-            (zeros(ctx.pool, n * qd), zeros(ctx.pool, n * kvd), zeros(ctx.pool, n * kvd));
-        matmul_batch(
-            ctx,
-            &[
-                MatmulJob::new(&hn1, n, a.q_proj.view(), &mut q_pre),
-                MatmulJob::new(&hn1, n, a.k_proj.view(), &mut k_pre),
-                MatmulJob::new(&hn1, n, a.v_proj.view(), &mut v),
-            ],
-        );
-        let mut lora: [LoraSaved; 7] = Default::default();
-        lora[Q] = self.lora_forward(l, Q, &hn1, n, &mut q_pre);
-        lora[K] = self.lora_forward(l, K, &hn1, n, &mut k_pre);
-        lora[V] = self.lora_forward(l, V, &hn1, n, &mut v);
-        let (mut q, mut k) = (copied(ctx.pool, &q_pre), copied(ctx.pool, &k_pre));
-        let half = hd / 2;
-        par_rows(ctx, n, &mut q, qd, |r, qr| {
-            for (i, row) in r.clone().zip(qr.chunks_exact_mut(qd)) {
-                ops::rms_norm_inplace(isa, row, &a.q_norm, eps);
-                ops::rope_inplace(isa, row, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
-            }
-        });
-        par_rows(ctx, n, &mut k, kvd, |r, kr| {
-            for (i, row) in r.clone().zip(kr.chunks_exact_mut(kvd)) {
-                ops::rms_norm_inplace(isa, row, &a.k_norm, eps);
-                ops::rope_inplace(isa, row, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
-            }
-        });
-        let shape = attn_shape(c, seq);
-        let (att, lse) = attn.unwrap_or_else(|| {
-            let mut att = zeros(ctx.pool, n * qd);
-            let mut lse = vec![0f32; n * c.num_attention_heads];
-            grad::attention_forward(ctx, &shape, &q, &k, &v, &mut att, &mut lse);
-            (att, lse)
-        });
-        let mut tmp = zeros(ctx.pool, n * h);
-        matmul(ctx, &att, n, &a.o_proj.view(), &mut tmp);
-        lora[O] = self.lora_forward(l, O, &att, n, &mut tmp);
-        par_rows(ctx, n, x, h, |r, xo| ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h]));
-        let x2 = copied(ctx.pool, x);
-        let hn2 = self.norm(&x2, &layer.post_attention_layernorm);
-        let mlp = match &layer.mlp {
-            Mlp::Dense(sw) => {
-                let (gp, up, dp) = (&sw.gate_proj, &sw.up_proj, &sw.down_proj);
-                let inter = gp.weight.shape[0];
-                let (mut g, mut u) = (zeros(ctx.pool, n * inter), zeros(ctx.pool, n * inter));
-                matmul_batch(
-                    ctx,
-                    &[MatmulJob::new(&hn2, n, gp.view(), &mut g), MatmulJob::new(&hn2, n, up.view(), &mut u)],
-                );
-                lora[GATE] = self.lora_forward(l, GATE, &hn2, n, &mut g);
-                lora[UP] = self.lora_forward(l, UP, &hn2, n, &mut u);
-                let act = self.swiglu(&g, &u, inter);
-                matmul(ctx, &act, n, &dp.view(), &mut tmp);
-                lora[DOWN] = self.lora_forward(l, DOWN, &act, n, &mut tmp);
-                MlpActs::Dense { g, u }
-            }
-            Mlp::Moe { router, experts, top_k, norm_topk_prob } => {
-                let m = moe_forward(ctx, router, experts, *top_k, *norm_topk_prob, &hn2, n, &mut tmp);
-                MlpActs::Moe(m)
-            }
-        };
-        par_rows(ctx, n, x, h, |r, xo| ops::add_inplace(isa, xo, &tmp[r.start * h..r.end * h]));
-        Acts { q_pre, k_pre, q, k, v, att, lse, x2, mlp, lora }
+        keep.then(|| (xd, transpose(&tt, r, n)))
     }
 
     /// Backward of one projection `y = x·Wᵀ (+ LoRA)`: returns `dx` and adds the pair's
@@ -610,164 +485,149 @@ impl Runner<'_, '_> {
         }
     }
 
-    /// The layer's backward pass: from `dx` (gradient of the layer's output) to the gradient
-    /// of its input, in place; LoRA gradients added to `grads`.
+    /// Layer `l`'s backward pass, from its input `x` and what its forward pass kept: from `dx`
+    /// (the gradient of the layer's output) to the gradient of its input, in place; LoRA
+    /// gradients added to `grads`.
     #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
         l: usize,
         x: &[f32],
-        acts: &Acts,
-        seq: &Sequence,
-        cos: &[f32],
-        sin: &[f32],
+        kept: &Kept,
+        rope: &Rope,
+        shape: &AttnShape,
         dx: &mut [f32],
         grads: &mut Grads,
     ) {
-        let (ctx, model) = (self.ctx, self.f.model);
-        let c = &model.config;
-        let n = seq.len();
-        let (h, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
-        let (isa, eps) = (ctx.isa, c.rms_norm_eps);
-        let layer = &model.layers[l];
-        let dhn2 = match &acts.mlp {
-            MlpActs::Dense { g, u } => {
-                let inter = g.len() / n;
-                let a = if self.lora.get(l, DOWN).is_some() { self.swiglu(g, u, inter) } else { Vec::new() };
-                let da = self.linear_backward(l, DOWN, &a, &acts.lora[DOWN], dx, n, grads);
-                let (mut dg, mut du) = (zeros(ctx.pool, n * inter), zeros(ctx.pool, n * inter));
-                {
-                    let dup = SendPtr::new(&mut du);
-                    par_rows(ctx, n, &mut dg, inter, |r, dgr| {
-                        let w = r.start * inter..r.end * inter;
-                        // SAFETY: the same rows of du as of dg, which this chunk owns.
-                        let dur = unsafe { dup.slice(w.start, w.len()) };
-                        grad::silu_mul_backward(isa, &g[w.clone()], &u[w.clone()], &da[w], dgr, dur);
-                    });
-                }
-                let hn2 = self.norm_for(l, &[GATE, UP], &acts.x2, &layer.post_attention_layernorm);
-                let mut dhn2 = self.linear_backward(l, GATE, &hn2, &acts.lora[GATE], &dg, n, grads);
-                let dhu = self.linear_backward(l, UP, &hn2, &acts.lora[UP], &du, n, grads);
-                add(ctx, &mut dhn2, &dhu, h);
-                dhn2
-            }
-            MlpActs::Moe(m) => match &layer.mlp {
-                Mlp::Moe { router, experts, norm_topk_prob, .. } => {
-                    moe_backward(ctx, router, experts, *norm_topk_prob, m, dx, n)
-                }
-                Mlp::Dense(_) => unreachable!("MoE activations come from a MoE layer"),
-            },
-        };
-        let mut dnorm = zeros(ctx.pool, n * h);
-        par_rows(ctx, n, &mut dnorm, h, |r, o| {
-            let w = r.start * h..r.end * h;
-            grad::rms_norm_backward(isa, &acts.x2[w.clone()], &layer.post_attention_layernorm, eps, &dhn2[w], o)
-        });
+        let (ctx, layer) = (self.ctx, &self.f.model.layers[l]);
+        let h = layer.input_layernorm.weight.len();
+        // The MLP block: out = mid + mlp(norm(mid)).
+        let dhn2 = self.mlp_backward(l, kept, dx, grads);
+        let mut dnorm = zeros(ctx.pool, dx.len());
+        norm_backward(ctx, &layer.post_attention_layernorm, &kept.trace.mid, &dhn2, &mut dnorm);
         add(ctx, dx, &dnorm, h);
+        // The attention block: mid = x + o(attn(rope(norm(q(hn1))), rope(norm(k(hn1))), v(hn1))).
+        let dhn1 = self.attention_backward(l, x, kept, rope, shape, dx, grads);
+        norm_backward(ctx, &layer.input_layernorm, x, &dhn1, &mut dnorm);
+        add(ctx, dx, &dnorm, h);
+    }
 
-        // Attention: x2 = x + o(attn(rope(norm(q(hn1))), rope(norm(k(hn1))), v(hn1))).
-        let datt = self.linear_backward(l, O, &acts.att, &acts.lora[O], dx, n, grads);
-        let shape = attn_shape(c, seq);
-        let (mut dq, mut dk, mut dv) = (zeros(ctx.pool, n * qd), zeros(ctx.pool, n * kvd), zeros(ctx.pool, n * kvd));
-        grad::attention_backward(
-            ctx, &shape, &acts.q, &acts.k, &acts.v, &acts.att, &acts.lse, &datt, &mut dq, &mut dk, &mut dv,
-        );
-        // Through RoPE (its transpose: rotate back) and the per-head norms.
-        let half = hd / 2;
-        let a = &layer.attn;
-        let head_back = |d: &mut [f32], pre: &[f32], w: &[f32], width: usize| {
-            let mut out = zeros(ctx.pool, n * width);
-            par_rows(ctx, n, &mut out, width, |r, o| {
-                let mut row = vec![0f32; width];
-                let mut neg = vec![0f32; half];
-                for (i, orow) in r.clone().zip(o.chunks_exact_mut(width)) {
-                    row.copy_from_slice(&d[i * width..(i + 1) * width]);
-                    for (nv, sv) in neg.iter_mut().zip(&sin[i * half..(i + 1) * half]) {
-                        *nv = -sv;
-                    }
-                    ops::rope_inplace(isa, &mut row, &cos[i * half..(i + 1) * half], &neg);
-                    grad::rms_norm_backward(isa, &pre[i * width..(i + 1) * width], w, eps, &row, orow);
-                }
+    /// Backward of layer `l`'s MLP: the gradient of its (normed) input from that of its output
+    /// `dy`.
+    fn mlp_backward(&self, l: usize, kept: &Kept, dy: &[f32], grads: &mut Grads) -> Vec<f32> {
+        let (ctx, layer) = (self.ctx, &self.f.model.layers[l]);
+        let n = dy.len() / layer.input_layernorm.weight.len();
+        let (g, u) = match (&kept.trace.mlp, &layer.mlp) {
+            (MlpTrace::Dense { g, u }, FeedForward::Dense(_)) => (g, u),
+            (MlpTrace::Moe(m), FeedForward::Moe(moe)) => return moe_backward(ctx, moe, m, dy, n),
+            _ => unreachable!("a layer's trace comes from that layer's forward pass"),
+        };
+        let (isa, inter) = (ctx.isa, g.len() / n);
+        let a = if self.lora.get(l, DOWN).is_some() { self.swiglu(g, u, inter) } else { Vec::new() };
+        let da = self.linear_backward(l, DOWN, &a, &kept.lora[DOWN], dy, n, grads);
+        let (mut dg, mut du) = (zeros(ctx.pool, n * inter), zeros(ctx.pool, n * inter));
+        {
+            let dup = SendPtr::new(&mut du);
+            par_rows(ctx, n, &mut dg, inter, |r, dgr| {
+                let w = r.start * inter..r.end * inter;
+                // SAFETY: the same rows of du as of dg, which this chunk owns.
+                let dur = unsafe { dup.slice(w.start, w.len()) };
+                grad::silu_mul_backward(isa, &g[w.clone()], &u[w.clone()], &da[w], dgr, dur);
             });
-            d.copy_from_slice(&out);
-        };
-        head_back(&mut dq, &acts.q_pre, &a.q_norm, qd);
-        head_back(&mut dk, &acts.k_pre, &a.k_norm, kvd);
+        }
+        let hn2 = self.norm_for(l, &[GATE, UP], &kept.trace.mid, &layer.post_attention_layernorm);
+        let mut dhn2 = self.linear_backward(l, GATE, &hn2, &kept.lora[GATE], &dg, n, grads);
+        let dhu = self.linear_backward(l, UP, &hn2, &kept.lora[UP], &du, n, grads);
+        add(ctx, &mut dhn2, &dhu, dhu.len() / n);
+        dhn2
+    }
+
+    /// Backward of layer `l`'s attention over the normed `x` (the layer's input): the gradient
+    /// of its normed input from that of its output `dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        l: usize,
+        x: &[f32],
+        kept: &Kept,
+        rope: &Rope,
+        shape: &AttnShape,
+        dy: &[f32],
+        grads: &mut Grads,
+    ) -> Vec<f32> {
+        let (ctx, layer, t) = (self.ctx, &self.f.model.layers[l], &kept.trace);
+        let (a, n) = (&layer.attn, rope.len());
+        let (h, qd, kvd) = (a.o_proj.out_features(), a.q_proj.out_features(), a.k_proj.out_features());
+        let datt = self.linear_backward(l, O, &t.att, &kept.lora[O], dy, n, grads);
+        let (mut dq, mut dk, mut dv) = (zeros(ctx.pool, n * qd), zeros(ctx.pool, n * kvd), zeros(ctx.pool, n * kvd));
+        grad::attention_backward(ctx, shape, &t.q, &t.k, &t.v, &t.att, &t.lse, &datt, &mut dq, &mut dk, &mut dv);
+        let dq = head_backward(ctx, &dq, &t.q_pre, &a.q_norm, rope, qd);
+        let dk = head_backward(ctx, &dk, &t.k_pre, &a.k_norm, rope, kvd);
         let hn1 = self.norm_for(l, &[Q, K, V], x, &layer.input_layernorm);
-        let mut dhn1 = self.linear_backward(l, Q, &hn1, &acts.lora[Q], &dq, n, grads);
-        add(ctx, &mut dhn1, &self.linear_backward(l, K, &hn1, &acts.lora[K], &dk, n, grads), h);
-        add(ctx, &mut dhn1, &self.linear_backward(l, V, &hn1, &acts.lora[V], &dv, n, grads), h);
-        par_rows(ctx, n, &mut dnorm, h, |r, o| {
-            let w = r.start * h..r.end * h;
-            grad::rms_norm_backward(isa, &x[w.clone()], &layer.input_layernorm, eps, &dhn1[w], o)
-        });
-        add(ctx, dx, &dnorm, h);
+        let mut dhn1 = self.linear_backward(l, Q, &hn1, &kept.lora[Q], &dq, n, grads);
+        add(ctx, &mut dhn1, &self.linear_backward(l, K, &hn1, &kept.lora[K], &dk, n, grads), h);
+        add(ctx, &mut dhn1, &self.linear_backward(l, V, &hn1, &kept.lora[V], &dv, n, grads), h);
+        dhn1
     }
 }
 
-/// The sparse MoE block's forward pass as the model's (softmax router, top-k by probability
-/// with ties to the lower index, renormalised when `norm`), keeping what the backward pass
-/// reads; writes the block's output into `out`.
-#[allow(clippy::too_many_arguments)]
-fn moe_forward(
-    ctx: Ctx,
-    router: &Linear,
-    experts: &[qwick_model::qwen3::SwiGlu],
-    top_k: usize,
-    norm: bool,
-    x: &[f32],
-    n: usize,
-    out: &mut [f32],
-) -> MoeActs {
-    let ne = experts.len();
-    let h = router.weight.shape[1];
-    let mut probs = vec![0f32; n * ne];
-    matmul(ctx, x, n, &router.view(), &mut probs);
-    let chosen = qwick_model::qwen3::route(&mut probs, ne, top_k, norm);
-    let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
-    for (t, c) in chosen.iter().enumerate() {
-        for &(e, w) in c {
-            routed[e].push((t, w));
-        }
-    }
-    out[..n * h].fill(0.0);
-    let mut runs = Vec::new();
-    for (e, rows) in routed.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-        let sw = &experts[e];
-        let (m, inter) = (rows.len(), sw.gate_proj.weight.shape[0]);
-        let xs: Vec<f32> = rows.iter().flat_map(|&(t, _)| x[t * h..(t + 1) * h].iter().copied()).collect();
-        let (mut g, mut u) = (vec![0f32; m * inter], vec![0f32; m * inter]);
-        matmul_batch(
-            ctx,
-            &[MatmulJob::new(&xs, m, sw.gate_proj.view(), &mut g), MatmulJob::new(&xs, m, sw.up_proj.view(), &mut u)],
-        );
-        let mut a = g.clone();
-        ops::silu_mul(ctx.isa, &mut a, &u);
-        let mut y = vec![0f32; m * h];
-        matmul(ctx, &a, m, &sw.down_proj.view(), &mut y);
-        for (r, &(t, w)) in rows.iter().enumerate() {
-            for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[r * h..(r + 1) * h]) {
-                *o += w * v;
-            }
-        }
-        runs.push(ExpertRun { expert: e, tokens: rows.iter().map(|&(t, _)| t).collect(), g, u, y });
-    }
-    MoeActs { probs, chosen, runs }
+/// The trainable pairs' updates in the model's forward pass, keeping what their backward pass
+/// reads for the layers below `keep_below`.
+struct Updates<'r, 'a, 'm> {
+    r: &'r Runner<'a, 'm>,
+    keep_below: usize,
+    /// Per layer, per module.
+    saved: Vec<[LoraSaved; 7]>,
 }
 
-/// Backward of [`moe_forward`]: the gradient of the block's input from that of its output
-/// `dout`, through the experts that ran and through the routing weights to the router.
-fn moe_backward(
-    ctx: Ctx,
-    router: &Linear,
-    experts: &[qwick_model::qwen3::SwiGlu],
-    norm: bool,
-    m: &MoeActs,
-    dout: &[f32],
-    n: usize,
-) -> Vec<f32> {
+impl Lora for Updates<'_, '_, '_> {
+    fn add(&mut self, _: Ctx, l: usize, p: Role, w: &Linear, x: &[f32], y: &mut [f32]) {
+        let m = MODULES.iter().position(|m| m.1 == p).expect("an adaptable projection");
+        let keep = l < self.keep_below;
+        let kept = self.r.lora_forward(l, m, x, y.len() / w.out_features(), y, keep);
+        if keep {
+            self.saved[l][m] = kept;
+        }
+    }
+}
+
+/// Backward of a per-head RMSNorm (`norm`) then the rotation over rows of `width`: the
+/// gradient of the projection's output `pre` from that of the rotated rows `d`. The rotation's
+/// transpose rotates back.
+fn head_backward(ctx: Ctx, d: &[f32], pre: &[f32], norm: &RmsNorm, rope: &Rope, width: usize) -> Vec<f32> {
+    let n = rope.len();
+    let mut out = zeros(ctx.pool, n * width);
+    par_rows(ctx, n, &mut out, width, |r, o| {
+        let mut row = vec![0f32; width];
+        let mut neg = Vec::new();
+        for (i, orow) in r.zip(o.chunks_exact_mut(width)) {
+            row.copy_from_slice(&d[i * width..(i + 1) * width]);
+            let (cos, sin) = rope.at(i);
+            neg.clear();
+            neg.extend(sin.iter().map(|s| -s));
+            ops::rope_inplace(ctx.isa, &mut row, cos, &neg);
+            grad::rms_norm_backward(ctx.isa, &pre[i * width..(i + 1) * width], &norm.weight, norm.eps, &row, orow);
+        }
+    });
+    out
+}
+
+/// Backward of RMSNorm `norm` over the rows `x`: writes `dx` from `dy`.
+fn norm_backward(ctx: Ctx, norm: &RmsNorm, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let h = norm.weight.len();
+    par_rows(ctx, x.len() / h, dx, h, |r, o| {
+        let w = r.start * h..r.end * h;
+        grad::rms_norm_backward(ctx.isa, &x[w.clone()], &norm.weight, norm.eps, &dy[w], o)
+    });
+}
+
+/// Backward of the mixture of experts `moe` (its forward pass kept `m`): the gradient of the
+/// block's input from that of its output `dout`, through the experts that ran and through the
+/// routing weights to the router.
+fn moe_backward(ctx: Ctx, moe: &Moe, m: &MoeTrace, dout: &[f32], n: usize) -> Vec<f32> {
+    let (router, experts, norm) = (&moe.router, &moe.experts, moe.norm_topk_prob);
     let ne = experts.len();
-    let h = router.weight.shape[1];
+    let h = router.in_features();
     let mut dx = vec![0f32; n * h];
     // d(loss)/d(routing weight) per (token, expert).
     let mut dw = vec![0f32; n * ne];
@@ -825,17 +685,6 @@ fn moe_backward(
     dx
 }
 
-/// The attention of a packed sequence: each token sees its example up to itself.
-fn attn_shape<'a>(c: &qwick_model::Config, seq: &'a Sequence) -> AttnShape<'a> {
-    AttnShape {
-        n_heads: c.num_attention_heads,
-        kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-        scale: 1.0 / (c.head_dim as f32).sqrt(),
-        start: &seq.start,
-    }
-}
-
 /// `(x · wᵀ)ᵀ` (`[r, n]`) for a few-row `w` (`[r, k]`, a LoRA matrix) and many-row `x`
 /// (`[n, k]`): computed as `w · xᵀ`, `x` as the weight, streamed once for all `r` rows.
 fn skinny_t(ctx: Ctx, w: &[f32], r: usize, x: &[f32], n: usize) -> Vec<f32> {
@@ -849,14 +698,6 @@ fn skinny_t(ctx: Ctx, w: &[f32], r: usize, x: &[f32], n: usize) -> Vec<f32> {
 fn add(ctx: Ctx, x: &mut [f32], y: &[f32], width: usize) {
     let n = x.len() / width;
     par_rows(ctx, n, x, width, |r, xr| ops::add_inplace(ctx.isa, xr, &y[r.start * width..r.end * width]));
-}
-
-/// What the forward pass leaves a layer's backward pass.
-enum Saved {
-    /// Every activation (a kept layer).
-    All(Box<Acts>),
-    /// The attention output and log-sum-exps; the rest is recomputed from the layer's input.
-    Attention(Vec<f32>, Vec<f32>),
 }
 
 /// Rows of logits computed at once by the loss.
@@ -883,31 +724,23 @@ pub fn loss(
     };
     let model = f.model;
     let c = &model.config;
-    let (n, h, vocab) = (seq.len(), c.hidden_size, c.vocab_size);
-    let (cos, sin) = model.rope_tables(&seq.positions);
-    let mut x = model.embed(&seq.tokens);
+    let (n, h, vocab, layers) = (seq.len(), c.hidden_size, c.vocab_size, model.layers.len());
+    let rope = model.rope(&seq.positions);
+    let shape = packed_attention(c, &seq.start);
+    let mut keys = Keys::Packed(shape);
     let keep = grads.is_some();
-    // Kept for the backward pass: each layer's input, and its attention output (the
-    // recomputation repeats the projections but not the attention).
-    let mut inputs: Vec<Vec<f32>> = Vec::with_capacity(if keep { model.layers.len() } else { 0 });
-    let mut saved: Vec<Option<Saved>> = Vec::new();
-    for l in 0..model.layers.len() {
-        if keep {
-            inputs.push(copied(ctx.pool, &x));
-        }
-        let acts = r.layer_forward(l, &mut x, seq, &cos, &sin, None);
-        if keep {
-            saved.push(Some(if l < f.kept_layers {
-                Saved::All(Box::new(acts))
-            } else {
-                Saved::Attention(acts.att, acts.lse)
-            }));
-        }
-    }
-    let mut hn = zeros(ctx.pool, n * h);
-    par_rows(ctx, n, &mut hn, h, |rr, o| {
-        ops::rms_norm(ctx.isa, &x[rr.start * h..rr.end * h], &model.norm, c.rms_norm_eps, o)
-    });
+    // The model's forward pass, traced for the backward pass: each layer's input, all
+    // activations of the first `kept_layers` and the attention of the others (whose other
+    // activations are recomputed from their input, without attending again).
+    let mut trace = keep.then(|| Trace { full_layers: f.kept_layers, layers: Vec::with_capacity(layers) });
+    let mut updates = Updates {
+        r: &r,
+        keep_below: if keep { f.kept_layers } else { 0 },
+        saved: (0..layers).map(|_| Default::default()).collect(),
+    };
+    let mut x = model.embed(&seq.tokens);
+    model.forward_layers(&mut x, &mut Pass { ctx, rope: &rope, keys: &mut keys, lora: &mut updates }, trace.as_mut());
+    let hn = model.norm.forward(ctx, &x);
     // The loss, a few labelled rows at a time.
     let rows: Vec<(usize, u32)> = seq.labels.iter().enumerate().filter_map(|(i, l)| l.map(|y| (i, y))).collect();
     let mut dhn = vec![0f32; if keep { n * h } else { 0 }];
@@ -920,7 +753,7 @@ pub fn loss(
         for (o, &(i, _)) in chunk.iter().enumerate() {
             sel[o * h..(o + 1) * h].copy_from_slice(&hn[i * h..(i + 1) * h]);
         }
-        matmul(ctx, &sel[..m * h], m, &model.lm_head.view(), &mut logits[..m * vocab]);
+        model.lm_head.forward(ctx, &sel[..m * h], m, &mut logits[..m * vocab]);
         let labels: Vec<u32> = chunk.iter().map(|&(_, y)| y).collect();
         let lp = SendPtr::new(&mut logits[..m * vocab]);
         let sums = std::sync::Mutex::new(0f64);
@@ -938,22 +771,20 @@ pub fn loss(
             }
         }
     }
-    let Some(grads) = grads else { return total };
+    let (Some(grads), Some(mut trace)) = (grads, trace) else { return total };
     let mut dx = zeros(ctx.pool, n * h);
-    par_rows(ctx, n, &mut dx, h, |rr, o| {
-        let w = rr.start * h..rr.end * h;
-        grad::rms_norm_backward(ctx.isa, &x[w.clone()], &model.norm, c.rms_norm_eps, &dhn[w], o)
-    });
+    norm_backward(ctx, &model.norm, &x, &dhn, &mut dx);
     drop(hn);
-    for l in (0..model.layers.len()).rev() {
-        let acts = match saved[l].take().expect("saved once, used once") {
-            Saved::All(acts) => *acts,
-            Saved::Attention(att, lse) => {
-                r.layer_forward(l, &mut copied(ctx.pool, &inputs[l]), seq, &cos, &sin, Some((att, lse)))
-            }
-        };
-        r.layer_backward(l, &inputs[l], &acts, seq, &cos, &sin, &mut dx, grads);
-        inputs[l] = Vec::new();
+    updates.keep_below = layers;
+    for l in (0..layers).rev() {
+        let (input, mut kept) = trace.layers.pop().expect("a trace per layer");
+        if l >= f.kept_layers {
+            // The layer's activations again from its input, reusing its attention.
+            let mut pass = Pass { ctx, rope: &rope, keys: &mut keys, lora: &mut updates };
+            model.layers[l].forward(l, &mut copied(ctx.pool, &input), &mut pass, Some(&mut kept));
+        }
+        let kept = Kept { trace: kept, lora: std::mem::take(&mut updates.saved[l]) };
+        r.layer_backward(l, &input, &kept, &rope, &shape, &mut dx, grads);
     }
     total
 }
