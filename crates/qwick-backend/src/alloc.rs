@@ -108,7 +108,7 @@ impl<T: Plain> Aligned<T> {
     }
 
     /// [`Aligned::zeroed`] with the zeros written by `pool`'s threads.
-    pub fn zeroed_on(pool: &crate::ThreadPool, len: usize) -> Aligned<T> {
+    pub fn zeroed_on(pool: &crate::pool::ThreadPool, len: usize) -> Aligned<T> {
         let n = (len * std::mem::size_of::<T>()).div_ceil(64);
         let lines = crate::pool::par_build(pool, n, |_, o| o.fill(std::mem::MaybeUninit::new(Line([0; 64]))));
         Aligned { lines, len, _t: std::marker::PhantomData }
@@ -145,7 +145,7 @@ mod tests {
             b.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32);
             assert!(b.iter().enumerate().all(|(i, &v)| v == i as f32));
             assert_eq!(Aligned::<u16>::zeroed(len).as_ptr() as usize % 64, 0);
-            let pool = crate::ThreadPool::new(2);
+            let pool = crate::pool::ThreadPool::new(2);
             let big = Aligned::<u16>::zeroed_on(&pool, len * 100);
             assert!(
                 (big.as_ptr() as usize).is_multiple_of(64) && big.len() == len * 100 && big.iter().all(|&v| v == 0)

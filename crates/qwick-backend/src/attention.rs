@@ -6,9 +6,11 @@
 //! query row at a time (never a T×T matrix), softmaxed in f32 and applied to V. Query heads
 //! that share a KV head (GQA) are processed together so each key and value is read once.
 
+use crate::ctx::Ctx;
+use crate::format::Format;
+use crate::isa::Isa;
 use crate::ops::{dot, exp_sel, multiversion};
 use crate::pool::SendPtr;
-use crate::{Ctx, Format, Isa};
 
 /// One layer's paged K/V storage.
 #[derive(Clone, Copy)]
@@ -291,7 +293,7 @@ fn attend_one(isa: Isa, h: &Heads, s: Sink) {
             }
         };
     }
-    let isa = isa.at_most(crate::Level::Avx512);
+    let isa = isa.at_most(crate::isa::Level::Avx512);
     attend_generic(isa, h, s)
 }
 
@@ -755,7 +757,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::check::rand_vec;
-    use crate::ThreadPool;
+    use crate::pool::ThreadPool;
 
     /// Dense causal attention over contiguous K/V, written directly from the definition.
     #[allow(clippy::too_many_arguments)]

@@ -3,8 +3,9 @@
 //! bound that some engine exceeds is not one).
 
 use crate::alloc::HugeBuf;
+use crate::ctx::Ctx;
+use crate::isa::Isa;
 use crate::pool::chunk;
-use crate::{Ctx, Isa};
 use std::time::Instant;
 
 /// How a pass reads its part of the buffer.
@@ -153,7 +154,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ThreadPool;
+    use crate::pool::ThreadPool;
 
     #[test]
     fn every_pattern_sums_every_word() {

@@ -160,19 +160,6 @@ impl Format {
         self.is_float().then(|| self.name())
     }
 
-    /// Dequantizes whole blocks: `src` holds `dst.len() / block` blocks. The scalar reference
-    /// every kernel is tested against; equal bit for bit to the `gguf` Python package's
-    /// `gguf.quants.dequantize`.
-    pub fn dequantize(self, src: &[u8], dst: &mut [f32]) {
-        crate::quant::dequant::dequantize(self, src, dst)
-    }
-
-    /// Quantizes whole blocks of f32 values into `dst` (see [`crate::quant::quantize`]).
-    /// Panics for formats [`crate::quant::quantize::can_quantize`] refuses.
-    pub fn quantize(self, src: &[f32], dst: &mut [u8]) {
-        crate::quant::quantize::quantize(self, src, dst)
-    }
-
     /// Element `i` of a row of this format as f32 (dequantizes its whole block).
     pub fn get(self, row: &[u8], i: usize) -> f32 {
         let info = self.info();

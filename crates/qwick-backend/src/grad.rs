@@ -6,11 +6,12 @@
 //! as AVX2 / AVX-512 variants; tests compare the variants with the scalar one and the
 //! backward passes with finite differences of the forward ones.
 
+use crate::ctx::Ctx;
+use crate::isa::Isa;
 use crate::matmul::matmul;
 use crate::ops::{exp_sel, multiversion};
 use crate::pool::SendPtr;
 use crate::weights::WeightView;
-use crate::{Ctx, Isa};
 
 /// `Σ a[i]·b[i]` in 16 independent lanes so that it vectorises.
 #[inline(always)]
@@ -138,7 +139,7 @@ impl Operand {
         padded: usize,
     ) -> Operand {
         let src = rows.map(|r| &x[r * width + c..r * width + c + w]);
-        let data = if ctx.bf16_mode() == crate::Bf16Mode::F32 {
+        let data = if ctx.bf16_mode() == crate::matmul::Bf16Mode::F32 {
             let mut d = vec![0f32; padded * w];
             for (dst, row) in d.chunks_exact_mut(w).zip(src) {
                 dst.copy_from_slice(row);
@@ -154,10 +155,10 @@ impl Operand {
         Operand { data, rows: padded, cols: w }
     }
 
-    fn bytes(&self) -> (crate::Format, &[u8]) {
+    fn bytes(&self) -> (crate::format::Format, &[u8]) {
         match &self.data {
-            OperandData::Bf16(d) => (crate::Format::BF16, crate::format::u16_bytes(d)),
-            OperandData::F32(d) => (crate::Format::F32, crate::format::f32_bytes(d)),
+            OperandData::Bf16(d) => (crate::format::Format::BF16, crate::format::u16_bytes(d)),
+            OperandData::F32(d) => (crate::format::Format::F32, crate::format::f32_bytes(d)),
         }
     }
 
@@ -254,7 +255,7 @@ fn scale_exp(isa: Isa, row: &mut [f32], valid: std::ops::Range<usize>, scale: f3
 /// thread with a single-thread context (products inside an item run on that thread).
 fn per_item(ctx: Ctx, n: usize, f: &(dyn Fn(Ctx, usize) + Sync)) {
     ctx.pool.for_chunks(n, 1, &|r| {
-        let one = crate::ThreadPool::inline();
+        let one = crate::pool::ThreadPool::inline();
         let c = Ctx { pool: &one, ..ctx };
         for i in r {
             f(c, i);
@@ -636,7 +637,7 @@ mod tests {
 
     #[test]
     fn attention_matches_the_reference_and_its_gradient() {
-        let pool = crate::ThreadPool::new(2);
+        let pool = crate::pool::ThreadPool::new(2);
         // Small: every partial derivative by finite differences.
         for hd in [6usize, 24, 32] {
             let c = case(&[5, 4], hd);
@@ -679,7 +680,9 @@ mod tests {
         }
         // Outside exact contexts the products may run in bf16 (AMX tiles, bf16 dot products):
         // within bf16 rounding of the reference.
-        for mode in crate::Bf16Mode::ALL.into_iter().filter(|m| m.supported() && *m != crate::Bf16Mode::F32) {
+        for mode in
+            crate::matmul::Bf16Mode::ALL.into_iter().filter(|m| m.supported() && *m != crate::matmul::Bf16Mode::F32)
+        {
             let ctx = Ctx { bf16: Some(mode), ..Ctx::new(Isa::best(), &pool) };
             let (out, lse) = forward(ctx, &c, &c.q, &c.k, &c.v);
             let (ro, rl) = reference(&c, &c.q, &c.k, &c.v);

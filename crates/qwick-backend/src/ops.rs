@@ -4,7 +4,7 @@
 //! reference (with `f32::exp`), and inside `#[target_feature]` wrappers for AVX2 and AVX-512
 //! where LLVM vectorises the loops and the polynomial `exp` below. Tests compare the variants.
 
-use crate::Isa;
+use crate::isa::Isa;
 
 /// Instantiates `$body` as a scalar reference and AVX2 / AVX-512 variants and dispatches on
 /// `isa`. The body sees `const FAST: bool` (true in the SIMD variants) to pick `exp_poly`.
@@ -27,9 +27,9 @@ macro_rules! multiversion {
         // functions themselves are safe Rust compiled for those features.
         match $isa.level() {
             #[cfg(target_arch = "x86_64")]
-            $crate::Level::Avx512 | $crate::Level::Avx512Vnni | $crate::Level::Avx512Bf16 | $crate::Level::Amx => unsafe { v512($($arg),*) },
+            $crate::isa::Level::Avx512 | $crate::isa::Level::Avx512Vnni | $crate::isa::Level::Avx512Bf16 | $crate::isa::Level::Amx => unsafe { v512($($arg),*) },
             #[cfg(target_arch = "x86_64")]
-            $crate::Level::Avx2 => unsafe { v256($($arg),*) },
+            $crate::isa::Level::Avx2 => unsafe { v256($($arg),*) },
             _ => $name::<false>($($arg),*),
         }
     }};

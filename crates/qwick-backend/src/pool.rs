@@ -157,22 +157,6 @@ impl Shared {
     }
 }
 
-/// Calls `f(rows, out_rows)` over row chunks of `out` (`width` floats a row) on the context's
-/// pool, in parallel when there are enough rows to be worth it.
-pub fn par_rows(ctx: crate::Ctx, n: usize, out: &mut [f32], width: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) {
-    let op = SendPtr::new(out);
-    let run = |r: Range<usize>| {
-        // SAFETY: each chunk owns its rows of `out` (chunks do not overlap) and r ⊆ 0..n.
-        let o = unsafe { op.slice(r.start * width, r.len() * width) };
-        f(r, o)
-    };
-    if n < 8 {
-        run(0..n);
-    } else {
-        ctx.pool.for_chunks(n, 1, &run);
-    }
-}
-
 /// Vectors of at least this many bytes are written by all the pool's threads (smaller ones by
 /// the caller alone).
 const PAR_FILL_MIN_BYTES: usize = 1 << 18;

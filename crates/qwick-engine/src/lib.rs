@@ -9,14 +9,14 @@ pub mod generate;
 pub mod kv_manager;
 pub mod runner;
 pub mod scheduler;
+pub mod sequence;
 
 pub use blocks::BlockAllocator;
-pub use generate::{
-    generate, Decision, FinishReason, GenParams, GenToken, Generation, SeqGen, ThinkingBudget, TokenEvent,
-};
+pub use generate::{generate, Generation, TokenEvent};
 pub use kv_manager::KvManager;
 pub use qwick_sampler::SamplingParams;
 pub use runner::{argmax, Logits, Qwen3Forward, Runner, RunnerConfig, SeqId, Span, StepModel};
 pub use scheduler::{
     Engine, Event, EventSink, Fault, OutToken, Request, Scheduler, SchedulerConfig, SchedulerStats, SubmitError,
 };
+pub use sequence::{Decision, FinishReason, GenParams, GenToken, SeqGen, ThinkingBudget};

@@ -31,8 +31,8 @@
 //! [`Engine`] runs a scheduler on its own thread: requests come in through [`Engine::submit`],
 //! and each request's [`Event`]s go out through its [`EventSink`].
 
-use crate::generate::{FinishReason, GenToken, SeqGen};
 use crate::kv_manager::ROOT_HASH;
+use crate::sequence::{FinishReason, GenToken, SeqGen};
 
 /// The hash cached prefixes of a request with LoRA adapter `adapter` start from: K/V computed
 /// with one adapter is never reused for another.
@@ -915,7 +915,7 @@ fn engine_loop(shared: &Shared, sched: &mut Scheduler) {
 mod tests {
     use super::*;
     use crate::fake::{self, FakeState, VOCAB};
-    use crate::generate::GenParams;
+    use crate::sequence::GenParams;
     use qwick_sampler::SamplingParams;
     use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -8,7 +8,7 @@
 //! partial files, and [`partial_files`] lists those still open so a Ctrl-C handler can remove
 //! them too.
 
-use crate::{Value, DEFAULT_ALIGNMENT, MAGIC};
+use crate::value::{Value, DEFAULT_ALIGNMENT, MAGIC};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};

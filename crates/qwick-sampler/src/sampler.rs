@@ -1,4 +1,5 @@
-use crate::{Rng, SamplingError, SamplingParams};
+use crate::params::{SamplingError, SamplingParams};
+use crate::rng::Rng;
 use std::cmp::Ordering;
 
 /// The log-probabilities reported with a sampled token.

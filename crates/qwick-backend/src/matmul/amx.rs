@@ -13,7 +13,7 @@
 //! asks once per process.
 
 use crate::alloc::Aligned;
-use crate::matmul::Job;
+use crate::matmul::job::Job;
 use crate::quant::tiles::{Spec, ROWS};
 use crate::weights::WeightView;
 use std::arch::asm;
@@ -49,15 +49,15 @@ pub struct ActBf16 {
 
 impl ActBf16 {
     pub fn new(x: &[f32], m: usize, k: usize) -> ActBf16 {
-        Self::new_on(&crate::ThreadPool::inline(), x, m, k)
+        Self::new_on(&crate::pool::ThreadPool::inline(), x, m, k)
     }
 
     /// [`ActBf16::new`] with blocks of 16 rows converted on `pool`'s threads.
-    pub fn new_on(pool: &crate::ThreadPool, x: &[f32], m: usize, k: usize) -> ActBf16 {
+    pub fn new_on(pool: &crate::pool::ThreadPool, x: &[f32], m: usize, k: usize) -> ActBf16 {
         let mut out = Aligned::zeroed_on(pool, m.next_multiple_of(ROWS) * k);
         let op = crate::pool::SendPtr::new(&mut out);
         // AMX implies AVX-512 (see `usable`).
-        let isa = crate::Isa::best().at_most(crate::isa::Level::Avx512);
+        let isa = crate::isa::Isa::best().at_most(crate::isa::Level::Avx512);
         pool.for_chunks(m.div_ceil(ROWS), 1, &|blocks| {
             let mut row_bf16 = vec![0u16; k];
             // SAFETY: a chunk of row blocks owns those blocks' tiles, a contiguous range.
@@ -615,7 +615,7 @@ mod tests {
     /// dimensions of several passes.
     #[test]
     fn amx_kernel_matches_its_reference() {
-        if !crate::Level::Amx.supported() {
+        if !crate::isa::Level::Amx.supported() {
             eprintln!("no AMX here (or QWICK_MAX_ISA caps it): skipped");
             return;
         }

@@ -6,35 +6,15 @@
 //! rows of `x`, and a tiled GEMM for many (prefill), which converts a panel of `W` to f32 once
 //! and reuses it from L1 across all rows. Work is split over threads by output columns.
 
+use crate::ctx::Ctx;
 use crate::format::Format;
+use crate::isa::Isa;
+use crate::isa::Level;
 use crate::pool::SendPtr;
 use crate::quant;
-use crate::Level;
-use crate::{Ctx, Isa};
 use int8::ActQ8;
 
 pub use crate::weights::{Layout, WeightView};
-
-/// One kernel call: `m` rows of activations `x` (in the form the kernel reads, rows `ldx`
-/// values apart where the form has rows) times the weight `w`, written to columns `cols` of
-/// `m` rows of `y` (`ldy` floats apart).
-#[derive(Clone)]
-pub(crate) struct Job<'a, X> {
-    pub x: X,
-    pub ldx: usize,
-    pub m: usize,
-    pub w: &'a WeightView<'a>,
-    pub y: *mut f32,
-    pub ldy: usize,
-    pub cols: std::ops::Range<usize>,
-}
-
-impl<'a, X> Job<'a, X> {
-    /// The same product with the activations in another form (`ldx` apart).
-    pub fn with<Z>(&self, x: Z, ldx: usize) -> Job<'a, Z> {
-        Job { x, ldx, m: self.m, w: self.w, y: self.y, ldy: self.ldy, cols: self.cols.clone() }
-    }
-}
 
 /// The kernels products with `w` use (outside the exact mode), in words.
 pub fn kernel_path(w: &WeightView) -> &'static str {
@@ -47,23 +27,6 @@ pub fn kernel_path(w: &WeightView) -> &'static str {
         Layout::Rows => "slow: dequantized to f32",
     }
 }
-
-/// Rows of `x` at or above which the tiled GEMM path is used.
-pub const GEMM_MIN_ROWS: usize = 48;
-
-/// Rows of `x` at or above which products with quantized weights run on AMX tiles
-/// (`Level::Amx`).
-pub const AMX_MIN_ROWS: usize = 32;
-
-/// Rows of `x` at or above which products with bf16 weights in tiles ([`Layout::Tiles`]) run on
-/// AMX or in bf16 dot products; fewer take a GEMV of the tiles with FMAs (decode is bound by
-/// reading the weights).
-pub const TILES_MIN_ROWS: usize = 5;
-
-/// Rows of `x` at or above which products with bf16 weights run on AMX tiles or bf16 dot
-/// products ([`Bf16Mode`] other than f32); fewer rows take the GEMV, activations rounded to
-/// bf16 alike.
-pub const BF16_MIN_ROWS: usize = 16;
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, in parallel over the pool.
 pub fn matmul(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: &mut [f32]) {
@@ -118,57 +81,7 @@ enum Kind {
     Amx,
 }
 
-/// How products with bf16 weights run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Bf16Mode {
-    /// f32 activations (exact): the AVX-512 GEMV of even/odd halves, the f32 GEMM.
-    F32,
-    /// Activations rounded to bf16: `vdpbf16ps` dot products (AVX512-BF16), a GEMV of them
-    /// for few rows (weights in tiles: below 5 rows; in rows: below 16, the even/odd GEMV).
-    Dot,
-    /// Activations rounded to bf16, weights in tiles multiplied in FMAs at every row count (the
-    /// FMA GEMV of the tiles, 4 rows at a time against each column pair while it is in cache);
-    /// for CPUs whose dot products run at less than twice their FMAs' rate (one dot product does
-    /// the work of two FMAs).
-    Fma,
-    /// Activations rounded to bf16: AMX tiles from 16 rows, the GEMV below.
-    Amx,
-}
-
-impl Bf16Mode {
-    pub const ALL: [Bf16Mode; 4] = [Bf16Mode::F32, Bf16Mode::Dot, Bf16Mode::Fma, Bf16Mode::Amx];
-
-    /// What an ISA implies: AMX on `Level::Amx`, dot products on `Level::Avx512Bf16`, else f32.
-    pub fn for_isa(isa: Isa) -> Bf16Mode {
-        match isa.level() {
-            Level::Amx => Bf16Mode::Amx,
-            Level::Avx512Bf16 => Bf16Mode::Dot,
-            _ => Bf16Mode::F32,
-        }
-    }
-
-    /// Whether this CPU can run it.
-    pub fn supported(self) -> bool {
-        match self {
-            Bf16Mode::F32 => true,
-            Bf16Mode::Dot | Bf16Mode::Fma => Level::Avx512Bf16.supported(),
-            Bf16Mode::Amx => Level::Amx.supported(),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Bf16Mode::F32 => "f32",
-            Bf16Mode::Dot => "bf16-dot",
-            Bf16Mode::Fma => "bf16-fma",
-            Bf16Mode::Amx => "amx",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Bf16Mode> {
-        Bf16Mode::ALL.into_iter().find(|m| m.name() == s)
-    }
-}
+pub use crate::ctx::Bf16Mode;
 
 /// The generation of the bf16 kernels [`calibrate_bf16`] times: cached choices made for an
 /// older generation are measured again.
@@ -196,7 +109,7 @@ const CALIBRATION_SHAPE: (usize, usize) = (3072, 1024);
 /// as the model batches them, and a head of many rows holding a quarter of the bytes) once per
 /// pass with 1 and with 8 activation rows, prefill multiplies 128 rows on one weight; returns
 /// every mode's figures (for [`choose_bf16`]).
-pub fn calibrate_bf16(isa: Isa, pool: &crate::ThreadPool) -> Vec<Bf16Timing> {
+pub fn calibrate_bf16(isa: Isa, pool: &crate::pool::ThreadPool) -> Vec<Bf16Timing> {
     let (n, k) = CALIBRATION_SHAPE;
     let one: Vec<u8> = (0..n * k)
         .flat_map(|i| crate::format::f32_to_bf16(((i * 7919 % 1000) as f32 - 500.0) / 1000.0).to_le_bytes())
@@ -742,80 +655,9 @@ unsafe fn scalar(j: &Job<'_, &[f32]>) {
     }
 }
 
-/// The GEMV kernels' blocking: up to 4 rows of x meet 4 weight rows at a time (1 at the
-/// ragged end); more rows of x go 8 at a time against `wide_rows` weight rows, so each weight
-/// vector is loaded once for 8 rows. Calls `f(n, nr, i, mr)` for weight rows `n..n + nr` and
-/// rows of x `i..i + mr`.
-#[inline(always)]
-#[cfg(target_arch = "x86_64")]
-fn gemv_blocks(
-    m: usize,
-    cols: std::ops::Range<usize>,
-    wide_rows: usize,
-    mut f: impl FnMut(usize, usize, usize, usize),
-) {
-    let wide = m > 4;
-    let mut n = cols.start;
-    while n < cols.end {
-        let nr = if wide {
-            (cols.end - n).min(wide_rows)
-        } else if cols.end - n >= 4 {
-            4
-        } else {
-            1
-        };
-        let mut i = 0;
-        while i < m {
-            let mr = (m - i).min(if wide { 8 } else { 4 });
-            f(n, nr, i, mr);
-            i += mr;
-        }
-        n += nr;
-    }
-}
-
-/// Calls a GEMV block kernel monomorphised for `nr` weight rows (4, 3, 2 or 1) and `mr`
-/// activation rows (1..=8).
-#[cfg(target_arch = "x86_64")]
-macro_rules! gemv_dispatch {
-    ($nr:expr, $mr:expr, |$r:ident, $m:ident| $call:expr) => {
-        match ($nr, $mr) {
-            (4, 1) => gemv_dispatch!(@ 4, 1, $r, $m, $call),
-            (4, 2) => gemv_dispatch!(@ 4, 2, $r, $m, $call),
-            (4, 3) => gemv_dispatch!(@ 4, 3, $r, $m, $call),
-            (4, _) => gemv_dispatch!(@ 4, 4, $r, $m, $call),
-            (3, 1) => gemv_dispatch!(@ 3, 1, $r, $m, $call),
-            (3, 2) => gemv_dispatch!(@ 3, 2, $r, $m, $call),
-            (3, 3) => gemv_dispatch!(@ 3, 3, $r, $m, $call),
-            (3, 4) => gemv_dispatch!(@ 3, 4, $r, $m, $call),
-            (3, 5) => gemv_dispatch!(@ 3, 5, $r, $m, $call),
-            (3, 6) => gemv_dispatch!(@ 3, 6, $r, $m, $call),
-            (3, 7) => gemv_dispatch!(@ 3, 7, $r, $m, $call),
-            (3, _) => gemv_dispatch!(@ 3, 8, $r, $m, $call),
-            (2, 1) => gemv_dispatch!(@ 2, 1, $r, $m, $call),
-            (2, 2) => gemv_dispatch!(@ 2, 2, $r, $m, $call),
-            (2, 3) => gemv_dispatch!(@ 2, 3, $r, $m, $call),
-            (2, 4) => gemv_dispatch!(@ 2, 4, $r, $m, $call),
-            (2, 5) => gemv_dispatch!(@ 2, 5, $r, $m, $call),
-            (2, 6) => gemv_dispatch!(@ 2, 6, $r, $m, $call),
-            (2, 7) => gemv_dispatch!(@ 2, 7, $r, $m, $call),
-            (2, _) => gemv_dispatch!(@ 2, 8, $r, $m, $call),
-            (_, 1) => gemv_dispatch!(@ 1, 1, $r, $m, $call),
-            (_, 2) => gemv_dispatch!(@ 1, 2, $r, $m, $call),
-            (_, 3) => gemv_dispatch!(@ 1, 3, $r, $m, $call),
-            (_, 4) => gemv_dispatch!(@ 1, 4, $r, $m, $call),
-            (_, 5) => gemv_dispatch!(@ 1, 5, $r, $m, $call),
-            (_, 6) => gemv_dispatch!(@ 1, 6, $r, $m, $call),
-            (_, 7) => gemv_dispatch!(@ 1, 7, $r, $m, $call),
-            (_, _) => gemv_dispatch!(@ 1, 8, $r, $m, $call),
-        }
-    };
-    (@ $nv:literal, $mv:literal, $r:ident, $m:ident, $call:expr) => {{
-        const $r: usize = $nv;
-        const $m: usize = $mv;
-        $call
-    }};
-}
+mod job;
+pub(crate) use job::Job;
+pub use job::{AMX_MIN_ROWS, BF16_MIN_ROWS, GEMM_MIN_ROWS, TILES_MIN_ROWS};
 
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
@@ -827,7 +669,7 @@ pub mod int8;
 pub(crate) mod tests {
     use super::*;
     use crate::check::rand_vec;
-    use crate::ThreadPool;
+    use crate::pool::ThreadPool;
 
     /// The plan: which kernel family a product takes, for each weight format and layout, ISA,
     /// bf16 mode and row count (levels this CPU lacks are left out, and said so).

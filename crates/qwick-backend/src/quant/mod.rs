@@ -7,9 +7,26 @@ pub mod quantize;
 pub mod tiles;
 
 use crate::format::Format;
+use crate::isa::Level;
 use crate::weights::{Layout, WeightView};
-use crate::Level;
 use tiles::ROWS;
+
+// The format table's conversions, defined beside the codecs so that `format` needs nothing
+// of `quant`.
+impl Format {
+    /// Dequantizes whole blocks: `src` holds `dst.len() / block` blocks. The scalar reference
+    /// every kernel is tested against; equal bit for bit to the `gguf` Python package's
+    /// `gguf.quants.dequantize`.
+    pub fn dequantize(self, src: &[u8], dst: &mut [f32]) {
+        dequant::dequantize(self, src, dst)
+    }
+
+    /// Quantizes whole blocks of f32 values into `dst` (see [`quantize`]). Panics for formats
+    /// [`quantize::can_quantize`] refuses.
+    pub fn quantize(self, src: &[f32], dst: &mut [u8]) {
+        quantize::quantize(self, src, dst)
+    }
+}
 
 /// Whether products with weights of `format` run as integer dot products.
 pub fn has_q8_kernel(format: Format) -> bool {

@@ -33,7 +33,7 @@ pub fn quantize(format: Format, src: &[f32], dst: &mut [u8]) {
     assert_eq!(dst.len(), src.len() / block * bytes, "{format}: {} bytes for {} values", dst.len(), src.len());
     assert!(can_quantize(format), "qwick does not write {format} weights");
     #[cfg(target_arch = "x86_64")]
-    if crate::Level::Avx2.supported() {
+    if crate::isa::Level::Avx2.supported() {
         // SAFETY: the CPU has AVX2, the only feature the function is compiled for. The code is
         // the same as the portable path's; Rust never fuses a multiply and an add on its own,
         // so the wider vectors give the same bytes.

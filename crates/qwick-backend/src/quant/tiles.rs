@@ -748,7 +748,7 @@ mod tests {
             bf16::from_rows(&src, rows, k, &mut want);
             assert_eq!(want.len(), rows.div_ceil(32) * 32 * k * 2);
             #[cfg(target_arch = "x86_64")]
-            if crate::Level::Avx512.supported() {
+            if crate::isa::Level::Avx512.supported() {
                 let mut got = vec![0u8; want.len()];
                 // SAFETY: AVX-512 was checked; `got` is as long as the tiles.
                 unsafe { bf16_rows_to_tiles(&src, rows, k, &mut got) };

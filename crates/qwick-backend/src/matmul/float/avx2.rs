@@ -1,8 +1,8 @@
 //! f32, bf16 and f16 weights with f32 activations on AVX2: FMA GEMV and GEMM.
 
 use super::*;
-use crate::matmul::Job;
-use crate::matmul::GEMM_MIN_ROWS;
+use crate::matmul::job::Job;
+use crate::matmul::job::GEMM_MIN_ROWS;
 use std::arch::x86_64::*;
 
 const NR: usize = 16;

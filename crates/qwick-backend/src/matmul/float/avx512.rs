@@ -1,8 +1,9 @@
 //! f32, bf16 and f16 weights with f32 activations on AVX-512: FMA GEMV and GEMM (weights widened in registers).
 
 use super::*;
-use crate::matmul::Job;
-use crate::matmul::{gemv_blocks, Layout, WeightView, GEMM_MIN_ROWS};
+use crate::matmul::job::Job;
+use crate::matmul::job::{gemv_blocks, gemv_dispatch, GEMM_MIN_ROWS};
+use crate::weights::{Layout, WeightView};
 use std::arch::x86_64::*;
 
 const NR: usize = 32;

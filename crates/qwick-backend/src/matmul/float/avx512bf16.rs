@@ -3,8 +3,9 @@
 //! AVX512-BF16: bf16 activations × bf16 weights with `vdpbf16ps` (pairs of products
 //! accumulated into f32 lanes). Same two paths as the exact kernels.
 
-use crate::matmul::Job;
-use crate::matmul::{gemv_blocks, Layout, WeightView, GEMM_MIN_ROWS, TILES_MIN_ROWS};
+use crate::matmul::job::Job;
+use crate::matmul::job::{gemv_blocks, gemv_dispatch, GEMM_MIN_ROWS, TILES_MIN_ROWS};
+use crate::weights::{Layout, WeightView};
 use std::arch::x86_64::*;
 
 const NR: usize = 32;

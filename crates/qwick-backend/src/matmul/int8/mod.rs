@@ -16,10 +16,11 @@ pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod maddubs;
 
-use crate::matmul::Job;
+use crate::isa::Isa;
+use crate::isa::Level;
+use crate::matmul::job::Job;
 use crate::quant::tiles::{self, Spec, ROWS};
 use crate::weights::Layout;
-use crate::{Isa, Level};
 
 /// Activations quantized per 32 values: `x ≈ d · q`, `d = max|x| / 127`, `q` rounded to
 /// nearest (ties to even). Rows of `k` (a multiple of 32) values.
