@@ -691,7 +691,8 @@ pub(crate) mod tests {
         use Kind as K;
         use Level as L;
         // (level, bf16 mode, exact, weight, rows, kernel)
-        let table: &[(Level, Option<Bf16Mode>, bool, &WeightView, usize, Kind)] = &[
+        type Row<'a> = (Level, Option<Bf16Mode>, bool, &'a WeightView<'a>, usize, Kind);
+        let table: &[Row] = &[
             (L::Scalar, None, false, &q4t, 1, K::Q8),
             (L::Scalar, None, true, &q4t, 1, K::None),
             (L::Avx2, None, false, &q4r, 7, K::Q8),
