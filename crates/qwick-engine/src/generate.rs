@@ -1,11 +1,10 @@
 //! Generation of one sequence alone: [`generate`] drives a [`SeqGen`] through the scheduler,
 //! streaming each token to a callback that can stop it (stop strings, Ctrl-C).
 
-use crate::scheduler::{Event, EventSink, Request, Scheduler};
+use crate::scheduler::{Collect, Event, Request, Scheduler};
 use crate::sequence::{FinishReason, GenParams, GenToken, SeqGen};
 use anyhow::{bail, Result};
 use std::ops::ControlFlow;
-use std::sync::Arc;
 use std::time::Instant;
 
 /// A token as the [`generate`] callback sees it.
@@ -68,7 +67,7 @@ pub fn generate(
     mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
 ) -> Result<Generation> {
     let gen = SeqGen::new(prompt, params)?;
-    let sink = LocalSink::default();
+    let sink = Collect::default();
     let start = Instant::now();
     sched.add(Request { gen, logprobs: None, adapter: 0 }, Box::new(sink.clone()));
     let mut out = Generation {
@@ -116,35 +115,4 @@ pub fn generate(
     out.prefill_s = prefill_s.unwrap_or_else(|| start.elapsed().as_secs_f64());
     out.decode_s = start.elapsed().as_secs_f64() - out.prefill_s;
     Ok(out)
-}
-
-/// The events of one request run by [`generate`], kept until taken.
-#[derive(Clone, Default)]
-struct LocalSink {
-    events: Arc<std::sync::Mutex<Vec<Event>>>,
-    closed: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl LocalSink {
-    fn take(&self) -> Vec<Event> {
-        std::mem::take(&mut *self.events.lock().unwrap())
-    }
-
-    fn close(&self) {
-        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl EventSink for LocalSink {
-    fn send(&mut self, event: Event) -> bool {
-        if self.is_closed() {
-            return false;
-        }
-        self.events.lock().unwrap().push(event);
-        true
-    }
-
-    fn is_closed(&self) -> bool {
-        self.closed.load(std::sync::atomic::Ordering::SeqCst)
-    }
 }

@@ -17,6 +17,7 @@ pub use kv_manager::KvManager;
 pub use qwick_sampler::SamplingParams;
 pub use runner::{argmax, Logits, Qwen3Forward, Runner, RunnerConfig, SeqId, Span, StepModel};
 pub use scheduler::{
-    Engine, Event, EventSink, Fault, OutToken, Request, Scheduler, SchedulerConfig, SchedulerStats, SubmitError,
+    Collect, Engine, Event, EventSink, Fault, OutToken, Request, Scheduler, SchedulerConfig, SchedulerStats,
+    SubmitError,
 };
 pub use sequence::{Decision, FinishReason, GenParams, GenToken, SeqGen, ThinkingBudget};

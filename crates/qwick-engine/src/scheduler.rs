@@ -118,6 +118,81 @@ pub trait EventSink: Send {
     fn is_closed(&self) -> bool;
 }
 
+/// An [`EventSink`] that keeps a request's events until they are read or taken: for callers
+/// that poll ([`crate::generate`]) and for tests. Clones share the events; [`Collect::close`]
+/// cancels the request.
+#[derive(Clone, Default)]
+pub struct Collect {
+    events: Arc<Mutex<Vec<Event>>>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl EventSink for Collect {
+    fn send(&mut self, event: Event) -> bool {
+        if self.is_closed() {
+            return false;
+        }
+        self.events.lock().unwrap().push(event);
+        true
+    }
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Collect {
+    /// The events received since the last take.
+    pub fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.events.lock().unwrap())
+    }
+
+    /// The events received so far (they stay).
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Cancels the request: the scheduler drops it before its next step.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The output token ids received so far.
+    pub fn tokens(&self) -> Vec<u32> {
+        let ev = self.events.lock().unwrap();
+        ev.iter()
+            .filter_map(|e| if let Event::Tokens(t) = e { Some(t) } else { None })
+            .flatten()
+            .map(|t| t.token.id)
+            .collect()
+    }
+
+    /// How generation ended, once it has.
+    pub fn finish(&self) -> Option<FinishReason> {
+        self.events.lock().unwrap().iter().find_map(|e| if let Event::Finished(f) = e { Some(*f) } else { None })
+    }
+
+    /// The error the request failed with, if it did.
+    pub fn error(&self) -> Option<String> {
+        self.events.lock().unwrap().iter().find_map(|e| if let Event::Error(m) = e { Some(m.clone()) } else { None })
+    }
+
+    /// `(prompt tokens, cached tokens)` of each start (more than one after a preemption).
+    pub fn started(&self) -> Vec<(usize, usize)> {
+        let ev = self.events.lock().unwrap();
+        ev.iter()
+            .filter_map(|e| match e {
+                Event::Started { prompt_tokens, cached_tokens } => Some((*prompt_tokens, *cached_tokens)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether the request has ended (finished or failed).
+    pub fn done(&self) -> bool {
+        self.events.lock().unwrap().iter().any(|e| matches!(e, Event::Finished(_) | Event::Error(_)))
+    }
+}
+
 /// What the scheduler is doing, for metrics.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SchedulerStats {
@@ -917,7 +992,6 @@ mod tests {
     use crate::fake::{self, FakeState, VOCAB};
     use crate::sequence::GenParams;
     use qwick_sampler::SamplingParams;
-    use std::sync::atomic::{AtomicBool, Ordering};
 
     const BS: usize = 4;
 
@@ -948,57 +1022,7 @@ mod tests {
         SchedulerConfig { max_num_batched_tokens, max_num_seqs, max_waiting: 100, prefix_caching }
     }
 
-    #[derive(Clone, Default)]
-    struct Sink {
-        events: Arc<Mutex<Vec<Event>>>,
-        closed: Arc<AtomicBool>,
-    }
-
-    impl EventSink for Sink {
-        fn send(&mut self, event: Event) -> bool {
-            if self.is_closed() {
-                return false;
-            }
-            self.events.lock().unwrap().push(event);
-            true
-        }
-        fn is_closed(&self) -> bool {
-            self.closed.load(Ordering::SeqCst)
-        }
-    }
-
-    impl Sink {
-        fn tokens(&self) -> Vec<u32> {
-            let ev = self.events.lock().unwrap();
-            ev.iter()
-                .filter_map(|e| if let Event::Tokens(t) = e { Some(t) } else { None })
-                .flatten()
-                .map(|t| t.token.id)
-                .collect()
-        }
-        fn finish(&self) -> Option<FinishReason> {
-            self.events.lock().unwrap().iter().find_map(|e| if let Event::Finished(f) = e { Some(*f) } else { None })
-        }
-        fn error(&self) -> Option<String> {
-            self.events
-                .lock()
-                .unwrap()
-                .iter()
-                .find_map(|e| if let Event::Error(m) = e { Some(m.clone()) } else { None })
-        }
-        fn started(&self) -> Vec<(usize, usize)> {
-            let ev = self.events.lock().unwrap();
-            ev.iter()
-                .filter_map(|e| match e {
-                    Event::Started { prompt_tokens, cached_tokens } => Some((*prompt_tokens, *cached_tokens)),
-                    _ => None,
-                })
-                .collect()
-        }
-        fn close(&self) {
-            self.closed.store(true, Ordering::SeqCst);
-        }
-    }
+    type Sink = Collect;
 
     fn add(s: &mut Scheduler, p: &[u32], max_tokens: usize) -> Sink {
         let sink = Sink::default();
@@ -1359,7 +1383,7 @@ mod tests {
         let rows: Vec<usize> = state.lock().unwrap().batches[before..].iter().map(|b| b.logits_rows.len()).collect();
         assert_eq!(rows, [4, 4, 2, 1]);
         let out = fake::greedy(0, &p, 2, &[]);
-        let events = sink.events.lock().unwrap().clone();
+        let events = sink.events();
         let [Event::Started { cached_tokens: 0, .. }, Event::PromptLogprobs(lps), Event::Tokens(t0), Event::Tokens(t1), Event::Finished(FinishReason::Length)] =
             &events[..]
         else {
@@ -1434,7 +1458,7 @@ mod tests {
                 let want = fake::greedy(*adapter, p, *max, &[]);
                 if cancel_at.is_none() {
                     assert_eq!((sink.tokens(), sink.finish()), (want, Some(FinishReason::Length)), "{what}");
-                    let lps = sink.events.lock().unwrap().iter().find_map(|e| match e {
+                    let lps = sink.events().iter().find_map(|e| match e {
                         Event::PromptLogprobs(l) => Some(l.clone()),
                         _ => None,
                     });

@@ -6,14 +6,13 @@
 
 use qwick_backend::Isa;
 use qwick_engine::{
-    generate, Engine, Event, EventSink, FinishReason, GenParams, Request, Runner, RunnerConfig, SamplingParams,
-    Scheduler, SchedulerConfig, SeqGen,
+    generate, Collect, Engine, FinishReason, GenParams, Request, Runner, RunnerConfig, SamplingParams, Scheduler,
+    SchedulerConfig, SeqGen,
 };
 use qwick_model::Qwen3;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn model() -> Arc<Qwen3> {
@@ -44,51 +43,11 @@ fn alone(m: &Arc<Qwen3>, p: &[u32], max_tokens: usize) -> Vec<u32> {
     generate(&mut s, p, params(max_tokens), |_| ControlFlow::Continue(())).unwrap().tokens
 }
 
-#[derive(Clone, Default)]
-struct Sink {
-    events: Arc<Mutex<Vec<Event>>>,
-    closed: Arc<AtomicBool>,
-}
+type Sink = Collect;
 
-impl EventSink for Sink {
-    fn send(&mut self, event: Event) -> bool {
-        if self.closed.load(Ordering::SeqCst) {
-            return false;
-        }
-        self.events.lock().unwrap().push(event);
-        true
-    }
-    fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
-    }
-}
-
-impl Sink {
-    fn tokens(&self) -> Vec<u32> {
-        let ev = self.events.lock().unwrap();
-        ev.iter()
-            .filter_map(|e| match e {
-                Event::Tokens(t) => Some(t.iter().map(|t| t.token.id).collect::<Vec<_>>()),
-                _ => None,
-            })
-            .flatten()
-            .collect()
-    }
-    fn finish(&self) -> Option<FinishReason> {
-        self.events.lock().unwrap().iter().find_map(|e| match e {
-            Event::Finished(f) => Some(*f),
-            _ => None,
-        })
-    }
-    fn cached(&self) -> Option<usize> {
-        self.events.lock().unwrap().iter().find_map(|e| match e {
-            Event::Started { cached_tokens, .. } => Some(*cached_tokens),
-            _ => None,
-        })
-    }
-    fn done(&self) -> bool {
-        self.events.lock().unwrap().iter().any(|e| matches!(e, Event::Finished(_) | Event::Error(_)))
-    }
+/// The prefix-cache hit of a request's first start.
+fn cached(s: &Sink) -> Option<usize> {
+    s.started().first().map(|&(_, c)| c)
 }
 
 fn request(p: &[u32], max_tokens: usize) -> Request {
@@ -168,7 +127,7 @@ fn prefix_cache_reuses_blocks_and_evicts_lru() {
         sched.step();
     }
     assert_eq!(a.tokens(), want);
-    assert_eq!(a.cached(), Some(0));
+    assert_eq!(cached(&a), Some(0));
     let st = sched.stats();
     assert_eq!(st.kv_blocks_used, 0);
     assert_eq!(st.kv_blocks_cached, 3, "50 prompt + 5 computed output tokens: 3 full blocks");
@@ -180,14 +139,14 @@ fn prefix_cache_reuses_blocks_and_evicts_lru() {
         sched.step();
     }
     assert_eq!(b.tokens(), want);
-    assert_eq!(b.cached(), Some(48));
+    assert_eq!(cached(&b), Some(48));
     // A prompt of exactly 48 tokens: the last block is recomputed (its token needs logits).
     let c = Sink::default();
     sched.add(request(&p[..48], 3), Box::new(c.clone()));
     while sched.has_work() {
         sched.step();
     }
-    assert_eq!(c.cached(), Some(32));
+    assert_eq!(cached(&c), Some(32));
     assert_eq!(c.tokens(), alone(&m, &p[..48], 3));
     let st = sched.stats();
     assert_eq!(st.prefix_hit_tokens, 80);
@@ -215,7 +174,7 @@ fn closed_receivers_free_their_blocks() {
     }
     assert!(sched.stats().kv_blocks_used > 0);
     assert_eq!(sched.check_kv(), Ok(()), "mid-run");
-    a.closed.store(true, Ordering::SeqCst);
+    a.close();
     while sched.has_work() {
         sched.step();
     }
