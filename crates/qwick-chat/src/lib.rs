@@ -39,6 +39,6 @@ pub use model_text::{ModelText, TextSource};
 pub use pipe::{Delta, TextPipe};
 pub use qwick_sampler::SamplingParams;
 pub use reasoning::{split_reasoning, ReasoningDelta, ReasoningParser, ThinkingBudget, THINKING_BUDGET_STOP};
-pub use template::{ChatMessage, ChatTemplate, FunctionCall, RenderOptions, ToolCall};
+pub use template::{format_utc, ChatMessage, ChatTemplate, FunctionCall, RenderOptions, ToolCall};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 pub use tools::{parse_tool_calls, tool_prefill, ParsedToolCall, ToolCallDelta, ToolCallStream, ToolCalls};

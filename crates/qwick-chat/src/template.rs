@@ -374,6 +374,12 @@ fn strftime_now(format: String) -> Result<String, JinjaError> {
     strftime(&format, secs)
 }
 
+/// `unix` (seconds since 1970, UTC) formatted with the `strftime` codes templates' `strftime_now`
+/// knows (`%Y %y %m %d %e %j %B %b %A %a %H %I %M %S %p %%`); an unknown code is an error.
+pub fn format_utc(format: &str, unix: i64) -> std::result::Result<String, String> {
+    strftime(format, unix).map_err(|e| e.to_string())
+}
+
 /// Formats a Unix time (UTC) with `%Y %y %m %d %e %j %B %b %A %a %H %I %M %S %p %%`.
 fn strftime(format: &str, unix: i64) -> Result<String, JinjaError> {
     const MONTHS: [&str; 12] = [

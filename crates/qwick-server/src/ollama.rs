@@ -40,18 +40,8 @@ fn now_rfc3339() -> String {
 }
 
 fn rfc3339(unix: i64, nanos: u32) -> String {
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    let date = qwick_chat::format_utc("%Y-%m-%dT%H:%M:%S", unix).expect("codes format_utc knows");
+    format!("{date}.{nanos:09}Z")
 }
 
 #[derive(Deserialize, Default, Debug)]
