@@ -5,36 +5,28 @@ use std::path::Path;
 
 /// The generation defaults a model ships in `generation_config.json`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct GenerationConfig {
     /// Default temperature.
-    #[serde(default)]
     pub temperature: Option<f32>,
     /// Default top-p.
-    #[serde(default)]
     pub top_p: Option<f32>,
     /// Default top-k.
-    #[serde(default)]
     pub top_k: Option<i32>,
     /// Default min-p.
-    #[serde(default)]
     pub min_p: Option<f32>,
     /// Default repetition penalty.
-    #[serde(default)]
     pub repetition_penalty: Option<f32>,
     /// `false` asks for greedy decoding.
-    #[serde(default)]
     pub do_sample: Option<bool>,
     /// Tokens that end generation (`eos_token_id`, a number or a list in the file).
-    #[serde(default, rename = "eos_token_id", deserialize_with = "one_or_many")]
+    #[serde(rename = "eos_token_id", deserialize_with = "one_or_many")]
     pub eos_token_ids: Vec<u32>,
     /// Beginning-of-sequence token, if any.
-    #[serde(default)]
     pub bos_token_id: Option<u32>,
     /// Padding token, if any.
-    #[serde(default)]
     pub pad_token_id: Option<u32>,
     /// Default cap on generated tokens.
-    #[serde(default)]
     pub max_new_tokens: Option<usize>,
 }
 

@@ -42,29 +42,21 @@ fn or_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) ->
 /// (`#[serde(flatten)]`, read with [`crate::error::parse_json_flattened`]); Ollama's options are
 /// turned into it.
 #[derive(Deserialize, Default, Debug, Clone)]
+#[serde(default)]
 pub struct SamplingFields {
-    #[serde(default)]
     pub temperature: Option<f32>,
-    #[serde(default)]
     pub top_p: Option<f32>,
-    #[serde(default)]
     pub top_k: Option<i32>,
-    #[serde(default)]
     pub min_p: Option<f32>,
-    #[serde(default)]
     pub presence_penalty: Option<f32>,
-    #[serde(default)]
     pub frequency_penalty: Option<f32>,
-    #[serde(default)]
     pub repetition_penalty: Option<f32>,
-    #[serde(default)]
     pub seed: Option<i64>,
-    #[serde(default, deserialize_with = "stop_list")]
+    #[serde(deserialize_with = "stop_list")]
     pub stop: Vec<String>,
-    #[serde(default, deserialize_with = "or_default")]
+    #[serde(deserialize_with = "or_default")]
     pub stop_token_ids: Vec<u32>,
     /// OpenAI's `logit_bias`: token ids (as strings) to a bias in [-100, 100].
-    #[serde(default)]
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
 }
 

@@ -45,29 +45,19 @@ fn rfc3339(unix: i64, nanos: u32) -> String {
 }
 
 #[derive(Deserialize, Default, Debug)]
+#[serde(default)]
 pub struct Options {
-    #[serde(default)]
     temperature: Option<f32>,
-    #[serde(default)]
     top_p: Option<f32>,
-    #[serde(default)]
     top_k: Option<i32>,
-    #[serde(default)]
     min_p: Option<f32>,
-    #[serde(default)]
     num_predict: Option<i64>,
-    #[serde(default)]
     seed: Option<i64>,
-    #[serde(default)]
     stop: Option<Vec<String>>,
-    #[serde(default)]
     repeat_penalty: Option<f32>,
-    #[serde(default)]
     presence_penalty: Option<f32>,
-    #[serde(default)]
     frequency_penalty: Option<f32>,
     /// Bounds the context (prompt + output) below the server's limit.
-    #[serde(default)]
     num_ctx: Option<u64>,
     /// Every other option: accepted only when listed in [`OPTIONS_IGNORED`].
     #[serde(flatten)]

@@ -191,24 +191,17 @@ pub const COMPLETION_IGNORED: &[&str] = &["user"];
 /// Request fields that ask for an output format: OpenAI's `response_format`, and the
 /// structured-output spellings of vLLM and llama.cpp.
 #[derive(Deserialize, Default, Debug)]
+#[serde(default)]
 pub struct FormatFields {
-    #[serde(default)]
     pub response_format: Option<Value>,
     /// Structured output in the spellings of other servers (vLLM, llama.cpp): see
     /// [`output_format`].
-    #[serde(default)]
     pub guided_json: Option<Value>,
-    #[serde(default)]
     pub guided_regex: Option<String>,
-    #[serde(default)]
     pub guided_choice: Option<Vec<String>>,
-    #[serde(default)]
     pub guided_grammar: Option<String>,
-    #[serde(default)]
     pub structured_outputs: Option<Map<String, Value>>,
-    #[serde(default)]
     pub json_schema: Option<Value>,
-    #[serde(default)]
     pub grammar: Option<String>,
 }
 
@@ -1120,19 +1113,14 @@ pub async fn model(State(state): State<Arc<AppState>>, Path(name): Path<String>)
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
+#[serde(default)]
 struct TokenizeRequest {
-    #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
     prompt: Option<String>,
-    #[serde(default)]
     messages: Option<Vec<InMessage>>,
-    #[serde(default)]
     add_special_tokens: Option<bool>,
-    #[serde(default)]
     chat_template_kwargs: Option<Map<String, Value>>,
-    #[serde(default)]
     tools: Option<Vec<Value>>,
 }
 
