@@ -71,7 +71,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let decode_tok_s = if a.gen_len > 1 { a.batch as f64 * steps / decode_s } else { 0.0 };
     let prefill_tok_s = (a.batch * a.prompt_len) as f64 / prefill_s;
     let bound_tok_s = a.batch as f64 * bw / bytes_per_step as f64;
-    let rss = peak_rss_bytes();
+    let rss = common::peak_rss_bytes();
     let gb = |b: usize| b as f64 / 1e9;
     let report = serde_json::json!({
         "model": a.model,
@@ -196,15 +196,4 @@ fn time_generation(runner: &mut Runner, vocab: usize, a: &BenchArgs) -> Result<(
         last = logits.iter().map(|l| argmax(l)).collect();
     }
     Ok((prefill_s, t1.elapsed().as_secs_f64()))
-}
-
-/// Peak resident set size of this process (VmHWM), in bytes.
-pub fn peak_rss_bytes() -> usize {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
 }

@@ -138,15 +138,6 @@ pub struct FinetuneArgs {
     exact: bool,
 }
 
-fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
-
 pub fn finetune(a: FinetuneArgs) -> Result<()> {
     // Every step allocates and frees activation-sized buffers: keep them in the heap.
     qwick_backend::alloc::tune_allocator();
@@ -416,7 +407,7 @@ impl Training<'_> {
         r?;
         let secs: f64 = times.iter().sum();
         let tok_s = tokens as f64 / secs;
-        let rss = peak_rss();
+        let rss = crate::common::peak_rss_bytes();
         if a.json {
             println!(
                 "{}",
@@ -541,7 +532,7 @@ impl Training<'_> {
                     "train_loss": last_loss,
                     "eval_loss": last_eval,
                     "train_tok_s": tokens as f64 / secs,
-                    "peak_rss_bytes": peak_rss(),
+                    "peak_rss_bytes": crate::common::peak_rss_bytes(),
                 })
             );
         }

@@ -49,15 +49,15 @@ pub struct ActBf16 {
 
 impl ActBf16 {
     pub fn new(x: &[f32], m: usize, k: usize) -> ActBf16 {
-        Self::new_on(&crate::pool::ThreadPool::inline(), x, m, k)
+        Self::new_on(&crate::pool::ThreadPool::inline(), crate::isa::Isa::best(), x, m, k)
     }
 
-    /// [`ActBf16::new`] with blocks of 16 rows converted on `pool`'s threads.
-    pub fn new_on(pool: &crate::pool::ThreadPool, x: &[f32], m: usize, k: usize) -> ActBf16 {
+    /// [`ActBf16::new`] with blocks of 16 rows converted on `pool`'s threads, rounded with
+    /// `isa`'s kernels (AVX-512 at most).
+    pub fn new_on(pool: &crate::pool::ThreadPool, isa: crate::isa::Isa, x: &[f32], m: usize, k: usize) -> ActBf16 {
         let mut out = Aligned::zeroed_on(pool, m.next_multiple_of(ROWS) * k);
         let op = crate::pool::SendPtr::new(&mut out);
-        // AMX implies AVX-512 (see `usable`).
-        let isa = crate::isa::Isa::best().at_most(crate::isa::Level::Avx512);
+        let isa = isa.at_most(crate::isa::Level::Avx512);
         pool.for_chunks(m.div_ceil(ROWS), 1, &|blocks| {
             let mut row_bf16 = vec![0u16; k];
             // SAFETY: a chunk of row blocks owns those blocks' tiles, a contiguous range.

@@ -322,7 +322,7 @@ fn prepare(ctx: Ctx, kind: Kind, x: &[f32], m: usize, k: usize) -> Prepared {
         Kind::Rounded => Prepared::Rounded(rounded_to_bf16(ctx.isa, x)),
         Kind::Q8 => Prepared::Q8(ActQ8::quantize(ctx.isa, x, m, k)),
         #[cfg(target_arch = "x86_64")]
-        Kind::Amx => Prepared::Amx(amx::ActBf16::new_on(ctx.pool, x, m, k)),
+        Kind::Amx => Prepared::Amx(amx::ActBf16::new_on(ctx.pool, ctx.isa, x, m, k)),
         #[cfg(not(target_arch = "x86_64"))]
         Kind::Amx => unreachable!("AMX on a CPU without it"),
     }
@@ -413,7 +413,7 @@ pub fn matmul_batch(ctx: Ctx, jobs: &[MatmulJob]) {
 fn split_inner(ctx: Ctx, x: &[f32], m: usize, w: &WeightView, y: *mut f32) {
     use amx::{matmul_cols_split, ActBf16, KS};
     let (n, k) = (w.rows, w.cols);
-    let a = ActBf16::new_on(ctx.pool, x, m, k);
+    let a = ActBf16::new_on(ctx.pool, ctx.isa, x, m, k);
     let (ksteps, rblocks) = (k / 32, m.div_ceil(16));
     let len = n.div_ceil(32) * rblocks * 512;
     let mut parts = crate::alloc::Aligned::<f32>::zeroed(SPLIT_PARTS * len);
