@@ -14,6 +14,8 @@ pub mod check;
 pub mod ctx;
 pub mod format;
 pub mod grad;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod isa;
 pub mod matmul;
 pub mod ops;

@@ -1,0 +1,173 @@
+//! The ops, as dispatches on a [`Recorder`]: each compiles its WGSL once per device and checks
+//! the shapes it is given against the buffers.
+
+use super::formats;
+use super::recorder::Recorder;
+use super::Buf;
+use crate::attention::KvLayout;
+use crate::format::Format;
+
+const MATMUL: &str = include_str!("wgsl/matmul.wgsl");
+const RMS_NORM: &str = include_str!("wgsl/rms_norm.wgsl");
+const ROPE: &str = include_str!("wgsl/rope.wgsl");
+const ELEMENTWISE: &str = include_str!("wgsl/elementwise.wgsl");
+const KV_WRITE: &str = include_str!("wgsl/kv_write.wgsl");
+const ATTENTION: &str = include_str!("wgsl/attention.wgsl");
+
+/// `y = x · Wᵀ` over rows of `x` (`m` rows of `k` values, `ldx` apart, from element `x_off`) and
+/// a weight of `n` rows in its stored `format` at byte `w_off` of `w`, into `y` (`ldy` apart,
+/// from element `y_off`).
+pub struct Matmul<'a> {
+    pub x: &'a Buf,
+    pub x_off: usize,
+    pub ldx: usize,
+    pub m: usize,
+    pub w: &'a Buf,
+    pub w_off: u64,
+    pub format: Format,
+    pub n: usize,
+    pub k: usize,
+    pub y: &'a Buf,
+    pub y_off: usize,
+    pub ldy: usize,
+}
+
+/// Attention of `n` query tokens (`q`: `[n, heads · d]`) over one layer's paged cache (`k`,
+/// `v`: f32 `[blocks, kv_heads, block_size, d]`); `meta` holds the tokens' positions, their
+/// sequences, each sequence's start in the block tables and the tables ([`Attend::meta`]).
+pub struct Attend<'a> {
+    pub q: &'a Buf,
+    pub k: &'a Buf,
+    pub v: &'a Buf,
+    pub meta: &'a Buf,
+    pub out: &'a Buf,
+    pub n: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+    pub block_size: usize,
+    pub scale: f32,
+    pub seqs: usize,
+}
+
+impl Attend<'_> {
+    /// The `meta` words for tokens at `positions` of sequences `seq_of_token` with these block
+    /// tables.
+    pub fn meta(positions: &[u32], seq_of_token: &[u32], tables: &[&[u32]]) -> Vec<u32> {
+        let mut out = Vec::with_capacity(2 * positions.len() + tables.len() + tables.iter().map(|t| t.len()).sum::<usize>());
+        out.extend_from_slice(positions);
+        out.extend_from_slice(seq_of_token);
+        let mut start = 0u32;
+        for t in tables {
+            out.push(start);
+            start += t.len() as u32;
+        }
+        for t in tables {
+            out.extend_from_slice(t);
+        }
+        out
+    }
+}
+
+fn u(v: usize) -> u32 {
+    u32::try_from(v).expect("a GPU kernel index beyond 32 bits")
+}
+
+fn fits(what: &str, b: &Buf, elems: usize) {
+    assert!(b.len_f32() >= elems, "{what}: {elems} values asked of a buffer of {}", b.len_f32());
+}
+
+impl Recorder<'_> {
+    /// See [`Matmul`]. `k` must be a multiple of 32.
+    pub fn matmul(&mut self, j: &Matmul) {
+        assert!(j.k % 32 == 0, "GPU products take k in multiples of 32 (k = {})", j.k);
+        assert!(j.ldx >= j.k && j.ldy >= j.n, "matmul strides smaller than the rows");
+        let row_bytes = j.format.row_bytes(j.k) as u64;
+        assert!(j.w_off + row_bytes * j.n as u64 <= j.w.bytes, "a weight past the end of its buffer");
+        fits("matmul x", j.x, j.x_off + (j.m.max(1) - 1) * j.ldx + j.k);
+        fits("matmul y", j.y, j.y_off + (j.m.max(1) - 1) * j.ldy + j.n);
+        let f = j.format;
+        let pipe = self.gpu.pipeline(&format!("matmul_{f}"), || format!("{}\n{MATMUL}", formats::wgsl(f)));
+        let (chunk_bytes, per_block) = formats::chunk_geometry(f);
+        let params = [
+            u(j.m),
+            u(j.n),
+            u(j.k),
+            u(row_bytes as usize),
+            u(j.w_off as usize),
+            chunk_bytes,
+            per_block,
+            u(j.x_off),
+            u(j.ldx),
+            u(j.y_off),
+            u(j.ldy),
+        ];
+        self.dispatch(pipe, &params, &[j.x, j.w, j.y], u(j.n * j.m.div_ceil(8)));
+    }
+
+    /// RMSNorm of `rows` rows of `d` values of `x` into `out` (`weight`: `d` values).
+    pub fn rms_norm(&mut self, x: &Buf, weight: &Buf, out: &Buf, rows: usize, d: usize, eps: f32) {
+        fits("rms_norm x", x, rows * d);
+        fits("rms_norm out", out, rows * d);
+        let pipe = self.gpu.pipeline("rms_norm", || {
+            RMS_NORM
+                .replace("#OUT", "@group(0) @binding(3) var<storage, read_write> out: array<f32>;")
+                .replace("#STORE", "out[base + i]")
+        });
+        self.dispatch(pipe, &[u(rows), u(d), eps.to_bits()], &[x, weight, out], u(rows));
+    }
+
+    /// RMSNorm of `rows` rows of `d` values of `x`, in place (per-head q and k norms).
+    pub fn rms_norm_inplace(&mut self, x: &Buf, weight: &Buf, rows: usize, d: usize, eps: f32) {
+        fits("rms_norm x", x, rows * d);
+        let pipe = self.gpu.pipeline("rms_norm_inplace", || RMS_NORM.replace("#OUT", "").replace("#STORE", "x[base + i]"));
+        self.dispatch(pipe, &[u(rows), u(d), eps.to_bits()], &[x, weight], u(rows));
+    }
+
+    /// Rotates each head (`2 · half` values) of the `n` rows of `width` values of `x` by its
+    /// token's angles: `cs` holds `[n, half]` cosines, then `[n, half]` sines.
+    pub fn rope(&mut self, x: &Buf, cs: &Buf, n: usize, width: usize, half: usize) {
+        assert!(width % (2 * half) == 0, "rope over rows that are not whole heads");
+        fits("rope x", x, n * width);
+        fits("rope angles", cs, 2 * n * half);
+        let pipe = self.gpu.pipeline("rope", || ROPE.to_string());
+        self.dispatch(pipe, &[u(n), u(width), u(half)], &[x, cs], u((n * width / 2).div_ceil(64)));
+    }
+
+    /// `g = silu(g) · up` over the first `count` values.
+    pub fn silu_mul(&mut self, g: &Buf, up: &Buf, count: usize) {
+        self.elementwise("silu_mul", "g / (1.0 + exp(-g)) * b[i]", g, up, count);
+    }
+
+    /// `x += y` over the first `count` values.
+    pub fn add(&mut self, x: &Buf, y: &Buf, count: usize) {
+        self.elementwise("add", "g + b[i]", x, y, count);
+    }
+
+    fn elementwise(&mut self, name: &str, op: &str, a: &Buf, b: &Buf, count: usize) {
+        fits(name, a, count);
+        fits(name, b, count);
+        let pipe = self.gpu.pipeline(name, || ELEMENTWISE.replace("#OP", op));
+        self.dispatch(pipe, &[u(count)], &[a, b], u(count.div_ceil(64)));
+    }
+
+    /// Writes `n` rows of `kv_heads · head_dim` values of `src` to the cache slots `slots` of
+    /// `cache` (f32, placed as `layout` says).
+    pub fn kv_write(&mut self, src: &Buf, slots: &Buf, cache: &Buf, n: usize, layout: KvLayout) {
+        let KvLayout { block_size, kv_heads, head_dim: d } = layout;
+        fits("kv_write src", src, n * kv_heads * d);
+        let pipe = self.gpu.pipeline("kv_write", || KV_WRITE.to_string());
+        let params = [u(n), u(kv_heads), u(d), u(block_size)];
+        self.dispatch(pipe, &params, &[src, slots, cache], u((n * kv_heads * d).div_ceil(64)));
+    }
+
+    /// See [`Attend`]. Head dimensions up to 256.
+    pub fn attend(&mut self, a: &Attend) {
+        assert!(a.d <= 256 && a.heads % a.kv_heads == 0, "attention over heads of {} values", a.d);
+        fits("attention q", a.q, a.n * a.heads * a.d);
+        fits("attention out", a.out, a.n * a.heads * a.d);
+        let pipe = self.gpu.pipeline("attention", || ATTENTION.to_string());
+        let params = [u(a.n), u(a.heads), u(a.kv_heads), u(a.d), u(a.block_size), a.scale.to_bits(), u(a.seqs)];
+        self.dispatch(pipe, &params, &[a.q, a.k, a.v, a.meta, a.out], u(a.n * a.heads));
+    }
+}

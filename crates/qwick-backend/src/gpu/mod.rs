@@ -1,0 +1,285 @@
+//! The GPU backend, over wgpu (Vulkan on Linux and Windows, Metal on macOS, DX12 on Windows):
+//! the same ops as the CPU kernels, as WGSL compute shaders.
+//!
+//! Weights live on the device in their stored block formats and are dequantized inside the
+//! products ([`formats`]); activations stay in device buffers between ops; a [`Recorder`]
+//! gathers the dispatches of a forward call and submits them at once; only what the caller
+//! reads back ([`Gpu::read_f32`]) crosses to the host. Every kernel is tested against the CPU
+//! reference (`gpu/tests.rs`), on lavapipe (Mesa's Vulkan device on the CPU) where there is no
+//! GPU.
+
+mod formats;
+mod kernels;
+mod recorder;
+#[cfg(test)]
+mod tests;
+
+pub use formats::supports;
+pub use kernels::{Attend, Matmul};
+pub use recorder::Recorder;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+/// What `--device` names: the CPU, or GPU adapter `N` of [`adapters`] (the first by default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Gpu(usize),
+}
+
+impl DeviceSpec {
+    /// `cpu`, `gpu` or `gpu:N`.
+    pub fn parse(s: &str) -> Result<DeviceSpec, String> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "gpu" => Ok(DeviceSpec::Gpu(0)),
+            _ => match s.strip_prefix("gpu:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceSpec::Gpu(n)),
+                _ => Err(format!("unknown device {s:?}: expected cpu, gpu or gpu:N (see `qwick devices`)")),
+            },
+        }
+    }
+}
+
+/// A GPU adapter as [`adapters`] lists it.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub index: usize,
+    pub name: String,
+    /// Vulkan, Metal or DX12.
+    pub backend: String,
+    /// Discrete, integrated, virtual or CPU (lavapipe).
+    pub kind: String,
+    pub driver: String,
+    /// The largest buffer the adapter allows, in bytes (wgpu does not report memory sizes).
+    pub max_buffer: u64,
+    /// The optional shader features the kernels can use: `subgroups`, `shader-f16`.
+    pub features: Vec<&'static str>,
+}
+
+impl fmt::Display for AdapterSummary {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let feats = if self.features.is_empty() { "none".to_string() } else { self.features.join(", ") };
+        write!(
+            f,
+            "gpu:{}  {} ({}, {}; driver {}; largest buffer {:.1} GiB; features: {})",
+            self.index,
+            self.name,
+            self.backend,
+            self.kind,
+            if self.driver.is_empty() { "?" } else { &self.driver },
+            self.max_buffer as f64 / (1u64 << 30) as f64,
+            feats
+        )
+    }
+}
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    // Vulkan, Metal, DX12: the GL backend lacks compute features the kernels need.
+    desc.backends = wgpu::Backends::PRIMARY;
+    wgpu::Instance::new(desc)
+}
+
+fn list() -> Vec<wgpu::Adapter> {
+    pollster::block_on(instance().enumerate_adapters(wgpu::Backends::PRIMARY))
+}
+
+fn optional_features(f: wgpu::Features) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if f.contains(wgpu::Features::SUBGROUP) {
+        out.push("subgroups");
+    }
+    if f.contains(wgpu::Features::SHADER_F16) {
+        out.push("shader-f16");
+    }
+    out
+}
+
+/// The GPU adapters wgpu finds (Vulkan, Metal or DX12), in the order `gpu:N` counts them.
+pub fn adapters() -> Vec<AdapterSummary> {
+    list()
+        .into_iter()
+        .enumerate()
+        .map(|(index, a)| {
+            let info = a.get_info();
+            AdapterSummary {
+                index,
+                name: info.name,
+                backend: format!("{:?}", info.backend),
+                kind: format!("{:?}", info.device_type),
+                driver: [info.driver, info.driver_info].iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(" "),
+                max_buffer: a.limits().max_buffer_size,
+                features: optional_features(a.features()),
+            }
+        })
+        .collect()
+}
+
+/// A buffer on the device.
+#[derive(Clone, Debug)]
+pub struct Buf {
+    pub(crate) buf: wgpu::Buffer,
+    /// Bytes the caller asked for (the buffer may be padded to 4).
+    pub bytes: u64,
+}
+
+impl Buf {
+    /// f32 elements the buffer holds.
+    pub fn len_f32(&self) -> usize {
+        (self.bytes / 4) as usize
+    }
+}
+
+/// An opened GPU: its device and queue, and the kernels compiled for it so far.
+pub struct Gpu {
+    pub summary: AdapterSummary,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    /// Uniform buffer offsets are multiples of this.
+    uniform_align: u64,
+    max_binding: u64,
+}
+
+impl Gpu {
+    /// Opens adapter `index` of [`adapters`], with the adapter's own limits (large weights need
+    /// buffers beyond WebGPU's defaults).
+    pub fn open(index: usize) -> Result<Gpu, String> {
+        let all = list();
+        let n = all.len();
+        let adapter = all.into_iter().nth(index).ok_or_else(|| {
+            if n == 0 {
+                "no GPU adapter found (wgpu sees no Vulkan, Metal or DX12 device; on Linux, install a Vulkan driver such as Mesa's mesa-vulkan-drivers)".to_string()
+            } else {
+                format!("gpu:{index} does not exist: {n} adapter(s) found (see `qwick devices`)")
+            }
+        })?;
+        let summary = adapters().into_iter().nth(index).expect("the adapter listed above");
+        let limits = adapter.limits();
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("qwick"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+            .map_err(|e| format!("gpu:{index} ({}): cannot open the device: {e}", summary.name))?;
+        Ok(Gpu {
+            summary,
+            device,
+            queue,
+            pipelines: Mutex::new(HashMap::new()),
+            uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
+            max_binding: limits.max_storage_buffer_binding_size as u64,
+        })
+    }
+
+    fn buffer(&self, bytes: u64, extra: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC | extra,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A zeroed buffer of `bytes` bytes.
+    pub fn zeros(&self, bytes: u64) -> Result<Buf, String> {
+        if bytes > self.max_binding {
+            return Err(format!(
+                "a {bytes}-byte buffer is larger than {} allows ({} bytes per binding)",
+                self.summary.name, self.max_binding
+            ));
+        }
+        Ok(Buf { buf: self.buffer(bytes, wgpu::BufferUsages::empty()), bytes })
+    }
+
+    /// `data` copied to a new buffer (padded with zeros to a multiple of 4 bytes).
+    pub fn upload(&self, data: &[u8]) -> Result<Buf, String> {
+        let b = self.zeros(data.len() as u64)?;
+        self.write(&b, 0, data);
+        Ok(b)
+    }
+
+    pub fn upload_f32(&self, data: &[f32]) -> Result<Buf, String> {
+        self.upload(crate::format::f32_bytes(data))
+    }
+
+    pub fn upload_u32(&self, data: &[u32]) -> Result<Buf, String> {
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.upload(&bytes)
+    }
+
+    /// Writes `data` at byte `offset` of `b` (before the next submission's work).
+    pub fn write(&self, b: &Buf, offset: u64, data: &[u8]) {
+        assert!(offset + data.len() as u64 <= b.bytes, "a write past the end of a device buffer");
+        let whole = data.len() / 4 * 4;
+        if whole > 0 {
+            self.queue.write_buffer(&b.buf, offset, &data[..whole]);
+        }
+        if whole < data.len() {
+            let mut tail = [0u8; 4];
+            tail[..data.len() - whole].copy_from_slice(&data[whole..]);
+            self.queue.write_buffer(&b.buf, offset + whole as u64, &tail);
+        }
+    }
+
+    /// The first `n` f32 values of `b`, read back once the work submitted so far is done.
+    pub fn read_f32(&self, b: &Buf, n: usize) -> Vec<f32> {
+        let bytes = self.read(b, 4 * n as u64);
+        bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    /// The first `n` bytes of `b` (`n` a multiple of 4).
+    pub fn read(&self, b: &Buf, n: u64) -> Vec<u8> {
+        assert!(n <= b.bytes && n % 4 == 0, "a read past the end of a device buffer");
+        if n == 0 {
+            return Vec::new();
+        }
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: n,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&b.buf, 0, &staging, 0, n);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device.poll(wgpu::PollType::wait_indefinitely()).expect("the GPU device was lost");
+        rx.recv().expect("the map callback ran").expect("a device buffer could not be read back");
+        let out = staging.slice(..).get_mapped_range().expect("a mapped buffer").to_vec();
+        staging.unmap();
+        out
+    }
+
+    /// The compute pipeline of the WGSL `source` (entry point `main`), compiled once per name.
+    fn pipeline(&self, name: &str, source: impl FnOnce() -> String) -> Arc<wgpu::ComputePipeline> {
+        let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(name) {
+            return p.clone();
+        }
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(source().into()),
+        });
+        let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(name),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        }));
+        cache.insert(name.to_string(), p.clone());
+        p
+    }
+}

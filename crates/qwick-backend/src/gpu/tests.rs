@@ -1,0 +1,217 @@
+//! Every GPU kernel against the CPU's reference, on the first adapter wgpu finds (lavapipe in
+//! CI). Without one, each test says loudly that it was skipped.
+
+use super::*;
+use crate::attention::{paged_attention, AttnArgs, KvLayout, PagedKv};
+use crate::check::{assert_close, rand_vec};
+use crate::{ops, Ctx, Format, Isa, ThreadPool};
+
+/// The first adapter, opened; `None` (and a loud note) where there is none.
+fn gpu(test: &str) -> Option<Gpu> {
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            eprintln!("SKIPPED {test}: no GPU to run it on ({e})");
+            None
+        }
+    }
+}
+
+/// The weight formats the GPU reads, as the tests make them: floats encoded, the others
+/// quantized by the CPU's quantizer.
+const FORMATS: [Format; 13] = [
+    Format::F32,
+    Format::F16,
+    Format::BF16,
+    Format::Q8_0,
+    Format::Q4_0,
+    Format::Q4_1,
+    Format::Q5_0,
+    Format::Q5_1,
+    Format::IQ4_NL,
+    Format::Q4_K,
+    Format::Q5_K,
+    Format::Q6_K,
+    Format::IQ4_XS,
+];
+
+fn encode(f: Format, w: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; f.bytes_for(w.len()).unwrap()];
+    if f.is_float() {
+        f.encode_floats(w, &mut out);
+    } else {
+        f.quantize(w, &mut out);
+    }
+    out
+}
+
+#[test]
+fn every_format_table_entry_has_a_gpu_test() {
+    for &f in Format::ALL {
+        assert_eq!(supports(f), FORMATS.contains(&f), "{f}: the GPU format table and its tests disagree");
+    }
+}
+
+#[test]
+fn matmul_matches_the_dequantized_reference() {
+    let Some(g) = gpu("matmul") else { return };
+    // k spans many 256-weight blocks and more chunks than a workgroup has threads; m covers
+    // a single row, a partial pass of 8 and more than one pass.
+    let (n, k) = (37, 4096);
+    for &f in &FORMATS {
+        let w = rand_vec(n * k, 7);
+        let stored = encode(f, &w);
+        let mut deq = vec![0f32; n * k];
+        f.dequantize(&stored, &mut deq);
+        let wb = g.upload(&stored).unwrap();
+        for m in [1, 3, 8, 11] {
+            let x = rand_vec(m * k, 11 + m as u64);
+            let (xb, yb) = (g.upload_f32(&x).unwrap(), g.zeros(4 * (m * n) as u64).unwrap());
+            let mut rec = Recorder::new(&g);
+            rec.matmul(&Matmul { x: &xb, x_off: 0, ldx: k, m, w: &wb, w_off: 0, format: f, n, k, y: &yb, y_off: 0, ldy: n });
+            rec.submit();
+            let got = g.read_f32(&yb, m * n);
+            let mut want = vec![0f32; m * n];
+            let mut scale = 0f64;
+            for i in 0..m {
+                for r in 0..n {
+                    let (xr, wr) = (&x[i * k..(i + 1) * k], &deq[r * k..(r + 1) * k]);
+                    want[i * n + r] = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
+                    scale = scale.max(xr.iter().zip(wr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum::<f64>());
+                }
+            }
+            // f32 sums of 4096 products in another order than the f64 reference.
+            assert_close(&format!("{f} matmul, m = {m}"), &got, &want, 1e-5 * scale as f32);
+        }
+    }
+}
+
+#[test]
+fn matmul_reads_offsets_and_strides() {
+    let Some(g) = gpu("matmul offsets") else { return };
+    // The second of two Q8_0 weights in one buffer (as the experts of a layer are), rows of x
+    // and y inside wider rows.
+    let (n, k, m, f) = (5, 64, 2, Format::Q8_0);
+    let w = rand_vec(2 * n * k, 3);
+    let stored = encode(f, &w);
+    let mut deq = vec![0f32; 2 * n * k];
+    f.dequantize(&stored, &mut deq);
+    let (ldx, ldy) = (k + 32, n + 3);
+    let x = rand_vec(m * ldx + 7, 5);
+    let (xb, wb, yb) = (g.upload_f32(&x).unwrap(), g.upload(&stored).unwrap(), g.zeros(4 * (m * ldy + 2) as u64).unwrap());
+    let mut rec = Recorder::new(&g);
+    let w_off = f.row_bytes(k) as u64 * n as u64;
+    rec.matmul(&Matmul { x: &xb, x_off: 7, ldx, m, w: &wb, w_off, format: f, n, k, y: &yb, y_off: 2, ldy });
+    rec.submit();
+    let got = g.read_f32(&yb, m * ldy + 2);
+    for i in 0..m {
+        for r in 0..n {
+            let want: f32 = (0..k).map(|j| x[7 + i * ldx + j] * deq[(n + r) * k + j]).sum();
+            let v = got[2 + i * ldy + r];
+            assert!((v - want).abs() <= 1e-4 * want.abs().max(1.0), "row {i}, output {r}: {v} against {want}");
+        }
+    }
+}
+
+#[test]
+fn norms_rope_and_elementwise_match_the_cpu() {
+    let Some(g) = gpu("norms, rope, elementwise") else { return };
+    let (n, heads, d) = (5, 3, 128);
+    let width = heads * d;
+    let x = rand_vec(n * width, 1);
+    let w = rand_vec(width, 2);
+    let hw = rand_vec(d, 3);
+    let (xb, wb, hwb, ob) =
+        (g.upload_f32(&x).unwrap(), g.upload_f32(&w).unwrap(), g.upload_f32(&hw).unwrap(), g.zeros(4 * (n * width) as u64).unwrap());
+    let half = d / 2;
+    let cos: Vec<f32> = (0..n * half).map(|i| (i as f32 * 0.37).cos()).collect();
+    let sin: Vec<f32> = (0..n * half).map(|i| (i as f32 * 0.37).sin()).collect();
+    let csb = g.upload_f32(&[cos.clone(), sin.clone()].concat()).unwrap();
+    let up = rand_vec(n * width, 4);
+    let upb = g.upload_f32(&up).unwrap();
+
+    let mut rec = Recorder::new(&g);
+    rec.rms_norm(&xb, &wb, &ob, n, width, 1e-6);
+    rec.rms_norm_inplace(&xb, &hwb, n * heads, d, 1e-6);
+    rec.rope(&xb, &csb, n, width, half);
+    rec.silu_mul(&ob, &upb, n * width);
+    rec.add(&xb, &ob, n * width);
+    rec.submit();
+
+    let isa = Isa::SCALAR;
+    let mut o = vec![0f32; n * width];
+    ops::rms_norm(isa, &x, &w, 1e-6, &mut o);
+    let mut xc = x.clone();
+    ops::rms_norm_inplace(isa, &mut xc, &hw, 1e-6);
+    for (i, row) in xc.chunks_exact_mut(width).enumerate() {
+        ops::rope_inplace(isa, row, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+    }
+    ops::silu_mul(isa, &mut o, &up);
+    ops::add_inplace(isa, &mut xc, &o);
+    assert_close("norm, silu·up", &g.read_f32(&ob, n * width), &o, 1e-5);
+    assert_close("q/k norm, rope, residual add", &g.read_f32(&xb, n * width), &xc, 1e-5);
+}
+
+#[test]
+fn paged_attention_matches_the_cpu() {
+    let Some(g) = gpu("paged attention") else { return };
+    // Two sequences with scattered blocks: one prefilling 70 tokens (more than a workgroup's
+    // 64 positions), one decoding its 131st token; GQA of 4 query heads per KV head.
+    let (heads, kv_heads, d, bs, blocks) = (8, 2, 128, 16, 24);
+    let layout = KvLayout { block_size: bs, kv_heads, head_dim: d };
+    let tables: [Vec<u32>; 2] = [(0..5).map(|b| 2 * b + 1).collect(), (0..9).map(|b| 22 - 2 * b).collect()];
+    let mut positions: Vec<u32> = (0..70).collect();
+    let mut seq_of_token = vec![0u32; 70];
+    positions.push(130);
+    seq_of_token.push(1);
+    let n = positions.len();
+    // Every cached row random (earlier tokens of sequence 1 included), then this step's K/V
+    // written over their slots by both sides.
+    let size = blocks * kv_heads * bs * d;
+    let (mut kc, mut vc) = (rand_vec(size, 8), rand_vec(size, 9));
+    let (k, v, q) = (rand_vec(n * kv_heads * d, 10), rand_vec(n * kv_heads * d, 11), rand_vec(n * heads * d, 12));
+    let slots: Vec<u32> = (0..n)
+        .map(|i| {
+            let (t, p) = (&tables[seq_of_token[i] as usize], positions[i] as usize);
+            t[p / bs] * bs as u32 + (p % bs) as u32
+        })
+        .collect();
+    let (kcb, vcb) = (g.upload_f32(&kc).unwrap(), g.upload_f32(&vc).unwrap());
+    let (kb, vb, qb, sb) =
+        (g.upload_f32(&k).unwrap(), g.upload_f32(&v).unwrap(), g.upload_f32(&q).unwrap(), g.upload_u32(&slots).unwrap());
+    let tabs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
+    let meta = g.upload_u32(&Attend::meta(&positions, &seq_of_token, &tabs)).unwrap();
+    let ob = g.zeros(4 * (n * heads * d) as u64).unwrap();
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut rec = Recorder::new(&g);
+    rec.kv_write(&kb, &sb, &kcb, n, layout);
+    rec.kv_write(&vb, &sb, &vcb, n, layout);
+    let attend = Attend { q: &qb, k: &kcb, v: &vcb, meta: &meta, out: &ob, n, heads, kv_heads, d, block_size: bs, scale, seqs: 2 };
+    rec.attend(&attend);
+    rec.submit();
+
+    for (i, &s) in slots.iter().enumerate() {
+        for h in 0..kv_heads {
+            let at = layout.row(s as usize / bs, h, s as usize % bs);
+            kc[at..at + d].copy_from_slice(&k[(i * kv_heads + h) * d..][..d]);
+            vc[at..at + d].copy_from_slice(&v[(i * kv_heads + h) * d..][..d]);
+        }
+    }
+    assert_close("K cache after the write", &g.read_f32(&kcb, size), &kc, 0.0);
+    assert_close("V cache after the write", &g.read_f32(&vcb, size), &vc, 0.0);
+    let pool = ThreadPool::new(1);
+    let args = AttnArgs { n_heads: heads, scale, positions: &positions, seq_of_token: &seq_of_token, block_tables: &tabs };
+    let mut want = vec![0f32; n * heads * d];
+    paged_attention(Ctx::new(Isa::SCALAR, &pool), &q, PagedKv::f32(&kc, &vc, bs, kv_heads, d), &args, &mut want);
+    assert_close("attention", &g.read_f32(&ob, n * heads * d), &want, 1e-5);
+}
+
+#[test]
+fn device_specs_parse() {
+    assert_eq!(DeviceSpec::parse("cpu"), Ok(DeviceSpec::Cpu));
+    assert_eq!(DeviceSpec::parse("gpu"), Ok(DeviceSpec::Gpu(0)));
+    assert_eq!(DeviceSpec::parse("gpu:2"), Ok(DeviceSpec::Gpu(2)));
+    for bad in ["", "gpu:", "gpu:x", "cuda", "gpu:-1"] {
+        assert!(DeviceSpec::parse(bad).unwrap_err().contains("expected cpu, gpu or gpu:N"), "{bad}");
+    }
+}

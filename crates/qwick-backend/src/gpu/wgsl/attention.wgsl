@@ -1,0 +1,90 @@
+// Causal attention over a paged KV cache, one workgroup per (query token, head): the token at
+// position pos attends to its sequence's keys 0..=pos, 64 positions at a time with a running
+// maximum and sum (softmax in f32), each thread keeping up to 4 of the head's output values.
+// info: positions[n], seq_of_token[n], table_start[seqs], then the block tables.
+struct P { n: u32, heads: u32, kv_heads: u32, d: u32, block_size: u32, scale: f32, seqs: u32 }
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> kc: array<f32>;
+@group(0) @binding(3) var<storage, read> vc: array<f32>;
+@group(0) @binding(4) var<storage, read> info: array<u32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+var<workgroup> qs: array<f32, 256>;
+var<workgroup> sc: array<f32, 64>;
+var<workgroup> wpos: u32;
+
+fn key_row(table: u32, kvh: u32, pos: u32) -> u32 {
+    let block = info[table + pos / p.block_size];
+    return ((block * p.kv_heads + kvh) * p.block_size + pos % p.block_size) * p.d;
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) t: u32) {
+    let id = wg.x + wg.y * nwg.x;
+    if (id >= p.n * p.heads) {
+        return;
+    }
+    let tok = id / p.heads;
+    let h = id % p.heads;
+    let kvh = h / (p.heads / p.kv_heads);
+    if (t == 0u) {
+        wpos = info[tok];
+    }
+    // The position, as a value every invocation agrees on (the loop below has barriers).
+    let pos = workgroupUniformLoad(&wpos);
+    let seq = info[p.n + tok];
+    let table = 2u * p.n + p.seqs + info[2u * p.n + seq];
+    let qo = (tok * p.heads + h) * p.d;
+    for (var j = t; j < p.d; j += 64u) {
+        qs[j] = q[qo + j];
+    }
+    workgroupBarrier();
+    var m = -3.4028235e38;
+    var l = 0.0;
+    var acc: array<f32, 4>;
+    for (var p0 = 0u; p0 <= pos; p0 += 64u) {
+        let pp = p0 + t;
+        var score = -3.4028235e38;
+        if (pp <= pos) {
+            let kr = key_row(table, kvh, pp);
+            var s = 0.0;
+            for (var j = 0u; j < p.d; j++) {
+                s += qs[j] * kc[kr + j];
+            }
+            score = s * p.scale;
+        }
+        sc[t] = score;
+        workgroupBarrier();
+        let count = min(64u, pos + 1u - p0);
+        var cm = m;
+        for (var i = 0u; i < count; i++) {
+            cm = max(cm, sc[i]);
+        }
+        let corr = exp(m - cm);
+        l *= corr;
+        for (var u = 0u; u < 4u; u++) {
+            acc[u] *= corr;
+        }
+        for (var i = 0u; i < count; i++) {
+            let e = exp(sc[i] - cm);
+            l += e;
+            let vr = key_row(table, kvh, p0 + i);
+            for (var u = 0u; u < 4u; u++) {
+                let j = t + 64u * u;
+                if (j < p.d) {
+                    acc[u] += e * vc[vr + j];
+                }
+            }
+        }
+        m = cm;
+        workgroupBarrier();
+    }
+    for (var u = 0u; u < 4u; u++) {
+        let j = t + 64u * u;
+        if (j < p.d) {
+            out[qo + j] = acc[u] / l;
+        }
+    }
+}

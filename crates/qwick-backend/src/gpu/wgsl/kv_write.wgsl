@@ -1,0 +1,23 @@
+// Writes n tokens' K (or V) rows, [n, kv_heads · d], to their cache slots: cache layout
+// [blocks, kv_heads, block_size, d], slot = block · block_size + offset.
+struct P { n: u32, kv_heads: u32, d: u32, block_size: u32 }
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read> slots: array<u32>;
+@group(0) @binding(3) var<storage, read_write> cache: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) t: u32) {
+    let id = (wg.x + wg.y * nwg.x) * 64u + t;
+    let width = p.kv_heads * p.d;
+    if (id >= p.n * width) {
+        return;
+    }
+    let tok = id / width;
+    let h = (id % width) / p.d;
+    let j = id % p.d;
+    let slot = slots[tok];
+    let block = slot / p.block_size;
+    cache[((block * p.kv_heads + h) * p.block_size + slot % p.block_size) * p.d + j] = src[id];
+}

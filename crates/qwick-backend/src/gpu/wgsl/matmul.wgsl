@@ -1,0 +1,55 @@
+// y[m0 + r, row] = Σ_k x[m0 + r, k] · W[row, k] for up to MR activation rows per workgroup:
+// each weight row is read once per MR rows, 32 weights at a time through deq32 (the format's
+// dequantization, prepended to this file), f32 accumulation, a tree reduction over the
+// workgroup.
+struct P { m: u32, n: u32, k: u32, row_bytes: u32, w_off: u32, chunk_bytes: u32, chunks_per_block: u32, x_off: u32, ldx: u32, y_off: u32, ldy: u32 }
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+const WG: u32 = 64u;
+const MR: u32 = 8u;
+var<workgroup> part: array<f32, 512>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) t: u32) {
+    let id = wg.x + wg.y * nwg.x;
+    let passes = (p.m + MR - 1u) / MR;
+    if (id >= p.n * passes) {
+        return;
+    }
+    let row = id / passes;
+    let m0 = (id % passes) * MR;
+    let mr = min(MR, p.m - m0);
+    var acc: array<f32, 8>;
+    var wv: array<f32, 32>;
+    let chunks = p.k / 32u;
+    for (var c = t; c < chunks; c += WG) {
+        deq32(p.w_off + row * p.row_bytes + (c / p.chunks_per_block) * p.chunk_bytes, c % p.chunks_per_block, &wv);
+        for (var r = 0u; r < mr; r++) {
+            let xo = p.x_off + (m0 + r) * p.ldx + c * 32u;
+            var s = 0.0;
+            for (var j = 0u; j < 32u; j++) {
+                s += wv[j] * x[xo + j];
+            }
+            acc[r] += s;
+        }
+    }
+    for (var r = 0u; r < MR; r++) {
+        part[r * WG + t] = acc[r];
+    }
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (t < s) {
+            for (var r = 0u; r < MR; r++) {
+                part[r * WG + t] += part[r * WG + t + s];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (t < mr) {
+        y[p.y_off + (m0 + t) * p.ldy + row] = part[t * WG];
+    }
+}
