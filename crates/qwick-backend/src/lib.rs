@@ -12,6 +12,7 @@ pub mod attention;
 pub mod bandwidth;
 pub mod check;
 pub mod ctx;
+pub mod device;
 pub mod format;
 pub mod grad;
 #[cfg(feature = "gpu")]
@@ -24,6 +25,7 @@ pub mod quant;
 pub mod weights;
 
 pub use ctx::{par_rows, Ctx};
+pub use device::DeviceSpec;
 pub use format::Format;
 pub use isa::{Isa, Level};
 pub use matmul::{matmul, matmul_batch, Bf16Mode, MatmulJob, WeightView};

@@ -3,7 +3,10 @@
 
 pub mod batch;
 pub mod config;
+pub mod exec;
 pub mod gguf;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod kv;
 pub mod linear;
 pub mod lora;

@@ -2,21 +2,22 @@
 //! them: pre-norm decoder layers of GQA attention (per-head RMSNorm on q and k before RoPE)
 //! and a SwiGLU MLP or a top-k mixture of SwiGLU experts, then a final norm and the head.
 //!
-//! One forward pass serves inference and training: [`Keys`] says whether tokens attend through
-//! a paged KV cache or within packed examples, a [`Lora`] adds the low-rank updates of the
-//! projections, and a [`Trace`] keeps what a backward pass reads. How the weights are stored
-//! and loaded is [`crate::weights`]' business, the cache's layout [`crate::kv`]'s.
+//! One forward pass serves inference and training, on any device: the layers are written in
+//! the ops of an [`Exec`] (on the CPU, [`Pass`]: whether tokens attend through a paged KV
+//! cache or within packed examples, and the projections' LoRA updates), and a [`Trace`] keeps
+//! what a backward pass reads. How the weights are stored and loaded is [`crate::weights`]'
+//! business, the cache's layout [`crate::kv`]'s.
 
 use crate::batch::Batch;
 use crate::config::Config;
+use crate::exec::{Attached, Exec, Keys, Pass};
 use crate::kv::KvCache;
-use crate::linear::{forward_all, Linear};
+use crate::linear::Linear;
 use crate::names::Role;
 use crate::safetensors::Tensor;
 use anyhow::{bail, Context, Result};
-use qwick_backend::attention::{paged_attention, AttnArgs};
-use qwick_backend::grad::{attention_forward, AttnShape};
-use qwick_backend::{copied, ops, par_rows, Ctx};
+use qwick_backend::attention::AttnArgs;
+use qwick_backend::{ops, par_rows, Ctx};
 
 /// RMSNorm over rows of `weight.len()` values.
 pub struct RmsNorm {
@@ -33,13 +34,6 @@ impl RmsNorm {
             ops::rms_norm(ctx.isa, &x[r.start * w..r.end * w], &self.weight, self.eps, o)
         });
         out
-    }
-
-    /// Each row of `x`, in place (the rows of `width` values are split among the threads).
-    fn forward_inplace(&self, ctx: Ctx, x: &mut [f32], width: usize) {
-        par_rows(ctx, x.len() / width, x, width, |_, rows| {
-            ops::rms_norm_inplace(ctx.isa, rows, &self.weight, self.eps)
-        });
     }
 }
 
@@ -75,87 +69,6 @@ impl Rope {
                 ops::rope_inplace(ctx.isa, row, cos, sin);
             }
         });
-    }
-}
-
-/// Which keys and values the tokens attend to, and where theirs go.
-pub enum Keys<'a> {
-    /// A paged KV cache: the tokens' K and V are written to their `slots`, and each token
-    /// attends to its sequence's cached ones up to its position.
-    Cache { kv: &'a mut KvCache, slots: &'a [u32], args: AttnArgs<'a> },
-    /// Packed examples and no cache (training): each token attends to its example's tokens up
-    /// to itself, and the log-sum-exps of its scores are kept.
-    Packed(AttnShape<'a>),
-}
-
-impl Keys<'_> {
-    /// Layer `l`'s attention of the queries `q` to the keys `k` and values `v` (after storing
-    /// them in the cache): the output, and with packed examples the log-sum-exps (else empty).
-    fn attend(&mut self, ctx: Ctx, l: usize, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        let mut out = vec![0f32; q.len()];
-        match self {
-            Keys::Cache { kv, slots, args } => {
-                kv.write(ctx, l, k, v, slots);
-                paged_attention(ctx, q, kv.layer(l), args, &mut out);
-                (out, Vec::new())
-            }
-            Keys::Packed(shape) => {
-                let mut lse = vec![0f32; shape.start.len() * shape.n_heads];
-                attention_forward(ctx, shape, q, k, v, &mut out, &mut lse);
-                (out, lse)
-            }
-        }
-    }
-}
-
-/// The attention of packed examples for a model of `c`: `start[i]` is the first token of token
-/// `i`'s example.
-pub fn packed_attention<'a>(c: &Config, start: &'a [u32]) -> AttnShape<'a> {
-    AttnShape {
-        n_heads: c.num_attention_heads,
-        kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-        scale: 1.0 / (c.head_dim as f32).sqrt(),
-        start,
-    }
-}
-
-/// Low-rank updates of the projections' outputs.
-pub trait Lora {
-    /// Adds layer `l`'s update of its projection `p` (weight `w`) for the input rows `x` to `y`.
-    fn add(&mut self, ctx: Ctx, l: usize, p: Role, w: &Linear, x: &[f32], y: &mut [f32]);
-}
-
-/// The adapters attached to the model's weights ([`Qwen3::add_adapter`]): `rows[i]` is token
-/// `i`'s (0: none; empty when the model has none).
-pub struct Attached<'a> {
-    pub rows: &'a [u16],
-}
-
-impl Lora for Attached<'_> {
-    fn add(&mut self, ctx: Ctx, _: usize, _: Role, w: &Linear, x: &[f32], y: &mut [f32]) {
-        w.add_lora(ctx, x, y.len() / w.out_features(), y, self.rows);
-    }
-}
-
-/// What a forward pass runs in: the kernels' context, the tokens' rotary angles, the keys they
-/// attend to, and the projections' LoRA updates.
-pub struct Pass<'p, 'k> {
-    pub ctx: Ctx<'p>,
-    pub rope: &'p Rope,
-    pub keys: &'p mut Keys<'k>,
-    pub lora: &'p mut dyn Lora,
-}
-
-impl Pass<'_, '_> {
-    /// `y = x · Wᵀ` for each projection of layer `l` reading the rows `x` (one batch of
-    /// products), then each one's LoRA update.
-    fn project(&mut self, l: usize, x: &[f32], outs: &mut [(Role, &Linear, &mut [f32])]) {
-        let n = self.rope.len();
-        forward_all(self.ctx, outs.iter_mut().map(|(_, w, y)| (x, n, *w, &mut **y)).collect());
-        for (p, w, y) in outs.iter_mut() {
-            self.lora.add(self.ctx, l, *p, w, x, y);
-        }
     }
 }
 
@@ -238,27 +151,25 @@ pub struct Attention {
 
 impl Attention {
     /// Layer `l`'s self-attention over the normed hidden states `x`: o_proj's output.
-    pub fn forward(&self, l: usize, x: &[f32], pass: &mut Pass, mut trace: Option<&mut LayerTrace>) -> Vec<f32> {
-        let (ctx, n) = (pass.ctx, pass.rope.len());
+    pub fn forward<E: Exec>(&self, l: usize, x: &E::T, e: &mut E, mut trace: Option<&mut LayerTrace>) -> E::T {
         let (qd, kvd) = (self.q_proj.out_features(), self.k_proj.out_features());
-        let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
-        pass.project(
-            l,
-            x,
-            &mut [(Role::Q, &self.q_proj, &mut q), (Role::K, &self.k_proj, &mut k), (Role::V, &self.v_proj, &mut v)],
-        );
-        let pre = trace.is_some().then(|| (copied(ctx.pool, &q), copied(ctx.pool, &k)));
-        self.q_norm.forward_inplace(ctx, &mut q, qd);
-        self.k_norm.forward_inplace(ctx, &mut k, kvd);
-        pass.rope.rotate(ctx, &mut q, qd);
-        pass.rope.rotate(ctx, &mut k, kvd);
+        let [mut q, mut k, v]: [E::T; 3] = e
+            .project(l, x, &[(Role::Q, &self.q_proj), (Role::K, &self.k_proj), (Role::V, &self.v_proj)])
+            .try_into()
+            .ok()
+            .expect("three projections");
+        let pre = trace.is_some().then(|| (e.keep(&q), e.keep(&k)));
+        e.norm_rows(&self.q_norm, &mut q);
+        e.norm_rows(&self.k_norm, &mut k);
+        e.rotate(&mut q, qd);
+        e.rotate(&mut k, kvd);
         let (att, lse) = match trace.as_deref_mut() {
-            Some(LayerTrace { att, lse, .. }) if !lse.is_empty() => (std::mem::take(att), std::mem::take(lse)),
-            _ => pass.keys.attend(ctx, l, &q, &k, &v),
+            Some(LayerTrace { att, lse, .. }) if !lse.is_empty() => (e.put(std::mem::take(att)), std::mem::take(lse)),
+            _ => e.attend(l, &q, &k, &v),
         };
-        let mut out = vec![0f32; n * self.o_proj.out_features()];
-        pass.project(l, &att, &mut [(Role::O, &self.o_proj, &mut out)]);
+        let out = e.project(l, &att, &[(Role::O, &self.o_proj)]).pop().expect("one projection");
         if let (Some(t), Some((q_pre, k_pre))) = (trace, pre) {
+            let (q, k, v, att) = (e.take(q), e.take(k), e.take(v), e.take(att));
             *t = LayerTrace { q_pre, k_pre, q, k, v, att, lse, ..LayerTrace::default() };
         }
         out
@@ -274,16 +185,18 @@ pub struct Mlp {
 
 impl Mlp {
     /// Layer `l`'s MLP over the normed hidden states `x`.
-    pub fn forward(&self, l: usize, x: &[f32], pass: &mut Pass, trace: Option<&mut MlpTrace>) -> Vec<f32> {
-        let (ctx, n, inter) = (pass.ctx, pass.rope.len(), self.gate_proj.out_features());
-        let (mut g, mut u) = (vec![0f32; n * inter], vec![0f32; n * inter]);
-        pass.project(l, x, &mut [(Role::Gate, &self.gate_proj, &mut g), (Role::Up, &self.up_proj, &mut u)]);
-        let gate = trace.is_some().then(|| copied(ctx.pool, &g));
-        par_rows(ctx, n, &mut g, inter, |r, gr| ops::silu_mul(ctx.isa, gr, &u[r.start * inter..r.end * inter]));
-        let mut out = vec![0f32; n * self.down_proj.out_features()];
-        pass.project(l, &g, &mut [(Role::Down, &self.down_proj, &mut out)]);
+    pub fn forward<E: Exec>(&self, l: usize, x: &E::T, e: &mut E, trace: Option<&mut MlpTrace>) -> E::T {
+        let inter = self.gate_proj.out_features();
+        let [mut g, u]: [E::T; 2] = e
+            .project(l, x, &[(Role::Gate, &self.gate_proj), (Role::Up, &self.up_proj)])
+            .try_into()
+            .ok()
+            .expect("two projections");
+        let gate = trace.is_some().then(|| e.keep(&g));
+        e.silu_mul(&mut g, &u, inter);
+        let out = e.project(l, &g, &[(Role::Down, &self.down_proj)]).pop().expect("one projection");
         if let (Some(t), Some(g)) = (trace, gate) {
-            *t = MlpTrace::Dense { g, u };
+            *t = MlpTrace::Dense { g, u: e.take(u) };
         }
         out
     }
@@ -302,61 +215,55 @@ pub struct Moe {
 }
 
 impl Moe {
-    /// The block over the `n` normed hidden states `x`.
-    pub fn forward(&self, ctx: Ctx, x: &[f32], n: usize, trace: Option<&mut MlpTrace>) -> Vec<f32> {
-        let (ne, h) = (self.experts.len(), self.router.in_features());
-        let mut probs = vec![0f32; n * ne];
-        self.router.forward(ctx, x, n, &mut probs);
+    /// The block over the normed hidden states `x` (one row per token).
+    pub fn forward<E: Exec>(&self, x: &E::T, e: &mut E, trace: Option<&mut MlpTrace>) -> E::T {
+        let (ne, h, n) = (self.experts.len(), self.router.in_features(), e.tokens());
+        let logits = e.products(&[(x, &self.router)]).pop().expect("one product");
+        let mut probs = e.take(logits);
         let chosen = route(&mut probs, ne, self.top_k, self.norm_topk_prob);
         // Per expert: (token, weight) of the tokens routed to it.
         let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
         for (t, c) in chosen.iter().enumerate() {
-            for &(e, w) in c {
-                routed[e].push((t, w));
+            for &(ex, w) in c {
+                routed[ex].push((t, w));
             }
         }
-        let active: Vec<usize> = (0..ne).filter(|&e| !routed[e].is_empty()).collect();
+        let active: Vec<usize> = (0..ne).filter(|&ex| !routed[ex].is_empty()).collect();
         let inter = self.experts[0].gate_proj.out_features();
-        let xs: Vec<Vec<f32>> = active
+        let xs: Vec<E::T> = active
             .iter()
-            .map(|&e| routed[e].iter().flat_map(|&(t, _)| x[t * h..(t + 1) * h].iter().copied()).collect())
+            .map(|&ex| e.gather(x, h, &routed[ex].iter().map(|r| r.0).collect::<Vec<_>>()))
             .collect();
-        let mut gs: Vec<Vec<f32>> = active.iter().map(|&e| vec![0f32; routed[e].len() * inter]).collect();
-        let mut us: Vec<Vec<f32>> = gs.clone();
-        let mut products = Vec::with_capacity(2 * active.len());
-        for (((&e, xe), g), u) in active.iter().zip(&xs).zip(gs.iter_mut()).zip(us.iter_mut()) {
-            let (m, ex) = (routed[e].len(), &self.experts[e]);
-            products.extend([(&xe[..], m, &ex.gate_proj, &mut g[..]), (&xe[..], m, &ex.up_proj, &mut u[..])]);
-        }
-        forward_all(ctx, products);
-        let gates = trace.is_some().then(|| gs.clone());
+        let products: Vec<(&E::T, &Linear)> = active
+            .iter()
+            .zip(&xs)
+            .flat_map(|(&ex, xe)| [(xe, &self.experts[ex].gate_proj), (xe, &self.experts[ex].up_proj)])
+            .collect();
+        let mut gu = e.products(&products).into_iter();
+        let (mut gs, us): (Vec<E::T>, Vec<E::T>) =
+            active.iter().map(|_| (gu.next().expect("a gate"), gu.next().expect("an up"))).unzip();
+        let gates: Option<Vec<Vec<f32>>> = trace.is_some().then(|| gs.iter().map(|g| e.keep(g)).collect());
         for (g, u) in gs.iter_mut().zip(&us) {
-            ops::silu_mul(ctx.isa, g, u);
+            e.silu_mul(g, u, inter);
         }
-        let mut ys: Vec<Vec<f32>> = active.iter().map(|&e| vec![0f32; routed[e].len() * h]).collect();
-        let products = active.iter().zip(&gs).zip(ys.iter_mut());
-        forward_all(
-            ctx,
-            products.map(|((&e, g), y)| (&g[..], routed[e].len(), &self.experts[e].down_proj, &mut y[..])).collect(),
-        );
-        let mut out = vec![0f32; n * h];
-        for (&e, y) in active.iter().zip(&ys) {
-            for (r, &(t, w)) in routed[e].iter().enumerate() {
-                for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[r * h..(r + 1) * h]) {
-                    *o += w * v;
-                }
-            }
+        let downs: Vec<(&E::T, &Linear)> = active.iter().zip(&gs).map(|(&ex, g)| (g, &self.experts[ex].down_proj)).collect();
+        let ys = e.products(&downs);
+        let mut out = e.zeros(n * h);
+        for (&ex, y) in active.iter().zip(&ys) {
+            e.scatter_add(&mut out, y, h, &routed[ex]);
         }
         if let (Some(t), Some(gs)) = (trace, gates) {
             let runs = active.iter().zip(gs).zip(us).zip(ys);
-            let runs = runs.map(|(((&e, g), u), y)| ExpertRun {
-                expert: e,
-                tokens: routed[e].iter().map(|r| r.0).collect(),
-                g,
-                u,
-                y,
-            });
-            *t = MlpTrace::Moe(MoeTrace { probs, chosen, runs: runs.collect() });
+            let runs: Vec<ExpertRun> = runs
+                .map(|(((&ex, g), u), y)| ExpertRun {
+                    expert: ex,
+                    tokens: routed[ex].iter().map(|r| r.0).collect(),
+                    g,
+                    u: e.take(u),
+                    y: e.take(y),
+                })
+                .collect();
+            *t = MlpTrace::Moe(MoeTrace { probs, chosen, runs });
         }
         out
     }
@@ -395,26 +302,22 @@ pub struct Layer {
 impl Layer {
     /// Layer `l` over the hidden states `x`, in place; keeps its activations in `trace` if
     /// given (reusing the attention a trace arrives with, see [`LayerTrace::attention_only`]).
-    pub fn forward(&self, l: usize, x: &mut [f32], pass: &mut Pass, mut trace: Option<&mut LayerTrace>) {
-        let (ctx, h) = (pass.ctx, self.input_layernorm.weight.len());
-        let y = self.attn.forward(l, &self.input_layernorm.forward(ctx, x), pass, trace.as_deref_mut());
-        add(ctx, x, &y, h);
+    pub fn forward<E: Exec>(&self, l: usize, x: &mut E::T, e: &mut E, mut trace: Option<&mut LayerTrace>) {
+        let h = self.input_layernorm.weight.len();
+        let xn = e.norm(&self.input_layernorm, x);
+        let y = self.attn.forward(l, &xn, e, trace.as_deref_mut());
+        e.add(x, &y, h);
         if let Some(t) = trace.as_deref_mut() {
-            t.mid = copied(ctx.pool, x);
+            t.mid = e.keep(x);
         }
-        let hn = self.post_attention_layernorm.forward(ctx, x);
+        let hn = e.norm(&self.post_attention_layernorm, x);
         let mlp_trace = trace.map(|t| &mut t.mlp);
         let y = match &self.mlp {
-            FeedForward::Dense(m) => m.forward(l, &hn, pass, mlp_trace),
-            FeedForward::Moe(m) => m.forward(ctx, &hn, pass.rope.len(), mlp_trace),
+            FeedForward::Dense(m) => m.forward(l, &hn, e, mlp_trace),
+            FeedForward::Moe(m) => m.forward(&hn, e, mlp_trace),
         };
-        add(ctx, x, &y, h);
+        e.add(x, &y, h);
     }
-}
-
-/// `x += y`, in parallel over rows of `width`.
-fn add(ctx: Ctx, x: &mut [f32], y: &[f32], width: usize) {
-    par_rows(ctx, x.len() / width, x, width, |r, xr| ops::add_inplace(ctx.isa, xr, &y[r.start * width..r.end * width]));
 }
 
 pub struct Qwen3 {
@@ -450,20 +353,20 @@ impl Qwen3 {
 
     /// The decoder layers over the hidden states `x` (the embedded tokens), in place; with a
     /// `trace`, each layer's input and activations are kept in it.
-    pub fn forward_layers(&self, x: &mut [f32], pass: &mut Pass, mut trace: Option<&mut Trace>) {
+    pub fn forward_layers<E: Exec>(&self, x: &mut E::T, e: &mut E, mut trace: Option<&mut Trace>) {
         for (l, layer) in self.layers.iter().enumerate() {
             let Some(t) = trace.as_deref_mut() else {
-                layer.forward(l, x, pass, None);
+                layer.forward(l, x, e, None);
                 continue;
             };
-            let input = copied(pass.ctx.pool, x);
+            let input = e.keep(x);
             let mut kept = LayerTrace::default();
-            layer.forward(l, x, pass, Some(&mut kept));
+            layer.forward(l, x, e, Some(&mut kept));
             t.layers.push((input, if l < t.full_layers { kept } else { kept.attention_only() }));
         }
     }
 
-    /// Runs one step: writes the batch's K/V into `kv` and returns the logits of
+    /// Runs one step on the CPU: writes the batch's K/V into `kv` and returns the logits of
     /// `batch.logits_rows`, row-major `[logits_rows.len(), vocab]`.
     pub fn forward(&self, ctx: Ctx, batch: &Batch, kv: &mut KvCache) -> Result<Vec<f32>> {
         let c = &self.config;
@@ -479,19 +382,20 @@ impl Qwen3 {
         };
         let rope = self.rope(&batch.positions);
         let mut keys = Keys::Cache { kv, slots: &batch.slot_mapping, args };
-        let mut x = self.embed(&batch.tokens);
-        self.forward_layers(
-            &mut x,
-            &mut Pass { ctx, rope: &rope, keys: &mut keys, lora: &mut Attached { rows: &rows } },
-            None,
-        );
-        // The final norm and the head, only for the rows that want logits.
-        let (h, m) = (c.hidden_size, batch.logits_rows.len());
-        let sel: Vec<f32> =
-            batch.logits_rows.iter().flat_map(|&r| &x[r as usize * h..(r as usize + 1) * h]).copied().collect();
-        let mut logits = vec![0f32; m * c.vocab_size];
-        self.lm_head.forward(ctx, &self.norm.forward(ctx, &sel), m, &mut logits);
-        Ok(logits)
+        Ok(self.run(&mut Pass { ctx, rope: &rope, keys: &mut keys, lora: &mut Attached { rows: &rows } }, batch))
+    }
+
+    /// The batch's tokens through the layers on `e` (whose cache the batch addresses), then the
+    /// final norm and the head for the rows that want logits.
+    pub fn run<E: Exec>(&self, e: &mut E, batch: &Batch) -> Vec<f32> {
+        let h = self.config.hidden_size;
+        let mut x = e.put(self.embed(&batch.tokens));
+        self.forward_layers(&mut x, e, None);
+        let rows: Vec<usize> = batch.logits_rows.iter().map(|&r| r as usize).collect();
+        let sel = e.gather(&x, h, &rows);
+        let hn = e.norm(&self.norm, &sel);
+        let logits = e.products(&[(&hn, &self.lm_head)]).pop().expect("one product");
+        e.take(logits)
     }
 
     /// Each token's adapter (empty for a model without adapters: nothing to add).

@@ -24,9 +24,8 @@ use qwick_backend::{copied, matmul, ops, par_rows, zeros, Ctx, Format, WeightVie
 use qwick_model::linear::Linear;
 use qwick_model::lora::MODULES;
 use qwick_model::names::Role;
-use qwick_model::qwen3::{
-    packed_attention, FeedForward, Keys, LayerTrace, Lora, MlpTrace, Moe, MoeTrace, Pass, RmsNorm, Rope, Trace,
-};
+use qwick_model::exec::{packed_attention, Keys, Lora, Pass};
+use qwick_model::qwen3::{FeedForward, LayerTrace, MlpTrace, Moe, MoeTrace, RmsNorm, Rope, Trace};
 use qwick_model::Qwen3;
 
 /// One packed sequence: several examples one after another.

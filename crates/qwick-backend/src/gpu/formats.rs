@@ -101,6 +101,13 @@ pub fn supports(f: Format) -> bool {
     body(f).is_some()
 }
 
+/// Whether the GPU kernels read rows of `k` weights of format `f`: a supported format, whole
+/// blocks, and rows that start at multiples of 4 bytes (a float row may end in a partial chunk
+/// of 32).
+pub fn reads(f: Format, k: usize) -> bool {
+    supports(f) && k.is_multiple_of(f.block()) && f.row_bytes(k).is_multiple_of(4)
+}
+
 /// WGSL defining `deq32` for format `f` over the storage array `w` (declared by the caller).
 pub(crate) fn wgsl(f: Format) -> String {
     let body = body(f).unwrap_or_else(|| panic!("no GPU kernel reads {f} weights"));

@@ -13,6 +13,7 @@ const ROPE: &str = include_str!("wgsl/rope.wgsl");
 const ELEMENTWISE: &str = include_str!("wgsl/elementwise.wgsl");
 const KV_WRITE: &str = include_str!("wgsl/kv_write.wgsl");
 const ATTENTION: &str = include_str!("wgsl/attention.wgsl");
+const ROWS: &str = include_str!("wgsl/rows.wgsl");
 
 /// `y = x · Wᵀ` over rows of `x` (`m` rows of `k` values, `ldx` apart, from element `x_off`) and
 /// a weight of `n` rows in its stored `format` at byte `w_off` of `w`, into `y` (`ldy` apart,
@@ -78,9 +79,9 @@ fn fits(what: &str, b: &Buf, elems: usize) {
 }
 
 impl Recorder<'_> {
-    /// See [`Matmul`]. `k` must be a multiple of 32.
+    /// See [`Matmul`]. Rows of the weight start at multiples of 4 bytes ([`formats::reads`]).
     pub fn matmul(&mut self, j: &Matmul) {
-        assert!(j.k % 32 == 0, "GPU products take k in multiples of 32 (k = {})", j.k);
+        assert!(formats::reads(j.format, j.k), "the GPU products do not read {} rows of {} weights", j.format, j.k);
         assert!(j.ldx >= j.k && j.ldy >= j.n, "matmul strides smaller than the rows");
         let row_bytes = j.format.row_bytes(j.k) as u64;
         assert!(j.w_off + row_bytes * j.n as u64 <= j.w.bytes, "a weight past the end of its buffer");
@@ -127,7 +128,7 @@ impl Recorder<'_> {
     /// Rotates each head (`2 · half` values) of the `n` rows of `width` values of `x` by its
     /// token's angles: `cs` holds `[n, half]` cosines, then `[n, half]` sines.
     pub fn rope(&mut self, x: &Buf, cs: &Buf, n: usize, width: usize, half: usize) {
-        assert!(width % (2 * half) == 0, "rope over rows that are not whole heads");
+        assert!(width.is_multiple_of(2 * half), "rope over rows that are not whole heads");
         fits("rope x", x, n * width);
         fits("rope angles", cs, 2 * n * half);
         let pipe = self.gpu.pipeline("rope", || ROPE.to_string());
@@ -163,11 +164,29 @@ impl Recorder<'_> {
 
     /// See [`Attend`]. Head dimensions up to 256.
     pub fn attend(&mut self, a: &Attend) {
-        assert!(a.d <= 256 && a.heads % a.kv_heads == 0, "attention over heads of {} values", a.d);
+        assert!(a.d <= 256 && a.heads.is_multiple_of(a.kv_heads), "attention over heads of {} values", a.d);
         fits("attention q", a.q, a.n * a.heads * a.d);
         fits("attention out", a.out, a.n * a.heads * a.d);
         let pipe = self.gpu.pipeline("attention", || ATTENTION.to_string());
         let params = [u(a.n), u(a.heads), u(a.kv_heads), u(a.d), u(a.block_size), a.scale.to_bits(), u(a.seqs)];
         self.dispatch(pipe, &params, &[a.q, a.k, a.v, a.meta, a.out], u(a.n * a.heads));
+    }
+}
+
+impl Recorder<'_> {
+    /// Row `rows[i]` of `x` (rows of `width` values) into row `i` of `out`.
+    pub fn gather(&mut self, x: &Buf, out: &Buf, width: usize, rows: &Buf, n: usize) {
+        fits("gather out", out, n * width);
+        let pipe = self.gpu.pipeline("gather", || ROWS.replace("#BODY", "b[id] = a[idx[i] * p.width + j];"));
+        self.dispatch(pipe, &[u(n), u(width)], &[x, out, rows], u((n * width).div_ceil(64)));
+    }
+
+    /// `out[t] += w · y[i]` for the `n` pairs `(t, w)` of `pairs` (`t`, then `w`'s f32 bits),
+    /// rows of `width` values; no `t` twice.
+    pub fn scatter_add(&mut self, out: &Buf, y: &Buf, width: usize, pairs: &Buf, n: usize) {
+        fits("scatter_add y", y, n * width);
+        let body = "let o = idx[2u * i] * p.width + j; a[o] = a[o] + bitcast<f32>(idx[2u * i + 1u]) * b[id];";
+        let pipe = self.gpu.pipeline("scatter_add", || ROWS.replace("#BODY", body));
+        self.dispatch(pipe, &[u(n), u(width)], &[out, y, pairs], u((n * width).div_ceil(64)));
     }
 }

@@ -14,34 +14,13 @@ mod recorder;
 #[cfg(test)]
 mod tests;
 
-pub use formats::supports;
+pub use formats::{reads, supports};
 pub use kernels::{Attend, Matmul};
 pub use recorder::Recorder;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
-
-/// What `--device` names: the CPU, or GPU adapter `N` of [`adapters`] (the first by default).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeviceSpec {
-    Cpu,
-    Gpu(usize),
-}
-
-impl DeviceSpec {
-    /// `cpu`, `gpu` or `gpu:N`.
-    pub fn parse(s: &str) -> Result<DeviceSpec, String> {
-        match s {
-            "cpu" => Ok(DeviceSpec::Cpu),
-            "gpu" => Ok(DeviceSpec::Gpu(0)),
-            _ => match s.strip_prefix("gpu:").map(str::parse::<usize>) {
-                Some(Ok(n)) => Ok(DeviceSpec::Gpu(n)),
-                _ => Err(format!("unknown device {s:?}: expected cpu, gpu or gpu:N (see `qwick devices`)")),
-            },
-        }
-    }
-}
 
 /// A GPU adapter as [`adapters`] lists it.
 #[derive(Clone, Debug)]
@@ -175,7 +154,7 @@ impl Gpu {
             queue,
             pipelines: Mutex::new(HashMap::new()),
             uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
-            max_binding: limits.max_storage_buffer_binding_size as u64,
+            max_binding: limits.max_storage_buffer_binding_size,
         })
     }
 

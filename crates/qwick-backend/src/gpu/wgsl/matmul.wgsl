@@ -25,13 +25,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let mr = min(MR, p.m - m0);
     var acc: array<f32, 8>;
     var wv: array<f32, 32>;
-    let chunks = p.k / 32u;
+    // A float weight's rows may end in a partial chunk.
+    let chunks = (p.k + 31u) / 32u;
     for (var c = t; c < chunks; c += WG) {
         deq32(p.w_off + row * p.row_bytes + (c / p.chunks_per_block) * p.chunk_bytes, c % p.chunks_per_block, &wv);
         for (var r = 0u; r < mr; r++) {
             let xo = p.x_off + (m0 + r) * p.ldx + c * 32u;
             var s = 0.0;
-            for (var j = 0u; j < 32u; j++) {
+            for (var j = 0u; j < min(32u, p.k - c * 32u); j++) {
                 s += wv[j] * x[xo + j];
             }
             acc[r] += s;

@@ -1,0 +1,266 @@
+//! The Qwen3 forward on a GPU: the model's weights uploaded once in their stored formats, a
+//! paged f32 KV cache in device memory addressed by the engine's block tables, and an [`Exec`]
+//! whose ops record WGSL dispatches ([`qwick_backend::gpu`]) submitted once per call, only the
+//! logits (and the MoE routers' logits) read back.
+
+use crate::batch::Batch;
+use crate::exec::Exec;
+use crate::linear::Linear;
+use crate::names::Role;
+use crate::qwen3::RmsNorm;
+use crate::Qwen3;
+use anyhow::{anyhow, bail, Context, Result};
+use qwick_backend::attention::KvLayout;
+use qwick_backend::gpu::{self, Attend, Buf, Gpu, Matmul, Recorder};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A model's weights and KV cache on a GPU.
+pub struct GpuModel {
+    model: Arc<Qwen3>,
+    gpu: Gpu,
+    /// Each `Linear` and `RmsNorm` of the model, uploaded, by the address of the model's own.
+    weights: HashMap<usize, Buf>,
+    /// Per layer, K and V.
+    kv: Vec<(Buf, Buf)>,
+    layout: KvLayout,
+    num_blocks: usize,
+}
+
+fn key<T>(w: &T) -> usize {
+    w as *const T as usize
+}
+
+impl GpuModel {
+    /// Uploads `model` to GPU adapter `index` with a cache of `num_blocks` blocks of
+    /// `block_size` tokens. Refuses weight formats the GPU kernels do not read and LoRA
+    /// adapters, naming them.
+    pub fn new(model: Arc<Qwen3>, index: usize, num_blocks: usize, block_size: usize) -> Result<GpuModel> {
+        let gpu = Gpu::open(index).map_err(|e| anyhow!(e))?;
+        if model.adapters() > 0 || model.linears().iter().any(|l| !l.lora.is_empty()) {
+            bail!("LoRA adapters do not run on the GPU yet: use --device cpu");
+        }
+        let mut weights = HashMap::new();
+        let norms = model.layers.iter().flat_map(|l| {
+            [&l.input_layernorm, &l.post_attention_layernorm, &l.attn.q_norm, &l.attn.k_norm]
+        });
+        for n in norms.chain([&model.norm]) {
+            weights.insert(key(n), gpu.upload_f32(&n.weight).map_err(|e| anyhow!(e))?);
+        }
+        for (i, w) in model.linears().into_iter().enumerate() {
+            let t = &w.weight;
+            if !gpu::reads(t.format, w.in_features()) {
+                bail!(
+                    "weight {i} ({}×{}, {}) cannot run on the GPU: its kernels read {} (rows of whole 4-byte words)",
+                    w.out_features(),
+                    w.in_features(),
+                    t.format,
+                    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K and IQ4_XS"
+                );
+            }
+            weights.insert(key(w), gpu.upload(t.bytes()).map_err(|e| anyhow!("{}: {e}", gpu.summary.name))?);
+        }
+        let c = &model.config;
+        let layout = KvLayout { block_size, kv_heads: c.num_key_value_heads, head_dim: c.head_dim };
+        let per = 4 * (num_blocks * block_size * layout.kv_heads * layout.head_dim) as u64;
+        let kv = (0..c.num_hidden_layers)
+            .map(|_| Ok((gpu.zeros(per)?, gpu.zeros(per)?)))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|e| anyhow!("the KV cache does not fit on {}: {e}", gpu.summary.name))?;
+        Ok(GpuModel { model, gpu, weights, kv, layout, num_blocks })
+    }
+
+    pub fn model(&self) -> &Arc<Qwen3> {
+        &self.model
+    }
+
+    /// The adapter the model runs on.
+    pub fn adapter(&self) -> &gpu::AdapterSummary {
+        &self.gpu.summary
+    }
+
+    /// Bytes of the KV cache.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.iter().map(|(k, v)| (k.bytes + v.bytes) as usize).sum()
+    }
+
+    /// Runs one step: writes the batch's K/V into the device cache and returns the logits of
+    /// `batch.logits_rows`, row-major `[logits_rows.len(), vocab]`.
+    pub fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>> {
+        let model = self.model.clone();
+        let c = &model.config;
+        batch.validate(c.vocab_size, self.num_blocks, self.layout.block_size).context("invalid batch")?;
+        if batch.seq_adapter.iter().any(|&a| a > 0) {
+            bail!("LoRA adapters do not run on the GPU yet");
+        }
+        let n = batch.tokens.len();
+        let rope = model.rope(&batch.positions);
+        let half = c.head_dim / 2;
+        let mut cs = vec![0f32; 2 * n * half];
+        for i in 0..n {
+            let (cos, sin) = rope.at(i);
+            cs[i * half..(i + 1) * half].copy_from_slice(cos);
+            cs[(n + i) * half..(n + i + 1) * half].copy_from_slice(sin);
+        }
+        let tables: Vec<&[u32]> = batch.block_tables.iter().map(|t| t.as_slice()).collect();
+        let g = &self.gpu;
+        let up = |r: Result<Buf, String>| r.map_err(|e| anyhow!(e));
+        let mut pass = GpuPass {
+            rope: up(g.upload_f32(&cs))?,
+            slots: up(g.upload_u32(&batch.slot_mapping))?,
+            meta: up(g.upload_u32(&Attend::meta(&batch.positions, &batch.seq_of_token, &tables)))?,
+            seqs: tables.len(),
+            n,
+            half,
+            heads: c.num_attention_heads,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            rec: Recorder::new(g),
+            m: self,
+        };
+        Ok(model.run(&mut pass, batch))
+    }
+}
+
+/// Activations on the device: a buffer and how many values of it are in use.
+pub struct Dev {
+    buf: Buf,
+    len: usize,
+}
+
+/// One forward call on the GPU.
+struct GpuPass<'a> {
+    m: &'a GpuModel,
+    rec: Recorder<'a>,
+    /// The tokens' cos rows, then their sin rows.
+    rope: Buf,
+    slots: Buf,
+    meta: Buf,
+    seqs: usize,
+    n: usize,
+    half: usize,
+    heads: usize,
+    scale: f32,
+}
+
+impl GpuPass<'_> {
+    fn weight<T>(&self, w: &T) -> &Buf {
+        self.m.weights.get(&key(w)).expect("every weight of the model was uploaded")
+    }
+
+    fn alloc(&self, len: usize) -> Dev {
+        // Buffers sizes are checked against the adapter's limit when the model is uploaded
+        // (activations are far smaller than the largest weight).
+        Dev { buf: self.m.gpu.zeros(4 * len as u64).expect("an activation buffer"), len }
+    }
+
+    /// Runs what was recorded so far.
+    fn flush(&mut self) {
+        std::mem::replace(&mut self.rec, Recorder::new(&self.m.gpu)).submit();
+    }
+
+    fn product(&mut self, x: &Dev, w: &Linear) -> Dev {
+        let (k, n) = (w.in_features(), w.out_features());
+        let m = x.len / k;
+        let y = self.alloc(m * n);
+        let wb = self.weight(w).clone();
+        let job = Matmul { x: &x.buf, x_off: 0, ldx: k, m, w: &wb, w_off: 0, format: w.weight.format, n, k, y: &y.buf, y_off: 0, ldy: n };
+        self.rec.matmul(&job);
+        y
+    }
+}
+
+impl Exec for GpuPass<'_> {
+    type T = Dev;
+
+    fn tokens(&self) -> usize {
+        self.n
+    }
+
+    fn put(&mut self, x: Vec<f32>) -> Dev {
+        Dev { buf: self.m.gpu.upload_f32(&x).expect("an activation buffer"), len: x.len() }
+    }
+
+    fn keep(&mut self, x: &Dev) -> Vec<f32> {
+        self.flush();
+        self.m.gpu.read_f32(&x.buf, x.len)
+    }
+
+    fn take(&mut self, x: Dev) -> Vec<f32> {
+        self.keep(&x)
+    }
+
+    fn zeros(&mut self, len: usize) -> Dev {
+        self.alloc(len)
+    }
+
+    fn norm(&mut self, n: &RmsNorm, x: &Dev) -> Dev {
+        let d = n.weight.len();
+        let out = self.alloc(x.len);
+        let w = self.weight(n).clone();
+        self.rec.rms_norm(&x.buf, &w, &out.buf, x.len / d, d, n.eps);
+        out
+    }
+
+    fn norm_rows(&mut self, n: &RmsNorm, x: &mut Dev) {
+        let d = n.weight.len();
+        let w = self.weight(n).clone();
+        self.rec.rms_norm_inplace(&x.buf, &w, x.len / d, d, n.eps);
+    }
+
+    fn rotate(&mut self, x: &mut Dev, width: usize) {
+        self.rec.rope(&x.buf, &self.rope, self.n, width, self.half);
+    }
+
+    fn project(&mut self, _: usize, x: &Dev, ws: &[(Role, &Linear)]) -> Vec<Dev> {
+        ws.iter().map(|(_, w)| self.product(x, w)).collect()
+    }
+
+    fn products(&mut self, ps: &[(&Dev, &Linear)]) -> Vec<Dev> {
+        ps.iter().map(|(x, w)| self.product(x, w)).collect()
+    }
+
+    fn attend(&mut self, l: usize, q: &Dev, k: &Dev, v: &Dev) -> (Dev, Vec<f32>) {
+        let (kc, vc) = &self.m.kv[l];
+        let layout = self.m.layout;
+        self.rec.kv_write(&k.buf, &self.slots, kc, self.n, layout);
+        self.rec.kv_write(&v.buf, &self.slots, vc, self.n, layout);
+        let out = self.alloc(q.len);
+        self.rec.attend(&Attend {
+            q: &q.buf,
+            k: kc,
+            v: vc,
+            meta: &self.meta,
+            out: &out.buf,
+            n: self.n,
+            heads: self.heads,
+            kv_heads: layout.kv_heads,
+            d: layout.head_dim,
+            block_size: layout.block_size,
+            scale: self.scale,
+            seqs: self.seqs,
+        });
+        (out, Vec::new())
+    }
+
+    fn silu_mul(&mut self, g: &mut Dev, u: &Dev, _: usize) {
+        self.rec.silu_mul(&g.buf, &u.buf, g.len);
+    }
+
+    fn add(&mut self, x: &mut Dev, y: &Dev, _: usize) {
+        self.rec.add(&x.buf, &y.buf, x.len);
+    }
+
+    fn gather(&mut self, x: &Dev, width: usize, rows: &[usize]) -> Dev {
+        let out = self.alloc(rows.len() * width);
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = self.m.gpu.upload_u32(&idx).expect("a row index buffer");
+        self.rec.gather(&x.buf, &out.buf, width, &idx, rows.len());
+        out
+    }
+
+    fn scatter_add(&mut self, out: &mut Dev, y: &Dev, width: usize, rows: &[(usize, f32)]) {
+        let pairs: Vec<u32> = rows.iter().flat_map(|&(t, w)| [t as u32, w.to_bits()]).collect();
+        let pairs = self.m.gpu.upload_u32(&pairs).expect("a row index buffer");
+        self.rec.scatter_add(&out.buf, &y.buf, width, &pairs, rows.len());
+    }
+}

@@ -1,0 +1,93 @@
+//! The forward on a GPU against the CPU's, on every checkpoint fixture (dense, GQA, YaRN, tied
+//! and untied heads, f32/f16/bf16 storage, MoE with and without top-k renormalisation, sparse
+//! MoE layers): logits of a mixed batch (two prompts, then their next tokens beside a third
+//! prompt) within 1e-3 of the largest logit. Runs on the first adapter wgpu finds (lavapipe
+//! in CI); without one it says loudly that it was skipped.
+#![cfg(feature = "gpu")]
+
+use qwick_backend::check::{assert_close, max_abs};
+use qwick_backend::{Ctx, Isa, ThreadPool};
+use qwick_model::gpu::GpuModel;
+use qwick_model::{Batch, Qwen3};
+use std::path::Path;
+use std::sync::Arc;
+
+const FIXTURES: [&str; 11] = [
+    "dense_f16",
+    "dense_f32",
+    "dense_gqa8_yarn",
+    "dense_hf5_layout",
+    "dense_sharded",
+    "dense_tied_gqa4",
+    "dense_untied_gqa2",
+    "moe_hf5_layout",
+    "moe_nonorm_mlponly",
+    "moe_norm_topk",
+    "moe_sparse_step2",
+];
+
+const BLOCK: usize = 16;
+
+/// Two steps: prompts of 37 and 5 tokens (every row's logits), then one token of each beside
+/// a 20-token prompt; each sequence on blocks of its own, out of order.
+fn steps(vocab: u32) -> Vec<Batch> {
+    let tok = |i: u32| (i * 7919 + 13) % vocab;
+    let tables = [vec![3, 0, 6], vec![1], vec![5, 2]];
+    let mut first = Batch::default();
+    first.push_span(&(0..37).map(tok).collect::<Vec<_>>(), 0, &tables[0], BLOCK, true);
+    first.push_span(&(40..45).map(tok).collect::<Vec<_>>(), 0, &tables[1], BLOCK, true);
+    let mut second = Batch::default();
+    second.push_span(&[tok(100)], 37, &tables[0], BLOCK, false);
+    second.push_span(&[tok(101)], 5, &tables[1], BLOCK, false);
+    second.push_span(&(60..80).map(tok).collect::<Vec<_>>(), 0, &tables[2], BLOCK, true);
+    vec![first, second]
+}
+
+#[test]
+fn gpu_logits_match_the_cpu_on_every_fixture() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let pool = ThreadPool::new(2);
+    let ctx = Ctx { exact: true, ..Ctx::new(Isa::best_exact(), &pool) };
+    for name in FIXTURES {
+        let model = Arc::new(Qwen3::load(&root.join(name)).unwrap());
+        let mut gpu = match GpuModel::new(model.clone(), 0, 8, BLOCK) {
+            Ok(g) => g,
+            Err(e) if e.to_string().contains("no GPU adapter") => {
+                eprintln!("SKIPPED gpu_logits_match_the_cpu_on_every_fixture: {e}");
+                return;
+            }
+            Err(e) => panic!("{name}: {e:#}"),
+        };
+        let mut kv = model.new_kv_cache(8, BLOCK);
+        for (s, batch) in steps(model.config.vocab_size as u32).iter().enumerate() {
+            let want = model.forward(ctx, batch, &mut kv).unwrap();
+            let got = gpu.forward(batch).unwrap();
+            assert_close(&format!("{name}, step {s}"), &got, &want, 1e-3 * max_abs(&want));
+        }
+    }
+}
+
+#[test]
+fn gpu_refuses_what_it_cannot_run() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let model = Arc::new(Qwen3::load(&root.join("dense_tied_gqa4")).unwrap());
+    let mut gpu = match GpuModel::new(model.clone(), 0, 2, BLOCK) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("SKIPPED gpu_refuses_what_it_cannot_run: {e}");
+            return;
+        }
+    };
+    // A slot past the cache, an adapter the model lacks: errors, and the device goes on.
+    let mut bad = Batch::default();
+    bad.push_span(&[1, 2, 3], 0, &[7], BLOCK, false);
+    assert!(gpu.forward(&bad).unwrap_err().to_string().contains("invalid batch"));
+    let mut adapter = Batch::default();
+    adapter.push_span(&[1, 2, 3], 0, &[0], BLOCK, false);
+    adapter.seq_adapter = vec![1];
+    assert!(gpu.forward(&adapter).is_err());
+    adapter.seq_adapter.clear();
+    assert_eq!(gpu.forward(&adapter).unwrap().len(), model.config.vocab_size);
+    let err = GpuModel::new(model, 99, 2, BLOCK).err().expect("no adapter 99");
+    assert!(err.to_string().contains("gpu:99 does not exist"), "{err}");
+}
