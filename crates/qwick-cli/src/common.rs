@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use qwick_backend::matmul::Bf16Timing;
-use qwick_backend::{Bf16Mode, Format, Isa, ThreadPool};
+use qwick_backend::{Bf16Mode, DeviceSpec, Format, Isa, ThreadPool};
 use qwick_engine::{Runner, RunnerConfig, Scheduler, SchedulerConfig};
 use qwick_model::{LoadOptions, Qwen3};
 use std::io::IsTerminal;
@@ -37,6 +37,11 @@ pub struct RunArgs {
     /// of f32, greedy output unchanged on the test models; `logits` defaults to f32).
     #[arg(long)]
     pub kv_dtype: Option<String>,
+    /// Where the model runs: cpu, gpu or gpu:N (an adapter as `qwick devices` lists them).
+    /// On a GPU the weights stay in their stored formats in device memory and the KV cache
+    /// holds f32.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 impl RunArgs {
@@ -125,8 +130,15 @@ impl RunArgs {
         Ok(Bf16Choice { mode: Some(mode), why: "measured now", timings })
     }
 
-    /// The KV cache's element format asked for, else `default`.
+    /// Where the model runs (`--device`).
+    pub fn device(&self) -> Result<DeviceSpec> {
+        DeviceSpec::parse(&self.device).map_err(|e| anyhow::anyhow!("--device: {e}"))
+    }
+
+    /// The KV cache's element format asked for, else `default` (on a GPU, f32: the only
+    /// format its cache holds).
     pub fn kv_format_or(&self, default: Format) -> Result<Format> {
+        let default = if self.device()? == DeviceSpec::Cpu { default } else { Format::F32 };
         match &self.kv_dtype {
             None => Ok(default),
             Some(s) => match s.to_ascii_lowercase().as_str() {
@@ -145,7 +157,7 @@ impl RunArgs {
 
     /// A runner on `isa` whose cache holds `tokens` tokens of `kv` elements.
     pub fn runner_as(&self, model: Arc<Qwen3>, tokens: usize, isa: Isa, kv: Format) -> Result<Runner> {
-        Ok(Runner::new(model, &self.runner_config(tokens, isa, kv)?))
+        Runner::new(model, &self.runner_config(tokens, isa, kv)?)
     }
 
     /// The runner configuration these options ask for.
@@ -154,6 +166,7 @@ impl RunArgs {
         cfg.exact = self.exact;
         cfg.kv_format = kv;
         cfg.bf16 = self.bf16_mode(isa)?.0;
+        cfg.device = self.device()?;
         Ok(cfg)
     }
 
@@ -175,7 +188,8 @@ impl RunArgs {
         let isa = self.isa()?;
         let rounded = self.bf16_mode(isa)?.0.unwrap_or(Bf16Mode::for_isa(isa)) != Bf16Mode::F32;
         Ok(LoadOptions {
-            repack: !self.no_repack,
+            // A GPU reads the weights as stored: no CPU layout to convert them to.
+            repack: !self.no_repack && self.device()? == DeviceSpec::Cpu,
             bf16_tiles: rounded && !self.exact,
             // Room for the KV cache and the rest beside the converted weights.
             bf16_tiles_budget: available_memory().map_or(usize::MAX, |m| m / 10 * 8),

@@ -148,6 +148,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         no_repack: false,
         lora: vec![],
         kv_dtype: None,
+        device: "cpu".into(),
     };
     let (schedule, data_path, out) = check_args(&a)?;
     let threads = run.threads();

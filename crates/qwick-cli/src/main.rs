@@ -61,6 +61,13 @@ enum Command {
     /// List the models of the Hugging Face cache and the Ollama store, with what --model takes
     /// to load each (--json for machine output).
     List(list::ListArgs),
+    /// List the GPU adapters `--device gpu:N` can name: name, backend (Vulkan, Metal, DX12),
+    /// kind, driver, largest buffer and the optional shader features the kernels use.
+    Devices {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Merge a LoRA adapter (PEFT layout) into a Hugging Face model folder, written as a new
     /// folder (one model.safetensors; tokenizer and config files copied).
     Merge {
@@ -136,10 +143,40 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", out.display());
             Ok(())
         }
+        Command::Devices { json } => devices(json),
         Command::MakeRandom(args) => quantize::make_random(args),
         Command::Finetune(args) => finetune::finetune(args),
         Command::List(args) => list::list(args),
     }
+}
+
+#[cfg(feature = "gpu")]
+fn devices(json: bool) -> Result<()> {
+    let all = qwick_backend::gpu::adapters();
+    if json {
+        let list: Vec<serde_json::Value> = all
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "device": format!("gpu:{}", a.index), "name": a.name, "backend": a.backend, "kind": a.kind,
+                    "driver": a.driver, "max_buffer_bytes": a.max_buffer, "features": a.features,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else if all.is_empty() {
+        println!("no GPU adapter found (no Vulkan, Metal or DX12 device; on Linux, a Vulkan driver such as Mesa's mesa-vulkan-drivers gives one)");
+    } else {
+        for a in &all {
+            println!("{a}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "gpu"))]
+fn devices(_: bool) -> Result<()> {
+    bail!("this qwick was built without GPU support (cargo feature `gpu`)")
 }
 
 fn parse_tokens(s: &str) -> Result<Vec<u32>> {

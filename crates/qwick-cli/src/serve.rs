@@ -129,7 +129,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     };
     let name = info.name.clone();
     let runner_config = a.run.runner_config(kv_tokens, isa, kv_format)?;
-    let server = qwick_server::start(opts, info, move || Ok(Runner::new(model, &runner_config)))?;
+    let server = qwick_server::start(opts, info, move || Runner::new(model, &runner_config))?;
     eprintln!(
         "qwick: serving {name} on http://{} (KV cache: {kv_tokens} tokens of {kv_format}; max model len: {})",
         server.addr, server.max_model_len

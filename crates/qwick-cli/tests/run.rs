@@ -113,6 +113,39 @@ fn greedy_tokens_equal_transformers() {
     }
 }
 
+/// Whether wgpu finds a GPU adapter (lavapipe in CI); says loudly when not.
+fn have_gpu(test: &str) -> bool {
+    let o = Command::new(env!("CARGO_BIN_EXE_qwick")).args(["devices", "--json"]).output().unwrap();
+    let list: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    let found = list.as_array().is_some_and(|a| !a.is_empty());
+    if !found {
+        eprintln!("SKIPPED {test}: no GPU adapter ({})", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    found
+}
+
+#[test]
+fn greedy_tokens_on_the_gpu_equal_transformers() {
+    if !have_gpu("greedy_tokens_on_the_gpu_equal_transformers") {
+        return;
+    }
+    let n = refs()["max_new_tokens"].as_u64().unwrap().to_string();
+    for name in ["hello_think", "haiku_nothink"] {
+        let c = case(name);
+        let mut args = vec!["--temperature", "0", "--max-tokens", &n, "--device", "gpu"];
+        args.extend(case_args(c));
+        let v = run_json(&args);
+        assert_eq!(ids(&v["token_ids"]), ids(&c["generated_ids"]), "{name} on the GPU");
+        assert_eq!(v["text"], c["generated_text"], "{name} on the GPU");
+    }
+    // What the GPU cannot run is refused by name, not run elsewhere.
+    let o = run(&["--prompt", "hi", "--device", "gpu", "--kv-dtype", "bf16"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("KV cache does not run on the GPU"), "{o:?}");
+    let o = run(&["--prompt", "hi", "--device", "tpu"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("expected cpu, gpu or gpu:N"), "{o:?}");
+}
+
 #[test]
 fn piped_output_is_exactly_the_generated_text() {
     let c = case("hello_think");

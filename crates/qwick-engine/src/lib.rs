@@ -15,6 +15,8 @@ pub use blocks::BlockAllocator;
 pub use generate::{generate, Generation, TokenEvent};
 pub use kv_manager::KvManager;
 pub use qwick_sampler::SamplingParams;
+#[cfg(feature = "gpu")]
+pub use runner::GpuForward;
 pub use runner::{argmax, Logits, Qwen3Forward, Runner, RunnerConfig, SeqId, Span, StepModel};
 pub use scheduler::{
     Collect, Engine, Event, EventSink, Fault, OutToken, Request, Scheduler, SchedulerConfig, SchedulerStats,

@@ -2,12 +2,13 @@
 //! keeps each sequence's block table and how many of its tokens are cached; turns a list of spans
 //! (each with its tokens: the sequence's tokens are its caller's) into one batch.
 //!
-//! The runner steps through a [`StepModel`]: [`Qwen3Forward`] is the real model; the engine's
-//! tests drive the runner and the scheduler through a fake.
+//! The runner steps through a [`StepModel`]: [`Qwen3Forward`] is the real model on the CPU,
+//! [`GpuForward`] the same model on a GPU; the engine's tests drive the runner and the
+//! scheduler through a fake.
 
 use crate::kv_manager::KvManager;
 use anyhow::{anyhow, bail, Result};
-use qwick_backend::{Bf16Mode, Ctx, Format, Isa, ThreadPool};
+use qwick_backend::{Bf16Mode, Ctx, DeviceSpec, Format, Isa, ThreadPool};
 use qwick_model::{Batch, KvCache, Qwen3};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +29,8 @@ pub struct RunnerConfig {
     pub kv_format: Format,
     /// How bf16 weights are multiplied (`None`: as the ISA implies; see [`Ctx::bf16`]).
     pub bf16: Option<Bf16Mode>,
+    /// Where the model runs.
+    pub device: DeviceSpec,
 }
 
 impl RunnerConfig {
@@ -42,6 +45,7 @@ impl RunnerConfig {
             exact: false,
             kv_format: Format::F32,
             bf16: None,
+            device: DeviceSpec::Cpu,
         }
     }
 }
@@ -119,6 +123,41 @@ impl StepModel for Qwen3Forward {
     }
 }
 
+/// The Qwen3 model on a GPU, with its KV cache in device memory (f32 elements).
+#[cfg(feature = "gpu")]
+pub struct GpuForward(qwick_model::gpu::GpuModel);
+
+#[cfg(feature = "gpu")]
+impl GpuForward {
+    /// The model uploaded to GPU adapter `index`, with the cache of `cfg` (whose KV elements
+    /// must be f32: the GPU cache holds no other format yet).
+    pub fn new(model: Arc<Qwen3>, index: usize, cfg: &RunnerConfig) -> Result<GpuForward> {
+        if cfg.kv_format != Format::F32 {
+            bail!("a {} KV cache does not run on the GPU yet: its cache holds f32 (--kv-dtype f32)", cfg.kv_format);
+        }
+        Ok(GpuForward(qwick_model::gpu::GpuModel::new(model, index, cfg.num_blocks, cfg.block_size)?))
+    }
+}
+
+#[cfg(feature = "gpu")]
+impl StepModel for GpuForward {
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>> {
+        self.0.forward(batch)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.0.model().config.vocab_size
+    }
+
+    fn adapters(&self) -> u16 {
+        0
+    }
+
+    fn kv_bytes(&self) -> usize {
+        self.0.kv_bytes()
+    }
+}
+
 pub struct Runner {
     model: Box<dyn StepModel>,
     block_size: usize,
@@ -128,9 +167,17 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// A runner over the Qwen3 model `model`, with the cache and threads of `cfg`.
-    pub fn new(model: Arc<Qwen3>, cfg: &RunnerConfig) -> Runner {
-        Runner::with_model(Box::new(Qwen3Forward::new(model, cfg)), cfg.block_size, cfg.num_blocks)
+    /// A runner over the Qwen3 model `model` on the device of `cfg`, with its cache (and on
+    /// the CPU its threads).
+    pub fn new(model: Arc<Qwen3>, cfg: &RunnerConfig) -> Result<Runner> {
+        let step: Box<dyn StepModel> = match cfg.device {
+            DeviceSpec::Cpu => Box::new(Qwen3Forward::new(model, cfg)),
+            #[cfg(feature = "gpu")]
+            DeviceSpec::Gpu(i) => Box::new(GpuForward::new(model, i, cfg)?),
+            #[cfg(not(feature = "gpu"))]
+            DeviceSpec::Gpu(_) => bail!("this qwick was built without GPU support (cargo feature `gpu`)"),
+        };
+        Ok(Runner::with_model(step, cfg.block_size, cfg.num_blocks))
     }
 
     /// A runner over `model`, whose KV cache has `num_blocks` blocks of `block_size` tokens.

@@ -26,7 +26,7 @@ fn prompt(i: usize, len: usize, vocab: usize) -> Vec<u32> {
 
 /// Logits after the prompt and after each of GEN greedy tokens, sequence run alone.
 fn alone(model: &Arc<Qwen3>, p: &[u32], isa: Isa) -> Vec<Vec<f32>> {
-    let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(p.len() + GEN + 1, 2, isa));
+    let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(p.len() + GEN + 1, 2, isa)).unwrap();
     let s = r.add_sequence();
     let mut out = vec![];
     let mut tokens = p.to_vec();
@@ -40,7 +40,7 @@ fn alone(model: &Arc<Qwen3>, p: &[u32], isa: Isa) -> Vec<Vec<f32>> {
 
 fn together(model: &Arc<Qwen3>, prompts: &[Vec<u32>], isa: Isa) -> Vec<Vec<Vec<f32>>> {
     let total: usize = prompts.iter().map(|p| p.len() + GEN + 16).sum();
-    let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(total, 2, isa));
+    let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(total, 2, isa)).unwrap();
     let mut ids: Vec<Option<SeqId>> = vec![None; prompts.len()];
     // Each sequence's tokens: its prompt, then the greedy tokens.
     let mut tokens: Vec<Vec<u32>> = prompts.to_vec();
@@ -122,7 +122,7 @@ fn batch_equals_alone() {
 #[test]
 fn full_cache_is_an_error_not_a_panic() {
     let m = model("dense_untied_gqa2");
-    let mut r = Runner::new(m, &RunnerConfig::with_tokens(32, 1, Isa::best()));
+    let mut r = Runner::new(m, &RunnerConfig::with_tokens(32, 1, Isa::best())).unwrap();
     let s = r.add_sequence();
     let e = r.step(&[Span { seq: s, tokens: &[1; 40], logits: Logits::Last }]).unwrap_err();
     assert!(format!("{e}").contains("KV cache full"), "{e}");

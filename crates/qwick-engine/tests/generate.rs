@@ -65,7 +65,7 @@ fn greedy_generate_matches_transformers() {
     let model = model();
     let (cases, eos, n) = cases();
     for isa in Isa::all_supported().into_iter().filter(|i| !i.rounds_activations()) {
-        let runner = Runner::new(model.clone(), &RunnerConfig::with_tokens(256, 2, isa));
+        let runner = Runner::new(model.clone(), &RunnerConfig::with_tokens(256, 2, isa)).unwrap();
         let mut sched = Scheduler::new(runner, SchedulerConfig::default());
         for c in &cases {
             let mut streamed = vec![];
@@ -99,7 +99,7 @@ fn generate_stops_on_stop_tokens_callback_and_context() {
     let model = model();
     let (cases, eos, n) = cases();
     let c = &cases[0];
-    let runner = Runner::new(model, &RunnerConfig::with_tokens(256, 2, Isa::best_exact()));
+    let runner = Runner::new(model, &RunnerConfig::with_tokens(256, 2, Isa::best_exact())).unwrap();
     let mut runner = Scheduler::new(runner, SchedulerConfig::default());
     // A stop token id: the fifth greedy token ends generation, included.
     let mut p = params(&eos, n, 512);
@@ -134,7 +134,7 @@ fn generate_stops_on_stop_tokens_callback_and_context() {
 fn seqgen_batched_matches_transformers() {
     let model = model();
     let (cases, eos, n) = cases();
-    let mut runner = Runner::new(model, &RunnerConfig::with_tokens(1024, 2, Isa::best_exact()));
+    let mut runner = Runner::new(model, &RunnerConfig::with_tokens(1024, 2, Isa::best_exact())).unwrap();
     let mut seqs: Vec<_> = cases
         .iter()
         .map(|c| (runner.add_sequence(), SeqGen::new(&c.prompt, params(&eos, n, 512)).unwrap(), false))

@@ -57,7 +57,7 @@ fn logits_match_transformers_on_every_isa() {
         let (shape, want) = qwick_model::npy::read_f32(&dir.join("logits.npy")).unwrap();
         assert_eq!(shape, vec![toks.len(), model.config.vocab_size], "{name}");
         for isa in Isa::all_supported() {
-            let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(toks.len(), 2, isa));
+            let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(toks.len(), 2, isa)).unwrap();
             let got = r.score(&toks, 4096).unwrap();
             assert_close(&got, &want, &format!("{name} {isa}"), isa.rounds_activations());
             // The same logits when the prompt is fed in chunks through the cache.
@@ -77,7 +77,7 @@ fn logits_match_transformers_on_every_isa() {
             assert!(model.linears().iter().map(|l| l.view()).all(|v| v.format != qwick_backend::Format::BF16
                 || !v.cols.is_multiple_of(32)
                 || v.layout == qwick_backend::matmul::Layout::Tiles));
-            let mut r = Runner::new(model, &RunnerConfig::with_tokens(toks.len(), 2, Isa::new(Level::Amx).unwrap()));
+            let mut r = Runner::new(model, &RunnerConfig::with_tokens(toks.len(), 2, Isa::new(Level::Amx).unwrap())).unwrap();
             for chunk in [4096, 7, 1] {
                 let got = r.score(&toks, chunk).unwrap();
                 assert_close(&got, &want, &format!("{name} amx tiles, chunks of {chunk}"), true);

@@ -34,7 +34,7 @@ fn params(max_tokens: usize) -> GenParams {
 }
 
 fn runner(m: &Arc<Qwen3>, tokens: usize) -> Runner {
-    Runner::new(m.clone(), &RunnerConfig::with_tokens(tokens, 1, Isa::best_exact()))
+    Runner::new(m.clone(), &RunnerConfig::with_tokens(tokens, 1, Isa::best_exact())).unwrap()
 }
 
 fn alone(m: &Arc<Qwen3>, p: &[u32], max_tokens: usize) -> Vec<u32> {

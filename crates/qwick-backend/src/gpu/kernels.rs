@@ -90,6 +90,8 @@ impl Recorder<'_> {
         let f = j.format;
         let pipe = self.gpu.pipeline(&format!("matmul_{f}"), || format!("{}\n{MATMUL}", formats::wgsl(f)));
         let (chunk_bytes, per_block) = formats::chunk_geometry(f);
+        // Invocations per weight row: about its chunks of 32, a power of two up to 64.
+        let tpr = j.k.div_ceil(32).next_power_of_two().min(64) as u32;
         let params = [
             u(j.m),
             u(j.n),
@@ -102,8 +104,10 @@ impl Recorder<'_> {
             u(j.ldx),
             u(j.y_off),
             u(j.ldy),
+            tpr,
         ];
-        self.dispatch(pipe, &params, &[j.x, j.w, j.y], u(j.n * j.m.div_ceil(8)));
+        let groups = j.n.div_ceil(64 / tpr as usize) * j.m.div_ceil(8);
+        self.dispatch(pipe, &params, &[j.x, j.w, j.y], u(groups));
     }
 
     /// RMSNorm of `rows` rows of `d` values of `x` into `out` (`weight`: `d` values).
