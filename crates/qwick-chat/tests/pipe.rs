@@ -83,15 +83,17 @@ fn tool_calls_are_parsed_and_malformed_ones_stay_content() {
 #[test]
 fn stop_strings_cut_across_tokens() {
     let tok = tokenizer();
-    let (d, pipe) = run(&tok, "One, two, three, four.", &["three"], Some(false), false);
-    assert!(pipe.stopped);
-    assert_eq!(d.content, "One, two, ");
-    let (d, pipe) = run(&tok, "Hello world", &["wor", "zzz"], None, false);
-    assert!(pipe.stopped);
-    assert_eq!(d.content, "Hello ");
-    let (d, pipe) = run(&tok, "Hello world", &["worlds"], None, false);
-    assert!(!pipe.stopped);
-    assert_eq!(d.content, "Hello world");
+    // (text, stop strings, reasoning, stopped, content)
+    let cases: [(&str, &[&str], Option<bool>, bool, &str); 3] = [
+        ("One, two, three, four.", &["three"], Some(false), true, "One, two, "),
+        ("Hello world", &["wor", "zzz"], None, true, "Hello "),
+        ("Hello world", &["worlds"], None, false, "Hello world"),
+    ];
+    for (text, stops, reasoning, stopped, content) in cases {
+        let (d, pipe) = run(&tok, text, stops, reasoning, false);
+        assert_eq!(pipe.stopped, stopped, "{text:?} stopped by {stops:?}");
+        assert_eq!(d.content, content);
+    }
 }
 
 #[test]

@@ -5,23 +5,11 @@
 mod common;
 
 use qwick_chat::{ChatMessage, ChatTemplate, RenderOptions};
+use qwick_sampler::Rng;
 use serde_json::{json, Map, Value};
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a>(&mut self, v: &'a [&'a str]) -> &'a str {
-        v[self.below(v.len())]
-    }
+fn pick<'a>(rng: &mut Rng, v: &'a [&'a str]) -> &'a str {
+    v[rng.below(v.len())]
 }
 
 const TEXTS: &[&str] = &[
@@ -46,41 +34,41 @@ fn random_value(rng: &mut Rng, depth: usize) -> Value {
         1 => json!(rng.below(2) == 0),
         2 => json!(rng.below(1000) as i64 - 500),
         3 => json!(1e300),
-        4 | 5 => json!(rng.pick(TEXTS)),
+        4 | 5 => json!(pick(rng, TEXTS)),
         6 | 7 => Value::Array((0..rng.below(4)).map(|_| random_value(rng, depth + 1)).collect()),
         _ => {
             let keys = ["type", "function", "name", "parameters", "properties", "description", "arguments", "x"];
             Value::Object(
-                (0..rng.below(4)).map(|_| (rng.pick(&keys).to_string(), random_value(rng, depth + 1))).collect(),
+                (0..rng.below(4)).map(|_| (pick(rng, &keys).to_string(), random_value(rng, depth + 1))).collect(),
             )
         }
     }
 }
 
 fn random_message(rng: &mut Rng) -> Value {
-    let role = rng.pick(&["system", "user", "assistant", "tool", "developer", "", "function"]);
+    let role = pick(rng, &["system", "user", "assistant", "tool", "developer", "", "function"]);
     let mut m = Map::new();
     m.insert("role".into(), json!(role));
     if rng.below(6) != 0 {
-        m.insert("content".into(), json!(rng.pick(TEXTS)));
+        m.insert("content".into(), json!(pick(rng, TEXTS)));
     }
     if rng.below(4) == 0 {
-        m.insert("reasoning_content".into(), json!(rng.pick(TEXTS)));
+        m.insert("reasoning_content".into(), json!(pick(rng, TEXTS)));
     }
     if rng.below(4) == 0 {
         let calls: Vec<Value> = (0..rng.below(3))
             .map(|_| {
-                let args = if rng.below(2) == 0 { json!(rng.pick(TEXTS)) } else { random_value(rng, 1) };
-                json!({"id": "c1", "type": "function", "function": {"name": rng.pick(TEXTS), "arguments": args}})
+                let args = if rng.below(2) == 0 { json!(pick(rng, TEXTS)) } else { random_value(rng, 1) };
+                json!({"id": "c1", "type": "function", "function": {"name": pick(rng, TEXTS), "arguments": args}})
             })
             .collect();
         m.insert("tool_calls".into(), Value::Array(calls));
     }
     if rng.below(5) == 0 {
-        m.insert("tool_call_id".into(), json!(rng.pick(TEXTS)));
+        m.insert("tool_call_id".into(), json!(pick(rng, TEXTS)));
     }
     if rng.below(10) == 0 {
-        m.insert(rng.pick(&["name", "x", "content"]).into(), random_value(rng, 1));
+        m.insert(pick(rng, &["name", "x", "content"]).into(), random_value(rng, 1));
     }
     Value::Object(m)
 }
@@ -91,7 +79,7 @@ fn generated_inputs_render_or_fail_cleanly() {
         serde_json::from_str(&std::fs::read_to_string(common::refs_dir().join("tokenizer_config.json")).unwrap())
             .unwrap();
     let template = ChatTemplate::new(config["chat_template"].as_str().unwrap()).unwrap();
-    let mut rng = Rng(0x853C_49E6_748F_EA9B);
+    let mut rng = Rng::seed_from_u64(0x853C_49E6_748F_EA9B);
     let (mut rendered, mut refused, mut unparsed) = (0, 0, 0);
     for i in 0..4000 {
         let msgs: Vec<Value> = (0..rng.below(6)).map(|_| random_message(&mut rng)).collect();
@@ -102,13 +90,13 @@ fn generated_inputs_render_or_fail_cleanly() {
         let tools = match rng.below(3) {
             0 => None,
             1 => Some((0..rng.below(3)).map(|_| random_value(&mut rng, 0)).collect()),
-            _ => Some(vec![json!({"type": "function", "function": {"name": rng.pick(TEXTS),
+            _ => Some(vec![json!({"type": "function", "function": {"name": pick(&mut rng, TEXTS),
                 "parameters": random_value(&mut rng, 1)}})]),
         };
         let mut extra = Map::new();
         if rng.below(4) == 0 {
             extra.insert(
-                rng.pick(&["bos_token", "eos_token", "tools", "messages", "x"]).into(),
+                pick(&mut rng, &["bos_token", "eos_token", "tools", "messages", "x"]).into(),
                 random_value(&mut rng, 0),
             );
         }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::qwick;
+use common::{assert_one_error, qwick};
 
 use qwick_model::npy::read_f32;
 use std::path::{Path, PathBuf};
@@ -39,12 +39,7 @@ fn expect_error(model: &Path, tokens: &str, needle: &str) {
     let out_dir = scratch(&format!("err-out-{}", CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     let out = out_dir.join("x.npy");
     let o = qwick(&["logits", "--model", model.to_str().unwrap(), "--tokens", tokens, "--out", out.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "expected failure for {needle}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "one error line, got: {err}");
-    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{needle:?} not in: {err}");
+    assert_one_error(&o, needle, needle);
     assert!(!out.exists(), "no partial output file");
     assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0, "no temp files left");
 }

@@ -235,12 +235,7 @@ fn thinking_budget_inserts_the_stop_text() {
 fn expect_error<S: AsRef<str>>(args: &[S], stdin: &str, needle: &str) {
     let args: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
     let o = qwick_with_stdin(&args, stdin);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "expected failure for {args:?}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "one error line for {args:?}, got: {err}");
-    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{needle:?} not in: {err}");
+    common::assert_one_error(&o, &format!("{args:?}"), needle);
     assert!(o.stdout.is_empty(), "nothing on stdout: {}", String::from_utf8_lossy(&o.stdout));
 }
 

@@ -991,7 +991,6 @@ mod tests {
     use super::*;
     use crate::fake::{self, FakeState, VOCAB};
     use crate::sequence::GenParams;
-    use qwick_sampler::SamplingParams;
 
     const BS: usize = 4;
 
@@ -1000,12 +999,7 @@ mod tests {
     }
 
     fn params(max_tokens: usize) -> GenParams {
-        GenParams {
-            sampling: SamplingParams { max_tokens: Some(max_tokens), ..SamplingParams::greedy() },
-            eos_token_ids: vec![],
-            max_context: 1000,
-            thinking: None,
-        }
+        GenParams::greedy(Some(max_tokens), 1000)
     }
 
     fn request(p: &[u32], max_tokens: usize) -> Request {

@@ -85,6 +85,19 @@ pub struct GenParams {
     pub thinking: Option<ThinkingBudget>,
 }
 
+impl GenParams {
+    /// Greedy decoding of at most `max_tokens` in a context of `max_context`, with no
+    /// end-of-sequence ids and no thinking budget.
+    pub fn greedy(max_tokens: Option<usize>, max_context: usize) -> GenParams {
+        GenParams {
+            sampling: SamplingParams { max_tokens, ..SamplingParams::greedy() },
+            eos_token_ids: vec![],
+            max_context,
+            thinking: None,
+        }
+    }
+}
+
 /// One output token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GenToken {
@@ -359,12 +372,7 @@ mod tests {
     use super::*;
 
     fn params(max_tokens: Option<usize>, max_context: usize) -> GenParams {
-        GenParams {
-            sampling: SamplingParams { max_tokens, ..SamplingParams::greedy() },
-            eos_token_ids: vec![9],
-            max_context,
-            thinking: None,
-        }
+        GenParams { eos_token_ids: vec![9], ..GenParams::greedy(max_tokens, max_context) }
     }
 
     /// Logits that make `id` the greedy choice.

@@ -8,8 +8,7 @@
 
 use qwick_backend::Isa;
 use qwick_engine::{
-    generate, FinishReason, GenParams, Logits, Runner, RunnerConfig, SamplingParams, Scheduler, SchedulerConfig,
-    SeqGen, Span,
+    generate, FinishReason, GenParams, Logits, Runner, RunnerConfig, Scheduler, SchedulerConfig, SeqGen, Span,
 };
 use qwick_model::Qwen3;
 use serde_json::Value;
@@ -52,12 +51,7 @@ fn model() -> Arc<Qwen3> {
 }
 
 fn params(eos: &[u32], max_tokens: usize, max_context: usize) -> GenParams {
-    GenParams {
-        sampling: SamplingParams { max_tokens: Some(max_tokens), ..SamplingParams::greedy() },
-        eos_token_ids: eos.to_vec(),
-        max_context,
-        thinking: None,
-    }
+    GenParams { eos_token_ids: eos.to_vec(), ..GenParams::greedy(Some(max_tokens), max_context) }
 }
 
 #[test]

@@ -6,8 +6,8 @@
 
 use qwick_backend::Isa;
 use qwick_engine::{
-    generate, Collect, Engine, FinishReason, GenParams, Request, Runner, RunnerConfig, SamplingParams, Scheduler,
-    SchedulerConfig, SeqGen,
+    generate, Collect, Engine, FinishReason, GenParams, Request, Runner, RunnerConfig, Scheduler, SchedulerConfig,
+    SeqGen,
 };
 use qwick_model::Qwen3;
 use std::ops::ControlFlow;
@@ -25,12 +25,7 @@ fn prompt(i: usize, len: usize) -> Vec<u32> {
 }
 
 fn params(max_tokens: usize) -> GenParams {
-    GenParams {
-        sampling: SamplingParams { max_tokens: Some(max_tokens), ..SamplingParams::greedy() },
-        eos_token_ids: vec![],
-        max_context: 4096,
-        thinking: None,
-    }
+    GenParams::greedy(Some(max_tokens), 4096)
 }
 
 fn runner(m: &Arc<Qwen3>, tokens: usize) -> Runner {
@@ -72,6 +67,16 @@ fn run_all(sched: &mut Scheduler, reqs: &[(usize, usize, usize)]) -> Vec<Sink> {
         assert!(step < 10_000, "the scheduler makes progress");
     }
     sinks
+}
+
+/// Adds one request and steps until the scheduler has no work; the request's sink.
+fn run_one(sched: &mut Scheduler, p: &[u32], max_tokens: usize) -> Sink {
+    let s = Sink::default();
+    sched.add(request(p, max_tokens), Box::new(s.clone()));
+    while sched.has_work() {
+        sched.step();
+    }
+    s
 }
 
 #[test]
@@ -121,11 +126,7 @@ fn prefix_cache_reuses_blocks_and_evicts_lru() {
     let mut sched = Scheduler::new(runner(&m, 160), SchedulerConfig::default());
     let p = prompt(7, 50);
     let want = alone(&m, &p, 6);
-    let a = Sink::default();
-    sched.add(request(&p, 6), Box::new(a.clone()));
-    while sched.has_work() {
-        sched.step();
-    }
+    let a = run_one(&mut sched, &p, 6);
     assert_eq!(a.tokens(), want);
     assert_eq!(cached(&a), Some(0));
     let st = sched.stats();
@@ -133,19 +134,11 @@ fn prefix_cache_reuses_blocks_and_evicts_lru() {
     assert_eq!(st.kv_blocks_cached, 3, "50 prompt + 5 computed output tokens: 3 full blocks");
 
     // Same prompt: 48 tokens come from the cache, same output.
-    let b = Sink::default();
-    sched.add(request(&p, 6), Box::new(b.clone()));
-    while sched.has_work() {
-        sched.step();
-    }
+    let b = run_one(&mut sched, &p, 6);
     assert_eq!(b.tokens(), want);
     assert_eq!(cached(&b), Some(48));
     // A prompt of exactly 48 tokens: the last block is recomputed (its token needs logits).
-    let c = Sink::default();
-    sched.add(request(&p[..48], 3), Box::new(c.clone()));
-    while sched.has_work() {
-        sched.step();
-    }
+    let c = run_one(&mut sched, &p[..48], 3);
     assert_eq!(cached(&c), Some(32));
     assert_eq!(c.tokens(), alone(&m, &p[..48], 3));
     let st = sched.stats();

@@ -299,60 +299,36 @@ impl GgufFile {
         anyhow!("{}: metadata key {key} should be {want}, found {}", self.path.display(), v.type_name())
     }
 
+    /// The value of `key` as `read` takes it (`want` names what it should be in the error), or
+    /// `None` where the key is absent.
+    fn get_as<'a, T>(&'a self, key: &str, want: &str, read: impl FnOnce(&'a Value) -> Option<T>) -> Result<Option<T>> {
+        self.get(key).map(|v| read(v).ok_or_else(|| self.wrong_type(key, want, v))).transpose()
+    }
+
     pub fn get_str(&self, key: &str) -> Result<Option<&str>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| self.wrong_type(key, "a string", v)),
-        }
+        self.get_as(key, "a string", Value::as_str)
     }
 
     pub fn get_u64(&self, key: &str) -> Result<Option<u64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| self.wrong_type(key, "a non-negative integer", v)),
-        }
+        self.get_as(key, "a non-negative integer", Value::as_u64)
     }
 
     pub fn get_f64(&self, key: &str) -> Result<Option<f64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.wrong_type(key, "a number", v)),
-        }
+        self.get_as(key, "a number", Value::as_f64)
     }
 
     pub fn get_bool(&self, key: &str) -> Result<Option<bool>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.wrong_type(key, "a bool", v)),
-        }
+        self.get_as(key, "a bool", Value::as_bool)
     }
 
     /// An array of strings.
     pub fn get_strings(&self, key: &str) -> Result<Option<Vec<&str>>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => {
-                let a = v.as_array().ok_or_else(|| self.wrong_type(key, "an array of strings", v))?;
-                a.iter()
-                    .map(|e| e.as_str().ok_or_else(|| self.wrong_type(key, "an array of strings", v)))
-                    .collect::<Result<_>>()
-                    .map(Some)
-            }
-        }
+        self.get_as(key, "an array of strings", |v| v.as_array()?.iter().map(Value::as_str).collect())
     }
 
     /// An array of integers.
     pub fn get_ints(&self, key: &str) -> Result<Option<Vec<i64>>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => {
-                let a = v.as_array().ok_or_else(|| self.wrong_type(key, "an array of integers", v))?;
-                a.iter()
-                    .map(|e| e.as_i64().ok_or_else(|| self.wrong_type(key, "an array of integers", v)))
-                    .collect::<Result<_>>()
-                    .map(Some)
-            }
-        }
+        self.get_as(key, "an array of integers", |v| v.as_array()?.iter().map(Value::as_i64).collect())
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {

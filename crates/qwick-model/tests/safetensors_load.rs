@@ -4,6 +4,7 @@
 
 use qwick_backend::{Ctx, Isa, ThreadPool};
 use qwick_model::{Batch, Qwen3};
+use qwick_sampler::Rng;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -17,20 +18,6 @@ fn forward(model: &Qwen3) {
     let mut batch = Batch::default();
     batch.push_span(&[1, 2, 3], 0, &[0], 16, false);
     let _ = model.forward(Ctx::new(Isa::best(), &pool), &batch, &mut kv);
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 /// A random value of the kinds a header holds, often a plausible one.
@@ -91,7 +78,7 @@ fn damaged_headers_never_panic() {
     let dir = std::env::temp_dir().join(format!("qwick-safetensors-fuzz-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let mut rng = Rng::seed_from_u64(0x2545_F491_4F6C_DD1D);
     let (mut loaded, mut failed) = (0, 0);
     for i in 0..2000 {
         let bytes = match i % 4 {

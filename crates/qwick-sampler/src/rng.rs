@@ -49,6 +49,11 @@ impl Rng {
         result
     }
 
+    /// A number in `[0, n)` for `n > 0` (the modulo's bias is negligible for small `n`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
     /// A uniform number in `[0, 1)` with 53 bits of precision.
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)

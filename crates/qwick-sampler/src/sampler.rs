@@ -102,57 +102,46 @@ fn penalize(
     params: &SamplingParams,
     counts: &mut Vec<u32>,
 ) {
-    penalize_repeats(logits, prompt_tokens, output_tokens, params, counts);
+    let rep = params.repetition_penalty;
+    let (freq, pres) = (params.frequency_penalty, params.presence_penalty);
+    if rep != 1.0 || freq != 0.0 || pres != 0.0 {
+        let vocab = logits.len();
+        if counts.len() < vocab {
+            counts.resize(vocab, 0);
+        }
+        for &t in output_tokens {
+            if let Some(c) = counts[..vocab].get_mut(t as usize) {
+                *c = (*c + 1).min(PROMPT_BIT - 1);
+            }
+        }
+        if rep != 1.0 {
+            for &t in prompt_tokens {
+                if (t as usize) < vocab {
+                    counts[t as usize] |= PROMPT_BIT;
+                }
+            }
+        }
+        for &t in output_tokens.iter().chain(prompt_tokens) {
+            let t = t as usize;
+            if t >= vocab || counts[t] == 0 {
+                continue;
+            }
+            let c = std::mem::take(&mut counts[t]);
+            let n = c & !PROMPT_BIT;
+            let logit = &mut logits[t];
+            // vLLM's order: repetition penalty on prompt ∪ output, then frequency and presence on the output.
+            if rep != 1.0 {
+                *logit = if *logit > 0.0 { *logit / rep } else { *logit * rep };
+            }
+            if n > 0 {
+                *logit -= freq * n as f32 + pres;
+            }
+        }
+    }
     // Then the caller's logit bias.
     for &(t, b) in &params.logit_bias {
         if let Some(l) = logits.get_mut(t as usize) {
             *l += b;
-        }
-    }
-}
-
-fn penalize_repeats(
-    logits: &mut [f32],
-    prompt_tokens: &[u32],
-    output_tokens: &[u32],
-    params: &SamplingParams,
-    counts: &mut Vec<u32>,
-) {
-    let rep = params.repetition_penalty;
-    let (freq, pres) = (params.frequency_penalty, params.presence_penalty);
-    if rep == 1.0 && freq == 0.0 && pres == 0.0 {
-        return;
-    }
-    let vocab = logits.len();
-    if counts.len() < vocab {
-        counts.resize(vocab, 0);
-    }
-    for &t in output_tokens {
-        if let Some(c) = counts[..vocab].get_mut(t as usize) {
-            *c = (*c + 1).min(PROMPT_BIT - 1);
-        }
-    }
-    if rep != 1.0 {
-        for &t in prompt_tokens {
-            if (t as usize) < vocab {
-                counts[t as usize] |= PROMPT_BIT;
-            }
-        }
-    }
-    for &t in output_tokens.iter().chain(prompt_tokens) {
-        let t = t as usize;
-        if t >= vocab || counts[t] == 0 {
-            continue;
-        }
-        let c = std::mem::take(&mut counts[t]);
-        let n = c & !PROMPT_BIT;
-        let logit = &mut logits[t];
-        // vLLM's order: repetition penalty on prompt ∪ output, then frequency and presence on the output.
-        if rep != 1.0 {
-            *logit = if *logit > 0.0 { *logit / rep } else { *logit * rep };
-        }
-        if n > 0 {
-            *logit -= freq * n as f32 + pres;
         }
     }
 }

@@ -191,6 +191,30 @@ pub struct Job {
     pub constraint: Option<OutputConstraint>,
 }
 
+/// A sequence to generate from `prompt` with the model's stop tokens and context, without
+/// logprobs or a constraint.
+pub fn job(
+    state: &AppState,
+    prompt: Vec<u32>,
+    adapter: u16,
+    sampling: SamplingParams,
+    thinking: Option<qwick_engine::ThinkingBudget>,
+) -> Job {
+    Job {
+        prompt,
+        adapter,
+        params: GenParams {
+            sampling,
+            eos_token_ids: state.model.eos.clone(),
+            max_context: state.max_model_len,
+            thinking,
+        },
+        logprobs: None,
+        prompt_logprobs: None,
+        constraint: None,
+    }
+}
+
 /// A constraint and the token after which it applies (`None`: from the start).
 pub type OutputConstraint = (Box<dyn qwick_sampler::TokenConstraint>, Option<u32>);
 

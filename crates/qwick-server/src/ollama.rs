@@ -10,7 +10,6 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use qwick_chat::{ChatMessage, Delta, TextPipe, ToolCall};
-use qwick_engine::GenParams;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -399,22 +398,7 @@ fn submit_one(
         }
         _ => None,
     };
-    let rx = gen::submit(
-        state,
-        Job {
-            prompt: prompt.ids.clone(),
-            adapter,
-            params: GenParams {
-                sampling: sp,
-                eos_token_ids: model.eos.clone(),
-                max_context: state.max_model_len,
-                thinking,
-            },
-            logprobs: None,
-            prompt_logprobs: None,
-            constraint,
-        },
-    )?;
+    let rx = gen::submit(state, Job { constraint, ..gen::job(state, prompt.ids.clone(), adapter, sp, thinking) })?;
     let pipe = TextPipe::new(&model.tokenizer, &stops, Some(prompt.starts_in_thinking), parse_tools);
     Ok(ChoiceRun::new(state.clone(), rx, pipe, arrival))
 }

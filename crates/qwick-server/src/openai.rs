@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, StreamExt};
 use qwick_chat::{tool_prefill, ChatMessage, Delta, TextPipe, ToolCall};
-use qwick_engine::{GenParams, OutToken};
+use qwick_engine::OutToken;
 use qwick_sampler::TokenLogprobs;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -482,7 +482,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
         .map(|i| Job {
             logprobs,
             constraint: constraints.next().flatten(),
-            ..job(&state, prompt.ids.clone(), adapter, seeded(&sp, i), budget.clone())
+            ..gen::job(&state, prompt.ids.clone(), adapter, seeded(&sp, i), budget.clone())
         })
         .collect();
     let rxs = gen::submit_all(&state, jobs)?;
@@ -519,15 +519,27 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
         let lp = if logprobs.is_some() { json!({"content": chat_logprobs(&state, toks)}) } else { Value::Null };
         choices.push(json!({"index": i, "message": msg, "logprobs": lp, "finish_reason": r.finish}));
     }
-    Ok(Json(json!({
+    Ok(completion_response(&state, "chat.completion", id, created, choices, usage(prompt_tokens, completion, cached)))
+}
+
+/// The answer to a request that is not streamed.
+fn completion_response(
+    state: &AppState,
+    object: &str,
+    id: String,
+    created: u64,
+    choices: Vec<Value>,
+    usage: Value,
+) -> Response {
+    Json(json!({
         "id": id,
-        "object": "chat.completion",
+        "object": object,
         "created": created,
         "model": state.model.name,
         "choices": choices,
-        "usage": usage(prompt_tokens, completion, cached),
+        "usage": usage,
     }))
-    .into_response())
+    .into_response()
 }
 
 /// A reasoning effort level as a thinking budget (an explicit `max_thinking_tokens` wins over
@@ -581,30 +593,6 @@ fn seeded(sp: &qwick_engine::SamplingParams, i: u64) -> qwick_engine::SamplingPa
     s
 }
 
-/// A sequence to generate from `prompt` with the model's stop tokens and context, without
-/// logprobs or a constraint.
-fn job(
-    state: &AppState,
-    prompt: Vec<u32>,
-    adapter: u16,
-    sampling: qwick_engine::SamplingParams,
-    thinking: Option<qwick_engine::ThinkingBudget>,
-) -> Job {
-    Job {
-        prompt,
-        adapter,
-        params: GenParams {
-            sampling,
-            eos_token_ids: state.model.eos.clone(),
-            max_context: state.max_model_len,
-            thinking,
-        },
-        logprobs: None,
-        prompt_logprobs: None,
-        constraint: None,
-    }
-}
-
 /// Every choice run to its end (a request that is not streamed): its text and tokens, or the
 /// first choice's generation error.
 async fn run_to_end(runs: Vec<ChoiceRun>) -> Result<Vec<(ChoiceRun, Delta, Vec<OutToken>)>, ApiError> {
@@ -643,6 +631,55 @@ async fn send_sse(tx: &Sender<Bytes>, v: &Value) -> bool {
     tx.send(Bytes::from(format!("data: {v}\n\n"))).await.is_ok()
 }
 
+/// The end of an event stream: `[DONE]`.
+async fn send_done(tx: &Sender<Bytes>) {
+    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+}
+
+/// Ends an event stream after a choice's generation failed: the error, then `[DONE]`.
+async fn fail_stream(tx: &Sender<Bytes>, e: &str) {
+    let err = ApiError::internal(format!("generation failed: {e}")).body();
+    let _ = send_sse(tx, &err).await;
+    send_done(tx).await;
+}
+
+/// Ends an event stream whose choices all finished: the usage chunk (`chunk` with `usage`
+/// added), where one was asked for, then `[DONE]`.
+async fn end_stream(tx: &Sender<Bytes>, chunk: Option<Value>, usage: Value) {
+    if let Some(mut c) = chunk {
+        c["usage"] = usage;
+        if !send_sse(tx, &c).await {
+            return;
+        }
+    }
+    send_done(tx).await;
+}
+
+/// A piece of choice `.0`'s output, with the choice's summary once it is done.
+type ChoicePiece = (usize, gen::Piece, Option<Summary>);
+
+/// The pieces of every choice as they come, interleaved.
+fn interleaved(runs: Vec<ChoiceRun>) -> impl stream::Stream<Item = ChoicePiece> + Unpin {
+    stream::select_all(runs.into_iter().enumerate().map(|(i, run)| {
+        Box::pin(stream::unfold(Some(run), move |run| async move {
+            let mut run = run?;
+            let piece = run.next().await;
+            piece.map(|p| ((i, p, run.is_done().then(|| summary(&run))), Some(run)))
+        }))
+    }))
+}
+
+/// The next piece of `all`; `None` when all choices are done or the client has gone away.
+async fn next_or_closed(
+    all: &mut (impl stream::Stream<Item = ChoicePiece> + Unpin),
+    tx: &Sender<Bytes>,
+) -> Option<ChoicePiece> {
+    tokio::select! {
+        item = all.next() => item,
+        _ = tx.closed() => None,
+    }
+}
+
 /// Streams choices as they come, interleaved.
 async fn chat_stream(
     state: Arc<AppState>,
@@ -664,20 +701,8 @@ async fn chat_stream(
     }
     let mut tool_index = vec![0usize; n];
     let mut totals = (0usize, 0usize, 0usize); // prompt, completion, cached
-    let streams = runs.into_iter().enumerate().map(|(i, run)| {
-        Box::pin(stream::unfold(Some(run), move |run| async move {
-            let mut run = run?;
-            let piece = run.next().await;
-            piece.map(|p| ((i, p, run.is_done().then(|| summary(&run))), Some(run)))
-        }))
-    });
-    let mut all = stream::select_all(streams);
-    loop {
-        let item = tokio::select! {
-            item = all.next() => item,
-            _ = tx.closed() => return,
-        };
-        let Some((i, piece, finished)) = item else { break };
+    let mut all = interleaved(runs);
+    while let Some((i, piece, finished)) = next_or_closed(&mut all, &tx).await {
         let mut delta = Map::new();
         add_delta(&mut delta, &piece.delta, &mut tool_index[i]);
         let lp = if want_logprobs && piece.tokens.iter().any(|t| t.logprobs.is_some()) {
@@ -685,13 +710,8 @@ async fn chat_stream(
         } else {
             Value::Null
         };
-        if let Some(s) = &finished {
-            if let Some(e) = &s.error {
-                let err = ApiError::internal(format!("generation failed: {e}")).body();
-                let _ = send_sse(&tx, &err).await;
-                let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-                return;
-            }
+        if let Some(e) = finished.as_ref().and_then(|s| s.error.as_ref()) {
+            return fail_stream(&tx, e).await;
         }
         if !delta.is_empty() || !lp.is_null() {
             let c = json!([{"index": i, "delta": Value::Object(delta), "logprobs": lp, "finish_reason": null}]);
@@ -709,14 +729,7 @@ async fn chat_stream(
             }
         }
     }
-    if include_usage {
-        let mut c = chunk(json!([]));
-        c["usage"] = usage(totals.0, totals.1, totals.2);
-        if !send_sse(&tx, &c).await {
-            return;
-        }
-    }
-    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+    end_stream(&tx, include_usage.then(|| chunk(json!([]))), usage(totals.0, totals.1, totals.2)).await;
 }
 
 pub struct Summary {
@@ -795,35 +808,58 @@ pub struct CompletionRequest {
 /// Default `max_tokens` of `/v1/completions`, as in OpenAI's API.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: u64 = 16;
 
-/// Logprobs of an echoed prompt, in the arrays of [`completion_logprobs`] (offsets from 0): the
-/// first token's logprob and alternatives are null.
-fn prompt_logprobs(state: &AppState, prompt: &[u32], lps: &[Option<TokenLogprobs>]) -> Value {
-    let mut tokens = vec![];
-    let mut token_logprobs = vec![];
-    let mut top = vec![];
-    let mut offsets = vec![];
-    let mut off = 0;
-    for (i, &id) in prompt.iter().enumerate() {
-        let s = state.model.token_text(id);
-        offsets.push(off);
-        off += s.len();
-        tokens.push(json!(s));
-        match lps.get(i).and_then(Option::as_ref) {
+/// Logprob arrays of `/v1/completions` (`tokens`, `token_logprobs`, `top_logprobs`,
+/// `text_offset`), filled token by token.
+struct LogprobArrays<'a> {
+    state: &'a AppState,
+    tokens: Vec<Value>,
+    token_logprobs: Vec<Value>,
+    top: Vec<Value>,
+    offsets: Vec<usize>,
+    /// The text offset of the next token.
+    off: usize,
+}
+
+impl<'a> LogprobArrays<'a> {
+    fn new(state: &'a AppState, off: usize) -> Self {
+        LogprobArrays { state, tokens: vec![], token_logprobs: vec![], top: vec![], offsets: vec![], off }
+    }
+
+    /// Token `id`, with its logprob and alternatives (null where it has none).
+    fn push(&mut self, id: u32, lp: Option<&TokenLogprobs>) {
+        let s = self.state.model.token_text(id);
+        self.offsets.push(self.off);
+        self.off += s.len();
+        self.tokens.push(json!(s));
+        match lp {
             Some(lp) => {
-                token_logprobs.push(json!(lp.logprob));
+                self.token_logprobs.push(json!(lp.logprob));
                 let mut m = Map::new();
                 for &(id, l) in &lp.top {
-                    m.insert(state.model.token_text(id), json!(l));
+                    m.insert(self.state.model.token_text(id), json!(l));
                 }
-                top.push(Value::Object(m));
+                self.top.push(Value::Object(m));
             }
             None => {
-                token_logprobs.push(Value::Null);
-                top.push(Value::Null);
+                self.token_logprobs.push(Value::Null);
+                self.top.push(Value::Null);
             }
         }
     }
-    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+
+    fn into_json(self) -> Value {
+        json!({"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top, "text_offset": self.offsets})
+    }
+}
+
+/// Logprobs of an echoed prompt, in the arrays of [`completion_logprobs`] (offsets from 0): the
+/// first token's logprob and alternatives are null.
+fn prompt_logprobs(state: &AppState, prompt: &[u32], lps: &[Option<TokenLogprobs>]) -> Value {
+    let mut a = LogprobArrays::new(state, 0);
+    for (i, &id) in prompt.iter().enumerate() {
+        a.push(id, lps.get(i).and_then(Option::as_ref));
+    }
+    a.into_json()
 }
 
 /// `a`'s logprob arrays followed by `b`'s.
@@ -837,25 +873,13 @@ fn concat_logprobs(mut a: Value, b: Value) -> Value {
 }
 
 fn completion_logprobs(state: &AppState, toks: &[OutToken], offset0: usize) -> Value {
-    let mut tokens = vec![];
-    let mut token_logprobs = vec![];
-    let mut top = vec![];
-    let mut offsets = vec![];
-    let mut off = offset0;
+    let mut a = LogprobArrays::new(state, offset0);
     for t in toks {
-        let Some(lp) = &t.logprobs else { continue };
-        let s = state.model.token_text(t.token.id);
-        offsets.push(off);
-        off += s.len();
-        tokens.push(json!(s));
-        token_logprobs.push(json!(lp.logprob));
-        let mut m = Map::new();
-        for &(id, l) in &lp.top {
-            m.insert(state.model.token_text(id), json!(l));
+        if let Some(lp) = &t.logprobs {
+            a.push(t.token.id, Some(lp));
         }
-        top.push(Value::Object(m));
     }
-    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+    a.into_json()
 }
 
 pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
@@ -905,7 +929,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
                 logprobs,
                 prompt_logprobs: prompt_lps,
                 constraint: constraints.next().flatten(),
-                ..job(&state, p.clone(), adapter, s, None)
+                ..gen::job(&state, p.clone(), adapter, s, None)
             });
         }
     }
@@ -955,15 +979,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
         };
         choices.push(json!({"index": i, "text": text, "logprobs": lp, "finish_reason": r.finish}));
     }
-    Ok(Json(json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": state.model.name,
-        "choices": choices,
-        "usage": usage(prompt_total, completion, cached),
-    }))
-    .into_response())
+    Ok(completion_response(&state, "text_completion", id, created, choices, usage(prompt_total, completion, cached)))
 }
 
 /// A completion request's prompts: as texts where they were given as text, and as token ids.
@@ -1027,20 +1043,8 @@ async fn completion_stream(
         }
     }
     let mut totals = (0usize, 0usize);
-    let streams = runs.into_iter().enumerate().map(|(i, run)| {
-        Box::pin(stream::unfold(Some(run), move |run| async move {
-            let mut run = run?;
-            let piece = run.next().await;
-            piece.map(|p| ((i, p, run.is_done().then(|| summary(&run))), Some(run)))
-        }))
-    });
-    let mut all = stream::select_all(streams);
-    loop {
-        let item = tokio::select! {
-            item = all.next() => item,
-            _ = tx.closed() => return,
-        };
-        let Some((i, piece, finished)) = item else { break };
+    let mut all = interleaved(runs);
+    while let Some((i, piece, finished)) = next_or_closed(&mut all, &tx).await {
         if let (Some(plps), Some((e, prompt))) = (&piece.prompt_logprobs, echoes.get(i)) {
             let lp = prompt_logprobs(&state, prompt, plps);
             let c = json!([{"index": i, "text": e, "logprobs": lp, "finish_reason": null}]);
@@ -1048,11 +1052,8 @@ async fn completion_stream(
                 return;
             }
         }
-        if let Some(Some(e)) = finished.as_ref().map(|s| &s.error) {
-            let err = ApiError::internal(format!("generation failed: {e}")).body();
-            let _ = send_sse(&tx, &err).await;
-            let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-            return;
+        if let Some(e) = finished.as_ref().and_then(|s| s.error.as_ref()) {
+            return fail_stream(&tx, e).await;
         }
         let lp = if want_logprobs { completion_logprobs(&state, &piece.tokens, offsets[i]) } else { Value::Null };
         offsets[i] += piece.delta.content.len();
@@ -1068,14 +1069,7 @@ async fn completion_stream(
             totals.1 += s.cached_tokens;
         }
     }
-    if include_usage {
-        let mut c = chunk(json!([]));
-        c["usage"] = usage(prompt_total, totals.0, totals.1);
-        if !send_sse(&tx, &c).await {
-            return;
-        }
-    }
-    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+    end_stream(&tx, include_usage.then(|| chunk(json!([]))), usage(prompt_total, totals.0, totals.1)).await;
 }
 
 fn model_card(state: &AppState) -> Value {

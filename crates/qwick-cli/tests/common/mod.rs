@@ -22,6 +22,17 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
+/// Checks that a `qwick` run (`what`) failed with one `error:` line containing `needle` and no
+/// panic.
+pub fn assert_one_error(o: &std::process::Output, what: &str, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure for {what}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one error line for {what}, got: {err}");
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{needle:?} not in: {err}");
+}
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
