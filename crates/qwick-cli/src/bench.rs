@@ -4,7 +4,7 @@
 use crate::common::{self, RunArgs};
 use anyhow::{bail, Result};
 use qwick_backend::bandwidth::read_bandwidth;
-use qwick_backend::{Ctx, ThreadPool};
+use qwick_backend::{Ctx, DeviceSpec, ThreadPool};
 use qwick_engine::{argmax, Logits, Runner, Span};
 use std::time::Instant;
 
@@ -35,15 +35,28 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let threads = a.run.threads();
     let isa = a.run.isa()?;
-    // Bandwidth first, before the weights occupy memory: the best of several read patterns.
-    let (bw, patterns) = {
-        let pool = ThreadPool::new(threads);
-        read_bandwidth(Ctx::new(isa, &pool), 1 << 30, 4)
+    let device = a.run.device()?;
+    // Bandwidth first, before the weights occupy memory: on the CPU the best of several read
+    // patterns, on a GPU a kernel reading a large buffer.
+    let (bw, patterns) = match device {
+        DeviceSpec::Cpu => {
+            let pool = ThreadPool::new(threads);
+            read_bandwidth(Ctx::new(isa, &pool), 1 << 30, 4)
+        }
+        DeviceSpec::Gpu(i) => (gpu_bandwidth(i)?, Vec::new()),
+    };
+    let device_name = match device {
+        DeviceSpec::Cpu => format!("cpu ({threads} threads, {isa})"),
+        DeviceSpec::Gpu(i) => format!("gpu:{i} ({})", gpu_name(i)),
     };
     // The probe's buffer is gone: the peak RSS reported is the model's (Linux resets the
     // high-water mark when "5" is written to clear_refs; elsewhere it includes the probe).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let choice = a.run.bf16_choice(isa)?;
+    // bf16 products are a CPU matter: no calibration for a GPU.
+    let choice = match device {
+        DeviceSpec::Cpu => a.run.bf16_choice(isa)?,
+        DeviceSpec::Gpu(_) => common::Bf16Choice { mode: None, why: "on the GPU: bf16 weights widened to f32 in the kernel", timings: Vec::new() },
+    };
     let (bf16, bf16_why) = (choice.mode, choice.why);
     let bf16 =
         if a.run.exact { qwick_backend::Bf16Mode::F32 } else { bf16.unwrap_or(qwick_backend::Bf16Mode::for_isa(isa)) };
@@ -63,7 +76,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mean_ctx = a.prompt_len + a.gen_len / 2;
     let kv_per_step = a.batch * mean_ctx * kv_per_token;
     let bytes_per_step = model.bytes_read_per_token() + kv_per_step;
-    let (kernels, slow) = weight_kernels(&model);
+    let (kernels, slow) = weight_kernels(&model, device);
     let weight_bytes = model.weight_bytes();
     let mut runner = a.run.runner(model, a.batch * (ctx_len + 16), isa)?;
     let (prefill_s, decode_s) = time_generation(&mut runner, cfg.vocab_size, &a)?;
@@ -75,6 +88,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let gb = |b: usize| b as f64 / 1e9;
     let report = serde_json::json!({
         "model": a.model,
+        "device": device_name,
         "threads": threads,
         "isa": isa.to_string(),
         "bf16_mode": bf16.name(),
@@ -106,8 +120,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{report}");
     } else {
         println!("model            {}", a.model);
-        println!("threads / isa    {threads} / {isa}{}", if a.run.exact { " (exact)" } else { "" });
-        println!("bf16 products    {} ({bf16_why})", bf16.name());
+        println!("device           {device_name}{}", if a.run.exact { " (exact)" } else { "" });
+        if device == DeviceSpec::Cpu {
+            println!("bf16 products    {} ({bf16_why})", bf16.name());
+        }
         for t in &choice.timings {
             println!(
                 "  {:<14} decode 1 row {:.1} GB/s, 8 rows {:.1} GB/s; prefill 128 rows {:.1} G mul-adds/s",
@@ -135,8 +151,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             bw / 1e9,
             100.0 * decode_tok_s / bound_tok_s
         );
-        let each: Vec<String> = patterns.iter().map(|(p, b)| format!("{p:?} {:.1}", b / 1e9)).collect();
-        println!("read bandwidth   best of {} GB/s", each.join(", "));
+        if device == DeviceSpec::Cpu {
+            let each: Vec<String> = patterns.iter().map(|(p, b)| format!("{p:?} {:.1}", b / 1e9)).collect();
+            println!("read bandwidth   best of {} GB/s", each.join(", "));
+        } else {
+            println!("read bandwidth   {:.1} GB/s (a kernel reading 1 GiB of device memory)", bw / 1e9);
+        }
         println!(
             "memory           peak RSS {:.2} GB  (weights {:.2} GB, KV cache {:.2} GB of {kv_format})",
             gb(rss),
@@ -147,15 +167,41 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The read bandwidth of GPU adapter `index` (bytes/s), from a kernel reading 1 GiB (or the
+/// largest buffer the adapter allows).
+#[cfg(feature = "gpu")]
+fn gpu_bandwidth(index: usize) -> Result<f64> {
+    let gpu = qwick_backend::gpu::Gpu::open(index).map_err(anyhow::Error::msg)?;
+    gpu.read_bandwidth(1 << 30, 4).map_err(anyhow::Error::msg)
+}
+
+#[cfg(feature = "gpu")]
+fn gpu_name(index: usize) -> String {
+    qwick_backend::gpu::adapters().into_iter().nth(index).map_or_else(|| "?".into(), |a| format!("{}, {}", a.name, a.backend))
+}
+
+#[cfg(not(feature = "gpu"))]
+fn gpu_name(_: usize) -> String {
+    "?".into()
+}
+
+#[cfg(not(feature = "gpu"))]
+fn gpu_bandwidth(_: usize) -> Result<f64> {
+    bail!("this qwick was built without GPU support (cargo feature `gpu`)")
+}
+
 /// Which kernels the weights take, (format, path) -> (tensors, bytes), and the tensors on the
 /// slow path.
 type Kernels = std::collections::BTreeMap<(String, &'static str), (usize, usize)>;
-fn weight_kernels(model: &qwick_model::Qwen3) -> (Kernels, Vec<String>) {
+fn weight_kernels(model: &qwick_model::Qwen3, device: DeviceSpec) -> (Kernels, Vec<String>) {
     let mut kernels = Kernels::new();
     let mut slow: Vec<String> = Vec::new();
     for l in model.linears() {
         let v = l.view();
-        let path = qwick_backend::matmul::kernel_path(&v);
+        let path = match device {
+            DeviceSpec::Cpu => qwick_backend::matmul::kernel_path(&v),
+            DeviceSpec::Gpu(_) => "GPU product, dequantized in the kernel",
+        };
         let e = kernels.entry((v.format.to_string(), path)).or_default();
         e.0 += 1;
         e.1 += v.bytes();

@@ -190,7 +190,7 @@ impl RunArgs {
         Ok(LoadOptions {
             // A GPU reads the weights as stored: no CPU layout to convert them to.
             repack: !self.no_repack && self.device()? == DeviceSpec::Cpu,
-            bf16_tiles: rounded && !self.exact,
+            bf16_tiles: rounded && !self.exact && self.device()? == DeviceSpec::Cpu,
             // Room for the KV cache and the rest beside the converted weights.
             bf16_tiles_budget: available_memory().map_or(usize::MAX, |m| m / 10 * 8),
             threads: self.threads(),

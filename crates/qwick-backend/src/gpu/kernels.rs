@@ -14,6 +14,7 @@ const ELEMENTWISE: &str = include_str!("wgsl/elementwise.wgsl");
 const KV_WRITE: &str = include_str!("wgsl/kv_write.wgsl");
 const ATTENTION: &str = include_str!("wgsl/attention.wgsl");
 const ROWS: &str = include_str!("wgsl/rows.wgsl");
+const READ: &str = include_str!("wgsl/read.wgsl");
 
 /// `y = x · Wᵀ` over rows of `x` (`m` rows of `k` values, `ldx` apart, from element `x_off`) and
 /// a weight of `n` rows in its stored `format` at byte `w_off` of `w`, into `y` (`ldy` apart,
@@ -192,5 +193,16 @@ impl Recorder<'_> {
         let body = "let o = idx[2u * i] * p.width + j; a[o] = a[o] + bitcast<f32>(idx[2u * i + 1u]) * b[id];";
         let pipe = self.gpu.pipeline("scatter_add", || ROWS.replace("#BODY", body));
         self.dispatch(pipe, &[u(n), u(width)], &[out, y, pairs], u((n * width).div_ceil(64)));
+    }
+}
+
+impl Recorder<'_> {
+    /// Reads every byte of `src` once (see [`super::Gpu::read_bandwidth`]); `out` is written
+    /// only in theory.
+    pub(crate) fn read_all(&mut self, src: &Buf, out: &Buf) {
+        let words4 = u(src.bytes as usize / 16);
+        let groups = 1024u32;
+        let pipe = self.gpu.pipeline("read", || READ.to_string());
+        self.dispatch(pipe, &[words4, groups * 256], &[src, out], groups);
     }
 }

@@ -240,6 +240,29 @@ impl Gpu {
         out
     }
 
+    /// The device's read bandwidth in bytes per second: the best of `reps` timed passes of a
+    /// kernel that reads a buffer of `bytes` bytes once (what a decode step's weight reads are
+    /// held against).
+    pub fn read_bandwidth(&self, bytes: u64, reps: usize) -> Result<f64, String> {
+        let bytes = bytes.min(self.max_binding) / 16 * 16;
+        let (src, out) = (self.zeros(bytes)?, self.zeros(4)?);
+        let pass = || -> Result<f64, String> {
+            let t = std::time::Instant::now();
+            let mut rec = Recorder::new(self);
+            rec.read_all(&src, &out);
+            rec.submit();
+            self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| format!("the GPU device was lost: {e}"))?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        // A first pass compiles the kernel and touches the buffer: not counted.
+        pass()?;
+        let mut best = f64::INFINITY;
+        for _ in 0..reps.max(1) {
+            best = best.min(pass()?);
+        }
+        Ok(bytes as f64 / best)
+    }
+
     /// The compute pipeline of the WGSL `source` (entry point `main`), compiled once per name.
     fn pipeline(&self, name: &str, source: impl FnOnce() -> String) -> Arc<wgpu::ComputePipeline> {
         let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());

@@ -209,3 +209,10 @@ fn paged_attention_matches_the_cpu() {
     paged_attention(Ctx::new(Isa::SCALAR, &pool), &q, PagedKv::f32(&kc, &vc, bs, kv_heads, d), &args, &mut want);
     assert_close("attention", &g.read_f32(&ob, n * heads * d), &want, 1e-5);
 }
+
+#[test]
+fn bandwidth_probe_reads_the_buffer() {
+    let Some(g) = gpu("bandwidth probe") else { return };
+    let bw = g.read_bandwidth(64 << 20, 2).unwrap();
+    assert!(bw.is_finite() && bw > 1e8, "{bw} bytes/s");
+}
