@@ -97,10 +97,11 @@ fn scratch(name: &str) -> common::Scratch {
     common::scratch("gguf", name)
 }
 
-/// `qwick logits` on the first `n` prompt tokens: the logits, or qwick's stderr when it fails.
-fn logits(model: &Path, n: usize, fast: bool, isa: Option<&str>) -> Result<Vec<f32>, String> {
+/// `qwick logits ARGS` on the first `n` prompt tokens: the logits, or qwick's stderr when it
+/// fails.
+fn logits(model: &Path, n: usize, fast: bool, extra: &[&str]) -> Result<Vec<f32>, String> {
     let stem = model.file_stem().unwrap().to_str().unwrap();
-    let tag = format!("{stem}-{n}-{}-{}", if fast { "fast" } else { "exact" }, isa.unwrap_or("default"));
+    let tag = format!("{stem}-{n}-{}-{}", if fast { "fast" } else { "exact" }, extra.join("-").replace(':', "_"));
     let d = scratch(&tag);
     let out = d.join("logits.npy");
     let toks: Vec<String> = prompt()[..n].iter().map(u32::to_string).collect();
@@ -113,9 +114,7 @@ fn logits(model: &Path, n: usize, fast: bool, isa: Option<&str>) -> Result<Vec<f
     if fast {
         args.push("--fast");
     }
-    if let Some(isa) = isa {
-        args.extend(["--isa", isa]);
-    }
+    args.extend(extra);
     let o = qwick(&args);
     let r = if o.status.success() {
         let (shape, data) = read_npy(&out);
@@ -169,7 +168,7 @@ fn check_all(fast: bool) {
         let (vocab, want) = reference(name);
         let mut cells = Vec::new();
         for n in LENGTHS {
-            match logits(&path, n, fast, None) {
+            match logits(&path, n, fast, &[]) {
                 Ok(got) => {
                     assert_eq!(got.len(), n * vocab, "{name}: logits shape");
                     let (max_rel, rms) = errors(&got, &want);
@@ -231,7 +230,7 @@ fn every_isa_gives_the_reference_logits() {
     let probe = dir().join("dense-Q8_0.gguf");
     let mut fails = Vec::new();
     for isa in ISAS {
-        match logits(&probe, 8, false, Some(isa)) {
+        match logits(&probe, 8, false, &["--isa", isa]) {
             Ok(_) => {}
             Err(e) if e.contains("does not support") => {
                 println!("{isa}: not supported by this CPU, skipped");
@@ -245,7 +244,7 @@ fn every_isa_gives_the_reference_logits() {
             let path = dir().join(format!("{name}.gguf"));
             for fast in [false, true] {
                 for n in LENGTHS {
-                    let (err, tol) = match logits(&path, n, fast, Some(isa)) {
+                    let (err, tol) = match logits(&path, n, fast, &["--isa", isa]) {
                         Ok(got) => {
                             let (max_rel, rms) = errors(&got, &want);
                             if fast {
@@ -268,6 +267,43 @@ fn every_isa_gives_the_reference_logits() {
         }
         println!("{isa}: {}", cells.join(", "));
     }
+    assert!(fails.is_empty(), "{} failures:\n{}", fails.len(), fails.join("\n"));
+}
+
+/// The formats the GPU kernels read; the other fixtures are refused by name on the GPU.
+const GPU_TYPES: [&str; 13] =
+    ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"];
+
+#[test]
+fn gpu_logits_equal_transformers_for_every_type_it_reads() {
+    let o = qwick(&["devices", "--json"]);
+    let found: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    if found.as_array().is_none_or(|a| a.is_empty()) {
+        eprintln!("SKIPPED gpu_logits_equal_transformers_for_every_type_it_reads: no GPU adapter");
+        return;
+    }
+    let (mut fails, mut ran) = (Vec::new(), 0);
+    for (name, path) in fixtures() {
+        let (vocab, want) = reference(name);
+        // Files of the other types hold some tensors in formats the GPU does not read.
+        let lacks = name.rsplit('-').next().is_some_and(|t| !GPU_TYPES.contains(&t) && !t.ends_with("_K_M"));
+        for n in LENGTHS {
+            match logits(&path, n, false, &["--device", "gpu"]) {
+                Ok(got) => {
+                    assert_eq!(got.len(), n * vocab, "{name}: logits shape");
+                    let (max_rel, _) = errors(&got, &want);
+                    println!("{name} on the GPU ({n} tokens): {max_rel:.3e}");
+                    if !within(max_rel, EXACT_TOL) {
+                        fails.push(format!("{name} ({n} tokens) on the GPU: error {max_rel:.3e} > {EXACT_TOL:e}"));
+                    }
+                    ran += 1;
+                }
+                Err(e) if lacks && e.contains("cannot run on the GPU") => {}
+                Err(e) => fails.push(format!("{name} ({n} tokens) on the GPU: qwick failed: {e}")),
+            }
+        }
+    }
+    assert!(ran >= 20, "{ran} runs on the GPU");
     assert!(fails.is_empty(), "{} failures:\n{}", fails.len(), fails.join("\n"));
 }
 

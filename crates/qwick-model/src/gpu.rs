@@ -51,7 +51,7 @@ impl GpuModel {
             let t = &w.weight;
             if !gpu::reads(t.format, w.in_features()) {
                 bail!(
-                    "weight {i} ({}×{}, {}) cannot run on the GPU: its kernels read {} (rows of whole 4-byte words)",
+                    "weight {i} ({}×{}, {}) cannot run on the GPU: its kernels read {} (float rows of whole 4-byte words)",
                     w.out_features(),
                     w.in_features(),
                     t.format,

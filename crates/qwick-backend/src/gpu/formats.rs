@@ -101,11 +101,12 @@ pub fn supports(f: Format) -> bool {
     body(f).is_some()
 }
 
-/// Whether the GPU kernels read rows of `k` weights of format `f`: a supported format, whole
-/// blocks, and rows that start at multiples of 4 bytes (a float row may end in a partial chunk
-/// of 32).
+/// Whether the GPU kernels read rows of `k` weights of format `f`: a supported format and
+/// whole blocks; float rows (read a word at a time) must also start at multiples of 4 bytes,
+/// and may end in a partial chunk of 32. Quantized blocks are read byte by byte, at any
+/// alignment.
 pub fn reads(f: Format, k: usize) -> bool {
-    supports(f) && k.is_multiple_of(f.block()) && f.row_bytes(k).is_multiple_of(4)
+    supports(f) && k.is_multiple_of(f.block()) && (!f.is_float() || f.row_bytes(k).is_multiple_of(4))
 }
 
 /// WGSL defining `deq32` for format `f` over the storage array `w` (declared by the caller).

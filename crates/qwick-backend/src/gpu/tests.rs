@@ -60,7 +60,7 @@ fn matmul_matches_the_dequantized_reference() {
     // Float weights also in rows that end in a partial chunk of 32.
     // Short rows too (a few invocations per row, fewer than the activation rows of a pass).
     let floats = [Format::F32, Format::F16, Format::BF16];
-    let shapes = FORMATS.iter().map(|&f| (f, 4096)).chain(floats.map(|f| (f, 1000))).chain([(Format::Q8_0, 64), (Format::BF16, 32)]);
+    let shapes = FORMATS.iter().map(|&f| (f, 4096)).chain(floats.map(|f| (f, 1000))).chain([(Format::Q8_0, 64), (Format::BF16, 32), (Format::Q6_K, 256)]);
     let n = 37;
     for (f, k) in shapes {
         let w = rand_vec(n * k, 7);
