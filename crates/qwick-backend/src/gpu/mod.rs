@@ -216,7 +216,7 @@ impl Gpu {
 
     /// The first `n` bytes of `b` (`n` a multiple of 4).
     pub fn read(&self, b: &Buf, n: u64) -> Vec<u8> {
-        assert!(n <= b.bytes && n % 4 == 0, "a read past the end of a device buffer");
+        assert!(n <= b.bytes && n.is_multiple_of(4), "a read past the end of a device buffer");
         if n == 0 {
             return Vec::new();
         }
