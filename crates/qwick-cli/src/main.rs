@@ -93,6 +93,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Mesa's Vulkan device-selection layer asks a Wayland display which GPU to put first, and
+    // without a session (a server, a container) it prints an error on every start; qwick lists
+    // and picks adapters itself (`qwick devices`, `--device gpu:N`), so the layer is turned off
+    // there. Set here, before any thread exists, so no other thread reads the environment
+    // while it changes.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() && std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
