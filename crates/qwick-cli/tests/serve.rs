@@ -235,6 +235,39 @@ fn concurrent_greedy_requests_match_transformers_and_free_their_blocks() {
 }
 
 #[test]
+fn on_the_gpu_a_mixed_batch_gives_transformers_tokens_alone_and_together() {
+    let o = Command::new(env!("CARGO_BIN_EXE_qwick")).args(["devices", "--json"]).output().unwrap();
+    if serde_json::from_slice::<Value>(&o.stdout).ok().and_then(|v| v.as_array().map(|a| a.len())).unwrap_or(0) == 0 {
+        eprintln!("SKIPPED on_the_gpu_a_mixed_batch_gives_transformers_tokens_alone_and_together: no GPU adapter");
+        return;
+    }
+    // Chunked prefills beside other requests' decode steps, on the device.
+    let s = Server::start(&["--device", "gpu", "--max-num-batched-tokens", "8"]);
+    let cases = refs()["cases"].as_array().unwrap();
+    let lens = [20usize, 13, 17, 9];
+    let expected: Vec<String> =
+        cases.iter().zip(lens).map(|(c, n)| detok(&s, &ids(&c["generated_ids"])[..n])).collect();
+    for ((c, n), want) in cases.iter().zip(lens).zip(&expected) {
+        assert_eq!(&completion_text(&s, &ids(&c["prompt_ids"]), n).0, want, "{} alone on the GPU", c["name"]);
+    }
+    s.wait_idle();
+    let texts: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = cases
+            .iter()
+            .zip(lens)
+            .map(|(c, n)| {
+                let s = &s;
+                sc.spawn(move || completion_text(s, &ids(&c["prompt_ids"]), n).0)
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(texts, expected, "together on the GPU");
+    s.wait_idle();
+    assert_eq!(s.metric("qwick_kv_blocks_used"), 0.0);
+}
+
+#[test]
 fn streaming_chat_matches_the_whole_answer() {
     let s = Server::start(&[]);
     let c = &refs()["cases"][1]; // haiku_nothink

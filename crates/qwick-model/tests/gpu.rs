@@ -88,6 +88,11 @@ fn gpu_refuses_what_it_cannot_run() {
     assert!(gpu.forward(&adapter).is_err());
     adapter.seq_adapter.clear();
     assert_eq!(gpu.forward(&adapter).unwrap().len(), model.config.vocab_size);
+    // A prefill chunk that wants no logits (the prompt goes on in the next step).
+    let mut chunk = Batch::default();
+    chunk.push_span(&[4, 5, 6], 3, &[0], BLOCK, false);
+    chunk.logits_rows.clear();
+    assert!(gpu.forward(&chunk).unwrap().is_empty());
     let err = GpuModel::new(model, 99, 2, BLOCK).err().expect("no adapter 99");
     assert!(err.to_string().contains("gpu:99 does not exist"), "{err}");
 }
