@@ -175,7 +175,13 @@ impl Gpu {
                 self.summary.name, self.max_binding
             ));
         }
-        Ok(Buf { buf: self.buffer(bytes, wgpu::BufferUsages::empty()), bytes })
+        // Running out of device memory is an error to report, not the device's panic.
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buf = self.buffer(bytes, wgpu::BufferUsages::empty());
+        match pollster::block_on(scope.pop()) {
+            None => Ok(Buf { buf, bytes }),
+            Some(e) => Err(format!("{} has no room for {bytes} more bytes: {e}", self.summary.name)),
+        }
     }
 
     /// `data` copied to a new buffer (padded with zeros to a multiple of 4 bytes).
