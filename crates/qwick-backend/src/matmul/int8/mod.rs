@@ -14,6 +14,8 @@
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
+mod kernel;
+#[cfg(target_arch = "x86_64")]
 mod maddubs;
 
 use crate::isa::Isa;
@@ -120,16 +122,18 @@ unsafe fn group_kernel(isa: Isa, spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f
     // operations below need.
     unsafe {
         #[cfg(target_arch = "x86_64")]
-        if isa.level() >= Level::Avx512Vnni {
-            return avx512::vnni::group(spec, group, a, y, ldy, valid);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if isa.level() == Level::Avx512 {
-            return maddubs::avx512::group(spec, group, a, y, ldy, valid);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if isa.level() == Level::Avx2 {
-            return maddubs::avx2::group(spec, group, a, y, ldy, valid);
+        {
+            use crate::format::Format;
+            use kernel::by_format;
+            if isa.level() >= Level::Avx512Vnni {
+                return by_format!(spec.format, avx512::vnni::group(group, a, y, ldy, valid));
+            }
+            if isa.level() == Level::Avx512 {
+                return by_format!(spec.format, maddubs::avx512::group(group, a, y, ldy, valid));
+            }
+            if isa.level() == Level::Avx2 {
+                return by_format!(spec.format, maddubs::avx2::group(group, a, y, ldy, valid));
+            }
         }
         let _ = isa;
         group_scalar(spec, group, a, y, ldy, valid)
