@@ -271,12 +271,10 @@ pub(crate) mod block {
 /// AVX-512 VNNI: `vpdpbusd` of 64 unsigned weight bytes (four of each of 16 rows) with four
 /// activation bytes broadcast, lanes = weight rows.
 pub mod vnni {
-    use super::block::{quads, scales, Quads};
+    use super::block::{quads, Quads};
     use super::*;
-    use crate::format::Format;
     use crate::matmul::int8::kernel::{self, format_of, Kernel, W512};
     use crate::matmul::int8::ActQ8;
-    use crate::quant::tiles::Spec;
 
     /// The VNNI kernel.
     struct Vnni;
@@ -286,24 +284,12 @@ pub mod vnni {
         type Block = Quads;
         const PREFETCH: bool = true;
 
-        fn offset(spec: &Spec) -> i32 {
-            spec.offset
-        }
-
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
         unsafe fn block<const F: u8>(p: *const u8, _part: usize) -> Quads {
             // SAFETY: what this function's `# Safety` section asks of its caller is what
             // `quads` needs.
             unsafe { quads(format_of(F), p) }
-        }
-
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-        unsafe fn scales(f: Format, h: *const u8, _part: usize, j: usize) -> ([__m512; 2], [__m512; 2]) {
-            // SAFETY: what this function's `# Safety` section asks of its caller is what
-            // `scales` needs.
-            unsafe { scales(f, h, j) }
         }
 
         #[inline]

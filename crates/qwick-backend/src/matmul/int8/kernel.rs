@@ -24,29 +24,21 @@ pub(super) const fn format_of(f: u8) -> Format {
     Format::ALL[f as usize]
 }
 
-/// Calls `$kernel::<F>($args)` for the format `F` equal to `$format`.
+/// Calls `$kernel::<F> $args` for the format `F` equal to `$format`.
 macro_rules! by_format {
-    ($format:expr, $($kernel:ident)::+ ( $($arg:expr),* )) => {
+    ($format:expr, $kernel:ident $args:tt) => {
+        by_format!($format, $kernel $args, Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_XS)
+    };
+    ($format:expr, $kernel:ident $args:tt, $($f:ident)*) => {
         match $format {
-            Format::Q4_0 => $($kernel)::+::<{ Format::Q4_0 as u8 }>($($arg),*),
-            Format::Q4_1 => $($kernel)::+::<{ Format::Q4_1 as u8 }>($($arg),*),
-            Format::Q5_0 => $($kernel)::+::<{ Format::Q5_0 as u8 }>($($arg),*),
-            Format::Q5_1 => $($kernel)::+::<{ Format::Q5_1 as u8 }>($($arg),*),
-            Format::Q8_0 => $($kernel)::+::<{ Format::Q8_0 as u8 }>($($arg),*),
-            Format::IQ4_NL => $($kernel)::+::<{ Format::IQ4_NL as u8 }>($($arg),*),
-            Format::Q2_K => $($kernel)::+::<{ Format::Q2_K as u8 }>($($arg),*),
-            Format::Q3_K => $($kernel)::+::<{ Format::Q3_K as u8 }>($($arg),*),
-            Format::Q4_K => $($kernel)::+::<{ Format::Q4_K as u8 }>($($arg),*),
-            Format::Q5_K => $($kernel)::+::<{ Format::Q5_K as u8 }>($($arg),*),
-            Format::Q6_K => $($kernel)::+::<{ Format::Q6_K as u8 }>($($arg),*),
-            Format::IQ4_XS => $($kernel)::+::<{ Format::IQ4_XS as u8 }>($($arg),*),
+            $(Format::$f => $kernel::<{ Format::$f as u8 }> $args,)*
             f => unreachable!("{f} has no integer kernel"),
         }
     };
 }
 pub(super) use by_format;
 
-/// The float operations of the row loop at one vector width, lane per weight row.
+/// The float side of the row loop at one vector width, lane per weight row.
 pub(super) trait Lanes {
     /// f32 lanes.
     type F: Copy;
@@ -57,160 +49,137 @@ pub(super) trait Lanes {
     /// Lanes per vector: the weight rows of one part of a group.
     const N: usize;
 
-    /// All lanes 0.
-    ///
-    /// # Safety
-    /// The CPU must support the width's instructions.
-    unsafe fn zero() -> Self::F;
     /// `v` in every lane.
     ///
     /// # Safety
-    /// As [`Lanes::zero`].
+    /// The CPU must support the width's instructions.
     unsafe fn splat(v: f32) -> Self::F;
     /// `v − o` in every lane.
     ///
     /// # Safety
-    /// As [`Lanes::zero`].
+    /// As [`Lanes::splat`].
     unsafe fn sub(v: Self::I, o: i32) -> Self::I;
-    /// `v · (b · c) + acc` in one rounding after the product `b · c`, `v` converted to f32.
+    /// `a · (b · c) + acc`, the product `b · c` rounded first.
     ///
     /// # Safety
-    /// As [`Lanes::zero`].
-    unsafe fn fma_scaled(v: Self::I, b: Self::F, c: Self::F, acc: Self::F) -> Self::F;
-    /// `a · (b · c) + acc` with `a` in every lane, as [`Lanes::fma_scaled`].
+    /// As [`Lanes::splat`].
+    unsafe fn fma_scaled(a: Self::F, b: Self::F, c: Self::F, acc: Self::F) -> Self::F;
+    /// `v` as f32.
     ///
     /// # Safety
-    /// As [`Lanes::zero`].
-    unsafe fn fma_scaled_splat(a: f32, b: Self::F, c: Self::F, acc: Self::F) -> Self::F;
+    /// As [`Lanes::splat`].
+    unsafe fn to_f32(v: Self::I) -> Self::F;
+    /// Scales and minimums of block `j` of the super-block with header `h`, for part `part`'s
+    /// rows: as `tiles::scales` computes them.
+    ///
+    /// # Safety
+    /// As [`Lanes::splat`]; `h` is a whole super-block header of format `f` in tiles, with
+    /// block `j`'s scales.
+    unsafe fn scales(f: Format, h: *const u8, part: usize, j: usize) -> ([Self::F; 2], [Self::F; 2]);
     /// The first `valid` lanes (at least 1).
     ///
     /// # Safety
-    /// As [`Lanes::zero`].
+    /// As [`Lanes::splat`].
     unsafe fn mask(valid: usize) -> Self::Mask;
     /// Stores the lanes of `mask` at `p`.
     ///
     /// # Safety
-    /// As [`Lanes::zero`]; `p` is valid for writes of the lanes of `mask`.
+    /// As [`Lanes::splat`]; `p` is valid for writes of the lanes of `mask`.
     unsafe fn store(p: *mut f32, mask: Self::Mask, v: Self::F);
 }
 
-/// 16 lanes: AVX-512F.
+/// Implements [`Lanes`] for `$w` from its width's intrinsics.
+macro_rules! lanes {
+    ($w:ident: $n:literal lanes, $f:ty, $i:ty, $feat:literal,
+     [$set1:ident, $set1i:ident, $sub:ident, $cvt:ident, $mul:ident, $fmadd:ident, $store:ident],
+     mask($valid:ident) -> $mask:ty { $mask_of:expr },
+     scales($sf:ident, $sh:ident, $spart:ident, $sj:ident) { $scales:expr }) => {
+        impl Lanes for $w {
+            type F = $f;
+            type I = $i;
+            type Mask = $mask;
+            const N: usize = $n;
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn splat(v: f32) -> $f {
+                $set1(v)
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn sub(v: $i, o: i32) -> $i {
+                $sub(v, $set1i(o))
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn fma_scaled(a: $f, b: $f, c: $f, acc: $f) -> $f {
+                $fmadd(a, $mul(b, c), acc)
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn to_f32(v: $i) -> $f {
+                $cvt(v)
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn scales($sf: Format, $sh: *const u8, $spart: usize, $sj: usize) -> ([$f; 2], [$f; 2]) {
+                // SAFETY: what the caller promises for the header is what reading its scales needs.
+                unsafe { $scales }
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn mask($valid: usize) -> $mask {
+                $mask_of
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn store(p: *mut f32, mask: $mask, v: $f) {
+                // SAFETY: the caller's `p` is valid for the lanes of `mask`, all a masked store writes.
+                unsafe { $store(p, mask, v) }
+            }
+        }
+    };
+}
+
+/// 16 lanes: AVX-512.
 pub(super) struct W512;
 
-impl Lanes for W512 {
-    type F = __m512;
-    type I = __m512i;
-    type Mask = __mmask16;
-    const N: usize = 16;
-
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn zero() -> __m512 {
-        _mm512_setzero_ps()
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn splat(v: f32) -> __m512 {
-        _mm512_set1_ps(v)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn sub(v: __m512i, o: i32) -> __m512i {
-        _mm512_sub_epi32(v, _mm512_set1_epi32(o))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn fma_scaled(v: __m512i, b: __m512, c: __m512, acc: __m512) -> __m512 {
-        _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(b, c), acc)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn fma_scaled_splat(a: f32, b: __m512, c: __m512, acc: __m512) -> __m512 {
-        _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_mul_ps(b, c), acc)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn mask(valid: usize) -> __mmask16 {
-        if valid >= 16 { 0xFFFF } else { ((1u32 << valid) - 1) as __mmask16 }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn store(p: *mut f32, mask: __mmask16, v: __m512) {
-        // SAFETY: the caller's `p` is valid for the lanes of `mask`, all a masked store writes.
-        unsafe { _mm512_mask_storeu_ps(p, mask, v) }
-    }
-}
+lanes!(W512: 16 lanes, __m512, __m512i, "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma",
+    [_mm512_set1_ps, _mm512_set1_epi32, _mm512_sub_epi32, _mm512_cvtepi32_ps, _mm512_mul_ps, _mm512_fmadd_ps,
+     _mm512_mask_storeu_ps],
+    mask(valid) -> __mmask16 { if valid >= 16 { 0xFFFF } else { ((1u32 << valid) - 1) as __mmask16 } },
+    scales(f, h, _part, j) { super::avx512::block::scales(f, h, j) });
 
 /// 8 lanes: AVX2 and FMA.
 pub(super) struct W256;
 
-impl Lanes for W256 {
-    type F = __m256;
-    type I = __m256i;
-    type Mask = __m256i;
-    const N: usize = 8;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn zero() -> __m256 {
-        _mm256_setzero_ps()
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn splat(v: f32) -> __m256 {
-        _mm256_set1_ps(v)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn sub(v: __m256i, o: i32) -> __m256i {
-        _mm256_sub_epi32(v, _mm256_set1_epi32(o))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn fma_scaled(v: __m256i, b: __m256, c: __m256, acc: __m256) -> __m256 {
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(b, c), acc)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn fma_scaled_splat(a: f32, b: __m256, c: __m256, acc: __m256) -> __m256 {
-        _mm256_fmadd_ps(_mm256_set1_ps(a), _mm256_mul_ps(b, c), acc)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn mask(valid: usize) -> __m256i {
+lanes!(W256: 8 lanes, __m256, __m256i, "avx2,fma,f16c",
+    [_mm256_set1_ps, _mm256_set1_epi32, _mm256_sub_epi32, _mm256_cvtepi32_ps, _mm256_mul_ps, _mm256_fmadd_ps,
+     _mm256_maskstore_ps],
+    mask(valid) -> __m256i {
         _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn store(p: *mut f32, mask: __m256i, v: __m256) {
-        // SAFETY: the caller's `p` is valid for the lanes of `mask`, all a masked store writes.
-        unsafe { _mm256_maskstore_ps(p, mask, v) }
-    }
-}
+    },
+    scales(f, h, half, j) { super::maddubs::avx2::scales(f, h, half, j) });
 
 /// How one SIMD integer kernel reads blocks and makes their integer sums.
-pub(super) trait Kernel: Sized {
+pub(super) trait Kernel {
     type L: Lanes;
     /// A 32-weight block's weights in registers, as [`Kernel::dot`] takes them.
     type Block;
     /// Whether the weight stream is prefetched [`PREFETCH`] bytes ahead.
-    const PREFETCH: bool;
+    const PREFETCH: bool = false;
 
     /// The offset `o` still in this kernel's sums of the format of `spec` (0 where they are
     /// already of the signed weights `u − o`).
-    fn offset(spec: &Spec) -> i32;
+    fn offset(spec: &Spec) -> i32 {
+        spec.offset
+    }
 
     /// Part `part` of the 32-weight block at `p`.
     ///
@@ -218,14 +187,6 @@ pub(super) trait Kernel: Sized {
     /// The CPU must support the kernel's instructions; `p` is a whole 32-weight block of format
     /// `F` in tiles.
     unsafe fn block<const F: u8>(p: *const u8, part: usize) -> Self::Block;
-
-    /// Scales and minimums of block `j` of the super-block with header `h`, for part `part`'s
-    /// rows: as `tiles::scales` computes them.
-    ///
-    /// # Safety
-    /// The CPU must support the kernel's instructions; `h` is a whole super-block header of
-    /// format `f` in tiles, with block `j`'s scales.
-    unsafe fn scales(f: Format, h: *const u8, part: usize, j: usize) -> ([Fv<Self>; 2], [Fv<Self>; 2]);
 
     /// The exact `Σ u·q` over quads `T0..T0+N` of `b` against the activation words at `xq`,
     /// lane per row, in a pass of `M` activation rows.
@@ -238,9 +199,6 @@ pub(super) trait Kernel: Sized {
         xq: *const i32,
     ) -> <Self::L as Lanes>::I;
 }
-
-/// A kernel's f32 vector.
-type Fv<K> = <<K as Kernel>::L as Lanes>::F;
 
 /// One group of 16 weight rows of format `F` against every row of `a`: `y[i·ldy + r]` for
 /// `r < valid`.
@@ -315,7 +273,7 @@ unsafe fn rows<K: Kernel, const F: u8, const M: usize>(p: &Part<'_>, i0: usize) 
         let per_sb = spec.sb / 32;
         let (bb, sbb, hdr) = (spec.block_bytes(), spec.sb_bytes(), spec.header);
         let (g16, min, off) = (spec.g16, spec.min, K::offset(spec));
-        let mut acc = [K::L::zero(); M];
+        let mut acc = [K::L::splat(0.0); M];
         let gp = p.group.as_ptr();
         for sb in 0..k / spec.sb {
             let h = gp.add(sb * sbb);
@@ -331,7 +289,7 @@ unsafe fn rows<K: Kernel, const F: u8, const M: usize>(p: &Part<'_>, i0: usize) 
                     }
                 }
                 let b = K::block::<F>(blk, p.part);
-                let (s, m) = K::scales(f, h, p.part, jj);
+                let (s, m) = K::L::scales(f, h, p.part, jj);
                 let j = sb * per_sb + jj;
                 // Scale group `g`'s terms for one row: its sum `v` and activation sum `qs`.
                 macro_rules! step {
@@ -340,9 +298,9 @@ unsafe fn rows<K: Kernel, const F: u8, const M: usize>(p: &Part<'_>, i0: usize) 
                         if off != 0 {
                             v = K::L::sub(v, off * qs);
                         }
-                        *$acc = K::L::fma_scaled(v, s[$g], $dx, *$acc);
+                        *$acc = K::L::fma_scaled(K::L::to_f32(v), s[$g], $dx, *$acc);
                         if min {
-                            *$acc = K::L::fma_scaled_splat(qs as f32, m[$g], $dx, *$acc);
+                            *$acc = K::L::fma_scaled(K::L::splat(qs as f32), m[$g], $dx, *$acc);
                         }
                     };
                 }

@@ -16,7 +16,7 @@
 use std::arch::x86_64::*;
 
 use crate::format::Format;
-use crate::matmul::int8::kernel::{self, format_of, Kernel, W256, W512};
+use crate::matmul::int8::kernel::{self, format_of, Kernel, Lanes, W256, W512};
 use crate::matmul::int8::ActQ8;
 use crate::quant::tiles::{Spec, IQ4_U8};
 
@@ -51,22 +51,90 @@ const IQ4_I8: [u8; 16] = {
     out
 };
 
-/// The offset left in the sums of the format of `spec`: none for the signed formats, whose sums
-/// are of `w = u − 128`.
-fn offset(spec: &Spec) -> i32 {
-    debug_assert!(!signed(spec.format) || spec.offset == 128);
-    if signed(spec.format) {
-        0
-    } else {
-        spec.offset
-    }
+/// The `vpmaddubsw` kernel `$name` at the width `$lanes`, and `group`, its entry: blocks are
+/// read by `$block` (its quads, and for the signed formats their signs), `$sign` applies a weight's
+/// sign to the activation bytes `x` of quad `u`, the rest is the width's intrinsics.
+macro_rules! kernel {
+    ($name:ident: $lanes:ident, $block:ty, $feat:literal,
+     block($p:ident, $part:ident) { $read:expr },
+     [$zero:ident, $set1:ident, $set1_16:ident, $maddubs:ident, $add16:ident, $madd:ident, $add32:ident],
+     sign($x:ident, $b:pat, $u:ident) { $sign:expr }) => {
+        struct $name;
+
+        impl Kernel for $name {
+            type L = $lanes;
+            type Block = $block;
+
+            fn offset(spec: &Spec) -> i32 {
+                debug_assert!(!signed(spec.format) || spec.offset == 128);
+                if signed(spec.format) {
+                    0
+                } else {
+                    spec.offset
+                }
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn block<const F: u8>($p: *const u8, $part: usize) -> $block {
+                // SAFETY: what this function's `# Safety` section asks of its caller is what
+                // reading the block needs.
+                unsafe { $read }
+            }
+
+            /// Signed formats: `Σ w·q`.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn dot<const F: u8, const T0: usize, const N: usize, const M: usize>(
+                b: &$block,
+                xq: *const i32,
+            ) -> <$lanes as Lanes>::I {
+                // SAFETY: what this function's `# Safety` section asks of its caller is what the
+                // operations below need.
+                unsafe {
+                    let f = format_of(F);
+                    let c = if chunk(f) < N { chunk(f) } else { N };
+                    let ones = $set1_16(1);
+                    let mut v = $zero();
+                    let mut t = T0;
+                    while t < T0 + N {
+                        let mut s16 = $zero();
+                        for u in t..t + c {
+                            let mut x = $set1(xq.add(u).read_unaligned());
+                            if signed(f) {
+                                let ($x, $b, $u) = (x, b, u);
+                                x = $sign;
+                            }
+                            let p = $maddubs(b.0[u], x);
+                            s16 = if u == t { p } else { $add16(s16, p) };
+                        }
+                        v = $add32(v, $madd(s16, ones));
+                        t += c;
+                    }
+                    v
+                }
+            }
+        }
+
+        /// One group of 16 weight rows of format `F` against every row of `a`.
+        ///
+        /// # Safety
+        /// The CPU must support the features this function enables; `group` is a whole tile group
+        /// of `a.k` weights of format `F`; `y` is valid for `a.m` rows of `ldy` floats from column
+        /// 0 to `valid`; activations are in [−127, 127].
+        #[target_feature(enable = $feat)]
+        pub unsafe fn group<const F: u8>(group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // kernel needs.
+            unsafe { kernel::group::<$name, F>(group, a, y, ldy, valid) }
+        }
+    };
 }
 
 /// AVX-512BW: 64-byte quads (four weights of each of the 16 rows), lanes = weight rows.
 pub mod avx512 {
     use super::*;
     use crate::matmul::int8::avx512::block as shared;
-    use crate::matmul::int8::avx512::block::scales;
 
     /// The 8 quads of a 32-weight block: the unsigned quants, or for signed formats `|w|`.
     type Quads = [__m512i; 8];
@@ -115,79 +183,12 @@ pub mod avx512 {
         }
     }
 
-    /// The `vpmaddubsw` kernel on AVX-512BW.
-    struct Maddubs512;
-
-    impl Kernel for Maddubs512 {
-        type L = W512;
-        type Block = (Quads, Negs);
-        const PREFETCH: bool = false;
-
-        fn offset(spec: &Spec) -> i32 {
-            offset(spec)
-        }
-
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-        unsafe fn block<const F: u8>(p: *const u8, _part: usize) -> (Quads, Negs) {
-            // SAFETY: what this function's `# Safety` section asks of its caller is what
-            // `quads` needs.
-            unsafe { quads::<F>(p) }
-        }
-
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-        unsafe fn scales(f: Format, h: *const u8, _part: usize, j: usize) -> ([__m512; 2], [__m512; 2]) {
-            // SAFETY: what this function's `# Safety` section asks of its caller is what
-            // `scales` needs.
-            unsafe { scales(f, h, j) }
-        }
-
-        /// Signed formats: `Σ w·q`.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-        unsafe fn dot<const F: u8, const T0: usize, const N: usize, const M: usize>(
-            (q, neg): &(Quads, Negs),
-            xq: *const i32,
-        ) -> __m512i {
-            // SAFETY: what this function's `# Safety` section asks of its caller is what the
-            // operations below need.
-            unsafe {
-                let f = format_of(F);
-                let c = if chunk(f) < N { chunk(f) } else { N };
-                let (zero, ones) = (_mm512_setzero_si512(), _mm512_set1_epi16(1));
-                let mut v = zero;
-                let mut t = T0;
-                while t < T0 + N {
-                    let mut s16 = zero;
-                    for u in t..t + c {
-                        let mut x = _mm512_set1_epi32(xq.add(u).read_unaligned());
-                        if signed(f) {
-                            x = _mm512_mask_sub_epi8(x, neg[u], zero, x);
-                        }
-                        let p = _mm512_maddubs_epi16(q[u], x);
-                        s16 = if u == t { p } else { _mm512_add_epi16(s16, p) };
-                    }
-                    v = _mm512_add_epi32(v, _mm512_madd_epi16(s16, ones));
-                    t += c;
-                }
-                v
-            }
-        }
-    }
-
-    /// One group of 16 weight rows of format `F` against every row of `a`.
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512 F/BW/VL/DQ, FMA and F16C; `group` is a whole tile group of
-    /// `a.k` weights of format `F`; `y` is valid for `a.m` rows of `ldy` floats from column 0 to
-    /// `valid`; activations are in [−127, 127].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    pub unsafe fn group<const F: u8>(group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // kernel needs.
-        unsafe { kernel::group::<Maddubs512, F>(group, a, y, ldy, valid) }
-    }
+    kernel!(Maddubs512: W512, (Quads, Negs), "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma",
+        block(p, _part) { quads::<F>(p) },
+        [_mm512_setzero_si512, _mm512_set1_epi32, _mm512_set1_epi16, _mm512_maddubs_epi16, _mm512_add_epi16,
+         _mm512_madd_epi16, _mm512_add_epi32],
+        // Activations negated where the weight is negative.
+        sign(x, (_q, neg), u) { _mm512_mask_sub_epi8(x, neg[u], _mm512_setzero_si512(), x) });
 }
 
 /// AVX2: the 16 rows of a group as two halves of 8 (the low and high 32 bytes of each 64-byte
@@ -404,7 +405,12 @@ pub mod avx2 {
     /// super-block header of format `f` in tiles, with block `j`'s scales.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scales(f: Format, h: *const u8, half: usize, j: usize) -> ([__m256; 2], [__m256; 2]) {
+    pub(in crate::matmul::int8) unsafe fn scales(
+        f: Format,
+        h: *const u8,
+        half: usize,
+        j: usize,
+    ) -> ([__m256; 2], [__m256; 2]) {
         // SAFETY: what this function's `# Safety` section asks of its caller is what the
         // operations below need.
         unsafe {
@@ -446,78 +452,9 @@ pub mod avx2 {
         }
     }
 
-    /// The `vpmaddubsw` kernel on AVX2.
-    struct Maddubs256;
-
-    impl Kernel for Maddubs256 {
-        type L = W256;
-        type Block = (Quads, Quads);
-        const PREFETCH: bool = false;
-
-        fn offset(spec: &Spec) -> i32 {
-            offset(spec)
-        }
-
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn block<const F: u8>(p: *const u8, half: usize) -> (Quads, Quads) {
-            // SAFETY: what this function's `# Safety` section asks of its caller is what
-            // `quads` needs.
-            unsafe { quads::<F>(p, half) }
-        }
-
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn scales(f: Format, h: *const u8, half: usize, j: usize) -> ([__m256; 2], [__m256; 2]) {
-            // SAFETY: what this function's `# Safety` section asks of its caller is what
-            // `scales` needs.
-            unsafe { scales(f, h, half, j) }
-        }
-
-        /// Signed formats: `Σ w·q`.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn dot<const F: u8, const T0: usize, const N: usize, const M: usize>(
-            (q, w): &(Quads, Quads),
-            xq: *const i32,
-        ) -> __m256i {
-            // SAFETY: what this function's `# Safety` section asks of its caller is what the
-            // operations below need.
-            unsafe {
-                let f = format_of(F);
-                let c = if chunk(f) < N { chunk(f) } else { N };
-                let ones = _mm256_set1_epi16(1);
-                let mut v = _mm256_setzero_si256();
-                let mut t = T0;
-                while t < T0 + N {
-                    let mut s16 = _mm256_setzero_si256();
-                    for u in t..t + c {
-                        let mut x = _mm256_set1_epi32(xq.add(u).read_unaligned());
-                        if signed(f) {
-                            x = _mm256_sign_epi8(x, w[u]);
-                        }
-                        let p = _mm256_maddubs_epi16(q[u], x);
-                        s16 = if u == t { p } else { _mm256_add_epi16(s16, p) };
-                    }
-                    v = _mm256_add_epi32(v, _mm256_madd_epi16(s16, ones));
-                    t += c;
-                }
-                v
-            }
-        }
-    }
-
-    /// One group of 16 weight rows of format `F` against every row of `a`, as two halves of 8
-    /// rows.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C; `group` is a whole tile group of `a.k` weights
-    /// of format `F`; `y` is valid for `a.m` rows of `ldy` floats from column 0 to `valid`;
-    /// activations are in [−127, 127].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group<const F: u8>(group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // kernel needs.
-        unsafe { kernel::group::<Maddubs256, F>(group, a, y, ldy, valid) }
-    }
+    kernel!(Maddubs256: W256, (Quads, Quads), "avx2,fma,f16c",
+        block(p, half) { quads::<F>(p, half) },
+        [_mm256_setzero_si256, _mm256_set1_epi32, _mm256_set1_epi16, _mm256_maddubs_epi16, _mm256_add_epi16,
+         _mm256_madd_epi16, _mm256_add_epi32],
+        sign(x, (_q, w), u) { _mm256_sign_epi8(x, w[u]) });
 }

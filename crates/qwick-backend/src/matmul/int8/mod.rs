@@ -124,15 +124,17 @@ unsafe fn group_kernel(isa: Isa, spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f
         #[cfg(target_arch = "x86_64")]
         {
             use crate::format::Format;
+            use avx512::vnni::group as vnni;
             use kernel::by_format;
+            use maddubs::{avx2::group as maddubs256, avx512::group as maddubs512};
             if isa.level() >= Level::Avx512Vnni {
-                return by_format!(spec.format, avx512::vnni::group(group, a, y, ldy, valid));
+                return by_format!(spec.format, vnni(group, a, y, ldy, valid));
             }
             if isa.level() == Level::Avx512 {
-                return by_format!(spec.format, maddubs::avx512::group(group, a, y, ldy, valid));
+                return by_format!(spec.format, maddubs512(group, a, y, ldy, valid));
             }
             if isa.level() == Level::Avx2 {
-                return by_format!(spec.format, maddubs::avx2::group(group, a, y, ldy, valid));
+                return by_format!(spec.format, maddubs256(group, a, y, ldy, valid));
             }
         }
         let _ = isa;
