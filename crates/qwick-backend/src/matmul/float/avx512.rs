@@ -1,5 +1,6 @@
 //! f32, bf16 and f16 weights with f32 activations on AVX-512: FMA GEMV and GEMM (weights widened in registers).
 
+use super::out32::{by_rows, masks, Out};
 use super::*;
 use crate::matmul::job::Job;
 use crate::matmul::job::{gemv_blocks, gemv_dispatch, GEMM_MIN_ROWS};
@@ -368,14 +369,7 @@ unsafe fn gemm<const D: u8>(j: &Job<'_, *const f32>) {
         let mut np = cols.start;
         while np < cols.end {
             let nr = (cols.end - np).min(NR);
-            let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
-            let m1: __mmask16 = if nr >= 32 {
-                0xffff
-            } else if nr > 16 {
-                ((1u32 << (nr - 16)) - 1) as __mmask16
-            } else {
-                0
-            };
+            let (m0, m1) = masks(nr);
             let mut kc = 0;
             while kc < k {
                 let kb = (k - kc).min(KC);
@@ -423,22 +417,9 @@ unsafe fn gemm<const D: u8>(j: &Job<'_, *const f32>) {
                 while i < m {
                     let mr = (m - i).min(MR);
                     let a = x.add(i * k + kc);
-                    let c = y.add(i * ldy + np);
+                    let out = Out { c: y.add(i * ldy + np), ldc: ldy, first, masks: (m0, m1) };
                     let p = panel.as_ptr();
-                    match mr {
-                        12 => micro::<12>(a, k, p, kb, c, ldy, first, m0, m1),
-                        11 => micro::<11>(a, k, p, kb, c, ldy, first, m0, m1),
-                        10 => micro::<10>(a, k, p, kb, c, ldy, first, m0, m1),
-                        9 => micro::<9>(a, k, p, kb, c, ldy, first, m0, m1),
-                        8 => micro::<8>(a, k, p, kb, c, ldy, first, m0, m1),
-                        7 => micro::<7>(a, k, p, kb, c, ldy, first, m0, m1),
-                        6 => micro::<6>(a, k, p, kb, c, ldy, first, m0, m1),
-                        5 => micro::<5>(a, k, p, kb, c, ldy, first, m0, m1),
-                        4 => micro::<4>(a, k, p, kb, c, ldy, first, m0, m1),
-                        3 => micro::<3>(a, k, p, kb, c, ldy, first, m0, m1),
-                        2 => micro::<2>(a, k, p, kb, c, ldy, first, m0, m1),
-                        _ => micro::<1>(a, k, p, kb, c, ldy, first, m0, m1),
-                    }
+                    by_rows!(mr, |M| micro::<M>(a, k, p, kb, out));
                     i += mr;
                 }
                 kc += kb;
@@ -451,32 +432,15 @@ unsafe fn gemm<const D: u8>(j: &Job<'_, *const f32>) {
 /// # Safety
 /// The CPU must support the features this function enables
 /// (`avx512f,avx512bw,avx512vl,fma,f16c`); `a` holds `M` rows of the panel's depth at
-/// stride `lda`; the panel holds its depth of 32 packed columns; `c` is valid for reads and
-/// writes of `M` rows of `ldc` floats in the columns the masks select.
+/// stride `lda`; the panel holds its depth of 32 packed columns; `out` is valid for reads
+/// and writes of `M` rows in the columns of its masks.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro<const M: usize>(
-    a: *const f32,
-    lda: usize,
-    panel: *const f32,
-    kb: usize,
-    c: *mut f32,
-    ldc: usize,
-    first: bool,
-    m0: __mmask16,
-    m1: __mmask16,
-) {
+unsafe fn micro<const M: usize>(a: *const f32, lda: usize, panel: *const f32, kb: usize, out: Out) {
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; M];
-        if !first {
-            for (i, r) in acc.iter_mut().enumerate() {
-                r[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
-                r[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
-            }
-        }
+        let mut acc = out.load::<M>();
         for kk in 0..kb {
             let b0 = _mm512_loadu_ps(panel.add(kk * NR));
             let b1 = _mm512_loadu_ps(panel.add(kk * NR + 16));
@@ -486,9 +450,6 @@ unsafe fn micro<const M: usize>(
                 r[1] = _mm512_fmadd_ps(av, b1, r[1]);
             }
         }
-        for (i, r) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(c.add(i * ldc), m0, r[0]);
-            _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, r[1]);
-        }
+        out.store(&acc);
     }
 }

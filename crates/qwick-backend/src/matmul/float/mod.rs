@@ -7,3 +7,5 @@ pub const BF16: u8 = 1;
 pub mod avx2;
 pub mod avx512;
 pub mod avx512bf16;
+#[cfg(target_arch = "x86_64")]
+mod out32;
