@@ -383,34 +383,19 @@ unsafe fn gemm<const D: u8>(j: &Job<'_, *const f32>) {
                         _mm512_storeu_ps(dst.add(16), load16_mask::<D>(row.wrapping_add(16 * es), m1));
                     }
                 } else {
-                    for j in 0..NR {
-                        if j < nr {
-                            let row = wp.add((np + j) * rb + kc * es);
-                            let mut kk = 0;
-                            while kk + 16 <= kb {
-                                let v = load16::<D>(row.add(kk * es));
-                                let mut tmp = [0f32; 16];
-                                _mm512_storeu_ps(tmp.as_mut_ptr(), v);
-                                for (t, &val) in tmp.iter().enumerate() {
-                                    *panel.get_unchecked_mut((kk + t) * NR + j) = val;
-                                }
-                                kk += 16;
-                            }
-                            if kk < kb {
-                                let mask = ((1u32 << (kb - kk)) - 1) as __mmask16;
-                                let v = load16_mask::<D>(row.add(kk * es), mask);
-                                let mut tmp = [0f32; 16];
-                                _mm512_storeu_ps(tmp.as_mut_ptr(), v);
-                                for (t, &val) in tmp.iter().enumerate().take(kb - kk) {
-                                    *panel.get_unchecked_mut((kk + t) * NR + j) = val;
-                                }
-                            }
-                        } else {
-                            for kk in 0..kb {
-                                *panel.get_unchecked_mut(kk * NR + j) = 0.0;
+                    for j in 0..nr {
+                        let row = wp.add((np + j) * rb + kc * es);
+                        for kk in (0..kb).step_by(16) {
+                            let n = (kb - kk).min(16);
+                            let v = load16_mask::<D>(row.add(kk * es), ((1u32 << n) - 1) as __mmask16);
+                            let mut tmp = [0f32; 16];
+                            _mm512_storeu_ps(tmp.as_mut_ptr(), v);
+                            for (t, &val) in tmp.iter().enumerate().take(n) {
+                                *panel.get_unchecked_mut((kk + t) * NR + j) = val;
                             }
                         }
                     }
+                    zero_columns(&mut panel, NR, nr, kb);
                 }
                 let first = kc == 0;
                 let mut i = 0;

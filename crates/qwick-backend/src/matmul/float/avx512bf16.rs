@@ -4,6 +4,7 @@
 //! accumulated into f32 lanes). Same two paths as the exact kernels.
 
 use super::out32::{by_rows, masks, Out};
+use super::zero_columns;
 use crate::matmul::job::Job;
 use crate::matmul::job::{gemv_blocks, gemv_dispatch, GEMM_MIN_ROWS, TILES_MIN_ROWS};
 use crate::weights::{Layout, WeightView};
@@ -254,21 +255,16 @@ unsafe fn gemm(j: &Job<'_, *const u16>) {
                         }
                     }
                 } else {
-                    for j in 0..NR {
-                        if j < nr {
-                            let row = wp.add((np + j) * k + kc);
-                            for p in 0..kb / 2 {
-                                *panel.get_unchecked_mut(p * NR + j) = (row.add(2 * p) as *const u32).read_unaligned();
-                            }
-                            if kb % 2 == 1 {
-                                *panel.get_unchecked_mut((kb2 - 1) * NR + j) = *row.add(kb - 1) as u32;
-                            }
-                        } else {
-                            for p in 0..kb2 {
-                                *panel.get_unchecked_mut(p * NR + j) = 0;
-                            }
+                    for j in 0..nr {
+                        let row = wp.add((np + j) * k + kc);
+                        for p in 0..kb / 2 {
+                            *panel.get_unchecked_mut(p * NR + j) = (row.add(2 * p) as *const u32).read_unaligned();
+                        }
+                        if kb % 2 == 1 {
+                            *panel.get_unchecked_mut((kb2 - 1) * NR + j) = *row.add(kb - 1) as u32;
                         }
                     }
+                    zero_columns(&mut panel, NR, nr, kb2);
                 }
                 let first = kc == 0;
                 let mut i = 0;
