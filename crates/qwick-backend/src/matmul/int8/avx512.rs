@@ -28,7 +28,8 @@ pub unsafe fn quantize_block(x: &[f32], q: &mut [i8], d: &mut f32, s: &mut [i16]
 }
 
 /// AVX-512 F/BW/VL/DQ pieces every AVX-512 integer kernel shares: the quants of a 32-weight
-/// block of tiles as 8 vectors of unsigned bytes, and its scales, lane per weight row.
+/// block of tiles as 8 vectors of unsigned bytes, lane per weight row (its scales:
+/// [`super::kernel::W512`]).
 pub(crate) mod block {
     use super::*;
     use crate::format::Format;
@@ -172,96 +173,6 @@ pub(crate) mod block {
                     q
                 }
                 Format::Q2_K => pairs(p),
-                _ => unreachable!(),
-            }
-        }
-    }
-
-    /// # Safety
-    /// The CPU must support the features this function enables
-    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); `p` is readable for 16 f16 values.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    pub(crate) unsafe fn f16s(p: *const u8) -> __m512 {
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
-    }
-
-    /// # Safety
-    /// The CPU must support the features this function enables
-    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); `p` is readable for 16 bytes.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    pub(crate) unsafe fn u8s(p: *const u8) -> __m512 {
-        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))) }
-    }
-
-    /// # Safety
-    /// The CPU must support the features this function enables
-    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); `p` is readable for 16 bytes.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    pub(crate) unsafe fn i8s(p: *const u8) -> __m512 {
-        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    pub(crate) fn neg(v: __m512) -> __m512 {
-        _mm512_xor_ps(v, _mm512_set1_ps(-0.0))
-    }
-
-    /// Scales and minimums of block `j` of a super-block with header `h`, lane per row: as
-    /// `tiles::scales` computes them.
-    ///
-    /// # Safety
-    /// The CPU must support the features this function enables
-    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); `h` is a whole super-block header of format
-    /// `f` in tiles, with block `j`'s scales.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    pub(crate) unsafe fn scales(f: Format, h: *const u8, j: usize) -> ([__m512; 2], [__m512; 2]) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            let z = _mm512_setzero_ps();
-            match f {
-                Format::Q4_0 | Format::Q5_0 | Format::Q8_0 | Format::IQ4_NL => {
-                    let d = f16s(h);
-                    ([d, d], [z, z])
-                }
-                Format::Q4_1 | Format::Q5_1 => {
-                    let (d, m) = (f16s(h), f16s(h.add(32)));
-                    ([d, d], [m, m])
-                }
-                Format::Q4_K | Format::Q5_K => {
-                    let (d, dmin) = (f16s(h), f16s(h.add(32)));
-                    let s = _mm512_mul_ps(d, u8s(h.add(64 + 16 * j)));
-                    let m = neg(_mm512_mul_ps(dmin, u8s(h.add(64 + 128 + 16 * j))));
-                    ([s, s], [m, m])
-                }
-                Format::Q6_K | Format::Q3_K => {
-                    let d = f16s(h);
-                    (
-                        [_mm512_mul_ps(d, i8s(h.add(32 + 32 * j))), _mm512_mul_ps(d, i8s(h.add(32 + 32 * j + 16)))],
-                        [z, z],
-                    )
-                }
-                Format::Q2_K => {
-                    let (d, dmin) = (f16s(h), f16s(h.add(32)));
-                    let lo = _mm_set1_epi8(0x0F);
-                    let sc = |o: usize| {
-                        let b = _mm_loadu_si128(h.add(64 + 16 * o) as *const __m128i);
-                        let s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, lo)));
-                        let m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(b), lo)));
-                        (_mm512_mul_ps(d, s), neg(_mm512_mul_ps(dmin, m)))
-                    };
-                    let ((s0, m0), (s1, m1)) = (sc(2 * j), sc(2 * j + 1));
-                    ([s0, s1], [m0, m1])
-                }
-                Format::IQ4_XS => {
-                    let s = _mm512_mul_ps(f16s(h), i8s(h.add(32 + 16 * j)));
-                    ([s, s], [z, z])
-                }
                 _ => unreachable!(),
             }
         }

@@ -39,7 +39,7 @@ macro_rules! by_format {
 pub(super) use by_format;
 
 /// The float side of the row loop at one vector width, lane per weight row.
-pub(super) trait Lanes {
+pub(crate) trait Lanes {
     /// f32 lanes.
     type F: Copy;
     /// i32 lanes.
@@ -88,12 +88,14 @@ pub(super) trait Lanes {
     unsafe fn store(p: *mut f32, mask: Self::Mask, v: Self::F);
 }
 
-/// Implements [`Lanes`] for `$w` from its width's intrinsics.
+/// Implements [`Lanes`] for `$w` from its width's intrinsics: `f16s` widens the f16 values
+/// of `N` lanes at a pointer, `bytes` loads `N` bytes.
 macro_rules! lanes {
     ($w:ident: $n:literal lanes, $f:ty, $i:ty, $feat:literal,
-     [$set1:ident, $set1i:ident, $sub:ident, $cvt:ident, $mul:ident, $fmadd:ident, $store:ident],
-     mask($valid:ident) -> $mask:ty { $mask_of:expr },
-     scales($sf:ident, $sh:ident, $spart:ident, $sj:ident) { $scales:expr }) => {
+     [$zero:ident, $set1:ident, $set1i:ident, $sub:ident, $cvt:ident, $mul:ident, $fmadd:ident, $xor:ident,
+      $cvtu8:ident, $cvti8:ident, $store:ident],
+     f16s($fp:ident) { $f16s:expr }, bytes($bp:ident) { $bytes:expr },
+     mask($valid:ident) -> $mask:ty { $mask_of:expr }) => {
         impl Lanes for $w {
             type F = $f;
             type I = $i;
@@ -126,9 +128,56 @@ macro_rules! lanes {
 
             #[inline]
             #[target_feature(enable = $feat)]
-            unsafe fn scales($sf: Format, $sh: *const u8, $spart: usize, $sj: usize) -> ([$f; 2], [$f; 2]) {
-                // SAFETY: what the caller promises for the header is what reading its scales needs.
-                unsafe { $scales }
+            unsafe fn scales(f: Format, h: *const u8, part: usize, j: usize) -> ([$f; 2], [$f; 2]) {
+                // SAFETY: what the caller promises for `h` is what the loads below need.
+                unsafe {
+                    // The part's lanes start `N·part` into byte fields, `2N·part` into f16 ones.
+                    let (hf, hb) = (h.add(2 * $n * part), h.add($n * part));
+                    let f16s = |$fp: *const u8| $f16s;
+                    let bytes = |$bp: *const u8| $bytes;
+                    let u8s = |p: *const u8| $cvt($cvtu8(bytes(p)));
+                    let i8s = |p: *const u8| $cvt($cvti8(bytes(p)));
+                    let neg = |v: $f| $xor(v, $set1(-0.0));
+                    let z = $zero();
+                    match f {
+                        Format::Q4_0 | Format::Q5_0 | Format::Q8_0 | Format::IQ4_NL => {
+                            let d = f16s(hf);
+                            ([d, d], [z, z])
+                        }
+                        Format::Q4_1 | Format::Q5_1 => {
+                            let (d, m) = (f16s(hf), f16s(hf.add(32)));
+                            ([d, d], [m, m])
+                        }
+                        Format::Q4_K | Format::Q5_K => {
+                            let (d, dmin) = (f16s(hf), f16s(hf.add(32)));
+                            let s = $mul(d, u8s(hb.add(64 + 16 * j)));
+                            let m = neg($mul(dmin, u8s(hb.add(64 + 128 + 16 * j))));
+                            ([s, s], [m, m])
+                        }
+                        Format::Q6_K | Format::Q3_K => {
+                            let d = f16s(hf);
+                            ([$mul(d, i8s(hb.add(32 + 32 * j))), $mul(d, i8s(hb.add(32 + 32 * j + 16)))], [z, z])
+                        }
+                        Format::Q2_K => {
+                            let (d, dmin) = (f16s(hf), f16s(hf.add(32)));
+                            let lo = _mm_set1_epi8(0x0F);
+                            // Scale group `o`: its scale and minimum, the low and high nibbles.
+                            let sc = |o: usize| {
+                                let b = bytes(hb.add(64 + 16 * o));
+                                let s = $cvt($cvtu8(_mm_and_si128(b, lo)));
+                                let m = $cvt($cvtu8(_mm_and_si128(_mm_srli_epi16::<4>(b), lo)));
+                                ($mul(d, s), neg($mul(dmin, m)))
+                            };
+                            let ((s0, m0), (s1, m1)) = (sc(2 * j), sc(2 * j + 1));
+                            ([s0, s1], [m0, m1])
+                        }
+                        Format::IQ4_XS => {
+                            let s = $mul(f16s(hf), i8s(hb.add(32 + 16 * j)));
+                            ([s, s], [z, z])
+                        }
+                        _ => unreachable!(),
+                    }
+                }
             }
 
             #[inline]
@@ -148,24 +197,26 @@ macro_rules! lanes {
 }
 
 /// 16 lanes: AVX-512.
-pub(super) struct W512;
+pub(crate) struct W512;
 
-lanes!(W512: 16 lanes, __m512, __m512i, "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma",
-    [_mm512_set1_ps, _mm512_set1_epi32, _mm512_sub_epi32, _mm512_cvtepi32_ps, _mm512_mul_ps, _mm512_fmadd_ps,
-     _mm512_mask_storeu_ps],
-    mask(valid) -> __mmask16 { if valid >= 16 { 0xFFFF } else { ((1u32 << valid) - 1) as __mmask16 } },
-    scales(f, h, _part, j) { super::avx512::block::scales(f, h, j) });
-
-/// 8 lanes: AVX2 and FMA.
+/// 8 lanes: AVX2, FMA and F16C.
 pub(super) struct W256;
 
-lanes!(W256: 8 lanes, __m256, __m256i, "avx2,fma,f16c",
-    [_mm256_set1_ps, _mm256_set1_epi32, _mm256_sub_epi32, _mm256_cvtepi32_ps, _mm256_mul_ps, _mm256_fmadd_ps,
-     _mm256_maskstore_ps],
+#[rustfmt::skip]
+lanes! { W512: 16 lanes, __m512, __m512i, "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma",
+    [_mm512_setzero_ps, _mm512_set1_ps, _mm512_set1_epi32, _mm512_sub_epi32, _mm512_cvtepi32_ps, _mm512_mul_ps,
+     _mm512_fmadd_ps, _mm512_xor_ps, _mm512_cvtepu8_epi32, _mm512_cvtepi8_epi32, _mm512_mask_storeu_ps],
+    f16s(p) { _mm512_cvtph_ps(_mm256_loadu_si256(p as _)) }, bytes(p) { _mm_loadu_si128(p as _) },
+    mask(valid) -> __mmask16 { if valid >= 16 { 0xFFFF } else { ((1u32 << valid) - 1) as __mmask16 } } }
+
+#[rustfmt::skip]
+lanes! { W256: 8 lanes, __m256, __m256i, "avx2,fma,f16c",
+    [_mm256_setzero_ps, _mm256_set1_ps, _mm256_set1_epi32, _mm256_sub_epi32, _mm256_cvtepi32_ps, _mm256_mul_ps,
+     _mm256_fmadd_ps, _mm256_xor_ps, _mm256_cvtepu8_epi32, _mm256_cvtepi8_epi32, _mm256_maskstore_ps],
+    f16s(p) { _mm256_cvtph_ps(_mm_loadu_si128(p as _)) }, bytes(p) { _mm_loadl_epi64(p as _) },
     mask(valid) -> __m256i {
         _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
-    },
-    scales(f, h, half, j) { super::maddubs::avx2::scales(f, h, half, j) });
+    } }
 
 /// How one SIMD integer kernel reads blocks and makes their integer sums.
 pub(super) trait Kernel {

@@ -14,7 +14,7 @@
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
-mod kernel;
+pub(crate) mod kernel;
 #[cfg(target_arch = "x86_64")]
 mod maddubs;
 
