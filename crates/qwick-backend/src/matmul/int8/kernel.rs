@@ -4,8 +4,8 @@
 //! group on AVX-512, two halves of 8 on AVX2); activation rows go in passes of up to [`MR`], one
 //! f32 accumulator vector each, and over the group's blocks each row adds the reference's terms
 //! lane by lane, in its order: `acc += (v − o·Σq) · (s · dx)  [+ Σq · (m · dx)]` per scale group.
-//! A [`Kernel`] says how a block's quants and scales come into registers and how its exact
-//! integer sums `v` are made; its [`Lanes`] are the float operations at its width.
+//! A [`Kernel`] says how a block's quants come into registers and how its exact integer sums
+//! `v` are made; its [`Lanes`] are its width's float operations and reads of a block's scales.
 
 use std::arch::x86_64::*;
 
@@ -220,6 +220,7 @@ lanes! { W256: 8 lanes, __m256, __m256i, "avx2,fma,f16c",
 
 /// How one SIMD integer kernel reads blocks and makes their integer sums.
 pub(super) trait Kernel {
+    /// The kernel's vector width.
     type L: Lanes;
     /// A 32-weight block's weights in registers, as [`Kernel::dot`] takes them.
     type Block;

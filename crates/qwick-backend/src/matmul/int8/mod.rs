@@ -9,7 +9,7 @@
 //! in that order, group after group. The scalar kernel (`group_scalar`) computes exactly this
 //! with `mul_add`; the SIMD kernels compute the same operations lane by lane, so they equal it
 //! bit for bit: `vpdpbusd` on AVX-512 VNNI (`avx512.rs`), `vpmaddubsw` on AVX-512BW and AVX2
-//! (`maddubs.rs`).
+//! (`maddubs.rs`), each in the one row loop of `kernel.rs`.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
