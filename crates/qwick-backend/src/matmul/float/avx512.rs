@@ -88,8 +88,8 @@ unsafe fn gemv<const D: u8>(j: &Job<'_, *const f32>) {
         let wp = w.data.as_ptr();
         // Up to 4 rows of x: 4 weight rows at a time; more: 3 weight rows against up to 8.
         gemv_blocks(m, cols, 3, |n, nr, i, mr| {
-            let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
-            gemv_dispatch!(nr, mr, |R, M| gemv_block::<D, R, M>(xp, ldx, k, wpn, rb, yp, ldy));
+            let b = Rows { x: x.add(i * ldx), ldx, k, w: wp.add(n * rb), rb, y: y.add(i * ldy + n), ldy };
+            gemv_dispatch!(nr, mr, |R, M| gemv_block::<D, R, M>(b));
         });
     }
 }
@@ -112,8 +112,8 @@ pub unsafe fn gemv_bf16_split(j: &Job<'_, &[f32]>) {
         let (x, wp) = (xs.as_ptr(), w.data.as_ptr());
         // Up to 4 rows of x: 4 weight rows at a time; more: 3 weight rows against up to 8.
         gemv_blocks(m, cols, 3, |n, nr, i, mr| {
-            let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
-            gemv_dispatch!(nr, mr, |R, M| split_block::<R, M>(xp, ldx, k, wpn, rb, yp, ldy));
+            let b = Rows { x: x.add(i * ldx), ldx, k, w: wp.add(n * rb), rb, y: y.add(i * ldy + n), ldy };
+            gemv_dispatch!(nr, mr, |R, M| split_block::<R, M>(b));
         });
     }
 }
@@ -239,14 +239,11 @@ unsafe fn tiles_block<const M: usize>(
     }
 }
 
-/// # Safety
-/// The CPU must support the features this function enables
-/// (`avx512f,avx512bw,avx512vl,fma,f16c`); `x` holds `M` rows of `k` values at stride
-/// `ldx`; `w` points at `R` weight rows of `rb` bytes each; `y` is valid for writes of `M`
-/// rows of `ldy` floats, `R` columns from its start.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn split_block<const R: usize, const M: usize>(
+/// The operands of a GEMV block: `M` activation rows of `k` values at `x` (stride `ldx`)
+/// against `R` weight rows at `w` (`rb` bytes each), into `M` rows of `y` (stride `ldy`),
+/// `R` columns from its start.
+#[derive(Clone, Copy)]
+struct Rows {
     x: *const f32,
     ldx: usize,
     k: usize,
@@ -254,7 +251,16 @@ unsafe fn split_block<const R: usize, const M: usize>(
     rb: usize,
     y: *mut f32,
     ldy: usize,
-) {
+}
+
+/// # Safety
+/// The CPU must support the features this function enables
+/// (`avx512f,avx512bw,avx512vl,fma,f16c`); `b` is valid for its `R` weight rows (bf16) and `M`
+/// activation rows, as [`Rows`] says.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+unsafe fn split_block<const R: usize, const M: usize>(b: Rows) {
+    let Rows { x, ldx, k, w, rb, y, ldy } = b;
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -292,20 +298,12 @@ unsafe fn split_block<const R: usize, const M: usize>(
 
 /// # Safety
 /// The CPU must support the features this function enables
-/// (`avx512f,avx512bw,avx512vl,fma,f16c`); `x` holds `M` rows of `k` values at stride
-/// `ldx`; `w` points at `R` weight rows of format `D`, `rb` bytes each; `y` is valid for
-/// writes of `M` rows of `ldy` floats, `R` columns from its start.
+/// (`avx512f,avx512bw,avx512vl,fma,f16c`); `b` is valid for its `R` weight rows (format `D`)
+/// and `M` activation rows, as [`Rows`] says.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn gemv_block<const D: u8, const R: usize, const M: usize>(
-    x: *const f32,
-    ldx: usize,
-    k: usize,
-    w: *const u8,
-    rb: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
+unsafe fn gemv_block<const D: u8, const R: usize, const M: usize>(b: Rows) {
+    let Rows { x, ldx, k, w, rb, y, ldy } = b;
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
