@@ -13,6 +13,7 @@
 //! asks once per process.
 
 use crate::alloc::Aligned;
+use crate::matmul::int8::kernel::{Lanes, W512};
 use crate::matmul::job::Job;
 use crate::quant::tiles::{Spec, ROWS};
 use crate::weights::WeightView;
@@ -129,7 +130,7 @@ unsafe fn unpack_group(spec: &Spec, group: &[u8], j0: usize, steps: usize, out: 
             let h = gp.add((j / per_sb) * spec.sb_bytes());
             let jj = j % per_sb;
             let q = super::int8::avx512::block::quads(spec.format, h.add(spec.header + jj * spec.block_bytes()));
-            let (s, m) = super::int8::avx512::block::scales(spec.format, h, jj);
+            let (s, m) = W512::scales(spec.format, h, 0, jj);
             // w = s·u + (m − s·o), per scale group (quads 0–3 are weights 0–15, quads 4–7 16–31).
             let bias = [_mm512_fnmadd_ps(s[0], off, m[0]), _mm512_fnmadd_ps(s[1], off, m[1])];
             let dst = out.as_mut_ptr().add(jo * 512);

@@ -10,6 +10,7 @@
 //! Parsing never panics on any byte content: every table index is masked to the table's size.
 //! f16 NaN or infinite scales simply propagate into the output.
 
+use super::by_block_codec;
 use crate::format::{bf16_to_f32, Format};
 use crate::quant::grids::{
     IQ1S_DELTA, IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, KSIGNS_IQ2XS, KVALUES_IQ4NL,
@@ -21,30 +22,18 @@ pub fn dequantize(format: Format, src: &[u8], dst: &mut [f32]) {
     let (block, bytes) = (format.block(), format.block_bytes());
     assert!(dst.len().is_multiple_of(block), "{} values are not a whole number of {format} blocks", dst.len());
     assert_eq!(src.len(), dst.len() / block * bytes, "{format}: {} bytes for {} values", src.len(), dst.len());
-    match format {
+    by_block_codec!(format, src, dst,
         Format::F32 => blocks(src, dst, f32_block),
         Format::F16 => blocks(src, dst, f16_block),
         Format::BF16 => blocks(src, dst, bf16_block),
-        Format::Q4_0 => blocks(src, dst, q4_0),
-        Format::Q4_1 => blocks(src, dst, q4_1),
-        Format::Q5_0 => blocks(src, dst, q5_0),
-        Format::Q5_1 => blocks(src, dst, q5_1),
-        Format::Q8_0 => blocks(src, dst, q8_0),
-        Format::Q2_K => blocks(src, dst, q2_k),
-        Format::Q3_K => blocks(src, dst, q3_k),
-        Format::Q4_K => blocks(src, dst, q4_k),
-        Format::Q5_K => blocks(src, dst, q5_k),
-        Format::Q6_K => blocks(src, dst, q6_k),
         Format::IQ2_XXS => blocks(src, dst, iq2_xxs),
         Format::IQ2_XS => blocks(src, dst, iq2_xs),
         Format::IQ3_XXS => blocks(src, dst, iq3_xxs),
         Format::IQ1_S => blocks(src, dst, iq1_s),
-        Format::IQ4_NL => blocks(src, dst, iq4_nl),
         Format::IQ3_S => blocks(src, dst, iq3_s),
         Format::IQ2_S => blocks(src, dst, iq2_s),
-        Format::IQ4_XS => blocks(src, dst, iq4_xs),
         Format::IQ1_M => blocks(src, dst, iq1_m),
-    }
+    )
 }
 
 /// Applies a per-block function over matching blocks of `src` and `dst`. The block sizes are

@@ -11,6 +11,24 @@ use crate::isa::Level;
 use crate::weights::{Layout, WeightView};
 use tiles::ROWS;
 
+/// `match $format`: for the formats both quantization and dequantization have a block codec
+/// for, `blocks($src, $dst, codec)` with the calling module's `blocks` and its codec of the
+/// format's name (`q4_0`, …, `iq4_xs`); the arms `$rest` for the other formats.
+macro_rules! by_block_codec {
+    ($format:expr, $src:expr, $dst:expr, $($rest:tt)*) => {
+        by_block_codec!(@ $format, $src, $dst, { $($rest)* },
+            Q4_0 q4_0, Q4_1 q4_1, Q5_0 q5_0, Q5_1 q5_1, Q8_0 q8_0, IQ4_NL iq4_nl,
+            Q2_K q2_k, Q3_K q3_k, Q4_K q4_k, Q5_K q5_k, Q6_K q6_k, IQ4_XS iq4_xs)
+    };
+    (@ $format:expr, $src:expr, $dst:expr, { $($rest:tt)* }, $($f:ident $codec:ident),*) => {
+        match $format {
+            $(Format::$f => blocks($src, $dst, $codec),)*
+            $($rest)*
+        }
+    };
+}
+use by_block_codec;
+
 // The format table's conversions, defined beside the codecs so that `format` needs nothing
 // of `quant`.
 impl Format {

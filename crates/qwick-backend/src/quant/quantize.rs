@@ -13,6 +13,7 @@
 //! Nothing here panics on any input value: NaN and infinities give some finite or NaN block,
 //! never an out-of-range code.
 
+use super::by_block_codec;
 use crate::format::Format;
 use crate::quant::grids::KVALUES_IQ4NL;
 
@@ -51,22 +52,10 @@ fn quantize_avx2(format: Format, src: &[f32], dst: &mut [u8]) {
 
 #[inline(always)]
 fn quantize_blocks(format: Format, src: &[f32], dst: &mut [u8]) {
-    match format {
+    by_block_codec!(format, src, dst,
         Format::F32 | Format::F16 | Format::BF16 => format.encode_floats(src, dst),
-        Format::Q4_0 => blocks(src, dst, q4_0),
-        Format::Q4_1 => blocks(src, dst, q4_1),
-        Format::Q5_0 => blocks(src, dst, q5_0),
-        Format::Q5_1 => blocks(src, dst, q5_1),
-        Format::Q8_0 => blocks(src, dst, q8_0),
-        Format::Q2_K => blocks(src, dst, q2_k),
-        Format::Q3_K => blocks(src, dst, q3_k),
-        Format::Q4_K => blocks(src, dst, q4_k),
-        Format::Q5_K => blocks(src, dst, q5_k),
-        Format::Q6_K => blocks(src, dst, q6_k),
-        Format::IQ4_NL => blocks(src, dst, iq4_nl),
-        Format::IQ4_XS => blocks(src, dst, iq4_xs),
         _ => unreachable!("checked by can_quantize"),
-    }
+    )
 }
 
 /// Quantizes `rows` rows of `src` on `threads` threads (rows split evenly; each row is

@@ -173,18 +173,13 @@ unsafe fn gemm<const D: u8>(j: &Job<'_, *const f32>) {
             let mut kc = 0;
             while kc < k {
                 let kb = (k - kc).min(KC);
-                for j in 0..NR {
-                    if j < nr {
-                        let row = wp.add((np + j) * rb + kc * es);
-                        for kk in 0..kb {
-                            *panel.get_unchecked_mut(kk * NR + j) = get::<D>(row, kk);
-                        }
-                    } else {
-                        for kk in 0..kb {
-                            *panel.get_unchecked_mut(kk * NR + j) = 0.0;
-                        }
+                for j in 0..nr {
+                    let row = wp.add((np + j) * rb + kc * es);
+                    for kk in 0..kb {
+                        *panel.get_unchecked_mut(kk * NR + j) = get::<D>(row, kk);
                     }
                 }
+                zero_columns(&mut panel, NR, nr, kb);
                 let first = kc == 0;
                 let mut i = 0;
                 while i < m {

@@ -1,5 +1,6 @@
 //! f32, bf16 and f16 weights with f32 activations on AVX-512: FMA GEMV and GEMM (weights widened in registers).
 
+use super::out32::{by_rows, masks, Out};
 use super::*;
 use crate::matmul::job::Job;
 use crate::matmul::job::{gemv_blocks, gemv_dispatch, GEMM_MIN_ROWS};
@@ -87,8 +88,8 @@ unsafe fn gemv<const D: u8>(j: &Job<'_, *const f32>) {
         let wp = w.data.as_ptr();
         // Up to 4 rows of x: 4 weight rows at a time; more: 3 weight rows against up to 8.
         gemv_blocks(m, cols, 3, |n, nr, i, mr| {
-            let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
-            gemv_dispatch!(nr, mr, |R, M| gemv_block::<D, R, M>(xp, ldx, k, wpn, rb, yp, ldy));
+            let b = Rows { x: x.add(i * ldx), ldx, k, w: wp.add(n * rb), rb, y: y.add(i * ldy + n), ldy };
+            gemv_dispatch!(nr, mr, |R, M| gemv_block::<D, R, M>(b));
         });
     }
 }
@@ -111,8 +112,8 @@ pub unsafe fn gemv_bf16_split(j: &Job<'_, &[f32]>) {
         let (x, wp) = (xs.as_ptr(), w.data.as_ptr());
         // Up to 4 rows of x: 4 weight rows at a time; more: 3 weight rows against up to 8.
         gemv_blocks(m, cols, 3, |n, nr, i, mr| {
-            let (xp, yp, wpn) = (x.add(i * ldx), y.add(i * ldy + n), wp.add(n * rb));
-            gemv_dispatch!(nr, mr, |R, M| split_block::<R, M>(xp, ldx, k, wpn, rb, yp, ldy));
+            let b = Rows { x: x.add(i * ldx), ldx, k, w: wp.add(n * rb), rb, y: y.add(i * ldy + n), ldy };
+            gemv_dispatch!(nr, mr, |R, M| split_block::<R, M>(b));
         });
     }
 }
@@ -238,14 +239,11 @@ unsafe fn tiles_block<const M: usize>(
     }
 }
 
-/// # Safety
-/// The CPU must support the features this function enables
-/// (`avx512f,avx512bw,avx512vl,fma,f16c`); `x` holds `M` rows of `k` values at stride
-/// `ldx`; `w` points at `R` weight rows of `rb` bytes each; `y` is valid for writes of `M`
-/// rows of `ldy` floats, `R` columns from its start.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn split_block<const R: usize, const M: usize>(
+/// The operands of a GEMV block: `M` activation rows of `k` values at `x` (stride `ldx`)
+/// against `R` weight rows at `w` (`rb` bytes each), into `M` rows of `y` (stride `ldy`),
+/// `R` columns from its start.
+#[derive(Clone, Copy)]
+struct Rows {
     x: *const f32,
     ldx: usize,
     k: usize,
@@ -253,7 +251,16 @@ unsafe fn split_block<const R: usize, const M: usize>(
     rb: usize,
     y: *mut f32,
     ldy: usize,
-) {
+}
+
+/// # Safety
+/// The CPU must support the features this function enables
+/// (`avx512f,avx512bw,avx512vl,fma,f16c`); `b` is valid for its `R` weight rows (bf16) and `M`
+/// activation rows, as [`Rows`] says.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+unsafe fn split_block<const R: usize, const M: usize>(b: Rows) {
+    let Rows { x, ldx, k, w, rb, y, ldy } = b;
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -291,20 +298,12 @@ unsafe fn split_block<const R: usize, const M: usize>(
 
 /// # Safety
 /// The CPU must support the features this function enables
-/// (`avx512f,avx512bw,avx512vl,fma,f16c`); `x` holds `M` rows of `k` values at stride
-/// `ldx`; `w` points at `R` weight rows of format `D`, `rb` bytes each; `y` is valid for
-/// writes of `M` rows of `ldy` floats, `R` columns from its start.
+/// (`avx512f,avx512bw,avx512vl,fma,f16c`); `b` is valid for its `R` weight rows (format `D`)
+/// and `M` activation rows, as [`Rows`] says.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn gemv_block<const D: u8, const R: usize, const M: usize>(
-    x: *const f32,
-    ldx: usize,
-    k: usize,
-    w: *const u8,
-    rb: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
+unsafe fn gemv_block<const D: u8, const R: usize, const M: usize>(b: Rows) {
+    let Rows { x, ldx, k, w, rb, y, ldy } = b;
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
@@ -368,14 +367,7 @@ unsafe fn gemm<const D: u8>(j: &Job<'_, *const f32>) {
         let mut np = cols.start;
         while np < cols.end {
             let nr = (cols.end - np).min(NR);
-            let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
-            let m1: __mmask16 = if nr >= 32 {
-                0xffff
-            } else if nr > 16 {
-                ((1u32 << (nr - 16)) - 1) as __mmask16
-            } else {
-                0
-            };
+            let (m0, m1) = masks(nr);
             let mut kc = 0;
             while kc < k {
                 let kb = (k - kc).min(KC);
@@ -389,56 +381,28 @@ unsafe fn gemm<const D: u8>(j: &Job<'_, *const f32>) {
                         _mm512_storeu_ps(dst.add(16), load16_mask::<D>(row.wrapping_add(16 * es), m1));
                     }
                 } else {
-                    for j in 0..NR {
-                        if j < nr {
-                            let row = wp.add((np + j) * rb + kc * es);
-                            let mut kk = 0;
-                            while kk + 16 <= kb {
-                                let v = load16::<D>(row.add(kk * es));
-                                let mut tmp = [0f32; 16];
-                                _mm512_storeu_ps(tmp.as_mut_ptr(), v);
-                                for (t, &val) in tmp.iter().enumerate() {
-                                    *panel.get_unchecked_mut((kk + t) * NR + j) = val;
-                                }
-                                kk += 16;
-                            }
-                            if kk < kb {
-                                let mask = ((1u32 << (kb - kk)) - 1) as __mmask16;
-                                let v = load16_mask::<D>(row.add(kk * es), mask);
-                                let mut tmp = [0f32; 16];
-                                _mm512_storeu_ps(tmp.as_mut_ptr(), v);
-                                for (t, &val) in tmp.iter().enumerate().take(kb - kk) {
-                                    *panel.get_unchecked_mut((kk + t) * NR + j) = val;
-                                }
-                            }
-                        } else {
-                            for kk in 0..kb {
-                                *panel.get_unchecked_mut(kk * NR + j) = 0.0;
+                    for j in 0..nr {
+                        let row = wp.add((np + j) * rb + kc * es);
+                        for kk in (0..kb).step_by(16) {
+                            let n = (kb - kk).min(16);
+                            let v = load16_mask::<D>(row.add(kk * es), ((1u32 << n) - 1) as __mmask16);
+                            let mut tmp = [0f32; 16];
+                            _mm512_storeu_ps(tmp.as_mut_ptr(), v);
+                            for (t, &val) in tmp.iter().enumerate().take(n) {
+                                *panel.get_unchecked_mut((kk + t) * NR + j) = val;
                             }
                         }
                     }
+                    zero_columns(&mut panel, NR, nr, kb);
                 }
                 let first = kc == 0;
                 let mut i = 0;
                 while i < m {
                     let mr = (m - i).min(MR);
                     let a = x.add(i * k + kc);
-                    let c = y.add(i * ldy + np);
+                    let out = Out { c: y.add(i * ldy + np), ldc: ldy, first, masks: (m0, m1) };
                     let p = panel.as_ptr();
-                    match mr {
-                        12 => micro::<12>(a, k, p, kb, c, ldy, first, m0, m1),
-                        11 => micro::<11>(a, k, p, kb, c, ldy, first, m0, m1),
-                        10 => micro::<10>(a, k, p, kb, c, ldy, first, m0, m1),
-                        9 => micro::<9>(a, k, p, kb, c, ldy, first, m0, m1),
-                        8 => micro::<8>(a, k, p, kb, c, ldy, first, m0, m1),
-                        7 => micro::<7>(a, k, p, kb, c, ldy, first, m0, m1),
-                        6 => micro::<6>(a, k, p, kb, c, ldy, first, m0, m1),
-                        5 => micro::<5>(a, k, p, kb, c, ldy, first, m0, m1),
-                        4 => micro::<4>(a, k, p, kb, c, ldy, first, m0, m1),
-                        3 => micro::<3>(a, k, p, kb, c, ldy, first, m0, m1),
-                        2 => micro::<2>(a, k, p, kb, c, ldy, first, m0, m1),
-                        _ => micro::<1>(a, k, p, kb, c, ldy, first, m0, m1),
-                    }
+                    by_rows!(mr, |M| micro::<M>(a, k, p, kb, out));
                     i += mr;
                 }
                 kc += kb;
@@ -451,32 +415,15 @@ unsafe fn gemm<const D: u8>(j: &Job<'_, *const f32>) {
 /// # Safety
 /// The CPU must support the features this function enables
 /// (`avx512f,avx512bw,avx512vl,fma,f16c`); `a` holds `M` rows of the panel's depth at
-/// stride `lda`; the panel holds its depth of 32 packed columns; `c` is valid for reads and
-/// writes of `M` rows of `ldc` floats in the columns the masks select.
+/// stride `lda`; the panel holds its depth of 32 packed columns; `out` is valid for reads
+/// and writes of `M` rows in the columns of its masks.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro<const M: usize>(
-    a: *const f32,
-    lda: usize,
-    panel: *const f32,
-    kb: usize,
-    c: *mut f32,
-    ldc: usize,
-    first: bool,
-    m0: __mmask16,
-    m1: __mmask16,
-) {
+unsafe fn micro<const M: usize>(a: *const f32, lda: usize, panel: *const f32, kb: usize, out: Out) {
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; M];
-        if !first {
-            for (i, r) in acc.iter_mut().enumerate() {
-                r[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
-                r[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
-            }
-        }
+        let mut acc = out.load::<M>();
         for kk in 0..kb {
             let b0 = _mm512_loadu_ps(panel.add(kk * NR));
             let b1 = _mm512_loadu_ps(panel.add(kk * NR + 16));
@@ -486,9 +433,6 @@ unsafe fn micro<const M: usize>(
                 r[1] = _mm512_fmadd_ps(av, b1, r[1]);
             }
         }
-        for (i, r) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(c.add(i * ldc), m0, r[0]);
-            _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, r[1]);
-        }
+        out.store(&acc);
     }
 }

@@ -3,6 +3,8 @@
 //! AVX512-BF16: bf16 activations × bf16 weights with `vdpbf16ps` (pairs of products
 //! accumulated into f32 lanes). Same two paths as the exact kernels.
 
+use super::out32::{by_rows, masks, Out};
+use super::zero_columns;
 use crate::matmul::job::Job;
 use crate::matmul::job::{gemv_blocks, gemv_dispatch, GEMM_MIN_ROWS, TILES_MIN_ROWS};
 use crate::weights::{Layout, WeightView};
@@ -230,14 +232,7 @@ unsafe fn gemm(j: &Job<'_, *const u16>) {
         let mut np = cols.start;
         while np < cols.end {
             let nr = (cols.end - np).min(NR);
-            let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
-            let m1: __mmask16 = if nr >= 32 {
-                0xffff
-            } else if nr > 16 {
-                ((1u32 << (nr - 16)) - 1) as __mmask16
-            } else {
-                0
-            };
+            let masks = masks(nr);
             let mut kc = 0;
             while kc < k {
                 let kb = (k - kc).min(2 * KC2);
@@ -260,31 +255,24 @@ unsafe fn gemm(j: &Job<'_, *const u16>) {
                         }
                     }
                 } else {
-                    for j in 0..NR {
-                        if j < nr {
-                            let row = wp.add((np + j) * k + kc);
-                            for p in 0..kb / 2 {
-                                *panel.get_unchecked_mut(p * NR + j) = (row.add(2 * p) as *const u32).read_unaligned();
-                            }
-                            if kb % 2 == 1 {
-                                *panel.get_unchecked_mut((kb2 - 1) * NR + j) = *row.add(kb - 1) as u32;
-                            }
-                        } else {
-                            for p in 0..kb2 {
-                                *panel.get_unchecked_mut(p * NR + j) = 0;
-                            }
+                    for j in 0..nr {
+                        let row = wp.add((np + j) * k + kc);
+                        for p in 0..kb / 2 {
+                            *panel.get_unchecked_mut(p * NR + j) = (row.add(2 * p) as *const u32).read_unaligned();
+                        }
+                        if kb % 2 == 1 {
+                            *panel.get_unchecked_mut((kb2 - 1) * NR + j) = *row.add(kb - 1) as u32;
                         }
                     }
+                    zero_columns(&mut panel, NR, nr, kb2);
                 }
                 let first = kc == 0;
                 let mut i = 0;
                 while i < m {
                     let mr = (m - i).min(MR);
                     let a = x.add(i * kp + kc) as *const u32;
-                    let c = y.add(i * ldy + np);
-                    let p = panel.as_ptr();
-                    let lda = kp / 2;
-                    micro_rows::<false>(mr, a, lda, p, kb2, c, ldy, first, m0, m1);
+                    let out = Out { c: y.add(i * ldy + np), ldc: ldy, first, masks };
+                    by_rows!(mr, |M| micro::<M, false>(a, kp / 2, panel.as_ptr(), kb2, out));
                     i += mr;
                 }
                 kc += kb;
@@ -321,8 +309,7 @@ unsafe fn gemm_tiles(j: &Job<'_, *const u16>) {
         let wp = w.data.as_ptr() as *const u32;
         for np in (cols.start..cols.end).step_by(NR) {
             let nr = (cols.end - np).min(NR);
-            let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
-            let m1: __mmask16 = if nr > 16 { ((1u64 << (nr - 16)) - 1) as __mmask16 } else { 0 };
+            let masks = masks(nr);
             // 512 u32 (2 KiB) per input step of these 32 columns.
             let block = wp.add(np / NR * ksteps * 512);
             for s0 in (0..ksteps).step_by(TILE_STEPS) {
@@ -331,51 +318,11 @@ unsafe fn gemm_tiles(j: &Job<'_, *const u16>) {
                 while i < m {
                     let mr = (m - i).min(MR);
                     let a = x.add(i * 2 * lda + s0 * 32) as *const u32;
-                    let c = y.add(i * ldy + np);
-                    micro_rows::<true>(mr, a, lda, block.add(s0 * 512), steps * 16, c, ldy, s0 == 0, m0, m1);
+                    let out = Out { c: y.add(i * ldy + np), ldc: ldy, first: s0 == 0, masks };
+                    by_rows!(mr, |M| micro::<M, true>(a, lda, block.add(s0 * 512), steps * 16, out));
                     i += mr;
                 }
             }
-        }
-    }
-}
-
-/// [`micro`] for `mr` (1 to [`MR`]) rows.
-///
-/// # Safety
-/// The CPU must support the features this function enables
-/// (`avx512f,avx512bw,avx512vl,avx512bf16,fma`); as [`micro`] with `mr` (≤ 4) rows.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro_rows<const TILES: bool>(
-    mr: usize,
-    a: *const u32,
-    lda: usize,
-    p: *const u32,
-    kb2: usize,
-    c: *mut f32,
-    ldy: usize,
-    first: bool,
-    m0: __mmask16,
-    m1: __mmask16,
-) {
-    // SAFETY: what this function's `# Safety` section asks of its caller is what the
-    // operations below need.
-    unsafe {
-        match mr {
-            12 => micro::<12, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-            11 => micro::<11, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-            10 => micro::<10, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-            9 => micro::<9, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-            8 => micro::<8, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-            7 => micro::<7, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-            6 => micro::<6, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-            5 => micro::<5, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-            4 => micro::<4, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-            3 => micro::<3, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-            2 => micro::<2, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
-            _ => micro::<1, TILES>(a, lda, p, kb2, c, ldy, first, m0, m1),
         }
     }
 }
@@ -388,32 +335,15 @@ unsafe fn micro_rows<const TILES: bool>(
 /// # Safety
 /// The CPU must support the features this function enables
 /// (`avx512f,avx512bw,avx512vl,avx512bf16,fma`); `a` holds `M` rows of the panel's depth at
-/// stride `lda`; the panel holds its depth of 32 packed columns; `c` is valid for reads and
-/// writes of `M` rows of `ldc` floats in the columns the masks select.
+/// stride `lda`; the panel holds its depth of 32 packed columns; `out` is valid for reads
+/// and writes of `M` rows in the columns of its masks.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro<const M: usize, const TILES: bool>(
-    a: *const u32,
-    lda: usize,
-    panel: *const u32,
-    kb2: usize,
-    c: *mut f32,
-    ldc: usize,
-    first: bool,
-    m0: __mmask16,
-    m1: __mmask16,
-) {
+unsafe fn micro<const M: usize, const TILES: bool>(a: *const u32, lda: usize, panel: *const u32, kb2: usize, out: Out) {
     // SAFETY: what this function's `# Safety` section asks of its caller is what the
     // operations below need.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; M];
-        if !first {
-            for (i, r) in acc.iter_mut().enumerate() {
-                r[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
-                r[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
-            }
-        }
+        let mut acc = out.load::<M>();
         for p in 0..kb2 {
             let (b0, b1) = if TILES {
                 let b = panel.add(p / 16 * 512 + p % 16 * 16);
@@ -431,9 +361,6 @@ unsafe fn micro<const M: usize, const TILES: bool>(
                 r[1] = _mm512_dpbf16_ps(r[1], av, b1);
             }
         }
-        for (i, r) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(c.add(i * ldc), m0, r[0]);
-            _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, r[1]);
-        }
+        out.store(&acc);
     }
 }

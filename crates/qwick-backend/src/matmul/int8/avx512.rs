@@ -28,7 +28,8 @@ pub unsafe fn quantize_block(x: &[f32], q: &mut [i8], d: &mut f32, s: &mut [i16]
 }
 
 /// AVX-512 F/BW/VL/DQ pieces every AVX-512 integer kernel shares: the quants of a 32-weight
-/// block of tiles as 8 vectors of unsigned bytes, and its scales, lane per weight row.
+/// block of tiles as 8 vectors of unsigned bytes, lane per weight row (its scales:
+/// [`super::kernel::W512`]).
 pub(crate) mod block {
     use super::*;
     use crate::format::Format;
@@ -176,288 +177,65 @@ pub(crate) mod block {
             }
         }
     }
-
-    /// # Safety
-    /// The CPU must support the features this function enables
-    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); `p` is readable for 16 f16 values.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    pub(crate) unsafe fn f16s(p: *const u8) -> __m512 {
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
-    }
-
-    /// # Safety
-    /// The CPU must support the features this function enables
-    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); `p` is readable for 16 bytes.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    pub(crate) unsafe fn u8s(p: *const u8) -> __m512 {
-        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))) }
-    }
-
-    /// # Safety
-    /// The CPU must support the features this function enables
-    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); `p` is readable for 16 bytes.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    pub(crate) unsafe fn i8s(p: *const u8) -> __m512 {
-        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    pub(crate) fn neg(v: __m512) -> __m512 {
-        _mm512_xor_ps(v, _mm512_set1_ps(-0.0))
-    }
-
-    /// Scales and minimums of block `j` of a super-block with header `h`, lane per row: as
-    /// `tiles::scales` computes them.
-    ///
-    /// # Safety
-    /// The CPU must support the features this function enables
-    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); `h` is a whole super-block header of format
-    /// `f` in tiles, with block `j`'s scales.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    pub(crate) unsafe fn scales(f: Format, h: *const u8, j: usize) -> ([__m512; 2], [__m512; 2]) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            let z = _mm512_setzero_ps();
-            match f {
-                Format::Q4_0 | Format::Q5_0 | Format::Q8_0 | Format::IQ4_NL => {
-                    let d = f16s(h);
-                    ([d, d], [z, z])
-                }
-                Format::Q4_1 | Format::Q5_1 => {
-                    let (d, m) = (f16s(h), f16s(h.add(32)));
-                    ([d, d], [m, m])
-                }
-                Format::Q4_K | Format::Q5_K => {
-                    let (d, dmin) = (f16s(h), f16s(h.add(32)));
-                    let s = _mm512_mul_ps(d, u8s(h.add(64 + 16 * j)));
-                    let m = neg(_mm512_mul_ps(dmin, u8s(h.add(64 + 128 + 16 * j))));
-                    ([s, s], [m, m])
-                }
-                Format::Q6_K | Format::Q3_K => {
-                    let d = f16s(h);
-                    (
-                        [_mm512_mul_ps(d, i8s(h.add(32 + 32 * j))), _mm512_mul_ps(d, i8s(h.add(32 + 32 * j + 16)))],
-                        [z, z],
-                    )
-                }
-                Format::Q2_K => {
-                    let (d, dmin) = (f16s(h), f16s(h.add(32)));
-                    let lo = _mm_set1_epi8(0x0F);
-                    let sc = |o: usize| {
-                        let b = _mm_loadu_si128(h.add(64 + 16 * o) as *const __m128i);
-                        let s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, lo)));
-                        let m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(b), lo)));
-                        (_mm512_mul_ps(d, s), neg(_mm512_mul_ps(dmin, m)))
-                    };
-                    let ((s0, m0), (s1, m1)) = (sc(2 * j), sc(2 * j + 1));
-                    ([s0, s1], [m0, m1])
-                }
-                Format::IQ4_XS => {
-                    let s = _mm512_mul_ps(f16s(h), i8s(h.add(32 + 16 * j)));
-                    ([s, s], [z, z])
-                }
-                _ => unreachable!(),
-            }
-        }
-    }
 }
 
 /// AVX-512 VNNI: `vpdpbusd` of 64 unsigned weight bytes (four of each of 16 rows) with four
-/// activation bytes broadcast, one 16-lane accumulator per scale group, lanes = weight rows.
+/// activation bytes broadcast, lanes = weight rows.
 pub mod vnni {
-    use super::block::{quads, scales};
+    use super::block::{quads, Quads};
     use super::*;
-    use crate::format::Format;
+    use crate::matmul::int8::kernel::{self, format_of, Kernel, W512};
     use crate::matmul::int8::ActQ8;
-    use crate::quant::tiles::{Spec, ROWS};
 
-    /// Activation rows per pass over a weight group (each has one f32 accumulator vector).
-    const MR: usize = 8;
+    /// The VNNI kernel.
+    struct Vnni;
 
-    /// Bytes ahead of the block being read that are prefetched.
-    const PREFETCH: usize = 4096;
+    impl Kernel for Vnni {
+        type L = W512;
+        type Block = Quads;
+        const PREFETCH: bool = true;
 
-    /// One group of 16 weight rows against every row of `a`.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
+        unsafe fn block<const F: u8>(p: *const u8, _part: usize) -> Quads {
+            // SAFETY: what this function's `# Safety` section asks of its caller is what
+            // `quads` needs.
+            unsafe { quads(format_of(F), p) }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
+        unsafe fn dot<const F: u8, const T0: usize, const N: usize, const M: usize>(
+            q: &Quads,
+            xq: *const i32,
+        ) -> __m512i {
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // operations below need.
+            unsafe {
+                // With few activation rows, two accumulators halve the dependency chain.
+                let mut v = [_mm512_setzero_si512(); 2];
+                for (t, qt) in q.iter().enumerate().skip(T0).take(N) {
+                    let c = if M < 4 { t % 2 } else { 0 };
+                    v[c] = _mm512_dpbusd_epi32(v[c], *qt, _mm512_set1_epi32(xq.add(t).read_unaligned()));
+                }
+                if M < 4 {
+                    _mm512_add_epi32(v[0], v[1])
+                } else {
+                    v[0]
+                }
+            }
+        }
+    }
+
+    /// One group of 16 weight rows of format `F` against every row of `a`.
     ///
     /// # Safety
-    /// The CPU must support AVX-512 VNNI; `group` is a whole tile group of `a.k` weights;
-    /// `y` is valid for `a.m` rows of `ldy` floats from column 0 to `valid`.
-    pub unsafe fn group(spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            macro_rules! by_format {
-            ($($f:ident)*) => {
-                match spec.format {
-                    $(Format::$f => group_f::<{ Format::$f as u8 }>(spec, group, a, y, ldy, valid),)*
-                    f => unreachable!("{f} has no integer kernel"),
-                }
-            };
-        }
-            by_format!(Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_XS)
-        }
-    }
-
-    /// # Safety
-    /// The CPU must support the features this function enables
-    /// (`avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma`); `group` is a whole tile group of
-    /// `a.k` weights of format `F`; `y` is valid for writes of `a.m` rows of `ldy` floats from
-    /// column 0 to `valid`.
+    /// The CPU must support AVX-512 VNNI; `group` is a whole tile group of `a.k` weights of
+    /// format `F`; `y` is valid for `a.m` rows of `ldy` floats from column 0 to `valid`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
-    unsafe fn group_f<const F: u8>(spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
+    pub unsafe fn group<const F: u8>(group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
         // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            let mut i = 0;
-            while i < a.m {
-                let mr = (a.m - i).min(MR);
-                match mr {
-                    8 => rows::<F, 8>(spec, group, a, i, y, ldy, valid),
-                    7 => rows::<F, 7>(spec, group, a, i, y, ldy, valid),
-                    6 => rows::<F, 6>(spec, group, a, i, y, ldy, valid),
-                    5 => rows::<F, 5>(spec, group, a, i, y, ldy, valid),
-                    4 => rows::<F, 4>(spec, group, a, i, y, ldy, valid),
-                    3 => rows::<F, 3>(spec, group, a, i, y, ldy, valid),
-                    2 => rows::<F, 2>(spec, group, a, i, y, ldy, valid),
-                    _ => rows::<F, 1>(spec, group, a, i, y, ldy, valid),
-                }
-                i += mr;
-            }
-        }
-    }
-
-    const fn format_of(f: u8) -> Format {
-        Format::ALL[f as usize]
-    }
-
-    /// Activation rows `i0..i0+M` against the group.
-    ///
-    /// # Safety
-    /// The CPU must support the features this function enables
-    /// (`avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma`); as [`group_f`], with activation
-    /// rows `i0..i0 + M` in `a`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn rows<const F: u8, const M: usize>(
-        spec_arg: &Spec,
-        group: &[u8],
-        a: &ActQ8,
-        i0: usize,
-        y: *mut f32,
-        ldy: usize,
-        valid: usize,
-    ) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            let f = format_of(F);
-            // The format's description as constants, so its branches fold away.
-            let spec: &Spec = const {
-                match crate::quant::tiles::spec(format_of(F)) {
-                    Some(s) => s,
-                    None => panic!("no tile layout"),
-                }
-            };
-            let _ = spec_arg;
-            let (k, nb) = (a.k, a.k / 32);
-            let per_sb = spec.sb / 32;
-            let (bb, sbb, hdr) = (spec.block_bytes(), spec.sb_bytes(), spec.header);
-            let (g16, min, off) = (spec.g16, spec.min, spec.offset);
-            let mut acc = [_mm512_setzero_ps(); M];
-            let gp = group.as_ptr();
-            for sb in 0..k / spec.sb {
-                let h = gp.add(sb * sbb);
-                for jj in 0..per_sb {
-                    let blk = h.add(hdr + jj * bb);
-                    // Weights stream from memory once per product: prefetch ahead of the stream
-                    // (past the group's end is the next group; past the weight, a harmless hint).
-                    let mut line = 0;
-                    while line < bb {
-                        _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH + line) as *const i8);
-                        line += 64;
-                    }
-                    let q = quads(f, blk);
-                    let (s, m) = scales(f, h, jj);
-                    let j = sb * per_sb + jj;
-                    // Unrolled over the activation rows, so every accumulator stays in a register.
-                    macro_rules! row {
-                        ($r:literal) => {
-                            if $r < M {
-                                let r = $r;
-                                let acc = &mut acc[r];
-                                let i = i0 + r;
-                                let xq = a.q.as_ptr().add(i * k + 32 * j) as *const i32;
-                                let dx = _mm512_set1_ps(*a.d.get_unchecked(i * nb + j));
-                                let qs0 = *a.s16.get_unchecked(i * 2 * nb + 2 * j) as i32;
-                                let qs1 = *a.s16.get_unchecked(i * 2 * nb + 2 * j + 1) as i32;
-                                // With few activation rows, two accumulators halve the dependency chain.
-                                let dot = |t0: usize, n: usize| {
-                                    let mut v = [_mm512_setzero_si512(); 2];
-                                    for (t, qt) in q.iter().enumerate().skip(t0).take(n) {
-                                        let c = if M < 4 { t % 2 } else { 0 };
-                                        v[c] = _mm512_dpbusd_epi32(
-                                            v[c],
-                                            *qt,
-                                            _mm512_set1_epi32(xq.add(t).read_unaligned()),
-                                        );
-                                    }
-                                    if M < 4 {
-                                        _mm512_add_epi32(v[0], v[1])
-                                    } else {
-                                        v[0]
-                                    }
-                                };
-                                if g16 {
-                                    for (g, qs) in [(0, qs0), (1, qs1)] {
-                                        let mut v = dot(4 * g, 4);
-                                        if off != 0 {
-                                            v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * qs));
-                                        }
-                                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(s[g], dx), *acc);
-                                        if min {
-                                            *acc = _mm512_fmadd_ps(
-                                                _mm512_set1_ps(qs as f32),
-                                                _mm512_mul_ps(m[g], dx),
-                                                *acc,
-                                            );
-                                        }
-                                    }
-                                } else {
-                                    let qs = qs0 + qs1;
-                                    let mut v = dot(0, 8);
-                                    if off != 0 {
-                                        v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * qs));
-                                    }
-                                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(s[0], dx), *acc);
-                                    if min {
-                                        *acc =
-                                            _mm512_fmadd_ps(_mm512_set1_ps(qs as f32), _mm512_mul_ps(m[0], dx), *acc);
-                                    }
-                                }
-                            }
-                        };
-                    }
-                    row!(0);
-                    row!(1);
-                    row!(2);
-                    row!(3);
-                    row!(4);
-                    row!(5);
-                    row!(6);
-                    row!(7);
-                }
-            }
-            let mask: __mmask16 = if valid >= ROWS { 0xFFFF } else { ((1u32 << valid) - 1) as __mmask16 };
-            for (r, acc) in acc.iter().enumerate() {
-                _mm512_mask_storeu_ps(y.add((i0 + r) * ldy), mask, *acc);
-            }
-        }
+        // kernel needs.
+        unsafe { kernel::group::<Vnni, F>(group, a, y, ldy, valid) }
     }
 }

@@ -16,12 +16,9 @@
 use std::arch::x86_64::*;
 
 use crate::format::Format;
+use crate::matmul::int8::kernel::{self, format_of, Kernel, Lanes, W256, W512};
 use crate::matmul::int8::ActQ8;
-use crate::quant::tiles::{Spec, IQ4_U8, ROWS};
-
-const fn format_of(f: u8) -> Format {
-    Format::ALL[f as usize]
-}
+use crate::quant::tiles::{Spec, IQ4_U8};
 
 /// Whether the kernels work on the signed weights `w = u − 128` (the offset-128 formats).
 const fn signed(f: Format) -> bool {
@@ -54,23 +51,82 @@ const IQ4_I8: [u8; 16] = {
     out
 };
 
-/// Calls `$kernel::<F>` for the format of `$spec`.
-macro_rules! by_format {
-    ($spec:expr, $kernel:ident ( $($arg:expr),* )) => {
-        match $spec.format {
-            Format::Q4_0 => $kernel::<{ Format::Q4_0 as u8 }>($($arg),*),
-            Format::Q4_1 => $kernel::<{ Format::Q4_1 as u8 }>($($arg),*),
-            Format::Q5_0 => $kernel::<{ Format::Q5_0 as u8 }>($($arg),*),
-            Format::Q5_1 => $kernel::<{ Format::Q5_1 as u8 }>($($arg),*),
-            Format::Q8_0 => $kernel::<{ Format::Q8_0 as u8 }>($($arg),*),
-            Format::IQ4_NL => $kernel::<{ Format::IQ4_NL as u8 }>($($arg),*),
-            Format::Q2_K => $kernel::<{ Format::Q2_K as u8 }>($($arg),*),
-            Format::Q3_K => $kernel::<{ Format::Q3_K as u8 }>($($arg),*),
-            Format::Q4_K => $kernel::<{ Format::Q4_K as u8 }>($($arg),*),
-            Format::Q5_K => $kernel::<{ Format::Q5_K as u8 }>($($arg),*),
-            Format::Q6_K => $kernel::<{ Format::Q6_K as u8 }>($($arg),*),
-            Format::IQ4_XS => $kernel::<{ Format::IQ4_XS as u8 }>($($arg),*),
-            f => unreachable!("{f} has no integer kernel"),
+/// The `vpmaddubsw` kernel `$name` at the width `$lanes`, and `group`, its entry: blocks are
+/// read by `$block` (its quads, and for the signed formats their signs), `$sign` applies a weight's
+/// sign to the activation bytes `x` of quad `u`, the rest is the width's intrinsics.
+macro_rules! kernel {
+    ($name:ident: $lanes:ident, $block:ty, $feat:literal,
+     block($p:ident, $part:ident) { $read:expr },
+     [$zero:ident, $set1:ident, $set1_16:ident, $maddubs:ident, $add16:ident, $madd:ident, $add32:ident],
+     sign($x:ident, $b:pat, $u:ident) { $sign:expr }) => {
+        struct $name;
+
+        impl Kernel for $name {
+            type L = $lanes;
+            type Block = $block;
+
+            fn offset(spec: &Spec) -> i32 {
+                debug_assert!(!signed(spec.format) || spec.offset == 128);
+                if signed(spec.format) {
+                    0
+                } else {
+                    spec.offset
+                }
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn block<const F: u8>($p: *const u8, $part: usize) -> $block {
+                // SAFETY: what this function's `# Safety` section asks of its caller is what
+                // reading the block needs.
+                unsafe { $read }
+            }
+
+            /// Signed formats: `Σ w·q`.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn dot<const F: u8, const T0: usize, const N: usize, const M: usize>(
+                b: &$block,
+                xq: *const i32,
+            ) -> <$lanes as Lanes>::I {
+                // SAFETY: what this function's `# Safety` section asks of its caller is what the
+                // operations below need.
+                unsafe {
+                    let f = format_of(F);
+                    let c = if chunk(f) < N { chunk(f) } else { N };
+                    let ones = $set1_16(1);
+                    let mut v = $zero();
+                    let mut t = T0;
+                    while t < T0 + N {
+                        let mut s16 = $zero();
+                        for u in t..t + c {
+                            let mut x = $set1(xq.add(u).read_unaligned());
+                            if signed(f) {
+                                let ($x, $b, $u) = (x, b, u);
+                                x = $sign;
+                            }
+                            let p = $maddubs(b.0[u], x);
+                            s16 = if u == t { p } else { $add16(s16, p) };
+                        }
+                        v = $add32(v, $madd(s16, ones));
+                        t += c;
+                    }
+                    v
+                }
+            }
+        }
+
+        /// One group of 16 weight rows of format `F` against every row of `a`.
+        ///
+        /// # Safety
+        /// The CPU must support the features this function enables; `group` is a whole tile group
+        /// of `a.k` weights of format `F`; `y` is valid for `a.m` rows of `ldy` floats from column
+        /// 0 to `valid`; activations are in [−127, 127].
+        #[target_feature(enable = $feat)]
+        pub unsafe fn group<const F: u8>(group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
+            // SAFETY: what this function's `# Safety` section asks of its caller is what the
+            // kernel needs.
+            unsafe { kernel::group::<$name, F>(group, a, y, ldy, valid) }
         }
     };
 }
@@ -79,10 +135,6 @@ macro_rules! by_format {
 pub mod avx512 {
     use super::*;
     use crate::matmul::int8::avx512::block as shared;
-    use crate::matmul::int8::avx512::block::scales;
-
-    /// Activation rows per pass over a weight group.
-    const MR: usize = 8;
 
     /// The 8 quads of a 32-weight block: the unsigned quants, or for signed formats `|w|`.
     type Quads = [__m512i; 8];
@@ -131,174 +183,18 @@ pub mod avx512 {
         }
     }
 
-    /// The exact `Σ u·q` (signed formats: `Σ w·q`) over quads `T0..T0+N` against the
-    /// activation quads at `xq`, lane per row.
-    ///
-    /// # Safety
-    /// The CPU must support the features this function enables
-    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); `xq` is readable for the activation words
-    /// `T0..T0 + N` of a block.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    unsafe fn dot<const F: u8, const T0: usize, const N: usize>(q: &Quads, neg: &Negs, xq: *const i32) -> __m512i {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            let f = format_of(F);
-            let c = if chunk(f) < N { chunk(f) } else { N };
-            let (zero, ones) = (_mm512_setzero_si512(), _mm512_set1_epi16(1));
-            let mut v = zero;
-            let mut t = T0;
-            while t < T0 + N {
-                let mut s16 = zero;
-                for u in t..t + c {
-                    let mut x = _mm512_set1_epi32(xq.add(u).read_unaligned());
-                    if signed(f) {
-                        x = _mm512_mask_sub_epi8(x, neg[u], zero, x);
-                    }
-                    let p = _mm512_maddubs_epi16(q[u], x);
-                    s16 = if u == t { p } else { _mm512_add_epi16(s16, p) };
-                }
-                v = _mm512_add_epi32(v, _mm512_madd_epi16(s16, ones));
-                t += c;
-            }
-            v
-        }
-    }
-
-    /// One group of 16 weight rows against every row of `a`.
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512 F/BW/VL/DQ, FMA and F16C; `group` is a whole tile group of
-    /// `a.k` weights; `y` is valid for `a.m` rows of `ldy` floats from column 0 to `valid`;
-    /// activations are in [−127, 127].
-    pub unsafe fn group(spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            debug_assert!(!signed(spec.format) || spec.offset == 128);
-            by_format!(spec, group_f(spec, group, a, y, ldy, valid))
-        }
-    }
-
-    /// # Safety
-    /// The CPU must support the features this function enables
-    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); `group` is a whole tile group of `a.k`
-    /// weights of format `F`; `y` is valid for writes of `a.m` rows of `ldy` floats from column 0
-    /// to `valid`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    unsafe fn group_f<const F: u8>(spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            let mut i = 0;
-            while i < a.m {
-                let mr = (a.m - i).min(MR);
-                match mr {
-                    8 => rows::<F, 8>(spec, group, a, i, y, ldy, valid),
-                    7 => rows::<F, 7>(spec, group, a, i, y, ldy, valid),
-                    6 => rows::<F, 6>(spec, group, a, i, y, ldy, valid),
-                    5 => rows::<F, 5>(spec, group, a, i, y, ldy, valid),
-                    4 => rows::<F, 4>(spec, group, a, i, y, ldy, valid),
-                    3 => rows::<F, 3>(spec, group, a, i, y, ldy, valid),
-                    2 => rows::<F, 2>(spec, group, a, i, y, ldy, valid),
-                    _ => rows::<F, 1>(spec, group, a, i, y, ldy, valid),
-                }
-                i += mr;
-            }
-        }
-    }
-
-    /// Activation rows `i0..i0+M` against the group.
-    ///
-    /// # Safety
-    /// The CPU must support the features this function enables
-    /// (`avx512f,avx512bw,avx512vl,avx512dq,f16c,fma`); as [`group_f`], with activation rows
-    /// `i0..i0 + M` in `a`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn rows<const F: u8, const M: usize>(
-        _spec: &Spec,
-        group: &[u8],
-        a: &ActQ8,
-        i0: usize,
-        y: *mut f32,
-        ldy: usize,
-        valid: usize,
-    ) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            let f = format_of(F);
-            // The format's description as constants, so its branches fold away.
-            let spec: &Spec = const {
-                match crate::quant::tiles::spec(format_of(F)) {
-                    Some(s) => s,
-                    None => panic!("no tile layout"),
-                }
-            };
-            let (k, nb) = (a.k, a.k / 32);
-            let per_sb = spec.sb / 32;
-            let (bb, sbb, hdr) = (spec.block_bytes(), spec.sb_bytes(), spec.header);
-            let (g16, min, off) = (spec.g16, spec.min, if signed(f) { 0 } else { spec.offset });
-            let mut acc = [_mm512_setzero_ps(); M];
-            let gp = group.as_ptr();
-            for sb in 0..k / spec.sb {
-                let h = gp.add(sb * sbb);
-                for jj in 0..per_sb {
-                    let (q, negs) = quads::<F>(h.add(hdr + jj * bb));
-                    let (s, m) = scales(f, h, jj);
-                    let j = sb * per_sb + jj;
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let i = i0 + r;
-                        let xq = a.q.as_ptr().add(i * k + 32 * j) as *const i32;
-                        let dx = _mm512_set1_ps(*a.d.get_unchecked(i * nb + j));
-                        let qs0 = *a.s16.get_unchecked(i * 2 * nb + 2 * j) as i32;
-                        let qs1 = *a.s16.get_unchecked(i * 2 * nb + 2 * j + 1) as i32;
-                        if g16 {
-                            let v0 = dot::<F, 0, 4>(&q, &negs, xq);
-                            let v1 = dot::<F, 4, 4>(&q, &negs, xq);
-                            for (g, (mut v, qs)) in [(v0, qs0), (v1, qs1)].into_iter().enumerate() {
-                                if off != 0 {
-                                    v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * qs));
-                                }
-                                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(s[g], dx), *acc);
-                                if min {
-                                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(qs as f32), _mm512_mul_ps(m[g], dx), *acc);
-                                }
-                            }
-                        } else {
-                            let qs = qs0 + qs1;
-                            let mut v = dot::<F, 0, 8>(&q, &negs, xq);
-                            if off != 0 {
-                                v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * qs));
-                            }
-                            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(s[0], dx), *acc);
-                            if min {
-                                *acc = _mm512_fmadd_ps(_mm512_set1_ps(qs as f32), _mm512_mul_ps(m[0], dx), *acc);
-                            }
-                        }
-                    }
-                }
-            }
-            let mask: __mmask16 = if valid >= ROWS { 0xFFFF } else { ((1u32 << valid) - 1) as __mmask16 };
-            for (r, acc) in acc.iter().enumerate() {
-                _mm512_mask_storeu_ps(y.add((i0 + r) * ldy), mask, *acc);
-            }
-        }
-    }
+    kernel!(Maddubs512: W512, (Quads, Negs), "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma",
+        block(p, _part) { quads::<F>(p) },
+        [_mm512_setzero_si512, _mm512_set1_epi32, _mm512_set1_epi16, _mm512_maddubs_epi16, _mm512_add_epi16,
+         _mm512_madd_epi16, _mm512_add_epi32],
+        // Activations negated where the weight is negative.
+        sign(x, (_q, neg), u) { _mm512_mask_sub_epi8(x, neg[u], _mm512_setzero_si512(), x) });
 }
 
 /// AVX2: the 16 rows of a group as two halves of 8 (the low and high 32 bytes of each 64-byte
 /// quad, and of each 16-lane header field), each a pass of its own over the group.
 pub mod avx2 {
     use super::*;
-
-    /// Activation rows per pass over a half group.
-    const MR: usize = 8;
-    /// Rows per half.
-    const HR: usize = ROWS / 2;
 
     /// The 8 quads of a half block: the unsigned quants, or for signed formats `|w|`.
     type Quads = [__m256i; 8];
@@ -449,268 +345,9 @@ pub mod avx2 {
         }
     }
 
-    /// The exact `Σ u·q` (signed formats: `Σ w·q`) over quads `T0..T0+N`, lane per row.
-    ///
-    /// # Safety
-    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `xq` is readable
-    /// for the activation words `T0..T0 + N` of a block.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot<const F: u8, const T0: usize, const N: usize>(q: &Quads, w: &Quads, xq: *const i32) -> __m256i {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            let f = format_of(F);
-            let c = if chunk(f) < N { chunk(f) } else { N };
-            let ones = _mm256_set1_epi16(1);
-            let mut v = _mm256_setzero_si256();
-            let mut t = T0;
-            while t < T0 + N {
-                let mut s16 = _mm256_setzero_si256();
-                for u in t..t + c {
-                    let mut x = _mm256_set1_epi32(xq.add(u).read_unaligned());
-                    if signed(f) {
-                        x = _mm256_sign_epi8(x, w[u]);
-                    }
-                    let p = _mm256_maddubs_epi16(q[u], x);
-                    s16 = if u == t { p } else { _mm256_add_epi16(s16, p) };
-                }
-                v = _mm256_add_epi32(v, _mm256_madd_epi16(s16, ones));
-                t += c;
-            }
-            v
-        }
-    }
-
-    /// # Safety
-    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `p` is readable
-    /// for 8 f16 values.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16s(p: *const u8) -> __m256 {
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
-    }
-
-    /// # Safety
-    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `p` is readable
-    /// for 8 bytes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn u8s(p: *const u8) -> __m256 {
-        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
-    }
-
-    /// # Safety
-    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `p` is readable
-    /// for 8 bytes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn i8s(p: *const u8) -> __m256 {
-        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn neg(v: __m256) -> __m256 {
-        _mm256_xor_ps(v, _mm256_set1_ps(-0.0))
-    }
-
-    /// Q2_K's scale and minimum of scale group `o` for this half's 8 rows (at `h + 8·half`).
-    ///
-    /// # Safety
-    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `h` is a whole
-    /// Q2_K super-block header in tiles.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q2k_scale(h: *const u8, d: __m256, dmin: __m256, o: usize) -> (__m256, __m256) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            let lo = _mm_set1_epi8(0x0F);
-            let b = _mm_loadl_epi64(h.add(64 + 16 * o) as *const __m128i);
-            let s = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, lo)));
-            let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(b), lo)));
-            (_mm256_mul_ps(d, s), neg(_mm256_mul_ps(dmin, m)))
-        }
-    }
-
-    /// Scales and minimums of block `j` for the 8 rows of a half, whose lanes start at
-    /// `h + 8·half` in byte fields and `h + 16·half` in f16 fields: as `tiles::scales`.
-    ///
-    /// # Safety
-    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `h` is a whole
-    /// super-block header of format `f` in tiles, with block `j`'s scales.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scales(f: Format, h: *const u8, half: usize, j: usize) -> ([__m256; 2], [__m256; 2]) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            let z = _mm256_setzero_ps();
-            let (hf, hb) = (h.add(16 * half), h.add(8 * half));
-            match f {
-                Format::Q4_0 | Format::Q5_0 | Format::Q8_0 | Format::IQ4_NL => {
-                    let d = f16s(hf);
-                    ([d, d], [z, z])
-                }
-                Format::Q4_1 | Format::Q5_1 => {
-                    let (d, m) = (f16s(hf), f16s(hf.add(32)));
-                    ([d, d], [m, m])
-                }
-                Format::Q4_K | Format::Q5_K => {
-                    let (d, dmin) = (f16s(hf), f16s(hf.add(32)));
-                    let s = _mm256_mul_ps(d, u8s(hb.add(64 + 16 * j)));
-                    let m = neg(_mm256_mul_ps(dmin, u8s(hb.add(64 + 128 + 16 * j))));
-                    ([s, s], [m, m])
-                }
-                Format::Q6_K | Format::Q3_K => {
-                    let d = f16s(hf);
-                    (
-                        [_mm256_mul_ps(d, i8s(hb.add(32 + 32 * j))), _mm256_mul_ps(d, i8s(hb.add(32 + 32 * j + 16)))],
-                        [z, z],
-                    )
-                }
-                Format::Q2_K => {
-                    let (d, dmin) = (f16s(hf), f16s(hf.add(32)));
-                    let ((s0, m0), (s1, m1)) = (q2k_scale(hb, d, dmin, 2 * j), q2k_scale(hb, d, dmin, 2 * j + 1));
-                    ([s0, s1], [m0, m1])
-                }
-                Format::IQ4_XS => {
-                    let s = _mm256_mul_ps(f16s(hf), i8s(hb.add(32 + 16 * j)));
-                    ([s, s], [z, z])
-                }
-                _ => unreachable!(),
-            }
-        }
-    }
-
-    /// One group of 16 weight rows against every row of `a`.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C; `group` is a whole tile group of `a.k`
-    /// weights; `y` is valid for `a.m` rows of `ldy` floats from column 0 to `valid`;
-    /// activations are in [−127, 127].
-    pub unsafe fn group(spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            debug_assert!(!signed(spec.format) || spec.offset == 128);
-            by_format!(spec, group_f(spec, group, a, y, ldy, valid))
-        }
-    }
-
-    /// # Safety
-    /// The CPU must support the features this function enables (`avx2,fma,f16c`); `group` is a
-    /// whole tile group of `a.k` weights of format `F`; `y` is valid for writes of `a.m` rows of
-    /// `ldy` floats from column 0 to `valid`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn group_f<const F: u8>(spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f32, ldy: usize, valid: usize) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            for half in 0..2 {
-                let nv = valid.saturating_sub(HR * half).min(HR);
-                if nv == 0 {
-                    break;
-                }
-                let y = y.add(HR * half);
-                let mut i = 0;
-                while i < a.m {
-                    let mr = (a.m - i).min(MR);
-                    match mr {
-                        8 => rows::<F, 8>(spec, group, a, i, half, y, ldy, nv),
-                        7 => rows::<F, 7>(spec, group, a, i, half, y, ldy, nv),
-                        6 => rows::<F, 6>(spec, group, a, i, half, y, ldy, nv),
-                        5 => rows::<F, 5>(spec, group, a, i, half, y, ldy, nv),
-                        4 => rows::<F, 4>(spec, group, a, i, half, y, ldy, nv),
-                        3 => rows::<F, 3>(spec, group, a, i, half, y, ldy, nv),
-                        2 => rows::<F, 2>(spec, group, a, i, half, y, ldy, nv),
-                        _ => rows::<F, 1>(spec, group, a, i, half, y, ldy, nv),
-                    }
-                    i += mr;
-                }
-            }
-        }
-    }
-
-    /// Activation rows `i0..i0+M` against half `half` of the group; `y` points at the half's
-    /// first column, of which `valid` (1..=8) are written.
-    ///
-    /// # Safety
-    /// The CPU must support the features this function enables (`avx2,fma,f16c`); as [`group_f`],
-    /// with activation rows `i0..i0 + M` in `a`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn rows<const F: u8, const M: usize>(
-        _spec: &Spec,
-        group: &[u8],
-        a: &ActQ8,
-        i0: usize,
-        half: usize,
-        y: *mut f32,
-        ldy: usize,
-        valid: usize,
-    ) {
-        // SAFETY: what this function's `# Safety` section asks of its caller is what the
-        // operations below need.
-        unsafe {
-            let f = format_of(F);
-            // The format's description as constants, so its branches fold away.
-            let spec: &Spec = const {
-                match crate::quant::tiles::spec(format_of(F)) {
-                    Some(s) => s,
-                    None => panic!("no tile layout"),
-                }
-            };
-            let (k, nb) = (a.k, a.k / 32);
-            let per_sb = spec.sb / 32;
-            let (bb, sbb, hdr) = (spec.block_bytes(), spec.sb_bytes(), spec.header);
-            let (g16, min, off) = (spec.g16, spec.min, if signed(f) { 0 } else { spec.offset });
-            let mut acc = [_mm256_setzero_ps(); M];
-            let gp = group.as_ptr();
-            for sb in 0..k / spec.sb {
-                let h = gp.add(sb * sbb);
-                for jj in 0..per_sb {
-                    let (q, w) = quads::<F>(h.add(hdr + jj * bb), half);
-                    let (s, m) = scales(f, h, half, jj);
-                    let j = sb * per_sb + jj;
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let i = i0 + r;
-                        let xq = a.q.as_ptr().add(i * k + 32 * j) as *const i32;
-                        let dx = _mm256_set1_ps(*a.d.get_unchecked(i * nb + j));
-                        let qs0 = *a.s16.get_unchecked(i * 2 * nb + 2 * j) as i32;
-                        let qs1 = *a.s16.get_unchecked(i * 2 * nb + 2 * j + 1) as i32;
-                        if g16 {
-                            let v0 = dot::<F, 0, 4>(&q, &w, xq);
-                            let v1 = dot::<F, 4, 4>(&q, &w, xq);
-                            for (g, (mut v, qs)) in [(v0, qs0), (v1, qs1)].into_iter().enumerate() {
-                                if off != 0 {
-                                    v = _mm256_sub_epi32(v, _mm256_set1_epi32(off * qs));
-                                }
-                                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(s[g], dx), *acc);
-                                if min {
-                                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(qs as f32), _mm256_mul_ps(m[g], dx), *acc);
-                                }
-                            }
-                        } else {
-                            let qs = qs0 + qs1;
-                            let mut v = dot::<F, 0, 8>(&q, &w, xq);
-                            if off != 0 {
-                                v = _mm256_sub_epi32(v, _mm256_set1_epi32(off * qs));
-                            }
-                            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(s[0], dx), *acc);
-                            if min {
-                                *acc = _mm256_fmadd_ps(_mm256_set1_ps(qs as f32), _mm256_mul_ps(m[0], dx), *acc);
-                            }
-                        }
-                    }
-                }
-            }
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            for (r, acc) in acc.iter().enumerate() {
-                _mm256_maskstore_ps(y.add((i0 + r) * ldy), mask, *acc);
-            }
-        }
-    }
+    kernel!(Maddubs256: W256, (Quads, Quads), "avx2,fma,f16c",
+        block(p, half) { quads::<F>(p, half) },
+        [_mm256_setzero_si256, _mm256_set1_epi32, _mm256_set1_epi16, _mm256_maddubs_epi16, _mm256_add_epi16,
+         _mm256_madd_epi16, _mm256_add_epi32],
+        sign(x, (_q, w), u) { _mm256_sign_epi8(x, w[u]) });
 }

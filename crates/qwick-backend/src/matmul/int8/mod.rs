@@ -9,10 +9,12 @@
 //! in that order, group after group. The scalar kernel (`group_scalar`) computes exactly this
 //! with `mul_add`; the SIMD kernels compute the same operations lane by lane, so they equal it
 //! bit for bit: `vpdpbusd` on AVX-512 VNNI (`avx512.rs`), `vpmaddubsw` on AVX-512BW and AVX2
-//! (`maddubs.rs`).
+//! (`maddubs.rs`), each in the one row loop of `kernel.rs`.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod kernel;
 #[cfg(target_arch = "x86_64")]
 mod maddubs;
 
@@ -120,16 +122,20 @@ unsafe fn group_kernel(isa: Isa, spec: &Spec, group: &[u8], a: &ActQ8, y: *mut f
     // operations below need.
     unsafe {
         #[cfg(target_arch = "x86_64")]
-        if isa.level() >= Level::Avx512Vnni {
-            return avx512::vnni::group(spec, group, a, y, ldy, valid);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if isa.level() == Level::Avx512 {
-            return maddubs::avx512::group(spec, group, a, y, ldy, valid);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if isa.level() == Level::Avx2 {
-            return maddubs::avx2::group(spec, group, a, y, ldy, valid);
+        {
+            use crate::format::Format;
+            use avx512::vnni::group as vnni;
+            use kernel::by_format;
+            use maddubs::{avx2::group as maddubs256, avx512::group as maddubs512};
+            if isa.level() >= Level::Avx512Vnni {
+                return by_format!(spec.format, vnni(group, a, y, ldy, valid));
+            }
+            if isa.level() == Level::Avx512 {
+                return by_format!(spec.format, maddubs512(group, a, y, ldy, valid));
+            }
+            if isa.level() == Level::Avx2 {
+                return by_format!(spec.format, maddubs256(group, a, y, ldy, valid));
+            }
         }
         let _ = isa;
         group_scalar(spec, group, a, y, ldy, valid)
