@@ -175,6 +175,15 @@ fn completion_text(s: &Server, prompt: &[u32], max_tokens: usize) -> (String, Va
     (r["choices"][0]["text"].as_str().unwrap().to_string(), r)
 }
 
+/// The greedy completions of the cases' prompts (`lens[i]` tokens each), all sent at once.
+fn together(s: &Server, cases: &[Value], lens: &[usize]) -> Vec<String> {
+    std::thread::scope(|sc| {
+        let hs: Vec<_> =
+            cases.iter().zip(lens).map(|(c, &n)| sc.spawn(move || completion_text(s, &ids(&c["prompt_ids"]), n).0)).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 fn detok(s: &Server, ids: &[u32]) -> String {
     let (code, r) = s.post("/detokenize", &json!({"tokens": ids}));
     assert_eq!(code, 200);
@@ -198,18 +207,7 @@ fn concurrent_greedy_requests_match_transformers_and_free_their_blocks() {
     s.wait_idle();
     // All together, three rounds.
     for round in 0..3 {
-        let texts: Vec<String> = std::thread::scope(|sc| {
-            let hs: Vec<_> = cases
-                .iter()
-                .zip(lens)
-                .map(|(c, n)| {
-                    let s = &s;
-                    sc.spawn(move || completion_text(s, &ids(&c["prompt_ids"]), n).0)
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        assert_eq!(texts, expected, "round {round}");
+        assert_eq!(together(&s, cases, &lens), expected, "round {round}");
     }
     s.wait_idle();
     assert_eq!(s.metric("qwick_kv_blocks_used"), 0.0);
@@ -251,18 +249,7 @@ fn on_the_gpu_a_mixed_batch_gives_transformers_tokens_alone_and_together() {
         assert_eq!(&completion_text(&s, &ids(&c["prompt_ids"]), n).0, want, "{} alone on the GPU", c["name"]);
     }
     s.wait_idle();
-    let texts: Vec<String> = std::thread::scope(|sc| {
-        let hs: Vec<_> = cases
-            .iter()
-            .zip(lens)
-            .map(|(c, n)| {
-                let s = &s;
-                sc.spawn(move || completion_text(s, &ids(&c["prompt_ids"]), n).0)
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    assert_eq!(texts, expected, "together on the GPU");
+    assert_eq!(together(&s, cases, &lens), expected, "together on the GPU");
     s.wait_idle();
     assert_eq!(s.metric("qwick_kv_blocks_used"), 0.0);
 }

@@ -15,6 +15,12 @@ const KV_WRITE: &str = include_str!("wgsl/kv_write.wgsl");
 const ATTENTION: &str = include_str!("wgsl/attention.wgsl");
 const ROWS: &str = include_str!("wgsl/rows.wgsl");
 const READ: &str = include_str!("wgsl/read.wgsl");
+const PER_ITEM: &str = include_str!("wgsl/per_item.wgsl");
+
+/// A kernel of one item per invocation: [`PER_ITEM`]'s entry point around `src`'s `item`.
+fn per_item(src: &str) -> String {
+    format!("{src}\n{PER_ITEM}")
+}
 
 /// `y = x · Wᵀ` over rows of `x` (`m` rows of `k` values, `ldx` apart, from element `x_off`) and
 /// a weight of `n` rows in its stored `format` at byte `w_off` of `w`, into `y` (`ldy` apart,
@@ -139,7 +145,7 @@ impl Recorder<'_> {
         assert!(width.is_multiple_of(2 * half), "rope over rows that are not whole heads");
         fits("rope x", x, n * width);
         fits("rope angles", cs, 2 * n * half);
-        let pipe = self.gpu.pipeline("rope", || ROPE.to_string());
+        let pipe = self.gpu.pipeline("rope", || per_item(ROPE));
         self.dispatch(pipe, &[u(n), u(width), u(half)], &[x, cs], u((n * width / 2).div_ceil(64)));
     }
 
@@ -156,7 +162,7 @@ impl Recorder<'_> {
     fn elementwise(&mut self, name: &str, op: &str, a: &Buf, b: &Buf, count: usize) {
         fits(name, a, count);
         fits(name, b, count);
-        let pipe = self.gpu.pipeline(name, || ELEMENTWISE.replace("#OP", op));
+        let pipe = self.gpu.pipeline(name, || per_item(&ELEMENTWISE.replace("#OP", op)));
         self.dispatch(pipe, &[u(count)], &[a, b], u(count.div_ceil(64)));
     }
 
@@ -165,7 +171,7 @@ impl Recorder<'_> {
     pub fn kv_write(&mut self, src: &Buf, slots: &Buf, cache: &Buf, n: usize, layout: KvLayout) {
         let KvLayout { block_size, kv_heads, head_dim: d } = layout;
         fits("kv_write src", src, n * kv_heads * d);
-        let pipe = self.gpu.pipeline("kv_write", || KV_WRITE.to_string());
+        let pipe = self.gpu.pipeline("kv_write", || per_item(KV_WRITE));
         let params = [u(n), u(kv_heads), u(d), u(block_size)];
         self.dispatch(pipe, &params, &[src, slots, cache], u((n * kv_heads * d).div_ceil(64)));
     }
@@ -185,7 +191,7 @@ impl Recorder<'_> {
     /// Row `rows[i]` of `x` (rows of `width` values) into row `i` of `out`.
     pub fn gather(&mut self, x: &Buf, out: &Buf, width: usize, rows: &Buf, n: usize) {
         fits("gather out", out, n * width);
-        let pipe = self.gpu.pipeline("gather", || ROWS.replace("#BODY", "b[id] = a[idx[i] * p.width + j];"));
+        let pipe = self.gpu.pipeline("gather", || per_item(&ROWS.replace("#BODY", "b[id] = a[idx[i] * p.width + j];")));
         self.dispatch(pipe, &[u(n), u(width)], &[x, out, rows], u((n * width).div_ceil(64)));
     }
 
@@ -194,7 +200,7 @@ impl Recorder<'_> {
     pub fn scatter_add(&mut self, out: &Buf, y: &Buf, width: usize, pairs: &Buf, n: usize) {
         fits("scatter_add y", y, n * width);
         let body = "let o = idx[2u * i] * p.width + j; a[o] = a[o] + bitcast<f32>(idx[2u * i + 1u]) * b[id];";
-        let pipe = self.gpu.pipeline("scatter_add", || ROWS.replace("#BODY", body));
+        let pipe = self.gpu.pipeline("scatter_add", || per_item(&ROWS.replace("#BODY", body)));
         self.dispatch(pipe, &[u(n), u(width)], &[out, y, pairs], u((n * width).div_ceil(64)));
     }
 }

@@ -6,10 +6,7 @@ struct P { n: u32, kv_heads: u32, d: u32, block_size: u32 }
 @group(0) @binding(2) var<storage, read> slots: array<u32>;
 @group(0) @binding(3) var<storage, read_write> cache: array<f32>;
 
-@compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) t: u32) {
-    let id = (wg.x + wg.y * nwg.x) * 64u + t;
+fn item(id: u32) {
     let width = p.kv_heads * p.d;
     if (id >= p.n * width) {
         return;

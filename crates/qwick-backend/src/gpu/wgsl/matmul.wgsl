@@ -30,16 +30,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     var wv: array<f32, 32>;
     // A float weight's rows may end in a partial chunk.
     let chunks = (p.k + 31u) / 32u;
+    // Loops over constant bounds (guarded inside), so that wv and acc are indexed by constants
+    // once unrolled and stay in registers.
     if (row < p.n) {
         for (var c = lane; c < chunks; c += p.tpr) {
             deq32(p.w_off + row * p.row_bytes + (c / p.chunks_per_block) * p.chunk_bytes, c % p.chunks_per_block, &wv);
-            for (var r = 0u; r < mr; r++) {
-                let xo = p.x_off + (m0 + r) * p.ldx + c * 32u;
-                var s = 0.0;
-                for (var j = 0u; j < min(32u, p.k - c * 32u); j++) {
-                    s += wv[j] * x[xo + j];
+            let lim = min(32u, p.k - c * 32u);
+            for (var r = 0u; r < MR; r++) {
+                if (r < mr) {
+                    let xo = p.x_off + (m0 + r) * p.ldx + c * 32u;
+                    var s = 0.0;
+                    for (var j = 0u; j < 32u; j++) {
+                        s += select(0.0, wv[j] * x[xo + min(j, lim - 1u)], j < lim);
+                    }
+                    acc[r] += s;
                 }
-                acc[r] += s;
             }
         }
     }

@@ -5,10 +5,7 @@ struct P { n: u32, width: u32, half: u32 }
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 @group(0) @binding(2) var<storage, read> cs: array<f32>;
 
-@compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) t: u32) {
-    let id = (wg.x + wg.y * nwg.x) * 64u + t;
+fn item(id: u32) {
     let per_token = p.width / 2u;
     if (id >= p.n * per_token) {
         return;

@@ -7,10 +7,7 @@ struct P { rows: u32, width: u32 }
 @group(0) @binding(2) var<storage, read_write> b: array<f32>;
 @group(0) @binding(3) var<storage, read> idx: array<u32>;
 
-@compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) t: u32) {
-    let id = (wg.x + wg.y * nwg.x) * 64u + t;
+fn item(id: u32) {
     if (id >= p.rows * p.width) {
         return;
     }
