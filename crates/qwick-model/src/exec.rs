@@ -20,6 +20,8 @@ pub trait Exec {
     type T;
     /// Tokens in this pass.
     fn tokens(&self) -> usize;
+    /// How many rows of `width` values one activation may hold (a device's largest buffer).
+    fn rows_at_once(&self, width: usize) -> usize;
     /// Host rows moved to the device.
     fn put(&mut self, x: Vec<f32>) -> Self::T;
     /// A copy of `x` on the host.
@@ -107,6 +109,10 @@ impl Exec for Pass<'_, '_> {
 
     fn tokens(&self) -> usize {
         self.rope.len()
+    }
+
+    fn rows_at_once(&self, _: usize) -> usize {
+        usize::MAX
     }
 
     fn put(&mut self, x: Vec<f32>) -> Vec<f32> {

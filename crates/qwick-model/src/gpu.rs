@@ -19,8 +19,11 @@ use std::sync::Arc;
 pub struct GpuModel {
     model: Arc<Qwen3>,
     gpu: Gpu,
-    /// Each `Linear` and `RmsNorm` of the model, uploaded, by the address of the model's own.
-    weights: HashMap<usize, Buf>,
+    /// Each `RmsNorm` of the model, uploaded, by the address of the model's own.
+    norms: HashMap<usize, Buf>,
+    /// Each `Linear`, by the address of the model's own: runs of its rows, each small enough
+    /// for one binding, as (first row, rows, buffer).
+    linears: HashMap<usize, Vec<(usize, usize, Buf)>>,
     /// Per layer, K and V.
     kv: Vec<(Buf, Buf)>,
     layout: KvLayout,
@@ -36,17 +39,22 @@ impl GpuModel {
     /// `block_size` tokens. Refuses weight formats the GPU kernels do not read and LoRA
     /// adapters, naming them.
     pub fn new(model: Arc<Qwen3>, index: usize, num_blocks: usize, block_size: usize) -> Result<GpuModel> {
-        let gpu = Gpu::open(index).map_err(|e| anyhow!(e))?;
+        GpuModel::on(Gpu::open(index).map_err(|e| anyhow!(e))?, model, num_blocks, block_size)
+    }
+
+    /// [`GpuModel::new`] on an opened GPU.
+    pub fn on(gpu: Gpu, model: Arc<Qwen3>, num_blocks: usize, block_size: usize) -> Result<GpuModel> {
         if model.adapters() > 0 || model.linears().iter().any(|l| !l.lora.is_empty()) {
             bail!("LoRA adapters do not run on the GPU yet: use --device cpu");
         }
-        let mut weights = HashMap::new();
-        let norms = model.layers.iter().flat_map(|l| {
+        let mut norms = HashMap::new();
+        let all_norms = model.layers.iter().flat_map(|l| {
             [&l.input_layernorm, &l.post_attention_layernorm, &l.attn.q_norm, &l.attn.k_norm]
         });
-        for n in norms.chain([&model.norm]) {
-            weights.insert(key(n), gpu.upload_f32(&n.weight).map_err(|e| anyhow!(e))?);
+        for n in all_norms.chain([&model.norm]) {
+            norms.insert(key(n), gpu.upload_f32(&n.weight).map_err(|e| anyhow!(e))?);
         }
+        let mut linears = HashMap::new();
         for (i, w) in model.linears().into_iter().enumerate() {
             let t = &w.weight;
             if !gpu::reads(t.format, w.in_features()) {
@@ -58,7 +66,16 @@ impl GpuModel {
                     "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K and IQ4_XS"
                 );
             }
-            weights.insert(key(w), gpu.upload(t.bytes()).map_err(|e| anyhow!("{}: {e}", gpu.summary.name))?);
+            // Rows in runs that fit one binding (a large head or embedding may not).
+            let row_bytes = t.format.row_bytes(w.in_features());
+            let per = (gpu.max_binding() as usize / row_bytes).max(1);
+            let mut parts = Vec::new();
+            for r0 in (0..w.out_features()).step_by(per) {
+                let rows = per.min(w.out_features() - r0);
+                let bytes = &t.bytes()[r0 * row_bytes..(r0 + rows) * row_bytes];
+                parts.push((r0, rows, gpu.upload(bytes).map_err(|e| anyhow!("weight {i}: {e}"))?));
+            }
+            linears.insert(key(w), parts);
         }
         let c = &model.config;
         let layout = KvLayout { block_size, kv_heads: c.num_key_value_heads, head_dim: c.head_dim };
@@ -67,7 +84,7 @@ impl GpuModel {
             .map(|_| Ok((gpu.zeros(per)?, gpu.zeros(per)?)))
             .collect::<Result<Vec<_>, String>>()
             .map_err(|e| anyhow!("the KV cache does not fit on {}: {e}", gpu.summary.name))?;
-        Ok(GpuModel { model, gpu, weights, kv, layout, num_blocks })
+        Ok(GpuModel { model, gpu, norms, linears, kv, layout, num_blocks })
     }
 
     pub fn model(&self) -> &Arc<Qwen3> {
@@ -143,8 +160,8 @@ struct GpuPass<'a> {
 }
 
 impl GpuPass<'_> {
-    fn weight<T>(&self, w: &T) -> &Buf {
-        self.m.weights.get(&key(w)).expect("every weight of the model was uploaded")
+    fn norm_weight(&self, n: &RmsNorm) -> &Buf {
+        self.m.norms.get(&key(n)).expect("every norm of the model was uploaded")
     }
 
     fn alloc(&self, len: usize) -> Dev {
@@ -162,9 +179,12 @@ impl GpuPass<'_> {
         let (k, n) = (w.in_features(), w.out_features());
         let m = x.len / k;
         let y = self.alloc(m * n);
-        let wb = self.weight(w).clone();
-        let job = Matmul { x: &x.buf, x_off: 0, ldx: k, m, w: &wb, w_off: 0, format: w.weight.format, n, k, y: &y.buf, y_off: 0, ldy: n };
-        self.rec.matmul(&job);
+        let parts = self.m.linears.get(&key(w)).expect("every weight of the model was uploaded");
+        for (r0, rows, wb) in parts {
+            let f = w.weight.format;
+            let job = Matmul { x: &x.buf, x_off: 0, ldx: k, m, w: wb, w_off: 0, format: f, n: *rows, k, y: &y.buf, y_off: *r0, ldy: n };
+            self.rec.matmul(&job);
+        }
         y
     }
 }
@@ -174,6 +194,10 @@ impl Exec for GpuPass<'_> {
 
     fn tokens(&self) -> usize {
         self.n
+    }
+
+    fn rows_at_once(&self, width: usize) -> usize {
+        self.m.gpu.max_binding() as usize / (4 * width)
     }
 
     fn put(&mut self, x: Vec<f32>) -> Dev {
@@ -196,14 +220,14 @@ impl Exec for GpuPass<'_> {
     fn norm(&mut self, n: &RmsNorm, x: &Dev) -> Dev {
         let d = n.weight.len();
         let out = self.alloc(x.len);
-        let w = self.weight(n).clone();
+        let w = self.norm_weight(n).clone();
         self.rec.rms_norm(&x.buf, &w, &out.buf, x.len / d, d, n.eps);
         out
     }
 
     fn norm_rows(&mut self, n: &RmsNorm, x: &mut Dev) {
         let d = n.weight.len();
-        let w = self.weight(n).clone();
+        let w = self.norm_weight(n).clone();
         self.rec.rms_norm_inplace(&x.buf, &w, x.len / d, d, n.eps);
     }
 

@@ -386,16 +386,21 @@ impl Qwen3 {
     }
 
     /// The batch's tokens through the layers on `e` (whose cache the batch addresses), then the
-    /// final norm and the head for the rows that want logits.
+    /// final norm and the head for the rows that want logits (as many rows at a time as the
+    /// device holds logits of).
     pub fn run<E: Exec>(&self, e: &mut E, batch: &Batch) -> Vec<f32> {
-        let h = self.config.hidden_size;
+        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let mut x = e.put(self.embed(&batch.tokens));
         self.forward_layers(&mut x, e, None);
         let rows: Vec<usize> = batch.logits_rows.iter().map(|&r| r as usize).collect();
-        let sel = e.gather(&x, h, &rows);
-        let hn = e.norm(&self.norm, &sel);
-        let logits = e.products(&[(&hn, &self.lm_head)]).pop().expect("one product");
-        e.take(logits)
+        let mut logits = Vec::with_capacity(rows.len() * vocab);
+        for part in rows.chunks(e.rows_at_once(vocab).max(1)) {
+            let sel = e.gather(&x, h, part);
+            let hn = e.norm(&self.norm, &sel);
+            let l = e.products(&[(&hn, &self.lm_head)]).pop().expect("one product");
+            logits.extend(e.take(l));
+        }
+        logits
     }
 
     /// Each token's adapter (empty for a model without adapters: nothing to add).

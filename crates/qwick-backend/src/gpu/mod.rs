@@ -158,6 +158,18 @@ impl Gpu {
         })
     }
 
+    /// The largest buffer one kernel binding may hold, in bytes.
+    pub fn max_binding(&self) -> u64 {
+        self.max_binding
+    }
+
+    /// Holds buffers to at most `bytes` (a multiple of 4) per binding, below what the adapter
+    /// allows: large weights are then split into more runs of rows, and logits computed fewer
+    /// rows at a time.
+    pub fn limit_bindings(&mut self, bytes: u64) {
+        self.max_binding = self.max_binding.min(bytes / 4 * 4);
+    }
+
     fn buffer(&self, bytes: u64, extra: wgpu::BufferUsages) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
