@@ -1,7 +1,8 @@
 //! The Qwen3 forward on a GPU: the model's weights uploaded once in their stored formats, a
 //! paged f32 KV cache in device memory addressed by the engine's block tables, and an [`Exec`]
-//! whose ops record WGSL dispatches ([`qwick_backend::gpu`]) submitted once per call, only the
-//! logits (and the MoE routers' logits) read back.
+//! whose ops record WGSL dispatches ([`qwick_backend::gpu`]) submitted together up to the next
+//! read-back: the logits at the end of a call, and in a MoE model each layer's router logits
+//! (the routing is the host's).
 
 use crate::batch::Batch;
 use crate::exec::Exec;
@@ -91,11 +92,6 @@ impl GpuModel {
         &self.model
     }
 
-    /// The adapter the model runs on.
-    pub fn adapter(&self) -> &gpu::AdapterSummary {
-        &self.gpu.summary
-    }
-
     /// Bytes of the KV cache.
     pub fn kv_bytes(&self) -> usize {
         self.kv.iter().map(|(k, v)| (k.bytes + v.bytes) as usize).sum()
@@ -139,7 +135,7 @@ impl GpuModel {
 }
 
 /// Activations on the device: a buffer and how many values of it are in use.
-pub struct Dev {
+struct Dev {
     buf: Buf,
     len: usize,
 }
