@@ -354,6 +354,9 @@ struct Runner<'a, 'm> {
     lora: &'a LoraParams,
     s: f32,
     dropout: Dropout,
+    /// The sequence's rotary angles and its packed examples' attention.
+    rope: &'a Rope,
+    shape: AttnShape<'a>,
 }
 
 impl Runner<'_, '_> {
@@ -487,17 +490,7 @@ impl Runner<'_, '_> {
     /// Layer `l`'s backward pass, from its input `x` and what its forward pass kept: from `dx`
     /// (the gradient of the layer's output) to the gradient of its input, in place; LoRA
     /// gradients added to `grads`.
-    #[allow(clippy::too_many_arguments)]
-    fn layer_backward(
-        &self,
-        l: usize,
-        x: &[f32],
-        kept: &Kept,
-        rope: &Rope,
-        shape: &AttnShape,
-        dx: &mut [f32],
-        grads: &mut Grads,
-    ) {
+    fn layer_backward(&self, l: usize, x: &[f32], kept: &Kept, dx: &mut [f32], grads: &mut Grads) {
         let (ctx, layer) = (self.ctx, &self.f.model.layers[l]);
         let h = layer.input_layernorm.weight.len();
         // The MLP block: out = mid + mlp(norm(mid)).
@@ -506,7 +499,7 @@ impl Runner<'_, '_> {
         norm_backward(ctx, &layer.post_attention_layernorm, &kept.trace.mid, &dhn2, &mut dnorm);
         add(ctx, dx, &dnorm, h);
         // The attention block: mid = x + o(attn(rope(norm(q(hn1))), rope(norm(k(hn1))), v(hn1))).
-        let dhn1 = self.attention_backward(l, x, kept, rope, shape, dx, grads);
+        let dhn1 = self.attention_backward(l, x, kept, dx, grads);
         norm_backward(ctx, &layer.input_layernorm, x, &dhn1, &mut dnorm);
         add(ctx, dx, &dnorm, h);
     }
@@ -543,18 +536,8 @@ impl Runner<'_, '_> {
 
     /// Backward of layer `l`'s attention over the normed `x` (the layer's input): the gradient
     /// of its normed input from that of its output `dy`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_backward(
-        &self,
-        l: usize,
-        x: &[f32],
-        kept: &Kept,
-        rope: &Rope,
-        shape: &AttnShape,
-        dy: &[f32],
-        grads: &mut Grads,
-    ) -> Vec<f32> {
-        let (ctx, layer, t) = (self.ctx, &self.f.model.layers[l], &kept.trace);
+    fn attention_backward(&self, l: usize, x: &[f32], kept: &Kept, dy: &[f32], grads: &mut Grads) -> Vec<f32> {
+        let (ctx, layer, t, rope, shape) = (self.ctx, &self.f.model.layers[l], &kept.trace, self.rope, &self.shape);
         let (a, n) = (&layer.attn, rope.len());
         let (h, qd, kvd) = (a.o_proj.out_features(), a.q_proj.out_features(), a.k_proj.out_features());
         let datt = self.linear_backward(l, O, &t.att, &kept.lora[O], dy, n, grads);
@@ -714,18 +697,20 @@ pub fn loss(
     dropout: Dropout,
     grads: Option<&mut Grads>,
 ) -> f64 {
+    let model = f.model;
+    let c = &model.config;
+    let (n, h, vocab, layers) = (seq.len(), c.hidden_size, c.vocab_size, model.layers.len());
+    let rope = model.rope(&seq.positions);
+    let shape = packed_attention(c, &seq.start);
     let r = Runner {
         ctx,
         f,
         lora,
         s: lora.spec.scaling(),
         dropout: if grads.is_some() { dropout } else { Dropout { p: 0.0, key: 0 } },
+        rope: &rope,
+        shape,
     };
-    let model = f.model;
-    let c = &model.config;
-    let (n, h, vocab, layers) = (seq.len(), c.hidden_size, c.vocab_size, model.layers.len());
-    let rope = model.rope(&seq.positions);
-    let shape = packed_attention(c, &seq.start);
     let mut keys = Keys::Packed(shape);
     let keep = grads.is_some();
     // The model's forward pass, traced for the backward pass: each layer's input, all
@@ -783,7 +768,7 @@ pub fn loss(
             model.layers[l].forward(l, &mut copied(ctx.pool, &input), &mut pass, Some(&mut kept));
         }
         let kept = Kept { trace: kept, lora: std::mem::take(&mut updates.saved[l]) };
-        r.layer_backward(l, &input, &kept, &rope, &shape, &mut dx, grads);
+        r.layer_backward(l, &input, &kept, &mut dx, grads);
     }
     total
 }
