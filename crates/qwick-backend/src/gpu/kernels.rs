@@ -8,6 +8,7 @@ use crate::attention::KvLayout;
 use crate::format::Format;
 
 const MATMUL: &str = include_str!("wgsl/matmul.wgsl");
+const MATMUL_SG: &str = include_str!("wgsl/matmul_sg.wgsl");
 const RMS_NORM: &str = include_str!("wgsl/rms_norm.wgsl");
 const ROPE: &str = include_str!("wgsl/rope.wgsl");
 const ELEMENTWISE: &str = include_str!("wgsl/elementwise.wgsl");
@@ -98,10 +99,19 @@ impl Recorder<'_> {
         fits("matmul x", j.x, j.x_off + (j.m.max(1) - 1) * j.ldx + j.k);
         fits("matmul y", j.y, j.y_off + (j.m.max(1) - 1) * j.ldy + j.n);
         let f = j.format;
-        let pipe = self.gpu.pipeline(&format!("matmul_{f}"), || format!("{}\n{MATMUL}", formats::wgsl(f)));
         let (chunk_bytes, per_block) = formats::chunk_geometry(f);
-        // Invocations per weight row: about its chunks of 32, a power of two up to 64.
-        let tpr = j.k.div_ceil(32).next_power_of_two().min(64) as u32;
+        // With subgroups, a subgroup a row and `tpr` rows a workgroup; without, `tpr`
+        // invocations a row: about its chunks of 32, a power of two up to 64.
+        let (pipe, tpr, rows_per_group) = match self.gpu.subgroup_rows {
+            Some(rows) => {
+                let src = || format!("{}\n{MATMUL_SG}", formats::wgsl(f));
+                (self.gpu.pipeline(&format!("matmul_sg_{f}"), src), rows, rows as usize)
+            }
+            None => {
+                let tpr = j.k.div_ceil(32).next_power_of_two().min(64) as u32;
+                (self.gpu.pipeline(&format!("matmul_{f}"), || format!("{}\n{MATMUL}", formats::wgsl(f))), tpr, 64 / tpr as usize)
+            }
+        };
         let params = [
             u(j.m),
             u(j.n),
@@ -116,7 +126,7 @@ impl Recorder<'_> {
             u(j.ldy),
             tpr,
         ];
-        let groups = j.n.div_ceil(64 / tpr as usize) * j.m.div_ceil(8);
+        let groups = j.n.div_ceil(rows_per_group) * j.m.div_ceil(8);
         self.dispatch(pipe, &params, &[j.x, j.w, j.y], u(groups));
     }
 

@@ -120,6 +120,9 @@ pub struct Gpu {
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     /// Uniform buffer offsets are multiples of this.
     uniform_align: u64,
+    /// With subgroup operations: the weight rows a workgroup of the products takes (64 over
+    /// the largest subgroup size); `None` without them (the portable kernels).
+    subgroup_rows: Option<u32>,
     max_binding: u64,
 }
 
@@ -138,9 +141,10 @@ impl Gpu {
         })?;
         let summary = adapters().into_iter().nth(index).expect("the adapter listed above");
         let limits = adapter.limits();
+        let subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
         let desc = wgpu::DeviceDescriptor {
             label: Some("qwick"),
-            required_features: wgpu::Features::empty(),
+            required_features: if subgroups { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() },
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -154,6 +158,7 @@ impl Gpu {
             queue,
             pipelines: Mutex::new(HashMap::new()),
             uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
+            subgroup_rows: subgroups.then(|| (64 / adapter.get_info().subgroup_max_size.max(1)).max(1)),
             max_binding: limits.max_storage_buffer_binding_size,
         })
     }
@@ -161,6 +166,17 @@ impl Gpu {
     /// The largest buffer one kernel binding may hold, in bytes.
     pub fn max_binding(&self) -> u64 {
         self.max_binding
+    }
+
+    /// Whether the kernels use subgroup operations (where the adapter has them).
+    pub fn subgroups(&self) -> bool {
+        self.subgroup_rows.is_some()
+    }
+
+    /// Runs the portable kernels even where the adapter has subgroup operations (the tests
+    /// check both).
+    pub fn without_subgroups(&mut self) {
+        self.subgroup_rows = None;
     }
 
     /// Holds buffers to at most `bytes` (a multiple of 4) per binding, below what the adapter

@@ -52,9 +52,24 @@ fn every_format_table_entry_has_a_gpu_test() {
     }
 }
 
+/// The adapter's kernels: with subgroup operations where it has them, then the portable ones.
+fn each_path(test: &str, check: impl Fn(&Gpu, &str)) {
+    let Some(mut g) = gpu(test) else { return };
+    if g.subgroups() {
+        check(&g, "subgroups");
+    } else {
+        eprintln!("NOT RUN {test} with subgroups: {} has no subgroup operations", g.summary.name);
+    }
+    g.without_subgroups();
+    check(&g, "portable");
+}
+
 #[test]
 fn matmul_matches_the_dequantized_reference() {
-    let Some(g) = gpu("matmul") else { return };
+    each_path("matmul", matmul_check);
+}
+
+fn matmul_check(g: &Gpu, path: &str) {
     // k spans many 256-weight blocks and more chunks than a workgroup has threads; m covers
     // a single row, a partial pass of 8 and more than one pass.
     // Float weights also in rows that end in a partial chunk of 32.
@@ -85,14 +100,17 @@ fn matmul_matches_the_dequantized_reference() {
                 }
             }
             // f32 sums of 4096 products in another order than the f64 reference.
-            assert_close(&format!("{f} matmul, k = {k}, m = {m}"), &got, &want, 1e-5 * scale as f32);
+            assert_close(&format!("{f} matmul ({path}), k = {k}, m = {m}"), &got, &want, 1e-5 * scale as f32);
         }
     }
 }
 
 #[test]
 fn matmul_reads_offsets_and_strides() {
-    let Some(g) = gpu("matmul offsets") else { return };
+    each_path("matmul offsets", offsets_check);
+}
+
+fn offsets_check(g: &Gpu, path: &str) {
     // The second of two Q8_0 weights in one buffer (as the experts of a layer are), rows of x
     // and y inside wider rows.
     let (n, k, m, f) = (5, 64, 2, Format::Q8_0);
@@ -112,7 +130,7 @@ fn matmul_reads_offsets_and_strides() {
         for r in 0..n {
             let want: f32 = (0..k).map(|j| x[7 + i * ldx + j] * deq[(n + r) * k + j]).sum();
             let v = got[2 + i * ldy + r];
-            assert!((v - want).abs() <= 1e-4 * want.abs().max(1.0), "row {i}, output {r}: {v} against {want}");
+            assert!((v - want).abs() <= 1e-4 * want.abs().max(1.0), "{path}: row {i}, output {r}: {v} against {want}");
         }
     }
 }
