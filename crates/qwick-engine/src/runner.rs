@@ -150,7 +150,7 @@ impl StepModel for GpuForward {
     }
 
     fn adapters(&self) -> u16 {
-        0
+        self.0.model().adapters()
     }
 
     fn kv_bytes(&self) -> usize {

@@ -13,6 +13,7 @@ use crate::Qwen3;
 use anyhow::{anyhow, bail, Context, Result};
 use qwick_backend::attention::KvLayout;
 use qwick_backend::gpu::{self, Attend, Buf, Gpu, Matmul, Recorder};
+use qwick_backend::Format;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -25,6 +26,8 @@ pub struct GpuModel {
     /// Each `Linear`, by the address of the model's own: runs of its rows, each small enough
     /// for one binding, as (first row, rows, buffer).
     linears: HashMap<usize, Vec<(usize, usize, Buf)>>,
+    /// Each `Linear`'s LoRA updates, by the address of the model's own: (adapter, A, B).
+    lora: HashMap<usize, Vec<(u16, LowRankOnGpu)>>,
     /// Per layer, K and V.
     kv: Vec<(Buf, Buf)>,
     layout: KvLayout,
@@ -45,9 +48,6 @@ impl GpuModel {
 
     /// [`GpuModel::new`] on an opened GPU.
     pub fn on(gpu: Gpu, model: Arc<Qwen3>, num_blocks: usize, block_size: usize) -> Result<GpuModel> {
-        if model.adapters() > 0 || model.linears().iter().any(|l| !l.lora.is_empty()) {
-            bail!("LoRA adapters do not run on the GPU yet: use --device cpu");
-        }
         let mut norms = HashMap::new();
         let all_norms = model.layers.iter().flat_map(|l| {
             [&l.input_layernorm, &l.post_attention_layernorm, &l.attn.q_norm, &l.attn.k_norm]
@@ -55,7 +55,7 @@ impl GpuModel {
         for n in all_norms.chain([&model.norm]) {
             norms.insert(key(n), gpu.upload_f32(&n.weight).map_err(|e| anyhow!(e))?);
         }
-        let mut linears = HashMap::new();
+        let (mut linears, mut lora) = (HashMap::new(), HashMap::new());
         for (i, w) in model.linears().into_iter().enumerate() {
             let t = &w.weight;
             if !gpu::reads(t.format, w.in_features()) {
@@ -77,6 +77,9 @@ impl GpuModel {
                 parts.push((r0, rows, gpu.upload(bytes).map_err(|e| anyhow!("weight {i}: {e}"))?));
             }
             linears.insert(key(w), parts);
+            let up = |v: &[f32]| gpu.upload_f32(v).map_err(|e| anyhow!("weight {i}'s LoRA update: {e}"));
+            let updates = w.lora.iter().map(|(id, l)| Ok((*id, LowRankOnGpu { a: up(&l.a)?, b: up(&l.b)?, r: l.r, s: l.s })));
+            lora.insert(key(w), updates.collect::<Result<Vec<_>>>()?);
         }
         let c = &model.config;
         let layout = KvLayout { block_size, kv_heads: c.num_key_value_heads, head_dim: c.head_dim };
@@ -85,7 +88,7 @@ impl GpuModel {
             .map(|_| Ok((gpu.zeros(per)?, gpu.zeros(per)?)))
             .collect::<Result<Vec<_>, String>>()
             .map_err(|e| anyhow!("the KV cache does not fit on {}: {e}", gpu.summary.name))?;
-        Ok(GpuModel { model, gpu, norms, linears, kv, layout, num_blocks })
+        Ok(GpuModel { model, gpu, norms, linears, lora, kv, layout, num_blocks })
     }
 
     pub fn model(&self) -> &Arc<Qwen3> {
@@ -103,9 +106,7 @@ impl GpuModel {
         let model = self.model.clone();
         let c = &model.config;
         batch.validate(c.vocab_size, self.num_blocks, self.layout.block_size).context("invalid batch")?;
-        if batch.seq_adapter.iter().any(|&a| a > 0) {
-            bail!("LoRA adapters do not run on the GPU yet");
-        }
+        let rows = model.row_adapters(batch)?;
         let n = batch.tokens.len();
         let rope = model.rope(&batch.positions);
         let half = c.head_dim / 2;
@@ -127,11 +128,21 @@ impl GpuModel {
             half,
             heads: c.num_attention_heads,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
+            rows,
             rec: Recorder::new(g),
             m: self,
         };
         Ok(model.run(&mut pass, batch))
     }
+}
+
+/// A LoRA update on the device: `A` (`[r, in]`) and `B` (`[out, r]`) as f32 weights, and its
+/// scale.
+struct LowRankOnGpu {
+    a: Buf,
+    b: Buf,
+    r: usize,
+    s: f32,
 }
 
 /// Activations on the device: a buffer and how many values of it are in use.
@@ -149,6 +160,8 @@ struct GpuPass<'a> {
     slots: Buf,
     meta: Buf,
     seqs: usize,
+    /// Each token's LoRA adapter (empty: none).
+    rows: Vec<u16>,
     n: usize,
     half: usize,
     heads: usize,
@@ -182,6 +195,31 @@ impl GpuPass<'_> {
             self.rec.matmul(&job);
         }
         y
+    }
+}
+
+impl GpuPass<'_> {
+    /// Adds each token's adapter update of `w` for the inputs `x` to `y`, as PEFT does:
+    /// `y += s · (x · Aᵀ) · Bᵀ` over the rows of that adapter (gathered, then scattered back).
+    fn add_lora(&mut self, w: &Linear, x: &Dev, y: &mut Dev) {
+        let Some(updates) = self.m.lora.get(&key(w)).filter(|u| !u.is_empty()) else { return };
+        let (k, n) = (w.in_features(), w.out_features());
+        for (id, l) in updates {
+            let mine: Vec<usize> = (0..self.n).filter(|&i| self.rows.get(i) == Some(id)).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let m = mine.len();
+            let xs = self.gather(x, k, &mine);
+            let t = self.alloc(m * l.r);
+            let a = Matmul { x: &xs.buf, x_off: 0, ldx: k, m, w: &l.a, w_off: 0, format: Format::F32, n: l.r, k, y: &t.buf, y_off: 0, ldy: l.r };
+            self.rec.matmul(&a);
+            let u = self.alloc(m * n);
+            let b = Matmul { x: &t.buf, x_off: 0, ldx: l.r, m, w: &l.b, w_off: 0, format: Format::F32, n, k: l.r, y: &u.buf, y_off: 0, ldy: n };
+            self.rec.matmul(&b);
+            let scaled: Vec<(usize, f32)> = mine.iter().map(|&i| (i, l.s)).collect();
+            self.scatter_add(y, &u, n, &scaled);
+        }
     }
 }
 
@@ -232,7 +270,13 @@ impl Exec for GpuPass<'_> {
     }
 
     fn project(&mut self, _: usize, x: &Dev, ws: &[(Role, &Linear)]) -> Vec<Dev> {
-        ws.iter().map(|(_, w)| self.product(x, w)).collect()
+        ws.iter()
+            .map(|(_, w)| {
+                let mut y = self.product(x, w);
+                self.add_lora(w, x, &mut y);
+                y
+            })
+            .collect()
     }
 
     fn products(&mut self, ps: &[(&Dev, &Linear)]) -> Vec<Dev> {

@@ -404,7 +404,7 @@ impl Qwen3 {
     }
 
     /// Each token's adapter (empty for a model without adapters: nothing to add).
-    fn row_adapters(&self, batch: &Batch) -> Result<Vec<u16>> {
+    pub(crate) fn row_adapters(&self, batch: &Batch) -> Result<Vec<u16>> {
         if let Some(&bad) = batch.seq_adapter.iter().find(|&&a| a > self.adapters) {
             bail!("adapter {bad} asked for, but the model has {}", self.adapters);
         }

@@ -9,7 +9,8 @@ use qwick_backend::check::{assert_close, max_abs};
 use qwick_backend::{Ctx, Isa, ThreadPool};
 use qwick_backend::gpu::Gpu;
 use qwick_model::gpu::GpuModel;
-use qwick_model::{Batch, Qwen3};
+use qwick_model::lora::Adapter;
+use qwick_model::{Batch, LoadOptions, Qwen3};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -89,6 +90,41 @@ fn weights_and_logits_larger_than_a_binding_are_split() {
     for (s, batch) in steps(model.config.vocab_size as u32).iter().enumerate() {
         let want = model.forward(ctx, batch, &mut kv).unwrap();
         assert_close(&format!("split, step {s}"), &on_gpu.forward(batch).unwrap(), &want, 1e-3 * max_abs(&want));
+    }
+}
+
+/// Sequences of different LoRA adapters in one batch on the GPU: each gets PEFT's logits for
+/// its adapter (`tests/lora`), and the base model's for a sequence without one.
+#[test]
+fn lora_adapters_on_the_gpu_give_peft_logits() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let opts = LoadOptions { repack: false, ..LoadOptions::default() };
+    let mut model = Qwen3::load_with(&root.join("tests/fixtures/dense_untied_gqa2"), &opts).unwrap();
+    let r8 = model.add_adapter(&Adapter::open(&root.join("tests/lora/adapter_r8")).unwrap()).unwrap();
+    let qv = model.add_adapter(&Adapter::open(&root.join("tests/lora/adapter_rslora_qv")).unwrap()).unwrap();
+    let model = Arc::new(model);
+    let ids: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("tests/lora/tokens.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = ids["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let (t, per_seq) = (ids.len(), ids.len().div_ceil(BLOCK));
+    let mut gpu = match GpuModel::new(model.clone(), 0, 3 * per_seq, BLOCK) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("SKIPPED lora_adapters_on_the_gpu_give_peft_logits: {e}");
+            return;
+        }
+    };
+    let mut batch = Batch::default();
+    for (s, adapter) in [r8, 0, qv].into_iter().enumerate() {
+        let blocks: Vec<u32> = (0..per_seq as u32).map(|b| s as u32 * per_seq as u32 + b).collect();
+        batch.push_span(&ids, 0, &blocks, BLOCK, true);
+        batch.seq_adapter.push(adapter);
+    }
+    let logits = gpu.forward(&batch).unwrap();
+    let vocab = model.config.vocab_size;
+    let npy = |name: &str| qwick_model::npy::read_f32(&root.join("tests/lora").join(name)).unwrap().1;
+    for (s, want) in [npy("adapter_r8.npy"), npy("base.npy"), npy("adapter_rslora_qv.npy")].iter().enumerate() {
+        assert_close(&format!("sequence {s} against PEFT"), &logits[s * t * vocab..(s + 1) * t * vocab], want, 1e-4);
     }
 }
 
