@@ -9,7 +9,7 @@
 use crate::kv::KvCache;
 use crate::linear::{forward_all, Linear};
 use crate::names::Role;
-use crate::qwen3::{RmsNorm, Rope};
+use crate::qwen3::{Moe, RmsNorm, Rope};
 use qwick_backend::attention::{paged_attention, AttnArgs};
 use qwick_backend::grad::{attention_forward, AttnShape};
 use qwick_backend::{copied, ops, par_rows, Ctx};
@@ -53,6 +53,13 @@ pub trait Exec {
     /// `out[t] += w · y[i]` for each `(t, w)` at index `i` of `rows` (`width`-wide rows; each
     /// `t` at most once).
     fn scatter_add(&mut self, out: &mut Self::T, y: &Self::T, width: usize, rows: &[(usize, f32)]);
+    /// The whole block `moe` over the rows `x` where the device routes the tokens and runs the
+    /// chosen experts itself, as [`Moe::forward`] defines the block; `None` where it does not
+    /// (the block then runs through the ops above).
+    fn moe(&mut self, moe: &Moe, x: &Self::T) -> Option<Self::T> {
+        let _ = (moe, x);
+        None
+    }
 }
 
 /// Which keys and values the tokens attend to, and where theirs go.

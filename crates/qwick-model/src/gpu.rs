@@ -1,18 +1,20 @@
 //! The Qwen3 forward on a GPU: the model's weights uploaded once in their stored formats, a
 //! paged f32 KV cache in device memory addressed by the engine's block tables, and an [`Exec`]
 //! whose ops record WGSL dispatches ([`qwick_backend::gpu`]) submitted together up to the next
-//! read-back: the logits at the end of a call, and in a MoE model each layer's router logits
-//! (the routing is the host's).
+//! read-back, the logits at the end of a call. MoE blocks route their tokens on the device and
+//! run the chosen experts' products in one dispatch per projection over the experts' weights
+//! stacked; a block whose stack does not fit one binding reads its router's logits back and
+//! runs each chosen expert apart.
 
 use crate::batch::Batch;
 use crate::exec::Exec;
 use crate::linear::Linear;
 use crate::names::Role;
-use crate::qwen3::RmsNorm;
+use crate::qwen3::{FeedForward, Mlp, Moe, RmsNorm};
 use crate::Qwen3;
 use anyhow::{anyhow, bail, Context, Result};
 use qwick_backend::attention::KvLayout;
-use qwick_backend::gpu::{self, Attend, Buf, Gpu, Matmul, Recorder};
+use qwick_backend::gpu::{self, Attend, Buf, Gpu, Matmul, MoeMatmul, Recorder};
 use qwick_backend::Format;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +30,9 @@ pub struct GpuModel {
     linears: HashMap<usize, Vec<(usize, usize, Buf)>>,
     /// Each `Linear`'s LoRA updates, by the address of the model's own: (adapter, A, B).
     lora: HashMap<usize, Vec<(u16, LowRankOnGpu)>>,
+    /// Each MoE block's experts, stacked, by the address of the model's block (blocks whose
+    /// stacks do not fit a binding keep their experts one by one in `linears`).
+    stacks: HashMap<usize, Stacks>,
     /// Per layer, K and V.
     kv: Vec<(Buf, Buf)>,
     layout: KvLayout,
@@ -55,8 +60,23 @@ impl GpuModel {
         for n in all_norms.chain([&model.norm]) {
             norms.insert(key(n), gpu.upload_f32(&n.weight).map_err(|e| anyhow!(e))?);
         }
-        let (mut linears, mut lora) = (HashMap::new(), HashMap::new());
+        let (mut linears, mut lora, mut stacks) = (HashMap::new(), HashMap::new(), HashMap::new());
+        // MoE experts stacked per block where they fit, so that one dispatch runs them all.
+        let mut stacked = std::collections::HashSet::new();
+        for l in &model.layers {
+            let FeedForward::Moe(m) = &l.mlp else { continue };
+            let (Some(gate), Some(up), Some(down)) =
+                (stack(&gpu, m, |e| &e.gate_proj), stack(&gpu, m, |e| &e.up_proj), stack(&gpu, m, |e| &e.down_proj))
+            else {
+                continue;
+            };
+            stacks.insert(key(m), Stacks { gate, up, down });
+            stacked.extend(m.experts.iter().flat_map(|e| [key(&e.gate_proj), key(&e.up_proj), key(&e.down_proj)]));
+        }
         for (i, w) in model.linears().into_iter().enumerate() {
+            if stacked.contains(&key(w)) {
+                continue;
+            }
             let t = &w.weight;
             if !gpu::reads(t.format, w.in_features()) {
                 bail!(
@@ -88,7 +108,7 @@ impl GpuModel {
             .map(|_| Ok((gpu.zeros(per)?, gpu.zeros(per)?)))
             .collect::<Result<Vec<_>, String>>()
             .map_err(|e| anyhow!("the KV cache does not fit on {}: {e}", gpu.summary.name))?;
-        Ok(GpuModel { model, gpu, norms, linears, lora, kv, layout, num_blocks })
+        Ok(GpuModel { model, gpu, norms, linears, lora, stacks, kv, layout, num_blocks })
     }
 
     pub fn model(&self) -> &Arc<Qwen3> {
@@ -143,6 +163,32 @@ struct LowRankOnGpu {
     b: Buf,
     r: usize,
     s: f32,
+}
+
+/// A MoE block's experts on the device: each projection of every expert one after another.
+struct Stacks {
+    gate: (Buf, Format),
+    up: (Buf, Format),
+    down: (Buf, Format),
+}
+
+/// The projections `pick` of every expert of `moe`, one after another, uploaded; `None` when
+/// they differ in format or do not fit one binding.
+fn stack(gpu: &Gpu, moe: &Moe, pick: impl Fn(&Mlp) -> &Linear) -> Option<(Buf, Format)> {
+    let first = &pick(&moe.experts[0]).weight;
+    let all: Vec<&Linear> = moe.experts.iter().map(&pick).collect();
+    if all.iter().any(|l| l.weight.format != first.format || l.weight.shape != first.shape) {
+        return None;
+    }
+    let bytes: usize = all.iter().map(|l| l.weight.bytes().len()).sum();
+    if !gpu::reads(first.format, first.shape[1]) || bytes as u64 > gpu.max_binding() {
+        return None;
+    }
+    let mut data = Vec::with_capacity(bytes);
+    for l in all {
+        data.extend_from_slice(l.weight.bytes());
+    }
+    Some((gpu.upload(&data).ok()?, first.format))
 }
 
 /// Activations on the device: a buffer and how many values of it are in use.
@@ -326,5 +372,26 @@ impl Exec for GpuPass<'_> {
         let pairs: Vec<u32> = rows.iter().flat_map(|&(t, w)| [t as u32, w.to_bits()]).collect();
         let pairs = self.m.gpu.upload_u32(&pairs).expect("a row index buffer");
         self.rec.scatter_add(&out.buf, &y.buf, width, &pairs, rows.len());
+    }
+
+    fn moe(&mut self, moe: &Moe, x: &Dev) -> Option<Dev> {
+        let st = self.m.stacks.get(&key(moe))?;
+        let (n, k, ne) = (self.n, moe.top_k, moe.experts.len());
+        let (h, inter) = (moe.router.in_features(), moe.experts[0].gate_proj.out_features());
+        let logits = self.product(x, &moe.router);
+        let route = self.alloc(2 * n * k);
+        self.rec.route(&logits.buf, &route.buf, n, ne, k, moe.norm_topk_prob);
+        let (g, u, y, out) = (self.alloc(n * k * inter), self.alloc(n * k * inter), self.alloc(n * k * h), self.alloc(n * h));
+        let pairs = n * k;
+        for ((w, f), dst) in [(&st.gate, &g), (&st.up, &u)] {
+            let job = MoeMatmul { x: &x.buf, w, route: &route.buf, y: &dst.buf, pairs, topk: k, per_token: true, format: *f, n: inter, k: h };
+            self.rec.moe_matmul(&job);
+        }
+        self.rec.silu_mul(&g.buf, &u.buf, pairs * inter);
+        let (w, f) = &st.down;
+        let job = MoeMatmul { x: &g.buf, w, route: &route.buf, y: &y.buf, pairs, topk: k, per_token: false, format: *f, n: h, k: inter };
+        self.rec.moe_matmul(&job);
+        self.rec.combine(&y.buf, &route.buf, &out.buf, n, h, k);
+        Some(out)
     }
 }

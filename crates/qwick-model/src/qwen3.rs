@@ -217,6 +217,11 @@ pub struct Moe {
 impl Moe {
     /// The block over the normed hidden states `x` (one row per token).
     pub fn forward<E: Exec>(&self, x: &E::T, e: &mut E, trace: Option<&mut MlpTrace>) -> E::T {
+        if trace.is_none() {
+            if let Some(out) = e.moe(self, x) {
+                return out;
+            }
+        }
         let (ne, h, n) = (self.experts.len(), self.router.in_features(), e.tokens());
         let logits = e.products(&[(x, &self.router)]).pop().expect("one product");
         let mut probs = e.take(logits);

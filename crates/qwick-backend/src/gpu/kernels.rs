@@ -17,6 +17,9 @@ const ATTENTION: &str = include_str!("wgsl/attention.wgsl");
 const ROWS: &str = include_str!("wgsl/rows.wgsl");
 const READ: &str = include_str!("wgsl/read.wgsl");
 const PER_ITEM: &str = include_str!("wgsl/per_item.wgsl");
+const ROUTE: &str = include_str!("wgsl/route.wgsl");
+const COMBINE: &str = include_str!("wgsl/combine.wgsl");
+const MOE_MATMUL: &str = include_str!("wgsl/moe_matmul.wgsl");
 
 /// A kernel of one item per invocation: [`PER_ITEM`]'s entry point around `src`'s `item`.
 fn per_item(src: &str) -> String {
@@ -223,5 +226,70 @@ impl Recorder<'_> {
         let groups = 1024u32;
         let pipe = self.gpu.pipeline("read", || READ.to_string());
         self.dispatch(pipe, &[words4, groups * 256], &[src, out], groups);
+    }
+}
+
+/// The experts' products of a MoE block for every (token, chosen expert) pair: `y[q] = x_q ·
+/// W_eᵀ`, `e` the pair's expert in `route` ([`Recorder::route`]), `x_q` its token's row of `x`
+/// (`per_token`) or its own row; the experts' weights (`n` rows of `k` each, `format`) one after
+/// another in `w`.
+pub struct MoeMatmul<'a> {
+    pub x: &'a Buf,
+    pub w: &'a Buf,
+    pub route: &'a Buf,
+    pub y: &'a Buf,
+    pub pairs: usize,
+    pub topk: usize,
+    pub per_token: bool,
+    pub format: Format,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl Recorder<'_> {
+    /// Routes `n` tokens: softmax of their router `logits` (`[n, experts]`, overwritten), the
+    /// top `k` experts and their weights (renormalised when `norm`) into `route` as (expert,
+    /// weight bits) pairs, `[n, k]`.
+    pub fn route(&mut self, logits: &Buf, route: &Buf, n: usize, experts: usize, k: usize, norm: bool) {
+        fits("route logits", logits, n * experts);
+        fits("route", route, 2 * n * k);
+        let pipe = self.gpu.pipeline("route", || per_item(ROUTE));
+        self.dispatch(pipe, &[u(n), u(experts), u(k), norm as u32], &[logits, route], u(n.div_ceil(64)));
+    }
+
+    /// See [`MoeMatmul`].
+    pub fn moe_matmul(&mut self, j: &MoeMatmul) {
+        assert!(formats::reads(j.format, j.k), "the GPU products do not read {} rows of {} weights", j.format, j.k);
+        let row_bytes = j.format.row_bytes(j.k);
+        let expert_bytes = row_bytes * j.n;
+        assert!(j.w.bytes as usize >= expert_bytes, "a stack of experts smaller than one");
+        fits("moe y", j.y, j.pairs * j.n);
+        fits("moe route", j.route, 2 * j.pairs);
+        let f = j.format;
+        let (chunk_bytes, per_block) = formats::chunk_geometry(f);
+        let tpr = j.k.div_ceil(32).next_power_of_two().min(64) as u32;
+        let pipe = self.gpu.pipeline(&format!("moe_matmul_{f}"), || format!("{}\n{MOE_MATMUL}", formats::wgsl(f)));
+        let params = [
+            u(j.pairs),
+            u(j.n),
+            u(j.k),
+            u(row_bytes),
+            u(expert_bytes),
+            chunk_bytes,
+            per_block,
+            u(j.topk),
+            j.per_token as u32,
+            tpr,
+        ];
+        let groups = j.n.div_ceil(64 / tpr as usize) * j.pairs;
+        self.dispatch(pipe, &params, &[j.x, j.w, j.y, j.route], u(groups));
+    }
+
+    /// `out[t] = Σ_j w_tj · y[t · k + j]` over rows of `width` values, the weights in `route`.
+    pub fn combine(&mut self, y: &Buf, route: &Buf, out: &Buf, n: usize, width: usize, k: usize) {
+        fits("combine y", y, n * k * width);
+        fits("combine out", out, n * width);
+        let pipe = self.gpu.pipeline("combine", || per_item(COMBINE));
+        self.dispatch(pipe, &[u(n), u(width), u(k)], &[y, route, out], u((n * width).div_ceil(64)));
     }
 }

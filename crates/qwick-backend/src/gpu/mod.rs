@@ -15,7 +15,7 @@ mod recorder;
 mod tests;
 
 pub use formats::{reads, supports};
-pub use kernels::{Attend, Matmul};
+pub use kernels::{Attend, Matmul, MoeMatmul};
 pub use recorder::Recorder;
 
 use std::collections::HashMap;

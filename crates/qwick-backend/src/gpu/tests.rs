@@ -234,3 +234,52 @@ fn bandwidth_probe_reads_the_buffer() {
     let bw = g.read_bandwidth(64 << 20, 2).unwrap();
     assert!(bw.is_finite() && bw > 1e8, "{bw} bytes/s");
 }
+
+#[test]
+fn moe_routing_expert_products_and_combine_match_the_cpu() {
+    let Some(g) = gpu("MoE kernels") else { return };
+    let (n, ne, k, h, inter, f) = (5, 16, 4, 64, 96, Format::Q8_0);
+    let logits = rand_vec(n * ne, 21);
+    // The reference routing: softmax, top k by descending probability (lower index on ties),
+    // renormalised.
+    let mut want_route = Vec::new();
+    for row in logits.chunks(ne) {
+        let mut p = row.to_vec();
+        ops::softmax_inplace(Isa::SCALAR, &mut p);
+        let mut idx: Vec<usize> = (0..ne).collect();
+        idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+        let sum: f32 = idx[..k].iter().map(|&e| p[e]).sum();
+        want_route.extend(idx[..k].iter().map(|&e| (e, p[e] / sum)));
+    }
+    let gate = rand_vec(ne * inter * h, 22);
+    let (stored, x) = (encode(f, &gate), rand_vec(n * h, 23));
+    let mut deq = vec![0f32; gate.len()];
+    f.dequantize(&stored, &mut deq);
+    let (lb, rb, wb, xb) = (g.upload_f32(&logits).unwrap(), g.zeros(8 * (n * k) as u64).unwrap(), g.upload(&stored).unwrap(), g.upload_f32(&x).unwrap());
+    let (yb, ob) = (g.zeros(4 * (n * k * inter) as u64).unwrap(), g.zeros(4 * (n * inter) as u64).unwrap());
+    let mut rec = Recorder::new(&g);
+    rec.route(&lb, &rb, n, ne, k, true);
+    rec.moe_matmul(&MoeMatmul { x: &xb, w: &wb, route: &rb, y: &yb, pairs: n * k, topk: k, per_token: true, format: f, n: inter, k: h });
+    rec.combine(&yb, &rb, &ob, n, inter, k);
+    rec.submit();
+    let route = g.read(&rb, 8 * (n * k) as u64);
+    let words: Vec<u32> = route.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+    let got_route: Vec<(usize, f32)> = words.chunks_exact(2).map(|p| (p[0] as usize, f32::from_bits(p[1]))).collect();
+    for (i, (got, want)) in got_route.iter().zip(&want_route).enumerate() {
+        assert_eq!(got.0, want.0, "pair {i}: expert");
+        assert!((got.1 - want.1).abs() <= 1e-6, "pair {i}: weight {} against {}", got.1, want.1);
+    }
+    let mut want_y = vec![0f32; n * k * inter];
+    let mut want_out = vec![0f32; n * inter];
+    for (q, &(e, w)) in want_route.iter().enumerate() {
+        let t = q / k;
+        for r in 0..inter {
+            let row = &deq[(e * inter + r) * h..][..h];
+            let v: f32 = row.iter().zip(&x[t * h..(t + 1) * h]).map(|(a, b)| a * b).sum();
+            want_y[q * inter + r] = v;
+            want_out[t * inter + r] += w * v;
+        }
+    }
+    assert_close("experts' products", &g.read_f32(&yb, n * k * inter), &want_y, 1e-4);
+    assert_close("combined", &g.read_f32(&ob, n * inter), &want_out, 1e-4);
+}
