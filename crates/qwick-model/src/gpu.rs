@@ -152,7 +152,10 @@ impl GpuModel {
             rec: Recorder::new(g),
             m: self,
         };
-        Ok(model.run(&mut pass, batch))
+        let logits = model.run(&mut pass, batch);
+        // A step without logits (a prefill chunk) still has its K/V to write.
+        pass.flush();
+        Ok(logits)
     }
 }
 

@@ -30,19 +30,24 @@ const FIXTURES: [&str; 11] = [
 
 const BLOCK: usize = 16;
 
-/// Two steps: prompts of 37 and 5 tokens (every row's logits), then one token of each beside
-/// a 20-token prompt; each sequence on blocks of its own, out of order.
+/// Three steps: the first 20 tokens of a 37-token prompt alone (a chunk without logits: the
+/// prompt goes on), its other 17 beside a 5-token prompt, then one token of each beside a
+/// 20-token prompt (every prompt row's logits); each sequence on blocks of its own, out of
+/// order.
 fn steps(vocab: u32) -> Vec<Batch> {
     let tok = |i: u32| (i * 7919 + 13) % vocab;
     let tables = [vec![3, 0, 6], vec![1], vec![5, 2]];
     let mut first = Batch::default();
-    first.push_span(&(0..37).map(tok).collect::<Vec<_>>(), 0, &tables[0], BLOCK, true);
-    first.push_span(&(40..45).map(tok).collect::<Vec<_>>(), 0, &tables[1], BLOCK, true);
-    let mut second = Batch::default();
-    second.push_span(&[tok(100)], 37, &tables[0], BLOCK, false);
-    second.push_span(&[tok(101)], 5, &tables[1], BLOCK, false);
-    second.push_span(&(60..80).map(tok).collect::<Vec<_>>(), 0, &tables[2], BLOCK, true);
-    vec![first, second]
+    first.push_span(&(0..20).map(tok).collect::<Vec<_>>(), 0, &tables[0], BLOCK, false);
+    first.logits_rows.clear();
+    let mut rest = Batch::default();
+    rest.push_span(&(20..37).map(tok).collect::<Vec<_>>(), 20, &tables[0], BLOCK, true);
+    rest.push_span(&(40..45).map(tok).collect::<Vec<_>>(), 0, &tables[1], BLOCK, true);
+    let mut next = Batch::default();
+    next.push_span(&[tok(100)], 37, &tables[0], BLOCK, false);
+    next.push_span(&[tok(101)], 5, &tables[1], BLOCK, false);
+    next.push_span(&(60..80).map(tok).collect::<Vec<_>>(), 0, &tables[2], BLOCK, true);
+    vec![first, rest, next]
 }
 
 #[test]
@@ -72,8 +77,8 @@ fn gpu_logits_match_the_cpu_on_every_fixture() {
 #[test]
 fn weights_and_logits_larger_than_a_binding_are_split() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    // 32 KiB a binding: the 512-row head (64 KiB of bf16) in two runs of rows, the 42 rows of
-    // logits of the first step 16 at a time; a MoE block's stacked experts (48 KiB a
+    // 32 KiB a binding: the 512-row head (64 KiB of bf16) in two runs of rows, the 22 rows of
+    // logits of the last step 16 at a time; a MoE block's stacked experts (48 KiB a
     // projection) do not fit, so its experts run one by one, routed on the host.
     let limited = || {
         Gpu::open(0).map(|mut g| {
