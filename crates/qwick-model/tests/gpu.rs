@@ -53,11 +53,9 @@ fn steps(vocab: u32) -> Vec<Batch> {
 #[test]
 fn gpu_logits_match_the_cpu_on_every_fixture() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    let pool = ThreadPool::new(2);
-    let ctx = Ctx { exact: true, ..Ctx::new(Isa::best_exact(), &pool) };
     for name in FIXTURES {
         let model = Arc::new(Qwen3::load(&root.join(name)).unwrap());
-        let mut gpu = match GpuModel::new(model.clone(), 0, 8, BLOCK) {
+        let gpu = match GpuModel::new(model.clone(), 0, 8, BLOCK) {
             Ok(g) => g,
             Err(e) if e.to_string().contains("no GPU adapter") => {
                 eprintln!("SKIPPED gpu_logits_match_the_cpu_on_every_fixture: {e}");
@@ -65,12 +63,19 @@ fn gpu_logits_match_the_cpu_on_every_fixture() {
             }
             Err(e) => panic!("{name}: {e:#}"),
         };
-        let mut kv = model.new_kv_cache(8, BLOCK);
-        for (s, batch) in steps(model.config.vocab_size as u32).iter().enumerate() {
-            let want = model.forward(ctx, batch, &mut kv).unwrap();
-            let got = gpu.forward(batch).unwrap();
-            assert_close(&format!("{name}, step {s}"), &got, &want, 1e-3 * max_abs(&want));
-        }
+        same_steps(name, &model, gpu);
+    }
+}
+
+/// The logits of [`steps`] on `gpu` against the CPU's, exact, within 1e-3 of the largest.
+fn same_steps(name: &str, model: &Qwen3, mut gpu: GpuModel) {
+    let pool = ThreadPool::new(2);
+    let ctx = Ctx { exact: true, ..Ctx::new(Isa::best_exact(), &pool) };
+    let mut kv = model.new_kv_cache(8, BLOCK);
+    for (s, batch) in steps(model.config.vocab_size as u32).iter().enumerate() {
+        let want = model.forward(ctx, batch, &mut kv).unwrap();
+        let got = gpu.forward(batch).unwrap();
+        assert_close(&format!("{name}, step {s}"), &got, &want, 1e-3 * max_abs(&want));
     }
 }
 
@@ -92,15 +97,7 @@ fn weights_and_logits_larger_than_a_binding_are_split() {
     }
     for name in ["dense_untied_gqa2", "moe_norm_topk"] {
         let model = Arc::new(Qwen3::load(&root.join(name)).unwrap());
-        let mut on_gpu = GpuModel::on(limited().unwrap(), model.clone(), 8, BLOCK).unwrap();
-        let pool = ThreadPool::new(2);
-        let ctx = Ctx { exact: true, ..Ctx::new(Isa::best_exact(), &pool) };
-        let mut kv = model.new_kv_cache(8, BLOCK);
-        for (s, batch) in steps(model.config.vocab_size as u32).iter().enumerate() {
-            let want = model.forward(ctx, batch, &mut kv).unwrap();
-            let got = on_gpu.forward(batch).unwrap();
-            assert_close(&format!("{name} split, step {s}"), &got, &want, 1e-3 * max_abs(&want));
-        }
+        same_steps(&format!("{name} split"), &model, GpuModel::on(limited().unwrap(), model.clone(), 8, BLOCK).unwrap());
     }
 }
 

@@ -8,6 +8,8 @@ use crate::attention::KvLayout;
 use crate::format::Format;
 
 const MATMUL: &str = include_str!("wgsl/matmul.wgsl");
+const ACCUMULATE: &str = include_str!("wgsl/accumulate.wgsl");
+const MATMUL_IO: &str = include_str!("wgsl/matmul_io.wgsl");
 const MATMUL_SG: &str = include_str!("wgsl/matmul_sg.wgsl");
 const RMS_NORM: &str = include_str!("wgsl/rms_norm.wgsl");
 const ROPE: &str = include_str!("wgsl/rope.wgsl");
@@ -107,12 +109,12 @@ impl Recorder<'_> {
         // invocations a row: about its chunks of 32, a power of two up to 64.
         let (pipe, tpr, rows_per_group) = match self.gpu.subgroup_rows {
             Some(rows) => {
-                let src = || format!("{}\n{MATMUL_SG}", formats::wgsl(f));
+                let src = || format!("{}\n{MATMUL_IO}\n{MATMUL_SG}\n{ACCUMULATE}", formats::wgsl(f));
                 (self.gpu.pipeline(&format!("matmul_sg_{f}"), src), rows, rows as usize)
             }
             None => {
                 let tpr = j.k.div_ceil(32).next_power_of_two().min(64) as u32;
-                (self.gpu.pipeline(&format!("matmul_{f}"), || format!("{}\n{MATMUL}", formats::wgsl(f))), tpr, 64 / tpr as usize)
+                (self.gpu.pipeline(&format!("matmul_{f}"), || format!("{}\n{MATMUL_IO}\n{MATMUL}\n{ACCUMULATE}", formats::wgsl(f))), tpr, 64 / tpr as usize)
             }
         };
         let params = [
@@ -268,7 +270,7 @@ impl Recorder<'_> {
         let f = j.format;
         let (chunk_bytes, per_block) = formats::chunk_geometry(f);
         let tpr = j.k.div_ceil(32).next_power_of_two().min(64) as u32;
-        let pipe = self.gpu.pipeline(&format!("moe_matmul_{f}"), || format!("{}\n{MOE_MATMUL}", formats::wgsl(f)));
+        let pipe = self.gpu.pipeline(&format!("moe_matmul_{f}"), || format!("{}\n{MOE_MATMUL}\n{ACCUMULATE}", formats::wgsl(f)));
         let params = [
             u(j.pairs),
             u(j.n),

@@ -28,19 +28,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let lane = t % p.tpr;
     let e = route[2u * q];
     let xo = select(q, q / p.topk, p.per_token == 1u) * p.k;
-    var acc = 0.0;
-    var wv: array<f32, 32>;
+    var acc: array<f32, 8>;
     let chunks = (p.k + 31u) / 32u;
     if (row < p.n) {
         for (var c = lane; c < chunks; c += p.tpr) {
-            deq32(e * p.expert_bytes + row * p.row_bytes + (c / p.chunks_per_block) * p.chunk_bytes, c % p.chunks_per_block, &wv);
-            let lim = min(32u, p.k - c * 32u);
-            for (var j = 0u; j < 32u; j++) {
-                acc += select(0.0, wv[j] * x[xo + c * 32u + min(j, lim - 1u)], j < lim);
-            }
+            accumulate(e * p.expert_bytes + row * p.row_bytes, c, p.k, xo, 0u, 1u, &acc);
         }
     }
-    part[t] = acc;
+    part[t] = acc[0];
     workgroupBarrier();
     for (var s = p.tpr / 2u; s > 0u; s >>= 1u) {
         if (lane < s) {
