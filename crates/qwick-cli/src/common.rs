@@ -38,8 +38,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub kv_dtype: Option<String>,
     /// Where the model runs: cpu, gpu or gpu:N (an adapter as `qwick devices` lists them).
-    /// On a GPU the weights stay in their stored formats in device memory and the KV cache
-    /// holds f32.
+    /// On a GPU the weights stay in their stored formats in device memory, beside the KV cache.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -135,10 +134,8 @@ impl RunArgs {
         DeviceSpec::parse(&self.device).map_err(|e| anyhow::anyhow!("--device: {e}"))
     }
 
-    /// The KV cache's element format asked for, else `default` (on a GPU, f32: the only
-    /// format its cache holds).
+    /// The KV cache's element format asked for, else `default`.
     pub fn kv_format_or(&self, default: Format) -> Result<Format> {
-        let default = if self.device()? == DeviceSpec::Cpu { default } else { Format::F32 };
         match &self.kv_dtype {
             None => Ok(default),
             Some(s) => match s.to_ascii_lowercase().as_str() {

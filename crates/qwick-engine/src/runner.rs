@@ -129,13 +129,11 @@ pub struct GpuForward(qwick_model::gpu::GpuModel);
 
 #[cfg(feature = "gpu")]
 impl GpuForward {
-    /// The model uploaded to GPU adapter `index`, with the cache of `cfg` (whose KV elements
-    /// must be f32: the GPU cache holds no other format yet).
+    /// The model uploaded to GPU adapter `index`, with the cache of `cfg`.
     pub fn new(model: Arc<Qwen3>, index: usize, cfg: &RunnerConfig) -> Result<GpuForward> {
-        if cfg.kv_format != Format::F32 {
-            bail!("a {} KV cache does not run on the GPU yet: its cache holds f32 (--kv-dtype f32)", cfg.kv_format);
-        }
-        Ok(GpuForward(qwick_model::gpu::GpuModel::new(model, index, cfg.num_blocks, cfg.block_size)?))
+        let gpu = qwick_backend::gpu::Gpu::open(index).map_err(anyhow::Error::msg)?;
+        let cache = (cfg.num_blocks, cfg.block_size, cfg.kv_format);
+        Ok(GpuForward(qwick_model::gpu::GpuModel::on(gpu, model, cache)?))
     }
 }
 

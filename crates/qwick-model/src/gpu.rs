@@ -1,5 +1,5 @@
 //! The Qwen3 forward on a GPU: the model's weights uploaded once in their stored formats, a
-//! paged f32 KV cache in device memory addressed by the engine's block tables, and an [`Exec`]
+//! paged KV cache (f32, f16 or bf16) in device memory addressed by the engine's block tables, and an [`Exec`]
 //! whose ops record WGSL dispatches ([`qwick_backend::gpu`]) submitted together up to the next
 //! read-back, the logits at the end of a call. MoE blocks route their tokens on the device and
 //! run the chosen experts' products in one dispatch per projection over the experts' weights
@@ -33,8 +33,9 @@ pub struct GpuModel {
     /// Each MoE block's experts, stacked, by the address of the model's block (blocks whose
     /// stacks do not fit a binding keep their experts one by one in `linears`).
     stacks: HashMap<usize, Stacks>,
-    /// Per layer, K and V.
+    /// Per layer, K and V, of `kv_format` elements.
     kv: Vec<(Buf, Buf)>,
+    kv_format: Format,
     layout: KvLayout,
     num_blocks: usize,
 }
@@ -48,11 +49,16 @@ impl GpuModel {
     /// `block_size` tokens. Refuses weight formats the GPU kernels do not read and LoRA
     /// adapters, naming them.
     pub fn new(model: Arc<Qwen3>, index: usize, num_blocks: usize, block_size: usize) -> Result<GpuModel> {
-        GpuModel::on(Gpu::open(index).map_err(|e| anyhow!(e))?, model, num_blocks, block_size)
+        GpuModel::on(Gpu::open(index).map_err(|e| anyhow!(e))?, model, (num_blocks, block_size, Format::F32))
     }
 
-    /// [`GpuModel::new`] on an opened GPU.
-    pub fn on(gpu: Gpu, model: Arc<Qwen3>, num_blocks: usize, block_size: usize) -> Result<GpuModel> {
+    /// [`GpuModel::new`] on an opened GPU, with a cache of `(blocks, block size, element
+    /// format)`: f32, f16 or bf16 (as [`crate::KvCache`] stores them).
+    pub fn on(gpu: Gpu, model: Arc<Qwen3>, cache: (usize, usize, Format)) -> Result<GpuModel> {
+        let (num_blocks, block_size, kv_format) = cache;
+        if !crate::KV_FORMATS.contains(&kv_format) {
+            bail!("a KV cache cannot hold {kv_format} elements");
+        }
         let mut norms = HashMap::new();
         let all_norms = model.layers.iter().flat_map(|l| {
             [&l.input_layernorm, &l.post_attention_layernorm, &l.attn.q_norm, &l.attn.k_norm]
@@ -103,12 +109,12 @@ impl GpuModel {
         }
         let c = &model.config;
         let layout = KvLayout { block_size, kv_heads: c.num_key_value_heads, head_dim: c.head_dim };
-        let per = 4 * (num_blocks * block_size * layout.kv_heads * layout.head_dim) as u64;
+        let per = kv_format.row_bytes(num_blocks * block_size * layout.kv_heads * layout.head_dim) as u64;
         let kv = (0..c.num_hidden_layers)
             .map(|_| Ok((gpu.zeros(per)?, gpu.zeros(per)?)))
             .collect::<Result<Vec<_>, String>>()
             .map_err(|e| anyhow!("the KV cache does not fit on {}: {e}", gpu.summary.name))?;
-        Ok(GpuModel { model, gpu, norms, linears, lora, stacks, kv, layout, num_blocks })
+        Ok(GpuModel { model, gpu, norms, linears, lora, stacks, kv, kv_format, layout, num_blocks })
     }
 
     pub fn model(&self) -> &Arc<Qwen3> {
@@ -335,8 +341,9 @@ impl Exec for GpuPass<'_> {
     fn attend(&mut self, l: usize, q: &Dev, k: &Dev, v: &Dev) -> (Dev, Vec<f32>) {
         let (kc, vc) = &self.m.kv[l];
         let layout = self.m.layout;
-        self.rec.kv_write(&k.buf, &self.slots, kc, self.n, layout);
-        self.rec.kv_write(&v.buf, &self.slots, vc, self.n, layout);
+        let format = self.m.kv_format;
+        self.rec.kv_write(&k.buf, &self.slots, kc, self.n, layout, format);
+        self.rec.kv_write(&v.buf, &self.slots, vc, self.n, layout, format);
         let out = self.alloc(q.len);
         self.rec.attend(&Attend {
             q: &q.buf,
@@ -351,6 +358,7 @@ impl Exec for GpuPass<'_> {
             block_size: layout.block_size,
             scale: self.scale,
             seqs: self.seqs,
+            format,
         });
         (out, Vec::new())
     }

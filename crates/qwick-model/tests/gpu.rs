@@ -6,7 +6,7 @@
 #![cfg(feature = "gpu")]
 
 use qwick_backend::check::{assert_close, max_abs};
-use qwick_backend::{Ctx, Isa, ThreadPool};
+use qwick_backend::{Ctx, Format, Isa, ThreadPool};
 use qwick_backend::gpu::Gpu;
 use qwick_model::gpu::GpuModel;
 use qwick_model::lora::Adapter;
@@ -63,15 +63,20 @@ fn gpu_logits_match_the_cpu_on_every_fixture() {
             }
             Err(e) => panic!("{name}: {e:#}"),
         };
-        same_steps(name, &model, gpu);
+        same_steps(name, &model, gpu, Format::F32);
+        // KV caches of 16-bit elements, against the CPU's of the same.
+        for f in [Format::F16, Format::BF16] {
+            same_steps(&format!("{name}, {f} cache"), &model, GpuModel::on(Gpu::open(0).unwrap(), model.clone(), (8, BLOCK, f)).unwrap(), f);
+        }
     }
 }
 
-/// The logits of [`steps`] on `gpu` against the CPU's, exact, within 1e-3 of the largest.
-fn same_steps(name: &str, model: &Qwen3, mut gpu: GpuModel) {
+/// The logits of [`steps`] on `gpu` against the CPU's, exact, within 1e-3 of the largest; both
+/// caches of `kv` elements.
+fn same_steps(name: &str, model: &Qwen3, mut gpu: GpuModel, kv: Format) {
     let pool = ThreadPool::new(2);
     let ctx = Ctx { exact: true, ..Ctx::new(Isa::best_exact(), &pool) };
-    let mut kv = model.new_kv_cache(8, BLOCK);
+    let mut kv = model.new_kv_cache_as(kv, 8, BLOCK);
     for (s, batch) in steps(model.config.vocab_size as u32).iter().enumerate() {
         let want = model.forward(ctx, batch, &mut kv).unwrap();
         let got = gpu.forward(batch).unwrap();
@@ -97,7 +102,8 @@ fn weights_and_logits_larger_than_a_binding_are_split() {
     }
     for name in ["dense_untied_gqa2", "moe_norm_topk"] {
         let model = Arc::new(Qwen3::load(&root.join(name)).unwrap());
-        same_steps(&format!("{name} split"), &model, GpuModel::on(limited().unwrap(), model.clone(), 8, BLOCK).unwrap());
+        let gpu = GpuModel::on(limited().unwrap(), model.clone(), (8, BLOCK, Format::F32)).unwrap();
+        same_steps(&format!("{name} split"), &model, gpu, Format::F32);
     }
 }
 

@@ -47,7 +47,7 @@ pub struct Matmul<'a> {
 }
 
 /// Attention of `n` query tokens (`q`: `[n, heads · d]`) over one layer's paged cache (`k`,
-/// `v`: f32 `[blocks, kv_heads, block_size, d]`); `meta` holds the tokens' positions, their
+/// `v`: `[blocks, kv_heads, block_size, d]` of `format` elements); `meta` holds the tokens' positions, their
 /// sequences, each sequence's start in the block tables and the tables ([`Attend::meta`]).
 pub struct Attend<'a> {
     pub q: &'a Buf,
@@ -62,6 +62,8 @@ pub struct Attend<'a> {
     pub block_size: usize,
     pub scale: f32,
     pub seqs: usize,
+    /// The cache's elements: f32, f16 or bf16.
+    pub format: Format,
 }
 
 impl Attend<'_> {
@@ -81,6 +83,36 @@ impl Attend<'_> {
         }
         out
     }
+}
+
+/// WGSL for a KV cache of `f` elements (f32, f16, or bf16 rounded to nearest, ties to even, as
+/// the CPU cache stores them): `PER_WORD` elements a 32-bit word, and for the writer
+/// `encode(i)`, the word of the source values from index `i` on, or for the readers
+/// `element(c, i)`, value `i` of cache `c` (0: K, 1: V) as f32.
+fn kv_elements(f: Format, writer: bool) -> String {
+    let (per_word, encode, element) = match f {
+        Format::F32 => (
+            1,
+            "fn encode(i: u32) -> u32 { return bitcast<u32>(src[i]); }",
+            "fn element(c: u32, i: u32) -> f32 { return bitcast<f32>(select(kc[i], vc[i], c == 1u)); }",
+        ),
+        Format::F16 => (
+            2,
+            "fn encode(i: u32) -> u32 { return pack2x16float(vec2<f32>(src[i], src[i + 1u])); }",
+            "fn element(c: u32, i: u32) -> f32 { return unpack2x16float(select(kc[i >> 1u], vc[i >> 1u], c == 1u))[i & 1u]; }",
+        ),
+        Format::BF16 => (
+            2,
+            "fn bf16(x: f32) -> u32 { let b = bitcast<u32>(x); return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u; }
+             fn encode(i: u32) -> u32 { return bf16(src[i]) | (bf16(src[i + 1u]) << 16u); }",
+            "fn element(c: u32, i: u32) -> f32 {
+                 let w = select(kc[i >> 1u], vc[i >> 1u], c == 1u);
+                 return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u));
+             }",
+        ),
+        _ => panic!("a KV cache of {f} elements"),
+    };
+    format!("const PER_WORD: u32 = {per_word}u;\n{}\n", if writer { encode } else { element })
 }
 
 fn u(v: usize) -> u32 {
@@ -182,13 +214,15 @@ impl Recorder<'_> {
     }
 
     /// Writes `n` rows of `kv_heads · head_dim` values of `src` to the cache slots `slots` of
-    /// `cache` (f32, placed as `layout` says).
-    pub fn kv_write(&mut self, src: &Buf, slots: &Buf, cache: &Buf, n: usize, layout: KvLayout) {
+    /// `cache` (placed as `layout` says, of `format` elements: f32, f16 or bf16).
+    pub fn kv_write(&mut self, src: &Buf, slots: &Buf, cache: &Buf, n: usize, layout: KvLayout, format: Format) {
         let KvLayout { block_size, kv_heads, head_dim: d } = layout;
+        assert!(d.is_multiple_of(2), "a KV cache of odd head dimensions");
         fits("kv_write src", src, n * kv_heads * d);
-        let pipe = self.gpu.pipeline("kv_write", || per_item(KV_WRITE));
+        let pipe = self.gpu.pipeline(&format!("kv_write_{format}"), || per_item(&format!("{}{KV_WRITE}", kv_elements(format, true))));
         let params = [u(n), u(kv_heads), u(d), u(block_size)];
-        self.dispatch(pipe, &params, &[src, slots, cache], u((n * kv_heads * d).div_ceil(64)));
+        let words = n * kv_heads * d * format.block_bytes() / 4;
+        self.dispatch(pipe, &params, &[src, slots, cache], u(words.div_ceil(64)));
     }
 
     /// See [`Attend`]. Head dimensions up to 256.
@@ -196,7 +230,8 @@ impl Recorder<'_> {
         assert!(a.d <= 256 && a.heads.is_multiple_of(a.kv_heads), "attention over heads of {} values", a.d);
         fits("attention q", a.q, a.n * a.heads * a.d);
         fits("attention out", a.out, a.n * a.heads * a.d);
-        let pipe = self.gpu.pipeline("attention", || ATTENTION.to_string());
+        let f = a.format;
+        let pipe = self.gpu.pipeline(&format!("attention_{f}"), || format!("{}{ATTENTION}", kv_elements(f, false)));
         let params = [u(a.n), u(a.heads), u(a.kv_heads), u(a.d), u(a.block_size), a.scale.to_bits(), u(a.seqs)];
         self.dispatch(pipe, &params, &[a.q, a.k, a.v, a.meta, a.out], u(a.n * a.heads));
     }

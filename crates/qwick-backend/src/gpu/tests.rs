@@ -86,7 +86,7 @@ fn matmul_check(g: &Gpu, path: &str) {
         for m in [1, 3, 8, 11] {
             let x = rand_vec(m * k, 11 + m as u64);
             let (xb, yb) = (g.upload_f32(&x).unwrap(), g.zeros(4 * (m * n) as u64).unwrap());
-            let mut rec = Recorder::new(&g);
+            let mut rec = Recorder::new(g);
             rec.matmul(&Matmul { x: &xb, x_off: 0, ldx: k, m, w: &wb, w_off: 0, format: f, n, k, y: &yb, y_off: 0, ldy: n });
             rec.submit();
             let got = g.read_f32(&yb, m * n);
@@ -121,7 +121,7 @@ fn offsets_check(g: &Gpu, path: &str) {
     let (ldx, ldy) = (k + 32, n + 3);
     let x = rand_vec(m * ldx + 7, 5);
     let (xb, wb, yb) = (g.upload_f32(&x).unwrap(), g.upload(&stored).unwrap(), g.zeros(4 * (m * ldy + 2) as u64).unwrap());
-    let mut rec = Recorder::new(&g);
+    let mut rec = Recorder::new(g);
     let w_off = f.row_bytes(k) as u64 * n as u64;
     rec.matmul(&Matmul { x: &xb, x_off: 7, ldx, m, w: &wb, w_off, format: f, n, k, y: &yb, y_off: 2, ldy });
     rec.submit();
@@ -191,6 +191,7 @@ fn paged_attention_matches_the_cpu() {
     // written over their slots by both sides.
     let size = blocks * kv_heads * bs * d;
     let (mut kc, mut vc) = (rand_vec(size, 8), rand_vec(size, 9));
+    let initial = (kc.clone(), vc.clone());
     let (k, v, q) = (rand_vec(n * kv_heads * d, 10), rand_vec(n * kv_heads * d, 11), rand_vec(n * heads * d, 12));
     let slots: Vec<u32> = (0..n)
         .map(|i| {
@@ -198,20 +199,6 @@ fn paged_attention_matches_the_cpu() {
             t[p / bs] * bs as u32 + (p % bs) as u32
         })
         .collect();
-    let (kcb, vcb) = (g.upload_f32(&kc).unwrap(), g.upload_f32(&vc).unwrap());
-    let (kb, vb, qb, sb) =
-        (g.upload_f32(&k).unwrap(), g.upload_f32(&v).unwrap(), g.upload_f32(&q).unwrap(), g.upload_u32(&slots).unwrap());
-    let tabs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
-    let meta = g.upload_u32(&Attend::meta(&positions, &seq_of_token, &tabs)).unwrap();
-    let ob = g.zeros(4 * (n * heads * d) as u64).unwrap();
-    let scale = 1.0 / (d as f32).sqrt();
-    let mut rec = Recorder::new(&g);
-    rec.kv_write(&kb, &sb, &kcb, n, layout);
-    rec.kv_write(&vb, &sb, &vcb, n, layout);
-    let attend = Attend { q: &qb, k: &kcb, v: &vcb, meta: &meta, out: &ob, n, heads, kv_heads, d, block_size: bs, scale, seqs: 2 };
-    rec.attend(&attend);
-    rec.submit();
-
     for (i, &s) in slots.iter().enumerate() {
         for h in 0..kv_heads {
             let at = layout.row(s as usize / bs, h, s as usize % bs);
@@ -219,13 +206,39 @@ fn paged_attention_matches_the_cpu() {
             vc[at..at + d].copy_from_slice(&v[(i * kv_heads + h) * d..][..d]);
         }
     }
-    assert_close("K cache after the write", &g.read_f32(&kcb, size), &kc, 0.0);
-    assert_close("V cache after the write", &g.read_f32(&vcb, size), &vc, 0.0);
+    let tabs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
+    let (kb, vb, qb, sb) =
+        (g.upload_f32(&k).unwrap(), g.upload_f32(&v).unwrap(), g.upload_f32(&q).unwrap(), g.upload_u32(&slots).unwrap());
+    let meta = g.upload_u32(&Attend::meta(&positions, &seq_of_token, &tabs)).unwrap();
+    let scale = 1.0 / (d as f32).sqrt();
     let pool = ThreadPool::new(1);
     let args = AttnArgs { n_heads: heads, scale, positions: &positions, seq_of_token: &seq_of_token, block_tables: &tabs };
-    let mut want = vec![0f32; n * heads * d];
-    paged_attention(Ctx::new(Isa::SCALAR, &pool), &q, PagedKv::f32(&kc, &vc, bs, kv_heads, d), &args, &mut want);
-    assert_close("attention", &g.read_f32(&ob, n * heads * d), &want, 1e-5);
+    for format in [Format::F32, Format::F16, Format::BF16] {
+        let encode = |x: &[f32]| {
+            let mut out = vec![0u8; format.row_bytes(x.len())];
+            format.encode_floats(x, &mut out);
+            out
+        };
+        // Both caches start as the random rows before the write (the GPU's) or after it (the
+        // CPU's, written on the host as the CPU cache does).
+        let (kcb, vcb) = (g.upload(&encode(&initial.0)).unwrap(), g.upload(&encode(&initial.1)).unwrap());
+        let ob = g.zeros(4 * (n * heads * d) as u64).unwrap();
+        let mut rec = Recorder::new(&g);
+        rec.kv_write(&kb, &sb, &kcb, n, layout, format);
+        rec.kv_write(&vb, &sb, &vcb, n, layout, format);
+        let attend =
+            Attend { q: &qb, k: &kcb, v: &vcb, meta: &meta, out: &ob, n, heads, kv_heads, d, block_size: bs, scale, seqs: 2, format };
+        rec.attend(&attend);
+        rec.submit();
+        let (kw, vw) = (encode(&kc), encode(&vc));
+        let bytes = kw.len() as u64;
+        assert!(g.read(&kcb, bytes) == kw, "{format} K cache after the write: not the CPU's bytes");
+        assert!(g.read(&vcb, bytes) == vw, "{format} V cache after the write: not the CPU's bytes");
+        let mut want = vec![0f32; n * heads * d];
+        let kv = PagedKv { k: &kw, v: &vw, format, block_size: bs, kv_heads, head_dim: d };
+        paged_attention(Ctx::new(Isa::SCALAR, &pool), &q, kv, &args, &mut want);
+        assert_close(&format!("attention over a {format} cache"), &g.read_f32(&ob, n * heads * d), &want, 1e-5);
+    }
 }
 
 #[test]
