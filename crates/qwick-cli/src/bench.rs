@@ -89,9 +89,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let report = serde_json::json!({
         "model": a.model,
         "device": device_name,
-        "threads": threads,
-        "isa": isa.to_string(),
-        "bf16_mode": bf16.name(),
+        // The CPU's kernel choices: none for a GPU run.
+        "threads": (device == DeviceSpec::Cpu).then_some(threads),
+        "isa": (device == DeviceSpec::Cpu).then(|| isa.to_string()),
+        "bf16_mode": (device == DeviceSpec::Cpu).then(|| bf16.name()),
         "bf16_why": bf16_why,
         "bf16_calibration": common::timings_to_json(&choice.timings),
         "batch": a.batch,
@@ -120,7 +121,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{report}");
     } else {
         println!("model            {}", a.model);
-        println!("device           {device_name}{}", if a.run.exact { " (exact)" } else { "" });
+        // A GPU's products are always exact (f32 activations).
+        println!("device           {device_name}{}", if a.run.exact && device == DeviceSpec::Cpu { " (exact)" } else { "" });
         if device == DeviceSpec::Cpu {
             println!("bf16 products    {} ({bf16_why})", bf16.name());
         }

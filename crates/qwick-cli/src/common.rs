@@ -162,8 +162,11 @@ impl RunArgs {
         let mut cfg = RunnerConfig::with_tokens(tokens, self.threads(), isa);
         cfg.exact = self.exact;
         cfg.kv_format = kv;
-        cfg.bf16 = self.bf16_mode(isa)?.0;
         cfg.device = self.device()?;
+        // How bf16 weights meet activations is a matter for the CPU's kernels only.
+        if cfg.device == DeviceSpec::Cpu {
+            cfg.bf16 = self.bf16_mode(isa)?.0;
+        }
         Ok(cfg)
     }
 
@@ -183,11 +186,12 @@ impl RunArgs {
     pub fn load_options(&self) -> Result<LoadOptions> {
         let dirs = self.adapters().into_iter().map(|(_, d)| d).collect();
         let isa = self.isa()?;
-        let rounded = self.bf16_mode(isa)?.0.unwrap_or(Bf16Mode::for_isa(isa)) != Bf16Mode::F32;
+        let on_cpu = self.device()? == DeviceSpec::Cpu;
+        let rounded = on_cpu && self.bf16_mode(isa)?.0.unwrap_or(Bf16Mode::for_isa(isa)) != Bf16Mode::F32;
         Ok(LoadOptions {
             // A GPU reads the weights as stored: no CPU layout to convert them to.
-            repack: !self.no_repack && self.device()? == DeviceSpec::Cpu,
-            bf16_tiles: rounded && !self.exact && self.device()? == DeviceSpec::Cpu,
+            repack: !self.no_repack && on_cpu,
+            bf16_tiles: rounded && !self.exact,
             // Room for the KV cache and the rest beside the converted weights.
             bf16_tiles_budget: available_memory().map_or(usize::MAX, |m| m / 10 * 8),
             threads: self.threads(),

@@ -123,7 +123,7 @@ impl StepModel for Qwen3Forward {
     }
 }
 
-/// The Qwen3 model on a GPU, with its KV cache in device memory (f32 elements).
+/// The Qwen3 model on a GPU, with its KV cache in device memory.
 #[cfg(feature = "gpu")]
 pub struct GpuForward(qwick_model::gpu::GpuModel);
 

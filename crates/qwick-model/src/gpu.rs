@@ -19,6 +19,9 @@ use qwick_backend::Format;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// Bytes of activations a call lets recorded dispatches hold before it submits them.
+const HOLD_BYTES: u64 = 256 << 20;
+
 /// A model's weights and KV cache on a GPU.
 pub struct GpuModel {
     model: Arc<Qwen3>,
@@ -45,9 +48,9 @@ fn key<T>(w: &T) -> usize {
 }
 
 impl GpuModel {
-    /// Uploads `model` to GPU adapter `index` with a cache of `num_blocks` blocks of
-    /// `block_size` tokens. Refuses weight formats the GPU kernels do not read and LoRA
-    /// adapters, naming them.
+    /// Uploads `model` to GPU adapter `index` with an f32 cache of `num_blocks` blocks of
+    /// `block_size` tokens. Refuses weight formats and shapes the GPU kernels do not run,
+    /// naming them.
     pub fn new(model: Arc<Qwen3>, index: usize, num_blocks: usize, block_size: usize) -> Result<GpuModel> {
         GpuModel::on(Gpu::open(index).map_err(|e| anyhow!(e))?, model, (num_blocks, block_size, Format::F32))
     }
@@ -58,6 +61,14 @@ impl GpuModel {
         let (num_blocks, block_size, kv_format) = cache;
         if !crate::KV_FORMATS.contains(&kv_format) {
             bail!("a KV cache cannot hold {kv_format} elements");
+        }
+        let c = &model.config;
+        let (d, heads, kv_heads) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        if 4 * c.vocab_size as u64 > gpu.max_binding() {
+            bail!("a row of {} logits is larger than {} allows in one buffer", c.vocab_size, gpu.summary.name);
+        }
+        if d > 256 || d % 2 == 1 || kv_heads == 0 || heads % kv_heads != 0 {
+            bail!("the GPU's attention runs even head sizes up to 256 with whole groups of query heads per KV head (head_dim {d}, {heads} heads, {kv_heads} KV heads)");
         }
         let mut norms = HashMap::new();
         let all_norms = model.layers.iter().flat_map(|l| {
@@ -121,6 +132,21 @@ impl GpuModel {
         &self.model
     }
 
+    /// The most f32 values a token's row of any activation holds (the head's logits are
+    /// computed as many rows at a time as fit).
+    fn widest_row(&self) -> usize {
+        let c = &self.model.config;
+        let q = c.num_attention_heads * c.head_dim;
+        let ffn = self.model.layers.iter().map(|l| match &l.mlp {
+            FeedForward::Dense(m) => m.gate_proj.out_features(),
+            FeedForward::Moe(m) => {
+                let k = m.top_k;
+                (k * m.experts[0].gate_proj.out_features()).max(k * c.hidden_size).max(m.experts.len())
+            }
+        });
+        ffn.chain([c.hidden_size, q]).max().unwrap_or(0)
+    }
+
     /// Bytes of the KV cache.
     pub fn kv_bytes(&self) -> usize {
         self.kv.iter().map(|(k, v)| (k.bytes + v.bytes) as usize).sum()
@@ -134,6 +160,14 @@ impl GpuModel {
         batch.validate(c.vocab_size, self.num_blocks, self.layout.block_size).context("invalid batch")?;
         let rows = model.row_adapters(batch)?;
         let n = batch.tokens.len();
+        let widest = 4 * n as u64 * self.widest_row() as u64;
+        if widest > self.gpu.max_binding() {
+            bail!(
+                "a step of {n} tokens needs activations of {widest} bytes, more than {} allows in one buffer ({} bytes): run fewer tokens a step (--max-num-batched-tokens)",
+                self.gpu.summary.name,
+                self.gpu.max_binding()
+            );
+        }
         let rope = model.rope(&batch.positions);
         let half = c.head_dim / 2;
         let mut cs = vec![0f32; 2 * n * half];
@@ -155,6 +189,7 @@ impl GpuModel {
             heads: c.num_attention_heads,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
             rows,
+            held: 0,
             rec: Recorder::new(g),
             m: self,
         };
@@ -215,6 +250,8 @@ struct GpuPass<'a> {
     slots: Buf,
     meta: Buf,
     seqs: usize,
+    /// Bytes of activations allocated since the last submission.
+    held: u64,
     /// Each token's LoRA adapter (empty: none).
     rows: Vec<u16>,
     n: usize,
@@ -228,14 +265,21 @@ impl GpuPass<'_> {
         self.m.norms.get(&key(n)).expect("every norm of the model was uploaded")
     }
 
-    fn alloc(&self, len: usize) -> Dev {
-        // Buffers sizes are checked against the adapter's limit when the model is uploaded
-        // (activations are far smaller than the largest weight).
-        Dev { buf: self.m.gpu.zeros(4 * len as u64).expect("an activation buffer"), len }
+    fn alloc(&mut self, len: usize) -> Dev {
+        // What the recorded dispatches hold stays allocated until they run: past a budget,
+        // they run now, so a long prefill does not hold every layer's activations at once.
+        let bytes = 4 * len as u64;
+        if self.held + bytes > HOLD_BYTES {
+            self.flush();
+        }
+        self.held += bytes;
+        // Each activation fits one binding ([`GpuModel::forward`] checks the step's widest).
+        Dev { buf: self.m.gpu.zeros(bytes).expect("an activation within the adapter's limits"), len }
     }
 
     /// Runs what was recorded so far.
     fn flush(&mut self) {
+        self.held = 0;
         std::mem::replace(&mut self.rec, Recorder::new(&self.m.gpu)).submit();
     }
 

@@ -168,6 +168,17 @@ fn gpu_refuses_what_it_cannot_run() {
     chunk.push_span(&[4, 5, 6], 3, &[0], BLOCK, false);
     chunk.logits_rows.clear();
     assert!(gpu.forward(&chunk).unwrap().is_empty());
+    // A step whose activations would not fit one binding is an error that names the way out.
+    let mut small = Gpu::open(0).unwrap();
+    small.limit_bindings(4 << 10);
+    let mut tight = GpuModel::on(small, model.clone(), (1, BLOCK, Format::F32)).unwrap();
+    let mut long = Batch::default();
+    long.push_span(&[1; 16], 0, &[0], BLOCK, false);
+    let err = tight.forward(&long).unwrap_err().to_string();
+    assert!(err.contains("--max-num-batched-tokens"), "{err}");
+    let mut short = Batch::default();
+    short.push_span(&[1, 2], 0, &[0], BLOCK, false);
+    assert_eq!(tight.forward(&short).unwrap().len(), model.config.vocab_size);
     let err = GpuModel::new(model, 99, 2, BLOCK).err().expect("no adapter 99");
     assert!(err.to_string().contains("gpu:99 does not exist"), "{err}");
 }

@@ -159,7 +159,8 @@ impl Gpu {
             pipelines: Mutex::new(HashMap::new()),
             uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
             subgroup_rows: subgroups.then(|| (64 / adapter.get_info().subgroup_max_size.max(1)).max(1)),
-            max_binding: limits.max_storage_buffer_binding_size,
+            // The kernels address bytes in 32 bits, and buffers are padded to whole words.
+            max_binding: limits.max_storage_buffer_binding_size.min((1 << 32) - 4) / 4 * 4,
         })
     }
 

@@ -1,5 +1,5 @@
-// RMSNorm of each d-wide row: out = x / sqrt(mean(x²) + eps) · weight, one workgroup a row.
-// INPLACE: x is read and written (q/k norms); otherwise the result goes to out.
+// RMSNorm of each d-wide row: x / sqrt(mean(x²) + eps) · weight, one workgroup a row, stored by
+// #STORE: into out (declared by #OUT) or back into x (the q/k norms, #OUT empty).
 struct P { rows: u32, d: u32, eps: f32 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;

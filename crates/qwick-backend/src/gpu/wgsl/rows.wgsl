@@ -1,5 +1,5 @@
-// Moving whole rows of `width` values: GATHER copies row idx[i] of a into row i of b;
-// otherwise (scatter-add) row i of b, times the weight idx[2i + 1] (f32 bits), is added to row
+// Moving whole rows of `width` values, as #BODY says: the gather copies row idx[i] of a into
+// row i of b; the scatter-add adds row i of b, times the weight idx[2i + 1] (f32 bits), to row
 // idx[2i] of a (each target row at most once per dispatch).
 struct P { rows: u32, width: u32 }
 @group(0) @binding(0) var<uniform> p: P;
