@@ -121,7 +121,7 @@ pub struct Gpu {
     /// Uniform buffer offsets are multiples of this.
     uniform_align: u64,
     /// With subgroup operations: the weight rows a workgroup of the products takes (64 over
-    /// the largest subgroup size); `None` without them (the portable kernels).
+    /// the smallest subgroup size); `None` without them (the portable kernels).
     subgroup_rows: Option<u32>,
     max_binding: u64,
 }
@@ -158,7 +158,7 @@ impl Gpu {
             queue,
             pipelines: Mutex::new(HashMap::new()),
             uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
-            subgroup_rows: subgroups.then(|| (64 / adapter.get_info().subgroup_max_size.max(1)).max(1)),
+            subgroup_rows: subgroups.then(|| (64 / adapter.get_info().subgroup_min_size.max(1)).clamp(1, 64)),
             // The kernels address bytes in 32 bits, and buffers are padded to whole words.
             max_binding: limits.max_storage_buffer_binding_size.min((1 << 32) - 4) / 4 * 4,
         })

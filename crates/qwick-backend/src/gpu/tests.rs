@@ -52,11 +52,17 @@ fn every_format_table_entry_has_a_gpu_test() {
     }
 }
 
-/// The adapter's kernels: with subgroup operations where it has them, then the portable ones.
+/// The adapter's kernels: with subgroup operations where it has them (also with 64 rows a
+/// workgroup, more than it has subgroups, as where subgroups come larger than the smallest
+/// size), then the portable ones.
 fn each_path(test: &str, check: impl Fn(&Gpu, &str)) {
     let Some(mut g) = gpu(test) else { return };
     if g.subgroups() {
         check(&g, "subgroups");
+        let rows = g.subgroup_rows;
+        g.subgroup_rows = Some(64);
+        check(&g, "subgroups, several rows each");
+        g.subgroup_rows = rows;
     } else {
         eprintln!("NOT RUN {test} with subgroups: {} has no subgroup operations", g.summary.name);
     }
