@@ -29,13 +29,27 @@ fn main() {
         } else {
             f.quantize(&w, &mut bytes)
         }
-        let (wb, x, y) = (g.upload(&bytes).unwrap(), g.upload_f32(&vec![0.5f32; k]).unwrap(), g.zeros(4 * n as u64).unwrap());
+        let (wb, x, y) =
+            (g.upload(&bytes).unwrap(), g.upload_f32(&vec![0.5f32; k]).unwrap(), g.zeros(4 * n as u64).unwrap());
         let mut best = f64::MAX;
         for _ in 0..4 {
             let t = Instant::now();
             let mut r = Recorder::new(&g);
             for _ in 0..4 {
-                r.matmul(&Matmul { x: &x, x_off: 0, ldx: k, m: 1, w: &wb, w_off: 0, format: f, n, k, y: &y, y_off: 0, ldy: n });
+                r.matmul(&Matmul {
+                    x: &x,
+                    x_off: 0,
+                    ldx: k,
+                    m: 1,
+                    w: &wb,
+                    w_off: 0,
+                    format: f,
+                    n,
+                    k,
+                    y: &y,
+                    y_off: 0,
+                    ldy: n,
+                });
             }
             r.submit();
             let _ = g.read_f32(&y, 1);

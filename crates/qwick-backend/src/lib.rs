@@ -14,9 +14,9 @@ pub mod check;
 pub mod ctx;
 pub mod device;
 pub mod format;
-pub mod grad;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod grad;
 pub mod isa;
 pub mod matmul;
 pub mod ops;

@@ -55,7 +55,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // bf16 products are a CPU matter: no calibration for a GPU.
     let choice = match device {
         DeviceSpec::Cpu => a.run.bf16_choice(isa)?,
-        DeviceSpec::Gpu(_) => common::Bf16Choice { mode: None, why: "on the GPU: bf16 weights widened to f32 in the kernel", timings: Vec::new() },
+        DeviceSpec::Gpu(_) => common::Bf16Choice {
+            mode: None,
+            why: "on the GPU: bf16 weights widened to f32 in the kernel",
+            timings: Vec::new(),
+        },
     };
     let (bf16, bf16_why) = (choice.mode, choice.why);
     let bf16 =
@@ -122,7 +126,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         println!("model            {}", a.model);
         // A GPU's products are always exact (f32 activations).
-        println!("device           {device_name}{}", if a.run.exact && device == DeviceSpec::Cpu { " (exact)" } else { "" });
+        println!(
+            "device           {device_name}{}",
+            if a.run.exact && device == DeviceSpec::Cpu { " (exact)" } else { "" }
+        );
         if device == DeviceSpec::Cpu {
             println!("bf16 products    {} ({bf16_why})", bf16.name());
         }
@@ -179,7 +186,10 @@ fn gpu_bandwidth(index: usize) -> Result<f64> {
 
 #[cfg(feature = "gpu")]
 fn gpu_name(index: usize) -> String {
-    qwick_backend::gpu::adapters().into_iter().nth(index).map_or_else(|| "?".into(), |a| format!("{}, {}", a.name, a.backend))
+    qwick_backend::gpu::adapters()
+        .into_iter()
+        .nth(index)
+        .map_or_else(|| "?".into(), |a| format!("{}, {}", a.name, a.backend))
 }
 
 #[cfg(not(feature = "gpu"))]

@@ -178,8 +178,11 @@ fn completion_text(s: &Server, prompt: &[u32], max_tokens: usize) -> (String, Va
 /// The greedy completions of the cases' prompts (`lens[i]` tokens each), all sent at once.
 fn together(s: &Server, cases: &[Value], lens: &[usize]) -> Vec<String> {
     std::thread::scope(|sc| {
-        let hs: Vec<_> =
-            cases.iter().zip(lens).map(|(c, &n)| sc.spawn(move || completion_text(s, &ids(&c["prompt_ids"]), n).0)).collect();
+        let hs: Vec<_> = cases
+            .iter()
+            .zip(lens)
+            .map(|(c, &n)| sc.spawn(move || completion_text(s, &ids(&c["prompt_ids"]), n).0))
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     })
 }

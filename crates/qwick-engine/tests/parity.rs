@@ -77,7 +77,8 @@ fn logits_match_transformers_on_every_isa() {
             assert!(model.linears().iter().map(|l| l.view()).all(|v| v.format != qwick_backend::Format::BF16
                 || !v.cols.is_multiple_of(32)
                 || v.layout == qwick_backend::matmul::Layout::Tiles));
-            let mut r = Runner::new(model, &RunnerConfig::with_tokens(toks.len(), 2, Isa::new(Level::Amx).unwrap())).unwrap();
+            let mut r =
+                Runner::new(model, &RunnerConfig::with_tokens(toks.len(), 2, Isa::new(Level::Amx).unwrap())).unwrap();
             for chunk in [4096, 7, 1] {
                 let got = r.score(&toks, chunk).unwrap();
                 assert_close(&got, &want, &format!("{name} amx tiles, chunks of {chunk}"), true);

@@ -164,7 +164,10 @@ impl Exec for Pass<'_, '_> {
     fn products(&mut self, ps: &[(&Vec<f32>, &Linear)]) -> Vec<Vec<f32>> {
         let rows = |x: &Vec<f32>, w: &Linear| x.len() / w.in_features();
         let mut ys: Vec<Vec<f32>> = ps.iter().map(|(x, w)| vec![0f32; rows(x, w) * w.out_features()]).collect();
-        forward_all(self.ctx, ps.iter().zip(ys.iter_mut()).map(|((x, w), y)| (&x[..], rows(x, w), *w, &mut y[..])).collect());
+        forward_all(
+            self.ctx,
+            ps.iter().zip(ys.iter_mut()).map(|((x, w), y)| (&x[..], rows(x, w), *w, &mut y[..])).collect(),
+        );
         ys
     }
 
@@ -187,12 +190,16 @@ impl Exec for Pass<'_, '_> {
 
     fn silu_mul(&mut self, g: &mut Vec<f32>, u: &Vec<f32>, width: usize) {
         let ctx = self.ctx;
-        par_rows(ctx, g.len() / width, g, width, |r, gr| ops::silu_mul(ctx.isa, gr, &u[r.start * width..r.end * width]));
+        par_rows(ctx, g.len() / width, g, width, |r, gr| {
+            ops::silu_mul(ctx.isa, gr, &u[r.start * width..r.end * width])
+        });
     }
 
     fn add(&mut self, x: &mut Vec<f32>, y: &Vec<f32>, width: usize) {
         let ctx = self.ctx;
-        par_rows(ctx, x.len() / width, x, width, |r, xr| ops::add_inplace(ctx.isa, xr, &y[r.start * width..r.end * width]));
+        par_rows(ctx, x.len() / width, x, width, |r, xr| {
+            ops::add_inplace(ctx.isa, xr, &y[r.start * width..r.end * width])
+        });
     }
 
     fn gather(&mut self, x: &Vec<f32>, width: usize, rows: &[usize]) -> Vec<f32> {

@@ -71,9 +71,10 @@ impl GpuModel {
             bail!("the GPU's attention runs even head sizes up to 256 with whole groups of query heads per KV head (head_dim {d}, {heads} heads, {kv_heads} KV heads)");
         }
         let mut norms = HashMap::new();
-        let all_norms = model.layers.iter().flat_map(|l| {
-            [&l.input_layernorm, &l.post_attention_layernorm, &l.attn.q_norm, &l.attn.k_norm]
-        });
+        let all_norms = model
+            .layers
+            .iter()
+            .flat_map(|l| [&l.input_layernorm, &l.post_attention_layernorm, &l.attn.q_norm, &l.attn.k_norm]);
         for n in all_norms.chain([&model.norm]) {
             norms.insert(key(n), gpu.upload_f32(&n.weight).map_err(|e| anyhow!(e))?);
         }
@@ -115,7 +116,8 @@ impl GpuModel {
             }
             linears.insert(key(w), parts);
             let up = |v: &[f32]| gpu.upload_f32(v).map_err(|e| anyhow!("weight {i}'s LoRA update: {e}"));
-            let updates = w.lora.iter().map(|(id, l)| Ok((*id, LowRankOnGpu { a: up(&l.a)?, b: up(&l.b)?, r: l.r, s: l.s })));
+            let updates =
+                w.lora.iter().map(|(id, l)| Ok((*id, LowRankOnGpu { a: up(&l.a)?, b: up(&l.b)?, r: l.r, s: l.s })));
             lora.insert(key(w), updates.collect::<Result<Vec<_>>>()?);
         }
         let c = &model.config;
@@ -290,7 +292,20 @@ impl GpuPass<'_> {
         let parts = self.m.linears.get(&key(w)).expect("every weight of the model was uploaded");
         for (r0, rows, wb) in parts {
             let f = w.weight.format;
-            let job = Matmul { x: &x.buf, x_off: 0, ldx: k, m, w: wb, w_off: 0, format: f, n: *rows, k, y: &y.buf, y_off: *r0, ldy: n };
+            let job = Matmul {
+                x: &x.buf,
+                x_off: 0,
+                ldx: k,
+                m,
+                w: wb,
+                w_off: 0,
+                format: f,
+                n: *rows,
+                k,
+                y: &y.buf,
+                y_off: *r0,
+                ldy: n,
+            };
             self.rec.matmul(&job);
         }
         y
@@ -311,10 +326,36 @@ impl GpuPass<'_> {
             let m = mine.len();
             let xs = self.gather(x, k, &mine);
             let t = self.alloc(m * l.r);
-            let a = Matmul { x: &xs.buf, x_off: 0, ldx: k, m, w: &l.a, w_off: 0, format: Format::F32, n: l.r, k, y: &t.buf, y_off: 0, ldy: l.r };
+            let a = Matmul {
+                x: &xs.buf,
+                x_off: 0,
+                ldx: k,
+                m,
+                w: &l.a,
+                w_off: 0,
+                format: Format::F32,
+                n: l.r,
+                k,
+                y: &t.buf,
+                y_off: 0,
+                ldy: l.r,
+            };
             self.rec.matmul(&a);
             let u = self.alloc(m * n);
-            let b = Matmul { x: &t.buf, x_off: 0, ldx: l.r, m, w: &l.b, w_off: 0, format: Format::F32, n, k: l.r, y: &u.buf, y_off: 0, ldy: n };
+            let b = Matmul {
+                x: &t.buf,
+                x_off: 0,
+                ldx: l.r,
+                m,
+                w: &l.b,
+                w_off: 0,
+                format: Format::F32,
+                n,
+                k: l.r,
+                y: &u.buf,
+                y_off: 0,
+                ldy: n,
+            };
             self.rec.matmul(&b);
             let scaled: Vec<(usize, f32)> = mine.iter().map(|&i| (i, l.s)).collect();
             self.scatter_add(y, &u, n, &scaled);
@@ -436,15 +477,38 @@ impl Exec for GpuPass<'_> {
         let logits = self.product(x, &moe.router);
         let route = self.alloc(2 * n * k);
         self.rec.route(&logits.buf, &route.buf, n, ne, k, moe.norm_topk_prob);
-        let (g, u, y, out) = (self.alloc(n * k * inter), self.alloc(n * k * inter), self.alloc(n * k * h), self.alloc(n * h));
+        let (g, u, y, out) =
+            (self.alloc(n * k * inter), self.alloc(n * k * inter), self.alloc(n * k * h), self.alloc(n * h));
         let pairs = n * k;
         for ((w, f), dst) in [(&st.gate, &g), (&st.up, &u)] {
-            let job = MoeMatmul { x: &x.buf, w, route: &route.buf, y: &dst.buf, pairs, topk: k, per_token: true, format: *f, n: inter, k: h };
+            let job = MoeMatmul {
+                x: &x.buf,
+                w,
+                route: &route.buf,
+                y: &dst.buf,
+                pairs,
+                topk: k,
+                per_token: true,
+                format: *f,
+                n: inter,
+                k: h,
+            };
             self.rec.moe_matmul(&job);
         }
         self.rec.silu_mul(&g.buf, &u.buf, pairs * inter);
         let (w, f) = &st.down;
-        let job = MoeMatmul { x: &g.buf, w, route: &route.buf, y: &y.buf, pairs, topk: k, per_token: false, format: *f, n: h, k: inter };
+        let job = MoeMatmul {
+            x: &g.buf,
+            w,
+            route: &route.buf,
+            y: &y.buf,
+            pairs,
+            topk: k,
+            per_token: false,
+            format: *f,
+            n: h,
+            k: inter,
+        };
         self.rec.moe_matmul(&job);
         self.rec.combine(&y.buf, &route.buf, &out.buf, n, h, k);
         Some(out)

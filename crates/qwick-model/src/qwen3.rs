@@ -235,10 +235,8 @@ impl Moe {
         }
         let active: Vec<usize> = (0..ne).filter(|&ex| !routed[ex].is_empty()).collect();
         let inter = self.experts[0].gate_proj.out_features();
-        let xs: Vec<E::T> = active
-            .iter()
-            .map(|&ex| e.gather(x, h, &routed[ex].iter().map(|r| r.0).collect::<Vec<_>>()))
-            .collect();
+        let xs: Vec<E::T> =
+            active.iter().map(|&ex| e.gather(x, h, &routed[ex].iter().map(|r| r.0).collect::<Vec<_>>())).collect();
         let products: Vec<(&E::T, &Linear)> = active
             .iter()
             .zip(&xs)
@@ -251,7 +249,8 @@ impl Moe {
         for (g, u) in gs.iter_mut().zip(&us) {
             e.silu_mul(g, u, inter);
         }
-        let downs: Vec<(&E::T, &Linear)> = active.iter().zip(&gs).map(|(&ex, g)| (g, &self.experts[ex].down_proj)).collect();
+        let downs: Vec<(&E::T, &Linear)> =
+            active.iter().zip(&gs).map(|(&ex, g)| (g, &self.experts[ex].down_proj)).collect();
         let ys = e.products(&downs);
         let mut out = e.zeros(n * h);
         for (&ex, y) in active.iter().zip(&ys) {

@@ -6,8 +6,8 @@
 #![cfg(feature = "gpu")]
 
 use qwick_backend::check::{assert_close, max_abs};
-use qwick_backend::{Ctx, Format, Isa, ThreadPool};
 use qwick_backend::gpu::Gpu;
+use qwick_backend::{Ctx, Format, Isa, ThreadPool};
 use qwick_model::gpu::GpuModel;
 use qwick_model::lora::Adapter;
 use qwick_model::{Batch, LoadOptions, Qwen3};
@@ -66,7 +66,12 @@ fn gpu_logits_match_the_cpu_on_every_fixture() {
         same_steps(name, &model, gpu, Format::F32);
         // KV caches of 16-bit elements, against the CPU's of the same.
         for f in [Format::F16, Format::BF16] {
-            same_steps(&format!("{name}, {f} cache"), &model, GpuModel::on(Gpu::open(0).unwrap(), model.clone(), (8, BLOCK, f)).unwrap(), f);
+            same_steps(
+                &format!("{name}, {f} cache"),
+                &model,
+                GpuModel::on(Gpu::open(0).unwrap(), model.clone(), (8, BLOCK, f)).unwrap(),
+                f,
+            );
         }
     }
 }

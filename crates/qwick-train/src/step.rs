@@ -21,10 +21,10 @@ use crate::lora::{LoraParams, Pair, DOWN, GATE, K, O, Q, UP, V};
 use qwick_backend::grad::{self, transpose, AttnShape};
 use qwick_backend::pool::SendPtr;
 use qwick_backend::{copied, matmul, ops, par_rows, zeros, Ctx, Format, WeightView};
+use qwick_model::exec::{packed_attention, Keys, Lora, Pass};
 use qwick_model::linear::Linear;
 use qwick_model::lora::MODULES;
 use qwick_model::names::Role;
-use qwick_model::exec::{packed_attention, Keys, Lora, Pass};
 use qwick_model::qwen3::{FeedForward, LayerTrace, MlpTrace, Moe, MoeTrace, RmsNorm, Rope, Trace};
 use qwick_model::Qwen3;
 

@@ -70,7 +70,8 @@ impl Attend<'_> {
     /// The `meta` words for tokens at `positions` of sequences `seq_of_token` with these block
     /// tables.
     pub fn meta(positions: &[u32], seq_of_token: &[u32], tables: &[&[u32]]) -> Vec<u32> {
-        let mut out = Vec::with_capacity(2 * positions.len() + tables.len() + tables.iter().map(|t| t.len()).sum::<usize>());
+        let mut out =
+            Vec::with_capacity(2 * positions.len() + tables.len() + tables.iter().map(|t| t.len()).sum::<usize>());
         out.extend_from_slice(positions);
         out.extend_from_slice(seq_of_token);
         let mut start = 0u32;
@@ -146,7 +147,13 @@ impl Recorder<'_> {
             }
             None => {
                 let tpr = j.k.div_ceil(32).next_power_of_two().min(64) as u32;
-                (self.gpu.pipeline(&format!("matmul_{f}"), || format!("{}\n{MATMUL_IO}\n{MATMUL}\n{ACCUMULATE}", formats::wgsl(f))), tpr, 64 / tpr as usize)
+                (
+                    self.gpu.pipeline(&format!("matmul_{f}"), || {
+                        format!("{}\n{MATMUL_IO}\n{MATMUL}\n{ACCUMULATE}", formats::wgsl(f))
+                    }),
+                    tpr,
+                    64 / tpr as usize,
+                )
             }
         };
         let params = [
@@ -182,7 +189,8 @@ impl Recorder<'_> {
     /// RMSNorm of `rows` rows of `d` values of `x`, in place (per-head q and k norms).
     pub fn rms_norm_inplace(&mut self, x: &Buf, weight: &Buf, rows: usize, d: usize, eps: f32) {
         fits("rms_norm x", x, rows * d);
-        let pipe = self.gpu.pipeline("rms_norm_inplace", || RMS_NORM.replace("#OUT", "").replace("#STORE", "x[base + i]"));
+        let pipe =
+            self.gpu.pipeline("rms_norm_inplace", || RMS_NORM.replace("#OUT", "").replace("#STORE", "x[base + i]"));
         self.dispatch(pipe, &[u(rows), u(d), eps.to_bits()], &[x, weight], u(rows));
     }
 
@@ -219,7 +227,9 @@ impl Recorder<'_> {
         let KvLayout { block_size, kv_heads, head_dim: d } = layout;
         assert!(d.is_multiple_of(2), "a KV cache of odd head dimensions");
         fits("kv_write src", src, n * kv_heads * d);
-        let pipe = self.gpu.pipeline(&format!("kv_write_{format}"), || per_item(&format!("{}{KV_WRITE}", kv_elements(format, true))));
+        let pipe = self
+            .gpu
+            .pipeline(&format!("kv_write_{format}"), || per_item(&format!("{}{KV_WRITE}", kv_elements(format, true))));
         let params = [u(n), u(kv_heads), u(d), u(block_size)];
         let words = n * kv_heads * d * format.block_bytes() / 4;
         self.dispatch(pipe, &params, &[src, slots, cache], u(words.div_ceil(64)));
@@ -305,7 +315,9 @@ impl Recorder<'_> {
         let f = j.format;
         let (chunk_bytes, per_block) = formats::chunk_geometry(f);
         let tpr = j.k.div_ceil(32).next_power_of_two().min(64) as u32;
-        let pipe = self.gpu.pipeline(&format!("moe_matmul_{f}"), || format!("{}\n{MOE_MATMUL}\n{ACCUMULATE}", formats::wgsl(f)));
+        let pipe = self
+            .gpu
+            .pipeline(&format!("moe_matmul_{f}"), || format!("{}\n{MOE_MATMUL}\n{ACCUMULATE}", formats::wgsl(f)));
         let params = [
             u(j.pairs),
             u(j.n),

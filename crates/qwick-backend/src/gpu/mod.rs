@@ -89,7 +89,12 @@ pub fn adapters() -> Vec<AdapterSummary> {
                 name: info.name,
                 backend: format!("{:?}", info.backend),
                 kind: format!("{:?}", info.device_type),
-                driver: [info.driver, info.driver_info].iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(" "),
+                driver: [info.driver, info.driver_info]
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 max_buffer: a.limits().max_buffer_size,
                 features: optional_features(a.features()),
             }
@@ -286,7 +291,9 @@ impl Gpu {
             let mut rec = Recorder::new(self);
             rec.read_all(&src, &out);
             rec.submit();
-            self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| format!("the GPU device was lost: {e}"))?;
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| format!("the GPU device was lost: {e}"))?;
             Ok(t.elapsed().as_secs_f64())
         };
         // A first pass compiles the kernel and touches the buffer: not counted.

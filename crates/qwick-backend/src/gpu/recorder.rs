@@ -30,7 +30,13 @@ impl<'g> Recorder<'g> {
     /// Dispatches `pipeline` over `workgroups` workgroups (laid out in two dimensions when
     /// there are more than one dimension allows; kernels number them `x + y · count_x`), with
     /// `params` bound at 0 and `bufs` at 1, 2, ….
-    pub(crate) fn dispatch(&mut self, pipeline: Arc<wgpu::ComputePipeline>, params: &[u32], bufs: &[&Buf], workgroups: u32) {
+    pub(crate) fn dispatch(
+        &mut self,
+        pipeline: Arc<wgpu::ComputePipeline>,
+        params: &[u32],
+        bufs: &[&Buf],
+        workgroups: u32,
+    ) {
         assert!(params.len() <= PARAM_WORDS, "a kernel takes at most {PARAM_WORDS} parameters");
         if workgroups == 0 {
             return;

@@ -81,7 +81,11 @@ fn matmul_check(g: &Gpu, path: &str) {
     // Float weights also in rows that end in a partial chunk of 32.
     // Short rows too (a few invocations per row, fewer than the activation rows of a pass).
     let floats = [Format::F32, Format::F16, Format::BF16];
-    let shapes = FORMATS.iter().map(|&f| (f, 4096)).chain(floats.map(|f| (f, 1000))).chain([(Format::Q8_0, 64), (Format::BF16, 32), (Format::Q6_K, 256)]);
+    let shapes = FORMATS.iter().map(|&f| (f, 4096)).chain(floats.map(|f| (f, 1000))).chain([
+        (Format::Q8_0, 64),
+        (Format::BF16, 32),
+        (Format::Q6_K, 256),
+    ]);
     let n = 37;
     for (f, k) in shapes {
         let w = rand_vec(n * k, 7);
@@ -93,7 +97,20 @@ fn matmul_check(g: &Gpu, path: &str) {
             let x = rand_vec(m * k, 11 + m as u64);
             let (xb, yb) = (g.upload_f32(&x).unwrap(), g.zeros(4 * (m * n) as u64).unwrap());
             let mut rec = Recorder::new(g);
-            rec.matmul(&Matmul { x: &xb, x_off: 0, ldx: k, m, w: &wb, w_off: 0, format: f, n, k, y: &yb, y_off: 0, ldy: n });
+            rec.matmul(&Matmul {
+                x: &xb,
+                x_off: 0,
+                ldx: k,
+                m,
+                w: &wb,
+                w_off: 0,
+                format: f,
+                n,
+                k,
+                y: &yb,
+                y_off: 0,
+                ldy: n,
+            });
             rec.submit();
             let got = g.read_f32(&yb, m * n);
             let mut want = vec![0f32; m * n];
@@ -126,7 +143,8 @@ fn offsets_check(g: &Gpu, path: &str) {
     f.dequantize(&stored, &mut deq);
     let (ldx, ldy) = (k + 32, n + 3);
     let x = rand_vec(m * ldx + 7, 5);
-    let (xb, wb, yb) = (g.upload_f32(&x).unwrap(), g.upload(&stored).unwrap(), g.zeros(4 * (m * ldy + 2) as u64).unwrap());
+    let (xb, wb, yb) =
+        (g.upload_f32(&x).unwrap(), g.upload(&stored).unwrap(), g.zeros(4 * (m * ldy + 2) as u64).unwrap());
     let mut rec = Recorder::new(g);
     let w_off = f.row_bytes(k) as u64 * n as u64;
     rec.matmul(&Matmul { x: &xb, x_off: 7, ldx, m, w: &wb, w_off, format: f, n, k, y: &yb, y_off: 2, ldy });
@@ -149,8 +167,12 @@ fn norms_rope_and_elementwise_match_the_cpu() {
     let x = rand_vec(n * width, 1);
     let w = rand_vec(width, 2);
     let hw = rand_vec(d, 3);
-    let (xb, wb, hwb, ob) =
-        (g.upload_f32(&x).unwrap(), g.upload_f32(&w).unwrap(), g.upload_f32(&hw).unwrap(), g.zeros(4 * (n * width) as u64).unwrap());
+    let (xb, wb, hwb, ob) = (
+        g.upload_f32(&x).unwrap(),
+        g.upload_f32(&w).unwrap(),
+        g.upload_f32(&hw).unwrap(),
+        g.zeros(4 * (n * width) as u64).unwrap(),
+    );
     let half = d / 2;
     let cos: Vec<f32> = (0..n * half).map(|i| (i as f32 * 0.37).cos()).collect();
     let sin: Vec<f32> = (0..n * half).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -213,12 +235,17 @@ fn paged_attention_matches_the_cpu() {
         }
     }
     let tabs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
-    let (kb, vb, qb, sb) =
-        (g.upload_f32(&k).unwrap(), g.upload_f32(&v).unwrap(), g.upload_f32(&q).unwrap(), g.upload_u32(&slots).unwrap());
+    let (kb, vb, qb, sb) = (
+        g.upload_f32(&k).unwrap(),
+        g.upload_f32(&v).unwrap(),
+        g.upload_f32(&q).unwrap(),
+        g.upload_u32(&slots).unwrap(),
+    );
     let meta = g.upload_u32(&Attend::meta(&positions, &seq_of_token, &tabs)).unwrap();
     let scale = 1.0 / (d as f32).sqrt();
     let pool = ThreadPool::new(1);
-    let args = AttnArgs { n_heads: heads, scale, positions: &positions, seq_of_token: &seq_of_token, block_tables: &tabs };
+    let args =
+        AttnArgs { n_heads: heads, scale, positions: &positions, seq_of_token: &seq_of_token, block_tables: &tabs };
     for format in [Format::F32, Format::F16, Format::BF16] {
         let encode = |x: &[f32]| {
             let mut out = vec![0u8; format.row_bytes(x.len())];
@@ -232,8 +259,21 @@ fn paged_attention_matches_the_cpu() {
         let mut rec = Recorder::new(&g);
         rec.kv_write(&kb, &sb, &kcb, n, layout, format);
         rec.kv_write(&vb, &sb, &vcb, n, layout, format);
-        let attend =
-            Attend { q: &qb, k: &kcb, v: &vcb, meta: &meta, out: &ob, n, heads, kv_heads, d, block_size: bs, scale, seqs: 2, format };
+        let attend = Attend {
+            q: &qb,
+            k: &kcb,
+            v: &vcb,
+            meta: &meta,
+            out: &ob,
+            n,
+            heads,
+            kv_heads,
+            d,
+            block_size: bs,
+            scale,
+            seqs: 2,
+            format,
+        };
         rec.attend(&attend);
         rec.submit();
         let (kw, vw) = (encode(&kc), encode(&vc));
@@ -274,11 +314,27 @@ fn moe_routing_expert_products_and_combine_match_the_cpu() {
     let (stored, x) = (encode(f, &gate), rand_vec(n * h, 23));
     let mut deq = vec![0f32; gate.len()];
     f.dequantize(&stored, &mut deq);
-    let (lb, rb, wb, xb) = (g.upload_f32(&logits).unwrap(), g.zeros(8 * (n * k) as u64).unwrap(), g.upload(&stored).unwrap(), g.upload_f32(&x).unwrap());
+    let (lb, rb, wb, xb) = (
+        g.upload_f32(&logits).unwrap(),
+        g.zeros(8 * (n * k) as u64).unwrap(),
+        g.upload(&stored).unwrap(),
+        g.upload_f32(&x).unwrap(),
+    );
     let (yb, ob) = (g.zeros(4 * (n * k * inter) as u64).unwrap(), g.zeros(4 * (n * inter) as u64).unwrap());
     let mut rec = Recorder::new(&g);
     rec.route(&lb, &rb, n, ne, k, true);
-    rec.moe_matmul(&MoeMatmul { x: &xb, w: &wb, route: &rb, y: &yb, pairs: n * k, topk: k, per_token: true, format: f, n: inter, k: h });
+    rec.moe_matmul(&MoeMatmul {
+        x: &xb,
+        w: &wb,
+        route: &rb,
+        y: &yb,
+        pairs: n * k,
+        topk: k,
+        per_token: true,
+        format: f,
+        n: inter,
+        k: h,
+    });
     rec.combine(&yb, &rb, &ob, n, inter, k);
     rec.submit();
     let route = g.read(&rb, 8 * (n * k) as u64);
