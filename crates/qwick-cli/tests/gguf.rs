@@ -276,10 +276,7 @@ const GPU_TYPES: [&str; 13] =
 
 #[test]
 fn gpu_logits_equal_transformers_for_every_type_it_reads() {
-    let o = qwick(&["devices", "--json"]);
-    let found: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-    if found.as_array().is_none_or(|a| a.is_empty()) {
-        eprintln!("SKIPPED gpu_logits_equal_transformers_for_every_type_it_reads: no GPU adapter");
+    if !common::have_gpu("gpu_logits_equal_transformers_for_every_type_it_reads") {
         return;
     }
     let (mut fails, mut ran) = (Vec::new(), 0);

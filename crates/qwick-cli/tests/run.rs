@@ -113,20 +113,9 @@ fn greedy_tokens_equal_transformers() {
     }
 }
 
-/// Whether wgpu finds a GPU adapter (lavapipe in CI); says loudly when not.
-fn have_gpu(test: &str) -> bool {
-    let o = Command::new(env!("CARGO_BIN_EXE_qwick")).args(["devices", "--json"]).output().unwrap();
-    let list: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-    let found = list.as_array().is_some_and(|a| !a.is_empty());
-    if !found {
-        eprintln!("SKIPPED {test}: no GPU adapter ({})", String::from_utf8_lossy(&o.stderr).trim());
-    }
-    found
-}
-
 #[test]
 fn greedy_tokens_on_the_gpu_equal_transformers() {
-    if !have_gpu("greedy_tokens_on_the_gpu_equal_transformers") {
+    if !common::have_gpu("greedy_tokens_on_the_gpu_equal_transformers") {
         return;
     }
     let n = refs()["max_new_tokens"].as_u64().unwrap().to_string();

@@ -237,9 +237,7 @@ fn concurrent_greedy_requests_match_transformers_and_free_their_blocks() {
 
 #[test]
 fn on_the_gpu_a_mixed_batch_gives_transformers_tokens_alone_and_together() {
-    let o = Command::new(env!("CARGO_BIN_EXE_qwick")).args(["devices", "--json"]).output().unwrap();
-    if serde_json::from_slice::<Value>(&o.stdout).ok().and_then(|v| v.as_array().map(|a| a.len())).unwrap_or(0) == 0 {
-        eprintln!("SKIPPED on_the_gpu_a_mixed_batch_gives_transformers_tokens_alone_and_together: no GPU adapter");
+    if !common::have_gpu("on_the_gpu_a_mixed_batch_gives_transformers_tokens_alone_and_together") {
         return;
     }
     // Chunked prefills beside other requests' decode steps, on the device.

@@ -152,9 +152,7 @@ impl Exec for Pass<'_, '_> {
     }
 
     fn project(&mut self, l: usize, x: &Vec<f32>, ws: &[(Role, &Linear)]) -> Vec<Vec<f32>> {
-        let n = self.tokens();
-        let mut ys: Vec<Vec<f32>> = ws.iter().map(|(_, w)| vec![0f32; n * w.out_features()]).collect();
-        forward_all(self.ctx, ws.iter().zip(ys.iter_mut()).map(|((_, w), y)| (&x[..], n, *w, &mut y[..])).collect());
+        let mut ys = self.products(&ws.iter().map(|&(_, w)| (x, w)).collect::<Vec<_>>());
         for ((p, w), y) in ws.iter().zip(ys.iter_mut()) {
             self.lora.add(self.ctx, l, *p, w, x, y);
         }

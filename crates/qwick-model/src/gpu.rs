@@ -39,6 +39,8 @@ pub struct GpuModel {
     /// Per layer, K and V, of `kv_format` elements.
     kv: Vec<(Buf, Buf)>,
     kv_format: Format,
+    /// [`GpuModel::widest_row`] of the model.
+    widest_row: usize,
     layout: KvLayout,
     num_blocks: usize,
 }
@@ -88,7 +90,10 @@ impl GpuModel {
             else {
                 continue;
             };
-            stacks.insert(key(m), Stacks { gate, up, down });
+            let upload = |(bytes, f): (Vec<u8>, Format)| {
+                gpu.upload(&bytes).map(|b| (b, f)).map_err(|e| anyhow!("a MoE block's experts: {e}"))
+            };
+            stacks.insert(key(m), Stacks { gate: upload(gate)?, up: upload(up)?, down: upload(down)? });
             stacked.extend(m.experts.iter().flat_map(|e| [key(&e.gate_proj), key(&e.up_proj), key(&e.down_proj)]));
         }
         for (i, w) in model.linears().into_iter().enumerate() {
@@ -127,19 +132,20 @@ impl GpuModel {
             .map(|_| Ok((gpu.zeros(per)?, gpu.zeros(per)?)))
             .collect::<Result<Vec<_>, String>>()
             .map_err(|e| anyhow!("the KV cache does not fit on {}: {e}", gpu.summary.name))?;
-        Ok(GpuModel { model, gpu, norms, linears, lora, stacks, kv, kv_format, layout, num_blocks })
+        let widest_row = GpuModel::widest_row(&model);
+        Ok(GpuModel { model, gpu, norms, linears, lora, stacks, kv, kv_format, widest_row, layout, num_blocks })
     }
 
     pub fn model(&self) -> &Arc<Qwen3> {
         &self.model
     }
 
-    /// The most f32 values a token's row of any activation holds (the head's logits are
-    /// computed as many rows at a time as fit).
-    fn widest_row(&self) -> usize {
-        let c = &self.model.config;
+    /// The most f32 values a token's row of any activation of `model` holds (the head's
+    /// logits are computed as many rows at a time as fit).
+    fn widest_row(model: &Qwen3) -> usize {
+        let c = &model.config;
         let q = c.num_attention_heads * c.head_dim;
-        let ffn = self.model.layers.iter().map(|l| match &l.mlp {
+        let ffn = model.layers.iter().map(|l| match &l.mlp {
             FeedForward::Dense(m) => m.gate_proj.out_features(),
             FeedForward::Moe(m) => {
                 let k = m.top_k;
@@ -162,7 +168,7 @@ impl GpuModel {
         batch.validate(c.vocab_size, self.num_blocks, self.layout.block_size).context("invalid batch")?;
         let rows = model.row_adapters(batch)?;
         let n = batch.tokens.len();
-        let widest = 4 * n as u64 * self.widest_row() as u64;
+        let widest = 4 * n as u64 * self.widest_row as u64;
         if widest > self.gpu.max_binding() {
             bail!(
                 "a step of {n} tokens needs activations of {widest} bytes, more than {} allows in one buffer ({} bytes): run fewer tokens a step (--max-num-batched-tokens)",
@@ -218,9 +224,9 @@ struct Stacks {
     down: (Buf, Format),
 }
 
-/// The projections `pick` of every expert of `moe`, one after another, uploaded; `None` when
-/// they differ in format or do not fit one binding.
-fn stack(gpu: &Gpu, moe: &Moe, pick: impl Fn(&Mlp) -> &Linear) -> Option<(Buf, Format)> {
+/// The projections `pick` of every expert of `moe`, one after another, with their format;
+/// `None` when they differ in format or shape, or do not fit one binding.
+fn stack(gpu: &Gpu, moe: &Moe, pick: impl Fn(&Mlp) -> &Linear) -> Option<(Vec<u8>, Format)> {
     let first = &pick(&moe.experts[0]).weight;
     let all: Vec<&Linear> = moe.experts.iter().map(&pick).collect();
     if all.iter().any(|l| l.weight.format != first.format || l.weight.shape != first.shape) {
@@ -230,11 +236,7 @@ fn stack(gpu: &Gpu, moe: &Moe, pick: impl Fn(&Mlp) -> &Linear) -> Option<(Buf, F
     if !gpu::reads(first.format, first.shape[1]) || bytes as u64 > gpu.max_binding() {
         return None;
     }
-    let mut data = Vec::with_capacity(bytes);
-    for l in all {
-        data.extend_from_slice(l.weight.bytes());
-    }
-    Some((gpu.upload(&data).ok()?, first.format))
+    Some((all.iter().flat_map(|l| l.weight.bytes()).copied().collect(), first.format))
 }
 
 /// Activations on the device: a buffer and how many values of it are in use.

@@ -397,12 +397,16 @@ impl Qwen3 {
         let mut x = e.put(self.embed(&batch.tokens));
         self.forward_layers(&mut x, e, None);
         let rows: Vec<usize> = batch.logits_rows.iter().map(|&r| r as usize).collect();
-        let mut logits = Vec::with_capacity(rows.len() * vocab);
-        for part in rows.chunks(e.rows_at_once(vocab).max(1)) {
+        let mut parts = rows.chunks(e.rows_at_once(vocab).max(1)).map(|part| {
             let sel = e.gather(&x, h, part);
             let hn = e.norm(&self.norm, &sel);
             let l = e.products(&[(&hn, &self.lm_head)]).pop().expect("one product");
-            logits.extend(e.take(l));
+            e.take(l)
+        });
+        // One part (always, on the CPU) is the logits as they are; more are joined.
+        let mut logits = parts.next().unwrap_or_default();
+        for p in parts {
+            logits.extend(p);
         }
         logits
     }

@@ -79,27 +79,23 @@ fn optional_features(f: wgpu::Features) -> Vec<&'static str> {
 
 /// The GPU adapters wgpu finds (Vulkan, Metal or DX12), in the order `gpu:N` counts them.
 pub fn adapters() -> Vec<AdapterSummary> {
-    list()
-        .into_iter()
-        .enumerate()
-        .map(|(index, a)| {
-            let info = a.get_info();
-            AdapterSummary {
-                index,
-                name: info.name,
-                backend: format!("{:?}", info.backend),
-                kind: format!("{:?}", info.device_type),
-                driver: [info.driver, info.driver_info]
-                    .iter()
-                    .filter(|s| !s.is_empty())
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                max_buffer: a.limits().max_buffer_size,
-                features: optional_features(a.features()),
-            }
-        })
-        .collect()
+    list().iter().enumerate().map(|(index, a)| summarize(index, a)).collect()
+}
+
+/// What [`adapters`] says of adapter `index`.
+fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
+    let info = a.get_info();
+    let driver =
+        [info.driver, info.driver_info].iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(" ");
+    AdapterSummary {
+        index,
+        name: info.name,
+        backend: format!("{:?}", info.backend),
+        kind: format!("{:?}", info.device_type),
+        driver,
+        max_buffer: a.limits().max_buffer_size,
+        features: optional_features(a.features()),
+    }
 }
 
 /// A buffer on the device.
@@ -144,7 +140,7 @@ impl Gpu {
                 format!("gpu:{index} does not exist: {n} adapter(s) found (see `qwick devices`)")
             }
         })?;
-        let summary = adapters().into_iter().nth(index).expect("the adapter listed above");
+        let summary = summarize(index, &adapter);
         let limits = adapter.limits();
         let subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
         let desc = wgpu::DeviceDescriptor {
@@ -192,15 +188,6 @@ impl Gpu {
         self.max_binding = self.max_binding.min(bytes / 4 * 4);
     }
 
-    fn buffer(&self, bytes: u64, extra: wgpu::BufferUsages) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: bytes.max(4).next_multiple_of(4),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC | extra,
-            mapped_at_creation: false,
-        })
-    }
-
     /// A zeroed buffer of `bytes` bytes.
     pub fn zeros(&self, bytes: u64) -> Result<Buf, String> {
         if bytes > self.max_binding {
@@ -211,7 +198,12 @@ impl Gpu {
         }
         // Running out of device memory is an error to report, not the device's panic.
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let buf = self.buffer(bytes, wgpu::BufferUsages::empty());
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
         match pollster::block_on(scope.pop()) {
             None => Ok(Buf { buf, bytes }),
             Some(e) => Err(format!("{} has no room for {bytes} more bytes: {e}", self.summary.name)),

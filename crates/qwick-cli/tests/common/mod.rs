@@ -15,6 +15,18 @@ pub fn qwick(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_qwick")).args(args).output().expect("qwick runs")
 }
 
+/// Whether `qwick devices` finds a GPU adapter (lavapipe in CI); says loudly, naming `test`,
+/// when not.
+pub fn have_gpu(test: &str) -> bool {
+    let o = qwick(&["devices", "--json"]);
+    let list: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    let found = list.as_array().is_some_and(|a| !a.is_empty());
+    if !found {
+        eprintln!("SKIPPED {test}: no GPU adapter ({})", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    found
+}
+
 /// Runs `qwick`, expecting success; its stdout.
 pub fn ok(args: &[&str]) -> String {
     let o = qwick(args);
