@@ -192,6 +192,7 @@ impl GpuModel {
             slots: up(g.upload_u32(&batch.slot_mapping))?,
             meta: up(g.upload_u32(&Attend::meta(&batch.positions, &batch.seq_of_token, &tables)))?,
             seqs: tables.len(),
+            max_pos: batch.positions.iter().max().map_or(0, |&p| p as usize),
             n,
             half,
             heads: c.num_attention_heads,
@@ -254,6 +255,8 @@ struct GpuPass<'a> {
     slots: Buf,
     meta: Buf,
     seqs: usize,
+    /// The furthest position of the step's tokens.
+    max_pos: usize,
     /// Bytes of activations allocated since the last submission.
     held: u64,
     /// Each token's LoRA adapter (empty: none).
@@ -446,6 +449,8 @@ impl Exec for GpuPass<'_> {
             scale: self.scale,
             seqs: self.seqs,
             format,
+            max_pos: self.max_pos,
+            splits: Attend::splits(self.n, self.heads, self.max_pos),
         });
         (out, Vec::new())
     }
@@ -482,6 +487,14 @@ impl Exec for GpuPass<'_> {
         let (g, u, y, out) =
             (self.alloc(n * k * inter), self.alloc(n * k * inter), self.alloc(n * k * h), self.alloc(n * h));
         let pairs = n * k;
+        // Enough pairs for tiles (a prefill): sorted by expert, each expert's weights read once
+        // per tile of its pairs rather than once a pair.
+        let sorted = (pairs >= gpu::TILE_ROWS && ne <= gpu::SORT_EXPERTS).then(|| {
+            let s = self.alloc(gpu::sorted_pairs_words(pairs, ne));
+            self.rec.sort_pairs(&route.buf, &s.buf, pairs, ne);
+            s
+        });
+        let sorted = sorted.as_ref().map(|s| &s.buf);
         for ((w, f), dst) in [(&st.gate, &g), (&st.up, &u)] {
             let job = MoeMatmul {
                 x: &x.buf,
@@ -494,6 +507,8 @@ impl Exec for GpuPass<'_> {
                 format: *f,
                 n: inter,
                 k: h,
+                experts: ne,
+                sorted,
             };
             self.rec.moe_matmul(&job);
         }
@@ -510,6 +525,8 @@ impl Exec for GpuPass<'_> {
             format: *f,
             n: h,
             k: inter,
+            experts: ne,
+            sorted,
         };
         self.rec.moe_matmul(&job);
         self.rec.combine(&y.buf, &route.buf, &out.buf, n, h, k);

@@ -32,11 +32,11 @@ const BLOCK: usize = 16;
 
 /// Three steps: the first 20 tokens of a 37-token prompt alone (a chunk without logits: the
 /// prompt goes on), its other 17 beside a 5-token prompt, then one token of each beside a
-/// 20-token prompt (every prompt row's logits); each sequence on blocks of its own, out of
-/// order.
+/// 40-token prompt (every prompt row's logits; 42 rows, so the tiled products); each sequence on
+/// blocks of its own, out of order.
 fn steps(vocab: u32) -> Vec<Batch> {
     let tok = |i: u32| (i * 7919 + 13) % vocab;
-    let tables = [vec![3, 0, 6], vec![1], vec![5, 2]];
+    let tables = [vec![3, 0, 6], vec![1], vec![5, 2, 4]];
     let mut first = Batch::default();
     first.push_span(&(0..20).map(tok).collect::<Vec<_>>(), 0, &tables[0], BLOCK, false);
     first.logits_rows.clear();
@@ -46,7 +46,7 @@ fn steps(vocab: u32) -> Vec<Batch> {
     let mut next = Batch::default();
     next.push_span(&[tok(100)], 37, &tables[0], BLOCK, false);
     next.push_span(&[tok(101)], 5, &tables[1], BLOCK, false);
-    next.push_span(&(60..80).map(tok).collect::<Vec<_>>(), 0, &tables[2], BLOCK, true);
+    next.push_span(&(60..100).map(tok).collect::<Vec<_>>(), 0, &tables[2], BLOCK, true);
     vec![first, rest, next]
 }
 
@@ -92,7 +92,7 @@ fn same_steps(name: &str, model: &Qwen3, mut gpu: GpuModel, kv: Format) {
 #[test]
 fn weights_and_logits_larger_than_a_binding_are_split() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    // 32 KiB a binding: the 512-row head (64 KiB of bf16) in two runs of rows, the 22 rows of
+    // 32 KiB a binding: the 512-row head (64 KiB of bf16) in two runs of rows, the 42 rows of
     // logits of the last step 16 at a time; a MoE block's stacked experts (48 KiB a
     // projection) do not fit, so its experts run one by one, routed on the host.
     let limited = || {

@@ -16,12 +16,34 @@ const ROPE: &str = include_str!("wgsl/rope.wgsl");
 const ELEMENTWISE: &str = include_str!("wgsl/elementwise.wgsl");
 const KV_WRITE: &str = include_str!("wgsl/kv_write.wgsl");
 const ATTENTION: &str = include_str!("wgsl/attention.wgsl");
+const ATTENTION_MERGE: &str = include_str!("wgsl/attention_merge.wgsl");
+/// attention.wgsl's last step unsplit: the output.
+const FINISH_OUT: &str = "@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+fn finish(id: u32, qo: u32, t: u32, m: f32, l: f32, acc: array<f32, 4>) {
+    for (var u = 0u; u < 4u; u++) { let j = t + 64u * u; if (j < p.d) { out[qo + j] = acc[u] / l; } }
+}";
+/// attention.wgsl's last step split: the split's maximum, sum and values, for the merge.
+const FINISH_PART: &str = "@group(0) @binding(5) var<storage, read_write> part: array<f32>;
+fn finish(id: u32, qo: u32, t: u32, m: f32, l: f32, acc: array<f32, 4>) {
+    let o = id * (p.d + 2u);
+    if (t == 0u) { part[o] = m; part[o + 1u] = l; }
+    for (var u = 0u; u < 4u; u++) { let j = t + 64u * u; if (j < p.d) { part[o + 2u + j] = acc[u]; } }
+}";
 const ROWS: &str = include_str!("wgsl/rows.wgsl");
 const READ: &str = include_str!("wgsl/read.wgsl");
 const PER_ITEM: &str = include_str!("wgsl/per_item.wgsl");
 const ROUTE: &str = include_str!("wgsl/route.wgsl");
 const COMBINE: &str = include_str!("wgsl/combine.wgsl");
 const MOE_MATMUL: &str = include_str!("wgsl/moe_matmul.wgsl");
+const TILE: &str = include_str!("wgsl/tile.wgsl");
+const MATMUL_TILE: &str = include_str!("wgsl/matmul_tile.wgsl");
+const MOE_SORT: &str = include_str!("wgsl/moe_sort.wgsl");
+const MOE_TILE: &str = include_str!("wgsl/moe_tile.wgsl");
+
+/// Activation rows of a tile of the tiled products (`TM` in tile.wgsl): from this many rows on
+/// (a prefill), a product is taken by tiles, each weight read once per this many rows, rather
+/// than by the row-at-a-time kernels, which read it once per 8.
+pub const TILE_ROWS: usize = 32;
 
 /// A kernel of one item per invocation: [`PER_ITEM`]'s entry point around `src`'s `item`.
 fn per_item(src: &str) -> String {
@@ -64,9 +86,20 @@ pub struct Attend<'a> {
     pub seqs: usize,
     /// The cache's elements: f32, f16 or bf16.
     pub format: Format,
+    /// The furthest position of the `n` tokens (none may lie past it).
+    pub max_pos: usize,
+    /// How many workgroups share each (token, head)'s positions ([`Attend::splits`]).
+    pub splits: usize,
 }
 
 impl Attend<'_> {
+    /// Splits of the positions for `n` tokens of `heads` heads, the furthest at `max_pos`: as
+    /// many as bring the workgroups to about 256 (a GPU's cores kept busy when few tokens
+    /// decode at depth), each split at least 256 positions.
+    pub fn splits(n: usize, heads: usize, max_pos: usize) -> usize {
+        256usize.div_ceil(n * heads).min((max_pos + 1).div_ceil(256)).max(1)
+    }
+
     /// The `meta` words for tokens at `positions` of sequences `seq_of_token` with these block
     /// tables.
     pub fn meta(positions: &[u32], seq_of_token: &[u32], tables: &[&[u32]]) -> Vec<u32> {
@@ -138,6 +171,27 @@ impl Recorder<'_> {
         fits("matmul y", j.y, j.y_off + (j.m.max(1) - 1) * j.ldy + j.n);
         let f = j.format;
         let (chunk_bytes, per_block) = formats::chunk_geometry(f);
+        let geometry = [
+            u(j.m),
+            u(j.n),
+            u(j.k),
+            u(row_bytes as usize),
+            u(j.w_off as usize),
+            chunk_bytes,
+            per_block,
+            u(j.x_off),
+            u(j.ldx),
+            u(j.y_off),
+            u(j.ldy),
+        ];
+        if j.m >= TILE_ROWS {
+            let pipe = self.gpu.pipeline(&format!("matmul_tile_{f}"), || {
+                format!("{}\n{MATMUL_IO}\n{TILE}\n{MATMUL_TILE}", formats::wgsl(f))
+            });
+            let groups = j.n.div_ceil(64) * j.m.div_ceil(TILE_ROWS);
+            self.dispatch(pipe, &geometry, &[j.x, j.w, j.y], u(groups));
+            return;
+        }
         // With subgroups, a subgroup a row and `tpr` rows a workgroup; without, `tpr`
         // invocations a row: about its chunks of 32, a power of two up to 64.
         let (pipe, tpr, rows_per_group) = match self.gpu.subgroup_rows {
@@ -156,20 +210,8 @@ impl Recorder<'_> {
                 )
             }
         };
-        let params = [
-            u(j.m),
-            u(j.n),
-            u(j.k),
-            u(row_bytes as usize),
-            u(j.w_off as usize),
-            chunk_bytes,
-            per_block,
-            u(j.x_off),
-            u(j.ldx),
-            u(j.y_off),
-            u(j.ldy),
-            tpr,
-        ];
+        let mut params = geometry.to_vec();
+        params.push(tpr);
         let groups = j.n.div_ceil(rows_per_group) * j.m.div_ceil(8);
         self.dispatch(pipe, &params, &[j.x, j.w, j.y], u(groups));
     }
@@ -240,10 +282,33 @@ impl Recorder<'_> {
         assert!(a.d <= 256 && a.heads.is_multiple_of(a.kv_heads), "attention over heads of {} values", a.d);
         fits("attention q", a.q, a.n * a.heads * a.d);
         fits("attention out", a.out, a.n * a.heads * a.d);
-        let f = a.format;
-        let pipe = self.gpu.pipeline(&format!("attention_{f}"), || format!("{}{ATTENTION}", kv_elements(f, false)));
-        let params = [u(a.n), u(a.heads), u(a.kv_heads), u(a.d), u(a.block_size), a.scale.to_bits(), u(a.seqs)];
-        self.dispatch(pipe, &params, &[a.q, a.k, a.v, a.meta, a.out], u(a.n * a.heads));
+        let (f, splits) = (a.format, a.splits.max(1));
+        let kernel = |finish: &str| format!("{}{finish}\n{ATTENTION}", kv_elements(f, false));
+        // Each split a whole number of 64-position windows, together reaching the furthest.
+        let span = (a.max_pos + 1).div_ceil(splits).next_multiple_of(64);
+        let params = [
+            u(a.n),
+            u(a.heads),
+            u(a.kv_heads),
+            u(a.d),
+            u(a.block_size),
+            a.scale.to_bits(),
+            u(a.seqs),
+            u(splits),
+            u(span),
+        ];
+        let items = a.n * a.heads;
+        if splits == 1 {
+            let pipe = self.gpu.pipeline(&format!("attention_{f}"), || kernel(FINISH_OUT));
+            self.dispatch(pipe, &params, &[a.q, a.k, a.v, a.meta, a.out], u(items));
+            return;
+        }
+        // The splits' records live until the recorded work has run (the dispatches hold them).
+        let part = self.gpu.zeros(4 * (items * splits * (a.d + 2)) as u64).expect("attention's split records");
+        let pipe = self.gpu.pipeline(&format!("attention_split_{f}"), || kernel(FINISH_PART));
+        self.dispatch(pipe, &params, &[a.q, a.k, a.v, a.meta, &part], u(items * splits));
+        let merge = self.gpu.pipeline("attention_merge", || per_item(ATTENTION_MERGE));
+        self.dispatch(merge, &[u(items), u(a.d), u(splits)], &[&part, a.out], u((items * a.d).div_ceil(64)));
     }
 }
 
@@ -279,7 +344,9 @@ impl Recorder<'_> {
 /// The experts' products of a MoE block for every (token, chosen expert) pair: `y[q] = x_q ·
 /// W_eᵀ`, `e` the pair's expert in `route` ([`Recorder::route`]), `x_q` its token's row of `x`
 /// (`per_token`) or its own row; the experts' weights (`n` rows of `k` each, `format`) one after
-/// another in `w`.
+/// another in `w`. With `sorted` (the pairs sorted by expert, [`Recorder::sort_pairs`]) the
+/// products are taken by tiles of each expert's pairs, its weights read once per
+/// [`TILE_ROWS`] of them; without, pair by pair.
 pub struct MoeMatmul<'a> {
     pub x: &'a Buf,
     pub w: &'a Buf,
@@ -291,7 +358,18 @@ pub struct MoeMatmul<'a> {
     pub format: Format,
     pub n: usize,
     pub k: usize,
+    pub experts: usize,
+    pub sorted: Option<&'a Buf>,
 }
+
+/// Words of the buffer [`Recorder::sort_pairs`] writes for `pairs` pairs over `experts`
+/// experts.
+pub fn sorted_pairs_words(pairs: usize, experts: usize) -> usize {
+    pairs + 2 * (experts + 1)
+}
+
+/// The most experts [`Recorder::sort_pairs`] sorts among (its counts' workgroup array).
+pub const SORT_EXPERTS: usize = 1024;
 
 impl Recorder<'_> {
     /// Routes `n` tokens: softmax of their router `logits` (`[n, experts]`, overwritten), the
@@ -304,16 +382,49 @@ impl Recorder<'_> {
         self.dispatch(pipe, &[u(n), u(experts), u(k), norm as u32], &[logits, route], u(n.div_ceil(64)));
     }
 
+    /// Sorts the `pairs` (token, expert) pairs of `route` by expert into `sorted` (of
+    /// [`sorted_pairs_words`] words) for the tiled [`MoeMatmul`]; at most [`SORT_EXPERTS`]
+    /// experts.
+    pub fn sort_pairs(&mut self, route: &Buf, sorted: &Buf, pairs: usize, experts: usize) {
+        assert!(experts <= SORT_EXPERTS, "sorting pairs among {experts} experts");
+        fits("moe route", route, 2 * pairs);
+        fits("sorted pairs", sorted, sorted_pairs_words(pairs, experts));
+        let pipe = self.gpu.pipeline("moe_sort", || MOE_SORT.to_string());
+        self.dispatch(pipe, &[u(pairs), u(experts), u(TILE_ROWS)], &[route, sorted], 1);
+    }
+
     /// See [`MoeMatmul`].
     pub fn moe_matmul(&mut self, j: &MoeMatmul) {
         assert!(formats::reads(j.format, j.k), "the GPU products do not read {} rows of {} weights", j.format, j.k);
         let row_bytes = j.format.row_bytes(j.k);
         let expert_bytes = row_bytes * j.n;
-        assert!(j.w.bytes as usize >= expert_bytes, "a stack of experts smaller than one");
+        assert!(j.w.bytes as usize >= expert_bytes * j.experts, "a stack of fewer experts than routed among");
         fits("moe y", j.y, j.pairs * j.n);
         fits("moe route", j.route, 2 * j.pairs);
         let f = j.format;
         let (chunk_bytes, per_block) = formats::chunk_geometry(f);
+        if let Some(sorted) = j.sorted {
+            fits("sorted pairs", sorted, sorted_pairs_words(j.pairs, j.experts));
+            // Each expert's pairs take whole tiles: at most one partial tile an expert.
+            let slots = j.pairs.div_ceil(TILE_ROWS) + j.experts;
+            let pipe =
+                self.gpu.pipeline(&format!("moe_tile_{f}"), || format!("{}\n{MOE_TILE}\n{TILE}", formats::wgsl(f)));
+            let params = [
+                u(j.pairs),
+                u(j.n),
+                u(j.k),
+                u(row_bytes),
+                u(expert_bytes),
+                chunk_bytes,
+                per_block,
+                u(j.topk),
+                j.per_token as u32,
+                u(j.experts),
+                u(slots),
+            ];
+            self.dispatch(pipe, &params, &[j.x, j.w, j.y, sorted], u(slots * j.n.div_ceil(64)));
+            return;
+        }
         let tpr = j.k.div_ceil(32).next_power_of_two().min(64) as u32;
         let pipe = self
             .gpu

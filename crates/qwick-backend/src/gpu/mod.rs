@@ -15,7 +15,7 @@ mod recorder;
 mod tests;
 
 pub use formats::{reads, supports};
-pub use kernels::{Attend, Matmul, MoeMatmul};
+pub use kernels::{sorted_pairs_words, Attend, Matmul, MoeMatmul, SORT_EXPERTS, TILE_ROWS};
 pub use recorder::Recorder;
 
 use std::collections::HashMap;

@@ -77,7 +77,8 @@ fn matmul_matches_the_dequantized_reference() {
 
 fn matmul_check(g: &Gpu, path: &str) {
     // k spans many 256-weight blocks and more chunks than a workgroup has threads; m covers
-    // a single row, a partial pass of 8 and more than one pass.
+    // a single row, a partial pass of 8 and more than one pass, and (from TILE_ROWS rows on,
+    // the tiled kernel) a whole tile and one and a part.
     // Float weights also in rows that end in a partial chunk of 32.
     // Short rows too (a few invocations per row, fewer than the activation rows of a pass).
     let floats = [Format::F32, Format::F16, Format::BF16];
@@ -93,7 +94,7 @@ fn matmul_check(g: &Gpu, path: &str) {
         let mut deq = vec![0f32; n * k];
         f.dequantize(&stored, &mut deq);
         let wb = g.upload(&stored).unwrap();
-        for m in [1, 3, 8, 11] {
+        for m in [1, 3, 8, 11, TILE_ROWS, TILE_ROWS + 38] {
             let x = rand_vec(m * k, 11 + m as u64);
             let (xb, yb) = (g.upload_f32(&x).unwrap(), g.zeros(4 * (m * n) as u64).unwrap());
             let mut rec = Recorder::new(g);
@@ -273,8 +274,14 @@ fn paged_attention_matches_the_cpu() {
             scale,
             seqs: 2,
             format,
+            max_pos: 130,
+            splits: 1,
         };
         rec.attend(&attend);
+        // The same split in three (64 positions each, the last two empty for the prefill's
+        // first 64 tokens) and merged.
+        let split_out = g.zeros(4 * (n * heads * d) as u64).unwrap();
+        rec.attend(&Attend { splits: 3, out: &split_out, ..attend });
         rec.submit();
         let (kw, vw) = (encode(&kc), encode(&vc));
         let bytes = kw.len() as u64;
@@ -284,6 +291,8 @@ fn paged_attention_matches_the_cpu() {
         let kv = PagedKv { k: &kw, v: &vw, format, block_size: bs, kv_heads, head_dim: d };
         paged_attention(Ctx::new(Isa::SCALAR, &pool), &q, kv, &args, &mut want);
         assert_close(&format!("attention over a {format} cache"), &g.read_f32(&ob, n * heads * d), &want, 1e-5);
+        let got = g.read_f32(&split_out, n * heads * d);
+        assert_close(&format!("attention over a {format} cache, in splits"), &got, &want, 1e-5);
     }
 }
 
@@ -297,7 +306,18 @@ fn bandwidth_probe_reads_the_buffer() {
 #[test]
 fn moe_routing_expert_products_and_combine_match_the_cpu() {
     let Some(g) = gpu("MoE kernels") else { return };
-    let (n, ne, k, h, inter, f) = (5, 16, 4, 64, 96, Format::Q8_0);
+    // A few tokens (some experts chosen by none), and enough for several tiles an expert; the
+    // products pair by pair and by tiles of pairs sorted by expert.
+    for n in [5, 200] {
+        for tiled in [false, true] {
+            moe_check(&g, n, tiled);
+        }
+    }
+}
+
+fn moe_check(g: &Gpu, n: usize, tiled: bool) {
+    let (ne, k, h, inter, f) = (16, 4, 64, 96, Format::Q8_0);
+    let what = format!("{n} tokens, {}", if tiled { "tiled" } else { "pair by pair" });
     let logits = rand_vec(n * ne, 21);
     // The reference routing: softmax, top k by descending probability (lower index on ties),
     // renormalised.
@@ -321,8 +341,12 @@ fn moe_routing_expert_products_and_combine_match_the_cpu() {
         g.upload_f32(&x).unwrap(),
     );
     let (yb, ob) = (g.zeros(4 * (n * k * inter) as u64).unwrap(), g.zeros(4 * (n * inter) as u64).unwrap());
-    let mut rec = Recorder::new(&g);
+    let sb = g.zeros(4 * sorted_pairs_words(n * k, ne) as u64).unwrap();
+    let mut rec = Recorder::new(g);
     rec.route(&lb, &rb, n, ne, k, true);
+    if tiled {
+        rec.sort_pairs(&rb, &sb, n * k, ne);
+    }
     rec.moe_matmul(&MoeMatmul {
         x: &xb,
         w: &wb,
@@ -334,6 +358,8 @@ fn moe_routing_expert_products_and_combine_match_the_cpu() {
         format: f,
         n: inter,
         k: h,
+        experts: ne,
+        sorted: tiled.then_some(&sb),
     });
     rec.combine(&yb, &rb, &ob, n, inter, k);
     rec.submit();
@@ -341,8 +367,8 @@ fn moe_routing_expert_products_and_combine_match_the_cpu() {
     let words: Vec<u32> = route.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
     let got_route: Vec<(usize, f32)> = words.chunks_exact(2).map(|p| (p[0] as usize, f32::from_bits(p[1]))).collect();
     for (i, (got, want)) in got_route.iter().zip(&want_route).enumerate() {
-        assert_eq!(got.0, want.0, "pair {i}: expert");
-        assert!((got.1 - want.1).abs() <= 1e-6, "pair {i}: weight {} against {}", got.1, want.1);
+        assert_eq!(got.0, want.0, "{what}: pair {i}: expert");
+        assert!((got.1 - want.1).abs() <= 1e-6, "{what}: pair {i}: weight {} against {}", got.1, want.1);
     }
     let mut want_y = vec![0f32; n * k * inter];
     let mut want_out = vec![0f32; n * inter];
@@ -355,6 +381,24 @@ fn moe_routing_expert_products_and_combine_match_the_cpu() {
             want_out[t * inter + r] += w * v;
         }
     }
-    assert_close("experts' products", &g.read_f32(&yb, n * k * inter), &want_y, 1e-4);
-    assert_close("combined", &g.read_f32(&ob, n * inter), &want_out, 1e-4);
+    assert_close(&format!("experts' products, {what}"), &g.read_f32(&yb, n * k * inter), &want_y, 1e-4);
+    assert_close(&format!("combined, {what}"), &g.read_f32(&ob, n * inter), &want_out, 1e-4);
+    if tiled {
+        // Every pair once, grouped by expert, and the experts' starts and tile counts.
+        let sorted = g.read(&sb, 4 * sorted_pairs_words(n * k, ne) as u64);
+        let sorted: Vec<usize> =
+            sorted.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()) as usize).collect();
+        let (order, start, tiles) = (&sorted[..n * k], &sorted[n * k..][..ne + 1], &sorted[n * k + ne + 1..]);
+        let mut seen = order.to_vec();
+        seen.sort();
+        assert_eq!(seen, (0..n * k).collect::<Vec<_>>(), "{what}: the sorted pairs");
+        let mut tile_sum = 0;
+        for e in 0..ne {
+            assert_eq!(tiles[e], tile_sum, "{what}: tiles before expert {e}");
+            let mine = &order[start[e]..start[e + 1]];
+            assert!(mine.iter().all(|&q| want_route[q].0 == e), "{what}: expert {e}'s pairs");
+            tile_sum += mine.len().div_ceil(TILE_ROWS);
+        }
+        assert_eq!((start[ne], tiles[ne]), (n * k, tile_sum), "{what}: the totals");
+    }
 }

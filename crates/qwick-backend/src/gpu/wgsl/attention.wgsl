@@ -1,14 +1,18 @@
-// Causal attention over a paged KV cache (elements read by kernels.rs' kv_elements, prepended), one workgroup per (query token, head): the token at
-// position pos attends to its sequence's keys 0..=pos, 64 positions at a time with a running
-// maximum and sum (softmax in f32), each thread keeping up to 4 of the head's output values.
+// Causal attention over a paged KV cache (elements read by kernels.rs' kv_elements, prepended),
+// one workgroup per (query token, head, split of the positions): the token at position pos
+// attends to its sequence's keys 0..=pos, those of its split (p.span positions from s · span)
+// 64 at a time with a running maximum and sum (softmax in f32), each thread keeping up to 4 of
+// the head's output values. Unsplit, the workgroup writes the output; split (long contexts and
+// few tokens, so that many workgroups share a row's positions), it writes its maximum, sum and
+// unnormalised values to part, which attention_merge.wgsl merges. finish() is one or the other
+// (prepended by kernels.rs).
 // info: positions[n], seq_of_token[n], table_start[seqs], then the block tables.
-struct P { n: u32, heads: u32, kv_heads: u32, d: u32, block_size: u32, scale: f32, seqs: u32 }
+struct P { n: u32, heads: u32, kv_heads: u32, d: u32, block_size: u32, scale: f32, seqs: u32, splits: u32, span: u32 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> kc: array<u32>;
 @group(0) @binding(3) var<storage, read> vc: array<u32>;
 @group(0) @binding(4) var<storage, read> info: array<u32>;
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
 var<workgroup> qs: array<f32, 256>;
 var<workgroup> sc: array<f32, 64>;
@@ -23,11 +27,13 @@ fn key_row(table: u32, kvh: u32, pos: u32) -> u32 {
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) t: u32) {
     let id = wg.x + wg.y * nwg.x;
-    if (id >= p.n * p.heads) {
+    if (id >= p.n * p.heads * p.splits) {
         return;
     }
-    let tok = id / p.heads;
-    let h = id % p.heads;
+    let item = id / p.splits;
+    let split = id % p.splits;
+    let tok = item / p.heads;
+    let h = item % p.heads;
     let kvh = h / (p.heads / p.kv_heads);
     if (t == 0u) {
         wpos = info[tok];
@@ -44,10 +50,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     var m = -3.4028235e38;
     var l = 0.0;
     var acc: array<f32, 4>;
-    for (var p0 = 0u; p0 <= pos; p0 += 64u) {
+    let first = split * p.span;
+    let last = min(pos, first + p.span - 1u);
+    for (var p0 = first; p0 <= last; p0 += 64u) {
         let pp = p0 + t;
         var score = -3.4028235e38;
-        if (pp <= pos) {
+        if (pp <= last) {
             let kr = key_row(table, kvh, pp);
             var s = 0.0;
             for (var j = 0u; j < p.d; j++) {
@@ -57,7 +65,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         }
         sc[t] = score;
         workgroupBarrier();
-        let count = min(64u, pos + 1u - p0);
+        let count = min(64u, last + 1u - p0);
         var cm = m;
         for (var i = 0u; i < count; i++) {
             cm = max(cm, sc[i]);
@@ -81,10 +89,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         m = cm;
         workgroupBarrier();
     }
-    for (var u = 0u; u < 4u; u++) {
-        let j = t + 64u * u;
-        if (j < p.d) {
-            out[qo + j] = acc[u] / l;
-        }
-    }
+    finish(id, qo, t, m, l, acc);
 }
