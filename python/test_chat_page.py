@@ -40,6 +40,51 @@ def set_value(driver, el_id, value):
         "e.dispatchEvent(new Event('change'))", el_id, value)
 
 
+STREAM_VIEW_CHECK = r"""
+const done = arguments[arguments.length - 1];
+const reply = {role: "assistant", content: "", reasoning: "", streaming: true};
+const el = messageEl(reply);
+document.body.appendChild(el);
+const view = streamView(reply, el);
+// Count what is rendered as Markdown while 900 pieces stream in.
+let rendered = 0;
+const plain = markdown;
+markdown = (s) => { rendered += s.length; return plain(s); };
+for (let i = 0; i < 300; i++) {
+  for (const piece of [`Paragraph ${i}, **bold** and a list:\n- a\n- b`, "\n\n",
+                       i % 10 === 0 ? "```py\nx = 1\n\ny = 2\n```\n\n" : "1. one\n"]) {
+    reply.content += piece;
+    reply.reasoning += "think ";
+    view.update();
+  }
+}
+markdown = plain;
+const ref = document.createElement("div");
+ref.innerHTML = markdown(reply.content);
+const parts = el.querySelector(".content").children;
+const same = parts[0].innerHTML + parts[1].innerHTML === ref.innerHTML;
+const thinking = el.querySelector("details.think .body").textContent === reply.reasoning;
+// Many events within one frame render once.
+const before = view.updates;
+for (let i = 0; i < 100; i++) view.schedule();
+requestAnimationFrame(() => requestAnimationFrame(() => {
+  el.remove();
+  done({same, thinking, rendered, total: reply.content.length, frameRenders: view.updates - before});
+}));
+"""
+
+
+def check_stream_view(driver):
+    """The streaming view: the same HTML as the whole answer's Markdown, finished blocks
+    rendered once (what is rendered grows with the answer, not its square), one render per
+    frame however many events arrive in it."""
+    r = driver.execute_async_script(STREAM_VIEW_CHECK)
+    assert r["same"], "the streamed view differs from the answer's Markdown"
+    assert r["thinking"], "the streamed thinking text differs"
+    assert r["rendered"] < 3 * r["total"], r
+    assert r["frameRenders"] == 1, r
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", required=True)
@@ -56,6 +101,7 @@ def main():
     try:
         driver.get(a.url + "/")
         assert driver.title == "qwick", driver.title
+        check_stream_view(driver)
         if a.api_key:
             key = driver.find_element(By.ID, "apikey")
             key.send_keys(a.api_key)
@@ -121,5 +167,5 @@ if __name__ == "__main__":
     try:
         main()
     except Exception as e:
-        print(f"chat page: FAIL {e!r}")
+        print(f"chat page: FAIL {e!r} {getattr(e, 'msg', '') or ''}")
         sys.exit(1)

@@ -12,6 +12,7 @@ import sys
 
 import openai
 from openai import OpenAI
+from openai.types.chat import ChatCompletionTokenLogprob
 
 CHECKS = []
 
@@ -114,8 +115,10 @@ def chat_logprobs(c, model):
         model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
         logprobs=True, top_logprobs=3,
     )
-    lp = r.choices[0].logprobs.content
-    assert len(lp) == r.usage.completion_tokens, (len(lp), r.usage)
+    # The test model thinks: its tokens are the reasoning's, listed beside the answer's.
+    reasoning = extra(r.choices[0].logprobs, "reasoning_content") or []
+    lp = r.choices[0].logprobs.content + [ChatCompletionTokenLogprob.model_validate(t) for t in reasoning]
+    assert reasoning and len(lp) == r.usage.completion_tokens, (len(lp), r.usage)
     for t in lp:
         assert len(t.top_logprobs) == 3 and t.logprob <= 0
         # Greedy: the chosen token is the most likely one.

@@ -3,7 +3,7 @@
 //! so a request renders, thinks and samples the same way through either.
 
 use crate::constraint::Grammars;
-use crate::error::Result;
+use crate::error::{ChatError, Result};
 use crate::generation::GenerationConfig;
 use crate::model_text::{ModelText, TextSource};
 use crate::reasoning::THINKING_BUDGET_STOP;
@@ -43,6 +43,18 @@ pub struct ChatModel {
     pub adapters: Vec<String>,
     newline_tokens: OnceLock<Arc<HashSet<u32>>>,
     grammars: OnceLock<Result<Arc<Grammars>, String>>,
+}
+
+/// How a rendered chat ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnEnd {
+    /// With the header of a new assistant turn (`add_generation_prompt`).
+    NewTurn,
+    /// With the last message, closed (`add_generation_prompt: false`).
+    Closed,
+    /// Inside the last message, left open for the model to continue it
+    /// (`continue_final_message`, an assistant prefill).
+    Continue,
 }
 
 /// A rendered chat prompt.
@@ -174,25 +186,61 @@ impl ChatModel {
         thinking: Option<bool>,
         extra: Map<String, Value>,
     ) -> Result<Prompt> {
+        self.render_as(messages, tools, thinking, extra, TurnEnd::NewTurn)
+    }
+
+    /// [`ChatModel::render`], the chat ending as `end` says.
+    pub fn render_as(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<Vec<Value>>,
+        thinking: Option<bool>,
+        extra: Map<String, Value>,
+        end: TurnEnd,
+    ) -> Result<Prompt> {
         let render = |on: Option<bool>| {
             self.template.render(
                 messages,
                 &RenderOptions {
                     tools: tools.clone(),
-                    add_generation_prompt: true,
+                    add_generation_prompt: end == TurnEnd::NewTurn,
                     enable_thinking: on,
                     extra: extra.clone(),
                 },
             )
         };
-        let text = render(thinking)?;
-        let asked = thinking.unwrap_or(true);
-        // A template that honours enable_thinking renders the two modes differently.
-        let hybrid = render(Some(!asked))? != text;
-        let ends_in_think = text.trim_end().ends_with("<think>");
-        let starts_in_thinking = if hybrid { asked } else { ends_in_think };
+        let mut text = render(thinking)?;
+        let (starts_in_thinking, thinking) = match end {
+            TurnEnd::NewTurn => {
+                let asked = thinking.unwrap_or(true);
+                // A template that honours enable_thinking renders the two modes differently.
+                let hybrid = render(Some(!asked))? != text;
+                let ends_in_think = text.trim_end().ends_with("<think>");
+                (if hybrid { asked } else { ends_in_think }, (hybrid && asked) || ends_in_think)
+            }
+            TurnEnd::Closed => (false, false),
+            TurnEnd::Continue => {
+                // The rendered chat cut just after the last message's text (its answer, or its
+                // reasoning where it has no answer yet), as transformers' continue_final_message.
+                let last = messages.last().ok_or_else(|| ChatError::Message("no message to continue".into()))?;
+                let content = last.content.as_deref().unwrap_or("").trim();
+                let reasoning = last.reasoning_content.as_deref().unwrap_or("").trim();
+                let (cut, in_thinking) = match (content.is_empty(), reasoning.is_empty()) {
+                    (false, _) => (content, false),
+                    (true, false) => (reasoning, true),
+                    (true, true) => {
+                        return Err(ChatError::Message("the message to continue has no text".into()));
+                    }
+                };
+                let at = text.rfind(cut).ok_or_else(|| {
+                    ChatError::Template("the message to continue does not appear in the rendered chat".into())
+                })?;
+                text.truncate(at + cut.len());
+                (in_thinking, in_thinking || !reasoning.is_empty())
+            }
+        };
         let ids = self.tokenizer.encode(&text, false)?;
-        Ok(Prompt { text, ids, starts_in_thinking, thinking: (hybrid && asked) || ends_in_think })
+        Ok(Prompt { text, ids, starts_in_thinking, thinking })
     }
 
     /// The engine's thinking budget of `max_tokens` reasoning tokens, or `None` if the tokenizer

@@ -25,6 +25,18 @@ pub enum OutputFormat {
     Lark(String),
 }
 
+impl OutputFormat {
+    /// A grammar as clients write it: GBNF (llama.cpp's, rules written `name ::= ...`, see
+    /// [`crate::gbnf_to_lark`]) or else Lark.
+    pub fn grammar(text: &str) -> std::result::Result<OutputFormat, String> {
+        if crate::is_gbnf(text) {
+            crate::gbnf_to_lark(text).map(OutputFormat::Lark)
+        } else {
+            Ok(OutputFormat::Lark(text.to_string()))
+        }
+    }
+}
+
 /// JSON may be laid out freely, but with at most a few whitespace characters between two tokens
 /// of it: a model cannot stall in whitespace forever.
 fn bounded_whitespace(mut schema: Value) -> Value {

@@ -15,12 +15,13 @@
 //!   [`ChatModel`]: those with the model's config, stop ids and served name, turning chat
 //!   messages into a [`Prompt`] and engine parameters.
 //! - [`TextPipe`]: generated tokens streamed as text (stop strings, reasoning, tool calls).
-//! - [`Grammars`]: structured output (JSON schemas, regexes, choices, Lark grammars) as token
-//!   constraints.
+//! - [`Grammars`]: structured output (JSON schemas, regexes, choices, Lark and GBNF grammars) as
+//!   token constraints.
 
 mod chat_model;
 mod constraint;
 mod error;
+mod gbnf;
 mod generation;
 mod model_text;
 mod pipe;
@@ -31,9 +32,10 @@ mod template;
 mod tokenizer;
 mod tools;
 
-pub use chat_model::{ChatModel, Prompt};
+pub use chat_model::{ChatModel, Prompt, TurnEnd};
 pub use constraint::{Grammars, OutputFormat};
 pub use error::{ChatError, Result};
+pub use gbnf::{gbnf_to_lark, is_gbnf};
 pub use generation::GenerationConfig;
 pub use model_text::{ModelText, TextSource};
 pub use pipe::{Delta, TextPipe};

@@ -86,6 +86,11 @@ impl TextPipe {
         self.pending.append(d);
     }
 
+    /// Whether the text so far ends inside reasoning (`<think>` opened, not closed).
+    pub fn in_reasoning(&self) -> bool {
+        self.reasoning.as_ref().is_some_and(ReasoningParser::in_reasoning)
+    }
+
     /// The first error decoding a token, if there was one (taken: asked again, `None`).
     pub fn take_error(&mut self) -> Option<ChatError> {
         self.error.take()

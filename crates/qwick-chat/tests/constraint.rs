@@ -72,3 +72,33 @@ fn tool_schemas_with_unsupported_features_are_refused() {
     let e = grammars().constraint(&OutputFormat::tool_call(&[bad], None, true)).err().expect("an error");
     assert!(e.contains("if"), "{e}");
 }
+
+#[test]
+fn gbnf_grammars_constrain_as_llama_cpp_reads_them() {
+    // A GBNF grammar in llama.cpp's style: dashed names, a class, repetition, a group over lines.
+    let g = r#"
+root ::= greeting " " name ("!" | "?")
+greeting ::= "hello" | "hi"
+# names: a capital, then 1 to 8 small letters
+name ::= [A-Z] [a-z]{1,8}
+"#;
+    let f = OutputFormat::grammar(g).unwrap();
+    assert!(matches!(f, OutputFormat::Lark(_)));
+    assert!(admits(&f, "hello World!"));
+    assert!(admits(&f, "hi Bo?"));
+    assert!(!admits(&f, "hello world!"), "a small first letter");
+    assert!(!admits(&f, "hey World!"), "not a greeting");
+    assert!(!admits(&f, "hi Abcdefghij!"), "a name too long");
+    // llama.cpp's JSON-like grammar shapes: nesting, negated classes, escapes, an empty literal.
+    let g = r#"root ::= "[" ws ( item ( "," ws item )* )? "]"
+item ::= "\"" ( [^"\\] | "\\" ["\\n] )* "\""
+ws ::= [ \t\n]* | ""
+"#;
+    let f = OutputFormat::grammar(g).unwrap();
+    assert!(admits(&f, r#"["a", "b\"c"]"#));
+    assert!(admits(&f, "[ ]"));
+    assert!(!admits(&f, r#"["a" "b"]"#));
+    // Lark stays Lark.
+    assert_eq!(OutputFormat::grammar("start: \"x\"").unwrap(), OutputFormat::Lark("start: \"x\"".into()));
+    assert!(OutputFormat::grammar("root ::= missing").unwrap_err().contains("`missing` is not defined"));
+}

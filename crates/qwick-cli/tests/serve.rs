@@ -1324,3 +1324,127 @@ fn lora_adapters_are_models_that_requests_pick_and_share_a_batch() {
     assert_eq!(code, 404, "{body}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// What llama-server's and vLLM's users send: routes without `/v1`, `/tokenize` with `content`,
+/// `response_format` `json_object` with a schema, a GBNF `grammar`, `add_generation_prompt` and
+/// `continue_final_message`.
+#[test]
+fn llama_server_and_vllm_habits() {
+    let s = Server::start(&[]);
+    let chat = |extra: Value| {
+        let mut b = json!({"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 40,
+                           "temperature": 0, "chat_template_kwargs": {"enable_thinking": false}});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        s.post("/chat/completions", &b)
+    };
+    // Routes without the version prefix.
+    assert_eq!(chat(json!({"max_tokens": 2})).0, 200);
+    assert_eq!(s.post("/completions", &json!({"prompt": "Hi", "max_tokens": 2})).0, 200);
+    let (code, models) = s.get("/models", None);
+    assert_eq!(code, 200);
+    let name = serde_json::from_str::<Value>(&models).unwrap()["data"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(s.get(&format!("/models/{name}"), None).0, 200);
+
+    // /tokenize in llama-server's form, answered in its shape; /detokenize in both.
+    let (code, vllm) = s.post("/tokenize", &json!({"prompt": "Hello world, héllo"}));
+    assert_eq!(code, 200, "{vllm}");
+    let (code, llama) = s.post("/tokenize", &json!({"content": "Hello world, héllo"}));
+    assert_eq!(code, 200, "{llama}");
+    assert_eq!(llama, json!({"tokens": vllm["tokens"]}));
+    let (_, pieces) = s.post("/tokenize", &json!({"content": "Hello world", "with_pieces": true}));
+    let joined: String = pieces["tokens"].as_array().unwrap().iter().map(|p| p["piece"].as_str().unwrap()).collect();
+    assert_eq!(joined, "Hello world", "{pieces}");
+    assert_eq!(pieces["tokens"][0]["id"], vllm["tokens"][0]);
+    let (_, text) = s.post("/detokenize", &json!({"tokens": vllm["tokens"]}));
+    assert_eq!(
+        (text["content"].as_str(), text["prompt"].as_str()),
+        (Some("Hello world, héllo"), Some("Hello world, héllo"))
+    );
+    for bad in
+        [json!({"content": "x", "prompt": "y"}), json!({"prompt": "x", "with_pieces": true}), json!({"contents": "x"})]
+    {
+        let (code, body) = s.post("/tokenize", &bad);
+        assert_eq!(code, 400, "{bad}: {body}");
+    }
+
+    // json_object with a schema beside it (llama-server's form) is that schema.
+    let schema = json!({"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"],
+                        "additionalProperties": false});
+    let (code, body) = chat(json!({"response_format": {"type": "json_object", "schema": schema}}));
+    assert_eq!(code, 200, "{body}");
+    let content: Value = serde_json::from_str(body["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert!(content == json!({"n": 1}) || content == json!({"n": 2}), "{body}");
+    let (code, body) = chat(json!({"response_format": {"type": "json_object", "schema": "object"}}));
+    assert_eq!((code, body["error"]["param"].as_str()), (400, Some("response_format.schema")), "{body}");
+
+    // A GBNF grammar.
+    let (code, body) = chat(json!({"grammar": "root ::= answer \".\"\nanswer ::= \"yes\" | \"no\""}));
+    assert_eq!(code, 200, "{body}");
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(content == "yes." || content == "no.", "{body}");
+    let (code, body) = chat(json!({"grammar": "root ::= missing"}));
+    assert_eq!((code, body["error"]["param"].as_str()), (400, Some("grammar")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("`missing` is not defined"), "{body}");
+
+    // continue_final_message: the assistant's text continued, as a completion of the rendered
+    // chat cut after it would be.
+    let prefill = json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is"}]);
+    let (code, cont) = chat(json!({"messages": prefill, "continue_final_message": true,
+                                   "add_generation_prompt": false, "max_tokens": 6}));
+    assert_eq!(code, 200, "{cont}");
+    let raw = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nThe answer is";
+    let (code, plain) = s.post("/v1/completions", &json!({"prompt": raw, "max_tokens": 6, "temperature": 0}));
+    assert_eq!(code, 200, "{plain}");
+    assert_eq!(cont["usage"]["prompt_tokens"], plain["usage"]["prompt_tokens"], "{cont}");
+    assert_eq!(cont["choices"][0]["message"]["content"], plain["choices"][0]["text"], "{cont}\n{plain}");
+    // add_generation_prompt: false ends with the last message closed: fewer prompt tokens.
+    let (_, open) = chat(json!({"max_tokens": 1}));
+    let (code, closed) = chat(json!({"max_tokens": 1, "add_generation_prompt": false}));
+    assert_eq!(code, 200, "{closed}");
+    assert!(closed["usage"]["prompt_tokens"].as_u64() < open["usage"]["prompt_tokens"].as_u64(), "{closed}");
+    for bad in [
+        json!({"messages": prefill, "continue_final_message": true, "add_generation_prompt": true}),
+        json!({"continue_final_message": true}),
+        json!({"add_generation_prompt": "yes"}),
+    ] {
+        let (code, body) = chat(bad.clone());
+        assert_eq!(code, 400, "{bad}: {body}");
+    }
+    s.wait_idle();
+}
+
+/// With thinking, `logprobs.content` holds the answer's tokens and `logprobs.reasoning_content`
+/// the reasoning's, streamed the same way.
+#[test]
+fn logprobs_of_a_thinking_model_split_reasoning_from_answer() {
+    let s = Server::start(&[]);
+    let c = &refs()["cases"][0]; // hello_think: thinks, and closes only when the budget says so
+    let body = json!({"messages": c["messages"], "max_tokens": 45, "temperature": 0, "max_thinking_tokens": 5,
+                      "logprobs": true, "top_logprobs": 2});
+    let (code, r) = s.post("/v1/chat/completions", &body);
+    assert_eq!(code, 200, "{r}");
+    let (msg, lp) = (&r["choices"][0]["message"], &r["choices"][0]["logprobs"]);
+    let (answer, reasoning) = (lp["content"].as_array().unwrap(), lp["reasoning_content"].as_array().unwrap());
+    assert!(!answer.is_empty() && !reasoning.is_empty(), "{r}");
+    // Sampled tokens have logprobs; the budget's injected closing text has none.
+    let text = |v: &[Value]| v.iter().map(|t| t["token"].as_str().unwrap()).collect::<String>();
+    assert_eq!(reasoning.len(), 5, "the budget's 5 tokens (the prompt opens the thinking): {r}");
+    assert!(msg["reasoning_content"].as_str().unwrap().starts_with(&text(reasoning)), "{r}");
+    assert!(msg["content"].as_str().unwrap().ends_with(&text(answer)), "{r}");
+    assert!(answer.iter().chain(reasoning).all(|t| t["top_logprobs"].as_array().unwrap().len() == 2));
+    // Streamed: the same entries, chunk by chunk.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let (events, done) = s.sse("/v1/chat/completions", &streamed);
+    assert!(done);
+    let (mut a, mut t) = (vec![], vec![]);
+    for e in &events {
+        let lp = &e["choices"][0]["logprobs"];
+        a.extend(lp["content"].as_array().cloned().unwrap_or_default());
+        t.extend(lp["reasoning_content"].as_array().cloned().unwrap_or_default());
+    }
+    assert_eq!((&a, &t), (answer, reasoning));
+    s.wait_idle();
+}

@@ -298,6 +298,9 @@ pub struct Piece {
     pub delta: Delta,
     /// The output tokens behind it (with logprobs when asked for).
     pub tokens: Vec<OutToken>,
+    /// For each of `tokens`, whether it is reasoning (inside `<think>…</think>`, the tags
+    /// included) rather than answer.
+    pub in_reasoning: Vec<bool>,
     /// The prompt's logprobs, when asked for (a piece of its own, before any output).
     pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
     /// The choice is finished (see [`ChoiceRun::finish`] / [`ChoiceRun::error`]).
@@ -400,7 +403,9 @@ impl ChoiceRun {
                     m.generation_tokens.fetch_add(toks.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     for t in toks {
                         self.tokens.push(t.token.id);
+                        let before = self.pipe.in_reasoning();
                         let d = self.pipe.push(t.token.id);
+                        piece.in_reasoning.push(before || self.pipe.in_reasoning());
                         piece.delta.append(d);
                         piece.tokens.push(t);
                         if self.pipe.stopped {
@@ -426,14 +431,14 @@ impl ChoiceRun {
         }
     }
 
-    /// Runs to the end, collecting everything.
-    pub async fn collect(&mut self) -> (Delta, Vec<OutToken>) {
-        let mut all = Delta::default();
-        let mut toks = vec![];
+    /// Runs to the end, collecting everything into one piece.
+    pub async fn collect(&mut self) -> Piece {
+        let mut all = Piece::default();
         while let Some(p) = self.next().await {
-            all.append(p.delta);
-            toks.extend(p.tokens);
+            all.delta.append(p.delta);
+            all.tokens.extend(p.tokens);
+            all.in_reasoning.extend(p.in_reasoning);
         }
-        (all, toks)
+        all
     }
 }

@@ -186,6 +186,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{*model}", get(openai::model))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        // The same without the version prefix, as llama-server also answers them.
+        .route("/models", get(openai::models))
+        .route("/models/{*model}", get(openai::model))
+        .route("/chat/completions", post(openai::chat_completions))
+        .route("/completions", post(openai::completions))
         .route("/tokenize", post(openai::tokenize))
         .route("/detokenize", post(openai::detokenize))
         .route("/api/chat", post(ollama::chat))

@@ -280,7 +280,7 @@ async fn respond(
         Value::Object(m)
     };
     if !stream {
-        let (d, _) = run.collect().await;
+        let d = run.collect().await.delta;
         if let Some(e) = &run.error {
             return OllamaError(ApiError::internal(format!("generation failed: {e}"))).into_response();
         }

@@ -171,6 +171,12 @@ pub struct ChatRequest {
     /// Effort levels as thinking budgets (see [`gen::effort_budget`]).
     #[serde(default)]
     pub reasoning_effort: Option<String>,
+    /// vLLM's: end the prompt with a new assistant turn's header (default true).
+    #[serde(default)]
+    pub add_generation_prompt: Option<bool>,
+    /// vLLM's assistant prefill: the last (assistant) message is continued, not closed.
+    #[serde(default)]
+    pub continue_final_message: Option<bool>,
     /// Sampling (OpenAI and vLLM names).
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -208,14 +214,27 @@ pub struct FormatFields {
 /// The output format a request asks for, in any of the spellings clients use (with the field
 /// that asked): OpenAI's
 /// `response_format` (`json_object`, `json_schema`), vLLM's `guided_json|regex|choice|grammar`
-/// and `structured_outputs`, llama.cpp's `json_schema` and `grammar` (Lark). At most one.
+/// and `structured_outputs`, llama.cpp's `json_schema` and `grammar` (grammars in GBNF or Lark,
+/// [`qwick_chat::OutputFormat::grammar`]). At most one.
 pub fn output_format(r: &FormatFields) -> Result<Option<(&'static str, qwick_chat::OutputFormat)>, ApiError> {
     let mut found: Vec<(&'static str, qwick_chat::OutputFormat)> = vec![];
     match &r.response_format {
         None | Some(Value::Null) => {}
         Some(f) => match f.get("type").and_then(Value::as_str) {
             Some("text") => {}
-            Some("json_object") => found.push(("response_format", qwick_chat::OutputFormat::JsonObject)),
+            // llama-server's form carries a schema beside the type: honoured as one.
+            Some("json_object") => match f.get("schema") {
+                None | Some(Value::Null) => found.push(("response_format", qwick_chat::OutputFormat::JsonObject)),
+                Some(s @ Value::Object(_)) => {
+                    found.push(("response_format", qwick_chat::OutputFormat::JsonSchema(s.clone())))
+                }
+                Some(other) => {
+                    return Err(ApiError::bad_request(format!(
+                        "response_format.schema must be a JSON schema object, not {other}"
+                    ))
+                    .with_param("response_format.schema"))
+                }
+            },
             Some("json_schema") => {
                 let schema = f.get("json_schema").and_then(|j| j.get("schema")).cloned().ok_or_else(|| {
                     ApiError::bad_request("response_format.json_schema.schema is required")
@@ -253,9 +272,13 @@ pub fn output_format(r: &FormatFields) -> Result<Option<(&'static str, qwick_cha
     if let Some(v) = &r.guided_choice {
         found.push(("guided_choice", qwick_chat::OutputFormat::Choice(v.clone())));
     }
+    let grammar = |g: &str, param: &'static str| {
+        qwick_chat::OutputFormat::grammar(g)
+            .map_err(|e| ApiError::bad_request(format!("{param}: {e}")).with_param(param))
+    };
     for (param, g) in [("guided_grammar", &r.guided_grammar), ("grammar", &r.grammar)] {
         if let Some(g) = g {
-            found.push((param, qwick_chat::OutputFormat::Lark(g.clone())));
+            found.push((param, grammar(g, param)?));
         }
     }
     if let Some(so) = &r.structured_outputs {
@@ -263,7 +286,7 @@ pub fn output_format(r: &FormatFields) -> Result<Option<(&'static str, qwick_cha
             let f = match (k.as_str(), v) {
                 ("json", v) => schema(v, "structured_outputs.json")?,
                 ("regex", Value::String(s)) => qwick_chat::OutputFormat::Regex(s.clone()),
-                ("grammar", Value::String(s)) => qwick_chat::OutputFormat::Lark(s.clone()),
+                ("grammar", Value::String(s)) => grammar(s, "structured_outputs.grammar")?,
                 ("choice", Value::Array(a)) => qwick_chat::OutputFormat::Choice(
                     a.iter().map(|c| c.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(|| {
                         ApiError::bad_request("structured_outputs.choice must be a list of strings")
@@ -376,8 +399,30 @@ fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     })
 }
 
+/// OpenAI chat logprobs of a piece of output: the answer's tokens in `content` and, where
+/// there are any, the reasoning's in `reasoning_content` beside it (the same shape); `None`
+/// where no token has logprobs.
+fn chat_logprobs(state: &AppState, piece: &gen::Piece) -> Option<Value> {
+    if piece.tokens.iter().all(|t| t.logprobs.is_none()) {
+        return None;
+    }
+    let (mut answer, mut reasoning) = (vec![], vec![]);
+    for (t, &r) in piece.tokens.iter().zip(&piece.in_reasoning) {
+        if r {
+            reasoning.push(t.clone());
+        } else {
+            answer.push(t.clone());
+        }
+    }
+    let mut v = json!({"content": logprob_entries(state, &answer)});
+    if !reasoning.is_empty() {
+        v["reasoning_content"] = json!(logprob_entries(state, &reasoning));
+    }
+    Some(v)
+}
+
 /// OpenAI chat logprobs entries for tokens.
-fn chat_logprobs(state: &AppState, toks: &[OutToken]) -> Vec<Value> {
+fn logprob_entries(state: &AppState, toks: &[OutToken]) -> Vec<Value> {
     toks.iter()
         .filter_map(|t| {
             let lp = t.logprobs.as_ref()?;
@@ -447,9 +492,11 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     };
     let mut kwargs = req.chat_template_kwargs.unwrap_or_default();
     let thinking = thinking_switch(&mut kwargs, req.max_thinking_tokens, plan.prefill.is_some())?;
+    let end = turn_end(req.add_generation_prompt, req.continue_final_message, &messages, plan.prefill.is_some())?;
     let model = state.model.clone();
-    let mut prompt =
-        model.render(&messages, plan.tools, thinking, kwargs).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mut prompt = model
+        .render_as(&messages, plan.tools, thinking, kwargs, end)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     if let Some(pre) = &plan.prefill {
         prompt.text.push_str(pre);
         prompt.ids.extend(model.tokenizer.encode(pre, false).map_err(|e| ApiError::internal(e.to_string()))?);
@@ -509,14 +556,17 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     let results = run_to_end(runs).await?;
     let mut choices = vec![];
     let (mut completion, mut prompt_tokens, mut cached) = (0, prompt.ids.len(), 0);
-    for (i, (r, d, toks)) in results.iter().enumerate() {
+    for (i, (r, piece)) in results.iter().enumerate() {
         completion += r.tokens.len();
         if i == 0 {
             prompt_tokens = r.prompt_tokens.max(prompt.ids.len());
             cached = r.cached_tokens;
         }
-        let msg = assistant_message(d, prompt.thinking);
-        let lp = if logprobs.is_some() { json!({"content": chat_logprobs(&state, toks)}) } else { Value::Null };
+        let msg = assistant_message(&piece.delta, prompt.thinking);
+        let lp = match logprobs {
+            Some(_) => chat_logprobs(&state, piece).unwrap_or_else(|| json!({"content": []})),
+            None => Value::Null,
+        };
         choices.push(json!({"index": i, "message": msg, "logprobs": lp, "finish_reason": r.finish}));
     }
     Ok(completion_response(&state, "chat.completion", id, created, choices, usage(prompt_tokens, completion, cached)))
@@ -558,6 +608,36 @@ fn apply_reasoning_effort(req: &mut ChatRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// How the prompt ends: vLLM's `add_generation_prompt` (default true) and
+/// `continue_final_message` (the last message, an assistant's, continued), not both, and not
+/// with a forced tool call (which starts a new answer).
+fn turn_end(
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
+    messages: &[ChatMessage],
+    forced_call: bool,
+) -> Result<qwick_chat::TurnEnd, ApiError> {
+    use qwick_chat::TurnEnd;
+    let param = "continue_final_message";
+    match (add_generation_prompt, continue_final_message == Some(true)) {
+        (Some(true), true) => Err(ApiError::bad_request(
+            "continue_final_message continues the last message; it cannot be combined with add_generation_prompt: true",
+        )
+        .with_param(param)),
+        (_, true) if forced_call => Err(ApiError::bad_request(
+            "continue_final_message cannot be combined with a tool_choice that forces a call",
+        )
+        .with_param(param)),
+        (_, true) if messages.last().is_none_or(|m| m.role != "assistant") => Err(ApiError::bad_request(
+            "continue_final_message needs the last message to be the assistant's (the text to continue)",
+        )
+        .with_param(param)),
+        (_, true) => Ok(TurnEnd::Continue),
+        (Some(false), false) => Ok(TurnEnd::Closed),
+        (_, false) => Ok(TurnEnd::NewTurn),
+    }
+}
+
 /// The number of choices a request asks for (`n`, default 1).
 fn choice_count(n: Option<u64>) -> Result<u64, ApiError> {
     let n = n.unwrap_or(1);
@@ -595,13 +675,13 @@ fn seeded(sp: &qwick_engine::SamplingParams, i: u64) -> qwick_engine::SamplingPa
 
 /// Every choice run to its end (a request that is not streamed): its text and tokens, or the
 /// first choice's generation error.
-async fn run_to_end(runs: Vec<ChoiceRun>) -> Result<Vec<(ChoiceRun, Delta, Vec<OutToken>)>, ApiError> {
+async fn run_to_end(runs: Vec<ChoiceRun>) -> Result<Vec<(ChoiceRun, gen::Piece)>, ApiError> {
     let results = futures_util::future::join_all(runs.into_iter().map(|mut r| async move {
-        let (d, toks) = r.collect().await;
-        (r, d, toks)
+        let piece = r.collect().await;
+        (r, piece)
     }))
     .await;
-    if let Some(e) = results.iter().find_map(|(r, _, _)| r.error.as_ref()) {
+    if let Some(e) = results.iter().find_map(|(r, _)| r.error.as_ref()) {
         return Err(ApiError::internal(format!("generation failed: {e}")));
     }
     Ok(results)
@@ -705,11 +785,7 @@ async fn chat_stream(
     while let Some((i, piece, finished)) = next_or_closed(&mut all, &tx).await {
         let mut delta = Map::new();
         add_delta(&mut delta, &piece.delta, &mut tool_index[i]);
-        let lp = if want_logprobs && piece.tokens.iter().any(|t| t.logprobs.is_some()) {
-            json!({"content": chat_logprobs(&state, &piece.tokens)})
-        } else {
-            Value::Null
-        };
+        let lp = if want_logprobs { chat_logprobs(&state, &piece) } else { None }.unwrap_or(Value::Null);
         if let Some(e) = finished.as_ref().and_then(|s| s.error.as_ref()) {
             return fail_stream(&tx, e).await;
         }
@@ -960,7 +1036,8 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let results = run_to_end(runs).await?;
     let mut choices = vec![];
     let (mut completion, mut cached) = (0, 0);
-    for (i, (r, d, toks)) in results.iter().enumerate() {
+    for (i, (r, piece)) in results.iter().enumerate() {
+        let (d, toks) = (&piece.delta, &piece.tokens);
         completion += r.tokens.len();
         cached += r.cached_tokens;
         let echoed = echoes.get(i / n as usize);
@@ -1107,8 +1184,10 @@ pub async fn model(State(state): State<Arc<AppState>>, Path(name): Path<String>)
     }
 }
 
+/// `/tokenize` in vLLM's form (`prompt` or `messages`, `add_special_tokens`) or llama-server's
+/// (`content`, `add_special`, `with_pieces`).
 #[derive(Default, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
@@ -1116,17 +1195,45 @@ struct TokenizeRequest {
     add_special_tokens: Option<bool>,
     chat_template_kwargs: Option<Map<String, Value>>,
     tools: Option<Vec<Value>>,
+    content: Option<String>,
+    add_special: Option<bool>,
+    with_pieces: Option<bool>,
 }
 
 pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let req: TokenizeRequest = parse_json(&body)?;
     check_model(&state, req.model.as_deref())?;
+    let encode = |text: &str, special: Option<bool>| {
+        state.model.tokenizer.encode(text, special.unwrap_or(false)).map_err(|e| ApiError::bad_request(e.to_string()))
+    };
+    if let Some(content) = &req.content {
+        // llama-server's form, answered in its shape: ids, or ids with their text.
+        if req.prompt.is_some() || req.messages.is_some() {
+            return Err(ApiError::bad_request("give one of content, prompt or messages").with_param("content"));
+        }
+        let ids = encode(content, req.add_special)?;
+        if req.with_pieces == Some(true) {
+            let tok = &state.model.tokenizer;
+            let pieces: Vec<Value> = ids
+                .iter()
+                .map(|&id| {
+                    let piece = tok.decode(&[id], false).map_err(|e| ApiError::internal(e.to_string()))?;
+                    Ok(json!({"id": id, "piece": piece}))
+                })
+                .collect::<Result<_, ApiError>>()?;
+            return Ok(Json(json!({"tokens": pieces})));
+        }
+        return Ok(Json(json!({"tokens": ids})));
+    }
+    for (field, given) in [("add_special", req.add_special.is_some()), ("with_pieces", req.with_pieces.is_some())] {
+        if given {
+            return Err(
+                ApiError::bad_request(format!("{field} goes with content (llama-server's form)")).with_param(field)
+            );
+        }
+    }
     let ids = match (req.prompt, req.messages) {
-        (Some(p), None) => state
-            .model
-            .tokenizer
-            .encode(&p, req.add_special_tokens.unwrap_or(false))
-            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        (Some(p), None) => encode(&p, req.add_special_tokens)?,
         (None, Some(m)) => {
             let msgs = to_chat_messages(m)?;
             let plan = tools_for(req.tools, None, true)?;
@@ -1134,7 +1241,7 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result
             let thinking = kw.remove("enable_thinking").and_then(|v| v.as_bool());
             state.model.render(&msgs, plan.tools, thinking, kw).map_err(|e| ApiError::bad_request(e.to_string()))?.ids
         }
-        _ => return Err(ApiError::bad_request("give either prompt or messages").with_param("prompt")),
+        _ => return Err(ApiError::bad_request("give one of prompt, messages or content").with_param("prompt")),
     };
     Ok(Json(json!({"count": ids.len(), "max_model_len": state.max_model_len, "tokens": ids})))
 }
@@ -1156,7 +1263,8 @@ pub async fn detokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Resu
         );
     }
     let text = state.model.tokenizer.decode(&req.tokens, false).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    Ok(Json(json!({"prompt": text})))
+    // vLLM's clients read `prompt`, llama-server's `content`: both asked the same way.
+    Ok(Json(json!({"prompt": text, "content": text})))
 }
 
 #[cfg(test)]
