@@ -241,6 +241,35 @@ def v_ollama(cl, rng):
     return None
 
 
+def v_anthropic(cl, rng):
+    """Anthropic's Messages API, whole or streamed, with thinking on or off."""
+    msgs = [m for m in messages(rng) if m["role"] in ("user", "assistant")] or [{"role": "user", "content": "hi"}]
+    body = {"model": MODEL[0], "messages": msgs, "max_tokens": rng.randint(1, 24), "temperature": 0.7,
+            "system": "Be brief.", "stream": rng.random() < 0.5}
+    if rng.random() < 0.5:
+        body["thinking"] = {"type": "enabled", "budget_tokens": rng.randint(1, 8)}
+    if body["stream"]:
+        status, events = cl.stream("/v1/messages", body)
+        kinds = [json.loads(e).get("type") for e in events]
+        if status != 200 or kinds[:1] != ["message_start"] or kinds[-1:] != ["message_stop"]:
+            return f"status {status}, events {kinds[:3]}…{kinds[-2:]}"
+        return None
+    status, r = cl.post("/v1/messages", body)
+    if status != 200 or r.get("stop_reason") not in ("end_turn", "max_tokens", "stop_sequence", "tool_use"):
+        return f"status {status}: {str(r)[:200]}"
+    return None
+
+
+def v_unversioned(cl, rng):
+    """llama-server's habits: routes without /v1, /tokenize with content."""
+    body = {"messages": messages(rng), "max_tokens": rng.randint(1, 8), "temperature": 0}
+    err = finished_chat(*cl.post("/chat/completions", body))
+    if err:
+        return err
+    status, r = cl.post("/tokenize", {"content": text(rng, 5), "with_pieces": rng.random() < 0.5})
+    return None if status == 200 and isinstance(r.get("tokens"), list) else f"tokenize {status}: {r}"
+
+
 def v_slow_reader(cl, rng):
     body = {"messages": messages(rng), "max_tokens": 20, "stream": True}
     return finished_stream(*cl.stream("/v1/chat/completions", body, slow=0.01))
@@ -276,7 +305,7 @@ def v_half_body(cl, rng):
 
 MODEL = [""]  # the served model's name (Ollama requests need it), set by main
 VALID = [v_chat, v_chat, v_chat_stream, v_completion, v_completion_stream, v_tools, v_structured, v_thinking,
-         v_ollama, v_slow_reader]
+         v_ollama, v_slow_reader, v_anthropic, v_unversioned]
 HANGUPS = [v_disconnect, v_half_body]
 
 
@@ -293,7 +322,7 @@ def openai_error(status, r):
 
 def bad_bodies(rng, context):
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    pick = rng.randrange(14)
+    pick = rng.randrange(20)
     if pick == 0:
         return "/v1/chat/completions", json.dumps(chat).encode()[: rng.randint(1, 20)]
     if pick == 1:
@@ -320,8 +349,19 @@ def bad_bodies(rng, context):
         return "/v1/chat/completions", {**chat, "model": "no-such-model"}
     if pick == 12:
         return "/v1/chat/completions", {**chat, "frobnicate": True}
-    return "/api/chat", {"model": MODEL[0], "messages": [{"role": "user", "content": "hi"}],
-                         "options": {"num_predict": "x"}}
+    if pick == 13:
+        return "/api/chat", {"model": MODEL[0], "messages": [{"role": "user", "content": "hi"}],
+                             "options": {"num_predict": "x"}}
+    anthropic = {"model": MODEL[0], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    return rng.choice([
+        ("/v1/messages", {**anthropic, "max_tokens": None}),
+        ("/v1/messages", {**anthropic, "messages": [{"role": "system", "content": "x"}]}),
+        ("/v1/messages", {**anthropic, "thinking": {"type": "enabled"}}),
+        ("/v1/messages", {**anthropic, "tools": [{"type": "web_search_20250305", "name": "w"}]}),
+        ("/v1/messages/count_tokens", {"messages": []}),
+        ("/chat/completions", {**chat, "continue_final_message": True}),
+        ("/tokenize", {"content": 5}),
+    ])
 
 
 # ---- fuzzing ----
@@ -385,15 +425,25 @@ def fuzz_body(rng):
         ("/tokenize", {"messages": msgs, "tools": TOOLS, "add_generation_prompt": True}),
         ("/tokenize", {"prompt": "hello"}),
         ("/detokenize", {"tokens": [1, 2, 3]}),
+        ("/tokenize", {"content": "hello", "with_pieces": True, "add_special": False}),
+        ("/chat/completions", {"messages": msgs, "max_tokens": 4, "grammar": "root ::= \"a\" [b-c]*",
+                               "continue_final_message": False, "add_generation_prompt": True}),
+        ("/v1/messages", {"model": MODEL[0], "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                          "max_tokens": 4, "system": [{"type": "text", "text": "Be brief."}],
+                          "thinking": {"type": "enabled", "budget_tokens": 2}, "stop_sequences": ["x"],
+                          "tools": [{"name": "get_time", "input_schema": {"type": "object"}}],
+                          "tool_choice": {"type": "auto"}}),
+        ("/v1/messages/count_tokens", {"model": MODEL[0], "messages": [{"role": "user", "content": "hi"}]}),
         ("/api/chat", {"model": MODEL[0], "messages": msgs, "tools": TOOLS, "stream": False, "options": {"num_predict": 4}}),
         ("/api/generate", {"model": MODEL[0], "prompt": "hi", "stream": False, "options": {"num_predict": 4}}),
     ])
     body = mutate(rng, body)
     # Keep generation short: a fuzzed request may still generate, but not for long.
     if isinstance(body, dict):
-        if route.startswith("/v1/") and not isinstance(body.get("max_tokens"), (int, type(None))):
+        generates = route.startswith("/v1/") or route == "/chat/completions"
+        if generates and not isinstance(body.get("max_tokens"), (int, type(None))):
             pass
-        elif route.startswith("/v1/"):
+        elif generates:
             body["max_tokens"] = 4
         elif route.startswith("/api/"):
             opts = body.get("options")

@@ -45,8 +45,10 @@ pub struct TextPipe {
     stops: StopMatcher,
     reasoning: Option<ReasoningParser>,
     tools: Option<ToolCallStream>,
-    /// A stop string was found.
+    /// A stop string was found (or the answer ended at its tool call).
     pub stopped: bool,
+    /// Which of the stop strings ended the text, if one did.
+    pub matched_stop: Option<usize>,
     /// Tool calls were found.
     pub had_tool_calls: bool,
     /// The answer ends with its first tool call (`parallel_tool_calls: false`).
@@ -66,6 +68,7 @@ impl TextPipe {
             reasoning: reasoning.map(ReasoningParser::new),
             tools: tools.then(ToolCallStream::new),
             stopped: false,
+            matched_stop: None,
             had_tool_calls: false,
             one_call: false,
             pending: Delta::default(),
@@ -138,6 +141,7 @@ impl TextPipe {
         }
         let m = self.stops.push(delta);
         self.stopped = m.stop.is_some();
+        self.matched_stop = m.stop;
         self.text(&m.text)
     }
 

@@ -42,6 +42,8 @@ struct Server {
     child: Child,
     url: String,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The `--api-key` it was started with (sent to `/metrics`).
+    key: Option<String>,
 }
 
 impl Server {
@@ -81,7 +83,8 @@ impl Server {
                 panic!("qwick serve did not start: {}", log.lock().unwrap());
             }
         };
-        Server { child, url: format!("http://{addr}"), stderr: log }
+        let key = extra.iter().position(|&a| a == "--api-key").and_then(|i| extra.get(i + 1)).map(|k| k.to_string());
+        Server { child, url: format!("http://{addr}"), stderr: log, key }
     }
 
     fn agent() -> ureq::Agent {
@@ -119,7 +122,7 @@ impl Server {
 
     /// A Prometheus metric's value (the first series of that name).
     fn metric(&self, name: &str) -> f64 {
-        let (_, text) = self.get("/metrics", None);
+        let (_, text) = self.get("/metrics", self.key.as_deref());
         text.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
             .and_then(|l| l.rsplit(' ').next())
@@ -644,6 +647,28 @@ fn openai_python_client() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{text}");
     assert!(text.contains(" passed, 0 failed"), "{text}");
+    s.wait_idle();
+}
+
+/// The official `anthropic` client (python/test_anthropic_client.py) against `/v1/messages`, with
+/// the key sent as `x-api-key`.
+#[test]
+fn anthropic_python_client() {
+    let has_client =
+        Command::new("python3").args(["-c", "import anthropic"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if !has_client {
+        eprintln!("skipped: the anthropic Python package is not installed");
+        return;
+    }
+    let s = Server::start(&["--served-model-name", "tiny", "--api-key", "ant-key"]);
+    let out = Command::new("timeout")
+        .args(["300", "python3"])
+        .arg(root().join("python/test_anthropic_client.py"))
+        .args(["--base-url", &s.url, "--model", "tiny", "--api-key", "ant-key"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains(" passed, 0 failed"), "{text}");
     s.wait_idle();
 }
 

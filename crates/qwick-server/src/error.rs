@@ -49,7 +49,7 @@ impl ApiError {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
-            "Missing or incorrect API key: send the header `Authorization: Bearer <key>`.",
+            "Missing or incorrect API key: send the header `Authorization: Bearer <key>` (or `x-api-key: <key>`).",
         )
         .with_code("invalid_api_key")
     }

@@ -1,11 +1,12 @@
 //! qwick's HTTP server: the OpenAI API (chat completions with reasoning and tool calls,
-//! completions, models, tokenize), the Ollama API, health and Prometheus metrics, over the
+//! completions, models, tokenize), the Anthropic Messages API, the Ollama API, health and Prometheus metrics, over the
 //! engine's continuous-batching scheduler running on its own thread.
 //!
 //! Handlers turn requests into token ids and sampling parameters, submit them to the
 //! [`qwick_engine::Engine`] and read each sequence's events from a tokio channel; a client that
 //! goes away closes its channel and the engine frees the sequence at its next step.
 
+mod anthropic;
 mod app;
 pub mod bench;
 mod error;
@@ -108,12 +109,18 @@ async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
         (&axum::http::Method::OPTIONS, Some(_)) => StatusCode::NO_CONTENT.into_response(),
         _ => guarded(&state, req, next).await,
     };
+    if path.starts_with("/v1/messages") && resp.status().as_u16() >= 400 {
+        resp = anthropic::reshape_error(resp).await;
+    }
     if let Some(o) = allowed.and_then(|o| HeaderValue::from_str(o).ok()) {
         let h = resp.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
         h.insert(header::VARY, HeaderValue::from_static("Origin"));
         h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("Authorization, Content-Type"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("Authorization, Content-Type, x-api-key, anthropic-version"),
+        );
     }
     state.metrics.request(resp.status().as_u16());
     if path != "/health" && path != "/metrics" {
@@ -122,8 +129,12 @@ async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
     resp
 }
 
-fn key_ok(expected: &str, header: Option<&HeaderValue>) -> bool {
-    let Some(got) = header.and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer ")) else {
+/// Whether the request carries the key: `Authorization: Bearer KEY`, or `x-api-key: KEY` as
+/// Anthropic's clients send it.
+fn key_ok(expected: &str, headers: &axum::http::HeaderMap) -> bool {
+    let bearer =
+        headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer "));
+    let Some(got) = bearer.or_else(|| headers.get("x-api-key").and_then(|h| h.to_str().ok())) else {
         return false;
     };
     // Compare in time independent of where the strings differ.
@@ -134,7 +145,7 @@ fn key_ok(expected: &str, header: Option<&HeaderValue>) -> bool {
 async fn guarded(state: &AppState, req: Request, next: Next) -> Response {
     if let Some(key) = &state.api_key {
         let open = matches!(req.uri().path(), "/health" | "/");
-        if !open && !key_ok(key, req.headers().get(header::AUTHORIZATION)) {
+        if !open && !key_ok(key, req.headers()) {
             return ApiError::unauthorized().into_response();
         }
     }
@@ -191,6 +202,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/models/{*model}", get(openai::model))
         .route("/chat/completions", post(openai::chat_completions))
         .route("/completions", post(openai::completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/tokenize", post(openai::tokenize))
         .route("/detokenize", post(openai::detokenize))
         .route("/api/chat", post(ollama::chat))

@@ -1184,7 +1184,8 @@ pub async fn model(State(state): State<Arc<AppState>>, Path(name): Path<String>)
     }
 }
 
-/// `/tokenize` in vLLM's form (`prompt` or `messages`, `add_special_tokens`) or llama-server's
+/// `/tokenize` in vLLM's form (`prompt`, or `messages` with `add_generation_prompt` /
+/// `continue_final_message`; `add_special_tokens`) or llama-server's
 /// (`content`, `add_special`, `with_pieces`).
 #[derive(Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -1195,6 +1196,8 @@ struct TokenizeRequest {
     add_special_tokens: Option<bool>,
     chat_template_kwargs: Option<Map<String, Value>>,
     tools: Option<Vec<Value>>,
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
     content: Option<String>,
     add_special: Option<bool>,
     with_pieces: Option<bool>,
@@ -1239,7 +1242,12 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result
             let plan = tools_for(req.tools, None, true)?;
             let mut kw = req.chat_template_kwargs.unwrap_or_default();
             let thinking = kw.remove("enable_thinking").and_then(|v| v.as_bool());
-            state.model.render(&msgs, plan.tools, thinking, kw).map_err(|e| ApiError::bad_request(e.to_string()))?.ids
+            let end = turn_end(req.add_generation_prompt, req.continue_final_message, &msgs, false)?;
+            state
+                .model
+                .render_as(&msgs, plan.tools, thinking, kw, end)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?
+                .ids
         }
         _ => return Err(ApiError::bad_request("give one of prompt, messages or content").with_param("prompt")),
     };
