@@ -260,6 +260,25 @@ def v_anthropic(cl, rng):
     return None
 
 
+def v_responses(cl, rng):
+    """The Responses API, whole or streamed, sometimes continuing a stored response."""
+    body = {"model": MODEL[0], "input": text(rng, rng.randint(1, 12)), "max_output_tokens": rng.randint(1, 24),
+            "temperature": 0.7, "instructions": "Be brief.", "stream": rng.random() < 0.5,
+            "reasoning": {"effort": rng.choice(["none", "low"])}}
+    if body["stream"]:
+        status, events = cl.stream("/v1/responses", body)
+        kinds = [json.loads(e).get("type") for e in events]
+        if status != 200 or kinds[:1] != ["response.created"] or kinds[-1:] not in (["response.completed"],
+                                                                                   ["response.incomplete"]):
+            return f"status {status}, events {kinds[:3]}…{kinds[-2:]}"
+        return None
+    status, r = cl.post("/v1/responses", body)
+    if status != 200 or r.get("status") not in ("completed", "incomplete"):
+        return f"status {status}: {str(r)[:200]}"
+    status, r2 = cl.post("/v1/responses", {**body, "previous_response_id": r["id"], "input": "And?"})
+    return None if status == 200 else f"continuing: status {status}: {str(r2)[:200]}"
+
+
 def v_unversioned(cl, rng):
     """llama-server's habits: routes without /v1, /tokenize with content."""
     body = {"messages": messages(rng), "max_tokens": rng.randint(1, 8), "temperature": 0}
@@ -305,7 +324,7 @@ def v_half_body(cl, rng):
 
 MODEL = [""]  # the served model's name (Ollama requests need it), set by main
 VALID = [v_chat, v_chat, v_chat_stream, v_completion, v_completion_stream, v_tools, v_structured, v_thinking,
-         v_ollama, v_slow_reader, v_anthropic, v_unversioned]
+         v_ollama, v_slow_reader, v_anthropic, v_unversioned, v_responses]
 HANGUPS = [v_disconnect, v_half_body]
 
 
@@ -361,6 +380,9 @@ def bad_bodies(rng, context):
         ("/v1/messages/count_tokens", {"messages": []}),
         ("/chat/completions", {**chat, "continue_final_message": True}),
         ("/tokenize", {"content": 5}),
+        ("/v1/responses", {"input": [{"type": "item_reference", "id": "x"}], "max_output_tokens": 4}),
+        ("/v1/responses", {"input": "hi", "previous_response_id": "resp_missing"}),
+        ("/v1/responses", {"input": "hi", "text": {"format": {"type": "json_schema"}}}),
     ])
 
 
@@ -434,6 +456,12 @@ def fuzz_body(rng):
                           "tools": [{"name": "get_time", "input_schema": {"type": "object"}}],
                           "tool_choice": {"type": "auto"}}),
         ("/v1/messages/count_tokens", {"model": MODEL[0], "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                                     {"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{}"},
+                                     {"type": "function_call_output", "call_id": "c1", "output": "12:00"}],
+                           "tools": [{"type": "function", "name": "get_time", "parameters": {"type": "object"}}],
+                           "instructions": "x", "reasoning": {"effort": "low"}, "max_output_tokens": 4,
+                           "text": {"format": {"type": "text"}}, "store": False}),
         ("/api/chat", {"model": MODEL[0], "messages": msgs, "tools": TOOLS, "stream": False, "options": {"num_predict": 4}}),
         ("/api/generate", {"model": MODEL[0], "prompt": "hi", "stream": False, "options": {"num_predict": 4}}),
     ])

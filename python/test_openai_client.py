@@ -8,6 +8,7 @@ installed (pip install -r python/requirements-test.txt).
 """
 
 import argparse
+import json
 import sys
 
 import openai
@@ -169,6 +170,96 @@ def errors(c, model):
         raise AssertionError("too many tokens accepted")
     except openai.BadRequestError as e:
         assert "maximum context length" in str(e)
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "strict": True,
+           "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+                          "additionalProperties": False}}
+
+
+@check
+def responses_plain_and_streamed(c, model):
+    kw = dict(model=model, input="Hello! Who are you?", instructions="Be brief.", max_output_tokens=12,
+              temperature=0, reasoning={"effort": "none"})
+    r = c.responses.create(**kw)
+    assert r.object == "response" and r.id.startswith("resp_") and r.output_text, r
+    assert [o.type for o in r.output] == ["message"], r.output
+    assert r.status in ("completed", "incomplete") and 1 <= r.usage.output_tokens <= 12, r
+    if r.status == "incomplete":
+        assert r.incomplete_details.reason == "max_output_tokens", r
+    # Streamed: the response.* events, and the same text.
+    events = list(c.responses.create(stream=True, **kw))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"], kinds
+    assert kinds[-1] in ("response.completed", "response.incomplete"), kinds
+    assert [e.sequence_number for e in events] == list(range(len(events))), kinds
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == r.output_text == events[-1].response.output_text, (text, r.output_text)
+    for k in ["response.output_item.added", "response.content_part.added", "response.output_text.done",
+              "response.content_part.done", "response.output_item.done"]:
+        assert kinds.count(k) == 1, (k, kinds)
+    # The instructions are part of the prompt.
+    plain = c.responses.create(model=model, input="Hello! Who are you?", max_output_tokens=1, reasoning={"effort": "none"})
+    assert plain.usage.input_tokens < r.usage.input_tokens
+
+
+@check
+def responses_reasoning_items(c, model):
+    r = c.responses.create(model=model, input="Hello! Who are you?", max_output_tokens=40, temperature=0,
+                           reasoning={"effort": "low"})
+    kinds = [o.type for o in r.output]
+    assert kinds[0] == "reasoning" and r.output[0].content[0].text, r.output
+    assert r.usage.output_tokens_details.reasoning_tokens > 0, r.usage
+    events = list(c.responses.create(model=model, input="Hello! Who are you?", max_output_tokens=40, temperature=0,
+                                     reasoning={"effort": "low"}, stream=True))
+    thought = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert thought == r.output[0].content[0].text, (thought, r.output[0])
+
+
+@check
+def responses_tools_and_previous_response(c, model):
+    r = c.responses.create(model=model, input="Weather in Paris?", tools=[WEATHER], temperature=0,
+                           tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=60)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert calls and calls[0].name == "get_weather", r.output
+    assert json.loads(calls[0].arguments)["city"] in ("Paris", "Rome"), calls[0].arguments
+    # The call's output continues the stored conversation.
+    r2 = c.responses.create(model=model, previous_response_id=r.id, tools=[WEATHER], max_output_tokens=4,
+                            input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny"}])
+    assert r2.previous_response_id == r.id and r2.usage.input_tokens > r.usage.input_tokens, r2.usage
+    assert c.responses.retrieve(r.id).id == r.id
+    # Streamed calls arrive whole in their argument events.
+    events = list(c.responses.create(model=model, input="Weather?", tools=[WEATHER], temperature=0, stream=True,
+                                     tool_choice="required", parallel_tool_calls=False, max_output_tokens=60))
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and json.loads(done[0].arguments)["city"] in ("Paris", "Rome"), [e.type for e in events]
+
+
+@check
+def responses_text_format_and_store(c, model):
+    schema = {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"], "additionalProperties": False}
+    r = c.responses.create(model=model, input="A number?", temperature=0, max_output_tokens=40,
+                           reasoning={"effort": "none"},
+                           text={"format": {"type": "json_schema", "name": "n", "schema": schema, "strict": True}})
+    assert json.loads(r.output_text) in ({"n": 1}, {"n": 2}), r.output_text
+    gone = c.responses.create(model=model, input="Hi", store=False, max_output_tokens=2)
+    try:
+        c.responses.create(model=model, input="Again", previous_response_id=gone.id, max_output_tokens=2)
+        raise AssertionError("continued a response that was not stored")
+    except openai.BadRequestError as e:
+        assert "previous response" in str(e), e
+    c.responses.delete(r.id)
+    try:
+        c.responses.retrieve(r.id)
+        raise AssertionError("a deleted response was found")
+    except openai.NotFoundError:
+        pass
+    for bad in [dict(tools=[{"type": "web_search"}]), dict(reasoning={"effort": "extreme"}), dict(frobnicate=1)]:
+        try:
+            c.responses.create(model=model, input="Hi", max_output_tokens=2, extra_body=bad)
+            raise AssertionError(f"{bad} was accepted")
+        except openai.BadRequestError:
+            pass
 
 
 def main():

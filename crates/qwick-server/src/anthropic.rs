@@ -213,12 +213,13 @@ fn to_chat(system: Option<&Content>, msgs: &[InMessage]) -> Result<Vec<ChatMessa
     Ok(out)
 }
 
+/// Tool definitions and `tool_choice` in the OpenAI form, and whether calls may come several
+/// at once.
+type OpenAiTools = (Option<Vec<Value>>, Option<Value>, bool);
+
 /// Anthropic tools (`{name, description, input_schema}`) in the OpenAI form the template and
 /// the tool plan take, and `tool_choice` likewise; with whether calls may come several at once.
-fn tools(
-    tools: Option<&[Value]>,
-    choice: Option<&Value>,
-) -> Result<(Option<Vec<Value>>, Option<Value>, bool), ApiError> {
+fn tools(tools: Option<&[Value]>, choice: Option<&Value>) -> Result<OpenAiTools, ApiError> {
     let mut out = vec![];
     for (i, t) in tools.unwrap_or_default().iter().enumerate() {
         let name = t.get("name").and_then(Value::as_str).filter(|n| !n.is_empty());

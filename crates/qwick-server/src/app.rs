@@ -23,6 +23,8 @@ pub struct AppState {
     pub allowed_origins: Vec<String>,
     pub log_prompts: bool,
     pub started: Instant,
+    /// Responses kept for `previous_response_id` (the Responses API).
+    pub responses: crate::responses::Store,
 }
 
 fn not_found_route() -> ApiError {

@@ -1,5 +1,5 @@
 //! qwick's HTTP server: the OpenAI API (chat completions with reasoning and tool calls,
-//! completions, models, tokenize), the Anthropic Messages API, the Ollama API, health and Prometheus metrics, over the
+//! completions, models, tokenize), the Responses API, the Anthropic Messages API, the Ollama API, health and Prometheus metrics, over the
 //! engine's continuous-batching scheduler running on its own thread.
 //!
 //! Handlers turn requests into token ids and sampling parameters, submit them to the
@@ -14,6 +14,7 @@ mod gen;
 mod metrics;
 mod ollama;
 mod openai;
+mod responses;
 
 pub use app::AppState;
 pub use error::ApiError;
@@ -116,7 +117,7 @@ async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
         let h = resp.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
         h.insert(header::VARY, HeaderValue::from_static("Origin"));
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, DELETE, OPTIONS"));
         h.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
             HeaderValue::from_static("Authorization, Content-Type, x-api-key, anthropic-version"),
@@ -202,6 +203,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/models/{*model}", get(openai::model))
         .route("/chat/completions", post(openai::chat_completions))
         .route("/completions", post(openai::completions))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{id}", get(responses::get).delete(responses::delete))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/tokenize", post(openai::tokenize))
@@ -307,6 +310,7 @@ pub fn start(
         allowed_origins: opts.allowed_origins.clone(),
         log_prompts: opts.log_prompts,
         started: Instant::now(),
+        responses: Default::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
