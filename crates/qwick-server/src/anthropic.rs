@@ -8,13 +8,13 @@
 use crate::app::{sse_response, AppState};
 use crate::error::{parse_json, ApiError};
 use crate::gen::{self, ChoiceRun, Job, SamplingFields};
-use crate::openai::{check_model, new_id, tools_for};
+use crate::openai::{chat_pipe, check_model, new_id, prefill_prompt, tools_for};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use qwick_chat::{ChatMessage, ParsedToolCall, TextPipe, ToolCall};
+use qwick_chat::{ChatMessage, ParsedToolCall, ToolCall};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -340,11 +340,7 @@ fn render(state: &AppState, req: &MessagesRequest) -> Result<Rendered, ApiError>
     let mut prompt = model
         .render(&messages, plan.tools.clone(), Some(thinking), Map::new())
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if let Some(pre) = &plan.prefill {
-        prompt.text.push_str(pre);
-        prompt.ids.extend(model.tokenizer.encode(pre, false).map_err(|e| ApiError::internal(e.to_string()))?);
-        prompt.starts_in_thinking = false;
-    }
+    prefill_prompt(model, &mut prompt, &plan)?;
     Ok(Rendered { prompt, plan, parallel, budget: plan_thinking.flatten().filter(|_| thinking), format })
 }
 
@@ -386,15 +382,8 @@ pub async fn messages(State(state): State<Arc<AppState>>, body: Bytes) -> Result
     let constraint = gen::constraints(&state, format.as_ref(), prompt.thinking, 1, param)?.pop().flatten();
     let stops = sp.stop.clone();
     let job = Job { constraint, ..gen::job(&state, prompt.ids.clone(), adapter, sp, budget) };
-    let rx = gen::submit(&state, job)?;
-    let mut pipe = TextPipe::new(&model.tokenizer, &stops, Some(prompt.starts_in_thinking), plan.parse);
-    if let Some(pre) = &plan.prefill {
-        pipe.prefill(pre);
-    }
-    if !parallel {
-        pipe.one_tool_call();
-    }
-    let run = ChoiceRun::new(state.clone(), rx, pipe, arrival);
+    let pipe = chat_pipe(&model, &stops, &prompt, &plan, parallel);
+    let run = ChoiceRun::new(state.clone(), gen::submit(&state, job)?, pipe, arrival);
     let out = Out { id: new_id("msg_"), model: model.name.clone(), stops, prompt_tokens: prompt.ids.len() };
     if req.stream == Some(true) {
         return Ok(sse_response(move |tx| stream(out, run, tx)));
@@ -509,12 +498,7 @@ async fn stream(out: Out, mut run: ChoiceRun, tx: Sender<Bytes>) {
         return;
     }
     let mut blocks = Blocks { next: 0, open: None };
-    loop {
-        let piece = tokio::select! {
-            p = run.next() => p,
-            _ = tx.closed() => return,
-        };
-        let Some(piece) = piece else { break };
+    while let Some(piece) = run.next_unless_closed(&tx).await {
         if let Some(e) = &run.error {
             let err =
                 json!({"type": "error", "error": {"type": "api_error", "message": format!("generation failed: {e}")}});
@@ -553,7 +537,7 @@ async fn stream(out: Out, mut run: ChoiceRun, tx: Sender<Bytes>) {
             }
         }
     }
-    if blocks.close(&tx).await.is_none() {
+    if tx.is_closed() || blocks.close(&tx).await.is_none() {
         return;
     }
     let (reason, sequence) = out.stop(&run);

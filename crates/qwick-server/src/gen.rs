@@ -431,6 +431,15 @@ impl ChoiceRun {
         }
     }
 
+    /// The next piece of output; `None` once finished or once the client reading `tx` has
+    /// gone away (see `Sender::is_closed`).
+    pub async fn next_unless_closed(&mut self, tx: &tokio::sync::mpsc::Sender<axum::body::Bytes>) -> Option<Piece> {
+        tokio::select! {
+            p = self.next() => p,
+            _ = tx.closed() => None,
+        }
+    }
+
     /// Runs to the end, collecting everything into one piece.
     pub async fn collect(&mut self) -> Piece {
         let mut all = Piece::default();

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, StreamExt};
-use qwick_chat::{tool_prefill, ChatMessage, Delta, TextPipe, ToolCall};
+use qwick_chat::{tool_prefill, ChatMessage, ChatModel, Delta, Prompt, TextPipe, ToolCall};
 use qwick_engine::OutToken;
 use qwick_sampler::TokenLogprobs;
 use serde::Deserialize;
@@ -334,6 +334,31 @@ pub struct ToolPlan {
     pub format: Option<qwick_chat::OutputFormat>,
 }
 
+/// Appends the start of a forced call (the plan's prefill) to the prompt: the answer begins
+/// there, not in thinking.
+pub fn prefill_prompt(model: &ChatModel, prompt: &mut Prompt, plan: &ToolPlan) -> Result<(), ApiError> {
+    if let Some(pre) = &plan.prefill {
+        prompt.text.push_str(pre);
+        prompt.ids.extend(model.tokenizer.encode(pre, false).map_err(|e| ApiError::internal(e.to_string()))?);
+        prompt.starts_in_thinking = false;
+    }
+    Ok(())
+}
+
+/// The text pipe of one answer to `prompt` under `plan`: reasoning split off, tool calls parsed
+/// where the plan asks (a forced call's prefill fed in first), the answer ending at its first
+/// call unless calls may come several at once.
+pub fn chat_pipe(model: &ChatModel, stops: &[String], prompt: &Prompt, plan: &ToolPlan, parallel: bool) -> TextPipe {
+    let mut pipe = TextPipe::new(&model.tokenizer, stops, Some(prompt.starts_in_thinking), plan.parse);
+    if let Some(pre) = &plan.prefill {
+        pipe.prefill(pre);
+    }
+    if !parallel {
+        pipe.one_tool_call();
+    }
+    pipe
+}
+
 const TOOL_CHOICE_FORMS: &str =
     "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}";
 
@@ -495,13 +520,9 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     let end = turn_end(req.add_generation_prompt, req.continue_final_message, &messages, plan.prefill.is_some())?;
     let model = state.model.clone();
     let mut prompt = model
-        .render_as(&messages, plan.tools, thinking, kwargs, end)
+        .render_as(&messages, plan.tools.clone(), thinking, kwargs, end)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if let Some(pre) = &plan.prefill {
-        prompt.text.push_str(pre);
-        prompt.ids.extend(model.tokenizer.encode(pre, false).map_err(|e| ApiError::internal(e.to_string()))?);
-        prompt.starts_in_thinking = false;
-    }
+    prefill_prompt(&model, &mut prompt, &plan)?;
     let max_param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     let max_tokens = fit_limit(&state, prompt.ids.len(), req.max_completion_tokens.or(req.max_tokens), max_param)?;
     let mut sp =
@@ -535,16 +556,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     let rxs = gen::submit_all(&state, jobs)?;
     let runs: Vec<ChoiceRun> = rxs
         .into_iter()
-        .map(|rx| {
-            let mut pipe = TextPipe::new(&model.tokenizer, &stops, Some(prompt.starts_in_thinking), plan.parse);
-            if let Some(pre) = &plan.prefill {
-                pipe.prefill(pre);
-            }
-            if !parallel {
-                pipe.one_tool_call();
-            }
-            ChoiceRun::new(state.clone(), rx, pipe, arrival)
-        })
+        .map(|rx| ChoiceRun::new(state.clone(), rx, chat_pipe(&model, &stops, &prompt, &plan, parallel), arrival))
         .collect();
     let id = new_id("chatcmpl-");
     let created = unix_now();

@@ -9,12 +9,12 @@
 use crate::app::{sse_response, AppState};
 use crate::error::{parse_json, ApiError};
 use crate::gen::{self, ChoiceRun, Job, SamplingFields};
-use crate::openai::{check_model, new_id, tools_for};
+use crate::openai::{chat_pipe, check_model, new_id, prefill_prompt, tools_for};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use qwick_chat::{ChatMessage, OutputFormat, TextPipe, ToolCall};
+use qwick_chat::{ChatMessage, OutputFormat, ToolCall};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
@@ -322,11 +322,7 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<R
     let mut prompt = model
         .render(&messages, plan.tools.clone(), thinking, Map::new())
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if let Some(pre) = &plan.prefill {
-        prompt.text.push_str(pre);
-        prompt.ids.extend(model.tokenizer.encode(pre, false).map_err(|e| ApiError::internal(e.to_string()))?);
-        prompt.starts_in_thinking = false;
-    }
+    prefill_prompt(&model, &mut prompt, &plan)?;
     let max_tokens =
         gen::fit_context(state.max_model_len, prompt.ids.len(), req.max_output_tokens, "max_output_tokens")?;
     let fields = SamplingFields { temperature: req.temperature, top_p: req.top_p, ..Default::default() };
@@ -347,15 +343,8 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<R
     let constraint = gen::constraints(&state, format.as_ref(), prompt.thinking, 1, param)?.pop().flatten();
     let stops = sp.stop.clone();
     let job = Job { constraint, ..gen::job(&state, prompt.ids.clone(), adapter, sp, budget) };
-    let rx = gen::submit(&state, job)?;
-    let mut pipe = TextPipe::new(&model.tokenizer, &stops, Some(prompt.starts_in_thinking), plan.parse);
-    if let Some(pre) = &plan.prefill {
-        pipe.prefill(pre);
-    }
-    if !parallel {
-        pipe.one_tool_call();
-    }
-    let run = ChoiceRun::new(state.clone(), rx, pipe, arrival);
+    let pipe = chat_pipe(&model, &stops, &prompt, &plan, parallel);
+    let run = ChoiceRun::new(state.clone(), gen::submit(&state, job)?, pipe, arrival);
     let shell = json!({
         "id": new_id("resp_"),
         "object": "response",
@@ -527,12 +516,7 @@ async fn stream(shell: Value, done: Done, mut run: ChoiceRun, tx: Sender<Bytes>)
     }
     let mut items = Items::default();
     let mut in_reasoning = vec![];
-    loop {
-        let piece = tokio::select! {
-            p = run.next() => p,
-            _ = tx.closed() => return,
-        };
-        let Some(piece) = piece else { break };
+    while let Some(piece) = run.next_unless_closed(&tx).await {
         if let Some(e) = &run.error {
             let _ =
                 send(json!({"type": "error", "message": format!("generation failed: {e}"), "code": "server_error"}))
@@ -609,6 +593,10 @@ async fn stream(shell: Value, done: Done, mut run: ChoiceRun, tx: Sender<Bytes>)
                 }
             }
         }
+    }
+    // A client that went away gets nothing more (and nothing is stored).
+    if tx.is_closed() {
+        return;
     }
     if let Some(closed) = items.close() {
         for e in close_events(&closed, items.done.len() - 1) {

@@ -403,33 +403,7 @@ impl Recorder<'_> {
         fits("moe route", j.route, 2 * j.pairs);
         let f = j.format;
         let (chunk_bytes, per_block) = formats::chunk_geometry(f);
-        if let Some(sorted) = j.sorted {
-            fits("sorted pairs", sorted, sorted_pairs_words(j.pairs, j.experts));
-            // Each expert's pairs take whole tiles: at most one partial tile an expert.
-            let slots = j.pairs.div_ceil(TILE_ROWS) + j.experts;
-            let pipe =
-                self.gpu.pipeline(&format!("moe_tile_{f}"), || format!("{}\n{MOE_TILE}\n{TILE}", formats::wgsl(f)));
-            let params = [
-                u(j.pairs),
-                u(j.n),
-                u(j.k),
-                u(row_bytes),
-                u(expert_bytes),
-                chunk_bytes,
-                per_block,
-                u(j.topk),
-                j.per_token as u32,
-                u(j.experts),
-                u(slots),
-            ];
-            self.dispatch(pipe, &params, &[j.x, j.w, j.y, sorted], u(slots * j.n.div_ceil(64)));
-            return;
-        }
-        let tpr = j.k.div_ceil(32).next_power_of_two().min(64) as u32;
-        let pipe = self
-            .gpu
-            .pipeline(&format!("moe_matmul_{f}"), || format!("{}\n{MOE_MATMUL}\n{ACCUMULATE}", formats::wgsl(f)));
-        let params = [
+        let mut params = vec![
             u(j.pairs),
             u(j.n),
             u(j.k),
@@ -439,8 +413,22 @@ impl Recorder<'_> {
             per_block,
             u(j.topk),
             j.per_token as u32,
-            tpr,
         ];
+        if let Some(sorted) = j.sorted {
+            fits("sorted pairs", sorted, sorted_pairs_words(j.pairs, j.experts));
+            // Each expert's pairs take whole tiles: at most one partial tile an expert.
+            let slots = j.pairs.div_ceil(TILE_ROWS) + j.experts;
+            let pipe =
+                self.gpu.pipeline(&format!("moe_tile_{f}"), || format!("{}\n{MOE_TILE}\n{TILE}", formats::wgsl(f)));
+            params.extend([u(j.experts), u(slots)]);
+            self.dispatch(pipe, &params, &[j.x, j.w, j.y, sorted], u(slots * j.n.div_ceil(64)));
+            return;
+        }
+        let tpr = j.k.div_ceil(32).next_power_of_two().min(64) as u32;
+        let pipe = self
+            .gpu
+            .pipeline(&format!("moe_matmul_{f}"), || format!("{}\n{MOE_MATMUL}\n{ACCUMULATE}", formats::wgsl(f)));
+        params.push(tpr);
         let groups = j.n.div_ceil(64 / tpr as usize) * j.pairs;
         self.dispatch(pipe, &params, &[j.x, j.w, j.y, j.route], u(groups));
     }
