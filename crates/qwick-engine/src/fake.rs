@@ -10,6 +10,13 @@ use qwick_model::Batch;
 use std::sync::{Arc, Mutex};
 
 pub const VOCAB: usize = 64;
+/// Width of the fake's hidden states: the first values of its logits.
+pub const HIDDEN: usize = 8;
+
+/// The fake's final hidden state after `context`.
+pub fn hidden(adapter: u16, context: &[u32]) -> Vec<f32> {
+    logits(adapter, context)[..HIDDEN].to_vec()
+}
 
 /// What the test sees of the fake and how it steers it.
 #[derive(Default)]
@@ -82,23 +89,36 @@ impl StepModel for FakeModel {
             self.slots[slot as usize] = Some(t);
         }
         let bs = self.block_size;
-        let mut out = Vec::with_capacity(batch.logits_rows.len() * VOCAB);
-        for &row in &batch.logits_rows {
+        // A row's sequence adapter and context, read back through its block table.
+        let context = |row: u32| {
             let seq = batch.seq_of_token[row as usize] as usize;
             let table = &batch.block_tables[seq];
-            let context = (0..=batch.positions[row as usize] as usize)
+            let ctx = (0..=batch.positions[row as usize] as usize)
                 .map(|q| {
                     let slot = table[q / bs] as usize * bs + q % bs;
                     self.slots[slot].ok_or_else(|| anyhow!("position {q} reads slot {slot}, never written"))
                 })
                 .collect::<Result<Vec<u32>>>()?;
-            out.extend(logits(batch.seq_adapter.get(seq).copied().unwrap_or(0), &context));
+            Ok::<_, anyhow::Error>((batch.seq_adapter.get(seq).copied().unwrap_or(0), ctx))
+        };
+        let mut out = Vec::with_capacity(batch.logits_rows.len() * VOCAB + batch.hidden_rows.len() * HIDDEN);
+        for &row in &batch.logits_rows {
+            let (adapter, ctx) = context(row)?;
+            out.extend(logits(adapter, &ctx));
+        }
+        for &row in &batch.hidden_rows {
+            let (adapter, ctx) = context(row)?;
+            out.extend(hidden(adapter, &ctx));
         }
         Ok(out)
     }
 
     fn vocab_size(&self) -> usize {
         VOCAB
+    }
+
+    fn hidden_size(&self) -> usize {
+        HIDDEN
     }
 
     fn adapters(&self) -> u16 {

@@ -87,7 +87,8 @@ pub fn generate(
         for event in sink.take() {
             match event {
                 Event::Started { cached_tokens, .. } => out.cached_tokens = cached_tokens,
-                Event::PromptLogprobs(_) => {}
+                // Neither asked for here.
+                Event::PromptLogprobs(_) | Event::Pooled(_) => {}
                 Event::Tokens(toks) => {
                     match prefill_s {
                         None => prefill_s = Some(start.elapsed().as_secs_f64()),

@@ -19,7 +19,7 @@ pub use qwick_sampler::SamplingParams;
 pub use runner::GpuForward;
 pub use runner::{argmax, Logits, Qwen3Forward, Runner, RunnerConfig, SeqId, Span, StepModel};
 pub use scheduler::{
-    Collect, Engine, Event, EventSink, Fault, OutToken, Request, Scheduler, SchedulerConfig, SchedulerStats,
+    Collect, Engine, Event, EventSink, Fault, OutToken, Pooling, Request, Scheduler, SchedulerConfig, SchedulerStats,
     SubmitError,
 };
 pub use sequence::{Decision, FinishReason, GenParams, GenToken, SeqGen, ThinkingBudget};

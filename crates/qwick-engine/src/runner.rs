@@ -64,6 +64,8 @@ pub enum Logits {
     None,
     Last,
     All,
+    /// Instead of logits, the last token's hidden state after the final norm.
+    Hidden,
 }
 
 /// Part of one step: `tokens`, the next tokens of sequence `seq` after those in the cache.
@@ -80,6 +82,8 @@ pub trait StepModel {
     /// its slot mapping, and returns the logits of its `logits_rows`, `[rows, vocab]` row-major.
     fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>>;
     fn vocab_size(&self) -> usize;
+    /// Width of the hidden states ([`Logits::Hidden`]).
+    fn hidden_size(&self) -> usize;
     /// LoRA adapters the model has (numbered from 1; 0 is the model's default).
     fn adapters(&self) -> u16;
     /// Bytes of the KV cache.
@@ -114,6 +118,10 @@ impl StepModel for Qwen3Forward {
         self.model.config.vocab_size
     }
 
+    fn hidden_size(&self) -> usize {
+        self.model.config.hidden_size
+    }
+
     fn adapters(&self) -> u16 {
         self.model.adapters()
     }
@@ -145,6 +153,10 @@ impl StepModel for GpuForward {
 
     fn vocab_size(&self) -> usize {
         self.0.model().config.vocab_size
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.0.model().config.hidden_size
     }
 
     fn adapters(&self) -> u16 {
@@ -277,7 +289,8 @@ impl Runner {
     }
 
     /// Runs one forward call over `spans` (one per sequence) and returns each span's logits,
-    /// `[rows, vocab]` row-major (1 row for `Last`, a row per token for `All`, none for `None`).
+    /// `[rows, vocab]` row-major (1 row for `Last`, a row per token for `All`, none for `None`),
+    /// or for `Hidden` its last token's hidden state.
     /// Fails without side effects if the cache lacks blocks for the new tokens.
     pub fn step(&mut self, spans: &[Span]) -> Result<Vec<Vec<f32>>> {
         let bs = self.block_size;
@@ -312,21 +325,31 @@ impl Runner {
                 batch.seq_adapter.resize(batch.block_tables.len() - 1, 0);
                 batch.seq_adapter.push(s.adapter);
             }
-            if sp.logits == Logits::None {
+            if matches!(sp.logits, Logits::None | Logits::Hidden) {
                 batch.logits_rows.retain(|&r| r as usize != rows.end - 1);
+            }
+            if sp.logits == Logits::Hidden {
+                batch.hidden_rows.push(rows.end as u32 - 1);
             }
         }
         let logits = self.model.forward(&batch)?;
-        let vocab = self.model.vocab_size();
+        let (vocab, hidden) = (self.model.vocab_size(), self.model.hidden_size());
+        // The logits rows, then the hidden rows.
+        let mut hidden_at = batch.logits_rows.len() * vocab;
         let mut out = Vec::with_capacity(spans.len());
         let mut row = 0;
         for sp in spans {
             self.seqs.get_mut(&sp.seq).unwrap().cached += sp.tokens.len();
             let rows = match sp.logits {
-                Logits::None => 0,
+                Logits::None | Logits::Hidden => 0,
                 Logits::Last => 1,
                 Logits::All => sp.tokens.len(),
             };
+            if sp.logits == Logits::Hidden {
+                out.push(logits[hidden_at..hidden_at + hidden].to_vec());
+                hidden_at += hidden;
+                continue;
+            }
             out.push(logits[row * vocab..(row + rows) * vocab].to_vec());
             row += rows;
         }

@@ -80,6 +80,16 @@ pub struct Request {
     pub logprobs: Option<usize>,
 }
 
+/// What a prefill-only request gets instead of generated tokens: one vector, in an
+/// [`Event::Pooled`], after its prompt is computed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Pooling {
+    /// The last token's hidden state after the final norm (an embedding, not yet normalised).
+    LastHidden,
+    /// The last position's logits of these tokens (a reranker's "yes" and "no").
+    Logits(Vec<u32>),
+}
+
 /// An output token and, if asked for, its logprobs (none for injected tokens).
 #[derive(Clone, Debug)]
 pub struct OutToken {
@@ -108,6 +118,8 @@ pub enum Event {
     Finished(FinishReason),
     /// Generation failed; the message says why.
     Error(String),
+    /// A prefill-only request's vector (see [`Pooling`]), followed by `Finished`.
+    Pooled(Vec<f32>),
 }
 
 /// Where a request's events go (a channel to an HTTP handler).
@@ -259,12 +271,26 @@ struct Entry {
     registered: usize,
     last_hash: u64,
     adapter: u16,
+    /// A prefill-only request: what it gets instead of tokens.
+    pooling: Option<Pooling>,
 }
 
 impl Entry {
     /// Still needs the logits of every prompt position.
     fn wants_prompt_lps(&self) -> bool {
         self.prompt_logprobs.is_some() && !self.prompt_lps_sent
+    }
+
+    /// What a span of this sequence needs: every position's logits for prompt logprobs, else,
+    /// where it ends the pending tokens, the last one's (or, pooling the last hidden state,
+    /// that).
+    fn span_output(&self, last: bool) -> Logits {
+        match (self.wants_prompt_lps(), last, &self.pooling) {
+            (true, _, _) => Logits::All,
+            (false, true, Some(Pooling::LastHidden)) => Logits::Hidden,
+            (false, true, _) => Logits::Last,
+            (false, false, _) => Logits::None,
+        }
     }
 }
 
@@ -363,6 +389,22 @@ impl Scheduler {
     /// Queues a request that also gets its prompt's logprobs with `prompt_logprobs` alternatives
     /// (see [`Event::PromptLogprobs`]); `None` for none, as [`Scheduler::add`].
     pub fn add_with(&mut self, req: Request, prompt_logprobs: Option<usize>, sink: Box<dyn EventSink>) {
+        self.enqueue(req, prompt_logprobs, None, sink);
+    }
+
+    /// Queues a prefill-only request: its prompt is computed (batched with the others, from the
+    /// prefix cache where it can be), then it gets its [`Pooling`] vector and finishes.
+    pub fn add_pooled(&mut self, req: Request, pooling: Pooling, sink: Box<dyn EventSink>) {
+        self.enqueue(req, None, Some(pooling), sink);
+    }
+
+    fn enqueue(
+        &mut self,
+        req: Request,
+        prompt_logprobs: Option<usize>,
+        pooling: Option<Pooling>,
+        sink: Box<dyn EventSink>,
+    ) {
         self.waiting.push_back(Entry {
             gen: req.gen,
             sink,
@@ -375,6 +417,7 @@ impl Scheduler {
             registered: 0,
             last_hash: root_hash(req.adapter),
             adapter: req.adapter,
+            pooling,
         });
     }
 
@@ -523,7 +566,8 @@ impl Scheduler {
             reserved += need;
             budget -= len;
             let last = len == pending;
-            spans.push(PlannedSpan { entry: i, seq, start, len, logits: span_logits(all, last), last });
+            let logits = self.running[i].span_output(last);
+            spans.push(PlannedSpan { entry: i, seq, start, len, logits, last });
             i += 1;
         }
         plan.budget = budget;
@@ -592,9 +636,10 @@ impl Scheduler {
             reserved += need;
             budget -= len;
             let last = len == pending;
+            let logits = e.span_output(last);
             self.running.push(e);
             let entry = self.running.len() - 1;
-            spans.push(PlannedSpan { entry, seq, start: cached, len, logits: span_logits(all, last), last });
+            spans.push(PlannedSpan { entry, seq, start: cached, len, logits, last });
         }
         plan.budget = budget;
         plan.reserved = reserved;
@@ -699,6 +744,20 @@ impl Scheduler {
             } else if !span.last {
                 continue;
             }
+            if let Some(p) = &e.pooling {
+                // A prefill-only request: its vector, and it is done.
+                let v = match p {
+                    Pooling::LastHidden => l,
+                    Pooling::Logits(ids) => {
+                        ids.iter().map(|&t| l.get(t as usize).copied().unwrap_or(f32::NAN)).collect()
+                    }
+                };
+                if e.sink.send(Event::Pooled(v)) {
+                    e.sink.send(Event::Finished(FinishReason::Stop));
+                }
+                done.push(i);
+                continue;
+            }
             let raw = e.logprobs.map(|_| l.clone());
             let decision = match e.gen.on_logits(&mut l) {
                 Ok(d) => d,
@@ -757,16 +816,6 @@ impl Scheduler {
     }
 }
 
-/// Which logits a span needs: every position's for prompt logprobs, else the last one's when it
-/// ends the pending tokens.
-fn span_logits(all: bool, last: bool) -> Logits {
-    match (all, last) {
-        (true, _) => Logits::All,
-        (false, true) => Logits::Last,
-        (false, false) => Logits::None,
-    }
-}
-
 /// Why [`Engine::submit`] refused a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SubmitError {
@@ -792,7 +841,7 @@ impl std::error::Error for SubmitError {}
 
 #[derive(Default)]
 struct Inbox {
-    new: Vec<(Request, Option<usize>, Box<dyn EventSink>)>,
+    new: Vec<(Request, Option<usize>, Option<Pooling>, Box<dyn EventSink>)>,
     stop: bool,
     abort: bool,
     stats: SchedulerStats,
@@ -817,7 +866,7 @@ impl Drop for ExitGuard<'_> {
             self.0.healthy.store(false, std::sync::atomic::Ordering::SeqCst);
             inbox.stop = true;
         }
-        for (_, _, mut sink) in inbox.new.drain(..) {
+        for (_, _, _, mut sink) in inbox.new.drain(..) {
             sink.send(Event::Error("the engine stopped".into()));
         }
     }
@@ -891,6 +940,22 @@ impl Engine {
         prompt_logprobs: Option<usize>,
         sink: Box<dyn EventSink>,
     ) -> Result<(), SubmitError> {
+        self.enqueue(req, prompt_logprobs, None, sink)
+    }
+
+    /// Queues a prefill-only request (see [`Scheduler::add_pooled`]): an [`Event::Pooled`], then
+    /// `Finished`.
+    pub fn submit_pooled(&self, req: Request, pooling: Pooling, sink: Box<dyn EventSink>) -> Result<(), SubmitError> {
+        self.enqueue(req, None, Some(pooling), sink)
+    }
+
+    fn enqueue(
+        &self,
+        req: Request,
+        prompt_logprobs: Option<usize>,
+        pooling: Option<Pooling>,
+        sink: Box<dyn EventSink>,
+    ) -> Result<(), SubmitError> {
         if !self.is_healthy() {
             return Err(SubmitError::Failed);
         }
@@ -901,7 +966,7 @@ impl Engine {
         if inbox.new.len() + inbox.stats.waiting >= self.shared.max_waiting {
             return Err(SubmitError::QueueFull);
         }
-        inbox.new.push((req, prompt_logprobs, sink));
+        inbox.new.push((req, prompt_logprobs, pooling, sink));
         drop(inbox);
         self.shared.wake.notify_one();
         Ok(())
@@ -953,8 +1018,8 @@ fn engine_loop(shared: &Shared, sched: &mut Scheduler) {
                 inbox = shared.wake.wait(inbox).unwrap();
             }
             if !inbox.abort && !inbox.new.is_empty() {
-                for (req, prompt_logprobs, sink) in std::mem::take(&mut inbox.new) {
-                    sched.add_with(req, prompt_logprobs, sink);
+                for (req, prompt_logprobs, pooling, sink) in std::mem::take(&mut inbox.new) {
+                    sched.enqueue(req, prompt_logprobs, pooling, sink);
                 }
                 // Counted as waiting at once, for the queue limit.
                 inbox.stats = sched.stats();
@@ -965,7 +1030,7 @@ fn engine_loop(shared: &Shared, sched: &mut Scheduler) {
             sched.abort_all("the server is shutting down");
             let mut inbox = shared.inbox.lock().unwrap();
             inbox.stats = sched.stats();
-            for (_, _, mut sink) in inbox.new.drain(..) {
+            for (_, _, _, mut sink) in inbox.new.drain(..) {
                 sink.send(Event::Error("the server is shutting down".into()));
             }
             return;
@@ -1066,6 +1131,38 @@ mod tests {
         assert_eq!((st.running, st.waiting, st.kv_blocks_used), (0, 0, 0), "{st:?}");
         assert_eq!(st.kv_inconsistency, None);
         assert_eq!(s.check_kv(), Ok(()));
+    }
+
+    #[test]
+    fn pooled_requests_prefill_beside_generation_and_get_their_vectors() {
+        // Chunked (a budget of 6 tokens a step), with a generating sequence beside them, and a
+        // second hidden-state request sharing the first's prefix from the cache.
+        let (mut s, _) = scheduler(64, config(6, 8, true));
+        let (p0, p1) = (prompt(0, 9), prompt(1, 5));
+        let gen = add(&mut s, &prompt(2, 3), 4);
+        let pooled = |s: &mut Scheduler, p: &[u32], pooling: Pooling| {
+            let sink = Sink::default();
+            s.add_pooled(request(p, 1), pooling, Box::new(sink.clone()));
+            sink
+        };
+        let hidden = pooled(&mut s, &p0, Pooling::LastHidden);
+        let scored = pooled(&mut s, &p1, Pooling::Logits(vec![5, 60, 7]));
+        run(&mut s);
+        let again = pooled(&mut s, &p0, Pooling::LastHidden);
+        run(&mut s);
+        let vector = |sink: &Sink| {
+            let ev = sink.events();
+            assert!(matches!(ev.last(), Some(Event::Finished(FinishReason::Stop))), "{ev:?}");
+            assert!(sink.tokens().is_empty(), "no tokens generated");
+            ev.iter().find_map(|e| if let Event::Pooled(v) = e { Some(v.clone()) } else { None }).expect("a vector")
+        };
+        assert_eq!(vector(&hidden), fake::hidden(0, &p0));
+        assert_eq!(vector(&again), fake::hidden(0, &p0));
+        assert_eq!(again.started(), vec![(9, 8)], "the cached prefix served the second");
+        let l = fake::logits(0, &p1);
+        assert_eq!(vector(&scored), vec![l[5], l[60], l[7]]);
+        assert_eq!(gen.tokens().len(), 4, "the generating sequence went on beside them");
+        assert_idle_and_consistent(&s);
     }
 
     #[test]

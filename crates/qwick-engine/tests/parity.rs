@@ -86,3 +86,50 @@ fn logits_match_transformers_on_every_isa() {
         }
     }
 }
+
+/// The last token's hidden state after the final norm (what embeddings pool), through the
+/// head, gives transformers' logits at that position: it is transformers' `Qwen3Model` output
+/// there. Whole and in chunks, beside a sequence that wants logits.
+#[test]
+fn pooled_hidden_states_are_transformers_last_hidden_states() {
+    use qwick_backend::{Ctx, ThreadPool};
+    use qwick_engine::{Logits, Span};
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let model = Arc::new(Qwen3::load(&dir).unwrap());
+        let toks = tokens(&dir);
+        let (_, want) = qwick_model::npy::read_f32(&dir.join("logits.npy")).unwrap();
+        let (vocab, n) = (model.config.vocab_size, toks.len());
+        let last = &want[(n - 1) * vocab..];
+        let isa = Isa::best_exact();
+        let mut r = Runner::new(model.clone(), &RunnerConfig::with_tokens(4 * n, 2, isa)).unwrap();
+        let pool = ThreadPool::new(2);
+        let ctx = Ctx { exact: true, ..Ctx::new(isa, &pool) };
+        for chunk in [n, 5] {
+            let (a, b) = (r.add_sequence(), r.add_sequence());
+            let mut hidden = vec![];
+            for (k, part) in toks.chunks(chunk).enumerate() {
+                let end = (k + 1) * chunk >= n;
+                let out = r
+                    .step(&[
+                        Span { seq: a, tokens: part, logits: if end { Logits::Hidden } else { Logits::None } },
+                        Span { seq: b, tokens: part, logits: Logits::Last },
+                    ])
+                    .unwrap();
+                hidden = out[0].clone();
+                assert_eq!(out[1].len(), vocab, "{name}: the other sequence's logits");
+            }
+            assert_eq!(hidden.len(), model.config.hidden_size, "{name}");
+            let mut logits = vec![0f32; vocab];
+            model.lm_head.forward(ctx, &hidden, 1, &mut logits);
+            check::assert_close_rel(
+                &format!("{name}: hidden state through the head, chunks of {chunk}"),
+                &logits,
+                last,
+                1e-4,
+            );
+            r.free_sequence(a);
+            r.free_sequence(b);
+        }
+    }
+}

@@ -17,6 +17,9 @@ pub struct Batch {
     pub slot_mapping: Vec<u32>,
     /// Rows (indices into `tokens`) whose logits are wanted, in output order.
     pub logits_rows: Vec<u32>,
+    /// Rows whose hidden states after the final norm are wanted (pooled embeddings), given
+    /// after the logits, in this order.
+    pub hidden_rows: Vec<u32>,
     /// The LoRA adapter of each sequence, by the model's adapter number; 0 (or no entry) for
     /// the model's default, which is none unless one was applied to every sequence.
     pub seq_adapter: Vec<u16>,
@@ -94,7 +97,7 @@ impl Batch {
                 bail!("token {i}: cache slot {} is outside the cache", self.slot_mapping[i]);
             }
         }
-        if let Some(r) = self.logits_rows.iter().find(|&&r| r as usize >= n) {
+        if let Some(r) = self.logits_rows.iter().chain(&self.hidden_rows).find(|&&r| r as usize >= n) {
             bail!("logits row {r} is outside the batch of {n} tokens");
         }
         Ok(())

@@ -391,7 +391,7 @@ impl Qwen3 {
 
     /// The batch's tokens through the layers on `e` (whose cache the batch addresses), then the
     /// final norm and the head for the rows that want logits (as many rows at a time as the
-    /// device holds logits of).
+    /// device holds logits of), then the final norm alone for the rows that want hidden states.
     pub fn run<E: Exec>(&self, e: &mut E, batch: &Batch) -> Vec<f32> {
         let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let mut x = e.put(self.embed(&batch.tokens));
@@ -407,6 +407,12 @@ impl Qwen3 {
         let mut logits = parts.next().unwrap_or_default();
         for p in parts {
             logits.extend(p);
+        }
+        if !batch.hidden_rows.is_empty() {
+            let rows: Vec<usize> = batch.hidden_rows.iter().map(|&r| r as usize).collect();
+            let sel = e.gather(&x, h, &rows);
+            let hn = e.norm(&self.norm, &sel);
+            logits.extend(e.take(hn));
         }
         logits
     }

@@ -32,8 +32,8 @@ const BLOCK: usize = 16;
 
 /// Three steps: the first 20 tokens of a 37-token prompt alone (a chunk without logits: the
 /// prompt goes on), its other 17 beside a 5-token prompt, then one token of each beside a
-/// 40-token prompt (every prompt row's logits; 42 rows, so the tiled products); each sequence on
-/// blocks of its own, out of order.
+/// 40-token prompt (every prompt row's logits; 42 rows, so the tiled products; and two rows'
+/// final hidden states); each sequence on blocks of its own, out of order.
 fn steps(vocab: u32) -> Vec<Batch> {
     let tok = |i: u32| (i * 7919 + 13) % vocab;
     let tables = [vec![3, 0, 6], vec![1], vec![5, 2, 4]];
@@ -47,6 +47,8 @@ fn steps(vocab: u32) -> Vec<Batch> {
     next.push_span(&[tok(100)], 37, &tables[0], BLOCK, false);
     next.push_span(&[tok(101)], 5, &tables[1], BLOCK, false);
     next.push_span(&(60..100).map(tok).collect::<Vec<_>>(), 0, &tables[2], BLOCK, true);
+    // Two rows' hidden states too (as embeddings pool them).
+    next.hidden_rows = vec![41, 0];
     vec![first, rest, next]
 }
 

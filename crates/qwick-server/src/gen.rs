@@ -384,6 +384,8 @@ impl ChoiceRun {
                     let m = &self.state.metrics;
                     m.prompt_tokens.fetch_add(prompt_tokens as u64, std::sync::atomic::Ordering::Relaxed);
                 }
+                // Only prefill-only requests get one, and they are not read as text.
+                Event::Pooled(_) => {}
                 Event::PromptLogprobs(lps) => {
                     self.prompt_logprobs = Some(lps.clone());
                     piece.prompt_logprobs = Some(lps);
