@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use qwick_chat::ChatModel;
 use qwick_engine::{Runner, SchedulerConfig};
 use qwick_model::LoadOptions;
-use qwick_server::ServeOptions;
+use qwick_server::{ServeOptions, Task};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -64,8 +64,47 @@ pub struct ServeArgs {
     /// Chat template file (.jinja, or a JSON file with a "chat_template" key).
     #[arg(long, value_name = "FILE")]
     chat_template: Option<PathBuf>,
+    /// What to serve: `generate` (text: chat, completions, …), `embed` (/v1/embeddings and
+    /// Ollama's embed routes, for a Qwen3-Embedding checkpoint or any Qwen3) or `rerank`
+    /// (/v1/rerank, for a Qwen3-Reranker). Default: what the checkpoint says (a
+    /// sentence-transformers last-token pooling config, or GGUF pooling metadata), else generate.
+    #[arg(long)]
+    task: Option<String>,
     #[command(flatten)]
     run: RunArgs,
+}
+
+/// The task a checkpoint declares: sentence-transformers' last-token pooling (a
+/// Qwen3-Embedding folder), or a GGUF file's `pooling_type` (3, last token: embed; 4, rank:
+/// rerank).
+fn declared_task(path: &std::path::Path) -> Result<Option<Task>> {
+    if path.is_dir() {
+        let Ok(modules) = std::fs::read_to_string(path.join("modules.json")) else { return Ok(None) };
+        let modules: serde_json::Value = serde_json::from_str(&modules)
+            .with_context(|| format!("{}: not JSON", path.join("modules.json").display()))?;
+        for m in modules.as_array().into_iter().flatten() {
+            if m["type"].as_str().is_some_and(|t| t.ends_with("Pooling")) {
+                let cfg = path.join(m["path"].as_str().unwrap_or("")).join("config.json");
+                let cfg: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap_or_default()).unwrap_or_default();
+                if cfg["pooling_mode_lasttoken"] == serde_json::json!(true) {
+                    return Ok(Some(Task::Embed));
+                }
+                bail!("{}: a pooling other than the last token's; qwick pools the last token", path.display());
+            }
+        }
+        return Ok(None);
+    }
+    if path.extension().is_some_and(|e| e == "gguf") {
+        let g = qwick_gguf::GgufFile::open(path)?;
+        let arch = g.get_str("general.architecture")?.unwrap_or("qwen3").to_string();
+        return Ok(match g.get_u64(&format!("{arch}.pooling_type"))? {
+            Some(3) => Some(Task::Embed),
+            Some(4) => Some(Task::Rerank),
+            _ => None,
+        });
+    }
+    Ok(None)
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -87,6 +126,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if !(a.max_body_mb > 0.0) {
         bail!("--max-body-mb must be positive");
     }
+    let task = match a.task.as_deref() {
+        Some(t) => {
+            Task::parse(t).ok_or_else(|| anyhow::anyhow!("--task must be generate, embed or rerank, not {t:?}"))?
+        }
+        None => declared_task(&dir)?.unwrap_or_default(),
+    };
     let isa = a.run.isa()?;
     let kv_format = a.run.kv_format()?;
     // Adapters apply to the requests that name them.
@@ -126,12 +171,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         log_prompts: a.log_prompts,
         handle_signals: true,
         shutdown_grace: Duration::from_secs(10),
+        task,
     };
     let name = info.name.clone();
     let runner_config = a.run.runner_config(kv_tokens, isa, kv_format)?;
     let server = qwick_server::start(opts, info, move || Runner::new(model, &runner_config))?;
     eprintln!(
-        "qwick: serving {name} on http://{} (KV cache: {kv_tokens} tokens of {kv_format}; max model len: {})",
+        "qwick: serving {name} on http://{} (task: {task:?}; KV cache: {kv_tokens} tokens of {kv_format}; max model len: {})",
         server.addr, server.max_model_len
     );
     server.join()?;

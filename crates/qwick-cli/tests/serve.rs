@@ -52,8 +52,12 @@ impl Server {
     }
 
     fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_model(model(), extra, env)
+    }
+
+    fn start_model(model: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwick"));
-        cmd.args(["serve", "--model", model(), "--port", "0", "--threads", "1"]);
+        cmd.args(["serve", "--model", model, "--port", "0", "--threads", "1"]);
         if !extra.contains(&"--kv-cache-tokens") {
             cmd.args(["--kv-cache-tokens", "8192"]);
         }
@@ -1472,4 +1476,188 @@ fn logprobs_of_a_thinking_model_split_reasoning_from_answer() {
     }
     assert_eq!((&a, &t), (answer, reasoning));
     s.wait_idle();
+}
+
+fn unit_norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>() / (unit_norm(a) * unit_norm(b))
+}
+
+/// `--task embed`: OpenAI's and Ollama's embedding routes, batched, with `dimensions` and
+/// base64; generation routes refused. (The pooled state itself is checked against
+/// transformers in qwick-engine's parity test.)
+#[test]
+fn embeddings_over_the_openai_and_ollama_routes() {
+    let s = Server::start(&["--task", "embed", "--served-model-name", "emb"]);
+    let one = |input: Value| {
+        let (code, r) = s.post("/v1/embeddings", &json!({"input": input}));
+        assert_eq!(code, 200, "{r}");
+        r
+    };
+    let r = one(json!("Hello world"));
+    let e = floats(&r["data"][0]["embedding"]);
+    assert!(e.len() > 8 && (unit_norm(&e) - 1.0).abs() < 1e-5, "{}", e.len());
+    assert_eq!((r["object"].as_str(), r["model"].as_str()), (Some("list"), Some("emb")));
+    assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() >= 2);
+    // The same tokens as ids, and inside a batch (sent together, computed together).
+    let (_, ids) = s.post("/tokenize", &json!({"prompt": "Hello world", "add_special_tokens": true}));
+    assert!(cosine(&floats(&one(ids["tokens"].clone())["data"][0]["embedding"]), &e) > 0.99999);
+    let batch = one(json!(["A first text.", "Hello world", "And a third, longer one, to batch with the others."]));
+    assert_eq!(batch["data"].as_array().unwrap().len(), 3);
+    assert_eq!(batch["data"][1]["index"], 1);
+    assert!(cosine(&floats(&batch["data"][1]["embedding"]), &e) > 0.9999);
+    // Matryoshka dimensions: the first values, normalised again; base64 of little-endian f32.
+    let (_, short) = s.post("/v1/embeddings", &json!({"input": "Hello world", "dimensions": 8}));
+    let short = floats(&short["data"][0]["embedding"]);
+    let head: Vec<f64> = e[..8].iter().map(|x| x / unit_norm(&e[..8])).collect();
+    assert!(short.len() == 8 && cosine(&short, &head) > 0.99999, "{short:?}");
+    let (_, b64) = s.post("/v1/embeddings", &json!({"input": "Hello world", "encoding_format": "base64"}));
+    let text = b64["data"][0]["embedding"].as_str().unwrap().to_string();
+    let py = format!(
+        "import base64, struct; b = base64.b64decode('{text}'); print(len(b) // 4, struct.unpack('<f', b[:4])[0])"
+    );
+    let out = Command::new("python3").args(["-c", &py]).output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut parts = out.split_whitespace();
+    assert_eq!(parts.next().unwrap().parse::<usize>().unwrap(), e.len(), "{out}");
+    assert!((parts.next().unwrap().parse::<f64>().unwrap() - e[0]).abs() < 1e-5, "{out}");
+    // Ollama: /api/embed (normalised, several inputs) and /api/embeddings (the raw state).
+    let (code, o) = s.post("/api/embed", &json!({"model": "emb", "input": ["Hello world", "x"]}));
+    assert_eq!(code, 200, "{o}");
+    assert!(cosine(&floats(&o["embeddings"][0]), &e) > 0.9999 && o["prompt_eval_count"].as_u64().unwrap() >= 3);
+    let (code, raw) = s.post("/api/embeddings", &json!({"model": "emb", "prompt": "Hello world"}));
+    assert_eq!(code, 200, "{raw}");
+    let raw = floats(&raw["embedding"]);
+    assert!(cosine(&raw, &e) > 0.9999 && (unit_norm(&raw) - 1.0).abs() > 1e-3, "not normalised");
+    // The official client (it asks for base64 and decodes it).
+    let has_openai =
+        Command::new("python3").args(["-c", "import openai"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if has_openai {
+        let py = format!(
+            "from openai import OpenAI; c = OpenAI(base_url='{}/v1', api_key='x'); \
+             r = c.embeddings.create(model='emb', input=['Hello world', 'x'], dimensions=8); \
+             print(len(r.data), len(r.data[0].embedding), r.data[0].embedding[0])",
+            s.url
+        );
+        let out = Command::new("python3").args(["-c", &py]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let v: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(&v[..2], ["2", "8"], "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!((v[2].parse::<f64>().unwrap() - short[0]).abs() < 1e-4, "{text}");
+    }
+    // What this server does not do, and bad input.
+    for (path, body) in [
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}]})),
+        ("/api/generate", json!({"model": "emb", "prompt": "hi"})),
+        ("/v1/rerank", json!({"query": "q", "documents": ["d"]})),
+        ("/v1/embeddings", json!({"input": "x", "dimensions": 0})),
+        ("/v1/embeddings", json!({"input": "x", "encoding_format": "int8"})),
+        ("/v1/embeddings", json!({"input": []})),
+        ("/v1/embeddings", json!({"input": [[1, 2], [99999999]]})),
+        ("/v1/embeddings", json!({"input": "x", "frobnicate": 1})),
+    ] {
+        let (code, r) = s.post(path, &body);
+        assert_eq!(code, 400, "{path} {body}: {r}");
+    }
+    s.wait_idle();
+}
+
+/// `--task rerank`: each document's score is the model's probability of "yes" against "no"
+/// after Qwen3-Reranker's prompt (checked against the same probabilities read from a
+/// generation server's prompt logprobs), ranked, cut to `top_n`.
+#[test]
+fn reranking_scores_yes_against_no() {
+    let s = Server::start(&["--task", "rerank"]);
+    let docs = ["Paris is the capital of France.", "Bananas are yellow.", "The Seine flows through Paris."];
+    let (code, r) =
+        s.post("/v1/rerank", &json!({"query": "What is the capital of France?", "documents": docs, "top_n": 2}));
+    assert_eq!(code, 200, "{r}");
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    let score = |x: &Value| x["relevance_score"].as_f64().unwrap();
+    assert!(score(&results[0]) >= score(&results[1]) && (0.0..=1.0).contains(&score(&results[0])));
+    assert_eq!(results[0]["document"]["text"], docs[results[0]["index"].as_u64().unwrap() as usize]);
+    let (_, all) = s.post(
+        "/v1/rerank",
+        &json!({"query": "What is the capital of France?", "documents": docs.iter().map(|d| json!({"text": d})).collect::<Vec<_>>(),
+                "return_documents": false}),
+    );
+    let all = all["results"].as_array().unwrap().clone();
+    assert!(all.len() == 3 && all.iter().all(|x| x.get("document").is_none()));
+    for bad in [
+        json!({"query": "q", "documents": []}),
+        json!({"documents": ["d"]}),
+        json!({"query": "q", "documents": ["d"], "n": 1}),
+    ] {
+        assert_eq!(s.post("/v1/rerank", &bad).0, 400, "{bad}");
+    }
+    s.wait_idle();
+    // The same probabilities from a generation server: the logprobs of "yes" and of "no"
+    // appended to the prompt, as prompt tokens.
+    let g = Server::start(&[]);
+    let ids = |text: &str| {
+        let (_, t) = g.post("/tokenize", &json!({"prompt": text}));
+        t["tokens"].as_array().unwrap().clone()
+    };
+    let prefix = "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n";
+    let suffix = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n";
+    let (yes, no) = (ids("yes"), ids("no"));
+    assert_eq!((yes.len(), no.len()), (1, 1));
+    for x in &all {
+        let doc = docs[x["index"].as_u64().unwrap() as usize];
+        let body = format!(
+            "<Instruct>: Given a web search query, retrieve relevant passages that answer the query\n<Query>: What is the capital of France?\n<Document>: {doc}"
+        );
+        let lp = |answer: &Value| {
+            let prompt: Vec<Value> = [ids(prefix), ids(&body), ids(suffix), vec![answer.clone()]].concat();
+            let (code, r) =
+                g.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 1, "echo": true, "logprobs": 0}));
+            assert_eq!(code, 200, "{r}");
+            r["choices"][0]["logprobs"]["token_logprobs"][prompt.len() - 1].as_f64().unwrap()
+        };
+        let (py, pn) = (lp(&yes[0]).exp(), lp(&no[0]).exp());
+        let want = py / (py + pn);
+        assert!((score(x) - want).abs() < 0.02, "{doc}: {} against {want}", score(x));
+    }
+}
+
+/// Without `--task`, a folder with sentence-transformers' last-token pooling (as Qwen3-Embedding
+/// ships) is served as an embedding model; another pooling is refused by name.
+#[test]
+fn a_sentence_transformers_folder_is_served_as_embeddings() {
+    let dir = common::process_dir("serve", "st-embedding");
+    for e in std::fs::read_dir(model()).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let modules = r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]"#;
+    std::fs::write(dir.join("modules.json"), modules).unwrap();
+    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+    let pooling = |last: bool| {
+        let cfg = json!({"word_embedding_dimension": 64, "pooling_mode_cls_token": false,
+                         "pooling_mode_mean_tokens": !last, "pooling_mode_lasttoken": last});
+        std::fs::write(dir.join("1_Pooling/config.json"), cfg.to_string()).unwrap();
+    };
+    pooling(true);
+    let s = Server::start_model(dir.to_str().unwrap(), &[], &[]);
+    assert!(s.stderr.lock().unwrap().contains("task: Embed"), "{}", s.stderr.lock().unwrap());
+    let (code, r) = s.post("/v1/embeddings", &json!({"input": "Hello"}));
+    assert_eq!(code, 200, "{r}");
+    drop(s);
+    pooling(false);
+    let out = Command::new(env!("CARGO_BIN_EXE_qwick"))
+        .args(["serve", "--model", dir.to_str().unwrap(), "--port", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("last token"), "{err}");
 }

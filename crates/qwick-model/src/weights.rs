@@ -119,17 +119,28 @@ enum Source<'a> {
     Gguf(&'a GgufFile),
 }
 
+/// A tensor's name in a Hugging Face checkpoint: as a causal LM names it, or without the
+/// `model.` prefix where the checkpoint holds the bare model (`Qwen3Model`, as the
+/// Qwen3-Embedding checkpoints are saved).
+fn hf_name(ck: &Checkpoint, role: Role, l: usize, e: usize) -> String {
+    let name = names::hf(role, l, e);
+    match name.strip_prefix("model.") {
+        Some(bare) if !ck.contains(&name) && ck.contains(bare) => bare.to_string(),
+        _ => name,
+    }
+}
+
 impl Source<'_> {
     fn get(&self, role: Role, l: usize, shape: &[usize]) -> Result<Tensor> {
         match self {
-            Source::Safetensors(ck) => ck.get(&names::hf(role, l, 0), shape),
+            Source::Safetensors(ck) => ck.get(&hf_name(ck, role, l, 0), shape),
             Source::Gguf(g) => crate::gguf::tensor(g, role, l, shape),
         }
     }
 
     fn contains(&self, role: Role, l: usize) -> bool {
         match self {
-            Source::Safetensors(ck) => ck.contains(&names::hf(role, l, 0)),
+            Source::Safetensors(ck) => ck.contains(&hf_name(ck, role, l, 0)),
             Source::Gguf(g) => crate::gguf::contains(g, role, l),
         }
     }
@@ -137,7 +148,7 @@ impl Source<'_> {
     /// The `n` experts' weights of `role` in layer `l`, each `[rows, cols]`.
     fn experts(&self, role: Role, l: usize, n: usize, rows: usize, cols: usize) -> Result<Vec<Tensor>> {
         match self {
-            Source::Safetensors(ck) => (0..n).map(|e| ck.get(&names::hf(role, l, e), &[rows, cols])).collect(),
+            Source::Safetensors(ck) => (0..n).map(|e| ck.get(&hf_name(ck, role, l, e), &[rows, cols])).collect(),
             Source::Gguf(g) => Ok(crate::gguf::tensor(g, role, l, &[n, rows, cols])?.unstack()),
         }
     }

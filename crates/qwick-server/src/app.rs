@@ -25,6 +25,8 @@ pub struct AppState {
     pub started: Instant,
     /// Responses kept for `previous_response_id` (the Responses API).
     pub responses: crate::responses::Store,
+    /// What the server computes.
+    pub task: crate::pool::Task,
 }
 
 fn not_found_route() -> ApiError {

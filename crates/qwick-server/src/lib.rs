@@ -14,12 +14,14 @@ mod gen;
 mod metrics;
 mod ollama;
 mod openai;
+mod pool;
 mod responses;
 
 pub use app::AppState;
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use openai::{tools_for, ToolPlan};
+pub use pool::Task;
 
 use anyhow::{Context, Result};
 use axum::body::Body;
@@ -56,6 +58,8 @@ pub struct ServeOptions {
     pub handle_signals: bool,
     /// After a shutdown signal, how long requests in flight may go on before they are ended.
     pub shutdown_grace: Duration,
+    /// What the server computes: text, embeddings or relevance scores.
+    pub task: Task,
 }
 
 impl Default for ServeOptions {
@@ -71,6 +75,7 @@ impl Default for ServeOptions {
             log_prompts: false,
             handle_signals: false,
             shutdown_grace: Duration::from_secs(10),
+            task: Task::Generate,
         }
     }
 }
@@ -150,6 +155,23 @@ async fn guarded(state: &AppState, req: Request, next: Next) -> Response {
             return ApiError::unauthorized().into_response();
         }
     }
+    // A server that embeds or reranks generates no text.
+    const GENERATION: &[&str] = &[
+        "/v1/chat/completions",
+        "/chat/completions",
+        "/v1/completions",
+        "/completions",
+        "/v1/responses",
+        "/v1/messages",
+        "/api/chat",
+        "/api/generate",
+    ];
+    let path = req.uri().path();
+    if req.method() == axum::http::Method::POST && GENERATION.contains(&path) {
+        if let Err(e) = pool::require_generation(state, path) {
+            return e.into_response();
+        }
+    }
     // Read the whole body here, under the limit, so handlers see plain bytes.
     let (parts, body) = req.into_parts();
     let too_big = || {
@@ -205,6 +227,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/completions", post(openai::completions))
         .route("/v1/responses", post(responses::create))
         .route("/v1/responses/{id}", get(responses::get).delete(responses::delete))
+        .route("/v1/embeddings", post(pool::embeddings))
+        .route("/embeddings", post(pool::embeddings))
+        .route("/api/embed", post(pool::ollama_embed))
+        .route("/api/embeddings", post(pool::ollama_embeddings))
+        .route("/v1/rerank", post(pool::rerank))
+        .route("/rerank", post(pool::rerank))
+        .route("/v2/rerank", post(pool::rerank))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/tokenize", post(openai::tokenize))
@@ -311,6 +340,7 @@ pub fn start(
         log_prompts: opts.log_prompts,
         started: Instant::now(),
         responses: Default::default(),
+        task: opts.task,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
