@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod common;
+mod embed;
 mod finetune;
 mod list;
 mod quantize;
@@ -47,6 +48,10 @@ enum Command {
         #[command(flatten)]
         run: common::RunArgs,
     },
+    /// Print the embedding of a text (or of each line of standard input) as a JSON array: the
+    /// last token's hidden state after the final norm, L2-normalised, as `serve --task embed`
+    /// answers it.
+    Embed(embed::EmbedArgs),
     /// Serve the model over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions, ...),
     /// the Ollama API (/api/chat, /api/generate, ...), /health and /metrics.
     Serve(serve::ServeArgs),
@@ -131,6 +136,7 @@ fn run(cli: Cli) -> Result<()> {
             qwick_model::npy::write_f32(&out, &[tokens.len(), vocab], &logits)
         }
         Command::Bench(args) => bench::run(args),
+        Command::Embed(args) => embed::run(args),
         Command::Serve(args) => serve::serve(args),
         Command::BenchServe(args) => serve::bench_serve(args),
         Command::Quantize(args) => quantize::quantize(args),

@@ -1552,6 +1552,25 @@ fn embeddings_over_the_openai_and_ollama_routes() {
         assert_eq!(&v[..2], ["2", "8"], "{text}{}", String::from_utf8_lossy(&out.stderr));
         assert!((v[2].parse::<f64>().unwrap() - short[0]).abs() < 1e-4, "{text}");
     }
+    // `qwick embed` on the command line: the same vectors.
+    let out = Command::new(env!("CARGO_BIN_EXE_qwick"))
+        .args(["embed", "--model", model(), "--input", "-", "--threads", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"Hello world\nA first text.\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert!(
+        cosine(&floats(&lines[0]), &e) > 0.9999
+            && cosine(&floats(&lines[1]), &floats(&batch["data"][0]["embedding"])) > 0.9999
+    );
     // What this server does not do, and bad input.
     for (path, body) in [
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}]})),
