@@ -28,9 +28,10 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every route but /health (default: QWICK_API_KEY).
     #[arg(long)]
     api_key: Option<String>,
-    /// Most tokens (prefill and decode) in one engine step.
-    #[arg(long, default_value_t = 2048)]
-    max_num_batched_tokens: usize,
+    /// Most tokens (prefill and decode) in one engine step (default: 2048; 512 with --task
+    /// embed or rerank, where steps are all prefill and 512-token steps measured faster).
+    #[arg(long)]
+    max_num_batched_tokens: Option<usize>,
     /// Most sequences running at once.
     #[arg(long, default_value_t = 256)]
     max_num_seqs: usize,
@@ -117,7 +118,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         }
     }
     info.adapters = adapters.iter().map(|(n, _)| n.clone()).collect();
-    if a.max_num_batched_tokens == 0 || a.max_num_seqs == 0 || a.max_queue == 0 {
+    let task = match a.task.as_deref() {
+        Some(t) => {
+            Task::parse(t).ok_or_else(|| anyhow::anyhow!("--task must be generate, embed or rerank, not {t:?}"))?
+        }
+        None => declared_task(&dir)?.unwrap_or_default(),
+    };
+    let max_num_batched_tokens = a.max_num_batched_tokens.unwrap_or(if task == Task::Generate { 2048 } else { 512 });
+    if max_num_batched_tokens == 0 || a.max_num_seqs == 0 || a.max_queue == 0 {
         bail!("--max-num-batched-tokens, --max-num-seqs and --max-queue must be at least 1");
     }
     if a.max_model_len.is_some_and(|l| l < 2) {
@@ -126,12 +134,6 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if !(a.max_body_mb > 0.0) {
         bail!("--max-body-mb must be positive");
     }
-    let task = match a.task.as_deref() {
-        Some(t) => {
-            Task::parse(t).ok_or_else(|| anyhow::anyhow!("--task must be generate, embed or rerank, not {t:?}"))?
-        }
-        None => declared_task(&dir)?.unwrap_or_default(),
-    };
     let isa = a.run.isa()?;
     let kv_format = a.run.kv_format()?;
     // Adapters apply to the requests that name them.
@@ -161,7 +163,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         api_key,
         max_model_len: a.max_model_len,
         scheduler: SchedulerConfig {
-            max_num_batched_tokens: a.max_num_batched_tokens,
+            max_num_batched_tokens,
             max_num_seqs: a.max_num_seqs,
             max_waiting: a.max_queue,
             prefix_caching: !a.no_prefix_caching,
