@@ -622,58 +622,40 @@ fn bench_serve_reports_latencies() {
     s.wait_idle();
 }
 
+/// Runs an official client's test script (python/test_*_client.py, which ends `N passed, 0
+/// failed`) against `s` within 300 s, when the client's package is installed.
+fn python_client(package: &str, script: &str, s: &Server, args: &[&str]) {
+    let installed =
+        Command::new("python3").args(["-c", &format!("import {package}")]).output().is_ok_and(|o| o.status.success());
+    if !installed {
+        eprintln!("skipped: the {package} Python package is not installed");
+        return;
+    }
+    let out = Command::new("timeout")
+        .args(["300", "python3"])
+        .arg(root().join("python").join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains(" passed, 0 failed"), "{text}");
+    s.wait_idle();
+}
+
 /// The official OpenAI Python client, when installed (`pip install -r python/requirements-test.txt`).
 #[test]
 fn openai_python_client() {
-    let has_openai =
-        Command::new("python3").args(["-c", "import openai"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if !has_openai {
-        eprintln!("skipped: the openai Python package is not installed");
-        return;
-    }
     let s = Server::start(&["--served-model-name", "tiny"]);
-    let mut child = Command::new("python3")
-        .arg(root().join("python/test_openai_client.py"))
-        .args(["--base-url", &format!("{}/v1", s.url), "--model", "tiny"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > Duration::from_secs(180) {
-            let _ = child.kill();
-            panic!("the Python client timed out");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains(" passed, 0 failed"), "{text}");
-    s.wait_idle();
+    python_client("openai", "test_openai_client.py", &s, &["--base-url", &format!("{}/v1", s.url), "--model", "tiny"]);
 }
 
 /// The official `anthropic` client (python/test_anthropic_client.py) against `/v1/messages`, with
 /// the key sent as `x-api-key`.
 #[test]
 fn anthropic_python_client() {
-    let has_client =
-        Command::new("python3").args(["-c", "import anthropic"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if !has_client {
-        eprintln!("skipped: the anthropic Python package is not installed");
-        return;
-    }
     let s = Server::start(&["--served-model-name", "tiny", "--api-key", "ant-key"]);
-    let out = Command::new("timeout")
-        .args(["300", "python3"])
-        .arg(root().join("python/test_anthropic_client.py"))
-        .args(["--base-url", &s.url, "--model", "tiny", "--api-key", "ant-key"])
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains(" passed, 0 failed"), "{text}");
-    s.wait_idle();
+    let args = ["--base-url", &s.url, "--model", "tiny", "--api-key", "ant-key"];
+    python_client("anthropic", "test_anthropic_client.py", &s, &args);
 }
 
 #[test]
