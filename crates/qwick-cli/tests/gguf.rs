@@ -380,3 +380,51 @@ fn comparisons_fail_on_nan() {
         assert!(!within(max_rel, EXACT_TOL) && !within(rms, FAST_TOL));
     }
 }
+
+/// A GGUF file's `pooling_type` (as llama.cpp's converter writes it for Qwen3-Embedding and
+/// Qwen3-Reranker) picks what `qwick serve` serves when `--task` is not given.
+#[test]
+fn gguf_pooling_metadata_picks_the_served_task() {
+    use std::io::BufRead;
+    let g = qwick_gguf::GgufFile::open(greedy_model()).unwrap();
+    let arch = g.get_str("general.architecture").unwrap().unwrap().to_string();
+    for (pooling, task) in [(3u32, "Embed"), (4, "Rerank"), (0, "Generate")] {
+        let mut w = qwick_gguf::GgufWriter::new();
+        for (k, v) in &g.metadata {
+            w.add(k, v.clone());
+        }
+        w.add(&format!("{arch}.pooling_type"), qwick_gguf::Value::U32(pooling));
+        for t in &g.tensors {
+            w.add_tensor(&t.name, &t.dims, t.ggml_type, g.data(t).to_vec());
+        }
+        let path = common::process_dir("gguf", "pooling").join(format!("pooling-{pooling}.gguf"));
+        w.write(&path).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qwick"))
+            .args([
+                "serve",
+                "--model",
+                path.to_str().unwrap(),
+                "--port",
+                "0",
+                "--threads",
+                "1",
+                "--kv-cache-tokens",
+                "256",
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut seen = String::new();
+        for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+            let line = line.unwrap();
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains(" on http://") {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(seen.contains(&format!("task: {task}")), "pooling_type {pooling}: {seen}");
+    }
+}
