@@ -236,7 +236,8 @@ impl ChatModel {
                     ChatError::Template("the message to continue does not appear in the rendered chat".into())
                 })?;
                 text.truncate(at + cut.len());
-                (in_thinking, in_thinking || !reasoning.is_empty())
+                // Continuing the answer, the prompt holds the reasoning's end already.
+                (in_thinking, in_thinking)
             }
         };
         let ids = self.tokenizer.encode(&text, false)?;

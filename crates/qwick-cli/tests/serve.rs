@@ -1410,6 +1410,26 @@ fn llama_server_and_vllm_habits() {
     assert_eq!(code, 200, "{plain}");
     assert_eq!(cont["usage"]["prompt_tokens"], plain["usage"]["prompt_tokens"], "{cont}");
     assert_eq!(cont["choices"][0]["message"]["content"], plain["choices"][0]["text"], "{cont}\n{plain}");
+    // Anthropic's Messages API continues a final assistant message the same way.
+    let (code, ant) = s.post(
+        "/v1/messages",
+        &json!({"messages": prefill, "max_tokens": 6, "temperature": 0, "thinking": {"type": "disabled"}}),
+    );
+    assert_eq!(code, 200, "{ant}");
+    let ant_text = ant["content"].as_array().unwrap().iter().filter_map(|b| b["text"].as_str()).collect::<String>();
+    assert_eq!(ant_text, plain["choices"][0]["text"].as_str().unwrap(), "{ant}");
+    let total =
+        ant["usage"]["input_tokens"].as_u64().unwrap() + ant["usage"]["cache_read_input_tokens"].as_u64().unwrap();
+    assert_eq!(json!(total), plain["usage"]["prompt_tokens"], "{ant}");
+    // Continuing an answer after its reasoning: the output format applies at once (the prompt
+    // holds the reasoning's end).
+    let reasoned = json!([{"role": "user", "content": "Hi"},
+                          {"role": "assistant", "reasoning_content": "Think.", "content": "The digit is "}]);
+    let (code, digit) = chat(json!({"messages": reasoned, "continue_final_message": true,
+                                    "add_generation_prompt": false, "max_tokens": 1, "guided_regex": "[0-9]"}));
+    assert_eq!(code, 200, "{digit}");
+    let d = digit["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(d.len() == 1 && d.chars().all(|c| c.is_ascii_digit()), "{digit}");
     // add_generation_prompt: false ends with the last message closed: fewer prompt tokens.
     let (_, open) = chat(json!({"max_tokens": 1}));
     let (code, closed) = chat(json!({"max_tokens": 1, "add_generation_prompt": false}));
@@ -1477,7 +1497,7 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 /// transformers in qwick-engine's parity test.)
 #[test]
 fn embeddings_over_the_openai_and_ollama_routes() {
-    let s = Server::start(&["--task", "embed", "--served-model-name", "emb"]);
+    let s = Server::start(&["--task", "embed", "--served-model-name", "emb", "--max-queue", "8"]);
     let one = |input: Value| {
         let (code, r) = s.post("/v1/embeddings", &json!({"input": input}));
         assert_eq!(code, 200, "{r}");
@@ -1563,6 +1583,8 @@ fn embeddings_over_the_openai_and_ollama_routes() {
         ("/v1/embeddings", json!({"input": []})),
         ("/v1/embeddings", json!({"input": [[1, 2], [99999999]]})),
         ("/v1/embeddings", json!({"input": "x", "frobnicate": 1})),
+        // More inputs than the queue holds (--max-queue 8) could never all start.
+        ("/v1/embeddings", json!({"input": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]})),
     ] {
         let (code, r) = s.post(path, &body);
         assert_eq!(code, 400, "{path} {body}: {r}");

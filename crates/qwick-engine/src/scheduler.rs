@@ -922,6 +922,11 @@ impl Engine {
         self.capacity_tokens
     }
 
+    /// Most requests that may wait to start (more are refused: [`SubmitError::QueueFull`]).
+    pub fn max_waiting(&self) -> usize {
+        self.shared.max_waiting
+    }
+
     pub fn block_size(&self) -> usize {
         self.block_size
     }

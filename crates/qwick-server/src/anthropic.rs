@@ -336,9 +336,20 @@ fn render(state: &AppState, req: &MessagesRequest) -> Result<Rendered, ApiError>
         }
         (tool, answer) => tool.or(answer),
     };
+    // A last message of the assistant's is continued, not closed (an assistant prefill).
+    let end = match messages.last().map(|m| m.role.as_str()) {
+        Some("assistant") if plan.prefill.is_some() => {
+            return Err(bad(
+                "a final assistant message cannot be continued with a tool_choice that forces a call",
+                "tool_choice",
+            ))
+        }
+        Some("assistant") => qwick_chat::TurnEnd::Continue,
+        _ => qwick_chat::TurnEnd::NewTurn,
+    };
     let model = &state.model;
     let mut prompt = model
-        .render(&messages, plan.tools.clone(), Some(thinking), Map::new())
+        .render_as(&messages, plan.tools.clone(), Some(thinking), Map::new(), end)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     prefill_prompt(model, &mut prompt, &plan)?;
     Ok(Rendered { prompt, plan, parallel, budget: plan_thinking.flatten().filter(|_| thinking), format })

@@ -70,7 +70,21 @@ pub fn require_generation(state: &AppState, route: &str) -> Result<(), ApiError>
 
 /// Runs each prompt as a prefill-only request (all submitted first, so they batch) and returns
 /// their vectors with the tokens computed.
-async fn pooled(state: &Arc<AppState>, prompts: Vec<Vec<u32>>, pooling: Pooling) -> Result<Vec<Vec<f32>>, ApiError> {
+async fn pooled(
+    state: &Arc<AppState>,
+    prompts: Vec<Vec<u32>>,
+    adapter: u16,
+    pooling: Pooling,
+) -> Result<Vec<Vec<f32>>, ApiError> {
+    // Each input waits as a request of its own: more than the queue holds could never all start.
+    let most = state.engine.max_waiting();
+    if prompts.len() > most {
+        return Err(ApiError::bad_request(format!(
+            "{} inputs in one request; this server takes at most {most} (--max-queue)",
+            prompts.len()
+        ))
+        .with_param("input"));
+    }
     let mut rxs = vec![];
     for (i, p) in prompts.into_iter().enumerate() {
         if p.is_empty() {
@@ -95,12 +109,12 @@ async fn pooled(state: &Arc<AppState>, prompts: Vec<Vec<u32>>, pooling: Pooling)
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         state
             .engine
-            .submit_pooled(Request { gen, logprobs: None, adapter: 0 }, pooling.clone(), Box::new(ChanSink(tx)))
+            .submit_pooled(Request { gen, logprobs: None, adapter }, pooling.clone(), Box::new(ChanSink(tx)))
             .map_err(|e| match e {
-                SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
-                SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),
-                SubmitError::Failed => ApiError::unavailable(e.to_string()),
-            })?;
+            SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
+            SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),
+            SubmitError::Failed => ApiError::unavailable(e.to_string()),
+        })?;
         rxs.push(rx);
     }
     let mut out = Vec::with_capacity(rxs.len());
@@ -196,7 +210,7 @@ pub async fn embeddings(State(state): State<Arc<AppState>>, body: Bytes) -> Resu
     require(&state, Task::Embed, "/v1/embeddings")?;
     let req: EmbeddingsRequest = parse_json(&body)?;
     gen::check_fields(&req.extra, &["user"], "")?;
-    check_model(&state, req.model.as_deref())?;
+    let adapter = check_model(&state, req.model.as_deref())?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -210,7 +224,7 @@ pub async fn embeddings(State(state): State<Arc<AppState>>, body: Bytes) -> Resu
     let dims = dimensions(&state, req.dimensions, "dimensions")?;
     let prompts = input_ids(&state, req.input)?;
     let tokens: usize = prompts.iter().map(Vec::len).sum();
-    let vectors = pooled(&state, prompts, Pooling::LastHidden).await?;
+    let vectors = pooled(&state, prompts, adapter, Pooling::LastHidden).await?;
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()
@@ -251,7 +265,7 @@ pub async fn ollama_embed(State(state): State<Arc<AppState>>, body: Bytes) -> Re
     let t0 = Instant::now();
     let req: OllamaEmbedRequest = parse_json(&body)?;
     gen::check_fields(&req.extra, OLLAMA_IGNORED, "")?;
-    check_model(&state, Some(&req.model))?;
+    let adapter = check_model(&state, Some(&req.model))?;
     let dims = dimensions(&state, req.dimensions, "dimensions")?;
     let mut prompts = input_ids(&state, req.input)?;
     if req.truncate != Some(false) {
@@ -259,7 +273,7 @@ pub async fn ollama_embed(State(state): State<Arc<AppState>>, body: Bytes) -> Re
         prompts.iter_mut().for_each(|p| p.truncate(keep));
     }
     let tokens: usize = prompts.iter().map(Vec::len).sum();
-    let vectors = pooled(&state, prompts, Pooling::LastHidden).await?;
+    let vectors = pooled(&state, prompts, adapter, Pooling::LastHidden).await?;
     let embeddings: Vec<Vec<f32>> = vectors.into_iter().map(|v| normalised(v, dims)).collect();
     Ok(Json(json!({"model": req.model, "embeddings": embeddings, "total_duration": t0.elapsed().as_nanos() as u64,
                    "load_duration": 0, "prompt_eval_count": tokens})))
@@ -279,9 +293,9 @@ pub async fn ollama_embeddings(State(state): State<Arc<AppState>>, body: Bytes) 
     require(&state, Task::Embed, "/api/embeddings")?;
     let req: OllamaEmbeddingsRequest = parse_json(&body)?;
     gen::check_fields(&req.extra, OLLAMA_IGNORED, "")?;
-    check_model(&state, Some(&req.model))?;
+    let adapter = check_model(&state, Some(&req.model))?;
     let ids = input_ids(&state, EmbedInput::Text(req.prompt))?;
-    let v = pooled(&state, ids, Pooling::LastHidden).await?.pop().unwrap_or_default();
+    let v = pooled(&state, ids, adapter, Pooling::LastHidden).await?.pop().unwrap_or_default();
     Ok(Json(json!({"embedding": v})))
 }
 
@@ -320,7 +334,7 @@ pub async fn rerank(State(state): State<Arc<AppState>>, body: Bytes) -> Result<J
     require(&state, Task::Rerank, "/v1/rerank")?;
     let req: RerankRequest = parse_json(&body)?;
     gen::check_fields(&req.extra, &[], "")?;
-    check_model(&state, req.model.as_deref())?;
+    let adapter = check_model(&state, req.model.as_deref())?;
     if req.documents.is_empty() {
         return Err(ApiError::bad_request("documents must not be empty").with_param("documents"));
     }
@@ -347,7 +361,7 @@ pub async fn rerank(State(state): State<Arc<AppState>>, body: Bytes) -> Result<J
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
     let tokens: usize = prompts.iter().map(Vec::len).sum();
-    let logits = pooled(&state, prompts, Pooling::Logits(vec![no, yes])).await?;
+    let logits = pooled(&state, prompts, adapter, Pooling::Logits(vec![no, yes])).await?;
     let mut results: Vec<(usize, f64)> = logits
         .iter()
         .enumerate()

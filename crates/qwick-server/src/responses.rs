@@ -487,6 +487,10 @@ impl Done {
                 }
             }
         }
+        // A turn that produced nothing (no item) is stored as an empty answer.
+        if turn.content.is_none() && turn.reasoning_content.is_none() && turn.tool_calls.is_none() {
+            turn.content = Some(String::new());
+        }
         resp["output"] = json!(output);
         if resp["store"] == json!(true) {
             self.convo.push(turn);
