@@ -839,9 +839,13 @@ impl std::fmt::Display for SubmitError {
 
 impl std::error::Error for SubmitError {}
 
+/// A request submitted to the engine thread: with its prompt logprobs and pooling, if asked
+/// for, and where its events go.
+type Submitted = (Request, Option<usize>, Option<Pooling>, Box<dyn EventSink>);
+
 #[derive(Default)]
 struct Inbox {
-    new: Vec<(Request, Option<usize>, Option<Pooling>, Box<dyn EventSink>)>,
+    new: Vec<Submitted>,
     stop: bool,
     abort: bool,
     stats: SchedulerStats,
@@ -1513,7 +1517,7 @@ mod tests {
     #[test]
     fn mixed_workloads_give_every_request_its_greedy_output() {
         for seed in 1..=300u64 {
-            let mut rng = Rng(seed * 0x9e37_79b9_7f4a_7c15);
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let caching = seed % 2 == 0;
             let blocks = 6 + rng.below(10);
             let cfg = config(1 + rng.below(12), 1 + rng.below(4), caching);
