@@ -9,21 +9,15 @@ Reports every check; exits non-zero if one failed. Run by crates/qwick-cli/tests
 the package is installed (pip install -r python/requirements-test.txt).
 """
 
-import argparse
-import sys
 
 import json
 import urllib.error
 import urllib.request
 
 import anthropic
+import client_checks
 
-CHECKS = []
-
-
-def check(fn):
-    CHECKS.append(fn)
-    return fn
+check = client_checks.check
 
 
 # The current client no longer names the sampling fields; the API still takes them.
@@ -178,24 +172,6 @@ def errors(c, model):
         assert "max_tokens" in body["error"]["message"], body
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--base-url", required=True)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--api-key", required=True)
-    a = ap.parse_args()
-    c = anthropic.Anthropic(base_url=a.base_url, api_key=a.api_key, timeout=60, max_retries=0)
-    failed = 0
-    for fn in CHECKS:
-        try:
-            fn(c, a.model)
-            print(f"ok   {fn.__name__}")
-        except Exception as e:  # noqa: BLE001 - report every failure
-            failed += 1
-            print(f"FAIL {fn.__name__}: {type(e).__name__}: {e}")
-    print(f"{len(CHECKS) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    client_checks.main(lambda url, key: anthropic.Anthropic(base_url=url, api_key=key, timeout=60, max_retries=0),
+                       api_key_required=True)

@@ -7,20 +7,14 @@ Exits non-zero on the first failure. Run by crates/qwick-cli/tests/serve.rs when
 installed (pip install -r python/requirements-test.txt).
 """
 
-import argparse
 import json
-import sys
 
+import client_checks
 import openai
 from openai import OpenAI
 from openai.types.chat import ChatCompletionTokenLogprob
 
-CHECKS = []
-
-
-def check(fn):
-    CHECKS.append(fn)
-    return fn
+check = client_checks.check
 
 
 def extra(obj, key):
@@ -262,24 +256,5 @@ def responses_text_format_and_store(c, model):
             pass
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--base-url", required=True)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--api-key", default="none")
-    a = ap.parse_args()
-    c = OpenAI(base_url=a.base_url, api_key=a.api_key, timeout=60, max_retries=0)
-    failed = 0
-    for fn in CHECKS:
-        try:
-            fn(c, a.model)
-            print(f"ok   {fn.__name__}")
-        except Exception as e:  # noqa: BLE001 - report every failure
-            failed += 1
-            print(f"FAIL {fn.__name__}: {type(e).__name__}: {e}")
-    print(f"{len(CHECKS) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    client_checks.main(lambda url, key: OpenAI(base_url=url, api_key=key, timeout=60, max_retries=0))

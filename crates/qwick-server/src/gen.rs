@@ -4,7 +4,9 @@
 use crate::app::AppState;
 use crate::error::ApiError;
 use qwick_chat::{Delta, TextPipe};
-use qwick_engine::{Event, EventSink, FinishReason, GenParams, OutToken, Request, SamplingParams, SeqGen, SubmitError};
+use qwick_engine::{
+    Event, EventSink, FinishReason, GenParams, OutToken, Pooling, Request, SamplingParams, SeqGen, SubmitError,
+};
 use qwick_sampler::TokenLogprobs;
 use serde::{Deserialize, Deserializer};
 use std::sync::Arc;
@@ -249,6 +251,25 @@ fn bound_context(job: &mut Job) {
     }
 }
 
+/// Why the engine refused a request, as the client is answered.
+fn refused(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
+        SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),
+        SubmitError::Failed => ApiError::unavailable(e.to_string()),
+    }
+}
+
+/// Submits a prefill-only job (its sampling, logprobs and constraint unused): an
+/// [`Event::Pooled`] arrives on the returned channel, then `Finished`.
+pub fn submit_pooled(state: &AppState, job: Job, pooling: Pooling) -> Result<UnboundedReceiver<Event>, ApiError> {
+    let gen = SeqGen::new(&job.prompt, job.params).map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    let (tx, rx) = unbounded_channel();
+    let req = Request { gen, logprobs: None, adapter: job.adapter };
+    state.engine.submit_pooled(req, pooling, Box::new(ChanSink(tx))).map_err(refused)?;
+    Ok(rx)
+}
+
 /// Submits a job; its events arrive on the returned channel.
 pub fn submit(state: &AppState, mut job: Job) -> Result<UnboundedReceiver<Event>, ApiError> {
     bound_context(&mut job);
@@ -258,11 +279,7 @@ pub fn submit(state: &AppState, mut job: Job) -> Result<UnboundedReceiver<Event>
     }
     let (tx, rx) = unbounded_channel();
     let req = Request { gen, logprobs: job.logprobs, adapter: job.adapter };
-    state.engine.submit_with(req, job.prompt_logprobs, Box::new(ChanSink(tx))).map_err(|e| match e {
-        SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
-        SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),
-        SubmitError::Failed => ApiError::unavailable(e.to_string()),
-    })?;
+    state.engine.submit_with(req, job.prompt_logprobs, Box::new(ChanSink(tx))).map_err(refused)?;
     Ok(rx)
 }
 
@@ -282,11 +299,7 @@ pub fn submit_all(state: &AppState, jobs: Vec<Job>) -> Result<Vec<UnboundedRecei
     for (gen, logprobs, prompt_logprobs, adapter) in gens {
         let (tx, rx) = unbounded_channel();
         let req = Request { gen, logprobs, adapter };
-        state.engine.submit_with(req, prompt_logprobs, Box::new(ChanSink(tx))).map_err(|e| match e {
-            SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
-            SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),
-            SubmitError::Failed => ApiError::unavailable(e.to_string()),
-        })?;
+        state.engine.submit_with(req, prompt_logprobs, Box::new(ChanSink(tx))).map_err(refused)?;
         out.push(rx);
     }
     Ok(out)

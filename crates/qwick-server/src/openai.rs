@@ -431,38 +431,35 @@ fn chat_logprobs(state: &AppState, piece: &gen::Piece) -> Option<Value> {
     if piece.tokens.iter().all(|t| t.logprobs.is_none()) {
         return None;
     }
-    let (mut answer, mut reasoning) = (vec![], vec![]);
-    for (t, &r) in piece.tokens.iter().zip(&piece.in_reasoning) {
-        if r {
-            reasoning.push(t.clone());
-        } else {
-            answer.push(t.clone());
-        }
-    }
-    let mut v = json!({"content": logprob_entries(state, &answer)});
+    // The tokens of one part (reasoning or answer).
+    let part = |reasoning: bool| {
+        let toks = piece.tokens.iter().zip(&piece.in_reasoning).filter(move |(_, &r)| r == reasoning);
+        logprob_entries(state, toks.map(|(t, _)| t))
+    };
+    let mut v = json!({"content": part(false)});
+    let reasoning = part(true);
     if !reasoning.is_empty() {
-        v["reasoning_content"] = json!(logprob_entries(state, &reasoning));
+        v["reasoning_content"] = json!(reasoning);
     }
     Some(v)
 }
 
 /// OpenAI chat logprobs entries for tokens.
-fn logprob_entries(state: &AppState, toks: &[OutToken]) -> Vec<Value> {
-    toks.iter()
-        .filter_map(|t| {
-            let lp = t.logprobs.as_ref()?;
-            let text = state.model.token_text(t.token.id);
-            let top: Vec<Value> = lp
-                .top
-                .iter()
-                .map(|&(id, l)| {
-                    let s = state.model.token_text(id);
-                    json!({"token": s, "logprob": l, "bytes": s.as_bytes()})
-                })
-                .collect();
-            Some(json!({"token": text, "logprob": lp.logprob, "bytes": text.as_bytes(), "top_logprobs": top}))
-        })
-        .collect()
+fn logprob_entries<'a>(state: &AppState, toks: impl Iterator<Item = &'a OutToken>) -> Vec<Value> {
+    toks.filter_map(|t| {
+        let lp = t.logprobs.as_ref()?;
+        let text = state.model.token_text(t.token.id);
+        let top: Vec<Value> = lp
+            .top
+            .iter()
+            .map(|&(id, l)| {
+                let s = state.model.token_text(id);
+                json!({"token": s, "logprob": l, "bytes": s.as_bytes()})
+            })
+            .collect();
+        Some(json!({"token": text, "logprob": lp.logprob, "bytes": text.as_bytes(), "top_logprobs": top}))
+    })
+    .collect()
 }
 
 fn tool_calls_json(calls: &[qwick_chat::ParsedToolCall], first_index: usize, stream: bool) -> Vec<Value> {

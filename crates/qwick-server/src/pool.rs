@@ -8,13 +8,13 @@
 
 use crate::app::AppState;
 use crate::error::{parse_json, ApiError};
-use crate::gen::{self, ChanSink};
+use crate::gen;
 use crate::openai::{check_model, new_id};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::Json;
 use base64::Engine as _;
-use qwick_engine::{Event, GenParams, Pooling, Request, SeqGen, SubmitError};
+use qwick_engine::{Event, Pooling};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -99,22 +99,8 @@ async fn pooled(
             .with_param("input")
             .with_code("context_length_exceeded"));
         }
-        let params = GenParams {
-            sampling: state.model.gen_config.sampling_params(false),
-            eos_token_ids: state.model.eos.clone(),
-            max_context: state.max_model_len,
-            thinking: None,
-        };
-        let gen = SeqGen::new(&p, params).map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        state
-            .engine
-            .submit_pooled(Request { gen, logprobs: None, adapter }, pooling.clone(), Box::new(ChanSink(tx)))
-            .map_err(|e| match e {
-            SubmitError::QueueFull => ApiError::too_many_requests(e.to_string()),
-            SubmitError::Stopped => ApiError::unavailable("the server is shutting down"),
-            SubmitError::Failed => ApiError::unavailable(e.to_string()),
-        })?;
+        let job = gen::job(state, p, adapter, state.model.gen_config.sampling_params(false), None);
+        let rx = gen::submit_pooled(state, job, pooling.clone())?;
         rxs.push(rx);
     }
     let mut out = Vec::with_capacity(rxs.len());

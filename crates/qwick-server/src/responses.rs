@@ -379,8 +379,8 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<R
     }
     let mut items = Items::default();
     let d = &piece.delta;
-    items.reasoning(&d.reasoning);
-    items.text(&d.content);
+    items.append(true, &d.reasoning);
+    items.append(false, &d.content);
     for c in &d.tool_calls {
         items.call(&c.name, &c.arguments);
     }
@@ -392,47 +392,56 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<R
 struct Items {
     done: Vec<Value>,
     /// The item still being written, if any: a reasoning item or a message.
-    open: Option<Value>,
+    open: Option<Open>,
+}
+
+/// A reasoning item or a message being written.
+struct Open {
+    reasoning: bool,
+    id: String,
+    text: String,
+}
+
+impl Open {
+    /// The item with `status`, and its text so far (or, without it, no content yet).
+    fn item(&self, status: &str, with_text: bool) -> Value {
+        let content = match (with_text, self.reasoning) {
+            (false, _) => json!([]),
+            (true, true) => json!([{"type": "reasoning_text", "text": self.text}]),
+            (true, false) => json!([{"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}]),
+        };
+        if self.reasoning {
+            json!({"type": "reasoning", "id": self.id, "summary": [], "content": content, "status": status})
+        } else {
+            json!({"type": "message", "id": self.id, "role": "assistant", "status": status, "content": content})
+        }
+    }
 }
 
 impl Items {
-    fn reasoning(&mut self, text: &str) -> Option<usize> {
-        self.append("reasoning", text)
-    }
-
-    fn text(&mut self, text: &str) -> Option<usize> {
-        self.append("message", text)
-    }
-
-    /// Appends `text` to the open item of `kind` (closing another, opening one as needed);
-    /// the index of a newly opened item.
-    fn append(&mut self, kind: &str, text: &str) -> Option<usize> {
+    /// Appends `text` to the open item of its kind (reasoning or answer), closing an item of
+    /// the other kind and opening one as needed; returns the item it closed and whether it
+    /// opened one.
+    fn append(&mut self, reasoning: bool, text: &str) -> (Option<Value>, bool) {
         if text.is_empty() {
-            return None;
+            return (None, false);
         }
-        let mut opened = None;
-        if self.open.as_ref().is_none_or(|o| o["type"] != kind) {
-            self.close();
-            self.open = Some(match kind {
-                "reasoning" => json!({"type": "reasoning", "id": new_id("rs_"), "summary": [],
-                                      "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}),
-                _ => json!({"type": "message", "id": new_id("msg_"), "role": "assistant", "status": "in_progress",
-                            "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}),
-            });
-            opened = Some(self.done.len());
+        let (mut closed, mut opened) = (None, false);
+        if self.open.as_ref().is_none_or(|o| o.reasoning != reasoning) {
+            closed = self.close();
+            let id = new_id(if reasoning { "rs_" } else { "msg_" });
+            self.open = Some(Open { reasoning, id, text: String::new() });
+            opened = true;
         }
-        let o = self.open.as_mut().expect("an open item");
-        let t = &mut o["content"][0]["text"];
-        *t = json!(format!("{}{text}", t.as_str().unwrap_or("")));
-        opened
+        self.open.as_mut().expect("an open item").text.push_str(text);
+        (closed, opened)
     }
 
     /// Closes the open item; it, completed.
     fn close(&mut self) -> Option<Value> {
-        let mut o = self.open.take()?;
-        o["status"] = json!("completed");
-        self.done.push(o.clone());
-        Some(o)
+        let item = self.open.take()?.item("completed", true);
+        self.done.push(item.clone());
+        Some(item)
     }
 
     /// A function call item (after the open item, closed).
@@ -533,24 +542,13 @@ async fn stream(shell: Value, done: Done, mut run: ChoiceRun, tx: Sender<Bytes>)
             if text.is_empty() {
                 continue;
             }
-            let before = items.open.clone();
-            let opened = if is_reasoning { items.reasoning(text) } else { items.text(text) };
-            if opened.is_some() {
-                if let Some(closed) = before.and(items.done.last().cloned()) {
-                    for e in close_events(&closed, items.done.len() - 1) {
-                        if !send(e).await {
-                            return;
-                        }
-                    }
-                }
-            }
+            let (closed, opened) = items.append(is_reasoning, text);
+            let mut events = closed.map(|c| close_events(&c, items.done.len() - 1)).unwrap_or_default();
             let index = items.done.len();
             let open = items.open.as_ref().expect("an open item");
-            let id = open["id"].clone();
-            let mut events = vec![];
-            if opened.is_some() {
-                let mut added = open.clone();
-                added["content"] = json!([]);
+            let id = json!(open.id);
+            if opened {
+                let added = open.item("in_progress", false);
                 events.push(json!({"type": "response.output_item.added", "output_index": index, "item": added}));
                 if !is_reasoning {
                     events.push(json!({"type": "response.content_part.added", "output_index": index, "item_id": id,
