@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Writes crates/qwick-backend/src/quant/grids.rs: the IQ lookup tables, taken from the
-`gguf` Python package (pip install gguf numpy).
+"""Writes crates/qwick-backend/src/quant/grids/*.hex: the IQ lookup grids, taken from the
+`gguf` Python package (pip install gguf numpy). `grids.rs` parses them at compile time.
 
-    python3 python/make_quant_tables.py [--out crates/qwick-backend/src/quant/grids.rs]
+    python3 python/make_quant_tables.py [--out crates/qwick-backend/src/quant/grids]
 
 gguf stores each grid as packed indices into a small value map; `init_grid` expands it to
 float32. This script packs the expanded values back into GGML's own table layout: one
-byte per value, element 0 in the least significant byte (`u64` rows of 8 values, `u32` rows
-of 4). IQ1_S/IQ1_M values are -1/0/1 stored as `i8` bytes (0xff, 0x00, 0x01).
+byte per value, element 0 in the least significant byte (rows of 8 values as 16 hex
+digits, rows of 4 as 8). IQ1_S/IQ1_M values are -1/0/1 stored as `i8` bytes (0xff, 0x00,
+0x01). It also checks the constants `grids.rs` writes out (sign patterns, IQ4_NL levels,
+the IQ1 delta) against the package's.
 """
 
 import argparse
@@ -18,7 +20,7 @@ import numpy as np
 from gguf import quants
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "crates/qwick-backend/src/quant/grids.rs"
+DEFAULT_OUT = ROOT / "crates/qwick-backend/src/quant/grids"
 
 
 def grid_rows(cls) -> list[int]:
@@ -35,85 +37,34 @@ def grid_rows(cls) -> list[int]:
     return rows
 
 
-def fmt_table(name: str, ty: str, values: list[int], width: int, per_line: int, doc: str) -> str:
-    out = [f"/// {line}".rstrip() for line in doc.strip().splitlines()]
-    # rustfmt would put each long literal on a line of its own.
-    out.append("#[rustfmt::skip]")
-    out.append(f"pub static {name}: [{ty}; {len(values)}] = [")
-    for i in range(0, len(values), per_line):
-        chunk = values[i : i + per_line]
-        if ty.startswith("i"):
-            out.append("    " + " ".join(f"{v}," for v in chunk))
-        else:
-            out.append("    " + " ".join(f"0x{v:0{width}x}," for v in chunk))
-    out.append("];")
-    return "\n".join(out) + "\n"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
 
-    tables = []
-
-    def u64_grid(name, cls, doc):
+    def grid(file, cls, width):
         rows = grid_rows(cls)
-        assert len(rows) == cls.grid_shape[0] and cls.grid_shape[1] == 8
-        tables.append(fmt_table(name, "u64", rows, 16, 4, doc))
+        assert len(rows) == cls.grid_shape[0] and cls.grid_shape[1] == width
+        digits, per_line = (16, 4) if width == 8 else (8, 8)
+        lines = [" ".join(f"{v:0{digits}x}" for v in rows[i : i + per_line]) for i in range(0, len(rows), per_line)]
+        (args.out / file).write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.out / file} (gguf {gguf_version()})")
 
-    def u32_grid(name, cls, doc):
-        rows = grid_rows(cls)
-        assert len(rows) == cls.grid_shape[0] and cls.grid_shape[1] == 4
-        tables.append(fmt_table(name, "u32", rows, 8, 8, doc))
-
-    u64_grid("IQ2XXS_GRID", quants.IQ2_XXS, "IQ2_XXS grid: 256 rows of 8 magnitudes (bytes 0x08, 0x19, 0x2b), element j in byte j.")
-    u64_grid("IQ2XS_GRID", quants.IQ2_XS, "IQ2_XS grid: 512 rows of 8 magnitudes (bytes 0x08, 0x19, 0x2b), element j in byte j.")
-    u64_grid("IQ2S_GRID", quants.IQ2_S, "IQ2_S grid: 1024 rows of 8 magnitudes (bytes 0x08, 0x19, 0x2b), element j in byte j.")
-    u32_grid("IQ3XXS_GRID", quants.IQ3_XXS, "IQ3_XXS grid: 256 rows of 4 magnitudes (bytes 0x04 … 0x3e), element j in byte j.")
-    u32_grid("IQ3S_GRID", quants.IQ3_S, "IQ3_S grid: 512 rows of 4 magnitudes (odd bytes 0x01 … 0x0f), element j in byte j.")
-    u64_grid(
-        "IQ1S_GRID",
-        quants.IQ1_S,
-        "IQ1_S / IQ1_M grid: 2048 rows of 8 values -1, 0, 1 stored as `i8` bytes, element j in byte j.",
-    )
+    grid("iq2xxs.hex", quants.IQ2_XXS, 8)
+    grid("iq2xs.hex", quants.IQ2_XS, 8)
+    grid("iq2s.hex", quants.IQ2_S, 8)
+    grid("iq3xxs.hex", quants.IQ3_XXS, 4)
+    grid("iq3s.hex", quants.IQ3_S, 4)
+    grid("iq1s.hex", quants.IQ1_S, 8)
     assert quants.IQ1_M.grid_hex == quants.IQ1_S.grid_hex
 
-    ksigns = list(np.frombuffer(quants.IQ2_XXS.ksigns, dtype=np.uint8))
-    assert len(ksigns) == 128
-    tables.append(
-        fmt_table(
-            "KSIGNS_IQ2XS",
-            "u8",
-            [int(x) for x in ksigns],
-            2,
-            16,
-            "Sign patterns of the IQ2/IQ3 types: a 7-bit index gives 8 sign bits (bit j set: element j\n"
-            "negative); bit 7 is the parity of the other seven, so the count of negatives is even.",
-        )
-    )
-    tables.append(
-        fmt_table(
-            "KVALUES_IQ4NL",
-            "i8",
-            [int(x) for x in quants.IQ4_NL.kvalues],
-            0,
-            16,
-            "The 16 non-linear levels of IQ4_NL and IQ4_XS, indexed by a 4-bit quant.",
-        )
-    )
-    delta = float(quants.IQ1_S.delta)
-    assert delta == float(quants.IQ1_M.delta) == 0.125
-
-    header = (
-        "//! IQ lookup tables. GENERATED by `python3 python/make_quant_tables.py` from the `gguf`\n"
-        f"//! Python package {gguf_version()}; do not edit by hand.\n"
-        "\n"
-        "/// IQ1_S / IQ1_M: the offset added to every grid value, negated where the block says so.\n"
-        f"pub const IQ1S_DELTA: f32 = {delta};\n"
-    )
-    args.out.write_text(header + "\n" + "\n".join(tables))
-    print(f"wrote {args.out}")
+    # grids.rs computes the sign patterns (bit 7: parity of the low seven) and writes the
+    # IQ4_NL levels and the IQ1 delta out; check them against the package.
+    ksigns = [int(x) for x in np.frombuffer(quants.IQ2_XXS.ksigns, dtype=np.uint8)]
+    assert ksigns == [i | ((bin(i).count("1") & 1) << 7) for i in range(128)]
+    assert [int(x) for x in quants.IQ4_NL.kvalues] == [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+    assert float(quants.IQ1_S.delta) == float(quants.IQ1_M.delta) == 0.125
 
 
 def gguf_version() -> str:

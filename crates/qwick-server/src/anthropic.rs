@@ -38,31 +38,19 @@ const IGNORED: &[&str] = &[
 /// A Messages request (also `count_tokens`', which has no `max_tokens`).
 #[derive(Deserialize, Debug)]
 struct MessagesRequest {
-    #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
     max_tokens: Option<u64>,
     messages: Vec<InMessage>,
-    #[serde(default)]
     system: Option<Content>,
-    #[serde(default)]
     stop_sequences: Option<Vec<String>>,
-    #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
     temperature: Option<f32>,
-    #[serde(default)]
     top_p: Option<f32>,
-    #[serde(default)]
     top_k: Option<i32>,
-    #[serde(default)]
     thinking: Option<Value>,
-    #[serde(default)]
     tools: Option<Vec<Value>>,
-    #[serde(default)]
     tool_choice: Option<Value>,
     /// `effort` (a thinking budget) and `format` (a JSON schema the answer follows).
-    #[serde(default)]
     output_config: Option<OutputConfig>,
     /// Every other field: accepted only when listed in [`IGNORED`].
     #[serde(flatten)]
@@ -78,9 +66,7 @@ fn parse(body: &[u8]) -> Result<MessagesRequest, ApiError> {
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 struct OutputConfig {
-    #[serde(default)]
     effort: Option<String>,
-    #[serde(default)]
     format: Option<Value>,
 }
 

@@ -112,15 +112,10 @@ struct OllamaFunction {
 #[derive(Deserialize, Debug)]
 struct OllamaMessage {
     role: String,
-    #[serde(default)]
     content: Option<String>,
-    #[serde(default)]
     thinking: Option<String>,
-    #[serde(default)]
     tool_calls: Option<Vec<OllamaToolCall>>,
-    #[serde(default)]
     images: Option<Vec<Value>>,
-    #[serde(default)]
     tool_name: Option<String>,
 }
 
@@ -129,15 +124,10 @@ struct ChatRequest {
     model: String,
     #[serde(default)]
     messages: Vec<OllamaMessage>,
-    #[serde(default)]
     tools: Option<Vec<Value>>,
-    #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
     think: Option<Value>,
-    #[serde(default)]
     options: Option<Options>,
-    #[serde(default)]
     format: Option<Value>,
     #[serde(flatten)]
     extra: Map<String, Value>,
@@ -146,21 +136,13 @@ struct ChatRequest {
 #[derive(Deserialize, Debug)]
 struct GenerateRequest {
     model: String,
-    #[serde(default)]
     prompt: Option<String>,
-    #[serde(default)]
     system: Option<String>,
-    #[serde(default)]
     raw: Option<bool>,
-    #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
     think: Option<Value>,
-    #[serde(default)]
     options: Option<Options>,
-    #[serde(default)]
     images: Option<Vec<Value>>,
-    #[serde(default)]
     format: Option<Value>,
     #[serde(flatten)]
     extra: Map<String, Value>,
@@ -543,9 +525,7 @@ pub async fn ps(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 #[derive(Deserialize)]
 struct ShowRequest {
-    #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
     name: Option<String>,
 }
 

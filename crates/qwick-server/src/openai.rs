@@ -44,7 +44,6 @@ pub enum Content {
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
-    #[serde(default)]
     pub text: Option<String>,
 }
 
@@ -74,17 +73,11 @@ impl Content {
 #[derive(Deserialize, Debug)]
 pub struct InMessage {
     pub role: String,
-    #[serde(default)]
     pub content: Option<Content>,
-    #[serde(default)]
     pub reasoning_content: Option<String>,
-    #[serde(default)]
     pub reasoning: Option<String>,
-    #[serde(default)]
     pub tool_calls: Option<Vec<ToolCall>>,
-    #[serde(default)]
     pub tool_call_id: Option<String>,
-    #[serde(default)]
     pub name: Option<String>,
 }
 
@@ -136,46 +129,30 @@ pub fn to_chat_messages(msgs: Vec<InMessage>) -> Result<Vec<ChatMessage>, ApiErr
 
 #[derive(Deserialize, Debug, Default)]
 pub struct StreamOptions {
-    #[serde(default)]
     pub include_usage: Option<bool>,
 }
 
 #[derive(Deserialize, Debug)]
 pub struct ChatRequest {
-    #[serde(default)]
     pub model: Option<String>,
     pub messages: Vec<InMessage>,
-    #[serde(default)]
     pub tools: Option<Vec<Value>>,
-    #[serde(default)]
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
-    #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
     pub max_tokens: Option<u64>,
-    #[serde(default)]
     pub max_completion_tokens: Option<u64>,
-    #[serde(default)]
     pub n: Option<u64>,
-    #[serde(default)]
     pub logprobs: Option<bool>,
-    #[serde(default)]
     pub top_logprobs: Option<u64>,
-    #[serde(default)]
     pub chat_template_kwargs: Option<Map<String, Value>>,
-    #[serde(default)]
     pub max_thinking_tokens: Option<u64>,
     /// Effort levels as thinking budgets (see [`gen::effort_budget`]).
-    #[serde(default)]
     pub reasoning_effort: Option<String>,
     /// vLLM's: end the prompt with a new assistant turn's header (default true).
-    #[serde(default)]
     pub add_generation_prompt: Option<bool>,
     /// vLLM's assistant prefill: the last (assistant) message is continued, not closed.
-    #[serde(default)]
     pub continue_final_message: Option<bool>,
     /// Sampling (OpenAI and vLLM names).
     #[serde(flatten)]
@@ -861,23 +838,15 @@ pub enum PromptInput {
 
 #[derive(Deserialize, Debug)]
 pub struct CompletionRequest {
-    #[serde(default)]
     pub model: Option<String>,
     pub prompt: PromptInput,
-    #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
     pub max_tokens: Option<u64>,
-    #[serde(default)]
     pub n: Option<u64>,
-    #[serde(default)]
     pub logprobs: Option<u64>,
-    #[serde(default)]
     pub echo: Option<bool>,
     /// Generate past end-of-sequence tokens (for benchmarks).
-    #[serde(default)]
     pub ignore_eos: Option<bool>,
     /// Sampling (OpenAI and vLLM names).
     #[serde(flatten)]
@@ -1265,7 +1234,6 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result
 
 #[derive(Deserialize)]
 struct DetokenizeRequest {
-    #[serde(default)]
     model: Option<String>,
     tokens: Vec<u32>,
 }
@@ -1364,29 +1332,17 @@ mod tests {
     #[allow(dead_code)]
     struct OwnFields {
         messages: Vec<InMessage>,
-        #[serde(default)]
         n: Option<u64>,
-        #[serde(default)]
         temperature: Option<f32>,
-        #[serde(default)]
         top_p: Option<f32>,
-        #[serde(default)]
         top_k: Option<i32>,
-        #[serde(default)]
         min_p: Option<f32>,
-        #[serde(default)]
         presence_penalty: Option<f32>,
-        #[serde(default)]
         frequency_penalty: Option<f32>,
-        #[serde(default)]
         repetition_penalty: Option<f32>,
-        #[serde(default)]
         seed: Option<i64>,
-        #[serde(default)]
         stop: Option<Stop>,
-        #[serde(default)]
         stop_token_ids: Option<Vec<u32>>,
-        #[serde(default)]
         logit_bias: Option<std::collections::HashMap<String, f32>>,
         #[serde(flatten)]
         format: FormatFields,

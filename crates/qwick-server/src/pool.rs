@@ -180,12 +180,9 @@ fn dimensions(state: &AppState, d: Option<u64>, param: &str) -> Result<Option<us
 
 #[derive(Deserialize, Debug)]
 struct EmbeddingsRequest {
-    #[serde(default)]
     model: Option<String>,
     input: EmbedInput,
-    #[serde(default)]
     dimensions: Option<u64>,
-    #[serde(default)]
     encoding_format: Option<String>,
     #[serde(flatten)]
     extra: Map<String, Value>,
@@ -234,9 +231,7 @@ struct OllamaEmbedRequest {
     model: String,
     input: EmbedInput,
     /// Cut inputs longer than the context (default) instead of refusing them.
-    #[serde(default)]
     truncate: Option<bool>,
-    #[serde(default)]
     dimensions: Option<u64>,
     #[serde(flatten)]
     extra: Map<String, Value>,
@@ -295,16 +290,12 @@ enum Document {
 
 #[derive(Deserialize, Debug)]
 struct RerankRequest {
-    #[serde(default)]
     model: Option<String>,
     query: String,
     documents: Vec<Document>,
-    #[serde(default)]
     top_n: Option<usize>,
-    #[serde(default)]
     return_documents: Option<bool>,
     /// What relevance means (Qwen3-Reranker's instruction; default: web search).
-    #[serde(default)]
     instruction: Option<String>,
     #[serde(flatten)]
     extra: Map<String, Value>,

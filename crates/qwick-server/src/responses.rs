@@ -58,35 +58,21 @@ const IGNORED: &[&str] = &["user", "safety_identifier", "prompt_cache_key", "ser
 
 #[derive(Deserialize, Debug)]
 struct ResponsesRequest {
-    #[serde(default)]
     model: Option<String>,
     input: Input,
-    #[serde(default)]
     instructions: Option<String>,
-    #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
     max_output_tokens: Option<u64>,
-    #[serde(default)]
     temperature: Option<f32>,
-    #[serde(default)]
     top_p: Option<f32>,
-    #[serde(default)]
     reasoning: Option<ReasoningConfig>,
-    #[serde(default)]
     tools: Option<Vec<Value>>,
-    #[serde(default)]
     tool_choice: Option<Value>,
-    #[serde(default)]
     parallel_tool_calls: Option<bool>,
-    #[serde(default)]
     text: Option<TextConfig>,
-    #[serde(default)]
     previous_response_id: Option<String>,
-    #[serde(default)]
     store: Option<bool>,
     /// Kept with the response and answered back.
-    #[serde(default)]
     metadata: Option<Map<String, Value>>,
     /// Every other field: accepted only when listed in [`IGNORED`].
     #[serde(flatten)]
@@ -103,18 +89,15 @@ enum Input {
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 struct ReasoningConfig {
-    #[serde(default)]
     effort: Option<String>,
     /// Reasoning summaries: qwick answers the reasoning itself (`reasoning_text`), not a
     /// summary, and takes only `null`.
-    #[serde(default)]
     summary: Option<Value>,
 }
 
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 struct TextConfig {
-    #[serde(default)]
     format: Option<Value>,
 }
 
