@@ -33,22 +33,40 @@ pub struct FakeModel {
     /// The token whose K/V each cache slot holds; `None` until written.
     slots: Vec<Option<u32>>,
     state: Arc<Mutex<FakeState>>,
+    /// Nonzero: a different model, that agrees with the fake's logits except after one context
+    /// in `skew` (as a draft model agrees with its target).
+    skew: u64,
 }
 
 /// A runner over the fake model, with a cache of `num_blocks` blocks of `block_size` tokens and
 /// two LoRA adapters; and the fake's state.
 pub fn runner(block_size: usize, num_blocks: usize) -> (Runner, Arc<Mutex<FakeState>>) {
+    skewed_runner(block_size, num_blocks, 0)
+}
+
+/// [`runner`] over a fake whose logits differ from the fake's after one context in `skew`
+/// (none for 0).
+pub fn skewed_runner(block_size: usize, num_blocks: usize, skew: u64) -> (Runner, Arc<Mutex<FakeState>>) {
     let state = Arc::new(Mutex::new(FakeState::default()));
-    let model = FakeModel { block_size, num_blocks, slots: vec![None; block_size * num_blocks], state: state.clone() };
+    let slots = vec![None; block_size * num_blocks];
+    let model = FakeModel { block_size, num_blocks, slots, state: state.clone(), skew };
     (Runner::with_model(Box::new(model), block_size, num_blocks), state)
 }
 
 /// The fake's logits after `context` (the last token's row), for a sequence of adapter `adapter`.
 pub fn logits(adapter: u16, context: &[u32]) -> Vec<f32> {
+    skewed_logits(adapter, context, 0)
+}
+
+/// The logits of a fake made by [`skewed_runner`].
+fn skewed_logits(adapter: u16, context: &[u32], skew: u64) -> Vec<f32> {
     // FNV-1a over the adapter and the tokens, then a mix per vocabulary entry.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ adapter as u64;
     for &t in context {
         h = (h ^ t as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    if skew > 0 && (h >> 7) % skew == 0 {
+        h = h.rotate_left(17) ^ 0x5bd1_e995;
     }
     (0..VOCAB as u64)
         .map(|v| {
@@ -104,7 +122,7 @@ impl StepModel for FakeModel {
         let mut out = Vec::with_capacity(batch.logits_rows.len() * VOCAB + batch.hidden_rows.len() * HIDDEN);
         for &row in &batch.logits_rows {
             let (adapter, ctx) = context(row)?;
-            out.extend(logits(adapter, &ctx));
+            out.extend(skewed_logits(adapter, &ctx, self.skew));
         }
         for &row in &batch.hidden_rows {
             let (adapter, ctx) = context(row)?;

@@ -10,6 +10,7 @@ pub mod kv_manager;
 pub mod runner;
 pub mod scheduler;
 pub mod sequence;
+pub mod spec;
 
 pub use blocks::BlockAllocator;
 pub use generate::{generate, Generation, TokenEvent};
@@ -23,3 +24,4 @@ pub use scheduler::{
     SubmitError,
 };
 pub use sequence::{Decision, FinishReason, GenParams, GenToken, SeqGen, ThinkingBudget};
+pub use spec::{SpecConfig, SpecMethod};

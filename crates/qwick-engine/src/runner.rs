@@ -279,6 +279,22 @@ impl Runner {
         Ok((s.cached + len).div_ceil(self.block_size).saturating_sub(s.blocks.len()))
     }
 
+    /// Forgets the K/V of the sequence's tokens from `cached` on (drafted tokens that were not
+    /// accepted), releasing the blocks past the last one still used. Those positions are written
+    /// again by the next step; full blocks the prefix cache shares are never rolled back into.
+    pub fn rollback(&mut self, seq: SeqId, cached: usize) -> Result<()> {
+        let bs = self.block_size;
+        let s = self.seqs.get_mut(&seq).ok_or_else(|| anyhow!("unknown sequence {seq}"))?;
+        if cached > s.cached {
+            bail!("sequence {seq}: cannot roll forward from {} to {cached} tokens", s.cached);
+        }
+        s.cached = cached;
+        for b in s.blocks.split_off(cached.div_ceil(bs)) {
+            self.blocks.release(b);
+        }
+        Ok(())
+    }
+
     /// Frees the sequence and its blocks.
     pub fn free_sequence(&mut self, seq: SeqId) {
         if let Some(s) = self.seqs.remove(&seq) {

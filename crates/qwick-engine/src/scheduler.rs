@@ -32,7 +32,8 @@
 //! and each request's [`Event`]s go out through its [`EventSink`].
 
 use crate::kv_manager::ROOT_HASH;
-use crate::sequence::{FinishReason, GenToken, SeqGen};
+use crate::sequence::{Decision, FinishReason, GenToken, SeqGen};
+use crate::spec::{Ask, DraftLen, Drafter, ModelDrafter, SpecConfig, SpecMethod};
 
 /// The hash cached prefixes of a request with LoRA adapter `adapter` start from: K/V computed
 /// with one adapter is never reused for another.
@@ -42,7 +43,7 @@ fn root_hash(adapter: u16) -> u64 {
 use crate::runner::{Logits, Runner, SeqId, Span};
 use anyhow::{anyhow, Result};
 use qwick_sampler::TokenLogprobs;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -61,11 +62,19 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
     /// Reuse cached KV blocks of identical prompt prefixes.
     pub prefix_caching: bool,
+    /// Speculative decoding, if any.
+    pub spec: Option<SpecConfig>,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { max_num_batched_tokens: 2048, max_num_seqs: 256, max_waiting: 1024, prefix_caching: true }
+        SchedulerConfig {
+            max_num_batched_tokens: 2048,
+            max_num_seqs: 256,
+            max_waiting: 1024,
+            prefix_caching: true,
+            spec: None,
+        }
     }
 }
 
@@ -227,6 +236,11 @@ pub struct SchedulerStats {
     /// scheduling, sampling and handing tokens to requests.
     pub step_seconds: f64,
     pub forward_seconds: f64,
+    /// Speculative decoding: tokens drafted and verified, how many were accepted, and the
+    /// verifications (a sequence's span of drafts in a step).
+    pub spec_drafted: u64,
+    pub spec_accepted: u64,
+    pub spec_verifications: u64,
     /// What is wrong with the KV bookkeeping, if anything ([`Scheduler::check_kv`], checked
     /// whenever the scheduler is idle).
     pub kv_inconsistency: Option<String>,
@@ -243,6 +257,8 @@ struct PlannedSpan {
     logits: Logits,
     /// Whether the span ends the sequence's pending tokens.
     last: bool,
+    /// Drafted tokens after the span's one pending token, verified by its logits.
+    draft: Vec<u32>,
 }
 
 /// What a step computes, as it is planned.
@@ -273,6 +289,8 @@ struct Entry {
     adapter: u16,
     /// A prefill-only request: what it gets instead of tokens.
     pooling: Option<Pooling>,
+    /// How many tokens to draft (with speculative decoding).
+    draft_len: DraftLen,
 }
 
 impl Entry {
@@ -303,6 +321,8 @@ pub struct Scheduler {
     running: Vec<Entry>,
     stats: SchedulerStats,
     fault: Option<Fault>,
+    /// Where drafts come from, with speculative decoding.
+    drafter: Option<Drafter>,
 }
 
 /// A fault injected on purpose (tests only; set with `QWICK_FAULT`, see [`Fault::from_env`]).
@@ -350,7 +370,17 @@ impl Scheduler {
             block_size: runner.block_size(),
             ..SchedulerStats::default()
         };
-        Scheduler { runner, cfg, waiting: VecDeque::new(), running: vec![], stats, fault: None }
+        let drafter = match cfg.spec.as_ref().map(|c| &c.method) {
+            Some(&SpecMethod::Ngram { max_n }) => Some(Drafter::Ngram { max_n }),
+            _ => None,
+        };
+        Scheduler { runner, cfg, waiting: VecDeque::new(), running: vec![], stats, fault: None, drafter }
+    }
+
+    /// Drafts with `draft`, a runner over the draft model (with [`SpecMethod::Model`]).
+    pub fn with_draft_model(mut self, draft: Runner) -> Scheduler {
+        self.drafter = Some(Drafter::Model(ModelDrafter::new(draft)));
+        self
     }
 
     pub fn runner(&self) -> &Runner {
@@ -418,6 +448,7 @@ impl Scheduler {
             last_hash: root_hash(req.adapter),
             adapter: req.adapter,
             pooling,
+            draft_len: DraftLen::new(self.cfg.spec.as_ref().map_or(0, |c| c.max_draft)),
         });
     }
 
@@ -449,15 +480,15 @@ impl Scheduler {
     /// holding it plus one if the prefix cache keeps it; the free list holds exactly the blocks
     /// with none; the prefix cache's entries and its LRU order agree, one entry per block.
     pub fn check_kv(&self) -> Result<(), String> {
-        self.runner.blocks().check(self.runner.block_references())
+        self.runner.blocks().check(self.runner.block_references())?;
+        self.drafter.as_ref().map_or(Ok(()), |d| d.check(self.running.is_empty()))
     }
 
     /// Ends every request with an error (at shutdown).
     pub fn abort_all(&mut self, message: &str) {
-        for mut e in self.running.drain(..).chain(self.waiting.drain(..)) {
-            if let Some(seq) = e.seq.take() {
-                self.runner.free_sequence(seq);
-            }
+        let all: Vec<Entry> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
+        for mut e in all {
+            self.free(&mut e);
             e.sink.send(Event::Error(message.to_string()));
         }
     }
@@ -465,6 +496,9 @@ impl Scheduler {
     fn free(&mut self, e: &mut Entry) {
         if let Some(seq) = e.seq.take() {
             self.runner.free_sequence(seq);
+            if let Some(d) = &mut self.drafter {
+                d.forget(seq);
+            }
         }
     }
 
@@ -491,6 +525,43 @@ impl Scheduler {
         e.prompt_lps.clear();
         self.stats.preemptions += 1;
         self.waiting.push_front(e);
+    }
+
+    /// This step's drafts, by runner sequence: for each decoding sequence whose draft length
+    /// allows, when no more sequences are decoding than speculation is for.
+    fn drafts(&mut self, budget: usize) -> HashMap<SeqId, Vec<u32>> {
+        let Some(c) = &self.cfg.spec else { return HashMap::new() };
+        let decoding: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].seq.is_some_and(|s| self.decoding(&self.running[i], s)))
+            .collect();
+        if decoding.len() > c.max_seqs || self.drafter.is_none() {
+            return HashMap::new();
+        }
+        let mut asks = vec![];
+        for &i in &decoding {
+            let e = &mut self.running[i];
+            let max = e.draft_len.next().min(e.gen.draft_room()).min(budget.saturating_sub(1));
+            if max > 0 {
+                asks.push((i, max));
+            }
+        }
+        let asks: Vec<Ask> = asks
+            .into_iter()
+            .map(|(i, max)| {
+                let e = &self.running[i];
+                Ask { seq: e.seq.expect("decoding"), tokens: e.gen.tokens(), max }
+            })
+            .collect();
+        let drafted = self.drafter.as_mut().expect("checked").draft(&asks);
+        asks.iter().zip(drafted).filter(|(_, d)| !d.is_empty()).map(|(a, d)| (a.seq, d)).collect()
+    }
+
+    /// Whether running entry `e` (runner sequence `seq`) is decoding: one token to compute, from
+    /// which a token is sampled.
+    fn decoding(&self, e: &Entry, seq: SeqId) -> bool {
+        e.pooling.is_none()
+            && !e.wants_prompt_lps()
+            && self.runner.cached(seq).is_some_and(|c| c + 1 == e.gen.tokens().len())
     }
 
     /// Makes `need` blocks free beyond `reserved` ones by evicting unreferenced cached blocks.
@@ -533,6 +604,7 @@ impl Scheduler {
     fn schedule_running(&mut self, plan: &mut StepPlan) {
         let (mut budget, mut reserved) = (plan.budget, plan.reserved);
         let spans = &mut plan.spans;
+        let mut drafts = self.drafts(budget);
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let seq = self.running[i].seq.expect("running sequences have a runner sequence");
@@ -543,8 +615,16 @@ impl Scheduler {
                 continue;
             }
             let all = self.running[i].wants_prompt_lps();
-            let len = if all { pending.min(budget).min(PROMPT_LOGPROBS_CHUNK) } else { pending.min(budget) };
-            let need = self.runner.blocks_needed(seq, len).unwrap_or(0);
+            let mut len = if all { pending.min(budget).min(PROMPT_LOGPROBS_CHUNK) } else { pending.min(budget) };
+            let mut draft = drafts.remove(&seq).unwrap_or_default();
+            draft.truncate(budget - 1);
+            len += draft.len();
+            let mut need = self.runner.blocks_needed(seq, len).unwrap_or(0);
+            if !draft.is_empty() && !self.make_room(reserved, need) {
+                // No room for the drafts: decode plainly.
+                (len, need) = (1, self.runner.blocks_needed(seq, 1).unwrap_or(0));
+                draft.clear();
+            }
             if !self.make_room(reserved, need) {
                 // Out of blocks: preempt the newest sequence (this one, if it is the newest).
                 let newest = self.running.len() - 1;
@@ -565,9 +645,9 @@ impl Scheduler {
             }
             reserved += need;
             budget -= len;
-            let last = len == pending;
-            let logits = self.running[i].span_output(last);
-            spans.push(PlannedSpan { entry: i, seq, start, len, logits, last });
+            let last = len >= pending;
+            let logits = if draft.is_empty() { self.running[i].span_output(last) } else { Logits::All };
+            spans.push(PlannedSpan { entry: i, seq, start, len, logits, last, draft });
             i += 1;
         }
         plan.budget = budget;
@@ -639,7 +719,7 @@ impl Scheduler {
             let logits = e.span_output(last);
             self.running.push(e);
             let entry = self.running.len() - 1;
-            spans.push(PlannedSpan { entry, seq, start: cached, len, logits, last });
+            spans.push(PlannedSpan { entry, seq, start: cached, len, logits, last, draft: vec![] });
         }
         plan.budget = budget;
         plan.reserved = reserved;
@@ -649,8 +729,15 @@ impl Scheduler {
     /// `None` when it failed, having failed the step's requests.
     fn forward(&mut self, spans: &[PlannedSpan]) -> Option<Vec<Vec<f32>>> {
         // The spans' tokens, copied: the sequences' generation states are borrowed mutably below.
-        let tokens: Vec<Vec<u32>> =
-            spans.iter().map(|s| self.running[s.entry].gen.tokens()[s.start..s.start + s.len].to_vec()).collect();
+        let tokens: Vec<Vec<u32>> = spans
+            .iter()
+            .map(|s| {
+                let own = s.len - s.draft.len();
+                let mut t = self.running[s.entry].gen.tokens()[s.start..s.start + own].to_vec();
+                t.extend(&s.draft);
+                t
+            })
+            .collect();
         let batch: Vec<Span> =
             spans.iter().zip(&tokens).map(|(s, t)| Span { seq: s.seq, tokens: t, logits: s.logits }).collect();
         let tf = std::time::Instant::now();
@@ -712,11 +799,8 @@ impl Scheduler {
         let mut done: Vec<usize> = vec![];
         for (span, mut l) in spans.iter().zip(logits) {
             let i = span.entry;
-            if self.cfg.prefix_caching {
-                self.register_blocks(i);
-            }
             let e = &mut self.running[i];
-            if span.logits == Logits::All {
+            if span.logits == Logits::All && span.draft.is_empty() {
                 // Row k (position start + k) predicts the token at start + k + 1.
                 let n = e.prompt_logprobs.unwrap_or(0);
                 let prompt = e.gen.prompt();
@@ -758,8 +842,7 @@ impl Scheduler {
                 done.push(i);
                 continue;
             }
-            let raw = e.logprobs.map(|_| l.clone());
-            let decision = match e.gen.on_logits(&mut l) {
+            let (decision, out) = match verify(e, span, &mut l) {
                 Ok(d) => d,
                 Err(err) => {
                     e.sink.send(Event::Error(format!("{err:#}")));
@@ -767,17 +850,17 @@ impl Scheduler {
                     continue;
                 }
             };
-            let out: Vec<OutToken> = decision
-                .tokens
-                .iter()
-                .map(|t| OutToken {
-                    token: *t,
-                    logprobs: match (&raw, e.logprobs) {
-                        (Some(raw), Some(n)) if !t.injected => qwick_sampler::logprobs(raw, t.id, n).ok(),
-                        _ => None,
-                    },
-                })
-                .collect();
+            if !span.draft.is_empty() {
+                // Keep the K/V of the drafts the sequence kept; forget the rest.
+                let tokens = &e.gen.tokens()[span.start + 1..];
+                let kept = span.draft.iter().zip(tokens).take_while(|(d, t)| d == t).count();
+                let seq = span.seq;
+                self.runner.rollback(seq, span.start + 1 + kept).expect("rolled back within the span");
+                e.draft_len.update(span.draft.len(), kept, self.cfg.spec.as_ref().map_or(0, |c| c.max_draft));
+                self.stats.spec_drafted += span.draft.len() as u64;
+                self.stats.spec_accepted += kept as u64;
+                self.stats.spec_verifications += 1;
+            }
             let mut alive = out.is_empty() || e.sink.send(Event::Tokens(out));
             if let Some(f) = decision.finish {
                 if alive {
@@ -787,6 +870,12 @@ impl Scheduler {
             }
             if !alive {
                 done.push(i);
+            }
+        }
+        if self.cfg.prefix_caching {
+            // After any rollback, so only computed tokens the sequence keeps are offered.
+            for span in spans {
+                self.register_blocks(span.entry);
             }
         }
         done.sort_unstable_by(|a, b| b.cmp(a));
@@ -814,6 +903,36 @@ impl Scheduler {
         }
         e.registered = full;
     }
+}
+
+/// Decides a sequence's next tokens from its span's logits `l`: the last row's alone, or with
+/// drafts, row after row while the sampler keeps the drafted token (each row's logits follow
+/// the drafts before it, which the sequence has then kept). Logprobs come from each row as the
+/// model gave it.
+fn verify(e: &mut Entry, span: &PlannedSpan, l: &mut [f32]) -> Result<(Decision, Vec<OutToken>)> {
+    let rows = span.draft.len() + 1;
+    let vocab = l.len() / rows;
+    let mut decision = Decision::default();
+    let mut out = vec![];
+    for (j, row) in l.chunks_exact_mut(vocab).enumerate() {
+        let raw = e.logprobs.map(|_| row.to_vec());
+        let draft = span.draft.get(j).copied();
+        let d = e.gen.on_logits_draft(row, draft)?;
+        let kept = matches!((draft, d.tokens.as_slice()), (Some(t), [g]) if g.id == t && !g.injected);
+        out.extend(d.tokens.iter().map(|t| OutToken {
+            token: *t,
+            logprobs: match (&raw, e.logprobs) {
+                (Some(raw), Some(n)) if !t.injected => qwick_sampler::logprobs(raw, t.id, n).ok(),
+                _ => None,
+            },
+        }));
+        decision.tokens.extend(d.tokens);
+        decision.finish = d.finish;
+        if !kept || d.finish.is_some() {
+            break;
+        }
+    }
+    Ok((decision, out))
 }
 
 /// Why [`Engine::submit`] refused a request.
@@ -1087,7 +1206,7 @@ mod tests {
     }
 
     fn config(max_num_batched_tokens: usize, max_num_seqs: usize, prefix_caching: bool) -> SchedulerConfig {
-        SchedulerConfig { max_num_batched_tokens, max_num_seqs, max_waiting: 100, prefix_caching }
+        SchedulerConfig { max_num_batched_tokens, max_num_seqs, max_waiting: 100, prefix_caching, spec: None }
     }
 
     type Sink = Collect;
@@ -1612,6 +1731,143 @@ mod tests {
         assert_eq!((d.started(), d.tokens()), (vec![(10, 0)], fake::greedy(1, &p, 6, &[])));
         let st = s.stats();
         assert_eq!((st.prefix_query_tokens, st.prefix_hit_tokens), (10 + 10 + 17 + 10, 8 + 12));
+        assert_idle_and_consistent(&s);
+    }
+
+    fn spec(method: SpecMethod, max_draft: usize, max_seqs: usize) -> SchedulerConfig {
+        SchedulerConfig { spec: Some(SpecConfig { method, max_draft, max_seqs }), ..config(64, 8, true) }
+    }
+
+    /// A scheduler that drafts with a fake draft model agreeing with the fake after all but one
+    /// context in `skew` (always, for 0).
+    fn drafting(skew: u64, max_draft: usize, max_seqs: usize) -> (Scheduler, Arc<Mutex<FakeState>>) {
+        let (s, state) = scheduler(96, spec(SpecMethod::Model, max_draft, max_seqs));
+        let (draft, _) = fake::skewed_runner(BS, 96, skew);
+        (s.with_draft_model(draft), state)
+    }
+
+    /// Requests of several lengths, one of them arriving mid-way (a prefill beside verifying
+    /// spans): every output is the plain greedy output.
+    fn greedy_outputs_hold(s: &mut Scheduler) {
+        let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(i, 3 + 5 * i)).collect();
+        let lens = [20, 7, 13, 1];
+        let sinks: Vec<Sink> = prompts.iter().zip(lens).map(|(p, n)| add(s, p, n)).collect();
+        for _ in 0..3 {
+            s.step();
+        }
+        let late = prompt(9, 11);
+        let late_sink = add(s, &late, 15);
+        run(s);
+        for ((p, n), sink) in prompts.iter().zip(lens).zip(&sinks) {
+            assert_eq!(sink.tokens(), fake::greedy(0, p, n, &[]), "prompt {p:?}");
+            assert_eq!(sink.finish(), Some(FinishReason::Length));
+        }
+        assert_eq!(late_sink.tokens(), fake::greedy(0, &late, 15, &[]));
+        assert_idle_and_consistent(s);
+    }
+
+    #[test]
+    fn speculative_decoding_keeps_the_greedy_output() {
+        // A draft that always agrees, one that mostly does, one that never does.
+        for (skew, all, some) in [(0, true, true), (3, false, true), (1, false, false)] {
+            let (mut s, state) = drafting(skew, 4, 8);
+            greedy_outputs_hold(&mut s);
+            let st = s.stats();
+            assert!(st.spec_verifications > 0 && st.spec_drafted > 0, "{st:?}");
+            assert_eq!(st.spec_accepted == st.spec_drafted, all, "skew {skew}: {st:?}");
+            assert!(!some || st.spec_accepted > st.spec_drafted / 3, "skew {skew}: {st:?}");
+            // At most 4 drafts a verification; the fake saw every verifying span.
+            assert!(st.spec_drafted <= 4 * st.spec_verifications, "{st:?}");
+            let spans = span_lens(&state).iter().flatten().filter(|s| (2..=5).contains(&s.1)).count();
+            assert!(spans as u64 >= st.spec_verifications.min(1), "{st:?}");
+        }
+        // Prompt lookup on the fake drafts little that holds, and changes nothing.
+        let (mut s, _) = scheduler(96, spec(SpecMethod::Ngram { max_n: 3 }, 4, 8));
+        greedy_outputs_hold(&mut s);
+        assert!(s.stats().spec_drafted > 0);
+    }
+
+    #[test]
+    fn drafted_tokens_stop_at_stop_tokens_and_limits() {
+        let p = prompt(3, 6);
+        let free_run = fake::greedy(0, &p, 12, &[]);
+        let eos = free_run[5];
+        let want = fake::greedy(0, &p, 12, &[eos]);
+        let (mut s, _) = drafting(0, 8, 8);
+        let mut gp = params(12);
+        gp.eos_token_ids = vec![eos];
+        let stop = Sink::default();
+        s.add(Request { gen: SeqGen::new(&p, gp).unwrap(), logprobs: None, adapter: 0 }, Box::new(stop.clone()));
+        let limit = add(&mut s, &p, 3);
+        let mut gp = params(12);
+        gp.max_context = 10;
+        let context = Sink::default();
+        s.add(Request { gen: SeqGen::new(&p, gp).unwrap(), logprobs: None, adapter: 0 }, Box::new(context.clone()));
+        run(&mut s);
+        assert_eq!((stop.tokens(), stop.finish()), (want, Some(FinishReason::Stop)));
+        assert_eq!((limit.tokens(), limit.finish()), (free_run[..3].to_vec(), Some(FinishReason::Length)));
+        assert_eq!((context.tokens(), context.finish()), (free_run[..4].to_vec(), Some(FinishReason::Length)));
+        assert_idle_and_consistent(&s);
+    }
+
+    #[test]
+    fn drafted_tokens_get_the_logprobs_of_plain_decoding() {
+        let p = prompt(4, 7);
+        let run_with = |mut s: Scheduler| {
+            let sink = Sink::default();
+            s.add(
+                Request { gen: SeqGen::new(&p, params(10)).unwrap(), logprobs: Some(3), adapter: 0 },
+                Box::new(sink.clone()),
+            );
+            run(&mut s);
+            sink.events()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Event::Tokens(t) => Some(t),
+                    _ => None,
+                })
+                .flatten()
+                .map(|t| (t.token.id, t.logprobs))
+                .collect::<Vec<_>>()
+        };
+        let plain = run_with(scheduler(64, config(64, 8, true)).0);
+        let spec = run_with(drafting(3, 4, 8).0);
+        assert_eq!(plain.len(), 10);
+        assert_eq!(spec, plain);
+    }
+
+    #[test]
+    fn a_full_batch_does_not_speculate() {
+        // Two decoding sequences at most speculate; with four, every decode span is one token.
+        let (mut s, state) = drafting(0, 4, 2);
+        let sinks: Vec<Sink> = (0..4).map(|i| add(&mut s, &prompt(i, 5), 6)).collect();
+        run(&mut s);
+        for (i, sink) in sinks.iter().enumerate() {
+            assert_eq!(sink.tokens(), fake::greedy(0, &prompt(i, 5), 6, &[]));
+        }
+        assert_eq!(s.stats().spec_drafted, 0);
+        assert!(span_lens(&state).iter().flatten().filter(|s| s.0 >= 5).all(|s| s.1 == 1));
+        assert_idle_and_consistent(&s);
+    }
+
+    #[test]
+    fn preempted_and_cancelled_sequences_free_their_draft_cache() {
+        // A cache too small for all three: preemption drops draft sequences; they come back.
+        let (s, _) = scheduler(14, spec(SpecMethod::Model, 4, 8));
+        let (draft, _) = fake::skewed_runner(BS, 96, 3);
+        let mut s = s.with_draft_model(draft);
+        let prompts: Vec<Vec<u32>> = (0..3).map(|i| prompt(i, 9)).collect();
+        let sinks: Vec<Sink> = prompts.iter().map(|p| add(&mut s, p, 14)).collect();
+        let cancelled = add(&mut s, &prompt(7, 5), 30);
+        for _ in 0..4 {
+            s.step();
+        }
+        cancelled.close();
+        run(&mut s);
+        for (p, sink) in prompts.iter().zip(&sinks) {
+            assert_eq!(sink.tokens(), fake::greedy(0, p, 14, &[]));
+        }
+        assert!(s.stats().preemptions > 0);
         assert_idle_and_consistent(&s);
     }
 }

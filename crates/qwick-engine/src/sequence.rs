@@ -244,6 +244,15 @@ impl SeqGen {
         matches!(self.thinking, Thinking::In(_))
     }
 
+    /// Tokens that may be drafted after the sequence's last token: each must fit in the context
+    /// and leave one sampled token within the limit.
+    pub fn draft_room(&self) -> usize {
+        if self.finish.is_some() {
+            return 0;
+        }
+        self.room().min(self.max_sampled.saturating_sub(self.sampled + 1))
+    }
+
     fn room(&self) -> usize {
         self.max_context - self.tokens.len()
     }
@@ -312,6 +321,15 @@ impl SeqGen {
     /// Takes the logits of the sequence's last token (`[vocab]`; penalties are applied to them in
     /// place) and decides the next tokens.
     pub fn on_logits(&mut self, logits: &mut [f32]) -> Result<Decision> {
+        self.on_logits_draft(logits, None)
+    }
+
+    /// [`SeqGen::on_logits`] where a drafted token was proposed for the next position: it is
+    /// checked by the speculative-sampling rule ([`Sampler::verify`], the draft taken as
+    /// certain), so the token chosen has the distribution plain sampling would give it (greedy:
+    /// the same token). The draft was kept when the decision's first token is the draft, not
+    /// injected.
+    pub fn on_logits_draft(&mut self, logits: &mut [f32], draft: Option<u32>) -> Result<Decision> {
         if let Some(f) = self.finish {
             return Ok(Decision { tokens: vec![], finish: Some(f) });
         }
@@ -332,7 +350,11 @@ impl SeqGen {
             }
         }
         let (prompt, output) = self.tokens.split_at(self.prompt_len);
-        let id = self.sampler.sample(logits, prompt, output).map_err(|e| anyhow!("{e}"))?;
+        let id = match draft {
+            Some(d) => self.sampler.verify(logits, prompt, output, d, &[(d, 1.0)]).map(|v| v.0),
+            None => self.sampler.sample(logits, prompt, output),
+        }
+        .map_err(|e| anyhow!("{e}"))?;
         self.sampled += 1;
         self.tokens.push(id);
         self.constraint_step(id)?;

@@ -25,6 +25,17 @@ pub struct Sampler {
     raw: Vec<f32>,
 }
 
+/// What is left to draw from once the transforms are applied.
+#[derive(Clone, Copy)]
+enum Pool {
+    /// Greedy: this token.
+    One(u32),
+    /// Every token, weighted by `weights[id]` (the arg-max is given).
+    All(u32),
+    /// The first `n` of `ids`, weighted by `weights`.
+    Top(usize),
+}
+
 /// NaN sorts as -inf so that a broken logit never wins.
 fn key(x: f32) -> f32 {
     if x.is_nan() {
@@ -197,13 +208,68 @@ impl Sampler {
         prompt_tokens: &[u32],
         output_tokens: &[u32],
     ) -> Result<u32, SamplingError> {
+        match self.pool(logits, prompt_tokens, output_tokens)? {
+            Pool::One(best) => Ok(best),
+            pool => {
+                let u = self.rng.next_f64();
+                Ok(self.draw(pool, u, |_, w| w))
+            }
+        }
+    }
+
+    /// Checks a drafted token against the distribution [`Sampler::sample`] would draw from (the
+    /// speculative-sampling rule): `draft` was proposed with probability `q(draft)`, where `q`
+    /// lists the draft's distribution as (token, probability) pairs (a deterministic draft is
+    /// `[(draft, 1.0)]`). The draft is kept with probability `min(1, p(draft) / q(draft))`;
+    /// otherwise a token is drawn from the residual `max(0, p − q)`, normalised. Either way the
+    /// token returned is distributed as `p`, whatever `q` is. Returns the token and whether it is
+    /// the draft. Greedy parameters keep the draft exactly when it is the arg-max.
+    pub fn verify(
+        &mut self,
+        logits: &mut [f32],
+        prompt_tokens: &[u32],
+        output_tokens: &[u32],
+        draft: u32,
+        q: &[(u32, f64)],
+    ) -> Result<(u32, bool), SamplingError> {
+        let pool = self.pool(logits, prompt_tokens, output_tokens)?;
+        if let Pool::One(best) = pool {
+            return Ok((best, best == draft));
+        }
+        let q_of = |t: u32| q.iter().filter(|e| e.0 == t).map(|e| e.1).sum::<f64>();
+        let (total, p_draft) = self.mass(pool, draft);
+        let q_draft = q_of(draft);
+        let keep = if q_draft <= 0.0 {
+            false
+        } else {
+            let ratio = p_draft / total / q_draft;
+            ratio >= 1.0 || self.rng.next_f64() < ratio
+        };
+        if keep {
+            return Ok((draft, true));
+        }
+        // The residual max(0, p − q), as weights on the pool's scale.
+        let residual = |t: u32, w: f64| (w - q_of(t) * total).max(0.0);
+        let (rest, _) = self.mass_by(pool, residual);
+        let u = self.rng.next_f64();
+        let t = if rest > 0.0 { self.draw(pool, u, residual) } else { self.draw(pool, u, |_, w| w) };
+        Ok((t, t == draft))
+    }
+
+    /// Applies the penalties and the transforms; leaves the candidates in `ids` / `weights`.
+    fn pool(
+        &mut self,
+        logits: &mut [f32],
+        prompt_tokens: &[u32],
+        output_tokens: &[u32],
+    ) -> Result<Pool, SamplingError> {
         if logits.is_empty() {
             return Err(SamplingError::EmptyLogits);
         }
         penalize(logits, prompt_tokens, output_tokens, &self.params, &mut self.counts);
         let best = argmax(logits)?;
         if self.params.is_greedy() {
-            return Ok(best);
+            return Ok(Pool::One(best));
         }
         let p = &self.params;
         let vocab = logits.len();
@@ -225,15 +291,7 @@ impl Sampler {
                     0.0
                 }
             }));
-            let total: f64 = self.weights.iter().sum();
-            let mut u = self.rng.next_f64() * total;
-            for (i, &w) in self.weights.iter().enumerate() {
-                if u < w {
-                    return Ok(i as u32);
-                }
-                u -= w;
-            }
-            return Ok(best);
+            return Ok(Pool::All(best));
         }
 
         // Sorted candidates: the top-k, or (top-p alone) a growing prefix until it holds top_p of the mass.
@@ -266,16 +324,57 @@ impl Sampler {
                 break;
             }
         }
-        let keep = keep.max(1);
-        let total: f64 = self.weights[..keep].iter().sum();
-        let mut u = self.rng.next_f64() * total;
-        for (&id, &w) in self.ids[..keep].iter().zip(&self.weights) {
-            if u < w {
-                return Ok(id);
+        Ok(Pool::Top(keep.max(1)))
+    }
+
+    /// The pool's candidates with their weights, as `f(token, weight)` reweighs them.
+    fn each(&self, pool: Pool) -> impl Iterator<Item = (u32, f64)> + '_ {
+        let (ids, weights): (&[u32], &[f64]) = match pool {
+            Pool::One(_) => (&[], &[]),
+            Pool::All(_) => (&[], &self.weights),
+            Pool::Top(keep) => (&self.ids[..keep], &self.weights[..keep]),
+        };
+        let one = match pool {
+            Pool::One(best) => Some((best, 1.0)),
+            _ => None,
+        };
+        let dense = matches!(pool, Pool::All(_));
+        one.into_iter().chain(weights.iter().enumerate().map(move |(i, &w)| (if dense { i as u32 } else { ids[i] }, w)))
+    }
+
+    /// The pool's total weight under `f`, and `f`'s weight of the last candidate visited.
+    fn mass_by(&self, pool: Pool, f: impl Fn(u32, f64) -> f64) -> (f64, f64) {
+        self.each(pool).fold((0.0, 0.0), |(t, _), (id, w)| {
+            let w = f(id, w);
+            (t + w, w)
+        })
+    }
+
+    /// The pool's total weight and the weight of `token` (0 outside the pool).
+    fn mass(&self, pool: Pool, token: u32) -> (f64, f64) {
+        self.each(pool).fold((0.0, 0.0), |(t, w_tok), (id, w)| (t + w, if id == token { w } else { w_tok }))
+    }
+
+    /// Draws from the pool with weights `f(token, weight)`, for a uniform `u` in [0, 1).
+    fn draw(&self, pool: Pool, u: f64, f: impl Fn(u32, f64) -> f64) -> u32 {
+        let (total, _) = self.mass_by(pool, &f);
+        let mut u = u * total;
+        let mut last = None;
+        for (id, w) in self.each(pool) {
+            let w = f(id, w);
+            if w > 0.0 {
+                if u < w {
+                    return id;
+                }
+                u -= w;
+                last = Some(id);
             }
-            u -= w;
         }
-        Ok(self.ids[keep - 1])
+        // Rounding left `u` past the end: the last candidate with weight.
+        last.unwrap_or(match pool {
+            Pool::One(best) | Pool::All(best) => best,
+            Pool::Top(_) => self.ids[0],
+        })
     }
 
     /// Like [`Sampler::sample`], and also returns the chosen token's logprobs (with the `top_n` most

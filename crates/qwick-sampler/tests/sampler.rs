@@ -356,3 +356,75 @@ fn logit_bias_moves_the_greedy_choice_and_is_checked() {
     p.logit_bias = vec![(0, 100.5)];
     assert!(p.validate().unwrap_err().to_string().contains("logit_bias"));
 }
+
+/// Pearson's chi-square of `counts` against the probabilities `p` (every `p` > 0).
+fn chi_square(counts: &[usize], p: &[f64]) -> f64 {
+    let n: usize = counts.iter().sum();
+    counts.iter().zip(p).map(|(&c, &p)| (c as f64 - n as f64 * p).powi(2) / (n as f64 * p)).sum()
+}
+
+/// Draws `runs` tokens with `rule(sampler, logits, draft, q)`, each from a draft drawn from `q`
+/// by a generator of its own, and returns the chi-square of the tokens against `p`.
+fn speculative_chi_square(
+    p: &[f64],
+    q: &[f64],
+    runs: usize,
+    mut rule: impl FnMut(&mut Sampler, &mut [f32], u32, &[(u32, f64)]) -> u32,
+) -> f64 {
+    let logits = logits_of(p);
+    let q_list: Vec<(u32, f64)> = q.iter().enumerate().map(|(i, &q)| (i as u32, q)).collect();
+    let mut s = sampler(SamplingParams { temperature: 1.0, top_p: 1.0, top_k: -1, seed: Some(7), ..params() });
+    let mut draft_rng = Rng::seed_from_u64(99);
+    let mut counts = vec![0usize; p.len()];
+    for _ in 0..runs {
+        let mut u = draft_rng.next_f64();
+        let draft = q.iter().position(|&w| {
+            u -= w;
+            u < 0.0
+        });
+        let draft = draft.unwrap_or(q.len() - 1) as u32;
+        let mut l = logits.clone();
+        counts[rule(&mut s, &mut l, draft, &q_list) as usize] += 1;
+    }
+    chi_square(&counts, p)
+}
+
+/// The speculative-sampling rule keeps the target's distribution whatever the draft's; the
+/// same test fails a rule that redraws from the target instead of from the residual.
+#[test]
+fn speculative_verification_keeps_the_target_distribution() {
+    // 5 degrees of freedom: 20.5 is the 0.1% critical value.
+    const CRITICAL: f64 = 20.5;
+    let p = [0.30, 0.25, 0.20, 0.12, 0.08, 0.05];
+    let drafts: [[f64; 6]; 3] =
+        [[0.05, 0.05, 0.10, 0.20, 0.25, 0.35], [0.60, 0.10, 0.10, 0.10, 0.05, 0.05], [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]];
+    for q in &drafts {
+        let right = speculative_chi_square(&p, q, 20_000, |s, l, d, q| s.verify(l, &[], &[], d, q).unwrap().0);
+        assert!(right < CRITICAL, "q = {q:?}: chi-square {right}");
+        // A wrong rule: keep the draft with probability min(1, p/q), else redraw from p.
+        let mut coin = Rng::seed_from_u64(5);
+        let wrong = speculative_chi_square(&p, q, 20_000, |s, l, d, q| {
+            if coin.next_f64() < (p[d as usize] / q[d as usize].1).min(1.0) {
+                d
+            } else {
+                s.sample(l, &[], &[]).unwrap()
+            }
+        });
+        assert!(wrong > CRITICAL, "q = {q:?}: the wrong rule passed with chi-square {wrong}");
+    }
+}
+
+/// Greedy verification keeps a draft exactly when it is the arg-max, and otherwise gives the
+/// arg-max: the same token as plain greedy decoding.
+#[test]
+fn greedy_verification_is_the_arg_max() {
+    let mut s = sampler(SamplingParams::greedy());
+    for seed in 0..20 {
+        let logits = random_logits(50, seed);
+        let best = s.sample(&mut logits.clone(), &[], &[]).unwrap();
+        for draft in [best, (best + 1) % 50, 0] {
+            let (t, kept) = s.verify(&mut logits.clone(), &[], &[], draft, &[(draft, 1.0)]).unwrap();
+            assert_eq!((t, kept), (best, draft == best));
+        }
+    }
+}

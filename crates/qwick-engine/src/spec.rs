@@ -1,0 +1,348 @@
+//! Speculative decoding: tokens drafted cheaply for a sequence are verified by the model in
+//! one forward call (a span of the last token and the drafts, logits at every position), and
+//! the sequence keeps the drafts the sampler accepts ([`crate::SeqGen::on_logits_draft`]) plus
+//! one token of its own. Rejected drafts' K/V is rolled back ([`crate::Runner::rollback`]).
+//!
+//! Drafts come from the sequence itself ([`SpecMethod::Ngram`], prompt lookup: the tokens that
+//! followed the latest earlier occurrence of its last few tokens), or from a smaller model of
+//! the same vocabulary ([`SpecMethod::Model`]) run greedily through a runner of its own, with
+//! its own KV cache: each sequence's draft cache follows the sequence's tokens, rolled back
+//! where its drafts were rejected, and is freed with the sequence.
+//!
+//! Drafts are deterministic (the draft's arg-max), so the sampler's rule is the one for a draft
+//! taken as certain, which keeps the target's distribution exactly.
+
+use crate::runner::{argmax, Logits, Runner, SeqId, Span};
+use std::collections::HashMap;
+
+/// Where drafts come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpecMethod {
+    /// Prompt lookup: the longest match of the last `max_n` (down to 1) tokens earlier in the
+    /// sequence, and what followed it.
+    Ngram { max_n: usize },
+    /// A draft model: the runner the engine is given beside the target's.
+    Model,
+}
+
+/// Speculative decoding's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecConfig {
+    pub method: SpecMethod,
+    /// Most tokens drafted for a sequence in one step: the ceiling of its adaptive draft length.
+    pub max_draft: usize,
+    /// Steps with more decoding sequences than this do not speculate: a full batch already
+    /// reads each weight for many tokens, and verification rows would only add work.
+    pub max_seqs: usize,
+}
+
+impl SpecConfig {
+    /// Speculation from a draft model, with `max_draft` drafted tokens at most.
+    pub fn model(max_draft: usize) -> Result<SpecConfig, String> {
+        check_draft_tokens(max_draft)?;
+        Ok(SpecConfig { method: SpecMethod::Model, max_draft, max_seqs: DEFAULT_MAX_SEQS })
+    }
+
+    /// Parses `ngram` or `ngram:N` (`--spec`), with `max_draft` drafted tokens at most.
+    pub fn parse(spec: &str, max_draft: usize) -> Result<SpecConfig, String> {
+        let (kind, n) = spec.split_once(':').map_or((spec, None), |(k, n)| (k, Some(n)));
+        let method = match kind {
+            "ngram" => {
+                let max_n = match n {
+                    None => DEFAULT_NGRAM,
+                    Some(n) => n
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=MAX_NGRAM).contains(n))
+                        .ok_or_else(|| format!("--spec ngram:N takes N from 1 to {MAX_NGRAM}, not {n:?}"))?,
+                };
+                SpecMethod::Ngram { max_n }
+            }
+            _ => return Err(format!("--spec takes ngram or ngram:N, not {spec:?}")),
+        };
+        check_draft_tokens(max_draft)?;
+        Ok(SpecConfig { method, max_draft, max_seqs: DEFAULT_MAX_SEQS })
+    }
+}
+
+fn check_draft_tokens(max_draft: usize) -> Result<(), String> {
+    if max_draft == 0 || max_draft > MAX_DRAFT {
+        return Err(format!("--draft-tokens takes 1 to {MAX_DRAFT}, not {max_draft}"));
+    }
+    Ok(())
+}
+
+/// A sequence's request for drafts in a step: its tokens, and how many drafts it may take.
+pub(crate) struct Ask<'a> {
+    pub seq: SeqId,
+    pub tokens: &'a [u32],
+    pub max: usize,
+}
+
+/// Where a scheduler's drafts come from.
+pub(crate) enum Drafter {
+    Ngram { max_n: usize },
+    Model(ModelDrafter),
+}
+
+impl Drafter {
+    /// Drafts for each ask (at most its `max` tokens; possibly none).
+    pub fn draft(&mut self, asks: &[Ask]) -> Vec<Vec<u32>> {
+        match self {
+            Drafter::Ngram { max_n } => asks.iter().map(|a| ngram_draft(a.tokens, *max_n, a.max)).collect(),
+            Drafter::Model(m) => m.draft(asks),
+        }
+    }
+
+    /// Checks the draft cache's bookkeeping (see [`crate::Scheduler::check_kv`]); `idle`: no
+    /// sequence is running, so the draft cache must hold none.
+    pub fn check(&self, idle: bool) -> Result<(), String> {
+        let Drafter::Model(m) = self else { return Ok(()) };
+        let r = &m.runner;
+        r.blocks().check(r.block_references()).map_err(|e| format!("draft cache: {e}"))?;
+        if idle && (!m.seqs.is_empty() || r.blocks().num_used() > r.blocks().evictable()) {
+            return Err(format!("draft cache: {} sequences kept while idle", m.seqs.len()));
+        }
+        Ok(())
+    }
+
+    /// The sequence ended or left the runner: drops what was kept for it.
+    pub fn forget(&mut self, seq: SeqId) {
+        if let Drafter::Model(m) = self {
+            m.forget(seq);
+        }
+    }
+}
+
+/// Drafts from a draft model, greedily, over a runner of its own.
+pub(crate) struct ModelDrafter {
+    runner: Runner,
+    /// Per target sequence: the draft runner's sequence and the tokens whose K/V it holds.
+    seqs: HashMap<SeqId, (SeqId, Vec<u32>)>,
+}
+
+/// Tokens of one sequence the draft model catches up on per forward call, at most.
+const CATCH_UP_CHUNK: usize = 512;
+
+impl ModelDrafter {
+    pub fn new(runner: Runner) -> ModelDrafter {
+        ModelDrafter { runner, seqs: HashMap::new() }
+    }
+
+    pub fn forget(&mut self, seq: SeqId) {
+        if let Some((d, _)) = self.seqs.remove(&seq) {
+            self.runner.free_sequence(d);
+        }
+    }
+
+    /// Brings each ask's draft sequence to all but the last of its tokens (rolling back drafts
+    /// that were not kept, computing what is new in chunks), then runs the draft model step by
+    /// step from the last token. A failing step (the draft's cache full) drops the drafts of
+    /// that call and the draft sequences of its asks, which start over next time.
+    fn draft(&mut self, asks: &[Ask]) -> Vec<Vec<u32>> {
+        let mut out = vec![vec![]; asks.len()];
+        if let Err(e) = self.try_draft(asks, &mut out) {
+            log_draft_failure(&e);
+            for a in asks {
+                self.forget(a.seq);
+            }
+            out.iter_mut().for_each(Vec::clear);
+        }
+        out
+    }
+
+    fn try_draft(&mut self, asks: &[Ask], out: &mut [Vec<u32>]) -> anyhow::Result<()> {
+        let live: Vec<usize> = (0..asks.len()).filter(|&i| asks[i].max > 0 && !asks[i].tokens.is_empty()).collect();
+        for &i in &live {
+            let a = &asks[i];
+            let (d, known) = match self.seqs.get_mut(&a.seq) {
+                Some(e) => e,
+                None => {
+                    let d = self.runner.add_sequence();
+                    self.seqs.entry(a.seq).or_insert((d, vec![]))
+                }
+            };
+            // Keep the longest prefix of what the draft cache holds that the sequence still has,
+            // leaving at least the last token to compute.
+            let same = known.iter().zip(a.tokens).take_while(|(k, t)| k == t).count();
+            let keep = same.min(a.tokens.len() - 1);
+            self.runner.rollback(*d, keep)?;
+            known.truncate(keep);
+        }
+        // Catch up in chunks until only the last token's span remains for every ask.
+        loop {
+            let mut spans = vec![];
+            for &i in &live {
+                let (d, known) = &self.seqs[&asks[i].seq];
+                let rest = &asks[i].tokens[known.len()..];
+                if rest.len() > 1 {
+                    let n = (rest.len() - 1).min(CATCH_UP_CHUNK);
+                    spans.push((i, *d, &rest[..n]));
+                }
+            }
+            if spans.is_empty() {
+                break;
+            }
+            let batch: Vec<Span> =
+                spans.iter().map(|&(_, seq, t)| Span { seq, tokens: t, logits: Logits::None }).collect();
+            self.runner.step(&batch)?;
+            let done: Vec<(usize, Vec<u32>)> = spans.iter().map(|&(i, _, t)| (i, t.to_vec())).collect();
+            for (i, t) in done {
+                self.seqs.get_mut(&asks[i].seq).unwrap().1.extend(t);
+            }
+        }
+        // Then one token at a time: the last token, then each draft, while asks want more.
+        let mut next: Vec<(usize, u32)> =
+            live.iter().map(|&i| (i, *asks[i].tokens.last().expect("not empty"))).collect();
+        while !next.is_empty() {
+            let toks: Vec<[u32; 1]> = next.iter().map(|&(_, t)| [t]).collect();
+            let batch: Vec<Span> = next
+                .iter()
+                .zip(&toks)
+                .map(|(&(i, _), t)| Span { seq: self.seqs[&asks[i].seq].0, tokens: t, logits: Logits::Last })
+                .collect();
+            let logits = self.runner.step(&batch)?;
+            let mut more = vec![];
+            for ((i, t), l) in next.into_iter().zip(logits) {
+                self.seqs.get_mut(&asks[i].seq).unwrap().1.push(t);
+                let d = argmax(&l);
+                out[i].push(d);
+                if out[i].len() < asks[i].max {
+                    more.push((i, d));
+                }
+            }
+            next = more;
+        }
+        Ok(())
+    }
+}
+
+/// Says once per process that drafting failed (speculation goes on without those drafts).
+fn log_draft_failure(e: &anyhow::Error) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| eprintln!("qwick: the draft model could not draft ({e:#}); those steps decode plainly"));
+}
+
+/// The longest n-gram `--spec ngram` looks up by default.
+pub const DEFAULT_NGRAM: usize = 3;
+const MAX_NGRAM: usize = 16;
+/// Drafted tokens per step at most, by default.
+pub const DEFAULT_DRAFT_TOKENS: usize = 5;
+const MAX_DRAFT: usize = 32;
+/// Decoding sequences up to which a step speculates, by default.
+pub const DEFAULT_MAX_SEQS: usize = 8;
+
+/// Up to `k` tokens that followed the latest earlier occurrence of the last `n` tokens of
+/// `tokens`, for the largest `n` from `max_n` down to 1 that occurs (empty if none does).
+pub fn ngram_draft(tokens: &[u32], max_n: usize, k: usize) -> Vec<u32> {
+    let len = tokens.len();
+    if k == 0 {
+        return vec![];
+    }
+    for n in (1..=max_n.min(len.saturating_sub(1))).rev() {
+        let pattern = &tokens[len - n..];
+        // Latest occurrence that ends before the last token, so something follows it.
+        if let Some(i) = (0..len - n).rev().find(|&i| &tokens[i..i + n] == pattern) {
+            let from = i + n;
+            return tokens[from..(from + k).min(len)].to_vec();
+        }
+    }
+    vec![]
+}
+
+/// A sequence's adaptive draft length: it grows by one after every fully accepted draft, falls
+/// to one past the accepted drafts otherwise, and after `PAUSE_AFTER` verifications in a row
+/// with nothing accepted drops to 0 (plain decoding) for `PAUSE` steps before trying one token.
+#[derive(Clone, Debug)]
+pub struct DraftLen {
+    len: usize,
+    misses: usize,
+    paused: usize,
+}
+
+const PAUSE_AFTER: usize = 4;
+const PAUSE: usize = 16;
+
+impl DraftLen {
+    pub fn new(max: usize) -> DraftLen {
+        DraftLen { len: max, misses: 0, paused: 0 }
+    }
+
+    /// Tokens to draft this step (0: decode plainly); counts the paused steps.
+    pub fn next(&mut self) -> usize {
+        if self.paused > 0 {
+            self.paused -= 1;
+            if self.paused == 0 {
+                self.len = 1;
+            }
+            return 0;
+        }
+        self.len
+    }
+
+    /// Records a verification of `drafted` tokens of which `accepted` were kept.
+    pub fn update(&mut self, drafted: usize, accepted: usize, max: usize) {
+        if drafted == 0 {
+            return;
+        }
+        if accepted == 0 {
+            self.misses += 1;
+            if self.misses >= PAUSE_AFTER {
+                self.misses = 0;
+                self.paused = PAUSE;
+            }
+        } else {
+            self.misses = 0;
+        }
+        self.len = if accepted == drafted { (drafted + 1).min(max) } else { (accepted + 1).min(max) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ngram_drafts_follow_the_latest_longest_match() {
+        // The last three (9 2 3) never occurred before; "2 3" did, twice: the latest is
+        // followed by 7 8.
+        let t = [1, 2, 3, 4, 5, 1, 2, 3, 7, 8, 9, 2, 3];
+        assert_eq!(ngram_draft(&t, 3, 2), vec![7, 8]);
+        assert_eq!(ngram_draft(&t, 3, 10), vec![7, 8, 9, 2, 3]);
+        // With n = 1, the latest earlier "3" is followed by 7.
+        assert_eq!(ngram_draft(&t, 1, 1), vec![7]);
+        assert_eq!(ngram_draft(&[5, 6, 7], 3, 4), Vec::<u32>::new());
+        assert_eq!(ngram_draft(&[5], 3, 4), Vec::<u32>::new());
+        assert_eq!(ngram_draft(&[5, 5], 3, 4), vec![5]);
+        assert_eq!(ngram_draft(&t, 3, 0), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn draft_length_adapts_and_pauses() {
+        let mut d = DraftLen::new(4);
+        assert_eq!(d.next(), 4);
+        d.update(4, 4, 6);
+        assert_eq!(d.next(), 5);
+        d.update(5, 2, 6);
+        assert_eq!(d.next(), 3);
+        for _ in 0..PAUSE_AFTER {
+            d.update(3, 0, 6);
+        }
+        for _ in 0..PAUSE {
+            assert_eq!(d.next(), 0);
+        }
+        assert_eq!(d.next(), 1);
+        d.update(1, 1, 6);
+        assert_eq!(d.next(), 2);
+    }
+
+    #[test]
+    fn spec_settings_parse_and_refuse() {
+        let c = SpecConfig::parse("ngram", 5).unwrap();
+        assert_eq!(c.method, SpecMethod::Ngram { max_n: DEFAULT_NGRAM });
+        assert_eq!(SpecConfig::parse("ngram:5", 2).unwrap().method, SpecMethod::Ngram { max_n: 5 });
+        assert!(SpecConfig::parse("ngram:0", 5).unwrap_err().contains("ngram:N"));
+        assert!(SpecConfig::parse("eagle", 5).unwrap_err().contains("ngram"));
+        assert!(SpecConfig::parse("ngram", 0).unwrap_err().contains("--draft-tokens"));
+    }
+}
