@@ -72,7 +72,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let context = chat.context().min(CHAT_CONTEXT);
     // One scheduler for the session: each turn's prompt starts with the last one, whose blocks
     // the prefix cache keeps.
-    let mut sched = g.run.scheduler(model, context, isa)?;
+    let mut sched = g.run.scheduler(model, &chat.dir, &g.spec, context, isa)?;
 
     let signals = Arc::new(Signals::default());
     let interactive = std::io::stdin().is_terminal();

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use qwick_backend::matmul::Bf16Timing;
 use qwick_backend::{Bf16Mode, DeviceSpec, Format, Isa, ThreadPool};
-use qwick_engine::{Runner, RunnerConfig, Scheduler, SchedulerConfig};
+use qwick_engine::{Runner, RunnerConfig, Scheduler, SchedulerConfig, SpecConfig};
 use qwick_model::{LoadOptions, Qwen3};
 use std::io::IsTerminal;
 use std::path::Path;
@@ -170,10 +170,24 @@ impl RunArgs {
         Ok(cfg)
     }
 
-    /// The scheduler (with its prefix cache) over a [`RunArgs::runner`]: the generation loop of
-    /// `run` and `chat`, as of the server.
-    pub fn scheduler(&self, model: Arc<Qwen3>, tokens: usize, isa: Isa) -> Result<Scheduler> {
-        Ok(Scheduler::new(self.runner(model, tokens, isa)?, SchedulerConfig::default()))
+    /// The scheduler (with its prefix cache) over a [`RunArgs::runner`], with the speculative
+    /// decoding of `spec`: the generation loop of `run` and `chat`, as of the server. `dir`:
+    /// the model's folder or file (for the draft's vocabulary check).
+    pub fn scheduler(
+        &self,
+        model: Arc<Qwen3>,
+        dir: &Path,
+        spec: &SpecArgs,
+        tokens: usize,
+        isa: Isa,
+    ) -> Result<Scheduler> {
+        let cfg = SchedulerConfig { spec: spec.config()?, ..SchedulerConfig::default() };
+        let draft = spec.draft((&model, dir), self)?;
+        let sched = Scheduler::new(self.runner(model, tokens, isa)?, cfg);
+        Ok(match draft {
+            Some(d) => sched.with_draft_model(self.runner(d, tokens, isa)?),
+            None => sched,
+        })
     }
 
     /// A runner on `isa` whose cache holds `tokens` tokens (of [`RunArgs::kv_format`]).
@@ -213,6 +227,86 @@ impl RunArgs {
                 }
             })
             .collect()
+    }
+}
+
+/// Speculative decoding (`run`, `chat`, `serve`, `bench`).
+#[derive(clap::Args, Clone, Default)]
+pub struct SpecArgs {
+    /// Speculative decoding with a draft model: a smaller model of the same vocabulary and
+    /// tokenizer (folder, GGUF file, Hub id or tag, ollama:NAME) drafts tokens that the model
+    /// verifies several at a time. Greedy output is unchanged; sampled output keeps its
+    /// distribution.
+    #[arg(long, value_name = "MODEL", conflicts_with = "spec")]
+    pub draft_model: Option<String>,
+    /// Speculative decoding by prompt lookup, with no draft model: `ngram` or `ngram:N` drafts
+    /// what followed the latest earlier occurrence of the last N (default 3, down to 1) tokens
+    /// of the prompt and output so far.
+    #[arg(long, value_name = "ngram[:N]")]
+    pub spec: Option<String>,
+    /// Most tokens drafted per step (default 5); the draft length adapts below it, down to
+    /// plain decoding while drafts keep being rejected.
+    #[arg(long, value_name = "K")]
+    pub draft_tokens: Option<usize>,
+}
+
+impl SpecArgs {
+    /// The speculative settings asked for, if any.
+    pub fn config(&self) -> Result<Option<SpecConfig>> {
+        let k = self.draft_tokens.unwrap_or(qwick_engine::spec::DEFAULT_DRAFT_TOKENS);
+        let c = match (&self.draft_model, &self.spec) {
+            (Some(_), _) => SpecConfig::model(k),
+            (None, Some(s)) => SpecConfig::parse(s, k),
+            (None, None) if self.draft_tokens.is_some() => {
+                anyhow::bail!("--draft-tokens goes with --draft-model or --spec")
+            }
+            (None, None) => return Ok(None),
+        };
+        c.map(Some).map_err(anyhow::Error::msg)
+    }
+
+    /// Loads the draft model (`--draft-model`) with `run`'s options but no LoRA adapters,
+    /// refusing one whose vocabulary differs from the target's (`target`: its model and its
+    /// folder or file).
+    pub fn draft(&self, target: (&Qwen3, &Path), run: &RunArgs) -> Result<Option<Arc<Qwen3>>> {
+        let Some(spec) = &self.draft_model else { return Ok(None) };
+        let path = qwick_chat::resolve::resolve_model(spec)?;
+        let draft = load_model_with(&path, &LoadOptions { lora: vec![], ..run.load_options()? })?;
+        check_draft_vocabulary(target, (&draft, &path)).with_context(|| format!("--draft-model {spec}"))?;
+        Ok(Some(draft))
+    }
+}
+
+/// Refuses a draft whose vocabulary differs from the target's: its size, and where both have
+/// a tokenizer, any token's id (named) or the special tokens.
+fn check_draft_vocabulary(target: (&Qwen3, &Path), draft: (&Qwen3, &Path)) -> Result<()> {
+    let (t, d) = (target.0.config.vocab_size, draft.0.config.vocab_size);
+    if t != d {
+        anyhow::bail!("the draft's vocabulary has {d} entries, the model's {t}: drafts would not be the same tokens");
+    }
+    let vocab = |p: &Path| qwick_chat::ChatModel::load(p, None, None).ok().map(|c| c.tokenizer.inner().get_vocab(true));
+    match (vocab(target.1), vocab(draft.1)) {
+        (Some(tv), Some(dv)) => {
+            let mut differ: Vec<(&String, Option<u32>, Option<u32>)> = tv
+                .iter()
+                .filter(|(tok, id)| dv.get(*tok) != Some(id))
+                .map(|(tok, &id)| (tok, Some(id), dv.get(tok).copied()))
+                .chain(dv.iter().filter(|(tok, _)| !tv.contains_key(*tok)).map(|(tok, &id)| (tok, None, Some(id))))
+                .collect();
+            differ.sort_by_key(|e| e.1.or(e.2));
+            if let Some((tok, ti, di)) = differ.first() {
+                let id = |i: &Option<u32>| i.map_or("absent".to_string(), |i| format!("id {i}"));
+                anyhow::bail!(
+                    "the draft's tokenizer differs from the model's: {} tokens differ, first {tok:?} ({} in the model, {} in the draft)",
+                    differ.len(),
+                    id(ti),
+                    id(di)
+                );
+            }
+            Ok(())
+        }
+        (Some(_), None) => anyhow::bail!("the draft has no tokenizer to compare with the model's"),
+        _ => Ok(()),
     }
 }
 

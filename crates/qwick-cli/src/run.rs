@@ -2,7 +2,7 @@
 //! its tokenizer, template and generation config, turning flags into sampling parameters, and
 //! streaming generated tokens as text (stop strings, reasoning shown dimmed).
 
-use crate::common::{self, RunArgs};
+use crate::common::{self, RunArgs, SpecArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use qwick_chat::{ChatMessage, ChatModel, Delta, GenerationConfig, Prompt, TextPipe, Tokenizer};
 use qwick_engine::{generate, FinishReason, GenParams, Generation, Scheduler, ThinkingBudget};
@@ -79,6 +79,8 @@ pub struct GenArgs {
     pub chat_template: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
+    #[command(flatten)]
+    pub spec: SpecArgs,
 }
 
 impl GenArgs {
@@ -376,8 +378,10 @@ pub fn run(a: RunCmdArgs) -> Result<()> {
 
     let max_tokens = sampling.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
     let inject = budget.as_ref().map_or(0, |b| b.stop_tokens_after_text.len());
-    let kv_tokens = chat.context().min(prompt.ids.len() + max_tokens + inject + 1);
-    let mut sched = a.gen.run.scheduler(model, kv_tokens, isa)?;
+    // Room for a step's drafts past the last token, too.
+    let drafts = a.gen.spec.config()?.map_or(0, |c| c.max_draft);
+    let kv_tokens = chat.context().min(prompt.ids.len() + max_tokens + inject + 1 + drafts);
+    let mut sched = a.gen.run.scheduler(model, &chat.dir, &a.gen.spec, kv_tokens, isa)?;
     let stops = sampling.stop.clone();
 
     let terminal = std::io::stdout().is_terminal();
@@ -410,6 +414,14 @@ pub fn run(a: RunCmdArgs) -> Result<()> {
         });
         if a.gen.max_thinking_tokens.is_some_and(|n| n > 0) {
             v["timings"]["reasoning_tokens"] = json!(g.reasoning_tokens);
+        }
+        if a.gen.spec.config()?.is_some() {
+            let st = sched.stats();
+            v["speculative"] = json!({
+                "drafted_tokens": st.spec_drafted,
+                "accepted_tokens": st.spec_accepted,
+                "verifications": st.spec_verifications,
+            });
         }
         println!("{v}");
     } else if terminal {

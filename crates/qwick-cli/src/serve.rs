@@ -1,10 +1,10 @@
 //! `qwick serve`: the OpenAI- and Ollama-compatible HTTP server; `qwick bench-serve`: load
 //! against a running server.
 
-use crate::common::{self, RunArgs};
+use crate::common::{self, RunArgs, SpecArgs};
 use anyhow::{bail, Context, Result};
 use qwick_chat::ChatModel;
-use qwick_engine::{Runner, SchedulerConfig};
+use qwick_engine::{Runner, Runners, SchedulerConfig};
 use qwick_model::LoadOptions;
 use qwick_server::{ServeOptions, Task};
 use std::path::PathBuf;
@@ -73,6 +73,8 @@ pub struct ServeArgs {
     task: Option<String>,
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 /// The task a checkpoint declares: sentence-transformers' last-token pooling (a
@@ -167,6 +169,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             max_num_seqs: a.max_num_seqs,
             max_waiting: a.max_queue,
             prefix_caching: !a.no_prefix_caching,
+            spec: a.spec.config()?,
         },
         body_limit: (a.max_body_mb * 1e6) as usize,
         allowed_origins: a.allowed_origins.iter().map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect(),
@@ -177,7 +180,16 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     };
     let name = info.name.clone();
     let runner_config = a.run.runner_config(kv_tokens, isa, kv_format)?;
-    let server = qwick_server::start(opts, info, move || Runner::new(model, &runner_config))?;
+    if task != Task::Generate && opts.scheduler.spec.is_some() {
+        bail!("--draft-model and --spec speed up generation; an embedding or reranking server does not generate");
+    }
+    let draft = a.spec.draft((&model, &dir), &a.run)?;
+    let server = qwick_server::start(opts, info, move || {
+        Ok(Runners {
+            target: Runner::new(model, &runner_config)?,
+            draft: draft.map(|d| Runner::new(d, &runner_config)).transpose()?,
+        })
+    })?;
     eprintln!(
         "qwick: serving {name} on http://{} (task: {task:?}; KV cache: {kv_tokens} tokens of {kv_format}; max model len: {})",
         server.addr, server.max_model_len

@@ -20,8 +20,8 @@ pub use qwick_sampler::SamplingParams;
 pub use runner::GpuForward;
 pub use runner::{argmax, Logits, Qwen3Forward, Runner, RunnerConfig, SeqId, Span, StepModel};
 pub use scheduler::{
-    Collect, Engine, Event, EventSink, Fault, OutToken, Pooling, Request, Scheduler, SchedulerConfig, SchedulerStats,
-    SubmitError,
+    Collect, Engine, Event, EventSink, Fault, OutToken, Pooling, Request, Runners, Scheduler, SchedulerConfig,
+    SchedulerStats, SubmitError,
 };
 pub use sequence::{Decision, FinishReason, GenParams, GenToken, SeqGen, ThinkingBudget};
 pub use spec::{SpecConfig, SpecMethod};

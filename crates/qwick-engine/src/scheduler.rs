@@ -935,6 +935,19 @@ fn verify(e: &mut Entry, span: &PlannedSpan, l: &mut [f32]) -> Result<(Decision,
     Ok((decision, out))
 }
 
+/// What an engine runs: the model's runner, and a draft model's for speculative decoding
+/// ([`SpecMethod::Model`]).
+pub struct Runners {
+    pub target: Runner,
+    pub draft: Option<Runner>,
+}
+
+impl From<Runner> for Runners {
+    fn from(target: Runner) -> Runners {
+        Runners { target, draft: None }
+    }
+}
+
 /// Why [`Engine::submit`] refused a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SubmitError {
@@ -1006,7 +1019,7 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread; `make_runner` runs on it (so the model's thread pool belongs to it).
     pub fn start(
-        make_runner: impl FnOnce() -> Result<Runner> + Send + 'static,
+        make_runner: impl FnOnce() -> Result<Runners> + Send + 'static,
         cfg: SchedulerConfig,
     ) -> Result<Engine> {
         let shared = Arc::new(Shared {
@@ -1019,14 +1032,17 @@ impl Engine {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(usize, usize)>>();
         let sh = shared.clone();
         let thread = std::thread::Builder::new().name("qwick-engine".into()).spawn(move || {
-            let runner = match make_runner() {
+            let runners = match make_runner() {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
-            let mut sched = Scheduler::new(runner, cfg);
+            let mut sched = Scheduler::new(runners.target, cfg);
+            if let Some(d) = runners.draft {
+                sched = sched.with_draft_model(d);
+            }
             sched.inject(fault);
             let _ = ready_tx.send(Ok((sched.capacity_tokens(), sched.runner().block_size())));
             let _guard = ExitGuard(&sh);

@@ -232,8 +232,9 @@ const MAX_DRAFT: usize = 32;
 /// Decoding sequences up to which a step speculates, by default.
 pub const DEFAULT_MAX_SEQS: usize = 8;
 
-/// Up to `k` tokens that followed the latest earlier occurrence of the last `n` tokens of
-/// `tokens`, for the largest `n` from `max_n` down to 1 that occurs (empty if none does).
+/// Up to `k` tokens that followed an earlier occurrence of the last `n` tokens of `tokens`, for
+/// the largest `n` from `max_n` down to 1 that occurs (empty if none does): the latest
+/// occurrence followed by `k` tokens, else the earliest.
 pub fn ngram_draft(tokens: &[u32], max_n: usize, k: usize) -> Vec<u32> {
     let len = tokens.len();
     if k == 0 {
@@ -241,9 +242,17 @@ pub fn ngram_draft(tokens: &[u32], max_n: usize, k: usize) -> Vec<u32> {
     }
     for n in (1..=max_n.min(len.saturating_sub(1))).rev() {
         let pattern = &tokens[len - n..];
-        // Latest occurrence that ends before the last token, so something follows it.
-        if let Some(i) = (0..len - n).rev().find(|&i| &tokens[i..i + n] == pattern) {
-            let from = i + n;
+        // The latest occurrence (ending before the last token, so something follows it) that
+        // is followed by k tokens, else the earliest, which is followed by the most (in a
+        // repeating run the latest is followed by one token only).
+        let mut found = None;
+        for i in (0..len - n).rev().filter(|&i| &tokens[i..i + n] == pattern) {
+            found = Some(i + n);
+            if len - (i + n) >= k {
+                break;
+            }
+        }
+        if let Some(from) = found {
             return tokens[from..(from + k).min(len)].to_vec();
         }
     }
@@ -303,17 +312,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ngram_drafts_follow_the_latest_longest_match() {
+    fn ngram_drafts_follow_the_longest_match() {
         // The last three (9 2 3) never occurred before; "2 3" did, twice: the latest is
         // followed by 7 8.
         let t = [1, 2, 3, 4, 5, 1, 2, 3, 7, 8, 9, 2, 3];
         assert_eq!(ngram_draft(&t, 3, 2), vec![7, 8]);
-        assert_eq!(ngram_draft(&t, 3, 10), vec![7, 8, 9, 2, 3]);
+        // Ten tokens follow only the earlier one.
+        assert_eq!(ngram_draft(&t, 3, 10), vec![4, 5, 1, 2, 3, 7, 8, 9, 2, 3]);
         // With n = 1, the latest earlier "3" is followed by 7.
         assert_eq!(ngram_draft(&t, 1, 1), vec![7]);
         assert_eq!(ngram_draft(&[5, 6, 7], 3, 4), Vec::<u32>::new());
         assert_eq!(ngram_draft(&[5], 3, 4), Vec::<u32>::new());
         assert_eq!(ngram_draft(&[5, 5], 3, 4), vec![5]);
+        // In a run, the earliest occurrence is followed by the most.
+        assert_eq!(ngram_draft(&[1, 5, 5, 5, 5, 5], 2, 3), vec![5, 5, 5]);
+        assert_eq!(ngram_draft(&[1, 5, 5, 5, 5, 5], 2, 9), vec![5, 5, 5]);
         assert_eq!(ngram_draft(&t, 3, 0), Vec::<u32>::new());
     }
 

@@ -158,3 +158,53 @@ fn seqgen_batched_matches_transformers() {
     }
     assert_eq!(runner.blocks().num_used(), 0);
 }
+
+/// Speculative decoding on the real model: drafted by the model itself (every draft kept) and
+/// by prompt lookup (drafts kept and rejected, their K/V rolled back): the same tokens as
+/// transformers' greedy output, alone and all prompts together.
+#[test]
+fn speculative_decoding_matches_transformers() {
+    use qwick_engine::{Collect, Request, SpecConfig};
+    let model = model();
+    let (cases, eos, n) = cases();
+    for isa in Isa::all_supported().into_iter().filter(|i| !i.rounds_activations()) {
+        for spec in [SpecConfig::model(4).unwrap(), SpecConfig::parse("ngram:2", 3).unwrap()] {
+            let cfg = RunnerConfig::with_tokens(1024, 2, isa);
+            let runner = Runner::new(model.clone(), &cfg).unwrap();
+            let by_model = spec == SpecConfig::model(4).unwrap();
+            let mut sched = Scheduler::new(runner, SchedulerConfig { spec: Some(spec), ..SchedulerConfig::default() });
+            if by_model {
+                sched = sched.with_draft_model(Runner::new(model.clone(), &cfg).unwrap());
+            }
+            // Each alone, then all together.
+            for together in [false, true] {
+                let sinks: Vec<Collect> = cases
+                    .iter()
+                    .map(|c| {
+                        let sink = Collect::default();
+                        let gen = SeqGen::new(&c.prompt, params(&eos, n, 512)).unwrap();
+                        sched.add(Request { gen, logprobs: None, adapter: 0 }, Box::new(sink.clone()));
+                        if !together {
+                            while sched.has_work() {
+                                sched.step();
+                            }
+                        }
+                        sink
+                    })
+                    .collect();
+                while sched.has_work() {
+                    sched.step();
+                }
+                for (c, sink) in cases.iter().zip(&sinks) {
+                    assert_eq!(sink.tokens(), c.want, "{} on {isa}, together: {together}", c.name);
+                }
+            }
+            let st = sched.stats();
+            assert!(st.spec_accepted > 0, "{isa}: {st:?}");
+            if by_model {
+                assert_eq!(st.spec_accepted, st.spec_drafted, "{isa}: the model agrees with itself");
+            }
+            assert_eq!((st.kv_blocks_used, st.kv_inconsistency), (0, None));
+        }
+    }
+}

@@ -183,7 +183,7 @@ fn engine_thread_serves_requests() {
     let m = model();
     let m2 = m.clone();
     let engine = Engine::start(
-        move || Ok(runner(&m2, 2048)),
+        move || Ok(runner(&m2, 2048).into()),
         SchedulerConfig { max_num_batched_tokens: 32, max_waiting: 8, ..SchedulerConfig::default() },
     )
     .unwrap();

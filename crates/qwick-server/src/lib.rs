@@ -32,7 +32,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use qwick_chat::ChatModel;
-use qwick_engine::{Engine, Runner, SchedulerConfig};
+use qwick_engine::{Engine, Runners, SchedulerConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -321,7 +321,7 @@ async fn shutdown_signal(stop_rx: tokio::sync::oneshot::Receiver<()>, signals: b
 pub fn start(
     opts: ServeOptions,
     info: ChatModel,
-    make_runner: impl FnOnce() -> Result<Runner> + Send + 'static,
+    make_runner: impl FnOnce() -> Result<Runners> + Send + 'static,
 ) -> Result<RunningServer> {
     let engine = Engine::start(make_runner, opts.scheduler.clone())?;
     let model_ctx = info.config.max_position_embeddings;

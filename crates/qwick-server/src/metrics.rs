@@ -112,6 +112,13 @@ impl Metrics {
         counter("qwick_prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", s.prefix_hit_tokens);
         counter("qwick_num_preemptions_total", "Sequences preempted (freed and recomputed later).", s.preemptions);
         counter("qwick_engine_steps_total", "Forward steps run by the engine.", s.steps);
+        counter("qwick_spec_decode_num_draft_tokens_total", "Tokens drafted for speculative decoding.", s.spec_drafted);
+        counter("qwick_spec_decode_num_accepted_tokens_total", "Drafted tokens the model accepted.", s.spec_accepted);
+        counter(
+            "qwick_spec_decode_num_verifications_total",
+            "Spans of drafted tokens verified (a sequence's drafts in one step).",
+            s.spec_verifications,
+        );
         let _ = writeln!(
             o,
             "# HELP qwick_engine_step_seconds_total Time in engine steps.\n# TYPE qwick_engine_step_seconds_total counter\nqwick_engine_step_seconds_total{{{m}}} {}",
@@ -127,6 +134,12 @@ impl Metrics {
         let mut gauge = |name: &str, help: &str, v: String| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{m}}} {v}");
         };
+        let acceptance = if s.spec_drafted > 0 { s.spec_accepted as f64 / s.spec_drafted as f64 } else { 0.0 };
+        gauge(
+            "qwick_spec_decode_acceptance_rate",
+            "Drafted tokens accepted, as a share of those drafted (0 before any).",
+            acceptance.to_string(),
+        );
         gauge("qwick_num_requests_running", "Sequences running.", s.running.to_string());
         gauge("qwick_num_requests_waiting", "Sequences waiting to start (or preempted).", s.waiting.to_string());
         gauge("qwick_kv_blocks_used", "KV cache blocks referenced by sequences.", s.kv_blocks_used.to_string());
