@@ -1,11 +1,15 @@
 //! `qwick bench`: prefill and decode speed on a model, beside the decode bound set by memory
 //! bandwidth (weight bytes read per decode step ÷ the read bandwidth measured here).
 
-use crate::common::{self, RunArgs};
+use crate::common::{self, RunArgs, SpecArgs};
 use anyhow::{bail, Result};
 use qwick_backend::bandwidth::read_bandwidth;
 use qwick_backend::{Ctx, DeviceSpec, ThreadPool};
-use qwick_engine::{argmax, Logits, Runner, Span};
+use qwick_engine::{
+    argmax, Collect, GenParams, Logits, Request, Runner, Scheduler, SchedulerConfig, SeqGen, Span, SpecConfig,
+};
+use qwick_model::Qwen3;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -27,6 +31,10 @@ pub struct BenchArgs {
     json: bool,
     #[command(flatten)]
     run: RunArgs,
+    /// With `--draft-model` or `--spec`, decoding is also timed through the scheduler without
+    /// and with speculation, side by side.
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -64,8 +72,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let (bf16, bf16_why) = (choice.mode, choice.why);
     let bf16 =
         if a.run.exact { qwick_backend::Bf16Mode::F32 } else { bf16.unwrap_or(qwick_backend::Bf16Mode::for_isa(isa)) };
+    let spec = a.spec.config()?;
     let t_load = Instant::now();
-    let model = common::load_model_spec(&a.model, &a.run)?;
+    let path = qwick_chat::resolve::resolve_model(&a.model)?;
+    let model = common::load_model(&path, &a.run)?;
+    let draft = a.spec.draft((&model, &path), &a.run)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let cfg = model.config.clone();
     let ctx_len = a.prompt_len + a.gen_len;
@@ -82,8 +93,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let bytes_per_step = model.bytes_read_per_token() + kv_per_step;
     let (kernels, slow) = weight_kernels(&model, device);
     let weight_bytes = model.weight_bytes();
-    let mut runner = a.run.runner(model, a.batch * (ctx_len + 16), isa)?;
+    let mut runner = a.run.runner(model.clone(), a.batch * (ctx_len + 16), isa)?;
     let (prefill_s, decode_s) = time_generation(&mut runner, cfg.vocab_size, &a)?;
+    let speculative = match spec {
+        Some(spec) => Some(time_speculation(&a, &model, draft, spec, isa)?),
+        None => None,
+    };
     let steps = (a.gen_len - 1).max(1) as f64;
     let decode_tok_s = if a.gen_len > 1 { a.batch as f64 * steps / decode_s } else { 0.0 };
     let prefill_tok_s = (a.batch * a.prompt_len) as f64 / prefill_s;
@@ -120,6 +135,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "exact": a.run.exact,
         "weights": kernels.iter().map(|((f, p), (n, b))| serde_json::json!({"format": f, "kernels": p, "tensors": n, "bytes": b})).collect::<Vec<_>>(),
         "slow_tensors": slow,
+        "speculative": speculative.as_ref().map(|s| s.json()),
     });
     if a.json {
         println!("{report}");
@@ -172,6 +188,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             gb(weight_bytes),
             gb(runner.kv_bytes())
         );
+        if let Some(s) = &speculative {
+            s.print();
+        }
     }
     Ok(())
 }
@@ -227,14 +246,7 @@ fn weight_kernels(model: &qwick_model::Qwen3, device: DeviceSpec) -> (Kernels, V
 /// Seconds of the prefill of `a.batch` deterministic pseudo-random prompts in one step, and of
 /// the decode steps after it (one token per sequence per step, greedy).
 fn time_generation(runner: &mut Runner, vocab: usize, a: &BenchArgs) -> Result<(f64, f64)> {
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % vocab as u64) as u32
-    };
-    let prompts: Vec<Vec<u32>> = (0..a.batch).map(|_| (0..a.prompt_len).map(|_| next()).collect()).collect();
+    let prompts = bench_prompts(vocab, a);
     let seqs: Vec<_> = prompts.iter().map(|_| runner.add_sequence()).collect();
     let t0 = Instant::now();
     let spans: Vec<Span> =
@@ -254,4 +266,126 @@ fn time_generation(runner: &mut Runner, vocab: usize, a: &BenchArgs) -> Result<(
         last = logits.iter().map(|l| argmax(l)).collect();
     }
     Ok((prefill_s, t1.elapsed().as_secs_f64()))
+}
+
+/// Decoding through the scheduler without and with speculation.
+struct SpecTiming {
+    what: String,
+    max_draft: usize,
+    plain_tok_s: f64,
+    spec_tok_s: f64,
+    drafted: u64,
+    accepted: u64,
+    /// Tokens a sequence gained per target step, on average.
+    tokens_per_step: f64,
+}
+
+impl SpecTiming {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "drafts": self.what,
+            "max_draft_tokens": self.max_draft,
+            "plain_decode_tok_s": self.plain_tok_s,
+            "decode_tok_s": self.spec_tok_s,
+            "speedup": self.spec_tok_s / self.plain_tok_s,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": self.accepted as f64 / self.drafted.max(1) as f64,
+            "tokens_per_step": self.tokens_per_step,
+        })
+    }
+
+    fn print(&self) {
+        println!(
+            "speculative      {} (up to {} tokens): decode {:.2} tok/s against {:.2} plain through the scheduler ({:.2}x)",
+            self.what,
+            self.max_draft,
+            self.spec_tok_s,
+            self.plain_tok_s,
+            self.spec_tok_s / self.plain_tok_s
+        );
+        println!(
+            "                 {} of {} drafted tokens accepted ({:.0}%), {:.2} tokens per target step",
+            self.accepted,
+            self.drafted,
+            100.0 * self.accepted as f64 / self.drafted.max(1) as f64,
+            self.tokens_per_step
+        );
+    }
+}
+
+/// Times greedy decoding of the benchmark's prompts through the scheduler, plainly and with
+/// `spec` (drafting with `draft` when given), back to back.
+fn time_speculation(
+    a: &BenchArgs,
+    model: &Arc<Qwen3>,
+    draft: Option<Arc<Qwen3>>,
+    spec: SpecConfig,
+    isa: qwick_backend::Isa,
+) -> Result<SpecTiming> {
+    let what = match &draft {
+        Some(_) => format!("draft model {}", a.spec.draft_model.as_deref().unwrap_or("?")),
+        None => format!("prompt lookup ({})", a.spec.spec.as_deref().unwrap_or("ngram")),
+    };
+    let max_draft = spec.max_draft;
+    let tokens = a.batch * (a.prompt_len + a.gen_len + max_draft + 16);
+    let prompts = bench_prompts(model.config.vocab_size, a);
+    let plain = Scheduler::new(a.run.runner(model.clone(), tokens, isa)?, SchedulerConfig::default());
+    let (plain_tok_s, _) = time_decoding(plain, &prompts, a)?;
+    let mut sched = Scheduler::new(
+        a.run.runner(model.clone(), tokens, isa)?,
+        SchedulerConfig { spec: Some(spec), ..SchedulerConfig::default() },
+    );
+    if let Some(d) = draft {
+        sched = sched.with_draft_model(a.run.runner(d, tokens, isa)?);
+    }
+    let (spec_tok_s, st) = time_decoding(sched, &prompts, a)?;
+    Ok(SpecTiming { what, max_draft, plain_tok_s, spec_tok_s, drafted: st.0, accepted: st.1, tokens_per_step: st.2 })
+}
+
+/// Decode tok/s (aggregate) of greedy generation of `prompts` through `sched`, timed from the
+/// step after every prompt has its first token; and the drafted and accepted tokens and the
+/// tokens per sequence per step of that phase.
+fn time_decoding(mut sched: Scheduler, prompts: &[Vec<u32>], a: &BenchArgs) -> Result<(f64, (u64, u64, f64))> {
+    let ctx = a.prompt_len + a.gen_len + 1;
+    let sinks: Vec<Collect> = prompts
+        .iter()
+        .map(|p| {
+            let sink = Collect::default();
+            let gen = SeqGen::new(p, GenParams::greedy(Some(a.gen_len), ctx))?;
+            sched.add(Request { gen, logprobs: None, adapter: 0 }, Box::new(sink.clone()));
+            Ok(sink)
+        })
+        .collect::<Result<_>>()?;
+    while sinks.iter().any(|s| s.tokens().is_empty()) {
+        if sched.step() == 0 {
+            bail!("the benchmark's requests failed: {:?}", sinks.iter().find_map(|s| s.error()));
+        }
+    }
+    let (s0, t0) = (sched.stats(), Instant::now());
+    let first: usize = sinks.iter().map(|s| s.tokens().len()).sum();
+    while sched.has_work() {
+        sched.step();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    if let Some(e) = sinks.iter().find_map(|s| s.error()) {
+        bail!("a benchmark request failed: {e}");
+    }
+    let s1 = sched.stats();
+    let decoded = sinks.iter().map(|s| s.tokens().len()).sum::<usize>() - first;
+    let steps = (s1.steps - s0.steps).max(1) as f64;
+    let per_step = decoded as f64 / a.batch as f64 / steps;
+    Ok((decoded as f64 / secs, (s1.spec_drafted - s0.spec_drafted, s1.spec_accepted - s0.spec_accepted, per_step)))
+}
+
+/// The benchmark's deterministic pseudo-random prompts.
+fn bench_prompts(vocab: usize, a: &BenchArgs) -> Vec<Vec<u32>> {
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % vocab as u64) as u32
+    };
+    (0..a.batch).map(|_| (0..a.prompt_len).map(|_| next()).collect()).collect()
 }

@@ -63,6 +63,18 @@ pub struct MakeRandomArgs {
     /// Largest safetensors shard in GB (bigger checkpoints are sharded with an index).
     #[arg(long, default_value_t = 4.0)]
     shard_gb: f64,
+    /// A draft of a self-speculative pair: only the first N layers of the model this config and
+    /// seed make (with its embeddings, final norm and head, bit for bit). With --type.
+    #[arg(long, value_name = "N", requires = "file_type")]
+    keep_layers: Option<usize>,
+    /// The target of a self-speculative pair: the output projections (attn_output, ffn_down)
+    /// of layers N and later scaled by --damp, so that those layers change the residual stream
+    /// little and a draft of the first N layers agrees with the model often. With --type.
+    #[arg(long, value_name = "N", requires_all = ["file_type", "damp"])]
+    damp_from: Option<usize>,
+    /// The scale of --damp-from (0 to 1).
+    #[arg(long, value_name = "S", requires = "damp_from")]
+    damp: Option<f32>,
     #[command(flatten)]
     write: WriteArgs,
 }
@@ -175,6 +187,10 @@ pub fn make_random(a: MakeRandomArgs) -> Result<()> {
     let ft = FileType::parse(ft)?;
     let opts = a.write.options(ft)?;
     let config = qwick_model::Config::from_file(&a.config)?;
+    if a.damp.is_some_and(|s| !(0.0..=1.0).contains(&s)) {
+        bail!("--damp takes a scale from 0 to 1");
+    }
+    let derive = qwick_convert::Derive { keep_layers: a.keep_layers, damp: a.damp_from.zip(a.damp) };
     let tokenizer = match &a.tokenizer {
         Some(t) => Some(t.clone()),
         None => a.config.parent().filter(|d| d.join("tokenizer.json").is_file()).map(Path::to_path_buf),
@@ -188,6 +204,6 @@ pub fn make_random(a: MakeRandomArgs) -> Result<()> {
     let plan = qwick_convert::plan(&config, &ft);
     eprintln!("random {} → {}: {}", ft.name, a.out.display(), qwick_convert::describe(&plan));
     write_with_progress("writing", |p| {
-        qwick_convert::make_random(&config, tokenizer.as_deref(), &a.out, &opts, a.seed, p)
+        qwick_convert::make_random(&config, tokenizer.as_deref(), &a.out, &opts, a.seed, derive, p)
     })
 }

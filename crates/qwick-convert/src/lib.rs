@@ -324,21 +324,47 @@ fn source_path(src: &Source) -> String {
     }
 }
 
+/// A file of a self-speculative pair, derived from the random model a config and seed make:
+/// the draft keeps its first layers (and its embeddings, final norm and head), the target damps
+/// its later layers so that they change the residual stream little. Both keep every tensor
+/// they share with the whole model bit for bit (same formats, same random blocks).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Derive {
+    /// Keep only the first N layers (the draft).
+    pub keep_layers: Option<usize>,
+    /// Scale the output projections (`attn_output`, `ffn_down`, the experts' down projections)
+    /// of layers from the first number on by the second (the target).
+    pub damp: Option<(usize, f32)>,
+}
+
 /// Writes a random-weight GGUF for config `c` in `opts.file_type` at `out`, with the tokenizer
 /// of the folder `tokenizer` when given (llama.cpp needs one to load a file). Quantized weights
 /// are random blocks (random codes, scales sized so weights stay within ±√(3/fan-in)); float
-/// weights uniform in that range; norm weights one. Deterministic for a seed.
+/// weights uniform in that range; norm weights one. Deterministic for a seed; `derive` writes
+/// a file of a self-speculative pair instead of the whole model.
 pub fn make_random(
     c: &Config,
     tokenizer: Option<&Path>,
     out: &Path,
     opts: &Options,
     seed: u64,
+    derive: Derive,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Vec<PathBuf>> {
     use qwick_backend::quant::dequant::random_blocks_into;
-    let plan = plan(c, &opts.file_type);
-    let mut meta = metadata::model_keys(c, opts.name.as_deref().unwrap_or("random"));
+    // Each tensor's place in the whole model's plan seeds its blocks.
+    let kept = |p: &Planned| {
+        let global = matches!(p.role, Role::Embed | Role::Head | Role::FinalNorm);
+        global || derive.keep_layers.is_none_or(|n| p.layer < n)
+    };
+    let (index, plan): (Vec<usize>, Vec<Planned>) =
+        plan(c, &opts.file_type).into_iter().enumerate().filter(|(_, p)| kept(p)).unzip();
+    let mut written = c.clone();
+    if let Some(n) = derive.keep_layers {
+        anyhow::ensure!(n > 0 && n <= c.num_hidden_layers, "cannot keep {n} of {} layers", c.num_hidden_layers);
+        written.num_hidden_layers = n;
+    }
+    let mut meta = metadata::model_keys(&written, opts.name.as_deref().unwrap_or("random"));
     if let Some(dir) = tokenizer {
         meta.extend(metadata::tokenizer_keys(dir, c.vocab_size)?);
     }
@@ -348,9 +374,14 @@ pub fn make_random(
             // A norm weight: ones.
             p.format.encode_floats(&vec![1.0; p.cols], bytes);
         } else {
-            let piece = ((i as u64) << 40) ^ ((e as u64) << 24) ^ rows.start as u64;
+            let piece = ((index[i] as u64) << 40) ^ ((e as u64) << 24) ^ rows.start as u64;
             let s = seed ^ piece.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            random_blocks_into(p.format, bytes, s, (3.0 / p.cols as f32).sqrt());
+            let damped = matches!(p.role, Role::O | Role::Down | Role::ExpertDown);
+            let scale = match derive.damp {
+                Some((from, scale)) if damped && p.layer >= from => scale,
+                _ => 1.0,
+            };
+            random_blocks_into(p.format, bytes, s, scale * (3.0 / p.cols as f32).sqrt());
         }
         Ok(())
     })

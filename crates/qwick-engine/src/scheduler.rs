@@ -323,6 +323,10 @@ pub struct Scheduler {
     fault: Option<Fault>,
     /// Where drafts come from, with speculative decoding.
     drafter: Option<Drafter>,
+    /// Measured seconds (decaying averages) of a forward call of decode spans alone, and of
+    /// drafting one token for every asking sequence.
+    decode_step_s: f64,
+    draft_token_s: f64,
 }
 
 /// A fault injected on purpose (tests only; set with `QWICK_FAULT`, see [`Fault::from_env`]).
@@ -374,7 +378,17 @@ impl Scheduler {
             Some(&SpecMethod::Ngram { max_n }) => Some(Drafter::Ngram { max_n }),
             _ => None,
         };
-        Scheduler { runner, cfg, waiting: VecDeque::new(), running: vec![], stats, fault: None, drafter }
+        Scheduler {
+            runner,
+            cfg,
+            waiting: VecDeque::new(),
+            running: vec![],
+            stats,
+            fault: None,
+            drafter,
+            decode_step_s: 0.0,
+            draft_token_s: 0.0,
+        }
     }
 
     /// Drafts with `draft`, a runner over the draft model (with [`SpecMethod::Model`]).
@@ -448,7 +462,7 @@ impl Scheduler {
             last_hash: root_hash(req.adapter),
             adapter: req.adapter,
             pooling,
-            draft_len: DraftLen::new(self.cfg.spec.as_ref().map_or(0, |c| c.max_draft)),
+            draft_len: DraftLen::new(),
         });
     }
 
@@ -538,9 +552,12 @@ impl Scheduler {
             return HashMap::new();
         }
         let mut asks = vec![];
+        // What drafting a token costs, in decode steps (0 until both are measured).
+        let cost = if self.decode_step_s > 0.0 { self.draft_token_s / self.decode_step_s } else { 0.0 };
+        let most = c.max_draft;
         for &i in &decoding {
             let e = &mut self.running[i];
-            let max = e.draft_len.next().min(e.gen.draft_room()).min(budget.saturating_sub(1));
+            let max = e.draft_len.next(most, cost).min(e.gen.draft_room()).min(budget.saturating_sub(1));
             if max > 0 {
                 asks.push((i, max));
             }
@@ -552,7 +569,12 @@ impl Scheduler {
                 Ask { seq: e.seq.expect("decoding"), tokens: e.gen.tokens(), max }
             })
             .collect();
+        let t = std::time::Instant::now();
         let drafted = self.drafter.as_mut().expect("checked").draft(&asks);
+        let longest = drafted.iter().map(Vec::len).max().unwrap_or(0);
+        if longest > 0 {
+            self.draft_token_s = average(self.draft_token_s, t.elapsed().as_secs_f64() / longest as f64);
+        }
         asks.iter().zip(drafted).filter(|(_, d)| !d.is_empty()).map(|(a, d)| (a.seq, d)).collect()
     }
 
@@ -771,7 +793,11 @@ impl Scheduler {
             }))
             .unwrap_or_else(|p| Err(anyhow!("internal error: {}", panic_message(&*p))))
         });
-        self.stats.forward_seconds += tf.elapsed().as_secs_f64();
+        let secs = tf.elapsed().as_secs_f64();
+        self.stats.forward_seconds += secs;
+        if spans.iter().all(|s| s.len == 1 + s.draft.len() && s.last) {
+            self.decode_step_s = average(self.decode_step_s, secs);
+        }
         self.stats.steps += 1;
         if self.fault == Some(Fault::EnginePanic(step_no)) {
             panic!("injected fault after the forward pass of step {step_no}");
@@ -856,7 +882,7 @@ impl Scheduler {
                 let kept = span.draft.iter().zip(tokens).take_while(|(d, t)| d == t).count();
                 let seq = span.seq;
                 self.runner.rollback(seq, span.start + 1 + kept).expect("rolled back within the span");
-                e.draft_len.update(span.draft.len(), kept, self.cfg.spec.as_ref().map_or(0, |c| c.max_draft));
+                e.draft_len.update(span.draft.len(), kept);
                 self.stats.spec_drafted += span.draft.len() as u64;
                 self.stats.spec_accepted += kept as u64;
                 self.stats.spec_verifications += 1;
@@ -902,6 +928,15 @@ impl Scheduler {
             e.last_hash = self.runner.kv_manager().offer(e.last_hash, &tokens[k * bs..(k + 1) * bs], table[k]);
         }
         e.registered = full;
+    }
+}
+
+/// A decaying average of measured seconds (the first measurement taken as it is).
+fn average(old: f64, new: f64) -> f64 {
+    if old == 0.0 {
+        new
+    } else {
+        0.8 * old + 0.2 * new
     }
 }
 
