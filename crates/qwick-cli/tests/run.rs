@@ -357,3 +357,66 @@ fn chat_reports_turn_errors_and_goes_on() {
     let v = run_json(&["--prompt", "Hello! Who are you?", "--temperature", "0", "--max-tokens", "4"]);
     assert_eq!(out, format!("{}\n", v["text"].as_str().unwrap()), "the failed turn is not in the history");
 }
+
+/// Speculative decoding from the command line: drafted by the model itself (every draft kept)
+/// or by prompt lookup, the greedy tokens are transformers'; a draft of another vocabulary or
+/// tokenizer is refused by name.
+#[test]
+fn speculative_decoding_keeps_the_greedy_tokens() {
+    let n = refs()["max_new_tokens"].as_u64().unwrap().to_string();
+    let c = case("hello_think");
+    for spec in [&["--draft-model", model(), "--draft-tokens", "4"][..], &["--spec", "ngram:2"][..]] {
+        let mut args = vec!["--temperature", "0", "--max-tokens", &n];
+        args.extend(case_args(c));
+        args.extend(spec);
+        let v = run_json(&args);
+        assert_eq!(ids(&v["token_ids"]), ids(&c["generated_ids"]), "{spec:?}");
+        let s = &v["speculative"];
+        assert!(s["drafted_tokens"].as_u64().unwrap() > 0, "{spec:?}: {s}");
+        if spec[0] == "--draft-model" {
+            assert_eq!(s["accepted_tokens"], s["drafted_tokens"], "the model agrees with itself: {s}");
+        }
+    }
+    // Sampling with a draft runs to its token limit.
+    let v = run_json(&[
+        "--prompt",
+        "hi",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--max-tokens",
+        "12",
+        "--draft-model",
+        model(),
+    ]);
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 12);
+
+    let tmp = scratch("spec");
+    // The same model with another tokenizer.
+    let other = tmp.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in std::fs::read_dir(model()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, other.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(other.join("tokenizer.json")).unwrap()).unwrap();
+    // Two tokens' ids swapped.
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let (a, b) = (vocab["hello"].clone(), vocab["world"].clone());
+    vocab.insert("hello".into(), b);
+    vocab.insert("world".into(), a);
+    std::fs::write(other.join("tokenizer.json"), tok.to_string()).unwrap();
+    let other = other.to_str().unwrap();
+    let m = model();
+    expect_error(&["run", "--model", m, "--prompt", "hi", "--draft-model", other], "", "tokenizer differs");
+    // Another vocabulary size (a fixture of 512 tokens).
+    let small = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/dense_f32");
+    expect_error(&["run", "--model", m, "--prompt", "hi", "--draft-model", small], "", "vocabulary has");
+    expect_error(&["run", "--model", m, "--prompt", "hi", "--spec", "ngrams"], "", "--spec takes ngram");
+    expect_error(
+        &["run", "--model", m, "--prompt", "hi", "--draft-tokens", "3"],
+        "",
+        "go with --draft-model or --spec",
+    );
+}

@@ -1684,3 +1684,26 @@ fn a_sentence_transformers_folder_is_served_as_embeddings() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("last token"), "{err}");
 }
+
+/// A server with a draft model: greedy completions alone and two at once (both speculate, at
+/// `--spec-max-seqs 2`) give transformers' tokens; `/metrics` counts drafted and accepted
+/// tokens (all kept: the draft is the model itself) and the cache is freed, the draft's too.
+#[test]
+fn a_draft_model_serves_the_same_tokens_and_is_counted() {
+    let s = Server::start(&["--draft-model", model(), "--draft-tokens", "3", "--spec-max-seqs", "2"]);
+    let cases = refs()["cases"].as_array().unwrap();
+    let lens = [20usize, 13];
+    let expected: Vec<String> =
+        cases.iter().zip(lens).map(|(c, n)| detok(&s, &ids(&c["generated_ids"])[..n])).collect();
+    for ((c, n), want) in cases.iter().zip(lens).zip(&expected) {
+        assert_eq!(&completion_text(&s, &ids(&c["prompt_ids"]), n).0, want, "{} alone", c["name"]);
+    }
+    assert_eq!(together(&s, &cases[..2], &lens), expected);
+    s.wait_idle();
+    let drafted = s.metric("qwick_spec_decode_num_draft_tokens_total");
+    assert!(drafted > 0.0);
+    assert_eq!(s.metric("qwick_spec_decode_num_accepted_tokens_total"), drafted);
+    assert_eq!(s.metric("qwick_spec_decode_acceptance_rate"), 1.0);
+    assert_eq!(s.metric("qwick_kv_blocks_used"), 0.0);
+    assert_eq!(s.metric("qwick_kv_cache_consistent"), 1.0);
+}

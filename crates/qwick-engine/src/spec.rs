@@ -37,6 +37,11 @@ pub struct SpecConfig {
 }
 
 impl SpecConfig {
+    /// These settings, speculating only while at most `max_seqs` sequences decode.
+    pub fn with_max_seqs(self, max_seqs: usize) -> SpecConfig {
+        SpecConfig { max_seqs, ..self }
+    }
+
     /// Speculation from a draft model, with `max_draft` drafted tokens at most.
     pub fn model(max_draft: usize) -> Result<SpecConfig, String> {
         check_draft_tokens(max_draft)?;
@@ -229,8 +234,11 @@ const MAX_NGRAM: usize = 16;
 /// Drafted tokens per step at most, by default.
 pub const DEFAULT_DRAFT_TOKENS: usize = 5;
 const MAX_DRAFT: usize = 32;
-/// Decoding sequences up to which a step speculates, by default.
-pub const DEFAULT_MAX_SEQS: usize = 8;
+/// Decoding sequences up to which a step speculates, by default. Measured with an 8B-shaped
+/// Q4_K_M model and a 4-layer draft at 0.7 acceptance on 2 cores: 1.8x plain decoding for one
+/// sequence, 1.05x for two, 0.8x for four (each verified row costs more than the weight read
+/// it shares once several sequences verify).
+pub const DEFAULT_MAX_SEQS: usize = 2;
 
 /// Up to `k` tokens that followed an earlier occurrence of the last `n` tokens of `tokens`, for
 /// the largest `n` from `max_n` down to 1 that occurs (empty if none does): the latest
