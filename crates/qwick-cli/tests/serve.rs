@@ -1699,6 +1699,16 @@ fn a_draft_model_serves_the_same_tokens_and_is_counted() {
         assert_eq!(&completion_text(&s, &ids(&c["prompt_ids"]), n).0, want, "{} alone", c["name"]);
     }
     assert_eq!(together(&s, &cases[..2], &lens), expected);
+    // A stop string inside a step's kept drafts ends the text where it starts.
+    let text = &expected[0];
+    let cut = text.char_indices().map(|(i, _)| i).find(|&i| i >= text.len() / 2).unwrap();
+    let stop: String = text[cut..].chars().take(3).collect();
+    let want = &text[..text.find(&stop).unwrap()];
+    let prompt = ids(&cases[0]["prompt_ids"]);
+    let (code, r) =
+        s.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 20, "temperature": 0, "stop": [stop]}));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!((r["choices"][0]["text"].as_str().unwrap(), &r["choices"][0]["finish_reason"]), (want, &json!("stop")));
     s.wait_idle();
     let drafted = s.metric("qwick_spec_decode_num_draft_tokens_total");
     assert!(drafted > 0.0);

@@ -1921,4 +1921,75 @@ mod tests {
         assert!(s.stats().preemptions > 0);
         assert_idle_and_consistent(&s);
     }
+
+    /// Output tokens may only be even.
+    struct Even(Vec<u32>);
+
+    impl qwick_sampler::TokenConstraint for Even {
+        fn allowed(&mut self) -> std::result::Result<&[u32], String> {
+            Ok(&self.0)
+        }
+
+        fn consume(&mut self, token: u32) -> std::result::Result<(), String> {
+            if token % 2 == 1 {
+                return Err(format!("{token} is odd"));
+            }
+            Ok(())
+        }
+    }
+
+    /// A thinking budget, a constraint and penalties see every kept draft as a token of its own:
+    /// each request's output with a draft (that knows none of them) is its output without.
+    #[test]
+    fn drafted_tokens_meet_budgets_constraints_and_penalties() {
+        let requests = || {
+            let p = prompt(6, 7);
+            let mut reqs = vec![];
+            // A thinking budget of 5 tokens, from the start.
+            let mut gp = params(16);
+            gp.thinking = Some(crate::ThinkingBudget {
+                max_tokens: 5,
+                starts_in_thinking: true,
+                think_start: Some(14),
+                think_end: 15,
+                stop_tokens: vec![12, 15],
+                stop_tokens_after_text: vec![11, 12, 15],
+                newline_tokens: Arc::new([11].into_iter().collect()),
+            });
+            reqs.push(SeqGen::new(&p, gp).unwrap());
+            // Even tokens only.
+            let mut g = SeqGen::new(&p, params(12)).unwrap();
+            g.constrain(Box::new(Even((0..VOCAB as u32).step_by(2).collect())), None);
+            reqs.push(g);
+            // Penalties and a logit bias.
+            let mut gp = params(14);
+            gp.sampling.repetition_penalty = 1.3;
+            gp.sampling.presence_penalty = 0.5;
+            gp.sampling.frequency_penalty = 0.4;
+            gp.sampling.logit_bias = vec![(7, 3.0)];
+            reqs.push(SeqGen::new(&p, gp).unwrap());
+            reqs
+        };
+        let outputs = |mut s: Scheduler| {
+            let sinks: Vec<Sink> = requests()
+                .into_iter()
+                .map(|gen| {
+                    let sink = Sink::default();
+                    s.add(Request { gen, logprobs: None, adapter: 0 }, Box::new(sink.clone()));
+                    // One at a time, so that each speculates (at most 2 decoding would too).
+                    run(&mut s);
+                    sink
+                })
+                .collect();
+            assert_idle_and_consistent(&s);
+            (sinks.iter().map(|k| (k.tokens(), k.finish())).collect::<Vec<_>>(), s.stats())
+        };
+        let (plain, _) = outputs(scheduler(64, config(64, 8, true)).0);
+        let (spec, st) = outputs(drafting(0, 4, 8).0);
+        assert_eq!(spec, plain);
+        assert!(plain[0].0.contains(&15), "the budget injected its stop tokens: {:?}", plain[0]);
+        assert!(plain[1].0.iter().all(|t| t % 2 == 0));
+        // The draft knows neither the constraint nor the penalties: some drafts were rejected.
+        assert!(st.spec_accepted > 0 && st.spec_accepted < st.spec_drafted, "{st:?}");
+    }
 }
