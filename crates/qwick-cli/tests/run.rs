@@ -377,6 +377,14 @@ fn speculative_decoding_keeps_the_greedy_tokens() {
             assert_eq!(s["accepted_tokens"], s["drafted_tokens"], "the model agrees with itself: {s}");
         }
     }
+    // On the GPU, the draft there too.
+    if common::have_gpu("speculative_decoding_keeps_the_greedy_tokens (GPU part)") {
+        let mut args = vec!["--temperature", "0", "--max-tokens", &n, "--device", "gpu", "--draft-model", model()];
+        args.extend(case_args(c));
+        let v = run_json(&args);
+        assert_eq!(ids(&v["token_ids"]), ids(&c["generated_ids"]), "on the GPU");
+        assert_eq!(v["speculative"]["accepted_tokens"], v["speculative"]["drafted_tokens"]);
+    }
     // Sampling with a draft runs to its token limit.
     let v = run_json(&[
         "--prompt",
