@@ -1604,7 +1604,12 @@ mod tests {
 
     #[test]
     fn stop_tokens_and_limits_end_a_request() {
-        let (mut s, _) = scheduler(64, config(16, 8, true));
+        stops_and_limits_end_requests(scheduler(64, config(16, 8, true)).0);
+    }
+
+    /// Stop tokens (end-of-sequence and requested ids), max_tokens and the context end
+    /// requests where they should, through `s`.
+    fn stops_and_limits_end_requests(mut s: Scheduler) {
         let p = prompt(3, 6);
         let free_run = fake::greedy(0, &p, 12, &[]);
         // An eos id: the output ends at its first occurrence, with it.
@@ -1840,25 +1845,7 @@ mod tests {
 
     #[test]
     fn drafted_tokens_stop_at_stop_tokens_and_limits() {
-        let p = prompt(3, 6);
-        let free_run = fake::greedy(0, &p, 12, &[]);
-        let eos = free_run[5];
-        let want = fake::greedy(0, &p, 12, &[eos]);
-        let (mut s, _) = drafting(0, 8, 8);
-        let mut gp = params(12);
-        gp.eos_token_ids = vec![eos];
-        let stop = Sink::default();
-        s.add(Request { gen: SeqGen::new(&p, gp).unwrap(), logprobs: None, adapter: 0 }, Box::new(stop.clone()));
-        let limit = add(&mut s, &p, 3);
-        let mut gp = params(12);
-        gp.max_context = 10;
-        let context = Sink::default();
-        s.add(Request { gen: SeqGen::new(&p, gp).unwrap(), logprobs: None, adapter: 0 }, Box::new(context.clone()));
-        run(&mut s);
-        assert_eq!((stop.tokens(), stop.finish()), (want, Some(FinishReason::Stop)));
-        assert_eq!((limit.tokens(), limit.finish()), (free_run[..3].to_vec(), Some(FinishReason::Length)));
-        assert_eq!((context.tokens(), context.finish()), (free_run[..4].to_vec(), Some(FinishReason::Length)));
-        assert_idle_and_consistent(&s);
+        stops_and_limits_end_requests(drafting(0, 8, 8).0);
     }
 
     #[test]
