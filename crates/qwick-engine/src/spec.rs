@@ -4,13 +4,17 @@
 //! one token of its own. Rejected drafts' K/V is rolled back ([`crate::Runner::rollback`]).
 //!
 //! Drafts come from the sequence itself ([`SpecMethod::Ngram`], prompt lookup: the tokens that
-//! followed the latest earlier occurrence of its last few tokens), or from a smaller model of
+//! followed an earlier occurrence of its last few tokens), or from a smaller model of
 //! the same vocabulary ([`SpecMethod::Model`]) run greedily through a runner of its own, with
 //! its own KV cache: each sequence's draft cache follows the sequence's tokens, rolled back
 //! where its drafts were rejected, and is freed with the sequence.
 //!
 //! Drafts are deterministic (the draft's arg-max), so the sampler's rule is the one for a draft
 //! taken as certain, which keeps the target's distribution exactly.
+//!
+//! How many tokens a sequence drafts is chosen every step ([`DraftLen`]) from its measured
+//! acceptance and the measured cost of drafting; steps with more than
+//! [`SpecConfig::max_seqs`] sequences decoding do not speculate at all.
 
 use crate::runner::{argmax, Logits, Runner, SeqId, Span};
 use std::collections::HashMap;
