@@ -276,14 +276,17 @@ pub fn ngram_draft(tokens: &[u32], max_n: usize, k: usize) -> Vec<u32> {
 /// decaying average) and the cost of a drafted token relative to a target step `c` (the
 /// scheduler's measurement), plus `VERIFY_ROW_COST` per verified row. `K` drafts yield
 /// `(1 − a^(K+1)) / (1 − a)` tokens in a step costing `1 + K (c + VERIFY_ROW_COST)`; when no
-/// `K` beats plain decoding (`K = 0`), the sequence decodes plainly for `PAUSE` steps, then
-/// tries one drafted token to measure again.
+/// `K` beats plain decoding (`K = 0`), the sequence decodes plainly for a pause, then tries
+/// one drafted token to measure again; the pause doubles (from `PAUSE` to `MAX_PAUSE` steps)
+/// while nothing is accepted.
 #[derive(Clone, Debug)]
 pub struct DraftLen {
     /// Decayed counts of drafted tokens accepted and of drafted tokens judged.
     accepted: f64,
     judged: f64,
     paused: usize,
+    /// The next pause's length.
+    pause: usize,
 }
 
 /// What verifying one more row adds to a decode step, relative to the step (a CPU reads the
@@ -291,6 +294,7 @@ pub struct DraftLen {
 /// cost about 1.5 rows).
 pub const VERIFY_ROW_COST: f64 = 0.06;
 const PAUSE: usize = 16;
+const MAX_PAUSE: usize = 256;
 /// Weight of the past in the acceptance average, per verification.
 const DECAY: f64 = 0.8;
 
@@ -298,7 +302,7 @@ impl DraftLen {
     /// A new sequence's: acceptance assumed 0.6 (the weight of about two verifications)
     /// until measured.
     pub fn new() -> DraftLen {
-        DraftLen { accepted: 1.2, judged: 2.0, paused: 0 }
+        DraftLen { accepted: 1.2, judged: 2.0, paused: 0, pause: PAUSE }
     }
 
     /// The acceptance rate measured so far.
@@ -317,7 +321,8 @@ impl DraftLen {
         let gain = |k: usize| (1.0 - a.powi(k as i32 + 1)) / (1.0 - a) / (1.0 + k as f64 * (cost + VERIFY_ROW_COST));
         let best = (0..=max).max_by(|&x, &y| gain(x).total_cmp(&gain(y))).unwrap_or(0);
         if best == 0 && max > 0 {
-            self.paused = PAUSE;
+            self.paused = self.pause;
+            self.pause = (self.pause * 2).min(MAX_PAUSE);
         }
         best
     }
@@ -329,6 +334,9 @@ impl DraftLen {
             return;
         }
         let judged = accepted + usize::from(accepted < drafted);
+        if accepted > 0 {
+            self.pause = PAUSE;
+        }
         self.accepted = self.accepted * DECAY + accepted as f64;
         self.judged = self.judged * DECAY + judged as f64;
     }
@@ -384,6 +392,12 @@ mod tests {
         let before = d.acceptance();
         d.update(1, 0);
         assert!(d.acceptance() < before);
+        // The probe failed: twice the pause.
+        let paused = (0..4 * PAUSE).take_while(|_| d.next(8, 0.2) == 0).count();
+        assert_eq!(paused, 2 * PAUSE);
+        // An accepted probe ends the backing off.
+        d.update(1, 1);
+        assert_eq!(d.pause, PAUSE);
     }
 
     #[test]
