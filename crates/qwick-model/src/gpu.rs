@@ -191,6 +191,10 @@ impl GpuModel {
             rope: up(g.upload_f32(&cs))?,
             slots: up(g.upload_u32(&batch.slot_mapping))?,
             meta: up(g.upload_u32(&Attend::meta(&batch.positions, &batch.seq_of_token, &tables)))?,
+            tiles: match Attend::tiles(&batch.seq_of_token) {
+                Some(t) => Some((up(g.upload_u32(&t))?, t.len() / 2)),
+                None => None,
+            },
             seqs: tables.len(),
             max_pos: batch.positions.iter().max().map_or(0, |&p| p as usize),
             n,
@@ -254,6 +258,8 @@ struct GpuPass<'a> {
     rope: Buf,
     slots: Buf,
     meta: Buf,
+    /// Prefill tiles ([`Attend::tiles`]) and their count, when the step has them.
+    tiles: Option<(Buf, usize)>,
     seqs: usize,
     /// The furthest position of the step's tokens.
     max_pos: usize,
@@ -451,6 +457,7 @@ impl Exec for GpuPass<'_> {
             format,
             max_pos: self.max_pos,
             splits: Attend::splits(self.n, self.heads, self.max_pos),
+            tiles: self.tiles.as_ref().map(|(b, n)| (b, *n)),
         });
         (out, Vec::new())
     }

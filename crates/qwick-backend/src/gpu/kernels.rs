@@ -17,6 +17,7 @@ const ELEMENTWISE: &str = include_str!("wgsl/elementwise.wgsl");
 const KV_WRITE: &str = include_str!("wgsl/kv_write.wgsl");
 const ATTENTION: &str = include_str!("wgsl/attention.wgsl");
 const ATTENTION_MERGE: &str = include_str!("wgsl/attention_merge.wgsl");
+const ATTENTION_TILE: &str = include_str!("wgsl/attention_tile.wgsl");
 /// attention.wgsl's last step unsplit: the output.
 const FINISH_OUT: &str = "@group(0) @binding(5) var<storage, read_write> out: array<f32>;
 fn finish(id: u32, qo: u32, t: u32, m: f32, l: f32, acc: array<f32, 4>) {
@@ -90,6 +91,9 @@ pub struct Attend<'a> {
     pub max_pos: usize,
     /// How many workgroups share each (token, head)'s positions ([`Attend::splits`]).
     pub splits: usize,
+    /// Prefill tiles ([`Attend::tiles`]) and how many there are: unsplit attention then reads
+    /// each key and value once per tile rather than once per token.
+    pub tiles: Option<(&'a Buf, usize)>,
 }
 
 impl Attend<'_> {
@@ -98,6 +102,26 @@ impl Attend<'_> {
     /// decode at depth), each split at least 256 positions.
     pub fn splits(n: usize, heads: usize, max_pos: usize) -> usize {
         256usize.div_ceil(n * heads).min((max_pos + 1).div_ceil(256)).max(1)
+    }
+
+    /// Tiles of up to 8 consecutive tokens of one sequence, as (first token, count) pairs, for
+    /// tokens of sequences `seq_of_token` (each sequence's tokens consecutive, at consecutive
+    /// positions, as a batch lays out its spans); `None` when tiles would hold one token each
+    /// on average less than two (decoding), where they gain nothing.
+    pub fn tiles(seq_of_token: &[u32]) -> Option<Vec<u32>> {
+        let mut out: Vec<u32> = vec![];
+        for (i, &s) in seq_of_token.iter().enumerate() {
+            let joins = out.len() >= 2 && {
+                let (first, count) = (out[out.len() - 2], out[out.len() - 1]);
+                count < 8 && seq_of_token[first as usize] == s
+            };
+            if joins {
+                *out.last_mut().unwrap() += 1;
+            } else {
+                out.extend([i as u32, 1]);
+            }
+        }
+        (out.len() <= seq_of_token.len()).then_some(out)
     }
 
     /// The `meta` words for tokens at `positions` of sequences `seq_of_token` with these block
@@ -128,25 +152,28 @@ fn kv_elements(f: Format, writer: bool) -> String {
         Format::F32 => (
             1,
             "fn encode(i: u32) -> u32 { return bitcast<u32>(src[i]); }",
-            "fn element(c: u32, i: u32) -> f32 { return bitcast<f32>(select(kc[i], vc[i], c == 1u)); }",
+            "fn element(c: u32, i: u32) -> f32 { if (c == 0u) { return bitcast<f32>(kc[i]); } return bitcast<f32>(vc[i]); }",
         ),
         Format::F16 => (
             2,
             "fn encode(i: u32) -> u32 { return pack2x16float(vec2<f32>(src[i], src[i + 1u])); }",
-            "fn element(c: u32, i: u32) -> f32 { return unpack2x16float(select(kc[i >> 1u], vc[i >> 1u], c == 1u))[i & 1u]; }",
+            "fn element(c: u32, i: u32) -> f32 { return unpack2x16float(word(c, i >> 1u))[i & 1u]; }",
         ),
         Format::BF16 => (
             2,
             "fn bf16(x: f32) -> u32 { let b = bitcast<u32>(x); return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u; }
              fn encode(i: u32) -> u32 { return bf16(src[i]) | (bf16(src[i + 1u]) << 16u); }",
             "fn element(c: u32, i: u32) -> f32 {
-                 let w = select(kc[i >> 1u], vc[i >> 1u], c == 1u);
+                 let w = word(c, i >> 1u);
                  return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u));
              }",
         ),
         _ => panic!("a KV cache of {f} elements"),
     };
-    format!("const PER_WORD: u32 = {per_word}u;\n{}\n", if writer { encode } else { element })
+    // One cache read per element (`select` would read both).
+    const WORD: &str = "fn word(c: u32, w: u32) -> u32 { if (c == 0u) { return kc[w]; } return vc[w]; }";
+    let read = if per_word == 1 { element.to_string() } else { format!("{WORD}\n{element}") };
+    format!("const PER_WORD: u32 = {per_word}u;\n{}\n", if writer { encode.to_string() } else { read })
 }
 
 fn u(v: usize) -> u32 {
@@ -298,6 +325,15 @@ impl Recorder<'_> {
             u(span),
         ];
         let items = a.n * a.heads;
+        if let (Some((tiles, count)), 1) = (a.tiles, splits) {
+            let pipe = self
+                .gpu
+                .pipeline(&format!("attention_tile_{f}"), || format!("{}\n{ATTENTION_TILE}", kv_elements(f, false)));
+            let params =
+                [u(a.n), u(a.heads), u(a.kv_heads), u(a.d), u(a.block_size), a.scale.to_bits(), u(a.seqs), u(count)];
+            self.dispatch(pipe, &params, &[a.q, a.k, a.v, a.meta, tiles, a.out], u(count * a.heads));
+            return;
+        }
         if splits == 1 {
             let pipe = self.gpu.pipeline(&format!("attention_{f}"), || kernel(FINISH_OUT));
             self.dispatch(pipe, &params, &[a.q, a.k, a.v, a.meta, a.out], u(items));

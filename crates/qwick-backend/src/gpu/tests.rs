@@ -207,14 +207,15 @@ fn norms_rope_and_elementwise_match_the_cpu() {
 fn paged_attention_matches_the_cpu() {
     let Some(g) = gpu("paged attention") else { return };
     // Two sequences with scattered blocks: one prefilling 70 tokens (more than a workgroup's
-    // 64 positions), one decoding its 131st token; GQA of 4 query heads per KV head.
+    // 64 positions), one computing its 129th to 131st tokens after a cached prefix; GQA of 4
+    // query heads per KV head.
     let (heads, kv_heads, d, bs, blocks) = (8, 2, 128, 16, 24);
     let layout = KvLayout { block_size: bs, kv_heads, head_dim: d };
     let tables: [Vec<u32>; 2] = [(0..5).map(|b| 2 * b + 1).collect(), (0..9).map(|b| 22 - 2 * b).collect()];
     let mut positions: Vec<u32> = (0..70).collect();
     let mut seq_of_token = vec![0u32; 70];
-    positions.push(130);
-    seq_of_token.push(1);
+    positions.extend([128, 129, 130]);
+    seq_of_token.extend([1, 1, 1]);
     let n = positions.len();
     // Every cached row random (earlier tokens of sequence 1 included), then this step's K/V
     // written over their slots by both sides.
@@ -276,12 +277,21 @@ fn paged_attention_matches_the_cpu() {
             format,
             max_pos: 130,
             splits: 1,
+            tiles: None,
         };
         rec.attend(&attend);
         // The same split in three (64 positions each, the last two empty for the prefill's
         // first 64 tokens) and merged.
         let split_out = g.zeros(4 * (n * heads * d) as u64).unwrap();
         rec.attend(&Attend { splits: 3, out: &split_out, ..attend });
+        // And as prefill tiles: 8 tokens of the first sequence at a time (6 in the last), the
+        // second's 3 in one.
+        let tiles = Attend::tiles(&seq_of_token).expect("tokens enough for tiles");
+        assert_eq!(tiles.len(), 2 * 10);
+        assert_eq!(tiles[16..], [64, 6, 70, 3]);
+        let tiles_buf = g.upload_u32(&tiles).unwrap();
+        let tile_out = g.zeros(4 * (n * heads * d) as u64).unwrap();
+        rec.attend(&Attend { tiles: Some((&tiles_buf, tiles.len() / 2)), out: &tile_out, ..attend });
         rec.submit();
         let (kw, vw) = (encode(&kc), encode(&vc));
         let bytes = kw.len() as u64;
@@ -293,6 +303,8 @@ fn paged_attention_matches_the_cpu() {
         assert_close(&format!("attention over a {format} cache"), &g.read_f32(&ob, n * heads * d), &want, 1e-5);
         let got = g.read_f32(&split_out, n * heads * d);
         assert_close(&format!("attention over a {format} cache, in splits"), &got, &want, 1e-5);
+        let got = g.read_f32(&tile_out, n * heads * d);
+        assert_close(&format!("attention over a {format} cache, in tiles"), &got, &want, 1e-5);
     }
 }
 
