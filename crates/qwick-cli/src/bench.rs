@@ -271,6 +271,8 @@ fn time_generation(runner: &mut Runner, vocab: usize, a: &BenchArgs) -> Result<(
 /// Decoding through the scheduler without and with speculation.
 struct SpecTiming {
     what: String,
+    /// Whether the batch speculates at all (not above `--spec-max-seqs`).
+    speculating: bool,
     max_draft: usize,
     plain_tok_s: f64,
     spec_tok_s: f64,
@@ -284,6 +286,7 @@ impl SpecTiming {
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "drafts": self.what,
+            "speculating": self.speculating,
             "max_draft_tokens": self.max_draft,
             "plain_decode_tok_s": self.plain_tok_s,
             "decode_tok_s": self.spec_tok_s,
@@ -296,6 +299,9 @@ impl SpecTiming {
     }
 
     fn print(&self) {
+        if !self.speculating {
+            println!("speculative      none: --batch is above --spec-max-seqs, so no step speculates");
+        }
         println!(
             "speculative      {} (up to {} tokens): decode {:.2} tok/s against {:.2} plain through the scheduler ({:.2}x)",
             self.what,
@@ -327,7 +333,7 @@ fn time_speculation(
         Some(_) => format!("draft model {}", a.spec.draft_model.as_deref().unwrap_or("?")),
         None => format!("prompt lookup ({})", a.spec.spec.as_deref().unwrap_or("ngram")),
     };
-    let max_draft = spec.max_draft;
+    let (max_draft, speculating) = (spec.max_draft, a.batch <= spec.max_seqs);
     let tokens = a.batch * (a.prompt_len + a.gen_len + max_draft + 16);
     let prompts = bench_prompts(model.config.vocab_size, a);
     let plain = Scheduler::new(a.run.runner(model.clone(), tokens, isa)?, SchedulerConfig::default());
@@ -340,7 +346,16 @@ fn time_speculation(
         sched = sched.with_draft_model(a.run.runner(d, tokens, isa)?);
     }
     let (spec_tok_s, st) = time_decoding(sched, &prompts, a)?;
-    Ok(SpecTiming { what, max_draft, plain_tok_s, spec_tok_s, drafted: st.0, accepted: st.1, tokens_per_step: st.2 })
+    Ok(SpecTiming {
+        what,
+        speculating,
+        max_draft,
+        plain_tok_s,
+        spec_tok_s,
+        drafted: st.0,
+        accepted: st.1,
+        tokens_per_step: st.2,
+    })
 }
 
 /// Decode tok/s (aggregate) of greedy generation of `prompts` through `sched`, timed from the

@@ -235,8 +235,9 @@ impl RunArgs {
 pub struct SpecArgs {
     /// Speculative decoding with a draft model: a smaller model of the same vocabulary and
     /// tokenizer (folder, GGUF file, Hub id or tag, ollama:NAME) drafts tokens that the model
-    /// verifies several at a time. Greedy output is unchanged; sampled output keeps its
-    /// distribution.
+    /// verifies several at a time. Greedy output is the output without it (as exactly as
+    /// batching keeps it: token for token on the exact kernels); sampled output keeps the
+    /// model's distribution (a seed then gives other draws than without speculation).
     #[arg(long, value_name = "MODEL", conflicts_with = "spec")]
     pub draft_model: Option<String>,
     /// Speculative decoding by prompt lookup, with no draft model: `ngram` or `ngram:N` drafts
@@ -268,6 +269,7 @@ impl SpecArgs {
         };
         let c = c.map_err(anyhow::Error::msg)?;
         Ok(Some(match self.spec_max_seqs {
+            Some(0) => anyhow::bail!("--spec-max-seqs must be at least 1"),
             Some(n) => c.with_max_seqs(n),
             None => c,
         }))

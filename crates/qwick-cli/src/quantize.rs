@@ -190,6 +190,9 @@ pub fn make_random(a: MakeRandomArgs) -> Result<()> {
     if a.damp.is_some_and(|s| !(0.0..=1.0).contains(&s)) {
         bail!("--damp takes a scale from 0 to 1");
     }
+    if let Some(n) = a.damp_from.filter(|&n| n >= config.num_hidden_layers) {
+        bail!("--damp-from {n}: the model has {} layers, so nothing would be damped", config.num_hidden_layers);
+    }
     let derive = qwick_convert::Derive { keep_layers: a.keep_layers, damp: a.damp_from.zip(a.damp) };
     let tokenizer = match &a.tokenizer {
         Some(t) => Some(t.clone()),

@@ -568,11 +568,9 @@ impl Scheduler {
                 Ask { seq: e.seq.expect("decoding"), tokens: e.gen.tokens(), max }
             })
             .collect();
-        let t = std::time::Instant::now();
-        let drafted = self.drafter.as_mut().expect("checked").draft(&asks);
-        let longest = drafted.iter().map(Vec::len).max().unwrap_or(0);
-        if longest > 0 {
-            self.draft_token_s = average(self.draft_token_s, t.elapsed().as_secs_f64() / longest as f64);
+        let (drafted, step_s) = self.drafter.as_mut().expect("checked").draft(&asks);
+        if let Some(t) = step_s {
+            self.draft_token_s = average(self.draft_token_s, t);
         }
         asks.iter().zip(drafted).filter(|(_, d)| !d.is_empty()).map(|(a, d)| (a.seq, d)).collect()
     }
@@ -651,8 +649,10 @@ impl Scheduler {
             draft.truncate(budget - 1);
             len += draft.len();
             let mut need = self.runner.blocks_needed(seq, len).unwrap_or(0);
-            if !draft.is_empty() && !self.make_room(reserved, need) {
-                // No room for the drafts: decode plainly.
+            // Drafts take only free blocks, leaving one for each later sequence's next token:
+            // they never evict the prefix cache nor cost another sequence its place.
+            let later = self.running.len() - i - 1;
+            if !draft.is_empty() && self.runner.blocks().num_free() < reserved + need + later {
                 (len, need) = (1, self.runner.blocks_needed(seq, 1).unwrap_or(0));
                 draft.clear();
             }
@@ -877,16 +877,10 @@ impl Scheduler {
                 done.push(i);
                 continue;
             }
-            let (decision, out) = match verify(e, span, &mut l) {
-                Ok(d) => d,
-                Err(err) => {
-                    e.sink.send(Event::Error(format!("{err:#}")));
-                    done.push(i);
-                    continue;
-                }
-            };
+            let verified = verify(e, span, &mut l);
             if !span.draft.is_empty() {
-                // Keep the K/V of the drafts the sequence kept; forget the rest.
+                // Keep the K/V of the drafts the sequence kept (also when deciding failed
+                // part-way); forget the rest.
                 let tokens = &e.gen.tokens()[span.start + 1..];
                 let kept = span.draft.iter().zip(tokens).take_while(|(d, t)| d == t).count();
                 let seq = span.seq;
@@ -896,6 +890,14 @@ impl Scheduler {
                 self.stats.spec_accepted += kept as u64;
                 self.stats.spec_verifications += 1;
             }
+            let (decision, out) = match verified {
+                Ok(d) => d,
+                Err(err) => {
+                    e.sink.send(Event::Error(format!("{err:#}")));
+                    done.push(i);
+                    continue;
+                }
+            };
             let mut alive = out.is_empty() || e.sink.send(Event::Tokens(out));
             if let Some(f) = decision.finish {
                 if alive {
@@ -926,12 +928,14 @@ impl Scheduler {
         let bs = self.runner.block_size();
         let e = &mut self.running[i];
         let Some(seq) = e.seq else { return };
-        let cached = self.runner.cached(seq).unwrap_or(0);
+        let tokens = e.gen.tokens();
+        // Only blocks of tokens the sequence holds (a cache past them would be a bug: offering
+        // their K/V under other tokens would poison the prefix cache).
+        let cached = self.runner.cached(seq).unwrap_or(0).min(tokens.len());
         let full = cached / bs;
         if full <= e.registered {
             return;
         }
-        let tokens = e.gen.tokens();
         let table = self.runner.block_table(seq).unwrap_or(&[]).to_vec();
         for k in e.registered..full {
             e.last_hash = self.runner.kv_manager().offer(e.last_hash, &tokens[k * bs..(k + 1) * bs], table[k]);
@@ -1988,5 +1992,44 @@ mod tests {
         assert!(plain[1].0.iter().all(|t| t % 2 == 0));
         // The draft knows neither the constraint nor the penalties: some drafts were rejected.
         assert!(st.spec_accepted > 0 && st.spec_accepted < st.spec_drafted, "{st:?}");
+    }
+
+    /// A constraint that allows every token until its `n`-th mask, which fails.
+    struct FailAt {
+        n: usize,
+        all: Vec<u32>,
+    }
+
+    impl qwick_sampler::TokenConstraint for FailAt {
+        fn allowed(&mut self) -> std::result::Result<&[u32], String> {
+            self.n -= 1;
+            if self.n == 0 {
+                return Err("the grammar broke".into());
+            }
+            Ok(&self.all)
+        }
+
+        fn consume(&mut self, _: u32) -> std::result::Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// A constraint failing on any row of a span of drafts fails its request alone: its drafts
+    /// are rolled back, no other request is touched, and the books stay right.
+    #[test]
+    fn a_constraint_failing_among_drafts_fails_its_request_alone() {
+        for n in 1..12 {
+            let (mut s, _) = drafting(0, 4, 8);
+            let p = prompt(2, 13);
+            let mut g = SeqGen::new(&p, params(16)).unwrap();
+            g.constrain(Box::new(FailAt { n, all: (0..VOCAB as u32).collect() }), None);
+            let failing = Sink::default();
+            s.add(Request { gen: g, logprobs: None, adapter: 0 }, Box::new(failing.clone()));
+            let other = add(&mut s, &prompt(5, 9), 16);
+            run(&mut s);
+            assert!(failing.error().is_some_and(|e| e.contains("the grammar broke")), "n = {n}");
+            assert_eq!(other.tokens(), fake::greedy(0, &prompt(5, 9), 16, &[]), "n = {n}");
+            assert_idle_and_consistent(&s);
+        }
     }
 }

@@ -95,10 +95,12 @@ pub(crate) enum Drafter {
 }
 
 impl Drafter {
-    /// Drafts for each ask (at most its `max` tokens; possibly none).
-    pub fn draft(&mut self, asks: &[Ask]) -> Vec<Vec<u32>> {
+    /// Drafts for each ask (at most its `max` tokens; possibly none), and the seconds one
+    /// drafted token took for all of them (a draft model's step, not counting its catching up
+    /// on new tokens; `None` where nothing was timed).
+    pub fn draft(&mut self, asks: &[Ask]) -> (Vec<Vec<u32>>, Option<f64>) {
         match self {
-            Drafter::Ngram { max_n } => asks.iter().map(|a| ngram_draft(a.tokens, *max_n, a.max)).collect(),
+            Drafter::Ngram { max_n } => (asks.iter().map(|a| ngram_draft(a.tokens, *max_n, a.max)).collect(), None),
             Drafter::Model(m) => m.draft(asks),
         }
     }
@@ -146,21 +148,26 @@ impl ModelDrafter {
 
     /// Brings each ask's draft sequence to all but the last of its tokens (rolling back drafts
     /// that were not kept, computing what is new in chunks), then runs the draft model step by
-    /// step from the last token. A failing step (the draft's cache full) drops the drafts of
-    /// that call and the draft sequences of its asks, which start over next time.
-    fn draft(&mut self, asks: &[Ask]) -> Vec<Vec<u32>> {
+    /// step from the last token; returns the drafts and the seconds of one such step. A
+    /// failing step (the draft's cache full) drops the drafts of that call and every draft
+    /// sequence (those of sequences not asking now too, which may be what fills the cache):
+    /// they start over when next asked.
+    fn draft(&mut self, asks: &[Ask]) -> (Vec<Vec<u32>>, Option<f64>) {
         let mut out = vec![vec![]; asks.len()];
-        if let Err(e) = self.try_draft(asks, &mut out) {
-            log_draft_failure(&e);
-            for a in asks {
-                self.forget(a.seq);
+        match self.try_draft(asks, &mut out) {
+            Ok(step_s) => (out, step_s),
+            Err(e) => {
+                log_draft_failure(&e);
+                let all: Vec<SeqId> = self.seqs.keys().copied().collect();
+                for s in all {
+                    self.forget(s);
+                }
+                (vec![vec![]; asks.len()], None)
             }
-            out.iter_mut().for_each(Vec::clear);
         }
-        out
     }
 
-    fn try_draft(&mut self, asks: &[Ask], out: &mut [Vec<u32>]) -> anyhow::Result<()> {
+    fn try_draft(&mut self, asks: &[Ask], out: &mut [Vec<u32>]) -> anyhow::Result<Option<f64>> {
         let live: Vec<usize> = (0..asks.len()).filter(|&i| asks[i].max > 0 && !asks[i].tokens.is_empty()).collect();
         for &i in &live {
             let a = &asks[i];
@@ -203,7 +210,9 @@ impl ModelDrafter {
         // Then one token at a time: the last token, then each draft, while asks want more.
         let mut next: Vec<(usize, u32)> =
             live.iter().map(|&i| (i, *asks[i].tokens.last().expect("not empty"))).collect();
+        let (t0, mut steps) = (std::time::Instant::now(), 0);
         while !next.is_empty() {
+            steps += 1;
             let toks: Vec<[u32; 1]> = next.iter().map(|&(_, t)| [t]).collect();
             let batch: Vec<Span> = next
                 .iter()
@@ -222,7 +231,7 @@ impl ModelDrafter {
             }
             next = more;
         }
-        Ok(())
+        Ok((steps > 0).then(|| t0.elapsed().as_secs_f64() / steps as f64))
     }
 }
 
