@@ -2032,4 +2032,26 @@ mod tests {
             assert_idle_and_consistent(&s);
         }
     }
+
+    /// The draft model keeps the full blocks of a sequence's own tokens in its prefix cache: a
+    /// second request with the same prompt has the draft compute at most the last block of it.
+    #[test]
+    fn the_draft_model_computes_a_shared_prompt_once() {
+        let (s, _) = scheduler(96, spec(SpecMethod::Model, 4, 8));
+        let (draft, draft_state) = fake::skewed_runner(BS, 96, 3);
+        let mut s = s.with_draft_model(draft);
+        let computed = || draft_state.lock().unwrap().batches.iter().map(|b| b.tokens.len()).sum::<usize>();
+        let p = prompt(3, 30);
+        let want = fake::greedy(0, &p, 6, &[]);
+        let first = add(&mut s, &p, 6);
+        run(&mut s);
+        let by_first = computed();
+        let second = add(&mut s, &p, 6);
+        run(&mut s);
+        let by_second = computed() - by_first;
+        assert_eq!((first.tokens(), second.tokens()), (want.clone(), want));
+        // The prompt's first 28 tokens (7 blocks) came from the draft's cache.
+        assert!(by_first >= 29 && by_second + 28 <= by_first, "first {by_first}, second {by_second}");
+        assert_idle_and_consistent(&s);
+    }
 }

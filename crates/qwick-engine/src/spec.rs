@@ -16,6 +16,7 @@
 //! acceptance and the measured cost of drafting; steps with more than
 //! [`SpecConfig::max_seqs`] sequences decoding do not speculate at all.
 
+use crate::kv_manager::ROOT_HASH;
 use crate::runner::{argmax, Logits, Runner, SeqId, Span};
 use std::collections::HashMap;
 
@@ -125,11 +126,23 @@ impl Drafter {
     }
 }
 
-/// Drafts from a draft model, greedily, over a runner of its own.
+/// Drafts from a draft model, greedily, over a runner of its own, whose prefix cache keeps the
+/// full blocks of the sequences' own tokens (a prompt shared by requests, or a chat's earlier
+/// turns, is computed by the draft once).
 pub(crate) struct ModelDrafter {
     runner: Runner,
-    /// Per target sequence: the draft runner's sequence and the tokens whose K/V it holds.
-    seqs: HashMap<SeqId, (SeqId, Vec<u32>)>,
+    /// Per target sequence: its draft sequence.
+    seqs: HashMap<SeqId, DraftSeq>,
+}
+
+struct DraftSeq {
+    /// The draft runner's sequence.
+    seq: SeqId,
+    /// The tokens whose K/V the draft cache holds (the sequence's, then drafts).
+    known: Vec<u32>,
+    /// Leading blocks offered to the prefix cache, and the hash of that prefix.
+    registered: usize,
+    hash: u64,
 }
 
 /// Tokens of one sequence the draft model catches up on per forward call, at most.
@@ -141,9 +154,36 @@ impl ModelDrafter {
     }
 
     pub fn forget(&mut self, seq: SeqId) {
-        if let Some((d, _)) = self.seqs.remove(&seq) {
-            self.runner.free_sequence(d);
+        if let Some(d) = self.seqs.remove(&seq) {
+            self.runner.free_sequence(d.seq);
         }
+    }
+
+    /// A draft sequence for `tokens`, from the longest cached prefix of all but the last.
+    fn start(&mut self, tokens: &[u32]) -> anyhow::Result<DraftSeq> {
+        let bs = self.runner.block_size();
+        let (blocks, hash) = self.runner.kv_manager().lookup(tokens, bs, (tokens.len() - 1) / bs, ROOT_HASH);
+        let seq = self.runner.add_sequence_with_prefix(tokens.len(), &blocks)?;
+        let known = tokens[..blocks.len() * bs].to_vec();
+        Ok(DraftSeq { seq, known, registered: blocks.len(), hash })
+    }
+
+    /// Offers the full blocks of `d`'s known tokens, all the sequence's own, to the prefix cache.
+    fn register(&mut self, d: &mut DraftSeq) {
+        let bs = self.runner.block_size();
+        let table = self.runner.block_table(d.seq).unwrap_or(&[]).to_vec();
+        let full = (d.known.len() / bs).min(table.len());
+        for k in d.registered..full {
+            d.hash = self.runner.kv_manager().offer(d.hash, &d.known[k * bs..(k + 1) * bs], table[k]);
+        }
+        d.registered = d.registered.max(full);
+    }
+
+    /// Runs one step of the draft runner, evicting cached prefixes nobody uses to make room.
+    fn step(&mut self, spans: &[Span]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let need: usize = spans.iter().map(|s| self.runner.blocks_needed(s.seq, s.tokens.len()).unwrap_or(0)).sum();
+        while self.runner.blocks().num_free() < need && self.runner.kv_manager().evict_one() {}
+        self.runner.step(spans)
     }
 
     /// Brings each ask's draft sequence to all but the last of its tokens (rolling back drafts
@@ -171,29 +211,31 @@ impl ModelDrafter {
         let live: Vec<usize> = (0..asks.len()).filter(|&i| asks[i].max > 0 && !asks[i].tokens.is_empty()).collect();
         for &i in &live {
             let a = &asks[i];
-            let (d, known) = match self.seqs.get_mut(&a.seq) {
-                Some(e) => e,
-                None => {
-                    let d = self.runner.add_sequence();
-                    self.seqs.entry(a.seq).or_insert((d, vec![]))
-                }
+            let mut d = match self.seqs.remove(&a.seq) {
+                Some(d) => d,
+                None => self.start(a.tokens)?,
             };
             // Keep the longest prefix of what the draft cache holds that the sequence still has,
-            // leaving at least the last token to compute.
-            let same = known.iter().zip(a.tokens).take_while(|(k, t)| k == t).count();
+            // leaving at least the last token to compute (never into shared blocks: those hold
+            // the sequence's own tokens, which it keeps).
+            let same = d.known.iter().zip(a.tokens).take_while(|(k, t)| k == t).count();
             let keep = same.min(a.tokens.len() - 1);
-            self.runner.rollback(*d, keep)?;
-            known.truncate(keep);
+            let rolled = self.runner.rollback(d.seq, keep);
+            d.known.truncate(keep);
+            self.register(&mut d);
+            // Kept before any error, so that a failure frees it with the others.
+            self.seqs.insert(a.seq, d);
+            rolled?;
         }
         // Catch up in chunks until only the last token's span remains for every ask.
         loop {
             let mut spans = vec![];
             for &i in &live {
-                let (d, known) = &self.seqs[&asks[i].seq];
-                let rest = &asks[i].tokens[known.len()..];
+                let d = &self.seqs[&asks[i].seq];
+                let rest = &asks[i].tokens[d.known.len()..];
                 if rest.len() > 1 {
                     let n = (rest.len() - 1).min(CATCH_UP_CHUNK);
-                    spans.push((i, *d, &rest[..n]));
+                    spans.push((i, d.seq, &rest[..n]));
                 }
             }
             if spans.is_empty() {
@@ -201,10 +243,13 @@ impl ModelDrafter {
             }
             let batch: Vec<Span> =
                 spans.iter().map(|&(_, seq, t)| Span { seq, tokens: t, logits: Logits::None }).collect();
-            self.runner.step(&batch)?;
+            self.step(&batch)?;
             let done: Vec<(usize, Vec<u32>)> = spans.iter().map(|&(i, _, t)| (i, t.to_vec())).collect();
             for (i, t) in done {
-                self.seqs.get_mut(&asks[i].seq).unwrap().1.extend(t);
+                let mut d = self.seqs.remove(&asks[i].seq).expect("asked");
+                d.known.extend(t);
+                self.register(&mut d);
+                self.seqs.insert(asks[i].seq, d);
             }
         }
         // Then one token at a time: the last token, then each draft, while asks want more.
@@ -217,12 +262,12 @@ impl ModelDrafter {
             let batch: Vec<Span> = next
                 .iter()
                 .zip(&toks)
-                .map(|(&(i, _), t)| Span { seq: self.seqs[&asks[i].seq].0, tokens: t, logits: Logits::Last })
+                .map(|(&(i, _), t)| Span { seq: self.seqs[&asks[i].seq].seq, tokens: t, logits: Logits::Last })
                 .collect();
-            let logits = self.runner.step(&batch)?;
+            let logits = self.step(&batch)?;
             let mut more = vec![];
             for ((i, t), l) in next.into_iter().zip(logits) {
-                self.seqs.get_mut(&asks[i].seq).unwrap().1.push(t);
+                self.seqs.get_mut(&asks[i].seq).expect("asked").known.push(t);
                 let d = argmax(&l);
                 out[i].push(d);
                 if out[i].len() < asks[i].max {
