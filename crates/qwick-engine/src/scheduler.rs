@@ -393,7 +393,7 @@ impl Scheduler {
 
     /// Drafts with `draft`, a runner over the draft model (with [`SpecMethod::Model`]).
     pub fn with_draft_model(mut self, draft: Runner) -> Scheduler {
-        self.drafter = Some(Drafter::Model(ModelDrafter::new(draft)));
+        self.drafter = Some(Drafter::Model(Box::new(ModelDrafter::new(draft))));
         self
     }
 
@@ -462,7 +462,7 @@ impl Scheduler {
             last_hash: root_hash(req.adapter),
             adapter: req.adapter,
             pooling,
-            draft_len: DraftLen::new(),
+            draft_len: DraftLen::default(),
         });
     }
 

@@ -92,7 +92,7 @@ pub(crate) struct Ask<'a> {
 /// Where a scheduler's drafts come from.
 pub(crate) enum Drafter {
     Ngram { max_n: usize },
-    Model(ModelDrafter),
+    Model(Box<ModelDrafter>),
 }
 
 impl Drafter {
@@ -173,8 +173,8 @@ impl ModelDrafter {
         let bs = self.runner.block_size();
         let table = self.runner.block_table(d.seq).unwrap_or(&[]).to_vec();
         let full = (d.known.len() / bs).min(table.len());
-        for k in d.registered..full {
-            d.hash = self.runner.kv_manager().offer(d.hash, &d.known[k * bs..(k + 1) * bs], table[k]);
+        for (k, &block) in table.iter().enumerate().take(full).skip(d.registered) {
+            d.hash = self.runner.kv_manager().offer(d.hash, &d.known[k * bs..(k + 1) * bs], block);
         }
         d.registered = d.registered.max(full);
     }
@@ -352,13 +352,15 @@ const MAX_PAUSE: usize = 256;
 /// Weight of the past in the acceptance average, per verification.
 const DECAY: f64 = 0.8;
 
-impl DraftLen {
-    /// A new sequence's: acceptance assumed 0.6 (the weight of about two verifications)
-    /// until measured.
-    pub fn new() -> DraftLen {
+/// A new sequence's: acceptance assumed 0.6 (the weight of about two verifications) until
+/// measured.
+impl Default for DraftLen {
+    fn default() -> DraftLen {
         DraftLen { accepted: 1.2, judged: 2.0, paused: 0, pause: PAUSE }
     }
+}
 
+impl DraftLen {
     /// The acceptance rate measured so far.
     pub fn acceptance(&self) -> f64 {
         self.accepted / self.judged
@@ -421,7 +423,7 @@ mod tests {
 
     #[test]
     fn draft_length_follows_acceptance_and_cost() {
-        let mut d = DraftLen::new();
+        let mut d = DraftLen::default();
         // Cheap drafts (prompt lookup) at the assumed 0.6: about 4 (the verified rows cost).
         assert_eq!(d.next(8, 0.0), 4);
         // Drafts costing 0.4 of a step at 0.6 acceptance: one.
