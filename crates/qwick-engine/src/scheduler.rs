@@ -1810,9 +1810,21 @@ mod tests {
     /// A scheduler that drafts with a fake draft model agreeing with the fake after all but one
     /// context in `skew` (always, for 0).
     fn drafting(skew: u64, max_draft: usize, max_seqs: usize) -> (Scheduler, Arc<Mutex<FakeState>>) {
-        let (s, state) = scheduler(96, spec(SpecMethod::Model, max_draft, max_seqs));
-        let (draft, _) = fake::skewed_runner(BS, 96, skew);
-        (s.with_draft_model(draft), state)
+        let (s, state, _) = drafting_in(96, skew, max_draft, max_seqs);
+        (s, state)
+    }
+
+    /// [`drafting`] with a cache of `num_blocks` blocks (the draft's of 96), and the draft's
+    /// state too.
+    fn drafting_in(
+        num_blocks: usize,
+        skew: u64,
+        max_draft: usize,
+        max_seqs: usize,
+    ) -> (Scheduler, Arc<Mutex<FakeState>>, Arc<Mutex<FakeState>>) {
+        let (s, state) = scheduler(num_blocks, spec(SpecMethod::Model, max_draft, max_seqs));
+        let (draft, draft_state) = fake::skewed_runner(BS, 96, skew);
+        (s.with_draft_model(draft), state, draft_state)
     }
 
     /// Requests of several lengths, one of them arriving mid-way (a prefill beside verifying
@@ -1905,9 +1917,7 @@ mod tests {
     fn preempted_and_cancelled_sequences_free_their_draft_cache() {
         // A cache of 48 tokens for three sequences of 23: preemption drops their draft
         // sequences, and they come back.
-        let (s, _) = scheduler(12, spec(SpecMethod::Model, 4, 8));
-        let (draft, _) = fake::skewed_runner(BS, 96, 3);
-        let mut s = s.with_draft_model(draft);
+        let (mut s, _, _) = drafting_in(12, 3, 4, 8);
         let prompts: Vec<Vec<u32>> = (0..3).map(|i| prompt(i, 9)).collect();
         let sinks: Vec<Sink> = prompts.iter().map(|p| add(&mut s, p, 14)).collect();
         let cancelled = add(&mut s, &prompt(7, 5), 30);
@@ -2037,9 +2047,7 @@ mod tests {
     /// second request with the same prompt has the draft compute at most the last block of it.
     #[test]
     fn the_draft_model_computes_a_shared_prompt_once() {
-        let (s, _) = scheduler(96, spec(SpecMethod::Model, 4, 8));
-        let (draft, draft_state) = fake::skewed_runner(BS, 96, 3);
-        let mut s = s.with_draft_model(draft);
+        let (mut s, _, draft_state) = drafting_in(96, 3, 4, 8);
         let computed = || draft_state.lock().unwrap().batches.iter().map(|b| b.tokens.len()).sum::<usize>();
         let p = prompt(3, 30);
         let want = fake::greedy(0, &p, 6, &[]);

@@ -18,6 +18,8 @@ const KV_WRITE: &str = include_str!("wgsl/kv_write.wgsl");
 const ATTENTION: &str = include_str!("wgsl/attention.wgsl");
 const ATTENTION_MERGE: &str = include_str!("wgsl/attention_merge.wgsl");
 const ATTENTION_TILE: &str = include_str!("wgsl/attention_tile.wgsl");
+/// The bindings and K/V row addressing both attention kernels share.
+const PAGED: &str = include_str!("wgsl/paged.wgsl");
 /// attention.wgsl's last step unsplit: the output.
 const FINISH_OUT: &str = "@group(0) @binding(5) var<storage, read_write> out: array<f32>;
 fn finish(id: u32, qo: u32, t: u32, m: f32, l: f32, acc: array<f32, 4>) {
@@ -310,7 +312,7 @@ impl Recorder<'_> {
         fits("attention q", a.q, a.n * a.heads * a.d);
         fits("attention out", a.out, a.n * a.heads * a.d);
         let (f, splits) = (a.format, a.splits.max(1));
-        let kernel = |finish: &str| format!("{}{finish}\n{ATTENTION}", kv_elements(f, false));
+        let kernel = |finish: &str| format!("{}{PAGED}\n{finish}\n{ATTENTION}", kv_elements(f, false));
         // Each split a whole number of 64-position windows, together reaching the furthest.
         let span = (a.max_pos + 1).div_ceil(splits).next_multiple_of(64);
         let params = [
@@ -326,9 +328,9 @@ impl Recorder<'_> {
         ];
         let items = a.n * a.heads;
         if let (Some((tiles, count)), 1) = (a.tiles, splits) {
-            let pipe = self
-                .gpu
-                .pipeline(&format!("attention_tile_{f}"), || format!("{}\n{ATTENTION_TILE}", kv_elements(f, false)));
+            let pipe = self.gpu.pipeline(&format!("attention_tile_{f}"), || {
+                format!("{}{PAGED}\n{ATTENTION_TILE}", kv_elements(f, false))
+            });
             let params =
                 [u(a.n), u(a.heads), u(a.kv_heads), u(a.d), u(a.block_size), a.scale.to_bits(), u(a.seqs), u(count)];
             self.dispatch(pipe, &params, &[a.q, a.k, a.v, a.meta, tiles, a.out], u(count * a.heads));

@@ -1,27 +1,17 @@
-// Causal attention over a paged KV cache (elements read by kernels.rs' kv_elements, prepended),
-// one workgroup per (query token, head, split of the positions): the token at position pos
+// Causal attention over a paged KV cache (kernels.rs prepends its element reader and
+// paged.wgsl's bindings and row addressing), one workgroup per (query token, head, split of the positions): the token at position pos
 // attends to its sequence's keys 0..=pos, those of its split (p.span positions from s · span)
 // 64 at a time with a running maximum and sum (softmax in f32), each thread keeping up to 4 of
 // the head's output values. Unsplit, the workgroup writes the output; split (long contexts and
 // few tokens, so that many workgroups share a row's positions), it writes its maximum, sum and
 // unnormalised values to part, which attention_merge.wgsl merges. finish() is one or the other
 // (prepended by kernels.rs).
-// info: positions[n], seq_of_token[n], table_start[seqs], then the block tables.
 struct P { n: u32, heads: u32, kv_heads: u32, d: u32, block_size: u32, scale: f32, seqs: u32, splits: u32, span: u32 }
 @group(0) @binding(0) var<uniform> p: P;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> kc: array<u32>;
-@group(0) @binding(3) var<storage, read> vc: array<u32>;
-@group(0) @binding(4) var<storage, read> info: array<u32>;
 
 var<workgroup> qs: array<f32, 256>;
 var<workgroup> sc: array<f32, 64>;
 var<workgroup> wpos: u32;
-
-fn key_row(table: u32, kvh: u32, pos: u32) -> u32 {
-    let block = info[table + pos / p.block_size];
-    return ((block * p.kv_heads + kvh) * p.block_size + pos % p.block_size) * p.d;
-}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -40,8 +30,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     }
     // The position, as a value every invocation agrees on (the loop below has barriers).
     let pos = workgroupUniformLoad(&wpos);
-    let seq = info[p.n + tok];
-    let table = 2u * p.n + p.seqs + info[2u * p.n + seq];
+    let table = table_of(tok);
     let qo = (tok * p.heads + h) * p.d;
     for (var j = t; j < p.d; j += 64u) {
         qs[j] = q[qo + j];

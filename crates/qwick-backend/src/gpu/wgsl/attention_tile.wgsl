@@ -1,17 +1,12 @@
-// Causal attention of prefill tiles over a paged KV cache (elements read by kernels.rs'
-// kv_elements, prepended): one workgroup per (tile, head), a tile being up to 8 consecutive
+// Causal attention of prefill tiles over a paged KV cache (kernels.rs prepends its element
+// reader and paged.wgsl's bindings and row addressing): one workgroup per (tile, head), a tile being up to 8 consecutive
 // query tokens of one sequence (tiles[2 i] its first token, tiles[2 i + 1] its count). Each
 // key and value the tile needs is read once for all its tokens: 64 positions at a time, thread
 // t scores position t against every token of the tile, then each token's running maximum and
 // sum are updated (softmax in f32, as attention.wgsl) and each thread accumulates up to 4 of the
 // head's output values of every token. Token r (at position pos_r) attends to positions 0..=pos_r.
-// info: positions[n], seq_of_token[n], table_start[seqs], then the block tables.
 struct P { n: u32, heads: u32, kv_heads: u32, d: u32, block_size: u32, scale: f32, seqs: u32, tiles: u32 }
 @group(0) @binding(0) var<uniform> p: P;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> kc: array<u32>;
-@group(0) @binding(3) var<storage, read> vc: array<u32>;
-@group(0) @binding(4) var<storage, read> info: array<u32>;
 @group(0) @binding(5) var<storage, read> tiles: array<u32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 
@@ -19,11 +14,6 @@ const TQ: u32 = 8u;
 var<workgroup> qs: array<f32, 2048>;
 var<workgroup> sc: array<f32, 512>;
 var<workgroup> wlast: u32;
-
-fn key_row(table: u32, kvh: u32, pos: u32) -> u32 {
-    let block = info[table + pos / p.block_size];
-    return ((block * p.kv_heads + kvh) * p.block_size + pos % p.block_size) * p.d;
-}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -43,8 +33,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     // The tile's last position, as a value every invocation agrees on (barriers below).
     let last = workgroupUniformLoad(&wlast);
     let pos0 = info[first];
-    let seq = info[p.n + first];
-    let table = 2u * p.n + p.seqs + info[2u * p.n + seq];
+    let table = table_of(first);
     for (var r = 0u; r < count; r++) {
         let qo = ((first + r) * p.heads + h) * p.d;
         for (var j = t; j < p.d; j += 64u) {
