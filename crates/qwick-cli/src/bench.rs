@@ -248,6 +248,10 @@ fn weight_kernels(model: &qwick_model::Qwen3, device: DeviceSpec) -> (Kernels, V
 fn time_generation(runner: &mut Runner, vocab: usize, a: &BenchArgs) -> Result<(f64, f64)> {
     let prompts = bench_prompts(vocab, a);
     let seqs: Vec<_> = prompts.iter().map(|_| runner.add_sequence()).collect();
+    for &s in &seqs {
+        // Greedy decoding reads the best logit alone (a device brings back just that).
+        runner.set_candidates(s, Some(1))?;
+    }
     let t0 = Instant::now();
     let spans: Vec<Span> =
         seqs.iter().zip(&prompts).map(|(&seq, p)| Span { seq, tokens: p, logits: Logits::Last }).collect();

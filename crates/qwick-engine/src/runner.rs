@@ -56,6 +56,8 @@ struct Sequence {
     blocks: Vec<u32>,
     /// The model's LoRA adapter this sequence runs with (0: the model's default).
     adapter: u16,
+    /// How many of its logits' highest-ranked entries are read (0: all).
+    candidates: u32,
 }
 
 /// Which logits a span asks for.
@@ -227,7 +229,7 @@ impl Runner {
     pub fn add_sequence(&mut self) -> SeqId {
         let id = self.next_id;
         self.next_id += 1;
-        self.seqs.insert(id, Sequence { cached: 0, blocks: vec![], adapter: 0 });
+        self.seqs.insert(id, Sequence { cached: 0, blocks: vec![], adapter: 0, candidates: 0 });
         id
     }
 
@@ -237,6 +239,15 @@ impl Runner {
             bail!("adapter {adapter} asked for, but the model has {}", self.model.adapters());
         }
         self.seqs.get_mut(&seq).ok_or_else(|| anyhow!("unknown sequence {seq}"))?.adapter = adapter;
+        Ok(())
+    }
+
+    /// Says that only the `n` highest-ranked logits of each of the sequence's rows are read
+    /// (what [`qwick_sampler::SamplingParams::candidates`] gives), so that a device may bring
+    /// back just those ([`Batch::candidates`]); `None`: every logit, as by default.
+    pub fn set_candidates(&mut self, seq: SeqId, n: Option<usize>) -> Result<()> {
+        let s = self.seqs.get_mut(&seq).ok_or_else(|| anyhow!("unknown sequence {seq}"))?;
+        s.candidates = n.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX).max(1));
         Ok(())
     }
 
@@ -259,7 +270,7 @@ impl Runner {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.seqs.insert(id, Sequence { cached, blocks: prefix_blocks.to_vec(), adapter: 0 });
+        self.seqs.insert(id, Sequence { cached, blocks: prefix_blocks.to_vec(), adapter: 0, candidates: 0 });
         Ok(id)
     }
 
@@ -347,6 +358,7 @@ impl Runner {
             if sp.logits == Logits::Hidden {
                 batch.hidden_rows.push(rows.end as u32 - 1);
             }
+            batch.candidates.resize(batch.logits_rows.len(), s.candidates);
         }
         let logits = self.model.forward(&batch)?;
         let (vocab, hidden) = (self.model.vocab_size(), self.model.hidden_size());
@@ -465,6 +477,23 @@ mod tests {
             assert_eq!(r.blocks().num_used(), 0);
             assert_eq!(r.blocks().check(r.block_references()), Ok(()));
         }
+    }
+
+    #[test]
+    fn each_logits_row_carries_its_sequences_candidates() {
+        let (mut r, state) = fake::runner(4, 8);
+        let p = prompt(1, 9);
+        let (a, b, c) = (r.add_sequence(), r.add_sequence(), r.add_sequence());
+        r.set_candidates(a, Some(20)).unwrap();
+        r.set_candidates(b, Some(1)).unwrap();
+        assert!(r.set_candidates(99, Some(1)).is_err());
+        let spans = [span(a, &p[..3], Logits::All), span(b, &p[..2], Logits::Last), span(c, &p[..2], Logits::Last)];
+        r.step(&spans).unwrap();
+        r.set_candidates(a, None).unwrap();
+        r.step(&[span(b, &p[2..4], Logits::None), span(a, &p[3..4], Logits::Last)]).unwrap();
+        let st = state.lock().unwrap();
+        assert_eq!(st.batches[0].candidates, [20, 20, 20, 1, 0]);
+        assert_eq!(st.batches[1].candidates, [0]);
     }
 
     #[test]

@@ -299,6 +299,15 @@ impl Entry {
         self.prompt_logprobs.is_some() && !self.prompt_lps_sent
     }
 
+    /// How many of each row's highest-ranked logits this request reads (see
+    /// [`SeqGen::candidates`]); `None` with logprobs, which read them all.
+    fn candidates(&self) -> Option<usize> {
+        if self.logprobs.is_some() || self.prompt_logprobs.is_some() {
+            return None;
+        }
+        self.gen.candidates()
+    }
+
     /// What a span of this sequence needs: every position's logits for prompt logprobs, else,
     /// where it ends the pending tokens, the last one's (or, pooling the last hidden state,
     /// that).
@@ -700,9 +709,11 @@ impl Scheduler {
             let root = root_hash(self.waiting[0].adapter);
             let (prefix_blocks, prefix_hash) =
                 if lookup { self.runner.kv_manager().lookup(tokens, bs, (n - 1) / bs, root) } else { (vec![], root) };
+            let (adapter, candidates) = (self.waiting[0].adapter, self.waiting[0].candidates());
             let added = self.runner.add_sequence_with_prefix(n, &prefix_blocks).and_then(|s| {
                 self.runner
-                    .set_adapter(s, self.waiting[0].adapter)
+                    .set_adapter(s, adapter)
+                    .and_then(|_| self.runner.set_candidates(s, candidates))
                     .map(|_| s)
                     .inspect_err(|_| self.runner.free_sequence(s))
             });
@@ -1652,6 +1663,27 @@ mod tests {
         assert_eq!((limit.tokens(), limit.finish()), (free_run[..3].to_vec(), Some(FinishReason::Length)));
         assert_eq!((context.tokens(), context.finish()), (free_run[..4].to_vec(), Some(FinishReason::Length)));
         assert_idle_and_consistent(&s);
+    }
+
+    #[test]
+    fn requests_ask_for_the_logits_their_sampling_reads() {
+        let (mut s, state) = scheduler(64, config(100, 8, false));
+        let p = prompt(1, 5);
+        add(&mut s, &p, 2);
+        let top_k = GenParams {
+            sampling: qwick_sampler::SamplingParams { top_k: 7, seed: Some(1), ..Default::default() },
+            ..params(2)
+        };
+        s.add(Request { gen: SeqGen::new(&p, top_k).unwrap(), logprobs: None, adapter: 0 }, Box::new(Sink::default()));
+        s.add(
+            Request { gen: SeqGen::new(&p, params(2)).unwrap(), logprobs: Some(2), adapter: 0 },
+            Box::new(Sink::default()),
+        );
+        s.add_with(request(&p, 2), Some(1), Box::new(Sink::default()));
+        run(&mut s);
+        let st = state.lock().unwrap();
+        // The first step: the prompts' last rows (every row of the one with prompt logprobs).
+        assert_eq!(st.batches[0].candidates, [1, 7, 0, 0, 0, 0, 0, 0]);
     }
 
     #[test]

@@ -211,6 +211,15 @@ impl SeqGen {
         }
     }
 
+    /// How many of each step's highest-ranked logits deciding reads ([`SamplingParams::candidates`]);
+    /// `None` (every logit) under a constraint, whose mask may exclude them all.
+    pub fn candidates(&self) -> Option<usize> {
+        if self.constraint.is_some() {
+            return None;
+        }
+        self.sampler.params().candidates()
+    }
+
     pub fn prompt(&self) -> &[u32] {
         &self.tokens[..self.prompt_len]
     }

@@ -164,6 +164,8 @@ impl ModelDrafter {
         let bs = self.runner.block_size();
         let (blocks, hash) = self.runner.kv_manager().lookup(tokens, bs, (tokens.len() - 1) / bs, ROOT_HASH);
         let seq = self.runner.add_sequence_with_prefix(tokens.len(), &blocks)?;
+        // Drafts are the arg-max: the best logit is all a draft step reads.
+        self.runner.set_candidates(seq, Some(1))?;
         let known = tokens[..blocks.len() * bs].to_vec();
         Ok(DraftSeq { seq, known, registered: blocks.len(), hash })
     }

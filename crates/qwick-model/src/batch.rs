@@ -17,6 +17,11 @@ pub struct Batch {
     pub slot_mapping: Vec<u32>,
     /// Rows (indices into `tokens`) whose logits are wanted, in output order.
     pub logits_rows: Vec<u32>,
+    /// Per logits row (or empty: none), how many of its highest-ranked logits the caller
+    /// reads (0: every one), ranked as the sampler ranks them: higher first, ties to the lower
+    /// id, NaN as -inf. A model may return only those (and NaN as -inf), the rest of the row
+    /// -inf; the CPU returns every logit.
+    pub candidates: Vec<u32>,
     /// Rows whose hidden states after the final norm are wanted (pooled embeddings), given
     /// after the logits, in this order.
     pub hidden_rows: Vec<u32>,
@@ -96,6 +101,9 @@ impl Batch {
             if self.slot_mapping[i] as usize >= num_blocks * block_size {
                 bail!("token {i}: cache slot {} is outside the cache", self.slot_mapping[i]);
             }
+        }
+        if !self.candidates.is_empty() && self.candidates.len() != self.logits_rows.len() {
+            bail!("{} candidate counts for {} logits rows", self.candidates.len(), self.logits_rows.len());
         }
         if let Some(r) = self.logits_rows.iter().chain(&self.hidden_rows).find(|&&r| r as usize >= n) {
             bail!("logits row {r} is outside the batch of {n} tokens");

@@ -28,6 +28,13 @@ pub trait Exec {
     fn keep(&mut self, x: &Self::T) -> Vec<f32>;
     /// `x` on the host.
     fn take(&mut self, x: Self::T) -> Vec<f32>;
+    /// The logits `l` (rows of `vocab`) on the host, where row `i` is read only for its `top[i]`
+    /// highest-ranked logits (0, or no entry: all of them; see [`crate::Batch::candidates`]): a
+    /// device may bring back just those, the rest of the row -inf.
+    fn take_logits(&mut self, l: Self::T, vocab: usize, top: &[u32]) -> Vec<f32> {
+        let _ = (vocab, top);
+        self.take(l)
+    }
     /// `len` zeros.
     fn zeros(&mut self, len: usize) -> Self::T;
     /// Each row of `x`, normalised by `n`.

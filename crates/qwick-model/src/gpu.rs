@@ -398,6 +398,41 @@ impl Exec for GpuPass<'_> {
         self.keep(&x)
     }
 
+    fn take_logits(&mut self, l: Dev, vocab: usize, top: &[u32]) -> Vec<f32> {
+        let rows = l.len / vocab;
+        // Rows that need every logit: no count, or more than the kernel keeps.
+        let whole = |r: usize| top.get(r).is_none_or(|&k| k == 0 || k as usize > gpu::MAX_TOP);
+        let k = (0..rows).filter(|&r| !whole(r)).map(|r| top[r] as usize).max().unwrap_or(0);
+        if k == 0 {
+            return self.take(l);
+        }
+        // The top k of every row ((id, value) pairs), and the rows needed whole, read back at once.
+        let pairs = self.rec.top(&l.buf, rows, vocab, k);
+        self.flush();
+        let full: Vec<usize> = (0..rows).filter(|&r| whole(r)).collect();
+        let row_bytes = 4 * vocab as u64;
+        let mut ranges = vec![(&pairs, 0, 8 * (rows * k) as u64)];
+        ranges.extend(full.iter().map(|&r| (&l.buf, r as u64 * row_bytes, row_bytes)));
+        let bytes = self.m.gpu.read_ranges(&ranges);
+        let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+        let mut out = vec![f32::NEG_INFINITY; rows * vocab];
+        for r in (0..rows).filter(|&r| !whole(r)) {
+            for j in 0..k {
+                let (id, v) = (word(2 * (r * k + j)), f32::from_bits(word(2 * (r * k + j) + 1)));
+                if (id as usize) < vocab {
+                    out[r * vocab + id as usize] = v;
+                }
+            }
+        }
+        let at = 2 * rows * k;
+        for (i, &r) in full.iter().enumerate() {
+            for (j, o) in out[r * vocab..(r + 1) * vocab].iter_mut().enumerate() {
+                *o = f32::from_bits(word(at + i * vocab + j));
+            }
+        }
+        out
+    }
+
     fn zeros(&mut self, len: usize) -> Dev {
         self.alloc(len)
     }

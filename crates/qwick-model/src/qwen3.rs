@@ -397,11 +397,12 @@ impl Qwen3 {
         let mut x = e.put(self.embed(&batch.tokens));
         self.forward_layers(&mut x, e, None);
         let rows: Vec<usize> = batch.logits_rows.iter().map(|&r| r as usize).collect();
-        let mut parts = rows.chunks(e.rows_at_once(vocab).max(1)).map(|part| {
+        let per = e.rows_at_once(vocab).max(1);
+        let mut parts = rows.chunks(per).enumerate().map(|(i, part)| {
             let sel = e.gather(&x, h, part);
             let hn = e.norm(&self.norm, &sel);
             let l = e.products(&[(&hn, &self.lm_head)]).pop().expect("one product");
-            e.take(l)
+            e.take_logits(l, vocab, batch.candidates.get(i * per..i * per + part.len()).unwrap_or(&[]))
         });
         // One part (always, on the CPU) is the logits as they are; more are joined.
         let mut logits = parts.next().unwrap_or_default();

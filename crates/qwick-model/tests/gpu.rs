@@ -114,6 +114,58 @@ fn weights_and_logits_larger_than_a_binding_are_split() {
     }
 }
 
+/// Rows that read only their highest-ranked logits ([`Batch::candidates`]: 1, 20, 5 or 256 of
+/// them) get those and -inf elsewhere; rows that read them all (0, or more than the device
+/// ranks) and the hidden states come back whole, logits taken 16 rows at a time as well.
+#[test]
+fn rows_that_read_their_candidates_get_those_alone() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let model = Arc::new(Qwen3::load(&root.join("dense_untied_gqa2")).unwrap());
+    let vocab = model.config.vocab_size;
+    for limit in [None, Some(32 << 10)] {
+        let gpu = Gpu::open(0).map(|mut g| {
+            if let Some(l) = limit {
+                g.limit_bindings(l);
+            }
+            g
+        });
+        let Ok(gpu) = gpu else {
+            eprintln!("SKIPPED rows_that_read_their_candidates_get_those_alone: no GPU adapter");
+            return;
+        };
+        let mut gpu = GpuModel::on(gpu, model.clone(), (8, BLOCK, Format::F32)).unwrap();
+        let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+        for (s, batch) in steps(vocab as u32).into_iter().enumerate() {
+            let counts = [1u32, 20, 0, 300, 5, 256];
+            let mut top = batch.clone();
+            top.candidates = (0..batch.logits_rows.len()).map(|i| counts[i % counts.len()]).collect();
+            let got = gpu.forward(&top).unwrap();
+            // The same step again, every logit read back (it writes the same K/V again).
+            let full = gpu.forward(&batch).unwrap();
+            assert_eq!(got.len(), full.len());
+            let rows = batch.logits_rows.len();
+            assert_eq!(got[rows * vocab..], full[rows * vocab..], "step {s}: the hidden states");
+            for (r, &c) in top.candidates.iter().enumerate() {
+                let (g, f) = (&got[r * vocab..(r + 1) * vocab], &full[r * vocab..(r + 1) * vocab]);
+                let what = format!("step {s}, limit {limit:?}, row {r} of {rows}, {c} candidates");
+                if c == 0 || c > 256 {
+                    assert_eq!(g, f, "{what}: the whole row");
+                    continue;
+                }
+                // The entries kept are the row's best-ranked, at least c, with their values.
+                let mut ids: Vec<usize> = (0..vocab).collect();
+                ids.sort_by(|&a, &b| key(f[b]).partial_cmp(&key(f[a])).expect("no NaN").then(a.cmp(&b)));
+                let kept = g.iter().filter(|v| **v != f32::NEG_INFINITY).count();
+                assert!(kept >= c as usize && kept <= 256, "{what}: {kept} kept");
+                for (place, &i) in ids.iter().enumerate() {
+                    let want = if place < kept { key(f[i]) } else { f32::NEG_INFINITY };
+                    assert_eq!(g[i], want, "{what}: logit {i}, ranked {place}");
+                }
+            }
+        }
+    }
+}
+
 /// Sequences of different LoRA adapters in one batch on the GPU: each gets PEFT's logits for
 /// its adapter (`tests/lora`), and the base model's for a sequence without one.
 #[test]

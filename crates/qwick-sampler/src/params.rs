@@ -106,6 +106,25 @@ impl SamplingParams {
         Self { temperature: 0.7, top_p: 0.8, top_k: 20, ..Self::default() }
     }
 
+    /// How many of the highest-ranked logits (higher first, ties to the lower id, NaN as
+    /// -inf) sampling with these parameters reads: 1 when greedy, `top_k` with a top-k; `None`
+    /// where it reads every logit (no top-k, penalties or a logit bias, which may lift a token
+    /// from below, or logprobs, taken over the whole vocabulary). A row holding those logits
+    /// and -inf elsewhere samples as the whole row does, draw for draw.
+    pub fn candidates(&self) -> Option<usize> {
+        let reshaped = self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
+            || !self.logit_bias.is_empty();
+        if reshaped || self.logprobs.is_some() {
+            return None;
+        }
+        if self.is_greedy() {
+            return Some(1);
+        }
+        usize::try_from(self.top_k).ok().filter(|&k| k > 0)
+    }
+
     /// Whether these parameters select greedy decoding (temperature below `1e-5`).
     pub fn is_greedy(&self) -> bool {
         self.temperature < 1e-5

@@ -428,3 +428,61 @@ fn greedy_verification_is_the_arg_max() {
         }
     }
 }
+
+/// `logits` with only its `k` highest-ranked entries kept (higher first, ties to the lower id,
+/// NaN as -inf), the rest -inf: what a device that brings back only the candidates gives.
+fn only_candidates(logits: &[f32], k: usize) -> Vec<f32> {
+    let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    ids.sort_by(|&a, &b| {
+        key(logits[b as usize]).partial_cmp(&key(logits[a as usize])).expect("no NaN").then(a.cmp(&b))
+    });
+    let mut out = vec![f32::NEG_INFINITY; logits.len()];
+    for &i in &ids[..k] {
+        out[i as usize] = key(logits[i as usize]);
+    }
+    out
+}
+
+#[test]
+fn the_candidates_alone_sample_as_the_whole_row() {
+    let cases = [
+        SamplingParams::greedy(),
+        SamplingParams::qwen3_thinking(),
+        SamplingParams::qwen3_non_thinking(),
+        SamplingParams { top_k: 1, temperature: 0.8, ..SamplingParams::default() },
+        SamplingParams { top_k: 5, min_p: 0.1, temperature: 1.3, ..SamplingParams::default() },
+        SamplingParams { top_k: 50, top_p: 0.5, ..SamplingParams::default() },
+    ];
+    for p in cases {
+        let k = p.candidates().unwrap_or_else(|| panic!("{p:?} reads every logit"));
+        let p = SamplingParams { seed: Some(3), ..p };
+        let (mut whole, mut part) = (sampler(p.clone()), sampler(p.clone()));
+        for step in 0..300u64 {
+            // Coarse values (ties), and a NaN and an infinity now and then.
+            let mut l: Vec<f32> = random_logits(1000, step).iter().map(|v| (v * 4.0).round() / 4.0).collect();
+            l[(step as usize * 7) % 1000] = f32::NAN;
+            if step % 3 == 0 {
+                l[(step as usize * 13) % 1000] = f32::NEG_INFINITY;
+            }
+            let mut c = only_candidates(&l, k);
+            let a = whole.sample(&mut l.clone(), &[], &[]).unwrap();
+            assert_eq!(part.sample(&mut c.clone(), &[], &[]).unwrap(), a, "{p:?}, step {step}");
+            // The speculative rule too, with a draft from the candidates or beyond them.
+            let draft = (step as u32 * 31) % 1000;
+            let v = whole.verify(&mut l, &[], &[], draft, &[(draft, 1.0)]).unwrap();
+            assert_eq!(part.verify(&mut c, &[], &[], draft, &[(draft, 1.0)]).unwrap(), v, "{p:?}, step {step}");
+        }
+    }
+    for p in [
+        SamplingParams::default(),
+        SamplingParams { top_p: 0.9, ..SamplingParams::default() },
+        SamplingParams { repetition_penalty: 1.1, ..SamplingParams::greedy() },
+        SamplingParams { presence_penalty: 0.5, ..SamplingParams::qwen3_thinking() },
+        SamplingParams { frequency_penalty: 0.5, ..SamplingParams::qwen3_thinking() },
+        SamplingParams { logit_bias: vec![(3, 5.0)], ..SamplingParams::greedy() },
+        SamplingParams { logprobs: Some(2), ..SamplingParams::greedy() },
+    ] {
+        assert_eq!(p.candidates(), None, "{p:?} reads logits beyond its top-k");
+    }
+}

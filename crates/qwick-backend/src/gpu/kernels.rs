@@ -42,6 +42,12 @@ const TILE: &str = include_str!("wgsl/tile.wgsl");
 const MATMUL_TILE: &str = include_str!("wgsl/matmul_tile.wgsl");
 const MOE_SORT: &str = include_str!("wgsl/moe_sort.wgsl");
 const MOE_TILE: &str = include_str!("wgsl/moe_tile.wgsl");
+const TOP: &str = include_str!("wgsl/top.wgsl");
+
+/// Entries one workgroup of the top-k kernel ranks (`SEG` in top.wgsl).
+const TOP_SEGMENT: usize = 4096;
+/// The most entries a row [`Recorder::top`] keeps.
+pub const MAX_TOP: usize = 256;
 
 /// Activation rows of a tile of the tiled products (`TM` in tile.wgsl): from this many rows on
 /// (a prefill), a product is taken by tiles, each weight read once per this many rows, rather
@@ -369,6 +375,28 @@ impl Recorder<'_> {
 }
 
 impl Recorder<'_> {
+    /// The `k` highest-ranked values of each of the `rows` rows of `len` values of `x`, in the
+    /// sampler's order (higher value first, ties to the lower index, NaN as -inf and written as
+    /// -inf), as `[rows, k]` (index, value bits) pairs in the buffer returned; index
+    /// `u32::MAX` past a row's last value. Each pass ranks segments of a row apart and keeps
+    /// each one's top `k`; passes repeat over their own output until one segment is left.
+    pub fn top(&mut self, x: &Buf, rows: usize, len: usize, k: usize) -> Buf {
+        assert!((1..=MAX_TOP).contains(&k), "the top {k} of a row");
+        fits("top x", x, rows * len);
+        let pipe = self.gpu.pipeline("top", || TOP.to_string());
+        let (mut src, mut len, mut raw) = (x.clone(), len, 1);
+        loop {
+            let segs = len.div_ceil(TOP_SEGMENT).max(1);
+            let dst = self.gpu.zeros(8 * (rows * segs * k) as u64).expect("the top-k pairs");
+            self.dispatch(pipe.clone(), &[u(rows), u(len), u(k), u(segs), raw], &[&src, &dst], u(rows * segs));
+            if segs == 1 {
+                return dst;
+            }
+            // Each pass leaves at most half the entries (k ≤ SEG / 16).
+            (src, len, raw) = (dst, segs * k, 0);
+        }
+    }
+
     /// Reads every byte of `src` once (see [`super::Gpu::read_bandwidth`]); `out` is written
     /// only in theory.
     pub(crate) fn read_all(&mut self, src: &Buf, out: &Buf) {

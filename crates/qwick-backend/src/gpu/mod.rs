@@ -15,7 +15,7 @@ mod recorder;
 mod tests;
 
 pub use formats::{reads, supports};
-pub use kernels::{sorted_pairs_words, Attend, Matmul, MoeMatmul, SORT_EXPERTS, TILE_ROWS};
+pub use kernels::{sorted_pairs_words, Attend, Matmul, MoeMatmul, MAX_TOP, SORT_EXPERTS, TILE_ROWS};
 pub use recorder::Recorder;
 
 use std::collections::HashMap;
@@ -248,18 +248,33 @@ impl Gpu {
 
     /// The first `n` bytes of `b` (`n` a multiple of 4).
     pub fn read(&self, b: &Buf, n: u64) -> Vec<u8> {
-        assert!(n <= b.bytes && n.is_multiple_of(4), "a read past the end of a device buffer");
-        if n == 0 {
+        self.read_ranges(&[(b, 0, n)])
+    }
+
+    /// The byte ranges `(buffer, offset, length)` (multiples of 4), one after another, read
+    /// back together once the work submitted so far is done.
+    pub fn read_ranges(&self, ranges: &[(&Buf, u64, u64)]) -> Vec<u8> {
+        for &(b, off, n) in ranges {
+            assert!(off + n <= b.bytes && (off | n).is_multiple_of(4), "a read past the end of a device buffer");
+        }
+        let total: u64 = ranges.iter().map(|r| r.2).sum();
+        if total == 0 {
             return Vec::new();
         }
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
-            size: n,
+            size: total,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         let mut enc = self.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&b.buf, 0, &staging, 0, n);
+        let mut at = 0;
+        for &(b, off, n) in ranges {
+            if n > 0 {
+                enc.copy_buffer_to_buffer(&b.buf, off, &staging, at, n);
+            }
+            at += n;
+        }
         self.queue.submit([enc.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {

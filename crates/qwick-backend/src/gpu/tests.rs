@@ -308,6 +308,55 @@ fn paged_attention_matches_the_cpu() {
     }
 }
 
+/// The `k` best of `row` in the sampler's order (higher first, ties to the lower index, NaN as
+/// -inf), as (index, value) pairs.
+fn top_reference(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+    let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+    ids.sort_by(|&a, &b| key(row[b as usize]).partial_cmp(&key(row[a as usize])).expect("no NaN").then(a.cmp(&b)));
+    ids.truncate(k);
+    ids.into_iter().map(|i| (i, key(row[i as usize]))).collect()
+}
+
+#[test]
+fn top_k_of_each_row_matches_the_samplers_order() {
+    let Some(g) = gpu("top-k") else { return };
+    // Rows of Qwen3's vocabulary (38 segments of 4096: with k = 256 a third pass), a row
+    // shorter than k, ties (values rounded to 1/64), NaN, -inf and +inf.
+    for (rows, len, ks) in
+        [(3usize, 151_936usize, &[1usize, 20, 64, 256][..]), (2, 100, &[1, 7, 256]), (1, 8192, &[40])]
+    {
+        let mut x: Vec<f32> = rand_vec(rows * len, 11).iter().map(|v| (v * 64.0).round() / 64.0).collect();
+        for (i, v) in [(5, f32::NAN), (len / 2, f32::NEG_INFINITY), (len - 1, f32::INFINITY), (len + 3, f32::NAN)] {
+            if i < x.len() {
+                x[i] = v;
+            }
+        }
+        let xb = g.upload_f32(&x).unwrap();
+        for &k in ks {
+            let mut rec = Recorder::new(&g);
+            let out = rec.top(&xb, rows, len, k);
+            rec.submit();
+            let got = g.read(&out, 8 * (rows * k) as u64);
+            let words: Vec<u32> = got.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+            for r in 0..rows {
+                let want = top_reference(&x[r * len..(r + 1) * len], k);
+                for j in 0..k {
+                    let (id, bits) = (words[2 * (r * k + j)], words[2 * (r * k + j) + 1]);
+                    match want.get(j) {
+                        Some(&(wi, wv)) => assert!(
+                            id == wi && f32::from_bits(bits) == wv,
+                            "top {k} of row {r} of {len}, place {j}: ({id}, {}) against ({wi}, {wv})",
+                            f32::from_bits(bits)
+                        ),
+                        None => assert_eq!(id, u32::MAX, "top {k} of row {r} of {len}, place {j}: past the row"),
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn bandwidth_probe_reads_the_buffer() {
     let Some(g) = gpu("bandwidth probe") else { return };
