@@ -209,6 +209,7 @@ fn gpu_name(index: usize) -> String {
         .into_iter()
         .nth(index)
         .map_or_else(|| "?".into(), |a| format!("{}, {}", a.name, a.backend))
+        + if std::env::var("QWICK_GPU_F16").is_ok_and(|v| v == "1") { "; f16 tiles" } else { "" }
 }
 
 #[cfg(not(feature = "gpu"))]

@@ -98,6 +98,18 @@ fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
     }
 }
 
+/// Whether `QWICK_GPU_F16` asks for f16 tiles ([`Gpu::set_f16`]): `1` yes, where the adapter
+/// `name` has f16 arithmetic (else an error); `0` or unset no (f16 products move logits by
+/// about 1e-3 of the largest, so they are not the default).
+fn f16_asked(name: &str, has_f16: bool) -> Result<bool, String> {
+    match std::env::var("QWICK_GPU_F16").as_deref() {
+        Err(_) | Ok("") | Ok("0") => Ok(false),
+        Ok("1") if has_f16 => Ok(true),
+        Ok("1") => Err(format!("QWICK_GPU_F16=1: {name} has no f16 arithmetic (shader-f16)")),
+        Ok(v) => Err(format!("QWICK_GPU_F16={v}: expected 0 or 1")),
+    }
+}
+
 /// A buffer on the device.
 #[derive(Clone, Debug)]
 pub struct Buf {
@@ -125,6 +137,10 @@ pub struct Gpu {
     /// the smallest subgroup size); `None` without them (the portable kernels).
     subgroup_rows: Option<u32>,
     max_binding: u64,
+    /// Whether the adapter has f16 arithmetic (`shader-f16`, then enabled on the device).
+    has_f16: bool,
+    /// Whether the tiled products (prefill) take their products in f16 ([`Gpu::set_f16`]).
+    f16: bool,
 }
 
 impl Gpu {
@@ -143,9 +159,18 @@ impl Gpu {
         let summary = summarize(index, &adapter);
         let limits = adapter.limits();
         let subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
+        let has_f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+        let f16 = f16_asked(&summary.name, has_f16)?;
+        let mut features = wgpu::Features::empty();
+        if subgroups {
+            features |= wgpu::Features::SUBGROUP;
+        }
+        if has_f16 {
+            features |= wgpu::Features::SHADER_F16;
+        }
         let desc = wgpu::DeviceDescriptor {
             label: Some("qwick"),
-            required_features: if subgroups { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() },
+            required_features: features,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -162,6 +187,8 @@ impl Gpu {
             subgroup_rows: subgroups.then(|| (64 / adapter.get_info().subgroup_min_size.max(1)).clamp(1, 64)),
             // The kernels address bytes in 32 bits, and buffers are padded to whole words.
             max_binding: limits.max_storage_buffer_binding_size.min((1 << 32) - 4) / 4 * 4,
+            has_f16,
+            f16,
         })
     }
 
@@ -179,6 +206,21 @@ impl Gpu {
     /// check both).
     pub fn without_subgroups(&mut self) {
         self.subgroup_rows = None;
+    }
+
+    /// Whether the tiled products take their products in f16 (see [`Gpu::set_f16`]).
+    pub fn f16(&self) -> bool {
+        self.f16
+    }
+
+    /// Takes the tiled products (prefills) in f16 where the adapter has f16 arithmetic, or
+    /// in f32 (the default; `QWICK_GPU_F16=1` turns f16 on when a device opens). f16 halves
+    /// the activations' workgroup memory and, on GPUs with packed f16 arithmetic, doubles
+    /// the products' rate; values round to 11 significant bits, which moves logits by about
+    /// 1e-3 of the largest. Returns whether f16 is in use.
+    pub fn set_f16(&mut self, on: bool) -> bool {
+        self.f16 = on && self.has_f16;
+        self.f16
     }
 
     /// Holds buffers to at most `bytes` (a multiple of 4) per binding, below what the adapter

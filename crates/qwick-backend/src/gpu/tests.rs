@@ -68,6 +68,22 @@ fn each_path(test: &str, check: impl Fn(&Gpu, &str)) {
     }
     g.without_subgroups();
     check(&g, "portable");
+    if g.set_f16(true) {
+        check(&g, "portable, f16 tiles");
+    } else {
+        eprintln!("NOT RUN {test} with f16 tiles: {} has no f16 arithmetic", g.summary.name);
+    }
+}
+
+/// What the products on `g` may be off by, relative to the sum of the magnitudes of a row's
+/// products: f32 sums, or for `m` rows from [`TILE_ROWS`] on with f16 tiles, each product's
+/// factors and each four's sum rounded to f16 (11 significant bits: at most about 3 · 2⁻¹¹).
+fn product_tolerance(g: &Gpu, m: usize) -> f32 {
+    if g.f16() && m >= TILE_ROWS {
+        2e-3
+    } else {
+        1e-5
+    }
 }
 
 #[test]
@@ -124,7 +140,8 @@ fn matmul_check(g: &Gpu, path: &str) {
                 }
             }
             // f32 sums of 4096 products in another order than the f64 reference.
-            assert_close(&format!("{f} matmul ({path}), k = {k}, m = {m}"), &got, &want, 1e-5 * scale as f32);
+            let tol = product_tolerance(g, m) * scale as f32;
+            assert_close(&format!("{f} matmul ({path}), k = {k}, m = {m}"), &got, &want, tol);
         }
     }
 }
@@ -366,19 +383,25 @@ fn bandwidth_probe_reads_the_buffer() {
 
 #[test]
 fn moe_routing_expert_products_and_combine_match_the_cpu() {
-    let Some(g) = gpu("MoE kernels") else { return };
+    let Some(mut g) = gpu("MoE kernels") else { return };
     // A few tokens (some experts chosen by none), and enough for several tiles an expert; the
-    // products pair by pair and by tiles of pairs sorted by expert.
+    // products pair by pair and by tiles of pairs sorted by expert (in f32, then in f16 where
+    // the adapter has it).
     for n in [5, 200] {
         for tiled in [false, true] {
             moe_check(&g, n, tiled);
         }
+    }
+    if g.set_f16(true) {
+        moe_check(&g, 200, true);
     }
 }
 
 fn moe_check(g: &Gpu, n: usize, tiled: bool) {
     let (ne, k, h, inter, f) = (16, 4, 64, 96, Format::Q8_0);
     let what = format!("{n} tokens, {}", if tiled { "tiled" } else { "pair by pair" });
+    // Products of h values of at most 1 in magnitude.
+    let tol = if tiled { (product_tolerance(g, TILE_ROWS) * h as f32).max(1e-4) } else { 1e-4 };
     let logits = rand_vec(n * ne, 21);
     // The reference routing: softmax, top k by descending probability (lower index on ties),
     // renormalised.
@@ -442,8 +465,8 @@ fn moe_check(g: &Gpu, n: usize, tiled: bool) {
             want_out[t * inter + r] += w * v;
         }
     }
-    assert_close(&format!("experts' products, {what}"), &g.read_f32(&yb, n * k * inter), &want_y, 1e-4);
-    assert_close(&format!("combined, {what}"), &g.read_f32(&ob, n * inter), &want_out, 1e-4);
+    assert_close(&format!("experts' products, {what}"), &g.read_f32(&yb, n * k * inter), &want_y, tol);
+    assert_close(&format!("combined, {what}"), &g.read_f32(&ob, n * inter), &want_out, tol);
     if tiled {
         // Every pair once, grouped by expert, and the experts' starts and tile counts.
         let sorted = g.read(&sb, 4 * sorted_pairs_words(n * k, ne) as u64);
