@@ -19,8 +19,10 @@ use qwick_backend::Format;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Bytes of activations a call lets recorded dispatches hold before it submits them.
+/// Bytes of new activation buffers a call lets recorded dispatches hold before it submits them.
 const HOLD_BYTES: u64 = 256 << 20;
+/// The most bytes of spare activation buffers a model keeps for reuse ([`Spare`]).
+const SPARE_BYTES: u64 = 512 << 20;
 
 /// A model's weights and KV cache on a GPU.
 pub struct GpuModel {
@@ -43,6 +45,7 @@ pub struct GpuModel {
     widest_row: usize,
     layout: KvLayout,
     num_blocks: usize,
+    spare: Arc<Spare>,
 }
 
 fn key<T>(w: &T) -> usize {
@@ -133,7 +136,8 @@ impl GpuModel {
             .collect::<Result<Vec<_>, String>>()
             .map_err(|e| anyhow!("the KV cache does not fit on {}: {e}", gpu.summary.name))?;
         let widest_row = GpuModel::widest_row(&model);
-        Ok(GpuModel { model, gpu, norms, linears, lora, stacks, kv, kv_format, widest_row, layout, num_blocks })
+        let spare = Arc::new(Spare::default());
+        Ok(GpuModel { model, gpu, norms, linears, lora, stacks, kv, kv_format, widest_row, layout, num_blocks, spare })
     }
 
     pub fn model(&self) -> &Arc<Qwen3> {
@@ -244,10 +248,50 @@ fn stack(gpu: &Gpu, moe: &Moe, pick: impl Fn(&Mlp) -> &Linear) -> Option<(Vec<u8
     Some((all.iter().flat_map(|l| l.weight.bytes()).copied().collect(), first.format))
 }
 
-/// Activations on the device: a buffer and how many values of it are in use.
+/// Activations on the device: a buffer and how many values of it are in use. Dropped, the
+/// buffer goes to the model's spares for a later op to reuse.
 struct Dev {
     buf: Buf,
     len: usize,
+    spare: Arc<Spare>,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        self.spare.keep(self.buf.clone());
+    }
+}
+
+/// Activation buffers no longer in use, by size, up to [`SPARE_BYTES`] in all: creating a
+/// buffer costs host time (and the device a clear) on every op of every step, where a step
+/// after the first of its shape finds every buffer it needs here. A buffer is reused at once,
+/// even while dispatches recorded before it was dropped still read it: the device runs the
+/// recorded dispatches in order, each after the ones whose buffers it uses.
+#[derive(Default)]
+struct Spare(std::sync::Mutex<(HashMap<u64, Vec<Buf>>, u64)>);
+
+impl Spare {
+    /// Bytes of the buffer kept for `bytes`: rounded up to an eighth of the power of two at
+    /// or above it, so steps of different token counts share buffers, within `max`.
+    fn size_class(bytes: u64, max: u64) -> u64 {
+        let step = (bytes.next_power_of_two() / 8).max(256);
+        bytes.next_multiple_of(step).min(max).max(bytes)
+    }
+
+    fn take(&self, bytes: u64) -> Option<Buf> {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let b = g.0.get_mut(&bytes)?.pop()?;
+        g.1 -= b.bytes;
+        Some(b)
+    }
+
+    fn keep(&self, b: Buf) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.1 + b.bytes <= SPARE_BYTES {
+            g.1 += b.bytes;
+            g.0.entry(b.bytes).or_default().push(b);
+        }
+    }
 }
 
 /// One forward call on the GPU.
@@ -278,16 +322,26 @@ impl GpuPass<'_> {
         self.m.norms.get(&key(n)).expect("every norm of the model was uploaded")
     }
 
+    /// Room for `len` values: a spare buffer (its contents left over), or a new one.
     fn alloc(&mut self, len: usize) -> Dev {
-        // What the recorded dispatches hold stays allocated until they run: past a budget,
-        // they run now, so a long prefill does not hold every layer's activations at once.
-        let bytes = 4 * len as u64;
+        let bytes = Spare::size_class(4 * len as u64, self.m.gpu.max_binding());
+        match self.m.spare.take(bytes) {
+            Some(buf) => Dev { buf, len, spare: self.m.spare.clone() },
+            None => self.fresh(bytes, len),
+        }
+    }
+
+    /// A new zeroed buffer of `bytes` bytes for `len` values.
+    fn fresh(&mut self, bytes: u64, len: usize) -> Dev {
+        // What the recorded dispatches hold stays allocated until they run: past a budget of
+        // new buffers, they run now, so a long prefill does not hold every layer's at once.
         if self.held + bytes > HOLD_BYTES {
             self.flush();
         }
         self.held += bytes;
         // Each activation fits one binding ([`GpuModel::forward`] checks the step's widest).
-        Dev { buf: self.m.gpu.zeros(bytes).expect("an activation within the adapter's limits"), len }
+        let buf = self.m.gpu.zeros(bytes).expect("an activation within the adapter's limits");
+        Dev { buf, len, spare: self.m.spare.clone() }
     }
 
     /// Runs what was recorded so far.
@@ -386,7 +440,8 @@ impl Exec for GpuPass<'_> {
     }
 
     fn put(&mut self, x: Vec<f32>) -> Dev {
-        Dev { buf: self.m.gpu.upload_f32(&x).expect("an activation buffer"), len: x.len() }
+        let buf = self.m.gpu.upload_f32(&x).expect("an activation buffer");
+        Dev { buf, len: x.len(), spare: self.m.spare.clone() }
     }
 
     fn keep(&mut self, x: &Dev) -> Vec<f32> {
@@ -434,7 +489,8 @@ impl Exec for GpuPass<'_> {
     }
 
     fn zeros(&mut self, len: usize) -> Dev {
-        self.alloc(len)
+        // Zeros are asked for: a new buffer (a spare holds what was left in it).
+        self.fresh(4 * len as u64, len)
     }
 
     fn norm(&mut self, n: &RmsNorm, x: &Dev) -> Dev {
@@ -573,5 +629,25 @@ impl Exec for GpuPass<'_> {
         self.rec.moe_matmul(&job);
         self.rec.combine(&y.buf, &route.buf, &out.buf, n, h, k);
         Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Spare;
+
+    #[test]
+    fn spare_sizes_come_in_classes_within_the_binding() {
+        // Within an eighth of a power of two (256 bytes at least), never below what is asked.
+        assert_eq!(Spare::size_class(4, 1 << 30), 256);
+        assert_eq!(Spare::size_class(1000, 1 << 30), 1024);
+        assert_eq!(Spare::size_class(4096 * 100, 1 << 30), 458_752);
+        for b in [4u64, 260, 9_999, 1 << 20, (1 << 20) + 4, 123_456_788] {
+            let c = Spare::size_class(b, 1 << 30);
+            assert!(c >= b && c <= b + b / 4 + 256, "{b} → {c}");
+        }
+        // Near the binding's limit, the limit (or what is asked, if that is more).
+        assert_eq!(Spare::size_class(1000, 1010), 1010);
+        assert_eq!(Spare::size_class(1000, 900), 1000);
     }
 }

@@ -39,7 +39,6 @@ const ROUTE: &str = include_str!("wgsl/route.wgsl");
 const COMBINE: &str = include_str!("wgsl/combine.wgsl");
 const MOE_MATMUL: &str = include_str!("wgsl/moe_matmul.wgsl");
 const TILE: &str = include_str!("wgsl/tile.wgsl");
-const TILE_F16: &str = include_str!("wgsl/tile_f16.wgsl");
 const MATMUL_TILE: &str = include_str!("wgsl/matmul_tile.wgsl");
 const MOE_SORT: &str = include_str!("wgsl/moe_sort.wgsl");
 const MOE_TILE: &str = include_str!("wgsl/moe_tile.wgsl");
@@ -221,9 +220,9 @@ impl Recorder<'_> {
             u(j.ldy),
         ];
         if j.m >= TILE_ROWS {
-            let (name, enable, tile) = self.tile_kernel();
+            let (name, tile) = self.tile_kernel();
             let pipe = self.gpu.pipeline(&format!("matmul_{name}_{f}"), || {
-                format!("{enable}{}\n{MATMUL_IO}\n{tile}\n{MATMUL_TILE}", formats::wgsl(f))
+                format!("{tile}\n{}\n{MATMUL_IO}\n{MATMUL_TILE}", formats::wgsl(f))
             });
             let groups = j.n.div_ceil(64) * j.m.div_ceil(TILE_ROWS);
             self.dispatch(pipe, &geometry, &[j.x, j.w, j.y], u(groups));
@@ -253,13 +252,13 @@ impl Recorder<'_> {
         self.dispatch(pipe, &params, &[j.x, j.w, j.y], u(groups));
     }
 
-    /// The tiled products' inner kernel: in f16 where the device takes f16 arithmetic
-    /// ([`super::Gpu::f16`]), else in f32; as (name, the shader's `enable` line, source).
-    fn tile_kernel(&self) -> (&'static str, &'static str, &'static str) {
+    /// The tiled products' inner kernel ([`TILE`]) taking its products in f16 where the
+    /// device takes f16 arithmetic ([`super::Gpu::f16`]), else in f32: its name and source.
+    fn tile_kernel(&self) -> (&'static str, String) {
         if self.gpu.f16 {
-            ("tile_f16", "enable f16;\n", TILE_F16)
+            ("tile_f16", format!("enable f16;\nalias H = f16;\n{TILE}"))
         } else {
-            ("tile", "", TILE)
+            ("tile", format!("alias H = f32;\n{TILE}"))
         }
     }
 
@@ -496,10 +495,9 @@ impl Recorder<'_> {
             fits("sorted pairs", sorted, sorted_pairs_words(j.pairs, j.experts));
             // Each expert's pairs take whole tiles: at most one partial tile an expert.
             let slots = j.pairs.div_ceil(TILE_ROWS) + j.experts;
-            let (name, enable, tile) = self.tile_kernel();
-            let pipe = self
-                .gpu
-                .pipeline(&format!("moe_{name}_{f}"), || format!("{enable}{}\n{MOE_TILE}\n{tile}", formats::wgsl(f)));
+            let (name, tile) = self.tile_kernel();
+            let pipe =
+                self.gpu.pipeline(&format!("moe_{name}_{f}"), || format!("{tile}\n{}\n{MOE_TILE}", formats::wgsl(f)));
             params.extend([u(j.experts), u(slots)]);
             self.dispatch(pipe, &params, &[j.x, j.w, j.y, sorted], u(slots * j.n.div_ceil(64)));
             return;
