@@ -189,14 +189,14 @@ impl GpuModel {
             cs[(n + i) * half..(n + i + 1) * half].copy_from_slice(sin);
         }
         let tables: Vec<&[u32]> = batch.block_tables.iter().map(|t| t.as_slice()).collect();
-        let g = &self.gpu;
-        let up = |r: Result<Buf, String>| r.map_err(|e| anyhow!(e));
+        let words = |v: &[u32]| v.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
+        let meta = Attend::meta(&batch.positions, &batch.seq_of_token, &tables);
         let mut pass = GpuPass {
-            rope: up(g.upload_f32(&cs))?,
-            slots: up(g.upload_u32(&batch.slot_mapping))?,
-            meta: up(g.upload_u32(&Attend::meta(&batch.positions, &batch.seq_of_token, &tables)))?,
+            rope: self.upload(qwick_backend::format::f32_bytes(&cs))?,
+            slots: self.upload(&words(&batch.slot_mapping))?,
+            meta: self.upload(&words(&meta))?,
             tiles: match Attend::tiles(&batch.seq_of_token) {
-                Some(t) => Some((up(g.upload_u32(&t))?, t.len() / 2)),
+                Some(t) => Some((self.upload(&words(&t))?, t.len() / 2)),
                 None => None,
             },
             seqs: tables.len(),
@@ -207,13 +207,28 @@ impl GpuModel {
             scale: 1.0 / (c.head_dim as f32).sqrt(),
             rows,
             held: 0,
-            rec: Recorder::new(g),
+            rec: Recorder::new(&self.gpu),
             m: self,
         };
         let logits = model.run(&mut pass, batch);
         // A step without logits (a prefill chunk) still has its K/V to write.
         pass.flush();
         Ok(logits)
+    }
+}
+
+impl GpuModel {
+    /// `data` (whole 4-byte words) in a spare buffer of its size (or a new one), as a call's
+    /// inputs are uploaded before it records a dispatch: the queue writes it ahead of the
+    /// dispatches recorded since the last submission, so a buffer they use may not be written.
+    fn upload(&self, data: &[u8]) -> Result<Dev> {
+        let bytes = Spare::size_class(data.len() as u64, self.gpu.max_binding());
+        let buf = match self.spare.take(bytes) {
+            Some(b) => b,
+            None => self.gpu.zeros(bytes).map_err(|e| anyhow!(e))?,
+        };
+        self.gpu.write(&buf, 0, data);
+        Ok(Dev { buf, len: data.len() / 4, spare: self.spare.clone() })
     }
 }
 
@@ -299,11 +314,11 @@ struct GpuPass<'a> {
     m: &'a GpuModel,
     rec: Recorder<'a>,
     /// The tokens' cos rows, then their sin rows.
-    rope: Buf,
-    slots: Buf,
-    meta: Buf,
+    rope: Dev,
+    slots: Dev,
+    meta: Dev,
     /// Prefill tiles ([`Attend::tiles`]) and their count, when the step has them.
-    tiles: Option<(Buf, usize)>,
+    tiles: Option<(Dev, usize)>,
     seqs: usize,
     /// The furthest position of the step's tokens.
     max_pos: usize,
@@ -440,6 +455,10 @@ impl Exec for GpuPass<'_> {
     }
 
     fn put(&mut self, x: Vec<f32>) -> Dev {
+        if self.rec.is_empty() {
+            // Nothing recorded that a spare's new contents could reach early.
+            return self.m.upload(qwick_backend::format::f32_bytes(&x)).expect("an activation buffer");
+        }
         let buf = self.m.gpu.upload_f32(&x).expect("an activation buffer");
         Dev { buf, len: x.len(), spare: self.m.spare.clone() }
     }
@@ -508,7 +527,7 @@ impl Exec for GpuPass<'_> {
     }
 
     fn rotate(&mut self, x: &mut Dev, width: usize) {
-        self.rec.rope(&x.buf, &self.rope, self.n, width, self.half);
+        self.rec.rope(&x.buf, &self.rope.buf, self.n, width, self.half);
     }
 
     fn project(&mut self, _: usize, x: &Dev, ws: &[(Role, &Linear)]) -> Vec<Dev> {
@@ -529,14 +548,14 @@ impl Exec for GpuPass<'_> {
         let (kc, vc) = &self.m.kv[l];
         let layout = self.m.layout;
         let format = self.m.kv_format;
-        self.rec.kv_write(&k.buf, &self.slots, kc, self.n, layout, format);
-        self.rec.kv_write(&v.buf, &self.slots, vc, self.n, layout, format);
+        self.rec.kv_write(&k.buf, &self.slots.buf, kc, self.n, layout, format);
+        self.rec.kv_write(&v.buf, &self.slots.buf, vc, self.n, layout, format);
         let out = self.alloc(q.len);
         self.rec.attend(&Attend {
             q: &q.buf,
             k: kc,
             v: vc,
-            meta: &self.meta,
+            meta: &self.meta.buf,
             out: &out.buf,
             n: self.n,
             heads: self.heads,
@@ -548,7 +567,7 @@ impl Exec for GpuPass<'_> {
             format,
             max_pos: self.max_pos,
             splits: Attend::splits(self.n, self.heads, self.max_pos),
-            tiles: self.tiles.as_ref().map(|(b, n)| (b, *n)),
+            tiles: self.tiles.as_ref().map(|(b, n)| (&b.buf, *n)),
         });
         (out, Vec::new())
     }

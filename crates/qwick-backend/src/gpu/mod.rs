@@ -137,6 +137,10 @@ pub struct Gpu {
     /// the smallest subgroup size); `None` without them (the portable kernels).
     subgroup_rows: Option<u32>,
     max_binding: u64,
+    /// The kernels' parameters, rewritten by each submission ([`recorder::PARAM_BYTES`]).
+    params: wgpu::Buffer,
+    /// Bind groups kept from one submission to the next.
+    groups: Mutex<recorder::BindGroups>,
     /// Whether the adapter has f16 arithmetic (`shader-f16`, then enabled on the device).
     has_f16: bool,
     /// Whether the tiled products (prefill) take their products in f16 ([`Gpu::set_f16`]).
@@ -178,7 +182,15 @@ impl Gpu {
         };
         let (device, queue) = pollster::block_on(adapter.request_device(&desc))
             .map_err(|e| format!("gpu:{index} ({}): cannot open the device: {e}", summary.name))?;
+        let params = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params"),
+            size: recorder::PARAM_BYTES,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         Ok(Gpu {
+            params,
+            groups: Mutex::default(),
             summary,
             device,
             queue,
