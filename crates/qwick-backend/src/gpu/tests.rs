@@ -374,6 +374,35 @@ fn top_k_of_each_row_matches_the_samplers_order() {
     }
 }
 
+/// Submissions binding the same buffers at the same parameter offsets reuse bind groups and
+/// still read their own parameters; a submission whose parameters exceed the device's
+/// parameter buffer runs from a buffer of its own.
+#[test]
+fn submissions_read_their_own_parameters() {
+    let Some(g) = gpu("parameters between submissions") else { return };
+    let (x, one) = (g.upload_f32(&[0.0; 4]).unwrap(), g.upload_f32(&[1.0; 4]).unwrap());
+    for count in [2, 4, 1, 3] {
+        let mut rec = Recorder::new(&g);
+        rec.add(&x, &one, count);
+        rec.submit();
+    }
+    assert_eq!(g.read_f32(&x, 4), [4.0, 3.0, 2.0, 1.0]);
+    // More dispatches than the parameter buffer holds, then a small submission again.
+    let per = g.uniform_align.max(4 * recorder::PARAM_WORDS as u64);
+    let many = (recorder::PARAM_BYTES / per) as usize + 5;
+    let y = g.upload_f32(&[0.0; 4]).unwrap();
+    let mut rec = Recorder::new(&g);
+    for i in 0..many {
+        rec.add(&y, &one, 1 + i % 4);
+    }
+    rec.submit();
+    let mut rec = Recorder::new(&g);
+    rec.add(&y, &one, 2);
+    rec.submit();
+    let want = |j: usize| (0..many).filter(|i| j < 1 + i % 4).count() as f32 + if j < 2 { 1.0 } else { 0.0 };
+    assert_eq!(g.read_f32(&y, 4), (0..4).map(want).collect::<Vec<_>>());
+}
+
 #[test]
 fn bandwidth_probe_reads_the_buffer() {
     let Some(g) = gpu("bandwidth probe") else { return };
