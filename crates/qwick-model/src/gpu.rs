@@ -46,6 +46,8 @@ pub struct GpuModel {
     layout: KvLayout,
     num_blocks: usize,
     spare: Arc<Spare>,
+    /// The buffers of a call's [`Input`]s.
+    inputs: [Option<Buf>; 4],
 }
 
 fn key<T>(w: &T) -> usize {
@@ -136,8 +138,22 @@ impl GpuModel {
             .collect::<Result<Vec<_>, String>>()
             .map_err(|e| anyhow!("the KV cache does not fit on {}: {e}", gpu.summary.name))?;
         let widest_row = GpuModel::widest_row(&model);
-        let spare = Arc::new(Spare::default());
-        Ok(GpuModel { model, gpu, norms, linears, lora, stacks, kv, kv_format, widest_row, layout, num_blocks, spare })
+        let (spare, inputs) = (Arc::new(Spare::default()), Default::default());
+        Ok(GpuModel {
+            model,
+            gpu,
+            norms,
+            linears,
+            lora,
+            stacks,
+            kv,
+            kv_format,
+            widest_row,
+            layout,
+            num_blocks,
+            spare,
+            inputs,
+        })
     }
 
     pub fn model(&self) -> &Arc<Qwen3> {
@@ -191,14 +207,18 @@ impl GpuModel {
         let tables: Vec<&[u32]> = batch.block_tables.iter().map(|t| t.as_slice()).collect();
         let words = |v: &[u32]| v.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
         let meta = Attend::meta(&batch.positions, &batch.seq_of_token, &tables);
+        let rope = self.input(Input::Rope, qwick_backend::format::f32_bytes(&cs))?;
+        let slots = self.input(Input::Slots, &words(&batch.slot_mapping))?;
+        let meta = self.input(Input::Meta, &words(&meta))?;
+        let tiles = match Attend::tiles(&batch.seq_of_token) {
+            Some(t) => Some((self.input(Input::Tiles, &words(&t))?, t.len() / 2)),
+            None => None,
+        };
         let mut pass = GpuPass {
-            rope: self.upload(qwick_backend::format::f32_bytes(&cs))?,
-            slots: self.upload(&words(&batch.slot_mapping))?,
-            meta: self.upload(&words(&meta))?,
-            tiles: match Attend::tiles(&batch.seq_of_token) {
-                Some(t) => Some((self.upload(&words(&t))?, t.len() / 2)),
-                None => None,
-            },
+            rope,
+            slots,
+            meta,
+            tiles,
             seqs: tables.len(),
             max_pos: batch.positions.iter().max().map_or(0, |&p| p as usize),
             n,
@@ -217,7 +237,31 @@ impl GpuModel {
     }
 }
 
+/// The inputs of a call besides its tokens' rows, each in a buffer of its own that calls reuse
+/// (so that their dispatches bind what the last call's bound).
+#[derive(Clone, Copy)]
+enum Input {
+    Rope,
+    Slots,
+    Meta,
+    Tiles,
+}
+
 impl GpuModel {
+    /// `data` (whole 4-byte words) in the buffer of input `which`, grown when it is too small;
+    /// written before the call records a dispatch (the queue writes it after the calls before
+    /// have run).
+    fn input(&mut self, which: Input, data: &[u8]) -> Result<Buf> {
+        let have = &mut self.inputs[which as usize];
+        if have.as_ref().is_none_or(|b| b.bytes < data.len() as u64) {
+            let bytes = Spare::size_class(data.len() as u64, self.gpu.max_binding());
+            *have = Some(self.gpu.zeros(bytes).map_err(|e| anyhow!(e))?);
+        }
+        let buf = have.clone().expect("an input buffer");
+        self.gpu.write(&buf, 0, data);
+        Ok(buf)
+    }
+
     /// `data` (whole 4-byte words) in a spare buffer of its size (or a new one), as a call's
     /// inputs are uploaded before it records a dispatch: the queue writes it ahead of the
     /// dispatches recorded since the last submission, so a buffer they use may not be written.
@@ -314,11 +358,11 @@ struct GpuPass<'a> {
     m: &'a GpuModel,
     rec: Recorder<'a>,
     /// The tokens' cos rows, then their sin rows.
-    rope: Dev,
-    slots: Dev,
-    meta: Dev,
+    rope: Buf,
+    slots: Buf,
+    meta: Buf,
     /// Prefill tiles ([`Attend::tiles`]) and their count, when the step has them.
-    tiles: Option<(Dev, usize)>,
+    tiles: Option<(Buf, usize)>,
     seqs: usize,
     /// The furthest position of the step's tokens.
     max_pos: usize,
@@ -527,7 +571,7 @@ impl Exec for GpuPass<'_> {
     }
 
     fn rotate(&mut self, x: &mut Dev, width: usize) {
-        self.rec.rope(&x.buf, &self.rope.buf, self.n, width, self.half);
+        self.rec.rope(&x.buf, &self.rope, self.n, width, self.half);
     }
 
     fn project(&mut self, _: usize, x: &Dev, ws: &[(Role, &Linear)]) -> Vec<Dev> {
@@ -548,14 +592,14 @@ impl Exec for GpuPass<'_> {
         let (kc, vc) = &self.m.kv[l];
         let layout = self.m.layout;
         let format = self.m.kv_format;
-        self.rec.kv_write(&k.buf, &self.slots.buf, kc, self.n, layout, format);
-        self.rec.kv_write(&v.buf, &self.slots.buf, vc, self.n, layout, format);
+        self.rec.kv_write(&k.buf, &self.slots, kc, self.n, layout, format);
+        self.rec.kv_write(&v.buf, &self.slots, vc, self.n, layout, format);
         let out = self.alloc(q.len);
         self.rec.attend(&Attend {
             q: &q.buf,
             k: kc,
             v: vc,
-            meta: &self.meta.buf,
+            meta: &self.meta,
             out: &out.buf,
             n: self.n,
             heads: self.heads,
@@ -567,7 +611,7 @@ impl Exec for GpuPass<'_> {
             format,
             max_pos: self.max_pos,
             splits: Attend::splits(self.n, self.heads, self.max_pos),
-            tiles: self.tiles.as_ref().map(|(b, n)| (&b.buf, *n)),
+            tiles: self.tiles.as_ref().map(|(b, n)| (b, *n)),
         });
         (out, Vec::new())
     }
