@@ -22,7 +22,7 @@ use std::sync::Arc;
 /// Bytes of new activation buffers a call lets recorded dispatches hold before it submits them.
 const HOLD_BYTES: u64 = 256 << 20;
 /// The most bytes of spare activation buffers a model keeps for reuse ([`Spare`]).
-const SPARE_BYTES: u64 = 512 << 20;
+const SPARE_BYTES: u64 = 256 << 20;
 
 /// A model's weights and KV cache on a GPU.
 pub struct GpuModel {
@@ -321,7 +321,7 @@ impl Drop for Dev {
     }
 }
 
-/// Activation buffers no longer in use, by size, up to [`SPARE_BYTES`] in all: creating a
+/// Activation buffers no longer in use, by size class, up to [`SPARE_BYTES`] in all: creating a
 /// buffer costs host time (and the device a clear) on every op of every step, where a step
 /// after the first of its shape finds every buffer it needs here. A buffer is reused at once,
 /// even while dispatches recorded before it was dropped still read it: the device runs the
@@ -339,17 +339,33 @@ impl Spare {
 
     fn take(&self, bytes: u64) -> Option<Buf> {
         let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let b = g.0.get_mut(&bytes)?.pop()?;
-        g.1 -= b.bytes;
+        let (bufs, total) = &mut *g;
+        let list = bufs.get_mut(&bytes)?;
+        let b = list.pop()?;
+        if list.is_empty() {
+            bufs.remove(&bytes);
+        }
+        *total -= b.bytes;
         Some(b)
     }
 
+    /// Keeps `b` for reuse, making room by dropping spares of larger sizes (a long prefill's)
+    /// first, so that the sizes decode steps use stay; drops `b` where only buffers of its
+    /// size or smaller would make room.
     fn keep(&self, b: Buf) {
         let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if g.1 + b.bytes <= SPARE_BYTES {
-            g.1 += b.bytes;
-            g.0.entry(b.bytes).or_default().push(b);
+        let (bufs, total) = &mut *g;
+        while *total + b.bytes > SPARE_BYTES {
+            let Some(largest) = bufs.keys().copied().max().filter(|&l| l > b.bytes) else { return };
+            let list = bufs.get_mut(&largest).expect("a size listed");
+            list.pop();
+            if list.is_empty() {
+                bufs.remove(&largest);
+            }
+            *total -= largest;
         }
+        *total += b.bytes;
+        bufs.entry(b.bytes).or_default().push(b);
     }
 }
 
@@ -503,8 +519,10 @@ impl Exec for GpuPass<'_> {
             // Nothing recorded that a spare's new contents could reach early.
             return self.m.upload(qwick_backend::format::f32_bytes(&x)).expect("an activation buffer");
         }
-        let buf = self.m.gpu.upload_f32(&x).expect("an activation buffer");
-        Dev { buf, len: x.len(), spare: self.m.spare.clone() }
+        // A new buffer: recorded dispatches use none of it before the queue writes it.
+        let d = self.fresh(Spare::size_class(4 * x.len() as u64, self.m.gpu.max_binding()), x.len());
+        self.m.gpu.write(&d.buf, 0, qwick_backend::format::f32_bytes(&x));
+        d
     }
 
     fn keep(&mut self, x: &Dev) -> Vec<f32> {
@@ -521,7 +539,8 @@ impl Exec for GpuPass<'_> {
         // Rows that need every logit: no count, or more than the kernel keeps.
         let whole = |r: usize| top.get(r).is_none_or(|&k| k == 0 || k as usize > gpu::MAX_TOP);
         let k = (0..rows).filter(|&r| !whole(r)).map(|r| top[r] as usize).max().unwrap_or(0);
-        if k == 0 {
+        // Pairs of half a row or more bring back no less than the row.
+        if k == 0 || 2 * k >= vocab {
             return self.take(l);
         }
         // The top k of every row ((id, value) pairs), and the rows needed whole, read back at once.
@@ -553,7 +572,7 @@ impl Exec for GpuPass<'_> {
 
     fn zeros(&mut self, len: usize) -> Dev {
         // Zeros are asked for: a new buffer (a spare holds what was left in it).
-        self.fresh(4 * len as u64, len)
+        self.fresh(Spare::size_class(4 * len as u64, self.m.gpu.max_binding()), len)
     }
 
     fn norm(&mut self, n: &RmsNorm, x: &Dev) -> Dev {
@@ -697,7 +716,33 @@ impl Exec for GpuPass<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::Spare;
+    use super::{Spare, SPARE_BYTES};
+    use qwick_backend::gpu::Gpu;
+
+    #[test]
+    fn spares_make_room_by_dropping_the_largest() {
+        let Ok(g) = Gpu::open(0) else {
+            eprintln!("SKIPPED spares_make_room_by_dropping_the_largest: no GPU adapter");
+            return;
+        };
+        let (mib, spare) = (1u64 << 20, Spare::default());
+        let buf = |bytes: u64| g.zeros(bytes).unwrap();
+        assert_eq!(SPARE_BYTES, 256 * mib);
+        for size in [128, 96, 32] {
+            spare.keep(buf(size * mib));
+        }
+        // Full: a small buffer takes the room of the largest.
+        spare.keep(buf(mib));
+        assert!(spare.take(128 * mib).is_none());
+        assert_eq!(spare.take(mib).map(|b| b.bytes), Some(mib));
+        // Room without dropping any; then one that only smaller ones would make room for.
+        spare.keep(buf(96 * mib));
+        spare.keep(buf(128 * mib));
+        assert!(spare.take(128 * mib).is_none(), "kept past the limit");
+        assert!(spare.take(96 * mib).is_some() && spare.take(96 * mib).is_some());
+        assert!(spare.take(32 * mib).is_some());
+        assert_eq!(spare.0.lock().unwrap().1, 0);
+    }
 
     #[test]
     fn spare_sizes_come_in_classes_within_the_binding() {

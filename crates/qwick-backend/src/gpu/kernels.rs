@@ -399,7 +399,8 @@ impl Recorder<'_> {
         loop {
             let segs = len.div_ceil(TOP_SEGMENT).max(1);
             let dst = self.gpu.zeros(8 * (rows * segs * k) as u64).expect("the top-k pairs");
-            self.dispatch(pipe.clone(), &[u(rows), u(len), u(k), u(segs), raw], &[&src, &dst], u(rows * segs));
+            let params = [u(rows), u(len), u(k), u(segs), raw, f32::NEG_INFINITY.to_bits()];
+            self.dispatch(pipe.clone(), &params, &[&src, &dst], u(rows * segs));
             if segs == 1 {
                 return dst;
             }

@@ -98,9 +98,10 @@ impl<'g> Recorder<'g> {
                 mapped_at_creation: false,
             })
         };
-        self.gpu.queue.write_buffer(&params, 0, &self.params);
+        // Held until the submission is queued: one submission at a time writes the parameters.
         let mut groups = self.gpu.groups.lock().unwrap_or_else(|e| e.into_inner());
         let groups = &mut *groups;
+        self.gpu.queue.write_buffer(&params, 0, &self.params);
         let mut enc = dev.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());

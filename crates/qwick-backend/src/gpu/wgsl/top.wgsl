@@ -6,7 +6,7 @@
 // earlier pass wrote; the output, per row and segment, k (id, value bits) pairs, best first
 // (id 0xffffffff past the segment's entries). Run again over its own output until one segment
 // is left a row, it gives each row's top k.
-struct P { rows: u32, len: u32, k: u32, segs: u32, raw: u32 }
+struct P { rows: u32, len: u32, k: u32, segs: u32, raw: u32, neg_inf: u32 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> src: array<u32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<u32>;
@@ -17,8 +17,9 @@ const NONE: u32 = 0xffffffffu;
 var<workgroup> wv: array<f32, 256>;
 var<workgroup> wi: array<u32, 256>;
 
+// -inf, from the parameters: WGSL may not spell an infinity as a constant.
 fn neg_inf() -> f32 {
-    return bitcast<f32>(0xff800000u);
+    return bitcast<f32>(p.neg_inf);
 }
 
 // The value an entry ranks by: NaN (tested on the bits) as -inf.
