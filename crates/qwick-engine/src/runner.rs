@@ -404,11 +404,13 @@ impl Runner {
     }
 }
 
-/// Index of the largest value (the lowest index among ties).
+/// Index of the largest value (the lowest index among ties; NaN ranks as -inf, as the
+/// sampler ranks it, so a row of only its best candidate gives the same index).
 pub fn argmax(x: &[f32]) -> u32 {
+    let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
+        if key(v) > key(x[best]) {
             best = i;
         }
     }
@@ -477,6 +479,13 @@ mod tests {
             assert_eq!(r.blocks().num_used(), 0);
             assert_eq!(r.blocks().check(r.block_references()), Ok(()));
         }
+    }
+
+    #[test]
+    fn argmax_takes_the_lowest_of_ties_and_ranks_nan_last() {
+        assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, 3.0, f32::NAN]), 2);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NAN, -1.0]), 2);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
     }
 
     #[test]
