@@ -261,19 +261,6 @@ impl GpuModel {
         self.gpu.write(&buf, 0, data);
         Ok(buf)
     }
-
-    /// `data` (whole 4-byte words) in a spare buffer of its size (or a new one), as a call's
-    /// inputs are uploaded before it records a dispatch: the queue writes it ahead of the
-    /// dispatches recorded since the last submission, so a buffer they use may not be written.
-    fn upload(&self, data: &[u8]) -> Result<Dev> {
-        let bytes = Spare::size_class(data.len() as u64, self.gpu.max_binding());
-        let buf = match self.spare.take(bytes) {
-            Some(b) => b,
-            None => self.gpu.zeros(bytes).map_err(|e| anyhow!(e))?,
-        };
-        self.gpu.write(&buf, 0, data);
-        Ok(Dev { buf, len: data.len() / 4, spare: self.spare.clone() })
-    }
 }
 
 /// A LoRA update on the device: `A` (`[r, in]`) and `B` (`[out, r]`) as f32 weights, and its
@@ -399,15 +386,20 @@ impl GpuPass<'_> {
 
     /// Room for `len` values: a spare buffer (its contents left over), or a new one.
     fn alloc(&mut self, len: usize) -> Dev {
-        let bytes = Spare::size_class(4 * len as u64, self.m.gpu.max_binding());
-        match self.m.spare.take(bytes) {
+        match self.m.spare.take(self.bytes_for(len)) {
             Some(buf) => Dev { buf, len, spare: self.m.spare.clone() },
-            None => self.fresh(bytes, len),
+            None => self.fresh(len),
         }
     }
 
-    /// A new zeroed buffer of `bytes` bytes for `len` values.
-    fn fresh(&mut self, bytes: u64, len: usize) -> Dev {
+    /// Bytes of the buffer for `len` values: their size class ([`Spare::size_class`]).
+    fn bytes_for(&self, len: usize) -> u64 {
+        Spare::size_class(4 * len as u64, self.m.gpu.max_binding())
+    }
+
+    /// A new zeroed buffer for `len` values.
+    fn fresh(&mut self, len: usize) -> Dev {
+        let bytes = self.bytes_for(len);
         // What the recorded dispatches hold stays allocated until they run: past a budget of
         // new buffers, they run now, so a long prefill does not hold every layer's at once.
         if self.held + bytes > HOLD_BYTES {
@@ -515,12 +507,9 @@ impl Exec for GpuPass<'_> {
     }
 
     fn put(&mut self, x: Vec<f32>) -> Dev {
-        if self.rec.is_empty() {
-            // Nothing recorded that a spare's new contents could reach early.
-            return self.m.upload(qwick_backend::format::f32_bytes(&x)).expect("an activation buffer");
-        }
-        // A new buffer: recorded dispatches use none of it before the queue writes it.
-        let d = self.fresh(Spare::size_class(4 * x.len() as u64, self.m.gpu.max_binding()), x.len());
+        // The queue writes `x` ahead of the dispatches recorded since the last submission: a
+        // spare is taken only when there are none (none could read its new contents early).
+        let d = if self.rec.is_empty() { self.alloc(x.len()) } else { self.fresh(x.len()) };
         self.m.gpu.write(&d.buf, 0, qwick_backend::format::f32_bytes(&x));
         d
     }
@@ -572,7 +561,7 @@ impl Exec for GpuPass<'_> {
 
     fn zeros(&mut self, len: usize) -> Dev {
         // Zeros are asked for: a new buffer (a spare holds what was left in it).
-        self.fresh(Spare::size_class(4 * len as u64, self.m.gpu.max_binding()), len)
+        self.fresh(len)
     }
 
     fn norm(&mut self, n: &RmsNorm, x: &Dev) -> Dev {

@@ -404,7 +404,7 @@ impl Recorder<'_> {
             if segs == 1 {
                 return dst;
             }
-            // Each pass leaves at most half the entries (k ≤ SEG / 16).
+            // Each pass leaves at most len / 16 + k entries (k ≤ SEG / 16): fewer each time.
             (src, len, raw) = (dst, segs * k, 0);
         }
     }
